@@ -1,0 +1,144 @@
+"""Config plumbing shared by every model family.
+
+Every config is a frozen dataclass validated in ``__post_init__``; errors are
+:class:`ConfigError` naming the field. ``apply_overrides`` implements the CLI's
+``--set section.field=value`` with type checking against the dataclass fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    """Raise ``ConfigError("field: message")`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+def check_positive(cfg: Any, *fields: str) -> None:
+    for name in fields:
+        value = getattr(cfg, name)
+        check(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            name,
+            f"must be a positive int, got {value!r}",
+        )
+
+
+def _parse_value(text: str, annotation: Any, field: str) -> Any:
+    """Parse a CLI string into the type a dataclass field declares."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _parse_value(text, arg, field)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{field}: cannot parse {text!r} as {annotation}")
+    if origin is typing.Literal:
+        for arg in args:
+            if str(arg) == text:
+                return arg
+        raise ConfigError(f"{field}: {text!r} is not one of {list(args)}")
+    if annotation is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{field}: expected a bool, got {text!r}")
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{field}: expected an int, got {text!r}") from None
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{field}: expected a float, got {text!r}") from None
+    if annotation is str:
+        return text
+    if origin is tuple:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = [v for v in text.strip("()[]").split(",") if v.strip()]
+        if not isinstance(value, list):
+            value = [value]
+        inner = args[0] if args else str
+        return tuple(_parse_value(str(v).strip(), inner, field) for v in value)
+    raise ConfigError(f"{field}: unsupported field type {annotation}")
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...], prefix: str = "") -> Any:
+    """Return ``cfg`` with ``["a.b=1", ...]`` applied; nested dataclasses by dotted path.
+
+    Unknown keys and unparsable values raise :class:`ConfigError` naming the key.
+    The result is re-validated by the dataclasses' ``__post_init__``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        cfg = _set_path(cfg, key.strip().split("."), text.strip(), prefix)
+    return cfg
+
+
+def _set_path(cfg: Any, path: list[str], text: str, prefix: str) -> Any:
+    name, rest = path[0], path[1:]
+    full = f"{prefix}{name}"
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    if name not in fields:
+        raise ConfigError(f"{full}: unknown config key (known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(type(cfg))
+    current = getattr(cfg, name)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"{full}: is not a section, cannot set {'.'.join(rest)}")
+        value = _set_path(current, rest, text, f"{full}.")
+    else:
+        if dataclasses.is_dataclass(current):
+            raise ConfigError(f"{full}: is a section; set one of its fields")
+        value = _parse_value(text, hints[name], full)
+    try:
+        return dataclasses.replace(cfg, **{name: value})
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """JSON-ready nested dict of a config (for metadata and checkpoints)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Inverse of :func:`to_dict` for nested dataclasses; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{cls.__name__}.{key}: unknown config key")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
