@@ -1,0 +1,12 @@
+"""Byte-level text data: vocabulary, corpora and the Grain batch pipeline."""
+
+# ruff: noqa: F401  (this module only re-exports)
+from .corpus import list_plays, load_corpus
+from .pipeline import (
+    DataConfig,
+    make_eval_batches,
+    make_train_iterator,
+    pack_documents,
+    text_to_batch,
+)
+from .vocab import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
