@@ -1,0 +1,64 @@
+"""Generation: sampling rules and cached decoding loops for each model family.
+
+:func:`sample` is the family-agnostic entry used by ``arjax train`` and ``arjax sample``;
+each family registers its sampler in ``SAMPLERS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from arjax.generate.decode import generate_text, generate_tokens
+from arjax.generate.sampling import filter_logits, sample_token
+
+
+def _sample_byte_lm(model, params, cfg, *, prompts, max_bytes, seed, png, **sampling) -> str:
+    del cfg, png
+    limit = model.config.max_seq_len - max(len(p.encode()) for p in prompts) - 1
+    texts = generate_text(
+        model, params, prompts, max_new_bytes=max(1, min(max_bytes, limit)),
+        rng=jax.random.key(seed), **sampling,
+    )  # fmt: skip
+    return "\n---\n".join(p + t for p, t in zip(prompts, texts))
+
+
+# model name -> sampler(model, params, run_cfg, *, prompts, max_bytes, seed, png, **sampling)
+SAMPLERS: dict[str, Callable[..., str]] = {"transformer": _sample_byte_lm}
+
+
+def sample(
+    model_name: str,
+    model: Any,
+    params: Any,
+    cfg: Any,
+    *,
+    prompts: list[str] | None = None,
+    max_bytes: int | None = None,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = 0.95,
+    seed: int = 0,
+    png: str | None = None,
+) -> str:
+    """A printable sample from a trained model of any registered family."""
+    if model_name not in SAMPLERS:
+        raise ValueError(f"no sampler registered for model {model_name!r}")
+    return SAMPLERS[model_name](
+        model, params, cfg,
+        prompts=prompts or [cfg.train.sample_prompt],
+        max_bytes=cfg.train.sample_bytes if max_bytes is None else max_bytes,
+        seed=seed, png=png, temperature=temperature, top_k=top_k, top_p=top_p,
+    )  # fmt: skip
+
+
+__all__ = [
+    "SAMPLERS",
+    "filter_logits",
+    "generate_text",
+    "generate_tokens",
+    "sample",
+    "sample_token",
+]

@@ -1,0 +1,48 @@
+"""Model registry: ``--model NAME`` -> config class, module, presets, data pipeline kind."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from arjax.models.transformer import PRESETS as TRANSFORMER_PRESETS
+from arjax.models.transformer import TransformerLM, TransformerLMConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How the CLI and trainer build a model family.
+
+    ``data`` names the batch pipeline: ``"text"`` (packed bytes, :mod:`arjax.data`),
+    or a family-specific one registered in :mod:`arjax.train.data`.
+    """
+
+    name: str
+    config_cls: type
+    module_cls: type
+    presets: dict[str, Any]
+    data: str = "text"
+
+
+MODELS: dict[str, ModelSpec] = {
+    "transformer": ModelSpec(
+        "transformer", TransformerLMConfig, TransformerLM, TRANSFORMER_PRESETS
+    ),
+}
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def build_model(name: str, config: Any) -> Any:
+    """The Flax module for ``config`` (validated against the family's config class)."""
+    spec = get_model_spec(name)
+    if not isinstance(config, spec.config_cls):
+        raise TypeError(f"model {name!r} takes a {spec.config_cls.__name__}, got {type(config)}")
+    return spec.module_cls(config)
+
+
+__all__ = ["MODELS", "ModelSpec", "TransformerLM", "TransformerLMConfig", "build_model"]

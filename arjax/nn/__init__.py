@@ -1,0 +1,15 @@
+"""Flax Linen layers built on :mod:`arjax.ops`."""
+
+from arjax.nn.layers import Attention, RMSNorm, SwiGLU, apply_rope, logical
+from arjax.nn.transformer import Block, Transformer, TransformerConfig
+
+__all__ = [
+    "Attention",
+    "Block",
+    "RMSNorm",
+    "SwiGLU",
+    "Transformer",
+    "TransformerConfig",
+    "apply_rope",
+    "logical",
+]

@@ -1,0 +1,168 @@
+"""Flax Linen building blocks: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+Parameters are float32 and carry logical axis names (``vocab``, ``embed``, ``heads``,
+``kv_heads``, ``head_dim``, ``mlp``) that :mod:`arjax.train.sharding` maps onto the mesh.
+Compute runs in ``dtype`` (bf16 by default in the models).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from arjax.ops import attention
+
+Mode = Literal["train", "prefill", "decode"]
+
+
+def logical(init: Any, *names: str | None) -> Any:
+    """Wrap an initializer so the parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32."""
+
+    eps: float = 1e-6
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", logical(nn.initializers.ones, self.axis_name), x.shape[-1:])
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * scale).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021, eq. 34), half-split pairing.
+
+    x ``[batch, len, heads, head_dim]``, positions ``[batch, len]`` int.
+    """
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"apply_rope: head_dim must be even, got {d}")
+    freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [d/2]
+    angle = positions.astype(jnp.float32)[..., None, None] * freq  # [b, l, 1, d/2]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA, RoPE, optional qk RMSNorm and a KV cache.
+
+    Self-attention when ``kv`` is None, cross-attention otherwise. ``mode``:
+    ``"train"`` attends over the given sequence; ``"prefill"`` does the same and stores
+    K/V in the ``cache`` collection (length ``cache_len``); ``"decode"`` writes one new
+    token's K/V at ``cache_index`` and attends over the cache slots that
+    ``kv_visible`` ``[batch, cache_len]`` marks.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float | None = 10_000.0
+    window: int | None = None
+    causal: bool = True
+    qk_norm: bool = False
+    dtype: Any = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # [batch, q_len, embed]
+        kv: jax.Array | None = None,  # [batch, kv_len, embed_kv] (cross-attention)
+        *,
+        q_positions: jax.Array | None = None,  # [batch, q_len]
+        kv_positions: jax.Array | None = None,  # [batch, kv_len]
+        q_segment_ids: jax.Array | None = None,
+        kv_segment_ids: jax.Array | None = None,
+        mode: Mode = "train",
+        cache_len: int | None = None,
+        cache_index: jax.Array | None = None,
+        kv_visible: jax.Array | None = None,
+    ) -> jax.Array:
+        init = nn.initializers.lecun_normal()
+        dense = lambda h, names, name: nn.DenseGeneral(  # noqa: E731
+            (h, self.head_dim),
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=logical(init, "embed", *names),
+            name=name,
+        )
+        source = x if kv is None else kv
+        q = dense(self.num_heads, ("heads", "head_dim"), "q_proj")(x)
+        k = dense(self.num_kv_heads, ("kv_heads", "head_dim"), "k_proj")(source)
+        v = dense(self.num_kv_heads, ("kv_heads", "head_dim"), "v_proj")(source)
+        if self.qk_norm:
+            q = RMSNorm(axis_name="head_dim", name="q_norm")(q)
+            k = RMSNorm(axis_name="head_dim", name="k_norm")(k)
+        if self.rope_theta is not None:
+            q = apply_rope(q, q_positions, self.rope_theta)
+            k = apply_rope(k, q_positions if kv is None else kv_positions, self.rope_theta)
+
+        if mode == "decode":
+            out = self._decode(q, k, v, cache_index, kv_visible)
+        elif mode in ("train", "prefill"):
+            out = attention(
+                q, k, v, causal=self.causal, window=self.window,
+                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, impl=self.impl,
+            )  # fmt: skip
+            if mode == "prefill":
+                pad = ((0, 0), (0, cache_len - k.shape[1]), (0, 0), (0, 0))
+                self.put_variable("cache", "k", jnp.pad(k, pad))
+                self.put_variable("cache", "v", jnp.pad(v, pad))
+        else:
+            raise ValueError(f"Attention: unknown mode {mode!r}")
+        return nn.DenseGeneral(
+            x.shape[-1],
+            axis=(-2, -1),
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=logical(init, "heads", "head_dim", "embed"),
+            name="o_proj",
+        )(out)
+
+    def _decode(self, q, k, v, cache_index, kv_visible):
+        """One query token against the cache; K/V of the new token written at cache_index."""
+        if q.shape[1] != 1:
+            raise ValueError(f"Attention: decode takes one token at a time, got {q.shape[1]}")
+        caches = []
+        for name, new in (("k", k), ("v", v)):
+            cache = self.get_variable("cache", name)
+            cache = jax.lax.dynamic_update_slice(
+                cache, new.astype(cache.dtype), (0, cache_index, 0, 0)
+            )
+            self.put_variable("cache", name, cache)
+            caches.append(cache)
+        ones = jnp.ones(q.shape[:2], jnp.int32)
+        return attention(
+            q, caches[0], caches[1], q_segment_ids=ones,
+            kv_segment_ids=kv_visible.astype(jnp.int32), impl=self.impl,
+        )  # fmt: skip
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP ``W2 (silu(W1 x) * W3 x)`` (Shazeer 2020, eq. 6)."""
+
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.lecun_normal()
+        up = lambda name: nn.Dense(  # noqa: E731
+            self.hidden_dim, use_bias=False, dtype=self.dtype,
+            kernel_init=logical(init, "embed", "mlp"), name=name,
+        )  # fmt: skip
+        h = nn.silu(up("gate_proj")(x)) * up("up_proj")(x)
+        return nn.Dense(
+            x.shape[-1], use_bias=False, dtype=self.dtype,
+            kernel_init=logical(init, "mlp", "embed"), name="down_proj",
+        )(h)  # fmt: skip

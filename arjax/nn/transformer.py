@@ -1,0 +1,187 @@
+"""Pre-norm decoder stack (RMSNorm, RoPE, GQA, SwiGLU), reused by every model family.
+
+``TransformerConfig`` describes one stack; the models (transformer LM, HAT's encoder /
+backbone / decoder, Block Transformer's block and token decoders) each hold one or more.
+Layers run under ``nn.scan`` (compile time flat in depth) with a selectable remat policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from arjax.config import check, check_positive
+from arjax.nn.layers import Attention, Mode, RMSNorm, SwiGLU
+from arjax.ops.attention import IMPLS
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """One decoder stack. ``window`` None means full causal attention."""
+
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 64
+    mlp_dim: int = 768
+    window: int | None = None
+    rope_theta: float = 10_000.0
+    qk_norm: bool = False
+    norm_eps: float = 1e-6
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    attention_impl: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    scan_layers: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive(self, "d_model", "num_layers", "num_heads", "num_kv_heads")
+        check_positive(self, "head_dim", "mlp_dim")
+        check(
+            self.num_heads % self.num_kv_heads == 0,
+            "num_kv_heads",
+            f"must divide num_heads={self.num_heads}, got {self.num_kv_heads}",
+        )
+        check(self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
+        check(
+            self.window is None or (isinstance(self.window, int) and self.window > 0),
+            "window",
+            f"must be None or a positive int, got {self.window!r}",
+        )
+        check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        check(self.dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}")
+        check(
+            self.attention_impl in IMPLS,
+            "attention_impl",
+            f"must be one of {list(IMPLS)}, got {self.attention_impl!r}",
+        )
+        check(self.remat in REMAT, "remat", f"must be one of {list(REMAT)}, got {self.remat!r}")
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    def stack_fields(self) -> TransformerConfig:
+        """This config's stack part (drops fields that subclasses add)."""
+        names = {f.name for f in dataclasses.fields(TransformerConfig)}
+        return TransformerConfig(**{n: getattr(self, n) for n in names})
+
+    def num_params(self) -> int:
+        """Parameters of the stack (no embeddings)."""
+        attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.d_model * self.mlp_dim
+        norms = 2 * self.d_model + (2 * self.head_dim if self.qk_norm else 0)
+        return self.num_layers * (attn + mlp + norms) + self.d_model
+
+    def flops_per_token(self, context: int) -> float:
+        """Forward FLOPs per token: 2 x matmul params + causal attention over ``context``."""
+        matmul = self.num_layers * (
+            self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+            + 3 * self.d_model * self.mlp_dim
+        )
+        ctx = context if self.window is None else min(context, self.window)
+        attn = self.num_layers * 2 * self.num_heads * self.head_dim * ctx  # QK^T + PV, causal avg
+        return 2.0 * matmul + attn
+
+
+class Block(nn.Module):
+    """``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    config: TransformerConfig
+    mode: Mode = "train"
+    cache_len: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, ctx: dict) -> tuple[jax.Array, None]:
+        """``ctx`` holds the per-call arrays shared by all layers (broadcast under scan)."""
+        c = self.config
+        h = RMSNorm(c.norm_eps, name="attn_norm")(x)
+        h = Attention(
+            num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            rope_theta=c.rope_theta,
+            window=c.window,
+            qk_norm=c.qk_norm,
+            dtype=c.compute_dtype,
+            impl=c.attention_impl,
+            name="attn",
+        )(
+            h,
+            q_positions=ctx["positions"],
+            q_segment_ids=ctx["segment_ids"],
+            kv_segment_ids=ctx["segment_ids"],
+            mode=self.mode,
+            cache_len=self.cache_len,
+            cache_index=ctx["cache_index"],
+            kv_visible=ctx["kv_visible"],
+        )
+        x = x + h
+        h = RMSNorm(c.norm_eps, name="mlp_norm")(x)
+        x = x + SwiGLU(c.mlp_dim, dtype=c.compute_dtype, name="mlp")(h)
+        return x, None
+
+
+def _remat_policy(name: str) -> Any:
+    return {
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    }[name]
+
+
+class Transformer(nn.Module):
+    """A stack of :class:`Block` plus the final RMSNorm.
+
+    x ``[batch, len, d_model]`` -> ``[batch, len, d_model]``. ``mode`` as in
+    :class:`arjax.nn.layers.Attention`; in ``prefill``/``decode`` the K/V cache lives in
+    the ``cache`` collection (stacked over layers when scanned).
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array,  # [batch, len]
+        segment_ids: jax.Array | None = None,  # [batch, len]
+        mode: Mode = "train",
+        cache_len: int | None = None,
+        cache_index: jax.Array | None = None,
+        kv_visible: jax.Array | None = None,  # [batch, cache_len] (decode)
+    ) -> jax.Array:
+        c = self.config.stack_fields()
+        ctx = dict(
+            positions=positions,
+            segment_ids=segment_ids,
+            cache_index=cache_index,
+            kv_visible=kv_visible,
+        )
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=_remat_policy(c.remat), static_argnums=())
+        x = x.astype(c.compute_dtype)
+        if c.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(c, mode, cache_len, name="layers")(x, ctx)
+        else:
+            for i in range(c.num_layers):
+                x, _ = block(c, mode, cache_len, name=f"layers_{i}")(x, ctx)
+        return RMSNorm(c.norm_eps, name="final_norm")(x)

@@ -1,0 +1,29 @@
+"""Batch sources per data kind (see :class:`arjax.models.ModelSpec`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from arjax.data.pipeline import make_eval_batches, make_train_iterator
+
+# kind -> (run config, process index, process count) -> (train iterator, eval batches).
+DataBuilder = Callable[[Any, int, int], tuple[Any, list[dict]]]
+
+
+def _text(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[dict]]:
+    it = make_train_iterator(cfg.data, process_index=process_index, process_count=process_count)
+    return it, make_eval_batches(cfg.data)
+
+
+DATA_BUILDERS: dict[str, DataBuilder] = {"text": _text}
+
+
+def make_data(cfg: Any, process_index: int = 0, process_count: int = 1) -> tuple[Any, list[dict]]:
+    """Train iterator (``next``, ``get_state``, ``set_state``) and eval batches for ``cfg``."""
+    from arjax.models import get_model_spec
+
+    kind = get_model_spec(cfg.model_name).data
+    if kind not in DATA_BUILDERS:
+        raise ValueError(f"no data pipeline registered for kind {kind!r}")
+    return DATA_BUILDERS[kind](cfg, process_index, process_count)

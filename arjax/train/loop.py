@@ -1,0 +1,228 @@
+"""The training loop behind ``arjax train``: sharded jit step, eval, checkpoints, logs.
+
+Resumes from the newest valid checkpoint in ``out_dir``; SIGTERM/SIGINT finish the
+current step, save and return. Metrics go to ``out_dir/metrics.jsonl`` (one JSON object
+per line with ``step``), to the console (tqdm) and to TensorBoard when installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arjax.config import to_dict
+from arjax.models import build_model
+from arjax.train.checkpoint import Checkpointer
+from arjax.train.config import RunConfig
+from arjax.train.data import make_data
+from arjax.train.optim import learning_rate_schedule, make_optimizer
+from arjax.train.sharding import (
+    batch_sharding,
+    logical_shardings,
+    make_mesh,
+    maybe_initialize_distributed,
+)
+from arjax.train.step import LN2, init_train_state, make_eval_step, make_train_step
+
+# Dense bf16 peak FLOP/s per chip by device kind (vendor datasheets), for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+              "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}  # fmt: skip
+
+
+def peak_flops(device: Any) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+class MetricsWriter:
+    """Appends JSON lines; on resume drops rows past the restored step."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.tb = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tb"))
+        except ImportError:
+            pass
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(key, value, row["step"])
+
+
+def _to_global(batch: dict, sharding: Any) -> dict:
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+class Trainer:
+    """Builds model, data, mesh, state and jitted steps for one :class:`RunConfig`."""
+
+    def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, devices: list | None = None):
+        maybe_initialize_distributed(cfg.mesh)
+        self.cfg = cfg
+        self.out = Path(out_dir).absolute()
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} exists and is not a directory")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.mesh = make_mesh(cfg.mesh, devices)
+        self.model = build_model(cfg.model_name, cfg.model)
+        self.train_iter, self.eval_batches = make_data(
+            cfg, jax.process_index(), jax.process_count()
+        )
+        self.tx = make_optimizer(cfg.train)
+        example = jax.tree.map(lambda x: jnp.asarray(x[:1]), self.eval_batches[0])
+        init = functools.partial(init_train_state, self.model, self.tx, example_batch=example)
+        boxed = jax.eval_shape(init, jax.random.key(0))
+        self.state_shardings = logical_shardings(boxed, self.mesh)
+        self.abstract_state = nn.meta.unbox(boxed)
+        self._init = jax.jit(
+            lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_shardings
+        )
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.train_step = jax.jit(
+            make_train_step(self.model, self.tx, cfg.train.grad_accum),
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            make_eval_step(self.model),
+            in_shardings=(self.state_shardings.params, self.batch_sharding),
+        )
+        self.ckpt = Checkpointer(
+            self.out / "checkpoints",
+            keep=cfg.train.keep_checkpoints,
+            async_save=cfg.train.async_checkpoint,
+        )
+
+    def initial_state(self) -> Any:
+        """Restore the newest valid checkpoint, else a fresh state from ``train.seed``."""
+        restored, data_state, _ = self.ckpt.restore_latest_valid(
+            self.abstract_state, shardings=self.state_shardings
+        )
+        if restored is None:
+            return self._init(jax.random.key(self.cfg.train.seed))
+        if data_state is not None:
+            self.train_iter.set_state(data_state)
+        return restored
+
+    def evaluate(self, params: Any) -> dict:
+        total, count = 0.0, 0.0
+        for batch in self.eval_batches:
+            t, c = self.eval_step(params, _to_global(batch, self.batch_sharding))
+            total, count = total + float(t), count + float(c)
+        loss = total / max(count, 1.0)
+        return {"val_loss": loss, "val_bits_per_byte": loss / LN2}
+
+    def save(self, state: Any, *, force: bool = False) -> None:
+        self.ckpt.save(
+            int(state.step),
+            state,
+            data_state=self.train_iter.get_state(),
+            metadata={"run_config": to_dict(self.cfg)},
+            force=force,
+        )
+
+
+def train(cfg: RunConfig, out_dir: str | os.PathLike, devices: list | None = None) -> dict:
+    """Train (or resume) to ``cfg.train.steps``; returns the last metrics row."""
+    trainer = Trainer(cfg, out_dir, devices)
+    tc = cfg.train
+    state = trainer.initial_state()
+    start = int(state.step)
+    writer = MetricsWriter(trainer.out / "metrics.jsonl", start)
+    (trainer.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    schedule = learning_rate_schedule(tc)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops_fn = getattr(cfg.model, "flops_per_token", None)
+    step_flops = 3 * flops_fn(cfg.data.seq_len) * tokens_per_step if flops_fn else None
+    peak = peak_flops(jax.devices()[0])
+
+    stop = {"signal": None}
+    handlers = {}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread: no handler
+            handlers[sig] = signal.signal(sig, on_signal)
+
+    bar = None
+    if tc.progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
+    last = {"step": start}
+    t_last, step_last = time.perf_counter(), start
+    try:
+        for step in range(start + 1, tc.steps + 1):
+            batch = _to_global(next(trainer.train_iter), trainer.batch_sharding)
+            state, metrics = trainer.train_step(state, batch)
+            if step % tc.log_every == 0 or step == tc.steps or stop["signal"]:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                dt = (now - t_last) / max(step - step_last, 1)
+                t_last, step_last = now, step
+                row = {"step": step, **metrics, "lr": float(schedule(step - 1)), "step_time": dt}
+                row["tokens_per_s"] = tokens_per_step / dt
+                if step_flops and peak:
+                    row["mfu"] = step_flops / dt / (peak * jax.device_count())
+                if metrics["bad_streak"] >= tc.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{int(metrics['bad_streak'])} consecutive steps had non-finite "
+                        f"loss or gradients (train.max_bad_steps={tc.max_bad_steps}); "
+                        "stopping. The last good checkpoint is intact."
+                    )
+                if bar is not None:
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                writer.write(row)
+                last = row
+            if step % tc.eval_every == 0 or step == tc.steps:
+                row = {"step": step, **trainer.evaluate(state.params)}
+                writer.write(row)
+                last = {**last, **row}
+                if bar is not None:
+                    bar.write(f"step {step}: val bits/byte {row['val_bits_per_byte']:.4f}")
+            if step % tc.save_every == 0 or step == tc.steps or stop["signal"]:
+                trainer.save(state, force=True)
+            if bar is not None:
+                bar.update(1)
+            if stop["signal"]:
+                last["preempted"] = signal.Signals(stop["signal"]).name
+                break
+    finally:
+        trainer.ckpt.wait()
+        if bar is not None:
+            bar.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    last["state"] = state
+    last["trainer"] = trainer
+    return last

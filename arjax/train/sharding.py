@@ -1,0 +1,98 @@
+"""Device mesh ``(data, fsdp, tensor)`` and logical-axis rules for every model family.
+
+Parameters carry logical names (see :mod:`arjax.nn.layers`); ``LOGICAL_RULES`` maps them
+onto mesh axes: batch over ``data`` x ``fsdp``, weights' ``embed`` dim over ``fsdp``
+(ZeRO-3 style), heads / MLP / vocab over ``tensor`` (Megatron style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from arjax.config import check
+
+MESH_AXES = ("data", "fsdp", "tensor")
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("latent", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; ``data=-1`` takes all devices left after ``fsdp`` x ``tensor``.
+
+    ``coordinator``/``num_processes``/``process_id`` drive ``jax.distributed.initialize``
+    for multi-host runs (also read from ``ARJAX_COORDINATOR``, ``ARJAX_NUM_PROCESSES``,
+    ``ARJAX_PROCESS_ID``).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    coordinator: str = ""
+    num_processes: int = 1
+    process_id: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.data == -1 or self.data > 0, "data", f"must be -1 or > 0, got {self.data}")
+        check(self.fsdp > 0, "fsdp", f"must be > 0, got {self.fsdp}")
+        check(self.tensor > 0, "tensor", f"must be > 0, got {self.tensor}")
+        check(self.num_processes > 0, "num_processes", f"must be > 0, got {self.num_processes}")
+        check(
+            0 <= self.process_id < self.num_processes,
+            "process_id",
+            f"must be in [0, num_processes={self.num_processes}), got {self.process_id}",
+        )
+
+
+def maybe_initialize_distributed(cfg: MeshConfig) -> None:
+    """Call ``jax.distributed.initialize`` when the config or environment asks for it."""
+    coordinator = cfg.coordinator or os.environ.get("ARJAX_COORDINATOR", "")
+    num = int(os.environ.get("ARJAX_NUM_PROCESSES", cfg.num_processes))
+    pid = int(os.environ.get("ARJAX_PROCESS_ID", cfg.process_id))
+    if num > 1 and coordinator:
+        jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """A ``Mesh`` of shape ``(data, fsdp, tensor)`` over ``devices`` (default: all)."""
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
+    data = cfg.data if cfg.data != -1 else n // (cfg.fsdp * cfg.tensor)
+    check(
+        data * cfg.fsdp * cfg.tensor == n,
+        "mesh",
+        f"data*fsdp*tensor = {data}*{cfg.fsdp}*{cfg.tensor} must equal the {n} devices",
+    )
+    grid = np.asarray(devices).reshape(data, cfg.fsdp, cfg.tensor)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a pytree of ``nn.LogicallyPartitioned`` (e.g. ``eval_shape(init)``)."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dim over ``data`` x ``fsdp``; the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

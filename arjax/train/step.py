@@ -1,0 +1,127 @@
+"""The pure training step and evaluation step.
+
+``train_step(state, batch) -> (state, metrics)``: masked next-token cross-entropy,
+gradient accumulation over micro-batches (``lax.scan``), AdamW update, and a guard that
+drops a step whose loss or gradients are not finite (params/optimizer state unchanged).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from einops import rearrange
+
+from arjax.train.state import TrainState
+
+LN2 = math.log(2.0)
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Summed masked cross-entropy (nats) and the number of predicted tokens.
+
+    logits ``[..., vocab]`` (any float dtype; computed in float32), targets/mask ``[...]``.
+    """
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
+    nll = logz - target_logit[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def loss_fn(model: nn.Module, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(summed nats, predicted-token count) of ``model`` on ``batch``."""
+    logits = model.apply({"params": params}, batch, train=True)
+    return cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, grad_accum: int = 1
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Build ``train_step(state, batch)``; jit it with the caller's shardings."""
+
+    def grads_of(params: Any, batch: dict) -> tuple[jax.Array, jax.Array, Any]:
+        def mean_loss(p, b):
+            total, count = loss_fn(model, p, b)
+            return total / jnp.maximum(count, 1.0), (total, count)
+
+        (_, (total, count)), grads = jax.value_and_grad(mean_loss, has_aux=True)(params, batch)
+        # Scale back to a sum so micro-batches of different token counts weigh correctly.
+        grads = jax.tree.map(lambda g: g * jnp.maximum(count, 1.0), grads)
+        return total, count, grads
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if grad_accum == 1:
+            total, count, grads = grads_of(state.params, batch)
+        else:
+            micro = jax.tree.map(
+                lambda x: rearrange(x, "(m b) ... -> m b ...", m=grad_accum), batch
+            )
+
+            def body(carry, mb):
+                t, c, g = grads_of(state.params, mb)
+                return (carry[0] + t, carry[1] + c, jax.tree.map(jnp.add, carry[2], g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (total, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = total / denom
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+            bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
+        )
+        metrics = {
+            "loss": loss,
+            "bits_per_byte": loss / LN2,
+            "grad_norm": grad_norm,
+            "tokens": count,
+            "skipped": new_state.skipped,
+            "bad_streak": new_state.bad_streak,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+    """``eval_step(params, batch) -> (summed nats, token count)``."""
+
+    def eval_step(params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+        logits = model.apply({"params": params}, batch)
+        return cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+    return eval_step
+
+
+def init_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, example_batch: dict
+) -> TrainState:
+    """A fresh (boxed, logically partitioned) state; unbox with ``nn.meta.unbox``."""
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng, example_batch)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=state_rng,
+        skipped=jnp.zeros((), jnp.int32),
+        bad_streak=jnp.zeros((), jnp.int32),
+    )
