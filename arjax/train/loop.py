@@ -121,10 +121,13 @@ class Trainer:
             async_save=cfg.train.async_checkpoint,
         )
 
-    def initial_state(self) -> Any:
-        """Restore the newest valid checkpoint, else a fresh state from ``train.seed``."""
+    def initial_state(self, *, quarantine: bool = False) -> Any:
+        """Restore the newest valid checkpoint, else a fresh state from ``train.seed``.
+
+        ``quarantine`` (training only) renames unreadable newer checkpoints out of the way.
+        """
         restored, data_state, _ = self.ckpt.restore_latest_valid(
-            self.abstract_state, shardings=self.state_shardings
+            self.abstract_state, shardings=self.state_shardings, quarantine=quarantine
         )
         if restored is None:
             return self._init(jax.random.key(self.cfg.train.seed))
@@ -154,7 +157,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, devices: list | None = Non
     """Train (or resume) to ``cfg.train.steps``; returns the last metrics row."""
     trainer = Trainer(cfg, out_dir, devices)
     tc = cfg.train
-    state = trainer.initial_state()
+    state = trainer.initial_state(quarantine=True)
     start = int(state.step)
     writer = MetricsWriter(trainer.out / "metrics.jsonl", start)
     (trainer.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
