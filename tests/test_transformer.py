@@ -1,0 +1,172 @@
+"""Transformer LM: cached decoding == full forward, generation, sampling, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arjax.config import ConfigError
+from arjax.data.vocab import BOS_ID
+from arjax.generate import filter_logits, generate_tokens, sample_token
+from arjax.models.transformer import PRESETS, TransformerLM, TransformerLMConfig
+
+CFG = TransformerLMConfig(
+    d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+    max_seq_len=64, dtype="float32",
+)  # fmt: skip
+
+
+def _batch(tokens):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, n = tokens.shape
+    return dict(
+        inputs=tokens,
+        positions=jnp.broadcast_to(jnp.arange(n), (b, n)),
+        segment_ids=jnp.ones((b, n), jnp.int32),
+    )
+
+
+def _params(model, seed=0, scale=1.0):
+    params = nn.meta.unbox(model.init(jax.random.key(seed), _batch(np.zeros((1, 8))))["params"])
+    # Larger weights than the init so that argmax is not constant.
+    return jax.tree.map(lambda p: p * scale, params)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_teacher_forced_decode_matches_full_forward(rng, window):
+    """Prefill + one-token decode steps give the full forward's logits at every step."""
+    cfg = dataclasses.replace(CFG, window=window)
+    model = TransformerLM(cfg)
+    params = _params(model, scale=3.0)
+    b, prompt, total = 2, 4, 20
+    seq = rng.integers(0, 256, (b, total))
+    full = model.apply({"params": params}, _batch(seq))
+    logits, vars_ = model.apply(
+        {"params": params}, jnp.asarray(seq[:, :prompt], jnp.int32),
+        jnp.broadcast_to(jnp.arange(prompt), (b, prompt)), jnp.ones((b, prompt), jnp.int32),
+        total, method="prefill", mutable=["cache"],
+    )  # fmt: skip
+    np.testing.assert_allclose(logits, full[:, :prompt], rtol=1e-4, atol=1e-4)
+    cache = vars_["cache"]
+    for t in range(prompt, total):
+        slots = jnp.arange(total)
+        visible = slots <= t
+        if window is not None:
+            visible &= slots > t - window
+        step, vars_ = model.apply(
+            {"params": params, "cache": cache}, jnp.asarray(seq[:, t : t + 1], jnp.int32),
+            jnp.full((b, 1), t), t, jnp.broadcast_to(visible, (b, total)),
+            method="decode", mutable=["cache"],
+        )  # fmt: skip
+        cache = vars_["cache"]
+        np.testing.assert_allclose(step[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_greedy_generation_equals_argmax_of_full_forward(rng, window):
+    model = TransformerLM(dataclasses.replace(CFG, window=window))
+    params = _params(model, seed=1, scale=3.0)
+    prompts = [[BOS_ID, *rng.integers(0, 256, n).tolist()] for n in (3, 9, 1)]
+    outs = generate_tokens(model, params, prompts, max_new_tokens=12, stop_ids=())
+    assert len(set(map(tuple, outs))) > 1
+    for prompt, out in zip(prompts, outs):
+        assert len(out) == 12
+        seq = np.asarray([prompt + out])
+        logits = model.apply({"params": params}, _batch(seq))
+        predicted = np.asarray(jnp.argmax(logits[0], -1))[len(prompt) - 1 : -1]
+        np.testing.assert_array_equal(predicted, out)
+
+
+def test_generation_stops_after_a_stop_token(rng):
+    model = TransformerLM(CFG)
+    params = _params(model, seed=2, scale=3.0)
+    prompt = [BOS_ID, 1, 2, 3]
+    free = generate_tokens(model, params, [prompt], max_new_tokens=10, stop_ids=())[0]
+    stop = free[4]
+    out = generate_tokens(model, params, [prompt], max_new_tokens=10, stop_ids=(stop,))[0]
+    assert out == free[: free.index(stop) + 1]
+
+
+def test_top_k_top_p_filtering_values():
+    logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda x: np.isfinite(np.asarray(x)) & (np.asarray(x) > -1e30)  # noqa: E731
+    np.testing.assert_array_equal(kept(filter_logits(logits, top_k=2)), [[1, 1, 0, 0, 0]])
+    # Nucleus 0.6: 0.5 alone < 0.6, so the second token is needed too.
+    np.testing.assert_array_equal(kept(filter_logits(logits, top_p=0.6)), [[1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(kept(filter_logits(logits, top_p=0.5)), [[1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(kept(filter_logits(logits, top_p=0.86)), [[1, 1, 1, 1, 0]])
+
+
+def test_sampling_follows_the_distribution():
+    probs = jnp.array([0.6, 0.3, 0.1])
+    logits = jnp.broadcast_to(jnp.log(probs), (20000, 3))
+    draws = sample_token(logits, jax.random.key(0), temperature=1.0)
+    freq = np.bincount(np.asarray(draws), minlength=3) / 20000
+    np.testing.assert_allclose(freq, probs, atol=0.015)
+    assert np.all(np.asarray(sample_token(logits, jax.random.key(0), temperature=0.0)) == 0)
+
+
+def test_over_long_sequence_is_rejected_before_compilation():
+    model = TransformerLM(CFG)
+    params = _params(model)
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_len=64"):
+        model.apply({"params": params}, _batch(np.zeros((1, 65))))
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        generate_tokens(model, params, [[BOS_ID] * 60], max_new_tokens=10)
+    with pytest.raises(ValueError, match="integer token ids"):
+        model.apply({"params": params}, _batch(np.zeros((1, 4))) | {"inputs": jnp.zeros((1, 4))})
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_kv_heads", 3, "num_kv_heads: must divide num_heads"),
+        ("head_dim", 7, "head_dim: must be even"),
+        ("window", 0, "window: must be None or a positive int"),
+        ("dtype", "float8", "dtype: must be one of"),
+        ("d_model", -1, "d_model: must be a positive int"),
+        ("remat", "some", "remat: must be one of"),
+        ("max_seq_len", 0, "max_seq_len: must be a positive int"),
+    ],
+)
+def test_config_errors_name_the_field(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(CFG, **{field: value})
+
+
+def test_presets_param_counts():
+    """Analytic parameter counts agree with the initialised trees."""
+    cfg = PRESETS["tiny"]
+    shapes = jax.eval_shape(
+        lambda: TransformerLM(cfg).init(jax.random.key(0), _batch(np.zeros((1, 8))))
+    )
+    boxed = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert sum(np.prod(x.value.shape) for x in boxed) == cfg.num_params()
+    assert 0.9e9 < PRESETS["1b"].num_params() < 1.2e9
+    assert 110e6 < PRESETS["125m"].num_params() < 140e6
+
+
+@pytest.mark.parametrize("scan, remat", [(False, "none"), (True, "full"), (True, "dots")])
+def test_scan_and_remat_do_not_change_values(rng, scan, remat):
+    base = TransformerLM(CFG)
+    params = _params(base)
+    batch = _batch(rng.integers(0, 256, (2, 10)))
+    ref = base.apply({"params": params}, batch)
+    other = TransformerLM(dataclasses.replace(CFG, scan_layers=scan, remat=remat))
+    if not scan:  # unstacked parameter layout: layers_0, layers_1, ...
+        layers = params["transformer"]["layers"]
+        params = {
+            **params,
+            "transformer": {
+                "final_norm": params["transformer"]["final_norm"],
+                **{f"layers_{i}": jax.tree.map(lambda x: x[i], layers) for i in range(2)},  # noqa: B023
+            },
+        }
+    np.testing.assert_allclose(other.apply({"params": params}, batch), ref, rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda p: other.apply({"params": p}, batch).sum())(params)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
