@@ -89,35 +89,44 @@ def _parse_value(text: str, annotation: Any, field: str) -> Any:
 def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...], prefix: str = "") -> Any:
     """Return ``cfg`` with ``["a.b=1", ...]`` applied; nested dataclasses by dotted path.
 
-    Unknown keys and unparsable values raise :class:`ConfigError` naming the key.
-    The result is re-validated by the dataclasses' ``__post_init__``.
+    Unknown keys and unparsable values raise :class:`ConfigError` naming the key. All
+    overrides land before validation, so cross-field checks see the final values; each
+    dataclass is then re-validated once by its ``__post_init__``.
     """
+    tree: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, text = item.split("=", 1)
-        cfg = _set_path(cfg, key.strip().split("."), text.strip(), prefix)
-    return cfg
+        node = tree
+        *path, leaf = key.strip().split(".")
+        for name in path:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another --set of a parent key")
+        node[leaf] = text.strip()
+    return _apply_tree(cfg, tree, prefix)
 
 
-def _set_path(cfg: Any, path: list[str], text: str, prefix: str) -> Any:
-    name, rest = path[0], path[1:]
-    full = f"{prefix}{name}"
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    if name not in fields:
-        raise ConfigError(f"{full}: unknown config key (known: {', '.join(sorted(fields))})")
+def _apply_tree(cfg: Any, tree: dict, prefix: str) -> Any:
+    fields = {f.name for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
-    current = getattr(cfg, name)
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{full}: is not a section, cannot set {'.'.join(rest)}")
-        value = _set_path(current, rest, text, f"{full}.")
-    else:
-        if dataclasses.is_dataclass(current):
+    changes = {}
+    for name, sub in tree.items():
+        full = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"{full}: unknown config key (known: {', '.join(sorted(fields))})")
+        current = getattr(cfg, name)
+        if isinstance(sub, dict):
+            if not dataclasses.is_dataclass(current):
+                raise ConfigError(f"{full}: is not a section, cannot set {', '.join(sub)}")
+            changes[name] = _apply_tree(current, sub, f"{full}.")
+        elif dataclasses.is_dataclass(current):
             raise ConfigError(f"{full}: is a section; set one of its fields")
-        value = _parse_value(text, hints[name], full)
+        else:
+            changes[name] = _parse_value(sub, hints[name], full)
     try:
-        return dataclasses.replace(cfg, **{name: value})
+        return dataclasses.replace(cfg, **changes)
     except ConfigError as e:
         raise ConfigError(f"{prefix}{e}") from None
 

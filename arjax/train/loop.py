@@ -153,8 +153,18 @@ class Trainer:
         )
 
 
-def train(cfg: RunConfig, out_dir: str | os.PathLike, devices: list | None = None) -> dict:
-    """Train (or resume) to ``cfg.train.steps``; returns the last metrics row."""
+def train(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike,
+    devices: list | None = None,
+    *,
+    stop_at: int | None = None,
+) -> dict:
+    """Train (or resume) to ``cfg.train.steps``; returns the last metrics row.
+
+    ``stop_at`` ends this invocation early after that step (saving a checkpoint), as a
+    preemption would; a later call resumes the same run.
+    """
     trainer = Trainer(cfg, out_dir, devices)
     tc = cfg.train
     state = trainer.initial_state(quarantine=True)
@@ -188,6 +198,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, devices: list | None = Non
         for step in range(start + 1, tc.steps + 1):
             batch = _to_global(next(trainer.train_iter), trainer.batch_sharding)
             state, metrics = trainer.train_step(state, batch)
+            if stop_at is not None and step >= stop_at:
+                stop["signal"] = "stop_at"
             if step % tc.log_every == 0 or step == tc.steps or stop["signal"]:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
@@ -218,7 +230,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, devices: list | None = Non
             if bar is not None:
                 bar.update(1)
             if stop["signal"]:
-                last["preempted"] = signal.Signals(stop["signal"]).name
+                sig = stop["signal"]
+                last["preempted"] = sig if isinstance(sig, str) else signal.Signals(sig).name
                 break
     finally:
         trainer.ckpt.wait()

@@ -83,10 +83,29 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes from dims they do not divide (e.g. a 259-row byte vocabulary)."""
+    dims = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        dims.append(axes if dim % size == 0 else None)
+    return PartitionSpec(*dims)
+
+
 def logical_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a pytree of ``nn.LogicallyPartitioned`` (e.g. ``eval_shape(init)``)."""
-    specs = nn.get_partition_spec(abstract_boxed)
-    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+    """NamedShardings for a pytree of ``nn.LogicallyPartitioned`` (e.g. ``eval_shape(init)``).
+
+    A dim that its mesh axes do not divide is replicated instead of failing.
+    """
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), LOGICAL_RULES)
+    shapes = nn.meta.unbox(abstract_boxed)
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+        specs,
+        shapes,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
