@@ -1,5 +1,23 @@
 """Pure functional ops (no parameters): each has a float32 reference beside its fast forms."""
 
+from arjax.ops.aaren import AarenState, aaren, aaren_init_state, aaren_reference, aaren_step
 from arjax.ops.attention import attention, attention_mask, attention_reference
+from arjax.ops.linear_attention import (
+    linear_attention,
+    linear_attention_reference,
+    linear_attention_step,
+)
 
-__all__ = ["attention", "attention_mask", "attention_reference"]
+__all__ = [
+    "AarenState",
+    "aaren",
+    "aaren_init_state",
+    "aaren_reference",
+    "aaren_step",
+    "attention",
+    "attention_mask",
+    "attention_reference",
+    "linear_attention",
+    "linear_attention_reference",
+    "linear_attention_step",
+]

@@ -1,0 +1,111 @@
+"""Causal linear attention with optional scalar or gated decay: three equivalent forms.
+
+``S_t = diag(a_t) S_{t-1} + k_t v_t^T``, ``o_t = q_t^T S_t``, ``a_t = exp(log_decay_t)``:
+``a_t = 1`` is plain linear attention (Katharopoulos et al. 2020), a scalar per head is
+retention / Lightning decay (Sun et al. 2023; Qin et al. 2024 "TransNormerLLM"), a
+per-key-dim data-dependent gate is GLA (Yang et al. 2024). Forms:
+
+* ``"parallel"`` -- quadratic masked float32 math, the reference (:mod:`.naive`);
+* ``"chunked"`` -- chunkwise parallel, for training (:mod:`.chunked`); with
+  ``impl="pallas"`` the kernel in :mod:`kernels_pallas.linear_attention_scan`;
+* ``"recurrent"`` -- a per-token scan with O(1) state, as used for decoding (:mod:`.recurrent`).
+
+q is not scaled here (the layer scales it). ``segment_ids`` resets the state at every
+document boundary of a packed row; the initial state belongs to the row's first document.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+
+from arjax.ops.linear_attention.chunked import chunked_linear_attention
+from arjax.ops.linear_attention.common import FORMS, IMPLS, validate
+from arjax.ops.linear_attention.naive import parallel_linear_attention
+from arjax.ops.linear_attention.recurrent import (
+    linear_attention_step,
+    recurrent_linear_attention,
+)
+
+Form = Literal["parallel", "chunked", "recurrent"]
+
+
+def linear_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    log_decay: jax.Array | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The float32 ground truth (the parallel form); same outputs as :func:`linear_attention`."""
+    validate(q, k, v, log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids)
+    return parallel_linear_attention(
+        q, k, v, log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids
+    )
+
+
+def _pallas_available() -> bool:
+    try:
+        from kernels_pallas.linear_attention_scan import chunked_linear_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_impl(form: str, impl: str) -> str:
+    """What ``impl="auto"`` means: the Pallas kernel for the chunked form on GPU/TPU."""
+    if impl != "auto":
+        return impl
+    if form == "chunked" and jax.default_backend() in ("gpu", "tpu") and _pallas_available():
+        return "pallas"
+    return "xla"
+
+
+def linear_attention(
+    q: jax.Array,  # [batch, len, heads, dk]
+    k: jax.Array,  # [batch, len, heads, dk]
+    v: jax.Array,  # [batch, len, heads, dv]
+    *,
+    log_decay: jax.Array | None = None,  # None, [batch, len, heads] or [batch, len, heads, dk]
+    initial_state: jax.Array | None = None,  # [batch, heads, dk, dv] float32
+    segment_ids: jax.Array | None = None,  # [batch, len] int; a change starts a new document
+    form: Form = "chunked",
+    chunk_size: int = 64,
+    impl: Literal["auto", "xla", "pallas"] = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``.
+
+    ``log_decay`` must be <= 0 (a_t in (0, 1]); it is not checked (values are traced).
+    """
+    validate(q, k, v, log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids)
+    if form not in FORMS:
+        raise ValueError(f"linear_attention: form must be one of {FORMS}, got {form!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"linear_attention: impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"linear_attention: chunk_size must be a positive int, got {chunk_size!r}")
+    if impl == "pallas" and form != "chunked":
+        raise ValueError(f"linear_attention: impl='pallas' needs form='chunked', got {form!r}")
+    args = dict(log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids)
+    if form == "parallel":
+        return parallel_linear_attention(q, k, v, **args)
+    if form == "recurrent":
+        return recurrent_linear_attention(q, k, v, **args)
+    if resolve_impl(form, impl) == "pallas":
+        from kernels_pallas.linear_attention_scan import chunked_linear_attention as kernel
+
+        return kernel(q, k, v, chunk_size=chunk_size, **args)
+    return chunked_linear_attention(q, k, v, chunk_size=chunk_size, **args)
+
+
+__all__ = [
+    "chunked_linear_attention",
+    "linear_attention",
+    "linear_attention_reference",
+    "linear_attention_step",
+    "parallel_linear_attention",
+    "recurrent_linear_attention",
+]
