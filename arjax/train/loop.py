@@ -53,7 +53,7 @@ class MetricsWriter:
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
-        if path.exists():
+        if path.exists() and jax.process_index() == 0:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             kept = [r for r in rows if r.get("step", 0) <= resume_step]
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -66,6 +66,8 @@ class MetricsWriter:
             pass
 
     def write(self, row: dict) -> None:
+        if jax.process_index() != 0:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -75,9 +77,19 @@ class MetricsWriter:
 
 
 def _to_global(batch: dict, sharding: Any) -> dict:
+    """Assemble this process's rows into global arrays laid out by ``sharding``."""
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }
+
+
+def _process_rows(batch: dict) -> dict:
+    """This process's contiguous share of a global (eval) batch's rows."""
+    n, i = jax.process_count(), jax.process_index()
+    rows = next(iter(batch.values())).shape[0]
+    if rows % n:
+        raise ValueError(f"eval batch of {rows} rows does not split over {n} processes")
+    return {k: v[i * rows // n : (i + 1) * rows // n] for k, v in batch.items()}
 
 
 class Trainer:
@@ -138,7 +150,7 @@ class Trainer:
     def evaluate(self, params: Any) -> dict:
         total, count = 0.0, 0.0
         for batch in self.eval_batches:
-            t, c = self.eval_step(params, _to_global(batch, self.batch_sharding))
+            t, c = self.eval_step(params, _to_global(_process_rows(batch), self.batch_sharding))
             total, count = total + float(t), count + float(c)
         loss = total / max(count, 1.0)
         return {"val_loss": loss, "val_bits_per_byte": loss / LN2}
@@ -170,7 +182,8 @@ def train(
     state = trainer.initial_state(quarantine=True)
     start = int(state.step)
     writer = MetricsWriter(trainer.out / "metrics.jsonl", start)
-    (trainer.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if jax.process_index() == 0:
+        (trainer.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     schedule = learning_rate_schedule(tc)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_fn = getattr(cfg.model, "flops_per_token", None)

@@ -65,7 +65,10 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> None:
     coordinator = cfg.coordinator or os.environ.get("ARJAX_COORDINATOR", "")
     num = int(os.environ.get("ARJAX_NUM_PROCESSES", cfg.num_processes))
     pid = int(os.environ.get("ARJAX_PROCESS_ID", cfg.process_id))
-    if num > 1 and coordinator:
+    if num > 1 and coordinator and not jax.distributed.is_initialized():
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            # Cross-process collectives on CPU (tests, laptops) go through gloo.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
 
 
