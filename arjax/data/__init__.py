@@ -9,4 +9,5 @@ from .pipeline import (
     pack_documents,
     text_to_batch,
 )
+from .splitter import split_word_bytes, split_words
 from .vocab import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode

@@ -1,0 +1,160 @@
+"""HAT word splitter: text -> words (Neitemeier et al., 2025, "Hierarchical Autoregressive
+Transformers", Sec. 2.1, splitting rule).
+
+The rule of the published splitter (package `hat-splitter`), implemented independently here
+from its documented behaviour:
+
+1. segment the text at Unicode default word boundaries (UAX #29, rules WB1-WB999), then cut
+   each segment after every punctuation character (general category P*) and between a
+   lowercase letter (Ll) and a following uppercase letter (Lu) -> pieces;
+2. classify pieces: ``space`` (exactly " "), ``white`` (only White_Space characters),
+   ``punct`` (exactly one P* character), ``word`` (anything else);
+3. group pieces left to right into words ``space word? punct* | word punct* | punct+ | white``:
+   a word keeps its single leading space and trailing punctuation; runs of several spaces,
+   tabs and newlines are words of their own;
+4. `split_word_bytes` additionally cuts words longer than ``max_bytes`` UTF-8 bytes greedily
+   at the last character boundary that fits, inside a character only when none fits.
+
+Unicode data comes from the `regex` module, except Extended_Pictographic (WB3c), whose table in
+`regex` lacks 689 code points: we carry the emoji-data.txt ranges below. Two details follow the
+reference implementation rather than the letter of UAX #29: after ``ZWJ x Extended_Pictographic``
+(WB3c) the pictograph does not join a following letter, and characters first assigned in
+Unicode 17 get `regex`'s (newer) properties where the reference uses Unicode 16.
+
+Lone surrogates (``"\\ud800"``), which are not Unicode scalar values, are treated as ordinary
+"other" characters: each is a word of its own (plus any attached punctuation), and
+`split_word_bytes` encodes them with ``surrogatepass`` (3 bytes each), so the pieces concatenate
+to ``text.encode("utf-8", "surrogatepass")``. (hat-splitter rejects such strings.)
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import regex
+
+# Extended_Pictographic, Unicode emoji-data.txt (identical in Unicode 14-16).
+_EXT_PICT_RANGES = """
+A9 AE 203C 2049 2122 2139 2194-2199 21A9-21AA 231A-231B 2328 2388 23CF 23E9-23F3 23F8-23FA 24C2
+25AA-25AB 25B6 25C0 25FB-25FE 2600-2605 2607-2612 2614-2685 2690-2705 2708-2712 2714 2716 271D
+2721 2728 2733-2734 2744 2747 274C 274E 2753-2755 2757 2763-2767 2795-2797 27A1 27B0 27BF
+2934-2935 2B05-2B07 2B1B-2B1C 2B50 2B55 3030 303D 3297 3299 1F000-1F0FF 1F10D-1F10F 1F12F
+1F16C-1F171 1F17E-1F17F 1F18E 1F191-1F19A 1F1AD-1F1E5 1F201-1F20F 1F21A 1F22F 1F232-1F23A
+1F23C-1F23F 1F249-1F3FA 1F400-1F53D 1F546-1F64F 1F680-1F6FF 1F774-1F77F 1F7D5-1F7FF 1F80C-1F80F
+1F848-1F84F 1F85A-1F85F 1F888-1F88F 1F8AE-1F8FF 1F90C-1F93A 1F93C-1F945 1F947-1FAFF 1FC00-1FFFD
+"""
+
+
+def _char_class_from_ranges(ranges: str) -> str:
+    parts = []
+    for item in ranges.split():
+        lo, _, hi = item.partition("-")
+        parts.append(f"\\U{int(lo, 16):08x}-\\U{int(hi or lo, 16):08x}")
+    return "[" + "".join(parts) + "]"
+
+
+def _wb(*values: str) -> str:
+    return "[" + "".join(f"\\p{{Word_Break={v}}}" for v in values) + "]"
+
+
+def _segment_pattern() -> str:
+    """One UAX #29 word segment (longest match from a boundary), as a `regex` pattern."""
+    ext = _wb("Extend", "Format", "ZWJ") + "*+"  # WB4: attached to the preceding character
+    ep = _char_class_from_ranges(_EXT_PICT_RANGES)
+    ah, hl, num = _wb("ALetter", "Hebrew_Letter"), _wb("Hebrew_Letter"), _wb("Numeric")
+    mid_letter = _wb("MidLetter", "MidNumLet", "Single_Quote")
+    mid_num = _wb("MidNum", "MidNumLet", "Single_Quote")
+    single_q, double_q = _wb("Single_Quote"), _wb("Double_Quote")
+    extend_num_let = f"(?:{_wb('ExtendNumLet')}{ext})"
+    # letters and digits joined by WB5-WB12; a pictograph reached by WB3c ends the run
+    alnum = (
+        f"(?:{hl}{ext}{double_q}{ext}(?={hl})"  # WB7b, WB7c
+        f"|(?!(?<=\\u200d){ep}){ah}{ext}(?:{mid_letter}{ext}(?={ah}))?"  # WB5-7, WB9
+        f"|{num}{ext}(?:{mid_num}{ext}(?={num}))?)+"  # WB8, WB10-12
+    )
+    katakana = f"(?:{_wb('Katakana')}{ext})+"  # WB13
+    run = f"(?:{alnum}|{katakana})"
+    chain = (  # WB13a, WB13b (ExtendNumLet bridges runs); WB7a (Hebrew letter x ')
+        f"(?:{extend_num_let}*{run}(?:{extend_num_let}+{run})*"
+        f"(?:{extend_num_let}+|(?<={hl}{ext}){single_q}{ext})?|{extend_num_let}+)"
+    )
+    regional = _wb("Regional_Indicator")
+    unit = (
+        f"(?:{_wb('WSegSpace')}+{ext}"  # WB3d
+        f"|{chain}"
+        f"|{regional}{ext}(?:{regional}{ext})?"  # WB15, WB16
+        f"|.{ext})"  # WB999
+    )
+    newline = _wb("Newline", "CR", "LF")
+    return f"(?s)\\r\\n|{newline}|{unit}(?:(?<=\\u200d){ep}{ext})*"  # WB3-3b, WB3c
+
+
+_SEGMENT = regex.compile(_segment_pattern())
+# step 1 cuts inside a segment: after punctuation, between Ll and Lu
+_CUT = regex.compile(r"(?V1)(?<=\p{P})(?=.)|(?<=\p{Ll})(?=\p{Lu})", flags=regex.DOTALL)
+_WHITE_RE = regex.compile(r"\s+")
+_PUNCT_RE = regex.compile(r"\p{P}")
+
+_NONE, _SPACE, _WHITE, _PUNCT, _WORD = range(5)
+
+
+def _kind(piece: str) -> int:
+    if piece == " ":
+        return _SPACE
+    if _WHITE_RE.fullmatch(piece):
+        return _WHITE
+    if len(piece) == 1 and _PUNCT_RE.match(piece):
+        return _PUNCT
+    return _WORD
+
+
+@lru_cache(maxsize=1 << 16)
+def _pieces(segment: str) -> tuple[tuple[str, int], ...]:
+    """Step 1 cuts and step 2 kinds of one UAX #29 segment (cached: segments repeat)."""
+    return tuple((p, _kind(p)) for p in _CUT.split(segment))
+
+
+def split_words(text: str) -> list[str]:
+    """Split ``text`` into HAT words (Sec. 2.1); ``"".join(split_words(text)) == text``."""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected str, got {type(text).__name__}")
+    words: list[str] = []
+    last = _NONE  # kind of the last piece of the current word
+    for segment in _SEGMENT.findall(text):
+        for piece, kind in _pieces(segment):
+            if (kind == _WORD and last == _SPACE) or (
+                kind == _PUNCT and last != _WHITE and last != _NONE
+            ):
+                words[-1] += piece
+            else:
+                words.append(piece)
+            last = kind
+    return words
+
+
+def split_word_bytes(text: str, max_bytes: int) -> list[bytes]:
+    """HAT words of ``text`` as UTF-8 bytes, each at most ``max_bytes`` long (Sec. 2.1).
+
+    A longer word is cut greedily: each piece ends at the last UTF-8 character boundary within
+    ``max_bytes`` bytes; only when no boundary fits is a character itself cut at ``max_bytes``.
+    """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"max_bytes: must be a positive int, got {max_bytes!r}")
+    out: list[bytes] = []
+    for word in split_words(text):
+        data = word.encode("utf-8", "surrogatepass")
+        n = len(data)
+        if n <= max_bytes:
+            out.append(data)
+            continue
+        start = 0
+        while start < n:
+            end = min(start + max_bytes, n)
+            cut = end
+            while start < cut < n and (data[cut] & 0xC0) == 0x80:  # continuation byte
+                cut -= 1
+            if cut == start:
+                cut = end
+            out.append(data[start:cut])
+            start = cut
+    return out
