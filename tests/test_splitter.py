@@ -100,9 +100,8 @@ def test_bad_text_type_raises():
         split_words(b"bytes")
 
 
-# Characters assigned in Python's Unicode database (14.0): the reference uses Unicode 16 tables
-# and `regex` Unicode 17, so code points first assigned in 17 may legitimately differ.
-_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cn")), max_size=200)
+# Any code point but surrogates (hat-splitter takes only valid str), assigned or not.
+_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)
 # Characters that drive the interesting rules (WB3c/WB4/WB6-7/WB11-13/WB15, camel case, spaces).
 _TRICKY = st.text(
     alphabet=st.sampled_from(

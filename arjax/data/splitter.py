@@ -43,6 +43,13 @@ A9 AE 203C 2049 2122 2139 2194-2199 21A9-21AA 231A-231B 2328 2388 23CF 23E9-23F3
 1F23C-1F23F 1F249-1F3FA 1F400-1F53D 1F546-1F64F 1F680-1F6FF 1F774-1F77F 1F7D5-1F7FF 1F80C-1F80F
 1F848-1F84F 1F85A-1F85F 1F888-1F88F 1F8AE-1F8FF 1F90C-1F93A 1F93C-1F945 1F947-1FAFF 1FC00-1FFFD
 """
+# Code points whose properties differ between Unicode 16 (the reference) and 17 (`regex`):
+# characters new in 17, and U+00B8 (Word_Break=ALetter since 17). Treated as unassigned.
+_UNICODE_17_RANGES = """
+B8 88F C5C CDC 1ACF-1ADD 1AE0-1AEB A7CE-A7CF A7D2 A7D4 A7F1 10940-10959 10EC5-10EC7 10ED0
+10EFA-10EFB 11B60-11B67 11DB0-11DDB 11DE0-11DE9 16EA0-16EB8 16EBB-16ED3 1E6C0-1E6DE 1E6E0-1E6F5
+1E6FE-1E6FF
+"""
 
 
 def _char_class_from_ranges(ranges: str) -> str:
@@ -53,8 +60,16 @@ def _char_class_from_ranges(ranges: str) -> str:
     return "[" + "".join(parts) + "]"
 
 
+_NEW_IN_17 = _char_class_from_ranges(_UNICODE_17_RANGES)
+
+
+def _prop(*props: str) -> str:
+    """Character class of Unicode 16 ``props`` (patterns using it need the V1 flag)."""
+    return "[[" + "".join(f"\\p{{{p}}}" for p in props) + f"]--{_NEW_IN_17}]"
+
+
 def _wb(*values: str) -> str:
-    return "[" + "".join(f"\\p{{Word_Break={v}}}" for v in values) + "]"
+    return _prop(*(f"Word_Break={v}" for v in values))
 
 
 def _segment_pattern() -> str:
@@ -86,14 +101,14 @@ def _segment_pattern() -> str:
         f"|.{ext})"  # WB999
     )
     newline = _wb("Newline", "CR", "LF")
-    return f"(?s)\\r\\n|{newline}|{unit}(?:(?<=\\u200d){ep}{ext})*"  # WB3-3b, WB3c
+    return f"(?sV1)\\r\\n|{newline}|{unit}(?:(?<=\\u200d){ep}{ext})*"  # WB3-3b, WB3c
 
 
 _SEGMENT = regex.compile(_segment_pattern())
 # step 1 cuts inside a segment: after punctuation, between Ll and Lu
-_CUT = regex.compile(r"(?V1)(?<=\p{P})(?=.)|(?<=\p{Ll})(?=\p{Lu})", flags=regex.DOTALL)
+_CUT = regex.compile(f"(?sV1)(?<={_prop('P')})(?=.)|(?<={_prop('Ll')})(?={_prop('Lu')})")
 _WHITE_RE = regex.compile(r"\s+")
-_PUNCT_RE = regex.compile(r"\p{P}")
+_PUNCT_RE = regex.compile(f"(?V1){_prop('P')}")
 
 _NONE, _SPACE, _WHITE, _PUNCT, _WORD = range(5)
 
