@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from arjax.data.pipeline import make_eval_batches, make_train_iterator
+from arjax.data.words import make_word_eval_batches, make_word_train_iterator
 
 # kind -> (run config, process index, process count) -> (train iterator, eval batches).
 DataBuilder = Callable[[Any, int, int], tuple[Any, list[dict]]]
@@ -16,7 +17,21 @@ def _text(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[d
     return it, make_eval_batches(cfg.data)
 
 
-DATA_BUILDERS: dict[str, DataBuilder] = {"text": _text}
+def _words(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[dict]]:
+    """HAT: packed byte rows with word ids; ``cfg.model`` gives ``max_words``/``max_word_bytes``."""
+    m = cfg.model
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ValueError(
+            f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
+        )
+    sizes = dict(max_words=m.max_words, max_word_bytes=m.max_word_bytes)
+    it = make_word_train_iterator(
+        cfg.data, **sizes, process_index=process_index, process_count=process_count
+    )
+    return it, make_word_eval_batches(cfg.data, **sizes)
+
+
+DATA_BUILDERS: dict[str, DataBuilder] = {"text": _text, "words": _words}
 
 
 def make_data(cfg: Any, process_index: int = 0, process_count: int = 1) -> tuple[Any, list[dict]]:

@@ -1,0 +1,728 @@
+"""Convert HAT checkpoints in the published format (safetensors + config.json) to and from arjax.
+
+The published format is the one of Aleph Alpha's released HAT models (e.g. Hugging Face
+``Aleph-Alpha/llama-3_1-8b-tfree-hat-base``, ``Aleph-Alpha/tfree-hat-pretrained-7b-base``),
+read off their public reference code -- the Hugging Face remote code (``config.py``:
+``HATArchitectureConfig`` with ``encoder_config`` / ``backbone_config`` / ``decoder_config``,
+each a Llama config plus ``cross_attention_config``; ``model.py``: ``HATForCausalLM``) and the
+vLLM port (github.com/Aleph-Alpha/vllm, ``vllm/model_executor/models/hat.py``, whose weight
+loader lists the names). Paper: Neitemeier et al. 2025, arXiv:2501.10322, Sec. 2. Names
+(PyTorch ``nn.Linear`` weights are ``[out, in]``; ``L`` = Llama layer naming below)::
+
+    encoder.embedding_layer.weight                                   [vocab, enc_d]
+    encoder.layers.N.L                                               (sliding-window byte stack)
+    encoder_connector.latent_query                                   [1, 1, backbone_d]
+    encoder_connector.cross_attention_encoder_connector.{q,k,v,o}_proj.weight
+    encoder_connector.cross_attention_encoder_connector.{norm_query,norm_key}.weight  [head_dim]
+    backbone.layers.N.L                                              (word stack, no final norm)
+    decoder_connector.first_word_embedding                           [1, 1, backbone_d]
+    decoder.decoder_layers.N.{query_norm,kv_norm}.weight             [dec_d], [backbone_d]
+    decoder.decoder_layers.N.cross_attention.{q,k,v,o}_proj.weight   (N = 0, or every N)
+    decoder.decoder_layers.N.cross_attention.{norm_query,norm_key}.weight
+    decoder.decoder_layers.N.llama_layer.L
+    layer_norm.weight                                                [dec_d]
+    lm_head.weight                                                   [vocab, dec_d]
+
+    L = input_layernorm.weight, self_attn.{q,k,v,o}_proj.weight,
+        post_attention_layernorm.weight, mlp.{gate,up,down}_proj.weight
+
+Layout changes (all exact, so round trips are bit-identical): ``[out, in]`` weights are
+transposed to Flax ``[in, out]`` kernels; q/k/v weights ``[(heads head_dim), in]`` become
+``[in, heads, head_dim]`` and o weights ``[out, (heads head_dim)]`` become
+``[heads, head_dim, out]`` (heads outermost, as the reference's ``"(h d)"`` rearranges);
+the ``[1, 1, d]`` latent query and first-word embedding become ``[d]``. RoPE needs no
+permutation: the reference uses the half-split ("neox", ``rotate_half``) pairing, as
+:func:`arjax.nn.apply_rope` does. GQA groups consecutive query heads per KV head in both.
+
+Reference quirks handled here: the reference builds ``query_norm``/``kv_norm`` in every
+decoder layer, also those without cross-attention where they are unused -- they are written
+as ones and dropped on import (with a warning if they are not ones). Tensors named
+``*rotary_emb.inv_freq`` (non-trainable buffers some exporters add) are ignored.
+
+Not representable (import raises :class:`arjax.config.ConfigError` naming the field):
+``rope_scaling`` (Llama 3.1's frequency rescaling; ``ignore_rope_scaling=True`` converts
+anyway, changing the model slightly), biases, non-SiLU MLPs, qk-norm inside the Llama
+layers, non-per-head cross-attention qk-norm, different cross-attention shapes in the
+encoder and decoder connectors. arjax's qk-norm epsilon is fixed at 1e-6 and its sliding
+window ``w`` covers keys ``p - w < j <= p``; the published ``sliding_window`` is mapped 1:1.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from safetensors.numpy import load_file, save_file
+
+from arjax.config import check
+from arjax.data.vocab import EOS_ID
+from arjax.models.hat import HAT, HATConfig
+from arjax.nn import TransformerConfig
+
+Kind = Literal["copy", "linear", "heads_in", "heads_out", "vector"]
+Path_ = tuple[str, ...]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# arjax-only settings are kept under this key of config.json so that arjax -> published ->
+# arjax restores the exact HATConfig; other readers ignore it.
+ARJAX_KEY = "arjax"
+_STACK_RUNTIME = ("dtype", "attention_impl", "remat", "scan_layers")
+
+_LLAMA: tuple[tuple[str, Path_, Kind], ...] = (
+    ("input_layernorm.weight", ("attn_norm", "scale"), "copy"),
+    ("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), "heads_in"),
+    ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), "heads_in"),
+    ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), "heads_in"),
+    ("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), "heads_out"),
+    ("post_attention_layernorm.weight", ("mlp_norm", "scale"), "copy"),
+    ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), "linear"),
+    ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), "linear"),
+    ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), "linear"),
+)
+_CROSS: tuple[tuple[str, Path_, Kind], ...] = (
+    ("q_proj.weight", ("q_proj", "kernel"), "heads_in"),
+    ("k_proj.weight", ("k_proj", "kernel"), "heads_in"),
+    ("v_proj.weight", ("v_proj", "kernel"), "heads_in"),
+    ("o_proj.weight", ("o_proj", "kernel"), "heads_out"),
+)
+_CROSS_NORMS: tuple[tuple[str, Path_, Kind], ...] = (
+    ("norm_query.weight", ("q_norm", "scale"), "copy"),
+    ("norm_key.weight", ("k_norm", "scale"), "copy"),
+)
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint's tensors do not match the expected names, shapes or dtypes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One published tensor <-> one arjax parameter (or one layer of a scanned stack).
+
+    ``path`` None marks a tensor the reference creates but never uses (``shape`` given).
+    """
+
+    name: str
+    path: Path_ | None
+    kind: Kind = "copy"
+    layer: int | None = None
+    shape: tuple[int, ...] | None = None
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _stack_from_published(sub: dict, where: str, final_norm: bool, **runtime: Any):
+    """A published Llama sub-config -> :class:`TransformerConfig` (unsupported: ConfigError)."""
+    for key, ok, want in (
+        ("mlp_bias", lambda v: not v, "false"),
+        ("attention_bias", lambda v: not v, "false"),
+        ("hidden_act", lambda v: v == "silu", "'silu'"),
+        ("is_neox_style", lambda v: v, "true (half-split RoPE)"),
+        ("key_query_norm", lambda v: not v, "false (no qk-norm inside Llama layers)"),
+    ):
+        if key in sub:
+            check(ok(sub[key]), f"{where}.{key}", f"arjax supports only {want}, got {sub[key]!r}")
+    heads = sub["num_attention_heads"]
+    return TransformerConfig(
+        d_model=sub["hidden_size"],
+        num_layers=sub["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=sub.get("num_key_value_heads", heads),
+        head_dim=sub.get("head_dim") or sub["hidden_size"] // heads,
+        mlp_dim=sub["intermediate_size"],
+        window=sub.get("sliding_window"),
+        rope_theta=float(sub.get("rope_theta", 10_000.0)),
+        norm_eps=float(sub.get("rms_norm_eps", 1e-6)),
+        final_norm=final_norm,
+        **runtime,
+    )
+
+
+def _cross_fields(enc: dict, dec: dict) -> dict[str, Any]:
+    """The shared cross-attention shape of both connectors (they must agree)."""
+    fields = {}
+    for key in ("num_attention_heads", "attention_num_kv_heads", "hidden_size"):
+        check(
+            enc.get(key) == dec.get(key),
+            f"decoder_config.cross_attention_config.{key}",
+            f"arjax uses one cross-attention shape for both connectors; encoder has "
+            f"{enc.get(key)!r}, decoder {dec.get(key)!r}",
+        )
+    heads = enc["num_attention_heads"]
+    fields["cross_heads"] = heads
+    fields["cross_kv_heads"] = enc.get("attention_num_kv_heads", heads)
+    check(
+        enc["hidden_size"] % heads == 0,
+        "encoder_config.cross_attention_config.hidden_size",
+        f"must be a multiple of num_attention_heads={heads}, got {enc['hidden_size']}",
+    )
+    fields["cross_head_dim"] = enc["hidden_size"] // heads
+    norms = set()
+    for where, c in (("encoder_config", enc), ("decoder_config", dec)):
+        qk = bool(c.get("key_query_norm", False))
+        if qk:
+            check(
+                bool(c.get("key_query_norm_per_head", False)),
+                f"{where}.cross_attention_config.key_query_norm_per_head",
+                "arjax normalises q/k per head only; got false with key_query_norm true",
+            )
+        norms.add(qk)
+    check(
+        len(norms) == 1,
+        "decoder_config.cross_attention_config.key_query_norm",
+        "must equal the encoder connector's setting",
+    )
+    fields["cross_qk_norm"] = norms.pop()
+    return fields
+
+
+def config_from_published(
+    published: dict,
+    *,
+    max_seq_len: int | None = None,
+    max_words: int | None = None,
+    vocab_size: int | None = None,
+    dtype: str | None = None,
+    ignore_rope_scaling: bool = False,
+) -> HATConfig:
+    """A published HAT ``config.json`` dict -> :class:`HATConfig`.
+
+    Fields the published format does not have (``max_seq_len``, ``max_words``, compute
+    ``dtype``, ...) come from the file's ``"arjax"`` section when it was written by
+    :func:`config_to_published`, else from the keyword arguments (defaults: 2048 bytes,
+    ``max_seq_len // 4`` words, bfloat16). ``vocab_size`` larger than the published one
+    adds rows (see :func:`params_from_published`), e.g. arjax's PAD/BOS/EOS ids.
+    """
+    for key in ("encoder_config", "backbone_config", "decoder_config"):
+        check(isinstance(published.get(key), dict), key, "missing from the HAT config.json")
+    enc, bb, dec = (published[k] for k in ("encoder_config", "backbone_config", "decoder_config"))
+    for where, sub in (("encoder_config", enc), ("backbone_config", bb), ("decoder_config", dec)):
+        check(
+            sub.get("rope_scaling") is None or ignore_rope_scaling,
+            f"{where}.rope_scaling",
+            f"{sub.get('rope_scaling')!r} is not implemented by arjax's RoPE; pass "
+            "ignore_rope_scaling=True to convert anyway (plain RoPE: a slightly different model)",
+        )
+    extra = published.get(ARJAX_KEY, {})
+    stacks = extra.get("stacks", {})
+    runtime = lambda name: stacks.get(name, {"dtype": dtype or "bfloat16"})  # noqa: E731
+    encoder = _stack_from_published(enc, "encoder_config", False, **runtime("encoder"))
+    backbone = _stack_from_published(bb, "backbone_config", False, **runtime("backbone"))
+    decoder = _stack_from_published(dec, "decoder_config", True, **runtime("decoder"))
+    if dtype is not None:
+        encoder, backbone, decoder = (
+            dataclasses.replace(s, dtype=dtype) for s in (encoder, backbone, decoder)
+        )
+    check(
+        enc.get("vocab_size") == dec.get("vocab_size"),
+        "decoder_config.vocab_size",
+        f"must equal encoder_config.vocab_size={enc.get('vocab_size')}, "
+        f"got {dec.get('vocab_size')}",
+    )
+    seq = max_seq_len or extra.get("max_seq_len", 2048)
+    pub_vocab = enc["vocab_size"]
+    vocab = vocab_size or extra.get("vocab_size", pub_vocab)
+    check(vocab >= pub_vocab, "vocab_size", f"must be >= published {pub_vocab}, got {vocab}")
+    return HATConfig(
+        encoder=encoder,
+        backbone=backbone,
+        decoder=decoder,
+        cross_attn_every_layer=bool(dec.get("cross_attn_every_layer", False)),
+        max_word_bytes=int(published.get("max_word_size", 100)),
+        max_words=max_words or extra.get("max_words", seq // 4),
+        max_seq_len=seq,
+        vocab_size=vocab,
+        **_cross_fields(enc["cross_attention_config"], dec["cross_attention_config"]),
+    )
+
+
+def _stack_to_published(s: TransformerConfig, vocab: int, window: int | None) -> dict:
+    out = {
+        "vocab_size": vocab,
+        "hidden_size": s.d_model,
+        "num_hidden_layers": s.num_layers,
+        "num_attention_heads": s.num_heads,
+        "num_key_value_heads": s.num_kv_heads,
+        "rms_norm_eps": s.norm_eps,
+        "intermediate_size": s.mlp_dim,
+        "rope_theta": s.rope_theta,
+        "sliding_window": window,
+    }
+    if s.head_dim * s.num_heads != s.d_model:
+        out["head_dim"] = s.head_dim
+    return out
+
+
+def _stack_defaults(max_positions: int) -> dict:
+    """Reference fields arjax does not model, at the reference's values."""
+    return {
+        "max_position_embeddings": max_positions,
+        "rope_scaling": None,
+        "mlp_bias": False,
+        "use_cache": True,
+        "key_query_norm": False,
+        "key_query_norm_per_head": False,
+        "is_neox_style": True,
+        "hidden_act": "silu",
+    }
+
+
+def _check_exportable(config: HATConfig) -> None:
+    for name in ("encoder", "backbone"):
+        check(
+            not getattr(config, name).final_norm,
+            f"{name}.final_norm",
+            "the published format has no final norm on this stack; must be False",
+        )
+    for name in ("encoder", "backbone", "decoder"):
+        check(
+            not getattr(config, name).qk_norm,
+            f"{name}.qk_norm",
+            "the published Llama layers have no qk-norm; must be False",
+        )
+        # The reference applies each byte stack's rotary embedding to the connectors' heads.
+        if name != "backbone":
+            check(
+                getattr(config, name).head_dim == config.cross_head_dim,
+                "cross_head_dim",
+                f"must equal {name}.head_dim={getattr(config, name).head_dim} in the "
+                f"published format, got {config.cross_head_dim}",
+            )
+
+
+def config_to_published(
+    config: HATConfig, template: dict | None = None, *, vocab_size: int | None = None
+) -> dict:
+    """:class:`HATConfig` -> published ``config.json`` dict.
+
+    With ``template`` (the original ``config.json``), its other keys are kept, so an
+    unchanged config comes back identical. ``vocab_size`` writes a smaller published
+    vocabulary (extra arjax rows are dropped by :func:`params_to_published`).
+    """
+    _check_exportable(config)
+    vocab = vocab_size or config.vocab_size
+    enc, bb, dec = config.encoder, config.backbone, config.decoder
+    cross_size = config.cross_heads * config.cross_head_dim
+
+    def cross(d_q: int, d_kv: int) -> dict:
+        return {
+            "hidden_size": cross_size,
+            "hidden_size_q": d_q,
+            "hidden_size_kv": d_kv,
+            "num_attention_heads": config.cross_heads,
+            "attention_num_kv_heads": config.cross_kv_heads,
+            "key_query_norm": config.cross_qk_norm,
+            "key_query_norm_per_head": config.cross_qk_norm,
+        }
+
+    arch = {
+        "encoder_config": {
+            **_stack_to_published(enc, vocab, enc.window),
+            "cross_attention_config": cross(bb.d_model, enc.d_model),
+        },
+        "backbone_config": _stack_to_published(bb, 0, None),
+        "decoder_config": {
+            **_stack_to_published(dec, vocab, dec.window),
+            "cross_attn_every_layer": config.cross_attn_every_layer,
+            "cross_attention_config": cross(dec.d_model, bb.d_model),
+        },
+        "max_word_size": config.max_word_bytes,
+    }
+    if template is None:
+        base = {
+            "encoder_config": {
+                **_stack_defaults(config.max_seq_len),
+                "cross_attention_config": {"word_window_size": 1},
+            },
+            "backbone_config": _stack_defaults(config.max_words),
+            "decoder_config": {
+                **_stack_defaults(config.max_seq_len),
+                "cross_attention_config": {"word_window_size": 1},
+            },
+            "model_type": "hierarchical_autoregressive_transformer",
+            "architectures": ["HATDecoderForCausalLM"],
+            "special_token_dict": {"<|eot_id|>": EOS_ID},
+            "eos_token_id": EOS_ID,
+            "sliding_window": enc.window,
+            "max_position_embeddings": config.max_seq_len,
+            "torch_dtype": "bfloat16",
+        }
+    else:
+        base = copy.deepcopy(template)
+    out = _merge(base, arch)
+    out[ARJAX_KEY] = {
+        "max_seq_len": config.max_seq_len,
+        "max_words": config.max_words,
+        "vocab_size": config.vocab_size,
+        "stacks": {
+            name: {k: getattr(getattr(config, name), k) for k in _STACK_RUNTIME}
+            for name in ("encoder", "backbone", "decoder")
+        },
+    }
+    if template is not None and ARJAX_KEY not in template:
+        # Keep a published file published: record arjax settings only if it had them.
+        del out[ARJAX_KEY]
+    return out
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def _stack_rules(prefix: str, path: Path_, stack: TransformerConfig) -> Iterator[Rule]:
+    for i in range(stack.num_layers):
+        for suffix, sub, kind in _LLAMA:
+            if stack.scan_layers:
+                yield Rule(f"{prefix}.{i}.{suffix}", (*path, "layers", *sub), kind, i)
+            else:
+                yield Rule(f"{prefix}.{i}.{suffix}", (*path, f"layers_{i}", *sub), kind)
+
+
+def _cross_rules(prefix: str, path: Path_, qk_norm: bool) -> Iterator[Rule]:
+    for suffix, sub, kind in _CROSS + (_CROSS_NORMS if qk_norm else ()):
+        yield Rule(f"{prefix}.{suffix}", (*path, *sub), kind)
+
+
+def rules(config: HATConfig) -> list[Rule]:
+    """Every published tensor of ``config`` and where it lives in the arjax param tree."""
+    out = [
+        Rule("encoder.embedding_layer.weight", ("embedding", "embedding")),
+        *_stack_rules("encoder.layers", ("encoder",), config.encoder),
+        Rule("encoder_connector.latent_query", ("encoder_connector", "latent_query"), "vector"),
+        *_cross_rules(
+            "encoder_connector.cross_attention_encoder_connector",
+            ("encoder_connector", "cross_attention"),
+            config.cross_qk_norm,
+        ),
+        *_stack_rules("backbone.layers", ("backbone",), config.backbone),
+        Rule("decoder_connector.first_word_embedding", ("first_word_embedding",), "vector"),
+    ]
+    for i in range(config.decoder.num_layers):
+        pub, path = f"decoder.decoder_layers.{i}", ("decoder", f"decoder_layers_{i}")
+        if i == 0 or config.cross_attn_every_layer:
+            out += [
+                Rule(f"{pub}.query_norm.weight", (*path, "query_norm", "scale")),
+                Rule(f"{pub}.kv_norm.weight", (*path, "kv_norm", "scale")),
+                *_cross_rules(f"{pub}.cross_attention", (*path, "cross_attention"),
+                              config.cross_qk_norm),
+            ]  # fmt: skip
+        else:  # built but unused by the reference
+            out += [
+                Rule(f"{pub}.query_norm.weight", None, shape=(config.decoder.d_model,)),
+                Rule(f"{pub}.kv_norm.weight", None, shape=(config.backbone.d_model,)),
+            ]
+        for suffix, sub, kind in _LLAMA:
+            out.append(Rule(f"{pub}.llama_layer.{suffix}", (*path, "llama_layer", *sub), kind))
+    out += [
+        Rule("layer_norm.weight", ("decoder", "final_norm", "scale")),
+        Rule("lm_head.weight", ("lm_head", "kernel"), "linear"),
+    ]
+    return out
+
+
+def abstract_params(config: HATConfig) -> dict:
+    """Shapes/dtypes of the arjax HAT params of ``config`` (no memory allocated)."""
+    seq = min(8, config.max_seq_len, config.max_words)
+    ids = jnp.ones((1, seq), jnp.int32)
+    pos = jnp.arange(seq, dtype=jnp.int32)[None]
+    batch = {
+        "inputs": ids, "segment_ids": ids, "positions": pos, "word_ids": pos + 1,
+        "word_segment_ids": ids, "word_positions": pos,
+    }  # fmt: skip
+    model = HAT(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), batch)["params"])
+    return nn.meta.unbox(boxed)
+
+
+def _flat(tree: dict, prefix: Path_ = ()) -> dict[Path_, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, (*prefix, key)))
+        else:
+            out[(*prefix, key)] = value
+    return out
+
+
+def _nest(flat: dict[Path_, Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def _published_shape(kind: Kind, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Published tensor shape for an arjax parameter (one layer) of ``shape``."""
+    if kind == "linear":
+        return shape[::-1]
+    if kind == "heads_in":
+        return (shape[1] * shape[2], shape[0])
+    if kind == "heads_out":
+        return (shape[2], shape[0] * shape[1])
+    if kind == "vector":
+        return (1, 1, *shape)
+    return shape
+
+
+def _to_arjax(kind: Kind, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if kind == "linear":
+        return x.T
+    if kind == "heads_in":
+        return rearrange(x, "(h d) i -> i h d", h=shape[1])
+    if kind == "heads_out":
+        return rearrange(x, "o (h d) -> h d o", h=shape[0])
+    if kind == "vector":
+        return x.reshape(shape)
+    return x
+
+
+def _to_published(kind: Kind, y: np.ndarray) -> np.ndarray:
+    if kind == "linear":
+        return y.T
+    if kind == "heads_in":
+        return rearrange(y, "i h d -> (h d) i")
+    if kind == "heads_out":
+        return rearrange(y, "h d o -> o (h d)")
+    if kind == "vector":
+        return y[None, None]
+    return y
+
+
+def published_shapes(config: HATConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a published checkpoint of ``config`` holds."""
+    return _expected(config)[2]
+
+
+def _expected(config: HATConfig) -> tuple[list[Rule], dict[Path_, Any], dict[str, tuple]]:
+    """Rules, abstract arjax leaves, and each published tensor's expected shape."""
+    table = rules(config)
+    leaves = _flat(abstract_params(config))
+    mapped = {r.path for r in table if r.path is not None}
+    unmapped = sorted("/".join(p) for p in leaves if p not in mapped)
+    stale = sorted("/".join(p) for p in mapped if p not in leaves)
+    if unmapped or stale:  # the model's parameter names changed: fix the rule table
+        raise RuntimeError(
+            f"hat_checkpoint rules out of date with arjax.models.hat: unmapped {unmapped}, "
+            f"missing in model {stale}"
+        )
+    shapes = {}
+    for r in table:
+        if r.path is None:
+            shapes[r.name] = r.shape
+            continue
+        shape = tuple(leaves[r.path].shape)
+        shapes[r.name] = _published_shape(r.kind, shape[1:] if r.layer is not None else shape)
+    return table, leaves, shapes
+
+
+def _vocab_rows(name: str) -> int | None:
+    """Axis of the vocabulary in a published tensor (embedding / head), else None."""
+    return 0 if name in ("encoder.embedding_layer.weight", "lm_head.weight") else None
+
+
+def params_from_published(tensors: dict[str, np.ndarray], config: HATConfig) -> dict:
+    """Published tensors -> arjax HAT params (nested dict of float32 numpy arrays).
+
+    Raises :class:`CheckpointFormatError` naming the first missing, unexpected, mis-shaped
+    or non-floating tensor. If ``config.vocab_size`` exceeds the published vocabulary,
+    embedding and head get zero rows for the extra ids.
+    """
+    table, leaves, shapes = _expected(config)
+    names = {n for n in tensors if not n.endswith(IGNORED_SUFFIXES)}
+    missing = [r.name for r in table if r.name not in names]
+    if missing:
+        raise CheckpointFormatError(
+            f"checkpoint is missing tensor {missing[0]!r} (expected shape "
+            f"{shapes[missing[0]]}); {len(missing)} missing in all"
+        )
+    unexpected = sorted(names - set(shapes))
+    if unexpected:
+        raise CheckpointFormatError(
+            f"checkpoint has unexpected tensor {unexpected[0]!r} "
+            f"(shape {tuple(tensors[unexpected[0]].shape)}); {len(unexpected)} unexpected in "
+            "all -- does config.json match the weights?"
+        )
+    vocab = config.vocab_size
+    layers: dict[Path_, dict[int, np.ndarray]] = {}
+    flat: dict[Path_, np.ndarray] = {}
+    for r in table:
+        x = np.asarray(tensors[r.name])
+        want = shapes[r.name]
+        if _vocab_rows(r.name) is not None and x.ndim == 2 and x.shape[0] < vocab:
+            want = (x.shape[0], want[1])  # published vocab smaller: rows added below
+        if tuple(x.shape) != want:
+            raise CheckpointFormatError(
+                f"tensor {r.name!r} has shape {tuple(x.shape)}, expected {want} for this config"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise CheckpointFormatError(f"tensor {r.name!r} has non-float dtype {x.dtype}")
+        x = x.astype(np.float32)
+        if r.path is None:
+            if not np.all(x == 1.0):
+                warnings.warn(
+                    f"{r.name} is unused by the reference forward pass and dropped, but is "
+                    "not all ones: exporting again will write ones",
+                    stacklevel=2,
+                )
+            continue
+        if x.shape[0] < vocab and _vocab_rows(r.name) is not None:
+            x = np.concatenate([x, np.zeros((vocab - x.shape[0], x.shape[1]), np.float32)])
+        shape = tuple(leaves[r.path].shape)
+        if r.layer is None:
+            flat[r.path] = np.ascontiguousarray(_to_arjax(r.kind, x, shape))
+        else:
+            layers.setdefault(r.path, {})[r.layer] = _to_arjax(r.kind, x, shape[1:])
+    for path, by_layer in layers.items():
+        flat[path] = np.stack([by_layer[i] for i in range(len(by_layer))])
+    return _nest(flat)
+
+
+def params_to_published(
+    params: dict, config: HATConfig, *, dtype: Any = "bfloat16", vocab_size: int | None = None
+) -> dict[str, np.ndarray]:
+    """arjax HAT params -> published tensors in ``dtype`` (``"float32"`` keeps every bit).
+
+    ``vocab_size`` keeps only the first rows of embedding and head (dropping arjax ids the
+    published vocabulary lacks). Raises :class:`CheckpointFormatError` naming a missing,
+    unexpected or mis-shaped arjax parameter.
+    """
+    _check_exportable(config)
+    table, leaves, _ = _expected(config)
+    given = _flat(params)
+    for path, leaf in leaves.items():
+        name = "/".join(path)
+        if path not in given:
+            raise CheckpointFormatError(f"arjax params are missing {name!r}")
+        if tuple(np.shape(given[path])) != tuple(leaf.shape):
+            raise CheckpointFormatError(
+                f"arjax param {name!r} has shape {tuple(np.shape(given[path]))}, "
+                f"expected {tuple(leaf.shape)} for this config"
+            )
+    extra = sorted("/".join(p) for p in given if p not in leaves)
+    if extra:
+        raise CheckpointFormatError(f"arjax params have unexpected entry {extra[0]!r}")
+    np_dtype = jnp.dtype(dtype)
+    out = {}
+    for r in table:
+        if r.path is None:
+            out[r.name] = np.ones(r.shape, np_dtype)
+            continue
+        y = np.asarray(given[r.path], np.float32)
+        if r.layer is not None:
+            y = y[r.layer]
+        y = _to_published(r.kind, y)
+        if vocab_size is not None and _vocab_rows(r.name) is not None:
+            y = y[:vocab_size]
+        out[r.name] = np.ascontiguousarray(y.astype(np_dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of a ``.safetensors`` file, or of a directory holding ``model.safetensors``
+    or a sharded ``model.safetensors.index.json``."""
+    path = Path(path)
+    if path.is_file():
+        return load_file(path)
+    if (path / INDEX_FILE).is_file():
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        out = {}
+        for shard in sorted(set(weight_map.values())):
+            out.update(load_file(path / shard))
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise CheckpointFormatError(f"{INDEX_FILE} lists {missing[0]!r}, absent from shards")
+        return out
+    if (path / WEIGHTS_FILE).is_file():
+        return load_file(path / WEIGHTS_FILE)
+    raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE}")
+
+
+def write_tensors(
+    tensors: dict[str, np.ndarray], directory: str | Path, *, max_shard_bytes: int | None = None
+) -> None:
+    """Write ``model.safetensors``, or shards + index when over ``max_shard_bytes``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    total = sum(t.nbytes for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        return
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        if shards[-1] and size + tensors[name].nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += tensors[name].nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_published(path: str | Path, **config_kwargs: Any) -> tuple[dict, HATConfig, dict]:
+    """A published HAT checkpoint directory -> (arjax params, HATConfig, its config.json).
+
+    ``config_kwargs`` go to :func:`config_from_published`. Params are float32 numpy; the
+    8B model needs ~32 GB of host memory for them.
+    """
+    path = Path(path)
+    published = json.loads((path / CONFIG_FILE).read_text())
+    config = config_from_published(published, **config_kwargs)
+    return params_from_published(read_tensors(path), config), config, published
+
+
+def save_published(
+    path: str | Path,
+    params: dict,
+    config: HATConfig,
+    *,
+    template: dict | None = None,
+    dtype: Any = "bfloat16",
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write arjax HAT params as a published checkpoint directory (config.json + weights).
+
+    ``template``: the original ``config.json`` (from :func:`load_published`); its vocabulary
+    size is kept, so rows arjax added for its special ids are dropped again.
+    """
+    path = Path(path)
+    vocab = None if template is None else template["encoder_config"]["vocab_size"]
+    tensors = params_to_published(params, config, dtype=dtype, vocab_size=vocab)
+    write_tensors(tensors, path, max_shard_bytes=max_shard_bytes)
+    published = config_to_published(config, template, vocab_size=vocab)
+    (path / CONFIG_FILE).write_text(json.dumps(published, indent=2) + "\n")
+    return path
