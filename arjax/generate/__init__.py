@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 
+from arjax.generate.axial import sample_axial, sample_axial_naive, sample_images_text
 from arjax.generate.decode import generate_text, generate_tokens
 from arjax.generate.sampling import filter_logits, sample_token
 
@@ -26,7 +27,10 @@ def _sample_byte_lm(model, params, cfg, *, prompts, max_bytes, seed, png, **samp
 
 
 # model name -> sampler(model, params, run_cfg, *, prompts, max_bytes, seed, png, **sampling)
-SAMPLERS: dict[str, Callable[..., str]] = {"transformer": _sample_byte_lm}
+SAMPLERS: dict[str, Callable[..., str]] = {
+    "transformer": _sample_byte_lm,
+    "axial": sample_images_text,
+}
 
 
 def sample(
@@ -60,5 +64,7 @@ __all__ = [
     "generate_text",
     "generate_tokens",
     "sample",
+    "sample_axial",
+    "sample_axial_naive",
     "sample_token",
 ]

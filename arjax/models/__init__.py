@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from arjax.models.axial import PRESETS as AXIAL_PRESETS
+from arjax.models.axial import AxialConfig, AxialTransformer
 from arjax.models.hat import HAT, HATConfig
 from arjax.models.hat import PRESETS as HAT_PRESETS
 from arjax.models.transformer import PRESETS as TRANSFORMER_PRESETS
@@ -27,6 +29,7 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
+    "axial": ModelSpec("axial", AxialConfig, AxialTransformer, AXIAL_PRESETS, data="images"),
     "hat": ModelSpec("hat", HATConfig, HAT, HAT_PRESETS, data="words"),
     "transformer": ModelSpec(
         "transformer", TransformerLMConfig, TransformerLM, TRANSFORMER_PRESETS

@@ -2,6 +2,7 @@
 
 from arjax.ops.aaren import AarenState, aaren, aaren_init_state, aaren_reference, aaren_step
 from arjax.ops.attention import attention, attention_mask, attention_reference
+from arjax.ops.axial import axial_attention, axial_attention_reference, fold_axis
 from arjax.ops.linear_attention import (
     linear_attention,
     linear_attention_reference,
@@ -17,6 +18,9 @@ __all__ = [
     "attention",
     "attention_mask",
     "attention_reference",
+    "axial_attention",
+    "axial_attention_reference",
+    "fold_axis",
     "linear_attention",
     "linear_attention_reference",
     "linear_attention_step",

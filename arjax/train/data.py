@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from arjax.config import ConfigError
+from arjax.data.images import load_images, make_image_eval_batches, make_image_train_iterator
 from arjax.data.pipeline import make_eval_batches, make_train_iterator
 from arjax.data.words import make_word_eval_batches, make_word_train_iterator
 
@@ -15,6 +17,22 @@ DataBuilder = Callable[[Any, int, int], tuple[Any, list[dict]]]
 def _text(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[dict]]:
     it = make_train_iterator(cfg.data, process_index=process_index, process_count=process_count)
     return it, make_eval_batches(cfg.data)
+
+
+def _images(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[dict]]:
+    """Image models: ``cfg.model`` names ``dataset``, ``shape`` and ``channels``."""
+    m = cfg.model
+    train, val = load_images(m.dataset, "train"), load_images(m.dataset, "val")
+    if train.shape[1:] != (*m.shape, m.channels):
+        raise ConfigError(
+            f"model.shape: dataset {m.dataset!r} has images {train.shape[1:-1]} x "
+            f"{train.shape[-1]} channels, the model expects {m.shape} x {m.channels}"
+        )
+    it = make_image_train_iterator(
+        train, cfg.data.batch_size, seed=cfg.data.seed,
+        process_index=process_index, process_count=process_count,
+    )  # fmt: skip
+    return it, make_image_eval_batches(val, cfg.data.batch_size, cfg.data.val_batches)
 
 
 def _words(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[dict]]:
@@ -31,7 +49,7 @@ def _words(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[
     return it, make_word_eval_batches(cfg.data, **sizes)
 
 
-DATA_BUILDERS: dict[str, DataBuilder] = {"text": _text, "words": _words}
+DATA_BUILDERS: dict[str, DataBuilder] = {"text": _text, "images": _images, "words": _words}
 
 
 def make_data(cfg: Any, process_index: int = 0, process_count: int = 1) -> tuple[Any, list[dict]]:
