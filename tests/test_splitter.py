@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arjax.data import split_word_bytes, split_words
+from arjax.data.splitter import _split_general
 
 # A multilingual corpus of our own: every line exercises a different part of the rule.
 CORPUS = [
@@ -126,3 +127,18 @@ def test_property_identity_and_limits(text, max_bytes):
 def test_property_agrees_with_hat_splitter(hat, text, max_bytes):
     assert split_words(text) == hat.split(text)
     assert split_word_bytes(text, max_bytes) == hat.split_with_limit(text, max_bytes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=80))
+def test_ascii_fast_path_equals_general_path(text):
+    assert split_words(text) == _split_general(text)
+
+
+def test_mixed_lines_use_both_paths(hat):
+    text = "plain ascii line,\r\nzweite Zeile: grün!\nthird\n\n日本語\n"
+    assert split_words(text) == hat.split(text) == _join_lines_separately(text)
+
+
+def _join_lines_separately(text):
+    return [w for line in text.splitlines(keepends=True) for w in split_words(line)]

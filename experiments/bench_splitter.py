@@ -1,0 +1,121 @@
+"""Throughput of the HAT word splitter vs the published `hat-splitter` (reference only).
+
+Text: the embedded Shakespeare corpus (all plays) and a multilingual text (the test corpus of
+tests/test_splitter.py repeated), separately and concatenated ("one run"). Each splitter is
+warmed up once, then timed over interleaved repeats; we report the median.
+
+    python experiments/bench_splitter.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import hat_splitter
+import regex
+
+from arjax.data import load_corpus, split_word_bytes, split_words
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_splitter import CORPUS  # noqa: E402
+
+
+def _median_seconds(fn, text: str, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(text)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-bytes", type=int, default=32)
+    args = parser.parse_args()
+
+    ref = hat_splitter.HATSplitter()
+    shakespeare = "\n".join(load_corpus("train") + load_corpus("val"))
+    multilingual = "\n".join(CORPUS) * 300
+    texts = {
+        "shakespeare": shakespeare,
+        "multilingual": multilingual,
+        "both (one run)": shakespeare + "\n" + multilingual,
+    }
+    mb = args.max_bytes
+    cases = [
+        ("split_words", split_words, ref.split),
+        (
+            f"split_word_bytes({mb})",
+            lambda t: split_word_bytes(t, mb),
+            lambda t: ref.split_with_limit(t, mb),
+        ),
+    ]
+    rows = []
+    for name, text in texts.items():
+        assert split_words(text) == ref.split(text), name
+        for op, ours, theirs in cases:
+            ours(text), theirs(text)  # warm-up (caches, lazy regex compilation)
+            t_ours, t_ref = [], []
+            for _ in range(args.repeats):  # interleave so machine load hits both alike
+                t_ours.append(_median_seconds(ours, text, 1))
+                t_ref.append(_median_seconds(theirs, text, 1))
+            s_ours, s_ref = statistics.median(t_ours), statistics.median(t_ref)
+            rows.append(
+                {
+                    "text": name,
+                    "op": op,
+                    "chars": len(text),
+                    "arjax_chars_per_s": len(text) / s_ours,
+                    "hat_splitter_chars_per_s": len(text) / s_ref,
+                    "speedup": s_ref / s_ours,
+                }
+            )
+    header = (
+        f"{'text':<16} {'op':<22} {'chars':>9} {'arjax Mch/s':>12} {'hat Mch/s':>10} {'ratio':>6}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['text']:<16} {r['op']:<22} {r['chars']:>9} {r['arjax_chars_per_s'] / 1e6:>12.2f}"
+            f" {r['hat_splitter_chars_per_s'] / 1e6:>10.2f} {r['speedup']:>6.2f}"
+        )
+    meta = {
+        "device": f"CPU ({platform.processor() or platform.machine()})",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "regex": regex.__version__,
+        "hat_splitter": "0.1.10",
+        "command": "python experiments/bench_splitter.py " + " ".join(sys.argv[1:]),
+        "repeats": args.repeats,
+    }
+    out = ROOT / "experiments" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "splitter.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [
+        "# HAT splitter throughput: arjax vs hat-splitter",
+        "",
+        ", ".join(f"{k}: {v}" for k, v in meta.items()),
+        "",
+        "| text | op | chars | arjax Mchar/s | hat-splitter Mchar/s | ratio |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['text']} | {r['op']} | {r['chars']} | {r['arjax_chars_per_s'] / 1e6:.2f}"
+            f" | {r['hat_splitter_chars_per_s'] / 1e6:.2f} | {r['speedup']:.2f} |"
+        )
+    (out / "splitter.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
