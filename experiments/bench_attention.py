@@ -1,0 +1,327 @@
+"""Benchmark arjax's Pallas flash attention against XLA, cuDNN and the stock Pallas kernel.
+
+Causal bf16 attention, batch*heads filling the GPU (B*L = 16384 tokens, H*D = 2048),
+D = 64 and 128, L = 2048, 8192, 32768, forward and forward+backward; plus sliding-window and
+packed-document (segment ids) cases against dense causal cuDNN, and the bf16 matmul peak.
+
+FLOPs: causal forward = 2 matmuls * 2*B*H*L*L*D / 2; forward+backward = 3.5x the forward
+(FlashAttention-2 convention). Each timing: compile first, then ``--iters`` calls enqueued
+back to back and blocked once; the median over ``--repeats`` such runs.
+
+Run on a GPU:  PYTHONPATH=. python experiments/bench_attention.py
+Checks correctness first (``--check``), ``--sweep`` times candidate tile sizes instead.
+Writes experiments/results/bench_attention.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arjax.ops import attention, attention_reference
+from kernels_pallas.flash_attention import flash_attention, flash_decode
+from kernels_pallas.tuning import block_sizes
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def time_fn(fn, args, iters: int, repeats: int) -> float:
+    """Median seconds per call of a jitted fn (compiled outside the timing)."""
+    jax.block_until_ready(fn(*args))
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        runs.append((time.perf_counter() - t0) / iters)
+    return statistics.median(runs)
+
+
+def make_inputs(b, length, h, d, seed=0, dtype=jnp.bfloat16):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return [jax.random.normal(kk, (b, length, h, d), dtype) for kk in ks]
+
+
+def impls(d: int, causal: bool = True, **kw):
+    """name -> fn(q, k, v) for the dense causal comparisons."""
+    from jax.experimental.pallas.ops.gpu.attention import mha
+
+    scale = 1.0 / math.sqrt(d)
+    return {
+        "xla": lambda q, k, v: attention(q, k, v, causal=causal, impl="xla"),
+        "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="cudnn"
+        ),
+        "stock_pallas": lambda q, k, v: mha(q, k, v, None, sm_scale=scale, causal=causal),
+        "arjax_pallas": lambda q, k, v: flash_attention(q, k, v, causal=causal, **kw),
+    }
+
+
+def fwd_bwd(fn):
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def check(log) -> dict:
+    """Max abs errors of the GPU kernels vs the float32 reference on small odd shapes."""
+    errs = {}
+    cases = [
+        dict(b=2, lq=300, lk=300, h=4, hk=2, d=64, causal=True),
+        dict(b=1, lq=200, lk=333, h=4, hk=1, d=128, causal=True, window=64),
+        dict(b=2, lq=256, lk=256, h=2, hk=2, d=128, causal=True, seg=True),
+        dict(b=1, lq=100, lk=170, h=2, hk=2, d=256, causal=False),
+        dict(b=1, lq=130, lk=130, h=2, hk=2, d=96, causal=True, dtype=jnp.float16),
+    ]
+    for n, c in enumerate(cases):
+        dtype = c.get("dtype", jnp.bfloat16)
+        ks = jax.random.split(jax.random.PRNGKey(n), 6)
+        q = jax.random.normal(ks[0], (c["b"], c["lq"], c["h"], c["d"]), dtype)
+        k = jax.random.normal(ks[1], (c["b"], c["lk"], c["hk"], c["d"]), dtype)
+        v = jax.random.normal(ks[2], (c["b"], c["lk"], c["hk"], c["d"]), dtype)
+        kw = dict(causal=c["causal"], window=c.get("window"))
+        if c.get("seg"):
+            kw["q_segment_ids"] = jnp.sort(jax.random.randint(ks[3], (c["b"], c["lq"]), 1, 4), 1)
+            kw["kv_segment_ids"] = kw["q_segment_ids"]
+        ct = jax.random.normal(ks[4], q.shape, jnp.float32)
+
+        def loss(fn, kw=kw, ct=ct):
+            return lambda *qkv: jnp.sum(fn(*qkv, **kw).astype(jnp.float32) * ct)
+
+        out = jax.jit(functools.partial(flash_attention, **kw))(q, k, v)
+        ref = attention_reference(q, k, v, **kw)
+        g = jax.jit(jax.grad(loss(flash_attention), argnums=(0, 1, 2)))(q, k, v)
+        gr = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(q, k, v)
+        e = [float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))]
+        e += [float(jnp.max(jnp.abs(a.astype(jnp.float32) - r))) for a, r in zip(g, gr)]
+        e += [float(jnp.max(jnp.abs(r))) for r in gr]
+        errs[f"case{n}"] = {"case": {k_: str(v_) for k_, v_ in c.items()}, "err o,dq,dk,dv": e[:4],
+                            "max |ref grad|": e[4:]}  # fmt: skip
+        log(f"check {n} {c}: err out/dq/dk/dv {[f'{x:.3g}' for x in e[:4]]}")
+    # decode: 1 and 4 queries vs a long cache, GQA, with segment ids
+    for lq in (1, 4):
+        ks = jax.random.split(jax.random.PRNGKey(10 + lq), 3)
+        q = jax.random.normal(ks[0], (2, lq, 8, 128), jnp.bfloat16)
+        k = jax.random.normal(ks[1], (2, 3000, 2, 128), jnp.bfloat16)
+        v = jax.random.normal(ks[2], (2, 3000, 2, 128), jnp.bfloat16)
+        kv_seg = (jnp.arange(3000)[None] < jnp.array([[2500], [3000]])).astype(jnp.int32)
+        kw = dict(causal=True, q_segment_ids=jnp.ones((2, lq), jnp.int32), kv_segment_ids=kv_seg)
+        out = jax.jit(functools.partial(flash_decode, **kw))(q, k, v)
+        ref = attention_reference(q, k, v, **kw)
+        e = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+        errs[f"decode_q{lq}"] = e
+        log(f"check decode q_len={lq}: err {e:.3g}")
+    return errs
+
+
+def dense_rows(args, log) -> list[dict]:
+    rows = []
+    for d in (64, 128):
+        h = 2048 // d
+        for length in (2048, 8192, 32768):
+            b = max(1, 16384 // length)
+            q, k, v = make_inputs(b, length, h, d)
+            fwd_flops = 4 * b * h * length * length * d / 2
+            for mode in ("fwd", "fwd+bwd"):
+                flops = fwd_flops * (1 if mode == "fwd" else 3.5)
+                row = {"D": d, "L": length, "B": b, "H": h, "mode": mode}
+                for name, fn in impls(d).items():
+                    if name == "xla" and length > 8192:
+                        row[name + "_ms"] = None  # [B, H, L, L] float32 logits do not fit
+                        continue
+                    jf = jax.jit(fn) if mode == "fwd" else fwd_bwd(fn)
+                    try:
+                        t = time_fn(jf, (q, k, v), args.iters, args.repeats)
+                        row[name + "_ms"] = t * 1e3
+                        row[name + "_tflops"] = flops / t / 1e12
+                    except Exception as e:  # noqa: BLE001 - report and keep benchmarking
+                        row[name + "_ms"] = None
+                        row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                ours = row.get("arjax_pallas_ms")
+                for name in ("xla", "cudnn", "stock_pallas"):
+                    if ours and row.get(name + "_ms"):
+                        row["speedup_vs_" + name] = row[name + "_ms"] / ours
+                rows.append(row)
+                log(json.dumps(row))
+    return rows
+
+
+def sparse_rows(args, log) -> list[dict]:
+    """Sliding window / packed documents (ours skips tiles) vs dense causal cuDNN."""
+    rows = []
+    d, h, b, length = 128, 16, 2, 8192
+    q, k, v = make_inputs(b, length, h, d, seed=1)
+    seg = jnp.repeat(jnp.arange(8, dtype=jnp.int32) + 1, length // 8)[None].repeat(b, 0)
+    cases = {
+        "window=1024": dict(window=1024),
+        "8 docs of 1024 (segment ids)": dict(q_segment_ids=seg, kv_segment_ids=seg),
+    }
+    dense = impls(d)["cudnn"]
+    for case, kw in cases.items():
+        ours = lambda q, k, v, kw=kw: flash_attention(q, k, v, causal=True, **kw)
+        for mode in ("fwd", "fwd+bwd"):
+            row = {"case": case, "D": d, "L": length, "B": b, "H": h, "mode": mode}
+            for name, fn in (("cudnn_dense_causal", dense), ("arjax_pallas", ours)):
+                jf = jax.jit(fn) if mode == "fwd" else fwd_bwd(fn)
+                row[name + "_ms"] = time_fn(jf, (q, k, v), args.iters, args.repeats) * 1e3
+            row["speedup_vs_dense_cudnn"] = row["cudnn_dense_causal_ms"] / row["arjax_pallas_ms"]
+            rows.append(row)
+            log(json.dumps(row))
+    return rows
+
+
+def matmul_peak(args) -> float:
+    n = 8192
+    a, bm = make_inputs(1, n, 1, n)[:2]
+    a, bm = a[0, :, 0], bm[0, :, 0]
+    t = time_fn(jax.jit(jnp.matmul), (a, bm), args.iters, args.repeats)
+    return 2 * n**3 / t / 1e12
+
+
+def sweep(args, log) -> list[dict]:
+    """Time candidate tiles at L=8192 (fwd and fwd+bwd) for the tuning table."""
+    rows = []
+    for d in (64, 128):
+        h, b, length = 2048 // d, 2, 8192
+        q, k, v = make_inputs(b, length, h, d)
+        flops = 4 * b * h * length * length * d / 2
+        base = block_sizes("gpu", length, length, d)
+        fwd_cands = [
+            (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+            (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 2),
+        ]  # fmt: skip
+        for bq, bk, w, s in fwd_cands:
+            bs = dataclasses.replace(base, bq=bq, bk=bk, warps=w, stages=s)
+            fn = jax.jit(
+                lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)
+            )
+            try:
+                t = time_fn(fn, (q, k, v), args.iters, 3)
+                rows.append({"D": d, "kind": "fwd", "tiles": [bq, bk, w, s], "ms": t * 1e3,
+                             "tflops": flops / t / 1e12})  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                rows.append({"D": d, "kind": "fwd", "tiles": [bq, bk, w, s], "error": str(e)[:120]})
+            log(json.dumps(rows[-1]))
+        bwd_cands = [
+            (64, 64, 64, 64, 4, 2), (128, 64, 64, 128, 8, 2), (64, 64, 64, 128, 4, 2),
+            (128, 64, 64, 128, 8, 1), (64, 32, 32, 64, 4, 2), (128, 32, 32, 128, 8, 2),
+        ]  # fmt: skip
+        for a, bb, c, dd, w, s in bwd_cands:
+            bs = dataclasses.replace(base, bwd_bq_dq=a, bwd_bk_dq=bb, bwd_bq_dkv=c, bwd_bk_dkv=dd,
+                                     bwd_warps=w, bwd_stages=s)  # fmt: skip
+            fn = fwd_bwd(
+                lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)
+            )
+            try:
+                t = time_fn(fn, (q, k, v), args.iters, 3)
+                rows.append({"D": d, "kind": "fwd+bwd", "tiles": [a, bb, c, dd, w, s],
+                             "ms": t * 1e3, "tflops": 3.5 * flops / t / 1e12})  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                rows.append({"D": d, "kind": "fwd+bwd", "tiles": [a, bb, c, dd, w, s],
+                             "error": str(e)[:120]})  # fmt: skip
+            log(json.dumps(rows[-1]))
+    return rows
+
+
+def markdown(meta: dict, dense: list[dict], sparse: list[dict]) -> str:
+    lines = [
+        "# bench_attention",
+        "",
+        f"- device: {meta['device']}; date: {meta['date']}; jax {meta['jax']}",
+        f"- command: `{meta['command']}`",
+        f"- bf16 matmul peak (8192^3): {meta['matmul_tflops']:.0f} TFLOP/s",
+        "",
+        "Causal bf16, TFLOP/s (ms); speedup = other ms / arjax ms.",
+        "",
+        "| D | L | B | H | mode | XLA | cuDNN | stock Pallas | arjax Pallas | vs XLA | vs cuDNN "
+        "| vs stock |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(row, name):
+        if row.get(name + "_ms") is None:
+            return "n/a"
+        return f"{row[name + '_tflops']:.0f} ({row[name + '_ms']:.2f})"
+
+    def ratio(row, name):
+        x = row.get("speedup_vs_" + name)
+        return "n/a" if x is None else f"{x:.2f}x"
+
+    for r in dense:
+        lines.append(
+            f"| {r['D']} | {r['L']} | {r['B']} | {r['H']} | {r['mode']} | {cell(r, 'xla')} "
+            f"| {cell(r, 'cudnn')} | {cell(r, 'stock_pallas')} | {cell(r, 'arjax_pallas')} "
+            f"| {ratio(r, 'xla')} | {ratio(r, 'cudnn')} | {ratio(r, 'stock_pallas')} |"
+        )
+    lines += [
+        "",
+        "Masked cases (D=128, L=8192, B=2, H=16) vs dense causal cuDNN, ms:",
+        "",
+        "| case | mode | cuDNN dense causal | arjax Pallas | speedup |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sparse:
+        lines.append(
+            f"| {r['case']} | {r['mode']} | {r['cudnn_dense_causal_ms']:.2f} "
+            f"| {r['arjax_pallas_ms']:.2f} | {r['speedup_vs_dense_cudnn']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sweep", action="store_true", help="time candidate tiles only")
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    dev = jax.devices()[0]
+    meta = {
+        "device": f"{dev.platform} {getattr(dev, 'device_kind', '')}",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "command": "PYTHONPATH=. python experiments/bench_attention.py",
+    }
+    log(json.dumps(meta))
+    result = {"meta": meta}
+    if not args.no_check:
+        result["check"] = check(log)
+    if args.sweep:
+        result["sweep"] = sweep(args, log)
+        (out_dir / "tune_attention.json").write_text(json.dumps(result, indent=1))
+        return
+    meta["matmul_tflops"] = matmul_peak(args)
+    log(f"matmul peak {meta['matmul_tflops']:.0f} TFLOP/s")
+    result["dense"] = dense_rows(args, log)
+    result["sparse"] = sparse_rows(args, log)
+    (out_dir / "bench_attention.json").write_text(json.dumps(result, indent=1))
+    md = markdown(meta, result["dense"], result["sparse"])
+    (out_dir / "bench_attention.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Flash attention in Pallas: ``flash_attention`` (training/prefill, with gradients) and
+``flash_decode`` (a few queries against a long KV cache, forward only).
+
+Semantics are exactly those of ``arjax.ops.attention`` (which dispatches here for
+``impl="pallas"``): q ``[batch, q_len, heads, head_dim]``, k/v ``[batch, kv_len, kv_heads,
+head_dim]`` (GQA when ``kv_heads < heads``); with ``causal`` query ``i`` sits at position
+``kv_len - q_len + i`` and sees keys ``j <= p``, a ``window`` w limits that to
+``p - w < j <= p``; segment ids restrict attention to equal ids; a query that sees no key
+returns zeros. The GPU variant (Pallas Triton lowering, ``gpu.py``) and the TPU variant
+(Pallas Mosaic TPU, ``tpu.py``) are picked by ``backend``; on CPU they run in interpret mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from kernels_pallas import tuning
+from kernels_pallas.flash_attention import gpu, tpu
+from kernels_pallas.flash_attention._common import Geometry
+from kernels_pallas.tuning import BlockSizes
+
+BACKENDS = ("gpu", "tpu")
+
+__all__ = ["BACKENDS", "BlockSizes", "flash_attention", "flash_decode"]
+
+
+def _validate(q, k, v, causal, window, q_segment_ids, kv_segment_ids, backend, fn: str) -> None:
+    """Raise ``ValueError`` naming the bad argument (at trace time, before compiling)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{fn}: {name} must be [batch, len, heads, head_dim], got {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{fn}: {name} must be floating point, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{fn}: dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    b, q_len, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"{fn}: k {k.shape} / v {v.shape} do not match q {q.shape}")
+    if h % k.shape[2]:
+        raise ValueError(f"{fn}: heads={h} is not a multiple of kv_heads={k.shape[2]}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise ValueError(f"{fn}: window must be a positive int or None, got {window!r}")
+    if window is not None and (window <= 0 or not causal):
+        raise ValueError(f"{fn}: window must be positive and needs causal=True, got {window!r}")
+    if causal and q_len > k.shape[1]:
+        raise ValueError(f"{fn}: causal needs q_len <= kv_len, got {q_len} > {k.shape[1]}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError(f"{fn}: pass both q_segment_ids and kv_segment_ids, or neither")
+    if q_segment_ids is not None:
+        for name, ids, want in (
+            ("q_segment_ids", q_segment_ids, (b, q_len)),
+            ("kv_segment_ids", kv_segment_ids, (b, k.shape[1])),
+        ):
+            if ids.shape != want or not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise ValueError(f"{fn}: {name} must be int {want}, got {ids.dtype}{ids.shape}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def _resolve(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
+    platform = jax.default_backend()
+    if backend is None:
+        backend = "tpu" if platform == "tpu" else "gpu"
+    if interpret is None:
+        interpret = platform != backend
+    return backend, interpret
+
+
+def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """Static part of one flash_attention call (the custom_vjp's non-differentiable arg)."""
+
+    geo: Geometry
+    blocks: BlockSizes
+    backend: str
+    interpret: bool
+    q_pad: int  # padded lengths / head_dim
+    kv_pad: int
+    d_pad: int
+
+
+def _prepare(call: _Call, q, k, v, q_seg, kv_seg):
+    d_axis = 3
+    q = _pad_to(_pad_to(q, 1, call.q_pad), d_axis, call.d_pad)
+    k = _pad_to(_pad_to(k, 1, call.kv_pad), d_axis, call.d_pad)
+    v = _pad_to(_pad_to(v, 1, call.kv_pad), d_axis, call.d_pad)
+    if q_seg is not None:
+        q_seg = _pad_to(q_seg.astype(jnp.int32), 1, call.q_pad)
+        kv_seg = _pad_to(kv_seg.astype(jnp.int32), 1, call.kv_pad)
+    return q, k, v, q_seg, kv_seg
+
+
+def _forward(call: _Call, q, k, v, q_seg, kv_seg):
+    q_len, d = q.shape[1], q.shape[3]
+    args = _prepare(call, q, k, v, q_seg, kv_seg)
+    kernel = gpu.forward if call.backend == "gpu" else tpu.forward
+    out, lse2 = kernel(*args, call.geo, call.blocks, call.interpret)
+    return out[:, :q_len, :, :d], lse2[:, :, :q_len]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(call: _Call, q, k, v, q_seg, kv_seg):
+    return _forward(call, q, k, v, q_seg, kv_seg)[0]
+
+
+def _flash_fwd(call: _Call, q, k, v, q_seg, kv_seg):
+    out, lse2 = _forward(call, q, k, v, q_seg, kv_seg)
+    return out, (q, k, v, q_seg, kv_seg, out, lse2)
+
+
+def _flash_bwd(call: _Call, res, d_out):
+    q, k, v, q_seg, kv_seg, out, lse2 = res
+    b, q_len, h, d = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    # delta_i = sum_d dO * O (FA-2 alg. 2 line 4), float32 [b, h, q_len]
+    delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    # padded query rows get lse=+inf so their probabilities are exactly 0 in every tile
+    lse2 = _pad_to(lse2, 2, call.q_pad, jnp.inf)
+    delta = _pad_to(delta, 2, call.q_pad)
+    qp, kp, vp, q_seg, kv_seg = _prepare(call, q, k, v, q_seg, kv_seg)
+    dop = _pad_to(_pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
+    kernel = gpu.backward if call.backend == "gpu" else tpu.backward
+    dq, dk, dv = kernel(qp, kp, vp, dop, lse2, delta, q_seg, kv_seg, call.geo, call.blocks,
+                        call.interpret)  # fmt: skip
+    dq = dq[:, :q_len, :, :d]
+    dk, dv = (x[:, :kv_len, :, :d] for x in (dk, dv))
+    if call.geo.groups > 1:  # per-query-head partials -> sum over each KV head's group
+        dk, dv = (
+            rearrange(x, "b k (g r) d -> b k g r d", g=kv_heads).sum(3).astype(k.dtype)
+            for x in (dk, dv)
+        )
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    window: int | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """Flash attention (FlashAttention-2, Dao 2023) with block-sparse tile skipping.
+
+    Returns ``[batch, q_len, heads, head_dim]`` in q's dtype; differentiable in q, k, v.
+    ``backend`` is ``"gpu"`` (Triton lowering) or ``"tpu"`` (Mosaic), default: the current
+    platform's (GPU kernels on CPU); ``interpret`` defaults to True off that platform.
+    ``block_sizes`` overrides the tiles from :func:`kernels_pallas.tuning.block_sizes`.
+    """
+    _validate(q, k, v, causal, window, q_segment_ids, kv_segment_ids, backend, "flash_attention")
+    backend, interpret = _resolve(backend, interpret)
+    b, q_len, h, d = q.shape
+    kv_len = k.shape[1]
+    blocks = block_sizes or tuning.block_sizes(backend, q_len, kv_len, d)
+    q_tile = max(blocks.bq, blocks.bwd_bq_dq, blocks.bwd_bq_dkv)
+    kv_tile = max(blocks.bk, blocks.bwd_bk_dq, blocks.bwd_bk_dkv)
+    geo = Geometry(
+        q_len=q_len,
+        kv_len=kv_len,
+        bq=blocks.bq,
+        bk=blocks.bk,
+        causal=causal,
+        window=window if causal else None,
+        has_segments=q_segment_ids is not None,
+        scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+        groups=h // k.shape[2],
+    )
+    call = _Call(
+        geo=geo,
+        blocks=blocks,
+        backend=backend,
+        interpret=interpret,
+        q_pad=_round_up(q_len, q_tile),
+        kv_pad=_round_up(kv_len, kv_tile),
+        d_pad=_head_dim_pad(backend, d),
+    )
+    return _flash(call, q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _head_dim_pad(backend: str, d: int) -> int:
+    """Triton tiles need a power-of-two last dim >= 16; Mosaic takes the full dim as is."""
+    return max(16, 1 << (d - 1).bit_length()) if backend == "gpu" else d
+
+
+def flash_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    window: int | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+    num_splits: int | None = None,
+    block_k: int = 128,
+) -> jax.Array:
+    """Flash-decoding (Dao, Haziza, Massa, Sizov 2023): few queries vs a long KV cache.
+
+    Same arguments and result as :func:`flash_attention`, forward only. On GPU the KV length
+    is split over ``num_splits`` programs (default: enough to fill the device) whose partial
+    outputs are merged by their log-sum-exp; query heads sharing a KV head are packed into
+    one tile. On TPU, where the grid runs sequentially per core, this is
+    :func:`flash_attention`'s forward kernel.
+    """
+    _validate(q, k, v, causal, window, q_segment_ids, kv_segment_ids, backend, "flash_decode")
+    backend, interpret = _resolve(backend, interpret)
+    if backend == "tpu":
+        return flash_attention(
+            q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids, scale=scale, backend=backend, interpret=interpret,
+        )  # fmt: skip
+    b, q_len, h, d = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    groups = h // kv_heads
+    bk = min(block_k, max(16, 1 << (kv_len - 1).bit_length()))
+    n_tiles = -(-kv_len // bk)
+    if num_splits is None:  # ~2 programs per SM of an H100 (132 SMs)
+        num_splits = max(1, min(n_tiles, -(-264 // (b * kv_heads))))
+    if not isinstance(num_splits, int) or num_splits <= 0:
+        raise ValueError(f"flash_decode: num_splits must be a positive int, got {num_splits!r}")
+    split_tiles = -(-n_tiles // num_splits)
+    kv_pad = split_tiles * num_splits * bk
+    d_pad = _head_dim_pad("gpu", d)
+    rows = groups * q_len
+    rows_pad = max(16, 1 << (rows - 1).bit_length())
+    geo = Geometry(
+        q_len=q_len,
+        kv_len=kv_len,
+        bq=rows_pad,
+        bk=bk,
+        causal=causal,
+        window=window if causal else None,
+        has_segments=q_segment_ids is not None,
+        scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+        groups=groups,
+    )
+    # [b, q, (hk g), d] -> rows ordered (g, q) so row % q_len is the query token
+    q_rows = rearrange(q, "b q (hk g) d -> b hk (g q) d", hk=kv_heads)
+    q_rows = _pad_to(_pad_to(q_rows, 2, rows_pad), 3, d_pad)
+    k = _pad_to(_pad_to(k, 1, kv_pad), 3, d_pad)
+    v = _pad_to(_pad_to(v, 1, kv_pad), 3, d_pad)
+    qseg_rows = kv_seg = None
+    if q_segment_ids is not None:
+        qseg_rows = jnp.tile(q_segment_ids.astype(jnp.int32), (1, groups))  # [b, (g q)]
+        qseg_rows = _pad_to(qseg_rows, 1, rows_pad)
+        kv_seg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, kv_pad)
+    blocks = tuning.block_sizes("gpu", rows_pad, kv_len, d)
+    o, lse2 = gpu.decode(
+        q_rows, k, v, qseg_rows, kv_seg, geo, q_len, num_splits, blocks, interpret
+    )  # o [b, hk, S, rows, d], lse2 [b, hk, S, rows]
+    seen = jnp.isfinite(lse2)  # lse2 is +inf for rows of a split that saw no key
+    m = jnp.max(jnp.where(seen, lse2, -jnp.inf), axis=2, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.where(seen, jnp.exp2(jnp.where(seen, lse2, 0.0) - m), 0.0)
+    total = jnp.sum(w, axis=2)
+    out = jnp.einsum("bhsr,bhsrd->bhrd", w, o) / jnp.where(total == 0, 1.0, total)[..., None]
+    out = out[:, :, :rows, :d]
+    return rearrange(out, "b hk (g q) d -> b q (hk g) d", q=q_len).astype(q.dtype)

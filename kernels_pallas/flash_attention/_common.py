@@ -1,0 +1,196 @@
+"""Shared pieces of the flash-attention kernels: static geometry, block ranges, tile math.
+
+Everything here is traced inside Pallas kernels (and index maps), so it only uses ops that
+lower under both Triton and Mosaic TPU: integer min/max/div on non-negative scalars, iota,
+compares, ``where``, ``exp2``. Logits are kept in base 2 (Dao 2023, FlashAttention-2, sec. 3.1):
+``s2 = (q . k) * scale * log2(e)`` so that ``exp2(s2 - m2) == exp(s - m)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+LOG2_E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Static description of one attention call after padding.
+
+    ``q_len``/``kv_len`` are the true lengths (masks and causal offsets use them);
+    ``bq``/``bk`` the tile sizes; ``nq``/``nk`` the tile counts of the padded arrays.
+    Query ``i`` sits at position ``i + offset`` with ``offset = kv_len - q_len``.
+    """
+
+    q_len: int
+    kv_len: int
+    bq: int
+    bk: int
+    causal: bool
+    window: int | None
+    has_segments: bool
+    scale: float
+    groups: int
+
+    @property
+    def nq(self) -> int:
+        return -(-self.q_len // self.bq)
+
+    @property
+    def nk(self) -> int:
+        return -(-self.kv_len // self.bk)
+
+    @property
+    def offset(self) -> int:
+        return self.kv_len - self.q_len
+
+    @property
+    def scale2(self) -> float:
+        """Logit multiplier in base 2."""
+        return self.scale * LOG2_E
+
+
+def _div(a, b: int):
+    """Floor division of a non-negative traced int by a positive constant."""
+    return lax.div(a, jnp.int32(b))
+
+
+def _clip(x, lo, hi):
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def kv_block_range(q_first, q_last, geo: Geometry):
+    """KV tiles ``[lo, hi)`` seen by queries ``q_first..q_last``; ``[full_lo, full_hi)`` of
+    them need no mask (every query sees every key). Tiles outside are skipped entirely."""
+    q_first = jnp.asarray(q_first, jnp.int32)
+    q_last = jnp.asarray(q_last, jnp.int32)
+    unpadded = geo.kv_len // geo.bk  # tiles with no padded keys
+    if not geo.causal:
+        lo, hi = jnp.int32(0), jnp.int32(geo.nk)
+        full_lo, full_hi = jnp.int32(0), jnp.int32(unpadded)
+    else:
+        first_pos, last_pos = q_first + geo.offset, q_last + geo.offset
+        hi = jnp.minimum(geo.nk, _div(last_pos, geo.bk) + 1)
+        full_hi = jnp.minimum(unpadded, _div(first_pos + 1, geo.bk))
+        if geo.window is None:
+            lo, full_lo = jnp.int32(0), jnp.int32(0)
+        else:
+            lo = _div(jnp.maximum(0, first_pos - geo.window + 1), geo.bk)
+            full_lo = _div(jnp.maximum(0, last_pos - geo.window + 1) + geo.bk - 1, geo.bk)
+    lo = jnp.minimum(lo, hi)
+    if geo.has_segments:
+        full_lo = full_hi = hi
+    full_lo = _clip(full_lo, lo, hi)
+    full_hi = _clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def q_block_range(k_first, k_last, geo: Geometry):
+    """Query tiles ``[lo, hi)`` that see any of keys ``k_first..k_last``; ``[full_lo, full_hi)``
+    of them see all of those keys (no mask needed). Used by the dK/dV pass."""
+    k_first = jnp.asarray(k_first, jnp.int32)
+    padded = k_last >= geo.kv_len  # the tile holds padded keys: every q tile needs the mask
+    k_last = jnp.minimum(jnp.asarray(k_last, jnp.int32), geo.kv_len - 1)
+    if not geo.causal:
+        lo, hi = jnp.int32(0), jnp.int32(geo.nq)
+        full_lo, full_hi = jnp.int32(0), jnp.int32(geo.nq)
+    else:
+        # query i (position i + offset) sees key j iff j <= i + offset < j + window
+        lo = _div(jnp.maximum(0, k_first - geo.offset), geo.bq)
+        full_lo = _div(jnp.maximum(0, k_last - geo.offset) + geo.bq - 1, geo.bq)
+        if geo.window is None:
+            hi, full_hi = jnp.int32(geo.nq), jnp.int32(geo.nq)
+        else:
+            top = k_last + geo.window - 1 - geo.offset  # last query index that sees a key
+            hi = jnp.where(top < 0, 0, jnp.minimum(geo.nq, _div(jnp.maximum(top, 0), geo.bq) + 1))
+            full_hi = _div(jnp.maximum(0, k_first + geo.window - geo.offset), geo.bq)
+    lo = jnp.minimum(lo, hi)
+    if geo.has_segments:
+        full_lo = full_hi = hi
+    full_lo = _clip(full_lo, lo, hi)
+    full_hi = _clip(full_hi, full_lo, hi)
+    full_hi = jnp.where(padded, full_lo, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+def tile_mask(q_idx, k_idx, q_seg, k_seg, geo: Geometry):
+    """Visibility ``[rows, cols]`` for query indices ``q_idx [rows, 1]`` and key indices
+    ``k_idx [1, cols]`` (segment ids shaped alike, or None)."""
+    mask = k_idx < geo.kv_len
+    if geo.causal:
+        pos = q_idx + geo.offset
+        mask = mask & (k_idx <= pos)
+        if geo.window is not None:
+            mask = mask & (k_idx > pos - geo.window)
+    if q_seg is not None:
+        mask = mask & (q_seg == k_seg)
+    return mask
+
+
+def online_softmax_step(s2, v, m, row_sum, acc, mask):
+    """One KV tile of the streaming softmax (FlashAttention-2, alg. 1 lines 8-10).
+
+    ``s2 [rows, cols]`` base-2 logits, ``v [cols, dim]``, running max ``m [rows]``, sum
+    ``row_sum [rows]``, unnormalised output ``acc [rows, dim]`` (float32). ``mask`` may be None.
+    """
+    if mask is not None:
+        s2 = jnp.where(mask, s2, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s2, axis=1))
+    # rows that have seen no key yet keep m = -inf; shift them by 0 instead
+    m_new_safe = m_new if mask is None else jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_new_safe)
+    p = jnp.exp2(s2 - m_new_safe[:, None])
+    row_sum = row_sum * alpha + jnp.sum(p, axis=1)
+    pv = lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    return m_new, row_sum, acc * alpha[:, None] + pv
+
+
+def finalize(m, row_sum, acc):
+    """Normalised output and base-2 log-sum-exp; rows that saw no key give 0 and lse=+inf."""
+    empty = row_sum == 0.0
+    denom = jnp.where(empty, 1.0, row_sum)
+    out = acc / denom[:, None]
+    lse2 = jnp.where(empty, jnp.inf, m + jnp.log2(denom))
+    return out, lse2
+
+
+def dot_nt(a, b):
+    """``a [m, d] @ b[n, d]^T`` with float32 accumulation."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_nn(a, b):
+    """``a [m, k] @ b [k, n]`` with float32 accumulation."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_tn(a, b):
+    """``a [k, m]^T @ b [k, n]`` with float32 accumulation."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def backward_tile(q, k, v, do, lse2, delta, mask, geo: Geometry):
+    """Recompute probabilities and their logit gradient for one tile (FA-2, alg. 2).
+
+    Returns ``p [rows, cols]`` and ``ds [rows, cols]`` (gradient w.r.t. the unscaled logits
+    ``q . k``, times ``1/scale``); ``lse2``/``delta`` are ``[rows, 1]`` float32.
+    """
+    s2 = dot_nt(q, k) * geo.scale2
+    p = jnp.exp2(s2 - lse2)
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    dp = dot_nt(do, v)
+    return p, p * (dp - delta)
+
+
+def segment_block_bounds(seg: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """Per-tile min and max segment id ``[batch, n_tiles]`` (padded length, multiple of block)."""
+    tiles = seg.reshape(seg.shape[0], -1, block)
+    return jnp.min(tiles, axis=-1), jnp.max(tiles, axis=-1)

@@ -1,0 +1,375 @@
+"""GPU flash attention in Pallas (Triton lowering): forward, backward, split-KV decode.
+
+Layout is arjax's native ``[batch, len, heads, head_dim]`` (no transposes); head_dim is padded
+to a power of two >= 16 and lengths to tile multiples by the caller (``api.py``).
+
+* forward: grid ``(q tiles, batch, heads)``, each program streams its visible KV tiles
+  (FlashAttention-2, Dao 2023, alg. 1) in three loops -- masked edge, unmasked interior,
+  masked edge -- so only boundary tiles pay for the mask and fully masked tiles are skipped.
+  With segment ids every tile is tested for segment overlap and skipped when disjoint.
+  Causal q tiles are launched heaviest first.
+* backward: FA-2 alg. 2 split in two kernels, dK/dV (grid over KV tiles, loop over q tiles)
+  and dQ (grid over q tiles, loop over KV tiles), both with the same tile skipping.
+* decode: flash-decoding (Dao et al. 2023): the group of query heads sharing a KV head and
+  the few query tokens are packed into the rows of one tile, the KV length is split across
+  programs, and the partial results are merged by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels_pallas.flash_attention._common import (
+    Geometry,
+    backward_tile,
+    dot_nn,
+    dot_nt,
+    dot_tn,
+    finalize,
+    kv_block_range,
+    online_softmax_step,
+    q_block_range,
+    tile_mask,
+)
+from kernels_pallas.tuning import BlockSizes
+
+
+def _params(bs: BlockSizes, bwd: bool = False) -> plgpu.CompilerParams:
+    if bwd:
+        return plgpu.CompilerParams(num_warps=bs.bwd_warps, num_stages=bs.bwd_stages)
+    return plgpu.CompilerParams(num_warps=bs.warps, num_stages=bs.stages)
+
+
+def _segments_overlap(q_seg, k_seg):
+    """Can tiles of segment ids ``q_seg [rows, 1]``, ``k_seg [1, cols]`` share a segment?
+    Conservative min/max range test (exact for sorted, packed documents)."""
+    q_seg, k_seg = q_seg[:, 0], k_seg[0, :]
+    return (jnp.min(q_seg) <= jnp.max(k_seg)) & (jnp.min(k_seg) <= jnp.max(q_seg))
+
+
+def _stream_kv(q, q_idx, q_seg, k_ref, v_ref, kseg_ref, bounds, geo: Geometry):
+    """Online softmax of one query tile ``q [rows, dim]`` over KV tiles ``bounds`` (4 ints).
+
+    ``q_idx [rows, 1]`` are the query indices (positions minus offset), ``q_seg [rows, 1]``
+    their segment ids or None. Returns float32 ``(m [rows], l [rows], acc [rows, dim])``.
+    """
+    lo, full_lo, full_hi, hi = bounds
+    rows, dim = q.shape
+    bk = geo.bk
+
+    def step(j, carry, masked):
+        start = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        v = v_ref[pl.ds(start, bk), :]
+        s2 = dot_nt(q, k) * geo.scale2
+        if not masked:
+            return online_softmax_step(s2, v, *carry, None)
+        k_seg = None if kseg_ref is None else kseg_ref[pl.ds(start, bk)][None, :]
+        k_idx = start + jnp.arange(bk, dtype=jnp.int32)[None, :]
+        return online_softmax_step(s2, v, *carry, tile_mask(q_idx, k_idx, q_seg, k_seg, geo))
+
+    def masked_step(j, carry):
+        if kseg_ref is None:
+            return step(j, carry, True)
+        k_seg = kseg_ref[pl.ds(pl.multiple_of(j * bk, bk), bk)][None, :]
+        return lax.cond(
+            _segments_overlap(q_seg, k_seg), lambda c: step(j, c, True), lambda c: c, carry
+        )
+
+    carry = (
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows, dim), jnp.float32),
+    )
+    carry = lax.fori_loop(lo, full_lo, masked_step, carry)
+    carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
+    return lax.fori_loop(full_hi, hi, masked_step, carry)
+
+
+def _fwd_kernel(*refs, geo: Geometry):
+    if geo.has_segments:
+        q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
+    else:
+        (q_ref, k_ref, v_ref, o_ref, lse_ref), qseg_ref, kseg_ref = refs, None, None
+    i = geo.nq - 1 - pl.program_id(0)  # heaviest causal tiles first
+    q_first = i * geo.bq
+    q_idx = q_first + jnp.arange(geo.bq, dtype=jnp.int32)[:, None]
+    q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
+    bounds = kv_block_range(q_first, q_first + geo.bq - 1, geo)
+    m, row_sum, acc = _stream_kv(q_ref[...], q_idx, q_seg, k_ref, v_ref, kseg_ref, bounds, geo)
+    out, lse2 = finalize(m, row_sum, acc)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse2
+
+
+def forward(q, k, v, q_seg, kv_seg, geo: Geometry, bs: BlockSizes, interpret: bool):
+    """Padded ``q [b, Lq, h, d]``, ``k/v [b, Lk, hk, d]``; returns ``(o, lse2 [b, h, Lq])``."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    g, nq = geo.groups, geo.nq
+    in_specs = [
+        pl.BlockSpec((None, geo.bq, None, d), lambda i, b_, h_: (b_, nq - 1 - i, h_, 0)),
+        pl.BlockSpec((None, lk, None, d), lambda i, b_, h_: (b_, 0, h_ // g, 0)),
+        pl.BlockSpec((None, lk, None, d), lambda i, b_, h_: (b_, 0, h_ // g, 0)),
+    ]
+    args = [q, k, v]
+    if geo.has_segments:
+        in_specs += [
+            pl.BlockSpec((None, geo.bq), lambda i, b_, h_: (b_, nq - 1 - i)),
+            pl.BlockSpec((None, lk), lambda i, b_, h_: (b_, 0)),
+        ]
+        args += [q_seg, kv_seg]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, geo=geo),
+        grid=(nq, b, h),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, geo.bq, None, d), lambda i, b_, h_: (b_, nq - 1 - i, h_, 0)),
+            pl.BlockSpec((None, None, geo.bq), lambda i, b_, h_: (b_, h_, nq - 1 - i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, h, lq), jnp.float32),
+        ],
+        compiler_params=_params(bs),
+        interpret=interpret,
+        name="arjax_flash_fwd",
+    )(*args)
+
+
+def _dq_kernel(*refs, geo: Geometry):
+    if geo.has_segments:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
+    else:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), qseg_ref, kseg_ref = (
+            refs,
+            None,
+            None,
+        )
+    bq, bk = geo.bq, geo.bk
+    q_first = pl.program_id(0) * bq
+    q_idx = q_first + jnp.arange(bq, dtype=jnp.int32)[:, None]
+    q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
+    q, do = q_ref[...], do_ref[...]
+    lse2, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+    lo, full_lo, full_hi, hi = kv_block_range(q_first, q_first + bq - 1, geo)
+
+    def step(j, dq, masked):
+        start = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        v = v_ref[pl.ds(start, bk), :]
+        mask = None
+        if masked:
+            k_seg = None if kseg_ref is None else kseg_ref[pl.ds(start, bk)][None, :]
+            k_idx = start + jnp.arange(bk, dtype=jnp.int32)[None, :]
+            mask = tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
+        _, ds = backward_tile(q, k, v, do, lse2, delta, mask, geo)
+        return dq + dot_nn(ds.astype(k.dtype), k)
+
+    def masked_step(j, dq):
+        if kseg_ref is None:
+            return step(j, dq, True)
+        k_seg = kseg_ref[pl.ds(pl.multiple_of(j * bk, bk), bk)][None, :]
+        return lax.cond(
+            _segments_overlap(q_seg, k_seg), lambda c: step(j, c, True), lambda c: c, dq
+        )
+
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(lo, full_lo, masked_step, dq)
+    dq = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), dq)
+    dq = lax.fori_loop(full_hi, hi, masked_step, dq)
+    dq_ref[...] = (dq * geo.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, geo: Geometry):
+    if geo.has_segments:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref = refs
+    else:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref), qseg_ref, kseg_ref = (
+            refs,
+            None,
+            None,
+        )
+    bq, bk = geo.bq, geo.bk
+    k_first = pl.program_id(0) * bk
+    k_idx = k_first + jnp.arange(bk, dtype=jnp.int32)[None, :]
+    k_seg = None if kseg_ref is None else kseg_ref[...][None, :]
+    k, v = k_ref[...], v_ref[...]
+    lo, full_lo, full_hi, hi = q_block_range(k_first, k_first + bk - 1, geo)
+
+    def step(i, carry, masked):
+        dk, dv = carry
+        start = pl.multiple_of(i * bq, bq)
+        q = q_ref[pl.ds(start, bq), :]
+        do = do_ref[pl.ds(start, bq), :]
+        lse2 = lse_ref[pl.ds(start, bq)][:, None]
+        delta = delta_ref[pl.ds(start, bq)][:, None]
+        mask = None
+        if masked:
+            q_seg = None if qseg_ref is None else qseg_ref[pl.ds(start, bq)][:, None]
+            q_idx = start + jnp.arange(bq, dtype=jnp.int32)[:, None]
+            mask = tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
+        p, ds = backward_tile(q, k, v, do, lse2, delta, mask, geo)
+        dv = dv + dot_tn(p.astype(do.dtype), do)
+        dk = dk + dot_tn(ds.astype(q.dtype), q)
+        return dk, dv
+
+    def masked_step(i, carry):
+        if qseg_ref is None:
+            return step(i, carry, True)
+        q_seg = qseg_ref[pl.ds(pl.multiple_of(i * bq, bq), bq)][:, None]
+        return lax.cond(
+            _segments_overlap(q_seg, k_seg), lambda c: step(i, c, True), lambda c: c, carry
+        )
+
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    carry = lax.fori_loop(lo, full_lo, masked_step, carry)
+    carry = lax.fori_loop(full_lo, full_hi, lambda i, c: step(i, c, False), carry)
+    dk, dv = lax.fori_loop(full_hi, hi, masked_step, carry)
+    dk_ref[...] = (dk * geo.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, interpret: bool):
+    """Gradients for padded inputs; dk/dv come back per query head ``[b, Lk, h, d]``
+    (float32 when heads share a KV head, to be summed over the group by the caller)."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    g = geo.groups
+    geo_q = dataclasses.replace(geo, bq=bs.bwd_bq_dq, bk=bs.bwd_bk_dq)
+    geo_k = dataclasses.replace(geo, bq=bs.bwd_bq_dkv, bk=bs.bwd_bk_dkv)
+    seg_args = [q_seg, kv_seg] if geo.has_segments else []
+
+    # dQ: grid over q tiles, stream KV.
+    bq = geo_q.bq
+    row = lambda i, b_, h_: (b_, i, h_, 0)
+    kv_full = lambda i, b_, h_: (b_, 0, h_ // g, 0)
+    seg_specs = (
+        [
+            pl.BlockSpec((None, bq), lambda i, b_, h_: (b_, i)),
+            pl.BlockSpec((None, lk), lambda i, b_, h_: (b_, 0)),
+        ]
+        if geo.has_segments
+        else []
+    )
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, geo=geo_q),
+        grid=(geo_q.nq, b, h),
+        in_specs=[
+            pl.BlockSpec((None, bq, None, d), row),
+            pl.BlockSpec((None, lk, None, d), kv_full),
+            pl.BlockSpec((None, lk, None, d), kv_full),
+            pl.BlockSpec((None, bq, None, d), row),
+            pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i)),
+            pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i)),
+            *seg_specs,
+        ],
+        out_specs=pl.BlockSpec((None, bq, None, d), row),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params(bs, bwd=True),
+        interpret=interpret,
+        name="arjax_flash_dq",
+    )(q, k, v, do, lse2, delta, *seg_args)
+
+    # dK, dV: grid over KV tiles (per query head), stream q.
+    bk = geo_k.bk
+    kv_row = lambda j, b_, h_: (b_, j, h_ // g, 0)
+    q_full = lambda j, b_, h_: (b_, 0, h_, 0)
+    seg_specs = (
+        [
+            pl.BlockSpec((None, lq), lambda j, b_, h_: (b_, 0)),
+            pl.BlockSpec((None, bk), lambda j, b_, h_: (b_, j)),
+        ]
+        if geo.has_segments
+        else []
+    )
+    out_dtype = k.dtype if g == 1 else jnp.float32
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, geo=geo_k),
+        grid=(geo_k.nk, b, h),
+        in_specs=[
+            pl.BlockSpec((None, lq, None, d), q_full),
+            pl.BlockSpec((None, bk, None, d), kv_row),
+            pl.BlockSpec((None, bk, None, d), kv_row),
+            pl.BlockSpec((None, lq, None, d), q_full),
+            pl.BlockSpec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
+            pl.BlockSpec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
+            *seg_specs,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, lk, h, d), out_dtype),
+            jax.ShapeDtypeStruct((b, lk, h, d), out_dtype),
+        ],
+        compiler_params=_params(bs, bwd=True),
+        interpret=interpret,
+        name="arjax_flash_dkv",
+    )(q, k, v, do, lse2, delta, *seg_args)
+    return dq, dk, dv
+
+
+def _decode_kernel(*refs, geo: Geometry, q_tokens: int, split_tiles: int):
+    if geo.has_segments:
+        q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
+    else:
+        (q_ref, k_ref, v_ref, o_ref, lse_ref), qseg_ref, kseg_ref = refs, None, None
+    rows = q_ref.shape[0]
+    # rows are (group head, query token) pairs; the token index is row % q_tokens
+    q_idx = lax.rem(jnp.arange(rows, dtype=jnp.int32), jnp.int32(q_tokens))[:, None]
+    q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
+    lo, full_lo, full_hi, hi = kv_block_range(0, q_tokens - 1, geo)
+    s_lo = pl.program_id(0) * split_tiles
+    s_hi = s_lo + split_tiles
+    clip = lambda x: jnp.minimum(jnp.maximum(x, s_lo), s_hi)
+    bounds = (clip(lo), clip(full_lo), clip(full_hi), clip(hi))
+    m, row_sum, acc = _stream_kv(q_ref[...], q_idx, q_seg, k_ref, v_ref, kseg_ref, bounds, geo)
+    out, lse2 = finalize(m, row_sum, acc)
+    o_ref[...] = out
+    lse_ref[...] = lse2
+
+
+def decode(q_rows, k, v, qseg_rows, kv_seg, geo, q_tokens, splits, bs: BlockSizes, interpret):
+    """``q_rows [b, hk, rows, d]`` packed queries, ``k/v [b, Lk, hk, d]`` with ``Lk`` a multiple
+    of ``splits * bk``. Returns per-split float32 ``o [b, hk, S, rows, d]``, ``lse2 [b, hk, S,
+    rows]``."""
+    b, hk, rows, d = q_rows.shape
+    lk = k.shape[1]
+    split_tiles = lk // geo.bk // splits
+    in_specs = [
+        pl.BlockSpec((None, None, rows, d), lambda s, b_, h_: (b_, h_, 0, 0)),
+        pl.BlockSpec((None, lk, None, d), lambda s, b_, h_: (b_, 0, h_, 0)),
+        pl.BlockSpec((None, lk, None, d), lambda s, b_, h_: (b_, 0, h_, 0)),
+    ]
+    args = [q_rows, k, v]
+    if geo.has_segments:
+        in_specs += [
+            pl.BlockSpec((None, rows), lambda s, b_, h_: (b_, 0)),
+            pl.BlockSpec((None, lk), lambda s, b_, h_: (b_, 0)),
+        ]
+        args += [qseg_rows, kv_seg]
+    return pl.pallas_call(
+        functools.partial(_decode_kernel, geo=geo, q_tokens=q_tokens, split_tiles=split_tiles),
+        grid=(splits, b, hk),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, d), lambda s, b_, h_: (b_, h_, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda s, b_, h_: (b_, h_, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, hk, splits, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hk, splits, rows), jnp.float32),
+        ],
+        compiler_params=_params(bs),
+        interpret=interpret,
+        name="arjax_flash_decode",
+    )(*args)

@@ -1,0 +1,321 @@
+"""TPU flash attention in Pallas (Mosaic TPU): forward and backward.
+
+Heads-major layout ``[batch, heads, len, head_dim]`` so tiles are ``[len tile, head_dim]``.
+The grid carries the KV (or q) tile as its last, sequential ("arbitrary") axis and the
+running softmax state lives in VMEM scratch (FlashAttention-2, Dao 2023, alg. 1/2).
+Fully masked tiles are skipped twice over: their compute is guarded by ``pl.when`` and their
+index map is clamped into the visible range, so the pipeline re-uses the resident block
+instead of DMA-ing a new one. With segment ids, per-tile min/max ids are scalar-prefetched to
+SMEM and tiles with disjoint id ranges are skipped too. Tested in interpret mode on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels_pallas.flash_attention._common import (
+    Geometry,
+    backward_tile,
+    dot_nt,
+    dot_tn,
+    finalize,
+    kv_block_range,
+    online_softmax_step,
+    q_block_range,
+    segment_block_bounds,
+    tile_mask,
+)
+from kernels_pallas.tuning import BlockSizes
+
+_SEMANTICS = pltpu.CompilerParams(
+    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+)
+
+
+def _clamped(x, lo, hi, n):
+    """Clamp a tile index into ``[lo, hi)`` (and ``[0, n)``) so skipped steps re-use a block."""
+    return jnp.minimum(jnp.minimum(jnp.maximum(x, lo), jnp.maximum(hi - 1, lo)), n - 1)
+
+
+def _split(refs, n_in: int, has_segments: bool):
+    """(segment tile bounds or None, input refs, remaining refs)."""
+    if has_segments:
+        return refs[:4], refs[4 : 4 + n_in], refs[4 + n_in :]
+    return None, refs[:n_in], refs[n_in:]
+
+
+def _tiles_overlap(bounds, b, i, j):
+    q_min, q_max, k_min, k_max = bounds
+    return (q_min[b, i] <= k_max[b, j]) & (k_min[b, j] <= q_max[b, i])
+
+
+def _seg_prefetch(q_seg, kv_seg, bq: int, bk: int):
+    return [*segment_block_bounds(q_seg, bq), *segment_block_bounds(kv_seg, bk)]
+
+
+def _fwd_kernel(*refs, geo: Geometry):
+    n_in = 5 if geo.has_segments else 3
+    seg_bounds, ins, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split(refs, n_in, geo.has_segments)
+    q_ref, k_ref, v_ref = ins[:3]
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    lo, full_lo, full_hi, hi = kv_block_range(i * geo.bq, i * geo.bq + geo.bq - 1, geo)
+    live = (j >= lo) & (j < hi)
+    if seg_bounds is not None:
+        live = live & _tiles_overlap(seg_bounds, b, i, j)
+    full = (j >= full_lo) & (j < full_hi)
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    def tile(masked: bool):
+        q, k, v = q_ref[...], k_ref[...], v_ref[...]
+        s2 = dot_nt(q, k) * geo.scale2
+        mask = None
+        if masked:
+            q_idx = i * geo.bq + jax.lax.broadcasted_iota(jnp.int32, (geo.bq, 1), 0)
+            k_idx = j * geo.bk + jax.lax.broadcasted_iota(jnp.int32, (1, geo.bk), 1)
+            q_seg, k_seg = (ins[3][...], ins[4][...]) if geo.has_segments else (None, None)
+            mask = tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
+        m, row_sum, acc = online_softmax_step(
+            s2, v, m_sc[...][:, 0], l_sc[...][:, 0], acc_sc[...], mask
+        )
+        m_sc[...], l_sc[...], acc_sc[...] = m[:, None], row_sum[:, None], acc
+
+    pl.when(live & full)(lambda: tile(False))
+    pl.when(live & ~full)(lambda: tile(True))
+
+    @pl.when(j == geo.nk - 1)
+    def _finish():
+        out, lse2 = finalize(m_sc[...][:, 0], l_sc[...][:, 0], acc_sc[...])
+        o_ref[...] = out.astype(o_ref.dtype)
+        lse_ref[...] = lse2[:, None]
+
+
+def _heads_major(*xs):
+    return [rearrange(x, "b l h d -> b h l d") for x in xs]
+
+
+def _seg_specs(geo: Geometry, q_tile, kv_tile):
+    """BlockSpecs of q ids ``[b, Lq, 1]`` and kv ids ``[b, 1, Lk]`` given tile index fns."""
+    return [
+        pl.BlockSpec((None, geo.bq, 1), lambda b, h, x, y, *_: (b, q_tile(x, y, *_), 0)),
+        pl.BlockSpec((None, 1, geo.bk), lambda b, h, x, y, *_: (b, 0, kv_tile(x, y, *_))),
+    ]
+
+
+def forward(q, k, v, q_seg, kv_seg, geo: Geometry, bs: BlockSizes, interpret: bool):
+    """Padded ``[b, L, h, d]`` inputs; returns ``(o [b, Lq, h, d], lse2 [b, h, Lq])``."""
+    b, lq, h, d = q.shape
+    bq, bk, g = geo.bq, geo.bk, geo.groups
+    qh, kh, vh = _heads_major(q, k, v)
+
+    def kv_tile(i, j, *_):
+        lo, _, _, hi = kv_block_range(i * bq, i * bq + bq - 1, geo)
+        return _clamped(j, lo, hi, geo.nk)
+
+    in_specs = [
+        pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j, *_: (b_, h_, i, 0)),
+        pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, h_ // g, kv_tile(i, j), 0)),
+        pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, h_ // g, kv_tile(i, j), 0)),
+    ]
+    args, prefetch = [qh, kh, vh], []
+    if geo.has_segments:
+        in_specs += _seg_specs(geo, lambda i, j, *_: i, kv_tile)
+        args += [q_seg[:, :, None], kv_seg[:, None, :]]
+        prefetch = _seg_prefetch(q_seg, kv_seg, bq, bk)
+    out, lse2 = pl.pallas_call(
+        functools.partial(_fwd_kernel, geo=geo),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetch),
+            grid=(b, h, geo.nq, geo.nk),
+            in_specs=in_specs,
+            out_specs=[
+                pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j, *_: (b_, h_, i, 0)),
+                pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i, j, *_: (b_, h_, i, 0)),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((bq, 1), jnp.float32),
+                pltpu.VMEM((bq, 1), jnp.float32),
+                pltpu.VMEM((bq, d), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, lq, d), q.dtype),
+            jax.ShapeDtypeStruct((b, h, lq, 1), jnp.float32),
+        ],
+        compiler_params=_SEMANTICS,
+        interpret=interpret,
+        name="arjax_flash_fwd_tpu",
+    )(*prefetch, *args)
+    return rearrange(out, "b h l d -> b l h d"), lse2[..., 0]
+
+
+def _dq_kernel(*refs, geo: Geometry):
+    n_in = 8 if geo.has_segments else 6
+    seg_bounds, ins, (dq_ref, dq_sc) = _split(refs, n_in, geo.has_segments)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins[:6]
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    lo, full_lo, full_hi, hi = kv_block_range(i * geo.bq, i * geo.bq + geo.bq - 1, geo)
+    live = (j >= lo) & (j < hi)
+    if seg_bounds is not None:
+        live = live & _tiles_overlap(seg_bounds, b, i, j)
+    full = (j >= full_lo) & (j < full_hi)
+
+    @pl.when(j == 0)
+    def _init():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+    def tile(masked: bool):
+        k = k_ref[...]
+        mask = None
+        if masked:
+            q_idx = i * geo.bq + jax.lax.broadcasted_iota(jnp.int32, (geo.bq, 1), 0)
+            k_idx = j * geo.bk + jax.lax.broadcasted_iota(jnp.int32, (1, geo.bk), 1)
+            q_seg, k_seg = (ins[6][...], ins[7][...]) if geo.has_segments else (None, None)
+            mask = tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
+        _, ds = backward_tile(
+            q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], mask, geo
+        )
+        dq_sc[...] += jax.lax.dot_general(
+            ds.astype(k.dtype), k, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+
+    pl.when(live & full)(lambda: tile(False))
+    pl.when(live & ~full)(lambda: tile(True))
+
+    @pl.when(j == geo.nk - 1)
+    def _finish():
+        dq_ref[...] = (dq_sc[...] * geo.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, geo: Geometry):
+    n_in = 8 if geo.has_segments else 6
+    seg_bounds, ins, (dk_ref, dv_ref, dk_sc, dv_sc) = _split(refs, n_in, geo.has_segments)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins[:6]
+    b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    lo, full_lo, full_hi, hi = q_block_range(j * geo.bk, j * geo.bk + geo.bk - 1, geo)
+    live = (i >= lo) & (i < hi)
+    if seg_bounds is not None:
+        live = live & _tiles_overlap(seg_bounds, b, i, j)
+    full = (i >= full_lo) & (i < full_hi)
+
+    @pl.when(i == 0)
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    def tile(masked: bool):
+        q, do = q_ref[...], do_ref[...]
+        mask = None
+        if masked:
+            q_idx = i * geo.bq + jax.lax.broadcasted_iota(jnp.int32, (geo.bq, 1), 0)
+            k_idx = j * geo.bk + jax.lax.broadcasted_iota(jnp.int32, (1, geo.bk), 1)
+            q_seg, k_seg = (ins[6][...], ins[7][...]) if geo.has_segments else (None, None)
+            mask = tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
+        p, ds = backward_tile(
+            q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], mask, geo
+        )
+        dv_sc[...] += dot_tn(p.astype(do.dtype), do)
+        dk_sc[...] += dot_tn(ds.astype(q.dtype), q)
+
+    pl.when(live & full)(lambda: tile(False))
+    pl.when(live & ~full)(lambda: tile(True))
+
+    @pl.when(i == geo.nq - 1)
+    def _finish():
+        dk_ref[...] = (dk_sc[...] * geo.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, interpret: bool):
+    """Gradients for padded inputs; dk/dv per query head ``[b, Lk, h, d]`` (float32 for GQA)."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    g = geo.groups
+    qh, kh, vh, doh = _heads_major(q, k, v, do)
+    lse2, delta = lse2[..., None], delta[..., None]  # [b, h, Lq, 1]
+    seg_args = [q_seg[:, :, None], kv_seg[:, None, :]] if geo.has_segments else []
+
+    # dQ: grid (b, h, q tiles, kv tiles)
+    gq = dataclasses.replace(geo, bq=bs.bwd_bq_dq, bk=bs.bwd_bk_dq)
+    bq, bk = gq.bq, gq.bk
+
+    def kv_tile(i, j, *_):
+        lo, _, _, hi = kv_block_range(i * bq, i * bq + bq - 1, gq)
+        return _clamped(j, lo, hi, gq.nk)
+
+    q_spec = lambda shape: pl.BlockSpec(shape, lambda b_, h_, i, j, *_: (b_, h_, i, 0))
+    kv_spec = pl.BlockSpec(
+        (None, None, bk, d), lambda b_, h_, i, j, *_: (b_, h_ // g, kv_tile(i, j), 0)
+    )
+    prefetch = _seg_prefetch(q_seg, kv_seg, bq, bk) if geo.has_segments else []
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, geo=gq),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetch),
+            grid=(b, h, gq.nq, gq.nk),
+            in_specs=[
+                q_spec((None, None, bq, d)),
+                kv_spec,
+                kv_spec,
+                q_spec((None, None, bq, d)),
+                q_spec((None, None, bq, 1)),
+                q_spec((None, None, bq, 1)),
+                *(_seg_specs(gq, lambda i, j, *_: i, kv_tile) if geo.has_segments else []),
+            ],
+            out_specs=q_spec((None, None, bq, d)),
+            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
+        compiler_params=_SEMANTICS,
+        interpret=interpret,
+        name="arjax_flash_dq_tpu",
+    )(*prefetch, qh, kh, vh, doh, lse2, delta, *seg_args)
+
+    # dK, dV: grid (b, h, kv tiles, q tiles), per query head
+    gk = dataclasses.replace(geo, bq=bs.bwd_bq_dkv, bk=bs.bwd_bk_dkv)
+    bq, bk = gk.bq, gk.bk
+
+    def q_tile(j, i, *_):
+        lo, _, _, hi = q_block_range(j * bk, j * bk + bk - 1, gk)
+        return _clamped(i, lo, hi, gk.nq)
+
+    q_spec = lambda shape: pl.BlockSpec(shape, lambda b_, h_, j, i, *_: (b_, h_, q_tile(j, i), 0))
+    kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h_, j, i, *_: (b_, h_ // g, j, 0))
+    out_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h_, j, i, *_: (b_, h_, j, 0))
+    prefetch = _seg_prefetch(q_seg, kv_seg, bq, bk) if geo.has_segments else []
+    out_dtype = k.dtype if g == 1 else jnp.float32
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, geo=gk),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetch),
+            grid=(b, h, gk.nk, gk.nq),
+            in_specs=[
+                q_spec((None, None, bq, d)),
+                kv_spec,
+                kv_spec,
+                q_spec((None, None, bq, d)),
+                q_spec((None, None, bq, 1)),
+                q_spec((None, None, bq, 1)),
+                *(_seg_specs(gk, q_tile, lambda j, i, *_: j) if geo.has_segments else []),
+            ],
+            out_specs=[out_spec, out_spec],
+            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((b, h, lk, d), out_dtype)] * 2,
+        compiler_params=_SEMANTICS,
+        interpret=interpret,
+        name="arjax_flash_dkv_tpu",
+    )(*prefetch, qh, kh, vh, doh, lse2, delta, *seg_args)
+    dq, dk, dv = (rearrange(x, "b h l d -> b l h d") for x in (dq, dk, dv))
+    return dq, dk, dv

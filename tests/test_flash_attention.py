@@ -1,0 +1,260 @@
+"""Pallas flash attention (GPU and TPU variants, interpret mode on CPU) vs the float32 reference.
+
+Forward values and gradients of a random linear functional ``sum(out * w)`` are compared with
+``arjax.ops.attention_reference`` on fresh random inputs; tolerances: float32 inputs
+atol = rtol = 2e-5 (the kernels accumulate in float32, as the reference does); bf16 inputs
+atol = rtol = 3e-2 (bf16 rounding of the output and of the probabilities fed to P @ V).
+Tiny tiles (16) and odd lengths make every call span several, partly padded tiles. Tests
+marked ``gpu`` run the real kernels and only run where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arjax.ops import attention, attention_mask, attention_reference
+from kernels_pallas.flash_attention import flash_attention, flash_decode
+from kernels_pallas.flash_attention._common import Geometry, kv_block_range, q_block_range
+from kernels_pallas.tuning import BlockSizes, block_sizes
+
+F32_TOL = dict(rtol=2e-5, atol=2e-5)
+BF16_TOL = dict(rtol=3e-2, atol=3e-2)
+TINY = BlockSizes(16, 16, 16, 16, 16, 16)
+# interpret-mode kernels compile slowly on CPU; a lower backend optimisation level helps
+FAST_COMPILE = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+
+
+def _inputs(rng, b=2, q_len=37, kv_len=37, h=4, kv_h=2, d=32, dtype=jnp.float32):
+    shape_q, shape_kv = (b, q_len, h, d), (b, kv_len, kv_h, d)
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
+        for s in (shape_q, shape_kv, shape_kv)
+    )
+    return q, k, v
+
+
+def _segments(rng, b, n, n_docs=3, low=0):
+    """Sorted (packed) segment ids; id 0 plays padding."""
+    return jnp.asarray(np.sort(rng.integers(low, n_docs, (b, n)), axis=1), jnp.int32)
+
+
+def _value_and_grads(fn, q, k, v, w, kw):
+    """Output and d/d(q, k, v) of sum(fn(q, k, v) * w), compiled once."""
+
+    def run(q, k, v):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v, **kw).astype(jnp.float32) * w)
+        return fn(q, k, v, **kw), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    compiled = jax.jit(run).lower(q, k, v).compile(FAST_COMPILE)
+    return compiled(q, k, v)
+
+
+def _check(backend, rng, case, *, grads=True, tol=F32_TOL, blocks=TINY, interpret=True):
+    case = dict(case)
+    seg = case.pop("segments", False)
+    kw = dict(causal=case.pop("causal", False), window=case.pop("window", None))
+    q, k, v = _inputs(rng, **case)
+    if seg:
+        kw["q_segment_ids"] = _segments(rng, q.shape[0], q.shape[1])
+        kw["kv_segment_ids"] = _segments(rng, q.shape[0], k.shape[1])
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    flash = lambda q, k, v, **kw: flash_attention(
+        q, k, v, backend=backend, interpret=interpret, block_sizes=blocks, **kw
+    )
+    if not grads:
+        out = jax.jit(lambda q, k, v: flash(q, k, v, **kw)).lower(q, k, v).compile(FAST_COMPILE)
+        np.testing.assert_allclose(
+            out(q, k, v).astype(jnp.float32),
+            attention_reference(q, k, v, **kw).astype(jnp.float32),
+            **tol,
+        )
+        return
+    out, g = _value_and_grads(flash, q, k, v, w, kw)
+    ref, g_ref = _value_and_grads(attention_reference, q, k, v, w, kw)
+    np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), **tol)
+    for name, a, r in zip("qkv", g, g_ref):
+        np.testing.assert_allclose(
+            a.astype(jnp.float32), r.astype(jnp.float32), err_msg=f"d{name}", **tol
+        )
+
+
+# Each case: float32, several tiles, lengths not multiples of the 16-wide tiles.
+CASES = {
+    "full,cross-lengths,gqa": dict(q_len=37, kv_len=45),
+    "causal,decode-offset,window,mha,head_dim64": dict(
+        causal=True, q_len=29, kv_len=45, window=9, h=2, kv_h=2, d=64
+    ),
+    "causal,segments,mqa": dict(causal=True, segments=True, kv_h=1),
+    "full,segments,cross-lengths": dict(segments=True, q_len=21, kv_len=40),
+}
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_flash_matches_reference_values_and_grads(rng, backend, name):
+    _check(backend, rng, CASES[name])
+
+
+def test_gpu_variant_bf16_window_segments(rng):
+    case = dict(causal=True, window=12, segments=True, q_len=40, kv_len=40, dtype=jnp.bfloat16)
+    _check("gpu", rng, case, tol=BF16_TOL)
+
+
+@pytest.mark.parametrize("d", [128, 256])
+def test_gpu_variant_large_head_dims_forward(rng, d):
+    _check("gpu", rng, dict(causal=True, q_len=20, kv_len=20, h=2, kv_h=1, d=d), grads=False)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_fully_masked_queries_return_zero_with_zero_grads(rng, backend):
+    q, k, v = _inputs(rng, b=1, q_len=20, kv_len=20)
+    q_seg = jnp.asarray([[1] * 10 + [3] * 10], jnp.int32)  # segment 3 has no keys
+    kv_seg = jnp.asarray([[1] * 12 + [2] * 8], jnp.int32)
+    kw = dict(causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    flash = lambda q, k, v, **kw: flash_attention(
+        q, k, v, backend=backend, interpret=True, block_sizes=TINY, **kw
+    )
+    out, (dq, dk, dv) = _value_and_grads(flash, q, k, v, w, kw)
+    assert np.all(np.asarray(out[:, 10:]) == 0.0)
+    assert np.all(np.asarray(dq[:, 10:]) == 0.0)
+    assert np.all(np.asarray(dk[:, 12:]) == 0.0) and np.all(np.asarray(dv[:, 12:]) == 0.0)
+    np.testing.assert_allclose(out, attention_reference(q, k, v, **kw), **F32_TOL)
+
+
+def test_ops_attention_dispatches_pallas_with_default_tiles(rng):
+    q, k, v = _inputs(rng, q_len=19, kv_len=19)
+    fn = jax.jit(lambda q, k, v: attention(q, k, v, causal=True, window=6, impl="pallas"))
+    out = fn.lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
+    np.testing.assert_allclose(out, attention_reference(q, k, v, causal=True, window=6), **F32_TOL)
+
+
+DECODE_CASES = {
+    "one-token,gqa,segments,splits": dict(q_len=1, kv_len=70, segments=True, num_splits=3),
+    "few-tokens,window,mqa": dict(q_len=3, kv_len=50, kv_h=1, window=20, num_splits=2),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_flash_decode_matches_reference(rng, name):
+    case = dict(DECODE_CASES[name])
+    splits, window, seg = (
+        case.pop("num_splits", None),
+        case.pop("window", None),
+        case.pop("segments", False),
+    )
+    q, k, v = _inputs(rng, **case)
+    kw = dict(causal=True, window=window)
+    if seg:  # a partly filled cache: slots beyond each row's length are invisible
+        lengths = jnp.asarray([[55], [70]])
+        kw["kv_segment_ids"] = (jnp.arange(k.shape[1])[None] < lengths).astype(jnp.int32)
+        kw["q_segment_ids"] = jnp.ones(q.shape[:2], jnp.int32)
+    fn = jax.jit(
+        lambda q, k, v: flash_decode(
+            q, k, v, num_splits=splits, block_k=16, backend="gpu", interpret=True, **kw
+        )
+    )
+    out = fn.lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
+    np.testing.assert_allclose(out, attention_reference(q, k, v, **kw), **F32_TOL)
+
+
+@pytest.mark.parametrize(
+    "causal,window,q_len,kv_len", [(False, None, 37, 45), (True, None, 29, 45), (True, 9, 29, 45),
+                                   (True, 1, 45, 45), (True, 40, 64, 64)],
+)  # fmt: skip
+def test_tile_ranges_skip_only_invisible_tiles(causal, window, q_len, kv_len):
+    """Tiles outside [lo, hi) have no visible entry; tiles in [full_lo, full_hi) are all visible;
+    every tile in [lo, hi) has a visible entry (the skipping is tight for causal/window)."""
+    bq, bk = 8, 16
+    geo = Geometry(q_len, kv_len, bq, bk, causal, window, False, 1.0, 1)
+    mask = attention_mask(q_len, kv_len, causal=causal, window=window)
+    mask = np.ones((q_len, kv_len), bool) if mask is None else np.asarray(mask[0, 0])
+    mask = np.pad(mask, ((0, geo.nq * bq - q_len), (0, geo.nk * bk - kv_len)))
+    tiles = mask.reshape(geo.nq, bq, geo.nk, bk).transpose(0, 2, 1, 3)
+    real_q = (np.arange(geo.nq * bq) < q_len).reshape(geo.nq, bq)
+    for i, j in itertools.product(range(geo.nq), range(geo.nk)):
+        lo, full_lo, full_hi, hi = (int(x) for x in kv_block_range(i * bq, i * bq + bq - 1, geo))
+        assert (lo <= j < hi) == tiles[i, j].any(), (i, j)
+        if full_lo <= j < full_hi:
+            assert tiles[i, j][real_q[i]].all(), (i, j)
+        lo, full_lo, full_hi, hi = (int(x) for x in q_block_range(j * bk, j * bk + bk - 1, geo))
+        assert (lo <= i < hi) == tiles[i, j].any(), (i, j)
+        if full_lo <= i < full_hi:
+            assert tiles[i, j][real_q[i]].all(), (i, j)
+
+
+def test_block_sizes_shrink_to_short_lengths_and_validate():
+    bs = block_sizes("gpu", 20, 3000, 128)
+    assert (bs.bq, bs.bk) == (32, 64)
+    assert block_sizes("tpu", 5, 5, 64).bq == 8
+    with pytest.raises(ValueError, match="BlockSizes.bk: must be a power of two"):
+        BlockSizes(16, 24, 16, 16, 16, 16)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        block_sizes("cpu", 8, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(window=4), "window must be positive and needs causal=True"),
+        (dict(causal=True, window=0), "window must be positive"),
+        (dict(q_segment_ids=jnp.ones((2, 5), jnp.int32)), "pass both q_segment_ids"),
+        (dict(backend="cuda"), "backend must be one of"),
+        (
+            dict(q_segment_ids=jnp.ones((2, 4), jnp.int32), kv_segment_ids=jnp.ones((2, 5))),
+            "q_segment_ids must be int",
+        ),
+    ],
+)
+def test_bad_arguments_raise_naming_the_field(rng, kwargs, match):
+    q, k, v = _inputs(rng, q_len=5, kv_len=5)
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v, **kwargs)
+
+
+def test_bad_shapes_and_dtypes_raise(rng):
+    q, k, v = _inputs(rng, q_len=5, kv_len=5)
+    with pytest.raises(ValueError, match="q must be \\[batch, len, heads, head_dim\\]"):
+        flash_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        flash_attention(q.astype(jnp.bfloat16), k, v)
+    with pytest.raises(ValueError, match="heads=4 is not a multiple of kv_heads=3"):
+        flash_decode(q, *_inputs(rng, q_len=5, kv_len=5, kv_h=3)[1:])
+    with pytest.raises(ValueError, match="causal needs q_len <= kv_len"):
+        flash_attention(*_inputs(rng, q_len=6, kv_len=5), causal=True)
+
+
+gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(causal=True, q_len=300, kv_len=300, d=64),
+        dict(causal=True, window=64, q_len=200, kv_len=333, d=128, kv_h=1),
+        dict(causal=True, segments=True, q_len=256, kv_len=256, d=128),
+        dict(q_len=100, kv_len=170, d=256),
+    ],
+)
+def test_gpu_kernels_bf16_on_device(rng, case):
+    """Real Triton kernels, default tiles; bf16 tolerance (see module docstring)."""
+    blocks = block_sizes("gpu", case["q_len"], case["kv_len"], case["d"])
+    _check("gpu", rng, dict(case, dtype=jnp.bfloat16), tol=dict(rtol=5e-2, atol=5e-2),
+           blocks=blocks, interpret=None)  # fmt: skip
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_flash_decode_on_device(rng):
+    q, k, v = _inputs(rng, b=2, q_len=1, kv_len=3000, h=8, kv_h=2, d=128, dtype=jnp.bfloat16)
+    kw = dict(causal=True, window=1000)
+    out = jax.jit(lambda q, k, v: flash_decode(q, k, v, **kw))(q, k, v)
+    ref = attention_reference(q, k, v, **kw)
+    np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), **BF16_TOL)
