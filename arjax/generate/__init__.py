@@ -13,6 +13,7 @@ import jax
 
 from arjax.generate.axial import sample_axial, sample_axial_naive, sample_images_text
 from arjax.generate.decode import generate_text, generate_tokens
+from arjax.generate.hat import generate_hat, sample_hat
 from arjax.generate.sampling import filter_logits, sample_token
 
 
@@ -28,6 +29,7 @@ def _sample_byte_lm(model, params, cfg, *, prompts, max_bytes, seed, png, **samp
 
 # model name -> sampler(model, params, run_cfg, *, prompts, max_bytes, seed, png, **sampling)
 SAMPLERS: dict[str, Callable[..., str]] = {
+    "hat": sample_hat,
     "transformer": _sample_byte_lm,
     "axial": sample_images_text,
 }
@@ -61,6 +63,7 @@ def sample(
 __all__ = [
     "SAMPLERS",
     "filter_logits",
+    "generate_hat",
     "generate_text",
     "generate_tokens",
     "sample",

@@ -475,7 +475,8 @@ class HAT(nn.Module):
         cache_len: int | None = None,
         word_cache_len: int | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Logits ``[batch, seq, vocab]``, encoder activations and predictive embeddings.
+        """Logits ``[batch, seq, vocab]``, encoder activations ``[batch, seq, enc_d]`` and
+        backbone states ``[batch, words, backbone_d]``.
 
         ``mode="prefill"`` also fills the byte caches (length ``cache_len``) and the backbone
         cache (length ``word_cache_len``).
@@ -498,7 +499,7 @@ class HAT(nn.Module):
             acts, pred, batch["positions"], batch["segment_ids"], word_ids, word_positions,
             word_slots, mode=mode, cache_len=cache_len,
         )  # fmt: skip
-        return logits, acts, pred
+        return logits, acts, states
 
     def __call__(self, batch: dict, *, train: bool = False) -> jax.Array:
         return self.forward(batch)[0]
