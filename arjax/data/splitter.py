@@ -15,11 +15,12 @@ from its documented behaviour:
 4. `split_word_bytes` additionally cuts words longer than ``max_bytes`` UTF-8 bytes greedily
    at the last character boundary that fits, inside a character only when none fits.
 
-Unicode data comes from the `regex` module, except Extended_Pictographic (WB3c), whose table in
-`regex` lacks 689 code points: we carry the emoji-data.txt ranges below. Two details follow the
-reference implementation rather than the letter of UAX #29: after ``ZWJ x Extended_Pictographic``
-(WB3c) the pictograph does not join a following letter, and characters first assigned in
-Unicode 17 get `regex`'s (newer) properties where the reference uses Unicode 16.
+Unicode data comes from the `regex` module (Unicode 17), except Extended_Pictographic (WB3c),
+whose table in `regex` lacks 689 code points: we carry the emoji-data.txt ranges below. The
+reference uses Unicode 16, so the few characters whose properties changed in 17 are treated as
+unassigned. Like the reference (and unlike the letter of UAX #29), a pictograph joined by
+``ZWJ x Extended_Pictographic`` (WB3c) joins no following letter. ASCII text takes a single-regex
+fast path (the same rule specialised to ASCII), checked against the general path in tests.
 
 Lone surrogates (``"\\ud800"``), which are not Unicode scalar values, are treated as ordinary
 "other" characters: each is a word of its own (plus any attached punctuation), and
@@ -61,55 +62,63 @@ def _char_class_from_ranges(ranges: str) -> str:
     return "[" + "".join(parts) + "]"
 
 
-_NEW_IN_17 = _char_class_from_ranges(_UNICODE_17_RANGES)
-
-
-def _prop(*props: str) -> str:
-    """Character class of Unicode 16 ``props`` (patterns using it need the V1 flag)."""
-    return "[[" + "".join(f"\\p{{{p}}}" for p in props) + f"]--{_NEW_IN_17}]"
+# Characters whose Unicode 17 properties differ from Unicode 16 are mapped to an unassigned
+# code point (U+0378: Word_Break=Other, General_Category=Cn) before matching.
+_NEW_IN_17 = regex.compile(_char_class_from_ranges(_UNICODE_17_RANGES))
+_AS_UNICODE_16 = {
+    cp: 0x378
+    for item in _UNICODE_17_RANGES.split()
+    for cp in range(int(item.split("-")[0], 16), int(item.split("-")[-1], 16) + 1)
+}
 
 
 def _wb(*values: str) -> str:
-    return _prop(*(f"Word_Break={v}" for v in values))
+    return "[" + "".join(f"\\p{{Word_Break={v}}}" for v in values) + "]"
 
 
 def _segment_pattern() -> str:
     """One UAX #29 word segment (longest match from a boundary), as a `regex` pattern."""
-    ext = _wb("Extend", "Format", "ZWJ") + "*+"  # WB4: attached to the preceding character
     ep = _char_class_from_ranges(_EXT_PICT_RANGES)
+    zwj = f"\\u200d(?!{ep})"  # a ZWJ not followed by a pictograph (that is WB3c, below)
+    ext_char = _wb("Extend", "Format")
+    ext = f"(?:{ext_char}|{zwj})*+"  # WB4: attached to the preceding character
+    ext_any = _wb("Extend", "Format", "ZWJ") + "*"
     ah, hl, num = _wb("ALetter", "Hebrew_Letter"), _wb("Hebrew_Letter"), _wb("Numeric")
+    letter_digit = _wb("ALetter", "Hebrew_Letter", "Numeric")
     mid_letter = _wb("MidLetter", "MidNumLet", "Single_Quote")
     mid_num = _wb("MidNum", "MidNumLet", "Single_Quote")
     single_q, double_q = _wb("Single_Quote"), _wb("Double_Quote")
-    extend_num_let = f"(?:{_wb('ExtendNumLet')}{ext})"
-    # letters and digits joined by WB5-WB12; a pictograph reached by WB3c ends the run
-    alnum = (
-        f"(?:{hl}{ext}{double_q}{ext}(?={hl})"  # WB7b, WB7c
-        f"|(?!(?<=\\u200d){ep}){ah}{ext}(?:{mid_letter}{ext}(?={ah}))?"  # WB5-7, WB9
-        f"|{num}{ext}(?:{mid_num}{ext}(?={num}))?)+"  # WB8, WB10-12
+    alnum = (  # WB5, WB8-10 (letters and digits join), WB6-7, WB7b-c, WB11-12 (mid chars)
+        f"{letter_digit}(?:{letter_digit}|{ext_char}|{zwj}"
+        f"|(?<={ah}{ext_any}){mid_letter}(?={ext_any}{ah})"
+        f"|(?<={num}{ext_any}){mid_num}(?={ext_any}{num})"
+        f"|(?<={hl}{ext_any}){double_q}(?={ext_any}{hl}))*+"
     )
-    katakana = f"(?:{_wb('Katakana')}{ext})+"  # WB13
+    kat = _wb("Katakana")
+    katakana = f"{kat}(?:{kat}|{ext_char}|{zwj})*+"  # WB13
     run = f"(?:{alnum}|{katakana})"
-    chain = (  # WB13a, WB13b (ExtendNumLet bridges runs); WB7a (Hebrew letter x ')
-        f"(?:{extend_num_let}*{run}(?:{extend_num_let}+{run})*"
-        f"(?:{extend_num_let}+|(?<={hl}{ext}){single_q}{ext})?|{extend_num_let}+)"
+    extend_num_let = f"(?:{_wb('ExtendNumLet')}{ext})"
+    chain = (  # WB13a-b (ExtendNumLet bridges runs), WB7a (Hebrew letter x ')
+        f"(?:{extend_num_let}*{run}(?:{extend_num_let}+{run})*+"
+        f"(?:{extend_num_let}+|(?<={hl}{ext_any}){single_q}{ext})?|{extend_num_let}+)"
     )
     regional = _wb("Regional_Indicator")
     unit = (
-        f"(?:{_wb('WSegSpace')}+{ext}"  # WB3d
-        f"|{chain}"
-        f"|{regional}{ext}(?:{regional}{ext})?"  # WB15, WB16
-        f"|.{ext})"  # WB999
+        f"(?:{chain}"
+        f"|{_wb('WSegSpace')}+{ext}"  # WB3d
+        f"|{regional}{ext}(?:{regional}{ext})?"  # WB15-16
+        f"|(?:[^\\u200d]|{zwj}){ext})"  # WB999
     )
     newline = _wb("Newline", "CR", "LF")
-    return f"(?sV1)\\r\\n|{newline}|{unit}(?:(?<=\\u200d){ep}{ext})*"  # WB3-3b, WB3c
+    pict = f"\\u200d{ep}{ext}"  # WB3c; the pictograph joins no following letter
+    return f"(?s)\\r\\n|{newline}|{unit}(?:{pict})*|(?:{pict})+"  # WB3-3b
 
 
 _SEGMENT = regex.compile(_segment_pattern())
 # step 1 cuts inside a segment: after punctuation, between Ll and Lu
-_CUT = regex.compile(f"(?sV1)(?<={_prop('P')})(?=.)|(?<={_prop('Ll')})(?={_prop('Lu')})")
+_CUT = regex.compile(r"(?s)(?<=\p{P})(?=.)|(?<=\p{Ll})(?=\p{Lu})")
 _WHITE_RE = regex.compile(r"\s+")
-_PUNCT_RE = regex.compile(f"(?V1){_prop('P')}")
+_PUNCT_RE = regex.compile(r"\p{P}")
 
 _NONE, _SPACE, _WHITE, _PUNCT, _WORD = range(5)
 
@@ -147,6 +156,12 @@ _NON_ASCII_LINE = re.compile(r"(?m)^[\x00-\x09\x0b-\x7f]*[^\x00-\x7f][^\n]*\n?")
 
 
 def _split_general(text: str) -> list[str]:
+    if _NEW_IN_17.search(text):  # rare: split the Unicode 16 view, then cut the original
+        words, start = [], 0
+        for word in _split_general(text.translate(_AS_UNICODE_16)):
+            words.append(text[start : start + len(word)])
+            start += len(word)
+        return words
     words: list[str] = []
     last = _NONE  # kind of the last piece of the current word
     for segment in _SEGMENT.findall(text):
