@@ -2,7 +2,8 @@
 
 Semi-parallel: outer decoder once per row with column caches, inner decoder once per pixel
 with row caches. Naive: one full forward pass per pixel. Both draw the same samples (checked
-here too). Random-init weights (timing does not depend on them).
+here too). Random-init weights (timing does not depend on them); float32, XLA attention (the decode
+steps are q_len=1 calls on short caches).
 
     python experiments/bench_axial_sampling.py            # 32x32 (GPU)
     python experiments/bench_axial_sampling.py --quick    # 8x8, tiny model (CPU)
@@ -86,7 +87,7 @@ def main() -> None:
     cfg = AxialConfig(
         shape=(size, size), d_model=width.get("d_model", 128), num_heads=4, num_kv_heads=4,
         head_dim=width.get("head_dim", 32), mlp_dim=width.get("mlp_dim", 384), outer_layers=2,
-        inner_layers=2, dtype="float32",
+        inner_layers=2, dtype="float32", attention_impl="xla",
     )  # fmt: skip
     model = AxialTransformer(cfg)
     x = jnp.zeros((1, size, size, 1), jnp.int32)
