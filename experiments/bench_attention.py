@@ -8,8 +8,10 @@ FLOPs: causal forward = 2 matmuls * 2*B*H*L*L*D / 2; forward+backward = 3.5x the
 (FlashAttention-2 convention). Each timing: compile first, then ``--iters`` calls enqueued
 back to back and blocked once; the median over ``--repeats`` such runs.
 
-Run on a GPU:  PYTHONPATH=. python experiments/bench_attention.py
-Checks correctness first (``--check``), ``--sweep`` times candidate tile sizes instead.
+Run on a GPU:  PYTHONPATH=. python experiments/bench_attention.py [--tune-backward]
+Checks correctness first (skip with ``--no-check``); ``--tune-backward`` first sweeps the
+backward tiles (split dQ/dKV kernels vs one fused kernel with atomic dQ) and benchmarks the
+best per head_dim, which is what kernels_pallas/tuning.py then records.
 Writes experiments/results/bench_attention.{json,md}.
 """
 
@@ -32,7 +34,7 @@ import numpy as np
 
 from arjax.ops import attention, attention_reference
 from kernels_pallas.flash_attention import flash_attention, flash_decode
-from kernels_pallas.tuning import block_sizes
+from kernels_pallas.tuning import BlockSizes, block_sizes
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,6 +59,7 @@ def make_inputs(b, length, h, d, seed=0, dtype=jnp.bfloat16):
 
 def impls(d: int, causal: bool = True, **kw):
     """name -> fn(q, k, v) for the dense causal comparisons."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
     from jax.experimental.pallas.ops.gpu.attention import mha
 
     scale = 1.0 / math.sqrt(d)
@@ -66,6 +69,12 @@ def impls(d: int, causal: bool = True, **kw):
             q, k, v, is_causal=causal, implementation="cudnn"
         ),
         "stock_pallas": lambda q, k, v: mha(q, k, v, None, sm_scale=scale, causal=causal),
+        "stock_mosaic_gpu": lambda q, k, v: mgpu.attention(
+            q,
+            k,
+            v,
+            mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal),
+        ),  # forward only: its backward has no causal support
         "arjax_pallas": lambda q, k, v: flash_attention(q, k, v, causal=causal, **kw),
     }
 
@@ -128,7 +137,7 @@ def check(log) -> dict:
     return errs
 
 
-def dense_rows(args, log) -> list[dict]:
+def dense_rows(args, log, tiles: dict[int, BlockSizes]) -> list[dict]:
     rows = []
     for d in (64, 128):
         h = 2048 // d
@@ -139,9 +148,12 @@ def dense_rows(args, log) -> list[dict]:
             for mode in ("fwd", "fwd+bwd"):
                 flops = fwd_flops * (1 if mode == "fwd" else 3.5)
                 row = {"D": d, "L": length, "B": b, "H": h, "mode": mode}
-                for name, fn in impls(d).items():
-                    if name == "xla" and length > 8192:
-                        row[name + "_ms"] = None  # [B, H, L, L] float32 logits do not fit
+                kw = {"block_sizes": tiles[d]} if d in tiles else {}
+                for name, fn in impls(d, **kw).items():
+                    if (name == "xla" and length > 8192) or (
+                        name == "stock_mosaic_gpu" and mode != "fwd"
+                    ):
+                        row[name + "_ms"] = None  # XLA: [B, H, L, L] float32 logits do not fit
                         continue
                     jf = jax.jit(fn) if mode == "fwd" else fwd_bwd(fn)
                     try:
@@ -152,7 +164,7 @@ def dense_rows(args, log) -> list[dict]:
                         row[name + "_ms"] = None
                         row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 ours = row.get("arjax_pallas_ms")
-                for name in ("xla", "cudnn", "stock_pallas"):
+                for name in ("xla", "cudnn", "stock_pallas", "stock_mosaic_gpu"):
                     if ours and row.get(name + "_ms"):
                         row["speedup_vs_" + name] = row[name + "_ms"] / ours
                 rows.append(row)
@@ -160,8 +172,9 @@ def dense_rows(args, log) -> list[dict]:
     return rows
 
 
-def sparse_rows(args, log) -> list[dict]:
-    """Sliding window / packed documents (ours skips tiles) vs dense causal cuDNN."""
+def sparse_rows(args, log, tiles: dict[int, BlockSizes]) -> list[dict]:
+    """Sliding window / packed documents (ours skips tiles) vs dense causal cuDNN, and the
+    window case also vs cuDNN's own sliding window."""
     rows = []
     d, h, b, length = 128, 16, 2, 8192
     q, k, v = make_inputs(b, length, h, d, seed=1)
@@ -171,14 +184,25 @@ def sparse_rows(args, log) -> list[dict]:
         "8 docs of 1024 (segment ids)": dict(q_segment_ids=seg, kv_segment_ids=seg),
     }
     dense = impls(d)["cudnn"]
+    tile_kw = {"block_sizes": tiles[d]} if d in tiles else {}
     for case, kw in cases.items():
-        ours = lambda q, k, v, kw=kw: flash_attention(q, k, v, causal=True, **kw)
+        ours = functools.partial(flash_attention, causal=True, **kw, **tile_kw)
+        fns = [("cudnn_dense_causal", dense), ("arjax_pallas", ours)]
+        if "window" in kw:
+            fns.append(("cudnn_window", functools.partial(
+                jax.nn.dot_product_attention, is_causal=True, implementation="cudnn",
+                local_window_size=(kw["window"] - 1, 0))))  # fmt: skip
         for mode in ("fwd", "fwd+bwd"):
             row = {"case": case, "D": d, "L": length, "B": b, "H": h, "mode": mode}
-            for name, fn in (("cudnn_dense_causal", dense), ("arjax_pallas", ours)):
+            for name, fn in fns:
                 jf = jax.jit(fn) if mode == "fwd" else fwd_bwd(fn)
-                row[name + "_ms"] = time_fn(jf, (q, k, v), args.iters, args.repeats) * 1e3
+                try:
+                    row[name + "_ms"] = time_fn(jf, (q, k, v), args.iters, args.repeats) * 1e3
+                except Exception as e:  # noqa: BLE001 - e.g. cuDNN without window support
+                    row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             row["speedup_vs_dense_cudnn"] = row["cudnn_dense_causal_ms"] / row["arjax_pallas_ms"]
+            if row.get("cudnn_window_ms"):
+                row["speedup_vs_cudnn_window"] = row["cudnn_window_ms"] / row["arjax_pallas_ms"]
             rows.append(row)
             log(json.dumps(row))
     return rows
@@ -192,49 +216,44 @@ def matmul_peak(args) -> float:
     return 2 * n**3 / t / 1e12
 
 
-def sweep(args, log) -> list[dict]:
-    """Time candidate tiles at L=8192 (fwd and fwd+bwd) for the tuning table."""
-    rows = []
+# backward candidates: (dq tile q, dq tile kv, dkv tile q, dkv tile kv, warps, stages, fused dQ)
+BWD_CANDIDATES = [
+    (64, 64, 64, 64, 4, 2, False), (64, 64, 64, 64, 8, 2, False), (64, 64, 64, 64, 4, 3, False),
+    (32, 64, 64, 64, 4, 2, False), (64, 64, 32, 64, 4, 2, False), (64, 32, 64, 64, 4, 2, False),
+    (64, 64, 64, 64, 4, 2, True), (64, 64, 64, 64, 8, 2, True), (64, 64, 64, 128, 8, 2, True),
+    (64, 64, 32, 64, 4, 2, True), (64, 64, 128, 64, 8, 2, True), (64, 64, 32, 128, 4, 2, True),
+    (64, 64, 64, 128, 4, 2, True), (64, 64, 64, 64, 4, 3, True),
+]  # fmt: skip
+
+
+def sweep_backward(args, log) -> tuple[list[dict], dict[int, BlockSizes]]:
+    """Time backward tiles at causal B=2, L=8192 (fwd tiles from the table); best per D.
+
+    The forward tiles in the table come from an earlier fwd sweep with the same setup
+    (experiments/results/tune_attention.json)."""
+    rows, best = [], {}
     for d in (64, 128):
         h, b, length = 2048 // d, 2, 8192
         q, k, v = make_inputs(b, length, h, d)
-        flops = 4 * b * h * length * length * d / 2
+        flops = 3.5 * 4 * b * h * length * length * d / 2
         base = block_sizes("gpu", length, length, d)
-        fwd_cands = [
-            (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-            (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 2),
-        ]  # fmt: skip
-        for bq, bk, w, s in fwd_cands:
-            bs = dataclasses.replace(base, bq=bq, bk=bk, warps=w, stages=s)
-            fn = jax.jit(
-                lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)
-            )
-            try:
-                t = time_fn(fn, (q, k, v), args.iters, 3)
-                rows.append({"D": d, "kind": "fwd", "tiles": [bq, bk, w, s], "ms": t * 1e3,
-                             "tflops": flops / t / 1e12})  # fmt: skip
-            except Exception as e:  # noqa: BLE001
-                rows.append({"D": d, "kind": "fwd", "tiles": [bq, bk, w, s], "error": str(e)[:120]})
-            log(json.dumps(rows[-1]))
-        bwd_cands = [
-            (64, 64, 64, 64, 4, 2), (128, 64, 64, 128, 8, 2), (64, 64, 64, 128, 4, 2),
-            (128, 64, 64, 128, 8, 1), (64, 32, 32, 64, 4, 2), (128, 32, 32, 128, 8, 2),
-        ]  # fmt: skip
-        for a, bb, c, dd, w, s in bwd_cands:
+        best_t = float("inf")
+        for a, bb, c, dd, w, st, fused in BWD_CANDIDATES:
             bs = dataclasses.replace(base, bwd_bq_dq=a, bwd_bk_dq=bb, bwd_bq_dkv=c, bwd_bk_dkv=dd,
-                                     bwd_warps=w, bwd_stages=s)  # fmt: skip
-            fn = fwd_bwd(
-                lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)
-            )
+                                     bwd_warps=w, bwd_stages=st, dq_atomic=fused)  # fmt: skip
+            fn = fwd_bwd(functools.partial(flash_attention, causal=True, block_sizes=bs))
+            row = {"D": d, "kind": "fwd+bwd", "tiles": [a, bb, c, dd, w, st, fused]}
             try:
                 t = time_fn(fn, (q, k, v), args.iters, 3)
-                rows.append({"D": d, "kind": "fwd+bwd", "tiles": [a, bb, c, dd, w, s],
-                             "ms": t * 1e3, "tflops": 3.5 * flops / t / 1e12})  # fmt: skip
-            except Exception as e:  # noqa: BLE001
-                rows.append({"D": d, "kind": "fwd+bwd", "tiles": [a, bb, c, dd, w, s],
-                             "error": str(e)[:120]})  # fmt: skip
-            log(json.dumps(rows[-1]))
-    return rows
+                row.update(ms=t * 1e3, tflops=flops / t / 1e12)
+                if t < best_t:
+                    best_t, best[d] = t, bs
+            except Exception as e:  # noqa: BLE001 - report and keep sweeping
+                row["error"] = str(e)[:160]
+            rows.append(row)
+            log(json.dumps(row))
+        log(f"best backward tiles D={d}: {best[d]}")
+    return rows, best
 
 
 def markdown(meta: dict, dense: list[dict], sparse: list[dict]) -> str:
@@ -244,12 +263,13 @@ def markdown(meta: dict, dense: list[dict], sparse: list[dict]) -> str:
         f"- device: {meta['device']}; date: {meta['date']}; jax {meta['jax']}",
         f"- command: `{meta['command']}`",
         f"- bf16 matmul peak (8192^3): {meta['matmul_tflops']:.0f} TFLOP/s",
+        f"- arjax tiles per head_dim: {meta.get('tiles', 'kernels_pallas/tuning.py table')}",
         "",
         "Causal bf16, TFLOP/s (ms); speedup = other ms / arjax ms.",
         "",
-        "| D | L | B | H | mode | XLA | cuDNN | stock Pallas | arjax Pallas | vs XLA | vs cuDNN "
-        "| vs stock |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| D | L | B | H | mode | XLA | cuDNN | stock Pallas | stock Mosaic GPU (fwd only) "
+        "| arjax Pallas | vs XLA | vs cuDNN | vs stock Pallas |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row, name):
@@ -264,20 +284,24 @@ def markdown(meta: dict, dense: list[dict], sparse: list[dict]) -> str:
     for r in dense:
         lines.append(
             f"| {r['D']} | {r['L']} | {r['B']} | {r['H']} | {r['mode']} | {cell(r, 'xla')} "
-            f"| {cell(r, 'cudnn')} | {cell(r, 'stock_pallas')} | {cell(r, 'arjax_pallas')} "
+            f"| {cell(r, 'cudnn')} | {cell(r, 'stock_pallas')} | {cell(r, 'stock_mosaic_gpu')} "
+            f"| {cell(r, 'arjax_pallas')} "
             f"| {ratio(r, 'xla')} | {ratio(r, 'cudnn')} | {ratio(r, 'stock_pallas')} |"
         )
     lines += [
         "",
-        "Masked cases (D=128, L=8192, B=2, H=16) vs dense causal cuDNN, ms:",
+        "Masked cases (D=128, L=8192, B=2, H=16), ms; speedup = cuDNN ms / arjax ms:",
         "",
-        "| case | mode | cuDNN dense causal | arjax Pallas | speedup |",
-        "|---|---|---|---|---|",
+        "| case | mode | cuDNN dense causal | cuDNN sliding window | arjax Pallas "
+        "| vs dense cuDNN | vs cuDNN window |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sparse:
+        win = r.get("cudnn_window_ms")
         lines.append(
             f"| {r['case']} | {r['mode']} | {r['cudnn_dense_causal_ms']:.2f} "
-            f"| {r['arjax_pallas_ms']:.2f} | {r['speedup_vs_dense_cudnn']:.2f}x |"
+            f"| {'n/a' if win is None else f'{win:.2f}'} | {r['arjax_pallas_ms']:.2f} "
+            f"| {r['speedup_vs_dense_cudnn']:.2f}x | {ratio(r, 'cudnn_window')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -286,7 +310,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sweep", action="store_true", help="time candidate tiles only")
+    parser.add_argument(
+        "--tune-backward", action="store_true", help="sweep backward tiles first and use the best"
+    )
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -309,14 +335,15 @@ def main() -> None:
     result = {"meta": meta}
     if not args.no_check:
         result["check"] = check(log)
-    if args.sweep:
-        result["sweep"] = sweep(args, log)
-        (out_dir / "tune_attention.json").write_text(json.dumps(result, indent=1))
-        return
+    tiles = {}
+    if args.tune_backward:  # the forward tiles come from an earlier sweep (tune_attention.json)
+        result["backward_sweep"], tiles = sweep_backward(args, log)
+        meta["tiles"] = {d: dataclasses.asdict(bs) for d, bs in tiles.items()}
+        meta["command"] += " --tune-backward"
     meta["matmul_tflops"] = matmul_peak(args)
     log(f"matmul peak {meta['matmul_tflops']:.0f} TFLOP/s")
-    result["dense"] = dense_rows(args, log)
-    result["sparse"] = sparse_rows(args, log)
+    result["dense"] = dense_rows(args, log, tiles)
+    result["sparse"] = sparse_rows(args, log, tiles)
     (out_dir / "bench_attention.json").write_text(json.dumps(result, indent=1))
     md = markdown(meta, result["dense"], result["sparse"])
     (out_dir / "bench_attention.md").write_text(md)

@@ -14,7 +14,8 @@ import dataclasses
 class BlockSizes:
     """Tiles of the forward (``bq`` x ``bk``) and of the two backward kernels.
 
-    ``warps``/``stages`` are Triton launch parameters (ignored on TPU).
+    ``warps``/``stages`` are Triton launch parameters; ``dq_atomic`` fuses the two GPU
+    backward kernels into one that adds dQ atomically (both ignored on TPU).
     """
 
     bq: int
@@ -27,10 +28,15 @@ class BlockSizes:
     stages: int = 2
     bwd_warps: int = 4
     bwd_stages: int = 2
+    dq_atomic: bool = False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name == "dq_atomic":
+                if not isinstance(value, bool):
+                    raise ValueError(f"BlockSizes.dq_atomic: must be a bool, got {value!r}")
+                continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"BlockSizes.{field.name}: must be a positive int, got {value!r}")
         for name in ("bq", "bk", "bwd_bq_dq", "bwd_bk_dq", "bwd_bq_dkv", "bwd_bk_dkv"):
