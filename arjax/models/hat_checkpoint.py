@@ -389,6 +389,29 @@ def _merge(base: dict, new: dict) -> dict:
     return out
 
 
+def _cli_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def run_overrides(config: HATConfig, base: HATConfig) -> list[str]:
+    """``--set`` strings (``model.encoder.d_model=1024``, ...) that turn the preset ``base``
+    into ``config``: how ``arjax train --model hat`` trains a converted architecture."""
+    out = []
+    for f in dataclasses.fields(HATConfig):
+        new, old = getattr(config, f.name), getattr(base, f.name)
+        if isinstance(new, TransformerConfig):
+            for g in dataclasses.fields(TransformerConfig):
+                if getattr(new, g.name) != getattr(old, g.name):
+                    out.append(f"model.{f.name}.{g.name}={_cli_value(getattr(new, g.name))}")
+        elif new != old:
+            out.append(f"model.{f.name}={_cli_value(new)}")
+    return out
+
+
 # ----------------------------------------------------------------------------- tensors
 
 
