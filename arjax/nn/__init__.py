@@ -1,6 +1,7 @@
 """Flax Linen layers built on :mod:`arjax.ops`."""
 
-from arjax.nn.layers import Attention, RMSNorm, SwiGLU, apply_rope, logical
+from arjax.nn.layers import Attention, RMSNorm, SwiGLU, apply_rope
+from arjax.nn.partitioning import constrain, logical
 from arjax.nn.transformer import Block, Transformer, TransformerConfig
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "Transformer",
     "TransformerConfig",
     "apply_rope",
+    "constrain",
     "logical",
 ]

@@ -13,14 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from arjax.nn.partitioning import constrain, logical
 from arjax.ops import attention
 
 Mode = Literal["train", "prefill", "decode"]
-
-
-def logical(init: Any, *names: str | None) -> Any:
-    """Wrap an initializer so the parameter carries logical axis names."""
-    return nn.with_logical_partitioning(init, names)
 
 
 class RMSNorm(nn.Module):
@@ -97,9 +93,10 @@ class Attention(nn.Module):
             name=name,
         )
         source = x if kv is None else kv
-        q = dense(self.num_heads, ("heads", "head_dim"), "q_proj")(x)
-        k = dense(self.num_kv_heads, ("kv_heads", "head_dim"), "k_proj")(source)
-        v = dense(self.num_kv_heads, ("kv_heads", "head_dim"), "v_proj")(source)
+        act = lambda y: constrain(y, ("batch", "seq", "act_heads", None))  # noqa: E731
+        q = act(dense(self.num_heads, ("heads", "head_dim"), "q_proj")(x))
+        k = act(dense(self.num_kv_heads, ("kv_heads", "head_dim"), "k_proj")(source))
+        v = act(dense(self.num_kv_heads, ("kv_heads", "head_dim"), "v_proj")(source))
         if self.qk_norm:
             q = RMSNorm(axis_name="head_dim", name="q_norm")(q)
             k = RMSNorm(axis_name="head_dim", name="k_norm")(k)
@@ -162,6 +159,7 @@ class SwiGLU(nn.Module):
             kernel_init=logical(init, "embed", "mlp"), name=name,
         )  # fmt: skip
         h = nn.silu(up("gate_proj")(x)) * up("up_proj")(x)
+        h = constrain(h, ("batch", "seq", "act_mlp"))
         return nn.Dense(
             x.shape[-1], use_bias=False, dtype=self.dtype,
             kernel_init=logical(init, "mlp", "embed"), name="down_proj",

@@ -29,6 +29,7 @@ from arjax.train.data import make_data
 from arjax.train.optim import learning_rate_schedule, make_optimizer
 from arjax.train.sharding import (
     batch_sharding,
+    in_mesh_context,
     logical_shardings,
     make_mesh,
     maybe_initialize_distributed,
@@ -54,7 +55,10 @@ class MetricsWriter:
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
         if path.exists() and jax.process_index() == 0:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = []
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):  # a row torn by a hard kill
+                    rows.append(json.loads(line))
             kept = [r for r in rows if r.get("step", 0) <= resume_step]
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.tb = None
@@ -118,13 +122,13 @@ class Trainer:
         )
         self.batch_sharding = batch_sharding(self.mesh)
         self.train_step = jax.jit(
-            make_train_step(self.model, self.tx, cfg.train.grad_accum),
+            in_mesh_context(make_train_step(self.model, self.tx, cfg.train.grad_accum), self.mesh),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, None),
             donate_argnums=0,
         )
         self.eval_step = jax.jit(
-            make_eval_step(self.model),
+            in_mesh_context(make_eval_step(self.model), self.mesh),
             in_shardings=(self.state_shardings.params, self.batch_sharding),
         )
         self.ckpt = Checkpointer(

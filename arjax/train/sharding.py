@@ -8,6 +8,7 @@ onto mesh axes: batch over ``data`` x ``fsdp``, weights' ``embed`` dim over ``fs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -17,19 +18,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from arjax.config import check
+from arjax.nn.partitioning import LOGICAL_RULES, activation_mesh, fit_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("latent", None),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,16 +77,6 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
-def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Drop mesh axes from dims they do not divide (e.g. a 259-row byte vocabulary)."""
-    dims = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        dims.append(axes if dim % size == 0 else None)
-    return PartitionSpec(*dims)
-
-
 def logical_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
     """NamedShardings for a pytree of ``nn.LogicallyPartitioned`` (e.g. ``eval_shape(init)``).
 
@@ -104,11 +85,22 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
     specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), LOGICAL_RULES)
     shapes = nn.meta.unbox(abstract_boxed)
     return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+        lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
         specs,
         shapes,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+
+
+def in_mesh_context(fn: Any, mesh: Mesh) -> Any:
+    """``fn`` traced with activation sharding hints onto ``mesh`` (see arjax.nn.partitioning)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with activation_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

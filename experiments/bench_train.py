@@ -1,0 +1,185 @@
+"""Single-device training speed: tokens/s, step time, peak memory, MFU, compile time.
+
+For the transformer at ~125M / ~350M / ~1B parameters (sequence 2048) and HAT ``small``
+(when registered), one jitted train step (bf16 compute, fp32 master weights, AdamW,
+donated state, remat per preset, fastest attention path) is compiled, warmed up and timed
+over back-to-back steps (median over repeats; one block at the end of each repeat).
+MFU = analytic model FLOPs (6 N per token + causal attention, no remat recompute)
+/ step time / measured bf16 matmul peak of the same device; the analytic count is checked
+against XLA's cost analysis of the compiled step (which includes remat and the optimizer).
+
+    python experiments/bench_train.py                  # GPU, all sizes
+    python experiments/bench_train.py --quick          # CPU smoke run, tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arjax.models import MODELS, build_model
+from arjax.train.config import TrainConfig
+from arjax.train.optim import make_optimizer
+from arjax.train.step import init_train_state, make_train_step
+
+
+def matmul_peak(n: int = 8192, repeats: int = 10) -> float:
+    """Measured dense bf16 matmul FLOP/s (median of ``repeats`` chained products)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: (a @ b).astype(jnp.bfloat16))
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(5):
+            out = f(a, b)
+        out.block_until_ready()
+        times.append((time.perf_counter() - t) / 5)
+    return 2 * n**3 / statistics.median(times)
+
+
+def text_batch(batch: int, seq: int, vocab: int) -> dict:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, min(vocab, 256), (batch, seq + 1)).astype(np.int32)
+    return dict(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        segment_ids=np.ones((batch, seq), np.int32),
+        positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+        loss_mask=np.ones((batch, seq), np.int32),
+    )
+
+
+def bench(name: str, cfg, batch: dict, *, steps: int, repeats: int, peak: float | None) -> dict:
+    model = build_model(name, cfg)
+    tx = make_optimizer(TrainConfig(steps=1000))
+    example = jax.tree.map(lambda x: jnp.asarray(x[:1]), batch)
+    init = jax.jit(lambda r: nn.meta.unbox(init_train_state(model, tx, r, example)))
+    state = init(jax.random.key(0))
+    batch = jax.tree.map(jnp.asarray, batch)
+    step = jax.jit(make_train_step(model, tx), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    for _ in range(3):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append((time.perf_counter() - t) / steps)
+    dt = statistics.median(times)
+    b, seq = batch["targets"].shape
+    tokens = b * seq
+    model_flops = 3 * cfg.flops_per_token(seq) * tokens
+    stats = jax.devices()[0].memory_stats() or {}
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    return {
+        "model": name,
+        "params_m": n_params / 1e6,
+        "batch": b,
+        "seq_len": seq,
+        "remat": cfg.remat if hasattr(cfg, "remat") else None,
+        "step_ms": dt * 1e3,
+        "tokens_per_s": tokens / dt,
+        "model_tflops_per_step": model_flops / 1e12,
+        "xla_tflops_per_step": xla_flops / 1e12,
+        "achieved_tflops": model_flops / dt / 1e12,
+        "mfu": model_flops / dt / peak if peak else None,
+        "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+        "compile_s": compile_s,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run at tiny shapes")
+    ap.add_argument("--out", default="experiments/results/bench_train")
+    ap.add_argument("--only", default="", help="comma-separated job names to run")
+    args = ap.parse_args()
+    tf = MODELS["transformer"].presets
+    if args.quick:
+        jobs = [("transformer", "tiny", tf["tiny"], 4, 256)]
+        steps, repeats, peak = 2, 2, None
+    else:
+        jobs = [
+            ("transformer", "125m", tf["125m"], 16, 2048),
+            ("transformer", "350m", tf["350m"], 8, 2048),
+            ("transformer", "1b", tf["1b"], 8, 2048),
+            ("transformer", "1b-noremat", dataclasses.replace(tf["1b"], remat="none"), 4, 2048),
+        ]
+        if "hat" in MODELS:
+            jobs.append(("hat", "small", MODELS["hat"].presets["small"], 16, 2048))
+        steps, repeats, peak = 10, 5, matmul_peak()
+    rows = []
+    for name, preset, cfg, b, seq in jobs:
+        if args.only and preset not in args.only.split(","):
+            continue
+        if name == "transformer":
+            batch = text_batch(b, seq, cfg.vocab_size)
+        else:
+            from arjax.train.data import example_batch_for
+
+            batch = example_batch_for(name, cfg, b, seq)
+        try:
+            row = bench(name, cfg, batch, steps=steps, repeats=repeats, peak=peak)
+        except Exception as e:  # noqa: BLE001 - report OOM etc. and continue
+            row = {"model": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        row["preset"] = preset
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "matmul_peak_tflops": peak / 1e12 if peak else None,
+        "command": "python experiments/bench_train.py" + (" --quick" if args.quick else ""),
+    }
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    lines = [
+        f"# Training speed, one {meta['device']} ({meta['date']}, JAX {meta['jax']})",
+        "",
+        f"Command: `{meta['command']}`. Measured bf16 matmul peak: "
+        f"{meta['matmul_peak_tflops'] or float('nan'):.0f} TFLOP/s. MFU counts model FLOPs "
+        "(6N per token + causal attention; remat recompute not counted).",
+        "",
+        "| model | preset | params (M) | batch x seq | step ms | tokens/s | TFLOP/s | MFU "
+        "| XLA/analytic FLOPs | peak GiB | compile s |",
+        "|" + "---|" * 11,
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['preset']} | error: {r['error'][:80]} |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+        lines.append(
+            f"| {r['model']} | {r['preset']} | {r['params_m']:.0f} | {r['batch']}x{r['seq_len']} "
+            f"| {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['achieved_tflops']:.0f} | {mfu} "
+            f"| {r['xla_tflops_per_step'] / r['model_tflops_per_step']:.2f} "
+            f"| {r['peak_mem_gib']:.1f} | {r['compile_s']:.0f} |"
+        )
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
