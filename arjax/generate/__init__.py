@@ -14,7 +14,9 @@ import jax
 from arjax.generate.axial import sample_axial, sample_axial_naive, sample_images_text
 from arjax.generate.decode import generate_text, generate_tokens
 from arjax.generate.hat import generate_hat, sample_hat
+from arjax.generate.linear import generate_recurrent, sample_linear_lm
 from arjax.generate.sampling import filter_logits, sample_token
+from arjax.models.linear_lm import LINEAR_MIXERS
 
 
 def _sample_byte_lm(model, params, cfg, *, prompts, max_bytes, seed, png, **sampling) -> str:
@@ -33,6 +35,8 @@ SAMPLERS: dict[str, Callable[..., str]] = {
     "transformer": _sample_byte_lm,
     "axial": sample_images_text,
 }
+
+SAMPLERS.update(dict.fromkeys(LINEAR_MIXERS, sample_linear_lm))  # constant-memory decoding
 
 
 def sample(
@@ -64,6 +68,7 @@ __all__ = [
     "SAMPLERS",
     "filter_logits",
     "generate_hat",
+    "generate_recurrent",
     "generate_text",
     "generate_tokens",
     "sample",

@@ -75,10 +75,15 @@ class HATGeneration:
     refits: int
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _left_padded_prompt(rows: list[list[Word]]) -> dict[str, np.ndarray]:
-    """Prompt batch with bytes left-padded (one slot index for all rows), words right-padded."""
+    """Prompt batch with bytes left-padded (one slot index for all rows), words right-padded;
+    widths rounded up (16 bytes, 8 words) so that similar prompts share compiled steps."""
     lengths = [sum(len(w) for w in r) for r in rows]
-    width, num_words = max(lengths), max(len(r) for r in rows)
+    width, num_words = _round_up(max(lengths), 16), _round_up(max(len(r) for r in rows), 8)
     batch = {k: np.zeros((len(rows), width), np.int32) for k in ("segment_ids", "positions")}
     batch["inputs"] = np.full((len(rows), width), PAD_ID, np.int32)
     batch["word_ids"] = np.zeros((len(rows), width), np.int32)
@@ -224,18 +229,20 @@ def generate_hat(
     rows = [[*done, cur] if cur else done for done, cur in split]
     batch = _left_padded_prompt(rows)
     b, width = batch["inputs"].shape
-    if width + max_new_bytes > c.max_seq_len:
+    longest = max(sum(len(w) for w in r) for r in rows)
+    if longest + max_new_bytes > c.max_seq_len:
         raise ValueError(
-            f"prompt ({width} bytes with BOS) + max_new_bytes ({max_new_bytes}) exceeds the "
+            f"prompt ({longest} bytes with BOS) + max_new_bytes ({max_new_bytes}) exceeds the "
             f"model's max_seq_len={c.max_seq_len}"
         )
     num_words = batch["word_segment_ids"].shape[1]
-    cache_len, word_cache_len = width + max_new_bytes, num_words + max_new_bytes + 1
+    cache_len = _round_up(width + max_new_bytes, 64)
+    word_cache_len = _round_up(num_words + max_new_bytes + 1, 64)
     logits, prompt_acts, states, cache = _prefill(
         model, params, {k: jnp.asarray(v) for k, v in batch.items()},
         cache_len=cache_len, word_cache_len=word_cache_len,
     )  # fmt: skip
-    acts = jnp.pad(prompt_acts, ((0, 0), (0, max_new_bytes), (0, 0)))
+    acts = jnp.pad(prompt_acts, ((0, 0), (0, cache_len - width), (0, 0)))
     finished = np.array([len(done) for done, _ in split])  # finished words per row
     pred = states[jnp.arange(b), jnp.asarray(finished - 1)]  # [batch, backbone_d]
     cur = [cur for _, cur in split]
@@ -250,7 +257,7 @@ def generate_hat(
     active = np.ones(b, bool)
     rng = jax.random.key(0) if rng is None else rng
     step_logits = []
-    for t in range(width, cache_len):
+    for t in range(width, width + max_new_bytes):
         rng, key = jax.random.split(rng)
         if return_logits:
             step_logits.append(np.asarray(logits))

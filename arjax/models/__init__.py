@@ -9,6 +9,7 @@ from arjax.models.axial import PRESETS as AXIAL_PRESETS
 from arjax.models.axial import AxialConfig, AxialTransformer
 from arjax.models.hat import HAT, HATConfig
 from arjax.models.hat import PRESETS as HAT_PRESETS
+from arjax.models.linear_lm import LINEAR_MIXERS, LinearLM, LinearLMConfig, presets_for
 from arjax.models.transformer import PRESETS as TRANSFORMER_PRESETS
 from arjax.models.transformer import TransformerLM, TransformerLMConfig
 
@@ -34,6 +35,9 @@ MODELS: dict[str, ModelSpec] = {
     "transformer": ModelSpec(
         "transformer", TransformerLMConfig, TransformerLM, TRANSFORMER_PRESETS
     ),
+    **{
+        kind: ModelSpec(kind, LinearLMConfig, LinearLM, presets_for(kind)) for kind in LINEAR_MIXERS
+    },
 }
 
 

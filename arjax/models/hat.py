@@ -141,15 +141,19 @@ class HATConfig:
             return d_q * h * hd * 2 + d_kv * kvh * hd * 2 + norm
 
         n_cross = dec.num_layers if self.cross_attn_every_layer else 1
+
+        def stack(cfg: TransformerConfig) -> int:  # num_params() counts a final norm
+            return cfg.num_params() - (0 if cfg.final_norm else cfg.d_model)
+
         return (
             self.vocab_size * enc.d_model
-            + enc.num_params()
+            + stack(enc)
             + bb.d_model
             + cross(bb.d_model, enc.d_model)
-            + bb.num_params()
+            + stack(bb)
             + bb.d_model
             + n_cross * (cross(dec.d_model, bb.d_model) + dec.d_model + bb.d_model)
-            + dec.num_params()
+            + stack(dec)
             + dec.d_model * self.vocab_size
         )
 

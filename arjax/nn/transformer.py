@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from arjax.config import check, check_positive
 from arjax.nn.layers import Attention, Mode, RMSNorm, SwiGLU
+from arjax.nn.linear_attention import MixerConfig, make_mixer
 from arjax.ops.attention import IMPLS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -40,6 +41,7 @@ class TransformerConfig:
     attention_impl: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     scan_layers: bool = True
+    mixer: MixerConfig = MixerConfig()  # token mixer; kind "attention" is the Attention above
     final_norm: bool = True  # False: the stack returns its residual stream un-normalised
 
     def __post_init__(self) -> None:
@@ -65,6 +67,11 @@ class TransformerConfig:
             f"must be one of {list(IMPLS)}, got {self.attention_impl!r}",
         )
         check(self.remat in REMAT, "remat", f"must be one of {list(REMAT)}, got {self.remat!r}")
+        check(
+            isinstance(self.mixer, MixerConfig),
+            "mixer",
+            f"must be a MixerConfig, got {type(self.mixer).__name__}",
+        )
 
     @property
     def compute_dtype(self) -> Any:
@@ -94,7 +101,11 @@ class TransformerConfig:
 
 
 class Block(nn.Module):
-    """``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """``x + mixer(norm(x))``, then ``x + mlp(norm(x))``.
+
+    The mixer is :class:`Attention` unless ``config.mixer.kind`` names a linear-attention
+    mixer (:mod:`arjax.nn.linear_attention`), which keeps a recurrent state in ``cache``.
+    """
 
     config: TransformerConfig
     mode: Mode = "train"
@@ -105,26 +116,37 @@ class Block(nn.Module):
         """``ctx`` holds the per-call arrays shared by all layers (broadcast under scan)."""
         c = self.config
         h = RMSNorm(c.norm_eps, name="attn_norm")(x)
-        h = Attention(
-            num_heads=c.num_heads,
-            num_kv_heads=c.num_kv_heads,
-            head_dim=c.head_dim,
-            rope_theta=c.rope_theta,
-            window=c.window,
-            qk_norm=c.qk_norm,
-            dtype=c.compute_dtype,
-            impl=c.attention_impl,
-            name="attn",
-        )(
-            h,
-            q_positions=ctx["positions"],
-            q_segment_ids=ctx["segment_ids"],
-            kv_segment_ids=ctx["segment_ids"],
-            mode=self.mode,
-            cache_len=self.cache_len,
-            cache_index=ctx["cache_index"],
-            kv_visible=ctx["kv_visible"],
-        )
+        if c.mixer.kind == "attention":
+            h = Attention(
+                num_heads=c.num_heads,
+                num_kv_heads=c.num_kv_heads,
+                head_dim=c.head_dim,
+                rope_theta=c.rope_theta,
+                window=c.window,
+                qk_norm=c.qk_norm,
+                dtype=c.compute_dtype,
+                impl=c.attention_impl,
+                name="attn",
+            )(
+                h,
+                q_positions=ctx["positions"],
+                q_segment_ids=ctx["segment_ids"],
+                kv_segment_ids=ctx["segment_ids"],
+                mode=self.mode,
+                cache_len=self.cache_len,
+                cache_index=ctx["cache_index"],
+                kv_visible=ctx["kv_visible"],
+            )
+        else:
+            mixer = make_mixer(
+                c.mixer,
+                num_heads=c.num_heads,
+                head_dim=c.head_dim,
+                rope_theta=c.rope_theta,
+                dtype=c.compute_dtype,
+                name="mixer",
+            )
+            h = mixer(h, positions=ctx["positions"], segment_ids=ctx["segment_ids"], mode=self.mode)
         x = x + h
         h = RMSNorm(c.norm_eps, name="mlp_norm")(x)
         x = x + SwiGLU(c.mlp_dim, dtype=c.compute_dtype, name="mlp")(h)

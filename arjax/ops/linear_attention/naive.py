@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from arjax.ops.linear_attention.common import as_float32, document_index, masked_exp
 
@@ -28,22 +29,28 @@ def parallel_linear_attention(
     """Quadratic masked form in float32; returns ``(out [b, len, h, dv], state [b, h, dk, dv])``."""
     b, length, h, dk = q.shape
     qf, kf, vf, log_decay, s0 = as_float32(q, k, v, log_decay, initial_state)
-    if log_decay.ndim == 3:  # a scalar decay is a gate equal across key dims
-        log_decay = jnp.broadcast_to(log_decay[..., None], (b, length, h, dk))
+    # A scalar decay [b, len, h] keeps its weights [b, t, s, h]; a gate adds the key dim.
+    expand = (lambda x: x[..., None]) if log_decay.ndim == 3 else (lambda x: x)
     doc = document_index(segment_ids, b, length)  # [b, len]
-    g = jnp.cumsum(log_decay, axis=1)  # [b, len, h, dk]
+    g = jnp.cumsum(log_decay, axis=1)  # [b, len, h(, dk)]
     causal = jnp.tril(jnp.ones((length, length), bool))
     mask = causal[None] & (doc[:, :, None] == doc[:, None, :])  # [b, t, s]
-    weight = masked_exp(g[:, :, None] - g[:, None, :], mask[..., None, None])  # [b, t, s, h, dk]
-    scores = jnp.einsum("bthd,bshd,btshd->bhts", qf, kf, weight, precision=HIGHEST)
+    pair_mask = mask[..., None] if log_decay.ndim == 3 else mask[..., None, None]
+    weight = expand(masked_exp(g[:, :, None] - g[:, None, :], pair_mask))  # [b, t, s, h, dk|1]
+    if log_decay.ndim == 3:
+        scores = jnp.einsum("bthd,bshd->bhts", qf, kf, precision=HIGHEST)
+        scores *= rearrange(weight[..., 0], "b t s h -> b h t s")
+    else:
+        scores = jnp.einsum("bthd,bshd,btshd->bhts", qf, kf, weight, precision=HIGHEST)
     out = jnp.einsum("bhts,bshe->bthe", scores, vf, precision=HIGHEST)
     first_doc = (doc == 0)[:, :, None, None]  # [b, len, 1, 1]
-    out += jnp.einsum("bthd,bhde->bthe", qf * jnp.exp(g) * first_doc, s0, precision=HIGHEST)
+    q_in = qf * expand(jnp.exp(g)) * first_doc
+    out += jnp.einsum("bthd,bhde->bthe", q_in, s0, precision=HIGHEST)
 
     # S_L = [doc_L = 0] exp(G_L) S_0 + sum_{s in the last doc} exp(G_L - G_s) k_s v_s^T.
-    in_last = (doc == doc[:, -1:])[:, :, None, None]  # [b, len, 1, 1]
-    k_end = kf * masked_exp(g[:, -1:] - g, in_last)  # [b, len, h, dk]
+    in_last = (doc == doc[:, -1:])[:, :, None]  # [b, len, 1]
+    k_end = kf * expand(masked_exp(g[:, -1:] - g, in_last if g.ndim == 3 else in_last[..., None]))
     state = jnp.einsum("bshd,bshe->bhde", k_end, vf, precision=HIGHEST)
-    carry = jnp.exp(g[:, -1]) * (doc[:, -1] == 0)[:, None, None]  # [b, h, dk]
-    state += carry[..., None] * s0
+    carry = expand(jnp.exp(g[:, -1]) * (doc[:, -1] == 0)[:, None, *([None] * (g.ndim - 3))])
+    state += carry[..., None] * s0  # [b, h, dk|1, 1]
     return out.astype(q.dtype), state

@@ -1,0 +1,300 @@
+"""HAT: config, batching, pooling, causality, cached generation, bad input, training smoke."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arjax.config import ConfigError
+from arjax.data.pipeline import DataConfig
+from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from arjax.data.words import (
+    bytes_to_words,
+    make_word_eval_batches,
+    pack_rows,
+    pack_word_documents,
+    text_to_word_batch,
+    words_to_batch,
+)
+from arjax.generate import SAMPLERS
+from arjax.generate.hat import append_byte, generate_hat, prompt_words
+from arjax.models import MODELS
+from arjax.models.hat import HAT, PRESETS, HATConfig
+from arjax.train.data import DATA_BUILDERS
+
+CFG = PRESETS["tiny"]
+B, E, P = BOS_ID, EOS_ID, PAD_ID
+
+
+def _jnp(batch: dict) -> dict:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def model_params():
+    model = HAT(CFG)
+    batch = _jnp(text_to_word_batch(["hi"], 16, 8, CFG.max_word_bytes))
+    init = jax.jit(lambda k: nn.meta.unbox(model.init(k, batch)["params"]))
+    return model, init(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def forward(model_params):
+    model, _ = model_params
+    return jax.jit(lambda p, b: model.apply({"params": p}, b))
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(decoder=dataclasses.replace(CFG.decoder, d_model=64)), "decoder.d_model"),
+        (dict(cross_kv_heads=3), "cross_kv_heads"),
+        (dict(cross_head_dim=7), "cross_head_dim"),
+        (dict(max_word_bytes=300), "max_word_bytes"),
+        (dict(max_words=0), "max_words"),
+        (dict(encoder="big"), "encoder"),
+        (dict(encoder=dataclasses.replace(CFG.encoder, window=999)), "encoder.window"),
+    ],
+)
+def test_config_errors_name_the_field(change, field):
+    with pytest.raises(ConfigError, match=rf"^{field}:"):
+        dataclasses.replace(CFG, **change)
+
+
+def test_presets_param_counts_and_registration():
+    """Abstract init of every preset (8b included) matches HATConfig.num_params exactly."""
+    batch = _jnp(text_to_word_batch(["hi there"], 16, 8, 32))
+    counts = {}
+    for name, cfg in PRESETS.items():
+        shapes = jax.eval_shape(
+            lambda k, c=cfg: nn.meta.unbox(HAT(c).init(k, batch)["params"]), jax.random.key(0)
+        )
+        counts[name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+        assert counts[name] == cfg.num_params(), name
+    assert 7.0e9 < counts["8b"] < 7.5e9  # Llama-3.1-8B backbone without embeddings + byte stacks
+    assert MODELS["hat"].data == "words" and MODELS["hat"].config_cls is HATConfig
+    assert "words" in DATA_BUILDERS and "hat" in SAMPLERS
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_text_batch_values():
+    b = text_to_word_batch(["Hi there, Bob.\n", "ab"], 20, 8, 32)
+    text = list(b"Hi there, Bob.\n")
+    assert b["inputs"][0].tolist() == [B, *text, E, P, P, P]
+    assert b["targets"][0].tolist() == [*text, E, P, P, P, P]
+    assert b["word_ids"][0].tolist() == [1, 2, 2, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 5, 6, 0, 0, 0]
+    assert b["word_segment_ids"][0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert b["word_positions"][0].tolist() == [0, 1, 2, 3, 4, 5, 0, 0]
+    assert b["positions"][1].tolist() == [0, 1, 2, 3] + [0] * 16
+    assert b["loss_mask"][1].tolist() == [1, 1, 1] + [0] * 17  # EOS -> PAD is no target
+
+
+def test_packed_rows_cut_at_word_boundaries():
+    """Words [B][ab][ cd][E] [B][e][E]; 6 bytes / 3 words per row; targets cross rows."""
+    b = pack_word_documents(["ab cd", "e"], seq_len=6, max_words=3, max_word_bytes=32)
+    a, bb, sp, c, d, e = (ord(x) for x in "ab cde")
+    assert b["inputs"].tolist() == [[B, a, bb, sp, c, d], [E, B, e, P, P, P], [E, P, P, P, P, P]]
+    assert b["targets"].tolist() == [[a, bb, sp, c, d, E], [B, e, E, P, P, P], [P] * 6]
+    assert b["word_ids"].tolist() == [[1, 2, 2, 3, 3, 3], [1, 2, 3, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert b["segment_ids"].tolist() == [[1] * 6, [1, 2, 2, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert b["positions"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 0, 1, 0, 0, 0], [0] * 6]
+    assert b["word_segment_ids"].tolist() == [[1, 1, 1], [1, 2, 2], [1, 0, 0]]
+    assert b["word_positions"].tolist() == [[0, 1, 2], [0, 0, 1], [0, 0, 0]]
+    assert b["loss_mask"].tolist() == [[1] * 6, [0, 1, 1, 0, 0, 0], [0] * 6]
+
+
+def test_long_words_are_cut_and_word_limit_ends_rows():
+    b = text_to_word_batch(["a" * 70], 80, 8, 32)  # [BOS] + 32 + 32 + 6 + [EOS]
+    counts = np.bincount(b["word_ids"][0], minlength=6)[1:6].tolist()
+    assert counts == [1, 32, 32, 6, 1]
+    assert pack_rows(np.ones(7, np.int32), seq_len=100, max_words=3).tolist() == [
+        [0, 3], [3, 3], [6, 1],
+    ]  # fmt: skip
+
+
+def test_bad_input_errors(model_params, forward):
+    model, params = model_params
+    with pytest.raises(ValueError, match="invalid UTF-8 at byte offset 2"):
+        bytes_to_words(b"ab\xff", 32)
+    with pytest.raises(ValueError, match="invalid UTF-8"):
+        text_to_word_batch([b"ok", b"\xc3("], 16, 8, 32)
+    with pytest.raises(ValueError, match="empty text"):
+        text_to_word_batch([""], 16, 8, 32)
+    with pytest.raises(ValueError, match="max_words=4"):
+        text_to_word_batch(["one two three four"], 32, 4, 32)  # 6 words with BOS/EOS
+    with pytest.raises(ValueError, match="seq_len=8"):
+        text_to_word_batch(["one two three"], 8, 8, 32)
+    good = text_to_word_batch(["hi you"], 16, 8, 32)
+    with pytest.raises(ValueError, match="max_words=80"):
+        wide = {**good, "word_segment_ids": np.zeros((1, 81), np.int32)}
+        forward(params, _jnp({**wide, "word_positions": wide["word_segment_ids"]}))
+    with pytest.raises(ValueError, match="missing field 'word_ids'"):
+        forward(params, _jnp({k: v for k, v in good.items() if k != "word_ids"}))
+    with pytest.raises(ValueError, match="inputs must be integer"):
+        forward(params, {**_jnp(good), "inputs": jnp.zeros((1, 16))})
+
+
+# ---------------------------------------------------------------- model
+
+
+def test_pooling_matches_isolated_words(model_params):
+    """Packed, segment-masked pooling == pooling each word alone (a per-word loop)."""
+    model, params = model_params
+    b = text_to_word_batch(["To be, or not to be: that is\n the question."], 64, 16, 32)
+    rng = np.random.default_rng(0)
+    acts = jnp.asarray(rng.normal(size=(1, 64, CFG.encoder.d_model)), jnp.float32)
+    w = int(b["word_ids"].max())
+    slots = jnp.asarray(np.where(b["word_segment_ids"] > 0, np.arange(1, 17), 0))
+    pool = jax.jit(lambda *a: model.apply({"params": params}, *a, method="pool_words"))
+    packed = pool(acts, b["positions"], b["word_ids"], b["word_positions"], slots)
+    for i in range(w):  # each word alone, its bytes left-aligned in a 32-slot buffer
+        idx = np.flatnonzero(b["word_ids"][0] == i + 1)
+        mine = np.zeros((1, 32), np.int32)
+        mine[0, : len(idx)] = 1
+        take = np.pad(idx, (0, 32 - len(idx)))
+        alone = pool(
+            acts[:, take], b["positions"][:, take], mine, b["word_positions"][:, i : i + 1],
+            np.ones((1, 1), np.int32),
+        )  # fmt: skip
+        np.testing.assert_allclose(packed[0, i], alone[0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_causality_over_bytes_and_words(model_params, forward):
+    """Logits at byte i never depend on bytes after i, nor on words after its own."""
+    _, params = model_params
+    text = "Now is the winter of our discontent made glorious summer"
+    b = text_to_word_batch([text], 80, 16, 32)
+    base = np.asarray(forward(params, _jnp(b)))
+    rng = np.random.default_rng(1)
+    n = len(text) + 2
+    for i in (3, 7, 20, 40):  # keep the word structure, change every byte after i
+        mod = dict(b)
+        mod["inputs"] = b["inputs"].copy()
+        mod["inputs"][0, i + 1 : n] = rng.integers(97, 123, n - i - 1)
+        out = np.asarray(forward(params, _jnp(mod)))
+        np.testing.assert_allclose(out[0, : i + 1], base[0, : i + 1], atol=1e-6)
+        assert np.abs(out[0, i + 1 : n] - base[0, i + 1 : n]).max() > 1e-3
+    # The first byte of word w sees words < w only: changing word w's later bytes and all
+    # later words leaves it unchanged (checked above); changing an earlier word moves it.
+    first = int(np.flatnonzero(b["word_ids"][0] == 5)[0])
+    mod = dict(b)
+    mod["inputs"] = b["inputs"].copy()
+    mod["inputs"][0, 1] = ord("W")
+    assert np.abs(np.asarray(forward(params, _jnp(mod)))[0, first] - base[0, first]).max() > 1e-4
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _full_forward_checks(forward, params, prompts, gen):
+    """Every generated byte == argmax of an uncached forward over the text so far, and the
+    cached logits == that forward's logits (all prefixes in one batch)."""
+    rows, where = [], []
+    for r, prompt in enumerate(prompts):
+        done, cur = prompt_words(prompt, CFG.max_word_bytes)
+        for step, tok in enumerate(gen.tokens[r]):
+            words = [*done, cur] if cur else list(done)
+            rows.append(words)
+            where.append((r, step, sum(len(x) for x in words) - 1, tok))
+            pieces = append_byte(cur, tok, CFG.max_word_bytes)
+            done, cur = [*done, *pieces[:-1]], pieces[-1]
+    logits = np.asarray(forward(params, _jnp(words_to_batch(rows, 96, 64))))
+    for k, (r, step, last, tok) in enumerate(where):
+        np.testing.assert_allclose(gen.step_logits[step, r], logits[k, last], atol=2e-4)
+        assert int(logits[k, last].argmax()) == tok, (r, step)
+    return len(where)
+
+
+def test_cached_generation_equals_full_forward_greedy(model_params, forward):
+    """Greedy, float32; prompts: mid-word, empty, on a word boundary (batched, left-padded).
+    ASCII-only head so the test covers many word boundaries without invalid UTF-8."""
+    model, params = model_params
+    params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"].at[:, 128:].set(0.0)}}
+    assert prompt_words("ROMEO. Hel", 32) == ([(B,), b"ROMEO."], b" Hel")
+    prompts = ["ROMEO. Hel", "", "Speak.\n"]
+    gen = generate_hat(model, params, prompts, max_new_bytes=20, return_logits=True)
+    assert _full_forward_checks(forward, params, prompts, gen) == 60
+    assert all(len(t) == 20 for t in gen.tokens)
+
+
+def test_cached_generation_redecodes_bytes_of_a_new_multibyte_word(model_params, forward):
+    """A CJK character starts a new word only once its 3rd byte arrives: its first two bytes
+    were decoded with the old word's embedding and must be re-decoded (``refits``).
+
+    Residual branches of the byte stacks are shrunk (not removed) and the head reads off a
+    designed bigram E6->97->A5->E6 ("日日日..."), so greedy decoding crosses many such words
+    while every logit still depends on the caches."""
+    model, params = model_params
+
+    def shrink(path, x):
+        keys = [getattr(p, "key", "") for p in path]
+        byte_stack = keys[0] in ("encoder", "decoder")
+        return x * 0.05 if byte_stack and keys[-2] in ("o_proj", "down_proj") else x
+
+    params = jax.tree_util.tree_map_with_path(shrink, params)
+    emb = np.asarray(params["embedding"]["embedding"])
+    unit = emb / np.sqrt((emb**2).mean(-1, keepdims=True))
+    head = np.zeros((CFG.decoder.d_model, CFG.vocab_size), np.float32)
+    for a, b in {0xE6: 0x97, 0x97: 0xA5, 0xA5: 0xE6, 0xAC: 0xE6}.items():
+        head[:, b] += unit[a] * 30.0 / CFG.decoder.d_model
+    params = {**params, "lm_head": {"kernel": jnp.asarray(head)}}
+    prompts = ["日", "x日本"]
+    gen = generate_hat(model, params, prompts, max_new_bytes=12, return_logits=True)
+    assert gen.texts == ["日日日日", "日日日日"]
+    assert gen.refits == 2 * 2 * 4  # 2 rows x 4 new words x 2 earlier bytes
+    _full_forward_checks(forward, params, prompts, gen)
+
+
+def test_stop_strings_and_sampler(model_params):
+    model, params = model_params
+    params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"].at[:, 128:].set(0.0)}}
+    free = generate_hat(model, params, ["Ab"], max_new_bytes=10).texts[0]
+    stop = free[5:7]
+    cut = generate_hat(model, params, ["Ab"], max_new_bytes=10, stop=(stop,)).texts[0]
+    assert cut == free[: free.index(stop)]
+    sampled = generate_hat(
+        model, params, ["Ab", "c"], max_new_bytes=8, temperature=0.8, top_k=20, top_p=0.9,
+        rng=jax.random.key(3),
+    )  # fmt: skip
+    assert [len(t) for t in sampled.tokens] == [8, 8] and sampled.refits == 0
+    text = SAMPLERS["hat"](
+        model, params, None, prompts=["Ab"], max_bytes=10, seed=0, png=None,
+        temperature=0.0, top_k=None, top_p=None,
+    )  # fmt: skip
+    assert text == "Ab" + free
+    with pytest.raises(ValueError, match="max_seq_len=256"):
+        generate_hat(model, params, ["x" * 250], max_new_bytes=10)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_training_loss_decreases_on_shakespeare():
+    from arjax.train.config import TrainConfig
+    from arjax.train.optim import make_optimizer
+    from arjax.train.step import init_train_state, make_train_step
+
+    data = DataConfig(seq_len=128, batch_size=4, val_batches=1)
+    batch = _jnp(make_word_eval_batches(data, max_words=48, max_word_bytes=32)[0])
+    cfg = dataclasses.replace(CFG, max_words=48, max_seq_len=128)
+    model = HAT(cfg)
+    tx = make_optimizer(TrainConfig(learning_rate=3e-3, warmup_steps=0))
+    state = nn.meta.unbox(init_train_state(model, tx, jax.random.key(0), batch))
+    step = jax.jit(make_train_step(model, tx))
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0] - 1.0, losses  # from ~ln(259)=5.6 nats down
+    assert metrics["tokens"] > 0.9 * 4 * 128
