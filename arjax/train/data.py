@@ -60,3 +60,20 @@ def make_data(cfg: Any, process_index: int = 0, process_count: int = 1) -> tuple
     if kind not in DATA_BUILDERS:
         raise ValueError(f"no data pipeline registered for kind {kind!r}")
     return DATA_BUILDERS[kind](cfg, process_index, process_count)
+
+
+def example_batch_for(model_name: str, model_cfg: Any, batch: int, seq: int) -> dict:
+    """One real validation batch of ``batch`` rows x ``seq`` positions for any family
+    (benchmarks and AOT compilation; image families ignore ``seq``)."""
+    import dataclasses
+
+    from arjax.data.pipeline import DataConfig
+    from arjax.models import get_model_spec
+    from arjax.train.config import RunConfig, TrainConfig
+
+    spec = get_model_spec(model_name)
+    data = DataConfig(seq_len=seq, batch_size=batch, val_batches=1)
+    if spec.data != "images" and hasattr(model_cfg, "max_seq_len"):
+        model_cfg = dataclasses.replace(model_cfg, max_seq_len=max(seq, model_cfg.max_seq_len))
+    cfg = RunConfig(model_name, model_cfg, data, TrainConfig(grad_accum=1))
+    return make_data(cfg)[1][0]
