@@ -1,4 +1,4 @@
-"""Sampling from the Axial Transformer (Ho et al. 2019, sec. 3.3): semi-parallel and naive.
+"""Sampling from the Axial Transformer (Ho et al. 2019, sec. 4): semi-parallel and naive.
 
 Both samplers draw subpixel ``g`` (generation order: channel-major, then raster) with the key
 ``fold_in(rng, g)``, so with the same ``rng`` they return the same tensors up to float
@@ -25,6 +25,7 @@ import numpy as np
 
 from arjax.data.images import image_grid, write_png
 from arjax.generate.sampling import sample_token, validate_sampling
+from arjax.models.axial import earlier_channels
 
 SamplingArgs = dict[str, Any]
 
@@ -95,8 +96,7 @@ def _semi_parallel(model, params, rng, *, num, temperature, top_k, top_p):
     def channel_step(carry, channel):
         tokens, cache = carry  # tokens [num, *shape, channels]
         emb, _ = call(cache, "embed_channels", tokens)  # [num, *shape, channels, d]
-        before = (jnp.arange(c.channels) < channel)[:, None]
-        earlier = jnp.sum(jnp.where(before, emb, 0), axis=-2)  # zeros for channel 0
+        earlier = jnp.take(earlier_channels(emb), channel, axis=-2)  # [num, *shape, d]
         ctx, _ = call(cache, "slice_context", earlier)
         values, cache = level(0, channel, ctx, cache, channel * n_pix)
         return (tokens.at[..., channel].set(values), cache), None

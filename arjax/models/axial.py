@@ -2,27 +2,27 @@
 
 An autoregressive model of N-D tensors of discrete values ``[batch, *spatial, channels]``
 (images: ``spatial = (rows, cols)``; video: ``(frames, rows, cols)``). Generation order:
-channel-major (sec. 4.2: a whole channel slice after the previous ones), then raster order
-over ``spatial``.
+channel-major (sec. 4: a whole channel slice after the previous ones), then raster order over
+``spatial``.
 
 Per channel slice, with data embeddings ``e`` and a context ``a`` that every position may see
 (axial position embeddings + the channel encoder's summary of the earlier channels):
 
-- outer decoder of axis ``k`` (sec. 3.2, eq. for ``u``; one per axis but the last): layers of
-  unmasked axial attention along every later axis then masked axial attention along ``k``;
+- outer decoder of axis ``k`` (sec. 4; one per axis but the last): layers of unmasked
+  axial attention along every later axis then masked axial attention along ``k``;
   ``ctx_{k+1} = shift_k(outer_k(e + ctx_k)) + ctx_k`` with ``ctx_0 = a``. For images this is
   the paper's "unmasked row + masked column" stack followed by ``ShiftDown``; for more axes it
   nests (frames, then rows within a frame).
 - inner decoder (masked attention along the last axis): ``inner(shift_last(e) + ctx_{n-1})``,
   the paper's ``ShiftRight(h) + ShiftDown(u)`` followed by masked row attention.
-- channel encoder (sec. 4.2): unmasked axial attention along all axes over the sum of the
+- channel encoder (sec. 4): unmasked axial attention along all axes over the sum of the
   earlier channels' embeddings; absent for one channel.
 
 Every shift moves context one step later along its axis, so the logits at a subpixel depend
 only on subpixels before it in the generation order. Blocks are pre-norm residual
 (RMSNorm, axial attention with RoPE along the attended axis, SwiGLU). Sampling
 (:mod:`arjax.generate.axial`) runs outer decoders once per slice and the inner decoder once
-per pixel, with KV caches along the masked axes (sec. 3.3, semi-parallel sampling).
+per pixel, with KV caches along the masked axes (sec. 4, semi-parallel sampling).
 """
 
 from __future__ import annotations
@@ -134,6 +134,13 @@ def shift(x: jax.Array, axis: int) -> jax.Array:
     return jax.lax.slice_in_dim(jnp.pad(x, pad), 0, x.shape[a], axis=a)
 
 
+def earlier_channels(emb: jax.Array) -> jax.Array:
+    """Exclusive sum over channels: ``[..., channels, d]`` -> for each channel the sum of the
+    channels before it (zeros for the first). Not ``cumsum - emb``: that leaks by rounding."""
+    earlier = jnp.cumsum(emb[..., :-1, :], axis=-2)
+    return jnp.concatenate([jnp.zeros_like(emb[..., :1, :]), earlier], axis=-2)
+
+
 def check_images(tokens: jax.Array, config: AxialConfig, name: str = "inputs") -> None:
     """Shape/dtype checks at trace time, before compilation."""
     want = (*config.shape, config.channels)
@@ -148,7 +155,7 @@ def check_images(tokens: jax.Array, config: AxialConfig, name: str = "inputs") -
 
 class AxialBlock(nn.Module):
     """Pre-norm residual block: axial attention along spatial ``axis`` (masked if ``causal``),
-    then a SwiGLU MLP (the paper's axial-attention transformer block, sec. 3.2).
+    then a SwiGLU MLP (the paper's axial-attention transformer block, sec. 4).
 
     x ``[batch, *spatial, d_model]``. In ``prefill``/``decode`` a causal block keeps the K/V of
     its axis in the ``cache`` collection (``decode``: the slice at ``cache_index`` along
@@ -266,10 +273,7 @@ class AxialTransformer(nn.Module):
         check_images(tokens, c)
         emb = self.embed_channels(tokens)  # [batch, *shape, channels, d_model]
         e = rearrange(emb, "b ... c d -> (b c) ... d")  # every channel slice in parallel
-        # Exclusive cumsum over channels (not cumsum - emb, which leaks through rounding).
-        earlier = jnp.cumsum(emb, axis=-2)[..., :-1, :]
-        earlier = jnp.concatenate([jnp.zeros_like(emb[..., :1, :]), earlier], axis=-2)
-        earlier = rearrange(earlier, "b ... c d -> (b c) ... d")
+        earlier = rearrange(earlier_channels(emb), "b ... c d -> (b c) ... d")
         ctx = self.slice_context(earlier)  # [(batch channels), *shape, d_model]
         for k in range(len(c.shape) - 1):
             ctx = shift(self.outer[k](e + ctx), k) + ctx
@@ -290,7 +294,7 @@ class AxialTransformer(nn.Module):
     def slice_context(self, earlier: jax.Array) -> jax.Array:
         """What every position of a channel slice may see (``ctx_0``): the axial position
         embeddings plus the channel encoder over ``earlier`` ``[batch, *shape, d_model]``, the
-        summed embeddings of the channels before it (sec. 4.2; zeros for the first)."""
+        summed embeddings of the channels before it (sec. 4; zeros for the first)."""
         c = self.config
         pos = sum(
             jnp.expand_dims(p, [i for i in range(len(c.shape)) if i != j])

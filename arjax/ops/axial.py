@@ -1,4 +1,4 @@
-"""Axial attention: softmax attention along one axis of an N-D tensor (Ho et al. 2019, sec. 3.1).
+"""Axial attention: softmax attention along one axis of an N-D tensor (Ho et al. 2019, sec. 3).
 
 q, k, v ``[batch, *spatial, heads, head_dim]`` with the same ``spatial`` shape
 (e.g. ``[batch, rows, cols, heads, head_dim]`` for images, ``[batch, frames, rows, cols, ...]``
@@ -113,7 +113,7 @@ def axial_attention(
 ) -> jax.Array:
     """Attention along spatial ``axis``; returns ``[batch, *spatial, heads, head_dim]``.
 
-    ``causal`` is the paper's masked axial attention (sec. 3.1): index ``i`` along ``axis``
+    ``causal`` is the paper's masked axial attention (sec. 3): index ``i`` along ``axis``
     sees indices ``<= i``. Any implementation of :func:`arjax.ops.attention` (GQA included).
     """
     axis = _validate(q, k, v, axis)
