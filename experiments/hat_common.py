@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import sys
 from importlib.metadata import version
@@ -26,6 +27,8 @@ def metadata() -> dict[str, Any]:
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": f"{dev.platform}: {dev.device_kind} x{jax.device_count()}",
         "host": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "versions": {p: version(p) for p in ("jax", "flax", "optax", "numpy")},
         "python": platform.python_version(),
         "command": "python " + " ".join(sys.argv),
@@ -51,7 +54,8 @@ def write_results(
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     md = (
         f"# {title}\n\n{table}\n\n"
-        f"- device: {meta['device']} ({meta['host']})\n- date: {meta['date_utc']}\n"
+        f"- device: {meta['device']} ({meta['host']}, {meta['cpu_count']} CPU cores, load "
+        f"average {meta['load_average_1min']} at the end)\n- date: {meta['date_utc']}\n"
         f"- versions: python {meta['python']}, {versions}\n- command: `{meta['command']}`\n"
     )
     if notes:
