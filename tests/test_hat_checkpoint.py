@@ -289,6 +289,10 @@ def test_unsupported_published_configs_name_the_field():
     with pytest.raises(ConfigError, match="key_query_norm_per_head"):
         hc.config_from_published(bad)
     bad = json.loads(json.dumps(published))
+    del bad["backbone_config"]["intermediate_size"]
+    with pytest.raises(ConfigError, match="backbone_config.intermediate_size: missing"):
+        hc.config_from_published(bad)
+    bad = json.loads(json.dumps(published))
     bad["decoder_config"]["cross_attention_config"]["num_attention_heads"] = 4
     with pytest.raises(ConfigError, match="num_attention_heads"):
         hc.config_from_published(bad)

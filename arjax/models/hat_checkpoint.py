@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import warnings
 from collections.abc import Iterator
@@ -125,8 +126,17 @@ class Rule:
 # ----------------------------------------------------------------------------- config
 
 
-def _stack_from_published(sub: dict, where: str, final_norm: bool, **runtime: Any):
+def _required(sub: dict, where: str, *keys: str) -> None:
+    for key in keys:
+        check(key in sub, f"{where}.{key}", "missing from the HAT config.json")
+
+
+def _stack_from_published(
+    sub: dict, where: str, final_norm: bool, **runtime: Any
+) -> TransformerConfig:
     """A published Llama sub-config -> :class:`TransformerConfig` (unsupported: ConfigError)."""
+    _required(sub, where, "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size")  # fmt: skip
     for key, ok, want in (
         ("mlp_bias", lambda v: not v, "false"),
         ("attention_bias", lambda v: not v, "false"),
@@ -154,6 +164,7 @@ def _stack_from_published(sub: dict, where: str, final_norm: bool, **runtime: An
 
 def _cross_fields(enc: dict, dec: dict) -> dict[str, Any]:
     """The shared cross-attention shape of both connectors (they must agree)."""
+    _required(enc, "encoder_config.cross_attention_config", "num_attention_heads", "hidden_size")
     fields = {}
     for key in ("num_attention_heads", "attention_num_kv_heads", "hidden_size"):
         check(
@@ -210,6 +221,8 @@ def config_from_published(
     for key in ("encoder_config", "backbone_config", "decoder_config"):
         check(isinstance(published.get(key), dict), key, "missing from the HAT config.json")
     enc, bb, dec = (published[k] for k in ("encoder_config", "backbone_config", "decoder_config"))
+    _required(enc, "encoder_config", "vocab_size", "cross_attention_config")
+    _required(dec, "decoder_config", "cross_attention_config")
     for where, sub in (("encoder_config", enc), ("backbone_config", bb), ("decoder_config", dec)):
         check(
             sub.get("rope_scaling") is None or ignore_rope_scaling,
@@ -539,11 +552,13 @@ def _to_published(kind: Kind, y: np.ndarray) -> np.ndarray:
 
 def published_shapes(config: HATConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a published checkpoint of ``config`` holds."""
-    return _expected(config)[2]
+    return dict(_expected(config)[2])
 
 
+@functools.cache
 def _expected(config: HATConfig) -> tuple[list[Rule], dict[Path_, Any], dict[str, tuple]]:
-    """Rules, abstract arjax leaves, and each published tensor's expected shape."""
+    """Rules, abstract arjax leaves, and each published tensor's expected shape (cached per
+    config; callers must not mutate them)."""
     table = rules(config)
     leaves = _flat(abstract_params(config))
     mapped = {r.path for r in table if r.path is not None}
