@@ -1,0 +1,292 @@
+"""Chunked linear-attention scan: Pallas kernels vs the pure-jnp chunked form vs fla (Triton).
+
+Scalar decay (``chunk_simple_gla``) and gated linear attention (``chunk_gla``) from the
+flash-linear-attention package ``fla-core``, bf16, head dim 128, (batch, heads, len) =
+(8, 16, 2048) and (2, 16, 8192), forward and forward+backward, on one GPU. First checks the
+kernels on the GPU against the float32 recurrence (odd length, initial state, segment
+resets, gradients), then times everything. Run (fla-core as a wheel under .whl/):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:. python3 experiments/bench_scan.py
+
+Writes ``experiments/results/bench_scan.{json,md}``. JAX timings: jit, compiled before timing,
+``block_until_ready``; torch: CUDA events; both the median over ``--reps`` samples of
+``--inner`` back-to-back calls. fwd+bwd returns the output and all input gradients (q, k, v,
+gate) for the cotangent ``do`` in every implementation; fla also returns the final state.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from arjax.ops.linear_attention import linear_attention  # noqa: E402
+from kernels_pallas.linear_attention_scan import (  # noqa: E402
+    chunked_linear_attention,
+    linear_attention_reference,
+    recurrent_step,
+)
+
+SHAPES = ((8, 16, 2048), (2, 16, 8192))  # (batch, heads, len)
+DIM = 128
+VARIANTS = ("scalar", "gla")
+
+
+def make_inputs(shape, variant, dtype, seed=0):
+    """q (pre-scaled by dim^-1/2), k, v ``[b, len, h, d]``, log-gate (fla's logsigmoid/16), do."""
+    b, h, length = shape
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    x = lambda key, shp: jax.random.normal(key, shp, jnp.float32)  # noqa: E731
+    q = x(ks[0], (b, length, h, DIM)) * DIM**-0.5
+    k, v, do = x(ks[1], q.shape), x(ks[2], q.shape), x(ks[3], q.shape)
+    gshape = (b, length, h) if variant == "scalar" else (b, length, h, DIM)
+    g = jax.nn.log_sigmoid(x(ks[4], gshape) + 3.0) / 16.0
+    return tuple(a.astype(dtype) for a in (q, k, v)) + (g, do.astype(dtype))
+
+
+def time_jax(fn, *args, reps, inner) -> float:
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t) / inner)
+    return statistics.median(samples) * 1e3
+
+
+def time_torch(fn, *, reps, inner) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / inner)
+    return statistics.median(samples)
+
+
+def jax_fns(impl: str):
+    """(fwd, fwd+bwd) jitted for ``impl`` in {"pallas", "xla"} (arjax.ops.linear_attention)."""
+
+    def fwd(q, k, v, g):
+        return linear_attention(q, k, v, log_decay=g, form="chunked", impl=impl)
+
+    def fwd_bwd(q, k, v, g, do):
+        out, vjp = jax.vjp(lambda *a: fwd(*a)[0], q, k, v, g)
+        return out, vjp(do)
+
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def fla_fns(variant, q, k, v, g, do):
+    import torch
+    from fla.ops.gla import chunk_gla
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    t = lambda a, grad: (
+        torch.from_dlpack(np.asarray(a.astype(jnp.float32)))
+        .cuda()
+        .to(  # noqa: E731
+            torch.bfloat16 if a.dtype == jnp.bfloat16 else torch.float32
+        )
+        .requires_grad_(grad)
+    )
+    tq, tk, tv, tg = (t(a, True) for a in (q, k, v, g))
+    tdo = t(do, False)
+    op = chunk_simple_gla if variant == "scalar" else chunk_gla
+
+    def fwd():
+        with torch.no_grad():
+            return op(tq, tk, tv, g=tg, scale=1.0, output_final_state=True)
+
+    def fwd_bwd():
+        o, _ = op(tq, tk, tv, g=tg, scale=1.0, output_final_state=True)
+        return o, torch.autograd.grad(o, (tq, tk, tv, tg), tdo)
+
+    return fwd, fwd_bwd
+
+
+def rel_err(x, y) -> float:
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    return float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12))
+
+
+def fp32_errors(variant: str) -> dict:
+    """Kernel vs recurrence, float32, odd length, initial state, segment resets, gradients."""
+    b, length, h = 2, 203, 2
+    ks = jax.random.split(jax.random.PRNGKey(1), 8)
+    q, k = (jax.random.normal(kk, (b, length, h, 32)) * 0.3 for kk in ks[:2])
+    v = jax.random.normal(ks[2], (b, length, h, 64))
+    g = None
+    if variant != "none":
+        shp = (b, length, h) if variant == "scalar" else (b, length, h, 32)
+        g = jax.nn.log_sigmoid(jax.random.normal(ks[3], shp) + 1.0)
+    s0 = jax.random.normal(ks[4], (b, h, 32, 64))
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 4], [1, 1, 2, 5]], [50, 60, 40, 53], axis=1))
+    w = jax.random.normal(ks[5], v.shape)
+    fns = {
+        "kernel": lambda q, k, v, g, s0: chunked_linear_attention(
+            q, k, v, log_decay=g, initial_state=s0, segment_ids=seg
+        ),
+        "ref": lambda q, k, v, g, s0: linear_attention_reference(
+            q, k, v, log_decay=g, initial_state=s0, segment_ids=seg
+        ),
+    }
+    argnums = (0, 1, 2, 3, 4) if g is not None else (0, 1, 2, 4)
+    outs, grads = {}, {}
+    for name, fn in fns.items():
+        loss = lambda *a, fn=fn: jnp.sum(fn(*a)[0] * w) + jnp.sum(fn(*a)[1])  # noqa: E731
+        outs[name] = jax.jit(fn)(q, k, v, g, s0)
+        grads[name] = jax.jit(jax.grad(loss, argnums))(q, k, v, g, s0)
+    return {
+        f"fp32 {variant} out": rel_err(outs["kernel"][0], outs["ref"][0]),
+        f"fp32 {variant} state": rel_err(outs["kernel"][1], outs["ref"][1]),
+        f"fp32 {variant} grads": max(rel_err(x, y) for x, y in zip(grads["kernel"], grads["ref"])),
+    }
+
+
+def check(results: dict) -> None:
+    """Kernels vs the float32 recurrence on the GPU (fp32 and bf16) and the decode step."""
+    errs = {}
+    for variant in ("none", "scalar", "gla"):
+        errs.update(fp32_errors(variant))
+    for variant in VARIANTS:
+        q, k, v, g, do = make_inputs((2, 4, 1024), variant, jnp.bfloat16, seed=2)
+        o1, s1 = jax.jit(lambda *a: chunked_linear_attention(*a[:3], log_decay=a[3]))(q, k, v, g)
+        o2, s2 = linear_attention_reference(q, k, v, log_decay=g)
+        errs[f"bf16 {variant} out"] = rel_err(o1, o2)
+        errs[f"bf16 {variant} state"] = rel_err(s1, s2)
+    q, k, v, g, _ = make_inputs((2, 4, 1), "gla", jnp.float32, seed=3)
+    s0 = jax.random.normal(jax.random.PRNGKey(4), (2, 4, DIM, DIM))
+    o1, s1 = jax.jit(recurrent_step)(q[:, 0], k[:, 0], v[:, 0], s0, log_decay=g[:, 0])
+    o2, s2 = linear_attention_reference(q, k, v, log_decay=g, initial_state=s0)
+    errs["fp32 decode step out"] = rel_err(o1, o2[:, 0])
+    errs["fp32 decode step state"] = rel_err(s1, s2)
+    results["errors"] = errs
+    for name, e in errs.items():
+        print(f"  {name:28s} max rel err {e:.2e}")
+
+
+def bench(results: dict, reps: int, inner: int, out: str) -> None:
+    """Pallas first, then fla, then the jnp form; results are written after every row."""
+    import torch
+
+    rows = results["rows"]
+    for shape in SHAPES:
+        for variant in VARIANTS:
+            q, k, v, g, do = make_inputs(shape, variant, jnp.bfloat16)
+            row = {"shape": shape, "variant": variant}
+            rows.append(row)
+            for impl, name in (("pallas", "pallas"), ("fla", "fla"), ("xla", "jnp")):
+                try:
+                    if impl == "fla":
+                        f, fb = fla_fns(variant, q, k, v, g, do)
+                        row["fla fwd"] = time_torch(f, reps=reps, inner=inner)
+                        row["fla fwd+bwd"] = time_torch(fb, reps=reps, inner=inner)
+                        del f, fb
+                        torch.cuda.empty_cache()
+                    else:
+                        f, fb = jax_fns(impl)
+                        row[f"{name} fwd"] = time_jax(f, q, k, v, g, reps=reps, inner=inner)
+                        row[f"{name} fwd+bwd"] = time_jax(
+                            fb, q, k, v, g, do, reps=reps, inner=inner
+                        )
+                        jax.clear_caches()
+                except Exception as e:  # noqa: BLE001 -- e.g. the jnp GLA form out of memory
+                    row[f"{name} error"] = repr(e)[:300]
+                print(json.dumps(row), flush=True)
+                write(results, out, quiet=True)
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def ratio(a, b) -> str:
+    return "-" if a is None or b is None else f"{a / b:.2f}x"
+
+
+def write(results: dict, out: str, quiet: bool = False) -> None:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as fh:
+        json.dump(results, fh, indent=1)
+    lines = [
+        "# Chunked linear-attention scan (bf16, head dim 128), ms",
+        "",
+        f"device: {results['device']}; date: {results['date']}; {results['versions']}",
+        f"command: `{results['command']}`",
+        "",
+        "| (B,H,L) | variant | pass | pallas | fla | jnp chunked | fla / pallas | jnp / pallas |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        for p in ("fwd", "fwd+bwd"):
+            ours, fla, jnp_ = (r.get(f"{n} {p}") for n in ("pallas", "fla", "jnp"))
+            lines.append(
+                f"| {tuple(r['shape'])} | {r['variant']} | {p} | {fmt(ours)} | {fmt(fla)} | "
+                f"{fmt(jnp_)} | {ratio(fla, ours)} | {ratio(jnp_, ours)} |"
+            )
+    errors = [f"{r['shape']} {r['variant']}: {k} {v}" for r in results["rows"] for k, v in r.items()
+              if k.endswith("error")]  # fmt: skip
+    lines += ["", "GPU check vs float32 recurrence (max rel err):", ""]
+    lines += [f"- {k}: {v:.2e}" for k, v in results.get("errors", {}).items()]
+    lines += [""] + [f"- error: {e}" for e in errors]
+    with open(out + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    if not quiet:
+        print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--inner", type=int, default=5)
+    ap.add_argument("--out", default="experiments/results/bench_scan")
+    ap.add_argument("--no-check", action="store_true", help="skip the GPU correctness check")
+    args = ap.parse_args()
+    versions = f"jax {jax.__version__}"
+    try:
+        import fla
+        import torch
+        import triton
+
+        versions += (
+            f", torch {torch.__version__}, triton {triton.__version__}, fla {fla.__version__}"
+        )
+    except ImportError as e:
+        versions += f" (fla unavailable: {e})"
+    results = {
+        "device": jax.devices()[0].device_kind,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
+        "versions": versions,
+        "command": "PYTHONPATH=/tmp/site:. python3 experiments/bench_scan.py",
+        "rows": [],
+    }
+    if not args.no_check:
+        check(results)
+        write(results, args.out)
+    bench(results, args.reps, args.inner, args.out)
+    write(results, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,776 @@
+"""Chunked linear-attention scan in Pallas: plain, scalar decay and gated (GLA); fwd + bwd.
+
+Recurrence (Katharopoulos et al. 2020, eq. 5; Yang et al. 2024 "Gated Linear Attention",
+eq. 2): ``S_t = diag(a_t) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t``, ``a_t = exp(g_t)`` with
+``g = log_decay`` None (a_t = 1), ``[batch, len, heads]`` (scalar decay) or
+``[batch, len, heads, dk]`` (gated). A new segment (``segment_ids`` changes) zeroes the state
+before its first update; the initial state belongs to the first token's segment.
+
+Chunked form (GLA paper sec. 3.3 / 4.2): with chunk-local cumulative log-gates
+``b_i = sum_{s <= i} g_s`` (inside one chunk of ``C`` tokens, ``B = b_{C-1}``),
+
+* inter-chunk: ``o_i += (q_i * e^{b_i})^T S_prev``;
+  ``S_next = e^{B} * S_prev + sum_j (k_j * e^{B - b_j}) v_j^T`` (all factors <= 1);
+* intra-chunk: ``o_i += sum_{j <= i} A_ij v_j`` with ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}``.
+
+Gates stay in log space. For scalar decay ``A = (q k^T) * exp(b_i - b_j)`` is one [C, C]
+matmul. For GLA the chunk is split into sub-chunks of ``SUB`` rows (secondary chunking, GLA
+paper sec. 4.2): a block pair (rows X, cols Y < X) uses the reference ``rho = b_{first row of
+X}`` so that ``q e^{b - rho}`` and ``k e^{rho - b}`` are both <= 1 and one MMA computes it; the
+diagonal blocks are computed element-wise, one key (or query) row at a time, from exact
+differences ``b_i - b_j <= 0``. Nothing is ever exponentiated with a positive argument.
+
+Kernels (one set of chunk math, two drivers):
+
+* ``state pass`` (sequential over chunks): chunk-start states ``h[n]`` (stored in the input
+  dtype for the MMAs) and the final float32 state; state rows are independent (the gate is
+  diagonal), so programs split the state into ``[bk, bv]`` tiles.
+* ``chunk output`` (parallel over chunks): ``o`` from ``h[n]`` and the intra-chunk scores.
+* backward: a reverse state pass for ``dh[n] = dL/dS_n`` and the initial-state gradient, then
+  a parallel chunk kernel for ``dq, dk, dv`` and ``db = q*dq - k*dk`` (+ the ``e^B`` term on
+  the last row); ``dg`` follows from ``db`` by the transpose of the chunk-local cumsum (XLA).
+
+``backend="gpu"`` (Pallas Triton; native ``[batch, len, heads, dim]`` layout, the sequential
+kernels loop over chunks inside a program) or ``"tpu"`` (Mosaic; ``[batch, heads, len, dim]``
+layout, chunks are an ``arbitrary`` grid axis carrying the state in VMEM scratch). Both run in
+interpret mode on CPU. ``recurrent_step`` is the fused one-token decode update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+F32 = jnp.float32
+SUB = 16  # GLA sub-chunk rows (secondary chunking)
+BACKENDS = ("gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    """Static description of one call (hashable: it keys the custom_vjp)."""
+
+    backend: str  # "gpu" | "tpu"
+    interpret: bool
+    chunk: int  # C, tokens per chunk
+    gate: str  # "none" | "scalar" | "gated"
+    segments: bool
+    exact: bool  # float32 inputs: ask for full-precision MMAs
+
+    @property
+    def sub(self) -> int:
+        return SUB if self.gate == "gated" else self.chunk
+
+    @property
+    def precision(self):
+        return lax.Precision.HIGHEST if self.exact else None
+
+
+def _mm(a, b, cfg: _Cfg, *, ta: bool = False, tb: bool = False) -> jax.Array:
+    """``a @ b`` (optionally transposed operands) with float32 accumulation."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=cfg.precision, preferred_element_type=F32)
+
+
+def _iota(shape, dim):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _exp_masked(mask, x):
+    """``exp(x)`` where ``mask``, else 0 (x <= 0 wherever mask holds)."""
+    return jnp.exp(jnp.where(mask, x, -jnp.inf))
+
+
+# ----------------------------------------------------------------------------------------------
+# state recurrence over one chunk (values; shared by both drivers)
+
+
+def _state_step(s, x, y, b, b_last, r, r_prev, r_last, cfg: _Cfg, *, reverse: bool):
+    """One chunk of the state pass on a ``[bk, bv]`` tile of the state.
+
+    forward: ``S_next = e^{B} S + (k * e^{B - b})^T v`` (x = k, y = v);
+    reverse: ``dS_prev = e^{B} dS + (q * e^{b})^T do`` (x = q, y = do).
+    ``x [C, bk]``, ``y [C, bv]``, ``b [C, bk | 1]``, ``b_last [1, bk | 1]``, ``r [C, 1]`` document
+    index, ``r_prev``/``r_last`` ``[1, 1]`` of the token before the chunk / the last token.
+    """
+    xd = x.astype(F32)
+    carry = s
+    if cfg.gate != "none":
+        xd = xd * jnp.exp(b if reverse else b_last - b)
+        carry = carry * jnp.exp(b_last).T
+    if cfg.segments:
+        xd = jnp.where(r == (r_prev if reverse else r_last), xd, 0.0)
+        carry = jnp.where(r_last == r_prev, carry, 0.0)
+    return carry + _mm(xd.astype(y.dtype), y, cfg, ta=True)
+
+
+def _tiles(dk: int, dv: int, cfg: _Cfg) -> tuple[int, int]:
+    if cfg.backend == "tpu":  # Mosaic: last block dims full (or multiples of 128)
+        return dk, dv
+    return min(dk, 64), min(dv, 64)
+
+
+def _state_pass_gpu(x, y, b, s_init, r, rp, cfg: _Cfg, *, reverse: bool, h_dtype):
+    """Triton driver: grid (batch, heads, state tiles); each program loops over all chunks."""
+    bsz, length, heads, dk = x.shape
+    dv = y.shape[3]
+    c, n_chunks = cfg.chunk, length // cfg.chunk
+    bk, bv = _tiles(dk, dv, cfg)
+    nv = dv // bv
+
+    def kernel(*refs):
+        x_ref, y_ref, *refs = refs
+        b_ref = refs.pop(0) if b is not None else None
+        s0_ref = refs.pop(0)
+        r_ref, rp_ref = (refs.pop(0), refs.pop(0)) if cfg.segments else (None, None)
+        h_ref, sf_ref = refs
+        bi, hi, tile = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        ks = pl.ds(pl.multiple_of((tile // nv) * bk, bk), bk)
+        vs = pl.ds(pl.multiple_of((tile % nv) * bv, bv), bv)
+        gs = ks if cfg.gate == "gated" else pl.ds(0, 1)
+
+        def body(i, s):
+            n = n_chunks - 1 - i if reverse else i
+            h_ref[bi, hi, n, ks, vs] = s.astype(h_ref.dtype)
+            t0 = pl.multiple_of(n * c, c)
+            t = pl.ds(t0, c)
+            last = pl.ds(t0 + c - 1, 1)
+            bb = b_last = r = r_prev = r_last = None
+            if b_ref is not None:
+                bb, b_last = b_ref[bi, t, hi, gs], b_ref[bi, last, hi, gs]
+            if r_ref is not None:
+                r, r_last, r_prev = r_ref[bi, t, :], r_ref[bi, last, :], rp_ref[bi, pl.ds(t0, 1), :]
+            xx, yy = x_ref[bi, t, hi, ks], y_ref[bi, t, hi, vs]
+            return _state_step(s, xx, yy, bb, b_last, r, r_prev, r_last, cfg, reverse=reverse)
+
+        s = lax.fori_loop(0, n_chunks, body, s0_ref[bi, hi, ks, vs])
+        sf_ref[bi, hi, ks, vs] = s
+
+    args = [x, y] + ([b] if b is not None else []) + [s_init]
+    args += [r, rp] if cfg.segments else []
+    out_shape = (
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), h_dtype),
+        jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
+    )
+    params = None if cfg.interpret else pltriton.CompilerParams(num_warps=4, num_stages=2)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(bsz, heads, (dk // bk) * nv),
+        interpret=cfg.interpret,
+        compiler_params=params,
+        name="la_state_bwd" if reverse else "la_state_fwd",
+    )(*args)
+
+
+def _state_pass_tpu(x, y, b, s_init, r, rp, cfg: _Cfg, *, reverse: bool, h_dtype):
+    """Mosaic driver: grid (batch, heads, chunks); chunks run in order, state in VMEM."""
+    bsz, heads, length, dk = x.shape
+    dv = y.shape[3]
+    c, n_chunks = cfg.chunk, length // cfg.chunk
+    g = b.shape[3] if b is not None else 0
+
+    def chunk_of(n):
+        return n_chunks - 1 - n if reverse else n
+
+    def kernel(*refs):
+        x_ref, y_ref, *refs = refs
+        b_ref = refs.pop(0) if b is not None else None
+        s0_ref = refs.pop(0)
+        r_ref, rp_ref = (refs.pop(0), refs.pop(0)) if cfg.segments else (None, None)
+        h_ref, sf_ref, s_scr = refs
+        n = pl.program_id(2)
+
+        @pl.when(n == 0)
+        def _():
+            s_scr[...] = s0_ref[...]
+
+        s = s_scr[...]
+        h_ref[...] = s.astype(h_ref.dtype)
+        bb = b_last = r = r_prev = r_last = None
+        if b_ref is not None:
+            bb, b_last = b_ref[...], b_ref[c - 1 : c, :]
+        if r_ref is not None:
+            r, r_last, r_prev = r_ref[...], r_ref[c - 1 : c, :], rp_ref[0:1, :]
+        s = _state_step(s, x_ref[...], y_ref[...], bb, b_last, r, r_prev, r_last, cfg,
+                        reverse=reverse)  # fmt: skip
+        s_scr[...] = s
+
+        @pl.when(n == n_chunks - 1)
+        def _():
+            sf_ref[...] = s
+
+    seq = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, n: (i, j, chunk_of(n), 0))
+    full = pl.BlockSpec((None, None, dk, dv), lambda i, j, n: (i, j, 0, 0))
+    doc = pl.BlockSpec((None, c, 1), lambda i, j, n: (i, chunk_of(n), 0))
+    args, specs = [x, y], [seq(dk), seq(dv)]
+    if b is not None:
+        args, specs = args + [b], specs + [seq(g)]
+    args, specs = args + [s_init], specs + [full]
+    if cfg.segments:
+        args, specs = args + [r, rp], specs + [doc, doc]
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), h_dtype),
+            jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
+        ),
+        grid=(bsz, heads, n_chunks),
+        in_specs=specs,
+        out_specs=(
+            pl.BlockSpec((None, None, None, dk, dv), lambda i, j, n: (i, j, chunk_of(n), 0, 0)),
+            full,
+        ),
+        scratch_shapes=[pltpu.VMEM((dk, dv), F32)],
+        interpret=cfg.interpret,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        name="la_state_bwd" if reverse else "la_state_fwd",
+    )(*args)
+
+
+def _state_pass(x, y, b, s_init, r, rp, cfg: _Cfg, *, reverse: bool, h_dtype):
+    """Returns ``(h [batch, heads, chunks, dk, dv], s_end [batch, heads, dk, dv] f32)``.
+
+    forward: ``h[n]`` = state before chunk n, ``s_end`` = final state;
+    reverse: ``h[n]`` = dL/d(state after chunk n), ``s_end`` = dL/d(initial state).
+    """
+    fn = _state_pass_tpu if cfg.backend == "tpu" else _state_pass_gpu
+    return fn(x, y, b, s_init, r, rp, cfg, reverse=reverse, h_dtype=h_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# intra-chunk scores (refs of one chunk; shared by both backends)
+
+
+class _Chunk:
+    """Refs of one chunk (``[C, dim]`` each) and the static geometry of its sub-blocks."""
+
+    def __init__(self, cfg: _Cfg, q, k, v, b, r, rp):
+        self.cfg, self.q, self.k, self.v, self.b, self.r, self.rp = cfg, q, k, v, b, r, rp
+        self.c, self.sub = cfg.chunk, cfg.sub
+        self.dt = q.dtype
+
+    def rows(self, ref, i0, n=None):
+        n = self.sub if n is None else n
+        return ref[i0 : i0 + n, :]
+
+    def gate(self, i0, n=None):
+        """``b`` rows as float32 ``[n, dk | 1]``, or None without a gate."""
+        return None if self.b is None else self.rows(self.b, i0, n)
+
+    def doc(self, i0, n=None):
+        return None if self.r is None else self.rows(self.r, i0, n)
+
+    def same_doc(self, ri, rj_t, x):
+        """Zero ``x [rows, cols]`` where query and key documents differ."""
+        return x if ri is None else jnp.where(ri == rj_t, x, 0.0)
+
+    def inter_mask(self, i0):
+        """Rows of block i0 that see the incoming state ``[sub, 1]`` (or None)."""
+        return None if self.r is None else self.doc(i0) == self.rp[0:1, :]
+
+    def diag_mask(self, i0, *, transpose: bool = False):
+        """Causal (+ same document) mask of the diagonal block ``[sub, sub]``."""
+        n = self.sub
+        rows, cols = _iota((n, n), 0), _iota((n, n), 1)
+        m = rows <= cols if transpose else rows >= cols
+        if self.r is not None:
+            rb = self.doc(i0)
+            m &= rb == rb.T
+        return m
+
+    def diag_scores(self, i0, m):
+        """``A [sub, sub]`` of the diagonal block (float32, masked by ``m``)."""
+        q, k = self.rows(self.q, i0), self.rows(self.k, i0)
+        if self.cfg.gate != "gated":
+            s = _mm(q, k, self.cfg, tb=True)
+            if self.cfg.gate == "scalar":
+                b = self.gate(i0)
+                return s * _exp_masked(m, b - b.T)
+            return jnp.where(m, s, 0.0)
+        return self._gated_diag(i0, m, q, None)[0]
+
+    def _gated_diag(self, i0, m, q, da):
+        """Column loop over the diagonal block: ``A [sub, sub]`` and ``sum_j dA_ij k_j e^..``.
+
+        ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}`` from exact differences (<= 0 for j <= i).
+        """
+        n = self.sub
+        qf, b = q.astype(F32), self.gate(i0)
+        rows, cols = _iota((n, 1), 0), _iota((n, n), 1)
+        dk = self.q.shape[1]
+
+        def body(j, carry):
+            a, dq = carry
+            kj = self.k[pl.ds(i0 + j, 1), :].astype(F32)  # [1, dk]
+            e = _exp_masked(rows >= j, b - self.b[pl.ds(i0 + j, 1), :]) * kj  # [n, dk]
+            a = a + jnp.where(cols == j, jnp.sum(qf * e, axis=1, keepdims=True), 0.0)
+            if da is not None:
+                dq = dq + jnp.sum(jnp.where(cols == j, da, 0.0), axis=1, keepdims=True) * e
+            return a, dq
+
+        a, dq = lax.fori_loop(0, n, body, (jnp.zeros((n, n), F32), jnp.zeros((n, dk), F32)))
+        return jnp.where(m, a, 0.0), dq
+
+    def _gated_diag_dk(self, i0, dat):
+        """Row loop: ``dk_j = sum_{i >= j} dA_ij q_i e^{b_i - b_j}``; ``dat = dA^T [sub, sub]``."""
+        n = self.sub
+        b = self.gate(i0)
+        rows, cols = _iota((n, 1), 0), _iota((n, n), 1)
+
+        def body(i, dk):
+            qi = self.q[pl.ds(i0 + i, 1), :].astype(F32)
+            e = _exp_masked(rows <= i, self.b[pl.ds(i0 + i, 1), :] - b) * qi
+            return dk + jnp.sum(jnp.where(cols == i, dat, 0.0), axis=1, keepdims=True) * e
+
+        return lax.fori_loop(0, n, body, jnp.zeros((n, self.q.shape[1]), F32))
+
+    def ref_rows(self, i0):
+        """Row-block factors ``q_X e^{b_X - rho}``, ``k e^{rho - b}`` (cols < i0); rho = b_{i0}."""
+        rho = self.gate(i0, 1)
+        qr = self.rows(self.q, i0).astype(F32) * jnp.exp(self.gate(i0) - rho)
+        j = _iota((self.c, 1), 0)
+        kr = self.k[...].astype(F32) * _exp_masked(j < i0, rho - self.b[...])
+        return qr, kr, rho
+
+    def ref_cols(self, i0):
+        """Column-block factors: ``q e^{b - rho}`` (rows after the block), ``k_X e^{rho - b_X}``."""
+        j1 = i0 + self.sub - 1
+        rho = self.gate(j1, 1)
+        i = _iota((self.c, 1), 0)
+        qr = self.q[...].astype(F32) * _exp_masked(i > j1, self.b[...] - rho)
+        kr = self.rows(self.k, i0).astype(F32) * jnp.exp(rho - self.gate(i0))
+        return qr, kr, rho
+
+
+def _out_kernel(cfg: _Cfg, *refs):
+    """Forward chunk kernel: ``o = (q e^b) h[n] + A v`` block row by block row."""
+    q_ref, k_ref, v_ref, *refs = refs
+    b_ref = refs.pop(0) if cfg.gate != "none" else None
+    h_ref = refs.pop(0)
+    r_ref, rp_ref = (refs.pop(0), refs.pop(0)) if cfg.segments else (None, None)
+    (o_ref,) = refs
+    ch = _Chunk(cfg, q_ref, k_ref, v_ref, b_ref, r_ref, rp_ref)
+    h = h_ref[...]
+    for i0 in range(0, cfg.chunk, ch.sub):
+        qi = ch.rows(q_ref, i0).astype(F32)
+        if b_ref is not None:
+            qi = qi * jnp.exp(ch.gate(i0))
+        if r_ref is not None:
+            qi = jnp.where(ch.inter_mask(i0), qi, 0.0)
+        acc = _mm(qi.astype(ch.dt), h, cfg)
+        a = ch.diag_scores(i0, ch.diag_mask(i0))
+        acc += _mm(a.astype(ch.dt), ch.rows(v_ref, i0), cfg)
+        if i0 > 0:  # earlier sub-blocks (gated only)
+            qr, kr, _ = ch.ref_rows(i0)
+            a = ch.same_doc(ch.doc(i0), None if r_ref is None else r_ref[...].T,
+                            _mm(qr.astype(ch.dt), kr.astype(ch.dt), cfg, tb=True))  # fmt: skip
+            acc += _mm(a.astype(ch.dt), v_ref[...], cfg)
+        o_ref[i0 : i0 + ch.sub, :] = acc.astype(o_ref.dtype)
+
+
+def _grad_kernel(cfg: _Cfg, *refs):
+    """Backward chunk kernel: dq, dk, dv (and db) of one chunk given ``h[n]`` and ``dh[n]``."""
+    q_ref, k_ref, v_ref, *refs = refs
+    b_ref = refs.pop(0) if cfg.gate != "none" else None
+    h_ref, dh_ref, do_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+    r_ref, rp_ref = (refs.pop(0), refs.pop(0)) if cfg.segments else (None, None)
+    dq_ref, dk_ref, dv_ref = refs[:3]
+    db_ref = refs[3] if b_ref is not None else None
+    ch = _Chunk(cfg, q_ref, k_ref, v_ref, b_ref, r_ref, rp_ref)
+    c, sub, dt = cfg.chunk, ch.sub, ch.dt
+    h, dh = h_ref[...], dh_ref[...]
+    b_last = None if b_ref is None else b_ref[c - 1 : c, :]
+    r_all_t = None if r_ref is None else r_ref[...].T
+    last_doc = None if r_ref is None else r_ref[c - 1 : c, :]
+    kdk_state = jnp.zeros((1, q_ref.shape[1]), F32)  # sum_j k_j * dk_j (state part): d/dB
+
+    for i0 in range(0, c, sub):
+        q, k, v, do = (ch.rows(ref, i0) for ref in (q_ref, k_ref, v_ref, do_ref))
+        b, rd = ch.gate(i0), ch.doc(i0)
+        # incoming state (dq) and outgoing state (dk, dv)
+        eq = jnp.ones((sub, 1), F32) if b is None else jnp.exp(b)
+        ek = jnp.ones((sub, 1), F32) if b is None else jnp.exp(b_last - b)
+        if rd is not None:
+            eq = jnp.where(ch.inter_mask(i0), eq, 0.0)
+            ek = jnp.where(rd == last_doc, ek, 0.0)
+        dq = eq * _mm(do, h, cfg, tb=True)
+        dk = ek * _mm(v, dh, cfg, tb=True)
+        kdk_state += jnp.sum(k.astype(F32) * dk, axis=0, keepdims=True)
+        kd = (k.astype(F32) * ek).astype(dt)
+        dv = _mm(kd, dh, cfg)
+        # diagonal block
+        m = ch.diag_mask(i0)
+        if cfg.gate != "gated":
+            d = m.astype(F32) if b is None else _exp_masked(m, b - b.T)
+            a = _mm(q, k, cfg, tb=True) * d
+            da = _mm(do, v, cfg, tb=True) * d
+            dq += _mm(da.astype(dt), k, cfg)
+            dk += _mm(da.astype(dt), q, cfg, ta=True)
+        else:
+            da = jnp.where(m, _mm(do, v, cfg, tb=True), 0.0)
+            a, dq_diag = ch._gated_diag(i0, m, q, da)
+            dq += dq_diag
+            dat = jnp.where(ch.diag_mask(i0, transpose=True), _mm(v, do, cfg, tb=True), 0.0)
+            dk += ch._gated_diag_dk(i0, dat)
+        dv += _mm(a.astype(dt), do, cfg, ta=True)
+        # earlier columns -> dq of this block
+        if i0 > 0:
+            qr, kr, rho = ch.ref_rows(i0)
+            da = ch.same_doc(rd, r_all_t, _mm(do, v_ref[...], cfg, tb=True))
+            dq += jnp.exp(b - rho) * _mm(da.astype(dt), kr.astype(dt), cfg)
+        # later rows -> dk, dv of this block
+        if i0 + sub < c:
+            qr, kr, rho = ch.ref_cols(i0)
+            r_all = None if r_ref is None else r_ref[...]
+            rd_t = None if rd is None else rd.T
+            a = ch.same_doc(r_all, rd_t, _mm(qr.astype(dt), kr.astype(dt), cfg, tb=True))
+            da = ch.same_doc(r_all, rd_t, _mm(do_ref[...], v, cfg, tb=True))
+            dv += _mm(a.astype(dt), do_ref[...], cfg, ta=True)
+            dk += jnp.exp(rho - b) * _mm(da.astype(dt), qr.astype(dt), cfg, ta=True)
+        dq_ref[i0 : i0 + sub, :] = dq.astype(dq_ref.dtype)
+        dk_ref[i0 : i0 + sub, :] = dk.astype(dk_ref.dtype)
+        dv_ref[i0 : i0 + sub, :] = dv.astype(dv_ref.dtype)
+        if db_ref is not None:
+            db = q.astype(F32) * dq - k.astype(F32) * dk  # [sub, dk]
+            hh = h.astype(F32) * dh.astype(F32)
+            if cfg.gate == "scalar":
+                db = jnp.sum(db, axis=1, keepdims=True)
+                extra = jnp.sum(jnp.sum(hh, axis=1, keepdims=True), axis=0, keepdims=True)
+            else:
+                extra = jnp.sum(hh, axis=1, keepdims=True).T  # [1, dk]
+            if i0 + sub == c:  # d/dB of e^{B} S_prev and of e^{B - b_j} in the state update
+                extra = extra * jnp.exp(b_last)
+                if r_ref is not None:
+                    extra = jnp.where(last_doc == rp_ref[0:1, :], extra, 0.0)
+                if cfg.gate == "scalar":
+                    extra += jnp.sum(kdk_state, axis=1, keepdims=True)
+                else:
+                    extra += kdk_state
+                db += jnp.where(_iota((sub, 1), 0) == sub - 1, extra, 0.0)
+            db_ref[i0 : i0 + sub, :] = db
+
+
+def _chunk_call(kernel, cfg: _Cfg, ins: list, outs: list, name: str, warps: int):
+    """Parallel-over-chunks pallas_call. ``ins``/``outs``: (array | ShapeDtypeStruct, kind)
+    with kind "seq" (per-token ``[.., len, .., dim]``), "state" (``[b, h, chunks, dk, dv]``) or
+    "doc" (``[b, len, 1]``)."""
+    tpu = cfg.backend == "tpu"
+    shape = ins[0][0].shape
+    bsz, heads = (shape[0], shape[1]) if tpu else (shape[0], shape[2])
+    length = shape[2] if tpu else shape[1]
+    c = cfg.chunk
+
+    def spec(x, kind):
+        d = x.shape[-1]
+        if kind == "seq" and tpu:
+            return pl.BlockSpec((None, None, c, d), lambda i, j, n: (i, j, n, 0))
+        if kind == "seq":
+            return pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
+        if kind == "state":
+            return pl.BlockSpec((None, None, None) + x.shape[3:], lambda i, j, n: (i, j, n, 0, 0))
+        return pl.BlockSpec((None, c, 1), lambda i, j, n: (i, n, 0))
+
+    if cfg.interpret:
+        params = None
+    elif tpu:
+        params = pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+    else:
+        params = pltriton.CompilerParams(num_warps=warps, num_stages=2)
+    return pl.pallas_call(
+        functools.partial(kernel, cfg),
+        out_shape=[s for s, _ in outs],
+        grid=(bsz, heads, length // c),
+        in_specs=[spec(x, kind) for x, kind in ins],
+        out_specs=[spec(s, kind) for s, kind in outs],
+        interpret=cfg.interpret,
+        compiler_params=params,
+        name=name,
+    )(*[x for x, _ in ins])
+
+
+# ----------------------------------------------------------------------------------------------
+# custom VJP over the padded, chunk-local-cumsum'd problem
+
+
+def _doc_args(seg, cfg: _Cfg) -> list:
+    return [(seg[0], "doc"), (seg[1], "doc")] if cfg.segments else []
+
+
+def _forward(q, k, v, b, s0, seg, cfg: _Cfg):
+    r, rp = seg if cfg.segments else (None, None)
+    h, s_final = _state_pass(k, v, b, s0, r, rp, cfg, reverse=False, h_dtype=q.dtype)
+    ins = [(q, "seq"), (k, "seq"), (v, "seq")] + ([(b, "seq")] if b is not None else [])
+    ins += [(h, "state")] + _doc_args(seg, cfg)
+    (o,) = _chunk_call(_out_kernel, cfg, ins, [(jax.ShapeDtypeStruct(v.shape, q.dtype), "seq")],
+                       "la_chunk_fwd", warps=4)  # fmt: skip
+    return (o, s_final), h
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _scan(q, k, v, b, s0, seg, cfg):
+    return _forward(q, k, v, b, s0, seg, cfg)[0]
+
+
+def _scan_fwd(q, k, v, b, s0, seg, cfg):
+    out, h = _forward(q, k, v, b, s0, seg, cfg)
+    return out, (q, k, v, b, seg, h)
+
+
+def _scan_bwd(cfg, res, cts):
+    q, k, v, b, seg, h = res
+    do, ds_final = cts
+    r, rp = seg if cfg.segments else (None, None)
+    do = do.astype(q.dtype)
+    dh, ds0 = _state_pass(q, do, b, ds_final.astype(F32), r, rp, cfg, reverse=True,
+                          h_dtype=q.dtype)  # fmt: skip
+    ins = [(q, "seq"), (k, "seq"), (v, "seq")] + ([(b, "seq")] if b is not None else [])
+    ins += [(h, "state"), (dh, "state"), (do, "seq")] + _doc_args(seg, cfg)
+    outs = [(jax.ShapeDtypeStruct(x.shape, x.dtype), "seq") for x in (q, k, v)]
+    if b is not None:
+        outs.append((jax.ShapeDtypeStruct(b.shape, F32), "seq"))
+    grads = _chunk_call(_grad_kernel, cfg, ins, outs, "la_chunk_bwd", warps=4)
+    db = grads[3] if b is not None else None
+    seg_ct = None if seg is None else tuple(jnp.zeros(x.shape, jax.dtypes.float0) for x in seg)
+    return grads[0], grads[1], grads[2], db, ds0, seg_ct
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, backend, compiled_gpu):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"chunked_linear_attention: {name} must be 4-D, got {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"chunked_linear_attention: {name} must be floating, got {x.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(f"chunked_linear_attention: q {q.shape} and k {k.shape} differ")
+    b, length, h, dk = q.shape
+    if v.shape[:3] != (b, length, h):
+        raise ValueError(
+            f"chunked_linear_attention: v must be [batch, len, heads, dv] with "
+            f"(batch, len, heads)={(b, length, h)}, got {v.shape}"
+        )
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"chunked_linear_attention: dtypes differ: {q.dtype} {k.dtype} {v.dtype}")
+    if log_decay is not None and log_decay.shape not in ((b, length, h), (b, length, h, dk)):
+        raise ValueError(
+            f"chunked_linear_attention: log_decay must be [batch, len, heads]={(b, length, h)} "
+            f"or [batch, len, heads, dk], got {log_decay.shape}"
+        )
+    want = (b, h, dk, v.shape[3])
+    if initial_state is not None and (
+        initial_state.shape != want or initial_state.dtype != jnp.float32
+    ):
+        raise ValueError(
+            f"chunked_linear_attention: initial_state must be float32 {want}, "
+            f"got {initial_state.dtype} {initial_state.shape}"
+        )
+    if segment_ids is not None and (
+        segment_ids.shape != (b, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"chunked_linear_attention: segment_ids must be integer [batch, len]={(b, length)}, "
+            f"got {segment_ids.dtype} {segment_ids.shape}"
+        )
+    if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % SUB:
+        raise ValueError(
+            f"chunked_linear_attention: chunk_size must be a positive multiple of {SUB}, "
+            f"got {chunk_size!r}"
+        )
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"chunked_linear_attention: backend must be one of {BACKENDS}, got {backend!r}"
+        )
+    if compiled_gpu and not all(_is_pow2(n) and n >= 16 for n in (dk, v.shape[3], chunk_size)):
+        raise ValueError(
+            "chunked_linear_attention: the Triton kernels need dk, dv and chunk_size powers of "
+            f"two >= 16, got dk={dk}, dv={v.shape[3]}, chunk_size={chunk_size}"
+        )
+
+
+def _document_index(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per token: how many segment starts precede it (``[b, len, 1]``), and the previous one's."""
+    starts = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+    r = jnp.concatenate([jnp.zeros_like(starts[:, :1]), jnp.cumsum(starts, axis=1)], axis=1)
+    rp = jnp.concatenate([r[:, :1], r[:, :-1]], axis=1)
+    return r[..., None], rp[..., None]
+
+
+def _resolve(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
+    platform = jax.default_backend()
+    backend = backend or ("tpu" if platform == "tpu" else "gpu")
+    return backend, (platform == "cpu" if interpret is None else interpret)
+
+
+def chunked_linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    log_decay: jax.Array | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = 64,
+    backend: str | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Causal (gated) linear attention, chunked scan (GLA paper sec. 4); differentiable.
+
+    q/k ``[batch, len, heads, dk]``, v ``[batch, len, heads, dv]``; returns
+    ``(out [batch, len, heads, dv] in q.dtype, final_state [batch, heads, dk, dv] float32)``.
+    ``backend`` "gpu" (Triton) or "tpu" (Mosaic), default from the platform; ``interpret``
+    defaults to True on CPU.
+    """
+    backend, interpret = _resolve(backend, interpret)
+    _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, backend,
+              compiled_gpu=backend == "gpu" and not interpret)  # fmt: skip
+    bsz, length, heads, dk = q.shape
+    dv = v.shape[3]
+    c = chunk_size
+    pad = -length % c
+    gate = "none" if log_decay is None else ("scalar" if log_decay.ndim == 3 else "gated")
+    cfg = _Cfg(backend, interpret, c, gate, segment_ids is not None, q.dtype == jnp.float32)
+
+    def pad_len(x, mode="constant"):
+        return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=mode)
+
+    q, k, v = (pad_len(x) for x in (q, k, v))
+    b = None
+    if log_decay is not None:  # chunk-local inclusive cumsum of the log-gates, float32
+        g = pad_len(log_decay.astype(F32))
+        g = g if g.ndim == 4 else g[..., None]
+        b = rearrange(jnp.cumsum(rearrange(g, "b (n c) h d -> b n c h d", c=c), axis=2),
+                      "b n c h d -> b (n c) h d")  # fmt: skip
+    seg = None if segment_ids is None else _document_index(pad_len(segment_ids, "edge"))
+    s0 = jnp.zeros((bsz, heads, dk, dv), F32) if initial_state is None else initial_state
+    if backend == "tpu":
+        to_heads = lambda x: None if x is None else rearrange(x, "b l h d -> b h l d")
+        q, k, v, b = (to_heads(x) for x in (q, k, v, b))
+    out, s_final = _scan(q, k, v, b, s0, seg, cfg)
+    if backend == "tpu":
+        out = rearrange(out, "b h l d -> b l h d")
+    return out[:, :length], s_final
+
+
+def linear_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    log_decay: jax.Array | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Token-by-token float32 recurrence (GLA paper eq. 2): the ground truth for the kernels.
+
+    Same arguments and outputs as :func:`chunked_linear_attention` (out in float32).
+    """
+    bsz, length, heads, dk = q.shape
+    g = jnp.zeros((bsz, length, heads), F32) if log_decay is None else log_decay.astype(F32)
+    g = jnp.broadcast_to(g if g.ndim == 4 else g[..., None], q.shape)
+    s0 = jnp.zeros((bsz, heads, dk, v.shape[3]), F32) if initial_state is None else initial_state
+    seg = jnp.zeros((bsz, length), jnp.int32) if segment_ids is None else segment_ids
+    starts = jnp.pad(seg[:, 1:] != seg[:, :-1], ((0, 0), (1, 0)))  # [batch, len]
+
+    def step(s, xs):  # s [batch, heads, dk, dv]
+        qt, kt, vt, gt, start = xs
+        s = jnp.where(start[:, None, None, None], 0.0, s * jnp.exp(gt)[..., None])
+        s = s + kt[..., None] * vt[..., None, :]
+        return s, jnp.einsum("bhk,bhkv->bhv", qt, s, precision=lax.Precision.HIGHEST)
+
+    xs = [rearrange(x.astype(F32), "b l ... -> l b ...") for x in (q, k, v, g)]
+    s, out = lax.scan(step, s0, (*xs, starts.T))
+    return rearrange(out, "l b h d -> b l h d"), s
+
+
+def _step_kernel(gate: str, q_ref, k_ref, v_ref, *refs):
+    """``S' = diag(a) S + k v^T``, ``o = S'^T q`` for one (batch, head); vectors are ``[1, d]``."""
+    g_ref = refs[0] if gate != "none" else None
+    s_ref, o_ref, s_out = refs[-3:]
+    s = s_ref[...]
+    if g_ref is not None:
+        s = s * jnp.exp(g_ref[...].astype(F32)).T  # [dk | 1, 1]
+    s = s + k_ref[...].astype(F32).T * v_ref[...].astype(F32)  # [dk, dv]
+    s_out[...] = s
+    o_ref[...] = jnp.sum(s * q_ref[...].astype(F32).T, axis=0, keepdims=True).astype(o_ref.dtype)
+
+
+def recurrent_step(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    state: jax.Array,
+    *,
+    log_decay: jax.Array | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Fused one-token decode update (the recurrent form, GLA paper eq. 2).
+
+    q/k ``[batch, heads, dk]``, v ``[batch, heads, dv]``, state ``[batch, heads, dk, dv]``
+    float32 (updated in place when donated), log_decay None, ``[batch, heads]`` or
+    ``[batch, heads, dk]``. Returns ``(out [batch, heads, dv] in q.dtype, new_state)``.
+    """
+    backend, interpret = _resolve(backend, interpret)
+    if q.ndim != 3 or q.shape != k.shape or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"recurrent_step: q/k must be [batch, heads, dk] and v [batch, heads, dv], "
+            f"got {q.shape} {k.shape} {v.shape}"
+        )
+    bsz, heads, dk = q.shape
+    dv = v.shape[2]
+    if state.shape != (bsz, heads, dk, dv) or state.dtype != jnp.float32:
+        raise ValueError(
+            f"recurrent_step: state must be float32 {(bsz, heads, dk, dv)}, "
+            f"got {state.dtype} {state.shape}"
+        )
+    if log_decay is not None and log_decay.shape not in ((bsz, heads), (bsz, heads, dk)):
+        raise ValueError(
+            f"recurrent_step: log_decay must be [batch, heads] or [batch, heads, dk], "
+            f"got {log_decay.shape}"
+        )
+    if backend not in BACKENDS:
+        raise ValueError(f"recurrent_step: backend must be one of {BACKENDS}, got {backend!r}")
+    gate = "none" if log_decay is None else "gated"
+    vec = lambda x: x.reshape(bsz, heads, 1, -1)  # [b, h, 1, d]
+    args = [vec(q), vec(k), vec(v)] + ([vec(log_decay)] if log_decay is not None else [])
+    args.append(state)
+    row = lambda x: pl.BlockSpec((None, None, 1, x.shape[3]), lambda i, j: (i, j, 0, 0))
+    st = pl.BlockSpec((None, None, dk, dv), lambda i, j: (i, j, 0, 0))
+    out_shape = (jax.ShapeDtypeStruct((bsz, heads, 1, dv), q.dtype), state)
+    params = None
+    if not interpret:
+        params = (pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+                  if backend == "tpu" else pltriton.CompilerParams(num_warps=4))  # fmt: skip
+    o, new_state = pl.pallas_call(
+        functools.partial(_step_kernel, gate),
+        out_shape=(out_shape[0], jax.ShapeDtypeStruct(state.shape, F32)),
+        grid=(bsz, heads),
+        in_specs=[row(x) for x in args[:-1]] + [st],
+        out_specs=(row(out_shape[0]), st),
+        input_output_aliases={len(args) - 1: 1},
+        interpret=interpret,
+        compiler_params=params,
+        name="la_recurrent_step",
+    )(*args)
+    return o[:, :, 0], new_state
