@@ -10,8 +10,7 @@ back to back and blocked once; the median over ``--repeats`` such runs.
 
 Run on a GPU:  PYTHONPATH=. python experiments/bench_attention.py [--tune-backward]
 Checks correctness first (skip with ``--no-check``); ``--tune-backward`` first sweeps the
-backward tiles (split dQ/dKV kernels vs one fused kernel with atomic dQ) and benchmarks the
-best per head_dim, which is what kernels_pallas/tuning.py then records.
+backward tiles and benchmarks the best per head_dim, which kernels_pallas/tuning.py records.
 Writes experiments/results/bench_attention.{json,md}.
 """
 
@@ -156,8 +155,11 @@ def dense_rows(args, log, tiles: dict[int, BlockSizes]) -> list[dict]:
                         row[name + "_ms"] = None  # XLA: [B, H, L, L] float32 logits do not fit
                         continue
                     jf = jax.jit(fn) if mode == "fwd" else fwd_bwd(fn)
+                    # the stock Mosaic GPU kernel takes float16 only (same speed class as bf16)
+                    qkv = [x.astype(jnp.float16) for x in (q, k, v)]
+                    qkv = qkv if name == "stock_mosaic_gpu" else (q, k, v)
                     try:
-                        t = time_fn(jf, (q, k, v), args.iters, args.repeats)
+                        t = time_fn(jf, qkv, args.iters, args.repeats)
                         row[name + "_ms"] = t * 1e3
                         row[name + "_tflops"] = flops / t / 1e12
                     except Exception as e:  # noqa: BLE001 - report and keep benchmarking
@@ -216,13 +218,13 @@ def matmul_peak(args) -> float:
     return 2 * n**3 / t / 1e12
 
 
-# backward candidates: (dq tile q, dq tile kv, dkv tile q, dkv tile kv, warps, stages, fused dQ)
+# backward candidates: (dq tile q, dq tile kv, dkv tile q, dkv tile kv, warps, stages).
+# A fused backward adding dQ with float32 atomics was also measured (commit 4d643b6; the
+# fused rows of results/bench_attention.json "backward_sweep"): 50-143 TFLOP/s vs 300-360
+# for these split kernels, so it was dropped.
 BWD_CANDIDATES = [
-    (64, 64, 64, 64, 4, 2, False), (64, 64, 64, 64, 8, 2, False), (64, 64, 64, 64, 4, 3, False),
-    (32, 64, 64, 64, 4, 2, False), (64, 64, 32, 64, 4, 2, False), (64, 32, 64, 64, 4, 2, False),
-    (64, 64, 64, 64, 4, 2, True), (64, 64, 64, 64, 8, 2, True), (64, 64, 64, 128, 8, 2, True),
-    (64, 64, 32, 64, 4, 2, True), (64, 64, 128, 64, 8, 2, True), (64, 64, 32, 128, 4, 2, True),
-    (64, 64, 64, 128, 4, 2, True), (64, 64, 64, 64, 4, 3, True),
+    (64, 64, 64, 64, 4, 2), (64, 64, 64, 64, 8, 2), (64, 64, 64, 64, 4, 3),
+    (32, 64, 64, 64, 4, 2), (64, 64, 32, 64, 4, 2), (64, 32, 64, 64, 4, 2),
 ]  # fmt: skip
 
 
@@ -238,11 +240,11 @@ def sweep_backward(args, log) -> tuple[list[dict], dict[int, BlockSizes]]:
         flops = 3.5 * 4 * b * h * length * length * d / 2
         base = block_sizes("gpu", length, length, d)
         best_t = float("inf")
-        for a, bb, c, dd, w, st, fused in BWD_CANDIDATES:
+        for a, bb, c, dd, w, st in BWD_CANDIDATES:
             bs = dataclasses.replace(base, bwd_bq_dq=a, bwd_bk_dq=bb, bwd_bq_dkv=c, bwd_bk_dkv=dd,
-                                     bwd_warps=w, bwd_stages=st, dq_atomic=fused)  # fmt: skip
+                                     bwd_warps=w, bwd_stages=st)  # fmt: skip
             fn = fwd_bwd(functools.partial(flash_attention, causal=True, block_sizes=bs))
-            row = {"D": d, "kind": "fwd+bwd", "tiles": [a, bb, c, dd, w, st, fused]}
+            row = {"D": d, "kind": "fwd+bwd", "tiles": [a, bb, c, dd, w, st]}
             try:
                 t = time_fn(fn, (q, k, v), args.iters, 3)
                 row.update(ms=t * 1e3, tflops=flops / t / 1e12)

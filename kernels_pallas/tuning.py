@@ -14,8 +14,7 @@ import dataclasses
 class BlockSizes:
     """Tiles of the forward (``bq`` x ``bk``) and of the two backward kernels.
 
-    ``warps``/``stages`` are Triton launch parameters; ``dq_atomic`` fuses the two GPU
-    backward kernels into one that adds dQ atomically (both ignored on TPU).
+    ``warps``/``stages`` are Triton launch parameters (ignored on TPU).
     """
 
     bq: int
@@ -28,15 +27,10 @@ class BlockSizes:
     stages: int = 2
     bwd_warps: int = 4
     bwd_stages: int = 2
-    dq_atomic: bool = False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "dq_atomic":
-                if not isinstance(value, bool):
-                    raise ValueError(f"BlockSizes.dq_atomic: must be a bool, got {value!r}")
-                continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"BlockSizes.{field.name}: must be a positive int, got {value!r}")
         for name in ("bq", "bk", "bwd_bq_dq", "bwd_bk_dq", "bwd_bq_dkv", "bwd_bk_dkv"):
@@ -46,12 +40,13 @@ class BlockSizes:
 
 
 # (max head_dim, tiles) rows per backend; the first row whose head_dim bound fits is used.
-# GPU rows: best of the sweep in experiments/results/tune_attention.json (H200, jax 0.11.2,
-# causal bf16, B=2, L=8192, H*D=2048); the D=256 row is a register-budget guess (untuned).
+# GPU rows: best of the sweeps (H200, jax 0.11.2, causal bf16, B=2, L=8192, H*D=2048):
+# forward tiles in experiments/results/tune_attention.json, backward tiles in
+# bench_attention.json ("backward_sweep"); the D=256 row is a register-budget guess (untuned).
 # TPU rows: untuned defaults (no TPU was available), 512-wide tiles as usual for Mosaic TPU.
 TABLE: dict[str, list[tuple[int, BlockSizes]]] = {
     "gpu": [
-        (64, BlockSizes(64, 64, 64, 64, 64, 64, warps=4, stages=3, bwd_warps=4, bwd_stages=2)),
+        (64, BlockSizes(64, 64, 64, 64, 64, 64, warps=4, stages=3, bwd_warps=4, bwd_stages=3)),
         (128, BlockSizes(128, 64, 64, 64, 64, 64, warps=8, stages=3, bwd_warps=4, bwd_stages=2)),
         (256, BlockSizes(64, 32, 64, 32, 32, 64, warps=8, stages=2, bwd_warps=8, bwd_stages=1)),
     ],

@@ -188,15 +188,11 @@ def _dq_kernel(*refs, geo: Geometry):
     dq_ref[...] = (dq * geo.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, geo: Geometry, fused_dq: bool):
-    """dK, dV of one KV tile; with ``fused_dq`` also dQ, atomically added into a float32
-    accumulator (FA-2 sec. 3.2's single backward pass: 5 tile matmuls instead of 7)."""
-    n_in = 6 + 2 * geo.has_segments + fused_dq
-    ins, outs = refs[:n_in], refs[n_in:]
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins[:6]
-    qseg_ref, kseg_ref = ins[6:8] if geo.has_segments else (None, None)
-    dk_ref, dv_ref = outs[:2]
-    dq_ref = outs[2] if fused_dq else None
+def _dkv_kernel(*refs, geo: Geometry):
+    """dK, dV of one KV tile, streaming the q tiles that see it."""
+    n_in = 6 + 2 * geo.has_segments
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (dk_ref, dv_ref) = refs[:6], refs[n_in:]
+    qseg_ref, kseg_ref = refs[6:8] if geo.has_segments else (None, None)
     bq, bk = geo.bq, geo.bk
     k_first = pl.program_id(0) * bk
     k_idx = k_first + jnp.arange(bk, dtype=jnp.int32)[None, :]
@@ -219,9 +215,6 @@ def _dkv_kernel(*refs, geo: Geometry, fused_dq: bool):
         p, ds = backward_tile(q, k, v, do, lse2, delta, mask, geo)
         dv = dv + dot_tn(p.astype(do.dtype), do)
         dk = dk + dot_tn(ds.astype(q.dtype), q)
-        if dq_ref is not None:
-            dq_part = dot_nn(ds.astype(k.dtype), k) * geo.scale
-            plgpu.atomic_add(dq_ref, (pl.ds(start, bq), slice(None)), dq_part)
         return dk, dv
 
     def masked_step(i, carry):
@@ -249,11 +242,6 @@ def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, inter
     geo_q = dataclasses.replace(geo, bq=bs.bwd_bq_dq, bk=bs.bwd_bk_dq)
     geo_k = dataclasses.replace(geo, bq=bs.bwd_bq_dkv, bk=bs.bwd_bk_dkv)
     seg_args = [q_seg, kv_seg] if geo.has_segments else []
-
-    if bs.dq_atomic:
-        dq_acc = jnp.zeros(q.shape, jnp.float32)
-        dk, dv, dq = _dkv_call(q, k, v, do, lse2, delta, seg_args, geo_k, bs, interpret, dq_acc)
-        return dq.astype(q.dtype), dk, dv
 
     # dQ: grid over q tiles, stream KV.
     bq = geo_q.bq
@@ -290,12 +278,11 @@ def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, inter
     return dq, dk, dv
 
 
-def _dkv_call(q, k, v, do, lse2, delta, seg_args, geo_k, bs, interpret, dq_acc=None):
-    """dK/dV (per query head) over KV tiles; accumulates dQ into ``dq_acc`` when given."""
+def _dkv_call(q, k, v, do, lse2, delta, seg_args, geo_k, bs, interpret):
+    """dK/dV per query head: grid over KV tiles, each streaming q."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
     g = geo_k.groups
-    # dK, dV: grid over KV tiles (per query head), stream q.
     bk = geo_k.bk
     kv_row = lambda j, b_, h_: (b_, j, h_ // g, 0)
     q_full = lambda j, b_, h_: (b_, 0, h_, 0)
@@ -308,37 +295,26 @@ def _dkv_call(q, k, v, do, lse2, delta, seg_args, geo_k, bs, interpret, dq_acc=N
         else []
     )
     out_dtype = k.dtype if g == 1 else jnp.float32
-    fused = dq_acc is not None
     out_spec = pl.BlockSpec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0))
     out_shape = jax.ShapeDtypeStruct((b, lk, h, d), out_dtype)
-    in_specs = [
-        pl.BlockSpec((None, lq, None, d), q_full),
-        pl.BlockSpec((None, bk, None, d), kv_row),
-        pl.BlockSpec((None, bk, None, d), kv_row),
-        pl.BlockSpec((None, lq, None, d), q_full),
-        pl.BlockSpec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
-        pl.BlockSpec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
-        *seg_specs,
-    ]
-    args = [q, k, v, do, lse2, delta, *seg_args]
-    out_specs, out_shapes, aliases = [out_spec, out_spec], [out_shape, out_shape], {}
-    if fused:  # the dQ accumulator is an input aliased to the third output
-        in_specs.append(pl.BlockSpec((None, lq, None, d), q_full))
-        out_specs.append(pl.BlockSpec((None, lq, None, d), q_full))
-        out_shapes.append(jax.ShapeDtypeStruct(dq_acc.shape, jnp.float32))
-        aliases = {len(args): 2}
-        args.append(dq_acc)
     return pl.pallas_call(
-        functools.partial(_dkv_kernel, geo=geo_k, fused_dq=fused),
+        functools.partial(_dkv_kernel, geo=geo_k),
         grid=(geo_k.nk, b, h),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shapes,
-        input_output_aliases=aliases,
+        in_specs=[
+            pl.BlockSpec((None, lq, None, d), q_full),
+            pl.BlockSpec((None, bk, None, d), kv_row),
+            pl.BlockSpec((None, bk, None, d), kv_row),
+            pl.BlockSpec((None, lq, None, d), q_full),
+            pl.BlockSpec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
+            pl.BlockSpec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
+            *seg_specs,
+        ],
+        out_specs=[out_spec, out_spec],
+        out_shape=[out_shape, out_shape],
         compiler_params=_params(bs, bwd=True),
         interpret=interpret,
-        name="arjax_flash_dkv_dq" if fused else "arjax_flash_dkv",
-    )(*args)
+        name="arjax_flash_dkv",
+    )(q, k, v, do, lse2, delta, *seg_args)
 
 
 def _decode_kernel(*refs, geo: Geometry, q_tokens: int, split_tiles: int):
