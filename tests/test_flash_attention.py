@@ -110,6 +110,22 @@ def test_gpu_variant_large_head_dims_forward(rng, d):
     _check("gpu", rng, dict(causal=True, q_len=20, kv_len=20, h=2, kv_h=1, d=d), grads=False)
 
 
+def test_tpu_variant_lowers_to_mosaic_with_default_tiles():
+    """Without a TPU, export for platform "tpu": forward + backward lower to three Mosaic kernels
+    (forward, dQ, dK/dV) at the tuning table's 512-wide tiles, GQA + window + segments."""
+    q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+
+    def grads(q, k, v, s):
+        kw = dict(causal=True, window=300, q_segment_ids=s, kv_segment_ids=s, backend="tpu")
+        loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, interpret=False, **kw))
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    exported = jax.export.export(jax.jit(grads), platforms=["tpu"])(q, kv, kv, seg)
+    assert exported.mlir_module().count("tpu_custom_call") == 3
+
+
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_fully_masked_queries_return_zero_with_zero_grads(rng, backend):
     q, k, v = _inputs(rng, b=1, q_len=20, kv_len=20)

@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -125,8 +126,12 @@ def forward(q, k, v, q_seg, kv_seg, geo: Geometry, bs: BlockSizes, interpret: bo
 
     in_specs = [
         pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j, *_: (b_, h_, i, 0)),
-        pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, h_ // g, kv_tile(i, j), 0)),
-        pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, h_ // g, kv_tile(i, j), 0)),
+        pl.BlockSpec(
+            (None, None, bk, d), lambda b_, h_, i, j, *_: (b_, lax.div(h_, g), kv_tile(i, j), 0)
+        ),
+        pl.BlockSpec(
+            (None, None, bk, d), lambda b_, h_, i, j, *_: (b_, lax.div(h_, g), kv_tile(i, j), 0)
+        ),
     ]
     args, prefetch = [qh, kh, vh], []
     if geo.has_segments:
@@ -256,7 +261,7 @@ def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, inter
 
     q_spec = lambda shape: pl.BlockSpec(shape, lambda b_, h_, i, j, *_: (b_, h_, i, 0))
     kv_spec = pl.BlockSpec(
-        (None, None, bk, d), lambda b_, h_, i, j, *_: (b_, h_ // g, kv_tile(i, j), 0)
+        (None, None, bk, d), lambda b_, h_, i, j, *_: (b_, lax.div(h_, g), kv_tile(i, j), 0)
     )
     prefetch = _seg_prefetch(q_seg, kv_seg, bq, bk) if geo.has_segments else []
     dq = pl.pallas_call(
@@ -291,7 +296,7 @@ def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, inter
         return _clamped(i, lo, hi, gk.nq)
 
     q_spec = lambda shape: pl.BlockSpec(shape, lambda b_, h_, j, i, *_: (b_, h_, q_tile(j, i), 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h_, j, i, *_: (b_, h_ // g, j, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h_, j, i, *_: (b_, lax.div(h_, g), j, 0))
     out_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h_, j, i, *_: (b_, h_, j, 0))
     prefetch = _seg_prefetch(q_seg, kv_seg, bq, bk) if geo.has_segments else []
     out_dtype = k.dtype if g == 1 else jnp.float32
