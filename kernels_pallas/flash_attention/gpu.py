@@ -145,14 +145,9 @@ def forward(q, k, v, q_seg, kv_seg, geo: Geometry, bs: BlockSizes, interpret: bo
 
 
 def _dq_kernel(*refs, geo: Geometry):
-    if geo.has_segments:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
-    else:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), qseg_ref, kseg_ref = (
-            refs,
-            None,
-            None,
-        )
+    """dQ of one query tile, streaming the KV tiles it sees."""
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), dq_ref = refs[:6], refs[-1]
+    qseg_ref, kseg_ref = refs[6:8] if geo.has_segments else (None, None)
     bq, bk = geo.bq, geo.bk
     q_first = pl.program_id(0) * bq
     q_idx = q_first + jnp.arange(bq, dtype=jnp.int32)[:, None]
