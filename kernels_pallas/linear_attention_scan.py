@@ -16,9 +16,11 @@ Chunked form (GLA paper sec. 3.3 / 4.2): with chunk-local cumulative log-gates
 Gates stay in log space. For scalar decay ``A = (q k^T) * exp(b_i - b_j)`` is one [C, C]
 matmul. For GLA the chunk is split into sub-chunks of ``SUB`` rows (secondary chunking, GLA
 paper sec. 4.2): a block pair (rows X, cols Y < X) uses the reference ``rho = b_{first row of
-X}`` so that ``q e^{b - rho}`` and ``k e^{rho - b}`` are both <= 1 and one MMA computes it; the
-diagonal blocks are computed element-wise, one key (or query) row at a time, from exact
-differences ``b_i - b_j <= 0``. Nothing is ever exponentiated with a positive argument.
+X}`` so that ``q e^{b - rho}`` and ``k e^{rho - b}`` are both <= 1 and one MMA computes it. A
+diagonal block is factored the same way around its middle row when its log-gate range is below
+``FACTOR_SPREAD`` (factors within e^{+-30}: no overflow, same rounding as the direct product);
+with stronger gates it is computed element-wise, one key (or query) row at a time, from exact
+differences ``b_i - b_j <= 0``.
 
 Kernels (one set of chunk math, two drivers):
 
@@ -51,6 +53,7 @@ from jax.experimental.pallas import triton as pltriton
 
 F32 = jnp.float32
 SUB = 16  # GLA sub-chunk rows (secondary chunking)
+FACTOR_SPREAD = 30.0  # GLA diagonal block: factor through MMAs when its log-gate range is below
 BACKENDS = ("gpu", "tpu")
 
 
@@ -298,7 +301,36 @@ class _Chunk:
                 b = self.gate(i0)
                 return s * _exp_masked(m, b - b.T)
             return jnp.where(m, s, 0.0)
-        return self._gated_diag(i0, m, q, None)[0]
+        return self.gated_diag(i0, m)[0]
+
+    def gated_diag(self, i0, m, da=None, dat=None):
+        """Diagonal GLA block: ``A [sub, sub]`` and, given ``da = dA`` and ``dat = dA^T``
+        (masked), the intra-block ``dq`` and ``dk``.
+
+        When the block's log-gate range is below ``FACTOR_SPREAD`` the factors around its middle
+        row ``rho``, ``q e^{b - rho}`` and ``k e^{rho - b}``, stay within e^{+-30} and MMAs
+        compute everything; otherwise (very strong gates) the exact loops over rows/columns.
+        """
+        q, b = self.rows(self.q, i0), self.gate(i0)
+        spread = jnp.max(self.gate(i0, 1) - self.gate(i0 + self.sub - 1, 1))
+        grads = da is not None
+
+        def factored():
+            rho = self.gate(i0 + self.sub // 2, 1)
+            up, down = jnp.exp(b - rho), jnp.exp(rho - b)
+            qf = (q.astype(F32) * up).astype(self.dt)
+            kf = (self.rows(self.k, i0).astype(F32) * down).astype(self.dt)
+            a = jnp.where(m, _mm(qf, kf, self.cfg, tb=True), 0.0)
+            if not grads:
+                return (a,)
+            dq = up * _mm(da.astype(self.dt), kf, self.cfg)
+            return a, dq, down * _mm(dat.astype(self.dt), qf, self.cfg)
+
+        def exact():
+            a, dq = self._gated_diag(i0, m, q, da)
+            return (a,) if not grads else (a, dq, self._gated_diag_dk(i0, dat))
+
+        return lax.cond(spread < FACTOR_SPREAD, factored, exact)
 
     def _gated_diag(self, i0, m, q, da):
         """Column loop over the diagonal block: ``A [sub, sub]`` and ``sum_j dA_ij k_j e^..``.
@@ -419,10 +451,10 @@ def _grad_kernel(cfg: _Cfg, *refs):
             dk += _mm(da.astype(dt), q, cfg, ta=True)
         else:
             da = jnp.where(m, _mm(do, v, cfg, tb=True), 0.0)
-            a, dq_diag = ch._gated_diag(i0, m, q, da)
-            dq += dq_diag
             dat = jnp.where(ch.diag_mask(i0, transpose=True), _mm(v, do, cfg, tb=True), 0.0)
-            dk += ch._gated_diag_dk(i0, dat)
+            a, dq_diag, dk_diag = ch.gated_diag(i0, m, da, dat)
+            dq += dq_diag
+            dk += dk_diag
         dv += _mm(a.astype(dt), do, cfg, ta=True)
         # earlier columns -> dq of this block
         if i0 > 0:
