@@ -170,10 +170,10 @@ def fp32_errors(variant: str) -> dict:
     }
 
 
-def check(results: dict) -> None:
+def check(results: dict, variants: list[str]) -> None:
     """Kernels vs the float32 recurrence on the GPU (fp32 and bf16) and the decode step."""
     errs = {}
-    for variant in ("none", "scalar", "gla"):
+    for variant in variants:
         errs.update(fp32_errors(variant))
     for variant in VARIANTS:
         q, k, v, g, do = make_inputs((2, 4, 1024), variant, jnp.bfloat16, seed=2)
@@ -218,21 +218,18 @@ def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> Non
     print(json.dumps(row), flush=True)
 
 
-def bench(results: dict, reps: int, inner: int, out: str) -> None:
-    """Pallas and fla first for every case, the slow jnp forms last; written after each."""
-    cases = {}
-    for shape in SHAPES:
-        for variant in VARIANTS:
-            row = cases[shape, variant] = {"shape": shape, "variant": variant}
-            results["rows"].append(row)
-            inputs = make_inputs(shape, variant, jnp.bfloat16)
-            for impl in ("pallas", "fla") + (("xla",) if variant == "scalar" else ()):
-                measure(row, impl, variant, inputs, reps, inner)
+def bench(results: dict, impls: list[str], reps: int, inner: int, out: str) -> None:
+    """Implementation-major (so a time limit still leaves whole columns); written after each."""
+    rows = {}
+    for impl in impls:
+        for shape in SHAPES:
+            for variant in VARIANTS:
+                if (shape, variant) not in rows:
+                    rows[shape, variant] = {"shape": shape, "variant": variant}
+                    results["rows"].append(rows[shape, variant])
+                inputs = make_inputs(shape, variant, jnp.bfloat16)
+                measure(rows[shape, variant], impl, variant, inputs, reps, inner)
                 write(results, out, quiet=True)
-    for shape in SHAPES:
-        measure(cases[shape, "gla"], "xla", "gla", make_inputs(shape, "gla", jnp.bfloat16),
-                reps, inner)  # fmt: skip
-        write(results, out, quiet=True)
 
 
 def fmt(x) -> str:
@@ -284,7 +281,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--out", default="experiments/results/bench_scan")
-    ap.add_argument("--no-check", action="store_true", help="skip the GPU correctness check")
+    ap.add_argument("--check", default="none,scalar,gla", help="fp32 GPU checks ('' for none)")
+    ap.add_argument("--impls", default="pallas,fla,xla", help="what to time, in this order")
     args = ap.parse_args()
     versions = f"jax {jax.__version__}"
     try:
@@ -304,10 +302,10 @@ def main() -> None:
         "command": "PYTHONPATH=/tmp/site:. python3 experiments/bench_scan.py",
         "rows": [],
     }
-    if not args.no_check:
-        check(results)
+    if args.check:
+        check(results, args.check.split(","))
         write(results, args.out)
-    bench(results, args.reps, args.inner, args.out)
+    bench(results, args.impls.split(","), args.reps, args.inner, args.out)
     write(results, args.out)
 
 
