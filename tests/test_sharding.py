@@ -1,4 +1,7 @@
-"""Sharded training step == single device, on 8 fake CPU devices (in a subprocess)."""
+"""Sharded training step == single device, on 8 fake CPU devices (in a subprocess).
+
+Includes the Pallas flash-attention kernels (interpret mode) shard_mapped inside the step.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +21,12 @@ SCRIPT = textwrap.dedent(
 
     sets = json.loads(sys.argv[1])
     results = {}
-    for shape in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+    runs = [((1, 1, 1), "xla"), ((8, 1, 1), "xla"), ((2, 4, 1), "xla"), ((2, 2, 2), "xla"),
+            ((2, 2, 2), "pallas")]
+    for shape, impl in runs:
         mesh = [f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"]
-        cfg = make_run_config("transformer", "tiny", sets + mesh)
+        cfg = make_run_config(
+            "transformer", "tiny", sets + mesh + [f"model.attention_impl={impl}"])
         n = shape[0] * shape[1] * shape[2]
         trainer = Trainer(cfg, tempfile.mkdtemp(), devices=jax.devices()[:n])
         state = trainer.initial_state()
@@ -29,7 +35,7 @@ SCRIPT = textwrap.dedent(
         grads = jax.jit(jax.grad(lambda p: (lambda t, c: t / c)(
             *loss_fn(trainer.model, p, batch))))(state.params)
         new, metrics = trainer.train_step(state, batch)
-        results[str(shape)] = {
+        results[f"{shape} {impl}"] = {
             "loss": float(metrics["loss"]),
             "grads": [np.asarray(g).ravel()[:64].tolist() for g in jax.tree.leaves(grads)],
             "params": [np.asarray(p).ravel()[:64].tolist() for p in jax.tree.leaves(new.params)],
@@ -54,7 +60,7 @@ def test_sharded_step_matches_single_device():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    ref = results.pop("(1, 1, 1)")
+    ref = results.pop("(1, 1, 1) xla")
     for shape, res in results.items():
         # float32; different reduction orders across shards -> tolerance 1e-5 relative.
         assert abs(res["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), shape
@@ -64,5 +70,7 @@ def test_sharded_step_matches_single_device():
         for a, b in zip(res["params"], ref["params"]):
             assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, shape
     # The meshes really shard: FSDP splits the embed dim, tensor splits heads/mlp.
-    assert any("fsdp" in s for s in results["(2, 4, 1)"]["shardings"])
-    assert any("tensor" in s for s in results["(2, 2, 2)"]["shardings"])
+    assert any("fsdp" in s for s in results["(2, 4, 1) xla"]["shardings"])
+    assert any("tensor" in s for s in results["(2, 2, 2) xla"]["shardings"])
+    # The Pallas kernels (interpret mode here) run shard_mapped inside the sharded step.
+    assert "(2, 2, 2) pallas" in results

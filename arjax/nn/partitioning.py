@@ -8,14 +8,14 @@ sharding hints through :func:`constrain`, active only inside :func:`activation_m
 from __future__ import annotations
 
 import contextlib
-import contextvars
-from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from arjax.ops.mesh import current_mesh, use_mesh
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
@@ -34,8 +34,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
 )
-
-_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("arjax_mesh", default=None)
 
 
 def logical(init: Any, *names: str | None) -> Any:
@@ -58,19 +56,15 @@ def to_mesh_spec(names: tuple[str | None, ...]) -> PartitionSpec:
     return nn.logical_to_mesh_axes(names, LOGICAL_RULES)
 
 
-@contextlib.contextmanager
-def activation_mesh(mesh: Mesh) -> Iterator[None]:
-    """Within this context :func:`constrain` pins activation layouts onto ``mesh``."""
-    token = _MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _MESH.reset(token)
+def activation_mesh(mesh: Mesh) -> contextlib.AbstractContextManager:
+    """Within this context :func:`constrain` pins activation layouts onto ``mesh`` and
+    Pallas ops are shard_mapped over it (:mod:`arjax.ops.mesh`)."""
+    return use_mesh(mesh)
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Sharding hint for an activation (no-op outside :func:`activation_mesh`)."""
-    mesh = _MESH.get()
+    mesh = current_mesh()
     if mesh is None:
         return x
     spec = fit_spec(to_mesh_spec(names), x.shape, mesh)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from arjax.ops.mesh import shard_batch_heads
+
 Impl = Literal["auto", "xla", "cudnn", "pallas"]
 IMPLS = ("auto", "xla", "cudnn", "pallas")
 
@@ -191,12 +193,17 @@ def _attention_cudnn(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, 
 
 
 def _attention_pallas(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, scale):
+    """Flash attention kernels; shard_mapped over batch and heads under a training mesh."""
     from kernels_pallas.flash_attention import flash_attention
 
-    return flash_attention(
-        q, k, v, causal=causal, window=window,
-        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
-    )  # fmt: skip
+    def kernel(q, k, v, q_seg, kv_seg):
+        return flash_attention(
+            q, k, v, causal=causal, window=window,
+            q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale,
+        )  # fmt: skip
+
+    heads = (q.shape[2], k.shape[2], k.shape[2], 0, 0)
+    return shard_batch_heads(kernel, heads, q.shape[0], q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def _pallas_available() -> bool:
