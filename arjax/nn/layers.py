@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from arjax.nn.partitioning import constrain, logical
-from arjax.ops import attention
+from arjax.ops import attention, decode_attention
 
 Mode = Literal["train", "prefill", "decode"]
 
@@ -138,11 +138,7 @@ class Attention(nn.Module):
             )
             self.put_variable("cache", name, cache)
             caches.append(cache)
-        ones = jnp.ones(q.shape[:2], jnp.int32)
-        return attention(
-            q, caches[0], caches[1], q_segment_ids=ones,
-            kv_segment_ids=kv_visible.astype(jnp.int32), impl=self.impl,
-        )  # fmt: skip
+        return decode_attention(q, caches[0], caches[1], kv_visible=kv_visible, impl=self.impl)
 
 
 class SwiGLU(nn.Module):

@@ -256,3 +256,37 @@ def attention(
         q, k, v, causal=causal, window=window,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
     )  # fmt: skip
+
+
+def decode_attention(
+    q: jax.Array,  # [batch, q_len (few), heads, head_dim]
+    k_cache: jax.Array,  # [batch, cache_len, kv_heads, head_dim]
+    v_cache: jax.Array,
+    *,
+    kv_visible: jax.Array,  # [batch, cache_len] bool: slots this step may attend to
+    scale: float | None = None,
+    impl: Impl = "auto",
+) -> jax.Array:
+    """Generation-time attention of new queries over a KV cache (forward only).
+
+    Same result as ``attention`` with segment ids (queries 1, visible slots 1, others 0);
+    ``impl="pallas"`` uses the split-KV flash-decoding kernel (Dao et al. 2023).
+    """
+    ones = jnp.ones(q.shape[:2], jnp.int32)
+    visible = kv_visible.astype(jnp.int32)
+    validate_attention_args(
+        q, k_cache, v_cache, q_segment_ids=ones, kv_segment_ids=visible, impl=impl
+    )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if resolve_impl(q, k_cache, causal=False, q_segment_ids=ones, impl=impl) == "pallas":
+        from kernels_pallas.flash_attention import flash_decode
+
+        def kernel(q, k, v, q_seg, kv_seg):
+            return flash_decode(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale)
+
+        heads = (q.shape[2], k_cache.shape[2], k_cache.shape[2], 0, 0)
+        return shard_batch_heads(kernel, heads, q.shape[0], q, k_cache, v_cache, ones, visible)
+    return _attention_xla(
+        q, k_cache, v_cache, causal=False, window=None,
+        q_segment_ids=ones, kv_segment_ids=visible, scale=scale,
+    )  # fmt: skip
