@@ -1,7 +1,7 @@
 """Pure functional ops (no parameters): each has a float32 reference beside its fast forms."""
 
 from arjax.ops.aaren import AarenState, aaren, aaren_init_state, aaren_reference, aaren_step
-from arjax.ops.attention import attention, attention_mask, attention_reference
+from arjax.ops.attention import attention, attention_mask, attention_reference, decode_attention
 from arjax.ops.axial import axial_attention, axial_attention_reference, fold_axis
 from arjax.ops.linear_attention import (
     linear_attention,
@@ -18,6 +18,7 @@ __all__ = [
     "attention",
     "attention_mask",
     "attention_reference",
+    "decode_attention",
     "axial_attention",
     "axial_attention_reference",
     "fold_axis",
