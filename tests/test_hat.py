@@ -169,11 +169,24 @@ def test_pooling_matches_isolated_words(model_params):
         np.testing.assert_allclose(packed[0, i], alone[0, 0], rtol=1e-5, atol=1e-5)
 
 
-def test_causality_over_bytes_and_words(model_params, forward):
+EVERY_LAYER = dataclasses.replace(
+    CFG, decoder=dataclasses.replace(CFG.decoder, num_layers=2), cross_attn_every_layer=True
+)
+
+
+@pytest.mark.parametrize("every_layer", [False, True])
+def test_causality_over_bytes_and_words(model_params, forward, every_layer):
     """Logits at byte i never depend on bytes after i, nor on words after its own."""
     _, params = model_params
     text = "Now is the winter of our discontent made glorious summer"
     b = text_to_word_batch([text], 80, 16, 32)
+    if every_layer:  # cross-attention before each of 2 decoder layers
+        model = HAT(EVERY_LAYER)
+        params = jax.jit(lambda k: nn.meta.unbox(model.init(k, _jnp(b))["params"]))(
+            jax.random.key(1)
+        )
+        assert "cross_attention" in params["decoder"]["decoder_layers_1"]
+        forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
     base = np.asarray(forward(params, _jnp(b)))
     rng = np.random.default_rng(1)
     n = len(text) + 2
