@@ -39,7 +39,7 @@ def _words(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[
     """HAT: packed byte rows with word ids; ``cfg.model`` gives ``max_words``/``max_word_bytes``."""
     m = cfg.model
     if cfg.data.seq_len > m.max_seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
         )
     sizes = dict(max_words=m.max_words, max_word_bytes=m.max_word_bytes)
