@@ -60,7 +60,10 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> None:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":
             # Cross-process collectives on CPU (tests, laptops) go through gloo.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
+        if coordinator == "auto":  # cluster auto-detection (Cloud TPU, SLURM, ...)
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:

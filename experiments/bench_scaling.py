@@ -1,0 +1,113 @@
+"""Multi-GPU scaling on one host: the 350M transformer, data-parallel and FSDP vs one GPU.
+
+Same global batch everywhere (so the losses must match the one-GPU run); throughput is
+the median over back-to-back steps after compilation and warm-up.
+
+    python experiments/bench_scaling.py                # needs >= 2 GPUs
+    python experiments/bench_scaling.py --quick        # 2 fake CPU devices, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if "--quick" in sys.argv:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+import datetime  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+
+from arjax.train.config import make_run_config  # noqa: E402
+from arjax.train.loop import Trainer, _to_global  # noqa: E402
+
+
+def run(preset: str, sets: list[str], mesh: tuple[int, int], steps: int) -> dict:
+    data, fsdp = mesh
+    n = data * fsdp
+    cfg = make_run_config(
+        "transformer", preset, [*sets, f"mesh.data={data}", f"mesh.fsdp={fsdp}", "mesh.tensor=1"]
+    )
+    trainer = Trainer(cfg, tempfile.mkdtemp(), devices=jax.devices()[:n])
+    state = trainer.initial_state()
+    batches = [_to_global(next(trainer.train_iter), trainer.batch_sharding) for _ in range(steps)]
+    t0 = time.perf_counter()
+    state, metrics = trainer.train_step(state, batches[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    losses = [float(metrics["loss"])]
+    times = []
+    for batch in batches[1:]:
+        t = time.perf_counter()
+        state, metrics = trainer.train_step(state, batch)
+        losses.append(float(metrics["loss"]))  # blocks: one step at a time
+        times.append(time.perf_counter() - t)
+    dt = statistics.median(times[2:] if len(times) > 4 else times)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    return {
+        "mesh": f"data={data}, fsdp={fsdp}",
+        "devices": n,
+        "step_ms": dt * 1e3,
+        "tokens_per_s": tokens / dt,
+        "losses": losses,
+        "compile_s": compile_s,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--out", default="experiments/results/bench_scaling")
+    args = ap.parse_args()
+    if args.quick:
+        preset, steps = "tiny", 6
+        sets = ["data.seq_len=128", "data.batch_size=8", "train.steps=100"]
+    else:
+        preset, steps = "350m", args.steps
+        sets = ["data.seq_len=2048", "data.batch_size=16", "train.steps=1000"]
+    if jax.device_count() < 2:
+        raise SystemExit(f"needs >= 2 devices, have {jax.device_count()}")
+    rows = [run(preset, sets, m, steps) for m in [(1, 1), (2, 1), (1, 2)]]
+    base = rows[0]
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["max_loss_diff"] = max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))
+        print(json.dumps(r), flush=True)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "jax": jax.__version__,
+        "model": f"transformer {preset}",
+        "global_batch": sets[1],
+        "command": "python experiments/bench_scaling.py" + (" --quick" if args.quick else ""),
+    }
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    lines = [
+        f"# Scaling on one host: {meta['device']} ({meta['date']}, JAX {meta['jax']})",
+        "",
+        f"Command: `{meta['command']}`; {meta['model']}, {meta['global_batch']}, seq "
+        f"{sets[0]}; same global batch on every mesh.",
+        "",
+        "| mesh | GPUs | step ms | tokens/s | speedup | max loss diff vs 1 GPU | compile s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mesh']} | {r['devices']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} "
+            f"| {r['speedup']:.2f}x | {r['max_loss_diff']:.2e} | {r['compile_s']:.0f} |"
+        )
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
