@@ -143,8 +143,11 @@ def main() -> None:
         f"# AOT memory per device on a 64-chip mesh ({meta['date']}, JAX {meta['jax']})",
         "",
         f"Command: `{meta['command']}`; {meta['devices']}; fp32 params + AdamW state, bf16 "
-        "compute, full remat per layer. Temporaries are XLA CPU's memory analysis of the "
-        "same program a GPU/TPU would run (fusion differs by backend, so treat as an estimate).",
+        "compute, remat per preset. Temporaries are XLA CPU's memory analysis of the "
+        "same program a GPU/TPU would run (fusion differs by backend, so treat as an estimate). "
+        "On CPU attention is the XLA path, whose float32 score matrices "
+        "[batch/dev, heads, seq, seq] dominate the temporaries (8 GiB per 7B layer at 4x4096); "
+        "with the flash kernels on GPU/TPU that term becomes O(seq).",
         "",
         head,
         "|" + "---|" * 8,
