@@ -110,7 +110,8 @@ def row_features(
 ) -> dict[str, np.ndarray]:
     """Batch dict (see module doc) for ``rows`` of the stream."""
     r = len(rows)
-    out = {k: np.zeros((r, seq_len), np.int32) for k in HAT_FIELDS[:6]}
+    byte_fields = ("inputs", "targets", "segment_ids", "positions", "word_ids")
+    out = {k: np.zeros((r, seq_len), np.int32) for k in byte_fields}
     out["inputs"][:] = PAD_ID
     out["targets"][:] = PAD_ID
     out["word_segment_ids"] = np.zeros((r, max_words), np.int32)
