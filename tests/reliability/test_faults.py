@@ -1,0 +1,73 @@
+"""Faults: preemption (SIGTERM), hard kills (SIGKILL, also mid-save), corrupt checkpoints,
+non-finite steps, determinism. Every interrupted run must end with exactly the metrics of an
+uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+
+from conftest import STEPS, finalised_steps, metric_rows
+
+
+def _summary(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[0])
+
+
+def test_sigterm_finishes_step_saves_and_resume_matches(cli, reference, tmp_path):
+    proc = cli.start(tmp_path)
+    cli.wait_for_step(proc, tmp_path, 5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    summary = _summary(stdout)
+    assert summary["preempted"] == "SIGTERM"
+    stopped = summary["step"]
+    assert 5 <= stopped < STEPS
+    # the step in flight was finished and checkpointed before exiting
+    assert finalised_steps(tmp_path)[-1] == stopped
+    assert max(metric_rows(tmp_path)) == stopped
+    # a kill while appending a metrics row leaves a torn last line: resume must drop it
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 99999, "loss": 1.')
+
+    done = cli.run(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "preempted" not in _summary(done.stdout)
+    assert metric_rows(tmp_path) == reference
+
+
+def test_repeated_sigkill_then_corrupt_newest_checkpoint_resume_matches(cli, reference, tmp_path):
+    """SIGKILL at random moments (after start-up, so during steps and async saves), 3 times;
+    then the newest checkpoint is corrupted; the final run skips it with a message and still
+    reproduces the uninterrupted metrics."""
+    rng = random.Random(0)
+    kills = []
+    for _ in range(3):
+        proc = cli.start(tmp_path)
+        progress = max(finalised_steps(tmp_path), default=0)
+        cli.wait_for_step(proc, tmp_path, progress + 6)
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        kills.append(max(finalised_steps(tmp_path), default=0))
+    assert kills[-1] < STEPS, "the run finished before the last kill; lengthen STEPS"
+
+    steps = finalised_steps(tmp_path)
+    newest = tmp_path / "checkpoints" / str(steps[-1])
+    for f in (p for p in newest.rglob("*") if p.is_file() and p.stat().st_size > 0):
+        f.write_bytes(b"\x00garbage" * 4)
+
+    done = cli.run(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"checkpoint step {steps[-1]}" in done.stderr
+    assert "could not be restored" in done.stderr
+    assert metric_rows(tmp_path) == reference
+
+
+def test_same_seed_and_config_give_identical_metrics_run_to_run(reference_runs):
+    first, second = reference_runs
+    assert len(first) == STEPS and first == second

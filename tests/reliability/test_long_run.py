@@ -1,0 +1,99 @@
+"""In-process training faults: non-finite steps, host memory over long runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import TINY
+
+import arjax.train.loop as loop
+from arjax.train.config import make_run_config
+from arjax.train.loop import Trainer, train
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Poisoned:
+    """The real train iterator, but batches number ``bad`` (1-based) hold byte ids far out of
+    the vocabulary: the embedding lookup yields NaN, so loss and gradients are non-finite."""
+
+    def __init__(self, inner, bad: set[int]) -> None:
+        self.inner, self.bad, self.calls = inner, bad, 0
+
+    def __next__(self) -> dict:
+        self.calls += 1
+        batch = next(self.inner)
+        if self.calls in self.bad:
+            batch = {**batch, "inputs": np.full_like(batch["inputs"], 10**6)}
+        return batch
+
+    def get_state(self) -> dict:
+        return self.inner.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.inner.set_state(state)
+
+
+def test_non_finite_steps_are_skipped_counted_and_a_streak_stops_training(monkeypatch, tmp_path):
+    real = loop.make_data
+
+    def poisoned(cfg, index, count):
+        it, evals = real(cfg, index, count)
+        return _Poisoned(it, {3, 8, 9, 10}), evals
+
+    monkeypatch.setattr(loop, "make_data", poisoned)
+    extra = ["train.steps=20", "train.max_bad_steps=3", "train.save_every=1"]
+    cfg = make_run_config("transformer", "tiny", [*TINY, *extra])
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps.*max_bad_steps=3"):
+        train(cfg, tmp_path)
+    rows = {
+        r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+    }
+    assert max(rows) == 9  # step 10 raised before logging
+    assert [rows[s]["skipped"] for s in range(1, 10)] == [0, 0, 1, 1, 1, 1, 1, 2, 3]
+    assert [rows[s]["bad_streak"] for s in range(1, 10)] == [0, 0, 1, 0, 0, 0, 0, 1, 2]
+    assert np.isnan(rows[3]["loss"]) and np.isfinite(rows[4]["loss"])
+
+    # The checkpoints written during the streak hold the last good params, untouched.
+    trainer = Trainer(cfg, tmp_path)
+    ckpt = trainer.ckpt
+    assert ckpt.all_steps() == [7, 8, 9]
+    good, _, _ = ckpt.restore(trainer.abstract_state, step=7)
+    for step in (8, 9):
+        bad, _, _ = ckpt.restore(trainer.abstract_state, step=step)
+        assert int(bad.skipped) == step - 6 and int(bad.bad_streak) == step - 7
+        for a, b in zip(jax.tree.leaves((good.params, good.opt_state)),
+                        jax.tree.leaves((bad.params, bad.opt_state))):  # fmt: skip
+            np.testing.assert_array_equal(a, b)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(good.params))
+
+
+def test_host_memory_flat_over_thousands_of_steps(monkeypatch, tmp_path: Path):
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("needs /proc (Linux) to read the resident set size")
+    samples: list[tuple[int, int]] = []
+    write = loop.MetricsWriter.write
+
+    def write_and_sample(self, row):
+        write(self, row)
+        samples.append((row["step"], _rss_bytes()))
+
+    monkeypatch.setattr(loop.MetricsWriter, "write", write_and_sample)
+    # Checkpoint saves (every 100 steps) warm up Orbax/allocator pools for the first ~1000 steps;
+    # after that resident memory must stay flat.
+    extra = ["train.steps=2000", "train.log_every=100", "train.save_every=100",
+             "train.eval_every=1000", "train.keep_checkpoints=1"]  # fmt: skip
+    train(make_run_config("transformer", "tiny", [*TINY, *extra]), tmp_path)
+    late = [b for s, b in samples if s >= 1000]
+    growth = late[-1] - late[0]
+    print(f"RSS steps 1000-2000: {late[0] / 2**20:.1f} -> {late[-1] / 2**20:.1f} MiB")
+    assert len(late) >= 10
+    assert growth < 8 * 2**20, f"resident memory grew {growth / 2**20:.1f} MiB in 1000 steps"
