@@ -118,6 +118,9 @@ def _prefill(model: nn.Module, params: Any, batch: dict, *, cache_len: int, word
     return logits[:, -1], acts, states, variables["cache"]
 
 
+_sample = jax.jit(sample_token, static_argnames=("temperature", "top_k", "top_p"))
+
+
 def _merge_rows(write: jax.Array, new: Any, old: Any) -> Any:
     """Per-row select over a pytree whose leaves have batch as their first axis."""
     return jax.tree.map(
@@ -227,6 +230,7 @@ def generate_hat(
         raise ValueError(f"max_new_bytes must be > 0, got {max_new_bytes}")
     split = [prompt_words(p, c.max_word_bytes) for p in prompts]
     rows = [[*done, cur] if cur else done for done, cur in split]
+    cur0 = [cur for _, cur in split]
     batch = _left_padded_prompt(rows)
     b, width = batch["inputs"].shape
     longest = max(sum(len(w) for w in r) for r in rows)
@@ -237,7 +241,8 @@ def generate_hat(
         )
     num_words = batch["word_segment_ids"].shape[1]
     cache_len = _round_up(width + max_new_bytes, 64)
-    word_cache_len = _round_up(num_words + max_new_bytes + 1, 64)
+    # every finished word holds >= 1 byte of the unfinished prompt word or of the new bytes
+    word_cache_len = _round_up(num_words + max_new_bytes + max(len(w) for w in cur0), 64)
     logits, prompt_acts, states, cache = _prefill(
         model, params, {k: jnp.asarray(v) for k, v in batch.items()},
         cache_len=cache_len, word_cache_len=word_cache_len,
@@ -245,7 +250,7 @@ def generate_hat(
     acts = jnp.pad(prompt_acts, ((0, 0), (0, cache_len - width), (0, 0)))
     finished = np.array([len(done) for done, _ in split])  # finished words per row
     pred = states[jnp.arange(b), jnp.asarray(finished - 1)]  # [batch, backbone_d]
-    cur = [cur for _, cur in split]
+    cur = list(cur0)
     pad = width - np.array([sum(len(w) for w in r) for r in rows])  # left padding per row
     cur_start = width - np.array([len(w) for w in cur])  # slot of the current word's first byte
     visible = np.zeros((b, cache_len), bool)
@@ -261,8 +266,7 @@ def generate_hat(
         rng, key = jax.random.split(rng)
         if return_logits:
             step_logits.append(np.asarray(logits))
-        toks = np.asarray(sample_token(logits, key, temperature=temperature, top_k=top_k,
-                                       top_p=top_p))  # fmt: skip
+        toks = np.asarray(_sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p))
         pieces = [[w] for w in cur]
         for r in np.flatnonzero(active):
             tok = int(toks[r])
