@@ -16,11 +16,11 @@ Chunked form (GLA paper sec. 3.3 / 4.2): with chunk-local cumulative log-gates
 Gates stay in log space. For scalar decay ``A = (q k^T) * exp(b_i - b_j)`` is one [C, C]
 matmul. For GLA the chunk is split into sub-chunks of ``SUB`` rows (secondary chunking, GLA
 paper sec. 4.2): a block pair (rows X, cols Y < X) uses the reference ``rho = b_{first row of
-X}`` so that ``q e^{b - rho}`` and ``k e^{rho - b}`` are both <= 1 and one MMA computes it. A
-diagonal block is factored the same way around its middle row when its log-gate range is below
-``FACTOR_SPREAD`` (factors within e^{+-30}: no overflow, same rounding as the direct product);
-with stronger gates it is computed element-wise, one key (or query) row at a time, from exact
-differences ``b_i - b_j <= 0``.
+X}`` so that ``q e^{b - rho}`` and ``k e^{rho - b}`` are both <= 1 and one MMA computes it. In
+the forward a diagonal block is factored the same way around its middle row when its log-gate
+range is below ``FACTOR_SPREAD`` (factors within e^{+-30}: no overflow, same rounding as the
+direct product); with stronger gates, and always in the backward, it is computed element-wise,
+one key (or query) row at a time, from exact differences ``b_i - b_j <= 0``.
 
 Kernels (one set of chunk math, two drivers):
 
@@ -330,6 +330,8 @@ class _Chunk:
             a, dq = self._gated_diag(i0, m, q, da)
             return (a,) if not grads else (a, dq, self._gated_diag_dk(i0, dat))
 
+        if grads:  # backward: exact loops; Triton 3.6 failed to compile this cond there
+            return exact()
         return lax.cond(spread < FACTOR_SPREAD, factored, exact)
 
     def _gated_diag(self, i0, m, q, da):
