@@ -1,4 +1,4 @@
-"""Axial Transformer sampling time: semi-parallel (Ho et al. 2019, sec. 3.3) vs naive.
+"""Axial Transformer sampling time: semi-parallel (Ho et al. 2019, sec. 4) vs naive.
 
 Semi-parallel: outer decoder once per row with column caches, inner decoder once per pixel
 with row caches. Naive: one full forward pass per pixel. Both draw the same samples (checked
