@@ -785,6 +785,10 @@ def recurrent_step(
         )
     if backend not in BACKENDS:
         raise ValueError(f"recurrent_step: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "gpu" and not interpret and not (_is_pow2(dk) and _is_pow2(dv)):
+        raise ValueError(
+            f"recurrent_step: the Triton kernel needs dk and dv powers of two, got {dk}, {dv}"
+        )
     gate = "none" if log_decay is None else "gated"
     vec = lambda x: x.reshape(bsz, heads, 1, -1)  # [b, h, 1, d]
     args = [vec(q), vec(k), vec(v)] + ([vec(log_decay)] if log_decay is not None else [])

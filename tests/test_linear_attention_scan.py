@@ -149,6 +149,9 @@ def test_bad_inputs_raise_before_compiling():
         chunked_linear_attention(q[..., :12], k[..., :12], v, backend="gpu", interpret=False)
     with pytest.raises(ValueError, match="state"):
         recurrent_step(q[:, 0], k[:, 0], v[:, 0], s0[..., :8])
+    with pytest.raises(ValueError, match="powers of two"):
+        recurrent_step(q[:, 0, :, :12], k[:, 0, :, :12], v[:, 0], s0[:, :, :12], backend="gpu",
+                       interpret=False)  # fmt: skip
 
 
 @pytest.mark.gpu
