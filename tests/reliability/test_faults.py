@@ -9,7 +9,7 @@ import random
 import signal
 import time
 
-from conftest import STEPS, finalised_steps, metric_rows
+from conftest import STEPS, finalised_steps, last_logged_step, metric_rows
 
 
 def _summary(stdout: str) -> dict:
@@ -25,6 +25,7 @@ def test_sigterm_finishes_step_saves_and_resume_matches(cli, reference, tmp_path
     summary = _summary(stdout)
     assert summary["preempted"] == "SIGTERM"
     stopped = summary["step"]
+    print(f"SIGTERM stopped the run at step {stopped}")
     assert 5 <= stopped < STEPS
     # the step in flight was finished and checkpointed before exiting
     assert finalised_steps(tmp_path)[-1] == stopped
@@ -46,15 +47,19 @@ def test_repeated_sigkill_then_corrupt_newest_checkpoint_resume_matches(cli, ref
     rng = random.Random(0)
     kills = []
     for _ in range(3):
+        before = max(finalised_steps(tmp_path), default=0)
+        # rows past `before` left by the previous kill are stale until the new run rewrites them
+        target = max(before, last_logged_step(tmp_path)) + 3
         proc = cli.start(tmp_path)
-        progress = max(finalised_steps(tmp_path), default=0)
-        cli.wait_for_step(proc, tmp_path, progress + 6)
+        cli.wait_for_step(proc, tmp_path, target)
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL
         kills.append(max(finalised_steps(tmp_path), default=0))
+        assert kills[-1] >= before  # a kill never loses a complete checkpoint
     assert kills[-1] < STEPS, "the run finished before the last kill; lengthen STEPS"
+    print(f"newest complete checkpoint after each SIGKILL: {kills}")
 
     steps = finalised_steps(tmp_path)
     newest = tmp_path / "checkpoints" / str(steps[-1])
