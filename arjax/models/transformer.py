@@ -134,7 +134,8 @@ class TransformerLM(nn.Module):
         )
 
     def __call__(self, batch: dict, *, train: bool = False) -> jax.Array:
-        h = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+        # Unpacked batches may omit segment_ids (one document per row: cuDNN-eligible).
+        h = self.hidden(batch["inputs"], batch["positions"], batch.get("segment_ids"))
         return self.logits(h)
 
     def prefill(
