@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from arjax.generate.axial import sample_axial, sample_axial_naive, sample_images_text
+from arjax.generate.block import sample_block
 from arjax.generate.decode import generate_text, generate_tokens
 from arjax.generate.hat import generate_hat, sample_hat
 from arjax.generate.linear import generate_recurrent, sample_linear_lm
@@ -34,6 +35,7 @@ SAMPLERS: dict[str, Callable[..., str]] = {
     "hat": sample_hat,
     "transformer": _sample_byte_lm,
     "axial": sample_images_text,
+    "block": sample_block,
 }
 
 SAMPLERS.update(dict.fromkeys(LINEAR_MIXERS, sample_linear_lm))  # constant-memory decoding

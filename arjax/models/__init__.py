@@ -7,6 +7,8 @@ from typing import Any
 
 from arjax.models.axial import PRESETS as AXIAL_PRESETS
 from arjax.models.axial import AxialConfig, AxialTransformer
+from arjax.models.block_transformer import PRESETS as BLOCK_PRESETS
+from arjax.models.block_transformer import BlockTransformer, BlockTransformerConfig
 from arjax.models.hat import HAT, HATConfig
 from arjax.models.hat import PRESETS as HAT_PRESETS
 from arjax.models.linear_lm import LINEAR_MIXERS, LinearLM, LinearLMConfig, presets_for
@@ -31,6 +33,7 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "axial": ModelSpec("axial", AxialConfig, AxialTransformer, AXIAL_PRESETS, data="images"),
+    "block": ModelSpec("block", BlockTransformerConfig, BlockTransformer, BLOCK_PRESETS),
     "hat": ModelSpec("hat", HATConfig, HAT, HAT_PRESETS, data="words"),
     "transformer": ModelSpec(
         "transformer", TransformerLMConfig, TransformerLM, TRANSFORMER_PRESETS
