@@ -1,0 +1,92 @@
+"""Per-token decode time vs context length: linear-attention LMs vs the KV-cache transformer.
+
+A linear LM decodes from a fixed-size state (and BASED from a ``window``-token ring buffer),
+so its step time is flat in the context; the transformer's step reads a KV cache that grows
+with it. The cache/state contents do not change the work, so each context is set up as a
+zero-filled cache of the right size (no prefill needed). Each step is jitted with the cache
+donated (updated in place), compiled outside the timing, and timed as the median of
+``--repeats`` blocked calls.
+
+    python experiments/bench_linear_decode.py --quick        # CPU: tiny models
+    python experiments/bench_linear_decode.py                # GPU: small models, batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from linear_common import median_seconds, write_results
+
+from arjax.models import MODELS
+
+CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def decode_step_seconds(name: str, preset: str, context: int, batch: int, repeats: int) -> float:
+    cfg = MODELS[name].presets[preset]
+    if name == "transformer":
+        cfg = dataclasses.replace(cfg, max_seq_len=context)
+    model = MODELS[name].module_cls(cfg)
+    tok = jnp.zeros((batch, 1), jnp.int32)
+    pos = jnp.full((batch, 1), context - 1, jnp.int32)
+    params = jax.jit(model.init)(
+        jax.random.key(0), {"inputs": tok, "positions": pos, "segment_ids": tok + 1}
+    )
+    params = params["params"]
+    # Shapes of the decode cache for this context: KV [.., context, ..] or the fixed state.
+    prefill = lambda: model.apply(  # noqa: E731
+        {"params": params}, tok, pos, tok + 1, context, method="prefill", mutable=["cache"]
+    )
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(prefill)[1]["cache"])
+    visible = jnp.ones((batch, context), bool)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(cache):
+        out, new = model.apply(
+            {"params": params, "cache": cache}, tok, pos, jnp.int32(context - 1), visible,
+            method="decode", mutable=["cache"],
+        )  # fmt: skip
+        return new["cache"], out
+
+    state = {"cache": cache}
+
+    def run():
+        state["cache"], out = step(state["cache"])
+        return out
+
+    return median_seconds(run, repeats, warmup=3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny presets, batch 1 (CPU)")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--models", default="transformer,based,gla,retnet,aaren")
+    args = parser.parse_args()
+    preset, batch = ("tiny", 1) if args.quick else ("small", 8)
+    rows = []
+    for name in args.models.split(","):
+        row = {"model": name, "preset": preset, "batch": batch}
+        for context in CONTEXTS:
+            ms = 1e3 * decode_step_seconds(name, preset, context, batch, args.repeats)
+            row[f"{context // 1024}k ms"] = ms
+            print(f"{name:12s} context {context:6d}: {ms:.3f} ms/token", flush=True)
+        row["32k / 1k"] = row["32k ms"] / row["1k ms"]
+        rows.append(row)
+    columns = ["model", "preset", "batch", *(f"{c // 1024}k ms" for c in CONTEXTS), "32k / 1k"]
+    write_results(
+        "linear_decode" + ("_quick" if args.quick else ""),
+        "Per-token decode time (ms) vs context: linear-attention LMs vs KV-cache transformer",
+        rows,
+        columns,
+        "Median of repeated jitted decode steps, cache donated; zero-filled caches sized "
+        "for each context. Flat rows = O(1) decoding.",
+    )
+
+
+if __name__ == "__main__":
+    main()
