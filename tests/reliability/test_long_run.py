@@ -87,13 +87,13 @@ def test_host_memory_flat_over_thousands_of_steps(monkeypatch, tmp_path: Path):
         samples.append((row["step"], _rss_bytes()))
 
     monkeypatch.setattr(loop.MetricsWriter, "write", write_and_sample)
-    # Checkpoint saves (every 100 steps) warm up Orbax/allocator pools for the first ~1000 steps;
-    # after that resident memory must stay flat.
-    extra = ["train.steps=2000", "train.log_every=100", "train.save_every=100",
+    extra = ["train.steps=2000", "train.log_every=100", "train.save_every=1000",
              "train.eval_every=1000", "train.keep_checkpoints=1"]  # fmt: skip
     train(make_run_config("transformer", "tiny", [*TINY, *extra]), tmp_path)
-    late = [b for s, b in samples if s >= 1000]
-    growth = late[-1] - late[0]
-    print(f"RSS steps 1000-2000: {late[0] / 2**20:.1f} -> {late[-1] / 2**20:.1f} MiB")
-    assert len(late) >= 10
-    assert growth < 8 * 2**20, f"resident memory grew {growth / 2**20:.1f} MiB in 1000 steps"
+    # 700 training steps with no checkpoint or eval in between. (Each Orbax save keeps ~150 KiB
+    # resident for this state, inside TensorStore; see experiments/results/reliability.md.)
+    window = [b for s, b in samples if 1200 <= s <= 1900]
+    growth = window[-1] - window[0]
+    print(f"RSS steps 1200-1900: {window[0] / 2**20:.1f} -> {window[-1] / 2**20:.1f} MiB")
+    assert len(window) == 8
+    assert growth < 2 * 2**20, f"resident memory grew {growth / 2**20:.1f} MiB in 700 steps"
