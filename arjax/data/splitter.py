@@ -155,6 +155,12 @@ _ASCII_WORD = re.compile(
 _NON_ASCII_LINE = re.compile(r"(?m)^[\x00-\x09\x0b-\x7f]*[^\x00-\x7f][^\n]*\n?")
 
 
+# A " " after a non-space character always starts a word (UAX #29 breaks before a space unless
+# it follows WSegSpace, and spaces start words), and no rule looks back across it: the text
+# can be cut there and the chunks -- mostly one word each, and repeating -- split separately.
+_CHUNK_CUT = re.compile(r"(?<=\S)(?= )")
+
+
 def _split_general(text: str) -> list[str]:
     if _NEW_IN_17.search(text):  # rare: split the Unicode 16 view, then cut the original
         words, start = [], 0
@@ -162,6 +168,14 @@ def _split_general(text: str) -> list[str]:
             words.append(text[start : start + len(word)])
             start += len(word)
         return words
+    words: list[str] = []
+    for chunk in _CHUNK_CUT.split(text):
+        words += _split_chunk(chunk)
+    return words
+
+
+@lru_cache(maxsize=1 << 16)
+def _split_chunk(text: str) -> tuple[str, ...]:
     words: list[str] = []
     last = _NONE  # kind of the last piece of the current word
     for segment in _SEGMENT.findall(text):
@@ -173,7 +187,7 @@ def _split_general(text: str) -> list[str]:
             else:
                 words.append(piece)
             last = kind
-    return words
+    return tuple(words)
 
 
 def split_words(text: str) -> list[str]:
