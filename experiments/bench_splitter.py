@@ -34,7 +34,7 @@ from test_splitter import CORPUS  # noqa: E402
 
 def _clear_caches() -> None:
     _splitter._split_chunk.cache_clear()
-    _splitter._pieces.cache_clear()
+    _splitter._pieces_cached.cache_clear()
 
 
 def _median_seconds(fn, text: str, repeats: int) -> float:

@@ -133,10 +133,17 @@ def _kind(piece: str) -> int:
     return _WORD
 
 
-@lru_cache(maxsize=1 << 16)
-def _pieces(segment: str) -> tuple[tuple[str, int], ...]:
-    """Step 1 cuts and step 2 kinds of one UAX #29 segment (cached: segments repeat)."""
+def _pieces_of(segment: str) -> tuple[tuple[str, int], ...]:
+    """Step 1 cuts and step 2 kinds of one UAX #29 segment."""
     return tuple((p, _kind(p)) for p in _CUT.split(segment))
+
+
+_CACHED_LEN = 64  # segments and chunks repeat; cache the short ones (bounded memory)
+_pieces_cached = lru_cache(maxsize=1 << 16)(_pieces_of)
+
+
+def _pieces(segment: str) -> tuple[tuple[str, int], ...]:
+    return _pieces_cached(segment) if len(segment) <= _CACHED_LEN else _pieces_of(segment)
 
 
 # ASCII-only text (the common case) in one C-level pass: the same rule specialised to ASCII,
@@ -170,12 +177,11 @@ def _split_general(text: str) -> list[str]:
         return words
     words: list[str] = []
     for chunk in _CHUNK_CUT.split(text):
-        words += _split_chunk(chunk)
+        words += _split_chunk(chunk) if len(chunk) <= _CACHED_LEN else _split_chunk_of(chunk)
     return words
 
 
-@lru_cache(maxsize=1 << 16)
-def _split_chunk(text: str) -> tuple[str, ...]:
+def _split_chunk_of(text: str) -> tuple[str, ...]:
     words: list[str] = []
     last = _NONE  # kind of the last piece of the current word
     for segment in _SEGMENT.findall(text):
@@ -188,6 +194,9 @@ def _split_chunk(text: str) -> tuple[str, ...]:
                 words.append(piece)
             last = kind
     return tuple(words)
+
+
+_split_chunk = lru_cache(maxsize=1 << 16)(_split_chunk_of)
 
 
 def split_words(text: str) -> list[str]:
