@@ -160,21 +160,30 @@ def block_generate(
     return rearrange(out, "n b l -> b (n l)")
 
 
-def check_params(model: BlockTransformer, params: Any) -> None:
-    """``ValueError`` naming the first parameter whose shape does not match ``model.config``."""
+@functools.cache
+def _param_shapes(model: BlockTransformer) -> dict:
+    """``{path: shape}`` of the params ``model.config`` needs (traced once per config)."""
     tokens = jnp.zeros((1, model.config.block_len), jnp.int32)
     expected = jax.eval_shape(lambda: model.init(jax.random.key(0), {"inputs": tokens}))
-    want = dict(jax.tree_util.tree_leaves_with_path(nn.meta.unbox(expected["params"])))
-    got = dict(jax.tree_util.tree_leaves_with_path(params))
-    for path in sorted(set(want) | set(got), key=jax.tree_util.keystr):
-        name = jax.tree_util.keystr(path)
-        if path not in got or path not in want:
-            side = "missing from" if path not in got else "not expected by"
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(expected["params"]))
+    return {jax.tree_util.keystr(path): tuple(x.shape) for path, x in leaves}
+
+
+def check_params(model: BlockTransformer, params: Any) -> None:
+    """``ValueError`` naming the first parameter whose shape does not match ``model.config``."""
+    want = _param_shapes(model)
+    got = {
+        jax.tree_util.keystr(path): tuple(x.shape)
+        for path, x in jax.tree_util.tree_leaves_with_path(params)
+    }
+    for name in sorted(set(want) | set(got)):
+        if name not in got or name not in want:
+            side = "missing from" if name not in got else "not expected by"
             raise ValueError(f"params {name} is {side} the model config; configs mismatch")
-        if tuple(got[path].shape) != tuple(want[path].shape):
+        if got[name] != want[name]:
             raise ValueError(
-                f"params {name} has shape {tuple(got[path].shape)}, the model config needs "
-                f"{tuple(want[path].shape)}; configs mismatch"
+                f"params {name} has shape {got[name]}, the model config needs "
+                f"{want[name]}; configs mismatch"
             )
 
 
