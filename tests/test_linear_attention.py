@@ -42,7 +42,11 @@ B, L, H, DK, DV = 2, 37, 3, 5, 4
 SEGMENTS = np.array([[1] * 10 + [2] * 20 + [3] * 7, [1] * 37], np.int32)  # packed row + plain row
 
 
-def _inputs(decay: str, seed: int = 0):
+def _seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(2**31))
+
+
+def _inputs(decay: str, seed: int):
     ks = jax.random.split(jax.random.key(seed), 5)
     q, k = (jax.random.normal(x, (B, L, H, DK)) for x in ks[:2])
     v = jax.random.normal(ks[2], (B, L, H, DV))
@@ -53,8 +57,8 @@ def _inputs(decay: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("decay", ["none", "scalar", "gated"])
-def test_three_forms_agree_with_initial_state_and_resets(decay):
-    q, k, v, log_decay, s0 = _inputs(decay)
+def test_three_forms_agree_with_initial_state_and_resets(decay, rng):
+    q, k, v, log_decay, s0 = _inputs(decay, _seed(rng))
     args = dict(log_decay=log_decay, initial_state=s0, segment_ids=jnp.asarray(SEGMENTS))
     ref_out, ref_state = lin_ref(q, k, v, **args)
     for form, chunk in (("chunked", 8), ("chunked", 64), ("recurrent", 64)):
@@ -70,9 +74,9 @@ def test_three_forms_agree_with_initial_state_and_resets(decay):
     np.testing.assert_allclose(ref_state[:1], alone, **TOL)
 
 
-def test_plain_reference_matches_definition():
+def test_plain_reference_matches_definition(rng):
     """Without decay or resets: o_t = sum_{s<=t} (q_t . k_s) v_s + q_t S_0."""
-    q, k, v, _, s0 = _inputs("none", seed=1)
+    q, k, v, _, s0 = _inputs("none", _seed(rng))
     scores = jnp.einsum("bthd,bshd->bhts", q, k) * jnp.tril(jnp.ones((L, L)))
     want = jnp.einsum("bhts,bshe->bthe", scores, v) + jnp.einsum("bthd,bhde->bthe", q, s0)
     out, state = lin_ref(q, k, v, initial_state=s0)
@@ -81,8 +85,8 @@ def test_plain_reference_matches_definition():
 
 
 @pytest.mark.parametrize("decay", ["scalar", "gated"])
-def test_gradients_agree(decay):
-    q, k, v, log_decay, s0 = _inputs(decay, seed=2)
+def test_gradients_agree(decay, rng):
+    q, k, v, log_decay, s0 = _inputs(decay, _seed(rng))
     seg = jnp.asarray(SEGMENTS)
     w_out = jax.random.normal(jax.random.key(7), (B, L, H, DV))
     w_state = jax.random.normal(jax.random.key(8), (B, H, DK, DV))
@@ -102,9 +106,9 @@ def test_gradients_agree(decay):
             np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4, err_msg=f"{form} d{name}")
 
 
-def test_split_sequence_with_state_equals_whole():
+def test_split_sequence_with_state_equals_whole(rng):
     """Prefill then continue from the returned state == one pass (what decoding relies on)."""
-    q, k, v, g, _ = _inputs("gated", seed=3)
+    q, k, v, g, _ = _inputs("gated", _seed(rng))
     whole, final = lin_attn(q, k, v, log_decay=g, chunk_size=8)
     first, mid = lin_attn(q[:, :20], k[:, :20], v[:, :20], log_decay=g[:, :20])
     out, state = [], mid
@@ -115,10 +119,10 @@ def test_split_sequence_with_state_equals_whole():
     np.testing.assert_allclose(state, final, **TOL)
 
 
-def test_chunked_is_stable_for_long_strongly_decaying_sequences():
+def test_chunked_is_stable_for_long_strongly_decaying_sequences(rng):
     """log-space gates: cumulative decay exp(-4 * 2048) underflows, yet every output is finite
     and matches the token-by-token recurrence."""
-    ks = jax.random.split(jax.random.key(4), 4)
+    ks = jax.random.split(jax.random.key(_seed(rng)), 4)
     n = 2048
     q, k = (jax.random.normal(x, (1, n, 1, 4)) for x in ks[:2])
     v = jax.random.normal(ks[2], (1, n, 1, 4))
@@ -131,7 +135,7 @@ def test_chunked_is_stable_for_long_strongly_decaying_sequences():
 
 
 def test_bad_inputs_raise_clear_errors():
-    q, k, v, g, s0 = _inputs("gated")
+    q, k, v, g, s0 = _inputs("gated", 0)
     with pytest.raises(ValueError, match="log_decay must be"):
         linear_attention(q, k, v, log_decay=g[..., :2])
     with pytest.raises(ValueError, match="initial_state must be"):
@@ -150,8 +154,8 @@ def test_bad_inputs_raise_clear_errors():
         linear_attention(q, k, v, chunk_size=0)
 
 
-def test_aaren_scan_equals_naive_softmax_with_resets_and_initial_state():
-    ks = jax.random.split(jax.random.key(5), 4)
+def test_aaren_scan_equals_naive_softmax_with_resets_and_initial_state(rng):
+    ks = jax.random.split(jax.random.key(_seed(rng)), 4)
     scores, prev = 30.0 * jax.random.normal(ks[0], (2, B, L, H))  # large: needs the running max
     v, v_prev = jax.random.normal(ks[1], (2, B, L, H, DV))
     seg, ones = jnp.asarray(SEGMENTS), jnp.ones((B, L), jnp.int32)
@@ -172,8 +176,8 @@ def test_aaren_scan_equals_naive_softmax_with_resets_and_initial_state():
     np.testing.assert_allclose(jnp.stack(steps, 1), whole, **TOL)
 
 
-def test_taylor_feature_map_expands_exp():
-    x, y = jax.random.normal(jax.random.key(6), (2, 7, 5))
+def test_taylor_feature_map_expands_exp(rng):
+    x, y = jnp.asarray(rng.normal(size=(2, 7, 5)), jnp.float32)
     dot = jnp.sum(x * y, -1)
     got = jnp.sum(taylor_features(x) * taylor_features(y), -1)
     np.testing.assert_allclose(got, 1 + dot + dot**2 / 2, **TOL)
@@ -196,14 +200,12 @@ def _packed_batch(rng: np.random.Generator, lengths=(9, 15)) -> dict:
 
 
 @pytest.mark.parametrize("kind", LINEAR_MIXERS)
-def test_prefill_and_decode_equal_train_mode(kind):
+def test_prefill_and_decode_equal_train_mode(kind, rng):
     """Prefill across a document boundary, then decode token by token (the SWA ring wraps
     and the conv buffer rolls): logits equal the train-mode forward of the packed row."""
     model = LinearLM(_tiny(kind))
-    batch = {
-        k: jnp.asarray(v, jnp.int32) for k, v in _packed_batch(np.random.default_rng(0)).items()
-    }
-    params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in _packed_batch(rng).items()}
+    params = jax.jit(model.init)(jax.random.key(_seed(rng)), batch)["params"]
     full = jax.jit(model.apply)({"params": params}, batch)
     split = 13  # inside the second document
     tok, pos, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
@@ -226,13 +228,11 @@ def test_prefill_and_decode_equal_train_mode(kind):
         np.testing.assert_allclose(out[:, 0], full[:, t], atol=2e-4, rtol=2e-4, err_msg=f"t={t}")
 
 
-def test_recurrent_generation_equals_parallel_argmax():
+def test_recurrent_generation_equals_parallel_argmax(rng):
     model = LinearLM(_tiny("based"))  # conv buffer, SWA ring buffer and linear state
     prompts = [[257, 5, 9, 200], [257, 77, 1, 2, 3, 4, 5, 6]]  # different lengths: left padding
-    dummy = {
-        k: jnp.asarray(v, jnp.int32) for k, v in _packed_batch(np.random.default_rng(1)).items()
-    }
-    params = jax.jit(model.init)(jax.random.key(1), dummy)["params"]
+    dummy = {k: jnp.asarray(v, jnp.int32) for k, v in _packed_batch(rng).items()}
+    params = jax.jit(model.init)(jax.random.key(_seed(rng)), dummy)["params"]
     new = 12
     out = generate_recurrent(model, params, prompts, max_new_tokens=new, stop_ids=())
     assert [len(g) for g in out] == [new, new]
