@@ -1,6 +1,6 @@
 """Batched generation throughput: Block Transformer vs the vanilla transformer LM.
 
-Two workloads (Ho et al. 2024, sec. 4.1): decode-heavy (prompt 128, generate 2048) and
+Two workloads (as in Ho et al. 2024): decode-heavy (prompt 128, generate 2048) and
 prefill-heavy (prompt 2048, generate 128). Both models have (about) the same parameter count,
 run in bf16 with their fastest attention path (every ``--impls`` entry is timed, the best is
 kept), and use the largest power-of-two batch that fits (halving on out-of-memory, starting

@@ -1,4 +1,4 @@
-"""Batched cached decoding for the Block Transformer (Ho et al. 2024, sec. 2.4 "inference").
+"""Batched cached decoding for the Block Transformer (Ho et al. 2024, sec. 2).
 
 Per block: one block-decoder step (its KV cache holds one entry per block), then the token
 decoder emits the block's ``L_B`` tokens with its own cache of ``token_len`` slots, rebuilt

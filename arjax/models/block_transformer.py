@@ -1,20 +1,21 @@
 """Block Transformer: global-to-local language modelling (Ho et al. 2024, "Block Transformer:
 Global-to-Local Language Modeling for Fast Inference", sec. 2).
 
-Three parts (sec. 2.1-2.3, Figure 1):
+Three parts (sec. 2, Figure 1):
 
 * **embedder** -- turns each block of ``L_B`` tokens into one block embedding
   ``[batch, blocks, d_block]``; ``"lookup"`` concatenates ``L_B`` token embeddings of width
   ``d_block / L_B`` (the paper's best), ``"encoder"`` runs a small transformer over the block
   with a trailing learned summary token, ``"encoder_decoder"`` runs that transformer and pools
-  its outputs with a learned query through cross-attention (sec. 3.5 compares the three);
+  its outputs with a learned query through cross-attention (the paper's embedder ablation
+  compares the three);
 * **block decoder** -- a causal :class:`arjax.nn.Transformer` over block embeddings; its output
   at block ``j`` (the context embedding) carries all the global context for block ``j + 1``;
 * **token decoder** -- a :class:`arjax.nn.Transformer` over the ``L_B`` tokens of one block only,
   conditioned on the context embedding as ``prefix_len`` prefix vectors (the paper's choice),
-  or, as ablated in sec. 3.5, by adding it to every token embedding (``"summation"``) or
-  through a cross-attention layer over ``prefix_len`` context vectors (``"cross_attention"``,
-  applied once at the token decoder's input).
+  or, as in the paper's token-decoder ablation, by adding it to every token embedding
+  (``"summation"``) or through a cross-attention layer over ``prefix_len`` context vectors
+  (``"cross_attention"``, applied once at the token decoder's input).
 
 Alignment with the text batch (``targets[t] = inputs[t + 1]``): the stream
 ``z = [PAD] * (L_B - 1) + inputs`` is cut into blocks ``Z_j = z[j L_B : (j + 1) L_B]``, so block
@@ -185,7 +186,7 @@ def block_stream(tokens: jax.Array, block_len: int) -> jax.Array:
 
 
 class BlockEmbedder(nn.Module):
-    """Block of tokens ``[batch, n, L_B]`` -> block embedding ``[batch, n, d_block]`` (sec. 2.1)."""
+    """Block of tokens ``[batch, n, L_B]`` -> block embedding ``[batch, n, d_block]`` (sec. 2)."""
 
     config: BlockTransformerConfig
 
@@ -287,7 +288,7 @@ class BlockTransformer(nn.Module):
         cache_index: jax.Array | None = None,
         kv_visible: jax.Array | None = None,  # [batch, cache_len] (decode)
     ) -> jax.Array:
-        """Embedder + block decoder: context embeddings ``[batch, n, d_block]`` (sec. 2.2)."""
+        """Embedder + block decoder: context embeddings ``[batch, n, d_block]`` (sec. 2)."""
         return self.block_decoder(
             self.embedder(blocks), positions=block_index, mode=mode, cache_len=cache_len,
             cache_index=cache_index, kv_visible=kv_visible,
@@ -297,7 +298,7 @@ class BlockTransformer(nn.Module):
         """Token decoder inputs ``[B, slots + t, d_tok]``; ctx ``[B, d_block]``, tokens ``[B, t]``.
 
         ``start`` prepends the conditioning slots (prefix vectors, or the summed context /
-        learned start vector) that predict the block's first token (sec. 2.3).
+        learned start vector) that predict the block's first token (sec. 2).
         """
         c = self.config
         d_t = c.token_decoder.d_model
