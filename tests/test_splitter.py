@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arjax.data import split_word_bytes, split_words
-from arjax.data.splitter import _split_general
+from arjax.data.splitter import _split_general, _split_segments, _split_simple
 
 # A multilingual corpus of our own: every line exercises a different part of the rule.
 CORPUS = [
@@ -142,3 +142,45 @@ def test_mixed_lines_use_both_paths(hat):
 
 def _join_lines_separately(text):
     return [w for line in text.splitlines(keepends=True) for w in split_words(line)]
+
+
+# Characters the one-pass "simple" path handles (letters of several scripts, digits, CJK,
+# kana, marks, punctuation, spaces) plus a few that force the general path.
+_SIMPLE_ALPHABET = list("aZbYé Ñ1,.'\"_:;!?-(") + [
+    "п",
+    "Р",
+    "\u05d0",
+    "\u05f3",
+    "\u30a2",
+    "\u30fc",
+    "\u3042",
+    "\u4e00",
+    "\u3001",
+    "\uff01",
+    "\u203f",
+    "\u0301",
+    "\u064b",
+    "\u00ad",
+    "\U0001f44d",
+    "\U0001f3fd",
+    "\uff21",
+    "\u0660",
+    "\u00b7",
+    "\u2019",
+    "\u0e01",
+    "\uac00",
+    "\u01c5",
+    "\u2160",
+    "\u00b2",
+    "\u066b",
+    "\u2044",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(_SIMPLE_ALPHABET), max_size=40))
+def test_simple_path_equals_segment_path(text):
+    words = _split_simple(text)
+    if words is not None:
+        assert words == list(_split_segments(text))
+    assert split_words(text) == list(_split_segments(text))

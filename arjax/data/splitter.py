@@ -19,8 +19,10 @@ Unicode data comes from the `regex` module (Unicode 17), except Extended_Pictogr
 whose table in `regex` lacks 689 code points: we carry the emoji-data.txt ranges below. The
 reference uses Unicode 16, so the few characters whose properties changed in 17 are treated as
 unassigned. Like the reference (and unlike the letter of UAX #29), a pictograph joined by
-``ZWJ x Extended_Pictographic`` (WB3c) joins no following letter. ASCII text takes a single-regex
-fast path (the same rule specialised to ASCII), checked against the general path in tests.
+``ZWJ x Extended_Pictographic`` (WB3c) joins no following letter. ASCII lines, and lines made of
+"simple" characters (letters, digits, kana, CJK, marks, punctuation, spaces), take one-regex
+fast paths (the same rule specialised); others are cut at spaces into chunks split via UAX #29
+segments (short chunks cached). Tests check the paths against each other and hat-splitter.
 
 Lone surrogates (``"\\ud800"``), which are not Unicode scalar values, are treated as ordinary
 "other" characters: each is a word of its own (plus any attached punctuation), and
@@ -168,6 +170,27 @@ _NON_ASCII_LINE = re.compile(r"(?m)^[\x00-\x09\x0b-\x7f]*[^\x00-\x7f][^\n]*\n?")
 _CHUNK_CUT = re.compile(r"(?<=\S)(?= )")
 
 
+def _simple_word_pattern() -> str:
+    """HAT words of "simple" text in one pass: letters/digits (ALetter, Hebrew_Letter, Numeric)
+    joined into runs cut at Ll|Lu, Katakana runs, single other characters (each a UAX #29
+    segment of its own), each with attached Extend/Format marks, then trailing punctuation;
+    single spaces lead words. Joiners the run rules need context for (ZWJ, non-punctuation
+    mid/ExtendNumLet characters, regional indicators) and all whitespace but " " are not simple.
+    Splitting a text entirely covered by these matches gives the words of the full rule, since
+    a cut after punctuation makes "word + punct" and "word-ending-in-punct" group alike."""
+    punct = r"\p{P}"
+    mark = "[" + "".join(f"\\p{{Word_Break={v}}}" for v in ("Extend", "Format")) + "]*"
+    alnum = f"[{_wb('ALetter', 'Hebrew_Letter', 'Numeric')}--{punct}--\\p{{Ll}}]"
+    lower = f"[{_wb('ALetter', 'Hebrew_Letter', 'Numeric')}&&\\p{{Ll}}]"
+    run = f"(?:(?:{alnum}|{lower}(?!\\p{{Lu}})){mark})*+(?:{lower}{mark})?"
+    katakana = f"(?:[{_wb('Katakana')}--{punct}]{mark})+"
+    other = f"[{_wb('Other')}--{punct}--\\s]{mark}"
+    return f"(?V1) ?(?:(?={alnum}|{lower}){run}|{katakana}|{other}){punct}*| ?{punct}+|  +| "
+
+
+_SIMPLE_WORD = regex.compile(_simple_word_pattern())
+
+
 def _split_general(text: str) -> list[str]:
     if _NEW_IN_17.search(text):  # rare: split the Unicode 16 view, then cut the original
         words, start = [], 0
@@ -175,13 +198,28 @@ def _split_general(text: str) -> list[str]:
             words.append(text[start : start + len(word)])
             start += len(word)
         return words
-    words: list[str] = []
+    words = _split_simple(text)
+    if words is not None:
+        return words
+    words = []
     for chunk in _CHUNK_CUT.split(text):
         words += _split_chunk(chunk) if len(chunk) <= _CACHED_LEN else _split_chunk_of(chunk)
     return words
 
 
+def _split_simple(text: str) -> list[str] | None:
+    """Words of ``text`` if it is all "simple" (see `_simple_word_pattern`), else None."""
+    words = _SIMPLE_WORD.findall(text)
+    return words if sum(map(len, words)) == len(text) else None  # nothing left out
+
+
 def _split_chunk_of(text: str) -> tuple[str, ...]:
+    words = _split_simple(text)
+    return tuple(words) if words is not None else _split_segments(text)
+
+
+def _split_segments(text: str) -> tuple[str, ...]:
+    """Steps 1-3 on UAX #29 segments: the general rule for any text."""
     words: list[str] = []
     last = _NONE  # kind of the last piece of the current word
     for segment in _SEGMENT.findall(text):
