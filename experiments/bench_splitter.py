@@ -5,7 +5,7 @@ tests/test_splitter.py, once and repeated 300 times), separately and concatenate
 Each splitter is warmed up once, then timed over interleaved repeats; we report the median.
 arjax's word caches are cleared before every timed call, so only repetition within the text
 helps it (natural text repeats words; the 300x multilingual text repeats them unusually often,
-the "once" row has almost no repetition).
+the "once" and "random-script words" rows have almost none).
 
     python experiments/bench_splitter.py [--repeats 5]
 """
@@ -17,6 +17,7 @@ import datetime
 import json
 import pathlib
 import platform
+import random
 import statistics
 import sys
 import time
@@ -30,6 +31,18 @@ from arjax.data import splitter as _splitter
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_splitter import CORPUS  # noqa: E402
+
+
+def _random_script_words(n: int, seed: int = 0) -> str:
+    """Words of random letters (Cyrillic, Arabic, CJK, Latin-1), almost never repeating."""
+    rng = random.Random(seed)
+    scripts = [(" ", 0x430, 0x44F), (" ", 0x627, 0x64A), ("", 0x4E00, 0x9FFF), (" ", 0xE0, 0xFF)]
+    out = []
+    for _ in range(n):
+        lead, lo, hi = rng.choice(scripts)
+        word = "".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(2, 9)))
+        out.append(lead + word + rng.choice(["", "", ",", ".", "!"]))
+    return "".join(out)
 
 
 def _clear_caches() -> None:
@@ -60,6 +73,7 @@ def main() -> None:
         "shakespeare": shakespeare,
         "multilingual once": "\n".join(CORPUS),
         "multilingual x300": multilingual,
+        "random-script words": _random_script_words(40_000),
         "both (one run)": shakespeare + "\n" + multilingual,
     }
     mb = args.max_bytes
@@ -93,12 +107,12 @@ def main() -> None:
                 }
             )
     header = (
-        f"{'text':<18} {'op':<22} {'chars':>9} {'arjax Mch/s':>12} {'hat Mch/s':>10} {'ratio':>6}"
+        f"{'text':<20} {'op':<22} {'chars':>9} {'arjax Mch/s':>12} {'hat Mch/s':>10} {'ratio':>6}"
     )
     print(header)
     for r in rows:
         print(
-            f"{r['text']:<18} {r['op']:<22} {r['chars']:>9} {r['arjax_chars_per_s'] / 1e6:>12.2f}"
+            f"{r['text']:<20} {r['op']:<22} {r['chars']:>9} {r['arjax_chars_per_s'] / 1e6:>12.2f}"
             f" {r['hat_splitter_chars_per_s'] / 1e6:>10.2f} {r['speedup']:>6.2f}"
         )
     meta = {

@@ -198,10 +198,7 @@ def _split_general(text: str) -> list[str]:
             words.append(text[start : start + len(word)])
             start += len(word)
         return words
-    words = _split_simple(text)
-    if words is not None:
-        return words
-    words = []
+    words: list[str] = []
     for chunk in _CHUNK_CUT.split(text):
         words += _split_chunk(chunk) if len(chunk) <= _CACHED_LEN else _split_chunk_of(chunk)
     return words
