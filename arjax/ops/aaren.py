@@ -116,7 +116,7 @@ def aaren_reference(
     doc = document_index(segment_ids, b, length)
     mask = jnp.tril(jnp.ones((length, length), bool))[None] & (doc[:, :, None] == doc[:, None])
     logits = jnp.where(
-        mask[:, None], scores.astype(jnp.float32).transpose(0, 2, 1)[:, :, None], -jnp.inf
+        mask[:, None], rearrange(scores.astype(jnp.float32), "b s h -> b h 1 s"), -jnp.inf
     )
     # Extra key per query: the initial prefix, visible from the first document only.
     m0, u0, w0 = initial_state
@@ -126,27 +126,16 @@ def aaren_reference(
     )
     logits = jnp.concatenate([logits, init_logit[..., None]], axis=-1)  # [b, h, t, s + 1]
     p = jax.nn.softmax(logits, axis=-1)
-    values = jnp.concatenate(
-        [
-            jnp.broadcast_to(
-                rearrange(v.astype(jnp.float32), "b s h e -> b h s e")[:, :, None],
-                (b, h, length, length, v.shape[3]),
-            ),
-            jnp.broadcast_to(
-                (w0 / jnp.where(u0 > 0, u0, 1.0)[..., None])[:, :, None, None],
-                (b, h, length, 1, v.shape[3]),
-            ),
-        ],
-        axis=3,
-    )
-    out = jnp.einsum("bhts,bhtse->bthe", p, values, precision=HIGHEST)
-    # Final state straight from the definition (last position's visible keys).
+    vf = v.astype(jnp.float32)
+    init_value = w0 / jnp.where(u0 > 0, u0, 1.0)[..., None]  # [b, h, dv] the prefix's mean value
+    out = jnp.einsum("bhts,bshe->bthe", p[..., :-1], vf, precision=HIGHEST)
+    out += jnp.einsum("bht,bhe->bthe", p[..., -1], init_value, precision=HIGHEST)
+    # Final state straight from the definition (the last position's visible keys).
     last = logits[:, :, -1]  # [b, h, s + 1]
     m = jnp.max(last, axis=-1)
     e = jnp.exp(last - m[..., None])
-    final = AarenState(
-        m, e.sum(-1), jnp.einsum("bhs,bhse->bhe", e, values[:, :, -1], precision=HIGHEST)
-    )
+    numer = jnp.einsum("bhs,bshe->bhe", e[..., :-1], vf, precision=HIGHEST)
+    final = AarenState(m, e.sum(-1), numer + e[..., -1:] * init_value)
     return out.astype(v.dtype), final
 
 
