@@ -75,6 +75,8 @@ def time_call(fn, repeats: int) -> float:
 
 
 def main() -> None:
+    # Exact float32 matmuls (no TF32 on GPU) so both samplers see the same logits bit for bit.
+    jax.config.update("jax_default_matmul_precision", "highest")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="8x8 images, tiny model (CPU)")
     p.add_argument("--size", type=int, default=None, help="image side (default 32; quick: 8)")

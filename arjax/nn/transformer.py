@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from arjax.config import check, check_positive
 from arjax.nn.layers import Attention, Mode, RMSNorm, SwiGLU
 from arjax.nn.linear_attention import MixerConfig, make_mixer
+from arjax.nn.partitioning import constrain
 from arjax.ops.attention import IMPLS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -193,7 +194,8 @@ class Transformer(nn.Module):
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_remat_policy(c.remat), static_argnums=())
-        x = x.astype(c.compute_dtype)
+        # Activations: batch-sharded, features whole (no-op outside activation_mesh).
+        x = constrain(x.astype(c.compute_dtype), ("batch", "seq", "act_embed"))
         if c.scan_layers:
             stack = nn.scan(
                 block,

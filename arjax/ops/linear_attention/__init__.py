@@ -55,11 +55,17 @@ def _pallas_available() -> bool:
     return True
 
 
-def resolve_impl(form: str, impl: str) -> str:
-    """What ``impl="auto"`` means: the Pallas kernel for the chunked form on GPU/TPU."""
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def resolve_impl(form: str, impl: str, dims: tuple[int, int, int] = (64, 64, 64)) -> str:
+    """What ``impl="auto"`` means: the Pallas kernel for the chunked form on GPU/TPU when
+    ``dims`` = (dk, dv, chunk_size) are powers of two >= 16 (the compiled kernels' tiles)."""
     if impl != "auto":
         return impl
-    if form == "chunked" and jax.default_backend() in ("gpu", "tpu") and _pallas_available():
+    on_accelerator = jax.default_backend() in ("gpu", "tpu")
+    if form == "chunked" and on_accelerator and all(map(_pow2, dims)) and _pallas_available():
         return "pallas"
     return "xla"
 
@@ -94,7 +100,7 @@ def linear_attention(
         return parallel_linear_attention(q, k, v, **args)
     if form == "recurrent":
         return recurrent_linear_attention(q, k, v, **args)
-    if resolve_impl(form, impl) == "pallas":
+    if resolve_impl(form, impl, (q.shape[-1], v.shape[-1], chunk_size)) == "pallas":
         from kernels_pallas.linear_attention_scan import chunked_linear_attention as kernel
 
         return kernel(q, k, v, chunk_size=chunk_size, **args)
