@@ -77,6 +77,7 @@ def main() -> None:
         command="python " + " ".join(sys.argv), steps=args.steps,
         data=f"shakespeare, seq_len={cfg.data.seq_len}, batch={cfg.data.batch_size}, "
         f"val_batches={cfg.data.val_batches}",
+        note="wall s measured on a shared 2-core CPU under varying load: not a speed comparison",
     )  # fmt: skip
     lines = ["| model | params | steps | val bits/byte | train bits/byte (last step) | wall s |",
              "|---|---|---|---|---|---|"]  # fmt: skip
