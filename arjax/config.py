@@ -24,6 +24,42 @@ def check(condition: bool, field: str, message: str) -> None:
         raise ConfigError(f"{field}: {message}")
 
 
+def _matches(value: Any, annotation: Any) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is tuple:
+        inner = args[0] if args else Any
+        return isinstance(value, tuple) and all(_matches(v, inner) for v in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def check_field_types(cfg: Any) -> None:
+    """Every field holds a value of its declared type (ConfigError naming the field)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        check(
+            _matches(value, hints[f.name]),
+            f.name,
+            f"must be of type {hints[f.name]}, got {value!r} ({type(value).__name__})",
+        )
+
+
 def check_positive(cfg: Any, *fields: str) -> None:
     for name in fields:
         value = getattr(cfg, name)

@@ -19,7 +19,8 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from ..config import check, check_positive
+from arjax.config import check, check_field_types, check_positive
+
 from .corpus import SPLITS, load_corpus, load_texts_from_dir
 from .vocab import BOS_ID, EOS_ID, PAD_ID
 
@@ -42,6 +43,7 @@ class DataConfig:
     val_batches: int = 8
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check(
             isinstance(self.corpus, str) and bool(self.corpus),
             "corpus",

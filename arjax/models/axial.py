@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from arjax.config import check, check_positive
+from arjax.config import check, check_field_types, check_positive
 from arjax.data.images import IMAGE_DATASETS
 from arjax.nn import Attention, RMSNorm, SwiGLU, logical
 from arjax.nn.layers import Mode
@@ -73,6 +73,7 @@ class AxialConfig:
     dataset: Literal["digits", "fashion_mnist"] = "digits"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check(
             isinstance(self.shape, tuple)
             and len(self.shape) >= 1

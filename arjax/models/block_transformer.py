@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from arjax.config import check, check_positive
+from arjax.config import check, check_field_types, check_positive
 from arjax.data.vocab import PAD_ID, VOCAB_SIZE
 from arjax.models.transformer import check_tokens
 from arjax.nn import Attention, RMSNorm, Transformer, TransformerConfig, logical
@@ -66,6 +66,7 @@ class BlockTransformerConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_positive(self, "embedder_layers", "prefix_len", "vocab_size", "max_seq_len")
         check(
             self.block_len in BLOCK_LENS,

@@ -52,7 +52,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from arjax.config import check, check_positive
+from arjax.config import check, check_field_types, check_positive
 from arjax.data.vocab import VOCAB_SIZE
 from arjax.nn import Attention, Block, RMSNorm, Transformer, TransformerConfig, logical
 from arjax.nn.layers import Mode
@@ -88,6 +88,7 @@ class HATConfig:
     vocab_size: int = VOCAB_SIZE
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("encoder", "backbone", "decoder"):
             check(
                 isinstance(getattr(self, name), TransformerConfig),

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from arjax.config import check, check_positive
+from arjax.config import check, check_field_types, check_positive
 from arjax.nn.layers import Mode, RMSNorm, apply_rope, logical
 from arjax.ops import aaren, aaren_step, attention, linear_attention
 from arjax.ops.aaren import AarenState
@@ -47,6 +47,7 @@ class MixerConfig:
     impl: Literal["auto", "xla", "pallas"] = "auto"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check(self.kind in MIXERS, "kind", f"must be one of {list(MIXERS)}, got {self.kind!r}")
         check_positive(self, "feature_dim", "window", "conv_size", "gate_rank", "chunk_size")
         check(self.impl in IMPLS, "impl", f"must be one of {list(IMPLS)}, got {self.impl!r}")

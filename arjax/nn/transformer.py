@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from arjax.config import check, check_positive
+from arjax.config import check, check_field_types, check_positive
 from arjax.nn.layers import Attention, Mode, RMSNorm, SwiGLU
 from arjax.nn.linear_attention import MixerConfig, make_mixer
 from arjax.nn.partitioning import constrain
@@ -46,6 +46,7 @@ class TransformerConfig:
     final_norm: bool = True  # False: the stack returns its residual stream un-normalised
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_positive(self, "d_model", "num_layers", "num_heads", "num_kv_heads")
         check_positive(self, "head_dim", "mlp_dim")
         check(

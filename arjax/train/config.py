@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from arjax.config import ConfigError, apply_overrides, check, check_positive
+from arjax.config import ConfigError, apply_overrides, check, check_field_types, check_positive
 from arjax.data.pipeline import DataConfig
 from arjax.models import get_model_spec
 from arjax.train.sharding import MeshConfig
@@ -40,6 +40,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_positive(self, "steps", "grad_accum", "log_every", "eval_every", "save_every")
         check_positive(self, "keep_checkpoints", "max_bad_steps")
         check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
@@ -67,6 +68,7 @@ class RunConfig:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         spec = get_model_spec(self.model_name)
         check(
             isinstance(self.model, spec.config_cls),

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from arjax.config import check
+from arjax.config import check, check_field_types
 from arjax.nn.partitioning import LOGICAL_RULES, activation_mesh, fit_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -40,6 +40,7 @@ class MeshConfig:
     process_id: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check(self.data == -1 or self.data > 0, "data", f"must be -1 or > 0, got {self.data}")
         check(self.fsdp > 0, "fsdp", f"must be > 0, got {self.fsdp}")
         check(self.tensor > 0, "tensor", f"must be > 0, got {self.tensor}")
