@@ -90,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
         summary = {k: v for k, v in result.items() if isinstance(v, int | float | str)}
         print(json.dumps(summary))
         if "val_bits_per_byte" in result:
-            print(f"validation bits/byte: {result['val_bits_per_byte']:.4f}")
+            unit = "dim" if "val_bits_per_dim" in result else "byte"
+            print(f"validation bits/{unit}: {result['val_bits_per_byte']:.4f}")
         if cfg.train.sample_bytes and "preempted" not in result:
             from arjax.generate import sample
 

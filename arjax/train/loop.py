@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arjax.config import to_dict
-from arjax.models import build_model
+from arjax.models import build_model, get_model_spec
 from arjax.train.checkpoint import Checkpointer
 from arjax.train.config import RunConfig
 from arjax.train.data import make_data
@@ -157,7 +157,10 @@ class Trainer:
             t, c = self.eval_step(params, _to_global(_process_rows(batch), self.batch_sharding))
             total, count = total + float(t), count + float(c)
         loss = total / max(count, 1.0)
-        return {"val_loss": loss, "val_bits_per_byte": loss / LN2}
+        metrics = {"val_loss": loss, "val_bits_per_byte": loss / LN2}
+        if get_model_spec(self.cfg.model_name).data == "images":
+            metrics["val_bits_per_dim"] = loss / LN2  # one 8-bit subpixel per target
+        return metrics
 
     def save(self, state: Any, *, force: bool = False) -> None:
         self.ckpt.save(
@@ -223,7 +226,7 @@ def train(
                 dt = (now - t_last) / max(step - step_last, 1)
                 t_last, step_last = now, step
                 row = {"step": step, **metrics, "lr": float(schedule(step - 1)), "step_time": dt}
-                row["tokens_per_s"] = tokens_per_step / dt
+                row["tokens_per_s"] = metrics["tokens"] / dt  # predicted tokens (subpixels)
                 if step_flops and peak:
                     row["mfu"] = step_flops / dt / (peak * jax.device_count())
                 if metrics["bad_streak"] >= tc.max_bad_steps:
@@ -241,7 +244,8 @@ def train(
                 writer.write(row)
                 last = {**last, **row}
                 if bar is not None:
-                    bar.write(f"step {step}: val bits/byte {row['val_bits_per_byte']:.4f}")
+                    unit = "dim" if "val_bits_per_dim" in row else "byte"
+                    bar.write(f"step {step}: val bits/{unit} {row['val_bits_per_byte']:.4f}")
             if step % tc.save_every == 0 or step == tc.steps or stop["signal"]:
                 trainer.save(state, force=True)
             if bar is not None:
