@@ -52,12 +52,12 @@ def check_field_types(cfg: Any) -> None:
     """Every field holds a value of its declared type (ConfigError naming the field)."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        check(
-            _matches(value, hints[f.name]),
-            f.name,
-            f"must be of type {hints[f.name]}, got {value!r} ({type(value).__name__})",
-        )
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if typing.get_origin(hint) is typing.Literal:
+            expected = f"one of {list(typing.get_args(hint))}"
+        else:
+            expected = f"of type {hint}"
+        check(_matches(value, hint), f.name, f"must be {expected}, got {value!r}")
 
 
 def check_positive(cfg: Any, *fields: str) -> None:
