@@ -9,11 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
-
 from arjax.generate.axial import sample_axial, sample_axial_naive, sample_images_text
 from arjax.generate.block import sample_block
-from arjax.generate.decode import generate_text, generate_tokens
+from arjax.generate.decode import generate_text, generate_tokens, sample_text
 from arjax.generate.hat import generate_hat, sample_hat
 from arjax.generate.linear import generate_recurrent, sample_linear_lm
 from arjax.generate.sampling import filter_logits, sample_token
@@ -22,12 +20,10 @@ from arjax.models.linear_lm import LINEAR_MIXERS
 
 def _sample_byte_lm(model, params, cfg, *, prompts, max_bytes, seed, png, **sampling) -> str:
     del cfg, png
-    limit = model.config.max_seq_len - max(len(p.encode()) for p in prompts) - 1
-    texts = generate_text(
-        model, params, prompts, max_new_bytes=max(1, min(max_bytes, limit)),
-        rng=jax.random.key(seed), **sampling,
+    return sample_text(
+        generate_tokens, model, params, prompts=prompts, max_bytes=max_bytes, seed=seed,
+        max_len=model.config.max_seq_len, **sampling,
     )  # fmt: skip
-    return "\n---\n".join(p + t for p, t in zip(prompts, texts))
 
 
 # model name -> sampler(model, params, run_cfg, *, prompts, max_bytes, seed, png, **sampling)

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from arjax.data.vocab import EOS_ID, PAD_ID
+from arjax.generate.decode import generate_text, sample_text, trim_generated
 from arjax.generate.sampling import sample_token, validate_sampling
 from arjax.models.block_transformer import BlockTransformer, BlockTransformerConfig
 
@@ -219,35 +220,29 @@ def generate_block_tokens(
         num_blocks=lay.num_blocks, temperature=float(temperature), top_k=top_k, top_p=top_p,
     )  # fmt: skip
     out = np.asarray(out)
-    result = []
-    for row, end in zip(out, lay.ends):
-        start = end - lay.first_block * c.block_len
-        keep = []
-        for t in row[start : start + max_new_tokens].tolist():
-            if t == PAD_ID:
-                break
-            keep.append(t)
-            if t in stop_ids:
-                break
-        result.append(keep)
-    return result
+    starts = [end - lay.first_block * c.block_len for end in lay.ends]
+    rows = [row[start : start + max_new_tokens].tolist() for row, start in zip(out, starts)]
+    return trim_generated(rows, stop_ids)
 
 
 def generate_block_text(
     model: BlockTransformer, params: Any, prompts: list[str], *, max_new_bytes: int, **kwargs: Any
 ) -> list[str]:
     """Byte-level convenience: text prompts in, generated continuations (text) out."""
-    ids = [[BOS_ID, *p.encode("utf-8")] for p in prompts]
-    out = generate_block_tokens(model, params, ids, max_new_tokens=max_new_bytes, **kwargs)
-    return [bytes(t for t in row if t < 256).decode("utf-8", errors="replace") for row in out]
+    return generate_text(
+        model,
+        params,
+        prompts,
+        max_new_bytes=max_new_bytes,
+        generate=generate_block_tokens,
+        **kwargs,
+    )
 
 
 def sample_block(model, params, cfg, *, prompts, max_bytes, seed, png, **sampling) -> str:
     """``SAMPLERS["block"]``: a printable sample for ``arjax train`` / ``arjax sample``."""
     del cfg, png
-    limit = model.config.max_seq_len - max(len(p.encode()) for p in prompts) - 1
-    texts = generate_block_text(
-        model, params, prompts, max_new_bytes=max(1, min(max_bytes, limit)),
-        rng=jax.random.key(seed), **sampling,
+    return sample_text(
+        generate_block_tokens, model, params, prompts=prompts, max_bytes=max_bytes, seed=seed,
+        max_len=model.config.max_seq_len, **sampling,
     )  # fmt: skip
-    return "\n---\n".join(p + t for p, t in zip(prompts, texts))

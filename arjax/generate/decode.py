@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID, decode
 from arjax.generate.sampling import sample_token, validate_sampling
 
 
@@ -136,8 +137,13 @@ def generate_tokens(
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
         top_p=top_p, window=getattr(model.config, "window", None),
     )  # fmt: skip
+    return trim_generated(np.asarray(out).tolist(), stop_ids)
+
+
+def trim_generated(rows: list[list[int]], stop_ids: tuple[int, ...]) -> list[list[int]]:
+    """Each generated row up to its first PAD (dropped) or stop id (kept)."""
     result = []
-    for row in np.asarray(out).tolist():
+    for row in rows:
         keep = []
         for t in row:
             if t == PAD_ID:
@@ -150,9 +156,39 @@ def generate_tokens(
 
 
 def generate_text(
-    model: nn.Module, params: Any, prompts: list[str], *, max_new_bytes: int, **kwargs: Any
+    model: nn.Module,
+    params: Any,
+    prompts: list[str],
+    *,
+    max_new_bytes: int,
+    generate: Callable[..., list[list[int]]] = generate_tokens,
+    **kwargs: Any,
 ) -> list[str]:
-    """Byte-level convenience: text prompts in, generated continuations (text) out."""
+    """Byte-level convenience: text prompts in (BOS prepended), continuations out (invalid
+    UTF-8 replaced). ``generate`` is any token-level generator with this module's signature."""
     ids = [[BOS_ID, *p.encode("utf-8")] for p in prompts]
-    out = generate_tokens(model, params, ids, max_new_tokens=max_new_bytes, **kwargs)
-    return [bytes(t for t in row if t < 256).decode("utf-8", errors="replace") for row in out]
+    return [
+        decode(row) for row in generate(model, params, ids, max_new_tokens=max_new_bytes, **kwargs)
+    ]
+
+
+def sample_text(
+    generate: Callable[..., list[list[int]]],
+    model: nn.Module,
+    params: Any,
+    *,
+    prompts: list[str],
+    max_bytes: int,
+    seed: int,
+    max_len: int | None = None,
+    **sampling: Any,
+) -> str:
+    """``prompt + continuation`` for each prompt, separated by ``---`` (the CLI's samples).
+    ``max_len`` caps prompt + continuation (a KV-cache model's ``max_seq_len``)."""
+    if max_len is not None:
+        max_bytes = min(max_bytes, max_len - max(len(p.encode()) for p in prompts) - 1)
+    texts = generate_text(
+        model, params, prompts, max_new_bytes=max(1, max_bytes), generate=generate,
+        rng=jax.random.key(seed), **sampling,
+    )  # fmt: skip
+    return "\n---\n".join(p + t for p, t in zip(prompts, texts))

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
-from arjax.generate.decode import pad_prompts
+from arjax.data.vocab import EOS_ID, PAD_ID
+from arjax.generate.decode import pad_prompts, sample_text, trim_generated
 from arjax.generate.sampling import sample_token, validate_sampling
 
 
@@ -89,19 +89,13 @@ def generate_recurrent(
         jax.random.key(0) if rng is None else rng, max_new_tokens=max_new_tokens,
         temperature=float(temperature), top_k=top_k, top_p=top_p,
     )  # fmt: skip
-    rows = []
-    for row in np.asarray(out).tolist():
-        end = row.index(PAD_ID) if PAD_ID in row else len(row)
-        rows.append(row[:end])
-    return rows
+    return trim_generated(np.asarray(out).tolist(), stop_ids)
 
 
 def sample_linear_lm(model, params, cfg, *, prompts, max_bytes, seed, png, **sampling) -> str:
-    """``SAMPLERS`` entry for the linear-attention LMs (byte-level text)."""
+    """``SAMPLERS`` entry for the linear-attention LMs (byte-level text, no length cap)."""
     del cfg, png
-    ids = [[BOS_ID, *p.encode("utf-8")] for p in prompts]
-    out = generate_recurrent(
-        model, params, ids, max_new_tokens=max(1, max_bytes), rng=jax.random.key(seed), **sampling
-    )
-    texts = [bytes(t for t in row if t < 256).decode("utf-8", errors="replace") for row in out]
-    return "\n---\n".join(p + t for p, t in zip(prompts, texts))
+    return sample_text(
+        generate_recurrent, model, params, prompts=prompts, max_bytes=max_bytes, seed=seed,
+        **sampling,
+    )  # fmt: skip
