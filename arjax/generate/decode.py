@@ -120,9 +120,7 @@ def generate_tokens(
 ) -> list[list[int]]:
     """Continue each prompt (token ids, BOS included by the caller) by up to
     ``max_new_tokens``; a sequence stops after emitting one of ``stop_ids`` (kept)."""
-    validate_sampling(temperature, top_k, top_p)
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    validate_sampling(temperature, top_k, top_p, max_new_tokens)
     tokens, segments, positions = pad_prompts(prompts)
     max_len = model.config.max_seq_len
     if tokens.shape[1] + max_new_tokens > max_len:

@@ -75,9 +75,7 @@ def generate_recurrent(
     rng: jax.Array | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (token ids) by up to ``max_new_tokens``, stopping after a stop id."""
-    validate_sampling(temperature, top_k, top_p)
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    validate_sampling(temperature, top_k, top_p, max_new_tokens)
     tokens, segments, positions = pad_prompts(prompts)
     if tokens.shape[1] > model.config.max_seq_len:
         raise ValueError(

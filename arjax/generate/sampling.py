@@ -41,7 +41,15 @@ def sample_token(
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def validate_sampling(
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    max_new_tokens: int | None = None,
+) -> None:
+    """Clear errors for sampling arguments (and the generation length, when given)."""
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k <= 0:
