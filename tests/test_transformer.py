@@ -14,6 +14,7 @@ from arjax.config import ConfigError
 from arjax.data.vocab import BOS_ID
 from arjax.generate import filter_logits, generate_tokens, sample_token
 from arjax.models.transformer import PRESETS, TransformerLM, TransformerLMConfig
+from arjax.nn import unrolled
 
 CFG = TransformerLMConfig(
     d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
@@ -157,16 +158,12 @@ def test_scan_and_remat_do_not_change_values(rng, scan, remat):
     params = _params(base)
     batch = _batch(rng.integers(0, 256, (2, 10)))
     ref = base.apply({"params": params}, batch)
-    other = TransformerLM(dataclasses.replace(CFG, scan_layers=scan, remat=remat))
+    config = dataclasses.replace(CFG, remat=remat)
     if not scan:  # unstacked parameter layout: layers_0, layers_1, ...
-        layers = params["transformer"]["layers"]
-        params = {
-            **params,
-            "transformer": {
-                "final_norm": params["transformer"]["final_norm"],
-                **{f"layers_{i}": jax.tree.map(lambda x: x[i], layers) for i in range(2)},  # noqa: B023
-            },
-        }
+        config, stack = unrolled(config, params["transformer"])
+        assert sorted(stack) == ["final_norm", "layers_0", "layers_1"]
+        params = {**params, "transformer": stack}
+    other = TransformerLM(config)
     np.testing.assert_allclose(other.apply({"params": params}, batch), ref, rtol=1e-5, atol=1e-5)
     g = jax.grad(lambda p: other.apply({"params": p}, batch).sum())(params)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))

@@ -27,6 +27,7 @@ from arjax.data.vocab import EOS_ID, PAD_ID
 from arjax.generate.decode import generate_text, sample_text, trim_generated
 from arjax.generate.sampling import sample_token, validate_sampling
 from arjax.models.block_transformer import BlockTransformer, BlockTransformerConfig
+from arjax.nn import unrolled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,20 @@ def _block_step(m: BlockTransformer, block: jax.Array, j: jax.Array, num_blocks:
     return out[:, 0]
 
 
+def unscanned_for_decoding(model: BlockTransformer, params: Any) -> tuple[BlockTransformer, Any]:
+    """The same model with its block and token decoder stacks unrolled (each layer then
+    updates its KV cache in place; see :func:`arjax.nn.unrolled`). The embedder's encoder
+    (if any) shares the token decoder's config, so it is unrolled with it."""
+    c, params, stacks = model.config, dict(params), {}
+    for name in ("block_decoder", "token_decoder"):
+        stacks[name], params[name] = unrolled(getattr(c, name), params[name])
+    if "encoder" in params.get("embedder", {}):
+        encoder = dataclasses.replace(c.token_decoder, num_layers=c.embedder_layers)
+        params["embedder"] = {**params["embedder"]}
+        _, params["embedder"]["encoder"] = unrolled(encoder, params["embedder"]["encoder"])
+    return model.clone(config=dataclasses.replace(c, **stacks)), params
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("model", "first_block", "num_blocks", "temperature", "top_k", "top_p"),
@@ -117,6 +132,7 @@ def block_generate(
     """Decode blocks ``first_block .. num_blocks - 1``; tokens ``[batch, (num_blocks - K) L_B]``."""
     lb = model.config.block_len
     off = model.config.prefix_offset
+    model, params = unscanned_for_decoding(model, params)
     apply = functools.partial(model.apply, mutable=["cache"])
     blocks = rearrange(z, "b (n l) -> b n l", l=lb)
     ctx, vars_ = apply(

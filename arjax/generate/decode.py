@@ -8,7 +8,6 @@ left-padded; padding gets segment 0 and is never attended to.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 
 from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID, decode
 from arjax.generate.sampling import sample_token, validate_sampling
+from arjax.nn import TransformerConfig, unrolled
 
 
 def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,21 +38,13 @@ def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def unscanned_for_decoding(model: nn.Module, params: Any) -> tuple[nn.Module, Any]:
-    """The same model with its layer stack unrolled (params sliced per layer).
-
-    Under ``nn.scan`` the stacked KV cache is sliced out and written back whole at every
-    decode step; unrolled, each layer updates its own cache in place (2.3x faster per step
-    on CPU at 8 layers). Models without a scanned ``transformer`` stack are returned as is.
-    """
-    cfg = model.config
+    """The same LM with its ``transformer`` stack unrolled (see :func:`arjax.nn.unrolled`;
+    2.3x faster per decode step on CPU at 8 layers). Other models are returned as is."""
     stack = params.get("transformer", {}) if isinstance(params, dict) else {}
-    if not getattr(cfg, "scan_layers", False) or "layers" not in stack:
+    if not isinstance(model.config, TransformerConfig) or "layers" not in stack:
         return model, params
-    unrolled = {k: v for k, v in stack.items() if k != "layers"}
-    for i in range(cfg.num_layers):
-        unrolled[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stack["layers"])
-    model = model.clone(config=dataclasses.replace(cfg, scan_layers=False))
-    return model, {**params, "transformer": unrolled}
+    config, stack = unrolled(model.config, stack)
+    return model.clone(config=config), {**params, "transformer": stack}
 
 
 @functools.partial(

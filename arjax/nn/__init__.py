@@ -2,7 +2,7 @@
 
 from arjax.nn.layers import Attention, RMSNorm, SwiGLU, apply_rope
 from arjax.nn.partitioning import constrain, logical
-from arjax.nn.transformer import Block, Transformer, TransformerConfig
+from arjax.nn.transformer import Block, Transformer, TransformerConfig, unrolled
 
 __all__ = [
     "Attention",
@@ -14,4 +14,5 @@ __all__ = [
     "apply_rope",
     "constrain",
     "logical",
+    "unrolled",
 ]

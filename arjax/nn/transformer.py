@@ -155,6 +155,22 @@ class Block(nn.Module):
         return x, None
 
 
+def unrolled(config: TransformerConfig, params: Any) -> tuple[TransformerConfig, Any]:
+    """A scanned stack's config and params as the equivalent unrolled stack.
+
+    ``params["layers"]`` (leaves ``[num_layers, ...]``) becomes ``layers_0 .. layers_{L-1}``.
+    Decoding wants this: under ``nn.scan`` the stacked KV cache is sliced out and written
+    back whole at every step, unrolled each layer updates its own cache in place. A stack
+    that is not scanned is returned as is.
+    """
+    if not config.scan_layers or "layers" not in params:
+        return config, params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(config.num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return dataclasses.replace(config, scan_layers=False), out
+
+
 def _remat_policy(name: str) -> Any:
     return {
         "full": None,
