@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from linear_common import median_seconds, write_results
 
+from arjax.generate.decode import unscanned_for_decoding
 from arjax.models import MODELS
 
 CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -36,7 +37,8 @@ def decode_step_seconds(name: str, preset: str, context: int, batch: int, repeat
     params = jax.jit(model.init)(
         jax.random.key(0), {"inputs": tok, "positions": pos, "segment_ids": tok + 1}
     )
-    params = params["params"]
+    # Decode with the layer stack unrolled, as arjax's generators do (in-place cache update).
+    model, params = unscanned_for_decoding(model, params["params"])
     # Shapes of the decode cache for this context: KV [.., context, ..] or the fixed state.
     prefill = lambda: model.apply(  # noqa: E731
         {"params": params}, tok, pos, tok + 1, context, method="prefill", mutable=["cache"]
@@ -69,6 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     preset, batch = ("tiny", 1) if args.quick else ("small", 8)
     rows = []
+    columns = ["model", "preset", "batch", *(f"{c // 1024}k ms" for c in CONTEXTS), "32k / 1k"]
     for name in args.models.split(","):
         row = {"model": name, "preset": preset, "batch": batch}
         for context in CONTEXTS:
@@ -77,15 +80,15 @@ def main() -> None:
             print(f"{name:12s} context {context:6d}: {ms:.3f} ms/token", flush=True)
         row["32k / 1k"] = row["32k ms"] / row["1k ms"]
         rows.append(row)
-    columns = ["model", "preset", "batch", *(f"{c // 1024}k ms" for c in CONTEXTS), "32k / 1k"]
-    write_results(
-        "linear_decode" + ("_quick" if args.quick else ""),
-        "Per-token decode time (ms) vs context: linear-attention LMs vs KV-cache transformer",
-        rows,
-        columns,
-        "Median of repeated jitted decode steps, cache donated; zero-filled caches sized "
-        "for each context. Flat rows = O(1) decoding.",
-    )
+        write_results(  # after every model, so a run cut short keeps what it measured
+            "linear_decode" + ("_quick" if args.quick else ""),
+            "Per-token decode time (ms) vs context: linear-attention LMs vs KV-cache transformer",
+            rows,
+            columns,
+            "Median of repeated jitted decode steps, cache donated; zero-filled caches sized "
+            "for each context; layer stacks unrolled as in arjax.generate. Flat rows = O(1) "
+            "decoding.",
+        )
 
 
 if __name__ == "__main__":
