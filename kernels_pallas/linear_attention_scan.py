@@ -14,13 +14,15 @@ Chunked form (GLA paper sec. 3.3 / 4.2): with chunk-local cumulative log-gates
 * intra-chunk: ``o_i += sum_{j <= i} A_ij v_j`` with ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}``.
 
 Gates stay in log space. For scalar decay ``A = (q k^T) * exp(b_i - b_j)`` is one [C, C]
-matmul. For GLA the chunk is split into sub-chunks of ``SUB`` rows (secondary chunking, GLA
+matmul. For GLA the chunk is split into sub-chunks of ``sub`` rows (secondary chunking, GLA
 paper sec. 4.2): a block pair (rows X, cols Y < X) uses the reference ``rho = b_{first row of
-X}`` so that ``q e^{b - rho}`` and ``k e^{rho - b}`` are both <= 1 and one MMA computes it. In
-the forward a diagonal block is factored the same way around its middle row when its log-gate
-range is below ``FACTOR_SPREAD`` (factors within e^{+-30}: no overflow, same rounding as the
-direct product); with stronger gates, and always in the backward, it is computed element-wise,
-one key (or query) row at a time, from exact differences ``b_i - b_j <= 0``.
+X}`` so that ``q e^{b - rho}`` and ``k e^{rho - b}`` are both <= 1 and one MMA computes it. A
+diagonal block is factored the same way around its middle row when its log-gate range is below
+``FACTOR_SPREAD`` (factors within e^{+-30}: no overflow, same rounding as the direct product);
+with stronger gates it is computed element-wise, one key (or query) row at a time, from exact
+differences ``b_i - b_j <= 0`` (``_Chunk.gated_diag``). The tuning table
+(``kernels_pallas/tuning.py``, ``ScanConfig``) picks how, the sub-chunk rows and the Triton
+launch parameters.
 
 Kernels (one set of chunk math, two drivers):
 
@@ -51,8 +53,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from kernels_pallas.tuning import ScanConfig, scan_config
+
 F32 = jnp.float32
-SUB = 16  # GLA sub-chunk rows (secondary chunking)
+SUB = 16  # chunk sizes are multiples of this (the smallest GLA sub-chunk, one MMA tile)
 FACTOR_SPREAD = 30.0  # GLA diagonal block: factor through MMAs when its log-gate range is below
 BACKENDS = ("gpu", "tpu")
 
@@ -67,10 +71,15 @@ class _Cfg:
     gate: str  # "none" | "scalar" | "gated"
     segments: bool
     exact: bool  # float32 inputs: ask for full-precision MMAs
+    tune: ScanConfig  # launch parameters, sub-chunk size, diagonal-block mode
 
     @property
     def sub(self) -> int:
-        return SUB if self.gate == "gated" else self.chunk
+        """GLA sub-chunk rows: ``tune.sub`` clipped to the chunk (16 if it does not divide it)."""
+        if self.gate != "gated":
+            return self.chunk
+        sub = min(self.tune.sub, self.chunk)
+        return sub if self.chunk % sub == 0 else SUB
 
     @property
     def precision(self):
@@ -115,10 +124,13 @@ def _state_step(s, x, y, b, b_last, r, r_prev, r_last, cfg: _Cfg, *, reverse: bo
     return carry + _mm(xd.astype(y.dtype), y, cfg, ta=True)
 
 
-def _tiles(dk: int, dv: int, cfg: _Cfg) -> tuple[int, int]:
+def _tiles(dk: int, dv: int, cfg: _Cfg, *, reverse: bool) -> tuple[int, int]:
+    """State tile ``[bk, bv]`` of one state-pass program (from the tuning table)."""
     if cfg.backend == "tpu":  # Mosaic: last block dims full (or multiples of 128)
         return dk, dv
-    return min(dk, 64), min(dv, 64)
+    t = cfg.tune
+    bk, bv = (t.bwd_state_bk, t.bwd_state_bv) if reverse else (t.state_bk, t.state_bv)
+    return min(dk, bk), min(dv, bv)
 
 
 def _state_pass_gpu(x, y, b, s_init, r, rp, cfg: _Cfg, *, reverse: bool, h_dtype):
@@ -126,7 +138,7 @@ def _state_pass_gpu(x, y, b, s_init, r, rp, cfg: _Cfg, *, reverse: bool, h_dtype
     bsz, length, heads, dk = x.shape
     dv = y.shape[3]
     c, n_chunks = cfg.chunk, length // cfg.chunk
-    bk, bv = _tiles(dk, dv, cfg)
+    bk, bv = _tiles(dk, dv, cfg, reverse=reverse)
     nv = dv // bv
 
     def kernel(*refs):
@@ -163,7 +175,10 @@ def _state_pass_gpu(x, y, b, s_init, r, rp, cfg: _Cfg, *, reverse: bool, h_dtype
         jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), h_dtype),
         jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
     )
-    params = None if cfg.interpret else pltriton.CompilerParams(num_warps=4, num_stages=2)
+    t = cfg.tune
+    warps, stages = ((t.bwd_state_warps, t.bwd_state_stages) if reverse
+                     else (t.state_warps, t.state_stages))  # fmt: skip
+    params = None if cfg.interpret else pltriton.CompilerParams(num_warps=warps, num_stages=stages)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -305,19 +320,34 @@ class _Chunk:
 
     def gated_diag(self, i0, m, da=None, dat=None):
         """Diagonal GLA block: ``A [sub, sub]`` and, given ``da = dA`` and ``dat = dA^T``
-        (masked), the intra-block ``dq`` and ``dk``.
+        (masked), the intra-block ``dq`` and ``dk``; ``tune.diag`` / ``tune.bwd_diag`` say how.
 
-        When the block's log-gate range is below ``FACTOR_SPREAD`` the factors around its middle
-        row ``rho``, ``q e^{b - rho}`` and ``k e^{rho - b}``, stay within e^{+-30} and MMAs
-        compute everything; otherwise (very strong gates) the exact loops over rows/columns.
+        Factored form (GLA paper sec. 4.2, a diagonal sub-chunk factored like the off-diagonal
+        ones but around its middle row ``rho``): ``A = (q e^{b - rho}) (k e^{rho - b})^T`` by
+        one MMA, ``dq = e^{b - rho} (dA (k e^{rho - b}))``, ``dk = e^{rho - b} (dA^T (q e^{b -
+        rho}))``. Stability: with the block's log-gate range ``spread = max_d (b_first - b_last)
+        < FACTOR_SPREAD`` every exponent lies in ``[-spread, spread]``, so each factor is within
+        e^{+-30} of its input (normal in bf16/f32, no overflow or underflow) and each kept term
+        ``q_id k_jd e^{b_id - b_jd}`` is a product of two separately rounded factors: the same
+        relative error as the direct product, no cancellation; masked terms (j > i, up to
+        e^{30} |q| |k|) stay finite and are zeroed by the mask. Blocks with a larger range (very
+        strong gates, e.g. log-gates -5 per step) use the exact loops, whose exponents
+        ``b_i - b_j <= 0`` are exact differences. Exponents are clamped at ``FACTOR_SPREAD`` so
+        the factored values of such blocks stay finite before they are discarded.
+
+        Modes: "exact" loops only; "cond" picks one branch with ``lax.cond`` (the forward's
+        first form; Triton 3.6 failed to compile it in the backward); "factored" computes the
+        factored form and the loops with a trip count of 0 on safe blocks (``sub`` otherwise)
+        and selects with ``jnp.where``: branch-free, the loops cost nothing on safe blocks.
         """
         q, b = self.rows(self.q, i0), self.gate(i0)
-        spread = jnp.max(self.gate(i0, 1) - self.gate(i0 + self.sub - 1, 1))
         grads = da is not None
+        mode = self.cfg.tune.bwd_diag if grads else self.cfg.tune.diag
 
         def factored():
             rho = self.gate(i0 + self.sub // 2, 1)
-            up, down = jnp.exp(b - rho), jnp.exp(rho - b)
+            up = jnp.exp(jnp.minimum(b - rho, FACTOR_SPREAD))
+            down = jnp.exp(jnp.minimum(rho - b, FACTOR_SPREAD))
             qf = (q.astype(F32) * up).astype(self.dt)
             kf = (self.rows(self.k, i0).astype(F32) * down).astype(self.dt)
             a = jnp.where(m, _mm(qf, kf, self.cfg, tb=True), 0.0)
@@ -326,18 +356,24 @@ class _Chunk:
             dq = up * _mm(da.astype(self.dt), kf, self.cfg)
             return a, dq, down * _mm(dat.astype(self.dt), qf, self.cfg)
 
-        def exact():
-            a, dq = self._gated_diag(i0, m, q, da)
-            return (a,) if not grads else (a, dq, self._gated_diag_dk(i0, dat))
+        def exact(steps):
+            a, dq = self._gated_diag(i0, m, q, da, steps)
+            return (a,) if not grads else (a, dq, self._gated_diag_dk(i0, dat, steps))
 
-        if grads:  # backward: exact loops; Triton 3.6 failed to compile this cond there
-            return exact()
-        return lax.cond(spread < FACTOR_SPREAD, factored, exact)
+        if mode == "exact":
+            return exact(self.sub)
+        spread = jnp.max(self.gate(i0, 1) - self.gate(i0 + self.sub - 1, 1))
+        safe = spread < FACTOR_SPREAD
+        if mode == "cond":
+            return lax.cond(safe, factored, lambda: exact(self.sub))
+        fast, slow = factored(), exact(jnp.where(safe, 0, self.sub))
+        return tuple(jnp.where(safe, f, e) for f, e in zip(fast, slow))
 
-    def _gated_diag(self, i0, m, q, da):
+    def _gated_diag(self, i0, m, q, da, steps):
         """Column loop over the diagonal block: ``A [sub, sub]`` and ``sum_j dA_ij k_j e^..``.
 
-        ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}`` from exact differences (<= 0 for j <= i).
+        ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}`` from exact differences (<= 0 for j <= i);
+        ``steps`` columns (``sub``, or a traced 0 to skip the loop).
         """
         n = self.sub
         qf, b = q.astype(F32), self.gate(i0)
@@ -353,10 +389,10 @@ class _Chunk:
                 dq = dq + jnp.sum(jnp.where(cols == j, da, 0.0), axis=1, keepdims=True) * e
             return a, dq
 
-        a, dq = lax.fori_loop(0, n, body, (jnp.zeros((n, n), F32), jnp.zeros((n, dk), F32)))
+        a, dq = lax.fori_loop(0, steps, body, (jnp.zeros((n, n), F32), jnp.zeros((n, dk), F32)))
         return jnp.where(m, a, 0.0), dq
 
-    def _gated_diag_dk(self, i0, dat):
+    def _gated_diag_dk(self, i0, dat, steps):
         """Row loop: ``dk_j = sum_{i >= j} dA_ij q_i e^{b_i - b_j}``; ``dat = dA^T [sub, sub]``."""
         n = self.sub
         b = self.gate(i0)
@@ -367,7 +403,7 @@ class _Chunk:
             e = _exp_masked(rows <= i, self.b[pl.ds(i0 + i, 1), :] - b) * qi
             return dk + jnp.sum(jnp.where(cols == i, dat, 0.0), axis=1, keepdims=True) * e
 
-        return lax.fori_loop(0, n, body, jnp.zeros((n, self.q.shape[1]), F32))
+        return lax.fori_loop(0, steps, body, jnp.zeros((n, self.q.shape[1]), F32))
 
     def ref_rows(self, i0):
         """Row-block factors ``q_X e^{b_X - rho}``, ``k e^{rho - b}`` (cols < i0); rho = b_{i0}."""
@@ -495,10 +531,10 @@ def _grad_kernel(cfg: _Cfg, *refs):
             db_ref[i0 : i0 + sub, :] = db
 
 
-def _chunk_call(kernel, cfg: _Cfg, ins: list, outs: list, name: str, warps: int):
+def _chunk_call(kernel, cfg: _Cfg, ins: list, outs: list, name: str, *, bwd: bool):
     """Parallel-over-chunks pallas_call. ``ins``/``outs``: (array | ShapeDtypeStruct, kind)
     with kind "seq" (per-token ``[.., len, .., dim]``), "state" (``[b, h, chunks, dk, dv]``) or
-    "doc" (``[b, len, 1]``)."""
+    "doc" (``[b, len, 1]``); ``bwd`` picks the backward's launch parameters."""
     tpu = cfg.backend == "tpu"
     shape = ins[0][0].shape
     bsz, heads = (shape[0], shape[1]) if tpu else (shape[0], shape[2])
@@ -520,7 +556,9 @@ def _chunk_call(kernel, cfg: _Cfg, ins: list, outs: list, name: str, warps: int)
     elif tpu:
         params = pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
     else:
-        params = pltriton.CompilerParams(num_warps=warps, num_stages=2)
+        t = cfg.tune
+        warps, stages = (t.bwd_warps, t.bwd_stages) if bwd else (t.warps, t.stages)
+        params = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
     return pl.pallas_call(
         functools.partial(kernel, cfg),
         out_shape=[s for s, _ in outs],
@@ -547,7 +585,7 @@ def _forward(q, k, v, b, s0, seg, cfg: _Cfg):
     ins = [(q, "seq"), (k, "seq"), (v, "seq")] + ([(b, "seq")] if b is not None else [])
     ins += [(h, "state")] + _doc_args(seg, cfg)
     (o,) = _chunk_call(_out_kernel, cfg, ins, [(jax.ShapeDtypeStruct(v.shape, q.dtype), "seq")],
-                       "la_chunk_fwd", warps=4)  # fmt: skip
+                       "la_chunk_fwd", bwd=False)  # fmt: skip
     return (o, s_final), h
 
 
@@ -573,7 +611,7 @@ def _scan_bwd(cfg, res, cts):
     outs = [(jax.ShapeDtypeStruct(x.shape, x.dtype), "seq") for x in (q, k, v)]
     if b is not None:
         outs.append((jax.ShapeDtypeStruct(b.shape, F32), "seq"))
-    grads = _chunk_call(_grad_kernel, cfg, ins, outs, "la_chunk_bwd", warps=4)
+    grads = _chunk_call(_grad_kernel, cfg, ins, outs, "la_chunk_bwd", bwd=True)
     db = grads[3] if b is not None else None
     seg_ct = None if seg is None else tuple(jnp.zeros(x.shape, jax.dtypes.float0) for x in seg)
     return grads[0], grads[1], grads[2], db, ds0, seg_ct
@@ -683,7 +721,8 @@ def chunked_linear_attention(
     c = chunk_size
     pad = -length % c
     gate = "none" if log_decay is None else ("scalar" if log_decay.ndim == 3 else "gated")
-    cfg = _Cfg(backend, interpret, c, gate, segment_ids is not None, q.dtype == jnp.float32)
+    cfg = _Cfg(backend, interpret, c, gate, segment_ids is not None, q.dtype == jnp.float32,
+               scan_config(gate, dk))  # fmt: skip
 
     def pad_len(x, mode="constant"):
         return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=mode)

@@ -1,13 +1,16 @@
-"""Tile sizes for the flash-attention kernels, per backend, head_dim and length.
+"""Launch parameters of the Pallas kernels: flash attention and the linear-attention scan.
 
-A small hand-filled table (see ``experiments/bench_attention.py`` for the measurements it
-rests on). ``block_sizes`` shrinks the tiles for short sequences so tiny calls (tests, decode)
-do not pad to a full tile.
+Small hand-filled tables (see ``experiments/bench_attention.py`` and ``experiments/bench_scan.py
+--tune`` for the measurements they rest on). ``block_sizes`` shrinks the attention tiles for
+short sequences so tiny calls (tests, decode) do not pad to a full tile; ``scan_config`` picks
+the scan's row, or the override installed by ``scan_config_override`` (the tuning sweep).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,3 +81,90 @@ def block_sizes(backend: str, q_len: int, kv_len: int, head_dim: int) -> BlockSi
         for name in ("bq", "bk", "bwd_bq_dq", "bwd_bk_dq", "bwd_bq_dkv", "bwd_bk_dkv")
     }
     return dataclasses.replace(base, **changes)
+
+
+# ----------------------------------------------------------------------------------------------
+# chunked linear-attention scan (kernels_pallas/linear_attention_scan.py)
+
+# GLA diagonal sub-blocks: "exact" = element-wise loops; "cond" = MMA-factored behind lax.cond
+# (exact loops for blocks whose log-gate range is too large); "factored" = the same choice
+# without lax.cond (both computed, the loop with a zero trip count on safe blocks).
+DIAG_MODES = ("exact", "cond", "factored")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+    """Launch parameters of the scan's kernels; ``bwd_*`` fields are the backward's.
+
+    ``state_bk``/``state_bv``: state tile of one state-pass program (Triton; clipped to dk/dv);
+    ``*warps``/``*stages``: Triton launch parameters of the state pass (``state_*``) and the
+    parallel chunk kernel; ``sub``: GLA sub-chunk rows (secondary chunking, clipped to the
+    chunk); ``diag``: how the GLA diagonal sub-blocks are computed (``DIAG_MODES``). On TPU only
+    ``sub`` and ``diag`` apply.
+    """
+
+    state_bk: int = 64
+    state_bv: int = 64
+    state_warps: int = 4
+    state_stages: int = 2
+    warps: int = 4
+    stages: int = 2
+    diag: str = "cond"
+    bwd_state_bk: int = 64
+    bwd_state_bv: int = 64
+    bwd_state_warps: int = 4
+    bwd_state_stages: int = 2
+    bwd_warps: int = 4
+    bwd_stages: int = 2
+    bwd_diag: str = "exact"
+    sub: int = 16
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith("diag"):
+                if value not in DIAG_MODES:
+                    raise ValueError(
+                        f"ScanConfig.{field.name}: must be one of {DIAG_MODES}, got {value!r}"
+                    )
+            elif not isinstance(value, int) or value <= 0 or value & (value - 1):
+                raise ValueError(
+                    f"ScanConfig.{field.name}: must be a positive power of two, got {value!r}"
+                )
+        if self.sub < 16:
+            raise ValueError(f"ScanConfig.sub: must be >= 16 (MMA tiles), got {self.sub}")
+
+
+# (gate, max head_dim) -> config; gate "none" | "scalar" | "gated"; the first row whose gate
+# matches and whose head_dim bound fits is used (else the last row of that gate). Defaults: the
+# hand-picked values of the first GPU runs (experiments/results/bench_scan.md), untuned.
+SCAN_TABLE: dict[str, list[tuple[int, ScanConfig]]] = {
+    "none": [(256, ScanConfig())],
+    "scalar": [(256, ScanConfig())],
+    "gated": [(256, ScanConfig())],
+}
+
+_scan_override: list[ScanConfig] = []
+
+
+@contextlib.contextmanager
+def scan_config_override(config: ScanConfig) -> Iterator[None]:
+    """Calls of the scan traced inside this context use ``config`` (for the tuning sweep: jit
+    caches do not see it, so trace a fresh function per config)."""
+    if not isinstance(config, ScanConfig):
+        raise ValueError(f"scan_config_override: need a ScanConfig, got {type(config).__name__}")
+    _scan_override.append(config)
+    try:
+        yield
+    finally:
+        _scan_override.pop()
+
+
+def scan_config(gate: str, head_dim: int) -> ScanConfig:
+    """The scan's launch parameters for ``gate`` and ``head_dim`` (or the active override)."""
+    if _scan_override:
+        return _scan_override[-1]
+    if gate not in SCAN_TABLE:
+        raise ValueError(f"scan_config: gate must be one of {sorted(SCAN_TABLE)}, got {gate!r}")
+    rows = SCAN_TABLE[gate]
+    return next((c for dmax, c in rows if head_dim <= dmax), rows[-1][1])

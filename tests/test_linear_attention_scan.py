@@ -3,10 +3,13 @@
 On CPU both kernel variants (Triton-style "gpu" and Mosaic-style "tpu") run in interpret mode;
 ``@pytest.mark.gpu`` tests run the compiled Triton kernels when a GPU is present.
 Tolerances: float32 values and gradients within 2e-4 relative to the reference's largest
-magnitude (the chunked form reassociates sums); bf16 inputs within 2e-2.
+magnitude (the chunked form reassociates sums); bf16 inputs within 2e-2 (q, k, v and the MMA
+operands rounded to 8 mantissa bits, 4e-3 each, summed over a chunk).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +17,12 @@ import numpy as np
 import pytest
 
 from kernels_pallas.linear_attention_scan import (
+    FACTOR_SPREAD,
     chunked_linear_attention,
     linear_attention_reference,
     recurrent_step,
 )
+from kernels_pallas.tuning import ScanConfig, scan_config_override
 
 GATES = ("none", "scalar", "gated")
 
@@ -28,7 +33,10 @@ def rel_err(x, y) -> float:
 
 
 def make_inputs(seed, batch, length, heads, dk, dv, gate, gate_scale=1.0, dtype=jnp.float32):
-    """q, k, v, log_decay (<= 0 or None), initial state; fresh random values per seed."""
+    """q, k, v, log_decay (<= 0 or None), initial state; fresh random values per seed.
+
+    ``gate_scale``: a float or a ``[length]`` array (per-token gate strength).
+    """
     ks = jax.random.split(jax.random.PRNGKey(seed), 5)
     q = jax.random.normal(ks[0], (batch, length, heads, dk)) * 0.5
     k = jax.random.normal(ks[1], (batch, length, heads, dk)) * 0.5
@@ -36,13 +44,19 @@ def make_inputs(seed, batch, length, heads, dk, dv, gate, gate_scale=1.0, dtype=
     g = None
     if gate != "none":
         shape = (batch, length, heads) + ((dk,) if gate == "gated" else ())
-        g = gate_scale * jax.nn.log_sigmoid(jax.random.normal(ks[3], shape) + 1.0)
+        scale = jnp.reshape(jnp.asarray(gate_scale, jnp.float32), (1, -1) + (1,) * (len(shape) - 2))
+        g = scale * jax.nn.log_sigmoid(jax.random.normal(ks[3], shape) + 1.0)
     s0 = jax.random.normal(ks[4], (batch, heads, dk, dv))
     return q.astype(dtype), k.astype(dtype), v.astype(dtype), g, s0
 
 
-def check_against_reference(backend, gate, *, length, chunk, seg, seed, scale=1.0, tol=2e-4):
-    """Outputs, final state and every input gradient (one vjp each) vs the recurrence."""
+def check_against_reference(
+    backend, gate, *, length, chunk, seg, seed, scale=1.0, tol=2e-4, tune=None
+):
+    """Outputs, final state and every input gradient (one vjp each) vs the recurrence.
+
+    ``tune``: a ``ScanConfig`` for the kernel (else the tuning table's row).
+    """
     q, k, v, g, s0 = make_inputs(seed, 2, length, 1, 16, 16, gate, gate_scale=scale)
     args = (q, k, v, g, s0) if g is not None else (q, k, v, s0)
 
@@ -70,7 +84,11 @@ def check_against_reference(backend, gate, *, length, chunk, seg, seed, scale=1.
 
     cts = (jax.random.normal(jax.random.PRNGKey(seed + 1), v.shape[:3] + (16,)),
            jax.random.normal(jax.random.PRNGKey(seed + 2), s0.shape))  # fmt: skip
-    out = run(args, cts)
+    if tune is None:
+        out = run(args, cts)
+    else:
+        with scan_config_override(tune):
+            out = run(args, cts)
     (o1, s1, g1), (o2, s2, g2) = out["kernel"], out["reference"]
     assert rel_err(o1, o2) < tol and rel_err(s1, s2) < tol
     names = ("q", "k", "v", "log_decay", "s0") if g is not None else ("q", "k", "v", "s0")
@@ -100,20 +118,53 @@ def test_scan_matches_recurrence(backend, gate, segments):
     check_against_reference(backend, gate, length=37, chunk=chunk, seg=seg, seed=3)
 
 
-def test_strong_gates_exact_path():
-    """Log-gates near -10 per token (e^-300 across a chunk): the GLA diagonal blocks take the
-    exact element-wise path (range > FACTOR_SPREAD); values and gradients still match."""
-    check_against_reference("gpu", "gated", length=37, chunk=32, seg=None, seed=5, scale=30.0)
+# Per-token gate strength: log-gates about -0.4 per token on tokens 0-15 (a 16-row block spans
+# < FACTOR_SPREAD: factored), about -5 on 16-31 (e^-80 across a block: exact loops) and about -40
+# on 32-36 (a block's range > 2 * 88, so the factored form would overflow float32 there: only
+# the exact loops are right), so one call takes both paths of the GLA diagonal blocks.
+MIXED_GATES = np.select([np.arange(37) < 16, np.arange(37) < 32], [1.0, 12.0], 100.0)
 
 
-def test_bf16_inputs():
-    """bf16 q/k/v: float32 state and accumulation keep the output within bf16 accuracy."""
-    q, k, v, g, _ = make_inputs(7, 1, 48, 2, 16, 32, "scalar", dtype=jnp.bfloat16)
-    fn = jax.jit(chunked_linear_attention, static_argnames="chunk_size")
-    o1, s1 = fn(q, k, v, log_decay=g, chunk_size=16)
-    o2, s2 = linear_attention_reference(q, k, v, log_decay=g)
+@pytest.mark.parametrize(
+    "backend, tune, chunk, segments",
+    [("gpu", ScanConfig(), 32, False),  # the table's defaults: "cond" forward, "exact" backward
+     ("gpu", ScanConfig(diag="exact", bwd_diag="exact"), 32, True),
+     ("gpu", ScanConfig(diag="factored", bwd_diag="factored"), 32, True),
+     ("tpu", ScanConfig(diag="factored", bwd_diag="factored"), 32, False),
+     ("gpu", ScanConfig(diag="factored", bwd_diag="factored", sub=32), 64, True)],
+)  # fmt: skip
+def test_gla_diagonal_modes_strong_gates(backend, tune, chunk, segments):
+    """Every mode of the GLA diagonal sub-blocks (``ScanConfig.diag``/``bwd_diag``), values and
+    all gradients, odd length 37, with weak and strongly decaying gates in the same call."""
+    q, _, _, g, _ = make_inputs(5, 2, 37, 1, 16, 16, "gated", gate_scale=MIXED_GATES)
+    b = np.cumsum(np.asarray(g), axis=1)  # the first block is factored, the strong ones are not
+    assert np.max(b[:, 0] - b[:, 15]) < FACTOR_SPREAD < np.min(b[:, 16] - b[:, 31])
+    assert np.min(np.max(b[:, 32] - b[:, 36], axis=-1)) > 2 * 88.7
+    seg = SEGMENTS if segments else None
+    check_against_reference(backend, "gated", length=37, chunk=chunk, seg=seg, seed=5,
+                            scale=MIXED_GATES, tune=tune)  # fmt: skip
+
+
+@pytest.mark.parametrize("gate", ["scalar", "gated"])
+def test_bf16_inputs(gate):
+    """bf16 q/k/v: float32 state and accumulation keep the output and the gradients within bf16
+    accuracy (GLA: the factored diagonal blocks, whose factors are rounded to bf16)."""
+    q, k, v, g, _ = make_inputs(7, 1, 48, 2, 16, 32, gate, dtype=jnp.bfloat16)
+    w = jax.random.normal(jax.random.PRNGKey(8), v.shape)
+
+    def loss(f, q, k, v, g):
+        o, s = f(q, k, v, log_decay=g)
+        return jnp.sum(o.astype(jnp.float32) * w) + jnp.sum(s), (o, s)
+
+    kernel = functools.partial(chunked_linear_attention, chunk_size=32)
+    grad = lambda f: jax.value_and_grad(functools.partial(loss, f), (0, 1, 2, 3), has_aux=True)  # noqa: E731
+    with scan_config_override(ScanConfig(diag="factored", bwd_diag="factored")):
+        (_, (o1, s1)), g1 = jax.jit(grad(kernel))(q, k, v, g)
+    (_, (o2, s2)), g2 = grad(linear_attention_reference)(q, k, v, g)
     assert o1.dtype == jnp.bfloat16 and s1.dtype == jnp.float32
     assert rel_err(o1, o2) < 2e-2 and rel_err(s1, s2) < 2e-2
+    for name, a, b in zip("qkvg", g1, g2):
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
 
 
 @pytest.mark.parametrize("backend, gate", [("gpu", "none"), ("gpu", "gated"), ("tpu", "scalar")])
