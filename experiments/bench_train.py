@@ -10,6 +10,8 @@ against XLA's cost analysis of the compiled step (which includes remat and the o
 
     python experiments/bench_train.py                  # GPU, all sizes
     python experiments/bench_train.py --quick          # CPU smoke run, tiny shapes
+    python experiments/bench_train.py --only 125m,1b --vocab 32768 --loss-chunk 1024 \
+        --out experiments/results/bench_train_vocab   # + rows at a large vocabulary
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import datetime
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -132,7 +135,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CPU smoke run at tiny shapes")
     ap.add_argument("--out", default="experiments/results/bench_train")
     ap.add_argument("--only", default="", help="comma-separated job names to run")
+    ap.add_argument(
+        "--vocab", type=int, default=None, help="also run each job at this vocabulary size"
+    )
+    ap.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=None,
+        help="with --vocab: also run it with model.loss_chunk (chunked cross-entropy)",
+    )
     args = ap.parse_args()
+    if args.loss_chunk is not None and args.vocab is None:
+        ap.error("--loss-chunk needs --vocab")
     tf = MODELS["transformer"].presets
     if args.quick:
         jobs = [("transformer", "tiny", tf["tiny"], 4, 256)]
@@ -151,16 +165,28 @@ def main() -> None:
             hat = MODELS["hat"].presets["small"]
             jobs.append(("hat", "small", hat, 16, min(2048, hat.max_seq_len)))
         steps, repeats, peak = 10, 5, matmul_peak()
+    if args.vocab is not None:  # the same shapes at a large vocab, full logits vs chunked loss
+        variants = [(f"+v{args.vocab}", {"vocab_size": args.vocab})]
+        if args.loss_chunk is not None:
+            chunked = {"vocab_size": args.vocab, "loss_chunk": args.loss_chunk}
+            variants.append((f"+v{args.vocab}+chunk{args.loss_chunk}", chunked))
+        jobs += [
+            (name, preset + suffix, dataclasses.replace(cfg, **changes), b, seq)
+            for name, preset, cfg, b, seq in jobs
+            if name == "transformer"
+            for suffix, changes in variants
+        ]
     meta = {
         "date": datetime.date.today().isoformat(),
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
         "matmul_peak_tflops": peak / 1e12 if peak else None,
-        "command": "python experiments/bench_train.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python experiments/bench_train.py", *sys.argv[1:]]),
     }
     rows = []
     for name, preset, cfg, b, seq in jobs:
-        if args.only and preset not in args.only.split(","):  # e.g. --only 1b,1b+docs
+        # e.g. --only 1b,1b+docs (a --vocab row goes with its base job)
+        if args.only and preset.split("+v")[0] not in args.only.split(","):
             continue
         batch = example_batch_for(name, cfg, b, seq)
         if name == "transformer" and "+docs" not in preset:

@@ -12,6 +12,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from arjax.config import check, check_positive
 from arjax.data.vocab import VOCAB_SIZE
@@ -26,10 +27,15 @@ class TransformerLMConfig(TransformerConfig):
     vocab_size: int = VOCAB_SIZE
     max_seq_len: int = 2048
     tie_embeddings: bool = True
+    # Train/eval loss over chunks of this many positions (arjax.ops.chunked_cross_entropy):
+    # the [batch, seq, vocab] logits never materialise. None: whole logits.
+    loss_chunk: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "vocab_size", "max_seq_len")
+        if self.loss_chunk is not None:
+            check_positive(self, "loss_chunk")
         check(
             self.window is None or self.window <= self.max_seq_len,
             "window",
@@ -133,10 +139,22 @@ class TransformerLM(nn.Module):
             kv_visible=kv_visible,
         )
 
-    def __call__(self, batch: dict, *, train: bool = False) -> jax.Array:
+    def batch_hidden(self, batch: dict) -> jax.Array:
+        """Final hidden ``[batch, seq, d_model]`` of a text batch (training mode)."""
         # Unpacked batches may omit segment_ids (one document per row: cuDNN-eligible).
-        h = self.hidden(batch["inputs"], batch["positions"], batch.get("segment_ids"))
-        return self.logits(h)
+        return self.hidden(batch["inputs"], batch["positions"], batch.get("segment_ids"))
+
+    def __call__(self, batch: dict, *, train: bool = False) -> jax.Array:
+        return self.logits(self.batch_hidden(batch))
+
+    def head(self, batch: dict, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Hidden ``[batch, seq, d_model]`` and head weight ``[d_model, vocab]`` such that
+        ``einsum(hidden, weight)`` (promoted dtypes) is :meth:`logits`: the chunked loss's
+        inputs (``loss_chunk``). Call after init (the untied head reads ``lm_head``'s kernel)."""
+        h = self.batch_hidden(batch)
+        if self.config.tie_embeddings:
+            return h, rearrange(self.embed.embedding.astype(h.dtype), "v d -> d v")
+        return h, nn.meta.unbox(self.lm_head.variables["params"]["kernel"])  # boxed params too
 
     def prefill(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache_len: int

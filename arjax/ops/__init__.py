@@ -3,6 +3,11 @@
 from arjax.ops.aaren import AarenState, aaren, aaren_init_state, aaren_reference, aaren_step
 from arjax.ops.attention import attention, attention_mask, attention_reference, decode_attention
 from arjax.ops.axial import axial_attention, axial_attention_reference, fold_axis
+from arjax.ops.cross_entropy import (
+    chunked_cross_entropy,
+    cross_entropy,
+    cross_entropy_reference,
+)
 from arjax.ops.linear_attention import (
     linear_attention,
     linear_attention_reference,
@@ -22,6 +27,9 @@ __all__ = [
     "axial_attention",
     "axial_attention_reference",
     "fold_axis",
+    "chunked_cross_entropy",
+    "cross_entropy",
+    "cross_entropy_reference",
     "linear_attention",
     "linear_attention_reference",
     "linear_attention_step",

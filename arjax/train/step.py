@@ -1,6 +1,7 @@
 """The pure training step and evaluation step.
 
-``train_step(state, batch) -> (state, metrics)``: masked next-token cross-entropy,
+``train_step(state, batch) -> (state, metrics)``: masked next-token cross-entropy
+(chunked over the output projection when the model config sets ``loss_chunk``),
 gradient accumulation over micro-batches (``lax.scan``), AdamW update, and a guard that
 drops a step whose loss or gradients are not finite (params/optimizer state unchanged).
 """
@@ -17,30 +18,29 @@ import jax.numpy as jnp
 import optax
 from einops import rearrange
 
+from arjax.ops.cross_entropy import chunked_cross_entropy, cross_entropy
 from arjax.train.state import TrainState
 
 LN2 = math.log(2.0)
 
 
-def cross_entropy(
-    logits: jax.Array, targets: jax.Array, mask: jax.Array
+def loss_fn(
+    model: nn.Module, params: Any, batch: dict, *, train: bool = True
 ) -> tuple[jax.Array, jax.Array]:
-    """Summed masked cross-entropy (nats) and the number of predicted tokens.
+    """(summed nats, predicted-token count) of ``model`` on ``batch``.
 
-    logits ``[..., vocab]`` (any float dtype; computed in float32), targets/mask ``[...]``.
+    A model whose config sets ``loss_chunk`` is scored by :func:`chunked_cross_entropy` on
+    its ``head(batch)`` (hidden, head weight): the whole logits never materialise.
     """
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
-    nll = logz - target_logit[..., 0]
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
-
-
-def loss_fn(model: nn.Module, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(summed nats, predicted-token count) of ``model`` on ``batch``."""
-    logits = model.apply({"params": params}, batch, train=True)
-    return cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    variables = {"params": params}
+    chunk = getattr(model.config, "loss_chunk", None)
+    if chunk is None:
+        logits = model.apply(variables, batch, train=train)
+        return cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    hidden, weight = model.apply(variables, batch, train=train, method="head")
+    return chunked_cross_entropy(
+        hidden, weight, batch["targets"], batch["loss_mask"], chunk_size=chunk
+    )
 
 
 def make_train_step(
@@ -105,8 +105,7 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, dict], tuple[jax.Array, j
     """``eval_step(params, batch) -> (summed nats, token count)``."""
 
     def eval_step(params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply({"params": params}, batch)
-        return cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        return loss_fn(model, params, batch, train=False)
 
     return eval_step
 
