@@ -127,10 +127,10 @@ class ScanConfig:
                     raise ValueError(
                         f"ScanConfig.{field.name}: must be one of {DIAG_MODES}, got {value!r}"
                     )
-            elif not isinstance(value, int) or value <= 0 or value & (value - 1):
-                raise ValueError(
-                    f"ScanConfig.{field.name}: must be a positive power of two, got {value!r}"
-                )
+            elif not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ScanConfig.{field.name}: must be a positive int, got {value!r}")
+            elif value & (value - 1) and not field.name.endswith("stages"):
+                raise ValueError(f"ScanConfig.{field.name}: must be a power of two, got {value!r}")
         if self.sub < 16:
             raise ValueError(f"ScanConfig.sub: must be >= 16 (MMA tiles), got {self.sub}")
 
