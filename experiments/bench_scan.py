@@ -9,10 +9,15 @@ resets, gradients), then times everything. Run (fla-core as a wheel under .whl/)
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:. python3 experiments/bench_scan.py
 
-Writes ``experiments/results/bench_scan.{json,md}``. JAX timings: jit, compiled before timing,
-``block_until_ready``; torch: CUDA events; both the median over ``--reps`` samples of
-``--inner`` back-to-back calls. fwd+bwd returns the output and all input gradients (q, k, v,
-gate) for the cotangent ``do`` in every implementation; fla also returns the final state.
+Writes ``experiments/results/bench_scan.{json,md}``. ``--tune`` instead sweeps the scan's
+launch parameters (``kernels_pallas.tuning.ScanConfig``, chunk size) at (8, 16, 2048), checks
+each config against the float32 recurrence, and writes ``experiments/results/tune_scan.json``
+(about 150 s on an H200: ``--tune-budget``, 100 s, caps the candidates).
+
+JAX timings: jit, compiled before timing, ``block_until_ready``; torch: CUDA events; both the
+median over ``--reps`` samples of ``--inner`` back-to-back calls. fwd+bwd returns the output
+and all input gradients (q, k, v, gate) for the cotangent ``do`` in every implementation; fla
+also returns the final state.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
@@ -37,6 +43,7 @@ from kernels_pallas.linear_attention_scan import (  # noqa: E402
     linear_attention_reference,
     recurrent_step,
 )
+from kernels_pallas.tuning import ScanConfig, scan_config, scan_config_override  # noqa: E402
 
 SHAPES = ((8, 16, 2048), (2, 16, 8192))  # (batch, heads, len)
 DIM = 128
@@ -136,8 +143,10 @@ def rel_err(x, y) -> float:
     return float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12))
 
 
-def fp32_errors(variant: str) -> dict:
-    """Kernel vs recurrence, float32, odd length, initial state, segment resets, gradients."""
+def fp32_errors(variant: str, gate_scale: float | np.ndarray = 1.0) -> dict:
+    """Kernel vs recurrence, float32, odd length, initial state, segment resets, gradients.
+
+    ``gate_scale``: log-gate multiplier, a float or per token (``[203]``)."""
     b, length, h = 2, 203, 2
     ks = jax.random.split(jax.random.PRNGKey(1), 8)
     q, k = (jax.random.normal(kk, (b, length, h, 32)) * 0.3 for kk in ks[:2])
@@ -145,7 +154,8 @@ def fp32_errors(variant: str) -> dict:
     g = None
     if variant != "none":
         shp = (b, length, h) if variant == "scalar" else (b, length, h, 32)
-        g = jax.nn.log_sigmoid(jax.random.normal(ks[3], shp) + 1.0)
+        scale = np.reshape(np.asarray(gate_scale, np.float32), (1, -1) + (1,) * (len(shp) - 2))
+        g = scale * jax.nn.log_sigmoid(jax.random.normal(ks[3], shp) + 1.0)
     s0 = jax.random.normal(ks[4], (b, h, 32, 64))
     seg = jnp.asarray(np.repeat([[1, 2, 3, 4], [1, 1, 2, 5]], [50, 60, 40, 53], axis=1))
     w = jax.random.normal(ks[5], v.shape)
@@ -276,6 +286,198 @@ def write(results: dict, out: str, quiet: bool = False) -> None:
         print("\n".join(lines), flush=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# --tune: coordinate descent over the scan's launch parameters
+
+TUNE_SHAPE = (8, 16, 2048)
+# bf16 inputs vs the float32 recurrence, relative to the largest reference magnitude: the
+# output (q, k, v and MMA operands rounded to 8 mantissa bits) and the gradients (also the
+# rounded cotangent; the gate gradient sums a chunk of rounded products).
+TUNE_TOL = {"out": 2e-2, "grads": 5e-2}
+# (forward fields, backward fields or None, candidates, variants). A candidate sets the
+# forward fields and (if any) the backward fields to the same value in one run: the forward's
+# time decides the forward fields, (fwd+bwd - fwd) the backward fields, so one run tries both.
+# Fields without a backward twin (chunk, sub) are decided on fwd+bwd. "chunk" is the
+# ``chunk_size`` argument. Steps in order of expected gain (the budget may cut the tail).
+TUNE_STEPS = (
+    (("diag",), ("bwd_diag",), (("factored",),), ("gla",)),
+    (("warps",), ("bwd_warps",), ((8,), (2,)), ("scalar", "gla")),
+    (("state_bk", "state_bv"), ("bwd_state_bk", "bwd_state_bv"),
+     ((32, 64), (32, 32), (64, 128)), ("scalar", "gla")),
+    (("state_warps",), ("bwd_state_warps",), ((8,), (2,)), ("scalar", "gla")),
+    (("chunk",), None, ((128,),), ("scalar", "gla")),
+    (("sub",), None, ((32,),), ("gla",)),
+    (("state_stages",), ("bwd_state_stages",), ((1,), (3,)), ("scalar", "gla")),
+    (("stages",), ("bwd_stages",), ((1,), (3,)), ("scalar", "gla")),
+)  # fmt: skip
+
+
+def tune_mode_checks() -> dict:
+    """Compiled GLA diagonal modes (``ScanConfig.diag``/``bwd_diag``), float32, with log-gates
+    about -0.4, -5 and -40 per token in turns of 32 tokens, so blocks take both the factored
+    form and the exact loops: max rel err of output, state and gradients vs the recurrence."""
+    t = np.arange(203)
+    scale = np.select([t % 96 < 32, t % 96 < 64], [1.0, 12.0], 100.0)
+    checks = {}
+    for diag, bwd_diag in (("cond", "exact"), ("exact", "exact"), ("factored", "factored")):
+        name = f"diag={diag}, bwd_diag={bwd_diag}"
+        try:
+            with scan_config_override(ScanConfig(diag=diag, bwd_diag=bwd_diag)):
+                checks[name] = fp32_errors("gla", gate_scale=scale)
+        except Exception as e:  # noqa: BLE001 -- a mode that does not compile: record it
+            checks[name] = repr(e)[:500]
+        jax.clear_caches()
+        print(f"  strong-gate check {name}: {checks[name]}", flush=True)
+    return checks
+
+
+def tune_reference(variant: str, inputs) -> tuple:
+    """Float32 recurrence on batch row 0 (rows are independent): output and q/k/v/gate grads."""
+    q, k, v, g, do = (x[:1] for x in inputs)
+
+    def fb(q, k, v, g):
+        out, vjp = jax.vjp(lambda *a: linear_attention_reference(*a[:3], log_decay=a[3])[0],
+                           q, k, v, g)  # fmt: skip
+        return out, vjp(do.astype(jnp.float32))
+
+    return jax.jit(fb)(q, k, v, g)
+
+
+def tune_trial(cfg: ScanConfig, chunk: int, inputs, ref, reps: int, inner: int) -> dict:
+    """Compile, check (row 0 vs ``ref``) and time one config: fwd, then fwd+bwd."""
+    trial = {"chunk": chunk, "config": dataclasses.asdict(cfg), "errors": {}}
+    q, k, v, g, do = inputs
+    with scan_config_override(cfg):  # traced (compiled) inside: the override applies
+        f, fb = jax_fns("pallas", chunk)
+        for name, fn, args in (("fwd", f, (q, k, v, g)), ("fwd+bwd", fb, (q, k, v, g, do))):
+            t = time.perf_counter()
+            try:
+                res = jax.block_until_ready(fn(*args))
+                trial[f"{name} compile s"] = round(time.perf_counter() - t, 2)
+                if name == "fwd":
+                    trial["errors"]["out"] = rel_err(res[0][:1], ref[0])
+                else:
+                    for n, a, b in zip(("dq", "dk", "dv", "dg"), res[1], ref[1]):
+                        trial["errors"][n] = rel_err(a[:1], b)
+                del res
+                trial[f"{name} ms"] = time_jax(fn, *args, reps=reps, inner=inner)
+            except Exception as e:  # noqa: BLE001 -- compile/launch failure: record, go on
+                trial[f"{name} error"] = repr(e)[:500]
+                break
+    jax.clear_caches()
+    errs = trial["errors"]
+    trial["fwd ok"] = "fwd ms" in trial and errs["out"] < TUNE_TOL["out"]
+    trial["bwd ok"] = "fwd+bwd ms" in trial and all(
+        errs[n] < TUNE_TOL["grads"] for n in ("dq", "dk", "dv", "dg")
+    )
+    return trial
+
+
+def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline: float) -> None:
+    """Coordinate descent from the table's row (``TUNE_STEPS``), then its result re-timed.
+
+    Fills ``res`` (``trials``, ``baseline``, ``best``: per pass the fastest trial that passed the
+    check, the re-timed combination included, so timing noise in the descent cannot make it
+    worse than the baseline) and calls ``save()`` after each trial, so a crash (a compiler
+    abort) still leaves the trials before it on disk."""
+    inputs = make_inputs(TUNE_SHAPE, variant, jnp.bfloat16)
+    ref = tune_reference(variant, inputs)
+    cur = scan_config({"scalar": "scalar", "gla": "gated"}[variant], DIM)
+    chunk, trials = 64, res.setdefault("trials", [])
+
+    def run(cfg, ch, label):
+        print(f"  {variant} {label}: chunk {ch}, {cfg}", flush=True)
+        trial = tune_trial(cfg, ch, inputs, ref, reps, inner)
+        trial["step"] = label
+        trials.append(trial)
+        save()
+        print(json.dumps({"variant": variant, **trial}), flush=True)
+        return trial
+
+    base = run(cur, chunk, "baseline")
+    if not (base["fwd ok"] and base["bwd ok"]):
+        res.update(best=None, note="baseline failed the check")
+        return
+    cur_fwd, cur_bwd = base["fwd ms"], base["fwd+bwd ms"] - base["fwd ms"]
+    start_cfg = cur
+    for fwd_fields, bwd_fields, candidates, variants in TUNE_STEPS:
+        if variant not in variants:
+            continue
+        for value in candidates:
+            if time.perf_counter() > deadline:
+                break
+            fwd_set = dict(zip(fwd_fields, value))
+            bwd_set = dict(zip(bwd_fields, value)) if bwd_fields else {}
+            new_chunk = fwd_set.pop("chunk", chunk)
+            cfg = dataclasses.replace(cur, **fwd_set, **bwd_set)
+            trial = run(cfg, new_chunk, f"{fwd_fields}={value}")
+            if "fwd error" in trial and bwd_set:  # the forward half failed: try the backward's
+                trial = run(dataclasses.replace(cur, **bwd_set), chunk, f"{bwd_fields}={value}")
+                fwd_set = {}
+            fwd = trial.get("fwd ms") if trial["fwd ok"] else None
+            bwd = trial["fwd+bwd ms"] - fwd if fwd is not None and trial["bwd ok"] else None
+            if not bwd_set:  # shared fields: decided on fwd+bwd
+                if fwd is not None and bwd is not None and fwd + bwd < cur_fwd + cur_bwd:
+                    cur, chunk, cur_fwd, cur_bwd = cfg, new_chunk, fwd, bwd
+                continue
+            if fwd_set and fwd is not None and fwd < cur_fwd:
+                cur, cur_fwd = dataclasses.replace(cur, **fwd_set), fwd
+            if bwd is not None and bwd < cur_bwd:
+                cur, cur_bwd = dataclasses.replace(cur, **bwd_set), bwd
+    if (cur, chunk) != (start_cfg, 64):
+        run(cur, chunk, "combined")
+    res["baseline"] = {k: base.get(k) for k in ("fwd ms", "fwd+bwd ms")}
+    res["best"] = {}
+    for p, ok in (("fwd", ("fwd ok",)), ("fwd+bwd", ("fwd ok", "bwd ok"))):
+        good = [t for t in trials if all(t[k] for k in ok)]
+        t = min(good, key=lambda t: t[f"{p} ms"])
+        res["best"][p] = {k: t[k] for k in ("step", "chunk", "config", f"{p} ms")}
+
+
+def tune_fla(variant: str, reps: int, inner: int) -> dict:
+    """fla at the tuning shape, for the ratio (same timing method as ``measure``)."""
+    row: dict = {}
+    measure(row, "fla", variant, make_inputs(TUNE_SHAPE, variant, jnp.bfloat16), reps, inner)
+    return row
+
+
+def tune(results: dict, reps: int, inner: int, budget: float, out: str) -> None:
+    """The sweep, GLA first (60% of the budget: more steps, longer compiles), then scalar
+    decay; the JSON is written after each trial. The budget covers the candidates; the GPU
+    strong-gate checks come before it, each winner's re-timing and fla after (~10 s each)."""
+    results.update(shape=TUNE_SHAPE, dim=DIM, tolerances=TUNE_TOL, variants={})
+    start = time.perf_counter()
+
+    def save():
+        results["elapsed s"] = round(time.perf_counter() - start, 1)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+    results["strong-gate checks"] = tune_mode_checks()
+    save()
+    sweep_start = time.perf_counter()
+    for variant, share in (("gla", 0.6), ("scalar", 1.0)):
+        res = results["variants"].setdefault(variant, {})
+        tune_variant(variant, res, save, reps, inner, deadline=sweep_start + budget * share)
+        res["fla"] = tune_fla(variant, reps, inner)
+        save()
+    default = dataclasses.asdict(ScanConfig())
+    print(f"\nbest per variant/pass at (B,H,L)={TUNE_SHAPE}, D={DIM} (ms; table row: non-defaults)")
+    for variant, res in results["variants"].items():
+        best, base, fla = res.get("best"), res.get("baseline", {}), res["fla"]
+        if not best:
+            print(f"  {variant}: {res.get('note')}")
+            continue
+        for p in ("fwd", "fwd+bwd"):
+            ours, fl = best[p][f"{p} ms"], fla.get(f"fla {p}")
+            changed = {k: v for k, v in best[p]["config"].items() if default[k] != v}
+            print(f"  {variant:6s} {p:7s} best {fmt(ours)} (baseline {fmt(base.get(f'{p} ms'))}, "
+                  f"fla {fmt(fl)}, fla/best {ratio(fl, ours)}): chunk_size={best[p]['chunk']} "
+                  f"ScanConfig(**{changed})")  # fmt: skip
+    print(f"wrote {out} ({results['elapsed s']} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=20)
@@ -283,6 +485,9 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results/bench_scan")
     ap.add_argument("--check", default="none,scalar,gla", help="fp32 GPU checks ('' for none)")
     ap.add_argument("--impls", default="pallas,fla,xla", help="what to time, in this order")
+    ap.add_argument("--tune", action="store_true", help="sweep ScanConfig instead (see above)")
+    ap.add_argument("--tune-budget", type=float, default=100.0, help="seconds for candidates")
+    ap.add_argument("--tune-out", default="experiments/results/tune_scan.json")
     args = ap.parse_args()
     versions = f"jax {jax.__version__}"
     try:
@@ -302,6 +507,11 @@ def main() -> None:
         "command": "PYTHONPATH=/tmp/site:. python3 experiments/bench_scan.py",
         "rows": [],
     }
+    if args.tune:
+        results["command"] += " --tune"
+        del results["rows"]
+        tune(results, args.reps, args.inner, args.tune_budget, args.tune_out)
+        return
     if args.check:
         check(results, args.check.split(","))
         write(results, args.out)
