@@ -336,9 +336,10 @@ class _Chunk:
         the factored values of such blocks stay finite before they are discarded.
 
         Modes: "exact" loops only; "cond" picks one branch with ``lax.cond`` (the forward's
-        first form; Triton 3.6 failed to compile it in the backward); "factored" computes the
-        factored form and the loops with a trip count of 0 on safe blocks (``sub`` otherwise)
-        and selects with ``jnp.where``: branch-free, the loops cost nothing on safe blocks.
+        first form; Triton 3.6 failed to compile it in the backward); "factored" is branch-free:
+        the factored values, zeroed on unsafe blocks (``jnp.where``), are the loops' initial
+        carries and the loops run ``sub`` steps on unsafe blocks, 0 on safe ones (so they cost
+        nothing there, and no second set of results stays live for a select).
         """
         q, b = self.rows(self.q, i0), self.gate(i0)
         grads = da is not None
@@ -356,9 +357,12 @@ class _Chunk:
             dq = up * _mm(da.astype(self.dt), kf, self.cfg)
             return a, dq, down * _mm(dat.astype(self.dt), qf, self.cfg)
 
-        def exact(steps):
-            a, dq = self._gated_diag(i0, m, q, da, steps)
-            return (a,) if not grads else (a, dq, self._gated_diag_dk(i0, dat, steps))
+        def exact(steps, a0=None, dq0=None, dk0=None):  # the loops, accumulating onto a0, ..
+            n, d = self.sub, self.q.shape[1]
+            a0, dq0, dk0 = (jnp.zeros(s, F32) if x is None else x
+                            for x, s in ((a0, (n, n)), (dq0, (n, d)), (dk0, (n, d))))  # fmt: skip
+            a, dq = self._gated_diag(i0, m, q, da, steps, a0, dq0)
+            return (a,) if not grads else (a, dq, self._gated_diag_dk(i0, dat, steps, dk0))
 
         if mode == "exact":
             return exact(self.sub)
@@ -366,11 +370,13 @@ class _Chunk:
         safe = spread < FACTOR_SPREAD
         if mode == "cond":
             return lax.cond(safe, factored, lambda: exact(self.sub))
-        fast, slow = factored(), exact(jnp.where(safe, 0, self.sub))
-        return tuple(jnp.where(safe, f, e) for f, e in zip(fast, slow))
+        # trip count as a product: Pallas-Triton lowers a select of int literals to i1
+        steps = (~safe).astype(jnp.int32) * self.sub
+        return exact(steps, *(jnp.where(safe, x, 0.0) for x in factored()))
 
-    def _gated_diag(self, i0, m, q, da, steps):
-        """Column loop over the diagonal block: ``A [sub, sub]`` and ``sum_j dA_ij k_j e^..``.
+    def _gated_diag(self, i0, m, q, da, steps, a0, dq0):
+        """Column loop over the diagonal block: ``A [sub, sub]`` and ``sum_j dA_ij k_j e^..``,
+        added to ``a0``/``dq0``.
 
         ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}`` from exact differences (<= 0 for j <= i);
         ``steps`` columns (``sub``, or a traced 0 to skip the loop).
@@ -378,7 +384,6 @@ class _Chunk:
         n = self.sub
         qf, b = q.astype(F32), self.gate(i0)
         rows, cols = _iota((n, 1), 0), _iota((n, n), 1)
-        dk = self.q.shape[1]
 
         def body(j, carry):
             a, dq = carry
@@ -389,11 +394,12 @@ class _Chunk:
                 dq = dq + jnp.sum(jnp.where(cols == j, da, 0.0), axis=1, keepdims=True) * e
             return a, dq
 
-        a, dq = lax.fori_loop(0, steps, body, (jnp.zeros((n, n), F32), jnp.zeros((n, dk), F32)))
+        a, dq = lax.fori_loop(0, steps, body, (a0, dq0))
         return jnp.where(m, a, 0.0), dq
 
-    def _gated_diag_dk(self, i0, dat, steps):
-        """Row loop: ``dk_j = sum_{i >= j} dA_ij q_i e^{b_i - b_j}``; ``dat = dA^T [sub, sub]``."""
+    def _gated_diag_dk(self, i0, dat, steps, dk0):
+        """Row loop: ``dk0 + dk`` with ``dk_j = sum_{i >= j} dA_ij q_i e^{b_i - b_j}``;
+        ``dat = dA^T [sub, sub]``."""
         n = self.sub
         b = self.gate(i0)
         rows, cols = _iota((n, 1), 0), _iota((n, n), 1)
@@ -403,7 +409,7 @@ class _Chunk:
             e = _exp_masked(rows <= i, self.b[pl.ds(i0 + i, 1), :] - b) * qi
             return dk + jnp.sum(jnp.where(cols == i, dat, 0.0), axis=1, keepdims=True) * e
 
-        return lax.fori_loop(0, steps, body, jnp.zeros((n, self.q.shape[1]), F32))
+        return lax.fori_loop(0, steps, body, dk0)
 
     def ref_rows(self, i0):
         """Row-block factors ``q_X e^{b_X - rho}``, ``k e^{rho - b}`` (cols < i0); rho = b_{i0}."""
