@@ -135,10 +135,13 @@ def block_generate(
     model, params = unscanned_for_decoding(model, params)
     apply = functools.partial(model.apply, mutable=["cache"])
     blocks = rearrange(z, "b (n l) -> b n l", l=lb)
-    ctx, vars_ = apply(
+    # Two caches: the block decoder's (``[batch, num_blocks, ...]`` per layer, written once
+    # per block) and the token decoder's (``token_len`` slots, rebuilt every block). The
+    # inner per-token loop carries only the small one.
+    ctx, bvars = apply(
         {"params": params}, blocks[:, :first_block], num_blocks, method=_block_prefill
     )
-    first, vars_ = apply({"params": params, **vars_}, ctx, method=_token_prefill)
+    first, tvars = apply({"params": params}, ctx, method=_token_prefill)
 
     def choose(logits, key, pos, done):
         tok = sample_token(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -149,30 +152,30 @@ def block_generate(
 
     def token(carry, k):
         """Sample block token ``k`` from ``logits``, feed it, get the next token's logits."""
-        cache, ctx, logits, done, rng, j = carry
+        tcache, ctx, logits, done, rng, j = carry
         rng, key = jax.random.split(rng)
         tok, done = choose(logits, key, j * lb + k, done)
         logits, var = apply(
-            {"params": params, "cache": cache}, ctx, tok, off + k + 1, method=_token_step
+            {"params": params, "cache": tcache}, ctx, tok, off + k + 1, method=_token_step
         )
         return (var["cache"], ctx, logits, done, rng, j), tok
 
     def body(carry, j):
-        cache, ctx, logits, done, rng = carry
-        (cache, ctx, logits, done, rng, _), toks = jax.lax.scan(
-            token, (cache, ctx, logits, done, rng, j), jnp.arange(lb - 1)
+        bcache, tcache, ctx, logits, done, rng = carry
+        (_, ctx, logits, done, rng, _), toks = jax.lax.scan(
+            token, (tcache, ctx, logits, done, rng, j), jnp.arange(lb - 1)
         )
         rng, key = jax.random.split(rng)
         last, done = choose(logits, key, j * lb + lb - 1, done)
         block = jnp.concatenate([toks.T, last[:, None]], axis=1)  # [batch, L_B]
-        ctx, var = apply(
-            {"params": params, "cache": cache}, block, j, num_blocks, method=_block_step
+        ctx, bvar = apply(
+            {"params": params, "cache": bcache}, block, j, num_blocks, method=_block_step
         )
-        logits, var = apply({"params": params, **var}, ctx, method=_token_prefill)
-        return (var["cache"], ctx, logits, done, rng), block
+        logits, tvar = apply({"params": params}, ctx, method=_token_prefill)
+        return (bvar["cache"], tvar["cache"], ctx, logits, done, rng), block
 
     done = jnp.zeros((z.shape[0],), bool)
-    carry = (vars_["cache"], ctx, first, done, rng)
+    carry = (bvars["cache"], tvars["cache"], ctx, first, done, rng)
     _, out = jax.lax.scan(body, carry, jnp.arange(first_block, num_blocks))
     return rearrange(out, "n b l -> b (n l)")
 
