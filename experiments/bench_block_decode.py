@@ -38,6 +38,7 @@ from arjax.generate.decode import _generate
 from arjax.models.block_transformer import BlockTransformer, BlockTransformerConfig
 from arjax.models.transformer import TransformerLM, TransformerLMConfig
 from arjax.nn import TransformerConfig
+from arjax.ops.attention import decode_cache_len
 
 RESULTS = Path(__file__).parent / "results"
 WORKLOADS = {"decode_heavy": (128, 2048), "prefill_heavy": (2048, 128)}
@@ -86,7 +87,8 @@ def vanilla_runner(model, params, batch: int, prompt: int, gen: int):
 
     def cache_bytes():
         shapes = jax.eval_shape(
-            lambda p: model.apply({"params": p}, *args, prompt + gen, method="prefill",
+            lambda p: model.apply({"params": p}, *args, decode_cache_len(prompt + gen),
+                                  method="prefill",
                                   mutable=["cache"])[1], params,
         )  # fmt: skip
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)) / batch
@@ -109,7 +111,8 @@ def block_runner(model, params, batch: int, prompt: int, gen: int):
         def caches(p):
             blocks = z.reshape(batch, lay.num_blocks, -1)[:, : lay.first_block]
             apply = functools.partial(model.apply, mutable=["cache"])
-            ctx, var = apply({"params": p}, blocks, lay.num_blocks, method=_block_prefill)
+            cache_len = decode_cache_len(lay.num_blocks)
+            ctx, var = apply({"params": p}, blocks, cache_len, method=_block_prefill)
             return apply({"params": p, **var}, ctx, method=_token_prefill)[1]
 
         shapes = jax.eval_shape(caches, params)

@@ -28,6 +28,7 @@ from arjax.generate.decode import generate_text, sample_text, trim_generated
 from arjax.generate.sampling import sample_token, validate_sampling
 from arjax.models.block_transformer import BlockTransformer, BlockTransformerConfig
 from arjax.nn import unrolled
+from arjax.ops.attention import decode_cache_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,17 +80,17 @@ def _token_step(m: BlockTransformer, ctx: jax.Array, tok: jax.Array, slot: jax.A
     return m.decode_tokens(x, pos, mode="decode", cache_index=slot, kv_visible=visible)[:, -1]
 
 
-def _block_prefill(m: BlockTransformer, blocks: jax.Array, num_blocks: int) -> jax.Array:
+def _block_prefill(m: BlockTransformer, blocks: jax.Array, cache_len: int) -> jax.Array:
     """Block decoder over the prompt blocks ``[B, K, L_B]``; last context ``[B, d_block]``."""
     b, k = blocks.shape[:2]
     index = jnp.broadcast_to(jnp.arange(k), (b, k))
-    return m.context(blocks, index, mode="prefill", cache_len=num_blocks)[:, -1]
+    return m.context(blocks, index, mode="prefill", cache_len=cache_len)[:, -1]
 
 
-def _block_step(m: BlockTransformer, block: jax.Array, j: jax.Array, num_blocks: int):
+def _block_step(m: BlockTransformer, block: jax.Array, j: jax.Array, cache_len: int):
     """One block-decoder step for block ``[B, L_B]`` written at cache slot ``j``."""
     b = block.shape[0]
-    visible = jnp.broadcast_to(jnp.arange(num_blocks) <= j, (b, num_blocks))
+    visible = jnp.broadcast_to(jnp.arange(cache_len) <= j, (b, cache_len))
     index = jnp.broadcast_to(j, (b, 1))
     out = m.context(
         block[:, None], index, mode="decode", cache_index=j, kv_visible=visible
@@ -138,8 +139,9 @@ def block_generate(
     # Two caches: the block decoder's (``[batch, num_blocks, ...]`` per layer, written once
     # per block) and the token decoder's (``token_len`` slots, rebuilt every block). The
     # inner per-token loop carries only the small one.
+    cache_len = decode_cache_len(num_blocks)
     ctx, bvars = apply(
-        {"params": params}, blocks[:, :first_block], num_blocks, method=_block_prefill
+        {"params": params}, blocks[:, :first_block], cache_len, method=_block_prefill
     )
     first, tvars = apply({"params": params}, ctx, method=_token_prefill)
 
@@ -169,7 +171,7 @@ def block_generate(
         last, done = choose(logits, key, j * lb + lb - 1, done)
         block = jnp.concatenate([toks.T, last[:, None]], axis=1)  # [batch, L_B]
         ctx, bvar = apply(
-            {"params": params, "cache": bcache}, block, j, num_blocks, method=_block_step
+            {"params": params, "cache": bcache}, block, j, cache_len, method=_block_step
         )
         logits, tvar = apply({"params": params}, ctx, method=_token_prefill)
         return (bvar["cache"], tvar["cache"], ctx, logits, done, rng), block

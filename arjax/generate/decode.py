@@ -20,6 +20,7 @@ import numpy as np
 from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID, decode
 from arjax.generate.sampling import sample_token, validate_sampling
 from arjax.nn import TransformerConfig, unrolled
+from arjax.ops.attention import decode_cache_len
 
 
 def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,14 +68,14 @@ def _generate(
     window: int | None,
 ) -> jax.Array:
     batch, prompt_len = tokens.shape
-    cache_len = prompt_len + max_new_tokens
+    cache_len = decode_cache_len(prompt_len + max_new_tokens)
     model, params = unscanned_for_decoding(model, params)
     logits, vars_ = model.apply(
         {"params": params}, tokens, positions, segments, cache_len,
         method="prefill", mutable=["cache"],
     )  # fmt: skip
     slots = jnp.arange(cache_len)
-    visible = jnp.pad(segments > 0, ((0, 0), (0, max_new_tokens)))  # [batch, cache_len]
+    visible = jnp.pad(segments > 0, ((0, 0), (0, cache_len - prompt_len)))  # [batch, cache_len]
     next_pos = positions[:, -1] + 1  # [batch]
 
     def step(carry, i):

@@ -258,6 +258,16 @@ def attention(
     )  # fmt: skip
 
 
+DECODE_KV_TILE = 128  # KV tile of the flash-decoding kernel for caches longer than 128 slots
+
+
+def decode_cache_len(length: int) -> int:
+    """Slots to allocate for a KV cache holding ``length`` tokens: ``length`` rounded up to a
+    multiple of the decode kernel's KV tile, so no decode step pads (copies) the cache. The
+    extra slots are never visible (``kv_visible`` is False there)."""
+    return -(-length // DECODE_KV_TILE) * DECODE_KV_TILE
+
+
 def decode_attention(
     q: jax.Array,  # [batch, q_len (few), heads, head_dim]
     k_cache: jax.Array,  # [batch, cache_len, kv_heads, head_dim]
