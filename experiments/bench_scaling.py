@@ -36,7 +36,10 @@ def run(preset: str, sets: list[str], mesh: tuple[int, int], steps: int) -> dict
     )
     trainer = Trainer(cfg, tempfile.mkdtemp(), devices=jax.devices()[:n])
     state = trainer.initial_state()
-    batches = [_to_global(next(trainer.train_iter), trainer.batch_sharding) for _ in range(steps)]
+    size = (steps - 3) // 3  # steps per timed window (after 1 compile + 2 warm-up steps)
+    batches = [
+        _to_global(next(trainer.train_iter), trainer.batch_sharding) for _ in range(3 + 3 * size)
+    ]
     t0 = time.perf_counter()
     state, metrics = trainer.train_step(state, batches[0])
     jax.block_until_ready(metrics)
@@ -45,7 +48,6 @@ def run(preset: str, sets: list[str], mesh: tuple[int, int], steps: int) -> dict
     # Steps are enqueued back to back (no host sync inside a window), as in training; the
     # first two are warm-up, the rest form three timed windows whose median is reported.
     rest = batches[1:]
-    size = max(1, (len(rest) - 2) // 3)
     windows = [rest[:2]] + [rest[2 + i * size : 2 + (i + 1) * size] for i in range(3)]
     times = []
     for window in windows:
@@ -75,6 +77,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="16,32", help="global batches (full run)")
     ap.add_argument("--out", default="experiments/results/bench_scaling")
     args = ap.parse_args()
+    if args.steps < 6:
+        ap.error("--steps must be >= 6 (1 compile, 2 warm-up, 3 timed windows)")
     if args.quick:
         preset, steps, batches = "tiny", 8, [8]
         sets = ["data.seq_len=128", "train.steps=100"]

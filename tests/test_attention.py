@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from arjax.ops import attention, attention_mask, attention_reference, decode_attention
+from arjax.ops.attention import decode_cache_len
 
 TOL = dict(rtol=2e-5, atol=2e-5)  # float32, xla vs reference
 
@@ -143,3 +144,11 @@ def test_decode_attention_matches_reference(rng, impl):
         kv_segment_ids=visible.astype(jnp.int32),
     )  # fmt: skip
     np.testing.assert_allclose(out, ref, **TOL)
+
+
+def test_decode_cache_len_rounds_to_whole_kernel_tiles():
+    """Caches in whole flash-decoding KV tiles: 128 slots, a power of two >= 16 when shorter."""
+    lengths = (1, 5, 16, 17, 100, 128, 129, 545, 2176)
+    assert [decode_cache_len(n) for n in lengths] == [16, 16, 16, 32, 128, 128, 256, 640, 2176]
+    with pytest.raises(ValueError, match="length must be > 0"):
+        decode_cache_len(0)

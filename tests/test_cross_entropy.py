@@ -91,6 +91,14 @@ def test_chunked_bf16_compute_vs_float32_reference(rng):
         (dict(mask=jnp.ones((13, 2))), "mask must be"),
         (dict(weight=jnp.ones((8, 37))), "weight .* is not"),
         (dict(hidden=jnp.ones((26, 16))), "hidden must be"),
+        (
+            dict(
+                hidden=jnp.ones((2, 0, 16)),
+                targets=jnp.zeros((2, 0), jnp.int32),
+                mask=jnp.ones((2, 0)),
+            ),
+            "hidden has an empty sequence",
+        ),  # fmt: skip
     ],
 )
 def test_chunked_rejects_bad_inputs_before_compiling(rng, change, message):

@@ -120,8 +120,8 @@ def test_scan_matches_recurrence(backend, gate, segments):
 
 # Per-token gate strength: log-gates about -0.4 per token on tokens 0-15 (a 16-row block spans
 # < FACTOR_SPREAD: factored), about -5 on 16-31 (e^-80 across a block: exact loops) and about -40
-# on 32-36 (a block's range > 2 * 88, so the factored form would overflow float32 there: only
-# the exact loops are right), so one call takes both paths of the GLA diagonal blocks.
+# on 32-36 (a block's range far beyond FACTOR_SPREAD: the clamped factored values are discarded
+# and only the exact loops count), so one call takes both paths of the GLA diagonal blocks.
 MIXED_GATES = np.select([np.arange(37) < 16, np.arange(37) < 32], [1.0, 12.0], 100.0)
 
 

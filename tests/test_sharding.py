@@ -1,6 +1,7 @@
 """Sharded training step == single device, on 8 fake CPU devices (in a subprocess).
 
-Includes the Pallas flash-attention kernels (interpret mode) shard_mapped inside the step.
+Includes the Pallas flash-attention kernels (interpret mode) shard_mapped inside the step,
+and the chunked cross-entropy (``model.loss_chunk``) on a sharded mesh.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ SCRIPT = textwrap.dedent(
 
     sets = json.loads(sys.argv[1])
     results = {}
-    runs = [((1, 1, 1), "xla"), ((8, 1, 1), "xla"), ((2, 4, 1), "xla"), ((2, 2, 2), "xla"),
-            ((2, 2, 2), "pallas")]
-    for shape, impl in runs:
+    runs = [((1, 1, 1), "xla", ""), ((8, 1, 1), "xla", ""), ((2, 4, 1), "xla", ""),
+            ((2, 2, 2), "xla", ""), ((2, 2, 2), "pallas", ""),
+            ((2, 2, 2), "xla", "model.loss_chunk=12")]
+    for shape, impl, extra in runs:
         mesh = [f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"]
         cfg = make_run_config(
-            "transformer", "tiny", sets + mesh + [f"model.attention_impl={impl}"])
+            "transformer", "tiny",
+            sets + mesh + [f"model.attention_impl={impl}"] + ([extra] if extra else []))
         n = shape[0] * shape[1] * shape[2]
         trainer = Trainer(cfg, tempfile.mkdtemp(), devices=jax.devices()[:n])
         state = trainer.initial_state()
@@ -35,7 +38,7 @@ SCRIPT = textwrap.dedent(
         grads = jax.jit(jax.grad(lambda p: (lambda t, c: t / c)(
             *loss_fn(trainer.model, p, batch))))(state.params)
         new, metrics = trainer.train_step(state, batch)
-        results[f"{shape} {impl}"] = {
+        results[f"{shape} {impl} {extra}".strip()] = {
             "loss": float(metrics["loss"]),
             "grads": [np.asarray(g).ravel()[:64].tolist() for g in jax.tree.leaves(grads)],
             "params": [np.asarray(p).ravel()[:64].tolist() for p in jax.tree.leaves(new.params)],
@@ -74,3 +77,5 @@ def test_sharded_step_matches_single_device():
     assert any("tensor" in s for s in results["(2, 2, 2) xla"]["shardings"])
     # The Pallas kernels (interpret mode here) run shard_mapped inside the sharded step.
     assert "(2, 2, 2) pallas" in results
+    # The chunked loss (ragged: 32 positions in chunks of 12) on the sharded mesh.
+    assert "(2, 2, 2) xla model.loss_chunk=12" in results

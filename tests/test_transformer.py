@@ -140,6 +140,20 @@ def test_config_errors_name_the_field(field, value, message):
         dataclasses.replace(CFG, **{field: value})
 
 
+def test_unrolled_rejects_mismatched_params():
+    stack = _params(TransformerLM(CFG))["transformer"]
+    config, flat = unrolled(CFG, stack)
+    assert not config.scan_layers
+    np.testing.assert_array_equal(
+        flat["layers_1"]["mlp"]["down_proj"]["kernel"],
+        stack["layers"]["mlp"]["down_proj"]["kernel"][1],
+    )
+    with pytest.raises(ValueError, match="unrolled already"):
+        unrolled(CFG, flat)
+    with pytest.raises(ValueError, match=r"stack \[2\] layers, config.num_layers=3"):
+        unrolled(dataclasses.replace(CFG, num_layers=3), stack)
+
+
 def test_presets_param_counts():
     """Analytic parameter counts agree with the initialised trees."""
     cfg = PRESETS["tiny"]

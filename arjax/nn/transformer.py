@@ -161,10 +161,21 @@ def unrolled(config: TransformerConfig, params: Any) -> tuple[TransformerConfig,
     ``params["layers"]`` (leaves ``[num_layers, ...]``) becomes ``layers_0 .. layers_{L-1}``.
     Decoding wants this: under ``nn.scan`` the stacked KV cache is sliced out and written
     back whole at every step, unrolled each layer updates its own cache in place. A stack
-    that is not scanned is returned as is.
+    that is not scanned is returned as is; ``ValueError`` if ``params`` do not match ``config``.
     """
-    if not config.scan_layers or "layers" not in params:
+    if not config.scan_layers:
         return config, params
+    if "layers" not in params:
+        raise ValueError(
+            f"unrolled: config.scan_layers is True but params have no 'layers' entry "
+            f"(keys {sorted(params)}); are they unrolled already?"
+        )
+    depths = {x.shape[0] for x in jax.tree.leaves(params["layers"])}
+    if depths != {config.num_layers}:
+        raise ValueError(
+            f"unrolled: params['layers'] stack {sorted(depths)} layers, "
+            f"config.num_layers={config.num_layers}; configs mismatch"
+        )
     out = {k: v for k, v in params.items() if k != "layers"}
     for i in range(config.num_layers):
         out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])

@@ -258,14 +258,20 @@ def attention(
     )  # fmt: skip
 
 
-DECODE_KV_TILE = 128  # KV tile of the flash-decoding kernel for caches longer than 128 slots
-
-
 def decode_cache_len(length: int) -> int:
-    """Slots to allocate for a KV cache holding ``length`` tokens: ``length`` rounded up to a
-    multiple of the decode kernel's KV tile, so no decode step pads (copies) the cache. The
-    extra slots are never visible (``kv_visible`` is False there)."""
-    return -(-length // DECODE_KV_TILE) * DECODE_KV_TILE
+    """Slots to allocate for a KV cache holding ``length`` tokens: ``length`` rounded up to
+    whole KV tiles of the flash-decoding kernel (128 slots; a power of two >= 16 for shorter
+    caches). The extra slots are never visible (``kv_visible`` is False there); they cost the
+    XLA path at most one tile. Whole tiles spare the kernel padding (copying) the cache at
+    every step whenever it runs the length as one split, i.e. at large batch x kv heads."""
+    if length <= 0:
+        raise ValueError(f"decode_cache_len: length must be > 0, got {length}")
+    try:
+        from kernels_pallas.flash_attention import decode_kv_tile
+    except ImportError:  # no Pallas kernels, nothing to align to
+        return length
+    tile = decode_kv_tile(length)
+    return -(-length // tile) * tile
 
 
 def decode_attention(

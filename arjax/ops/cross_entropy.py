@@ -47,6 +47,8 @@ def validate_cross_entropy_args(
         raise ValueError(
             f"cross_entropy: hidden must be float [batch, seq, d], got {hidden.dtype}{hidden.shape}"
         )
+    if hidden.shape[1] == 0:
+        raise ValueError(f"cross_entropy: hidden has an empty sequence, shape {hidden.shape}")
     if weight.ndim != 2 or not jnp.issubdtype(weight.dtype, jnp.floating):
         raise ValueError(
             f"cross_entropy: weight must be float [d, vocab], got {weight.dtype}{weight.shape}"
@@ -151,8 +153,9 @@ def chunked_cross_entropy(
     dtype of ``hidden`` and ``weight`` with a float32 logsumexp.
 
     The backward is a ``jax.custom_vjp`` rather than ``jax.checkpoint`` around the chunk:
-    the forward keeps only the per-token logsumexp and loss (float32 ``[batch, seq]``), so
-    the backward recomputes one matmul per chunk, writes ``softmax - onehot`` directly, and
+    the forward keeps the per-token logsumexp (float32 ``[batch, seq]``) beside its chunked
+    (padded, chunk-major) copies of the inputs, never logits, so the backward recomputes one
+    matmul per chunk, writes ``softmax - onehot`` directly, and
     accumulates the weight gradient over chunks in float32 (autodiff through the scan would
     accumulate it in the weight's dtype, bfloat16 for a tied bf16 head). Gradients flow to
     ``hidden``, ``weight`` and ``mask``.

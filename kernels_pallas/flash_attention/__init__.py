@@ -26,8 +26,23 @@ from kernels_pallas.flash_attention._common import Geometry
 from kernels_pallas.tuning import BlockSizes
 
 BACKENDS = ("gpu", "tpu")
+DECODE_BLOCK_K = 128  # flash_decode's default KV tile
 
-__all__ = ["BACKENDS", "BlockSizes", "flash_attention", "flash_decode"]
+
+def decode_kv_tile(kv_len: int, block_k: int = DECODE_BLOCK_K) -> int:
+    """KV tile ``flash_decode`` uses on GPU for a cache of ``kv_len`` slots: ``block_k``, or
+    the power of two (>= 16) that covers a shorter cache."""
+    return min(block_k, max(16, 1 << (kv_len - 1).bit_length()))
+
+
+__all__ = [
+    "BACKENDS",
+    "DECODE_BLOCK_K",
+    "BlockSizes",
+    "decode_kv_tile",
+    "flash_attention",
+    "flash_decode",
+]
 
 
 def _validate(q, k, v, causal, window, q_segment_ids, kv_segment_ids, backend, fn: str) -> None:
@@ -222,7 +237,7 @@ def flash_decode(
     backend: str | None = None,
     interpret: bool | None = None,
     num_splits: int | None = None,
-    block_k: int = 128,
+    block_k: int = DECODE_BLOCK_K,
 ) -> jax.Array:
     """Flash-decoding (Dao, Haziza, Massa, Sizov 2023): few queries vs a long KV cache.
 
@@ -242,7 +257,7 @@ def flash_decode(
     b, q_len, h, d = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = h // kv_heads
-    bk = min(block_k, max(16, 1 << (kv_len - 1).bit_length()))
+    bk = decode_kv_tile(kv_len, block_k)
     n_tiles = -(-kv_len // bk)
     if num_splits is None:  # ~2 programs per SM of an H100 (132 SMs)
         num_splits = max(1, min(n_tiles, -(-264 // (b * kv_heads))))
