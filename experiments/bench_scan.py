@@ -301,6 +301,7 @@ TUNE_TOL = {"out": 2e-2, "grads": 5e-2}
 # ``chunk_size`` argument. Steps in order of expected gain (the budget may cut the tail).
 TUNE_STEPS = (
     (("diag",), ("bwd_diag",), (("factored",),), ("gla",)),
+    (("form",), ("bwd_form",), (("lean",),), ("gla",)),  # fewer spills offline (ptxas)
     (("warps",), ("bwd_warps",), ((8,),), ("scalar", "gla")),  # 2 warps: more spills (ptxas)
     (("state_bk", "state_bv"), ("bwd_state_bk", "bwd_state_bv"),
      ((32, 64), (32, 32), (64, 128)), ("scalar", "gla")),

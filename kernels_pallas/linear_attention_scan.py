@@ -411,13 +411,34 @@ class _Chunk:
 
         return lax.fori_loop(0, steps, body, dk0)
 
-    def ref_rows(self, i0):
-        """Row-block factors ``q_X e^{b_X - rho}``, ``k e^{rho - b}`` (cols < i0); rho = b_{i0}."""
+    def span(self, ref, j0, n):
+        """Rows ``[j0, j0 + n)`` of ``ref`` (the whole ref when that is the chunk)."""
+        return ref[...] if (j0, n) == (0, self.c) else ref[j0 : j0 + n, :]
+
+    def pieces(self, lo, hi, lean):
+        """Row ranges ``(j0, n)`` covering rows ``[lo, hi)`` of an off-diagonal product: the
+        whole chunk (the factors mask the other rows; none if the range is empty), or with
+        ``lean`` exactly ``[lo, hi)`` as static power-of-two slices (smaller live tiles)."""
+        if not lean:
+            return [(0, self.c)] if lo < hi else []
+        out = []
+        while lo < hi:
+            n = 1 << ((hi - lo).bit_length() - 1)
+            out.append((lo, n))
+            lo += n
+        return out
+
+    def ref_rows(self, i0, j0=0, n=None):
+        """Row-block factors ``q_X e^{b_X - rho}``, ``k e^{rho - b}`` (cols < i0, of rows
+        ``[j0, j0 + n)``, default the chunk); rho = b_{i0}."""
+        n = self.c if n is None else n
         rho = self.gate(i0, 1)
         qr = self.rows(self.q, i0).astype(F32) * jnp.exp(self.gate(i0) - rho)
-        j = _iota((self.c, 1), 0)
-        kr = self.k[...].astype(F32) * _exp_masked(j < i0, rho - self.b[...])
-        return qr, kr, rho
+        j = _iota((n, 1), 0)
+        kr = self.span(self.k, j0, n).astype(F32)
+        if j0 + n > i0:
+            return qr, kr * _exp_masked(j < i0 - j0, rho - self.span(self.b, j0, n)), rho
+        return qr, kr * jnp.exp(rho - self.span(self.b, j0, n)), rho
 
     def ref_cols(self, i0):
         """Column-block factors: ``q e^{b - rho}`` (rows after the block), ``k_X e^{rho - b_X}``."""
@@ -437,21 +458,22 @@ def _out_kernel(cfg: _Cfg, *refs):
     r_ref, rp_ref = (refs.pop(0), refs.pop(0)) if cfg.segments else (None, None)
     (o_ref,) = refs
     ch = _Chunk(cfg, q_ref, k_ref, v_ref, b_ref, r_ref, rp_ref)
-    h = h_ref[...]
+    lean = cfg.tune.form == "lean"  # h loaded where used; earlier blocks in exact slices
+    h = None if lean else h_ref[...]
     for i0 in range(0, cfg.chunk, ch.sub):
         qi = ch.rows(q_ref, i0).astype(F32)
         if b_ref is not None:
             qi = qi * jnp.exp(ch.gate(i0))
         if r_ref is not None:
             qi = jnp.where(ch.inter_mask(i0), qi, 0.0)
-        acc = _mm(qi.astype(ch.dt), h, cfg)
+        acc = _mm(qi.astype(ch.dt), h_ref[...] if lean else h, cfg)
         a = ch.diag_scores(i0, ch.diag_mask(i0))
         acc += _mm(a.astype(ch.dt), ch.rows(v_ref, i0), cfg)
-        if i0 > 0:  # earlier sub-blocks (gated only)
-            qr, kr, _ = ch.ref_rows(i0)
-            a = ch.same_doc(ch.doc(i0), None if r_ref is None else r_ref[...].T,
+        for j0, n in ch.pieces(0, i0, lean):  # earlier sub-blocks (gated only)
+            qr, kr, _ = ch.ref_rows(i0, j0, n)
+            a = ch.same_doc(ch.doc(i0), None if r_ref is None else ch.span(r_ref, j0, n).T,
                             _mm(qr.astype(ch.dt), kr.astype(ch.dt), cfg, tb=True))  # fmt: skip
-            acc += _mm(a.astype(ch.dt), v_ref[...], cfg)
+            acc += _mm(a.astype(ch.dt), ch.span(v_ref, j0, n), cfg)
         o_ref[i0 : i0 + ch.sub, :] = acc.astype(o_ref.dtype)
 
 
@@ -465,7 +487,8 @@ def _grad_kernel(cfg: _Cfg, *refs):
     db_ref = refs[3] if b_ref is not None else None
     ch = _Chunk(cfg, q_ref, k_ref, v_ref, b_ref, r_ref, rp_ref)
     c, sub, dt = cfg.chunk, ch.sub, ch.dt
-    h, dh = h_ref[...], dh_ref[...]
+    lean = cfg.tune.bwd_form == "lean"  # h, dh loaded where used, not live across the loop
+    h, dh = (None, None) if lean else (h_ref[...], dh_ref[...])
     b_last = None if b_ref is None else b_ref[c - 1 : c, :]
     r_all_t = None if r_ref is None else r_ref[...].T
     last_doc = None if r_ref is None else r_ref[c - 1 : c, :]
@@ -480,6 +503,8 @@ def _grad_kernel(cfg: _Cfg, *refs):
         if rd is not None:
             eq = jnp.where(ch.inter_mask(i0), eq, 0.0)
             ek = jnp.where(rd == last_doc, ek, 0.0)
+        if lean:
+            h, dh = h_ref[...], dh_ref[...]
         dq = eq * _mm(do, h, cfg, tb=True)
         dk = ek * _mm(v, dh, cfg, tb=True)
         kdk_state += jnp.sum(k.astype(F32) * dk, axis=0, keepdims=True)
@@ -519,6 +544,8 @@ def _grad_kernel(cfg: _Cfg, *refs):
         dv_ref[i0 : i0 + sub, :] = dv.astype(dv_ref.dtype)
         if db_ref is not None:
             db = q.astype(F32) * dq - k.astype(F32) * dk  # [sub, dk]
+            if lean:
+                h, dh = h_ref[...], dh_ref[...]
             hh = h.astype(F32) * dh.astype(F32)
             if cfg.gate == "scalar":
                 db = jnp.sum(db, axis=1, keepdims=True)

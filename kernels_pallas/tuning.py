@@ -90,6 +90,10 @@ def block_sizes(backend: str, q_len: int, kv_len: int, head_dim: int) -> BlockSi
 # (exact loops for blocks whose log-gate range is too large); "factored" = the same choice
 # without lax.cond (both computed, the loop with a zero trip count on safe blocks).
 DIAG_MODES = ("exact", "cond", "factored")
+# Chunk kernels: "hoist" = state tiles (h, dh) loaded once, live across the sub-block loop,
+# earlier GLA blocks through one masked full-chunk product; "lean" = state tiles loaded where used
+# and (forward) earlier blocks through exact power-of-two row slices: fewer spills offline.
+FORMS = ("hoist", "lean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +103,9 @@ class ScanConfig:
     ``state_bk``/``state_bv``: state tile of one state-pass program (Triton; clipped to dk/dv);
     ``*warps``/``*stages``: Triton launch parameters of the state pass (``state_*``) and the
     parallel chunk kernel; ``sub``: GLA sub-chunk rows (secondary chunking, clipped to the
-    chunk); ``diag``: how the GLA diagonal sub-blocks are computed (``DIAG_MODES``). On TPU only
-    ``sub`` and ``diag`` apply.
+    chunk); ``diag``: how the GLA diagonal sub-blocks are computed (``DIAG_MODES``); ``form``:
+    how the chunk kernels hold their tiles (``FORMS``). On TPU only ``sub``, ``diag`` and
+    ``form`` apply.
     """
 
     state_bk: int = 64
@@ -118,11 +123,18 @@ class ScanConfig:
     bwd_stages: int = 2
     bwd_diag: str = "exact"
     sub: int = 16
+    form: str = "hoist"
+    bwd_form: str = "hoist"
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name.endswith("diag"):
+            if field.name.endswith("form"):
+                if value not in FORMS:
+                    raise ValueError(
+                        f"ScanConfig.{field.name}: must be one of {FORMS}, got {value!r}"
+                    )
+            elif field.name.endswith("diag"):
                 if value not in DIAG_MODES:
                     raise ValueError(
                         f"ScanConfig.{field.name}: must be one of {DIAG_MODES}, got {value!r}"
