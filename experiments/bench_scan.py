@@ -296,12 +296,13 @@ TUNE_SHAPE = (8, 16, 2048)
 TUNE_TOL = {"out": 2e-2, "grads": 5e-2}
 # (forward fields, backward fields or None, candidates, variants). A candidate sets the
 # forward fields and (if any) the backward fields to the same value in one run: the forward's
-# time decides the forward fields, (fwd+bwd - fwd) the backward fields, so one run tries both.
+# time decides the forward fields, (fwd+bwd - fwd) the backward fields, so one run tries both
+# (a value the forward fields reject, bwd_form="split", sets the backward fields only).
 # Fields without a backward twin (chunk, sub) are decided on fwd+bwd. "chunk" is the
 # ``chunk_size`` argument. Steps in order of expected gain (the budget may cut the tail).
 TUNE_STEPS = (
     (("diag",), ("bwd_diag",), (("factored",),), ("gla",)),
-    (("form",), ("bwd_form",), (("lean",),), ("gla",)),  # fewer spills offline (ptxas)
+    (("form",), ("bwd_form",), (("lean",), ("split",)), ("gla",)),  # fewer spills (ptxas)
     (("warps",), ("bwd_warps",), ((8,),), ("scalar", "gla")),  # 2 warps: more spills (ptxas)
     (("state_bk", "state_bv"), ("bwd_state_bk", "bwd_state_bv"),
      ((32, 64), (32, 32), (64, 128)), ("scalar", "gla")),
@@ -410,8 +411,14 @@ def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline:
             fwd_set = dict(zip(fwd_fields, value))
             bwd_set = dict(zip(bwd_fields, value)) if bwd_fields else {}
             new_chunk = fwd_set.pop("chunk", chunk)
-            cfg = dataclasses.replace(cur, **fwd_set, **bwd_set)
-            trial = run(cfg, new_chunk, f"{fwd_fields}={value}")
+            fields = fwd_fields
+            try:
+                cfg = dataclasses.replace(cur, **fwd_set, **bwd_set)
+            except ValueError:  # a backward-only value (bwd_form="split"): the backward alone
+                if not bwd_set:
+                    raise
+                fwd_set, fields, cfg = {}, bwd_fields, dataclasses.replace(cur, **bwd_set)
+            trial = run(cfg, new_chunk, f"{fields}={value}")
             if "fwd error" in trial and bwd_set:  # the forward half failed: try the backward's
                 trial = run(dataclasses.replace(cur, **bwd_set), chunk, f"{bwd_fields}={value}")
                 fwd_set = {}

@@ -33,6 +33,8 @@ Kernels (one set of chunk math, two drivers):
 * backward: a reverse state pass for ``dh[n] = dL/dS_n`` and the initial-state gradient, then
   a parallel chunk kernel for ``dq, dk, dv`` and ``db = q*dq - k*dk`` (+ the ``e^B`` term on
   the last row); ``dg`` follows from ``db`` by the transpose of the chunk-local cumsum (XLA).
+  With ``ScanConfig.bwd_form="split"`` the GLA chunk kernel runs as two (GLA paper sec. 4):
+  dq (+ ``q*dq``) and dk, dv (+ the rest of ``db``); other gates keep one ("lean") kernel.
 
 ``backend="gpu"`` (Pallas Triton; native ``[batch, len, heads, dim]`` layout, the sequential
 kernels loop over chunks inside a program) or ``"tpu"`` (Mosaic; ``[batch, heads, len, dim]``
@@ -318,9 +320,11 @@ class _Chunk:
             return jnp.where(m, s, 0.0)
         return self.gated_diag(i0, m)[0]
 
-    def gated_diag(self, i0, m, da=None, dat=None):
-        """Diagonal GLA block: ``A [sub, sub]`` and, given ``da = dA`` and ``dat = dA^T``
-        (masked), the intra-block ``dq`` and ``dk``; ``tune.diag`` / ``tune.bwd_diag`` say how.
+    def gated_diag(self, i0, m, da=None, dat=None, *, scores: bool = True):
+        """Diagonal GLA block: ``(A [sub, sub],)`` or, given ``da = dA`` and/or ``dat = dA^T``
+        (masked), ``(A, dq, dk)`` with the intra-block ``dq`` (from ``da``) and ``dk`` (from
+        ``dat``), None for what was not asked (``scores=False``: no ``A``; the split backward's
+        dq kernel); ``tune.diag`` / ``tune.bwd_diag`` say how.
 
         Factored form (GLA paper sec. 4.2, a diagonal sub-chunk factored like the off-diagonal
         ones but around its middle row ``rho``): ``A = (q e^{b - rho}) (k e^{rho - b})^T`` by
@@ -342,7 +346,7 @@ class _Chunk:
         nothing there, and no second set of results stays live for a select).
         """
         q, b = self.rows(self.q, i0), self.gate(i0)
-        grads = da is not None
+        grads = da is not None or dat is not None
         mode = self.cfg.tune.bwd_diag if grads else self.cfg.tune.diag
 
         def factored():
@@ -351,18 +355,21 @@ class _Chunk:
             down = jnp.exp(jnp.minimum(rho - b, FACTOR_SPREAD))
             qf = (q.astype(F32) * up).astype(self.dt)
             kf = (self.rows(self.k, i0).astype(F32) * down).astype(self.dt)
-            a = jnp.where(m, _mm(qf, kf, self.cfg, tb=True), 0.0)
+            a = jnp.where(m, _mm(qf, kf, self.cfg, tb=True), 0.0) if scores else None
             if not grads:
                 return (a,)
-            dq = up * _mm(da.astype(self.dt), kf, self.cfg)
-            return a, dq, down * _mm(dat.astype(self.dt), qf, self.cfg)
+            dq = None if da is None else up * _mm(da.astype(self.dt), kf, self.cfg)
+            return a, dq, None if dat is None else down * _mm(dat.astype(self.dt), qf, self.cfg)
 
         def exact(steps, a0=None, dq0=None, dk0=None):  # the loops, accumulating onto a0, ..
             n, d = self.sub, self.q.shape[1]
             a0, dq0, dk0 = (jnp.zeros(s, F32) if x is None else x
                             for x, s in ((a0, (n, n)), (dq0, (n, d)), (dk0, (n, d))))  # fmt: skip
-            a, dq = self._gated_diag(i0, m, q, da, steps, a0, dq0)
-            return (a,) if not grads else (a, dq, self._gated_diag_dk(i0, dat, steps, dk0))
+            a, dq = self._gated_diag(i0, m, q, da, steps, a0 if scores else None, dq0)
+            if not grads:
+                return (a,)
+            dk = None if dat is None else self._gated_diag_dk(i0, dat, steps, dk0)
+            return a, None if da is None else dq, dk
 
         if mode == "exact":
             return exact(self.sub)
@@ -372,11 +379,11 @@ class _Chunk:
             return lax.cond(safe, factored, lambda: exact(self.sub))
         # trip count as a product: Pallas-Triton lowers a select of int literals to i1
         steps = (~safe).astype(jnp.int32) * self.sub
-        return exact(steps, *(jnp.where(safe, x, 0.0) for x in factored()))
+        return exact(steps, *(None if x is None else jnp.where(safe, x, 0.0) for x in factored()))
 
     def _gated_diag(self, i0, m, q, da, steps, a0, dq0):
         """Column loop over the diagonal block: ``A [sub, sub]`` and ``sum_j dA_ij k_j e^..``,
-        added to ``a0``/``dq0``.
+        added to ``a0``/``dq0`` (``a0`` None: no ``A``, returned as None).
 
         ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}`` from exact differences (<= 0 for j <= i);
         ``steps`` columns (``sub``, or a traced 0 to skip the loop).
@@ -389,13 +396,14 @@ class _Chunk:
             a, dq = carry
             kj = self.k[pl.ds(i0 + j, 1), :].astype(F32)  # [1, dk]
             e = _exp_masked(rows >= j, b - self.b[pl.ds(i0 + j, 1), :]) * kj  # [n, dk]
-            a = a + jnp.where(cols == j, jnp.sum(qf * e, axis=1, keepdims=True), 0.0)
+            if a is not None:
+                a = a + jnp.where(cols == j, jnp.sum(qf * e, axis=1, keepdims=True), 0.0)
             if da is not None:
                 dq = dq + jnp.sum(jnp.where(cols == j, da, 0.0), axis=1, keepdims=True) * e
             return a, dq
 
         a, dq = lax.fori_loop(0, steps, body, (a0, dq0))
-        return jnp.where(m, a, 0.0), dq
+        return None if a is None else jnp.where(m, a, 0.0), dq
 
     def _gated_diag_dk(self, i0, dat, steps, dk0):
         """Row loop: ``dk0 + dk`` with ``dk_j = sum_{i >= j} dA_ij q_i e^{b_i - b_j}``;
@@ -477,17 +485,23 @@ def _out_kernel(cfg: _Cfg, *refs):
         o_ref[i0 : i0 + ch.sub, :] = acc.astype(o_ref.dtype)
 
 
-def _grad_kernel(cfg: _Cfg, *refs):
-    """Backward chunk kernel: dq, dk, dv (and db) of one chunk given ``h[n]`` and ``dh[n]``."""
+def _grad_kernel(cfg: _Cfg, *refs, part: str = "all"):
+    """Backward chunk kernel of one chunk given ``h[n]`` and ``dh[n]``. ``part`` "all": dq, dk,
+    dv and db; GLA only, the two kernels of ``bwd_form="split"`` (fewer live tiles each, as
+    fla's split backward): "dq" = dq and its db term ``q * dq``, "dkv" = dk, dv and the rest of
+    db (the two db parts are summed outside)."""
     q_ref, k_ref, v_ref, *refs = refs
     b_ref = refs.pop(0) if cfg.gate != "none" else None
     h_ref, dh_ref, do_ref = refs.pop(0), refs.pop(0), refs.pop(0)
     r_ref, rp_ref = (refs.pop(0), refs.pop(0)) if cfg.segments else (None, None)
-    dq_ref, dk_ref, dv_ref = refs[:3]
-    db_ref = refs[3] if b_ref is not None else None
+    want_q, want_kv = part != "dkv", part != "dq"
+    outs = iter(refs)
+    dq_ref = next(outs) if want_q else None
+    dk_ref, dv_ref = (next(outs), next(outs)) if want_kv else (None, None)
+    db_ref = next(outs) if b_ref is not None else None
     ch = _Chunk(cfg, q_ref, k_ref, v_ref, b_ref, r_ref, rp_ref)
     c, sub, dt = cfg.chunk, ch.sub, ch.dt
-    lean = cfg.tune.bwd_form == "lean"  # h, dh loaded where used, not live across the loop
+    lean = cfg.tune.bwd_form != "hoist"  # h, dh loaded where used, not live across the loop
     h, dh = (None, None) if lean else (h_ref[...], dh_ref[...])
     b_last = None if b_ref is None else b_ref[c - 1 : c, :]
     r_all_t = None if r_ref is None else r_ref[...].T
@@ -504,12 +518,14 @@ def _grad_kernel(cfg: _Cfg, *refs):
             eq = jnp.where(ch.inter_mask(i0), eq, 0.0)
             ek = jnp.where(rd == last_doc, ek, 0.0)
         if lean:
-            h, dh = h_ref[...], dh_ref[...]
-        dq = eq * _mm(do, h, cfg, tb=True)
-        dk = ek * _mm(v, dh, cfg, tb=True)
-        kdk_state += jnp.sum(k.astype(F32) * dk, axis=0, keepdims=True)
-        kd = (k.astype(F32) * ek).astype(dt)
-        dv = _mm(kd, dh, cfg)
+            h, dh = h_ref[...] if want_q else None, dh_ref[...] if want_kv else None
+        if want_q:
+            dq = eq * _mm(do, h, cfg, tb=True)
+        if want_kv:
+            dk = ek * _mm(v, dh, cfg, tb=True)
+            kdk_state += jnp.sum(k.astype(F32) * dk, axis=0, keepdims=True)
+            kd = (k.astype(F32) * ek).astype(dt)
+            dv = _mm(kd, dh, cfg)
         # diagonal block
         m = ch.diag_mask(i0)
         if cfg.gate != "gated":
@@ -519,19 +535,26 @@ def _grad_kernel(cfg: _Cfg, *refs):
             dq += _mm(da.astype(dt), k, cfg)
             dk += _mm(da.astype(dt), q, cfg, ta=True)
         else:
-            da = jnp.where(m, _mm(do, v, cfg, tb=True), 0.0)
-            dat = jnp.where(ch.diag_mask(i0, transpose=True), _mm(v, do, cfg, tb=True), 0.0)
-            a, dq_diag, dk_diag = ch.gated_diag(i0, m, da, dat)
-            dq += dq_diag
-            dk += dk_diag
-        dv += _mm(a.astype(dt), do, cfg, ta=True)
+            da = dat = None
+            if want_q:
+                da = jnp.where(m, _mm(do, v, cfg, tb=True), 0.0)
+            if want_kv:
+                mt = ch.diag_mask(i0, transpose=True)
+                dat = jnp.where(mt, _mm(v, do, cfg, tb=True), 0.0)
+            a, dq_diag, dk_diag = ch.gated_diag(i0, m, da, dat, scores=want_kv)
+            if want_q:
+                dq += dq_diag
+            if want_kv:
+                dk += dk_diag
+        if want_kv:
+            dv += _mm(a.astype(dt), do, cfg, ta=True)
         # earlier columns -> dq of this block
-        if i0 > 0:
+        if i0 > 0 and want_q:
             qr, kr, rho = ch.ref_rows(i0)
             da = ch.same_doc(rd, r_all_t, _mm(do, v_ref[...], cfg, tb=True))
             dq += jnp.exp(b - rho) * _mm(da.astype(dt), kr.astype(dt), cfg)
         # later rows -> dk, dv of this block
-        if i0 + sub < c:
+        if i0 + sub < c and want_kv:
             qr, kr, rho = ch.ref_cols(i0)
             r_all = None if r_ref is None else r_ref[...]
             rd_t = None if rd is None else rd.T
@@ -539,28 +562,31 @@ def _grad_kernel(cfg: _Cfg, *refs):
             da = ch.same_doc(r_all, rd_t, _mm(do_ref[...], v, cfg, tb=True))
             dv += _mm(a.astype(dt), do_ref[...], cfg, ta=True)
             dk += jnp.exp(rho - b) * _mm(da.astype(dt), qr.astype(dt), cfg, ta=True)
-        dq_ref[i0 : i0 + sub, :] = dq.astype(dq_ref.dtype)
-        dk_ref[i0 : i0 + sub, :] = dk.astype(dk_ref.dtype)
-        dv_ref[i0 : i0 + sub, :] = dv.astype(dv_ref.dtype)
-        if db_ref is not None:
-            db = q.astype(F32) * dq - k.astype(F32) * dk  # [sub, dk]
-            if lean:
-                h, dh = h_ref[...], dh_ref[...]
-            hh = h.astype(F32) * dh.astype(F32)
-            if cfg.gate == "scalar":
-                db = jnp.sum(db, axis=1, keepdims=True)
-                extra = jnp.sum(jnp.sum(hh, axis=1, keepdims=True), axis=0, keepdims=True)
-            else:
-                extra = jnp.sum(hh, axis=1, keepdims=True).T  # [1, dk]
-            if i0 + sub == c:  # d/dB of e^{B} S_prev and of e^{B - b_j} in the state update
-                extra = extra * jnp.exp(b_last)
-                if r_ref is not None:
-                    extra = jnp.where(last_doc == rp_ref[0:1, :], extra, 0.0)
+        if want_q:
+            dq_ref[i0 : i0 + sub, :] = dq.astype(dq_ref.dtype)
+        if want_kv:
+            dk_ref[i0 : i0 + sub, :] = dk.astype(dk_ref.dtype)
+            dv_ref[i0 : i0 + sub, :] = dv.astype(dv_ref.dtype)
+        if db_ref is not None:  # [sub, dk]
+            db = (q.astype(F32) * dq if want_q else 0.0) - (k.astype(F32) * dk if want_kv else 0.0)
+            if want_kv:
+                if lean:
+                    h, dh = h_ref[...], dh_ref[...]
+                hh = h.astype(F32) * dh.astype(F32)
                 if cfg.gate == "scalar":
-                    extra += jnp.sum(kdk_state, axis=1, keepdims=True)
+                    db = jnp.sum(db, axis=1, keepdims=True)
+                    extra = jnp.sum(jnp.sum(hh, axis=1, keepdims=True), axis=0, keepdims=True)
                 else:
-                    extra += kdk_state
-                db += jnp.where(_iota((sub, 1), 0) == sub - 1, extra, 0.0)
+                    extra = jnp.sum(hh, axis=1, keepdims=True).T  # [1, dk]
+                if i0 + sub == c:  # d/dB of e^{B} S_prev and of e^{B - b_j} in the state update
+                    extra = extra * jnp.exp(b_last)
+                    if r_ref is not None:
+                        extra = jnp.where(last_doc == rp_ref[0:1, :], extra, 0.0)
+                    if cfg.gate == "scalar":
+                        extra += jnp.sum(kdk_state, axis=1, keepdims=True)
+                    else:
+                        extra += kdk_state
+                    db += jnp.where(_iota((sub, 1), 0) == sub - 1, extra, 0.0)
             db_ref[i0 : i0 + sub, :] = db
 
 
@@ -641,10 +667,17 @@ def _scan_bwd(cfg, res, cts):
                           h_dtype=q.dtype)  # fmt: skip
     ins = [(q, "seq"), (k, "seq"), (v, "seq")] + ([(b, "seq")] if b is not None else [])
     ins += [(h, "state"), (dh, "state"), (do, "seq")] + _doc_args(seg, cfg)
-    outs = [(jax.ShapeDtypeStruct(x.shape, x.dtype), "seq") for x in (q, k, v)]
-    if b is not None:
-        outs.append((jax.ShapeDtypeStruct(b.shape, F32), "seq"))
-    grads = _chunk_call(_grad_kernel, cfg, ins, outs, "la_chunk_bwd", bwd=True)
+    like = lambda x, dtype=None: (jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), "seq")  # noqa: E731
+    if cfg.gate == "gated" and cfg.tune.bwd_form == "split":
+        part = lambda p: functools.partial(_grad_kernel, part=p)  # noqa: E731
+        dq, db_q = _chunk_call(part("dq"), cfg, ins, [like(q), like(b, F32)], "la_chunk_bwd_dq",
+                               bwd=True)  # fmt: skip
+        dk, dv, db_k = _chunk_call(part("dkv"), cfg, ins, [like(k), like(v), like(b, F32)],
+                                   "la_chunk_bwd_dkv", bwd=True)  # fmt: skip
+        grads = (dq, dk, dv, db_q + db_k)
+    else:
+        outs = [like(x) for x in (q, k, v)] + ([like(b, F32)] if b is not None else [])
+        grads = _chunk_call(_grad_kernel, cfg, ins, outs, "la_chunk_bwd", bwd=True)
     db = grads[3] if b is not None else None
     seg_ct = None if seg is None else tuple(jnp.zeros(x.shape, jax.dtypes.float0) for x in seg)
     return grads[0], grads[1], grads[2], db, ds0, seg_ct

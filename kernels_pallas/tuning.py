@@ -94,6 +94,9 @@ DIAG_MODES = ("exact", "cond", "factored")
 # earlier GLA blocks through one masked full-chunk product; "lean" = state tiles loaded where used
 # and (forward) earlier blocks through exact power-of-two row slices: fewer spills offline.
 FORMS = ("hoist", "lean")
+# Backward chunk kernel(s): FORMS, or "split" = GLA's backward as two "lean" kernels, one for dq
+# and one for dk/dv (fewer live tiles each; other gates fall back to the single "lean" kernel).
+BWD_FORMS = (*FORMS, "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +107,8 @@ class ScanConfig:
     ``*warps``/``*stages``: Triton launch parameters of the state pass (``state_*``) and the
     parallel chunk kernel; ``sub``: GLA sub-chunk rows (secondary chunking, clipped to the
     chunk); ``diag``: how the GLA diagonal sub-blocks are computed (``DIAG_MODES``); ``form``:
-    how the chunk kernels hold their tiles (``FORMS``). On TPU only ``sub``, ``diag`` and
-    ``form`` apply.
+    how the chunk kernels hold their tiles (``FORMS``; ``bwd_form`` from ``BWD_FORMS``). On TPU
+    only ``sub``, ``diag`` and ``form`` apply.
     """
 
     state_bk: int = 64
@@ -130,9 +133,10 @@ class ScanConfig:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name.endswith("form"):
-                if value not in FORMS:
+                allowed = BWD_FORMS if field.name == "bwd_form" else FORMS
+                if value not in allowed:
                     raise ValueError(
-                        f"ScanConfig.{field.name}: must be one of {FORMS}, got {value!r}"
+                        f"ScanConfig.{field.name}: must be one of {allowed}, got {value!r}"
                     )
             elif field.name.endswith("diag"):
                 if value not in DIAG_MODES:

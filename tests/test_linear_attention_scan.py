@@ -134,12 +134,16 @@ MIXED_GATES = np.select([np.arange(37) < 16, np.arange(37) < 32], [1.0, 12.0], 1
      ("gpu", ScanConfig(diag="factored", bwd_diag="factored", sub=32), 64, True),
      ("gpu", ScanConfig(form="lean", bwd_form="lean"), 64, True),
      ("tpu", ScanConfig(diag="factored", bwd_diag="factored", form="lean", bwd_form="lean"), 64,
-      False)],
+      False),
+     ("gpu", ScanConfig(bwd_form="split"), 32, True),
+     ("gpu", ScanConfig(bwd_diag="cond", bwd_form="split"), 64, True),
+     ("tpu", ScanConfig(diag="factored", bwd_diag="factored", bwd_form="split"), 64, False)],
 )  # fmt: skip
 def test_gla_diagonal_modes_strong_gates(backend, tune, chunk, segments):
-    """Every mode of the GLA diagonal sub-blocks (``ScanConfig.diag``/``bwd_diag``) and the
-    "lean" chunk kernels (``form``/``bwd_form``; chunk 64: earlier blocks in 16 + 32 row
-    slices), values and all gradients, odd length 37, weak and strong gates in the same call."""
+    """Every mode of the GLA diagonal sub-blocks (``ScanConfig.diag``/``bwd_diag``), the "lean"
+    chunk kernels (``form``/``bwd_form``; chunk 64: earlier blocks in 16 + 32 row slices) and
+    the split backward (``bwd_form="split"``: dq and dk/dv kernels, each diagonal mode), values
+    and all gradients, odd length 37, weak and strong gates in the same call."""
     q, _, _, g, _ = make_inputs(5, 2, 37, 1, 16, 16, "gated", gate_scale=MIXED_GATES)
     b = np.cumsum(np.asarray(g), axis=1)  # the first block is factored, the strong ones are not
     assert np.max(b[:, 0] - b[:, 15]) < FACTOR_SPREAD < np.min(b[:, 16] - b[:, 31])
