@@ -29,10 +29,15 @@ BACKENDS = ("gpu", "tpu")
 DECODE_BLOCK_K = 128  # flash_decode's default KV tile
 
 
+def _triton_dim(n: int) -> int:
+    """Smallest power of two >= max(n, 16): a Triton tile dim that covers ``n``."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def decode_kv_tile(kv_len: int, block_k: int = DECODE_BLOCK_K) -> int:
     """KV tile ``flash_decode`` uses on GPU for a cache of ``kv_len`` slots: ``block_k``, or
     the power of two (>= 16) that covers a shorter cache."""
-    return min(block_k, max(16, 1 << (kv_len - 1).bit_length()))
+    return min(block_k, _triton_dim(kv_len))
 
 
 __all__ = [
@@ -221,7 +226,7 @@ def flash_attention(
 
 def _head_dim_pad(backend: str, d: int) -> int:
     """Triton tiles need a power-of-two last dim >= 16; Mosaic takes the full dim as is."""
-    return max(16, 1 << (d - 1).bit_length()) if backend == "gpu" else d
+    return _triton_dim(d) if backend == "gpu" else d
 
 
 def flash_decode(
@@ -267,7 +272,7 @@ def flash_decode(
     kv_pad = split_tiles * num_splits * bk
     d_pad = _head_dim_pad("gpu", d)
     rows = groups * q_len
-    rows_pad = max(16, 1 << (rows - 1).bit_length())
+    rows_pad = _triton_dim(rows)
     geo = Geometry(
         q_len=q_len,
         kv_len=kv_len,
