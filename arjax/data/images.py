@@ -25,11 +25,12 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from .pipeline import shuffled_batches
+
 IMAGE_DATASETS = ("digits", "fashion_mnist")
 SPLITS = ("train", "val")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_FILES = {"train": "train-images-idx3-ubyte.gz", "val": "t10k-images-idx3-ubyte.gz"}
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 
 def _load_digits(split: str) -> np.ndarray:
@@ -98,14 +99,12 @@ def make_image_train_iterator(
     """Endless shuffled batches of ``batch_size // process_count`` images (fresh permutation each
     epoch); process ``p`` reads records ``p::process_count``. ``get_state``/``set_state`` resume.
     """
-    if batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
     if len(images) < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} training images")
-    ds = grain.MapDataset.source(images).shuffle(seed=seed).repeat()
-    ds = ds[process_index::process_count]
-    ds = ds.batch(batch_size // process_count, drop_remainder=True).map(image_batch)
-    return iter(ds.to_iter_dataset(_READ_OPTIONS))
+    return shuffled_batches(
+        images, image_batch, batch_size=batch_size, seed=seed,
+        process_index=process_index, process_count=process_count,
+    )  # fmt: skip
 
 
 def make_image_eval_batches(

@@ -13,8 +13,10 @@ exactly once; short documents share windows and long ones span several. Within a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grain
 import numpy as np
@@ -140,28 +142,45 @@ def text_to_batch(texts: list[str], seq_len: int) -> dict[str, np.ndarray]:
     return _features(rows)
 
 
-def make_train_iterator(
-    cfg: DataConfig, *, process_index: int = 0, process_count: int = 1
+def shuffled_batches(
+    rows: Any,
+    features: Callable[[np.ndarray], dict[str, np.ndarray]],
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.DatasetIterator:
-    """Endless shuffled (by ``cfg.seed``) train batches of ``cfg.batch_size // process_count``.
+    """Endless shuffled batches of ``batch_size // process_count`` of ``rows`` through
+    ``features``, a fresh permutation every epoch.
 
-    Every epoch is a fresh permutation of the windows. Process ``p`` reads records
-    ``p::process_count`` of the single-process order, so the processes' batches at step ``k``
-    together hold exactly the rows of the single-process batch ``k``. ``get_state()`` /
-    ``set_state()`` restore the exact position.
+    Process ``p`` reads records ``p::process_count`` of the single-process order, so the
+    processes' batches at step ``k`` together hold exactly the rows of the single-process
+    batch ``k``. ``get_state()`` / ``set_state()`` restore the exact position.
     """
     _check_positive_int(process_count, "process_count")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if cfg.batch_size % process_count:
+    if batch_size % process_count:
         raise ValueError(
-            f"batch_size {cfg.batch_size} is not divisible by process_count {process_count}"
+            f"batch_size {batch_size} is not divisible by process_count {process_count}"
         )
-    windows = _windows(_stream(_load_split(cfg.corpus, "train")), cfg.seq_len)
-    ds = grain.MapDataset.source(windows).shuffle(seed=cfg.seed).repeat()
+    ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count]
-    ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True).map(_features)
+    ds = ds.batch(batch_size // process_count, drop_remainder=True).map(features)
     return iter(ds.to_iter_dataset(_READ_OPTIONS))
+
+
+def make_train_iterator(
+    cfg: DataConfig, *, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
+    """Endless shuffled (by ``cfg.seed``) train batches of ``cfg.batch_size // process_count``
+    windows of the corpus' train split (sharding and resuming: :func:`shuffled_batches`)."""
+    windows = _windows(_stream(_load_split(cfg.corpus, "train")), cfg.seq_len)
+    return shuffled_batches(
+        windows, _features, batch_size=cfg.batch_size, seed=cfg.seed,
+        process_index=process_index, process_count=process_count,
+    )  # fmt: skip
 
 
 def make_eval_batches(cfg: DataConfig, split: str = "val") -> list[dict[str, np.ndarray]]:

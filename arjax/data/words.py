@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from .pipeline import DataConfig, _check_positive_int, _load_split
+from .pipeline import DataConfig, _check_positive_int, _load_split, shuffled_batches
 from .splitter import split_word_bytes
 from .vocab import BOS_ID, EOS_ID, PAD_ID
 
@@ -40,7 +40,6 @@ HAT_FIELDS = (
     "inputs", "targets", "segment_ids", "positions", "loss_mask",
     "word_ids", "word_segment_ids", "word_positions",
 )  # fmt: skip
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 Word = Sequence[int]  # token ids of one word (a ``bytes`` object works)
 
@@ -226,18 +225,11 @@ def make_word_train_iterator(
     Same sharding and checkpointing contract as :func:`arjax.data.make_train_iterator`
     (``get_state()`` / ``set_state()`` restore the exact position).
     """
-    _check_positive_int(process_count, "process_count")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if cfg.batch_size % process_count:
-        raise ValueError(
-            f"batch_size {cfg.batch_size} is not divisible by process_count {process_count}"
-        )
     stream = _corpus_stream(cfg, "train", max_words, max_word_bytes)
-    ds = grain.MapDataset.source(stream.rows).shuffle(seed=cfg.seed).repeat()
-    ds = ds[process_index::process_count]
-    ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True).map(stream.features)
-    return iter(ds.to_iter_dataset(_READ_OPTIONS))
+    return shuffled_batches(
+        stream.rows, stream.features, batch_size=cfg.batch_size, seed=cfg.seed,
+        process_index=process_index, process_count=process_count,
+    )  # fmt: skip
 
 
 def make_word_eval_batches(
