@@ -61,6 +61,15 @@ def _seg_prefetch(q_seg, kv_seg, bq: int, bk: int):
     return [*segment_block_bounds(q_seg, bq), *segment_block_bounds(kv_seg, bk)]
 
 
+def _tile_mask_at(i, j, seg_refs, geo: Geometry) -> jax.Array:
+    """Mask of q tile ``i`` x KV tile ``j`` (causal, window, segments from ``seg_refs``, the
+    q and KV segment-id refs when ``geo.has_segments``)."""
+    q_idx = i * geo.bq + jax.lax.broadcasted_iota(jnp.int32, (geo.bq, 1), 0)
+    k_idx = j * geo.bk + jax.lax.broadcasted_iota(jnp.int32, (1, geo.bk), 1)
+    q_seg, k_seg = (r[...] for r in seg_refs) if geo.has_segments else (None, None)
+    return tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
+
+
 def _fwd_kernel(*refs, geo: Geometry):
     n_in = 5 if geo.has_segments else 3
     seg_bounds, ins, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split(refs, n_in, geo.has_segments)
@@ -81,12 +90,7 @@ def _fwd_kernel(*refs, geo: Geometry):
     def tile(masked: bool):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s2 = dot_nt(q, k) * geo.scale2
-        mask = None
-        if masked:
-            q_idx = i * geo.bq + jax.lax.broadcasted_iota(jnp.int32, (geo.bq, 1), 0)
-            k_idx = j * geo.bk + jax.lax.broadcasted_iota(jnp.int32, (1, geo.bk), 1)
-            q_seg, k_seg = (ins[3][...], ins[4][...]) if geo.has_segments else (None, None)
-            mask = tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
+        mask = _tile_mask_at(i, j, ins[3:5], geo) if masked else None
         m, row_sum, acc = online_softmax_step(
             s2, v, m_sc[...][:, 0], l_sc[...][:, 0], acc_sc[...], mask
         )
@@ -182,12 +186,7 @@ def _dq_kernel(*refs, geo: Geometry):
 
     def tile(masked: bool):
         k = k_ref[...]
-        mask = None
-        if masked:
-            q_idx = i * geo.bq + jax.lax.broadcasted_iota(jnp.int32, (geo.bq, 1), 0)
-            k_idx = j * geo.bk + jax.lax.broadcasted_iota(jnp.int32, (1, geo.bk), 1)
-            q_seg, k_seg = (ins[6][...], ins[7][...]) if geo.has_segments else (None, None)
-            mask = tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
+        mask = _tile_mask_at(i, j, ins[6:8], geo) if masked else None
         _, ds = backward_tile(
             q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], mask, geo
         )
@@ -221,12 +220,7 @@ def _dkv_kernel(*refs, geo: Geometry):
 
     def tile(masked: bool):
         q, do = q_ref[...], do_ref[...]
-        mask = None
-        if masked:
-            q_idx = i * geo.bq + jax.lax.broadcasted_iota(jnp.int32, (geo.bq, 1), 0)
-            k_idx = j * geo.bk + jax.lax.broadcasted_iota(jnp.int32, (1, geo.bk), 1)
-            q_seg, k_seg = (ins[6][...], ins[7][...]) if geo.has_segments else (None, None)
-            mask = tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
+        mask = _tile_mask_at(i, j, ins[6:8], geo) if masked else None
         p, ds = backward_tile(
             q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], mask, geo
         )
