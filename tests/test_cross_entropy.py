@@ -23,8 +23,9 @@ def _inputs(rng, b=2, s=13, d=16, v=37, dtype=jnp.float32):
     hidden = jnp.asarray(rng.normal(size=(b, s, d)), dtype)
     weight = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), dtype)
     targets = jnp.asarray(rng.integers(0, v, (b, s)), jnp.int32)
-    mask = jnp.asarray(rng.random((b, s)) > 0.3, jnp.int32)
-    return hidden, weight, targets, mask
+    mask = rng.random((b, s)) > 0.3
+    mask[0, 0] = mask[-1, -1] = False  # at least one masked token (its gradient must be 0)
+    return hidden, weight, targets, jnp.asarray(mask, jnp.int32)
 
 
 def _mean_loss_and_grads(fn, hidden, weight, targets, mask):
