@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-sizes", default="16,32", help="global batches (full run)")
     ap.add_argument("--out", default="experiments/results/bench_scaling")
+    ap.add_argument("--set", action="append", default=[], help="extra config override (repeat)")
     args = ap.parse_args()
     if args.steps < 6:
         ap.error("--steps must be >= 6 (1 compile, 2 warm-up, 3 timed windows)")
@@ -86,6 +87,7 @@ def main() -> None:
         preset, steps = "350m", args.steps
         batches = [int(b) for b in args.batch_sizes.split(",")]
         sets = ["data.seq_len=2048", "train.steps=1000"]
+    sets += args.set
     if jax.device_count() < 2:
         raise SystemExit(f"needs >= 2 devices, have {jax.device_count()}")
     rows = []
@@ -104,6 +106,7 @@ def main() -> None:
         "jax": jax.__version__,
         "model": f"transformer {preset}",
         "command": "python " + " ".join(sys.argv),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "timing": "median over 3 windows of steps enqueued back to back, after 2 warm-up steps",
     }
     with open(args.out + ".json", "w") as f:
@@ -112,7 +115,8 @@ def main() -> None:
         f"# Scaling on one host: {meta['device']} ({meta['date']}, JAX {meta['jax']})",
         "",
         f"Command: `{meta['command']}`; {meta['model']}, seq {sets[0]}; within a global "
-        f"batch the same data on every mesh. Timing: {meta['timing']}.",
+        f"batch the same data on every mesh. XLA_FLAGS: `{meta['xla_flags'] or 'unset'}`. "
+        f"Timing: {meta['timing']}.",
         "",
         "| global batch | mesh | GPUs | step ms | tokens/s | speedup | max loss diff vs 1 GPU "
         "| compile s |",
