@@ -152,12 +152,14 @@ class ScanConfig:
 
 
 # (gate, max head_dim) -> config; gate "none" | "scalar" | "gated"; the first row whose gate
-# matches and whose head_dim bound fits is used (else the last row of that gate). Defaults: the
-# hand-picked values of the first GPU runs (experiments/results/bench_scan.md), untuned.
+# matches and whose head_dim bound fits is used (else the last row of that gate). "gated": the
+# winner of the GLA sweep (H200, jax 0.11.2, (B,H,L,D) = (8,16,2048,128), bf16;
+# experiments/results/tune_scan.md): 7.78 -> 6.11 ms fwd+bwd. Others: the hand-picked values of
+# the first GPU runs (experiments/results/bench_scan.md), not yet swept.
 SCAN_TABLE: dict[str, list[tuple[int, ScanConfig]]] = {
     "none": [(256, ScanConfig())],
     "scalar": [(256, ScanConfig())],
-    "gated": [(256, ScanConfig())],
+    "gated": [(256, ScanConfig(form="lean", bwd_form="split", bwd_diag="factored"))],
 }
 
 _scan_override: list[ScanConfig] = []
