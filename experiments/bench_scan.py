@@ -301,6 +301,9 @@ TUNE_TOL = {"out": 2e-2, "grads": 5e-2}
 # Fields without a backward twin (chunk, sub) are decided on fwd+bwd. "chunk" is the
 # ``chunk_size`` argument. Steps in order of expected gain (the budget may cut the tail).
 TUNE_STEPS = (
+    # GLA as several small kernels (scores A, output over dv tiles; dA, dv, dq/dk/db): no spills
+    (("form",), ("bwd_form",), (("staged",),), ("gla",)),
+    (("staged_tile",), ("bwd_staged_tile",), ((128,), (32,)), ("gla",)),  # if "staged" won
     (("diag",), ("bwd_diag",), (("factored",),), ("gla",)),
     (("form",), ("bwd_form",), (("lean",), ("split",)), ("gla",)),  # fewer spills (ptxas)
     (("warps",), ("bwd_warps",), ((8,),), ("scalar", "gla")),  # 2 warps: more spills (ptxas)
@@ -315,16 +318,21 @@ TUNE_STEPS = (
 
 
 def tune_mode_checks() -> dict:
-    """Compiled GLA diagonal modes (``ScanConfig.diag``/``bwd_diag``), float32, with log-gates
-    about -0.4, -5 and -40 per token in turns of 32 tokens, so blocks take both the factored
-    form and the exact loops: max rel err of output, state and gradients vs the recurrence."""
+    """Compiled GLA diagonal modes (``ScanConfig.diag``/``bwd_diag``) with the fused and the
+    "staged" kernels, float32, with log-gates about -0.4, -5 and -40 per token in turns of 32
+    tokens, so blocks take both the factored form and the exact loops: max rel err of output,
+    state and gradients vs the recurrence."""
     t = np.arange(203)
     scale = np.select([t % 96 < 32, t % 96 < 64], [1.0, 12.0], 100.0)
     checks = {}
-    for diag, bwd_diag in (("cond", "exact"), ("exact", "exact"), ("factored", "factored")):
-        name = f"diag={diag}, bwd_diag={bwd_diag}"
+    modes = [("hoist", "cond", "exact"), ("hoist", "exact", "exact"),
+             ("hoist", "factored", "factored"), ("staged", "cond", "exact"),
+             ("staged", "factored", "factored")]  # fmt: skip
+    for form, diag, bwd_diag in modes:
+        name = f"diag={diag}, bwd_diag={bwd_diag}" + (f", form={form}" if form != "hoist" else "")
+        cfg = ScanConfig(diag=diag, bwd_diag=bwd_diag, form=form, bwd_form=form)
         try:
-            with scan_config_override(ScanConfig(diag=diag, bwd_diag=bwd_diag)):
+            with scan_config_override(cfg):
                 checks[name] = fp32_errors("gla", gate_scale=scale)
         except Exception as e:  # noqa: BLE001 -- a mode that does not compile: record it
             checks[name] = repr(e)[:500]

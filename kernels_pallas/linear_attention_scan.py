@@ -35,6 +35,11 @@ Kernels (one set of chunk math, two drivers):
   the last row); ``dg`` follows from ``db`` by the transpose of the chunk-local cumsum (XLA).
   With ``ScanConfig.bwd_form="split"`` the GLA chunk kernel runs as two (GLA paper sec. 4):
   dq (+ ``q*dq``) and dk, dv (+ the rest of ``db``); other gates keep one ("lean") kernel.
+* ``form``/``bwd_form="staged"`` (GLA, Triton; GLA paper sec. 4.2 and fla's chunk_gla split):
+  scores ``A [b, h, chunks, C, C]`` float32 by one kernel, the output ``(q e^b) h[n] + A v``
+  by another over dv tiles; backward ``dA = do v^T``, ``dv = A^T do + (k e^{B-b}) dh[n]`` over
+  dv tiles, and ``dq, dk, db`` over dk tiles (each channel's terms are independent). Few live
+  tiles per kernel; the TPU driver and the other gates use "lean" (backward "split") instead.
 
 ``backend="gpu"`` (Pallas Triton; native ``[batch, len, heads, dim]`` layout, the sequential
 kernels loop over chunks inside a program) or ``"tpu"`` (Mosaic; ``[batch, heads, len, dim]``
@@ -82,6 +87,16 @@ class _Cfg:
             return self.chunk
         sub = min(self.tune.sub, self.chunk)
         return sub if self.chunk % sub == 0 else SUB
+
+    @property
+    def staged(self) -> bool:
+        """Forward by the "staged" GLA kernels (``tune.form``; GPU only, else "lean")."""
+        return self.gate == "gated" and self.backend == "gpu" and self.tune.form == "staged"
+
+    @property
+    def bwd_staged(self) -> bool:
+        """Backward by the "staged" GLA kernels (``tune.bwd_form``; GPU only, else "split")."""
+        return self.gate == "gated" and self.backend == "gpu" and self.tune.bwd_form == "staged"
 
     @property
     def precision(self):
@@ -278,7 +293,7 @@ class _Chunk:
     def __init__(self, cfg: _Cfg, q, k, v, b, r, rp):
         self.cfg, self.q, self.k, self.v, self.b, self.r, self.rp = cfg, q, k, v, b, r, rp
         self.c, self.sub = cfg.chunk, cfg.sub
-        self.dt = q.dtype
+        self.dt = (q if q is not None else k).dtype
 
     def rows(self, ref, i0, n=None):
         n = self.sub if n is None else n
@@ -295,19 +310,48 @@ class _Chunk:
         """Zero ``x [rows, cols]`` where query and key documents differ."""
         return x if ri is None else jnp.where(ri == rj_t, x, 0.0)
 
-    def inter_mask(self, i0):
-        """Rows of block i0 that see the incoming state ``[sub, 1]`` (or None)."""
-        return None if self.r is None else self.doc(i0) == self.rp[0:1, :]
+    def inter_mask(self, i0, n=None):
+        """Rows ``[i0, i0 + n)`` that see the incoming state ``[n, 1]`` (or None)."""
+        return None if self.r is None else self.doc(i0, n) == self.rp[0:1, :]
 
-    def diag_mask(self, i0, *, transpose: bool = False):
-        """Causal (+ same document) mask of the diagonal block ``[sub, sub]``."""
-        n = self.sub
+    def diag_mask(self, i0, n=None, *, transpose: bool = False):
+        """Causal (+ same document) mask of the diagonal block ``[n, n]`` (default ``sub``)."""
+        n = self.sub if n is None else n
         rows, cols = _iota((n, n), 0), _iota((n, n), 1)
         m = rows <= cols if transpose else rows >= cols
         if self.r is not None:
-            rb = self.doc(i0)
+            rb = self.doc(i0, n)
             m &= rb == rb.T
         return m
+
+    def state_in(self, i0, n):
+        """GLA: ``e^{b}`` of rows ``[i0, i0 + n)`` ``[n, dk]``, zero on rows that do not see the
+        incoming state (a document starts before them in the chunk)."""
+        e = jnp.exp(self.gate(i0, n))
+        return e if self.r is None else jnp.where(self.inter_mask(i0, n), e, 0.0)
+
+    def state_out(self, i0, n):
+        """GLA: ``e^{B - b}`` of rows ``[i0, i0 + n)`` ``[n, dk]`` (their weight in the outgoing
+        state), zero on rows before the chunk's last document start."""
+        e = jnp.exp(self.gate(self.c - 1, 1) - self.gate(i0, n))
+        return (
+            e if self.r is None else jnp.where(self.doc(i0, n) == self.doc(self.c - 1, 1), e, 0.0)
+        )
+
+    def state_gate_grad(self, h, dh, kdk_state):
+        """``dL/dB`` through the state update (B = the chunk's last cumulative log-gate, ``[1,
+        dk | 1]``): ``e^{B} sum_v S dS'`` (zero if the chunk resets the state) plus ``kdk_state
+        = sum_j k_j dk_j`` over the keys' state terms (of ``e^{B - b_j}``)."""
+        hh = h.astype(F32) * dh.astype(F32)
+        if self.cfg.gate == "scalar":
+            extra = jnp.sum(jnp.sum(hh, axis=1, keepdims=True), axis=0, keepdims=True)
+            kdk_state = jnp.sum(kdk_state, axis=1, keepdims=True)
+        else:
+            extra = jnp.sum(hh, axis=1, keepdims=True).T  # [1, dk]
+        extra = extra * jnp.exp(self.gate(self.c - 1, 1))
+        if self.r is not None:
+            extra = jnp.where(self.doc(self.c - 1, 1) == self.rp[0:1, :], extra, 0.0)
+        return extra + kdk_state
 
     def diag_scores(self, i0, m):
         """``A [sub, sub]`` of the diagonal block (float32, masked by ``m``)."""
@@ -448,14 +492,27 @@ class _Chunk:
             return qr, kr * _exp_masked(j < i0 - j0, rho - self.span(self.b, j0, n)), rho
         return qr, kr * jnp.exp(rho - self.span(self.b, j0, n)), rho
 
-    def ref_cols(self, i0):
-        """Column-block factors: ``q e^{b - rho}`` (rows after the block), ``k_X e^{rho - b_X}``."""
+    def ref_cols(self, i0, j0=0, n=None):
+        """Column-block factors: ``q e^{b - rho}`` (rows after the block, of rows ``[j0, j0 +
+        n)``, default the chunk), ``k_X e^{rho - b_X}``; rho = b of the block's last row."""
+        n = self.c if n is None else n
         j1 = i0 + self.sub - 1
         rho = self.gate(j1, 1)
-        i = _iota((self.c, 1), 0)
-        qr = self.q[...].astype(F32) * _exp_masked(i > j1, self.b[...] - rho)
+        qr = self.span(self.q, j0, n).astype(F32)
+        if j0 <= j1:
+            qr = qr * _exp_masked(_iota((n, 1), 0) > j1 - j0, self.span(self.b, j0, n) - rho)
+        else:
+            qr = qr * jnp.exp(self.span(self.b, j0, n) - rho)
         kr = self.rows(self.k, i0).astype(F32) * jnp.exp(rho - self.gate(i0))
         return qr, kr, rho
+
+    def earlier_scores(self, i0, j0, n):
+        """GLA ``A [sub, n]`` of block row i0 against the keys of rows ``[j0, j0 + n)`` (only
+        those before i0 count), same-document masked, float32: one MMA of ``ref_rows``."""
+        qr, kr, _ = self.ref_rows(i0, j0, n)
+        rj_t = None if self.r is None else self.span(self.r, j0, n).T
+        a = _mm(qr.astype(self.dt), kr.astype(self.dt), self.cfg, tb=True)
+        return self.same_doc(self.doc(i0), rj_t, a)
 
 
 def _out_kernel(cfg: _Cfg, *refs):
@@ -466,7 +523,7 @@ def _out_kernel(cfg: _Cfg, *refs):
     r_ref, rp_ref = (refs.pop(0), refs.pop(0)) if cfg.segments else (None, None)
     (o_ref,) = refs
     ch = _Chunk(cfg, q_ref, k_ref, v_ref, b_ref, r_ref, rp_ref)
-    lean = cfg.tune.form == "lean"  # h loaded where used; earlier blocks in exact slices
+    lean = cfg.tune.form != "hoist"  # h loaded where used; earlier blocks in exact slices
     h = None if lean else h_ref[...]
     for i0 in range(0, cfg.chunk, ch.sub):
         qi = ch.rows(q_ref, i0).astype(F32)
@@ -478,9 +535,7 @@ def _out_kernel(cfg: _Cfg, *refs):
         a = ch.diag_scores(i0, ch.diag_mask(i0))
         acc += _mm(a.astype(ch.dt), ch.rows(v_ref, i0), cfg)
         for j0, n in ch.pieces(0, i0, lean):  # earlier sub-blocks (gated only)
-            qr, kr, _ = ch.ref_rows(i0, j0, n)
-            a = ch.same_doc(ch.doc(i0), None if r_ref is None else ch.span(r_ref, j0, n).T,
-                            _mm(qr.astype(ch.dt), kr.astype(ch.dt), cfg, tb=True))  # fmt: skip
+            a = ch.earlier_scores(i0, j0, n)
             acc += _mm(a.astype(ch.dt), ch.span(v_ref, j0, n), cfg)
         o_ref[i0 : i0 + ch.sub, :] = acc.astype(o_ref.dtype)
 
@@ -569,46 +624,156 @@ def _grad_kernel(cfg: _Cfg, *refs, part: str = "all"):
             dv_ref[i0 : i0 + sub, :] = dv.astype(dv_ref.dtype)
         if db_ref is not None:  # [sub, dk]
             db = (q.astype(F32) * dq if want_q else 0.0) - (k.astype(F32) * dk if want_kv else 0.0)
-            if want_kv:
+            if cfg.gate == "scalar":
+                db = jnp.sum(db, axis=1, keepdims=True)
+            if want_kv and i0 + sub == c:  # d/dB of e^{B} S_prev and e^{B - b_j} (state update)
                 if lean:
                     h, dh = h_ref[...], dh_ref[...]
-                hh = h.astype(F32) * dh.astype(F32)
-                if cfg.gate == "scalar":
-                    db = jnp.sum(db, axis=1, keepdims=True)
-                    extra = jnp.sum(jnp.sum(hh, axis=1, keepdims=True), axis=0, keepdims=True)
-                else:
-                    extra = jnp.sum(hh, axis=1, keepdims=True).T  # [1, dk]
-                if i0 + sub == c:  # d/dB of e^{B} S_prev and of e^{B - b_j} in the state update
-                    extra = extra * jnp.exp(b_last)
-                    if r_ref is not None:
-                        extra = jnp.where(last_doc == rp_ref[0:1, :], extra, 0.0)
-                    if cfg.gate == "scalar":
-                        extra += jnp.sum(kdk_state, axis=1, keepdims=True)
-                    else:
-                        extra += kdk_state
-                    db += jnp.where(_iota((sub, 1), 0) == sub - 1, extra, 0.0)
+                extra = ch.state_gate_grad(h, dh, kdk_state)
+                db += jnp.where(_iota((sub, 1), 0) == sub - 1, extra, 0.0)
             db_ref[i0 : i0 + sub, :] = db
 
 
-def _chunk_call(kernel, cfg: _Cfg, ins: list, outs: list, name: str, *, bwd: bool):
+# ----------------------------------------------------------------------------------------------
+# "staged" GLA kernels (ScanConfig.form / bwd_form = "staged"; GPU): the chunk work in several
+# small kernels with few live tiles each (GLA paper sec. 4.2, secondary-level chunking; the
+# split of fla's chunk_gla). Intra-chunk scores and their gradient go through memory as
+# ``[batch, heads, chunks, C, C]`` float32; the other kernels tile the feature dims.
+#
+# Stability: every exponent of a factored off-diagonal sub-block pair is <= 0 (log-gates <= 0,
+# so ``b`` falls along the chunk): rows X after columns Y use ``rho = b_{first row of X}`` for
+# ``q_X e^{b_X - rho}`` and ``k_Y e^{rho - b_Y}``, columns Y before rows X (the dk side) ``rho =
+# b_{last row of Y}``. No factor overflows; a factor that underflows drops a term below
+# ``e^{-87} |q| |k|`` (float32/bf16 exponent range) in absolute value. Diagonal sub-blocks as
+# ``_Chunk.gated_diag`` (``ScanConfig.diag``/``bwd_diag``; factors within e^{+-FACTOR_SPREAD}).
+
+
+def _docs(refs: list) -> tuple:
+    """``(r_ref, rp_ref)`` of the document-index inputs (``_doc_args``), or Nones."""
+    return tuple(refs) if refs else (None, None)
+
+
+def _gla_scores_kernel(cfg: _Cfg, q_ref, k_ref, b_ref, *refs):
+    """Staged forward (1): ``A [C, C]`` float32, ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}``
+    for ``j <= i`` in the same document (GLA paper eq. 4 within a chunk), else 0; per sub-block
+    row: earlier columns in exact power-of-two slices, one MMA each, then the diagonal block."""
+    *docs, a_ref = refs
+    ch = _Chunk(cfg, q_ref, k_ref, None, b_ref, *_docs(docs))
+    c, sub = cfg.chunk, ch.sub
+    for i0 in range(0, c, sub):
+        for j0, n in ch.pieces(0, i0, lean=True):
+            a_ref[i0 : i0 + sub, j0 : j0 + n] = ch.earlier_scores(i0, j0, n)
+        a_ref[i0 : i0 + sub, i0 : i0 + sub] = ch.gated_diag(i0, ch.diag_mask(i0))[0]
+        for j0, n in ch.pieces(i0 + sub, c, lean=True):
+            a_ref[i0 : i0 + sub, j0 : j0 + n] = jnp.zeros((sub, n), F32)
+
+
+def _gla_out_kernel(cfg: _Cfg, q_ref, b_ref, v_ref, a_ref, h_ref, *refs):
+    """Staged forward (2), one dv tile: ``o = (q e^b) h[n] + A v`` (GLA paper eq. 4-5);
+    ``v``, ``h``, ``o`` are ``[.., bv]`` column tiles."""
+    *docs, o_ref = refs
+    ch = _Chunk(cfg, q_ref, None, v_ref, b_ref, *_docs(docs))
+    c, dt = cfg.chunk, ch.dt
+    qs = (q_ref[...].astype(F32) * ch.state_in(0, c)).astype(dt)
+    o = _mm(qs, h_ref[...], cfg) + _mm(a_ref[...].astype(dt), v_ref[...], cfg)
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _gla_da_kernel(cfg: _Cfg, do_ref, v_ref, *refs):
+    """Staged backward (1): ``dA = do v^T`` [C, C] float32, causal and same-document masked."""
+    *docs, da_ref = refs
+    ch = _Chunk(cfg, do_ref, None, v_ref, None, *_docs(docs))
+    m = ch.diag_mask(0, cfg.chunk)
+    da_ref[...] = jnp.where(m, _mm(do_ref[...], v_ref[...], cfg, tb=True), 0.0)
+
+
+def _gla_dv_kernel(cfg: _Cfg, k_ref, b_ref, a_ref, do_ref, dh_ref, *refs):
+    """Staged backward (2), one dv tile: ``dv = A^T do + (k e^{B - b}) dh[n]``; ``do``, ``dh``,
+    ``dv`` are ``[.., bv]`` column tiles."""
+    *docs, dv_ref = refs
+    ch = _Chunk(cfg, None, k_ref, None, b_ref, *_docs(docs))
+    c, dt = cfg.chunk, ch.dt
+    ks = (k_ref[...].astype(F32) * ch.state_out(0, c)).astype(dt)
+    dv = _mm(a_ref[...].astype(dt), do_ref[...], cfg, ta=True) + _mm(ks, dh_ref[...], cfg)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _gla_dqk_kernel(cfg: _Cfg, q_ref, k_ref, b_ref, v_ref, do_ref, da_ref, h_ref, dh_ref, *refs):
+    """Staged backward (3), one dk tile (every term is per channel d): per sub-block X
+
+    ``dq_X = e^{b_X} (do_X h^T) + sum_{j <= i} dA_ij k_j e^{b_i - b_j}``,
+    ``dk_X = e^{B - b_X} (v_X dh^T) + sum_{i >= j} dA_ij q_i e^{b_i - b_j}``,
+    ``db_X = q_X dq_X - k_X dk_X`` (+ ``dL/dB``, ``_Chunk.state_gate_grad``, on the last row):
+    the derivative of ``o`` and of the state update w.r.t. the cumulative log-gates ``b``. The
+    intra-chunk sums: diagonal blocks by ``gated_diag``, the others one MMA per earlier column
+    slice (dq) or later row slice (dk) of ``dA``. ``q, k, b, h, dh, dq, dk, db``: dk tiles."""
+    *docs, dq_ref, dk_ref, db_ref = refs
+    ch = _Chunk(cfg, q_ref, k_ref, v_ref, b_ref, *_docs(docs))
+    c, sub, dt = cfg.chunk, ch.sub, ch.dt
+    kdk_state = jnp.zeros((1, q_ref.shape[1]), F32)
+    for i0 in range(0, c, sub):
+        q, k, b = ch.rows(q_ref, i0).astype(F32), ch.rows(k_ref, i0).astype(F32), ch.gate(i0)
+        dq = ch.state_in(i0, sub) * _mm(ch.rows(do_ref, i0), h_ref[...], cfg, tb=True)
+        dk = ch.state_out(i0, sub) * _mm(ch.rows(v_ref, i0), dh_ref[...], cfg, tb=True)
+        kdk_state += jnp.sum(k * dk, axis=0, keepdims=True)
+        da = da_ref[i0 : i0 + sub, i0 : i0 + sub]
+        _, dq_diag, dk_diag = ch.gated_diag(i0, None, da, da.T, scores=False)
+        dq, dk = dq + dq_diag, dk + dk_diag
+        acc, rho = jnp.zeros_like(dq), None
+        for j0, n in ch.pieces(0, i0, lean=True):  # earlier columns -> dq
+            _, kr, rho = ch.ref_rows(i0, j0, n)
+            acc += _mm(da_ref[i0 : i0 + sub, j0 : j0 + n].astype(dt), kr.astype(dt), cfg)
+        if rho is not None:
+            dq += jnp.exp(b - rho) * acc
+        acc, rho = jnp.zeros_like(dk), None
+        for j0, n in ch.pieces(i0 + sub, c, lean=True):  # later rows -> dk
+            qr, _, rho = ch.ref_cols(i0, j0, n)
+            acc += _mm(da_ref[j0 : j0 + n, i0 : i0 + sub].astype(dt), qr.astype(dt), cfg, ta=True)
+        if rho is not None:
+            dk += jnp.exp(rho - b) * acc
+        dq_ref[i0 : i0 + sub, :] = dq.astype(dq_ref.dtype)
+        dk_ref[i0 : i0 + sub, :] = dk.astype(dk_ref.dtype)
+        db = q * dq - k * dk
+        if i0 + sub == c:
+            extra = ch.state_gate_grad(h_ref[...], dh_ref[...], kdk_state)
+            db += jnp.where(_iota((sub, 1), 0) == sub - 1, extra, 0.0)
+        db_ref[i0 : i0 + sub, :] = db
+
+
+def _chunk_call(kernel, cfg: _Cfg, ins: list, outs: list, name: str, *, bwd: bool,
+                tiles: int = 1):  # fmt: skip
     """Parallel-over-chunks pallas_call. ``ins``/``outs``: (array | ShapeDtypeStruct, kind)
-    with kind "seq" (per-token ``[.., len, .., dim]``), "state" (``[b, h, chunks, dk, dv]``) or
-    "doc" (``[b, len, 1]``); ``bwd`` picks the backward's launch parameters."""
+    with kind "seq" (per-token ``[.., len, .., dim]``), "state" (``[b, h, chunks, dk, dv]``),
+    "scores" (``[b, h, chunks, C, C]``) or "doc" (``[b, len, 1]``); ``bwd`` picks the
+    backward's launch parameters. ``tiles > 1`` (Triton) adds a grid axis over column tiles:
+    kinds "seq/t" and "state/v" take that tile of their last dim, "state/k" of the state rows."""
     tpu = cfg.backend == "tpu"
     shape = ins[0][0].shape
     bsz, heads = (shape[0], shape[1]) if tpu else (shape[0], shape[2])
     length = shape[2] if tpu else shape[1]
     c = cfg.chunk
+    at = lambda t: t[0] if t else 0  # noqa: E731 -- the column tile (grid axis 3, if any)
 
     def spec(x, kind):
         d = x.shape[-1]
         if kind == "seq" and tpu:
             return pl.BlockSpec((None, None, c, d), lambda i, j, n: (i, j, n, 0))
         if kind == "seq":
-            return pl.BlockSpec((None, c, None, d), lambda i, j, n: (i, n, j, 0))
+            return pl.BlockSpec((None, c, None, d), lambda i, j, n, *t: (i, n, j, 0))
+        if kind == "seq/t":
+            return pl.BlockSpec((None, c, None, d // tiles), lambda i, j, n, *t: (i, n, j, at(t)))
         if kind == "state":
-            return pl.BlockSpec((None, None, None) + x.shape[3:], lambda i, j, n: (i, j, n, 0, 0))
-        return pl.BlockSpec((None, c, 1), lambda i, j, n: (i, n, 0))
+            return pl.BlockSpec((None, None, None) + x.shape[3:],
+                                lambda i, j, n, *t: (i, j, n, 0, 0))  # fmt: skip
+        if kind == "state/k":
+            return pl.BlockSpec((None, None, None, x.shape[3] // tiles, d),
+                                lambda i, j, n, *t: (i, j, n, at(t), 0))  # fmt: skip
+        if kind == "state/v":
+            return pl.BlockSpec((None, None, None, x.shape[3], d // tiles),
+                                lambda i, j, n, *t: (i, j, n, 0, at(t)))  # fmt: skip
+        if kind == "scores":
+            return pl.BlockSpec((None, None, None, c, c), lambda i, j, n, *t: (i, j, n, 0, 0))
+        return pl.BlockSpec((None, c, 1), lambda i, j, n, *t: (i, n, 0))
 
     if cfg.interpret:
         params = None
@@ -621,7 +786,7 @@ def _chunk_call(kernel, cfg: _Cfg, ins: list, outs: list, name: str, *, bwd: boo
     return pl.pallas_call(
         functools.partial(kernel, cfg),
         out_shape=[s for s, _ in outs],
-        grid=(bsz, heads, length // c),
+        grid=(bsz, heads, length // c) + ((tiles,) if tiles > 1 else ()),
         in_specs=[spec(x, kind) for x, kind in ins],
         out_specs=[spec(s, kind) for s, kind in outs],
         interpret=cfg.interpret,
@@ -638,14 +803,38 @@ def _doc_args(seg, cfg: _Cfg) -> list:
     return [(seg[0], "doc"), (seg[1], "doc")] if cfg.segments else []
 
 
+def _scores_like(q, cfg: _Cfg) -> tuple:
+    """``[batch, heads, chunks, C, C]`` float32 output (GPU layout ``q [b, len, h, dk]``)."""
+    bsz, length, heads, _ = q.shape
+    c = cfg.chunk
+    return jax.ShapeDtypeStruct((bsz, heads, length // c, c, c), F32), "scores"
+
+
+def _gla_scores(q, k, b, seg, cfg: _Cfg) -> jax.Array:
+    """Staged GLA: the intra-chunk scores ``A [batch, heads, chunks, C, C]`` float32."""
+    ins = [(q, "seq"), (k, "seq"), (b, "seq")] + _doc_args(seg, cfg)
+    (a,) = _chunk_call(_gla_scores_kernel, cfg, ins, [_scores_like(q, cfg)],
+                       "la_chunk_gla_scores", bwd=False)  # fmt: skip
+    return a
+
+
 def _forward(q, k, v, b, s0, seg, cfg: _Cfg):
+    """``((o, s_final), (h, A))``: ``A`` the staged GLA scores (else None)."""
     r, rp = seg if cfg.segments else (None, None)
     h, s_final = _state_pass(k, v, b, s0, r, rp, cfg, reverse=False, h_dtype=q.dtype)
+    o_like = jax.ShapeDtypeStruct(v.shape, q.dtype)
+    if cfg.staged:
+        a = _gla_scores(q, k, b, seg, cfg)
+        dv = v.shape[3]
+        ins = [(q, "seq"), (b, "seq"), (v, "seq/t"), (a, "scores"), (h, "state/v")]
+        (o,) = _chunk_call(_gla_out_kernel, cfg, ins + _doc_args(seg, cfg), [(o_like, "seq/t")],
+                           "la_chunk_gla_out", bwd=False,
+                           tiles=dv // min(dv, cfg.tune.staged_tile))  # fmt: skip
+        return (o, s_final), (h, a)
     ins = [(q, "seq"), (k, "seq"), (v, "seq")] + ([(b, "seq")] if b is not None else [])
     ins += [(h, "state")] + _doc_args(seg, cfg)
-    (o,) = _chunk_call(_out_kernel, cfg, ins, [(jax.ShapeDtypeStruct(v.shape, q.dtype), "seq")],
-                       "la_chunk_fwd", bwd=False)  # fmt: skip
-    return (o, s_final), h
+    (o,) = _chunk_call(_out_kernel, cfg, ins, [(o_like, "seq")], "la_chunk_fwd", bwd=False)
+    return (o, s_final), (h, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -654,12 +843,33 @@ def _scan(q, k, v, b, s0, seg, cfg):
 
 
 def _scan_fwd(q, k, v, b, s0, seg, cfg):
-    out, h = _forward(q, k, v, b, s0, seg, cfg)
-    return out, (q, k, v, b, seg, h)
+    out, (h, a) = _forward(q, k, v, b, s0, seg, cfg)
+    return out, (q, k, v, b, seg, h, a if cfg.bwd_staged else None)
+
+
+def _staged_grads(q, k, v, b, seg, h, a, dh, do, cfg: _Cfg) -> tuple:
+    """Staged GLA backward: ``dA``, then ``dv`` (dv tiles) and ``dq, dk, db`` (dk tiles)."""
+    docs = _doc_args(seg, cfg)
+    a = _gla_scores(q, k, b, seg, cfg) if a is None else a
+    (da,) = _chunk_call(_gla_da_kernel, cfg, [(do, "seq"), (v, "seq")] + docs,
+                        [_scores_like(q, cfg)], "la_chunk_gla_da", bwd=True)  # fmt: skip
+    dk_, dv_ = q.shape[3], v.shape[3]
+    bk, bv = min(dk_, cfg.tune.bwd_staged_tile), min(dv_, cfg.tune.bwd_staged_tile)
+    ins = [(k, "seq"), (b, "seq"), (a, "scores"), (do, "seq/t"), (dh, "state/v")] + docs
+    dv_like = jax.ShapeDtypeStruct(v.shape, v.dtype)
+    (dv,) = _chunk_call(_gla_dv_kernel, cfg, ins, [(dv_like, "seq/t")], "la_chunk_gla_dv",
+                        bwd=True, tiles=dv_ // bv)  # fmt: skip
+    ins = [(q, "seq/t"), (k, "seq/t"), (b, "seq/t"), (v, "seq"), (do, "seq"), (da, "scores"),
+           (h, "state/k"), (dh, "state/k")] + docs  # fmt: skip
+    outs = [(jax.ShapeDtypeStruct(x.shape, dt), "seq/t") for x, dt in ((q, q.dtype), (k, k.dtype),
+                                                                      (b, F32))]  # fmt: skip
+    dq, dk, db = _chunk_call(_gla_dqk_kernel, cfg, ins, outs, "la_chunk_gla_dqk", bwd=True,
+                             tiles=dk_ // bk)  # fmt: skip
+    return dq, dk, dv, db
 
 
 def _scan_bwd(cfg, res, cts):
-    q, k, v, b, seg, h = res
+    q, k, v, b, seg, h, a = res
     do, ds_final = cts
     r, rp = seg if cfg.segments else (None, None)
     do = do.astype(q.dtype)
@@ -668,7 +878,9 @@ def _scan_bwd(cfg, res, cts):
     ins = [(q, "seq"), (k, "seq"), (v, "seq")] + ([(b, "seq")] if b is not None else [])
     ins += [(h, "state"), (dh, "state"), (do, "seq")] + _doc_args(seg, cfg)
     like = lambda x, dtype=None: (jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), "seq")  # noqa: E731
-    if cfg.gate == "gated" and cfg.tune.bwd_form == "split":
+    if cfg.bwd_staged:
+        grads = _staged_grads(q, k, v, b, seg, h, a, dh, do, cfg)
+    elif cfg.gate == "gated" and cfg.tune.bwd_form in ("split", "staged"):
         part = lambda p: functools.partial(_grad_kernel, part=p)  # noqa: E731
         dq, db_q = _chunk_call(part("dq"), cfg, ins, [like(q), like(b, F32)], "la_chunk_bwd_dq",
                                bwd=True)  # fmt: skip

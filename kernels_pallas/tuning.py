@@ -17,7 +17,10 @@ from collections.abc import Iterator
 class BlockSizes:
     """Tiles of the forward (``bq`` x ``bk``) and of the two backward kernels.
 
-    ``warps``/``stages`` are Triton launch parameters (ignored on TPU).
+    ``warps``/``stages`` are Triton launch parameters (ignored on TPU). With the Mosaic GPU
+    forward (``lowering="mosaic"``) ``bq`` is 128 (two 64-row consumer warpgroups), ``bk`` is 64
+    or 128 and ``stages`` is the number of KV buffers in flight; the backward fields still
+    describe the Triton backward kernels.
     """
 
     bq: int
@@ -60,6 +63,15 @@ TABLE: dict[str, list[tuple[int, BlockSizes]]] = {
 
 MIN_TILE = {"gpu": 16, "tpu": 8}
 
+# Mosaic GPU forward (kernels_pallas/flash_attention/gpu_mosaic.py, Hopper): (max head_dim, KV
+# tile, KV buffers); query tile 128. Untuned first guesses: D=128 with 2 buffers = 160 KiB of
+# the 227 KiB of shared memory, D=64 with 4 = 160 KiB.
+MOSAIC_TABLE: list[tuple[int, int, int]] = [(64, 128, 4), (128, 128, 2)]
+MOSAIC_BQ = 128
+# head_dims where the Mosaic GPU forward was measured faster than the Triton one on Hopper
+# (picked by ``gpu_lowering``); empty until the GPU benchmark has run.
+MOSAIC_FASTER_HEAD_DIMS: frozenset[int] = frozenset()
+
 
 def _fit(tile: int, length: int, floor: int) -> int:
     """Largest power of two <= ``tile`` that does not exceed ``length`` rounded up (>= floor)."""
@@ -68,19 +80,37 @@ def _fit(tile: int, length: int, floor: int) -> int:
     return max(tile, floor)
 
 
-def block_sizes(backend: str, q_len: int, kv_len: int, head_dim: int) -> BlockSizes:
-    """Tiles for one call: the table row for ``backend``/``head_dim``, shrunk to the lengths."""
+def block_sizes(
+    backend: str, q_len: int, kv_len: int, head_dim: int, lowering: str = "triton"
+) -> BlockSizes:
+    """Tiles for one call: the table row for ``backend``/``head_dim``, shrunk to the lengths;
+    with ``lowering="mosaic"`` the forward fields come from ``MOSAIC_TABLE``."""
     if backend not in TABLE:
         raise ValueError(f"block_sizes: backend must be one of {sorted(TABLE)}, got {backend!r}")
     rows = TABLE[backend]
     base = next((bs for dmax, bs in rows if head_dim <= dmax), rows[-1][1])
-    floor = MIN_TILE[backend]
+    floor = {name: MIN_TILE[backend] for name in ("bq", "bk", "bwd_bq_dq", "bwd_bk_dq",
+                                                 "bwd_bq_dkv", "bwd_bk_dkv")}  # fmt: skip
+    if lowering == "mosaic":
+        bk, stages = next(((t, s) for dmax, t, s in MOSAIC_TABLE if head_dim <= dmax),
+                          MOSAIC_TABLE[-1][1:])  # fmt: skip
+        base = dataclasses.replace(base, bq=MOSAIC_BQ, bk=bk, stages=stages)
+        floor.update(bq=MOSAIC_BQ, bk=64)
     q_fields = ("bq", "bwd_bq_dq", "bwd_bq_dkv")
     changes = {
-        name: _fit(getattr(base, name), q_len if name in q_fields else kv_len, floor)
-        for name in ("bq", "bk", "bwd_bq_dq", "bwd_bk_dq", "bwd_bq_dkv", "bwd_bk_dkv")
+        name: _fit(getattr(base, name), q_len if name in q_fields else kv_len, lo)
+        for name, lo in floor.items()
     }
     return dataclasses.replace(base, **changes)
+
+
+def gpu_lowering(device_kind: str, head_dim: int, mosaic_ok: bool) -> str:
+    """Forward lowering of a GPU call: ``"mosaic"`` on Hopper (H100/H200) where the call is
+    supported (``mosaic_ok``) and measured faster (``MOSAIC_FASTER_HEAD_DIMS``), else
+    ``"triton"``."""
+    hopper = any(name in device_kind for name in ("H100", "H200", "H800", "GH200"))
+    fast = head_dim in MOSAIC_FASTER_HEAD_DIMS
+    return "mosaic" if hopper and mosaic_ok and fast else "triton"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +123,10 @@ DIAG_MODES = ("exact", "cond", "factored")
 # Chunk kernels: "hoist" = state tiles (h, dh) loaded once, live across the sub-block loop,
 # earlier GLA blocks through one masked full-chunk product; "lean" = state tiles loaded where used
 # and (forward) earlier blocks through exact power-of-two row slices: fewer spills offline.
-FORMS = ("hoist", "lean")
+# "staged" (GLA on GPU) = several small kernels, few live tiles each (GLA paper sec. 4, as fla):
+# intra-chunk scores A [C, C] to memory, then the output tiled over dv (backward: dA, dv, dq/dk/db
+# tiled over dv/dk); other gates and the TPU driver fall back to "lean" (backward: "split").
+FORMS = ("hoist", "lean", "staged")
 # Backward chunk kernel(s): FORMS, or "split" = GLA's backward as two "lean" kernels, one for dq
 # and one for dk/dv (fewer live tiles each; other gates fall back to the single "lean" kernel).
 BWD_FORMS = (*FORMS, "split")
@@ -107,7 +140,9 @@ class ScanConfig:
     ``*warps``/``*stages``: Triton launch parameters of the state pass (``state_*``) and the
     parallel chunk kernel; ``sub``: GLA sub-chunk rows (secondary chunking, clipped to the
     chunk); ``diag``: how the GLA diagonal sub-blocks are computed (``DIAG_MODES``); ``form``:
-    how the chunk kernels hold their tiles (``FORMS``; ``bwd_form`` from ``BWD_FORMS``). On TPU
+    how the chunk kernels hold their tiles (``FORMS``; ``bwd_form`` from ``BWD_FORMS``);
+    ``staged_tile``: dv columns of one "staged" output program (``bwd_staged_tile``: dv columns
+    of the backward's dv kernel and dk columns of its dq/dk kernel; clipped to the dims). On TPU
     only ``sub``, ``diag`` and ``form`` apply.
     """
 
@@ -128,6 +163,8 @@ class ScanConfig:
     sub: int = 16
     form: str = "hoist"
     bwd_form: str = "hoist"
+    staged_tile: int = 64
+    bwd_staged_tile: int = 64
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

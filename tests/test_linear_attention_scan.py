@@ -9,7 +9,10 @@ operands rounded to 8 mantissa bits, 4e-3 each, summed over a chunk).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +54,16 @@ def make_inputs(seed, batch, length, heads, dk, dv, gate, gate_scale=1.0, dtype=
 
 
 def check_against_reference(
-    backend, gate, *, length, chunk, seg, seed, scale=1.0, tol=2e-4, tune=None
-):
+    backend, gate, *, length, chunk, seg, seed, scale=1.0, tol=2e-4, tune=None, dims=(16, 16),
+    kernels=None,
+):  # fmt: skip
     """Outputs, final state and every input gradient (one vjp each) vs the recurrence.
 
-    ``tune``: a ``ScanConfig`` for the kernel (else the tuning table's row).
+    ``tune``: a ``ScanConfig`` for the kernel (else the tuning table's row); ``dims``: (dk,
+    dv); ``kernels``: if given, the set of Pallas kernel names the call must run.
     """
-    q, k, v, g, s0 = make_inputs(seed, 2, length, 1, 16, 16, gate, gate_scale=scale)
+    dk, dv = dims
+    q, k, v, g, s0 = make_inputs(seed, 2, length, 1, dk, dv, gate, gate_scale=scale)
     args = (q, k, v, g, s0) if g is not None else (q, k, v, s0)
 
     def split(a):
@@ -82,13 +88,13 @@ def check_against_reference(
             out[name] = (o, s, vjp(cts))
         return out
 
-    cts = (jax.random.normal(jax.random.PRNGKey(seed + 1), v.shape[:3] + (16,)),
+    cts = (jax.random.normal(jax.random.PRNGKey(seed + 1), v.shape),
            jax.random.normal(jax.random.PRNGKey(seed + 2), s0.shape))  # fmt: skip
-    if tune is None:
+    with scan_config_override(tune) if tune is not None else contextlib.nullcontext():
         out = run(args, cts)
-    else:
-        with scan_config_override(tune):
-            out = run(args, cts)
+        if kernels is not None:
+            jaxpr = str(jax.make_jaxpr(run)(args, cts))
+            assert set(re.findall(r"\bla_[a-z_]+", jaxpr)) == kernels
     (o1, s1, g1), (o2, s2, g2) = out["kernel"], out["reference"]
     assert rel_err(o1, o2) < tol and rel_err(s1, s2) < tol
     names = ("q", "k", "v", "log_decay", "s0") if g is not None else ("q", "k", "v", "s0")
@@ -125,6 +131,13 @@ def test_scan_matches_recurrence(backend, gate, segments):
 MIXED_GATES = np.select([np.arange(37) < 16, np.arange(37) < 32], [1.0, 12.0], 100.0)
 
 
+# The "staged" GLA kernels (GLA paper sec. 4.2) with the branch-free factored diagonal blocks.
+STAGED = ScanConfig(form="staged", bwd_form="staged", diag="factored", bwd_diag="factored")
+STAGED_FWD = {"la_chunk_gla_scores", "la_chunk_gla_out"}
+STAGED_BWD = {"la_chunk_gla_scores", "la_chunk_gla_da", "la_chunk_gla_dv", "la_chunk_gla_dqk"}
+STATE = {"la_state_fwd", "la_state_bwd"}
+
+
 @pytest.mark.parametrize(
     "backend, tune, chunk, segments",
     [("gpu", ScanConfig(), 32, False),  # the table's defaults: "cond" forward, "exact" backward
@@ -137,13 +150,17 @@ MIXED_GATES = np.select([np.arange(37) < 16, np.arange(37) < 32], [1.0, 12.0], 1
       False),
      ("gpu", ScanConfig(bwd_form="split"), 32, True),
      ("gpu", ScanConfig(bwd_diag="cond", bwd_form="split"), 64, True),
-     ("tpu", ScanConfig(diag="factored", bwd_diag="factored", bwd_form="split"), 64, False)],
+     ("tpu", ScanConfig(diag="factored", bwd_diag="factored", bwd_form="split"), 64, False),
+     ("gpu", ScanConfig(form="staged", bwd_form="staged"), 32, True),
+     ("gpu", STAGED, 64, True),
+     ("gpu", dataclasses.replace(STAGED, diag="exact", bwd_diag="exact", sub=32), 64, False)],
 )  # fmt: skip
 def test_gla_diagonal_modes_strong_gates(backend, tune, chunk, segments):
     """Every mode of the GLA diagonal sub-blocks (``ScanConfig.diag``/``bwd_diag``), the "lean"
-    chunk kernels (``form``/``bwd_form``; chunk 64: earlier blocks in 16 + 32 row slices) and
-    the split backward (``bwd_form="split"``: dq and dk/dv kernels, each diagonal mode), values
-    and all gradients, odd length 37, weak and strong gates in the same call."""
+    chunk kernels (``form``/``bwd_form``; chunk 64: earlier blocks in 16 + 32 row slices), the
+    split backward (``bwd_form="split"``: dq and dk/dv kernels, each diagonal mode) and the
+    "staged" kernels (scores, output, dA, dv, dq/dk/db; each diagonal mode), values and all
+    gradients, odd length 37, weak and strong gates in the same call."""
     q, _, _, g, _ = make_inputs(5, 2, 37, 1, 16, 16, "gated", gate_scale=MIXED_GATES)
     b = np.cumsum(np.asarray(g), axis=1)  # the first block is factored, the strong ones are not
     assert np.max(b[:, 0] - b[:, 15]) < FACTOR_SPREAD < np.min(b[:, 16] - b[:, 31])
@@ -232,3 +249,24 @@ def test_gpu_kernels_match_recurrence(gate):
     o1, _ = jax.jit(chunked_linear_attention)(q, k, v, log_decay=g)
     o2, _ = linear_attention_reference(q, k, v, log_decay=g)
     assert rel_err(o1, o2) < 2e-2
+
+
+@pytest.mark.parametrize(
+    "backend, gate, tune, kernels",
+    [("gpu", "gated", dataclasses.replace(STAGED, staged_tile=16, bwd_staged_tile=16),
+      STAGED_FWD | STAGED_BWD),
+     ("gpu", "gated", dataclasses.replace(STAGED, bwd_form="split", staged_tile=32),
+      STAGED_FWD | {"la_chunk_bwd_dq", "la_chunk_bwd_dkv"}),
+     ("gpu", "gated", dataclasses.replace(STAGED, form="lean", bwd_staged_tile=16),
+      {"la_chunk_fwd"} | STAGED_BWD),
+     ("gpu", "scalar", STAGED, {"la_chunk_fwd", "la_chunk_bwd"}),
+     ("tpu", "gated", STAGED, {"la_chunk_fwd", "la_chunk_bwd_dq", "la_chunk_bwd_dkv"})],
+)  # fmt: skip
+def test_gla_staged_tiles_and_fallbacks(backend, gate, tune, kernels):
+    """ "staged" kernels over column tiles (dk 32, dv 64, tiles of 16/32: several programs per
+    chunk), mixed with the other forms (a "lean" forward: the staged backward recomputes A), and
+    the fallbacks (scalar decay: "lean" kernels; TPU: "lean" forward, "split" backward): the
+    kernels that run, values and all gradients (segments, odd length, strong gates)."""
+    check_against_reference(backend, gate, length=37, chunk=32, seg=SEGMENTS, seed=11,
+                            scale=MIXED_GATES, tune=tune, dims=(32, 64),
+                            kernels=kernels | STATE)  # fmt: skip
