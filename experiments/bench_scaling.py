@@ -25,7 +25,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 
 from arjax.train.config import make_run_config  # noqa: E402
-from arjax.train.loop import Trainer, _to_global  # noqa: E402
+from arjax.train.loop import Trainer, to_global  # noqa: E402
 
 
 def run(preset: str, sets: list[str], mesh: tuple[int, int], steps: int) -> dict:
@@ -38,7 +38,7 @@ def run(preset: str, sets: list[str], mesh: tuple[int, int], steps: int) -> dict
     state = trainer.initial_state()
     size = (steps - 3) // 3  # steps per timed window (after 1 compile + 2 warm-up steps)
     batches = [
-        _to_global(next(trainer.train_iter), trainer.batch_sharding) for _ in range(3 + 3 * size)
+        to_global(next(trainer.train_iter), trainer.batch_sharding) for _ in range(3 + 3 * size)
     ]
     t0 = time.perf_counter()
     state, metrics = trainer.train_step(state, batches[0])

@@ -80,7 +80,7 @@ class MetricsWriter:
                     self.tb.add_scalar(key, value, row["step"])
 
 
-def _to_global(batch: dict, sharding: Any) -> dict:
+def to_global(batch: dict, sharding: Any) -> dict:
     """Assemble this process's rows into global arrays laid out by ``sharding``."""
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
@@ -154,7 +154,7 @@ class Trainer:
     def evaluate(self, params: Any) -> dict:
         total, count = 0.0, 0.0
         for batch in self.eval_batches:
-            t, c = self.eval_step(params, _to_global(_process_rows(batch), self.batch_sharding))
+            t, c = self.eval_step(params, to_global(_process_rows(batch), self.batch_sharding))
             total, count = total + float(t), count + float(c)
         loss = total / max(count, 1.0)
         metrics = {"val_loss": loss, "val_bits_per_byte": loss / LN2}
@@ -216,7 +216,7 @@ def train(
     t_last, step_last = time.perf_counter(), start
     try:
         for step in range(start + 1, tc.steps + 1):
-            batch = _to_global(next(trainer.train_iter), trainer.batch_sharding)
+            batch = to_global(next(trainer.train_iter), trainer.batch_sharding)
             state, metrics = trainer.train_step(state, batch)
             if stop_at is not None and step >= stop_at:
                 stop["signal"] = "stop_at"
