@@ -12,7 +12,9 @@ resets, gradients), then times everything. Run (fla-core as a wheel under .whl/)
 Writes ``experiments/results/bench_scan.{json,md}``. ``--tune`` instead sweeps the scan's
 launch parameters (``kernels_pallas.tuning.ScanConfig``, chunk size) at (8, 16, 2048), checks
 each config against the float32 recurrence, and writes ``experiments/results/tune_scan.json``
-(about 150 s on an H200: ``--tune-budget``, 100 s, caps the candidates).
+(about 150 s on an H200: ``--tune-budget``, 100 s, caps the candidates), then prints the GLA
+device time per kernel (jax profiler) of the table's row and of ``form="staged"``;
+``--profile`` prints only those.
 
 JAX timings: jit, compiled before timing, ``block_until_ready``; torch: CUDA events; both the
 median over ``--reps`` samples of ``--inner`` back-to-back calls. fwd+bwd returns the output
@@ -27,10 +29,13 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import glob  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -450,6 +455,46 @@ def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline:
         res["best"][p] = {k: t[k] for k in ("step", "chunk", "config", f"{p} ms")}
 
 
+def kernel_profile(variant: str, cfg: ScanConfig, shape=TUNE_SHAPE, calls: int = 3) -> dict:
+    """Device time per kernel, ms per pallas fwd+bwd call (chunk 64, ``cfg``; jax profiler
+    trace, the 20 largest): which kernel to work on next. Keys: ``{device line: {kernel: ms}}``
+    over the trace's stream lines (all device lines if it names none "Stream")."""
+    inputs = make_inputs(shape, variant, jnp.bfloat16)
+    with scan_config_override(cfg), tempfile.TemporaryDirectory() as tmp:
+        _, fb = jax_fns("pallas", 64)
+        jax.block_until_ready(fb(*inputs))
+        with jax.profiler.trace(tmp):
+            for _ in range(calls):
+                jax.block_until_ready(fb(*inputs))
+        (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        planes = jax.profiler.ProfileData.from_file(path).planes
+    jax.clear_caches()
+    lines = [(p.name, line) for p in planes if p.name.startswith("/device") for line in p.lines]
+    streams = [x for x in lines if "Stream" in x[1].name] or lines
+    out: dict = {}
+    for plane, line in streams:
+        times = collections.Counter()
+        for ev in line.events:
+            times[ev.name] += ev.duration_ns / 1e6 / calls
+        out[f"{plane} {line.name}"] = {k: round(v, 4) for k, v in times.most_common(20)}
+    return out
+
+
+def tune_profiles(res: dict) -> None:
+    """GLA: per-kernel times of the table row and of "staged" (``kernel_profile``), printed."""
+    table = scan_config("gated", DIM)
+    configs = {
+        "table": table,
+        "staged": dataclasses.replace(table, form="staged", bwd_form="staged"),
+    }
+    for name, cfg in configs.items():
+        try:
+            res[name] = kernel_profile("gla", cfg)
+        except Exception as e:  # noqa: BLE001 -- a profiler failure must not end the sweep
+            res[name] = repr(e)[:300]
+        print(f"  gla kernel profile ({name}, ms per fwd+bwd): {json.dumps(res[name])}", flush=True)
+
+
 def tune_fla(variant: str, reps: int, inner: int) -> dict:
     """fla at the tuning shape, for the ratio (same timing method as ``measure``)."""
     row: dict = {}
@@ -477,6 +522,8 @@ def tune(results: dict, reps: int, inner: int, budget: float, out: str) -> None:
         res = results["variants"].setdefault(variant, {})
         tune_variant(variant, res, save, reps, inner, deadline=sweep_start + budget * share)
         res["fla"] = tune_fla(variant, reps, inner)
+        if variant == "gla":
+            tune_profiles(res.setdefault("kernel profiles", {}))
         save()
     default = dataclasses.asdict(ScanConfig())
     print(f"\nbest per variant/pass at (B,H,L)={TUNE_SHAPE}, D={DIM} (ms; table row: non-defaults)")
@@ -504,6 +551,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep ScanConfig instead (see above)")
     ap.add_argument("--tune-budget", type=float, default=100.0, help="seconds for candidates")
     ap.add_argument("--tune-out", default="experiments/results/tune_scan.json")
+    ap.add_argument("--profile", action="store_true", help="GLA per-kernel times (tune_profiles)")
     args = ap.parse_args()
     versions = f"jax {jax.__version__}"
     try:
@@ -523,6 +571,9 @@ def main() -> None:
         "command": "PYTHONPATH=/tmp/site:. python3 experiments/bench_scan.py",
         "rows": [],
     }
+    if args.profile:
+        tune_profiles(results)
+        return
     if args.tune:
         results["command"] += " --tune"
         del results["rows"]

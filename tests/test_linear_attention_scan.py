@@ -170,10 +170,13 @@ def test_gla_diagonal_modes_strong_gates(backend, tune, chunk, segments):
                             scale=MIXED_GATES, tune=tune)  # fmt: skip
 
 
-@pytest.mark.parametrize("gate", ["scalar", "gated"])
-def test_bf16_inputs(gate):
+@pytest.mark.parametrize(
+    "gate, form", [("scalar", "hoist"), ("gated", "hoist"), ("gated", "staged")]
+)
+def test_bf16_inputs(gate, form):
     """bf16 q/k/v: float32 state and accumulation keep the output and the gradients within bf16
-    accuracy (GLA: the factored diagonal blocks, whose factors are rounded to bf16)."""
+    accuracy (GLA: the factored diagonal blocks, whose factors are rounded to bf16; "staged":
+    also the float32 scores A and dA rounded to bf16 for their MMAs)."""
     q, k, v, g, _ = make_inputs(7, 1, 48, 2, 16, 32, gate, dtype=jnp.bfloat16)
     w = jax.random.normal(jax.random.PRNGKey(8), v.shape)
 
@@ -183,7 +186,8 @@ def test_bf16_inputs(gate):
 
     kernel = functools.partial(chunked_linear_attention, chunk_size=32)
     grad = lambda f: jax.value_and_grad(functools.partial(loss, f), (0, 1, 2, 3), has_aux=True)  # noqa: E731
-    with scan_config_override(ScanConfig(diag="factored", bwd_diag="factored")):
+    tune = ScanConfig(diag="factored", bwd_diag="factored", form=form, bwd_form=form)
+    with scan_config_override(tune):
         (_, (o1, s1)), g1 = jax.jit(grad(kernel))(q, k, v, g)
     (_, (o2, s2)), g2 = grad(linear_attention_reference)(q, k, v, g)
     assert o1.dtype == jnp.bfloat16 and s1.dtype == jnp.float32
