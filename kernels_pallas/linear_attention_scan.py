@@ -480,6 +480,11 @@ class _Chunk:
             lo += n
         return out
 
+    def blocks(self, lo, hi):
+        """Sub-block row ranges ``(j0, sub)`` covering rows ``[lo, hi)`` (the staged kernels:
+        one sub-block pair per MMA, the smallest live tiles)."""
+        return [(j0, self.sub) for j0 in range(lo, hi, self.sub)]
+
     def ref_rows(self, i0, j0=0, n=None):
         """Row-block factors ``q_X e^{b_X - rho}``, ``k e^{rho - b}`` (cols < i0, of rows
         ``[j0, j0 + n)``, default the chunk); rho = b_{i0}."""
@@ -661,10 +666,10 @@ def _gla_scores_kernel(cfg: _Cfg, q_ref, k_ref, b_ref, *refs):
     ch = _Chunk(cfg, q_ref, k_ref, None, b_ref, *_docs(docs))
     c, sub = cfg.chunk, ch.sub
     for i0 in range(0, c, sub):
-        for j0, n in ch.pieces(0, i0, lean=True):
+        for j0, n in ch.blocks(0, i0):
             a_ref[i0 : i0 + sub, j0 : j0 + n] = ch.earlier_scores(i0, j0, n)
         a_ref[i0 : i0 + sub, i0 : i0 + sub] = ch.gated_diag(i0, ch.diag_mask(i0))[0]
-        for j0, n in ch.pieces(i0 + sub, c, lean=True):
+        for j0, n in ch.blocks(i0 + sub, c):
             a_ref[i0 : i0 + sub, j0 : j0 + n] = jnp.zeros((sub, n), F32)
 
 
@@ -720,13 +725,13 @@ def _gla_dqk_kernel(cfg: _Cfg, q_ref, k_ref, b_ref, v_ref, do_ref, da_ref, h_ref
         _, dq_diag, dk_diag = ch.gated_diag(i0, None, da, da.T, scores=False)
         dq, dk = dq + dq_diag, dk + dk_diag
         acc, rho = jnp.zeros_like(dq), None
-        for j0, n in ch.pieces(0, i0, lean=True):  # earlier columns -> dq
+        for j0, n in ch.blocks(0, i0):  # earlier columns -> dq
             _, kr, rho = ch.ref_rows(i0, j0, n)
             acc += _mm(da_ref[i0 : i0 + sub, j0 : j0 + n].astype(dt), kr.astype(dt), cfg)
         if rho is not None:
             dq += jnp.exp(b - rho) * acc
         acc, rho = jnp.zeros_like(dk), None
-        for j0, n in ch.pieces(i0 + sub, c, lean=True):  # later rows -> dk
+        for j0, n in ch.blocks(i0 + sub, c):  # later rows -> dk
             qr, _, rho = ch.ref_cols(i0, j0, n)
             acc += _mm(da_ref[j0 : j0 + n, i0 : i0 + sub].astype(dt), qr.astype(dt), cfg, ta=True)
         if rho is not None:
