@@ -1,0 +1,389 @@
+"""Hopper flash-attention backward in Pallas Mosaic GPU (FlashAttention-2 alg. 2, FA-3 style).
+
+Two warp-specialised kernels. In each CTA a producer warpgroup streams tiles through a ring
+of ``stages`` shared-memory slots with TMA -- one "ready" mbarrier per slot and operand (TMA
+transaction count), one "free" mbarrier per slot that both consumers arrive on -- and two
+consumer warpgroups, each owning 64 rows (one wgmma M), run the products with wgmma into
+float32 register accumulators (FlashAttention-3, Shah et al. 2024, sec. 3.1 and 3.3):
+
+* dK/dV: one CTA per 128 KV rows of one (batch, KV head); each consumer keeps its 64 K and V
+  rows in shared memory while the producer streams ``Q``, ``dO`` (``bq`` rows), ``lse2`` and
+  ``delta`` of every query head of the GQA group over the query tiles that see the CTA's keys.
+  Transposed products keep the KV rows as the wgmma M: ``S^T = K Q^T``, ``dP^T = V dO^T``,
+  ``P^T = exp2(S^T scale log2(e) - lse2)``, ``dS^T = P^T (dP^T - delta)``, ``dV += P^T dO``,
+  ``dK += dS^T Q`` (FA-2 alg. 2 lines 11-17). The group's heads are summed in the float32
+  accumulators, so dK/dV come out once per KV head, in the input dtype.
+* dQ: one CTA per 128 query rows of one (batch, head), heaviest causal tiles first; the
+  producer streams the visible ``K``, ``V`` tiles (``bk`` rows): ``S = Q K^T``,
+  ``dP = dO V^T``, ``dS = P (dP - delta)``, ``dQ += dS K`` (alg. 2 lines 11-16, 18).
+
+``lse2`` is the forward's base-2 log-sum-exp (``_common``; +inf for rows that see no key, so
+their probabilities are exactly 0) and ``delta = rowsum(dO * O)``. Tile skipping and the
+boundary masks come from ``_common`` (``q_block_range``, ``kv_block_range``, ``tile_mask``):
+tiles a CTA does not see are never loaded, tiles a warpgroup sees whole run unmasked. The
+caller's padding is topped up here to whole CTA tiles; padded keys are masked, padded query
+rows carry ``lse2 = +inf``. No segment ids (those calls keep the Triton backward).
+
+Interpret mode (CPU tests) runs the same kernels -- TMA copies, barriers, warp
+specialisation, masks, epilogues -- but the Mosaic GPU interpreter cannot read a transposed
+shared-memory operand or a register left operand of ``wgmma``, so there the products are
+``jnp`` dot products of the same operands (same dtypes, float32 accumulation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels_pallas.flash_attention._common import (
+    Geometry,
+    dot_nn,
+    dot_nt,
+    kv_block_range,
+    q_block_range,
+    tile_mask,
+)
+
+ROWS = 64  # rows per consumer warpgroup: the M of one wgmma
+CONSUMERS = 2
+TILE = ROWS * CONSUMERS  # KV rows per dK/dV CTA, query rows per dQ CTA
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.bfloat16, jnp.float16)
+STREAM_TILES = (64, 128)  # allowed bq (dK/dV) and bk (dQ)
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
+# registers per thread after setmaxnreg: 2 x 240 + 24 (x 128 threads) <= 64K
+CONSUMER_REGS, PRODUCER_REGS = 240, 24
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Streamed tile sizes and ring depth of the two kernels."""
+
+    bq: int = 64  # query rows per step of the dK/dV kernel
+    bk: int = 64  # KV rows per step of the dQ kernel
+    stages: int = 2  # ring slots in flight
+
+
+def default_tiles(head_dim: int) -> Tiles:
+    """Register budget: dK, dV (D=128: 64 + 64 registers per thread) plus S^T, dP^T (bq/2
+    each) fit 240 registers with bq=64; D=64 leaves room for 128-wide streamed tiles."""
+    return Tiles(bq=64, bk=64, stages=3) if head_dim > 64 else Tiles(bq=128, bk=128, stages=2)
+
+
+def smem_bytes(itemsize: int, head_dim: int, tiles: Tiles) -> int:
+    """Shared memory of the larger of the two kernels' CTAs."""
+    resident = 2 * TILE * head_dim * itemsize  # K, V (dK/dV) or Q, dO (dQ) of both consumers
+    dkv_ring = tiles.stages * (2 * tiles.bq * head_dim * itemsize + 2 * tiles.bq * 4)
+    dq_ring = tiles.stages * 2 * tiles.bk * head_dim * itemsize
+    return resident + 2 * TILE * 4 + max(dkv_ring, dq_ring)
+
+
+def check_supported(dtype, head_dim: int, has_segments: bool, tiles: Tiles) -> None:
+    """Raise ``ValueError`` naming what this backward does not support (before compiling)."""
+    if jnp.dtype(dtype) not in map(jnp.dtype, DTYPES):
+        raise ValueError(f"mosaic backward: dtype must be bfloat16 or float16, got {dtype}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"mosaic backward: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if has_segments:
+        raise ValueError("mosaic backward: segment ids are not supported (use 'triton')")
+    for name in ("bq", "bk"):
+        if getattr(tiles, name) not in STREAM_TILES:
+            raise ValueError(
+                f"mosaic backward: tile {name} must be one of {STREAM_TILES}, "
+                f"got {getattr(tiles, name)}"
+            )
+    if not isinstance(tiles.stages, int) or tiles.stages < 1:
+        raise ValueError(f"mosaic backward: stages must be a positive int, got {tiles.stages!r}")
+    if (need := smem_bytes(jnp.dtype(dtype).itemsize, head_dim, tiles)) > SMEM_BYTES:
+        raise ValueError(f"mosaic backward: {tiles} needs {need} B of shared memory > {SMEM_BYTES}")
+
+
+def _interpret_params():
+    # The GPU interpreter has no public name in jax 0.10/0.11 (checked on both).
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def _iota(shape, dim: int, interpret: bool):
+    if interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _zeros(shape, interpret: bool):
+    """A float32 wgmma accumulator of zeros."""
+    zeros = jnp.zeros(shape, jnp.float32)
+    return zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+
+
+def _vector(ref, dim: int, interpret: bool):
+    """Load float32 values ``[n]`` from shared memory, laid out to broadcast along ``dim``
+    (0: one per row, 1: one per column) of a wgmma accumulator."""
+    if interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+
+
+def _mma(terms, interpret: bool):
+    """Issue ``acc + a @ b`` (``b`` transposed where asked) for each ``(acc, a, b, b_t)`` of
+    ``terms`` together and wait once; ``a`` is a shared-memory ref or a register array of the
+    input dtype, ``b`` a shared-memory ref, ``acc`` float32 ``[m, n]``."""
+    if interpret:
+        return tuple(acc + (dot_nt if b_t else dot_nn)(a[...], b[...]) for acc, a, b, b_t in terms)
+
+    def issue(acc_refs):
+        for acc_ref, (_, a, b, b_t) in zip(acc_refs, terms):
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)) if b_t else b)
+
+    return pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, *_ in terms))
+
+
+def _produce(load, steps, stages: int, free) -> None:
+    """Producer warpgroup: ``load(t, slot)`` issues the TMA copies of step ``t`` of
+    ``[0, steps)`` into ring slot ``t % stages`` once both consumers freed that slot's
+    previous step; every release is observed (the interpreter checks that no phase is left
+    unseen)."""
+    plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+    slot_of = lambda t: lax.rem(t, jnp.int32(stages))
+    for t in range(stages):  # fill the ring
+        pl.when(t < steps)(functools.partial(load, jnp.int32(t), jnp.int32(t)))
+
+    @pl.loop(jnp.int32(stages), steps)
+    def _(t):
+        plgpu.barrier_wait(free.at[slot_of(t)])
+        load(t, slot_of(t))
+
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _(t):
+        plgpu.barrier_wait(free.at[slot_of(t)])
+
+
+def _probs_and_dlogits(s, dp, lse2, delta, mask, scale2: float, query_dim: int):
+    """``P = exp2(S scale2 - lse2)`` (0 where masked) and ``dS = P (dP - delta)``; ``lse2``
+    and ``delta`` are per query, along ``query_dim`` of the ``[m, n]`` tiles."""
+    bcast = lambda x: lax.broadcast_in_dim(x, s.shape, (query_dim,))
+    p = jnp.exp2(s * scale2 - bcast(lse2))
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    return p, p * (dp - bcast(delta))
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, ready,
+                free, *, geo: Geometry, stages: int, interpret: bool):  # fmt: skip
+    """dK, dV of 128 KV rows of one (batch, KV head); refs are ``[b, len, heads, d]`` /
+    ``[b, heads, len]`` in GMEM."""
+    (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring) = smem
+    (k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready) = ready
+    wg = lax.axis_index("wg")
+    batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    bq, g = geo.bq, geo.groups
+    cta_first = lax.axis_index("kv") * TILE
+    lo, _, _, hi = q_block_range(cta_first, cta_first + TILE - 1, geo)
+    n = hi - lo  # query tiles per head of the group; steps run (head r, tile i) = (t // n, t % n)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+        def load(t, slot):
+            head = kv_head * g + lax.div(t, n)
+            rows = pl.ds((lo + lax.rem(t, n)) * bq, bq)
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_ring.at[slot], q_ready.at[slot])
+            plgpu.copy_gmem_to_smem(
+                do_ref.at[batch, rows, head], do_ring.at[slot], do_ready.at[slot]
+            )
+            plgpu.copy_gmem_to_smem(
+                lse_ref.at[batch, head, rows], lse_ring.at[slot], lse_ready.at[slot]
+            )
+            plgpu.copy_gmem_to_smem(
+                delta_ref.at[batch, head, rows], delta_ring.at[slot], delta_ready.at[slot]
+            )
+
+        _produce(load, g * n, stages, free)
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+        k_first = cta_first + wg * ROWS
+        k_slot, v_slot = k_smem.at[wg], v_smem.at[wg]
+        own = (batch, pl.ds(k_first, ROWS), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[own], k_slot, k_ready.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[own], v_slot, v_ready.at[wg])
+        plgpu.barrier_wait(k_ready.at[wg])
+        plgpu.barrier_wait(v_ready.at[wg])
+        k_idx = k_first + _iota((ROWS, bq), 0, interpret)
+        q_col = _iota((ROWS, bq), 1, interpret)
+        _, full_lo, full_hi, _ = q_block_range(k_first, k_first + ROWS - 1, geo)
+
+        def step(i, carry, r, masked: bool):
+            dk, dv = carry
+            slot = lax.rem(r * n + i - lo, jnp.int32(stages))
+            for bar in (q_ready, do_ready, lse_ready, delta_ready):
+                plgpu.barrier_wait(bar.at[slot])
+            q, do = q_ring.at[slot], do_ring.at[slot]
+            zeros = _zeros((ROWS, bq), interpret)
+            s_t, dp_t = _mma(((zeros, k_slot, q, True), (zeros, v_slot, do, True)), interpret)
+            mask = tile_mask(i * bq + q_col, k_idx, None, None, geo) if masked else None
+            p_t, ds_t = _probs_and_dlogits(
+                s_t,
+                dp_t,
+                _vector(lse_ring.at[slot], 1, interpret),
+                _vector(delta_ring.at[slot], 1, interpret),
+                mask,
+                geo.scale2,
+                query_dim=1,
+            )
+            dtype = q_ref.dtype
+            dv, dk = _mma(((dv, p_t.astype(dtype), do, False), (dk, ds_t.astype(dtype), q, False)),
+                          interpret)  # fmt: skip
+            plgpu.barrier_arrive(free.at[slot])
+            return dk, dv
+
+        def head(r, carry):
+            for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False),
+                                        (full_hi, hi, True)):  # fmt: skip
+                body = functools.partial(step, r=r, masked=masked)
+                carry = lax.fori_loop(start, stop, body, carry)
+            return carry
+
+        zeros = _zeros((ROWS, k_ref.shape[-1]), interpret)
+        dk, dv = lax.fori_loop(0, g, head, (zeros, zeros))
+        k_slot[...] = (dk * geo.scale).astype(dk_ref.dtype)  # K, V are done: stage dK, dV there
+        v_slot[...] = dv.astype(dv_ref.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_slot, dk_ref.at[own])
+        plgpu.copy_smem_to_gmem(v_slot, dv_ref.at[own])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready, free, *,
+               geo: Geometry, stages: int, interpret: bool):  # fmt: skip
+    """dQ of 128 query rows of one (batch, head)."""
+    (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring) = smem
+    (q_ready, do_ready, lse_ready, delta_ready, k_ready, v_ready) = ready
+    wg = lax.axis_index("wg")
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    bk = geo.bk
+    cta_first = (geo.nq - 1 - lax.axis_index("q")) * TILE  # heaviest causal tiles first
+    lo, _, _, hi = kv_block_range(cta_first, cta_first + TILE - 1, geo)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+        kv_head = lax.div(head, jnp.int32(geo.groups))
+
+        def load(t, slot):
+            rows = (batch, pl.ds((lo + t) * bk, bk), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_ring.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_ring.at[slot], v_ready.at[slot])
+
+        _produce(load, hi - lo, stages, free)
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+        q_first = cta_first + wg * ROWS
+        own = pl.ds(q_first, ROWS)
+        q_slot, do_slot = q_smem.at[wg], do_smem.at[wg]
+        copies = (
+            (q_ref.at[batch, own, head], q_slot, q_ready),
+            (do_ref.at[batch, own, head], do_slot, do_ready),
+            (lse_ref.at[batch, head, own], lse_smem.at[wg], lse_ready),
+            (delta_ref.at[batch, head, own], delta_smem.at[wg], delta_ready),
+        )
+        for src, dst, bar in copies:
+            plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
+        for *_, bar in copies:
+            plgpu.barrier_wait(bar.at[wg])
+        lse2 = _vector(lse_smem.at[wg], 0, interpret)
+        delta = _vector(delta_smem.at[wg], 0, interpret)
+        q_idx = q_first + _iota((ROWS, bk), 0, interpret)
+        k_col = _iota((ROWS, bk), 1, interpret)
+        _, full_lo, full_hi, _ = kv_block_range(q_first, q_first + ROWS - 1, geo)
+
+        def step(j, dq, masked: bool):
+            slot = lax.rem(j - lo, jnp.int32(stages))
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            k, v = k_ring.at[slot], v_ring.at[slot]
+            zeros = _zeros((ROWS, bk), interpret)
+            s, dp = _mma(((zeros, q_slot, k, True), (zeros, do_slot, v, True)), interpret)
+            mask = tile_mask(q_idx, j * bk + k_col, None, None, geo) if masked else None
+            _, ds = _probs_and_dlogits(s, dp, lse2, delta, mask, geo.scale2, query_dim=0)
+            (dq,) = _mma(((dq, ds.astype(q_ref.dtype), k, False),), interpret)
+            plgpu.barrier_arrive(free.at[slot])
+            return dq
+
+        dq = _zeros((ROWS, q_ref.shape[-1]), interpret)
+        for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False),
+                                    (full_hi, hi, True)):  # fmt: skip
+            dq = lax.fori_loop(start, stop, functools.partial(step, masked=masked), dq)
+        q_slot[...] = (dq * geo.scale).astype(dq_ref.dtype)  # Q is done: stage dQ there
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_slot, dq_ref.at[batch, own, head])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _pad(x, axis: int, multiple: int, value=0.0):
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: bool):
+    """FlashAttention-2 alg. 2 gradients: ``q, do [b, Lq, h, d]``, ``k, v [b, Lk, hk, d]``,
+    ``lse2`` (base 2, +inf past the true rows) and ``delta = rowsum(dO * O)``, both float32
+    ``[b, h, Lq]``; lengths may carry any padding past ``geo.q_len``/``geo.kv_len``. Returns
+    ``dq`` shaped like q and ``dk, dv`` like k (summed over each GQA group), in q's dtype."""
+    b, lq, h, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    q, do = (_pad(x, 1, TILE) for x in (q, do))
+    k, v = (_pad(x, 1, TILE) for x in (k, v))
+    lse2, delta = _pad(lse2, 2, TILE, jnp.inf), _pad(delta, 2, TILE)
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    dt = q.dtype
+    params = plgpu.CompilerParams(approx_math=True)
+    launch = dict(num_threads=CONSUMERS + 1, thread_name="wg",
+                  interpret=_interpret_params() if interpret else None)  # fmt: skip
+    mat = lambda n, rows: plgpu.SMEM((n, rows, d), dt, transforms=transforms)
+    vec = lambda n, rows: plgpu.SMEM((n, rows), jnp.float32)
+    bars = lambda n, count: tuple(plgpu.Barrier(num_barriers=n) for _ in range(count))
+    s = tiles.stages
+
+    geo_kv = dataclasses.replace(geo, bq=tiles.bq, bk=TILE)
+    dk, dv = plgpu.kernel(
+        functools.partial(_dkv_kernel, geo=geo_kv, stages=s, interpret=interpret),
+        out_type=(jax.ShapeDtypeStruct(k.shape, dt),) * 2,
+        scratch_types=(
+            (mat(CONSUMERS, ROWS),) * 2 + (mat(s, tiles.bq),) * 2 + (vec(s, tiles.bq),) * 2,
+            bars(CONSUMERS, 2) + bars(s, 4),
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=s),
+        ),
+        grid=(geo_kv.nk, b, hk),
+        grid_names=("kv", "batch", "heads"),
+        compiler_params=params,
+        **launch,
+    )(q, k, v, do, lse2, delta)
+
+    geo_q = dataclasses.replace(geo, bq=TILE, bk=tiles.bk)
+    dq = plgpu.kernel(
+        functools.partial(_dq_kernel, geo=geo_q, stages=s, interpret=interpret),
+        out_type=jax.ShapeDtypeStruct(q.shape, dt),
+        scratch_types=(
+            (mat(CONSUMERS, ROWS),) * 2 + (vec(CONSUMERS, ROWS),) * 2 + (mat(s, tiles.bk),) * 2,
+            bars(CONSUMERS, 4) + bars(s, 2),
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=s),
+        ),
+        grid=(geo_q.nq, b, h),
+        grid_names=("q", "batch", "heads"),
+        compiler_params=params,
+        **launch,
+    )(q, k, v, do, lse2, delta)
+    return dq[:, :lq], dk[:, :lk], dv[:, :lk]

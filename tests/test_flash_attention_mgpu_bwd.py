@@ -1,0 +1,136 @@
+"""Mosaic GPU flash-attention backward (``kernels_pallas/flash_attention/mgpu_bwd.py``) vs the
+float32 reference.
+
+Given q, k, v, an output cotangent dO and the forward residuals (base-2 log-sum-exp ``lse2``
+and ``delta = rowsum(dO * O)``, computed here in float32), the kernels' dq, dk, dv must match
+``jax.vjp`` of ``arjax.ops.attention_reference`` in float32 on fresh random bf16/fp16 inputs.
+Tolerance: atol = rtol = 2e-2 (bf16 rounding of the inputs' products P, dS fed to the
+float32-accumulated matmuls and of the outputs). On CPU the kernels run in the Mosaic GPU
+interpreter (tiny shapes: one or two 128-row CTAs, lengths not multiples of the tiles, so
+boundary tiles are partly padded); tests marked ``gpu`` compile the real kernels and only run
+where a GPU is present (``pytest -k gpu -s`` prints their errors).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arjax.ops import attention_mask, attention_reference
+from kernels_pallas.flash_attention import mgpu_bwd
+from kernels_pallas.flash_attention._common import LOG2_E, Geometry
+
+TOL = dict(rtol=2e-2, atol=2e-2)
+GPU_TOL = dict(rtol=3e-2, atol=3e-2)  # longer rows: more bf16 terms per dot product
+FAST_COMPILE = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+def _inputs(rng, b, q_len, kv_len, h, kv_h, d, dtype):
+    """q, do ``[b, q_len, h, d]`` and k, v ``[b, kv_len, kv_h, d]``, standard normal."""
+    shapes = [(b, q_len, h, d), (b, kv_len, kv_h, d), (b, kv_len, kv_h, d), (b, q_len, h, d)]
+    return [jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype) for s in shapes]
+
+
+def _residuals(q, k, v, do, causal: bool, scale: float):
+    """Float32 reference grads (dq, dk, dv) and the forward residuals the kernels take:
+    ``lse2 [b, h, q_len]`` (base 2, +inf for rows that see no key) and ``delta``."""
+    f32 = lambda x: x.astype(jnp.float32)
+    ref = lambda q, k, v: attention_reference(q, k, v, causal=causal, scale=scale)
+    out, vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
+    groups = q.shape[2] // k.shape[2]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", f32(q), jnp.repeat(f32(k), groups, axis=2)) * scale
+    mask = attention_mask(q.shape[1], k.shape[1], causal=causal)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2_E, jnp.inf)
+    # the kernels see O rounded to the input dtype, as the forward kernels return it
+    delta = jnp.einsum("bqhd,bqhd->bhq", f32(do), f32(out.astype(q.dtype)))
+    return vjp(f32(do)), lse2, delta
+
+
+def _check_backward(rng, case, tiles=None, interpret=True, tol=TOL):
+    case = dict(case)
+    causal, dtype = case.pop("causal"), case.pop("dtype", jnp.bfloat16)
+    q, k, v, do = _inputs(rng, dtype=dtype, **case)
+    scale = 1.0 / math.sqrt(case["d"])
+    grads_ref, lse2, delta = _residuals(q, k, v, do, causal, scale)
+    geo = Geometry(
+        q_len=case["q_len"], kv_len=case["kv_len"], bq=64, bk=64, causal=causal, window=None,
+        has_segments=False, scale=scale, groups=case["h"] // case["kv_h"],
+    )  # fmt: skip
+    tiles = tiles or mgpu_bwd.default_tiles(case["d"])
+    bwd = lambda *args: mgpu_bwd.backward(*args, geo, tiles, interpret)
+    compiled = jax.jit(bwd).lower(q, k, v, do, lse2, delta).compile(FAST_COMPILE)
+    grads = compiled(q, k, v, do, lse2, delta)
+    for name, g, r, x in zip(("dq", "dk", "dv"), grads, grads_ref, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype, (name, g.shape, g.dtype)
+        err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)))
+        print(f"{case} causal={causal} {name}: max |err| {err:.3g}, max |ref| "
+              f"{float(jnp.max(jnp.abs(r))):.3g}")  # fmt: skip
+        np.testing.assert_allclose(g.astype(jnp.float32), r, **tol, err_msg=name)
+
+
+CASES = {
+    # GQA (2 query heads per KV head), one 128-row CTA per kernel with a padded boundary tile
+    "causal_d64_gqa": dict(b=1, q_len=100, kv_len=100, h=2, kv_h=1, d=64, causal=True),
+    # q_len < kv_len (queries at the end), two dQ CTAs, two dK/dV CTAs
+    "causal_d128_short_q": dict(b=1, q_len=70, kv_len=150, h=1, kv_h=1, d=128, causal=True),
+    "noncausal_d128_long_q": dict(b=1, q_len=150, kv_len=90, h=1, kv_h=1, d=128, causal=False),
+    "noncausal_d64_fp16_gqa": dict(
+        b=2, q_len=40, kv_len=130, h=3, kv_h=1, d=64, causal=False, dtype=jnp.float16
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_mosaic_backward_matches_reference_grads(rng, name):
+    _check_backward(rng, CASES[name])
+
+
+def test_mosaic_backward_streamed_tiles_and_ring_depth(rng):
+    """128-wide streamed tiles with a one-slot ring, and 64-wide with three slots (D=64)."""
+    case = dict(b=1, q_len=200, kv_len=200, h=1, kv_h=1, d=64, causal=True)
+    _check_backward(rng, case, tiles=mgpu_bwd.Tiles(bq=128, bk=128, stages=1))
+    _check_backward(rng, case, tiles=mgpu_bwd.Tiles(bq=64, bk=64, stages=3))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((jnp.float32, 64, False, mgpu_bwd.Tiles()), "dtype must be"),
+        ((jnp.bfloat16, 96, False, mgpu_bwd.Tiles()), "head_dim must be"),
+        ((jnp.bfloat16, 64, True, mgpu_bwd.Tiles()), "segment ids"),
+        ((jnp.bfloat16, 64, False, mgpu_bwd.Tiles(bq=32)), "tile bq must be"),
+        ((jnp.bfloat16, 64, False, mgpu_bwd.Tiles(stages=0)), "stages must be"),
+        ((jnp.bfloat16, 128, False, mgpu_bwd.Tiles(128, 128, stages=4)), "shared memory"),
+    ],
+)
+def test_unsupported_calls_raise_naming_the_problem(args, match):
+    with pytest.raises(ValueError, match=match):
+        mgpu_bwd.check_supported(*args)
+
+
+def test_default_tiles_are_supported():
+    for d in mgpu_bwd.HEAD_DIMS:
+        for dtype in mgpu_bwd.DTYPES:
+            mgpu_bwd.check_supported(dtype, d, False, mgpu_bwd.default_tiles(d))
+
+
+GPU_CASES = [
+    dict(b=2, q_len=1000, kv_len=1000, h=4, kv_h=2, d=128, causal=True),
+    dict(b=1, q_len=700, kv_len=1500, h=4, kv_h=1, d=64, causal=True),
+    dict(b=2, q_len=777, kv_len=513, h=2, kv_h=2, d=128, causal=False, dtype=jnp.float16),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_mosaic_backward_on_device(rng, case):
+    _check_backward(rng, case, interpret=False, tol=GPU_TOL)
