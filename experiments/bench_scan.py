@@ -309,6 +309,7 @@ TUNE_STEPS = (
     # GLA as several small kernels (scores A, output over dv tiles; dA, dv, dq/dk/db): no spills
     (("form",), ("bwd_form",), (("staged",),), ("gla",)),
     (("staged_tile",), ("bwd_staged_tile",), ((128,), (32,)), ("gla",)),  # if "staged" won
+    (("cumsum",), None, (("pallas",),), ("gla",)),  # log-gate cumsum: Triton, not reduce-window
     (("diag",), ("bwd_diag",), (("factored",),), ("gla",)),
     (("form",), ("bwd_form",), (("lean",), ("split",)), ("gla",)),  # fewer spills (ptxas)
     (("warps",), ("bwd_warps",), ((8,),), ("scalar", "gla")),  # 2 warps: more spills (ptxas)

@@ -904,6 +904,47 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
+# chunk-local cumsum of the GLA log-gates in Pallas (ScanConfig.cumsum = "pallas"; Triton)
+
+
+def _cumsum_kernel(reverse: bool, x_ref, o_ref):
+    """Cumsum along the rows of one chunk ``[C, dk]`` (float32); ``reverse``: from the chunk's
+    end, as ``total - cumsum + x`` (Triton has no reverse scan)."""
+    x = x_ref[...]
+    s = jnp.cumsum(x, axis=0)
+    o_ref[...] = jnp.sum(x, axis=0, keepdims=True) - s + x if reverse else s
+
+
+def _cumsum_call(x, c: int, interpret: bool, *, reverse: bool) -> jax.Array:
+    """Chunk-local cumsum of ``x [batch, len, heads, dk]`` float32, one program per chunk/head."""
+    bsz, length, heads, d = x.shape
+    spec = pl.BlockSpec((None, c, None, d), lambda i, n, j: (i, n, j, 0))
+    return pl.pallas_call(
+        functools.partial(_cumsum_kernel, reverse),
+        out_shape=jax.ShapeDtypeStruct(x.shape, F32),
+        grid=(bsz, length // c, heads),
+        in_specs=[spec],
+        out_specs=spec,
+        interpret=interpret,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1),
+        name="la_cumsum_rev" if reverse else "la_cumsum",
+    )(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _local_cumsum(g, c: int, interpret: bool) -> jax.Array:
+    """``b`` = chunk-local inclusive cumsum of the log-gates (one read, one write of ``g``,
+    instead of XLA's reduce-window); its transpose is the reverse cumsum, also one kernel."""
+    return _cumsum_call(g, c, interpret, reverse=False)
+
+
+_local_cumsum.defvjp(
+    lambda g, c, interpret: (_cumsum_call(g, c, interpret, reverse=False), None),
+    lambda c, interpret, _, db: (_cumsum_call(db, c, interpret, reverse=True),),
+)
+
+
+# ----------------------------------------------------------------------------------------------
 # public API
 
 
@@ -1015,8 +1056,11 @@ def chunked_linear_attention(
     if log_decay is not None:  # chunk-local inclusive cumsum of the log-gates, float32
         g = pad_len(log_decay.astype(F32))
         g = g if g.ndim == 4 else g[..., None]
-        b = rearrange(jnp.cumsum(rearrange(g, "b (n c) h d -> b n c h d", c=c), axis=2),
-                      "b n c h d -> b (n c) h d")  # fmt: skip
+        if gate == "gated" and backend == "gpu" and cfg.tune.cumsum == "pallas":
+            b = _local_cumsum(g, c, interpret)
+        else:
+            b = rearrange(jnp.cumsum(rearrange(g, "b (n c) h d -> b n c h d", c=c), axis=2),
+                          "b n c h d -> b (n c) h d")  # fmt: skip
     seg = None if segment_ids is None else _document_index(pad_len(segment_ids, "edge"))
     s0 = jnp.zeros((bsz, heads, dk, dv), F32) if initial_state is None else initial_state
     if backend == "tpu":

@@ -130,6 +130,9 @@ FORMS = ("hoist", "lean", "staged")
 # Backward chunk kernel(s): FORMS, or "split" = GLA's backward as two "lean" kernels, one for dq
 # and one for dk/dv (fewer live tiles each; other gates fall back to the single "lean" kernel).
 BWD_FORMS = (*FORMS, "split")
+# GLA chunk-local cumsum of the log-gates (and its transpose): "xla" (jnp.cumsum, a
+# reduce-window) or "pallas" (one Triton kernel each way; GPU only, else "xla").
+CUMSUMS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +145,9 @@ class ScanConfig:
     chunk); ``diag``: how the GLA diagonal sub-blocks are computed (``DIAG_MODES``); ``form``:
     how the chunk kernels hold their tiles (``FORMS``; ``bwd_form`` from ``BWD_FORMS``);
     ``staged_tile``: dv columns of one "staged" output program (``bwd_staged_tile``: dv columns
-    of the backward's dv kernel and dk columns of its dq/dk kernel; clipped to the dims). On TPU
-    only ``sub``, ``diag`` and ``form`` apply.
+    of the backward's dv kernel and dk columns of its dq/dk kernel; clipped to the dims);
+    ``cumsum``: how the GLA log-gates are cumsummed (``CUMSUMS``). On TPU only ``sub``,
+    ``diag`` and ``form`` apply.
     """
 
     state_bk: int = 64
@@ -165,6 +169,7 @@ class ScanConfig:
     bwd_form: str = "hoist"
     staged_tile: int = 64
     bwd_staged_tile: int = 64
+    cumsum: str = "xla"
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -175,6 +180,9 @@ class ScanConfig:
                     raise ValueError(
                         f"ScanConfig.{field.name}: must be one of {allowed}, got {value!r}"
                     )
+            elif field.name == "cumsum":
+                if value not in CUMSUMS:
+                    raise ValueError(f"ScanConfig.cumsum: must be one of {CUMSUMS}, got {value!r}")
             elif field.name.endswith("diag"):
                 if value not in DIAG_MODES:
                     raise ValueError(

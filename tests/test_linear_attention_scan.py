@@ -259,18 +259,25 @@ def test_gpu_kernels_match_recurrence(gate):
     "backend, gate, tune, kernels",
     [("gpu", "gated", dataclasses.replace(STAGED, staged_tile=16, bwd_staged_tile=16),
       STAGED_FWD | STAGED_BWD),
+     ("gpu", "gated", dataclasses.replace(STAGED, cumsum="pallas"),
+      STAGED_FWD | STAGED_BWD | {"la_cumsum", "la_cumsum_rev"}),
+     ("gpu", "gated", ScanConfig(form="lean", bwd_form="split", cumsum="pallas"),
+      {"la_chunk_fwd", "la_chunk_bwd_dq", "la_chunk_bwd_dkv", "la_cumsum", "la_cumsum_rev"}),
      ("gpu", "gated", dataclasses.replace(STAGED, bwd_form="split", staged_tile=32),
       STAGED_FWD | {"la_chunk_bwd_dq", "la_chunk_bwd_dkv"}),
      ("gpu", "gated", dataclasses.replace(STAGED, form="lean", bwd_staged_tile=16),
       {"la_chunk_fwd"} | STAGED_BWD),
-     ("gpu", "scalar", STAGED, {"la_chunk_fwd", "la_chunk_bwd"}),
-     ("tpu", "gated", STAGED, {"la_chunk_fwd", "la_chunk_bwd_dq", "la_chunk_bwd_dkv"})],
+     ("gpu", "scalar", dataclasses.replace(STAGED, cumsum="pallas"),
+      {"la_chunk_fwd", "la_chunk_bwd"}),
+     ("tpu", "gated", dataclasses.replace(STAGED, cumsum="pallas"),
+      {"la_chunk_fwd", "la_chunk_bwd_dq", "la_chunk_bwd_dkv"})],
 )  # fmt: skip
 def test_gla_staged_tiles_and_fallbacks(backend, gate, tune, kernels):
-    """ "staged" kernels over column tiles (dk 32, dv 64, tiles of 16/32: several programs per
-    chunk), mixed with the other forms (a "lean" forward: the staged backward recomputes A), and
-    the fallbacks (scalar decay: "lean" kernels; TPU: "lean" forward, "split" backward): the
-    kernels that run, values and all gradients (segments, odd length, strong gates)."""
+    """The "staged" kernels over column tiles (dk 32, dv 64, tiles of 16/32: several programs
+    per chunk), mixed with the other forms (a "lean" forward: the staged backward recomputes A),
+    the Pallas log-gate cumsum (``cumsum="pallas"``) and the fallbacks (scalar decay: "lean"
+    kernels, XLA cumsum; TPU: "lean" forward, "split" backward, XLA cumsum): the kernels that
+    run, values and all gradients (segments, odd length, strong gates)."""
     check_against_reference(backend, gate, length=37, chunk=32, seg=SEGMENTS, seed=11,
                             scale=MIXED_GATES, tune=tune, dims=(32, 64),
                             kernels=kernels | STATE)  # fmt: skip
