@@ -36,15 +36,15 @@ def _inputs(rng, b, q_len, kv_len, h, kv_h, d, dtype):
     return [jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype) for s in shapes]
 
 
-def _residuals(q, k, v, do, causal: bool, scale: float):
+def _residuals(q, k, v, do, causal: bool, window: int | None, scale: float):
     """Float32 reference grads (dq, dk, dv) and the forward residuals the kernels take:
     ``lse2 [b, h, q_len]`` (base 2, +inf for rows that see no key) and ``delta``."""
     f32 = lambda x: x.astype(jnp.float32)
-    ref = lambda q, k, v: attention_reference(q, k, v, causal=causal, scale=scale)
+    ref = lambda q, k, v: attention_reference(q, k, v, causal=causal, window=window, scale=scale)
     out, vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
     groups = q.shape[2] // k.shape[2]
     logits = jnp.einsum("bqhd,bkhd->bhqk", f32(q), jnp.repeat(f32(k), groups, axis=2)) * scale
-    mask = attention_mask(q.shape[1], k.shape[1], causal=causal)
+    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window)
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -56,12 +56,12 @@ def _residuals(q, k, v, do, causal: bool, scale: float):
 
 def _check_backward(rng, case, tiles=None, interpret=True, tol=TOL):
     case = dict(case)
-    causal, dtype = case.pop("causal"), case.pop("dtype", jnp.bfloat16)
-    q, k, v, do = _inputs(rng, dtype=dtype, **case)
+    causal, window = case.pop("causal"), case.pop("window", None)
+    q, k, v, do = _inputs(rng, dtype=case.pop("dtype", jnp.bfloat16), **case)
     scale = 1.0 / math.sqrt(case["d"])
-    grads_ref, lse2, delta = _residuals(q, k, v, do, causal, scale)
+    grads_ref, lse2, delta = _residuals(q, k, v, do, causal, window, scale)
     geo = Geometry(
-        q_len=case["q_len"], kv_len=case["kv_len"], bq=64, bk=64, causal=causal, window=None,
+        q_len=case["q_len"], kv_len=case["kv_len"], bq=64, bk=64, causal=causal, window=window,
         has_segments=False, scale=scale, groups=case["h"] // case["kv_h"],
     )  # fmt: skip
     tiles = tiles or mgpu_bwd.default_tiles(case["d"])
@@ -71,7 +71,7 @@ def _check_backward(rng, case, tiles=None, interpret=True, tol=TOL):
     for name, g, r, x in zip(("dq", "dk", "dv"), grads, grads_ref, (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype, (name, g.shape, g.dtype)
         err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)))
-        print(f"{case} causal={causal} {name}: max |err| {err:.3g}, max |ref| "
+        print(f"{case} causal={causal} window={window} {name}: max |err| {err:.3g}, max |ref| "
               f"{float(jnp.max(jnp.abs(r))):.3g}")  # fmt: skip
         np.testing.assert_allclose(g.astype(jnp.float32), r, **tol, err_msg=name)
 
@@ -81,6 +81,8 @@ CASES = {
     "causal_d64_gqa": dict(b=1, q_len=100, kv_len=100, h=2, kv_h=1, d=64, causal=True),
     # q_len < kv_len (queries at the end), two dQ CTAs, two dK/dV CTAs
     "causal_d128_short_q": dict(b=1, q_len=70, kv_len=150, h=1, kv_h=1, d=128, causal=True),
+    # sliding window: tiles below the window are skipped, its lower edge is masked
+    "window_d64": dict(b=1, q_len=200, kv_len=250, h=1, kv_h=1, d=64, causal=True, window=70),
     "noncausal_d128_long_q": dict(b=1, q_len=150, kv_len=90, h=1, kv_h=1, d=128, causal=False),
     "noncausal_d64_fp16_gqa": dict(
         b=2, q_len=40, kv_len=130, h=3, kv_h=1, d=64, causal=False, dtype=jnp.float16
@@ -125,6 +127,7 @@ def test_default_tiles_are_supported():
 GPU_CASES = [
     dict(b=2, q_len=1000, kv_len=1000, h=4, kv_h=2, d=128, causal=True),
     dict(b=1, q_len=700, kv_len=1500, h=4, kv_h=1, d=64, causal=True),
+    dict(b=1, q_len=1200, kv_len=1200, h=2, kv_h=1, d=128, causal=True, window=300),
     dict(b=2, q_len=777, kv_len=513, h=2, kv_h=2, d=128, causal=False, dtype=jnp.float16),
 ]
 

@@ -1,0 +1,206 @@
+"""Time arjax's Mosaic GPU flash-attention backward (``kernels_pallas/flash_attention/
+mgpu_bwd.py``) against cuDNN and arjax's Triton kernels on Hopper.
+
+Causal bf16, D=128, H=16, B*L = 16384 tokens (as ``bench_attention.py``), per length:
+
+* ``bwd``: the backward kernels alone, both fed the same residuals (``lse2`` of arjax's Triton
+  forward, ``delta``): Triton (``gpu.backward``) and Mosaic GPU (``mgpu_bwd.backward``, each
+  ``--tiles`` candidate at the first length, the first candidate elsewhere), with the max
+  difference of their dq/dk/dv relative to the Triton ones' max; cuDNN's backward is its
+  fwd+bwd time minus its fwd time.
+* ``fwd`` and ``fwd+bwd`` (``jax.grad``): cuDNN, ``flash_attention(lowering="triton")`` and
+  ``flash_attention(lowering="mosaic")`` (Mosaic GPU forward and backward).
+
+FLOPs: causal forward = 2 matmuls * 2*B*H*L*L*D / 2, backward 2.5x that, fwd+bwd 3.5x. A
+failing kernel (e.g. a compile error) is recorded with its message and the run goes on.
+
+Run on a GPU:  PYTHONPATH=. python experiments/bench_mgpu_bwd.py [--tiles 64,64,3 64,128,2]
+Writes experiments/results/bench_mgpu_bwd.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench_attention import fwd_bwd, make_inputs, time_fn
+from kernels_pallas.flash_attention import flash_attention, gpu, mgpu_bwd
+from kernels_pallas.flash_attention._common import Geometry
+from kernels_pallas.tuning import block_sizes
+
+RESULTS = Path(__file__).parent / "results"
+D, H = 128, 16
+
+
+def _fwd_flops(b: int, length: int) -> float:
+    """Causal forward: 2 matmuls of 2*B*H*L*L*D FLOPs, halved by the mask."""
+    return 4 * b * H * length * length * D / 2
+
+
+def _tiles(text: str) -> mgpu_bwd.Tiles:
+    bq, bk, stages = (int(x) for x in text.split(","))
+    return mgpu_bwd.Tiles(bq=bq, bk=bk, stages=stages)
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:600]}"
+
+
+def _timed(row: dict, name: str, fn, args, opts, flops: float) -> None:
+    """Time ``fn(*args)`` into ``row`` (ms, TFLOP/s), or record why it failed."""
+    try:
+        t = time_fn(fn, args, opts.iters, opts.repeats)
+        row[name + "_ms"] = t * 1e3
+        row[name + "_tflops"] = flops / t / 1e12
+    except Exception as e:  # noqa: BLE001 - report and keep benchmarking
+        row[name + "_error"] = _error(e)
+        traceback.print_exc()
+
+
+def backward_row(length: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict:
+    """Backward kernels alone, from the residuals of arjax's Triton forward."""
+    b = max(1, 16384 // length)
+    q, k, v = make_inputs(b, length, H, D)
+    do = make_inputs(b, length, H, D, seed=1)[0]
+    bs = block_sizes("gpu", length, length, D)
+    geo = Geometry(q_len=length, kv_len=length, bq=bs.bq, bk=bs.bk, causal=True, window=None,
+                   has_segments=False, scale=1 / math.sqrt(D), groups=1)  # fmt: skip
+    out, lse2 = jax.jit(lambda q, k, v: gpu.forward(q, k, v, None, None, geo, bs, False))(q, k, v)
+    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
+    args = (q, k, v, do, lse2, delta)
+    flops = 2.5 * _fwd_flops(b, length)
+    row = {"L": length, "B": b, "H": H, "D": D, "mode": "bwd"}
+    triton = jax.jit(lambda *a: gpu.backward(*a[:6], None, None, geo, bs, False))
+    _timed(row, "triton", triton, args, opts, flops)
+    want = triton(*args)
+    for n, t in enumerate(tiles):
+        name = "mosaic" if n == 0 else f"mosaic_{t.bq}_{t.bk}_{t.stages}"
+        row[name + "_tiles"] = dataclasses.asdict(t)
+        mosaic = jax.jit(lambda *a, t=t: mgpu_bwd.backward(*a, geo, t, False))
+        _timed(row, name, mosaic, args, opts, flops)
+        if name + "_ms" in row:
+            got = mosaic(*args)
+            row[name + "_rel_diff_dq_dk_dv"] = [
+                float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
+                / float(jnp.max(jnp.abs(w.astype(jnp.float32))))
+                for g, w in zip(got, want)
+            ]
+    return row
+
+
+def api_rows(length: int, opts) -> list[dict]:
+    """fwd and fwd+bwd through the public entry points."""
+    b = max(1, 16384 // length)
+    q, k, v = make_inputs(b, length, H, D)
+    fns = {
+        "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"
+        ),
+        "triton": lambda q, k, v: flash_attention(q, k, v, causal=True, lowering="triton"),
+        "mosaic": lambda q, k, v: flash_attention(q, k, v, causal=True, lowering="mosaic"),
+    }
+    rows = []
+    for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+        row = {"L": length, "B": b, "H": H, "D": D, "mode": mode}
+        for name, fn in fns.items():
+            jf = jax.jit(fn) if mode == "fwd" else fwd_bwd(fn)
+            _timed(row, name, jf, (q, k, v), opts, mult * _fwd_flops(b, length))
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, name: str) -> str:
+    if row.get(name + "_ms") is None:
+        return "error" if name + "_error" in row else "n/a"
+    return f"{row[name + '_tflops']:.0f} ({row[name + '_ms']:.2f})"
+
+
+def _ratio(row: dict, name: str) -> str:
+    if row.get(name + "_ms") and row.get("mosaic_ms"):
+        return f"{row[name + '_ms'] / row['mosaic_ms']:.2f}x"
+    return "n/a"
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        "# bench_mgpu_bwd",
+        "",
+        f"- device: {meta['device']}; date: {meta['date']}; jax {meta['jax']}",
+        f"- command: `{meta['command']}`",
+        "",
+        "Causal bf16, D=128, H=16; TFLOP/s (ms). `bwd`: kernels alone from the same residuals "
+        "(cuDNN: fwd+bwd minus fwd); speedup = other ms / Mosaic ms.",
+        "",
+        "| L | B | mode | cuDNN | arjax Triton | arjax Mosaic GPU | vs cuDNN | vs Triton |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['L']} | {row['B']} | {row['mode']} | {_cell(row, 'cudnn')} | "
+            f"{_cell(row, 'triton')} | {_cell(row, 'mosaic')} | {_ratio(row, 'cudnn')} | "
+            f"{_ratio(row, 'triton')} |"
+        )
+    extra = [
+        (r["L"], k[:-3], r[k])
+        for r in rows
+        for k in r
+        if k.startswith("mosaic_") and k.endswith("_ms") and k != "mosaic_ms"
+    ]
+    if extra:
+        lines += ["", "Other Mosaic tiles (bq, bk, stages), backward ms:"]
+        lines += [f"- L={L} {name}: {ms:.2f}" for L, name, ms in extra]
+    errors = [(r["L"], r["mode"], k[:-6], r[k]) for r in rows for k in r if k.endswith("_error")]
+    if errors:
+        lines += ["", "Errors:"]
+        lines += [f"- L={L} {mode} {name}: `{msg}`" for L, mode, name, msg in errors]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 2048, 32768])
+    parser.add_argument(
+        "--tiles",
+        type=_tiles,
+        nargs="+",
+        default=[mgpu_bwd.default_tiles(D), _tiles("64,64,2"), _tiles("64,128,2")],
+        help="Mosaic backward candidates bq,bk,stages (the first is used at every length)",
+    )
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(RESULTS))
+    opts = parser.parse_args()
+    meta = {
+        "device": f"{jax.default_backend()} {jax.devices()[0].device_kind}",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "jax": jax.__version__,
+        "command": "PYTHONPATH=. python experiments/bench_mgpu_bwd.py",
+    }
+    rows = []
+    for n, length in enumerate(opts.lengths):
+        bwd = backward_row(length, opts.tiles if n == 0 else opts.tiles[:1], opts)
+        fwd, both = api_rows(length, opts)
+        if fwd.get("cudnn_ms") and both.get("cudnn_ms"):
+            bwd["cudnn_ms"] = both["cudnn_ms"] - fwd["cudnn_ms"]
+            bwd["cudnn_tflops"] = 2.5 * _fwd_flops(bwd["B"], length) / bwd["cudnn_ms"] / 1e9
+        for row in (bwd, fwd, both):
+            print(json.dumps(row), flush=True)
+        rows += [bwd, fwd, both]
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_mgpu_bwd.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text = markdown(meta, rows)
+    (out / "bench_mgpu_bwd.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
