@@ -295,13 +295,13 @@ class _Chunk:
         self.c, self.sub = cfg.chunk, cfg.sub
         self.dt = (q if q is not None else k).dtype
 
-    def rows(self, ref, i0, n=None):
+    def rows(self, ref, i0, n=None, cols=slice(None)):
         n = self.sub if n is None else n
-        return ref[i0 : i0 + n, :]
+        return ref[i0 : i0 + n, cols]
 
-    def gate(self, i0, n=None):
+    def gate(self, i0, n=None, cols=slice(None)):
         """``b`` rows as float32 ``[n, dk | 1]``, or None without a gate."""
-        return None if self.b is None else self.rows(self.b, i0, n)
+        return None if self.b is None else self.rows(self.b, i0, n, cols)
 
     def doc(self, i0, n=None):
         return None if self.r is None else self.rows(self.r, i0, n)
@@ -324,6 +324,18 @@ class _Chunk:
             m &= rb == rb.T
         return m
 
+    def safe(self, i0, n):
+        """Whether the log-gate range of rows ``[i0, i0 + n)`` is below ``FACTOR_SPREAD``."""
+        return jnp.max(self.gate(i0, 1) - self.gate(i0 + n - 1, 1)) < FACTOR_SPREAD
+
+    def factors(self, i0, n, cols=slice(None)):
+        """Rows ``[i0, i0 + n)`` (columns ``cols``) factored around their middle row ``rho``
+        (GLA paper sec. 4.2): ``(e^{b - rho}, e^{rho - b})`` float32 ``[n, dk]``, exponents
+        clamped at ``FACTOR_SPREAD`` (none is where ``safe``; see ``gated_diag`` for the bound)."""
+        b, rho = self.gate(i0, n, cols), self.gate(i0 + n // 2, 1, cols)
+        up = jnp.exp(jnp.minimum(b - rho, FACTOR_SPREAD))
+        return up, jnp.exp(jnp.minimum(rho - b, FACTOR_SPREAD))
+
     def state_in(self, i0, n):
         """GLA: ``e^{b}`` of rows ``[i0, i0 + n)`` ``[n, dk]``, zero on rows that do not see the
         incoming state (a document starts before them in the chunk)."""
@@ -338,16 +350,16 @@ class _Chunk:
             e if self.r is None else jnp.where(self.doc(i0, n) == self.doc(self.c - 1, 1), e, 0.0)
         )
 
-    def state_gate_grad(self, h, dh, kdk_state):
+    def state_gate_grad(self, hdh, kdk_state):
         """``dL/dB`` through the state update (B = the chunk's last cumulative log-gate, ``[1,
-        dk | 1]``): ``e^{B} sum_v S dS'`` (zero if the chunk resets the state) plus ``kdk_state
-        = sum_j k_j dk_j`` over the keys' state terms (of ``e^{B - b_j}``)."""
-        hh = h.astype(F32) * dh.astype(F32)
+        dk | 1]``): ``e^{B} sum_v S dS'`` (``hdh [dk, 1] = sum_v S dS'``; zero if the chunk
+        resets the state) plus ``kdk_state = sum_j k_j dk_j`` over the keys' state terms (of
+        ``e^{B - b_j}``)."""
         if self.cfg.gate == "scalar":
-            extra = jnp.sum(jnp.sum(hh, axis=1, keepdims=True), axis=0, keepdims=True)
+            extra = jnp.sum(hdh, axis=0, keepdims=True)
             kdk_state = jnp.sum(kdk_state, axis=1, keepdims=True)
         else:
-            extra = jnp.sum(hh, axis=1, keepdims=True).T  # [1, dk]
+            extra = hdh.T  # [1, dk]
         extra = extra * jnp.exp(self.gate(self.c - 1, 1))
         if self.r is not None:
             extra = jnp.where(self.doc(self.c - 1, 1) == self.rp[0:1, :], extra, 0.0)
@@ -389,14 +401,12 @@ class _Chunk:
         carries and the loops run ``sub`` steps on unsafe blocks, 0 on safe ones (so they cost
         nothing there, and no second set of results stays live for a select).
         """
-        q, b = self.rows(self.q, i0), self.gate(i0)
+        q = self.rows(self.q, i0)
         grads = da is not None or dat is not None
         mode = self.cfg.tune.bwd_diag if grads else self.cfg.tune.diag
 
         def factored():
-            rho = self.gate(i0 + self.sub // 2, 1)
-            up = jnp.exp(jnp.minimum(b - rho, FACTOR_SPREAD))
-            down = jnp.exp(jnp.minimum(rho - b, FACTOR_SPREAD))
+            up, down = self.factors(i0, self.sub)
             qf = (q.astype(F32) * up).astype(self.dt)
             kf = (self.rows(self.k, i0).astype(F32) * down).astype(self.dt)
             a = jnp.where(m, _mm(qf, kf, self.cfg, tb=True), 0.0) if scores else None
@@ -417,8 +427,7 @@ class _Chunk:
 
         if mode == "exact":
             return exact(self.sub)
-        spread = jnp.max(self.gate(i0, 1) - self.gate(i0 + self.sub - 1, 1))
-        safe = spread < FACTOR_SPREAD
+        safe = self.safe(i0, self.sub)
         if mode == "cond":
             return lax.cond(safe, factored, lambda: exact(self.sub))
         # trip count as a product: Pallas-Triton lowers a select of int literals to i1
@@ -634,7 +643,8 @@ def _grad_kernel(cfg: _Cfg, *refs, part: str = "all"):
             if want_kv and i0 + sub == c:  # d/dB of e^{B} S_prev and e^{B - b_j} (state update)
                 if lean:
                     h, dh = h_ref[...], dh_ref[...]
-                extra = ch.state_gate_grad(h, dh, kdk_state)
+                hdh = jnp.sum(h.astype(F32) * dh.astype(F32), axis=1, keepdims=True)
+                extra = ch.state_gate_grad(hdh, kdk_state)
                 db += jnp.where(_iota((sub, 1), 0) == sub - 1, extra, 0.0)
             db_ref[i0 : i0 + sub, :] = db
 
@@ -660,17 +670,41 @@ def _docs(refs: list) -> tuple:
 
 def _gla_scores_kernel(cfg: _Cfg, q_ref, k_ref, b_ref, *refs):
     """Staged forward (1): ``A [C, C]`` float32, ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}``
-    for ``j <= i`` in the same document (GLA paper eq. 4 within a chunk), else 0; per sub-block
-    row: earlier columns in exact power-of-two slices, one MMA each, then the diagonal block."""
+    for ``j <= i`` in the same document (GLA paper eq. 4 within a chunk), else 0.
+
+    The chunk is factored as a whole around its middle row: one ``[C, dk] x [dk, C]`` MMA (64
+    columns at a time), exact where its log-gate range is below ``FACTOR_SPREAD`` (the usual
+    case; the bound of ``gated_diag`` over the chunk); ``_gla_scores_fix_kernel`` recomputes
+    the other chunks."""
     *docs, a_ref = refs
     ch = _Chunk(cfg, q_ref, k_ref, None, b_ref, *_docs(docs))
+    c, dt = cfg.chunk, ch.dt
+    dk = q_ref.shape[1]
+    a = jnp.zeros((c, c), F32)
+    for c0 in range(0, dk, min(dk, 64)):  # 64 columns at a time: fewer live [C, dk] tiles
+        cols = slice(c0, c0 + min(dk, 64))
+        up, down = ch.factors(0, c, cols)
+        qf = (ch.rows(q_ref, 0, c, cols).astype(F32) * up).astype(dt)
+        kf = (ch.rows(k_ref, 0, c, cols).astype(F32) * down).astype(dt)
+        a += _mm(qf, kf, cfg, tb=True)
+    a_ref[...] = jnp.where(ch.diag_mask(0, c), a, 0.0)
+
+
+def _gla_scores_fix_kernel(cfg: _Cfg, q_ref, k_ref, b_ref, *refs):
+    """``A`` of the chunks whose log-gate range is >= ``FACTOR_SPREAD`` (strong gates; a
+    separate kernel, so the common one keeps few registers), sub-block by sub-block into the
+    aliased ``A``: earlier sub-block pairs by one MMA each, factored around the row block's
+    first row (factors <= 1), the diagonal blocks as ``gated_diag``."""
+    *docs, _, a_ref = refs
+    ch = _Chunk(cfg, q_ref, k_ref, None, b_ref, *_docs(docs))
     c, sub = cfg.chunk, ch.sub
-    for i0 in range(0, c, sub):
-        for j0, n in ch.blocks(0, i0):
-            a_ref[i0 : i0 + sub, j0 : j0 + n] = ch.earlier_scores(i0, j0, n)
-        a_ref[i0 : i0 + sub, i0 : i0 + sub] = ch.gated_diag(i0, ch.diag_mask(i0))[0]
-        for j0, n in ch.blocks(i0 + sub, c):
-            a_ref[i0 : i0 + sub, j0 : j0 + n] = jnp.zeros((sub, n), F32)
+
+    @pl.when(~ch.safe(0, c))
+    def _():
+        for i0 in range(0, c, sub):
+            for j0, n in ch.blocks(0, i0):
+                a_ref[i0 : i0 + sub, j0 : j0 + n] = ch.earlier_scores(i0, j0, n)
+            a_ref[i0 : i0 + sub, i0 : i0 + sub] = ch.gated_diag(i0, ch.diag_mask(i0))[0]
 
 
 def _gla_out_kernel(cfg: _Cfg, q_ref, b_ref, v_ref, a_ref, h_ref, *refs):
@@ -703,23 +737,68 @@ def _gla_dv_kernel(cfg: _Cfg, k_ref, b_ref, a_ref, do_ref, dh_ref, *refs):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _gla_dqk_kernel(cfg: _Cfg, q_ref, k_ref, b_ref, v_ref, do_ref, da_ref, h_ref, dh_ref, *refs):
-    """Staged backward (3), one dk tile (every term is per channel d): per sub-block X
+def _row_dot(x_ref, y_ref) -> jax.Array:
+    """``sum_v x * y`` of two ``[n, dv]`` refs as float32 ``[n, 1]``, 64 columns at a time."""
+    n, dv = x_ref.shape
+    w = min(dv, 64)
+    out = jnp.zeros((n, 1), F32)
+    for c0 in range(0, dv, w):
+        x, y = (ref[:, c0 : c0 + w].astype(F32) for ref in (x_ref, y_ref))
+        out += jnp.sum(x * y, axis=1, keepdims=True)
+    return out
 
-    ``dq_X = e^{b_X} (do_X h^T) + sum_{j <= i} dA_ij k_j e^{b_i - b_j}``,
-    ``dk_X = e^{B - b_X} (v_X dh^T) + sum_{i >= j} dA_ij q_i e^{b_i - b_j}``,
-    ``db_X = q_X dq_X - k_X dk_X`` (+ ``dL/dB``, ``_Chunk.state_gate_grad``, on the last row):
-    the derivative of ``o`` and of the state update w.r.t. the cumulative log-gates ``b``. The
-    intra-chunk sums: diagonal blocks by ``gated_diag``, the others one MMA per earlier column
-    slice (dq) or later row slice (dk) of ``dA``. ``q, k, b, h, dh, dq, dk, db``: dk tiles."""
+
+def _gla_dqk_kernel(cfg: _Cfg, q_ref, k_ref, b_ref, v_ref, do_ref, da_ref, h_ref, dh_ref, *refs):
+    """Staged backward (3), one dk tile (every term is per channel d):
+
+    ``dq = e^{b} (do h^T) + sum_{j <= i} dA_ij k_j e^{b_i - b_j}``,
+    ``dk = e^{B - b} (v dh^T) + sum_{i >= j} dA_ij q_i e^{b_i - b_j}``,
+    ``db = q dq - k dk`` (+ ``dL/dB``, ``_Chunk.state_gate_grad``, on the last row): the
+    derivative of ``o`` and of the state update w.r.t. the cumulative log-gates ``b``. The
+    intra-chunk sums as in ``_gla_scores_kernel``: one MMA each over the chunk factored around
+    its middle row (``_gla_dqk_fix_kernel`` recomputes the chunks with a log-gate range >=
+    ``FACTOR_SPREAD``). ``q, k, b, h, dh, dq, dk, db``: dk tiles."""
     *docs, dq_ref, dk_ref, db_ref = refs
     ch = _Chunk(cfg, q_ref, k_ref, v_ref, b_ref, *_docs(docs))
+    c, dt = cfg.chunk, ch.dt
+    f32 = lambda ref: ref[...].astype(F32)  # noqa: E731 -- loaded where used: few live tiles
+    up, down = ch.factors(0, c)
+    dk = ch.state_out(0, c) * _mm(v_ref[...], dh_ref[...], cfg, tb=True)
+    kdk_state = jnp.sum(f32(k_ref) * dk, axis=0, keepdims=True)
+    dk += down * _mm(da_ref[...].astype(dt), (f32(q_ref) * up).astype(dt), cfg, ta=True)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    extra = ch.state_gate_grad(_row_dot(h_ref, dh_ref), kdk_state)
+    db_ref[...] = jnp.where(_iota((c, 1), 0) == c - 1, extra, 0.0) - f32(k_ref) * dk
+    up, down = ch.factors(0, c)  # again: not live across the dk half
+    dq = ch.state_in(0, c) * _mm(do_ref[...], h_ref[...], cfg, tb=True)
+    dq += up * _mm(da_ref[...].astype(dt), (f32(k_ref) * down).astype(dt), cfg)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    db_ref[...] += f32(q_ref) * dq
+
+
+def _gla_dqk_fix_kernel(cfg: _Cfg, q_ref, k_ref, b_ref, v_ref, do_ref, da_ref, h_ref, dh_ref,
+                        *refs):  # fmt: skip
+    """``_gla_dqk_kernel`` for the chunks with a log-gate range >= ``FACTOR_SPREAD`` (strong
+    gates), sub-block by sub-block into the aliased ``dq, dk, db``: per block X the inter
+    terms, the diagonal block by ``gated_diag``, earlier columns (dq) and later rows (dk) one
+    sub-block pair per MMA, factored around the pair's boundary (factors <= 1)."""
+    *docs, _, _, _, dq_ref, dk_ref, db_ref = refs
+    ch = _Chunk(cfg, q_ref, k_ref, v_ref, b_ref, *_docs(docs))
+
+    @pl.when(~ch.safe(0, cfg.chunk))
+    def _():
+        _gla_dqk_blocks(ch, da_ref, h_ref, dh_ref, do_ref, dq_ref, dk_ref, db_ref)
+
+
+def _gla_dqk_blocks(ch: _Chunk, da_ref, h_ref, dh_ref, do_ref, dq_ref, dk_ref, db_ref):
+    """The sub-block path of ``_gla_dqk_fix_kernel``."""
+    cfg = ch.cfg
     c, sub, dt = cfg.chunk, ch.sub, ch.dt
-    kdk_state = jnp.zeros((1, q_ref.shape[1]), F32)
+    kdk_state = jnp.zeros((1, ch.q.shape[1]), F32)
     for i0 in range(0, c, sub):
-        q, k, b = ch.rows(q_ref, i0).astype(F32), ch.rows(k_ref, i0).astype(F32), ch.gate(i0)
+        q, k, b = ch.rows(ch.q, i0).astype(F32), ch.rows(ch.k, i0).astype(F32), ch.gate(i0)
         dq = ch.state_in(i0, sub) * _mm(ch.rows(do_ref, i0), h_ref[...], cfg, tb=True)
-        dk = ch.state_out(i0, sub) * _mm(ch.rows(v_ref, i0), dh_ref[...], cfg, tb=True)
+        dk = ch.state_out(i0, sub) * _mm(ch.rows(ch.v, i0), dh_ref[...], cfg, tb=True)
         kdk_state += jnp.sum(k * dk, axis=0, keepdims=True)
         da = da_ref[i0 : i0 + sub, i0 : i0 + sub]
         _, dq_diag, dk_diag = ch.gated_diag(i0, None, da, da.T, scores=False)
@@ -740,18 +819,19 @@ def _gla_dqk_kernel(cfg: _Cfg, q_ref, k_ref, b_ref, v_ref, do_ref, da_ref, h_ref
         dk_ref[i0 : i0 + sub, :] = dk.astype(dk_ref.dtype)
         db = q * dq - k * dk
         if i0 + sub == c:
-            extra = ch.state_gate_grad(h_ref[...], dh_ref[...], kdk_state)
+            extra = ch.state_gate_grad(_row_dot(h_ref, dh_ref), kdk_state)
             db += jnp.where(_iota((sub, 1), 0) == sub - 1, extra, 0.0)
         db_ref[i0 : i0 + sub, :] = db
 
 
 def _chunk_call(kernel, cfg: _Cfg, ins: list, outs: list, name: str, *, bwd: bool,
-                tiles: int = 1):  # fmt: skip
+                tiles: int = 1, aliases: dict | None = None):  # fmt: skip
     """Parallel-over-chunks pallas_call. ``ins``/``outs``: (array | ShapeDtypeStruct, kind)
     with kind "seq" (per-token ``[.., len, .., dim]``), "state" (``[b, h, chunks, dk, dv]``),
     "scores" (``[b, h, chunks, C, C]``) or "doc" (``[b, len, 1]``); ``bwd`` picks the
     backward's launch parameters. ``tiles > 1`` (Triton) adds a grid axis over column tiles:
-    kinds "seq/t" and "state/v" take that tile of their last dim, "state/k" of the state rows."""
+    kinds "seq/t" and "state/v" take that tile of their last dim, "state/k" of the state rows.
+    ``aliases``: ``input_output_aliases`` (outputs updated in place)."""
     tpu = cfg.backend == "tpu"
     shape = ins[0][0].shape
     bsz, heads = (shape[0], shape[1]) if tpu else (shape[0], shape[2])
@@ -796,6 +876,7 @@ def _chunk_call(kernel, cfg: _Cfg, ins: list, outs: list, name: str, *, bwd: boo
         out_specs=[spec(s, kind) for s, kind in outs],
         interpret=cfg.interpret,
         compiler_params=params,
+        input_output_aliases=aliases or {},
         name=name,
     )(*[x for x, _ in ins])
 
@@ -820,6 +901,9 @@ def _gla_scores(q, k, b, seg, cfg: _Cfg) -> jax.Array:
     ins = [(q, "seq"), (k, "seq"), (b, "seq")] + _doc_args(seg, cfg)
     (a,) = _chunk_call(_gla_scores_kernel, cfg, ins, [_scores_like(q, cfg)],
                        "la_chunk_gla_scores", bwd=False)  # fmt: skip
+    (a,) = _chunk_call(_gla_scores_fix_kernel, cfg, ins + [(a, "scores")],
+                       [_scores_like(q, cfg)], "la_chunk_gla_scores_fix", bwd=False,
+                       aliases={len(ins): 0})  # fmt: skip
     return a
 
 
@@ -868,8 +952,12 @@ def _staged_grads(q, k, v, b, seg, h, a, dh, do, cfg: _Cfg) -> tuple:
            (h, "state/k"), (dh, "state/k")] + docs  # fmt: skip
     outs = [(jax.ShapeDtypeStruct(x.shape, dt), "seq/t") for x, dt in ((q, q.dtype), (k, k.dtype),
                                                                       (b, F32))]  # fmt: skip
-    dq, dk, db = _chunk_call(_gla_dqk_kernel, cfg, ins, outs, "la_chunk_gla_dqk", bwd=True,
-                             tiles=dk_ // bk)  # fmt: skip
+    grads = _chunk_call(_gla_dqk_kernel, cfg, ins, outs, "la_chunk_gla_dqk", bwd=True,
+                        tiles=dk_ // bk)  # fmt: skip
+    aliases = {len(ins) + i: i for i in range(3)}
+    dq, dk, db = _chunk_call(_gla_dqk_fix_kernel, cfg, ins + [(x, "seq/t") for x in grads], outs,
+                             "la_chunk_gla_dqk_fix", bwd=True, tiles=dk_ // bk,
+                             aliases=aliases)  # fmt: skip
     return dq, dk, dv, db
 
 

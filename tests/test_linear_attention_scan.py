@@ -133,8 +133,10 @@ MIXED_GATES = np.select([np.arange(37) < 16, np.arange(37) < 32], [1.0, 12.0], 1
 
 # The "staged" GLA kernels (GLA paper sec. 4.2) with the branch-free factored diagonal blocks.
 STAGED = ScanConfig(form="staged", bwd_form="staged", diag="factored", bwd_diag="factored")
-STAGED_FWD = {"la_chunk_gla_scores", "la_chunk_gla_out"}
-STAGED_BWD = {"la_chunk_gla_scores", "la_chunk_gla_da", "la_chunk_gla_dv", "la_chunk_gla_dqk"}
+SCORES = {"la_chunk_gla_scores", "la_chunk_gla_scores_fix"}
+STAGED_FWD = SCORES | {"la_chunk_gla_out"}
+STAGED_BWD = SCORES | {"la_chunk_gla_da", "la_chunk_gla_dv", "la_chunk_gla_dqk",
+                       "la_chunk_gla_dqk_fix"}  # fmt: skip
 STATE = {"la_state_fwd", "la_state_bwd"}
 
 
