@@ -310,15 +310,16 @@ TUNE_STEPS = (
     (("form",), ("bwd_form",), (("staged",),), ("gla",)),
     (("staged_tile",), ("bwd_staged_tile",), ((128,), (32,)), ("gla",)),  # if "staged" won
     (("cumsum",), None, (("pallas",),), ("gla",)),  # log-gate cumsum: Triton, not reduce-window
-    (("diag",), ("bwd_diag",), (("factored",),), ("gla",)),
-    (("form",), ("bwd_form",), (("lean",), ("split",)), ("gla",)),  # fewer spills (ptxas)
     (("warps",), ("bwd_warps",), ((8,),), ("scalar", "gla")),  # 2 warps: more spills (ptxas)
+    (("state_stages",), ("bwd_state_stages",), ((1,), (3,)), ("scalar", "gla")),
     (("state_bk", "state_bv"), ("bwd_state_bk", "bwd_state_bv"),
      ((32, 64), (32, 32), (64, 128)), ("scalar", "gla")),
     (("state_warps",), ("bwd_state_warps",), ((8,), (2,)), ("scalar", "gla")),
     (("chunk",), None, ((128,),), ("scalar", "gla")),
+    # the fused forms' knobs (with "staged", diag/bwd_diag only reach strong-gate chunks)
+    (("diag",), ("bwd_diag",), (("factored",),), ("gla",)),
+    (("form",), ("bwd_form",), (("lean",), ("split",)), ("gla",)),  # fewer spills (ptxas)
     (("sub",), None, ((32,),), ("gla",)),
-    (("state_stages",), ("bwd_state_stages",), ((1,), (3,)), ("scalar", "gla")),
     (("stages",), ("bwd_stages",), ((1,), (3,)), ("scalar", "gla")),
 )  # fmt: skip
 
