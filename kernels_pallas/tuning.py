@@ -147,7 +147,7 @@ class ScanConfig:
     ``staged_tile``: dv columns of one "staged" output program (``bwd_staged_tile``: dv columns
     of the backward's dv kernel and dk columns of its dq/dk kernel; clipped to the dims);
     ``cumsum``: how the GLA log-gates are cumsummed (``CUMSUMS``). On TPU only ``sub``,
-    ``diag`` and ``form`` apply.
+    ``diag``, ``form`` and ``bwd_form`` apply ("staged" runs as "lean", backward "split").
     """
 
     state_bk: int = 64
