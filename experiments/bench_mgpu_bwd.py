@@ -5,9 +5,8 @@ Causal bf16, D=128, H=16, B*L = 16384 tokens (as ``bench_attention.py``), per le
 
 * ``bwd``: the backward kernels alone, both fed the same residuals (``lse2`` of arjax's Triton
   forward, ``delta``): Triton (``gpu.backward``) and Mosaic GPU (``mgpu_bwd.backward``, each
-  ``--tiles`` candidate at the first length, the first candidate elsewhere), with the max
-  difference of their dq/dk/dv relative to the Triton ones' max; cuDNN's backward is its
-  fwd+bwd time minus its fwd time.
+  ``--tiles`` candidate), with the max difference of their dq/dk/dv relative to the Triton
+  ones' max; cuDNN's backward is its fwd+bwd time minus its fwd time.
 * ``fwd`` and ``fwd+bwd`` (``jax.grad``): cuDNN, ``flash_attention(lowering="triton")`` and
   ``flash_attention(lowering="mosaic")`` (Mosaic GPU forward and backward).
 
@@ -46,8 +45,11 @@ def _fwd_flops(b: int, length: int) -> float:
 
 
 def _tiles(text: str) -> mgpu_bwd.Tiles:
-    bq, bk, stages = (int(x) for x in text.split(","))
-    return mgpu_bwd.Tiles(bq=bq, bk=bk, stages=stages)
+    """``bq,bk,stages`` or ``bq,bk,stages,fused`` (dQ fused into the dK/dV kernel)."""
+    bq, bk, stages, *fused = text.split(",")
+    if fused not in ([], ["fused"]):
+        raise argparse.ArgumentTypeError(f"tiles: expected bq,bk,stages[,fused], got {text!r}")
+    return mgpu_bwd.Tiles(bq=int(bq), bk=int(bk), stages=int(stages), fused_dq=bool(fused))
 
 
 def _error(e: Exception) -> str:
@@ -82,7 +84,7 @@ def backward_row(length: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict:
     _timed(row, "triton", triton, args, opts, flops)
     want = triton(*args)
     for n, t in enumerate(tiles):
-        name = "mosaic" if n == 0 else f"mosaic_{t.bq}_{t.bk}_{t.stages}"
+        name = "mosaic" if n == 0 else f"mosaic_{t.bq}_{t.bk}_{t.stages}" + "_fused" * t.fused_dq
         row[name + "_tiles"] = dataclasses.asdict(t)
         mosaic = jax.jit(lambda *a, t=t: mgpu_bwd.backward(*a, geo, t, False))
         _timed(row, name, mosaic, args, opts, flops)
@@ -155,7 +157,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         if k.startswith("mosaic_") and k.endswith("_ms") and k != "mosaic_ms"
     ]
     if extra:
-        lines += ["", "Other Mosaic tiles (bq, bk, stages), backward ms:"]
+        lines += ["", "Other Mosaic tiles (bq, bk, stages[, fused dQ]), backward ms:"]
         lines += [f"- L={L} {name}: {ms:.2f}" for L, name, ms in extra]
     errors = [(r["L"], r["mode"], k[:-6], r[k]) for r in rows for k in r if k.endswith("_error")]
     if errors:
@@ -171,8 +173,8 @@ def main() -> None:
         "--tiles",
         type=_tiles,
         nargs="+",
-        default=[mgpu_bwd.default_tiles(D), _tiles("64,64,2"), _tiles("64,128,2")],
-        help="Mosaic backward candidates bq,bk,stages (the first is used at every length)",
+        default=[mgpu_bwd.default_tiles(D), *map(_tiles, ("64,64,2,fused", "64,64,2", "64,128,2"))],
+        help="Mosaic backward candidates bq,bk,stages[,fused] (the first is the 'mosaic' column)",
     )
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
@@ -185,8 +187,8 @@ def main() -> None:
         "command": "PYTHONPATH=. python experiments/bench_mgpu_bwd.py",
     }
     rows = []
-    for n, length in enumerate(opts.lengths):
-        bwd = backward_row(length, opts.tiles if n == 0 else opts.tiles[:1], opts)
+    for length in opts.lengths:
+        bwd = backward_row(length, opts.tiles, opts)
         fwd, both = api_rows(length, opts)
         if fwd.get("cudnn_ms") and both.get("cudnn_ms"):
             bwd["cudnn_ms"] = both["cudnn_ms"] - fwd["cudnn_ms"]

@@ -7,8 +7,10 @@ and ``delta = rowsum(dO * O)``, computed here in float32), the kernels' dq, dk, 
 Tolerance: atol = rtol = 2e-2 (bf16 rounding of the inputs' products P, dS fed to the
 float32-accumulated matmuls and of the outputs). On CPU the kernels run in the Mosaic GPU
 interpreter (tiny shapes: one or two 128-row CTAs, lengths not multiples of the tiles, so
-boundary tiles are partly padded); tests marked ``gpu`` compile the real kernels and only run
-where a GPU is present (``pytest -k gpu -s`` prints their errors).
+boundary tiles are partly padded) with its happens-before race detector on, and the last
+kernel of each call (the dQ kernel, or the fused dK/dV/dQ one) must be race-free; tests marked
+``gpu`` compile the real kernels and only run where a GPU is present (``pytest -k gpu -s``
+prints their errors).
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ TOL = dict(rtol=2e-2, atol=2e-2)
 GPU_TOL = dict(rtol=3e-2, atol=3e-2)  # longer rows: more bf16 terms per dot product
 FAST_COMPILE = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
 gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+@pytest.fixture
+def races(monkeypatch):
+    """Interpret with race detection; returns whether the last interpreted kernel raced.
+    (The GPU interpreter and its race detector have no public names in jax 0.10/0.11.)"""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    params = InterpretGPUParams(detect_races=True)
+    monkeypatch.setattr(mgpu_bwd, "_interpret_params", lambda: params)
+    return lambda: gpu_callbacks.get_races().races_found
 
 
 def _inputs(rng, b, q_len, kv_len, h, kv_h, d, dtype):
@@ -54,7 +68,7 @@ def _residuals(q, k, v, do, causal: bool, window: int | None, scale: float):
     return vjp(f32(do)), lse2, delta
 
 
-def _check_backward(rng, case, tiles=None, interpret=True, tol=TOL):
+def _check_backward(rng, case, tiles=None, interpret=True, tol=TOL, races=None):
     case = dict(case)
     causal, window = case.pop("causal"), case.pop("window", None)
     q, k, v, do = _inputs(rng, dtype=case.pop("dtype", jnp.bfloat16), **case)
@@ -67,7 +81,9 @@ def _check_backward(rng, case, tiles=None, interpret=True, tol=TOL):
     tiles = tiles or mgpu_bwd.default_tiles(case["d"])
     bwd = lambda *args: mgpu_bwd.backward(*args, geo, tiles, interpret)
     compiled = jax.jit(bwd).lower(q, k, v, do, lse2, delta).compile(FAST_COMPILE)
-    grads = compiled(q, k, v, do, lse2, delta)
+    grads = jax.block_until_ready(compiled(q, k, v, do, lse2, delta))
+    if interpret:
+        assert not races(), "the interpreter detected a data race"
     for name, g, r, x in zip(("dq", "dk", "dv"), grads, grads_ref, (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype, (name, g.shape, g.dtype)
         err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)))
@@ -76,6 +92,8 @@ def _check_backward(rng, case, tiles=None, interpret=True, tol=TOL):
         np.testing.assert_allclose(g.astype(jnp.float32), r, **tol, err_msg=name)
 
 
+FUSED = {64: mgpu_bwd.Tiles(bq=128, stages=2, fused_dq=True),  # dQ blocks split by rows
+         128: mgpu_bwd.Tiles(bq=64, stages=2, fused_dq=True)}  # by columns  # fmt: skip
 CASES = {
     # GQA (2 query heads per KV head), one 128-row CTA per kernel with a padded boundary tile
     "causal_d64_gqa": dict(b=1, q_len=100, kv_len=100, h=2, kv_h=1, d=64, causal=True),
@@ -84,6 +102,12 @@ CASES = {
     # sliding window: tiles below the window are skipped, its lower edge is masked
     "window_d64": dict(b=1, q_len=200, kv_len=250, h=1, kv_h=1, d=64, causal=True, window=70),
     "noncausal_d128_long_q": dict(b=1, q_len=150, kv_len=90, h=1, kv_h=1, d=128, causal=False),
+}
+# the same kinds of calls with dQ fused into the dK/dV kernel
+FUSED_CASES = {
+    "causal_d64": dict(b=1, q_len=100, kv_len=100, h=1, kv_h=1, d=64, causal=True),
+    "causal_d128_gqa_short_q": dict(b=1, q_len=70, kv_len=150, h=2, kv_h=1, d=128, causal=True),
+    "window_d128": dict(b=1, q_len=130, kv_len=200, h=1, kv_h=1, d=128, causal=True, window=50),
     "noncausal_d64_fp16_gqa": dict(
         b=2, q_len=40, kv_len=130, h=3, kv_h=1, d=64, causal=False, dtype=jnp.float16
     ),
@@ -91,15 +115,25 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_mosaic_backward_matches_reference_grads(rng, name):
-    _check_backward(rng, CASES[name])
+def test_mosaic_backward_matches_reference_grads(rng, races, name):
+    _check_backward(rng, CASES[name], races=races)
 
 
-def test_mosaic_backward_streamed_tiles_and_ring_depth(rng):
-    """128-wide streamed tiles with a one-slot ring, and 64-wide with three slots (D=64)."""
+@pytest.mark.parametrize("name", sorted(FUSED_CASES))
+def test_mosaic_backward_fused_dq_matches_reference_grads(rng, races, name):
+    _check_backward(rng, FUSED_CASES[name], tiles=FUSED[FUSED_CASES[name]["d"]], races=races)
+
+
+def test_mosaic_backward_streamed_tiles_and_ring_depth(rng, races):
+    """128-wide streamed tiles with a one-slot ring, 64-wide with three slots, and fused dQ
+    with a 64-wide tile: one 64x64 dQ block per step, the second consumer adds none (D=64)."""
     case = dict(b=1, q_len=200, kv_len=200, h=1, kv_h=1, d=64, causal=True)
-    _check_backward(rng, case, tiles=mgpu_bwd.Tiles(bq=128, bk=128, stages=1))
-    _check_backward(rng, case, tiles=mgpu_bwd.Tiles(bq=64, bk=64, stages=3))
+    for tiles in (
+        mgpu_bwd.Tiles(bq=128, bk=128, stages=1),
+        mgpu_bwd.Tiles(bq=64, bk=64, stages=3),
+        mgpu_bwd.Tiles(bq=64, stages=3, fused_dq=True),
+    ):
+        _check_backward(rng, case, tiles=tiles, races=races)
 
 
 @pytest.mark.parametrize(
@@ -111,6 +145,7 @@ def test_mosaic_backward_streamed_tiles_and_ring_depth(rng):
         ((jnp.bfloat16, 64, False, mgpu_bwd.Tiles(bq=32)), "tile bq must be"),
         ((jnp.bfloat16, 64, False, mgpu_bwd.Tiles(stages=0)), "stages must be"),
         ((jnp.bfloat16, 128, False, mgpu_bwd.Tiles(128, 128, stages=4)), "shared memory"),
+        ((jnp.bfloat16, 128, False, mgpu_bwd.Tiles(fused_dq=1)), "fused_dq must be a bool"),
     ],
 )
 def test_unsupported_calls_raise_naming_the_problem(args, match):
@@ -121,7 +156,8 @@ def test_unsupported_calls_raise_naming_the_problem(args, match):
 def test_default_tiles_are_supported():
     for d in mgpu_bwd.HEAD_DIMS:
         for dtype in mgpu_bwd.DTYPES:
-            mgpu_bwd.check_supported(dtype, d, False, mgpu_bwd.default_tiles(d))
+            for tiles in (mgpu_bwd.default_tiles(d), FUSED[d]):
+                mgpu_bwd.check_supported(dtype, d, False, tiles)
 
 
 GPU_CASES = [
@@ -134,6 +170,8 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_gpu_mosaic_backward_on_device(rng, case):
-    _check_backward(rng, case, interpret=False, tol=GPU_TOL)
+def test_gpu_mosaic_backward_on_device(rng, case, fused):
+    tiles = FUSED[case["d"]] if fused else None
+    _check_backward(rng, case, tiles=tiles, interpret=False, tol=GPU_TOL)

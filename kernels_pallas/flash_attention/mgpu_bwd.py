@@ -13,9 +13,16 @@ float32 register accumulators (FlashAttention-3, Shah et al. 2024, sec. 3.1 and 
   ``P^T = exp2(S^T scale log2(e) - lse2)``, ``dS^T = P^T (dP^T - delta)``, ``dV += P^T dO``,
   ``dK += dS^T Q`` (FA-2 alg. 2 lines 11-17). The group's heads are summed in the float32
   accumulators, so dK/dV come out once per KV head, in the input dtype.
-* dQ: one CTA per 128 query rows of one (batch, head), heaviest causal tiles first; the
-  producer streams the visible ``K``, ``V`` tiles (``bk`` rows): ``S = Q K^T``,
-  ``dP = dO V^T``, ``dS = P (dP - delta)``, ``dQ += dS K`` (alg. 2 lines 11-16, 18).
+* dQ, two ways (``Tiles.fused_dq``):
+  - a second kernel: one CTA per 128 query rows of one (batch, head), heaviest causal tiles
+    first; the producer streams the visible ``K``, ``V`` tiles (``bk`` rows): ``S = Q K^T``,
+    ``dP = dO V^T``, ``dS = P (dP - delta)``, ``dQ += dS K`` (alg. 2 lines 11-16, 18) --
+    7 matmuls in all, as arjax's Triton backward;
+  - fused (FA-2 alg. 2 line 18 as written, FA-3 sec. 3.3): the dK/dV kernel also writes
+    ``dS^T`` (input dtype) to shared memory, the two consumers swap halves through an mbarrier,
+    each computes 64x64 blocks of the step's ``dQ`` partial ``dS K`` from shared memory
+    (transposed ``dS^T`` as the wgmma lhs) and adds them to a float32 ``dQ`` in GMEM with a TMA
+    reduce-add -- 5 matmuls; ``dQ`` is scaled and cast by XLA afterwards.
 
 ``lse2`` is the forward's base-2 log-sum-exp (``_common``; +inf for rows that see no key, so
 their probabilities are exactly 0) and ``delta = rowsum(dO * O)``. Tile skipping and the
@@ -27,13 +34,16 @@ rows carry ``lse2 = +inf``. No segment ids (those calls keep the Triton backward
 Interpret mode (CPU tests) runs the same kernels -- TMA copies, barriers, warp
 specialisation, masks, epilogues -- but the Mosaic GPU interpreter cannot read a transposed
 shared-memory operand or a register left operand of ``wgmma``, so there the products are
-``jnp`` dot products of the same operands (same dtypes, float32 accumulation).
+``jnp`` dot products of the same operands (same dtypes, float32 accumulation); nor has it TMA
+reductions, so there the fused ``dQ`` add is a read-modify-write of GMEM (the interpreter
+runs one CTA at a time, and the two consumers add disjoint blocks).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +54,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels_pallas.flash_attention._common import (
     Geometry,
     dot_nn,
-    dot_nt,
     kv_block_range,
     q_block_range,
     tile_mask,
@@ -66,8 +75,9 @@ class Tiles:
     """Streamed tile sizes and ring depth of the two kernels."""
 
     bq: int = 64  # query rows per step of the dK/dV kernel
-    bk: int = 64  # KV rows per step of the dQ kernel
+    bk: int = 64  # KV rows per step of the dQ kernel (unused when fused_dq)
     stages: int = 2  # ring slots in flight
+    fused_dq: bool = False  # dQ by the dK/dV kernel (TMA reduce-add) instead of its own kernel
 
 
 def default_tiles(head_dim: int) -> Tiles:
@@ -77,9 +87,11 @@ def default_tiles(head_dim: int) -> Tiles:
 
 
 def smem_bytes(itemsize: int, head_dim: int, tiles: Tiles) -> int:
-    """Shared memory of the larger of the two kernels' CTAs."""
+    """Shared memory of the larger of the kernels' CTAs."""
     resident = 2 * TILE * head_dim * itemsize  # K, V (dK/dV) or Q, dO (dQ) of both consumers
     dkv_ring = tiles.stages * (2 * tiles.bq * head_dim * itemsize + 2 * tiles.bq * 4)
+    if tiles.fused_dq:  # + dS^T double buffer and each consumer's float32 dQ staging block
+        return resident + dkv_ring + 2 * TILE * tiles.bq * itemsize + CONSUMERS * ROWS * ROWS * 4
     dq_ring = tiles.stages * 2 * tiles.bk * head_dim * itemsize
     return resident + 2 * TILE * 4 + max(dkv_ring, dq_ring)
 
@@ -98,6 +110,8 @@ def check_supported(dtype, head_dim: int, has_segments: bool, tiles: Tiles) -> N
                 f"mosaic backward: tile {name} must be one of {STREAM_TILES}, "
                 f"got {getattr(tiles, name)}"
             )
+    if not isinstance(tiles.fused_dq, bool):
+        raise ValueError(f"mosaic backward: fused_dq must be a bool, got {tiles.fused_dq!r}")
     if not isinstance(tiles.stages, int) or tiles.stages < 1:
         raise ValueError(f"mosaic backward: stages must be a positive int, got {tiles.stages!r}")
     if (need := smem_bytes(jnp.dtype(dtype).itemsize, head_dim, tiles)) > SMEM_BYTES:
@@ -131,18 +145,36 @@ def _vector(ref, dim: int, interpret: bool):
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
 
 
+@dataclasses.dataclass(frozen=True)
+class _T:
+    """A shared-memory ``wgmma`` operand read transposed."""
+
+    ref: Any
+
+
+def _operand(x, interpret: bool):
+    if isinstance(x, _T):
+        return x.ref[...].T if interpret else plgpu.transpose_ref(x.ref, (1, 0))
+    return x[...] if interpret else x
+
+
 def _mma(terms, interpret: bool):
-    """Issue ``acc + a @ b`` (``b`` transposed where asked) for each ``(acc, a, b, b_t)`` of
-    ``terms`` together and wait once; ``a`` is a shared-memory ref or a register array of the
-    input dtype, ``b`` a shared-memory ref, ``acc`` float32 ``[m, n]``."""
+    """For each ``(acc, [(a, b), ...])`` of ``terms``: ``acc + sum(a @ b)``, all issued
+    together and waited for once; ``a`` is a shared-memory ref or a register array of the
+    input dtype, ``b`` a shared-memory ref, either may be ``_T`` (transposed); ``acc`` float32
+    ``[m, n]``."""
     if interpret:
-        return tuple(acc + (dot_nt if b_t else dot_nn)(a[...], b[...]) for acc, a, b, b_t in terms)
+        return tuple(
+            acc + sum(dot_nn(_operand(a, True), _operand(b, True)) for a, b in products)
+            for acc, products in terms
+        )
 
     def issue(acc_refs):
-        for acc_ref, (_, a, b, b_t) in zip(acc_refs, terms):
-            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)) if b_t else b)
+        for acc_ref, (_, products) in zip(acc_refs, terms):
+            for a, b in products:
+                plgpu.wgmma(acc_ref, _operand(a, False), _operand(b, False))
 
-    return pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, *_ in terms))
+    return pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, _ in terms))
 
 
 def _produce(load, steps, stages: int, free) -> None:
@@ -175,10 +207,42 @@ def _probs_and_dlogits(s, dp, lse2, delta, mask, scale2: float, query_dim: int):
     return p, p * (dp - bcast(delta))
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, ready,
-                free, *, geo: Geometry, stages: int, interpret: bool):  # fmt: skip
-    """dK, dV of 128 KV rows of one (batch, KV head); refs are ``[b, len, heads, d]`` /
-    ``[b, heads, len]`` in GMEM."""
+def _add_dq(ds_t, k_smem, q_first, head, *, dq_ref, stage, wg, interpret: bool) -> None:
+    """Fused dQ (FA-2 alg. 2 line 18, FA-3 sec. 3.3): ``dQ[q_first:q_first + bq, head] +=
+    dS K`` over the CTA's 128 keys. ``ds_t [2, 64, bq]`` holds both consumers' ``dS^T``,
+    ``k_smem [2, 64, d]`` their keys; the 64x64 blocks of the ``[bq, d]`` partial are dealt
+    out to the consumers, each computed from shared memory (``dS^T`` transposed as the lhs)
+    and added to the float32 ``dq_ref [len, heads, d]`` with a TMA reduce-add."""
+    bq, d = ds_t.shape[-1], k_smem.shape[-1]
+    blocks = [(r, c) for r in range(bq // ROWS) for c in range(d // ROWS)]
+
+    def add(own_blocks):
+        for r, c in own_blocks:
+            q_cols, d_cols = pl.ds(r * ROWS, ROWS), pl.ds(c * ROWS, ROWS)
+            products = [(_T(ds_t.at[h, :, q_cols]), k_smem.at[h, :, d_cols])
+                        for h in range(CONSUMERS)]  # fmt: skip
+            (part,) = _mma(((_zeros((ROWS, ROWS), interpret), products),), interpret)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read stage
+            stage[...] = part
+            plgpu.commit_smem()
+            dst = dq_ref.at[pl.ds(q_first + r * ROWS, ROWS), head, d_cols]
+            if interpret:
+                dst[...] += stage[...]
+            else:
+                plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
+
+    for w in range(CONSUMERS):
+        pl.when(wg == w)(functools.partial(add, blocks[w::CONSUMERS]))
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geometry,
+                stages: int, interpret: bool, fused: bool):  # fmt: skip
+    """dK, dV of 128 KV rows of one (batch, KV head), and with ``fused`` their dQ partials;
+    refs are ``[b, len, heads, d]`` / ``[b, heads, len]`` in GMEM."""
+    if fused:
+        dq_ref, dk_ref, dv_ref, smem, ready, free, (ds_smem, dq_stage, ds_ready, k_done) = refs
+    else:
+        dk_ref, dv_ref, smem, ready, free = refs
     (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring) = smem
     (k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready) = ready
     wg = lax.axis_index("wg")
@@ -219,6 +283,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         k_idx = k_first + _iota((ROWS, bq), 0, interpret)
         q_col = _iota((ROWS, bq), 1, interpret)
         _, full_lo, full_hi, _ = q_block_range(k_first, k_first + ROWS - 1, geo)
+        dq_add = None
+        if fused:
+            dq_add = functools.partial(
+                _add_dq, dq_ref=dq_ref.at[batch], stage=dq_stage.at[wg], wg=wg, interpret=interpret
+            )
 
         def step(i, carry, r, masked: bool):
             dk, dv = carry
@@ -227,7 +296,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
                 plgpu.barrier_wait(bar.at[slot])
             q, do = q_ring.at[slot], do_ring.at[slot]
             zeros = _zeros((ROWS, bq), interpret)
-            s_t, dp_t = _mma(((zeros, k_slot, q, True), (zeros, v_slot, do, True)), interpret)
+            s_t, dp_t = _mma(((zeros, [(k_slot, _T(q))]), (zeros, [(v_slot, _T(do))])), interpret)
             mask = tile_mask(i * bq + q_col, k_idx, None, None, geo) if masked else None
             p_t, ds_t = _probs_and_dlogits(
                 s_t,
@@ -239,8 +308,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
                 query_dim=1,
             )
             dtype = q_ref.dtype
-            dv, dk = _mma(((dv, p_t.astype(dtype), do, False), (dk, ds_t.astype(dtype), q, False)),
-                          interpret)  # fmt: skip
+            ds_t = ds_t.astype(dtype)
+            if dq_add is not None:  # share dS^T with the other consumer (double-buffered)
+                buf = lax.rem(r * n + i - lo, 2)
+                ds_smem.at[buf, wg][...] = ds_t
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_ready.at[buf])
+            dv, dk = _mma(((dv, [(p_t.astype(dtype), do)]), (dk, [(ds_t, q)])), interpret)
+            if dq_add is not None:
+                plgpu.barrier_wait(ds_ready.at[buf])
+                dq_add(ds_smem.at[buf], k_smem, i * bq, kv_head * g + r)
             plgpu.barrier_arrive(free.at[slot])
             return dk, dv
 
@@ -253,6 +330,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
         zeros = _zeros((ROWS, k_ref.shape[-1]), interpret)
         dk, dv = lax.fori_loop(0, g, head, (zeros, zeros))
+        if fused:  # the other consumer's last dQ blocks read this K: wait for them
+            plgpu.barrier_arrive(k_done.at[0])
+            plgpu.barrier_wait(k_done.at[0])
         k_slot[...] = (dk * geo.scale).astype(dk_ref.dtype)  # K, V are done: stage dK, dV there
         v_slot[...] = dv.astype(dv_ref.dtype)
         plgpu.commit_smem()
@@ -311,10 +391,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
             plgpu.barrier_wait(v_ready.at[slot])
             k, v = k_ring.at[slot], v_ring.at[slot]
             zeros = _zeros((ROWS, bk), interpret)
-            s, dp = _mma(((zeros, q_slot, k, True), (zeros, do_slot, v, True)), interpret)
+            s, dp = _mma(((zeros, [(q_slot, _T(k))]), (zeros, [(do_slot, _T(v))])), interpret)
             mask = tile_mask(q_idx, j * bk + k_col, None, None, geo) if masked else None
             _, ds = _probs_and_dlogits(s, dp, lse2, delta, mask, geo.scale2, query_dim=0)
-            (dq,) = _mma(((dq, ds.astype(q_ref.dtype), k, False),), interpret)
+            (dq,) = _mma(((dq, [(ds.astype(q_ref.dtype), k)]),), interpret)
             plgpu.barrier_arrive(free.at[slot])
             return dq
 
@@ -348,30 +428,50 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     k, v = (_pad(x, 1, TILE) for x in (k, v))
     lse2, delta = _pad(lse2, 2, TILE, jnp.inf), _pad(delta, 2, TILE)
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    dt = q.dtype
+    dt, s, bq = q.dtype, tiles.stages, tiles.bq
     params = plgpu.CompilerParams(approx_math=True)
-    launch = dict(num_threads=CONSUMERS + 1, thread_name="wg",
-                  interpret=_interpret_params() if interpret else None)  # fmt: skip
-    mat = lambda n, rows: plgpu.SMEM((n, rows, d), dt, transforms=transforms)
+    interpret_params = _interpret_params() if interpret else None
+    mat = lambda *shape: plgpu.SMEM((*shape, d), dt, transforms=transforms)
     vec = lambda n, rows: plgpu.SMEM((n, rows), jnp.float32)
     bars = lambda n, count: tuple(plgpu.Barrier(num_barriers=n) for _ in range(count))
-    s = tiles.stages
+    free = lambda n: plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n)
+    args = (q, k, v, do, lse2, delta)
 
-    geo_kv = dataclasses.replace(geo, bq=tiles.bq, bk=TILE)
+    geo_kv = dataclasses.replace(geo, bq=bq, bk=TILE)
+    dkv_kernel = functools.partial(
+        _dkv_kernel, geo=geo_kv, stages=s, interpret=interpret, fused=tiles.fused_dq
+    )
+    dkv_scratch = (
+        (mat(CONSUMERS, ROWS),) * 2 + (mat(s, bq),) * 2 + (vec(s, bq),) * 2,
+        bars(CONSUMERS, 2) + bars(s, 4),
+        free(s),
+    )
+    dkv_launch = dict(grid=(geo_kv.nk, b, hk), grid_names=("kv", "batch", "heads"))
+    dkv_out = (jax.ShapeDtypeStruct(k.shape, dt),) * 2
+    if tiles.fused_dq:
+        ds_exchange = (
+            plgpu.SMEM((2, CONSUMERS, ROWS, bq), dt, transforms=transforms),  # dS^T, 2 buffers
+            plgpu.SMEM((CONSUMERS, ROWS, ROWS), jnp.float32),  # dQ block staging
+            free(2),  # both halves of dS^T written
+            free(1),  # both consumers done with K
+        )
+        mesh = plgpu.Mesh(num_threads=CONSUMERS + 1, thread_name="wg", **dkv_launch)
+        # plgpu.kernel cannot take a Ref operand (jax 0.10.2 and 0.11: its vmap wrapper), so
+        # this is its body by hand: the scratch is allocated once for all warpgroups.
+        body = lambda *refs: pl.run_scoped(
+            functools.partial(dkv_kernel, *refs), *dkv_scratch, ds_exchange, collective_axes="wg"
+        )
+        dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32), memory_space=plgpu.GMEM)
+        dk, dv = pl.kernel(body, out_type=dkv_out, mesh=mesh, compiler_params=params,
+                           interpret=interpret_params)(*args, dq_acc)  # fmt: skip
+        dq = (jax.freeze(dq_acc) * geo.scale).astype(dt)
+        return dq[:, :lq], dk[:, :lk], dv[:, :lk]
+
+    launch = dict(num_threads=CONSUMERS + 1, thread_name="wg", compiler_params=params,
+                  interpret=interpret_params)  # fmt: skip
     dk, dv = plgpu.kernel(
-        functools.partial(_dkv_kernel, geo=geo_kv, stages=s, interpret=interpret),
-        out_type=(jax.ShapeDtypeStruct(k.shape, dt),) * 2,
-        scratch_types=(
-            (mat(CONSUMERS, ROWS),) * 2 + (mat(s, tiles.bq),) * 2 + (vec(s, tiles.bq),) * 2,
-            bars(CONSUMERS, 2) + bars(s, 4),
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=s),
-        ),
-        grid=(geo_kv.nk, b, hk),
-        grid_names=("kv", "batch", "heads"),
-        compiler_params=params,
-        **launch,
-    )(q, k, v, do, lse2, delta)
-
+        dkv_kernel, out_type=dkv_out, scratch_types=dkv_scratch, **dkv_launch, **launch
+    )(*args)
     geo_q = dataclasses.replace(geo, bq=TILE, bk=tiles.bk)
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, geo=geo_q, stages=s, interpret=interpret),
@@ -379,11 +479,10 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         scratch_types=(
             (mat(CONSUMERS, ROWS),) * 2 + (vec(CONSUMERS, ROWS),) * 2 + (mat(s, tiles.bk),) * 2,
             bars(CONSUMERS, 4) + bars(s, 2),
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=s),
+            free(s),
         ),
         grid=(geo_q.nq, b, h),
         grid_names=("q", "batch", "heads"),
-        compiler_params=params,
         **launch,
-    )(q, k, v, do, lse2, delta)
+    )(*args)
     return dq[:, :lq], dk[:, :lk], dv[:, :lk]
