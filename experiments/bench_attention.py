@@ -1,5 +1,8 @@
 """Benchmark arjax's Pallas flash attention against XLA, cuDNN and the stock Pallas kernel.
 
+arjax columns: "arjax Pallas" (Triton forward + Triton backward) and "arjax Mosaic GPU" (the
+Hopper Mosaic GPU forward, ``lowering="mosaic"``, + the same Triton backward via custom_vjp).
+
 Causal bf16 attention, batch*heads filling the GPU (B*L = 16384 tokens, H*D = 2048),
 D = 64 and 128, L = 2048, 8192, 32768, forward and forward+backward; plus sliding-window and
 packed-document (segment ids) cases against dense causal cuDNN, and the bf16 matmul peak.
@@ -11,7 +14,14 @@ back to back and blocked once; the median over ``--repeats`` such runs.
 Run on a GPU:  PYTHONPATH=. python experiments/bench_attention.py [--tune-backward]
 Checks correctness first (skip with ``--no-check``); ``--tune-backward`` first sweeps the
 backward tiles and benchmarks the best per head_dim, which kernels_pallas/tuning.py records.
-Writes experiments/results/bench_attention.{json,md}.
+Writes experiments/results/bench_attention.{json,md} (``--name`` changes the file name).
+
+Short run (Mosaic GPU check + D=128 causal timings of four implementations, a few minutes):
+  PYTHONPATH=. python experiments/bench_attention.py --check mosaic --head-dims 128 \
+      --impls cudnn,stock_pallas,arjax_pallas,arjax_mosaic --no-sparse --no-peak \
+      --iters 5 --repeats 3 --name bench_attention_mosaic
+A failing implementation (e.g. a Mosaic GPU compile error) is recorded with its error text in
+the JSON and the log, and the other rows go on.
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -36,6 +48,14 @@ from kernels_pallas.flash_attention import flash_attention, flash_decode
 from kernels_pallas.tuning import BlockSizes, block_sizes
 
 RESULTS = Path(__file__).parent / "results"
+IMPLS = ("xla", "cudnn", "stock_pallas", "stock_mosaic_gpu", "arjax_pallas", "arjax_mosaic")
+
+
+def error_text(e: Exception, limit: int = 4000) -> str:
+    """Type, message and the innermost frames of an exception, cut to ``limit`` characters
+    (Mosaic GPU compile errors carry long MLIR dumps: keep the head and the tail)."""
+    text = f"{type(e).__name__}: {e}\n" + "".join(traceback.format_tb(e.__traceback__)[-3:])
+    return text if len(text) <= limit else text[: limit // 2] + "\n[...]\n" + text[-limit // 2 :]
 
 
 def time_fn(fn, args, iters: int, repeats: int) -> float:
@@ -56,12 +76,14 @@ def make_inputs(b, length, h, d, seed=0, dtype=jnp.bfloat16):
     return [jax.random.normal(kk, (b, length, h, d), dtype) for kk in ks]
 
 
-def impls(d: int, causal: bool = True, **kw):
-    """name -> fn(q, k, v) for the dense causal comparisons."""
+def impls(d: int, causal: bool = True, mosaic_kw: dict | None = None, **kw):
+    """name -> fn(q, k, v) for the dense causal comparisons (``kw``: arjax Triton options,
+    ``mosaic_kw``: arjax Mosaic GPU options)."""
     from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
     from jax.experimental.pallas.ops.gpu.attention import mha
 
     scale = 1.0 / math.sqrt(d)
+    mosaic_kw = mosaic_kw or {}
     return {
         "xla": lambda q, k, v: attention(q, k, v, causal=causal, impl="xla"),
         "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
@@ -74,7 +96,12 @@ def impls(d: int, causal: bool = True, **kw):
             v,
             mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal),
         ),  # forward only: its backward has no causal support
-        "arjax_pallas": lambda q, k, v: flash_attention(q, k, v, causal=causal, **kw),
+        "arjax_pallas": lambda q, k, v: flash_attention(
+            q, k, v, causal=causal, lowering="triton", **kw
+        ),
+        "arjax_mosaic": lambda q, k, v: flash_attention(
+            q, k, v, causal=causal, lowering="mosaic", **mosaic_kw
+        ),
     }
 
 
@@ -136,19 +163,69 @@ def check(log) -> dict:
     return errs
 
 
+MOSAIC_CASES = [
+    dict(b=2, lq=300, lk=300, h=4, hk=2, d=64, causal=True),
+    dict(b=2, lq=300, lk=300, h=4, hk=2, d=64, causal=False),
+    dict(b=1, lq=200, lk=333, h=4, hk=1, d=128, causal=True),
+    dict(b=1, lq=200, lk=333, h=4, hk=1, d=128, causal=True, window=64),
+    dict(b=2, lq=100, lk=170, h=2, hk=2, d=128, causal=False, dtype=jnp.float16),
+    dict(b=1, lq=2048, lk=2048, h=8, hk=8, d=128, causal=True),
+]
+
+
+def check_mosaic(log) -> dict:
+    """Max abs errors of the Mosaic GPU forward (and of the gradients through its custom_vjp
+    with the Triton backward) vs the float32 reference; bf16 unless stated; a case that fails
+    to compile or run records its error text."""
+    errs = {}
+    for n, c in enumerate(MOSAIC_CASES):
+        dtype = c.get("dtype", jnp.bfloat16)
+        ks = jax.random.split(jax.random.PRNGKey(100 + n), 4)
+        q = jax.random.normal(ks[0], (c["b"], c["lq"], c["h"], c["d"]), dtype)
+        k = jax.random.normal(ks[1], (c["b"], c["lk"], c["hk"], c["d"]), dtype)
+        v = jax.random.normal(ks[2], (c["b"], c["lk"], c["hk"], c["d"]), dtype)
+        ct = jax.random.normal(ks[3], q.shape, jnp.float32)
+        kw = dict(causal=c["causal"], window=c.get("window"))
+        case = {k_: str(v_) for k_, v_ in c.items()}
+        mosaic = functools.partial(flash_attention, lowering="mosaic", **kw)
+
+        def loss(fn, ct=ct):
+            return lambda *qkv: jnp.sum(fn(*qkv).astype(jnp.float32) * ct)
+
+        log(f"check mosaic {n}: running")  # a hang in the kernel shows here
+        try:
+            out = jax.block_until_ready(jax.jit(mosaic)(q, k, v))
+            g = jax.block_until_ready(jax.jit(jax.grad(loss(mosaic), argnums=(0, 1, 2)))(q, k, v))
+        except Exception as e:  # noqa: BLE001 - report and keep checking
+            errs[f"mosaic{n}"] = {"case": case, "error": error_text(e)}
+            log(f"check mosaic {n} {c}: FAILED\n{error_text(e)}")
+            continue
+        ref_fn = functools.partial(attention_reference, **kw)
+        ref = ref_fn(q, k, v)
+        gr = jax.grad(loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
+        e = [float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))]
+        e += [float(jnp.max(jnp.abs(a.astype(jnp.float32) - r))) for a, r in zip(g, gr)]
+        grad_scale = [float(jnp.max(jnp.abs(r))) for r in gr]
+        errs[f"mosaic{n}"] = {"case": case, "err o,dq,dk,dv": e, "max |ref grad|": grad_scale}
+        log(f"check mosaic {n} {c}: err out/dq/dk/dv {[f'{x:.3g}' for x in e]}")
+    return errs
+
+
 def dense_rows(args, log, tiles: dict[int, BlockSizes]) -> list[dict]:
     rows = []
-    for d in (64, 128):
+    for d in args.head_dims:
         h = 2048 // d
-        for length in (2048, 8192, 32768):
+        for length in args.lengths:
             b = max(1, 16384 // length)
             q, k, v = make_inputs(b, length, h, d)
             fwd_flops = 4 * b * h * length * length * d / 2
-            for mode in ("fwd", "fwd+bwd"):
+            for mode in args.modes:
                 flops = fwd_flops * (1 if mode == "fwd" else 3.5)
                 row = {"D": d, "L": length, "B": b, "H": h, "mode": mode}
                 kw = {"block_sizes": tiles[d]} if d in tiles else {}
                 for name, fn in impls(d, **kw).items():
+                    if name not in args.impls:
+                        continue
                     if (name == "xla" and length > 8192) or (
                         name == "stock_mosaic_gpu" and mode != "fwd"
                     ):
@@ -164,11 +241,14 @@ def dense_rows(args, log, tiles: dict[int, BlockSizes]) -> list[dict]:
                         row[name + "_tflops"] = flops / t / 1e12
                     except Exception as e:  # noqa: BLE001 - report and keep benchmarking
                         row[name + "_ms"] = None
-                        row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                ours = row.get("arjax_pallas_ms")
-                for name in ("xla", "cudnn", "stock_pallas", "stock_mosaic_gpu"):
-                    if ours and row.get(name + "_ms"):
-                        row["speedup_vs_" + name] = row[name + "_ms"] / ours
+                        row[name + "_error"] = error_text(e)
+                for ours in ("arjax_pallas", "arjax_mosaic"):
+                    for name in ("xla", "cudnn", "stock_pallas", "stock_mosaic_gpu"):
+                        if row.get(ours + "_ms") and row.get(name + "_ms"):
+                            prefix = "" if ours == "arjax_pallas" else "mosaic_"
+                            row[prefix + "speedup_vs_" + name] = (
+                                row[name + "_ms"] / row[ours + "_ms"]
+                            )
                 rows.append(row)
                 log(json.dumps(row))
     return rows
@@ -258,20 +338,23 @@ def sweep_backward(args, log) -> tuple[list[dict], dict[int, BlockSizes]]:
     return rows, best
 
 
-def markdown(meta: dict, dense: list[dict], sparse: list[dict]) -> str:
+def markdown(meta: dict, dense: list[dict], sparse: list[dict], checks: dict) -> str:
+    peak = meta.get("matmul_tflops")
     lines = [
-        "# bench_attention",
+        f"# {meta['name']}",
         "",
         f"- device: {meta['device']}; date: {meta['date']}; jax {meta['jax']}",
         f"- command: `{meta['command']}`",
-        f"- bf16 matmul peak (8192^3): {meta['matmul_tflops']:.0f} TFLOP/s",
+        f"- bf16 matmul peak (8192^3): {'not measured' if peak is None else f'{peak:.0f} TFLOP/s'}",
         f"- arjax tiles per head_dim: {meta.get('tiles', 'kernels_pallas/tuning.py table')}",
         "",
-        "Causal bf16, TFLOP/s (ms); speedup = other ms / arjax ms.",
+        "Causal bf16, TFLOP/s (ms); speedup = other ms / arjax ms (arjax Pallas = Triton forward,"
+        " arjax Mosaic GPU = Mosaic GPU forward; both with the Triton backward).",
         "",
         "| D | L | B | H | mode | XLA | cuDNN | stock Pallas | stock Mosaic GPU (fwd only) "
-        "| arjax Pallas | vs XLA | vs cuDNN | vs stock Pallas |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arjax Pallas | arjax Mosaic GPU | vs XLA | vs cuDNN | vs stock Pallas "
+        "| Mosaic vs cuDNN | Mosaic vs stock Pallas |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row, name):
@@ -279,17 +362,39 @@ def markdown(meta: dict, dense: list[dict], sparse: list[dict]) -> str:
             return "n/a"
         return f"{row[name + '_tflops']:.0f} ({row[name + '_ms']:.2f})"
 
-    def ratio(row, name):
-        x = row.get("speedup_vs_" + name)
+    def ratio(row, name, ours=""):
+        x = row.get(ours + "speedup_vs_" + name)
         return "n/a" if x is None else f"{x:.2f}x"
 
     for r in dense:
         lines.append(
             f"| {r['D']} | {r['L']} | {r['B']} | {r['H']} | {r['mode']} | {cell(r, 'xla')} "
             f"| {cell(r, 'cudnn')} | {cell(r, 'stock_pallas')} | {cell(r, 'stock_mosaic_gpu')} "
-            f"| {cell(r, 'arjax_pallas')} "
-            f"| {ratio(r, 'xla')} | {ratio(r, 'cudnn')} | {ratio(r, 'stock_pallas')} |"
+            f"| {cell(r, 'arjax_pallas')} | {cell(r, 'arjax_mosaic')} "
+            f"| {ratio(r, 'xla')} | {ratio(r, 'cudnn')} | {ratio(r, 'stock_pallas')} "
+            f"| {ratio(r, 'cudnn', 'mosaic_')} | {ratio(r, 'stock_pallas', 'mosaic_')} |"
         )
+    failed = [(r, k[: -len("_error")]) for r in dense for k in r if k.endswith("_error")]
+    if failed:
+        lines += ["", "Failed cells (first line of the error; full text in the JSON):", ""]
+        for r, name in failed:
+            first = r[name + "_error"].splitlines()[0][:300]
+            lines.append(f"- D={r['D']} L={r['L']} {r['mode']} {name}: `{first}`")
+    mosaic = {k: c for k, c in checks.items() if k.startswith("mosaic")}
+    if mosaic:
+        lines += ["", "Mosaic GPU forward check (max abs error vs float32 reference; grads via the"
+                  " Triton backward):", "", "| case | out | dq | dk | dv | max abs ref grad |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for c in mosaic.values():
+            if "error" in c:
+                lines.append(f"| {c['case']} | failed: `{c['error'].splitlines()[0][:200]}` "
+                             "| | | | |")  # fmt: skip
+            else:
+                e = " | ".join(f"{x:.3g}" for x in c["err o,dq,dk,dv"])
+                g = ", ".join(f"{x:.3g}" for x in c["max |ref grad|"])
+                lines.append(f"| {c['case']} | {e} | {g} |")
+    if not sparse:
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "Masked cases (D=128, L=8192, B=2, H=16), ms; speedup = cuDNN ms / arjax ms:",
@@ -308,6 +413,10 @@ def markdown(meta: dict, dense: list[dict], sparse: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _csv(cast):
+    return lambda text: [cast(x) for x in text.split(",") if x]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iters", type=int, default=10)
@@ -315,9 +424,27 @@ def main() -> None:
     parser.add_argument(
         "--tune-backward", action="store_true", help="sweep backward tiles first and use the best"
     )
-    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument(
+        "--check",
+        choices=("all", "triton", "mosaic", "none"),
+        default="all",
+        help="correctness checks first: the Triton kernels, the Mosaic GPU forward, both, none",
+    )
+    parser.add_argument("--no-check", action="store_true", help="same as --check none")
+    parser.add_argument("--impls", type=_csv(str), default=list(IMPLS), help="dense columns")
+    parser.add_argument("--head-dims", type=_csv(int), default=[64, 128])
+    parser.add_argument("--lengths", type=_csv(int), default=[2048, 8192, 32768])
+    parser.add_argument("--modes", type=_csv(str), default=["fwd", "fwd+bwd"])
+    parser.add_argument("--no-sparse", action="store_true", help="skip the window/segment rows")
+    parser.add_argument("--no-peak", action="store_true", help="skip the matmul peak")
+    parser.add_argument("--name", default="bench_attention", help="results file name")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    if unknown := set(args.impls) - set(IMPLS):
+        parser.error(f"--impls: unknown {sorted(unknown)}; choose from {IMPLS}")
+    if unknown := set(args.modes) - {"fwd", "fwd+bwd"}:
+        parser.error(f"--modes: unknown {sorted(unknown)}")
+    check_what = "none" if args.no_check else args.check
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -326,30 +453,40 @@ def main() -> None:
 
     dev = jax.devices()[0]
     meta = {
+        "name": args.name,
         "device": f"{dev.platform} {getattr(dev, 'device_kind', '')}",
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "jax": jax.__version__,
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "command": "PYTHONPATH=. python experiments/bench_attention.py",
+        "command": "PYTHONPATH=. python " + " ".join(sys.argv),
     }
     log(json.dumps(meta))
-    result = {"meta": meta}
-    if not args.no_check:
-        result["check"] = check(log)
+    result = {"meta": meta, "check": {}, "dense": [], "sparse": []}
+
+    def save():  # after every section, so a later crash keeps what was measured
+        (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+        md = markdown(meta, result["dense"], result["sparse"], result["check"])
+        (out_dir / f"{args.name}.md").write_text(md)
+        return md
+
+    if check_what in ("all", "mosaic"):
+        result["check"].update(check_mosaic(log))
+        save()
+    if check_what in ("all", "triton"):
+        result["check"].update(check(log))
     tiles = {}
     if args.tune_backward:  # the forward tiles come from an earlier sweep (tune_attention.json)
         result["backward_sweep"], tiles = sweep_backward(args, log)
         meta["tiles"] = {d: dataclasses.asdict(bs) for d, bs in tiles.items()}
-        meta["command"] += " --tune-backward"
-    meta["matmul_tflops"] = matmul_peak(args)
-    log(f"matmul peak {meta['matmul_tflops']:.0f} TFLOP/s")
+    if not args.no_peak:
+        meta["matmul_tflops"] = matmul_peak(args)
+        log(f"matmul peak {meta['matmul_tflops']:.0f} TFLOP/s")
     result["dense"] = dense_rows(args, log, tiles)
-    result["sparse"] = sparse_rows(args, log, tiles)
-    (out_dir / "bench_attention.json").write_text(json.dumps(result, indent=1))
-    md = markdown(meta, result["dense"], result["sparse"])
-    (out_dir / "bench_attention.md").write_text(md)
-    print(md)
+    save()
+    if not args.no_sparse:
+        result["sparse"] = sparse_rows(args, log, tiles)
+    print(save())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 
-import jax
+# The Mosaic GPU interpreter (tests/test_flash_attention_mosaic.py) runs a kernel's warpgroups as
+# threads that block inside XLA host callbacks; with XLA's CPU thread pool sized to a 2-core
+# machine they can starve each other (a hang). NPROC sizes that pool; it must be set before the
+# CPU client is created.
+os.environ.setdefault("NPROC", "8")
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 

@@ -7,6 +7,8 @@ One signature, several implementations:
 * ``impl="cudnn"`` -- ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU);
 * ``impl="pallas"`` -- the flash-attention kernels in :mod:`kernels_pallas`
   (interpret mode on CPU);
+* ``impl="pallas_mosaic"`` -- the same with the Hopper forward kernel in Pallas Mosaic GPU
+  (bf16/fp16, head_dim 64 or 128, no segment ids; the backward stays Triton);
 * ``impl="auto"`` -- the fastest available for the backend and the call.
 
 Conventions (Vaswani et al. 2017, eq. 1; GQA: Ainslie et al. 2023):
@@ -19,6 +21,7 @@ attention to keys of the same segment. A query that sees no key returns zeros.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -28,8 +31,8 @@ from einops import rearrange
 
 from arjax.ops.mesh import shard_batch_heads
 
-Impl = Literal["auto", "xla", "cudnn", "pallas"]
-IMPLS = ("auto", "xla", "cudnn", "pallas")
+Impl = Literal["auto", "xla", "cudnn", "pallas", "pallas_mosaic"]
+IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_mosaic")
 
 
 def validate_attention_args(
@@ -192,14 +195,17 @@ def _attention_cudnn(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, 
     )
 
 
-def _attention_pallas(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, scale):
-    """Flash attention kernels; shard_mapped over batch and heads under a training mesh."""
+def _attention_pallas(
+    q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, scale, lowering=None
+):
+    """Flash attention kernels; shard_mapped over batch and heads under a training mesh.
+    ``lowering`` picks the GPU forward kernel (default: the tuning rule)."""
     from kernels_pallas.flash_attention import flash_attention
 
     def kernel(q, k, v, q_seg, kv_seg):
         return flash_attention(
             q, k, v, causal=causal, window=window,
-            q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale,
+            q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale, lowering=lowering,
         )  # fmt: skip
 
     heads = (q.shape[2], k.shape[2], k.shape[2], 0, 0)
@@ -228,7 +234,12 @@ def resolve_impl(q: jax.Array, k: jax.Array, *, causal: bool, q_segment_ids, imp
     return "xla"
 
 
-_IMPLS = {"xla": _attention_xla, "cudnn": _attention_cudnn, "pallas": _attention_pallas}
+_IMPLS = {
+    "xla": _attention_xla,
+    "cudnn": _attention_cudnn,
+    "pallas": _attention_pallas,
+    "pallas_mosaic": functools.partial(_attention_pallas, lowering="mosaic"),
+}
 
 
 def attention(
@@ -294,7 +305,8 @@ def decode_attention(
         q, k_cache, v_cache, q_segment_ids=ones, kv_segment_ids=visible, impl=impl
     )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if resolve_impl(q, k_cache, causal=False, q_segment_ids=ones, impl=impl) == "pallas":
+    impl = resolve_impl(q, k_cache, causal=False, q_segment_ids=ones, impl=impl)
+    if impl in ("pallas", "pallas_mosaic"):  # flash-decoding has one (Triton) GPU kernel
         from kernels_pallas.flash_attention import flash_decode
 
         def kernel(q, k, v, q_seg, kv_seg):

@@ -8,6 +8,8 @@ head_dim]`` (GQA when ``kv_heads < heads``); with ``causal`` query ``i`` sits at
 ``p - w < j <= p``; segment ids restrict attention to equal ids; a query that sees no key
 returns zeros. The GPU variant (Pallas Triton lowering, ``gpu.py``) and the TPU variant
 (Pallas Mosaic TPU, ``tpu.py``) are picked by ``backend``; on CPU they run in interpret mode.
+On GPU the forward may instead be the Hopper kernel in Pallas Mosaic GPU (``gpu_mosaic.py``,
+``lowering="mosaic"``); the backward is always the Triton one, fed the same log-sum-exp.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from kernels_pallas import tuning
-from kernels_pallas.flash_attention import gpu, tpu
+from kernels_pallas.flash_attention import gpu, gpu_mosaic, tpu
 from kernels_pallas.flash_attention._common import Geometry
 from kernels_pallas.tuning import BlockSizes
 
 BACKENDS = ("gpu", "tpu")
+LOWERINGS = ("triton", "mosaic")  # GPU forward: Pallas Triton or Pallas Mosaic GPU (Hopper)
 DECODE_BLOCK_K = 128  # flash_decode's default KV tile
 
 
@@ -43,6 +46,7 @@ def decode_kv_tile(kv_len: int, block_k: int = DECODE_BLOCK_K) -> int:
 __all__ = [
     "BACKENDS",
     "DECODE_BLOCK_K",
+    "LOWERINGS",
     "BlockSizes",
     "decode_kv_tile",
     "flash_attention",
@@ -112,6 +116,7 @@ class _Call:
     blocks: BlockSizes
     backend: str
     interpret: bool
+    lowering: str  # GPU forward kernel, one of LOWERINGS
     q_pad: int  # padded lengths / head_dim
     kv_pad: int
     d_pad: int
@@ -131,8 +136,11 @@ def _prepare(call: _Call, q, k, v, q_seg, kv_seg):
 def _forward(call: _Call, q, k, v, q_seg, kv_seg):
     q_len, d = q.shape[1], q.shape[3]
     args = _prepare(call, q, k, v, q_seg, kv_seg)
-    kernel = gpu.forward if call.backend == "gpu" else tpu.forward
-    out, lse2 = kernel(*args, call.geo, call.blocks, call.interpret)
+    if call.lowering == "mosaic":
+        out, lse2 = gpu_mosaic.forward(*args[:3], call.geo, call.blocks.stages, call.interpret)
+    else:
+        kernel = gpu.forward if call.backend == "gpu" else tpu.forward
+        out, lse2 = kernel(*args, call.geo, call.blocks, call.interpret)
     return out[:, :q_len, :, :d], lse2[:, :, :q_len]
 
 
@@ -186,19 +194,26 @@ def flash_attention(
     backend: str | None = None,
     interpret: bool | None = None,
     block_sizes: BlockSizes | None = None,
+    lowering: str | None = None,
 ) -> jax.Array:
     """Flash attention (FlashAttention-2, Dao 2023) with block-sparse tile skipping.
 
     Returns ``[batch, q_len, heads, head_dim]`` in q's dtype; differentiable in q, k, v.
     ``backend`` is ``"gpu"`` (Triton lowering) or ``"tpu"`` (Mosaic), default: the current
     platform's (GPU kernels on CPU); ``interpret`` defaults to True off that platform.
+    ``lowering`` (GPU only) picks the forward kernel: ``"triton"`` or ``"mosaic"`` (Hopper,
+    FlashAttention-3 style; bf16/fp16, head_dim 64/128, no segment ids), default: the rule
+    :func:`kernels_pallas.tuning.gpu_lowering`.
     ``block_sizes`` overrides the tiles from :func:`kernels_pallas.tuning.block_sizes`.
     """
     _validate(q, k, v, causal, window, q_segment_ids, kv_segment_ids, backend, "flash_attention")
     backend, interpret = _resolve(backend, interpret)
     b, q_len, h, d = q.shape
     kv_len = k.shape[1]
-    blocks = block_sizes or tuning.block_sizes(backend, q_len, kv_len, d)
+    lowering = _resolve_lowering(lowering, backend, interpret, q.dtype, d, q_segment_ids)
+    blocks = block_sizes or tuning.block_sizes(backend, q_len, kv_len, d, lowering)
+    if lowering == "mosaic":
+        gpu_mosaic.check_supported(q.dtype, d, q_segment_ids is not None, blocks)
     q_tile = max(blocks.bq, blocks.bwd_bq_dq, blocks.bwd_bq_dkv)
     kv_tile = max(blocks.bk, blocks.bwd_bk_dq, blocks.bwd_bk_dkv)
     geo = Geometry(
@@ -217,11 +232,32 @@ def flash_attention(
         blocks=blocks,
         backend=backend,
         interpret=interpret,
+        lowering=lowering,
         q_pad=_round_up(q_len, q_tile),
         kv_pad=_round_up(kv_len, kv_tile),
         d_pad=_head_dim_pad(backend, d),
     )
     return _flash(call, q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _resolve_lowering(lowering, backend, interpret, dtype, d, q_segment_ids) -> str:
+    if lowering is not None and lowering not in LOWERINGS:
+        raise ValueError(
+            f"flash_attention: lowering must be one of {LOWERINGS} or None, got {lowering!r}"
+        )
+    if backend != "gpu":
+        if lowering is not None:
+            raise ValueError(f"flash_attention: lowering needs backend='gpu', got {backend!r}")
+        return "triton"  # unused off GPU
+    if lowering is not None:
+        return lowering
+    device = jax.devices()[0]
+    mosaic_ok = (
+        not interpret
+        and device.platform == "gpu"
+        and gpu_mosaic.supports(dtype, d, q_segment_ids is not None)
+    )
+    return tuning.gpu_lowering(device.device_kind, d, mosaic_ok)
 
 
 def _head_dim_pad(backend: str, d: int) -> int:

@@ -132,11 +132,16 @@ def tile_mask(q_idx, k_idx, q_seg, k_seg, geo: Geometry):
     return mask
 
 
-def online_softmax_step(s2, v, m, row_sum, acc, mask):
-    """One KV tile of the streaming softmax (FlashAttention-2, alg. 1 lines 8-10).
+def _rows(x, shape):
+    """Broadcast per-row values ``x [rows]`` to ``shape [rows, cols]``."""
+    return lax.broadcast_in_dim(x, shape, (0,))
 
-    ``s2 [rows, cols]`` base-2 logits, ``v [cols, dim]``, running max ``m [rows]``, sum
-    ``row_sum [rows]``, unnormalised output ``acc [rows, dim]`` (float32). ``mask`` may be None.
+
+def softmax_tile(s2, m, row_sum, mask):
+    """Softmax part of one KV tile of the streaming softmax (FlashAttention-2, alg. 1 lines
+    8-10): from base-2 logits ``s2 [rows, cols]``, running max ``m [rows]`` and sum
+    ``row_sum [rows]`` returns ``(m_new, row_sum_new, alpha, p)``; the caller rescales its
+    output by ``alpha [rows]`` and adds ``p [rows, cols] @ V``. ``mask`` may be None.
     """
     if mask is not None:
         s2 = jnp.where(mask, s2, -jnp.inf)
@@ -144,20 +149,30 @@ def online_softmax_step(s2, v, m, row_sum, acc, mask):
     # rows that have seen no key yet keep m = -inf; shift them by 0 instead
     m_new_safe = m_new if mask is None else jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp2(m - m_new_safe)
-    p = jnp.exp2(s2 - m_new_safe[:, None])
-    row_sum = row_sum * alpha + jnp.sum(p, axis=1)
+    p = jnp.exp2(s2 - _rows(m_new_safe, s2.shape))
+    return m_new, row_sum * alpha + jnp.sum(p, axis=1), alpha, p
+
+
+def online_softmax_step(s2, v, m, row_sum, acc, mask):
+    """One KV tile of the streaming softmax (FlashAttention-2, alg. 1 lines 8-10).
+
+    ``s2 [rows, cols]`` base-2 logits, ``v [cols, dim]``, running max ``m [rows]``, sum
+    ``row_sum [rows]``, unnormalised output ``acc [rows, dim]`` (float32). ``mask`` may be None.
+    """
+    m_new, row_sum, alpha, p = softmax_tile(s2, m, row_sum, mask)
     pv = lax.dot_general(
         p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
-    return m_new, row_sum, acc * alpha[:, None] + pv
+    return m_new, row_sum, acc * _rows(alpha, acc.shape) + pv
 
 
-def finalize(m, row_sum, acc):
-    """Normalised output and base-2 log-sum-exp; rows that saw no key give 0 and lse=+inf."""
+def finalize(m, row_sum, acc, log2=jnp.log2):
+    """Normalised output and base-2 log-sum-exp; rows that saw no key give 0 and lse=+inf.
+    ``log2`` may be replaced where the backend has no such op."""
     empty = row_sum == 0.0
     denom = jnp.where(empty, 1.0, row_sum)
-    out = acc / denom[:, None]
-    lse2 = jnp.where(empty, jnp.inf, m + jnp.log2(denom))
+    out = acc / _rows(denom, acc.shape)
+    lse2 = jnp.where(empty, jnp.inf, m + log2(denom))
     return out, lse2
 
 

@@ -1,0 +1,271 @@
+"""Hopper flash-attention forward in Pallas Mosaic GPU (FlashAttention-3 style).
+
+FlashAttention-3 (Shah et al. 2024), sec. 3.1: one CTA per 128-row query tile, three
+warpgroups with specialised roles. A producer warpgroup streams the KV tiles through a ring of
+``stages`` shared-memory buffers with TMA, each buffer guarded by a "ready" mbarrier (TMA
+transaction count) and a "consumed" mbarrier (both consumers arrived); two consumer
+warpgroups each own 64 query rows (one wgmma M), compute ``S = Q K^T`` and ``O += P V`` with
+wgmma (float32 accumulators in registers, ``P`` cast to the input dtype) and run the online
+softmax in registers (FlashAttention-2, alg. 1, base-2 logits as in ``_common``).
+
+KV tiles outside a warpgroup's causal / sliding-window range are skipped (``kv_block_range``
+per warpgroup; the producer loads the union of the two ranges, a warpgroup only waits on and
+releases the buffers of tiles it skips); only boundary tiles are masked. The outputs are ``o``
+and the base-2 log-sum-exp ``lse2 [batch, heads, q_len]``, exactly what the Triton backward
+kernels of ``gpu.py`` consume. Lengths are padded by the caller (query to 128 rows, KV to the
+tile); padded keys are masked, padded query rows are sliced off.
+
+Interpret mode (CPU tests) runs the same kernel -- TMA copies, barriers, warp specialisation,
+masks, softmax, epilogue -- except the two matrix products: the Mosaic GPU interpreter cannot
+read a transposed shared-memory operand or a register left operand of ``wgmma``, so there
+they are ``jnp`` dot products of the same operands (same dtypes, float32 accumulation).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels_pallas.flash_attention._common import (
+    LOG2_E,
+    Geometry,
+    dot_nn,
+    dot_nt,
+    finalize,
+    kv_block_range,
+    softmax_tile,
+    tile_mask,
+)
+from kernels_pallas.tuning import BlockSizes
+
+ROWS = 64  # query rows per consumer warpgroup: the M of one wgmma
+CONSUMERS = 2
+TILE_Q = ROWS * CONSUMERS  # query rows per CTA
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.bfloat16, jnp.float16)
+KV_TILES = (64, 128)
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
+# registers per thread after setmaxnreg (FA-3 sec. 3.1): 2 x 232 + 40 (x 128 threads) <= 64K
+CONSUMER_REGS, PRODUCER_REGS = 232, 40
+
+
+def supports(dtype, head_dim: int, has_segments: bool) -> bool:
+    """Whether this forward handles such a call (else it stays with the Triton lowering)."""
+    return jnp.dtype(dtype) in map(jnp.dtype, DTYPES) and head_dim in HEAD_DIMS and not has_segments
+
+
+def check_supported(dtype, head_dim: int, has_segments: bool, blocks: BlockSizes) -> None:
+    """Raise ``ValueError`` naming what this forward does not support (before compiling)."""
+    if jnp.dtype(dtype) not in map(jnp.dtype, DTYPES):
+        raise ValueError(f"lowering='mosaic': dtype must be bfloat16 or float16, got {dtype}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"lowering='mosaic': head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if has_segments:
+        raise ValueError("lowering='mosaic': segment ids are not supported (use 'triton')")
+    if blocks.bq != TILE_Q:
+        raise ValueError(f"lowering='mosaic': query tile bq must be {TILE_Q}, got {blocks.bq}")
+    if blocks.bk not in KV_TILES:
+        raise ValueError(
+            f"lowering='mosaic': KV tile bk must be one of {KV_TILES}, got {blocks.bk}"
+        )
+    if (need := smem_bytes(jnp.dtype(dtype).itemsize, head_dim, blocks)) > SMEM_BYTES:
+        raise ValueError(
+            f"lowering='mosaic': bk={blocks.bk}, stages={blocks.stages} need {need} B of shared "
+            f"memory > {SMEM_BYTES}"
+        )
+
+
+def smem_bytes(itemsize: int, head_dim: int, blocks: BlockSizes) -> int:
+    """Shared memory of one CTA: Q/O tiles, K and V rings, the lse rows."""
+    q = TILE_Q * head_dim * itemsize
+    kv = 2 * blocks.stages * blocks.bk * head_dim * itemsize
+    return q + kv + TILE_Q * 4
+
+
+def _interpret_params():
+    # The GPU interpreter has no public name in jax 0.10/0.11 (checked on both).
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def _rows_layout(x, interpret: bool):
+    """``x [rows]`` in the layout of a wgmma accumulator's row reductions (loop carries)."""
+    return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+
+def _acc_layout(x, interpret: bool):
+    return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+
+
+def _iota(shape, dim: int, interpret: bool):
+    if interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _qk(q_smem, k_smem, interpret: bool):
+    """``S = Q K^T`` float32 ``[rows, bk]`` from shared ``q [rows, d]``, ``k [bk, d]``."""
+    if interpret:
+        return dot_nt(q_smem[...], k_smem[...])
+
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+        return acc_ref[...]
+
+    return pl.run_scoped(mma, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
+
+
+def _acc_pv(acc, p, v_smem, interpret: bool):
+    """``acc + P V``: ``p [rows, bk]`` in registers (input dtype), shared ``v [bk, d]``."""
+    if interpret:
+        return acc + dot_nn(p, v_smem[...])
+
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_smem)
+
+    return pl.run_state(mma)(plgpu.ACC.init(acc))
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *, geo, stages,
+                    interpret):  # fmt: skip
+    """One CTA: 128 query rows of one (batch, head); refs are ``[b, len, heads, d]`` in GMEM."""
+    (q_smem, k_smem, v_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free) = (
+        smem,
+        ready,
+        free,
+    )
+    bk = geo.bk
+    wg = lax.axis_index("wg")
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    tile_first = (geo.nq - 1 - lax.axis_index("q")) * TILE_Q  # heaviest causal tiles first
+    lo, _, _, hi = kv_block_range(tile_first, tile_first + TILE_Q - 1, geo)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+        kv_head = lax.div(head, jnp.int32(geo.groups))
+
+        def load(step):
+            slot = lax.rem(step - lo, jnp.int32(stages))
+            rows = (batch, pl.ds(step * bk, bk), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+        def wait_free(step):  # both consumers are done with the tile ``step - stages``
+            slot = lax.rem(step - lo, jnp.int32(stages))
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+        for slot in range(stages):  # fill the ring
+            pl.when(lo + slot < hi)(functools.partial(load, lo + slot))
+
+        @pl.loop(lo + stages, hi)
+        def _(step):
+            wait_free(step)
+            load(step)
+
+        # observe the last releases too (the interpreter checks that every phase is seen)
+        pl.loop(jnp.maximum(lo, hi - stages) + stages, hi + stages)(wait_free)
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+        q_first = tile_first + wg * ROWS
+        q_slot = q_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_first, ROWS), head], q_slot, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        q_idx = q_first + _iota((ROWS, bk), 0, interpret)
+        own_lo, full_lo, full_hi, own_hi = kv_block_range(q_first, q_first + ROWS - 1, geo)
+
+        def slot_of(step):
+            return lax.rem(step - lo, jnp.int32(stages))
+
+        def skip(step, carry):  # another warpgroup's tile: keep the barrier phases in step
+            slot = slot_of(step)
+            for ready, free in ((k_ready, k_free), (v_ready, v_free)):
+                plgpu.barrier_wait(ready.at[slot])
+                plgpu.barrier_arrive(free.at[slot])
+            return carry
+
+        def attend(step, carry, masked: bool):
+            m, row_sum, acc = carry
+            slot = slot_of(step)
+            plgpu.barrier_wait(k_ready.at[slot])
+            s2 = _qk(q_slot, k_smem.at[slot], interpret) * geo.scale2
+            plgpu.barrier_arrive(k_free.at[slot])
+            mask = None
+            if masked:
+                k_idx = step * bk + _iota((ROWS, bk), 1, interpret)
+                mask = tile_mask(q_idx, k_idx, None, None, geo)
+            m, row_sum, alpha, p = softmax_tile(s2, m, row_sum, mask)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+            plgpu.barrier_wait(v_ready.at[slot])
+            acc = _acc_pv(acc, p.astype(q_ref.dtype), v_smem.at[slot], interpret)
+            plgpu.barrier_arrive(v_free.at[slot])
+            return m, row_sum, acc
+
+        d = q_ref.shape[-1]
+        carry = (
+            _rows_layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), interpret),
+            _rows_layout(jnp.full((ROWS,), 0.0, jnp.float32), interpret),
+            _acc_layout(jnp.full((ROWS, d), 0.0, jnp.float32), interpret),
+        )
+        lax.fori_loop(lo, own_lo, skip, None)
+        carry = lax.fori_loop(own_lo, full_lo, functools.partial(attend, masked=True), carry)
+        carry = lax.fori_loop(full_lo, full_hi, functools.partial(attend, masked=False), carry)
+        carry = lax.fori_loop(full_hi, own_hi, functools.partial(attend, masked=True), carry)
+        lax.fori_loop(own_hi, hi, skip, None)
+
+        # Mosaic GPU has no log2: log2(x) = ln(x) * log2(e)
+        out, lse2 = finalize(*carry, log2=lambda x: jnp.log(x) * LOG2_E)
+        q_slot[...] = out.astype(q_ref.dtype)  # Q is no longer needed: stage O in its buffer
+        lse_smem.at[wg][...] = lse2
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_slot, o_ref.at[batch, pl.ds(q_first, ROWS), head])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_first, ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def forward(q, k, v, geo: Geometry, stages: int, interpret: bool):
+    """Padded ``q [b, Lq, h, d]``, ``k/v [b, Lk, hk, d]`` (``geo.bq`` = 128 query and ``geo.bk``
+    KV rows per tile, ``stages`` KV buffers); returns ``(o [b, Lq, h, d], lse2 [b, h, Lq]``
+    float32); rows past ``geo.nq`` tiles are left unwritten."""
+    b, lq, h, d = q.shape
+    bk = geo.bk
+    # wgmma operands: 128-byte swizzled (8 x 64-element) tiles; d is 64 or 128 (2-byte types)
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = (
+        (
+            plgpu.SMEM((CONSUMERS, ROWS, d), q.dtype, transforms=transforms),
+            plgpu.SMEM((stages, bk, d), k.dtype, transforms=transforms),
+            plgpu.SMEM((stages, bk, d), v.dtype, transforms=transforms),
+            plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
+        ),
+        (
+            plgpu.Barrier(num_barriers=CONSUMERS),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+        ),
+        (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
+    )
+    kernel = functools.partial(_forward_kernel, geo=geo, stages=stages, interpret=interpret)
+    return plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, h, lq), jnp.float32),
+        ),
+        scratch_types=scratch,
+        grid=(geo.nq, b, h),
+        grid_names=("q", "batch", "heads"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params() if interpret else None,
+    )(q, k, v)

@@ -1,0 +1,146 @@
+"""Mosaic GPU (Hopper) flash-attention forward vs the float32 reference.
+
+``flash_attention(..., lowering="mosaic")``: the forward is the warp-specialised Mosaic GPU
+kernel (``kernels_pallas/flash_attention/gpu_mosaic.py``), the gradients its custom_vjp with
+the Triton backward kernels fed the kernel's log-sum-exp. On CPU both run in interpret mode:
+the Mosaic GPU interpreter runs the kernel's TMA copies, mbarrier pipeline and three
+warpgroups, but computes the two matrix products as ``jnp`` dots of the same shared-memory /
+register operands (it cannot read wgmma's transposed or register operands); the tests marked
+``gpu`` run the real wgmma kernel. Fresh random inputs; bf16/fp16 tolerance atol = rtol = 3e-2
+(rounding of the output and of the probabilities fed to P @ V, as in test_flash_attention.py).
+Each case is one or two 128-row query tiles against 64-row KV tiles, lengths not multiples of
+either, so boundary tiles are masked and padded; interpret mode costs a few seconds per CTA.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arjax.ops import attention, attention_reference
+from kernels_pallas.flash_attention import flash_attention
+from kernels_pallas.tuning import BlockSizes, block_sizes, gpu_lowering
+
+TOL = dict(rtol=3e-2, atol=3e-2)
+# forward tiles of the Mosaic kernel (128 query rows, 64 KV rows, 2 buffers); tiny backward tiles
+TILES = BlockSizes(128, 64, 16, 16, 16, 16, stages=2)
+FAST_COMPILE = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+
+
+def _inputs(rng, b=1, q_len=100, kv_len=150, h=2, kv_h=1, d=64, dtype=jnp.bfloat16):
+    shapes = ((b, q_len, h, d), (b, kv_len, kv_h, d), (b, kv_len, kv_h, d))
+    return [jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype) for s in shapes]
+
+
+def _out_and_grads(fn, q, k, v, w):
+    """fn's output and d/d(q, k, v) of sum(out * w), one forward, compiled once."""
+
+    def run(q, k, v):
+        out, pull = jax.vjp(lambda *qkv: fn(*qkv).astype(jnp.float32), q, k, v)
+        return out, pull(w)
+
+    return jax.jit(run).lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
+
+
+def _check(rng, case, *, blocks=TILES, interpret=True, tol=TOL):
+    case = dict(case)
+    kw = dict(causal=case.pop("causal", False), window=case.pop("window", None))
+    q, k, v = _inputs(rng, **case)
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    mosaic = lambda q, k, v: flash_attention(
+        q, k, v, lowering="mosaic", interpret=interpret, block_sizes=blocks, **kw
+    )
+    out, grads = _out_and_grads(mosaic, q, k, v, w)
+    ref, ref_grads = _out_and_grads(lambda q, k, v: attention_reference(q, k, v, **kw), q, k, v, w)
+    np.testing.assert_allclose(out, ref, **tol)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(g.astype(jnp.float32), r, err_msg=f"d{name}", **tol)
+
+
+CASES = {
+    # decode offset 50: the causal diagonal crosses KV tiles mid-tile; GQA 2:1
+    "causal,cross-lengths,gqa,bf16": dict(causal=True),
+    # two query tiles; 40-key window: each warpgroup skips tiles the other one attends
+    "causal,window,two-q-tiles,head_dim128,fp16": dict(
+        causal=True, window=40, q_len=200, kv_len=200, h=1, d=128, dtype=jnp.float16
+    ),
+    "full,cross-lengths,mqa,head_dim128": dict(q_len=70, kv_len=130, h=2, kv_h=1, d=128),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mosaic_forward_matches_reference_values_and_grads(rng, name):
+    _check(rng, CASES[name])
+
+
+def test_mosaic_single_kv_buffer_and_kv_tile_128(rng):
+    """One KV buffer (no overlap: every load waits for the previous tile's release)."""
+    blocks = BlockSizes(128, 128, 16, 16, 16, 16, stages=1)
+    _check(rng, dict(causal=True, q_len=60, kv_len=250, h=1), blocks=blocks)
+
+
+def test_ops_attention_pallas_mosaic_default_tiles(rng):
+    q, k, v = _inputs(rng, q_len=90, kv_len=90)
+    fn = jax.jit(lambda q, k, v: attention(q, k, v, causal=True, impl="pallas_mosaic"))
+    out = fn.lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
+    np.testing.assert_allclose(out, attention_reference(q, k, v, causal=True), **TOL)
+
+
+def test_mosaic_tiles_and_lowering_rule():
+    bs = block_sizes("gpu", 20, 3000, 128, lowering="mosaic")
+    assert (bs.bq, bs.bk, bs.stages) == (128, 128, 2)
+    assert block_sizes("gpu", 20, 20, 64, lowering="mosaic").bk == 64  # shrunk, floor 64
+    assert bs.bwd_bq_dq == block_sizes("gpu", 20, 3000, 128).bwd_bq_dq  # Triton backward tiles
+    assert gpu_lowering("NVIDIA A100-SXM4-80GB", 128, mosaic_ok=True) == "triton"
+    assert gpu_lowering("NVIDIA H200", 128, mosaic_ok=False) == "triton"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dtype=jnp.float32), "dtype must be bfloat16 or float16"),
+        (dict(d=96), "head_dim must be one of"),
+        (dict(segments=True), "segment ids are not supported"),
+        (dict(blocks=BlockSizes(64, 64, 16, 16, 16, 16)), "query tile bq must be 128"),
+        (dict(blocks=BlockSizes(128, 32, 16, 16, 16, 16)), "KV tile bk must be one of"),
+        (dict(blocks=BlockSizes(128, 128, 16, 16, 16, 16, stages=8)), "shared memory"),
+        (dict(backend="tpu"), "lowering needs backend='gpu'"),
+        (dict(lowering="cuda"), "lowering must be one of"),
+    ],
+)
+def test_mosaic_bad_arguments_raise_before_compiling(rng, kwargs, match):
+    kwargs = dict(kwargs)
+    seg = kwargs.pop("segments", False)
+    q, k, v = _inputs(
+        rng, q_len=8, kv_len=8, **{n: kwargs.pop(n) for n in ("dtype", "d") if n in kwargs}
+    )
+    if seg:
+        kwargs.update(
+            q_segment_ids=jnp.ones((1, 8), jnp.int32), kv_segment_ids=jnp.ones((1, 8), jnp.int32)
+        )
+    kwargs.setdefault("lowering", "mosaic")
+    kwargs["block_sizes"] = kwargs.pop("blocks", None)
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v, **kwargs)
+
+
+gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(causal=True, b=2, q_len=300, kv_len=300, h=4, kv_h=2, d=64),
+        dict(causal=True, window=100, q_len=200, kv_len=333, h=4, kv_h=1, d=128),
+        dict(b=2, q_len=100, kv_len=170, h=2, kv_h=2, d=128, dtype=jnp.float16),
+        dict(causal=True, b=1, q_len=1024, kv_len=1024, h=2, kv_h=2, d=128),
+    ],
+)
+def test_mosaic_kernel_on_device(rng, case):
+    """The real wgmma kernel with the tuning table's tiles."""
+    blocks = block_sizes("gpu", case["q_len"], case["kv_len"], case["d"], lowering="mosaic")
+    _check(rng, case, blocks=blocks, interpret=None, tol=dict(rtol=5e-2, atol=5e-2))
