@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from arjax.ops import attention_mask, attention_reference
-from kernels_pallas.flash_attention import mgpu_bwd
+from kernels_pallas.flash_attention import flash_attention, mgpu_bwd
 from kernels_pallas.flash_attention._common import LOG2_E, Geometry
 
 TOL = dict(rtol=2e-2, atol=2e-2)
@@ -136,6 +136,41 @@ def test_mosaic_backward_streamed_tiles_and_ring_depth(rng, races):
         _check_backward(rng, case, tiles=tiles, races=races)
 
 
+def _api_grads(fn, q, k, v, w):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
+
+
+def _check_api(rng, interpret: bool, tol, races=None):
+    """``flash_attention(lowering="mosaic")``: Mosaic GPU forward, whose ``lse2`` feeds this
+    backward through the custom_vjp (GQA, ragged lengths, q_len < kv_len, causal)."""
+    q, k, v, _ = _inputs(rng, b=1, q_len=90, kv_len=150, h=4, kv_h=2, d=64, dtype=jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    mosaic = lambda q, k, v: flash_attention(
+        q, k, v, causal=True, backend="gpu", lowering="mosaic", interpret=interpret
+    )
+    f32 = lambda x: x.astype(jnp.float32)
+    ref = lambda q, k, v: attention_reference(f32(q), f32(k), f32(v), causal=True)
+    grads = _api_grads(mosaic, q, k, v, w)
+    if races is not None:
+        assert not races(), "the interpreter detected a data race"
+    for name, g, r in zip(("dq", "dk", "dv"), grads, _api_grads(ref, q, k, v, w)):
+        assert g.dtype == jnp.bfloat16, (name, g.dtype)
+        np.testing.assert_allclose(f32(g), r, **tol, err_msg=name)
+
+
+def test_flash_attention_mosaic_lowering_uses_this_backward(rng, races, monkeypatch):
+    calls, backward = [], mgpu_bwd.backward
+
+    def spy(*args):
+        calls.append(args[-2])  # the tiles
+        return backward(*args)
+
+    monkeypatch.setattr(mgpu_bwd, "backward", spy)
+    _check_api(rng, interpret=True, tol=TOL, races=races)
+    assert calls == [mgpu_bwd.default_tiles(64)]
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
@@ -173,6 +208,13 @@ GPU_CASES = {  # (call, dQ fused into the dK/dV kernel); ragged lengths, GQA, bo
         True,
     ),
 }
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_flash_attention_mosaic_lowering_on_device(rng):
+    print("\nflash_attention(lowering='mosaic') grads: compiling and running", flush=True)
+    _check_api(rng, interpret=False, tol=GPU_TOL)
 
 
 @pytest.mark.gpu

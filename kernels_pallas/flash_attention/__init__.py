@@ -9,7 +9,7 @@ head_dim]`` (GQA when ``kv_heads < heads``); with ``causal`` query ``i`` sits at
 returns zeros. The GPU variant (Pallas Triton lowering, ``gpu.py``) and the TPU variant
 (Pallas Mosaic TPU, ``tpu.py``) are picked by ``backend``; on CPU they run in interpret mode.
 On GPU the forward may instead be the Hopper kernel in Pallas Mosaic GPU (``gpu_mosaic.py``,
-``lowering="mosaic"``); the backward is always the Triton one, fed the same log-sum-exp.
+``lowering="mosaic"``), and then the backward is the Hopper one too (``mgpu_bwd.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from kernels_pallas import tuning
-from kernels_pallas.flash_attention import gpu, gpu_mosaic, tpu
+from kernels_pallas.flash_attention import gpu, gpu_mosaic, mgpu_bwd, tpu
 from kernels_pallas.flash_attention._common import Geometry
 from kernels_pallas.tuning import BlockSizes
 
@@ -165,6 +165,11 @@ def _flash_bwd(call: _Call, res, d_out):
     delta = _pad_to(delta, 2, call.q_pad)
     qp, kp, vp, q_seg, kv_seg = _prepare(call, q, k, v, q_seg, kv_seg)
     dop = _pad_to(_pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
+    if call.lowering == "mosaic":  # Hopper backward: dk/dv come back summed per KV head
+        tiles = mgpu_bwd.default_tiles(d)
+        dq, dk, dv = mgpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, tiles,
+                                       call.interpret)  # fmt: skip
+        return dq[:, :q_len, :, :d], dk[:, :kv_len, :, :d], dv[:, :kv_len, :, :d], None, None
     kernel = gpu.backward if call.backend == "gpu" else tpu.backward
     dq, dk, dv = kernel(qp, kp, vp, dop, lse2, delta, q_seg, kv_seg, call.geo, call.blocks,
                         call.interpret)  # fmt: skip
@@ -201,8 +206,8 @@ def flash_attention(
     Returns ``[batch, q_len, heads, head_dim]`` in q's dtype; differentiable in q, k, v.
     ``backend`` is ``"gpu"`` (Triton lowering) or ``"tpu"`` (Mosaic), default: the current
     platform's (GPU kernels on CPU); ``interpret`` defaults to True off that platform.
-    ``lowering`` (GPU only) picks the forward kernel: ``"triton"`` or ``"mosaic"`` (Hopper,
-    FlashAttention-3 style; bf16/fp16, head_dim 64/128, no segment ids), default: the rule
+    ``lowering`` (GPU only) picks the kernels: ``"triton"`` or ``"mosaic"`` (Hopper forward and
+    backward, FlashAttention-3 style; bf16/fp16, head_dim 64/128, no segment ids), default: the rule
     :func:`kernels_pallas.tuning.gpu_lowering`.
     ``block_sizes`` overrides the tiles from :func:`kernels_pallas.tuning.block_sizes`.
     """
@@ -214,6 +219,7 @@ def flash_attention(
     blocks = block_sizes or tuning.block_sizes(backend, q_len, kv_len, d, lowering)
     if lowering == "mosaic":
         gpu_mosaic.check_supported(q.dtype, d, q_segment_ids is not None, blocks)
+        mgpu_bwd.check_supported(q.dtype, d, q_segment_ids is not None, mgpu_bwd.default_tiles(d))
     q_tile = max(blocks.bq, blocks.bwd_bq_dq, blocks.bwd_bq_dkv)
     kv_tile = max(blocks.bk, blocks.bwd_bk_dq, blocks.bwd_bk_dkv)
     geo = Geometry(
