@@ -1,6 +1,6 @@
 """Hopper flash-attention backward in Pallas Mosaic GPU (FlashAttention-2 alg. 2, FA-3 style).
 
-Two warp-specialised kernels. In each CTA a producer warpgroup streams tiles through a ring
+Warp-specialised kernels. In each CTA a producer warpgroup streams tiles through a ring
 of ``stages`` shared-memory slots with TMA -- one "ready" mbarrier per slot and operand (TMA
 transaction count), one "free" mbarrier per slot that both consumers arrive on -- and two
 consumer warpgroups, each owning 64 rows (one wgmma M), run the products with wgmma into
