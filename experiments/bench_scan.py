@@ -320,6 +320,7 @@ TUNE_STEPS = (
     (("diag",), ("bwd_diag",), (("factored",),), ("gla",)),
     (("form",), ("bwd_form",), (("lean",), ("split",)), ("gla",)),  # fewer spills (ptxas)
     (("sub",), None, ((32,),), ("gla",)),
+    (("bwd_staged_bk",), None, ((32,),), ("gla",)),  # 128: 1.1 KB of spills (ptxas)
     (("stages",), ("bwd_stages",), ((1,), (3,)), ("scalar", "gla")),
 )  # fmt: skip
 

@@ -943,7 +943,7 @@ def _staged_grads(q, k, v, b, seg, h, a, dh, do, cfg: _Cfg) -> tuple:
     (da,) = _chunk_call(_gla_da_kernel, cfg, [(do, "seq"), (v, "seq")] + docs,
                         [_scores_like(q, cfg)], "la_chunk_gla_da", bwd=True)  # fmt: skip
     dk_, dv_ = q.shape[3], v.shape[3]
-    bk, bv = min(dk_, cfg.tune.bwd_staged_tile), min(dv_, cfg.tune.bwd_staged_tile)
+    bk, bv = min(dk_, cfg.tune.bwd_staged_bk), min(dv_, cfg.tune.bwd_staged_tile)
     ins = [(k, "seq"), (b, "seq"), (a, "scores"), (do, "seq/t"), (dh, "state/v")] + docs
     dv_like = jax.ShapeDtypeStruct(v.shape, v.dtype)
     (dv,) = _chunk_call(_gla_dv_kernel, cfg, ins, [(dv_like, "seq/t")], "la_chunk_gla_dv",

@@ -144,8 +144,9 @@ class ScanConfig:
     parallel chunk kernel; ``sub``: GLA sub-chunk rows (secondary chunking, clipped to the
     chunk); ``diag``: how the GLA diagonal sub-blocks are computed (``DIAG_MODES``); ``form``:
     how the chunk kernels hold their tiles (``FORMS``; ``bwd_form`` from ``BWD_FORMS``);
-    ``staged_tile``: dv columns of one "staged" output program (``bwd_staged_tile``: dv columns
-    of the backward's dv kernel and dk columns of its dq/dk kernel; clipped to the dims);
+    ``staged_tile``: dv columns of one "staged" output program (``bwd_staged_tile``: of one dv
+    program of the backward; ``bwd_staged_bk``: dk columns of one dq/dk program; clipped to the
+    dims);
     ``cumsum``: how the GLA log-gates are cumsummed (``CUMSUMS``). On TPU only ``sub``,
     ``diag``, ``form`` and ``bwd_form`` apply ("staged" runs as "lean", backward "split").
     """
@@ -169,6 +170,7 @@ class ScanConfig:
     bwd_form: str = "hoist"
     staged_tile: int = 64
     bwd_staged_tile: int = 64
+    bwd_staged_bk: int = 64
     cumsum: str = "xla"
 
     def __post_init__(self) -> None:

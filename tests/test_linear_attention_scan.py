@@ -259,7 +259,8 @@ def test_gpu_kernels_match_recurrence(gate):
 
 @pytest.mark.parametrize(
     "backend, gate, tune, kernels",
-    [("gpu", "gated", dataclasses.replace(STAGED, staged_tile=16, bwd_staged_tile=16),
+    [("gpu", "gated",
+      dataclasses.replace(STAGED, staged_tile=16, bwd_staged_tile=16, bwd_staged_bk=16),
       STAGED_FWD | STAGED_BWD),
      ("gpu", "gated", dataclasses.replace(STAGED, cumsum="pallas"),
       STAGED_FWD | STAGED_BWD | {"la_cumsum", "la_cumsum_rev"}),
@@ -267,7 +268,7 @@ def test_gpu_kernels_match_recurrence(gate):
       {"la_chunk_fwd", "la_chunk_bwd_dq", "la_chunk_bwd_dkv", "la_cumsum", "la_cumsum_rev"}),
      ("gpu", "gated", dataclasses.replace(STAGED, bwd_form="split", staged_tile=32),
       STAGED_FWD | {"la_chunk_bwd_dq", "la_chunk_bwd_dkv"}),
-     ("gpu", "gated", dataclasses.replace(STAGED, form="lean", bwd_staged_tile=16),
+     ("gpu", "gated", dataclasses.replace(STAGED, form="lean", bwd_staged_tile=32),
       {"la_chunk_fwd"} | STAGED_BWD),
      ("gpu", "scalar", dataclasses.replace(STAGED, cumsum="pallas"),
       {"la_chunk_fwd", "la_chunk_bwd"}),
