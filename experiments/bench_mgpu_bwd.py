@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import json
 import math
+import sys
 import traceback
 from pathlib import Path
 
@@ -98,8 +99,8 @@ def backward_row(length: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict:
     return row
 
 
-def api_rows(length: int, opts) -> list[dict]:
-    """fwd and fwd+bwd through the public entry points."""
+def api_rows(length: int, opts, names: tuple[str, ...]) -> list[dict]:
+    """fwd and fwd+bwd through the public entry points ``names``."""
     b = max(1, 16384 // length)
     q, k, v = make_inputs(b, length, H, D)
     fns = {
@@ -112,7 +113,8 @@ def api_rows(length: int, opts) -> list[dict]:
     rows = []
     for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
         row = {"L": length, "B": b, "H": H, "D": D, "mode": mode}
-        for name, fn in fns.items():
+        for name in names:
+            fn = fns[name]
             jf = jax.jit(fn) if mode == "fwd" else fwd_bwd(fn)
             _timed(row, name, jf, (q, k, v), opts, mult * _fwd_flops(b, length))
         rows.append(row)
@@ -176,6 +178,9 @@ def main() -> None:
         default=[mgpu_bwd.default_tiles(D), *map(_tiles, ("64,64,2,fused", "64,64,2", "64,128,2"))],
         help="Mosaic backward candidates bq,bk,stages[,fused] (the first is the 'mosaic' column)",
     )
+    parser.add_argument(
+        "--bwd-only", action="store_true", help="fwd and fwd+bwd rows of cuDNN only"
+    )
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS))
@@ -184,12 +189,13 @@ def main() -> None:
         "device": f"{jax.default_backend()} {jax.devices()[0].device_kind}",
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "jax": jax.__version__,
-        "command": "PYTHONPATH=. python experiments/bench_mgpu_bwd.py",
+        "command": "PYTHONPATH=. python experiments/bench_mgpu_bwd.py " + " ".join(sys.argv[1:]),
     }
     rows = []
     for length in opts.lengths:
         bwd = backward_row(length, opts.tiles, opts)
-        fwd, both = api_rows(length, opts)
+        names = ("cudnn",) if opts.bwd_only else ("cudnn", "triton", "mosaic")
+        fwd, both = api_rows(length, opts, names)
         if fwd.get("cudnn_ms") and both.get("cudnn_ms"):
             bwd["cudnn_ms"] = both["cudnn_ms"] - fwd["cudnn_ms"]
             bwd["cudnn_tflops"] = 2.5 * _fwd_flops(bwd["B"], length) / bwd["cudnn_ms"] / 1e9

@@ -456,15 +456,21 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
             free(1),  # both consumers done with K
         )
         mesh = plgpu.Mesh(num_threads=CONSUMERS + 1, thread_name="wg", **dkv_launch)
-        # plgpu.kernel cannot take a Ref operand (jax 0.10.2 and 0.11: its vmap wrapper), so
-        # this is its body by hand: the scratch is allocated once for all warpgroups.
-        body = lambda *refs: pl.run_scoped(
-            functools.partial(dkv_kernel, *refs), *dkv_scratch, ds_exchange, collective_axes="wg"
-        )
-        dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32), memory_space=plgpu.GMEM)
-        dk, dv = pl.kernel(body, out_type=dkv_out, mesh=mesh, compiler_params=params,
-                           interpret=interpret_params)(*args, dq_acc)  # fmt: skip
-        dq = (jax.freeze(dq_acc) * geo.scale).astype(dt)
+        # plgpu.kernel cannot take a Ref operand (jax 0.10.2 and 0.11: its vmap wrapper), so the
+        # kernel mutates GMEM refs under pl.core_map, as jax's own TMA-reduction test does (the
+        # inputs are copied into refs); the scratch is allocated once for all warpgroups.
+        gmem = lambda x: jax.new_ref(x, memory_space=plgpu.GMEM)
+        refs = [gmem(x) for x in args]
+        refs += [gmem(jnp.zeros(q.shape, jnp.float32)), gmem(jnp.zeros(k.shape, dt)),
+                 gmem(jnp.zeros(k.shape, dt))]  # dQ accumulator, dK, dV  # fmt: skip
+
+        @pl.core_map(mesh, compiler_params=params, interpret=interpret_params)
+        def _():
+            kernel = functools.partial(dkv_kernel, *refs)
+            pl.run_scoped(kernel, *dkv_scratch, ds_exchange, collective_axes="wg")
+
+        dq_acc, dk, dv = (jax.freeze(r) for r in refs[-3:])
+        dq = (dq_acc * geo.scale).astype(dt)
         return dq[:, :lq], dk[:, :lk], dv[:, :lk]
 
     launch = dict(num_threads=CONSUMERS + 1, thread_name="wg", compiler_params=params,
