@@ -9,7 +9,7 @@ float32-accumulated matmuls and of the outputs). On CPU the kernels run in the M
 interpreter (tiny shapes: one or two 128-row CTAs, lengths not multiples of the tiles, so
 boundary tiles are partly padded) with its happens-before race detector on, and the last
 kernel of each call (the dQ kernel, or the fused dK/dV/dQ one) must be race-free; tests marked
-``gpu`` compile the real kernels and only run where a GPU is present (``pytest -k gpu -s``
+``gpu`` compile the real kernels and only run where a GPU is present (``pytest -m gpu -s``
 prints their errors).
 """
 
