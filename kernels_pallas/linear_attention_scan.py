@@ -655,12 +655,16 @@ def _grad_kernel(cfg: _Cfg, *refs, part: str = "all"):
 # split of fla's chunk_gla). Intra-chunk scores and their gradient go through memory as
 # ``[batch, heads, chunks, C, C]`` float32; the other kernels tile the feature dims.
 #
-# Stability: every exponent of a factored off-diagonal sub-block pair is <= 0 (log-gates <= 0,
-# so ``b`` falls along the chunk): rows X after columns Y use ``rho = b_{first row of X}`` for
-# ``q_X e^{b_X - rho}`` and ``k_Y e^{rho - b_Y}``, columns Y before rows X (the dk side) ``rho =
-# b_{last row of Y}``. No factor overflows; a factor that underflows drops a term below
-# ``e^{-87} |q| |k|`` (float32/bf16 exponent range) in absolute value. Diagonal sub-blocks as
-# ``_Chunk.gated_diag`` (``ScanConfig.diag``/``bwd_diag``; factors within e^{+-FACTOR_SPREAD}).
+# Stability. Common path (``_Chunk.safe`` over the chunk): the whole chunk is factored around
+# its middle row ``rho``, ``(q e^{b - rho}) (k e^{rho - b})^T``, as ``gated_diag`` factors a
+# diagonal block: with the chunk's log-gate range below ``FACTOR_SPREAD`` every exponent lies in
+# ``[-30, 30]``, each kept term is a product of two separately rounded factors (the direct
+# product's relative error, no cancellation) and the masked ones (j > i) stay finite. Chunks
+# with a larger range go to the fix-up kernels, sub-block by sub-block: every exponent of a
+# factored off-diagonal pair is <= 0 (log-gates <= 0, so ``b`` falls along the chunk): rows X
+# after columns Y use ``rho = b_{first row of X}`` for ``q_X e^{b_X - rho}`` and ``k_Y e^{rho -
+# b_Y}``, columns Y before rows X (the dk side) ``rho = b_{last row of Y}``; a factor that
+# underflows drops a term below ``e^{-87} |q| |k|``; diagonal blocks as ``gated_diag``.
 
 
 def _docs(refs: list) -> tuple:
