@@ -18,7 +18,7 @@ Writes experiments/results/bench_attention.{json,md} (``--name`` changes the fil
 
 Short run (Mosaic GPU check + D=128 causal timings of four implementations, a few minutes):
   PYTHONPATH=. python experiments/bench_attention.py --check mosaic --head-dims 128 \
-      --impls cudnn,stock_pallas,arjax_pallas,arjax_mosaic --no-sparse --no-peak \
+      --impls cudnn,stock_pallas,arjax_pallas,arjax_mosaic --no-sparse --no-peak --variants \
       --iters 5 --repeats 3 --name bench_attention_mosaic
 A failing implementation (e.g. a Mosaic GPU compile error) is recorded with its error text in
 the JSON and the log, and the other rows go on.
@@ -44,8 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from arjax.ops import attention, attention_reference
-from kernels_pallas.flash_attention import flash_attention, flash_decode
-from kernels_pallas.tuning import BlockSizes, block_sizes
+from kernels_pallas.flash_attention import flash_attention, flash_decode, gpu_mosaic
+from kernels_pallas.flash_attention._common import Geometry
+from kernels_pallas.tuning import BlockSizes, MosaicForward, block_sizes, mosaic_forward
 
 RESULTS = Path(__file__).parent / "results"
 IMPLS = ("xla", "cudnn", "stock_pallas", "stock_mosaic_gpu", "arjax_pallas", "arjax_mosaic")
@@ -211,6 +212,48 @@ def check_mosaic(log) -> dict:
     return errs
 
 
+# Mosaic GPU forward candidates timed by --variants (the table's row first)
+MOSAIC_VARIANTS = [
+    MosaicForward(bk=128, stages=2, pingpong=True),
+    MosaicForward(bk=64, stages=4),
+    MosaicForward(bk=64, stages=4, pingpong=True),
+]
+
+
+def mosaic_variant_rows(args, log) -> list[dict]:
+    """The Mosaic GPU forward kernel alone (causal bf16, lengths multiples of its tiles, no
+    padding) for the table's row and ``MOSAIC_VARIANTS``; ``max_diff``: max abs difference of
+    each variant's output from the table row's (a check of the variants on the device)."""
+    rows = []
+    for d in args.head_dims:
+        h = 2048 // d
+        candidates = [mosaic_forward(d), *MOSAIC_VARIANTS]
+        for length in args.lengths:
+            b = max(1, 16384 // length)
+            q, k, v = make_inputs(b, length, h, d)
+            flops = 4 * b * h * length * length * d / 2
+            first = None
+            for c in candidates:
+                geo = Geometry(length, length, 128, c.bk, True, None, False, d**-0.5, 1)
+                fn = jax.jit(
+                    lambda q, k, v, geo=geo, c=c: gpu_mosaic.forward(
+                        q, k, v, geo, c.stages, False, c.pingpong
+                    )[0]
+                )
+                row = {"D": d, "L": length, "B": b, "H": h, **dataclasses.asdict(c)}
+                try:
+                    out = jax.block_until_ready(fn(q, k, v))
+                    first = out if first is None else first
+                    row["max_diff"] = float(jnp.max(jnp.abs(out - first).astype(jnp.float32)))
+                    t = time_fn(fn, (q, k, v), args.iters, args.repeats)
+                    row.update(ms=t * 1e3, tflops=flops / t / 1e12)
+                except Exception as e:  # noqa: BLE001 - report and keep going
+                    row["error"] = error_text(e)
+                rows.append(row)
+                log(json.dumps(row))
+    return rows
+
+
 def dense_rows(args, log, tiles: dict[int, BlockSizes]) -> list[dict]:
     rows = []
     for d in args.head_dims:
@@ -338,7 +381,9 @@ def sweep_backward(args, log) -> tuple[list[dict], dict[int, BlockSizes]]:
     return rows, best
 
 
-def markdown(meta: dict, dense: list[dict], sparse: list[dict], checks: dict) -> str:
+def markdown(
+    meta: dict, dense: list[dict], sparse: list[dict], checks: dict, variants: list[dict]
+) -> str:
     peak = meta.get("matmul_tflops")
     lines = [
         f"# {meta['name']}",
@@ -393,6 +438,17 @@ def markdown(meta: dict, dense: list[dict], sparse: list[dict], checks: dict) ->
                 e = " | ".join(f"{x:.3g}" for x in c["err o,dq,dk,dv"])
                 g = ", ".join(f"{x:.3g}" for x in c["max |ref grad|"])
                 lines.append(f"| {c['case']} | {e} | {g} |")
+    if variants:
+        lines += ["", "Mosaic GPU forward kernel alone, causal bf16 (first row per length: the"
+                  " table's; max diff: vs that row's output):", "",
+                  "| D | L | bk | stages | pingpong | TFLOP/s (ms) | max diff |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in variants:
+            cfg = f"| {r['D']} | {r['L']} | {r['bk']} | {r['stages']} | {r['pingpong']} "
+            if "error" in r:
+                lines.append(cfg + f"| failed: `{r['error'].splitlines()[0][:200]}` | |")
+            else:
+                lines.append(cfg + f"| {r['tflops']:.0f} ({r['ms']:.2f}) | {r['max_diff']:.3g} |")
     if not sparse:
         return "\n".join(lines) + "\n"
     lines += [
@@ -437,6 +493,9 @@ def main() -> None:
     parser.add_argument("--modes", type=_csv(str), default=["fwd", "fwd+bwd"])
     parser.add_argument("--no-sparse", action="store_true", help="skip the window/segment rows")
     parser.add_argument("--no-peak", action="store_true", help="skip the matmul peak")
+    parser.add_argument(
+        "--variants", action="store_true", help="time Mosaic GPU forward kernel variants too"
+    )
     parser.add_argument("--name", default="bench_attention", help="results file name")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -462,11 +521,13 @@ def main() -> None:
         "command": "PYTHONPATH=. python " + " ".join(sys.argv),
     }
     log(json.dumps(meta))
-    result = {"meta": meta, "check": {}, "dense": [], "sparse": []}
+    result = {"meta": meta, "check": {}, "dense": [], "sparse": [], "mosaic_variants": []}
 
     def save():  # after every section, so a later crash keeps what was measured
         (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-        md = markdown(meta, result["dense"], result["sparse"], result["check"])
+        md = markdown(
+            meta, result["dense"], result["sparse"], result["check"], result["mosaic_variants"]
+        )
         (out_dir / f"{args.name}.md").write_text(md)
         return md
 
@@ -484,6 +545,9 @@ def main() -> None:
         log(f"matmul peak {meta['matmul_tflops']:.0f} TFLOP/s")
     result["dense"] = dense_rows(args, log, tiles)
     save()
+    if args.variants:
+        result["mosaic_variants"] = mosaic_variant_rows(args, log)
+        save()
     if not args.no_sparse:
         result["sparse"] = sparse_rows(args, log, tiles)
     print(save())

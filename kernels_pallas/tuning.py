@@ -63,10 +63,23 @@ TABLE: dict[str, list[tuple[int, BlockSizes]]] = {
 
 MIN_TILE = {"gpu": 16, "tpu": 8}
 
-# Mosaic GPU forward (kernels_pallas/flash_attention/gpu_mosaic.py, Hopper): (max head_dim, KV
-# tile, KV buffers); query tile 128. Untuned first guesses: D=128 with 2 buffers = 160 KiB of
-# the 227 KiB of shared memory, D=64 with 4 = 160 KiB.
-MOSAIC_TABLE: list[tuple[int, int, int]] = [(64, 128, 4), (128, 128, 2)]
+
+@dataclasses.dataclass(frozen=True)
+class MosaicForward:
+    """Mosaic GPU forward (``flash_attention/gpu_mosaic.py``, Hopper): ``bk`` KV rows per tile,
+    ``stages`` KV buffers in flight, ``pingpong``: consumers take turns on the tensor cores."""
+
+    bk: int
+    stages: int
+    pingpong: bool = False
+
+
+# (max head_dim, MosaicForward); query tile 128. Untuned first guesses: D=128 with 2 buffers =
+# 160 KiB of the 227 KiB of shared memory, D=64 with 4 = 160 KiB.
+MOSAIC_TABLE: list[tuple[int, MosaicForward]] = [
+    (64, MosaicForward(bk=128, stages=4)),
+    (128, MosaicForward(bk=128, stages=2)),
+]
 MOSAIC_BQ = 128
 # head_dims where the Mosaic GPU forward was measured faster than the Triton one on Hopper
 # (picked by ``gpu_lowering``); empty until the GPU benchmark has run.
@@ -92,9 +105,8 @@ def block_sizes(
     floor = {name: MIN_TILE[backend] for name in ("bq", "bk", "bwd_bq_dq", "bwd_bk_dq",
                                                  "bwd_bq_dkv", "bwd_bk_dkv")}  # fmt: skip
     if lowering == "mosaic":
-        bk, stages = next(((t, s) for dmax, t, s in MOSAIC_TABLE if head_dim <= dmax),
-                          MOSAIC_TABLE[-1][1:])  # fmt: skip
-        base = dataclasses.replace(base, bq=MOSAIC_BQ, bk=bk, stages=stages)
+        row = mosaic_forward(head_dim)
+        base = dataclasses.replace(base, bq=MOSAIC_BQ, bk=row.bk, stages=row.stages)
         floor.update(bq=MOSAIC_BQ, bk=64)
     q_fields = ("bq", "bwd_bq_dq", "bwd_bq_dkv")
     changes = {
@@ -102,6 +114,11 @@ def block_sizes(
         for name, lo in floor.items()
     }
     return dataclasses.replace(base, **changes)
+
+
+def mosaic_forward(head_dim: int) -> MosaicForward:
+    """The Mosaic GPU forward's row for ``head_dim``."""
+    return next((row for dmax, row in MOSAIC_TABLE if head_dim <= dmax), MOSAIC_TABLE[-1][1])
 
 
 def gpu_lowering(device_kind: str, head_dim: int, mosaic_ok: bool) -> str:

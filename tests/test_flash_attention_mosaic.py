@@ -6,7 +6,9 @@ the Triton backward kernels fed the kernel's log-sum-exp. On CPU both run in int
 the Mosaic GPU interpreter runs the kernel's TMA copies, mbarrier pipeline and three
 warpgroups, but computes the two matrix products as ``jnp`` dots of the same shared-memory /
 register operands (it cannot read wgmma's transposed or register operands); the tests marked
-``gpu`` run the real wgmma kernel. Fresh random inputs; bf16/fp16 tolerance atol = rtol = 3e-2
+``gpu`` run the real wgmma kernel. Interpreted kernels run under the interpreter's race
+detector (shared-memory reads/writes against TMA copies and other warpgroups). Fresh random
+inputs; bf16/fp16 tolerance atol = rtol = 3e-2
 (rounding of the output and of the probabilities fed to P @ V, as in test_flash_attention.py).
 Each case is one or two 128-row query tiles against 64-row KV tiles, lengths not multiples of
 either, so boundary tiles are masked and padded; interpret mode costs a few seconds per CTA.
@@ -20,13 +22,26 @@ import numpy as np
 import pytest
 
 from arjax.ops import attention, attention_reference
-from kernels_pallas.flash_attention import flash_attention
+from kernels_pallas.flash_attention import flash_attention, gpu_mosaic
+from kernels_pallas.flash_attention._common import Geometry
 from kernels_pallas.tuning import BlockSizes, block_sizes, gpu_lowering
 
 TOL = dict(rtol=3e-2, atol=3e-2)
 # forward tiles of the Mosaic kernel (128 query rows, 64 KV rows, 2 buffers); tiny backward tiles
 TILES = BlockSizes(128, 64, 16, 16, 16, 16, stages=2)
 FAST_COMPILE = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+
+
+@pytest.fixture(autouse=True)
+def races(monkeypatch):
+    """Interpret with race detection; returns whether an interpreted kernel raced.
+    (The GPU interpreter has no public names in jax 0.10/0.11.)"""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    params = InterpretGPUParams(detect_races=True)
+    monkeypatch.setattr(gpu_mosaic, "_interpret_params", lambda: params)
+    return lambda: gpu_callbacks.get_races().races_found
 
 
 def _inputs(rng, b=1, q_len=100, kv_len=150, h=2, kv_h=1, d=64, dtype=jnp.bfloat16):
@@ -44,7 +59,7 @@ def _out_and_grads(fn, q, k, v, w):
     return jax.jit(run).lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
 
 
-def _check(rng, case, *, blocks=TILES, interpret=True, tol=TOL):
+def _check(rng, case, races, *, blocks=TILES, interpret=True, tol=TOL):
     case = dict(case)
     kw = dict(causal=case.pop("causal", False), window=case.pop("window", None))
     q, k, v = _inputs(rng, **case)
@@ -57,6 +72,7 @@ def _check(rng, case, *, blocks=TILES, interpret=True, tol=TOL):
     np.testing.assert_allclose(out, ref, **tol)
     for name, g, r in zip("qkv", grads, ref_grads):
         np.testing.assert_allclose(g.astype(jnp.float32), r, err_msg=f"d{name}", **tol)
+    assert interpret is None or not races()
 
 
 CASES = {
@@ -71,21 +87,38 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_mosaic_forward_matches_reference_values_and_grads(rng, name):
-    _check(rng, CASES[name])
+def test_mosaic_forward_matches_reference_values_and_grads(rng, races, name):
+    _check(rng, CASES[name], races)
 
 
-def test_mosaic_single_kv_buffer_and_kv_tile_128(rng):
+def test_mosaic_single_kv_buffer_and_kv_tile_128(rng, races):
     """One KV buffer (no overlap: every load waits for the previous tile's release)."""
     blocks = BlockSizes(128, 128, 16, 16, 16, 16, stages=1)
-    _check(rng, dict(causal=True, q_len=60, kv_len=250, h=1), blocks=blocks)
+    _check(rng, dict(causal=True, q_len=60, kv_len=250, h=1), races, blocks=blocks)
 
 
-def test_ops_attention_pallas_mosaic_default_tiles(rng):
+@pytest.mark.parametrize("stages", [1, 3])
+def test_mosaic_pingpong_schedule_kernel(rng, races, stages):
+    """The kernel with the consumers taking turns (``pingpong``; one and three KV buffers):
+    two query tiles, a window, so each consumer also passes its turns on skipped KV tiles."""
+    q_len, kv_len, window = 150, 230, 70
+    q, k, v = _inputs(rng, q_len=q_len, kv_len=kv_len, h=2, kv_h=2)
+    geo = Geometry(q_len, kv_len, 128, 64, True, window, False, 0.125, 1)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+    out, lse2 = gpu_mosaic.forward(
+        pad(q, 256), pad(k, 256), pad(v, 256), geo, stages, interpret=True, pingpong=True
+    )
+    ref = attention_reference(q, k, v, causal=True, window=window, scale=0.125)
+    np.testing.assert_allclose(out[:, :q_len], ref, **TOL)
+    assert not races()
+
+
+def test_ops_attention_pallas_mosaic_default_tiles(rng, races):
     q, k, v = _inputs(rng, q_len=90, kv_len=90)
     fn = jax.jit(lambda q, k, v: attention(q, k, v, causal=True, impl="pallas_mosaic"))
     out = fn.lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
     np.testing.assert_allclose(out, attention_reference(q, k, v, causal=True), **TOL)
+    assert not races()
 
 
 def test_mosaic_tiles_and_lowering_rule():
@@ -140,7 +173,7 @@ gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
         dict(causal=True, b=1, q_len=1024, kv_len=1024, h=2, kv_h=2, d=128),
     ],
 )
-def test_mosaic_kernel_on_device(rng, case):
+def test_mosaic_kernel_on_device(rng, races, case):
     """The real wgmma kernel with the tuning table's tiles."""
     blocks = block_sizes("gpu", case["q_len"], case["kv_len"], case["d"], lowering="mosaic")
-    _check(rng, case, blocks=blocks, interpret=None, tol=dict(rtol=5e-2, atol=5e-2))
+    _check(rng, case, races, blocks=blocks, interpret=None, tol=dict(rtol=5e-2, atol=5e-2))

@@ -137,7 +137,10 @@ def _forward(call: _Call, q, k, v, q_seg, kv_seg):
     q_len, d = q.shape[1], q.shape[3]
     args = _prepare(call, q, k, v, q_seg, kv_seg)
     if call.lowering == "mosaic":
-        out, lse2 = gpu_mosaic.forward(*args[:3], call.geo, call.blocks.stages, call.interpret)
+        pingpong = tuning.mosaic_forward(d).pingpong
+        out, lse2 = gpu_mosaic.forward(
+            *args[:3], call.geo, call.blocks.stages, call.interpret, pingpong
+        )
     else:
         kernel = gpu.forward if call.backend == "gpu" else tpu.forward
         out, lse2 = kernel(*args, call.geo, call.blocks, call.interpret)

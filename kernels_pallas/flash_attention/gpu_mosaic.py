@@ -109,13 +109,17 @@ def _iota(shape, dim: int, interpret: bool):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
-def _qk(q_smem, k_smem, interpret: bool):
-    """``S = Q K^T`` float32 ``[rows, bk]`` from shared ``q [rows, d]``, ``k [bk, d]``."""
+def _qk(q_smem, k_smem, interpret: bool, issued):
+    """``S = Q K^T`` float32 ``[rows, bk]`` from shared ``q [rows, d]``, ``k [bk, d]``;
+    ``issued()`` runs between issuing the (asynchronous) wgmma and reading its result."""
     if interpret:
-        return dot_nt(q_smem[...], k_smem[...])
+        s = dot_nt(q_smem[...], k_smem[...])
+        issued()
+        return s
 
     def mma(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+        issued()
         return acc_ref[...]
 
     return pl.run_scoped(mma, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
@@ -132,9 +136,15 @@ def _acc_pv(acc, p, v_smem, interpret: bool):
     return pl.run_state(mma)(plgpu.ACC.init(acc))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *, geo, stages,
-                    interpret):  # fmt: skip
-    """One CTA: 128 query rows of one (batch, head); refs are ``[b, len, heads, d]`` in GMEM."""
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn, *, geo,
+                    stages, pingpong, interpret):  # fmt: skip
+    """One CTA: 128 query rows of one (batch, head); refs are ``[b, len, heads, d]`` in GMEM.
+
+    With ``pingpong`` the consumers take turns on the tensor cores (FA-3 sec. 3.2): the
+    ``turn`` barrier (both consumers arrive) is passed twice per KV step -- after issuing
+    ``Q K^T`` and before issuing ``P V`` -- and consumer 1 starts one phase late, so one
+    warpgroup's softmax overlaps the other's matrix products.
+    """
     (q_smem, k_smem, v_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free) = (
         smem,
         ready,
@@ -151,27 +161,27 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *, g
         plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
         kv_head = lax.div(head, jnp.int32(geo.groups))
 
-        def load(step):
-            slot = lax.rem(step - lo, jnp.int32(stages))
-            rows = (batch, pl.ds(step * bk, bk), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+        operands = ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free))
 
-        def wait_free(step):  # both consumers are done with the tile ``step - stages``
+        def load(step, wait: bool = True):
+            """Load KV tile ``step``; ``wait``: first for both consumers to release the tile
+            ``step - stages`` of its slot (K and V separately: K is released first)."""
             slot = lax.rem(step - lo, jnp.int32(stages))
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+            for ref, buf, ready, free in operands:
+                if wait:
+                    plgpu.barrier_wait(free.at[slot])
+                rows = (batch, pl.ds(step * bk, bk), kv_head)
+                plgpu.copy_gmem_to_smem(ref.at[rows], buf.at[slot], ready.at[slot])
+
+        def drain(step):  # observe the last releases (the interpreter checks every phase)
+            slot = lax.rem(step - lo, jnp.int32(stages))
+            for *_, free in operands:
+                plgpu.barrier_wait(free.at[slot])
 
         for slot in range(stages):  # fill the ring
-            pl.when(lo + slot < hi)(functools.partial(load, lo + slot))
-
-        @pl.loop(lo + stages, hi)
-        def _(step):
-            wait_free(step)
-            load(step)
-
-        # observe the last releases too (the interpreter checks that every phase is seen)
-        pl.loop(jnp.maximum(lo, hi - stages) + stages, hi + stages)(wait_free)
+            pl.when(lo + slot < hi)(functools.partial(load, lo + slot, False))
+        pl.loop(lo + stages, hi)(load)
+        pl.loop(jnp.maximum(lo, hi - stages) + stages, hi + stages)(drain)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -186,18 +196,32 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *, g
         def slot_of(step):
             return lax.rem(step - lo, jnp.int32(stages))
 
+        def pass_turn():
+            if pingpong:
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
+
+        def end_softmax(slot):  # hand over the tensor cores, wait for V and our turn
+            if pingpong:
+                plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(v_ready.at[slot])
+            if pingpong:
+                plgpu.barrier_wait(turn)
+
         def skip(step, carry):  # another warpgroup's tile: keep the barrier phases in step
             slot = slot_of(step)
-            for ready, free in ((k_ready, k_free), (v_ready, v_free)):
-                plgpu.barrier_wait(ready.at[slot])
-                plgpu.barrier_arrive(free.at[slot])
+            plgpu.barrier_wait(k_ready.at[slot])
+            pass_turn()
+            plgpu.barrier_arrive(k_free.at[slot])
+            end_softmax(slot)
+            plgpu.barrier_arrive(v_free.at[slot])
             return carry
 
         def attend(step, carry, masked: bool):
             m, row_sum, acc = carry
             slot = slot_of(step)
             plgpu.barrier_wait(k_ready.at[slot])
-            s2 = _qk(q_slot, k_smem.at[slot], interpret) * geo.scale2
+            s2 = _qk(q_slot, k_smem.at[slot], interpret, pass_turn) * geo.scale2
             plgpu.barrier_arrive(k_free.at[slot])
             mask = None
             if masked:
@@ -205,7 +229,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *, g
                 mask = tile_mask(q_idx, k_idx, None, None, geo)
             m, row_sum, alpha, p = softmax_tile(s2, m, row_sum, mask)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
-            plgpu.barrier_wait(v_ready.at[slot])
+            end_softmax(slot)
             acc = _acc_pv(acc, p.astype(q_ref.dtype), v_smem.at[slot], interpret)
             plgpu.barrier_arrive(v_free.at[slot])
             return m, row_sum, acc
@@ -216,11 +240,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *, g
             _rows_layout(jnp.full((ROWS,), 0.0, jnp.float32), interpret),
             _acc_layout(jnp.full((ROWS, d), 0.0, jnp.float32), interpret),
         )
+        pl.when(wg == 1)(pass_turn)  # consumer 1 starts one phase late
         lax.fori_loop(lo, own_lo, skip, None)
         carry = lax.fori_loop(own_lo, full_lo, functools.partial(attend, masked=True), carry)
         carry = lax.fori_loop(full_lo, full_hi, functools.partial(attend, masked=False), carry)
         carry = lax.fori_loop(full_hi, own_hi, functools.partial(attend, masked=True), carry)
         lax.fori_loop(own_hi, hi, skip, None)
+        pl.when(wg == 0)(pass_turn)  # ... and consumer 0 ends one phase late
 
         # Mosaic GPU has no log2: log2(x) = ln(x) * log2(e)
         out, lse2 = finalize(*carry, log2=lambda x: jnp.log(x) * LOG2_E)
@@ -232,10 +258,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *, g
         plgpu.wait_smem_to_gmem(0)
 
 
-def forward(q, k, v, geo: Geometry, stages: int, interpret: bool):
+def forward(q, k, v, geo: Geometry, stages: int, interpret: bool, pingpong: bool = False):
     """Padded ``q [b, Lq, h, d]``, ``k/v [b, Lk, hk, d]`` (``geo.bq`` = 128 query and ``geo.bk``
     KV rows per tile, ``stages`` KV buffers); returns ``(o [b, Lq, h, d], lse2 [b, h, Lq]``
-    float32); rows past ``geo.nq`` tiles are left unwritten."""
+    float32); rows past ``geo.nq`` tiles are left unwritten. ``pingpong``: see
+    ``_forward_kernel``."""
     b, lq, h, d = q.shape
     bk = geo.bk
     # wgmma operands: 128-byte swizzled (8 x 64-element) tiles; d is 64 or 128 (2-byte types)
@@ -253,8 +280,11 @@ def forward(q, k, v, geo: Geometry, stages: int, interpret: bool):
             plgpu.Barrier(num_barriers=stages),
         ),
         (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
+        plgpu.Barrier(num_arrivals=CONSUMERS),
     )
-    kernel = functools.partial(_forward_kernel, geo=geo, stages=stages, interpret=interpret)
+    kernel = functools.partial(
+        _forward_kernel, geo=geo, stages=stages, pingpong=pingpong, interpret=interpret
+    )
     return plgpu.kernel(
         kernel,
         out_type=(
