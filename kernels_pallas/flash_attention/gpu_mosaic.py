@@ -190,7 +190,6 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
         q_slot = q_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_first, ROWS), head], q_slot, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
-        q_idx = q_first + _iota((ROWS, bk), 0, interpret)
         own_lo, full_lo, full_hi, own_hi = kv_block_range(q_first, q_first + ROWS - 1, geo)
 
         def slot_of(step):
@@ -224,7 +223,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
             s2 = _qk(q_slot, k_smem.at[slot], interpret, pass_turn) * geo.scale2
             plgpu.barrier_arrive(k_free.at[slot])
             mask = None
-            if masked:
+            if masked:  # indices built here, not kept live across the loop (registers)
+                q_idx = q_first + _iota((ROWS, bk), 0, interpret)
                 k_idx = step * bk + _iota((ROWS, bk), 1, interpret)
                 mask = tile_mask(q_idx, k_idx, None, None, geo)
             m, row_sum, alpha, p = softmax_tile(s2, m, row_sum, mask)
