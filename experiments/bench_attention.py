@@ -1,7 +1,7 @@
 """Benchmark arjax's Pallas flash attention against XLA, cuDNN and the stock Pallas kernel.
 
-arjax columns: "arjax Pallas" (Triton forward + Triton backward) and "arjax Mosaic GPU" (the
-Hopper Mosaic GPU forward, ``lowering="mosaic"``, + the same Triton backward via custom_vjp).
+arjax columns: "arjax Pallas" (``lowering="triton"``: Triton forward and backward) and "arjax
+Mosaic GPU" (``lowering="mosaic"``: the Hopper Mosaic GPU forward and backward kernels).
 
 Causal bf16 attention, batch*heads filling the GPU (B*L = 16384 tokens, H*D = 2048),
 D = 64 and 128, L = 2048, 8192, 32768, forward and forward+backward; plus sliding-window and
@@ -176,7 +176,7 @@ MOSAIC_CASES = [
 
 def check_mosaic(log) -> dict:
     """Max abs errors of the Mosaic GPU forward (and of the gradients through its custom_vjp
-    with the Triton backward) vs the float32 reference; bf16 unless stated; a case that fails
+    with the Mosaic GPU backward) vs the float32 reference; bf16 unless stated; a case that fails
     to compile or run records its error text."""
     errs = {}
     for n, c in enumerate(MOSAIC_CASES):
@@ -215,8 +215,9 @@ def check_mosaic(log) -> dict:
 # Mosaic GPU forward candidates timed by --variants (the table's row first)
 MOSAIC_VARIANTS = [
     MosaicForward(bk=128, stages=2, pingpong=True),
-    MosaicForward(bk=64, stages=4),
-    MosaicForward(bk=64, stages=4, pingpong=True),
+    MosaicForward(bk=128, stages=2, persistent=True),
+    MosaicForward(bk=128, stages=2, pingpong=True, persistent=True),
+    MosaicForward(bk=64, stages=4, pingpong=True, persistent=True),
 ]
 
 
@@ -235,9 +236,10 @@ def mosaic_variant_rows(args, log) -> list[dict]:
             first = None
             for c in candidates:
                 geo = Geometry(length, length, 128, c.bk, True, None, False, d**-0.5, 1)
+                programs = jax.devices()[0].core_count if c.persistent else None
                 fn = jax.jit(
-                    lambda q, k, v, geo=geo, c=c: gpu_mosaic.forward(
-                        q, k, v, geo, c.stages, False, c.pingpong
+                    lambda q, k, v, geo=geo, c=c, n=programs: gpu_mosaic.forward(
+                        q, k, v, geo, c.stages, False, c.pingpong, n
                     )[0]
                 )
                 row = {"D": d, "L": length, "B": b, "H": h, **dataclasses.asdict(c)}
@@ -394,7 +396,7 @@ def markdown(
         f"- arjax tiles per head_dim: {meta.get('tiles', 'kernels_pallas/tuning.py table')}",
         "",
         "Causal bf16, TFLOP/s (ms); speedup = other ms / arjax ms (arjax Pallas = Triton forward,"
-        " arjax Mosaic GPU = Mosaic GPU forward; both with the Triton backward).",
+        " arjax Mosaic GPU = Mosaic GPU forward and backward).",
         "",
         "| D | L | B | H | mode | XLA | cuDNN | stock Pallas | stock Mosaic GPU (fwd only) "
         "| arjax Pallas | arjax Mosaic GPU | vs XLA | vs cuDNN | vs stock Pallas "
@@ -428,7 +430,7 @@ def markdown(
     mosaic = {k: c for k, c in checks.items() if k.startswith("mosaic")}
     if mosaic:
         lines += ["", "Mosaic GPU forward check (max abs error vs float32 reference; grads via the"
-                  " Triton backward):", "", "| case | out | dq | dk | dv | max abs ref grad |",
+                  " Mosaic GPU backward):", "", "| case | out | dq | dk | dv | max abs ref grad |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for c in mosaic.values():
             if "error" in c:
@@ -441,10 +443,11 @@ def markdown(
     if variants:
         lines += ["", "Mosaic GPU forward kernel alone, causal bf16 (first row per length: the"
                   " table's; max diff: vs that row's output):", "",
-                  "| D | L | bk | stages | pingpong | TFLOP/s (ms) | max diff |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| D | L | bk | stages | pingpong | persistent | TFLOP/s (ms) | max diff |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in variants:
-            cfg = f"| {r['D']} | {r['L']} | {r['bk']} | {r['stages']} | {r['pingpong']} "
+            cfg = (f"| {r['D']} | {r['L']} | {r['bk']} | {r['stages']} | {r['pingpong']} "
+                   f"| {r['persistent']} ")  # fmt: skip
             if "error" in r:
                 lines.append(cfg + f"| failed: `{r['error'].splitlines()[0][:200]}` | |")
             else:

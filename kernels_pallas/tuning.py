@@ -67,11 +67,13 @@ MIN_TILE = {"gpu": 16, "tpu": 8}
 @dataclasses.dataclass(frozen=True)
 class MosaicForward:
     """Mosaic GPU forward (``flash_attention/gpu_mosaic.py``, Hopper): ``bk`` KV rows per tile,
-    ``stages`` KV buffers in flight, ``pingpong``: consumers take turns on the tensor cores."""
+    ``stages`` KV buffers in flight, ``pingpong``: consumers take turns on the tensor cores,
+    ``persistent``: one CTA per SM looping over the work items (else one CTA per item)."""
 
     bk: int
     stages: int
     pingpong: bool = False
+    persistent: bool = False
 
 
 # (max head_dim, MosaicForward); query tile 128. Untuned first guesses: D=128 with 2 buffers =

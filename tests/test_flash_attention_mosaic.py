@@ -2,16 +2,16 @@
 
 ``flash_attention(..., lowering="mosaic")``: the forward is the warp-specialised Mosaic GPU
 kernel (``kernels_pallas/flash_attention/gpu_mosaic.py``), the gradients its custom_vjp with
-the Triton backward kernels fed the kernel's log-sum-exp. On CPU both run in interpret mode:
-the Mosaic GPU interpreter runs the kernel's TMA copies, mbarrier pipeline and three
-warpgroups, but computes the two matrix products as ``jnp`` dots of the same shared-memory /
-register operands (it cannot read wgmma's transposed or register operands); the tests marked
-``gpu`` run the real wgmma kernel. Interpreted kernels run under the interpreter's race
-detector (shared-memory reads/writes against TMA copies and other warpgroups). Fresh random
-inputs; bf16/fp16 tolerance atol = rtol = 3e-2
-(rounding of the output and of the probabilities fed to P @ V, as in test_flash_attention.py).
-Each case is one or two 128-row query tiles against 64-row KV tiles, lengths not multiples of
-either, so boundary tiles are masked and padded; interpret mode costs a few seconds per CTA.
+that lowering's backward kernels (``mgpu_bwd.py``) fed the kernel's log-sum-exp. On CPU both
+run in interpret mode: the Mosaic GPU interpreter runs the kernel's TMA copies, mbarrier
+pipeline and three warpgroups, but computes the two matrix products as ``jnp`` dots of the
+same shared-memory / register operands (it cannot read wgmma's transposed or register
+operands); the tests marked ``gpu`` run the real wgmma kernel. Interpreted kernels run under
+the interpreter's race detector (shared-memory accesses against TMA copies and the other
+warpgroups). Fresh random inputs; bf16/fp16 tolerance atol = rtol = 3e-2 (rounding of the
+output and of the probabilities fed to P @ V, as in test_flash_attention.py). Each case is one
+or two 128-row query tiles against 64-row KV tiles, lengths not multiples of either, so
+boundary tiles are masked and padded; interpret mode costs a few seconds per CTA.
 """
 
 from __future__ import annotations
@@ -97,16 +97,17 @@ def test_mosaic_single_kv_buffer_and_kv_tile_128(rng, races):
     _check(rng, dict(causal=True, q_len=60, kv_len=250, h=1), races, blocks=blocks)
 
 
-@pytest.mark.parametrize("stages", [1, 3])
-def test_mosaic_pingpong_schedule_kernel(rng, races, stages):
-    """The kernel with the consumers taking turns (``pingpong``; one and three KV buffers):
-    two query tiles, a window, so each consumer also passes its turns on skipped KV tiles."""
+@pytest.mark.parametrize("stages,pingpong,programs", [(1, True, 1), (3, True, 3), (2, False, 2)])
+def test_mosaic_pingpong_and_persistent_kernel(rng, races, stages, pingpong, programs):
+    """The kernel with the consumers taking turns (``pingpong``), with one to three KV buffers,
+    as ``programs`` persistent CTAs looping over the 4 work items (2 heads x 2 query tiles; the
+    KV ring runs on across items). A window: each consumer also passes skipped KV tiles."""
     q_len, kv_len, window = 150, 230, 70
     q, k, v = _inputs(rng, q_len=q_len, kv_len=kv_len, h=2, kv_h=2)
     geo = Geometry(q_len, kv_len, 128, 64, True, window, False, 0.125, 1)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
     out, lse2 = gpu_mosaic.forward(
-        pad(q, 256), pad(k, 256), pad(v, 256), geo, stages, interpret=True, pingpong=True
+        pad(q, 256), pad(k, 256), pad(v, 256), geo, stages, True, pingpong, programs
     )
     ref = attention_reference(q, k, v, causal=True, window=window, scale=0.125)
     np.testing.assert_allclose(out[:, :q_len], ref, **TOL)

@@ -137,9 +137,11 @@ def _forward(call: _Call, q, k, v, q_seg, kv_seg):
     q_len, d = q.shape[1], q.shape[3]
     args = _prepare(call, q, k, v, q_seg, kv_seg)
     if call.lowering == "mosaic":
-        pingpong = tuning.mosaic_forward(d).pingpong
+        row = tuning.mosaic_forward(d)
+        # persistent: one CTA per SM (core_count: SMs of a GPU device)
+        programs = getattr(jax.devices()[0], "core_count", None) if row.persistent else None
         out, lse2 = gpu_mosaic.forward(
-            *args[:3], call.geo, call.blocks.stages, call.interpret, pingpong
+            *args[:3], call.geo, call.blocks.stages, call.interpret, row.pingpong, programs
         )
     else:
         kernel = gpu.forward if call.backend == "gpu" else tpu.forward

@@ -1,19 +1,21 @@
 """Hopper flash-attention forward in Pallas Mosaic GPU (FlashAttention-3 style).
 
-FlashAttention-3 (Shah et al. 2024), sec. 3.1: one CTA per 128-row query tile, three
+FlashAttention-3 (Shah et al. 2024), sec. 3.1: a CTA computes 128-row query tiles with three
 warpgroups with specialised roles. A producer warpgroup streams the KV tiles through a ring of
 ``stages`` shared-memory buffers with TMA, each buffer guarded by a "ready" mbarrier (TMA
 transaction count) and a "consumed" mbarrier (both consumers arrived); two consumer
 warpgroups each own 64 query rows (one wgmma M), compute ``S = Q K^T`` and ``O += P V`` with
 wgmma (float32 accumulators in registers, ``P`` cast to the input dtype) and run the online
-softmax in registers (FlashAttention-2, alg. 1, base-2 logits as in ``_common``).
+softmax in registers (FlashAttention-2, alg. 1, base-2 logits as in ``_common``). Optional:
+persistent CTAs (one per SM, looping over the query tiles) and the consumers' pingpong
+schedule on the tensor cores (FA-3 sec. 3.2); see ``_forward_kernel``.
 
 KV tiles outside a warpgroup's causal / sliding-window range are skipped (``kv_block_range``
 per warpgroup; the producer loads the union of the two ranges, a warpgroup only waits on and
 releases the buffers of tiles it skips); only boundary tiles are masked. The outputs are ``o``
-and the base-2 log-sum-exp ``lse2 [batch, heads, q_len]``, exactly what the Triton backward
-kernels of ``gpu.py`` consume. Lengths are padded by the caller (query to 128 rows, KV to the
-tile); padded keys are masked, padded query rows are sliced off.
+and the base-2 log-sum-exp ``lse2 [batch, heads, q_len]``, exactly what the backward kernels
+consume (Triton ``gpu.py``, Mosaic GPU ``mgpu_bwd.py``). Lengths are padded by the caller
+(query to 128 rows, KV to the tile); padded keys are masked, padded query rows sliced off.
 
 Interpret mode (CPU tests) runs the same kernel -- TMA copies, barriers, warp specialisation,
 masks, softmax, epilogue -- except the two matrix products: the Mosaic GPU interpreter cannot
@@ -137,8 +139,12 @@ def _acc_pv(acc, p, v_smem, interpret: bool):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn, *, geo,
-                    stages, pingpong, interpret):  # fmt: skip
-    """One CTA: 128 query rows of one (batch, head); refs are ``[b, len, heads, d]`` in GMEM.
+                    stages, pingpong, programs, interpret):  # fmt: skip
+    """Persistent CTAs: program ``p`` computes the work items ``p, p + programs, ...``, each
+    128 query rows of one (batch, head), heaviest causal query tiles first over all heads.
+    Refs are ``[b, len, heads, d]`` in GMEM. The KV ring runs on across items (a global step
+    count picks the slot), so the producer prefetches the next item's tiles while the
+    consumers finish the current one.
 
     With ``pingpong`` the consumers take turns on the tensor cores (FA-3 sec. 3.2): the
     ``turn`` barrier (both consumers arrive) is passed twice per KV step -- after issuing
@@ -151,49 +157,54 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
         free,
     )
     bk = geo.bk
+    b, h = q_ref.shape[0], q_ref.shape[2]
     wg = lax.axis_index("wg")
-    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-    tile_first = (geo.nq - 1 - lax.axis_index("q")) * TILE_Q  # heaviest causal tiles first
-    lo, _, _, hi = kv_block_range(tile_first, tile_first + TILE_Q - 1, geo)
+    pid = lax.axis_index("p")
+    n_items = geo.nq * b * h
+    count = lax.div(n_items - 1 - pid, jnp.int32(programs)) + 1  # items of this program
+
+    def item(k):
+        """(first query row, batch, head, KV tiles [lo, hi) of the 128 rows) of item k."""
+        t = pid + k * programs
+        tile_first = (geo.nq - 1 - lax.div(t, jnp.int32(b * h))) * TILE_Q
+        bh = lax.rem(t, jnp.int32(b * h))
+        lo, _, _, hi = kv_block_range(tile_first, tile_first + TILE_Q - 1, geo)
+        return tile_first, lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h)), lo, hi
+
+    def slot_of(g):  # global KV step -> ring slot
+        return lax.rem(g, jnp.int32(stages))
 
     @pl.when(wg == CONSUMERS)
     def _producer():
         plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
-        kv_head = lax.div(head, jnp.int32(geo.groups))
-
         operands = ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free))
 
-        def load(step, wait: bool = True):
-            """Load KV tile ``step``; ``wait``: first for both consumers to release the tile
-            ``step - stages`` of its slot (K and V separately: K is released first)."""
-            slot = lax.rem(step - lo, jnp.int32(stages))
-            for ref, buf, ready, free in operands:
-                if wait:
-                    plgpu.barrier_wait(free.at[slot])
-                rows = (batch, pl.ds(step * bk, bk), kv_head)
-                plgpu.copy_gmem_to_smem(ref.at[rows], buf.at[slot], ready.at[slot])
+        def produce(k, base):
+            _, batch, head, lo, hi = item(k)
+            rows = lambda step: (batch, pl.ds(step * bk, bk), lax.div(head, jnp.int32(geo.groups)))  # noqa: E731
 
-        def drain(step):  # observe the last releases (the interpreter checks every phase)
-            slot = lax.rem(step - lo, jnp.int32(stages))
+            @pl.loop(lo, hi)
+            def _(step):
+                g = base + step - lo
+                for ref, buf, ready, free in operands:  # K and V separately: K is freed first
+                    # wait for both consumers to release the slot's previous tile
+                    pl.when(g >= stages)(lambda free=free: plgpu.barrier_wait(free.at[slot_of(g)]))
+                    plgpu.copy_gmem_to_smem(ref.at[rows(step)], buf.at[slot_of(g)],
+                                            ready.at[slot_of(g)])  # fmt: skip
+
+            return base + hi - lo
+
+        total = lax.fori_loop(0, count, produce, jnp.int32(0))
+
+        @pl.loop(jnp.maximum(0, total - stages), total)
+        def _(g):  # observe the last releases too (the interpreter checks every phase)
             for *_, free in operands:
-                plgpu.barrier_wait(free.at[slot])
-
-        for slot in range(stages):  # fill the ring
-            pl.when(lo + slot < hi)(functools.partial(load, lo + slot, False))
-        pl.loop(lo + stages, hi)(load)
-        pl.loop(jnp.maximum(lo, hi - stages) + stages, hi + stages)(drain)
+                plgpu.barrier_wait(free.at[slot_of(g)])
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
         plgpu.set_max_registers(CONSUMER_REGS, action="increase")
-        q_first = tile_first + wg * ROWS
         q_slot = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_first, ROWS), head], q_slot, q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
-        own_lo, full_lo, full_hi, own_hi = kv_block_range(q_first, q_first + ROWS - 1, geo)
-
-        def slot_of(step):
-            return lax.rem(step - lo, jnp.int32(stages))
 
         def pass_turn():
             if pingpong:
@@ -207,62 +218,85 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
             if pingpong:
                 plgpu.barrier_wait(turn)
 
-        def skip(step, carry):  # another warpgroup's tile: keep the barrier phases in step
-            slot = slot_of(step)
-            plgpu.barrier_wait(k_ready.at[slot])
-            pass_turn()
-            plgpu.barrier_arrive(k_free.at[slot])
-            end_softmax(slot)
-            plgpu.barrier_arrive(v_free.at[slot])
-            return carry
+        def consume(k, base):
+            tile_first, batch, head, lo, hi = item(k)
+            q_first = tile_first + wg * ROWS
+            plgpu.copy_gmem_to_smem(
+                q_ref.at[batch, pl.ds(q_first, ROWS), head], q_slot, q_ready.at[wg]
+            )
+            plgpu.barrier_wait(q_ready.at[wg])
+            own_lo, full_lo, full_hi, own_hi = kv_block_range(q_first, q_first + ROWS - 1, geo)
 
-        def attend(step, carry, masked: bool):
-            m, row_sum, acc = carry
-            slot = slot_of(step)
-            plgpu.barrier_wait(k_ready.at[slot])
-            s2 = _qk(q_slot, k_smem.at[slot], interpret, pass_turn) * geo.scale2
-            plgpu.barrier_arrive(k_free.at[slot])
-            mask = None
-            if masked:  # indices built here, not kept live across the loop (registers)
-                q_idx = q_first + _iota((ROWS, bk), 0, interpret)
-                k_idx = step * bk + _iota((ROWS, bk), 1, interpret)
-                mask = tile_mask(q_idx, k_idx, None, None, geo)
-            m, row_sum, alpha, p = softmax_tile(s2, m, row_sum, mask)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
-            end_softmax(slot)
-            acc = _acc_pv(acc, p.astype(q_ref.dtype), v_smem.at[slot], interpret)
-            plgpu.barrier_arrive(v_free.at[slot])
-            return m, row_sum, acc
+            def skip(step, carry):  # another warpgroup's tile: keep the barrier phases in step
+                slot = slot_of(base + step - lo)
+                plgpu.barrier_wait(k_ready.at[slot])
+                pass_turn()
+                plgpu.barrier_arrive(k_free.at[slot])
+                end_softmax(slot)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return carry
 
-        d = q_ref.shape[-1]
-        carry = (
-            _rows_layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), interpret),
-            _rows_layout(jnp.full((ROWS,), 0.0, jnp.float32), interpret),
-            _acc_layout(jnp.full((ROWS, d), 0.0, jnp.float32), interpret),
-        )
+            def attend(step, carry, masked: bool):
+                m, row_sum, acc = carry
+                slot = slot_of(base + step - lo)
+                plgpu.barrier_wait(k_ready.at[slot])
+                s2 = _qk(q_slot, k_smem.at[slot], interpret, pass_turn) * geo.scale2
+                plgpu.barrier_arrive(k_free.at[slot])
+                mask = None
+                if masked:  # indices built here, not kept live across the loop (registers)
+                    q_idx = q_first + _iota((ROWS, bk), 0, interpret)
+                    k_idx = step * bk + _iota((ROWS, bk), 1, interpret)
+                    mask = tile_mask(q_idx, k_idx, None, None, geo)
+                m, row_sum, alpha, p = softmax_tile(s2, m, row_sum, mask)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+                end_softmax(slot)
+                acc = _acc_pv(acc, p.astype(q_ref.dtype), v_smem.at[slot], interpret)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return m, row_sum, acc
+
+            d = q_ref.shape[-1]
+            carry = (
+                _rows_layout(jnp.full((ROWS,), -jnp.inf, jnp.float32), interpret),
+                _rows_layout(jnp.full((ROWS,), 0.0, jnp.float32), interpret),
+                _acc_layout(jnp.full((ROWS, d), 0.0, jnp.float32), interpret),
+            )
+            lax.fori_loop(lo, own_lo, skip, None)
+            carry = lax.fori_loop(own_lo, full_lo, functools.partial(attend, masked=True), carry)
+            carry = lax.fori_loop(full_lo, full_hi, functools.partial(attend, masked=False), carry)
+            carry = lax.fori_loop(full_hi, own_hi, functools.partial(attend, masked=True), carry)
+            lax.fori_loop(own_hi, hi, skip, None)
+
+            # Mosaic GPU has no log2: log2(x) = ln(x) * log2(e)
+            out, lse2 = finalize(*carry, log2=lambda x: jnp.log(x) * LOG2_E)
+            q_slot[...] = out.astype(q_ref.dtype)  # Q is no longer needed: stage O in its buffer
+            lse_smem.at[wg][...] = lse2
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_slot, o_ref.at[batch, pl.ds(q_first, ROWS), head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_first, ROWS)])
+            # the next item's Q load and epilogue reuse these buffers
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            return base + hi - lo
+
         pl.when(wg == 1)(pass_turn)  # consumer 1 starts one phase late
-        lax.fori_loop(lo, own_lo, skip, None)
-        carry = lax.fori_loop(own_lo, full_lo, functools.partial(attend, masked=True), carry)
-        carry = lax.fori_loop(full_lo, full_hi, functools.partial(attend, masked=False), carry)
-        carry = lax.fori_loop(full_hi, own_hi, functools.partial(attend, masked=True), carry)
-        lax.fori_loop(own_hi, hi, skip, None)
+        lax.fori_loop(0, count, consume, jnp.int32(0))
         pl.when(wg == 0)(pass_turn)  # ... and consumer 0 ends one phase late
-
-        # Mosaic GPU has no log2: log2(x) = ln(x) * log2(e)
-        out, lse2 = finalize(*carry, log2=lambda x: jnp.log(x) * LOG2_E)
-        q_slot[...] = out.astype(q_ref.dtype)  # Q is no longer needed: stage O in its buffer
-        lse_smem.at[wg][...] = lse2
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_slot, o_ref.at[batch, pl.ds(q_first, ROWS), head])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_first, ROWS)])
         plgpu.wait_smem_to_gmem(0)
 
 
-def forward(q, k, v, geo: Geometry, stages: int, interpret: bool, pingpong: bool = False):
+def forward(
+    q,
+    k,
+    v,
+    geo: Geometry,
+    stages: int,
+    interpret: bool,
+    pingpong: bool = False,
+    programs: int | None = None,
+):
     """Padded ``q [b, Lq, h, d]``, ``k/v [b, Lk, hk, d]`` (``geo.bq`` = 128 query and ``geo.bk``
     KV rows per tile, ``stages`` KV buffers); returns ``(o [b, Lq, h, d], lse2 [b, h, Lq]``
-    float32); rows past ``geo.nq`` tiles are left unwritten. ``pingpong``: see
-    ``_forward_kernel``."""
+    float32); rows past ``geo.nq`` tiles are left unwritten. ``programs``: persistent CTAs
+    (default: one per work item); ``pingpong``: see ``_forward_kernel``."""
     b, lq, h, d = q.shape
     bk = geo.bk
     # wgmma operands: 128-byte swizzled (8 x 64-element) tiles; d is 64 or 128 (2-byte types)
@@ -282,8 +316,15 @@ def forward(q, k, v, geo: Geometry, stages: int, interpret: bool, pingpong: bool
         (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=CONSUMERS),
     )
+    n_items = geo.nq * b * h
+    programs = n_items if programs is None else min(programs, n_items)
     kernel = functools.partial(
-        _forward_kernel, geo=geo, stages=stages, pingpong=pingpong, interpret=interpret
+        _forward_kernel,
+        geo=geo,
+        stages=stages,
+        pingpong=pingpong,
+        programs=programs,
+        interpret=interpret,
     )
     return plgpu.kernel(
         kernel,
@@ -292,8 +333,8 @@ def forward(q, k, v, geo: Geometry, stages: int, interpret: bool, pingpong: bool
             jax.ShapeDtypeStruct((b, h, lq), jnp.float32),
         ),
         scratch_types=scratch,
-        grid=(geo.nq, b, h),
-        grid_names=("q", "batch", "heads"),
+        grid=(programs,),
+        grid_names=("p",),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
