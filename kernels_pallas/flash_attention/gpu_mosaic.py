@@ -141,7 +141,8 @@ def _acc_pv(acc, p, v_smem, interpret: bool):
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn, *, geo,
                     stages, pingpong, programs, interpret):  # fmt: skip
     """Persistent CTAs: program ``p`` computes the work items ``p, p + programs, ...``, each
-    128 query rows of one (batch, head), heaviest causal query tiles first over all heads.
+    128 query rows of one (batch, head); consecutive items are the query tiles of one head,
+    heaviest causal tile first (running CTAs share K/V in L2).
     Refs are ``[b, len, heads, d]`` in GMEM. The KV ring runs on across items (a global step
     count picks the slot), so the producer prefetches the next item's tiles while the
     consumers finish the current one.
@@ -166,8 +167,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
     def item(k):
         """(first query row, batch, head, KV tiles [lo, hi) of the 128 rows) of item k."""
         t = pid + k * programs
-        tile_first = (geo.nq - 1 - lax.div(t, jnp.int32(b * h))) * TILE_Q
-        bh = lax.rem(t, jnp.int32(b * h))
+        tile_first = (geo.nq - 1 - lax.rem(t, jnp.int32(geo.nq))) * TILE_Q
+        bh = lax.div(t, jnp.int32(geo.nq))
         lo, _, _, hi = kv_block_range(tile_first, tile_first + TILE_Q - 1, geo)
         return tile_first, lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h)), lo, hi
 
