@@ -4,9 +4,10 @@ mgpu_bwd.py``) against cuDNN and arjax's Triton kernels on Hopper.
 Causal bf16, D=128, H=16, B*L = 16384 tokens (as ``bench_attention.py``), per length:
 
 * ``bwd``: the backward kernels alone, both fed the same residuals (``lse2`` of arjax's Triton
-  forward, ``delta``): Triton (``gpu.backward``) and Mosaic GPU (``mgpu_bwd.backward``, each
-  ``--tiles`` candidate), with the max difference of their dq/dk/dv relative to the Triton
-  ones' max; cuDNN's backward is its fwd+bwd time minus its fwd time.
+  forward, ``delta``): Mosaic GPU (``mgpu_bwd.backward``, each ``--tiles`` candidate, in order)
+  and Triton (``gpu.backward``), with the max difference of each candidate's dq/dk/dv from the
+  first's, and of the first's from Triton's, relative to their max; cuDNN's backward is its
+  fwd+bwd time minus its fwd time. Each timing is printed as soon as it is measured.
 * ``fwd`` and ``fwd+bwd`` (``jax.grad``): cuDNN, ``flash_attention(lowering="triton")`` and
   ``flash_attention(lowering="mosaic")`` (Mosaic GPU forward and backward).
 
@@ -58,14 +59,24 @@ def _error(e: Exception) -> str:
 
 
 def _timed(row: dict, name: str, fn, args, opts, flops: float) -> None:
-    """Time ``fn(*args)`` into ``row`` (ms, TFLOP/s), or record why it failed."""
+    """Time ``fn(*args)`` into ``row`` (ms, TFLOP/s), or record why it failed; print either at
+    once (a run cut short by a timeout keeps what it measured)."""
     try:
         t = time_fn(fn, args, opts.iters, opts.repeats)
         row[name + "_ms"] = t * 1e3
         row[name + "_tflops"] = flops / t / 1e12
+        print(f"L={row['L']} {row['mode']} {name}: {t * 1e3:.3f} ms", flush=True)
     except Exception as e:  # noqa: BLE001 - report and keep benchmarking
         row[name + "_error"] = _error(e)
         traceback.print_exc()
+        print(f"L={row['L']} {row['mode']} {name}: {row[name + '_error']}", flush=True)
+
+
+def _rel_diff(got, want) -> list[float]:
+    """Max |got - want| / max |want| of each of dq, dk, dv."""
+    f32 = lambda x: x.astype(jnp.float32)
+    return [float(jnp.max(jnp.abs(f32(g) - f32(w))) / jnp.max(jnp.abs(f32(w))))
+            for g, w in zip(got, want)]  # fmt: skip
 
 
 def backward_row(length: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict:
@@ -81,9 +92,7 @@ def backward_row(length: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict:
     args = (q, k, v, do, lse2, delta)
     flops = 2.5 * _fwd_flops(b, length)
     row = {"L": length, "B": b, "H": H, "D": D, "mode": "bwd"}
-    triton = jax.jit(lambda *a: gpu.backward(*a[:6], None, None, geo, bs, False))
-    _timed(row, "triton", triton, args, opts, flops)
-    want = triton(*args)
+    first = None  # grads of the first candidate that ran: the others are compared with it
     for n, t in enumerate(tiles):
         name = "mosaic" if n == 0 else f"mosaic_{t.bq}_{t.bk}_{t.stages}" + "_fused" * t.fused_dq
         row[name + "_tiles"] = dataclasses.asdict(t)
@@ -91,11 +100,15 @@ def backward_row(length: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict:
         _timed(row, name, mosaic, args, opts, flops)
         if name + "_ms" in row:
             got = mosaic(*args)
-            row[name + "_rel_diff_dq_dk_dv"] = [
-                float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
-                / float(jnp.max(jnp.abs(w.astype(jnp.float32))))
-                for g, w in zip(got, want)
-            ]
+            if first is None:
+                first = got
+            else:
+                row[name + "_rel_diff_dq_dk_dv"] = _rel_diff(got, first)
+                print(f"{name} vs the first candidate: {row[name + '_rel_diff_dq_dk_dv']}")
+    triton = jax.jit(lambda *a: gpu.backward(*a[:6], None, None, geo, bs, False))
+    _timed(row, "triton", triton, args, opts, flops)
+    if first is not None and "triton_ms" in row:
+        row["first_rel_diff_vs_triton_dq_dk_dv"] = _rel_diff(first, triton(*args))
     return row
 
 
