@@ -35,6 +35,7 @@ import datetime  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -325,7 +326,17 @@ TUNE_STEPS = (
 )  # fmt: skip
 
 
-def tune_mode_checks() -> dict:
+# ``--tune-steps quick`` (a short GPU slot): GLA starts from the staged kernels (first H100 run:
+# fwd+bwd 4.18 ms against the table row's 6.95) and tries only what changed after that run.
+QUICK_START = {"gla": {"form": "staged", "bwd_form": "staged"}}
+QUICK_STEPS = (
+    (("staged_tile",), ("bwd_staged_tile",), ((128,),), ("gla",)),
+    (("cumsum",), None, (("pallas",),), ("gla",)),
+    (("warps",), ("bwd_warps",), ((8,),), ("gla",)),  # dq/dk: no spills at 8 (ptxas)
+)  # fmt: skip
+
+
+def tune_mode_checks(staged_only: bool = False) -> dict:
     """Compiled GLA diagonal modes (``ScanConfig.diag``/``bwd_diag``) with the fused and the
     "staged" kernels, float32, with log-gates about -0.4, -5 and -40 per token in turns of 32
     tokens, so blocks take both the factored form and the exact loops: max rel err of output,
@@ -336,6 +347,7 @@ def tune_mode_checks() -> dict:
     modes = [("hoist", "cond", "exact"), ("hoist", "exact", "exact"),
              ("hoist", "factored", "factored"), ("staged", "cond", "exact"),
              ("staged", "factored", "factored")]  # fmt: skip
+    modes = [m for m in modes if m[0] == "staged" or not staged_only]
     for form, diag, bwd_diag in modes:
         name = f"diag={diag}, bwd_diag={bwd_diag}" + (f", form={form}" if form != "hoist" else "")
         cfg = ScanConfig(diag=diag, bwd_diag=bwd_diag, form=form, bwd_form=form)
@@ -391,8 +403,10 @@ def tune_trial(cfg: ScanConfig, chunk: int, inputs, ref, reps: int, inner: int) 
     return trial
 
 
-def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline: float) -> None:
-    """Coordinate descent from the table's row (``TUNE_STEPS``), then its result re-timed.
+def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline: float,
+                 steps=TUNE_STEPS, start: dict | None = None) -> None:  # fmt: skip
+    """Coordinate descent from the table's row (with ``start``'s fields; ``steps``), then its
+    result re-timed.
 
     Fills ``res`` (``trials``, ``baseline``, ``best``: per pass the fastest trial that passed the
     check, the re-timed combination included, so timing noise in the descent cannot make it
@@ -401,6 +415,7 @@ def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline:
     inputs = make_inputs(TUNE_SHAPE, variant, jnp.bfloat16)
     ref = tune_reference(variant, inputs)
     cur = scan_config({"scalar": "scalar", "gla": "gated"}[variant], DIM)
+    cur = dataclasses.replace(cur, **(start or {}))
     chunk, trials = 64, res.setdefault("trials", [])
 
     def run(cfg, ch, label):
@@ -418,7 +433,7 @@ def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline:
         return
     cur_fwd, cur_bwd = base["fwd ms"], base["fwd+bwd ms"] - base["fwd ms"]
     start_cfg = cur
-    for fwd_fields, bwd_fields, candidates, variants in TUNE_STEPS:
+    for fwd_fields, bwd_fields, candidates, variants in steps:
         if variant not in variants:
             continue
         for value in candidates:
@@ -458,13 +473,14 @@ def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline:
         res["best"][p] = {k: t[k] for k in ("step", "chunk", "config", f"{p} ms")}
 
 
-def kernel_profile(variant: str, cfg: ScanConfig, shape=TUNE_SHAPE, calls: int = 3) -> dict:
-    """Device time per kernel, ms per pallas fwd+bwd call (chunk 64, ``cfg``; jax profiler
+def kernel_profile(variant: str, cfg: ScanConfig, chunk: int = 64, shape=TUNE_SHAPE,
+                   calls: int = 3) -> dict:  # fmt: skip
+    """Device time per kernel, ms per pallas fwd+bwd call (``chunk``, ``cfg``; jax profiler
     trace, the 20 largest): which kernel to work on next. Keys: ``{device line: {kernel: ms}}``
     over the trace's stream lines (all device lines if it names none "Stream")."""
     inputs = make_inputs(shape, variant, jnp.bfloat16)
     with scan_config_override(cfg), tempfile.TemporaryDirectory() as tmp:
-        _, fb = jax_fns("pallas", 64)
+        _, fb = jax_fns("pallas", chunk)
         jax.block_until_ready(fb(*inputs))
         with jax.profiler.trace(tmp):
             for _ in range(calls):
@@ -483,16 +499,12 @@ def kernel_profile(variant: str, cfg: ScanConfig, shape=TUNE_SHAPE, calls: int =
     return out
 
 
-def tune_profiles(res: dict) -> None:
-    """GLA: per-kernel times of the table row and of "staged" (``kernel_profile``), printed."""
-    table = scan_config("gated", DIM)
-    configs = {
-        "table": table,
-        "staged": dataclasses.replace(table, form="staged", bwd_form="staged"),
-    }
-    for name, cfg in configs.items():
+def tune_profiles(res: dict, configs: dict) -> None:
+    """GLA: per-kernel times (``kernel_profile``) of ``configs`` ``{name: (ScanConfig, chunk)}``,
+    printed."""
+    for name, (cfg, chunk) in configs.items():
         try:
-            res[name] = kernel_profile("gla", cfg)
+            res[name] = kernel_profile("gla", cfg, chunk)
         except Exception as e:  # noqa: BLE001 -- a profiler failure must not end the sweep
             res[name] = repr(e)[:300]
         print(f"  gla kernel profile ({name}, ms per fwd+bwd): {json.dumps(res[name])}", flush=True)
@@ -505,10 +517,29 @@ def tune_fla(variant: str, reps: int, inner: int) -> dict:
     return row
 
 
-def tune(results: dict, reps: int, inner: int, budget: float, out: str) -> None:
-    """The sweep, GLA first (60% of the budget: more steps, longer compiles), then scalar
-    decay; the JSON is written after each trial. The budget covers the candidates; the GPU
-    strong-gate checks come before it, each winner's re-timing and fla after (~10 s each)."""
+def print_best(variant: str, res: dict) -> None:
+    """One line per pass: the best config (its non-default fields), baseline and fla times."""
+    best, base, fla = res.get("best"), res.get("baseline", {}), res.get("fla", {})
+    if not best:
+        print(f"  {variant}: {res.get('note')}", flush=True)
+        return
+    default = dataclasses.asdict(ScanConfig())
+    for p in ("fwd", "fwd+bwd"):
+        ours, fl = best[p][f"{p} ms"], fla.get(f"fla {p}")
+        changed = {k: v for k, v in best[p]["config"].items() if default[k] != v}
+        print(f"  {variant:6s} {p:7s} best {fmt(ours)} (baseline {fmt(base.get(f'{p} ms'))}, "
+              f"fla {fmt(fl)}, fla/best {ratio(fl, ours)}): chunk_size={best[p]['chunk']} "
+              f"ScanConfig(**{changed})", flush=True)  # fmt: skip
+
+
+def tune(results: dict, reps: int, inner: int, budget: float, out: str,
+         variants: tuple[str, ...] = ("gla", "scalar"), quick: bool = False) -> None:  # fmt: skip
+    """The sweep, GLA first (60% of the budget with both variants: more steps, longer
+    compiles), then scalar decay; the JSON is written after each trial. The budget covers the
+    candidates; the GPU strong-gate checks come before it, each winner's re-timing, fla and
+    (GLA) the per-kernel profiles after (~10 s each; fla's autotune longer on a fresh machine).
+    ``quick``: ``QUICK_STEPS`` from ``QUICK_START``, only the staged strong-gate checks and
+    only the winner's profile (a short GPU slot)."""
     results.update(shape=TUNE_SHAPE, dim=DIM, tolerances=TUNE_TOL, variants={})
     start = time.perf_counter()
 
@@ -518,29 +549,30 @@ def tune(results: dict, reps: int, inner: int, budget: float, out: str) -> None:
         with open(out, "w") as fh:
             json.dump(results, fh, indent=1)
 
-    results["strong-gate checks"] = tune_mode_checks()
+    results["strong-gate checks"] = tune_mode_checks(staged_only=quick)
     save()
     sweep_start = time.perf_counter()
-    for variant, share in (("gla", 0.6), ("scalar", 1.0)):
+    shares = {"gla": 0.6 if "scalar" in variants else 1.0, "scalar": 1.0}
+    steps, starts = (QUICK_STEPS, QUICK_START) if quick else (TUNE_STEPS, {})
+    for variant in ("gla", "scalar"):
+        if variant not in variants:
+            continue
         res = results["variants"].setdefault(variant, {})
-        tune_variant(variant, res, save, reps, inner, deadline=sweep_start + budget * share)
+        tune_variant(variant, res, save, reps, inner, sweep_start + budget * shares[variant],
+                     steps, starts.get(variant))  # fmt: skip
+        print_best(variant, res)
         res["fla"] = tune_fla(variant, reps, inner)
-        if variant == "gla":
-            tune_profiles(res.setdefault("kernel profiles", {}))
         save()
-    default = dataclasses.asdict(ScanConfig())
+        if variant == "gla" and res.get("best"):
+            best = res["best"]["fwd+bwd"]
+            configs = {"best": (ScanConfig(**best["config"]), best["chunk"])}
+            if not quick:
+                configs = {"table": (scan_config("gated", DIM), 64), **configs}
+            tune_profiles(res.setdefault("kernel profiles", {}), configs)
+            save()
     print(f"\nbest per variant/pass at (B,H,L)={TUNE_SHAPE}, D={DIM} (ms; table row: non-defaults)")
     for variant, res in results["variants"].items():
-        best, base, fla = res.get("best"), res.get("baseline", {}), res["fla"]
-        if not best:
-            print(f"  {variant}: {res.get('note')}")
-            continue
-        for p in ("fwd", "fwd+bwd"):
-            ours, fl = best[p][f"{p} ms"], fla.get(f"fla {p}")
-            changed = {k: v for k, v in best[p]["config"].items() if default[k] != v}
-            print(f"  {variant:6s} {p:7s} best {fmt(ours)} (baseline {fmt(base.get(f'{p} ms'))}, "
-                  f"fla {fmt(fl)}, fla/best {ratio(fl, ours)}): chunk_size={best[p]['chunk']} "
-                  f"ScanConfig(**{changed})")  # fmt: skip
+        print_best(variant, res)
     print(f"wrote {out} ({results['elapsed s']} s)")
 
 
@@ -555,6 +587,9 @@ def main() -> None:
     ap.add_argument("--tune-budget", type=float, default=100.0, help="seconds for candidates")
     ap.add_argument("--tune-out", default="experiments/results/tune_scan.json")
     ap.add_argument("--profile", action="store_true", help="GLA per-kernel times (tune_profiles)")
+    ap.add_argument("--tune-variants", default="gla,scalar", help="variants to sweep (in order)")
+    ap.add_argument("--tune-steps", choices=("all", "quick"), default="all",
+                    help="TUNE_STEPS, or QUICK_STEPS from QUICK_START")  # fmt: skip
     args = ap.parse_args()
     versions = f"jax {jax.__version__}"
     try:
@@ -575,12 +610,15 @@ def main() -> None:
         "rows": [],
     }
     if args.profile:
-        tune_profiles(results)
+        table = scan_config("gated", DIM)
+        staged = dataclasses.replace(table, form="staged", bwd_form="staged")
+        tune_profiles(results, {"table": (table, 64), "staged": (staged, 64)})
         return
     if args.tune:
-        results["command"] += " --tune"
+        results["command"] += " " + " ".join(sys.argv[1:])
         del results["rows"]
-        tune(results, args.reps, args.inner, args.tune_budget, args.tune_out)
+        tune(results, args.reps, args.inner, args.tune_budget, args.tune_out,
+             tuple(args.tune_variants.split(",")), args.tune_steps == "quick")  # fmt: skip
         return
     if args.check:
         check(results, args.check.split(","))
