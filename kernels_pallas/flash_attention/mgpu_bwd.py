@@ -22,7 +22,10 @@ float32 register accumulators (FlashAttention-3, Shah et al. 2024, sec. 3.1 and 
     ``dS^T`` (input dtype) to shared memory, the two consumers swap halves through an mbarrier,
     each computes 64x64 blocks of the step's ``dQ`` partial ``dS K`` from shared memory
     (transposed ``dS^T`` as the wgmma lhs) and adds them to a float32 ``dQ`` in GMEM with a TMA
-    reduce-add -- 5 matmuls; ``dQ`` is scaled and cast by XLA afterwards.
+    reduce-add -- 5 matmuls; ``dQ`` is scaled and cast by XLA afterwards. UNVERIFIED ON GPU,
+    off by default: on an H100 (jax 0.11.2) it failed to lower ("Shaped arrays must be
+    represented by ir.Values": a ``run_state`` over refs indexed by Python ints); the fix
+    (``_mma_fresh``) lowers and passes the interpreter under jax 0.10.2 but has not run on a GPU.
 
 ``lse2`` is the forward's base-2 log-sum-exp (``_common``; +inf for rows that see no key, so
 their probabilities are exactly 0) and ``delta = rowsum(dO * O)``. Tile skipping and the
@@ -77,7 +80,7 @@ class Tiles:
     bq: int = 64  # query rows per step of the dK/dV kernel
     bk: int = 64  # KV rows per step of the dQ kernel (unused when fused_dq)
     stages: int = 2  # ring slots in flight
-    fused_dq: bool = False  # dQ by the dK/dV kernel (TMA reduce-add) instead of its own kernel
+    fused_dq: bool = False  # dQ by the dK/dV kernel (TMA reduce-add); unverified on GPU
 
 
 def default_tiles(head_dim: int) -> Tiles:
@@ -177,6 +180,21 @@ def _mma(terms, interpret: bool):
     return pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, _ in terms))
 
 
+def _mma_fresh(shape, products, interpret: bool):
+    """``sum(a @ b)`` over ``products`` into a fresh float32 accumulator ``shape``. Uses
+    ``run_scoped``: jax 0.11's lowering rejects ``run_state`` (``_mma``) whose operands are refs
+    indexed by Python ints ("Shaped arrays must be represented by ir.Values")."""
+    if interpret:
+        return _mma(((jnp.zeros(shape, jnp.float32), products),), True)[0]
+
+    def issue(acc_ref):
+        for a, b in products:
+            plgpu.wgmma(acc_ref, _operand(a, False), _operand(b, False))
+        return acc_ref[...]
+
+    return pl.run_scoped(issue, plgpu.ACC(shape, jnp.float32))
+
+
 def _produce(load, steps, stages: int, free) -> None:
     """Producer warpgroup: ``load(t, slot)`` issues the TMA copies of step ``t`` of
     ``[0, steps)`` into ring slot ``t % stages`` once both consumers freed that slot's
@@ -221,7 +239,7 @@ def _add_dq(ds_t, k_smem, q_first, head, *, dq_ref, stage, wg, interpret: bool) 
             q_cols, d_cols = pl.ds(r * ROWS, ROWS), pl.ds(c * ROWS, ROWS)
             products = [(_T(ds_t.at[h, :, q_cols]), k_smem.at[h, :, d_cols])
                         for h in range(CONSUMERS)]  # fmt: skip
-            (part,) = _mma(((_zeros((ROWS, ROWS), interpret), products),), interpret)
+            part = _mma_fresh((ROWS, ROWS), products, interpret)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read stage
             stage[...] = part
             plgpu.commit_smem()
