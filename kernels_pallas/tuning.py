@@ -219,13 +219,22 @@ class ScanConfig:
 
 # (gate, max head_dim) -> config; gate "none" | "scalar" | "gated"; the first row whose gate
 # matches and whose head_dim bound fits is used (else the last row of that gate). "gated": the
-# winner of the GLA sweep (H200, jax 0.11.2, (B,H,L,D) = (8,16,2048,128), bf16;
-# experiments/results/tune_scan.md): 7.78 -> 6.11 ms fwd+bwd. Others: the hand-picked values of
-# the first GPU runs (experiments/results/bench_scan.md), not yet swept.
+# staged GLA kernels with the winners of the H100 sweep (jax 0.11.2, (B,H,L,D) = (8,16,2048,128),
+# bf16; experiments/results/tune_scan_h100.md): 1.94 ms fwd+bwd vs 6.95 for the earlier
+# lean/split row and 3.46 for fla's chunk_gla in the same run. Others: the hand-picked values of
+# the first GPU runs (experiments/results/bench_scan.md); scalar decay is 1.46x fla with them.
+_GLA = ScanConfig(
+    form="staged",
+    bwd_form="staged",
+    staged_tile=128,
+    bwd_staged_tile=128,
+    bwd_diag="factored",
+    cumsum="pallas",
+)
 SCAN_TABLE: dict[str, list[tuple[int, ScanConfig]]] = {
     "none": [(256, ScanConfig())],
     "scalar": [(256, ScanConfig())],
-    "gated": [(256, ScanConfig(form="lean", bwd_form="split", bwd_diag="factored"))],
+    "gated": [(256, _GLA)],
 }
 
 _scan_override: list[ScanConfig] = []
