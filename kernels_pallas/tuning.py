@@ -83,9 +83,11 @@ MOSAIC_TABLE: list[tuple[int, MosaicForward]] = [
     (128, MosaicForward(bk=128, stages=2)),
 ]
 MOSAIC_BQ = 128
-# head_dims where the Mosaic GPU forward was measured faster than the Triton one on Hopper
-# (picked by ``gpu_lowering``); empty until the GPU benchmark has run.
-MOSAIC_FASTER_HEAD_DIMS: frozenset[int] = frozenset()
+# head_dims where lowering="mosaic" was measured faster than "triton" on Hopper (picked by
+# ``gpu_lowering``). D=128 (H100, jax 0.11.2, causal bf16, experiments/results/
+# bench_attention_mosaic.md): forward 381/524/550 vs 304/405/451 TFLOP/s and fwd+bwd 338/494/513
+# vs 295/368/387 at L=2048/8192/32768. D=64: not measured yet.
+MOSAIC_FASTER_HEAD_DIMS: frozenset[int] = frozenset({128})
 
 
 def _fit(tile: int, length: int, floor: int) -> int:

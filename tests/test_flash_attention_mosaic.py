@@ -129,6 +129,8 @@ def test_mosaic_tiles_and_lowering_rule():
     assert bs.bwd_bq_dq == block_sizes("gpu", 20, 3000, 128).bwd_bq_dq  # Triton backward tiles
     assert gpu_lowering("NVIDIA A100-SXM4-80GB", 128, mosaic_ok=True) == "triton"
     assert gpu_lowering("NVIDIA H200", 128, mosaic_ok=False) == "triton"
+    assert gpu_lowering("NVIDIA H100 80GB HBM3", 128, mosaic_ok=True) == "mosaic"
+    assert gpu_lowering("NVIDIA H100 80GB HBM3", 64, mosaic_ok=True) == "triton"  # unmeasured
 
 
 @pytest.mark.parametrize(
