@@ -220,7 +220,9 @@ def flash_attention(
     backend, interpret = _resolve(backend, interpret)
     b, q_len, h, d = q.shape
     kv_len = k.shape[1]
-    lowering = _resolve_lowering(lowering, backend, interpret, q.dtype, d, q_segment_ids)
+    lowering = _resolve_lowering(
+        lowering, backend, interpret, q.dtype, d, q_segment_ids, block_sizes
+    )
     blocks = block_sizes or tuning.block_sizes(backend, q_len, kv_len, d, lowering)
     if lowering == "mosaic":
         gpu_mosaic.check_supported(q.dtype, d, q_segment_ids is not None, blocks)
@@ -251,7 +253,9 @@ def flash_attention(
     return _flash(call, q, k, v, q_segment_ids, kv_segment_ids)
 
 
-def _resolve_lowering(lowering, backend, interpret, dtype, d, q_segment_ids) -> str:
+def _resolve_lowering(lowering, backend, interpret, dtype, d, q_segment_ids, block_sizes) -> str:
+    """The GPU lowering: ``lowering`` if given, else the tuning rule; explicit ``block_sizes``
+    without a lowering keep the Triton kernels they were chosen for."""
     if lowering is not None and lowering not in LOWERINGS:
         raise ValueError(
             f"flash_attention: lowering must be one of {LOWERINGS} or None, got {lowering!r}"
@@ -265,6 +269,7 @@ def _resolve_lowering(lowering, backend, interpret, dtype, d, q_segment_ids) -> 
     device = jax.devices()[0]
     mosaic_ok = (
         not interpret
+        and block_sizes is None
         and device.platform == "gpu"
         and gpu_mosaic.supports(dtype, d, q_segment_ids is not None)
     )
