@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from arjax.ops import attention_mask, attention_reference
-from kernels_pallas.flash_attention import flash_attention, mgpu_bwd
+from kernels_pallas.flash_attention import _hopper, flash_attention, mgpu_bwd
 from kernels_pallas.flash_attention._common import LOG2_E, Geometry
 
 TOL = dict(rtol=2e-2, atol=2e-2)
@@ -40,7 +40,7 @@ def races(monkeypatch):
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     params = InterpretGPUParams(detect_races=True)
-    monkeypatch.setattr(mgpu_bwd, "_interpret_params", lambda: params)
+    monkeypatch.setattr(mgpu_bwd, "interpret_params", lambda: params)
     return lambda: gpu_callbacks.get_races().races_found
 
 
@@ -189,8 +189,8 @@ def test_unsupported_calls_raise_naming_the_problem(args, match):
 
 
 def test_default_tiles_are_supported():
-    for d in mgpu_bwd.HEAD_DIMS:
-        for dtype in mgpu_bwd.DTYPES:
+    for d in _hopper.HEAD_DIMS:
+        for dtype in _hopper.DTYPES:
             for tiles in (mgpu_bwd.default_tiles(d), FUSED[d]):
                 mgpu_bwd.check_supported(dtype, d, False, tiles)
 

@@ -40,7 +40,7 @@ def races(monkeypatch):
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     params = InterpretGPUParams(detect_races=True)
-    monkeypatch.setattr(gpu_mosaic, "_interpret_params", lambda: params)
+    monkeypatch.setattr(gpu_mosaic, "interpret_params", lambda: params)
     return lambda: gpu_callbacks.get_races().races_found
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from kernels_pallas import tuning
-from kernels_pallas.flash_attention import gpu, gpu_mosaic, mgpu_bwd, tpu
+from kernels_pallas.flash_attention import _hopper, gpu, gpu_mosaic, mgpu_bwd, tpu
 from kernels_pallas.flash_attention._common import Geometry
 from kernels_pallas.tuning import BlockSizes
 
@@ -271,7 +271,7 @@ def _resolve_lowering(lowering, backend, interpret, dtype, d, q_segment_ids, blo
         not interpret
         and block_sizes is None
         and device.platform == "gpu"
-        and gpu_mosaic.supports(dtype, d, q_segment_ids is not None)
+        and _hopper.supports(dtype, d, q_segment_ids is not None)
     )
     return tuning.gpu_lowering(device.device_kind, d, mosaic_ok)
 

@@ -43,32 +43,25 @@ from kernels_pallas.flash_attention._common import (
     softmax_tile,
     tile_mask,
 )
+from kernels_pallas.flash_attention._hopper import (
+    CONSUMERS,
+    ROWS,
+    SMEM_BYTES,
+    check_call,
+    interpret_params,
+    iota,
+)
 from kernels_pallas.tuning import BlockSizes
 
-ROWS = 64  # query rows per consumer warpgroup: the M of one wgmma
-CONSUMERS = 2
 TILE_Q = ROWS * CONSUMERS  # query rows per CTA
-HEAD_DIMS = (64, 128)
-DTYPES = (jnp.bfloat16, jnp.float16)
 KV_TILES = (64, 128)
-SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 # registers per thread after setmaxnreg (FA-3 sec. 3.1): 2 x 232 + 40 (x 128 threads) <= 64K
 CONSUMER_REGS, PRODUCER_REGS = 232, 40
 
 
-def supports(dtype, head_dim: int, has_segments: bool) -> bool:
-    """Whether this forward handles such a call (else it stays with the Triton lowering)."""
-    return jnp.dtype(dtype) in map(jnp.dtype, DTYPES) and head_dim in HEAD_DIMS and not has_segments
-
-
 def check_supported(dtype, head_dim: int, has_segments: bool, blocks: BlockSizes) -> None:
     """Raise ``ValueError`` naming what this forward does not support (before compiling)."""
-    if jnp.dtype(dtype) not in map(jnp.dtype, DTYPES):
-        raise ValueError(f"lowering='mosaic': dtype must be bfloat16 or float16, got {dtype}")
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"lowering='mosaic': head_dim must be one of {HEAD_DIMS}, got {head_dim}")
-    if has_segments:
-        raise ValueError("lowering='mosaic': segment ids are not supported (use 'triton')")
+    check_call(dtype, head_dim, has_segments, "lowering='mosaic'")
     if blocks.bq != TILE_Q:
         raise ValueError(f"lowering='mosaic': query tile bq must be {TILE_Q}, got {blocks.bq}")
     if blocks.bk not in KV_TILES:
@@ -89,13 +82,6 @@ def smem_bytes(itemsize: int, head_dim: int, blocks: BlockSizes) -> int:
     return q + kv + TILE_Q * 4
 
 
-def _interpret_params():
-    # The GPU interpreter has no public name in jax 0.10/0.11 (checked on both).
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
-
-
 def _rows_layout(x, interpret: bool):
     """``x [rows]`` in the layout of a wgmma accumulator's row reductions (loop carries)."""
     return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
@@ -103,12 +89,6 @@ def _rows_layout(x, interpret: bool):
 
 def _acc_layout(x, interpret: bool):
     return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
-
-
-def _iota(shape, dim: int, interpret: bool):
-    if interpret:
-        return lax.broadcasted_iota(jnp.int32, shape, dim)
-    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
 def _qk(q_smem, k_smem, interpret: bool, issued):
@@ -245,8 +225,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
                 plgpu.barrier_arrive(k_free.at[slot])
                 mask = None
                 if masked:  # indices built here, not kept live across the loop (registers)
-                    q_idx = q_first + _iota((ROWS, bk), 0, interpret)
-                    k_idx = step * bk + _iota((ROWS, bk), 1, interpret)
+                    q_idx = q_first + iota((ROWS, bk), 0, interpret)
+                    k_idx = step * bk + iota((ROWS, bk), 1, interpret)
                     mask = tile_mask(q_idx, k_idx, None, None, geo)
                 m, row_sum, alpha, p = softmax_tile(s2, m, row_sum, mask)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
@@ -339,5 +319,5 @@ def forward(
         num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else None,
+        interpret=interpret_params() if interpret else None,
     )(q, k, v)

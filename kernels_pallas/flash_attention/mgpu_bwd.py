@@ -61,14 +61,17 @@ from kernels_pallas.flash_attention._common import (
     q_block_range,
     tile_mask,
 )
+from kernels_pallas.flash_attention._hopper import (
+    CONSUMERS,
+    ROWS,
+    SMEM_BYTES,
+    TILE,
+    check_call,
+    interpret_params,
+    iota,
+)
 
-ROWS = 64  # rows per consumer warpgroup: the M of one wgmma
-CONSUMERS = 2
-TILE = ROWS * CONSUMERS  # KV rows per dK/dV CTA, query rows per dQ CTA
-HEAD_DIMS = (64, 128)
-DTYPES = (jnp.bfloat16, jnp.float16)
 STREAM_TILES = (64, 128)  # allowed bq (dK/dV) and bk (dQ)
-SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 # registers per thread after setmaxnreg: 2 x 240 + 24 (x 128 threads) <= 64K
 CONSUMER_REGS, PRODUCER_REGS = 240, 24
 
@@ -101,12 +104,7 @@ def smem_bytes(itemsize: int, head_dim: int, tiles: Tiles) -> int:
 
 def check_supported(dtype, head_dim: int, has_segments: bool, tiles: Tiles) -> None:
     """Raise ``ValueError`` naming what this backward does not support (before compiling)."""
-    if jnp.dtype(dtype) not in map(jnp.dtype, DTYPES):
-        raise ValueError(f"mosaic backward: dtype must be bfloat16 or float16, got {dtype}")
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"mosaic backward: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
-    if has_segments:
-        raise ValueError("mosaic backward: segment ids are not supported (use 'triton')")
+    check_call(dtype, head_dim, has_segments, "mosaic backward")
     for name in ("bq", "bk"):
         if getattr(tiles, name) not in STREAM_TILES:
             raise ValueError(
@@ -119,19 +117,6 @@ def check_supported(dtype, head_dim: int, has_segments: bool, tiles: Tiles) -> N
         raise ValueError(f"mosaic backward: stages must be a positive int, got {tiles.stages!r}")
     if (need := smem_bytes(jnp.dtype(dtype).itemsize, head_dim, tiles)) > SMEM_BYTES:
         raise ValueError(f"mosaic backward: {tiles} needs {need} B of shared memory > {SMEM_BYTES}")
-
-
-def _interpret_params():
-    # The GPU interpreter has no public name in jax 0.10/0.11 (checked on both).
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
-
-
-def _iota(shape, dim: int, interpret: bool):
-    if interpret:
-        return lax.broadcasted_iota(jnp.int32, shape, dim)
-    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
 def _zeros(shape, interpret: bool):
@@ -298,8 +283,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
         plgpu.copy_gmem_to_smem(v_ref.at[own], v_slot, v_ready.at[wg])
         plgpu.barrier_wait(k_ready.at[wg])
         plgpu.barrier_wait(v_ready.at[wg])
-        k_idx = k_first + _iota((ROWS, bq), 0, interpret)
-        q_col = _iota((ROWS, bq), 1, interpret)
+        k_idx = k_first + iota((ROWS, bq), 0, interpret)
+        q_col = iota((ROWS, bq), 1, interpret)
         _, full_lo, full_hi, _ = q_block_range(k_first, k_first + ROWS - 1, geo)
         dq_add = None
         if fused:
@@ -399,8 +384,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
             plgpu.barrier_wait(bar.at[wg])
         lse2 = _vector(lse_smem.at[wg], 0, interpret)
         delta = _vector(delta_smem.at[wg], 0, interpret)
-        q_idx = q_first + _iota((ROWS, bk), 0, interpret)
-        k_col = _iota((ROWS, bk), 1, interpret)
+        q_idx = q_first + iota((ROWS, bk), 0, interpret)
+        k_col = iota((ROWS, bk), 1, interpret)
         _, full_lo, full_hi, _ = kv_block_range(q_first, q_first + ROWS - 1, geo)
 
         def step(j, dq, masked: bool):
@@ -448,7 +433,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     dt, s, bq = q.dtype, tiles.stages, tiles.bq
     params = plgpu.CompilerParams(approx_math=True)
-    interpret_params = _interpret_params() if interpret else None
+    interp = interpret_params() if interpret else None
     mat = lambda *shape: plgpu.SMEM((*shape, d), dt, transforms=transforms)
     vec = lambda n, rows: plgpu.SMEM((n, rows), jnp.float32)
     bars = lambda n, count: tuple(plgpu.Barrier(num_barriers=n) for _ in range(count))
@@ -482,7 +467,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         refs += [gmem(jnp.zeros(q.shape, jnp.float32)), gmem(jnp.zeros(k.shape, dt)),
                  gmem(jnp.zeros(k.shape, dt))]  # dQ accumulator, dK, dV  # fmt: skip
 
-        @pl.core_map(mesh, compiler_params=params, interpret=interpret_params)
+        @pl.core_map(mesh, compiler_params=params, interpret=interp)
         def _():
             kernel = functools.partial(dkv_kernel, *refs)
             pl.run_scoped(kernel, *dkv_scratch, ds_exchange, collective_axes="wg")
@@ -492,7 +477,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         return dq[:, :lq], dk[:, :lk], dv[:, :lk]
 
     launch = dict(num_threads=CONSUMERS + 1, thread_name="wg", compiler_params=params,
-                  interpret=interpret_params)  # fmt: skip
+                  interpret=interp)  # fmt: skip
     dk, dv = plgpu.kernel(
         dkv_kernel, out_type=dkv_out, scratch_types=dkv_scratch, **dkv_launch, **launch
     )(*args)
