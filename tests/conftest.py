@@ -9,6 +9,14 @@ import os
 # machine they can starve each other (a hang). NPROC sizes that pool; it must be set before the
 # CPU client is created.
 os.environ.setdefault("NPROC", "8")
+# glibc would give each of the larger pool's threads its own malloc arena, and the resident set
+# would creep (tests/reliability/test_long_run.py): cap the arenas (M_ARENA_MAX = -8).
+try:
+    import ctypes
+
+    ctypes.CDLL(None).mallopt(-8, 2)
+except (OSError, AttributeError):  # not glibc
+    pass
 
 import jax  # noqa: E402
 import numpy as np

@@ -7,8 +7,8 @@ One signature, several implementations:
 * ``impl="cudnn"`` -- ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU);
 * ``impl="pallas"`` -- the flash-attention kernels in :mod:`kernels_pallas`
   (interpret mode on CPU);
-* ``impl="pallas_mosaic"`` -- the same with the Hopper forward kernel in Pallas Mosaic GPU
-  (bf16/fp16, head_dim 64 or 128, no segment ids; the backward stays Triton);
+* ``impl="pallas_mosaic"`` -- the same with the Hopper kernels in Pallas Mosaic GPU, forward
+  and backward (bf16/fp16, head_dim 64 or 128, no segment ids);
 * ``impl="auto"`` -- the fastest available for the backend and the call.
 
 Conventions (Vaswani et al. 2017, eq. 1; GQA: Ainslie et al. 2023):
