@@ -24,7 +24,7 @@ from einops import rearrange
 
 from kernels_pallas import tuning
 from kernels_pallas.flash_attention import _hopper, gpu, gpu_mosaic, mgpu_bwd, tpu
-from kernels_pallas.flash_attention._common import Geometry
+from kernels_pallas.flash_attention._common import Geometry, pad_to
 from kernels_pallas.tuning import BlockSizes
 
 BACKENDS = ("gpu", "tpu")
@@ -96,14 +96,6 @@ def _resolve(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
     return backend, interpret
 
 
-def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
-
-
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -124,12 +116,12 @@ class _Call:
 
 def _prepare(call: _Call, q, k, v, q_seg, kv_seg):
     d_axis = 3
-    q = _pad_to(_pad_to(q, 1, call.q_pad), d_axis, call.d_pad)
-    k = _pad_to(_pad_to(k, 1, call.kv_pad), d_axis, call.d_pad)
-    v = _pad_to(_pad_to(v, 1, call.kv_pad), d_axis, call.d_pad)
+    q = pad_to(pad_to(q, 1, call.q_pad), d_axis, call.d_pad)
+    k = pad_to(pad_to(k, 1, call.kv_pad), d_axis, call.d_pad)
+    v = pad_to(pad_to(v, 1, call.kv_pad), d_axis, call.d_pad)
     if q_seg is not None:
-        q_seg = _pad_to(q_seg.astype(jnp.int32), 1, call.q_pad)
-        kv_seg = _pad_to(kv_seg.astype(jnp.int32), 1, call.kv_pad)
+        q_seg = pad_to(q_seg.astype(jnp.int32), 1, call.q_pad)
+        kv_seg = pad_to(kv_seg.astype(jnp.int32), 1, call.kv_pad)
     return q, k, v, q_seg, kv_seg
 
 
@@ -166,10 +158,10 @@ def _flash_bwd(call: _Call, res, d_out):
     # delta_i = sum_d dO * O (FA-2 alg. 2 line 4), float32 [b, h, q_len]
     delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
     # padded query rows get lse=+inf so their probabilities are exactly 0 in every tile
-    lse2 = _pad_to(lse2, 2, call.q_pad, jnp.inf)
-    delta = _pad_to(delta, 2, call.q_pad)
+    lse2 = pad_to(lse2, 2, call.q_pad, jnp.inf)
+    delta = pad_to(delta, 2, call.q_pad)
     qp, kp, vp, q_seg, kv_seg = _prepare(call, q, k, v, q_seg, kv_seg)
-    dop = _pad_to(_pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
+    dop = pad_to(pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
     if call.lowering == "mosaic":  # Hopper backward: dk/dv come back summed per KV head
         tiles = mgpu_bwd.default_tiles(d)
         dq, dk, dv = mgpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, tiles,
@@ -338,14 +330,14 @@ def flash_decode(
     )
     # [b, q, (hk g), d] -> rows ordered (g, q) so row % q_len is the query token
     q_rows = rearrange(q, "b q (hk g) d -> b hk (g q) d", hk=kv_heads)
-    q_rows = _pad_to(_pad_to(q_rows, 2, rows_pad), 3, d_pad)
-    k = _pad_to(_pad_to(k, 1, kv_pad), 3, d_pad)
-    v = _pad_to(_pad_to(v, 1, kv_pad), 3, d_pad)
+    q_rows = pad_to(pad_to(q_rows, 2, rows_pad), 3, d_pad)
+    k = pad_to(pad_to(k, 1, kv_pad), 3, d_pad)
+    v = pad_to(pad_to(v, 1, kv_pad), 3, d_pad)
     qseg_rows = kv_seg = None
     if q_segment_ids is not None:
         qseg_rows = jnp.tile(q_segment_ids.astype(jnp.int32), (1, groups))  # [b, (g q)]
-        qseg_rows = _pad_to(qseg_rows, 1, rows_pad)
-        kv_seg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, kv_pad)
+        qseg_rows = pad_to(qseg_rows, 1, rows_pad)
+        kv_seg = pad_to(kv_segment_ids.astype(jnp.int32), 1, kv_pad)
     blocks = tuning.block_sizes("gpu", rows_pad, kv_len, d)
     o, lse2 = gpu.decode(
         q_rows, k, v, qseg_rows, kv_seg, geo, q_len, num_splits, blocks, interpret

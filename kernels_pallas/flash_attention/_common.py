@@ -209,3 +209,12 @@ def segment_block_bounds(seg: jax.Array, block: int) -> tuple[jax.Array, jax.Arr
     """Per-tile min and max segment id ``[batch, n_tiles]`` (padded length, multiple of block)."""
     tiles = seg.reshape(seg.shape[0], -1, block)
     return jnp.min(tiles, axis=-1), jnp.max(tiles, axis=-1)
+
+
+def pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    """``x`` padded with ``value`` at the end of ``axis`` to length ``size``."""
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)

@@ -58,6 +58,7 @@ from kernels_pallas.flash_attention._common import (
     Geometry,
     dot_nn,
     kv_block_range,
+    pad_to,
     q_block_range,
     tile_mask,
 )
@@ -411,15 +412,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
         plgpu.wait_smem_to_gmem(0)
 
 
-def _pad(x, axis: int, multiple: int, value=0.0):
-    extra = -x.shape[axis] % multiple
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: bool):
     """FlashAttention-2 alg. 2 gradients: ``q, do [b, Lq, h, d]``, ``k, v [b, Lk, hk, d]``,
     ``lse2`` (base 2, +inf past the true rows) and ``delta = rowsum(dO * O)``, both float32
@@ -427,9 +419,10 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     ``dq`` shaped like q and ``dk, dv`` like k (summed over each GQA group), in q's dtype."""
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
-    q, do = (_pad(x, 1, TILE) for x in (q, do))
-    k, v = (_pad(x, 1, TILE) for x in (k, v))
-    lse2, delta = _pad(lse2, 2, TILE, jnp.inf), _pad(delta, 2, TILE)
+    lq_pad, lk_pad = (-(-n // TILE) * TILE for n in (lq, lk))
+    q, do = (pad_to(x, 1, lq_pad) for x in (q, do))
+    k, v = (pad_to(x, 1, lk_pad) for x in (k, v))
+    lse2, delta = pad_to(lse2, 2, lq_pad, jnp.inf), pad_to(delta, 2, lq_pad)
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     dt, s, bq = q.dtype, tiles.stages, tiles.bq
     params = plgpu.CompilerParams(approx_math=True)
