@@ -230,8 +230,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
                     mask = tile_mask(q_idx, k_idx, None, None, geo)
                 m, row_sum, alpha, p = softmax_tile(s2, m, row_sum, mask)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+                p = p.astype(q_ref.dtype)
+                if pingpong:  # finish the softmax before handing over the tensor cores
+                    m, row_sum, acc, p = lax.optimization_barrier((m, row_sum, acc, p))
                 end_softmax(slot)
-                acc = _acc_pv(acc, p.astype(q_ref.dtype), v_smem.at[slot], interpret)
+                acc = _acc_pv(acc, p, v_smem.at[slot], interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return m, row_sum, acc
 
