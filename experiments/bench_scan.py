@@ -212,6 +212,7 @@ def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> Non
     """Add ``{name} fwd`` and ``{name} fwd+bwd`` (ms) to ``row``, or ``{name} error``."""
     q, k, v, g, do = inputs
     name = {"pallas": "pallas", "fla": "fla", "xla": "jnp"}[impl]
+    start = time.perf_counter()
     try:
         if impl == "fla":
             import torch
@@ -231,6 +232,7 @@ def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> Non
             jax.clear_caches()
     except Exception as e:  # noqa: BLE001 -- record (e.g. out of memory) and carry on
         row[f"{name} error"] = repr(e)[:300]
+    row[f"{name} s"] = round(time.perf_counter() - start, 1)  # compile, autotune, timing
     print(json.dumps(row), flush=True)
 
 

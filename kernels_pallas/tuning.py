@@ -76,11 +76,14 @@ class MosaicForward:
     persistent: bool = False
 
 
-# (max head_dim, MosaicForward); query tile 128. Untuned first guesses: D=128 with 2 buffers =
-# 160 KiB of the 227 KiB of shared memory, D=64 with 4 = 160 KiB.
+# (max head_dim, MosaicForward); query tile 128. D=128: 2 buffers = 160 KiB of the 227 KiB of
+# shared memory, D=64: 4 = 160 KiB. Picked among experiments/bench_attention.py --variants
+# (one H200, jax 0.11.2, causal bf16, results/bench_attention_variants.md): pingpong gave D=128
+# 397/550/576 vs 381/518/557 TFLOP/s at L=2048/8192/32768, no gain at D=64 (280 vs 282 at
+# 2048); persistent CTAs were slower for both.
 MOSAIC_TABLE: list[tuple[int, MosaicForward]] = [
     (64, MosaicForward(bk=128, stages=4)),
-    (128, MosaicForward(bk=128, stages=2)),
+    (128, MosaicForward(bk=128, stages=2, pingpong=True)),
 ]
 MOSAIC_BQ = 128
 # head_dims where lowering="mosaic" was measured faster than "triton" on Hopper (picked by

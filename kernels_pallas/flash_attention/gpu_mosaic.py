@@ -6,9 +6,10 @@ warpgroups with specialised roles. A producer warpgroup streams the KV tiles thr
 transaction count) and a "consumed" mbarrier (both consumers arrived); two consumer
 warpgroups each own 64 query rows (one wgmma M), compute ``S = Q K^T`` and ``O += P V`` with
 wgmma (float32 accumulators in registers, ``P`` cast to the input dtype) and run the online
-softmax in registers (FlashAttention-2, alg. 1, base-2 logits as in ``_common``). Optional:
-persistent CTAs (one per SM, looping over the query tiles) and the consumers' pingpong
-schedule on the tensor cores (FA-3 sec. 3.2); see ``_forward_kernel``.
+softmax in registers (FlashAttention-2, alg. 1, base-2 logits as in ``_common``). Options
+(``tuning.MOSAIC_TABLE``): the consumers' pingpong schedule on the tensor cores (FA-3 sec. 3.2;
+on for D=128) and persistent CTAs (one per SM, looping over the query tiles; off); see
+``_forward_kernel``.
 
 KV tiles outside a warpgroup's causal / sliding-window range are skipped (``kv_block_range``
 per warpgroup; the producer loads the union of the two ranges, a warpgroup only waits on and
