@@ -130,7 +130,8 @@ def test_mosaic_tiles_and_lowering_rule():
     assert gpu_lowering("NVIDIA A100-SXM4-80GB", 128, mosaic_ok=True) == "triton"
     assert gpu_lowering("NVIDIA H200", 128, mosaic_ok=False) == "triton"
     assert gpu_lowering("NVIDIA H100 80GB HBM3", 128, mosaic_ok=True) == "mosaic"
-    assert gpu_lowering("NVIDIA H100 80GB HBM3", 64, mosaic_ok=True) == "triton"  # unmeasured
+    assert gpu_lowering("NVIDIA H100 80GB HBM3", 64, mosaic_ok=True) == "mosaic"
+    assert gpu_lowering("NVIDIA H200", 256, mosaic_ok=True) == "triton"  # no Mosaic kernel
 
 
 @pytest.mark.parametrize(

@@ -137,24 +137,19 @@ def _rows(x, shape):
     return lax.broadcast_in_dim(x, shape, (0,))
 
 
-def softmax_tile(s2, m, row_sum, mask, scale2: float = 1.0):
+def softmax_tile(s2, m, row_sum, mask):
     """Softmax part of one KV tile of the streaming softmax (FlashAttention-2, alg. 1 lines
-    8-10): from base-2 logits ``s2 * scale2`` (``s2 [rows, cols]``), running max ``m [rows]``
-    and sum ``row_sum [rows]`` returns ``(m_new, row_sum_new, alpha, p)``; the caller rescales
-    its output by ``alpha [rows]`` and adds ``p [rows, cols] @ V``. ``mask`` may be None. A
-    ``scale2 > 0`` other than 1 scales the row maxima and goes into the exponent's fused
-    multiply-add (``exp2(s2 * scale2 - m)``) instead of a multiply of the whole tile.
+    8-10): from base-2 logits ``s2 [rows, cols]``, running max ``m [rows]`` and sum
+    ``row_sum [rows]`` returns ``(m_new, row_sum_new, alpha, p)``; the caller rescales its
+    output by ``alpha [rows]`` and adds ``p [rows, cols] @ V``. ``mask`` may be None.
     """
-    if scale2 <= 0:
-        raise ValueError(f"softmax_tile: scale2 must be positive, got {scale2}")
-    times = (lambda x: x) if scale2 == 1.0 else (lambda x: x * scale2)
     if mask is not None:
         s2 = jnp.where(mask, s2, -jnp.inf)
-    m_new = jnp.maximum(m, times(jnp.max(s2, axis=1)))
+    m_new = jnp.maximum(m, jnp.max(s2, axis=1))
     # rows that have seen no key yet keep m = -inf; shift them by 0 instead
     m_new_safe = m_new if mask is None else jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp2(m - m_new_safe)
-    p = jnp.exp2(times(s2) - _rows(m_new_safe, s2.shape))
+    p = jnp.exp2(s2 - _rows(m_new_safe, s2.shape))
     return m_new, row_sum * alpha + jnp.sum(p, axis=1), alpha, p
 
 

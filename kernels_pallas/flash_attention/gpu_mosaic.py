@@ -108,17 +108,13 @@ def _qk(q_smem, k_smem, interpret: bool, issued):
     return pl.run_scoped(mma, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
 
 
-def _acc_pv(acc, p, v_smem, interpret: bool, issued):
-    """``acc + P V``: ``p [rows, bk]`` in registers (input dtype), shared ``v [bk, d]``;
-    ``issued()`` runs while the wgmma is in flight."""
+def _acc_pv(acc, p, v_smem, interpret: bool):
+    """``acc + P V``: ``p [rows, bk]`` in registers (input dtype), shared ``v [bk, d]``."""
     if interpret:
-        acc = acc + dot_nn(p, v_smem[...])
-        issued()
-        return acc
+        return acc + dot_nn(p, v_smem[...])
 
     def mma(acc_ref):
         plgpu.wgmma(acc_ref, p, v_smem)
-        issued()
 
     return pl.run_state(mma)(plgpu.ACC.init(acc))
 
@@ -192,9 +188,6 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
         plgpu.set_max_registers(CONSUMER_REGS, action="increase")
         q_slot = q_smem.at[wg]
 
-        def scaled(s):  # (logits, multiplier) for softmax_tile: the scale into its FMA
-            return (s, geo.scale2) if geo.scale2 > 0 else (s * geo.scale2, 1.0)
-
         def pass_turn():
             if pingpong:
                 plgpu.barrier_arrive(turn)
@@ -216,38 +209,33 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
             plgpu.barrier_wait(q_ready.at[wg])
             own_lo, full_lo, full_hi, own_hi = kv_block_range(q_first, q_first + ROWS - 1, geo)
 
-            def wait_next_k(step):  # each step's K is waited for during the step before
-                pl.when(step + 1 < hi)(
-                    lambda: plgpu.barrier_wait(k_ready.at[slot_of(base + step + 1 - lo)])
-                )
-
             def skip(step, carry):  # another warpgroup's tile: keep the barrier phases in step
                 slot = slot_of(base + step - lo)
+                plgpu.barrier_wait(k_ready.at[slot])
                 pass_turn()
                 plgpu.barrier_arrive(k_free.at[slot])
                 end_softmax(slot)
                 plgpu.barrier_arrive(v_free.at[slot])
-                wait_next_k(step)
                 return carry
 
             def attend(step, carry, masked: bool):
                 m, row_sum, acc = carry
                 slot = slot_of(base + step - lo)
-                s = _qk(q_slot, k_smem.at[slot], interpret, pass_turn)
+                plgpu.barrier_wait(k_ready.at[slot])
+                s2 = _qk(q_slot, k_smem.at[slot], interpret, pass_turn) * geo.scale2
                 plgpu.barrier_arrive(k_free.at[slot])
                 mask = None
                 if masked:  # indices built here, not kept live across the loop (registers)
                     q_idx = q_first + iota((ROWS, bk), 0, interpret)
                     k_idx = step * bk + iota((ROWS, bk), 1, interpret)
                     mask = tile_mask(q_idx, k_idx, None, None, geo)
-                s, scale2 = scaled(s)
-                m, row_sum, alpha, p = softmax_tile(s, m, row_sum, mask, scale2)
+                m, row_sum, alpha, p = softmax_tile(s2, m, row_sum, mask)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
                 p = p.astype(q_ref.dtype)
                 if pingpong:  # finish the softmax before handing over the tensor cores
                     m, row_sum, acc, p = lax.optimization_barrier((m, row_sum, acc, p))
                 end_softmax(slot)
-                acc = _acc_pv(acc, p, v_smem.at[slot], interpret, lambda: wait_next_k(step))
+                acc = _acc_pv(acc, p, v_smem.at[slot], interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return m, row_sum, acc
 
@@ -257,7 +245,6 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
                 _rows_layout(jnp.full((ROWS,), 0.0, jnp.float32), interpret),
                 _acc_layout(jnp.full((ROWS, d), 0.0, jnp.float32), interpret),
             )
-            pl.when(lo < hi)(lambda: plgpu.barrier_wait(k_ready.at[slot_of(base)]))
             lax.fori_loop(lo, own_lo, skip, None)
             carry = lax.fori_loop(own_lo, full_lo, functools.partial(attend, masked=True), carry)
             carry = lax.fori_loop(full_lo, full_hi, functools.partial(attend, masked=False), carry)
