@@ -608,7 +608,7 @@ def main() -> None:
         "device": jax.devices()[0].device_kind,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "versions": versions,
-        "command": "PYTHONPATH=/tmp/site:. python3 experiments/bench_scan.py",
+        "command": " ".join(["PYTHONPATH=/tmp/site:. python3", *sys.argv]),
         "rows": [],
     }
     if args.profile:
@@ -617,7 +617,6 @@ def main() -> None:
         tune_profiles(results, {"table": (table, 64), "staged": (staged, 64)})
         return
     if args.tune:
-        results["command"] += " " + " ".join(sys.argv[1:])
         del results["rows"]
         tune(results, args.reps, args.inner, args.tune_budget, args.tune_out,
              tuple(args.tune_variants.split(",")), args.tune_steps == "quick")  # fmt: skip

@@ -22,10 +22,11 @@ float32 register accumulators (FlashAttention-3, Shah et al. 2024, sec. 3.1 and 
     ``dS^T`` (input dtype) to shared memory, the two consumers swap halves through an mbarrier,
     each computes 64x64 blocks of the step's ``dQ`` partial ``dS K`` from shared memory
     (transposed ``dS^T`` as the wgmma lhs) and adds them to a float32 ``dQ`` in GMEM with a TMA
-    reduce-add -- 5 matmuls; ``dQ`` is scaled and cast by XLA afterwards. UNVERIFIED ON GPU,
-    off by default: on an H100 (jax 0.11.2) it failed to lower ("Shaped arrays must be
-    represented by ir.Values": a ``run_state`` over refs indexed by Python ints); the fix
-    (``_mma_fresh``) lowers and passes the interpreter under jax 0.10.2 but has not run on a GPU.
+    reduce-add -- 5 matmuls; ``dQ`` is scaled and cast by XLA afterwards. Off by default: on
+    an H200 (jax 0.11.2, causal bf16, D=128, experiments/results/bench_mgpu_bwd_h200.md) it
+    matches the split kernels (dq within 7e-4 relative, dk/dv identical) but is slower, 1.28 /
+    3.10 / 24.3 ms against 0.96 / 2.90 / 24.1 ms at L=2048 / 8192 / 32768 (the float32 ``dQ``
+    partials add a reduce-add of 32 KiB per step).
 
 ``lse2`` is the forward's base-2 log-sum-exp (``_common``; +inf for rows that see no key, so
 their probabilities are exactly 0) and ``delta = rowsum(dO * O)``. Tile skipping and the
@@ -84,7 +85,7 @@ class Tiles:
     bq: int = 64  # query rows per step of the dK/dV kernel
     bk: int = 64  # KV rows per step of the dQ kernel (unused when fused_dq)
     stages: int = 2  # ring slots in flight
-    fused_dq: bool = False  # dQ by the dK/dV kernel (TMA reduce-add); unverified on GPU
+    fused_dq: bool = False  # dQ by the dK/dV kernel (TMA reduce-add); slower on an H200
 
 
 def default_tiles(head_dim: int) -> Tiles:
