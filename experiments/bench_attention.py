@@ -59,6 +59,11 @@ def error_text(e: Exception, limit: int = 4000) -> str:
     return text if len(text) <= limit else text[: limit // 2] + "\n[...]\n" + text[-limit // 2 :]
 
 
+def causal_flops(b: int, h: int, length: int, d: int) -> float:
+    """Causal forward FLOPs: 2 matmuls of 2*B*H*L*L*D, halved by the mask."""
+    return 4 * b * h * length * length * d / 2
+
+
 def time_fn(fn, args, iters: int, repeats: int) -> float:
     """Median seconds per call of a jitted fn (compiled outside the timing)."""
     jax.block_until_ready(fn(*args))
@@ -233,7 +238,7 @@ def mosaic_variant_rows(args, log) -> list[dict]:
         for length in args.lengths:
             b = max(1, 16384 // length)
             q, k, v = make_inputs(b, length, h, d)
-            flops = 4 * b * h * length * length * d / 2
+            flops = causal_flops(b, h, length, d)
             first = None
             for c in candidates:
                 geo = Geometry(length, length, 128, c.bk, True, None, False, d**-0.5, 1)
@@ -264,7 +269,7 @@ def dense_rows(args, log, tiles: dict[int, BlockSizes], rows: list[dict], save) 
         for length in args.lengths:
             b = max(1, 16384 // length)
             q, k, v = make_inputs(b, length, h, d)
-            fwd_flops = 4 * b * h * length * length * d / 2
+            fwd_flops = causal_flops(b, h, length, d)
             for mode in args.modes:
                 flops = fwd_flops * (1 if mode == "fwd" else 3.5)
                 row = {"D": d, "L": length, "B": b, "H": h, "mode": mode}
@@ -362,7 +367,7 @@ def sweep_backward(args, log) -> tuple[list[dict], dict[int, BlockSizes]]:
     for d in (64, 128):
         h, b, length = 2048 // d, 2, 8192
         q, k, v = make_inputs(b, length, h, d)
-        flops = 3.5 * 4 * b * h * length * length * d / 2
+        flops = 3.5 * causal_flops(b, h, length, d)
         base = block_sizes("gpu", length, length, d)
         best_t = float("inf")
         for a, bb, c, dd, w, st in BWD_CANDIDATES:

@@ -32,18 +32,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_attention import fwd_bwd, make_inputs, time_fn
+from experiments.bench_attention import causal_flops, fwd_bwd, make_inputs, time_fn
 from kernels_pallas.flash_attention import flash_attention, gpu, mgpu_bwd
 from kernels_pallas.flash_attention._common import Geometry
 from kernels_pallas.tuning import block_sizes
 
 RESULTS = Path(__file__).parent / "results"
 D, H = 128, 16
-
-
-def _fwd_flops(b: int, length: int) -> float:
-    """Causal forward: 2 matmuls of 2*B*H*L*L*D FLOPs, halved by the mask."""
-    return 4 * b * H * length * length * D / 2
 
 
 def _tiles(text: str) -> mgpu_bwd.Tiles:
@@ -90,7 +85,7 @@ def backward_row(length: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict:
     out, lse2 = jax.jit(lambda q, k, v: gpu.forward(q, k, v, None, None, geo, bs, False))(q, k, v)
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
     args = (q, k, v, do, lse2, delta)
-    flops = 2.5 * _fwd_flops(b, length)
+    flops = 2.5 * causal_flops(b, H, length, D)
     row = {"L": length, "B": b, "H": H, "D": D, "mode": "bwd"}
     first = None  # grads of the first candidate that ran: the others are compared with it
     for n, t in enumerate(tiles):
@@ -129,7 +124,7 @@ def api_rows(length: int, opts, names: tuple[str, ...]) -> list[dict]:
         for name in names:
             fn = fns[name]
             jf = jax.jit(fn) if mode == "fwd" else fwd_bwd(fn)
-            _timed(row, name, jf, (q, k, v), opts, mult * _fwd_flops(b, length))
+            _timed(row, name, jf, (q, k, v), opts, mult * causal_flops(b, H, length, D))
         rows.append(row)
     return rows
 
@@ -211,7 +206,7 @@ def main() -> None:
         fwd, both = api_rows(length, opts, names)
         if fwd.get("cudnn_ms") and both.get("cudnn_ms"):
             bwd["cudnn_ms"] = both["cudnn_ms"] - fwd["cudnn_ms"]
-            bwd["cudnn_tflops"] = 2.5 * _fwd_flops(bwd["B"], length) / bwd["cudnn_ms"] / 1e9
+            bwd["cudnn_tflops"] = 2.5 * causal_flops(bwd["B"], H, length, D) / bwd["cudnn_ms"] / 1e9
         for row in (bwd, fwd, both):
             print(json.dumps(row), flush=True)
         rows += [bwd, fwd, both]
