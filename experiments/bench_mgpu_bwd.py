@@ -1,10 +1,12 @@
 """Time arjax's Mosaic GPU flash-attention backward (``kernels_pallas/flash_attention/
 mgpu_bwd.py``) against cuDNN and arjax's Triton kernels on Hopper.
 
-Causal bf16, D=128, H=16, B*L = 16384 tokens (as ``bench_attention.py``), per length:
+Causal bf16, D=128 (or ``--head-dim 64``), H*D = 2048, B*L = 16384 tokens (as
+``bench_attention.py``), per length:
 
 * ``bwd``: the backward kernels alone, both fed the same residuals (``lse2`` of arjax's Triton
-  forward, ``delta``): Mosaic GPU (``mgpu_bwd.backward``, each ``--tiles`` candidate, in order)
+  forward, ``delta``): Mosaic GPU (``mgpu_bwd.backward``, each ``--tiles`` candidate, in order;
+  by default the length's ``default_tiles`` first, then the other split/fused choices)
   and Triton (``gpu.backward``), with the max difference of each candidate's dq/dk/dv from the
   first's, and of the first's from Triton's, relative to their max; cuDNN's backward is its
   fwd+bwd time minus its fwd time. Each timing is printed as soon as it is measured.
@@ -14,8 +16,8 @@ Causal bf16, D=128, H=16, B*L = 16384 tokens (as ``bench_attention.py``), per le
 FLOPs: causal forward = 2 matmuls * 2*B*H*L*L*D / 2, backward 2.5x that, fwd+bwd 3.5x. A
 failing kernel (e.g. a compile error) is recorded with its message and the run goes on.
 
-Run on a GPU:  PYTHONPATH=. python experiments/bench_mgpu_bwd.py [--tiles 64,64,3 64,128,2]
-Writes experiments/results/bench_mgpu_bwd.{json,md}.
+Run on a GPU:  PYTHONPATH=. python experiments/bench_mgpu_bwd.py [--head-dim 64] [--tiles ...]
+Writes experiments/results/<--name, default bench_mgpu_bwd>.{json,md}.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from kernels_pallas.flash_attention._common import Geometry
 from kernels_pallas.tuning import block_sizes
 
 RESULTS = Path(__file__).parent / "results"
-D, H = 128, 16
+OTHER_TILES = {128: ("64,64,2,fused", "64,64,2", "64,128,2"), 64: ("128,128,2", "128,128,2,fused")}
 
 
 def _tiles(text: str) -> mgpu_bwd.Tiles:
@@ -74,19 +76,19 @@ def _rel_diff(got, want) -> list[float]:
             for g, w in zip(got, want)]  # fmt: skip
 
 
-def backward_row(length: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict:
+def backward_row(length: int, d: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict:
     """Backward kernels alone, from the residuals of arjax's Triton forward."""
-    b = max(1, 16384 // length)
-    q, k, v = make_inputs(b, length, H, D)
-    do = make_inputs(b, length, H, D, seed=1)[0]
-    bs = block_sizes("gpu", length, length, D)
+    b, h = max(1, 16384 // length), 2048 // d
+    q, k, v = make_inputs(b, length, h, d)
+    do = make_inputs(b, length, h, d, seed=1)[0]
+    bs = block_sizes("gpu", length, length, d)
     geo = Geometry(q_len=length, kv_len=length, bq=bs.bq, bk=bs.bk, causal=True, window=None,
-                   has_segments=False, scale=1 / math.sqrt(D), groups=1)  # fmt: skip
+                   has_segments=False, scale=1 / math.sqrt(d), groups=1)  # fmt: skip
     out, lse2 = jax.jit(lambda q, k, v: gpu.forward(q, k, v, None, None, geo, bs, False))(q, k, v)
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
     args = (q, k, v, do, lse2, delta)
-    flops = 2.5 * causal_flops(b, H, length, D)
-    row = {"L": length, "B": b, "H": H, "D": D, "mode": "bwd"}
+    flops = 2.5 * causal_flops(b, h, length, d)
+    row = {"L": length, "B": b, "H": h, "D": d, "mode": "bwd"}
     first = None  # grads of the first candidate that ran: the others are compared with it
     for n, t in enumerate(tiles):
         name = "mosaic" if n == 0 else f"mosaic_{t.bq}_{t.bk}_{t.stages}" + "_fused" * t.fused_dq
@@ -107,10 +109,10 @@ def backward_row(length: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict:
     return row
 
 
-def api_rows(length: int, opts, names: tuple[str, ...]) -> list[dict]:
+def api_rows(length: int, d: int, opts, names: tuple[str, ...]) -> list[dict]:
     """fwd and fwd+bwd through the public entry points ``names``."""
-    b = max(1, 16384 // length)
-    q, k, v = make_inputs(b, length, H, D)
+    b, h = max(1, 16384 // length), 2048 // d
+    q, k, v = make_inputs(b, length, h, d)
     fns = {
         "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation="cudnn"
@@ -120,11 +122,11 @@ def api_rows(length: int, opts, names: tuple[str, ...]) -> list[dict]:
     }
     rows = []
     for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
-        row = {"L": length, "B": b, "H": H, "D": D, "mode": mode}
+        row = {"L": length, "B": b, "H": h, "D": d, "mode": mode}
         for name in names:
             fn = fns[name]
             jf = jax.jit(fn) if mode == "fwd" else fwd_bwd(fn)
-            _timed(row, name, jf, (q, k, v), opts, mult * causal_flops(b, H, length, D))
+            _timed(row, name, jf, (q, k, v), opts, mult * causal_flops(b, h, length, d))
         rows.append(row)
     return rows
 
@@ -148,7 +150,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"- device: {meta['device']}; date: {meta['date']}; jax {meta['jax']}",
         f"- command: `{meta['command']}`",
         "",
-        "Causal bf16, D=128, H=16; TFLOP/s (ms). `bwd`: kernels alone from the same residuals "
+        f"Causal bf16, D={meta['head_dim']}, H={2048 // meta['head_dim']}; TFLOP/s (ms). "
+        "`bwd`: kernels alone from the same residuals "
         "(cuDNN: fwd+bwd minus fwd); speedup = other ms / Mosaic ms.",
         "",
         "| L | B | mode | cuDNN | arjax Triton | arjax Mosaic GPU | vs cuDNN | vs Triton |",
@@ -179,13 +182,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 2048, 32768])
+    parser.add_argument("--head-dim", type=int, choices=sorted(OTHER_TILES), default=128)
     parser.add_argument(
         "--tiles",
         type=_tiles,
         nargs="+",
-        default=[mgpu_bwd.default_tiles(D), *map(_tiles, ("64,64,2,fused", "64,64,2", "64,128,2"))],
-        help="Mosaic backward candidates bq,bk,stages[,fused] (the first is the 'mosaic' column)",
+        help="Mosaic backward candidates bq,bk,stages[,fused] (the first is the 'mosaic' column; "
+        "default: the length's default_tiles, then OTHER_TILES)",
     )
+    parser.add_argument("--name", default="bench_mgpu_bwd", help="output file stem")
     parser.add_argument(
         "--bwd-only", action="store_true", help="fwd and fwd+bwd rows of cuDNN only"
     )
@@ -197,24 +202,29 @@ def main() -> None:
         "device": f"{jax.default_backend()} {jax.devices()[0].device_kind}",
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "jax": jax.__version__,
+        "head_dim": opts.head_dim,
         "command": "PYTHONPATH=. python experiments/bench_mgpu_bwd.py " + " ".join(sys.argv[1:]),
     }
     rows = []
+    d = opts.head_dim
     for length in opts.lengths:
-        bwd = backward_row(length, opts.tiles, opts)
+        default = mgpu_bwd.default_tiles(d, length)
+        others = [t for t in map(_tiles, OTHER_TILES[d]) if t != default]
+        bwd = backward_row(length, d, opts.tiles or [default, *others], opts)
         names = ("cudnn",) if opts.bwd_only else ("cudnn", "triton", "mosaic")
-        fwd, both = api_rows(length, opts, names)
+        fwd, both = api_rows(length, d, opts, names)
         if fwd.get("cudnn_ms") and both.get("cudnn_ms"):
             bwd["cudnn_ms"] = both["cudnn_ms"] - fwd["cudnn_ms"]
-            bwd["cudnn_tflops"] = 2.5 * causal_flops(bwd["B"], H, length, D) / bwd["cudnn_ms"] / 1e9
+            flops = 2.5 * causal_flops(bwd["B"], bwd["H"], length, d)
+            bwd["cudnn_tflops"] = flops / bwd["cudnn_ms"] / 1e9
         for row in (bwd, fwd, both):
             print(json.dumps(row), flush=True)
         rows += [bwd, fwd, both]
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_mgpu_bwd.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{opts.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = markdown(meta, rows)
-    (out / "bench_mgpu_bwd.md").write_text(text)
+    (out / f"{opts.name}.md").write_text(text)
     print(text)
 
 

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
 from arjax.ops import attention_mask, attention_reference
-from kernels_pallas.flash_attention import _hopper, flash_attention, mgpu_bwd
+from kernels_pallas.flash_attention import _hopper, flash_attention, gpu_mosaic, mgpu_bwd
 from kernels_pallas.flash_attention._common import LOG2_E, Geometry
 
 TOL = dict(rtol=2e-2, atol=2e-2)
@@ -78,7 +79,7 @@ def _check_backward(rng, case, tiles=None, interpret=True, tol=TOL, races=None):
         q_len=case["q_len"], kv_len=case["kv_len"], bq=64, bk=64, causal=causal, window=window,
         has_segments=False, scale=scale, groups=case["h"] // case["kv_h"],
     )  # fmt: skip
-    tiles = tiles or mgpu_bwd.default_tiles(case["d"])
+    tiles = tiles or mgpu_bwd.default_tiles(case["d"], min(case["q_len"], case["kv_len"]))
     bwd = lambda *args: mgpu_bwd.backward(*args, geo, tiles, interpret)
     compiled = jax.jit(bwd).lower(q, k, v, do, lse2, delta).compile(FAST_COMPILE)
     grads = jax.block_until_ready(compiled(q, k, v, do, lse2, delta))
@@ -159,7 +160,10 @@ def _check_api(rng, interpret: bool, tol, races=None):
         np.testing.assert_allclose(f32(g), r, **tol, err_msg=name)
 
 
-def test_flash_attention_mosaic_lowering_uses_this_backward(rng, races, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_flash_attention_mosaic_lowering_uses_this_backward(rng, races, monkeypatch, fused):
+    """The call's default tiles, split or (from ``FUSED_DQ_MIN_LEN``, lowered here to the
+    call's length 90) with dQ fused into the dK/dV kernel."""
     calls, backward = [], mgpu_bwd.backward
 
     def spy(*args):
@@ -167,8 +171,17 @@ def test_flash_attention_mosaic_lowering_uses_this_backward(rng, races, monkeypa
         return backward(*args)
 
     monkeypatch.setattr(mgpu_bwd, "backward", spy)
+    if fused:
+        monkeypatch.setattr(mgpu_bwd, "FUSED_DQ_MIN_LEN", {64: 90})
     _check_api(rng, interpret=True, tol=TOL, races=races)
-    assert calls == [mgpu_bwd.default_tiles(64)]
+    assert calls == [mgpu_bwd.Tiles(bq=128, bk=128, stages=2, fused_dq=fused)]
+
+
+def test_default_tiles_fuse_dq_where_faster():
+    """dQ is fused for D=64 from min(q_len, kv_len) = 8192 on, never for D=128 (H200 runs)."""
+    lengths = (2048, 4096, 8192, 32768)
+    assert [mgpu_bwd.default_tiles(64, n).fused_dq for n in lengths] == [0, 0, 1, 1]
+    assert [mgpu_bwd.default_tiles(128, n).fused_dq for n in lengths] == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize(
@@ -191,8 +204,45 @@ def test_unsupported_calls_raise_naming_the_problem(args, match):
 def test_default_tiles_are_supported():
     for d in _hopper.HEAD_DIMS:
         for dtype in _hopper.DTYPES:
-            for tiles in (mgpu_bwd.default_tiles(d), FUSED[d]):
+            for tiles in (
+                mgpu_bwd.default_tiles(d, 2048),
+                mgpu_bwd.default_tiles(d, 8192),
+                FUSED[d],
+            ):
                 mgpu_bwd.check_supported(dtype, d, False, tiles)
+
+
+def _run_state_literal_operands(jaxpr) -> list:
+    """Constant scalar (``Literal``) operands of ``run_state`` anywhere in ``jaxpr``. jax
+    0.11.2's Mosaic GPU lowering rejects them ("Shaped arrays must be represented by
+    ir.Values"): a wgmma ``run_state`` whose body closed over refs indexed by Python ints. The
+    CPU interpreter and jax 0.10's lowering accept them, so only this check sees it off a GPU."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "run_state":
+            found += [v.val for v in eqn.invars if isinstance(v, jax_core.Literal)]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                sub = sub.jaxpr if isinstance(sub, jax_core.ClosedJaxpr) else sub
+                if isinstance(sub, jax_core.Jaxpr):
+                    found += _run_state_literal_operands(sub)
+    return found
+
+
+@pytest.mark.parametrize("d, causal, fused", [(64, True, False), (64, False, True),
+                                              (128, True, True), (128, False, False)])  # fmt: skip
+def test_gpu_kernels_give_run_state_no_literal_operands(d, causal, fused):
+    """The GPU (not interpreted) forward and backward kernels, traced on any platform."""
+    n, pingpong = 256, d == 128
+    q = jax.ShapeDtypeStruct((1, n, 2, d), jnp.bfloat16)
+    vec = jax.ShapeDtypeStruct((1, 2, n), jnp.float32)
+    geo = Geometry(q_len=n, kv_len=n, bq=128, bk=128, causal=causal, window=None,
+                   has_segments=False, scale=d**-0.5, groups=1)  # fmt: skip
+    tiles = FUSED[d] if fused else mgpu_bwd.default_tiles(d, n)
+    fwd = lambda *a: gpu_mosaic.forward(*a, geo, stages=2, interpret=False, pingpong=pingpong)
+    bwd = lambda *a: mgpu_bwd.backward(*a, geo, tiles, False)
+    for fn, args in ((fwd, (q, q, q)), (bwd, (q, q, q, q, vec, vec))):
+        assert _run_state_literal_operands(jax.jit(fn).trace(*args).jaxpr.jaxpr) == []
 
 
 GPU_CASES = {  # (call, dQ fused into the dK/dV kernel); ragged lengths, GQA, both head dims

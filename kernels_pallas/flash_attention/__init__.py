@@ -163,7 +163,7 @@ def _flash_bwd(call: _Call, res, d_out):
     qp, kp, vp, q_seg, kv_seg = _prepare(call, q, k, v, q_seg, kv_seg)
     dop = pad_to(pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
     if call.lowering == "mosaic":  # Hopper backward: dk/dv come back summed per KV head
-        tiles = mgpu_bwd.default_tiles(d)
+        tiles = mgpu_bwd.default_tiles(d, min(q_len, kv_len))
         dq, dk, dv = mgpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, tiles,
                                        call.interpret)  # fmt: skip
         return dq[:, :q_len, :, :d], dk[:, :kv_len, :, :d], dv[:, :kv_len, :, :d], None, None
@@ -218,7 +218,8 @@ def flash_attention(
     blocks = block_sizes or tuning.block_sizes(backend, q_len, kv_len, d, lowering)
     if lowering == "mosaic":
         gpu_mosaic.check_supported(q.dtype, d, q_segment_ids is not None, blocks)
-        mgpu_bwd.check_supported(q.dtype, d, q_segment_ids is not None, mgpu_bwd.default_tiles(d))
+        bwd_tiles = mgpu_bwd.default_tiles(d, min(q_len, kv_len))
+        mgpu_bwd.check_supported(q.dtype, d, q_segment_ids is not None, bwd_tiles)
     q_tile = max(blocks.bq, blocks.bwd_bq_dq, blocks.bwd_bq_dkv)
     kv_tile = max(blocks.bk, blocks.bwd_bk_dq, blocks.bwd_bk_dkv)
     geo = Geometry(

@@ -22,11 +22,14 @@ float32 register accumulators (FlashAttention-3, Shah et al. 2024, sec. 3.1 and 
     ``dS^T`` (input dtype) to shared memory, the two consumers swap halves through an mbarrier,
     each computes 64x64 blocks of the step's ``dQ`` partial ``dS K`` from shared memory
     (transposed ``dS^T`` as the wgmma lhs) and adds them to a float32 ``dQ`` in GMEM with a TMA
-    reduce-add -- 5 matmuls; ``dQ`` is scaled and cast by XLA afterwards. Off by default: on
-    an H200 (jax 0.11.2, causal bf16, D=128, experiments/results/bench_mgpu_bwd_h200.md) it
-    matches the split kernels (dq within 7e-4 relative, dk/dv identical) but is slower, 1.28 /
-    3.10 / 24.3 ms against 0.96 / 2.90 / 24.1 ms at L=2048 / 8192 / 32768 (the float32 ``dQ``
-    partials add a reduce-add of 32 KiB per step).
+    reduce-add -- 5 matmuls; ``dQ`` is scaled and cast by XLA afterwards. At D=128 it is
+    slower than the split kernels on an H200 (jax 0.11.2, causal bf16,
+    experiments/results/bench_mgpu_bwd_h200.md; dq within 7e-4 relative, dk/dv identical):
+    1.28 / 3.10 / 24.3 ms against 0.96 / 2.90 / 24.1 ms at L=2048 / 8192 / 32768 (64-row
+    steps, each adding a 32 KiB float32 partial). At D=64 (128-row steps, half the
+    reduce-adds per FLOP) it is faster from L=8192 on: 3.56-3.64 / 22.9-23.3 ms against
+    3.77-3.82 / 28.4-28.6 ms at L=8192 / 32768 (``experiments/results/bench_mgpu_bwd_d64.md``),
+    and slower at 2048 (1.41-1.46 against 1.12-1.17 ms): ``default_tiles`` fuses from 8192.
 
 ``lse2`` is the forward's base-2 log-sum-exp (``_common``; +inf for rows that see no key, so
 their probabilities are exactly 0) and ``delta = rowsum(dO * O)``. Tile skipping and the
@@ -85,13 +88,21 @@ class Tiles:
     bq: int = 64  # query rows per step of the dK/dV kernel
     bk: int = 64  # KV rows per step of the dQ kernel (unused when fused_dq)
     stages: int = 2  # ring slots in flight
-    fused_dq: bool = False  # dQ by the dK/dV kernel (TMA reduce-add); slower on an H200
+    fused_dq: bool = False  # dQ by the dK/dV kernel (TMA reduce-add)
 
 
-def default_tiles(head_dim: int) -> Tiles:
-    """Register budget: dK, dV (D=128: 64 + 64 registers per thread) plus S^T, dP^T (bq/2
-    each) fit 240 registers with bq=64; D=64 leaves room for 128-wide streamed tiles."""
-    return Tiles(bq=64, bk=64, stages=3) if head_dim > 64 else Tiles(bq=128, bk=128, stages=2)
+FUSED_DQ_MIN_LEN = {64: 8192}  # head_dim -> shortest min(q_len, kv_len) that fuses dQ
+
+
+def default_tiles(head_dim: int, length: int) -> Tiles:
+    """Tiles for ``head_dim`` and ``length = min(q_len, kv_len)``. Register budget: dK, dV
+    (D=128: 64 + 64 registers per thread) plus S^T, dP^T (bq/2 each) fit 240 registers with
+    bq=64; D=64 leaves room for 128-wide streamed tiles. dQ is fused into the dK/dV kernel
+    where that measured faster on an H200 (``FUSED_DQ_MIN_LEN``, module docstring)."""
+    if head_dim > 64:
+        return Tiles(bq=64, bk=64, stages=3)
+    fused = length >= FUSED_DQ_MIN_LEN.get(head_dim, float("inf"))
+    return Tiles(bq=128, bk=128, stages=2, fused_dq=fused)
 
 
 def smem_bytes(itemsize: int, head_dim: int, tiles: Tiles) -> int:
