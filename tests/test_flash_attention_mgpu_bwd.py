@@ -212,6 +212,16 @@ def test_default_tiles_are_supported():
                 mgpu_bwd.check_supported(dtype, d, False, tiles)
 
 
+def test_register_budgets_fit_the_launch():
+    """setmaxnreg budgets: multiples of 8 in [24, 256], summing to at most what the kernel
+    launches with (168 per thread), else the consumers' increase never returns."""
+    assert _hopper.LAUNCH_REGS == 168
+    for kernels in (gpu_mosaic, mgpu_bwd):
+        regs = (kernels.CONSUMER_REGS, kernels.PRODUCER_REGS)
+        assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
+        assert _hopper.CONSUMERS * regs[0] + regs[1] <= (_hopper.CONSUMERS + 1) * 168, regs
+
+
 def _run_state_literal_operands(jaxpr) -> list:
     """Constant scalar (``Literal``) operands of ``run_state`` anywhere in ``jaxpr``. jax
     0.11.2's Mosaic GPU lowering rejects them ("Shaped arrays must be represented by

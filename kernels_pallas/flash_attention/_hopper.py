@@ -13,6 +13,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 ROWS = 64  # rows per consumer warpgroup: the M of one wgmma
 CONSUMERS = 2
 TILE = ROWS * CONSUMERS  # rows per CTA owned by the two consumers
+# registers per thread at launch: 64K over the consumers and the producer (128 threads each),
+# in steps of 8 (ptxas: "Used 168 registers"). setmaxnreg only moves them between warpgroups:
+# budgets summing to more make the consumers' increase wait forever (a hang seen on an H200).
+LAUNCH_REGS = 65536 // ((CONSUMERS + 1) * 128) // 8 * 8
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA

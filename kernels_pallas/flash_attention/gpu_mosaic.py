@@ -56,7 +56,7 @@ from kernels_pallas.tuning import BlockSizes
 
 TILE_Q = ROWS * CONSUMERS  # query rows per CTA
 KV_TILES = (64, 128)
-# registers per thread after setmaxnreg (FA-3 sec. 3.1): 2 x 232 + 40 (x 128 threads) <= 64K
+# registers per thread after setmaxnreg (FA-3 sec. 3.1): 2 x 232 + 40 = 3 x _hopper.LAUNCH_REGS
 CONSUMER_REGS, PRODUCER_REGS = 232, 40
 
 

@@ -28,7 +28,8 @@ float32 register accumulators (FlashAttention-3, Shah et al. 2024, sec. 3.1 and 
     1.28 / 3.10 / 24.3 ms against 0.96 / 2.90 / 24.1 ms at L=2048 / 8192 / 32768 (64-row
     steps, each adding a 32 KiB float32 partial). At D=64 (128-row steps, half the
     reduce-adds per FLOP) it is faster from L=8192 on: 3.56-3.64 / 22.9-23.3 ms against
-    3.77-3.82 / 28.4-28.6 ms at L=8192 / 32768 (``experiments/results/bench_mgpu_bwd_d64.md``),
+    3.77-3.82 / 28.4-28.7 ms at L=8192 / 32768 (H200 runs: ``bench_mgpu_bwd_d64.md``,
+    ``bench_mgpu_bwd_experiments.md`` in experiments/results),
     and slower at 2048 (1.41-1.46 against 1.12-1.17 ms): ``default_tiles`` fuses from 8192.
 
 ``lse2`` is the forward's base-2 log-sum-exp (``_common``; +inf for rows that see no key, so
@@ -77,7 +78,7 @@ from kernels_pallas.flash_attention._hopper import (
 )
 
 STREAM_TILES = (64, 128)  # allowed bq (dK/dV) and bk (dQ)
-# registers per thread after setmaxnreg: 2 x 240 + 24 (x 128 threads) <= 64K
+# registers per thread after setmaxnreg: 2 x 240 + 24 = 3 x _hopper.LAUNCH_REGS
 CONSUMER_REGS, PRODUCER_REGS = 240, 24
 
 
