@@ -28,9 +28,9 @@ float32 register accumulators (FlashAttention-3, Shah et al. 2024, sec. 3.1 and 
     1.28 / 3.10 / 24.3 ms against 0.96 / 2.90 / 24.1 ms at L=2048 / 8192 / 32768 (64-row
     steps, each adding a 32 KiB float32 partial). At D=64 (128-row steps, half the
     reduce-adds per FLOP) it is faster from L=8192 on: 3.56-3.64 / 22.9-23.3 ms against
-    3.77-3.82 / 28.4-28.7 ms at L=8192 / 32768 (H200 runs: ``bench_mgpu_bwd_d64.md``,
-    ``bench_mgpu_bwd_experiments.md`` in experiments/results),
-    and slower at 2048 (1.41-1.46 against 1.12-1.17 ms): ``default_tiles`` fuses from 8192.
+    3.77-3.82 / 28.4-28.7 ms at L=8192 / 32768, and slower at 2048 (1.41-1.46 against
+    1.12-1.17 ms), in H200 runs (experiments/results/bench_mgpu_bwd_d64.md and
+    bench_mgpu_bwd_experiments.md): ``default_tiles`` fuses it from 8192.
 
 ``lse2`` is the forward's base-2 log-sum-exp (``_common``; +inf for rows that see no key, so
 their probabilities are exactly 0) and ``delta = rowsum(dO * O)``. Tile skipping and the
