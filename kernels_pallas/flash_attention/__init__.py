@@ -112,6 +112,7 @@ class _Call:
     q_pad: int  # padded lengths / head_dim
     kv_pad: int
     d_pad: int
+    bwd_tiles: mgpu_bwd.Tiles | None = None  # the Hopper backward's (lowering "mosaic")
 
 
 def _prepare(call: _Call, q, k, v, q_seg, kv_seg):
@@ -163,8 +164,7 @@ def _flash_bwd(call: _Call, res, d_out):
     qp, kp, vp, q_seg, kv_seg = _prepare(call, q, k, v, q_seg, kv_seg)
     dop = pad_to(pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
     if call.lowering == "mosaic":  # Hopper backward: dk/dv come back summed per KV head
-        tiles = mgpu_bwd.default_tiles(d, min(q_len, kv_len))
-        dq, dk, dv = mgpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, tiles,
+        dq, dk, dv = mgpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, call.bwd_tiles,
                                        call.interpret)  # fmt: skip
         return dq[:, :q_len, :, :d], dk[:, :kv_len, :, :d], dv[:, :kv_len, :, :d], None, None
     kernel = gpu.backward if call.backend == "gpu" else tpu.backward
@@ -216,6 +216,7 @@ def flash_attention(
         lowering, backend, interpret, q.dtype, d, q_segment_ids, block_sizes
     )
     blocks = block_sizes or tuning.block_sizes(backend, q_len, kv_len, d, lowering)
+    bwd_tiles = None
     if lowering == "mosaic":
         gpu_mosaic.check_supported(q.dtype, d, q_segment_ids is not None, blocks)
         bwd_tiles = mgpu_bwd.default_tiles(d, min(q_len, kv_len))
@@ -242,6 +243,7 @@ def flash_attention(
         q_pad=_round_up(q_len, q_tile),
         kv_pad=_round_up(kv_len, kv_tile),
         d_pad=_head_dim_pad(backend, d),
+        bwd_tiles=bwd_tiles,
     )
     return _flash(call, q, k, v, q_segment_ids, kv_segment_ids)
 
