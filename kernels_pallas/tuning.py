@@ -88,9 +88,10 @@ MOSAIC_TABLE: list[tuple[int, MosaicForward]] = [
 MOSAIC_BQ = 128
 # head_dims where lowering="mosaic" was measured faster than "triton" on Hopper (picked by
 # ``gpu_lowering``): one H200, jax 0.11.2, causal bf16, L=2048/8192/32768, one run
-# (experiments/results/bench_attention.md), TFLOP/s Mosaic vs Triton: D=64 forward 281/347/420
-# vs 275/340/354, fwd+bwd 289/389/414 vs 262/323/337; D=128 forward 401/532/618 vs 296/392/448,
-# fwd+bwd 365/500/516 vs 285/362/380 (and on an H100, bench_attention_mosaic.md).
+# (experiments/results/bench_attention.md as of commit 7847303), TFLOP/s Mosaic vs Triton: D=64
+# forward 281/347/420 vs 275/340/354, fwd+bwd 289/389/414 vs 262/323/337; D=128 forward
+# 401/532/618 vs 296/392/448, fwd+bwd 365/500/516 vs 285/362/380. The file's current run (commit
+# 3411484) has Mosaic ahead in every cell too; so does an H100 (bench_attention_mosaic.md).
 MOSAIC_FASTER_HEAD_DIMS: frozenset[int] = frozenset({64, 128})
 
 
