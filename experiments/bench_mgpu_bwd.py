@@ -40,7 +40,7 @@ from kernels_pallas.flash_attention._common import Geometry
 from kernels_pallas.tuning import block_sizes
 
 RESULTS = Path(__file__).parent / "results"
-OTHER_TILES = {128: ("64,64,2,fused", "64,64,2", "64,128,2"), 64: ("128,128,2", "128,128,2,fused")}
+OTHER_TILES = {128: ("64,64,3", "64,64,2,fused"), 64: ("128,128,2", "128,128,2,fused")}
 
 
 def _tiles(text: str) -> mgpu_bwd.Tiles:

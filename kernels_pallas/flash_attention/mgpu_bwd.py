@@ -19,18 +19,19 @@ float32 register accumulators (FlashAttention-3, Shah et al. 2024, sec. 3.1 and 
     ``dP = dO V^T``, ``dS = P (dP - delta)``, ``dQ += dS K`` (alg. 2 lines 11-16, 18) --
     7 matmuls in all, as arjax's Triton backward;
   - fused (FA-2 alg. 2 line 18 as written, FA-3 sec. 3.3): the dK/dV kernel also writes
-    ``dS^T`` (input dtype) to shared memory, the two consumers swap halves through an mbarrier,
-    each computes 64x64 blocks of the step's ``dQ`` partial ``dS K`` from shared memory
-    (transposed ``dS^T`` as the wgmma lhs) and adds them to a float32 ``dQ`` in GMEM with a TMA
-    reduce-add -- 5 matmuls; ``dQ`` is scaled and cast by XLA afterwards. At D=128 it is
-    slower than the split kernels on an H200 (jax 0.11.2, causal bf16,
-    experiments/results/bench_mgpu_bwd_h200.md; dq within 7e-4 relative, dk/dv identical):
-    1.28 / 3.10 / 24.3 ms against 0.96 / 2.90 / 24.1 ms at L=2048 / 8192 / 32768 (64-row
-    steps, each adding a 32 KiB float32 partial). At D=64 (128-row steps, half the
-    reduce-adds per FLOP) it is faster from L=8192 on: 3.56-3.64 / 22.9-23.3 ms against
-    3.77-3.82 / 28.4-28.7 ms at L=8192 / 32768, and slower at 2048 (1.41-1.46 against
-    1.12-1.17 ms), in H200 runs (experiments/results/bench_mgpu_bwd_d64.md and
-    bench_mgpu_bwd_experiments.md): ``default_tiles`` fuses it from 8192.
+    ``dS^T`` (input dtype) to shared memory and the two consumers swap halves through an
+    mbarrier. Each issues dV, then (once the other half is there) its 64x64 block of the step's
+    ``dQ`` partial ``dS K`` over the CTA's 128 keys, from shared memory (transposed ``dS^T`` as
+    the wgmma lhs), then dK; while dK runs it stages the block and adds it to a float32 ``dQ``
+    in GMEM with a TMA reduce-add -- 5 matmuls; ``dQ`` is scaled and cast by XLA afterwards.
+    The kernel's consumers have no registers to spare: their shared-memory operands are indexed
+    through ``_opaque`` so that their wgmma descriptors are not hoisted out of the step loop
+    (hoisted, ptxas spilled 632 B per thread at D=128). On an H200 (jax 0.11.2, causal bf16,
+    experiments/results/bench_mgpu_bwd_d128_fused.md, bench_mgpu_bwd_d64_fused.md; dq within
+    7e-4 relative, dk/dv identical) it is faster than the split kernels from L=8192: at D=128
+    2.62 / 20.8 ms against 2.87 / 23.8 ms at L=8192 / 32768 (cuDNN: 2.65 / 19.5 ms), at D=64
+    3.07 / 23.4 against 3.42 / 28.4 ms; at L=2048 slower (1.22 against 0.93 ms at D=128).
+    ``default_tiles`` fuses it from 8192 (``FUSED_DQ_MIN_LEN``).
 
 ``lse2`` is the forward's base-2 log-sum-exp (``_common``; +inf for rows that see no key, so
 their probabilities are exactly 0) and ``delta = rowsum(dO * O)``. Tile skipping and the
@@ -92,7 +93,7 @@ class Tiles:
     fused_dq: bool = False  # dQ by the dK/dV kernel (TMA reduce-add)
 
 
-FUSED_DQ_MIN_LEN = {64: 8192}  # head_dim -> shortest min(q_len, kv_len) that fuses dQ
+FUSED_DQ_MIN_LEN = {64: 8192, 128: 8192}  # head_dim -> shortest min(q_len, kv_len) fusing dQ
 
 
 def default_tiles(head_dim: int, length: int) -> Tiles:
@@ -100,9 +101,9 @@ def default_tiles(head_dim: int, length: int) -> Tiles:
     (D=128: 64 + 64 registers per thread) plus S^T, dP^T (bq/2 each) fit 240 registers with
     bq=64; D=64 leaves room for 128-wide streamed tiles. dQ is fused into the dK/dV kernel
     where that measured faster on an H200 (``FUSED_DQ_MIN_LEN``, module docstring)."""
-    if head_dim > 64:
-        return Tiles(bq=64, bk=64, stages=3)
     fused = length >= FUSED_DQ_MIN_LEN.get(head_dim, float("inf"))
+    if head_dim > 64:
+        return Tiles(bq=64, bk=64, stages=2 if fused else 3, fused_dq=fused)
     return Tiles(bq=128, bk=128, stages=2, fused_dq=fused)
 
 
@@ -127,6 +128,11 @@ def check_supported(dtype, head_dim: int, has_segments: bool, tiles: Tiles) -> N
             )
     if not isinstance(tiles.fused_dq, bool):
         raise ValueError(f"mosaic backward: fused_dq must be a bool, got {tiles.fused_dq!r}")
+    if tiles.fused_dq and tiles.bq * head_dim != CONSUMERS * ROWS * ROWS:
+        raise ValueError(
+            f"mosaic backward: fused_dq needs bq * head_dim = {CONSUMERS * ROWS * ROWS} (one "
+            f"{ROWS}x{ROWS} dQ block per consumer), got bq={tiles.bq}, head_dim={head_dim}"
+        )
     if not isinstance(tiles.stages, int) or tiles.stages < 1:
         raise ValueError(f"mosaic backward: stages must be a positive int, got {tiles.stages!r}")
     if (need := smem_bytes(jnp.dtype(dtype).itemsize, head_dim, tiles)) > SMEM_BYTES:
@@ -224,32 +230,42 @@ def _probs_and_dlogits(s, dp, lse2, delta, mask, scale2: float, query_dim: int):
     return p, p * (dp - bcast(delta))
 
 
-def _add_dq(ds_t, k_smem, q_first, head, *, dq_ref, stage, wg, interpret: bool) -> None:
-    """Fused dQ (FA-2 alg. 2 line 18, FA-3 sec. 3.3): ``dQ[q_first:q_first + bq, head] +=
-    dS K`` over the CTA's 128 keys. ``ds_t [2, 64, bq]`` holds both consumers' ``dS^T``,
-    ``k_smem [2, 64, d]`` their keys; the 64x64 blocks of the ``[bq, d]`` partial are dealt
-    out to the consumers, each computed from shared memory (``dS^T`` transposed as the lhs)
-    and added to the float32 ``dq_ref [len, heads, d]`` with a TMA reduce-add."""
-    bq, d = ds_t.shape[-1], k_smem.shape[-1]
-    blocks = [(r, c) for r in range(bq // ROWS) for c in range(d // ROWS)]
+def _opaque(x):
+    """``x`` through an LLVM optimization barrier. Shared-memory operands indexed by it get
+    their wgmma descriptors computed next to each use: indexed by the loop-invariant warpgroup
+    id, LLVM hoists them out of the step loop, ~50 registers of 64-bit descriptors that the fused
+    kernel's consumers do not have (ptxas spilled 632 B per thread, in the loop). Also keeps
+    Python-int ref indices out of ``run_state`` operands (see ``_mma_fresh``)."""
+    return lax.optimization_barrier(x)
 
-    def add(own_blocks):
-        for r, c in own_blocks:
-            q_cols, d_cols = pl.ds(r * ROWS, ROWS), pl.ds(c * ROWS, ROWS)
-            products = [(_T(ds_t.at[h, :, q_cols]), k_smem.at[h, :, d_cols])
-                        for h in range(CONSUMERS)]  # fmt: skip
-            part = _mma_fresh((ROWS, ROWS), products, interpret)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read stage
-            stage[...] = part
-            plgpu.commit_smem()
-            dst = dq_ref.at[pl.ds(q_first + r * ROWS, ROWS), head, d_cols]
-            if interpret:
-                dst[...] += stage[...]
-            else:
-                plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
 
-    for w in range(CONSUMERS):
-        pl.when(wg == w)(functools.partial(add, blocks[w::CONSUMERS]))
+def _mma_with_dq(dv, dv_products, dk, dk_products, dq_products, ready, emit, interpret: bool):
+    """A fused step's products: ``dv``/``dk`` plus their products (as ``_mma``), and a fresh
+    64x64 ``dQ`` block from ``dq_products``, issued in the order dV, (wait for the ``ready``
+    barrier: the other consumer's ``dS^T``), dQ, dK; once the dQ block is done -- dK still on the
+    tensor cores -- it is handed to ``emit``. Returns ``dv, dk``."""
+    if interpret:
+        (dv,) = _mma(((dv, dv_products),), True)
+        plgpu.barrier_wait(ready)
+        emit(_mma_fresh((ROWS, ROWS), dq_products, True))
+        (dk,) = _mma(((dk, dk_products),), True)
+        return dv, dk
+
+    def issue(acc_refs):
+        dv_ref, dk_ref, dq_ref = acc_refs
+        add = lambda acc_ref, products: [
+            plgpu.wgmma(acc_ref, _operand(a, False), _operand(b, False)) for a, b in products
+        ]
+        add(dv_ref, dv_products)
+        plgpu.barrier_wait(ready)
+        add(dq_ref, dq_products)
+        add(dk_ref, dk_products)
+        # wgmma groups finish in issue order: dQ is done once only dK's remain in flight
+        emit(plgpu.wgmma_accumulator_load(dq_ref, wait_n=len(dk_products)))
+
+    accs = (dv, dk, _zeros((ROWS, ROWS), False))
+    dv, dk, _ = pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc in accs))
+    return dv, dk
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geometry,
@@ -300,20 +316,51 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
         k_idx = k_first + iota((ROWS, bq), 0, interpret)
         q_col = iota((ROWS, bq), 1, interpret)
         _, full_lo, full_hi, _ = q_block_range(k_first, k_first + ROWS - 1, geo)
-        dq_add = None
-        if fused:
-            dq_add = functools.partial(
-                _add_dq, dq_ref=dq_ref.at[batch], stage=dq_stage.at[wg], wg=wg, interpret=interpret
+        d, dtype = k_ref.shape[-1], q_ref.dtype
+
+        def fused_dq(i, r, t, wg_, p_t, ds_t, dv, dk, q, do):
+            """Share ``dS^T`` with the other consumer (double-buffered), then the step's dV, dK
+            and this consumer's 64x64 block of the ``[bq, d]`` dQ partial ``dS K`` over the CTA's
+            128 keys (both halves of ``dS^T``, transposed, against both consumers' K): its query
+            rows if bq = 128, else its feature columns; added to the float32 dQ with a TMA
+            reduce-add while dK runs."""
+            buf = lax.rem(t, 2)
+            ds_smem.at[buf, wg_][...] = ds_t
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(ds_ready.at[buf])
+            mine = lambda n_: (
+                pl.ds(pl.multiple_of(wg_ * ROWS, ROWS), ROWS) if n_ > ROWS else slice(None)
             )
+            rows, cols = mine(bq), mine(d)
+            halves = [_opaque(jnp.int32(h)) for h in range(CONSUMERS)]
+            dq_products = [(_T(ds_smem.at[buf, h, :, rows]), k_smem.at[h, :, cols]) for h in halves]
+            stage = dq_stage.at[wg_]
+
+            def emit(part):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read stage
+                stage[...] = part
+                plgpu.commit_smem()
+                first = i * bq + (wg_ * ROWS if bq > ROWS else 0)
+                dst = dq_ref.at[batch, pl.ds(first, ROWS), kv_head * g + r, cols]
+                if interpret:
+                    dst[...] += stage[...]
+                else:
+                    plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
+
+            return _mma_with_dq(dv, [(p_t.astype(dtype), do)], dk, [(ds_t, q)], dq_products,
+                                ds_ready.at[buf], emit, interpret)  # fmt: skip
 
         def step(i, carry, r, masked: bool):
             dk, dv = carry
-            slot = lax.rem(r * n + i - lo, jnp.int32(stages))
+            t = r * n + i - lo
+            slot = lax.rem(t, jnp.int32(stages))
+            wg_ = _opaque(wg) if fused else wg
             for bar in (q_ready, do_ready, lse_ready, delta_ready):
                 plgpu.barrier_wait(bar.at[slot])
             q, do = q_ring.at[slot], do_ring.at[slot]
             zeros = _zeros((ROWS, bq), interpret)
-            s_t, dp_t = _mma(((zeros, [(k_slot, _T(q))]), (zeros, [(v_slot, _T(do))])), interpret)
+            s_t, dp_t = _mma(((zeros, [(k_smem.at[wg_], _T(q))]),
+                              (zeros, [(v_smem.at[wg_], _T(do))])), interpret)  # fmt: skip
             mask = tile_mask(i * bq + q_col, k_idx, None, None, geo) if masked else None
             p_t, ds_t = _probs_and_dlogits(
                 s_t,
@@ -324,17 +371,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
                 geo.scale2,
                 query_dim=1,
             )
-            dtype = q_ref.dtype
             ds_t = ds_t.astype(dtype)
-            if dq_add is not None:  # share dS^T with the other consumer (double-buffered)
-                buf = lax.rem(r * n + i - lo, 2)
-                ds_smem.at[buf, wg][...] = ds_t
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(ds_ready.at[buf])
-            dv, dk = _mma(((dv, [(p_t.astype(dtype), do)]), (dk, [(ds_t, q)])), interpret)
-            if dq_add is not None:
-                plgpu.barrier_wait(ds_ready.at[buf])
-                dq_add(ds_smem.at[buf], k_smem, i * bq, kv_head * g + r)
+            if fused:
+                dv, dk = fused_dq(i, r, t, wg_, p_t, ds_t, dv, dk, q, do)
+            else:
+                dv, dk = _mma(((dv, [(p_t.astype(dtype), do)]), (dk, [(ds_t, q)])), interpret)
             plgpu.barrier_arrive(free.at[slot])
             return dk, dv
 
