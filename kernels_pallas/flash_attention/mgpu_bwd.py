@@ -185,21 +185,6 @@ def _mma(terms, interpret: bool):
     return pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, _ in terms))
 
 
-def _mma_fresh(shape, products, interpret: bool):
-    """``sum(a @ b)`` over ``products`` into a fresh float32 accumulator ``shape``. Uses
-    ``run_scoped``: jax 0.11's lowering rejects ``run_state`` (``_mma``) whose operands are refs
-    indexed by Python ints ("Shaped arrays must be represented by ir.Values")."""
-    if interpret:
-        return _mma(((jnp.zeros(shape, jnp.float32), products),), True)[0]
-
-    def issue(acc_ref):
-        for a, b in products:
-            plgpu.wgmma(acc_ref, _operand(a, False), _operand(b, False))
-        return acc_ref[...]
-
-    return pl.run_scoped(issue, plgpu.ACC(shape, jnp.float32))
-
-
 def _produce(load, steps, stages: int, free) -> None:
     """Producer warpgroup: ``load(t, slot)`` issues the TMA copies of step ``t`` of
     ``[0, steps)`` into ring slot ``t % stages`` once both consumers freed that slot's
@@ -247,7 +232,7 @@ def _mma_with_dq(dv, dv_products, dk, dk_products, dq_products, ready, emit, int
     if interpret:
         (dv,) = _mma(((dv, dv_products),), True)
         plgpu.barrier_wait(ready)
-        emit(_mma_fresh((ROWS, ROWS), dq_products, True))
+        emit(_mma(((jnp.zeros((ROWS, ROWS), jnp.float32), dq_products),), True)[0])
         (dk,) = _mma(((dk, dk_products),), True)
         return dv, dk
 
