@@ -176,7 +176,8 @@ def test_default_tiles_fuse_dq_where_faster():
     """dQ is fused from min(q_len, kv_len) = 8192 on, for both head dims (H200 runs)."""
     lengths = (2048, 4096, 8192, 32768)
     for d in (64, 128):
-        assert [mgpu_bwd.default_tiles(d, n).fused_dq for n in lengths] == [False, False, True, True], d
+        fused = [mgpu_bwd.default_tiles(d, n).fused_dq for n in lengths]
+        assert fused == [False, False, True, True], d
 
 
 @pytest.mark.parametrize(
