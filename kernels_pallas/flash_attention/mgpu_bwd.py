@@ -220,7 +220,8 @@ def _opaque(x):
     their wgmma descriptors computed next to each use: indexed by the loop-invariant warpgroup
     id, LLVM hoists them out of the step loop, ~50 registers of 64-bit descriptors that the fused
     kernel's consumers do not have (ptxas spilled 632 B per thread, in the loop). Also keeps
-    Python-int ref indices out of ``run_state`` operands (see ``_mma_fresh``)."""
+    Python-int ref indices out of ``run_state`` operands, which jax 0.11's lowering rejects
+    ("Shaped arrays must be represented by ir.Values")."""
     return lax.optimization_barrier(x)
 
 
