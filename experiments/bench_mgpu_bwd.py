@@ -34,7 +34,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_attention import causal_flops, fwd_bwd, make_inputs, time_fn
+from experiments.bench_attention import causal_flops, error_text, fwd_bwd, make_inputs, time_fn
 from kernels_pallas.flash_attention import flash_attention, gpu, mgpu_bwd
 from kernels_pallas.flash_attention._common import Geometry
 from kernels_pallas.tuning import block_sizes
@@ -51,10 +51,6 @@ def _tiles(text: str) -> mgpu_bwd.Tiles:
     return mgpu_bwd.Tiles(bq=int(bq), bk=int(bk), stages=int(stages), fused_dq=bool(fused))
 
 
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e)[:600]}"
-
-
 def _timed(row: dict, name: str, fn, args, opts, flops: float) -> None:
     """Time ``fn(*args)`` into ``row`` (ms, TFLOP/s), or record why it failed; print either at
     once (a run cut short by a timeout keeps what it measured)."""
@@ -64,7 +60,7 @@ def _timed(row: dict, name: str, fn, args, opts, flops: float) -> None:
         row[name + "_tflops"] = flops / t / 1e12
         print(f"L={row['L']} {row['mode']} {name}: {t * 1e3:.3f} ms", flush=True)
     except Exception as e:  # noqa: BLE001 - report and keep benchmarking
-        row[name + "_error"] = _error(e)
+        row[name + "_error"] = error_text(e, limit=1200)
         traceback.print_exc()
         print(f"L={row['L']} {row['mode']} {name}: {row[name + '_error']}", flush=True)
 
