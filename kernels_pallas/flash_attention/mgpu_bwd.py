@@ -100,7 +100,9 @@ def default_tiles(head_dim: int, length: int) -> Tiles:
     """Tiles for ``head_dim`` and ``length = min(q_len, kv_len)``. Register budget: dK, dV
     (D=128: 64 + 64 registers per thread) plus S^T, dP^T (bq/2 each) fit 240 registers with
     bq=64; D=64 leaves room for 128-wide streamed tiles. dQ is fused into the dK/dV kernel
-    where that measured faster on an H200 (``FUSED_DQ_MIN_LEN``, module docstring)."""
+    where that measured faster on an H200 (``FUSED_DQ_MIN_LEN``, module docstring); fused at
+    D=128 with 2 ring slots: 3 fit in shared memory but were no faster (2.60 / 20.6 against
+    2.56 / 20.4 ms at L=8192 / 32768, experiments/results/bench_mgpu_bwd_d128_stages.md)."""
     fused = length >= FUSED_DQ_MIN_LEN.get(head_dim, float("inf"))
     if head_dim > 64:
         return Tiles(bq=64, bk=64, stages=2 if fused else 3, fused_dq=fused)
@@ -230,10 +232,11 @@ def _mma_with_dq(dv, dv_products, dk, dk_products, dq_products, ready, emit, int
     64x64 ``dQ`` block from ``dq_products``, issued in the order dV, (wait for the ``ready``
     barrier: the other consumer's ``dS^T``), dQ, dK; once the dQ block is done -- dK still on the
     tensor cores -- it is handed to ``emit``. Returns ``dv, dk``."""
+    dq = _zeros((ROWS, ROWS), interpret)
     if interpret:
         (dv,) = _mma(((dv, dv_products),), True)
         plgpu.barrier_wait(ready)
-        emit(_mma(((jnp.zeros((ROWS, ROWS), jnp.float32), dq_products),), True)[0])
+        emit(_mma(((dq, dq_products),), True)[0])
         (dk,) = _mma(((dk, dk_products),), True)
         return dv, dk
 
@@ -249,8 +252,7 @@ def _mma_with_dq(dv, dv_products, dk, dk_products, dq_products, ready, emit, int
         # wgmma groups finish in issue order: dQ is done once only dK's remain in flight
         emit(plgpu.wgmma_accumulator_load(dq_ref, wait_n=len(dk_products)))
 
-    accs = (dv, dk, _zeros((ROWS, ROWS), False))
-    dv, dk, _ = pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc in accs))
+    dv, dk, _ = pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc in (dv, dk, dq)))
     return dv, dk
 
 
