@@ -2,8 +2,9 @@
 
 Small hand-filled tables (see ``experiments/bench_attention.py`` and ``experiments/bench_scan.py
 --tune`` for the measurements they rest on). ``block_sizes`` shrinks the attention tiles for
-short sequences so tiny calls (tests, decode) do not pad to a full tile; ``scan_config`` picks
-the scan's row, or the override installed by ``scan_config_override`` (the tuning sweep).
+short sequences so tiny calls (tests, decode) do not pad to a full tile; ``heads_per_wave``
+orders the Hopper kernels' CTAs; ``scan_config`` picks the scan's row, or the override installed
+by ``scan_config_override`` (the tuning sweep).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
+
+import jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,36 @@ MOSAIC_BQ = 128
 # 401/532/618 vs 296/392/448, fwd+bwd 365/500/516 vs 285/362/380. The file's current run (commit
 # 3411484) has Mosaic ahead in every cell too; so does an H100 (bench_attention_mosaic.md).
 MOSAIC_FASTER_HEAD_DIMS: frozenset[int] = frozenset({64, 128})
+
+
+_wave_override: list[int] = []
+
+
+@contextlib.contextmanager
+def wave_override(ctas: int) -> Iterator[None]:
+    """Calls of the Hopper kernels traced inside this context plan for waves of ``ctas`` CTAs
+    instead of the GPU's SM count (``experiments/bench_launch_order.py``: 1 gives every head a
+    group of its own; jit caches do not see it, so trace a fresh function per value)."""
+    if isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1:
+        raise ValueError(f"wave_override: ctas must be a positive int, got {ctas!r}")
+    _wave_override.append(ctas)
+    try:
+        yield
+    finally:
+        _wave_override.pop()
+
+
+def heads_per_wave(tiles: int, heads: int) -> int:
+    """How many of ``heads`` (batch x head pairs, ``tiles`` CTAs each) the Hopper kernels
+    interleave in their launch order (``flash_attention._hopper.work_item``): the largest
+    divisor of ``heads`` whose tiles fit one wave of CTAs, one per SM (the device's count, an
+    H100's 132 off the GPU). One H200, causal bf16 (results/bench_launch_order.md): against one
+    head at a time, D=128 at L=2048 / 8192 (groups of 8 / 2 heads), forward 1.08x / 1.07x,
+    backward 1.09x / 1.05x; all heads at once was slower than either (L2 misses)."""
+    sms = _wave_override[-1] if _wave_override else None
+    sms = sms or getattr(jax.devices()[0], "core_count", None) or 132
+    cap = max(1, sms // tiles)
+    return max(g for g in range(1, min(cap, heads) + 1) if heads % g == 0)
 
 
 def _fit(tile: int, length: int, floor: int) -> int:

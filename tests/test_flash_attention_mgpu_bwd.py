@@ -24,6 +24,7 @@ import pytest
 from jax.extend import core as jax_core
 
 from arjax.ops import attention_mask, attention_reference
+from kernels_pallas import tuning
 from kernels_pallas.flash_attention import _hopper, flash_attention, gpu_mosaic, mgpu_bwd
 from kernels_pallas.flash_attention._common import LOG2_E, Geometry
 
@@ -170,6 +171,35 @@ def test_flash_attention_mosaic_lowering_uses_this_backward(rng, races, monkeypa
         monkeypatch.setattr(mgpu_bwd, "FUSED_DQ_MIN_LEN", {64: 90})
     _check_api(rng, interpret=True, tol=TOL, races=races)
     assert calls == [mgpu_bwd.Tiles(bq=128, bk=128, stages=2, fused_dq=fused)]
+
+
+@pytest.mark.parametrize("wave, fused", [(1, False), (2, True)])
+def test_grouped_launch_order(rng, races, monkeypatch, wave, fused):
+    """The three Mosaic kernels with their CTAs in ``work_item`` order over several groups of
+    heads: waves of 1 or 2 CTAs (the tiny calls fit one real wave)."""
+    if fused:
+        monkeypatch.setattr(mgpu_bwd, "FUSED_DQ_MIN_LEN", {64: 90})
+    with tuning.wave_override(wave):
+        _check_api(rng, interpret=True, tol=TOL, races=races)
+
+
+def test_launch_order_runs_heavy_tiles_of_each_head_group_first():
+    """``work_item``: a bijection from programs to (rank, head); each group of heads in turn,
+    rank by rank, its heads fastest. ``heads_per_wave``: the largest divisor of the heads that
+    keeps a group's CTAs within one wave."""
+    tiles, heads, group = 3, 6, 2
+    p = jnp.arange(tiles * heads, dtype=jnp.int32)
+    rank, head = (np.asarray(x).tolist() for x in _hopper.work_item(p, tiles, heads, group))
+    want = [(r, g * group + j) for g in range(heads // group) for r in range(tiles)
+            for j in range(group)]  # fmt: skip
+    assert list(zip(rank, head)) == want
+    with tuning.wave_override(132):
+        groups = [
+            tuning.heads_per_wave(t, h) for t, h in ((16, 128), (64, 32), (256, 16), (16, 12))
+        ]
+    assert groups == [8, 2, 1, 6]
+    with pytest.raises(ValueError, match="ctas must be a positive int"), tuning.wave_override(0):
+        pass
 
 
 def test_default_tiles_fuse_dq_where_faster():

@@ -51,8 +51,9 @@ from kernels_pallas.flash_attention._hopper import (
     check_call,
     interpret_params,
     iota,
+    work_item,
 )
-from kernels_pallas.tuning import BlockSizes
+from kernels_pallas.tuning import BlockSizes, heads_per_wave
 
 TILE_Q = ROWS * CONSUMERS  # query rows per CTA
 KV_TILES = (64, 128)
@@ -120,10 +121,10 @@ def _acc_pv(acc, p, v_smem, interpret: bool):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn, *, geo,
-                    stages, pingpong, programs, interpret):  # fmt: skip
+                    stages, pingpong, programs, group, interpret):  # fmt: skip
     """Persistent CTAs: program ``p`` computes the work items ``p, p + programs, ...``, each
-    128 query rows of one (batch, head); consecutive items are the query tiles of one head,
-    heaviest causal tile first (running CTAs share K/V in L2).
+    128 query rows of one (batch, head), in ``work_item`` order over groups of ``group``
+    (batch, head)s: heaviest causal tiles first.
     Refs are ``[b, len, heads, d]`` in GMEM. The KV ring runs on across items (a global step
     count picks the slot), so the producer prefetches the next item's tiles while the
     consumers finish the current one.
@@ -147,9 +148,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
 
     def item(k):
         """(first query row, batch, head, KV tiles [lo, hi) of the 128 rows) of item k."""
-        t = pid + k * programs
-        tile_first = (geo.nq - 1 - lax.rem(t, jnp.int32(geo.nq))) * TILE_Q
-        bh = lax.div(t, jnp.int32(geo.nq))
+        rank, bh = work_item(pid + k * programs, geo.nq, b * h, group)
+        tile_first = (geo.nq - 1 - rank) * TILE_Q
         lo, _, _, hi = kv_block_range(tile_first, tile_first + TILE_Q - 1, geo)
         return tile_first, lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h)), lo, hi
 
@@ -309,6 +309,7 @@ def forward(
         stages=stages,
         pingpong=pingpong,
         programs=programs,
+        group=heads_per_wave(geo.nq, b * h),
         interpret=interpret,
     )
     return plgpu.kernel(

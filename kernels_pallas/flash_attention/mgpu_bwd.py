@@ -76,7 +76,9 @@ from kernels_pallas.flash_attention._hopper import (
     check_call,
     interpret_params,
     iota,
+    work_item,
 )
+from kernels_pallas.tuning import heads_per_wave
 
 STREAM_TILES = (64, 128)  # allowed bq (dK/dV) and bk (dQ)
 # registers per thread after setmaxnreg: 2 x 240 + 24 = 3 x _hopper.LAUNCH_REGS
@@ -257,9 +259,10 @@ def _mma_with_dq(dv, dv_products, dk, dk_products, dq_products, ready, emit, int
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geometry,
-                stages: int, interpret: bool, fused: bool):  # fmt: skip
+                stages: int, group: int, interpret: bool, fused: bool):  # fmt: skip
     """dK, dV of 128 KV rows of one (batch, KV head), and with ``fused`` their dQ partials;
-    refs are ``[b, len, heads, d]`` / ``[b, heads, len]`` in GMEM."""
+    refs are ``[b, len, heads, d]`` / ``[b, heads, len]`` in GMEM. CTAs in ``work_item`` order
+    (groups of ``group`` (batch, KV head)s)."""
     if fused:
         dq_ref, dk_ref, dv_ref, smem, ready, free, (ds_smem, dq_stage, ds_ready, k_done) = refs
     else:
@@ -267,9 +270,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
     (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring) = smem
     (k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready) = ready
     wg = lax.axis_index("wg")
-    batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    b, hk = k_ref.shape[0], k_ref.shape[2]
+    rank, bh = work_item(lax.axis_index("p"), geo.nk, b * hk, group)
+    batch, kv_head = lax.div(bh, jnp.int32(hk)), lax.rem(bh, jnp.int32(hk))
     bq, g = geo.bq, geo.groups
-    cta_first = lax.axis_index("kv") * TILE
+    cta_first = rank * TILE  # the first KV tile sees the most queries
     lo, _, _, hi = q_block_range(cta_first, cta_first + TILE - 1, geo)
     n = hi - lo  # query tiles per head of the group; steps run (head r, tile i) = (t // n, t % n)
 
@@ -388,14 +393,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready, free, *,
-               geo: Geometry, stages: int, interpret: bool):  # fmt: skip
-    """dQ of 128 query rows of one (batch, head)."""
+               geo: Geometry, stages: int, group: int, interpret: bool):  # fmt: skip
+    """dQ of 128 query rows of one (batch, head); CTAs in ``work_item`` order."""
     (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring) = smem
     (q_ready, do_ready, lse_ready, delta_ready, k_ready, v_ready) = ready
     wg = lax.axis_index("wg")
-    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    b, h = q_ref.shape[0], q_ref.shape[2]
+    rank, bh = work_item(lax.axis_index("p"), geo.nq, b * h, group)
+    batch, head = lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h))
     bk = geo.bk
-    cta_first = (geo.nq - 1 - lax.axis_index("q")) * TILE  # heaviest causal tiles first
+    cta_first = (geo.nq - 1 - rank) * TILE  # the last query tile sees the most keys
     lo, _, _, hi = kv_block_range(cta_first, cta_first + TILE - 1, geo)
 
     @pl.when(wg == CONSUMERS)
@@ -476,15 +483,21 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     args = (q, k, v, do, lse2, delta)
 
     geo_kv = dataclasses.replace(geo, bq=bq, bk=TILE)
+    dkv_group = heads_per_wave(geo_kv.nk, b * hk)
     dkv_kernel = functools.partial(
-        _dkv_kernel, geo=geo_kv, stages=s, interpret=interpret, fused=tiles.fused_dq
+        _dkv_kernel,
+        geo=geo_kv,
+        stages=s,
+        group=dkv_group,
+        interpret=interpret,
+        fused=tiles.fused_dq,
     )
     dkv_scratch = (
         (mat(CONSUMERS, ROWS),) * 2 + (mat(s, bq),) * 2 + (vec(s, bq),) * 2,
         bars(CONSUMERS, 2) + bars(s, 4),
         free(s),
     )
-    dkv_launch = dict(grid=(geo_kv.nk, b, hk), grid_names=("kv", "batch", "heads"))
+    dkv_launch = dict(grid=(geo_kv.nk * b * hk,), grid_names=("p",))
     dkv_out = (jax.ShapeDtypeStruct(k.shape, dt),) * 2
     if tiles.fused_dq:
         ds_exchange = (
@@ -517,16 +530,17 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         dkv_kernel, out_type=dkv_out, scratch_types=dkv_scratch, **dkv_launch, **launch
     )(*args)
     geo_q = dataclasses.replace(geo, bq=TILE, bk=tiles.bk)
+    dq_group = heads_per_wave(geo_q.nq, b * h)
     dq = plgpu.kernel(
-        functools.partial(_dq_kernel, geo=geo_q, stages=s, interpret=interpret),
+        functools.partial(_dq_kernel, geo=geo_q, stages=s, group=dq_group, interpret=interpret),
         out_type=jax.ShapeDtypeStruct(q.shape, dt),
         scratch_types=(
             (mat(CONSUMERS, ROWS),) * 2 + (vec(CONSUMERS, ROWS),) * 2 + (mat(s, tiles.bk),) * 2,
             bars(CONSUMERS, 4) + bars(s, 2),
             free(s),
         ),
-        grid=(geo_q.nq, b, h),
-        grid_names=("q", "batch", "heads"),
+        grid=(geo_q.nq * b * h,),
+        grid_names=("p",),
         **launch,
     )(*args)
     return dq[:, :lq], dk[:, :lk], dv[:, :lk]
