@@ -1,7 +1,8 @@
-"""Time the Hopper flash-attention kernels (Mosaic GPU forward and backward) under different
-launch orders of their CTAs, with cuDNN in the same run.
+"""Time arjax's GPU flash-attention kernels under different launch orders of their CTAs, with
+cuDNN in the same run: the Hopper kernels (Mosaic GPU forward and backward, the default) or,
+with ``--lowering triton``, the Triton ones.
 
-The kernels take their CTAs in ``_hopper.work_item`` order: heads in groups of
+The kernels take their CTAs in ``_common.work_item`` order: heads in groups of
 ``tuning.heads_per_wave(tiles, heads)``, the heaviest causal tiles of a group's heads first.
 That rule plans for one wave of CTAs per SM; ``--waves`` replays it for other wave sizes
 (``tuning.wave_override``): 1 = one head at a time (each head's tiles heaviest first, the
@@ -9,9 +10,9 @@ order before the groups), 0 = the device's SM count (the default rule), a huge v
 heads at once (strict heaviest-first over the whole launch).
 
 Per head dim and length (causal bf16, H*D = 2048, B*L = 16384 tokens, as
-``bench_attention.py``): the Mosaic forward (``flash_attention(lowering="mosaic")``), its
-backward kernels alone (``mgpu_bwd.backward`` with the length's default tiles, from the same
-residuals) and fwd+bwd (``jax.grad``), for every wave size, and cuDNN's forward and fwd+bwd.
+``bench_attention.py``): the forward (``flash_attention(lowering=...)``), the backward kernels
+alone (``mgpu_bwd.backward`` with the length's default tiles, or ``gpu.backward``, from the
+same residuals) and fwd+bwd (``jax.grad``), for every wave size, and cuDNN's forward and fwd+bwd.
 Every function is compiled first; then ``--rounds`` rounds time each of them once in turn
 (``--iters`` calls back to back, blocked on the last), and the table shows each one's median
 round. Each wave size's outputs are compared with the first's (the order changes no
@@ -64,6 +65,15 @@ def _max_diff(got, want) -> float:
     return max(float(jnp.max(jnp.abs(f32(g) - f32(w)))) for g, w in leaves)
 
 
+def _backward(lowering: str, geo: Geometry, d: int, length: int):
+    """The backward kernels alone, as a function of the residuals."""
+    if lowering == "mosaic":
+        tiles = mgpu_bwd.default_tiles(d, length)
+        return lambda *a: mgpu_bwd.backward(*a, geo, tiles, False)
+    bs = tuning.block_sizes("gpu", length, length, d)
+    return lambda *a: gpu.backward(*a, None, None, geo, bs, False)
+
+
 def case_rows(d: int, length: int, waves: list[int], opts) -> list[dict]:
     """Rows ``(mode, impl, wave)`` with median ms and TFLOP/s for one head dim and length."""
     b, h = max(1, 16384 // length), 2048 // d
@@ -75,7 +85,6 @@ def case_rows(d: int, length: int, waves: list[int], opts) -> list[dict]:
                    has_segments=False, scale=1 / math.sqrt(d), groups=1)  # fmt: skip
     out, lse2 = jax.jit(lambda q, k, v: gpu.forward(q, k, v, None, None, geo, bs, False))(q, k, v)
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
-    tiles = mgpu_bwd.default_tiles(d, length)
     residuals = (q, k, v, do, lse2, delta)
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn"
@@ -86,22 +95,21 @@ def case_rows(d: int, length: int, waves: list[int], opts) -> list[dict]:
     }
     first, diffs = None, {}
     for wave in waves:
-        mosaic = lambda q, k, v: flash_attention(q, k, v, causal=True, lowering="mosaic")
+        ours = lambda q, k, v: flash_attention(q, k, v, causal=True, lowering=opts.lowering)
         calls = {
-            "fwd": (jax.jit(mosaic), (q, k, v), flops),
-            "bwd": (jax.jit(lambda *a: mgpu_bwd.backward(*a, geo, tiles, False)), residuals,
-                    2.5 * flops),
-            "fwd+bwd": (fwd_bwd(mosaic), (q, k, v), 3.5 * flops),
-        }  # fmt: skip
+            "fwd": (jax.jit(ours), (q, k, v), flops),
+            "bwd": (jax.jit(_backward(opts.lowering, geo, d, length)), residuals, 2.5 * flops),
+            "fwd+bwd": (fwd_bwd(ours), (q, k, v), 3.5 * flops),
+        }
         with tuning.wave_override(wave) if wave else contextlib.nullcontext():
             results = {mode: jax.block_until_ready(fn(*a)) for mode, (fn, a, _) in calls.items()}
-            group = tuning.heads_per_wave(length // 128, b * h)  # 128-row CTAs, one per tile
+            group = tuning.heads_per_wave(length // 128, b * h)  # of 128-row tiles
         if first is None:
             first = results
         else:
             diffs[wave] = {mode: _max_diff(results[mode], first[mode]) for mode in results}
         for mode, call in calls.items():
-            fns[mode, "mosaic", wave] = call
+            fns[mode, opts.lowering, wave] = call
         print(f"D={d} L={length} wave {_wave_name(wave)}: groups of {group} heads", flush=True)
     times = {key: [] for key in fns}
     for _ in range(opts.rounds):
@@ -121,7 +129,7 @@ def case_rows(d: int, length: int, waves: list[int], opts) -> list[dict]:
     return rows
 
 
-def markdown(meta: dict, rows: list[dict], waves: list[int]) -> str:
+def markdown(meta: dict, rows: list[dict], waves: list[int], lowering: str) -> str:
     names = [_wave_name(w) for w in waves]
     lines = [
         "# bench_launch_order",
@@ -129,7 +137,7 @@ def markdown(meta: dict, rows: list[dict], waves: list[int]) -> str:
         f"- device: {meta['device']} ({meta['sms']} SMs); date: {meta['date']}; jax {meta['jax']}",
         f"- command: `{meta['command']}`",
         "",
-        "Causal bf16, TFLOP/s (median ms of the rounds). Columns: the Mosaic GPU kernels with "
+        f"Causal bf16, TFLOP/s (median ms of the rounds). Columns: arjax's {lowering} kernels with "
         "their CTAs planned for waves of that many CTAs (`sms`: the default rule; `one_head`: "
         "each head's tiles in turn, the earlier order; `all_heads`: heaviest tiles of all heads "
         "first); `bwd` = the backward kernels alone. Last columns: ms ratios.",
@@ -144,9 +152,9 @@ def markdown(meta: dict, rows: list[dict], waves: list[int]) -> str:
     ):
         cell = lambda r: f"{r['tflops']:.0f} ({r['ms']:.3f})" if r else "n/a"
         cud = by_key.get((d, length, mode, "cudnn", None))
-        ours = [by_key.get((d, length, mode, "mosaic", w)) for w in waves]
-        default = by_key.get((d, length, mode, "mosaic", 0))
-        one = by_key.get((d, length, mode, "mosaic", 1))
+        ours = [by_key.get((d, length, mode, lowering, w)) for w in waves]
+        default = by_key.get((d, length, mode, lowering, 0))
+        one = by_key.get((d, length, mode, lowering, 1))
         ratio = lambda a, z: f"{a['ms'] / z['ms']:.3f}x" if a and z else "n/a"
         lines.append(
             f"| {d} | {length} | {b} | {h} | {mode} | {cell(cud)} | "
@@ -164,6 +172,7 @@ def main() -> None:
         "--waves", type=int, nargs="+", default=[1, 0, 264, ALL_HEADS],
         help="CTAs per wave to plan for (0: the device's SMs, the default rule)",
     )  # fmt: skip
+    parser.add_argument("--lowering", choices=("mosaic", "triton"), default="mosaic")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--name", default="bench_launch_order")
@@ -187,7 +196,7 @@ def main() -> None:
             (out / f"{opts.name}.json").write_text(
                 json.dumps({"meta": meta, "rows": rows}, indent=1)
             )
-    text = markdown(meta, rows, opts.waves)
+    text = markdown(meta, rows, opts.waves, opts.lowering)
     (out / f"{opts.name}.md").write_text(text)
     print(text)
 

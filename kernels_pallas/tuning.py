@@ -117,7 +117,7 @@ def wave_override(ctas: int) -> Iterator[None]:
 
 def heads_per_wave(tiles: int, heads: int) -> int:
     """How many of ``heads`` (batch x head pairs, ``tiles`` CTAs each) the Hopper kernels
-    interleave in their launch order (``flash_attention._hopper.work_item``): the largest
+    interleave in their launch order (``flash_attention._common.work_item``): the largest
     divisor of ``heads`` whose tiles fit one wave of CTAs, one per SM (the device's count, an
     H100's 132 off the GPU). One H200, causal bf16 (results/bench_launch_order.md): against one
     head at a time, D=128 at L=2048 / 8192 (groups of 8 / 2 heads), forward 1.08x / 1.07x,

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from arjax.ops import attention, attention_mask, attention_reference
+from kernels_pallas import tuning
 from kernels_pallas.flash_attention import flash_attention, flash_decode
 from kernels_pallas.flash_attention._common import Geometry, kv_block_range, q_block_range
 from kernels_pallas.tuning import BlockSizes, block_sizes
@@ -103,6 +104,14 @@ def test_flash_matches_reference_values_and_grads(rng, backend, name):
 def test_gpu_variant_bf16_window_segments_gqa(rng):
     case = dict(causal=True, window=10, segments=True, q_len=30, kv_len=41, dtype=jnp.bfloat16)
     _check("gpu", rng, case, tol=BF16_TOL)
+
+
+@pytest.mark.parametrize("wave", [1, 6])
+def test_gpu_variant_grouped_launch_order(rng, wave):
+    """The Triton kernels' 1-D grids in ``work_item`` order over several groups of heads: waves
+    of 1 or 6 programs give groups of 1 or 2 of the 8 (batch, head)s of 3 tiles each."""
+    with tuning.wave_override(wave):
+        _check("gpu", rng, dict(causal=True, segments=True, q_len=37, kv_len=45))
 
 
 @pytest.mark.parametrize("d", [128, 256])

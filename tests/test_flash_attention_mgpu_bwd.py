@@ -26,7 +26,7 @@ from jax.extend import core as jax_core
 from arjax.ops import attention_mask, attention_reference
 from kernels_pallas import tuning
 from kernels_pallas.flash_attention import _hopper, flash_attention, gpu_mosaic, mgpu_bwd
-from kernels_pallas.flash_attention._common import LOG2_E, Geometry
+from kernels_pallas.flash_attention._common import LOG2_E, Geometry, work_item
 
 TOL = dict(rtol=2e-2, atol=2e-2)
 GPU_TOL = dict(rtol=3e-2, atol=3e-2)  # longer rows: more bf16 terms per dot product
@@ -189,7 +189,7 @@ def test_launch_order_runs_heavy_tiles_of_each_head_group_first():
     keeps a group's CTAs within one wave."""
     tiles, heads, group = 3, 6, 2
     p = jnp.arange(tiles * heads, dtype=jnp.int32)
-    rank, head = (np.asarray(x).tolist() for x in _hopper.work_item(p, tiles, heads, group))
+    rank, head = (np.asarray(x).tolist() for x in work_item(p, tiles, heads, group))
     want = [(r, g * group + j) for g in range(heads // group) for r in range(tiles)
             for j in range(group)]  # fmt: skip
     assert list(zip(rank, head)) == want

@@ -49,15 +49,3 @@ def iota(shape, dim: int, interpret: bool) -> jax.Array:
     if interpret:
         return lax.broadcasted_iota(jnp.int32, shape, dim)
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-
-def work_item(p: jax.Array, tiles: int, heads: int, group: int) -> tuple[jax.Array, jax.Array]:
-    """Program ``p`` of a 1-D grid -> (tile rank, head): heads (batch x head pairs, ``tiles``
-    CTAs each) in groups of ``group`` (``tuning.heads_per_wave``); a group's CTAs run rank by
-    rank, its heads fastest (rank 0: the heaviest causal tile). The GPU dispatches CTAs in
-    program order as SMs free up, so every head's heavy tiles start early and the last wave
-    holds light ones (longest-processing-time-first list scheduling), while only ``group``
-    heads' K/V (or Q, dO) stream at a time, which L2 holds."""
-    per_group = jnp.int32(group * tiles)
-    g, r = lax.div(p, per_group), lax.rem(p, per_group)
-    return lax.div(r, jnp.int32(group)), g * group + lax.rem(r, jnp.int32(group))

@@ -3,13 +3,15 @@
 Layout is arjax's native ``[batch, len, heads, head_dim]`` (no transposes); head_dim is padded
 to a power of two >= 16 and lengths to tile multiples by the caller (``api.py``).
 
-* forward: grid ``(q tiles, batch, heads)``, each program streams its visible KV tiles
+* forward: one program per (q tile, batch, head), each streaming its visible KV tiles
   (FlashAttention-2, Dao 2023, alg. 1) in three loops -- masked edge, unmasked interior,
   masked edge -- so only boundary tiles pay for the mask and fully masked tiles are skipped.
   With segment ids every tile is tested for segment overlap and skipped when disjoint.
-  Causal q tiles are launched heaviest first.
-* backward: FA-2 alg. 2 split in two kernels, dK/dV (grid over KV tiles, loop over q tiles)
-  and dQ (grid over q tiles, loop over KV tiles), both with the same tile skipping.
+* backward: FA-2 alg. 2 split in two kernels, dK/dV (a program per KV tile, loop over q tiles)
+  and dQ (a program per q tile, loop over KV tiles), both with the same tile skipping.
+
+The forward and backward grids are 1-D, in ``_common.work_item`` order: heaviest causal tiles
+first over groups of heads (``tuning.heads_per_wave``), as the Hopper kernels.
 * decode: flash-decoding (Dao et al. 2023): the group of query heads sharing a KV head and
   the few query tokens are packed into the rows of one tile, the KV length is split across
   programs, and the partial results are merged by log-sum-exp.
@@ -37,14 +39,33 @@ from kernels_pallas.flash_attention._common import (
     online_softmax_step,
     q_block_range,
     tile_mask,
+    work_item,
 )
-from kernels_pallas.tuning import BlockSizes
+from kernels_pallas.tuning import BlockSizes, heads_per_wave
 
 
 def _params(bs: BlockSizes, bwd: bool = False) -> plgpu.CompilerParams:
     if bwd:
         return plgpu.CompilerParams(num_warps=bs.bwd_warps, num_stages=bs.bwd_stages)
     return plgpu.CompilerParams(num_warps=bs.warps, num_stages=bs.stages)
+
+
+def _launch_order(tiles: int, b: int, h: int, last_first: bool):
+    """A 1-D grid of ``tiles * b * h`` programs in ``work_item`` order, whose heaviest causal
+    tile is the last one (``last_first``: query tiles) or the first (KV tiles). Returns
+    ``where(p) -> (tile, batch, head)`` and ``spec(block_shape, index_map)``: a BlockSpec whose
+    ``index_map(tile, batch, head)`` is called with ``where(p)``."""
+    group = heads_per_wave(tiles, b * h)
+
+    def where(p):
+        rank, bh = work_item(p, tiles, b * h, group)
+        tile = tiles - 1 - rank if last_first else rank
+        return tile, lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h))
+
+    def spec(block_shape, index_map) -> pl.BlockSpec:
+        return pl.BlockSpec(block_shape, lambda p: index_map(*where(p)))
+
+    return where, spec
 
 
 def _segments_overlap(q_seg, k_seg):
@@ -93,13 +114,12 @@ def _stream_kv(q, q_idx, q_seg, k_ref, v_ref, kseg_ref, bounds, geo: Geometry):
     return lax.fori_loop(full_hi, hi, masked_step, carry)
 
 
-def _fwd_kernel(*refs, geo: Geometry):
+def _fwd_kernel(*refs, geo: Geometry, where):
     if geo.has_segments:
         q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
     else:
         (q_ref, k_ref, v_ref, o_ref, lse_ref), qseg_ref, kseg_ref = refs, None, None
-    i = geo.nq - 1 - pl.program_id(0)  # heaviest causal tiles first
-    q_first = i * geo.bq
+    q_first = where(pl.program_id(0))[0] * geo.bq
     q_idx = q_first + jnp.arange(geo.bq, dtype=jnp.int32)[:, None]
     q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
     bounds = kv_block_range(q_first, q_first + geo.bq - 1, geo)
@@ -114,25 +134,26 @@ def forward(q, k, v, q_seg, kv_seg, geo: Geometry, bs: BlockSizes, interpret: bo
     b, lq, h, d = q.shape
     lk = k.shape[1]
     g, nq = geo.groups, geo.nq
+    where, spec = _launch_order(nq, b, h, last_first=True)
     in_specs = [
-        pl.BlockSpec((None, geo.bq, None, d), lambda i, b_, h_: (b_, nq - 1 - i, h_, 0)),
-        pl.BlockSpec((None, lk, None, d), lambda i, b_, h_: (b_, 0, h_ // g, 0)),
-        pl.BlockSpec((None, lk, None, d), lambda i, b_, h_: (b_, 0, h_ // g, 0)),
+        spec((None, geo.bq, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
+        spec((None, lk, None, d), lambda i, b_, h_: (b_, 0, h_ // g, 0)),
+        spec((None, lk, None, d), lambda i, b_, h_: (b_, 0, h_ // g, 0)),
     ]
     args = [q, k, v]
     if geo.has_segments:
         in_specs += [
-            pl.BlockSpec((None, geo.bq), lambda i, b_, h_: (b_, nq - 1 - i)),
-            pl.BlockSpec((None, lk), lambda i, b_, h_: (b_, 0)),
+            spec((None, geo.bq), lambda i, b_, h_: (b_, i)),
+            spec((None, lk), lambda i, b_, h_: (b_, 0)),
         ]
         args += [q_seg, kv_seg]
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, geo=geo),
-        grid=(nq, b, h),
+        functools.partial(_fwd_kernel, geo=geo, where=where),
+        grid=(nq * b * h,),
         in_specs=in_specs,
         out_specs=[
-            pl.BlockSpec((None, geo.bq, None, d), lambda i, b_, h_: (b_, nq - 1 - i, h_, 0)),
-            pl.BlockSpec((None, None, geo.bq), lambda i, b_, h_: (b_, h_, nq - 1 - i)),
+            spec((None, geo.bq, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
+            spec((None, None, geo.bq), lambda i, b_, h_: (b_, h_, i)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -144,12 +165,12 @@ def forward(q, k, v, q_seg, kv_seg, geo: Geometry, bs: BlockSizes, interpret: bo
     )(*args)
 
 
-def _dq_kernel(*refs, geo: Geometry):
+def _dq_kernel(*refs, geo: Geometry, where):
     """dQ of one query tile, streaming the KV tiles it sees."""
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), dq_ref = refs[:6], refs[-1]
     qseg_ref, kseg_ref = refs[6:8] if geo.has_segments else (None, None)
     bq, bk = geo.bq, geo.bk
-    q_first = pl.program_id(0) * bq
+    q_first = where(pl.program_id(0))[0] * bq
     q_idx = q_first + jnp.arange(bq, dtype=jnp.int32)[:, None]
     q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
     q, do = q_ref[...], do_ref[...]
@@ -183,13 +204,13 @@ def _dq_kernel(*refs, geo: Geometry):
     dq_ref[...] = (dq * geo.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, geo: Geometry):
+def _dkv_kernel(*refs, geo: Geometry, where):
     """dK, dV of one KV tile, streaming the q tiles that see it."""
     n_in = 6 + 2 * geo.has_segments
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (dk_ref, dv_ref) = refs[:6], refs[n_in:]
     qseg_ref, kseg_ref = refs[6:8] if geo.has_segments else (None, None)
     bq, bk = geo.bq, geo.bk
-    k_first = pl.program_id(0) * bk
+    k_first = where(pl.program_id(0))[0] * bk
     k_idx = k_first + jnp.arange(bk, dtype=jnp.int32)[None, :]
     k_seg = None if kseg_ref is None else kseg_ref[...][None, :]
     k, v = k_ref[...], v_ref[...]
@@ -238,31 +259,32 @@ def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, inter
     geo_k = dataclasses.replace(geo, bq=bs.bwd_bq_dkv, bk=bs.bwd_bk_dkv)
     seg_args = [q_seg, kv_seg] if geo.has_segments else []
 
-    # dQ: grid over q tiles, stream KV.
+    # dQ: a program per q tile, streaming KV.
     bq = geo_q.bq
+    where, spec = _launch_order(geo_q.nq, b, h, last_first=True)
     row = lambda i, b_, h_: (b_, i, h_, 0)
     kv_full = lambda i, b_, h_: (b_, 0, h_ // g, 0)
     seg_specs = (
         [
-            pl.BlockSpec((None, bq), lambda i, b_, h_: (b_, i)),
-            pl.BlockSpec((None, lk), lambda i, b_, h_: (b_, 0)),
+            spec((None, bq), lambda i, b_, h_: (b_, i)),
+            spec((None, lk), lambda i, b_, h_: (b_, 0)),
         ]
         if geo.has_segments
         else []
     )
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, geo=geo_q),
-        grid=(geo_q.nq, b, h),
+        functools.partial(_dq_kernel, geo=geo_q, where=where),
+        grid=(geo_q.nq * b * h,),
         in_specs=[
-            pl.BlockSpec((None, bq, None, d), row),
-            pl.BlockSpec((None, lk, None, d), kv_full),
-            pl.BlockSpec((None, lk, None, d), kv_full),
-            pl.BlockSpec((None, bq, None, d), row),
-            pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i)),
-            pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i)),
+            spec((None, bq, None, d), row),
+            spec((None, lk, None, d), kv_full),
+            spec((None, lk, None, d), kv_full),
+            spec((None, bq, None, d), row),
+            spec((None, None, bq), lambda i, b_, h_: (b_, h_, i)),
+            spec((None, None, bq), lambda i, b_, h_: (b_, h_, i)),
             *seg_specs,
         ],
-        out_specs=pl.BlockSpec((None, bq, None, d), row),
+        out_specs=spec((None, bq, None, d), row),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(bs, bwd=True),
         interpret=interpret,
@@ -274,34 +296,35 @@ def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, inter
 
 
 def _dkv_call(q, k, v, do, lse2, delta, seg_args, geo_k, bs, interpret):
-    """dK/dV per query head: grid over KV tiles, each streaming q."""
+    """dK/dV per query head: a program per KV tile, each streaming q."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
     g = geo_k.groups
     bk = geo_k.bk
+    where, spec = _launch_order(geo_k.nk, b, h, last_first=False)
     kv_row = lambda j, b_, h_: (b_, j, h_ // g, 0)
     q_full = lambda j, b_, h_: (b_, 0, h_, 0)
     seg_specs = (
         [
-            pl.BlockSpec((None, lq), lambda j, b_, h_: (b_, 0)),
-            pl.BlockSpec((None, bk), lambda j, b_, h_: (b_, j)),
+            spec((None, lq), lambda j, b_, h_: (b_, 0)),
+            spec((None, bk), lambda j, b_, h_: (b_, j)),
         ]
         if geo_k.has_segments
         else []
     )
     out_dtype = k.dtype if g == 1 else jnp.float32
-    out_spec = pl.BlockSpec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0))
+    out_spec = spec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0))
     out_shape = jax.ShapeDtypeStruct((b, lk, h, d), out_dtype)
     return pl.pallas_call(
-        functools.partial(_dkv_kernel, geo=geo_k),
-        grid=(geo_k.nk, b, h),
+        functools.partial(_dkv_kernel, geo=geo_k, where=where),
+        grid=(geo_k.nk * b * h,),
         in_specs=[
-            pl.BlockSpec((None, lq, None, d), q_full),
-            pl.BlockSpec((None, bk, None, d), kv_row),
-            pl.BlockSpec((None, bk, None, d), kv_row),
-            pl.BlockSpec((None, lq, None, d), q_full),
-            pl.BlockSpec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
-            pl.BlockSpec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
+            spec((None, lq, None, d), q_full),
+            spec((None, bk, None, d), kv_row),
+            spec((None, bk, None, d), kv_row),
+            spec((None, lq, None, d), q_full),
+            spec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
+            spec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
             *seg_specs,
         ],
         out_specs=[out_spec, out_spec],

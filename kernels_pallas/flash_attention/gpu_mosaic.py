@@ -43,6 +43,7 @@ from kernels_pallas.flash_attention._common import (
     kv_block_range,
     softmax_tile,
     tile_mask,
+    work_item,
 )
 from kernels_pallas.flash_attention._hopper import (
     CONSUMERS,
@@ -51,7 +52,6 @@ from kernels_pallas.flash_attention._hopper import (
     check_call,
     interpret_params,
     iota,
-    work_item,
 )
 from kernels_pallas.tuning import BlockSizes, heads_per_wave
 

@@ -67,6 +67,7 @@ from kernels_pallas.flash_attention._common import (
     pad_to,
     q_block_range,
     tile_mask,
+    work_item,
 )
 from kernels_pallas.flash_attention._hopper import (
     CONSUMERS,
@@ -76,7 +77,6 @@ from kernels_pallas.flash_attention._hopper import (
     check_call,
     interpret_params,
     iota,
-    work_item,
 )
 from kernels_pallas.tuning import heads_per_wave
 
