@@ -103,7 +103,7 @@ _wave_override: list[int] = []
 
 @contextlib.contextmanager
 def wave_override(ctas: int) -> Iterator[None]:
-    """Calls of the Hopper kernels traced inside this context plan for waves of ``ctas`` CTAs
+    """Flash-attention GPU kernels traced inside this context plan for waves of ``ctas`` CTAs
     instead of the GPU's SM count (``experiments/bench_launch_order.py``: 1 gives every head a
     group of its own; jit caches do not see it, so trace a fresh function per value)."""
     if isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1:
@@ -116,12 +116,14 @@ def wave_override(ctas: int) -> Iterator[None]:
 
 
 def heads_per_wave(tiles: int, heads: int) -> int:
-    """How many of ``heads`` (batch x head pairs, ``tiles`` CTAs each) the Hopper kernels
-    interleave in their launch order (``flash_attention._common.work_item``): the largest
-    divisor of ``heads`` whose tiles fit one wave of CTAs, one per SM (the device's count, an
-    H100's 132 off the GPU). One H200, causal bf16 (results/bench_launch_order.md): against one
-    head at a time, D=128 at L=2048 / 8192 (groups of 8 / 2 heads), forward 1.08x / 1.07x,
-    backward 1.09x / 1.05x; all heads at once was slower than either (L2 misses)."""
+    """How many of ``heads`` (batch x head pairs, ``tiles`` CTAs each) the flash-attention GPU
+    kernels (Hopper and Triton) interleave in their launch order
+    (``flash_attention._common.work_item``): the largest divisor of ``heads`` whose tiles fit
+    one wave of CTAs, one per SM (the device's count, an H100's 132 off the GPU). One H200,
+    causal bf16, against one head at a time: the Hopper kernels at D=128, L=2048 / 8192 (groups
+    of 8 / 2 heads) forward 1.08x / 1.07x, backward 1.09x / 1.05x, all heads at once slower than
+    either (L2 misses; results/bench_launch_order.md); the Triton forward 1.06x / 1.12x, its
+    other cells within noise (bench_launch_order_triton.md)."""
     sms = _wave_override[-1] if _wave_override else None
     sms = sms or getattr(jax.devices()[0], "core_count", None) or 132
     cap = max(1, sms // tiles)

@@ -28,9 +28,10 @@ float32 register accumulators (FlashAttention-3, Shah et al. 2024, sec. 3.1 and 
     through ``_opaque`` so that their wgmma descriptors are not hoisted out of the step loop
     (hoisted, ptxas spilled 632 B per thread at D=128). On an H200 (jax 0.11.2, causal bf16,
     experiments/results/bench_mgpu_bwd_d128_fused.md, bench_mgpu_bwd_d64_fused.md; dq within
-    7e-4 relative, dk/dv identical) it is faster than the split kernels from L=8192: at D=128
-    2.62 / 20.8 ms against 2.87 / 23.8 ms at L=8192 / 32768 (cuDNN: 2.65 / 19.5 ms), at D=64
-    3.07 / 23.4 against 3.42 / 28.4 ms; at L=2048 slower (1.22 against 0.93 ms at D=128).
+    7e-4 relative, dk/dv identical; before the grouped launch order of ``work_item``) it is
+    faster than the split kernels from L=8192: at D=128 2.62 / 20.8 ms against 2.87 / 23.8 ms
+    at L=8192 / 32768 (cuDNN: 2.65 / 19.5 ms), at D=64 3.07 / 23.4 against 3.42 / 28.4 ms; at
+    L=2048 slower (1.22 against 0.93 ms at D=128).
     ``default_tiles`` fuses it from 8192 (``FUSED_DQ_MIN_LEN``).
 
 ``lse2`` is the forward's base-2 log-sum-exp (``_common``; +inf for rows that see no key, so
