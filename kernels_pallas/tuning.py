@@ -98,6 +98,16 @@ MOSAIC_BQ = 128
 MOSAIC_FASTER_HEAD_DIMS: frozenset[int] = frozenset({64, 128})
 
 
+@contextlib.contextmanager
+def _pushed(stack: list, value) -> Iterator[None]:
+    """``value`` on top of the override ``stack`` for the duration of the context."""
+    stack.append(value)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
 _wave_override: list[int] = []
 
 
@@ -108,11 +118,8 @@ def wave_override(ctas: int) -> Iterator[None]:
     group of its own; jit caches do not see it, so trace a fresh function per value)."""
     if isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1:
         raise ValueError(f"wave_override: ctas must be a positive int, got {ctas!r}")
-    _wave_override.append(ctas)
-    try:
+    with _pushed(_wave_override, ctas):
         yield
-    finally:
-        _wave_override.pop()
 
 
 def heads_per_wave(tiles: int, heads: int) -> int:
@@ -288,11 +295,8 @@ def scan_config_override(config: ScanConfig) -> Iterator[None]:
     caches do not see it, so trace a fresh function per config)."""
     if not isinstance(config, ScanConfig):
         raise ValueError(f"scan_config_override: need a ScanConfig, got {type(config).__name__}")
-    _scan_override.append(config)
-    try:
+    with _pushed(_scan_override, config):
         yield
-    finally:
-        _scan_override.pop()
 
 
 def scan_config(gate: str, head_dim: int) -> ScanConfig:
