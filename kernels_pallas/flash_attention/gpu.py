@@ -9,7 +9,6 @@ to a power of two >= 16 and lengths to tile multiples by the caller (``api.py``)
   With segment ids every tile is tested for segment overlap and skipped when disjoint.
 * backward: FA-2 alg. 2 split in two kernels, dK/dV (a program per KV tile, loop over q tiles)
   and dQ (a program per q tile, loop over KV tiles), both with the same tile skipping.
-
 * decode: flash-decoding (Dao et al. 2023): the group of query heads sharing a KV head and
   the few query tokens are packed into the rows of one tile, the KV length is split across
   programs, and the partial results are merged by log-sum-exp.
