@@ -68,6 +68,30 @@ def test_split_word_bytes_matches_hat_splitter(hat, max_bytes):
     assert max(len(p) for p in pieces) <= max_bytes
 
 
+# Characters outside Unicode 16 (the reference's version): unassigned in 16 but assigned in 17
+# (U+10940) or 18 (U+0558, U+12550), unassigned in all (U+0378), and two whose properties
+# changed in 17: U+0295 (Ll, then Lo) and U+00B8 (Word_Break Other, then ALetter).
+def test_characters_outside_unicode_16_split_as_in_16():
+    for c in ("\U00010940", "\u0558", "\U00012550", "\u0378"):
+        assert split_words(f"a{c}b") == ["a", c, "b"], hex(ord(c))
+        assert split_words(f"0{c}1") == ["0", c, "1"], hex(ord(c))
+    assert split_words("\u0295A") == ["\u0295", "A"]
+    assert split_words("a\u0295A x") == ["a\u0295", "A", " x"]
+    assert split_words("a\u00b8b") == ["a", "\u00b8", "b"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", ["a{}b", "0{}1", "a{}A"])
+def test_every_code_point_matches_hat_splitter(hat, context):
+    """Each Unicode scalar value but the line breaks, between letters/digits (where Word_Break
+    and the Ll|Lu cut show), against the reference; 4096 lines per call."""
+    breaks = {0x0A, 0x0B, 0x0C, 0x0D, 0x85, 0x2028, 0x2029}
+    cps = [cp for cp in range(0x110000) if not 0xD800 <= cp < 0xE000 and cp not in breaks]
+    for i in range(0, len(cps), 4096):
+        text = "\n".join(context.format(chr(cp)) for cp in cps[i : i + 4096])
+        assert split_words(text) == hat.split(text), f"code points from {cps[i]:X}"
+
+
 def test_documented_examples():
     assert split_words("Hello, world!") == ["Hello,", " world!"]
     assert split_words("howAreYou") == ["how", "Are", "You"]

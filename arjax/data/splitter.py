@@ -15,10 +15,12 @@ from its documented behaviour:
 4. `split_word_bytes` additionally cuts words longer than ``max_bytes`` UTF-8 bytes greedily
    at the last character boundary that fits, inside a character only when none fits.
 
-Unicode data comes from the `regex` module (Unicode 17), except Extended_Pictographic (WB3c),
-whose table in `regex` lacks 689 code points: we carry the emoji-data.txt ranges below. The
-reference uses Unicode 16, so the few characters whose properties changed in 17 are treated as
-unassigned. Like the reference (and unlike the letter of UAX #29), a pictograph joined by
+Unicode data comes from the `regex` module (Unicode 16 or later), except Extended_Pictographic
+(WB3c), whose table in `regex` lacks 689 code points: we carry the emoji-data.txt ranges below.
+The reference uses Unicode 16, so text is split as Unicode 16 sees it: characters unassigned in
+16 (`_unicode16.ASSIGNED`) stand in as an unassigned code point, and the two whose properties
+changed in 17 (checked against `regex` for Unicode 17 and 18) as characters with their Unicode 16
+properties. Like the reference (and unlike the letter of UAX #29), a pictograph joined by
 ``ZWJ x Extended_Pictographic`` (WB3c) joins no following letter. ASCII lines, and lines made of
 "simple" characters (letters, digits, kana, CJK, marks, punctuation, spaces), take one-regex
 fast paths (the same rule specialised); others are cut at spaces into chunks split via UAX #29
@@ -37,6 +39,8 @@ from functools import lru_cache
 
 import regex
 
+from arjax.data._unicode16 import ASSIGNED
+
 # Extended_Pictographic, Unicode emoji-data.txt (identical in Unicode 14-16).
 _EXT_PICT_RANGES = """
 A9 AE 203C 2049 2122 2139 2194-2199 21A9-21AA 231A-231B 2328 2388 23CF 23E9-23F3 23F8-23FA 24C2
@@ -47,13 +51,11 @@ A9 AE 203C 2049 2122 2139 2194-2199 21A9-21AA 231A-231B 2328 2388 23CF 23E9-23F3
 1F23C-1F23F 1F249-1F3FA 1F400-1F53D 1F546-1F64F 1F680-1F6FF 1F774-1F77F 1F7D5-1F7FF 1F80C-1F80F
 1F848-1F84F 1F85A-1F85F 1F888-1F88F 1F8AE-1F8FF 1F90C-1F93A 1F93C-1F945 1F947-1FAFF 1FC00-1FFFD
 """
-# Code points whose properties differ between Unicode 16 (the reference) and 17 (`regex`):
-# characters new in 17, and U+00B8 (Word_Break=ALetter since 17). Treated as unassigned.
-_UNICODE_17_RANGES = """
-B8 88F C5C CDC 1ACF-1ADD 1AE0-1AEB A7CE-A7CF A7D2 A7D4 A7F1 10940-10959 10EC5-10EC7 10ED0
-10EFA-10EFB 11B60-11B67 11DB0-11DDB 11DE0-11DE9 16EA0-16EB8 16EBB-16ED3 1E6C0-1E6DE 1E6E0-1E6F5
-1E6FE-1E6FF
-"""
+# Characters assigned in Unicode 16 whose properties later changed, and stand-ins with their
+# Unicode 16 properties: U+00B8 (Word_Break=ALetter since 17; before: Other, Sk) and U+0295
+# (General_Category=Lo since 17; before: Ll, which the Ll|Lu cut sees).
+_CHANGED_SINCE_16 = {"\u00b8": "\u0378", "\u0295": "a"}
+_UNASSIGNED = "\u0378"  # Word_Break=Other, General_Category=Cn in every version
 
 
 def _char_class_from_ranges(ranges: str) -> str:
@@ -64,14 +66,39 @@ def _char_class_from_ranges(ranges: str) -> str:
     return "[" + "".join(parts) + "]"
 
 
-# Characters whose Unicode 17 properties differ from Unicode 16 are mapped to an unassigned
-# code point (U+0378: Word_Break=Other, General_Category=Cn) before matching.
-_NEW_IN_17 = regex.compile(_char_class_from_ranges(_UNICODE_17_RANGES))
-_AS_UNICODE_16 = {
-    cp: 0x378
-    for item in _UNICODE_17_RANGES.split()
-    for cp in range(int(item.split("-")[0], 16), int(item.split("-")[-1], 16) + 1)
-}
+def _not_unicode_16() -> tuple[re.Pattern, re.Pattern]:
+    """Classes of the characters that Unicode 16 leaves unassigned, plus ``_CHANGED_SINCE_16``:
+    (BMP, astral), as stdlib ``re`` patterns (a BMP class compiles to a bitmap)."""
+    gaps, start = [], 0
+    for item in ASSIGNED.split():
+        lo, _, hi = item.partition("-")
+        if int(lo, 16) > start:
+            gaps.append((start, int(lo, 16) - 1))
+        start = int(hi or lo, 16) + 1
+    if start <= 0x10FFFF:
+        gaps.append((start, 0x10FFFF))
+    gaps += [(ord(c), ord(c)) for c in _CHANGED_SINCE_16]
+    bmp = " ".join(f"{lo:X}-{min(hi, 0xFFFF):X}" for lo, hi in gaps if lo <= 0xFFFF)
+    astral = " ".join(f"{max(lo, 0x10000):X}-{hi:X}" for lo, hi in gaps if hi > 0xFFFF)
+    return re.compile(_char_class_from_ranges(bmp)), re.compile(_char_class_from_ranges(astral))
+
+
+_NOT_16_BMP, _NOT_16_ASTRAL = _not_unicode_16()
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_NOT_UNICODE_16 = re.compile(f"{_NOT_16_BMP.pattern}|{_NOT_16_ASTRAL.pattern}")
+
+
+def _outside_unicode_16(text: str) -> bool:
+    """Whether ``text`` holds a character that Unicode 16 sees otherwise (fast: most text is
+    in the BMP, whose class is one bitmap lookup per character)."""
+    if _NOT_16_BMP.search(text):
+        return True
+    return _ASTRAL.search(text) is not None and _NOT_16_ASTRAL.search(text) is not None
+
+
+def _as_unicode_16(text: str) -> str:
+    """``text`` with each character outside Unicode 16 replaced by its stand-in (same length)."""
+    return _NOT_UNICODE_16.sub(lambda m: _CHANGED_SINCE_16.get(m[0], _UNASSIGNED), text)
 
 
 def _wb(*values: str) -> str:
@@ -192,12 +219,16 @@ _SIMPLE_WORD = regex.compile(_simple_word_pattern())
 
 
 def _split_general(text: str) -> list[str]:
-    if _NEW_IN_17.search(text):  # rare: split the Unicode 16 view, then cut the original
-        words, start = [], 0
-        for word in _split_general(text.translate(_AS_UNICODE_16)):
-            words.append(text[start : start + len(word)])
-            start += len(word)
-        return words
+    if not _outside_unicode_16(text):
+        return _split_chunks(text)
+    words, start = [], 0  # rare: split the Unicode 16 view, then cut the original alike
+    for word in _split_chunks(_as_unicode_16(text)):
+        words.append(text[start : start + len(word)])
+        start += len(word)
+    return words
+
+
+def _split_chunks(text: str) -> list[str]:
     words: list[str] = []
     for chunk in _CHUNK_CUT.split(text):
         words += _split_chunk(chunk) if len(chunk) <= _CACHED_LEN else _split_chunk_of(chunk)
