@@ -81,10 +81,11 @@ def test_characters_outside_unicode_16_split_as_in_16():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("context", ["a{}b", "0{}1", "a{}A"])
+@pytest.mark.parametrize("context", ["a{}b", "0{}1", "a{}A", "\U0001f44d\u200d{}a"])
 def test_every_code_point_matches_hat_splitter(hat, context):
     """Each Unicode scalar value but the line breaks, between letters/digits (where Word_Break
-    and the Ll|Lu cut show), against the reference; 4096 lines per call."""
+    and the Ll|Lu cut show) and after a pictograph's ZWJ (Extended_Pictographic), against the
+    reference; 4096 lines per call."""
     breaks = {0x0A, 0x0B, 0x0C, 0x0D, 0x85, 0x2028, 0x2029}
     cps = [cp for cp in range(0x110000) if not 0xD800 <= cp < 0xE000 and cp not in breaks]
     for i in range(0, len(cps), 4096):

@@ -68,13 +68,18 @@ def _char_class_from_ranges(ranges: str) -> str:
 
 def _not_unicode_16() -> tuple[re.Pattern, re.Pattern]:
     """Classes of the characters that Unicode 16 leaves unassigned, plus ``_CHANGED_SINCE_16``:
-    (BMP, astral), as stdlib ``re`` patterns (a BMP class compiles to a bitmap)."""
-    gaps, start = [], 0
-    for item in ASSIGNED.split():
+    (BMP, astral), as stdlib ``re`` patterns (a BMP class compiles to a bitmap). Unassigned
+    code points of the Extended_Pictographic ranges are left out: they are pictographs to the
+    reference too (and to our own table), and any later assignment there is a symbol."""
+    known = []
+    for item in (ASSIGNED + _EXT_PICT_RANGES).split():
         lo, _, hi = item.partition("-")
-        if int(lo, 16) > start:
-            gaps.append((start, int(lo, 16) - 1))
-        start = int(hi or lo, 16) + 1
+        known.append((int(lo, 16), int(hi or lo, 16)))
+    gaps, start = [], 0
+    for lo, hi in sorted(known):
+        if lo > start:
+            gaps.append((start, lo - 1))
+        start = max(start, hi + 1)
     if start <= 0x10FFFF:
         gaps.append((start, 0x10FFFF))
     gaps += [(ord(c), ord(c)) for c in _CHANGED_SINCE_16]
