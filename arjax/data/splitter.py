@@ -58,12 +58,17 @@ _CHANGED_SINCE_16 = {"\u00b8": "\u0378", "\u0295": "a"}
 _UNASSIGNED = "\u0378"  # Word_Break=Other, General_Category=Cn in every version
 
 
-def _char_class_from_ranges(ranges: str) -> str:
-    parts = []
+def _parse_ranges(ranges: str) -> list[tuple[int, int]]:
+    """``"A9 2194-2199 ..."`` -> ``[(0xA9, 0xA9), (0x2194, 0x2199), ...]``."""
+    pairs = []
     for item in ranges.split():
         lo, _, hi = item.partition("-")
-        parts.append(f"\\U{int(lo, 16):08x}-\\U{int(hi or lo, 16):08x}")
-    return "[" + "".join(parts) + "]"
+        pairs.append((int(lo, 16), int(hi or lo, 16)))
+    return pairs
+
+
+def _char_class(pairs: list[tuple[int, int]]) -> str:
+    return "[" + "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in pairs) + "]"
 
 
 def _not_unicode_16() -> tuple[re.Pattern, re.Pattern]:
@@ -71,21 +76,17 @@ def _not_unicode_16() -> tuple[re.Pattern, re.Pattern]:
     (BMP, astral), as stdlib ``re`` patterns (a BMP class compiles to a bitmap). Unassigned
     code points of the Extended_Pictographic ranges are left out: they are pictographs to the
     reference too (and to our own table), and any later assignment there is a symbol."""
-    known = []
-    for item in (ASSIGNED + _EXT_PICT_RANGES).split():
-        lo, _, hi = item.partition("-")
-        known.append((int(lo, 16), int(hi or lo, 16)))
     gaps, start = [], 0
-    for lo, hi in sorted(known):
+    for lo, hi in sorted(_parse_ranges(ASSIGNED + _EXT_PICT_RANGES)):
         if lo > start:
             gaps.append((start, lo - 1))
         start = max(start, hi + 1)
     if start <= 0x10FFFF:
         gaps.append((start, 0x10FFFF))
     gaps += [(ord(c), ord(c)) for c in _CHANGED_SINCE_16]
-    bmp = " ".join(f"{lo:X}-{min(hi, 0xFFFF):X}" for lo, hi in gaps if lo <= 0xFFFF)
-    astral = " ".join(f"{max(lo, 0x10000):X}-{hi:X}" for lo, hi in gaps if hi > 0xFFFF)
-    return re.compile(_char_class_from_ranges(bmp)), re.compile(_char_class_from_ranges(astral))
+    bmp = [(lo, min(hi, 0xFFFF)) for lo, hi in gaps if lo <= 0xFFFF]
+    astral = [(max(lo, 0x10000), hi) for lo, hi in gaps if hi > 0xFFFF]
+    return re.compile(_char_class(bmp)), re.compile(_char_class(astral))
 
 
 _NOT_16_BMP, _NOT_16_ASTRAL = _not_unicode_16()
@@ -112,7 +113,7 @@ def _wb(*values: str) -> str:
 
 def _segment_pattern() -> str:
     """One UAX #29 word segment (longest match from a boundary), as a `regex` pattern."""
-    ep = _char_class_from_ranges(_EXT_PICT_RANGES)
+    ep = _char_class(_parse_ranges(_EXT_PICT_RANGES))
     zwj = f"\\u200d(?!{ep})"  # a ZWJ not followed by a pictograph (that is WB3c, below)
     ext_char = _wb("Extend", "Format")
     ext = f"(?:{ext_char}|{zwj})*+"  # WB4: attached to the preceding character
