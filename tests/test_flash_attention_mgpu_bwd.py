@@ -184,15 +184,19 @@ def test_grouped_launch_order(rng, races, monkeypatch, wave, fused):
 
 
 def test_launch_order_runs_heavy_tiles_of_each_head_group_first():
-    """``work_item``: a bijection from programs to (rank, head); each group of heads in turn,
-    rank by rank, its heads fastest. ``heads_per_wave``: the largest divisor of the heads that
-    keeps a group's CTAs within one wave."""
-    tiles, heads, group = 3, 6, 2
-    p = jnp.arange(tiles * heads, dtype=jnp.int32)
-    rank, head = (np.asarray(x).tolist() for x in work_item(p, tiles, heads, group))
-    want = [(r, g * group + j) for g in range(heads // group) for r in range(tiles)
-            for j in range(group)]  # fmt: skip
-    assert list(zip(rank, head)) == want
+    """``work_item``: a bijection from programs to (tile, batch, head); each group of (batch,
+    head) pairs in turn, rank by rank (the heaviest tile first: the last query tile, the first
+    KV tile), its pairs fastest. ``heads_per_wave``: the largest divisor of the heads that keeps
+    a group's CTAs within one wave."""
+    tiles, batch, heads, group = 3, 2, 3, 2
+    p = jnp.arange(tiles * batch * heads, dtype=jnp.int32)
+    for last_first in (True, False):
+        got = zip(*(np.asarray(x).tolist() for x in work_item(p, tiles, batch, heads, group,
+                                                             last_first)))  # fmt: skip
+        want = [((tiles - 1 - r) if last_first else r, divmod(g * group + j, heads))
+                for g in range(batch * heads // group) for r in range(tiles)
+                for j in range(group)]  # fmt: skip
+        assert list(got) == [(t, *bh) for t, bh in want], last_first
     with tuning.wave_override(132):
         groups = [
             tuning.heads_per_wave(t, h) for t, h in ((16, 128), (64, 32), (256, 16), (16, 12))

@@ -220,13 +220,17 @@ def pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def work_item(p: jax.Array, tiles: int, heads: int, group: int) -> tuple[jax.Array, jax.Array]:
-    """Program ``p`` of a 1-D GPU grid -> (tile rank, head): heads (batch x head pairs, ``tiles``
-    CTAs each) in groups of ``group`` (``tuning.heads_per_wave``); a group's CTAs run rank by
-    rank, its heads fastest (rank 0: the heaviest causal tile). The GPU dispatches CTAs in
-    program order as SMs free up, so every head's heavy tiles start early and the last wave
-    holds light ones (longest-processing-time-first list scheduling), while only ``group``
-    heads' K/V (or Q, dO) stream at a time, which L2 holds."""
+def work_item(p: jax.Array, tiles: int, batch: int, heads: int, group: int, last_first: bool):
+    """Program ``p`` of a 1-D GPU grid of ``tiles * batch * heads`` -> (tile, batch index, head).
+
+    The (batch, head) pairs go in groups of ``group`` (``tuning.heads_per_wave``); a group's CTAs
+    run rank by rank, its pairs fastest, rank 0 being the heaviest causal tile: the last one for
+    query tiles (``last_first``), the first for KV tiles. The GPU dispatches CTAs in program
+    order as SMs free up, so every head's heavy tiles start early and the last wave holds light
+    ones (longest-processing-time-first list scheduling), while only ``group`` heads' K/V (or Q,
+    dO) stream at a time, which L2 holds."""
     per_group = jnp.int32(group * tiles)
     g, r = lax.div(p, per_group), lax.rem(p, per_group)
-    return lax.div(r, jnp.int32(group)), g * group + lax.rem(r, jnp.int32(group))
+    rank, bh = lax.div(r, jnp.int32(group)), g * group + lax.rem(r, jnp.int32(group))
+    tile = tiles - 1 - rank if last_first else rank
+    return tile, lax.div(bh, jnp.int32(heads)), lax.rem(bh, jnp.int32(heads))

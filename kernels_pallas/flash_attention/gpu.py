@@ -56,11 +56,7 @@ def _launch_order(tiles: int, b: int, h: int, last_first: bool):
     ``where(p) -> (tile, batch, head)`` and ``spec(block_shape, index_map)``: a BlockSpec whose
     ``index_map(tile, batch, head)`` is called with ``where(p)``."""
     group = heads_per_wave(tiles, b * h)
-
-    def where(p):
-        rank, bh = work_item(p, tiles, b * h, group)
-        tile = tiles - 1 - rank if last_first else rank
-        return tile, lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h))
+    where = lambda p: work_item(p, tiles, b, h, group, last_first)  # noqa: E731
 
     def spec(block_shape, index_map) -> pl.BlockSpec:
         return pl.BlockSpec(block_shape, lambda p: index_map(*where(p)))

@@ -148,10 +148,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
 
     def item(k):
         """(first query row, batch, head, KV tiles [lo, hi) of the 128 rows) of item k."""
-        rank, bh = work_item(pid + k * programs, geo.nq, b * h, group)
-        tile_first = (geo.nq - 1 - rank) * TILE_Q
+        tile, batch, head = work_item(pid + k * programs, geo.nq, b, h, group, last_first=True)
+        tile_first = tile * TILE_Q
         lo, _, _, hi = kv_block_range(tile_first, tile_first + TILE_Q - 1, geo)
-        return tile_first, lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h)), lo, hi
+        return tile_first, batch, head, lo, hi
 
     def slot_of(g):  # global KV step -> ring slot
         return lax.rem(g, jnp.int32(stages))

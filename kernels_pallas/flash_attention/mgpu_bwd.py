@@ -272,10 +272,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
     (k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready) = ready
     wg = lax.axis_index("wg")
     b, hk = k_ref.shape[0], k_ref.shape[2]
-    rank, bh = work_item(lax.axis_index("p"), geo.nk, b * hk, group)
-    batch, kv_head = lax.div(bh, jnp.int32(hk)), lax.rem(bh, jnp.int32(hk))
+    tile, batch, kv_head = work_item(lax.axis_index("p"), geo.nk, b, hk, group, last_first=False)
     bq, g = geo.bq, geo.groups
-    cta_first = rank * TILE  # the first KV tile sees the most queries
+    cta_first = tile * TILE
     lo, _, _, hi = q_block_range(cta_first, cta_first + TILE - 1, geo)
     n = hi - lo  # query tiles per head of the group; steps run (head r, tile i) = (t // n, t % n)
 
@@ -400,10 +399,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
     (q_ready, do_ready, lse_ready, delta_ready, k_ready, v_ready) = ready
     wg = lax.axis_index("wg")
     b, h = q_ref.shape[0], q_ref.shape[2]
-    rank, bh = work_item(lax.axis_index("p"), geo.nq, b * h, group)
-    batch, head = lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h))
+    tile, batch, head = work_item(lax.axis_index("p"), geo.nq, b, h, group, last_first=True)
     bk = geo.bk
-    cta_first = (geo.nq - 1 - rank) * TILE  # the last query tile sees the most keys
+    cta_first = tile * TILE
     lo, _, _, hi = kv_block_range(cta_first, cta_first + TILE - 1, geo)
 
     @pl.when(wg == CONSUMERS)
