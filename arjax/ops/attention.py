@@ -9,7 +9,8 @@ One signature, several implementations:
   (interpret mode on CPU);
 * ``impl="pallas_mosaic"`` -- the same with the Hopper kernels in Pallas Mosaic GPU, forward
   and backward (bf16/fp16, head_dim 64 or 128, no segment ids);
-* ``impl="auto"`` -- the fastest available for the backend and the call.
+* ``impl="auto"`` -- the fastest available for the backend and the call: on GPU the one
+  measured fastest for its shape class (:mod:`arjax.ops.auto_table`, :func:`resolve_impl`).
 
 Conventions (Vaswani et al. 2017, eq. 1; GQA: Ainslie et al. 2023):
 q ``[batch, q_len, heads, head_dim]``, k/v ``[batch, kv_len, kv_heads, head_dim]`` with
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from arjax.ops.measured import auto_table, measured_choice
 from arjax.ops.mesh import shard_batch_heads
 
 Impl = Literal["auto", "xla", "cudnn", "pallas", "pallas_mosaic"]
@@ -220,15 +222,43 @@ def _pallas_available() -> bool:
     return True
 
 
-def resolve_impl(q: jax.Array, k: jax.Array, *, causal: bool, q_segment_ids, impl: str) -> str:
-    """Pick the implementation ``impl="auto"`` means for this call and backend."""
+def _mask_kind(causal: bool, window: int | None, q_segment_ids) -> str:
+    if q_segment_ids is not None:
+        return "segments"
+    if window is not None:
+        return "window"
+    return "causal" if causal else "full"
+
+
+def resolve_impl(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    causal: bool,
+    q_segment_ids,
+    impl: str,
+    window: int | None = None,
+) -> str:
+    """Pick the implementation ``impl="auto"`` means for this call and backend.
+
+    On GPU, self-attention calls (``q_len == kv_len``) take the implementation measured
+    fastest for training (forward+backward) in ``arjax.ops.auto_table`` where it can run the
+    call; otherwise cuDNN where it applies, else the Pallas kernels. TPU: Pallas. CPU: XLA.
+    """
     if impl != "auto":
         return impl
     if jax.default_backend() == "gpu":
-        if _cudnn_supported(q, k, causal=causal, q_segment_ids=q_segment_ids):
-            return "cudnn"
-        if _pallas_available():
-            return "pallas"
+        ok = {
+            "cudnn": _cudnn_supported(q, k, causal=causal, q_segment_ids=q_segment_ids),
+            "pallas": _pallas_available(),
+        }
+        if q.shape[1] == k.shape[1]:
+            kind = jax.devices()[0].device_kind
+            mask = _mask_kind(causal, window, q_segment_ids)
+            choice = measured_choice(auto_table.ATTENTION, kind, (q.shape[-1], mask), q.shape[1])
+            if choice is not None and ok.get(choice):
+                return choice
+        return next((name for name in ("cudnn", "pallas") if ok[name]), "xla")
     if jax.default_backend() == "tpu" and _pallas_available():
         return "pallas"
     return "xla"
@@ -262,7 +292,10 @@ def attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if not causal:
         window = None
-    fn = _IMPLS[resolve_impl(q, k, causal=causal, q_segment_ids=q_segment_ids, impl=impl)]
+    impl = resolve_impl(
+        q, k, causal=causal, q_segment_ids=q_segment_ids, impl=impl, window=window
+    )  # fmt: skip
+    fn = _IMPLS[impl]
     return fn(
         q, k, v, causal=causal, window=window,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,

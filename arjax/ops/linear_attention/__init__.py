@@ -27,6 +27,7 @@ from arjax.ops.linear_attention.recurrent import (
     linear_attention_step,
     recurrent_linear_attention,
 )
+from arjax.ops.measured import auto_table, measured_choice
 
 Form = Literal["parallel", "chunked", "recurrent"]
 
@@ -59,14 +60,25 @@ def _pow2(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
-def resolve_impl(form: str, impl: str, dims: tuple[int, int, int] = (64, 64, 64)) -> str:
+def resolve_impl(
+    form: str,
+    impl: str,
+    dims: tuple[int, int, int] = (64, 64, 64),
+    *,
+    gate: str = "none",
+    seq_len: int = 0,
+) -> str:
     """What ``impl="auto"`` means: the Pallas kernel for the chunked form on GPU/TPU when
-    ``dims`` = (dk, dv, chunk_size) are powers of two >= 16 (the compiled kernels' tiles)."""
+    ``dims`` = (dk, dv, chunk_size) are powers of two >= 16 (the compiled kernels' tiles),
+    unless the jnp chunked form was measured faster for this ``gate`` (``"none"``,
+    ``"scalar"``, ``"gated"``) near ``seq_len`` on this GPU (``arjax.ops.auto_table.SCAN``)."""
     if impl != "auto":
         return impl
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
     if form == "chunked" and on_accelerator and all(map(_pow2, dims)) and _pallas_available():
-        return "pallas"
+        kind = jax.devices()[0].device_kind
+        choice = measured_choice(auto_table.SCAN, kind, (gate,), seq_len)
+        return "xla" if choice == "xla" and jax.default_backend() == "gpu" else "pallas"
     return "xla"
 
 
@@ -100,7 +112,9 @@ def linear_attention(
         return parallel_linear_attention(q, k, v, **args)
     if form == "recurrent":
         return recurrent_linear_attention(q, k, v, **args)
-    if resolve_impl(form, impl, (q.shape[-1], v.shape[-1], chunk_size)) == "pallas":
+    gate = "none" if log_decay is None else ("scalar" if log_decay.ndim == 3 else "gated")
+    dims = (q.shape[-1], v.shape[-1], chunk_size)
+    if resolve_impl(form, impl, dims, gate=gate, seq_len=q.shape[1]) == "pallas":
         from kernels_pallas.linear_attention_scan import chunked_linear_attention as kernel
 
         return kernel(q, k, v, chunk_size=chunk_size, **args)

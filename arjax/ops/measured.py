@@ -1,0 +1,31 @@
+"""Look-ups into the measured ``impl="auto"`` table (:mod:`arjax.ops.auto_table`)."""
+
+from __future__ import annotations
+
+import math
+
+from arjax.ops import auto_table
+
+_HOPPER = ("H100", "H200", "H800", "GH200")
+
+
+def device_family(device_kind: str) -> str:
+    """``"hopper"`` for H100/H200-class GPUs, else the lower-cased ``device_kind``."""
+    return "hopper" if any(name in device_kind for name in _HOPPER) else device_kind.lower()
+
+
+def measured_choice(
+    table: dict, device_kind: str, shape_class: tuple, seq_len: int, mode: str = "fwd+bwd"
+) -> str | None:
+    """The implementation measured fastest in ``table`` (``auto_table.ATTENTION`` or
+    ``auto_table.SCAN``, keyed ``(family, *shape_class, seq_len)``) at the measured length
+    nearest ``seq_len`` in octaves; ``None`` where nothing of this class was measured."""
+    prefix = (device_family(device_kind), *shape_class)
+    rows = {key[-1]: modes for key, modes in table.items() if key[:-1] == prefix}
+    if not rows:
+        return None
+    nearest = min(rows, key=lambda length: abs(math.log2(length / max(seq_len, 1))))
+    return rows[nearest].get(mode)
+
+
+__all__ = ["auto_table", "device_family", "measured_choice"]

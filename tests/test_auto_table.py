@@ -1,0 +1,117 @@
+"""``impl="auto"`` follows the measured table, and the table follows its measurements."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import pathlib
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from arjax.ops import auto_table
+from arjax.ops.linear_attention import resolve_impl as scan_resolve_impl
+from arjax.ops.measured import device_family, measured_choice
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+attention_mod = importlib.import_module("arjax.ops.attention")
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location(
+        "make_auto_table", ROOT / "experiments" / "make_auto_table.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_table_is_what_the_results_give():
+    """Regenerating from the committed benchmark JSON gives the committed table: a hand edit
+    of ``auto_table.py``, or a new results file without regenerating, fails here."""
+    gen = _generator()
+    results = ROOT / "experiments" / "results"
+    att = json.loads((results / "bench_attention.json").read_text())
+    scan = json.loads((results / "bench_scan.json").read_text())
+    assert gen.attention_rows(att) == auto_table.ATTENTION
+    assert gen.scan_rows(scan) == auto_table.SCAN
+
+
+def test_table_rows_are_the_fastest_measured():
+    """Spot check against the raw numbers: D=64 L=2048 cuDNN 1.665 ms vs Mosaic 1.669 ms
+    fwd+bwd (cuDNN), D=128 L=8192 3.704 vs 3.507 ms (Pallas)."""
+    assert auto_table.ATTENTION["hopper", 64, "causal", 2048]["fwd+bwd"] == "cudnn"
+    assert auto_table.ATTENTION["hopper", 128, "causal", 8192]["fwd+bwd"] == "pallas"
+
+
+def test_measured_choice_takes_the_nearest_length_in_octaves():
+    table = {
+        ("hopper", 64, "causal", 2048): {"fwd+bwd": "cudnn"},
+        ("hopper", 64, "causal", 32768): {"fwd+bwd": "pallas"},
+    }
+    kind = "NVIDIA H200"
+    assert measured_choice(table, kind, (64, "causal"), 4096) == "cudnn"  # 1 vs 3 octaves
+    assert measured_choice(table, kind, (64, "causal"), 16384) == "pallas"  # 3 vs 1 octaves
+    assert measured_choice(table, kind, (64, "causal"), 1) == "cudnn"
+    assert measured_choice(table, kind, (128, "causal"), 2048) is None
+    assert measured_choice(table, "NVIDIA A100", (64, "causal"), 2048) is None
+    assert device_family("NVIDIA H100 80GB HBM3") == "hopper"
+
+
+@pytest.fixture
+def on_h200(monkeypatch):
+    """Pretend the default backend is one H200 (only what ``resolve_impl`` reads)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(device_kind="NVIDIA H200")])
+    monkeypatch.setattr(attention_mod, "_pallas_available", lambda: True)
+
+
+def _qk(length, d, dtype=jnp.bfloat16, kv_len=None):
+    q = jax.ShapeDtypeStruct((2, length, 4, d), dtype)
+    k = jax.ShapeDtypeStruct((2, kv_len or length, 2, d), dtype)
+    return q, k
+
+
+@pytest.mark.parametrize(
+    "length, d, dtype, kv_len, causal, window, segments, expected",
+    [
+        (2048, 64, jnp.bfloat16, None, True, None, False, "cudnn"),  # measured: cuDNN
+        (8192, 64, jnp.bfloat16, None, True, None, False, "pallas"),  # measured: Pallas
+        (6000, 128, jnp.bfloat16, None, True, None, False, "pallas"),  # nearest: 8192
+        (8192, 128, jnp.bfloat16, None, True, 512, False, "pallas"),  # window row
+        (8192, 128, jnp.bfloat16, None, True, None, True, "pallas"),  # segments: no cuDNN
+        (2048, 64, jnp.float32, None, True, None, False, "pallas"),  # cuDNN can't: fp32
+        (2048, 256, jnp.bfloat16, None, True, None, False, "pallas"),  # unmeasured, no cuDNN
+        (2048, 64, jnp.bfloat16, None, False, None, False, "cudnn"),  # unmeasured: fallback
+        (16, 64, jnp.bfloat16, 2048, False, None, False, "cudnn"),  # not self-attention
+    ],
+)
+def test_attention_auto_follows_the_table(
+    on_h200, length, d, dtype, kv_len, causal, window, segments, expected
+):
+    q, k = _qk(length, d, dtype, kv_len)
+    seg = jax.ShapeDtypeStruct((2, length), jnp.int32) if segments else None
+    got = attention_mod.resolve_impl(
+        q, k, causal=causal, q_segment_ids=seg, impl="auto", window=window
+    )
+    assert got == expected
+
+
+def test_scan_auto_follows_the_table(on_h200, monkeypatch):
+    la = importlib.import_module("arjax.ops.linear_attention")
+
+    monkeypatch.setattr(la, "_pallas_available", lambda: True)
+    assert scan_resolve_impl("chunked", "auto", (128, 128, 64), gate="gated", seq_len=2048) == (
+        "pallas"
+    )
+    slow = {("hopper", "scalar", 2048): {"fwd+bwd": "xla"}}
+    monkeypatch.setattr(auto_table, "SCAN", slow)
+    assert scan_resolve_impl("chunked", "auto", (128, 128, 64), gate="scalar", seq_len=2048) == (
+        "xla"
+    )
+    assert scan_resolve_impl("chunked", "auto", (128, 128, 64), gate="gated", seq_len=2048) == (
+        "pallas"
+    )
