@@ -1,7 +1,14 @@
-"""Benchmark arjax's Pallas flash attention against XLA, cuDNN and the stock Pallas kernel.
+"""Benchmark arjax's Pallas flash attention against XLA, cuDNN, the stock Pallas kernels and jla.
 
 arjax columns: "arjax Pallas" (``lowering="triton"``: Triton forward and backward) and "arjax
 Mosaic GPU" (``lowering="mosaic"``: the Hopper Mosaic GPU forward and backward kernels).
+
+Peers: XLA, cuDNN (``jax.nn.dot_product_attention``), the stock kernels of
+``jax.experimental.pallas.ops.gpu`` and "jla", the Mosaic GPU flash attention of
+``jax-linear-attention`` (``jla.ops.mosaic_gpu.attention.flash_attention``; a wheel for Python
+3.12 carried in ``.whl/``: ``python3 -m pip install -q --no-index --no-deps --target /tmp/site
+.whl/*.whl`` and ``PYTHONPATH=/tmp/site:.``). In forward mode each column's output is compared
+with cuDNN's (``*_maxdiff``).
 
 Causal bf16 attention, batch*heads filling the GPU (B*L = 16384 tokens, H*D = 2048),
 D = 64 and 128, L = 2048, 8192, 32768, forward and forward+backward; plus sliding-window and
@@ -49,7 +56,18 @@ from kernels_pallas.flash_attention._common import Geometry
 from kernels_pallas.tuning import BlockSizes, MosaicForward, block_sizes, mosaic_forward
 
 RESULTS = Path(__file__).parent / "results"
-IMPLS = ("xla", "cudnn", "stock_pallas", "stock_mosaic_gpu", "arjax_pallas", "arjax_mosaic")
+IMPLS = (
+    "xla", "cudnn", "stock_pallas", "stock_mosaic_gpu", "jla", "arjax_pallas", "arjax_mosaic"
+)  # fmt: skip
+PEERS = ("xla", "cudnn", "stock_pallas", "stock_mosaic_gpu", "jla")
+
+
+def jla_attention(q, k, v, **kw):
+    """jla's causal Mosaic GPU flash attention (``kw``: its ``sliding_window``,
+    ``segment_ids``); imported on first use so the other columns run without it."""
+    from jla.ops.mosaic_gpu.attention import flash_attention as jla_flash
+
+    return jla_flash(q, k, v, **kw)
 
 
 def error_text(e: Exception, limit: int = 4000) -> str:
@@ -102,6 +120,7 @@ def impls(d: int, causal: bool = True, mosaic_kw: dict | None = None, **kw):
             v,
             mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal),
         ),  # forward only: its backward has no causal support
+        "jla": jla_attention,  # causal only
         "arjax_pallas": lambda q, k, v: flash_attention(
             q, k, v, causal=causal, lowering="triton", **kw
         ),
@@ -270,6 +289,7 @@ def dense_rows(args, log, tiles: dict[int, BlockSizes], rows: list[dict], save) 
             b = max(1, 16384 // length)
             q, k, v = make_inputs(b, length, h, d)
             fwd_flops = causal_flops(b, h, length, d)
+            outputs = {}  # forward outputs of this (D, L), float32, compared with cuDNN's
             for mode in args.modes:
                 flops = fwd_flops * (1 if mode == "fwd" else 3.5)
                 row = {"D": d, "L": length, "B": b, "H": h, "mode": mode}
@@ -290,11 +310,17 @@ def dense_rows(args, log, tiles: dict[int, BlockSizes], rows: list[dict], save) 
                         t = time_fn(jf, qkv, args.iters, args.repeats)
                         row[name + "_ms"] = t * 1e3
                         row[name + "_tflops"] = flops / t / 1e12
+                        if mode == "fwd":
+                            outputs[name] = jf(*qkv).astype(jnp.float32)
                     except Exception as e:  # noqa: BLE001 - report and keep benchmarking
                         row[name + "_ms"] = None
                         row[name + "_error"] = error_text(e)
+                if "cudnn" in outputs:
+                    for name, out in outputs.items():
+                        row[name + "_maxdiff"] = float(jnp.max(jnp.abs(out - outputs["cudnn"])))
+                outputs.clear()
                 for ours in ("arjax_pallas", "arjax_mosaic"):
-                    for name in ("xla", "cudnn", "stock_pallas", "stock_mosaic_gpu"):
+                    for name in PEERS:
                         if row.get(ours + "_ms") and row.get(name + "_ms"):
                             prefix = "" if ours == "arjax_pallas" else "mosaic_"
                             row[prefix + "speedup_vs_" + name] = (
@@ -324,17 +350,26 @@ def sparse_rows(args, log, tiles: dict[int, BlockSizes], rows: list[dict], save)
             fns.append(("cudnn_window", functools.partial(
                 jax.nn.dot_product_attention, is_causal=True, implementation="cudnn",
                 local_window_size=(kw["window"] - 1, 0))))  # fmt: skip
+            fns.append(("jla", functools.partial(jla_attention, sliding_window=kw["window"])))
+        else:
+            fns.append(("jla", functools.partial(jla_attention, segment_ids=seg)))
         for mode in ("fwd", "fwd+bwd"):
             row = {"case": case, "D": d, "L": length, "B": b, "H": h, "mode": mode}
+            outputs = {}
             for name, fn in fns:
                 jf = jax.jit(fn) if mode == "fwd" else fwd_bwd(fn)
                 try:
                     row[name + "_ms"] = time_fn(jf, (q, k, v), args.iters, args.repeats) * 1e3
+                    if mode == "fwd" and name != "cudnn_dense_causal":
+                        outputs[name] = jf(q, k, v).astype(jnp.float32)
                 except Exception as e:  # noqa: BLE001 - e.g. cuDNN without window support
                     row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            for name, out in outputs.items():  # same masked function: compare with arjax's
+                row[name + "_maxdiff"] = float(jnp.max(jnp.abs(out - outputs["arjax_pallas"])))
             row["speedup_vs_dense_cudnn"] = row["cudnn_dense_causal_ms"] / row["arjax_pallas_ms"]
-            if row.get("cudnn_window_ms"):
-                row["speedup_vs_cudnn_window"] = row["cudnn_window_ms"] / row["arjax_pallas_ms"]
+            for peer in ("cudnn_window", "jla"):
+                if row.get(peer + "_ms"):
+                    row["speedup_vs_" + peer] = row[peer + "_ms"] / row["arjax_pallas_ms"]
             rows.append(row)
             log(json.dumps(row))
             save()
@@ -403,10 +438,10 @@ def markdown(
         "Causal bf16, TFLOP/s (ms); speedup = other ms / arjax ms (arjax Pallas = Triton forward,"
         " arjax Mosaic GPU = Mosaic GPU forward and backward).",
         "",
-        "| D | L | B | H | mode | XLA | cuDNN | stock Pallas | stock Mosaic GPU (fwd only) "
+        "| D | L | B | H | mode | XLA | cuDNN | stock Pallas | stock Mosaic GPU (fwd only) | jla "
         "| arjax Pallas | arjax Mosaic GPU | vs XLA | vs cuDNN | vs stock Pallas "
-        "| Mosaic vs cuDNN | Mosaic vs stock Pallas |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Mosaic vs cuDNN | Mosaic vs stock Pallas | Mosaic vs jla |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row, name):
@@ -422,10 +457,22 @@ def markdown(
         lines.append(
             f"| {r['D']} | {r['L']} | {r['B']} | {r['H']} | {r['mode']} | {cell(r, 'xla')} "
             f"| {cell(r, 'cudnn')} | {cell(r, 'stock_pallas')} | {cell(r, 'stock_mosaic_gpu')} "
-            f"| {cell(r, 'arjax_pallas')} | {cell(r, 'arjax_mosaic')} "
+            f"| {cell(r, 'jla')} | {cell(r, 'arjax_pallas')} | {cell(r, 'arjax_mosaic')} "
             f"| {ratio(r, 'xla')} | {ratio(r, 'cudnn')} | {ratio(r, 'stock_pallas')} "
-            f"| {ratio(r, 'cudnn', 'mosaic_')} | {ratio(r, 'stock_pallas', 'mosaic_')} |"
+            f"| {ratio(r, 'cudnn', 'mosaic_')} | {ratio(r, 'stock_pallas', 'mosaic_')} "
+            f"| {ratio(r, 'jla', 'mosaic_')} |"
         )
+    diffs = [
+        f"D={r['D']} L={r['L']}: "
+        + ", ".join(
+            f"{k[: -len('_maxdiff')]} {v:.3g}" for k, v in r.items() if k.endswith("_maxdiff")
+        )
+        for r in dense
+        if any(k.endswith("_maxdiff") for k in r)
+    ]
+    if diffs:
+        lines += ["", "Forward outputs, max abs difference from cuDNN's:", ""]
+        lines += [f"- {d}" for d in diffs]
     failed = [(r, k[: -len("_error")]) for r in dense for k in r if k.endswith("_error")]
     if failed:
         lines += ["", "Failed cells (first line of the error; full text in the JSON):", ""]
@@ -465,16 +512,22 @@ def markdown(
         " `flash_attention` with its default lowering: on Hopper the Mosaic GPU kernels for the"
         " window, the Triton kernels for segment ids:",
         "",
-        "| case | mode | cuDNN dense causal | cuDNN sliding window | arjax (default lowering) "
-        "| vs dense cuDNN | vs cuDNN window |",
-        "|---|---|---|---|---|---|---|",
+        "| case | mode | cuDNN dense causal | cuDNN sliding window | jla "
+        "| arjax (default lowering) | vs dense cuDNN | vs cuDNN window | vs jla | jla max diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ms(r, name):
+        return "n/a" if r.get(name + "_ms") is None else f"{r[name + '_ms']:.2f}"
+
     for r in sparse:
-        win = r.get("cudnn_window_ms")
+        diff = r.get("jla_maxdiff")
         lines.append(
             f"| {r['case']} | {r['mode']} | {r['cudnn_dense_causal_ms']:.2f} "
-            f"| {'n/a' if win is None else f'{win:.2f}'} | {r['arjax_pallas_ms']:.2f} "
-            f"| {r['speedup_vs_dense_cudnn']:.2f}x | {ratio(r, 'cudnn_window')} |"
+            f"| {ms(r, 'cudnn_window')} | {ms(r, 'jla')} | {r['arjax_pallas_ms']:.2f} "
+            f"| {r['speedup_vs_dense_cudnn']:.2f}x | {ratio(r, 'cudnn_window')} "
+            f"| {ratio(r, 'jla')} "
+            f"| {'n/a' if diff is None else f'{diff:.3g}'} |"
         )
     return "\n".join(lines) + "\n"
 
