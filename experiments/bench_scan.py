@@ -1,10 +1,12 @@
-"""Chunked linear-attention scan: Pallas kernels vs the pure-jnp chunked form vs fla (Triton).
+"""Chunked linear-attention scan: Pallas kernels vs jla (Mosaic GPU) vs fla (Triton) vs jnp.
 
 Scalar decay (``chunk_simple_gla``) and gated linear attention (``chunk_gla``) from the
-flash-linear-attention package ``fla-core``, bf16, head dim 128, (batch, heads, len) =
+flash-linear-attention package ``fla-core`` and ``simple_gla`` / ``gla`` of
+``jax-linear-attention`` (jla: JAX, Mosaic GPU kernels; its forward output is compared with
+arjax's), bf16, head dim 128, (batch, heads, len) =
 (8, 16, 2048) and (2, 16, 8192), forward and forward+backward, on one GPU. First checks the
 kernels on the GPU against the float32 recurrence (odd length, initial state, segment
-resets, gradients), then times everything. Run (fla-core as a wheel under .whl/):
+resets, gradients), then times everything. Run (fla-core and jla as wheels under .whl/):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:. python3 experiments/bench_scan.py
@@ -102,6 +104,25 @@ def jax_fns(impl: str, chunk: int):
 
     def fwd(q, k, v, g):
         return linear_attention(q, k, v, log_decay=g, form="chunked", chunk_size=chunk, impl=impl)
+
+    def fwd_bwd(q, k, v, g, do):
+        out, vjp = jax.vjp(lambda *a: fwd(*a)[0], q, k, v, g)
+        return out, vjp(do)
+
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def jla_fns(variant: str):
+    """(fwd, fwd+bwd) jitted for jla's Mosaic GPU kernels (``jax-linear-attention``:
+    ``simple_gla`` for scalar decay, ``gla``), same inputs and ``scale=1`` as ours."""
+    from jla.ops import linear_attention as jla_linear_attention
+
+    kind = "simple_gla" if variant == "scalar" else "gla"
+
+    def fwd(q, k, v, g):
+        return jla_linear_attention(
+            kind, q, k, v, g=g, scale=1.0, output_final_state=True, impl="mosaic_gpu"
+        )
 
     def fwd_bwd(q, k, v, g, do):
         out, vjp = jax.vjp(lambda *a: fwd(*a)[0], q, k, v, g)
@@ -211,7 +232,7 @@ def check(results: dict, variants: list[str]) -> None:
 def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> None:
     """Add ``{name} fwd`` and ``{name} fwd+bwd`` (ms) to ``row``, or ``{name} error``."""
     q, k, v, g, do = inputs
-    name = {"pallas": "pallas", "fla": "fla", "xla": "jnp"}[impl]
+    name = {"pallas": "pallas", "fla": "fla", "xla": "jnp", "jla": "jla"}[impl]
     start = time.perf_counter()
     try:
         if impl == "fla":
@@ -222,6 +243,13 @@ def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> Non
             row["fla fwd+bwd"] = time_torch(fb, reps=reps, inner=inner)
             del f, fb
             torch.cuda.empty_cache()
+        elif impl == "jla":
+            f, fb = jla_fns(variant)
+            row["jla fwd"] = time_jax(f, q, k, v, g, reps=reps, inner=inner)
+            row["jla fwd+bwd"] = time_jax(fb, q, k, v, g, do, reps=reps, inner=inner)
+            ours = jax_fns("pallas", 64)[0](q, k, v, g)
+            row["jla vs pallas out"] = rel_err(f(q, k, v, g)[0], ours[0])
+            jax.clear_caches()
         else:
             # The jnp GLA form materialises [b, n, c, c, h, dk] weights: chunk 16 keeps that
             # at 4 GiB for these shapes (17 GiB at chunk 64).
@@ -268,16 +296,24 @@ def write(results: dict, out: str, quiet: bool = False) -> None:
         f"device: {results['device']}; date: {results['date']}; {results['versions']}",
         f"command: `{results['command']}`",
         "",
-        "| (B,H,L) | variant | pass | pallas | fla | jnp chunked | fla / pallas | jnp / pallas |",
-        "|---|---|---|---|---|---|---|---|",
+        "| (B,H,L) | variant | pass | pallas | jla | fla | jnp chunked | jla / pallas "
+        "| fla / pallas | jnp / pallas |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         for p in ("fwd", "fwd+bwd"):
-            ours, fla, jnp_ = (r.get(f"{n} {p}") for n in ("pallas", "fla", "jnp"))
+            ours, jla, fla, jnp_ = (r.get(f"{n} {p}") for n in ("pallas", "jla", "fla", "jnp"))
             lines.append(
-                f"| {tuple(r['shape'])} | {r['variant']} | {p} | {fmt(ours)} | {fmt(fla)} | "
-                f"{fmt(jnp_)} | {ratio(fla, ours)} | {ratio(jnp_, ours)} |"
+                f"| {tuple(r['shape'])} | {r['variant']} | {p} | {fmt(ours)} | {fmt(jla)} "
+                f"| {fmt(fla)} | {fmt(jnp_)} | {ratio(jla, ours)} | {ratio(fla, ours)} "
+                f"| {ratio(jnp_, ours)} |"
             )
+    diffs = [r for r in results["rows"] if "jla vs pallas out" in r]
+    if diffs:
+        lines += ["", "jla's forward output vs arjax's Pallas output (max rel err):", ""]
+        lines += [
+            f"- {tuple(r['shape'])} {r['variant']}: {r['jla vs pallas out']:.2e}" for r in diffs
+        ]
     errors = [f"{r['shape']} {r['variant']}: {k} {v}" for r in results["rows"] for k, v in r.items()
               if k.endswith("error")]  # fmt: skip
     lines += ["", "GPU check vs float32 recurrence (max rel err):", ""]
@@ -584,7 +620,7 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--out", default="experiments/results/bench_scan")
     ap.add_argument("--check", default="none,scalar,gla", help="fp32 GPU checks ('' for none)")
-    ap.add_argument("--impls", default="pallas,fla,xla", help="what to time, in this order")
+    ap.add_argument("--impls", default="pallas,jla,fla,xla", help="what to time, in this order")
     ap.add_argument("--tune", action="store_true", help="sweep ScanConfig instead (see above)")
     ap.add_argument("--tune-budget", type=float, default=100.0, help="seconds for candidates")
     ap.add_argument("--tune-out", default="experiments/results/tune_scan.json")
@@ -604,6 +640,12 @@ def main() -> None:
         )
     except ImportError as e:
         versions += f" (fla unavailable: {e})"
+    try:
+        from importlib.metadata import version
+
+        versions += f", jax-linear-attention {version('jax-linear-attention')}"
+    except ImportError as e:
+        versions += f" (jla unavailable: {e})"
     results = {
         "device": jax.devices()[0].device_kind,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
