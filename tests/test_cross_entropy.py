@@ -183,7 +183,19 @@ def test_head_reproduces_logits(rng, tie, dtype):
     hidden, weight = model.apply(params, batch, method="head")
     assert hidden.shape == (2, 16, 32) and weight.shape == (32, 50)
     logits = jnp.einsum("bsd,dv->bsv", hidden, weight).astype(jnp.float32)
-    np.testing.assert_array_equal(logits, model.apply(params, batch))
+    # The two contractions may sum in different orders, so they agree to rounding, not bit for
+    # bit. Bound each against float64: a length-d dot product accumulated in precision u is off
+    # by at most gamma_d * sum|h||w| with gamma_d = d u / (1 - d u) (Higham 2002, eq. 3.5), plus
+    # one rounding of the result to the output dtype. A wrong or transposed head, a missing
+    # scale or a dropped vocabulary row is orders of magnitude outside it.
+    h64, w64 = np.asarray(hidden, np.float64), np.asarray(weight, np.float64)
+    want = np.einsum("bsd,dv->bsv", h64, w64)
+    u = float(jnp.finfo(dtype).eps) / 2  # unit roundoff of the compute dtype
+    d = h64.shape[-1]
+    bound = d * u / (1 - d * u) * np.einsum("bsd,dv->bsv", abs(h64), abs(w64)) + u * abs(want)
+    for got in (logits, model.apply(params, batch)):
+        err = abs(np.asarray(got, np.float64) - want)
+        assert (err <= bound).all(), f"max error {err.max():.3g}, worst bound {bound.max():.3g}"
 
 
 @pytest.mark.parametrize("value", ["0", "-4"])
