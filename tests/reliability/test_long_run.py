@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -14,11 +16,6 @@ from conftest import TINY
 import arjax.train.loop as loop
 from arjax.train.config import make_run_config
 from arjax.train.loop import Trainer, train
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class _Poisoned:
@@ -76,20 +73,50 @@ def test_non_finite_steps_are_skipped_counted_and_a_streak_stops_training(monkey
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(good.params))
 
 
-def test_host_memory_flat_over_thousands_of_steps(monkeypatch, tmp_path: Path):
+# Run in a child process of its own: a pytest-xdist worker's resident set also holds what the
+# tests before this one left behind (compiled executables, caches released lazily), and under
+# load that background moves by megabytes. The child trains and nothing else, sampling its own
+# resident set at each metrics row, and prints ``[[step, bytes], ...]`` as its last line.
+_CHILD = """
+import json, os, sys
+import arjax.train.loop as loop
+from arjax.train.config import make_run_config
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+samples, write = [], loop.MetricsWriter.write
+def write_and_sample(self, row):
+    write(self, row)
+    samples.append((row["step"], rss()))
+
+loop.MetricsWriter.write = write_and_sample
+loop.train(make_run_config("transformer", "tiny", json.loads(sys.argv[1])), sys.argv[2])
+print(json.dumps(samples))
+"""
+
+
+def test_host_memory_flat_over_thousands_of_steps(tmp_path: Path):
     if not Path("/proc/self/statm").exists():
         pytest.skip("needs /proc (Linux) to read the resident set size")
-    samples: list[tuple[int, int]] = []
-    write = loop.MetricsWriter.write
-
-    def write_and_sample(self, row):
-        write(self, row)
-        samples.append((row["step"], _rss_bytes()))
-
-    monkeypatch.setattr(loop.MetricsWriter, "write", write_and_sample)
     extra = ["train.steps=2000", "train.log_every=100", "train.save_every=1000",
-             "train.eval_every=1000", "train.keep_checkpoints=1"]  # fmt: skip
-    train(make_run_config("transformer", "tiny", [*TINY, *extra]), tmp_path)
+             "train.eval_every=1000", "train.keep_checkpoints=1",
+             # a synchronous save ends at step 1000: under load an async one can still be
+             # writing (and allocating) inside the measured window
+             "train.async_checkpoint=false"]  # fmt: skip
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "MALLOC_ARENA_MAX": "2",  # as tests/conftest.py caps them in-process
+        "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps([*TINY, *extra]), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    samples = json.loads(done.stdout.strip().splitlines()[-1])
     # 700 training steps with no checkpoint or eval in between. (Each Orbax save keeps ~150 KiB
     # resident for this state, inside TensorStore; see experiments/results/reliability.md.)
     window = [b for s, b in samples if 1200 <= s <= 1900]
