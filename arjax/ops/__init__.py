@@ -8,6 +8,11 @@ from arjax.ops.cross_entropy import (
     cross_entropy,
     cross_entropy_reference,
 )
+from arjax.ops.gated_delta_rule import (
+    gated_delta_rule,
+    gated_delta_rule_reference,
+    gated_delta_step,
+)
 from arjax.ops.linear_attention import (
     linear_attention,
     linear_attention_reference,
@@ -27,6 +32,9 @@ __all__ = [
     "axial_attention",
     "axial_attention_reference",
     "fold_axis",
+    "gated_delta_rule",
+    "gated_delta_rule_reference",
+    "gated_delta_step",
     "chunked_cross_entropy",
     "cross_entropy",
     "cross_entropy_reference",

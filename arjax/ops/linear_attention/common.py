@@ -23,51 +23,53 @@ def validate(
     log_decay: jax.Array | None,
     initial_state: jax.Array | None,
     segment_ids: jax.Array | None,
+    who: str = "linear_attention",
 ) -> None:
-    """Raise ``ValueError`` naming the bad argument (trace time, before compiling)."""
+    """Raise ``ValueError`` naming the bad argument (trace time, before compiling); messages
+    start with ``who`` (the public op being called)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
-            raise ValueError(f"linear_attention: {name} must be 4-D, got shape {x.shape}")
+            raise ValueError(f"{who}: {name} must be 4-D, got shape {x.shape}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"linear_attention: {name} must be floating point, got {x.dtype}")
+            raise ValueError(f"{who}: {name} must be floating point, got {x.dtype}")
     if q.shape != k.shape:
         raise ValueError(
-            f"linear_attention: q {q.shape} and k {k.shape} must both be [batch, len, heads, dk]"
+            f"{who}: q {q.shape} and k {k.shape} must both be [batch, len, heads, dk]"
         )
     b, length, h, dk = q.shape
     if v.shape[:3] != (b, length, h):
         raise ValueError(
-            f"linear_attention: v must be [batch, len, heads, dv]={(b, length, h)} + (dv,), "
+            f"{who}: v must be [batch, len, heads, dv]={(b, length, h)} + (dv,), "
             f"got {v.shape}"
         )
     if log_decay is not None:
         if log_decay.shape not in ((b, length, h), (b, length, h, dk)):
             raise ValueError(
-                f"linear_attention: log_decay must be [batch, len, heads]={(b, length, h)} or "
+                f"{who}: log_decay must be [batch, len, heads]={(b, length, h)} or "
                 f"[batch, len, heads, dk]={(b, length, h, dk)}, got {log_decay.shape}"
             )
         if not jnp.issubdtype(log_decay.dtype, jnp.floating):
-            raise ValueError(f"linear_attention: log_decay must be floating, got {log_decay.dtype}")
+            raise ValueError(f"{who}: log_decay must be floating, got {log_decay.dtype}")
     if initial_state is not None:
         want = (b, h, dk, v.shape[3])
         if initial_state.shape != want:
             raise ValueError(
-                f"linear_attention: initial_state must be [batch, heads, dk, dv]={want}, "
+                f"{who}: initial_state must be [batch, heads, dk, dv]={want}, "
                 f"got {initial_state.shape}"
             )
         if initial_state.dtype != jnp.float32:
             raise ValueError(
-                f"linear_attention: initial_state must be float32, got {initial_state.dtype}"
+                f"{who}: initial_state must be float32, got {initial_state.dtype}"
             )
     if segment_ids is not None:
         if segment_ids.shape != (b, length):
             raise ValueError(
-                f"linear_attention: segment_ids must be [batch, len]={(b, length)}, "
+                f"{who}: segment_ids must be [batch, len]={(b, length)}, "
                 f"got {segment_ids.shape}"
             )
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise ValueError(
-                f"linear_attention: segment_ids must be integer, got {segment_ids.dtype}"
+                f"{who}: segment_ids must be integer, got {segment_ids.dtype}"
             )
 
 

@@ -1,0 +1,122 @@
+"""Gated delta rule (Gated DeltaNet) and the delta rule (DeltaNet): three equivalent forms.
+
+``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = S_t^T q_t``
+(Yang, Kautz, Hatamizadeh 2025 "Gated Delta Networks", sec. 3.1; ``log_decay=None`` is
+DeltaNet, Yang et al. 2024 "Parallelizing Linear Transformers with the Delta Rule over
+Sequence Length"). Forms:
+
+* ``"naive"`` -- the recurrence as written, the float32 reference (:mod:`.naive`);
+* ``"chunked"`` -- WY representation / UT transform per chunk, for training
+  (:mod:`.chunked`); with ``impl="pallas"`` the kernel in :mod:`kernels_pallas.gated_delta`;
+* ``"recurrent"`` -- the per-token delta update with O(1) state, as used for decoding
+  (:mod:`.recurrent`).
+
+Nothing is scaled or normalised here (the layer L2-normalises q and k and scales q).
+``segment_ids`` resets the state at every document boundary of a packed row; the initial
+state belongs to the row's first document.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+
+from arjax.ops.gated_delta_rule.chunked import chunked_gated_delta_rule
+from arjax.ops.gated_delta_rule.common import FORMS, IMPLS, validate
+from arjax.ops.gated_delta_rule.naive import naive_gated_delta_rule
+from arjax.ops.gated_delta_rule.recurrent import gated_delta_step, recurrent_gated_delta_rule
+
+Form = Literal["naive", "chunked", "recurrent"]
+
+
+def gated_delta_rule_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    *,
+    log_decay: jax.Array | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The float32 ground truth (the recurrence as written); same outputs as
+    :func:`gated_delta_rule`."""
+    validate(q, k, v, beta, log_decay=log_decay, initial_state=initial_state,
+             segment_ids=segment_ids)  # fmt: skip
+    return naive_gated_delta_rule(
+        q, k, v, beta, log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids
+    )
+
+
+def _pallas_available() -> bool:
+    try:
+        from kernels_pallas.gated_delta import gated_delta_rule  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def resolve_impl(form: str, impl: str, dims: tuple[int, int, int] = (64, 64, 64)) -> str:
+    """What ``impl="auto"`` means: the Pallas kernel for the chunked form on GPU/TPU when
+    ``dims`` = (dk, dv, chunk_size) are powers of two >= 16 (the kernels' tiles), else the
+    jnp chunked form."""
+    if impl != "auto":
+        return impl
+    on_accelerator = jax.default_backend() in ("gpu", "tpu")
+    if form == "chunked" and on_accelerator and all(map(_pow2, dims)) and _pallas_available():
+        return "pallas"
+    return "xla"
+
+
+def gated_delta_rule(
+    q: jax.Array,  # [batch, len, heads, dk]
+    k: jax.Array,  # [batch, len, heads, dk]
+    v: jax.Array,  # [batch, len, heads, dv]
+    beta: jax.Array,  # [batch, len, heads], the writing strength (sigmoid in the layer)
+    *,
+    log_decay: jax.Array | None = None,  # [batch, len, heads] <= 0; None: DeltaNet
+    initial_state: jax.Array | None = None,  # [batch, heads, dk, dv] float32
+    segment_ids: jax.Array | None = None,  # [batch, len] int; a change starts a new document
+    form: Form = "chunked",
+    chunk_size: int = 64,
+    impl: Literal["auto", "xla", "pallas"] = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``.
+
+    ``log_decay`` must be <= 0; it is not checked (values are traced).
+    """
+    validate(q, k, v, beta, log_decay=log_decay, initial_state=initial_state,
+             segment_ids=segment_ids)  # fmt: skip
+    if form not in FORMS:
+        raise ValueError(f"gated_delta_rule: form must be one of {FORMS}, got {form!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"gated_delta_rule: impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"gated_delta_rule: chunk_size must be a positive int, got {chunk_size!r}")
+    if impl == "pallas" and form != "chunked":
+        raise ValueError(f"gated_delta_rule: impl='pallas' needs form='chunked', got {form!r}")
+    args = dict(log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids)
+    if form == "naive":
+        return naive_gated_delta_rule(q, k, v, beta, **args)
+    if form == "recurrent":
+        return recurrent_gated_delta_rule(q, k, v, beta, **args)
+    if resolve_impl(form, impl, (q.shape[-1], v.shape[-1], chunk_size)) == "pallas":
+        from kernels_pallas.gated_delta import gated_delta_rule as kernel
+
+        return kernel(q, k, v, beta, chunk_size=chunk_size, **args)
+    return chunked_gated_delta_rule(q, k, v, beta, chunk_size=chunk_size, **args)
+
+
+__all__ = [
+    "chunked_gated_delta_rule",
+    "gated_delta_rule",
+    "gated_delta_rule_reference",
+    "gated_delta_step",
+    "naive_gated_delta_rule",
+    "recurrent_gated_delta_rule",
+]
