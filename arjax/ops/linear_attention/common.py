@@ -33,14 +33,11 @@ def validate(
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{who}: {name} must be floating point, got {x.dtype}")
     if q.shape != k.shape:
-        raise ValueError(
-            f"{who}: q {q.shape} and k {k.shape} must both be [batch, len, heads, dk]"
-        )
+        raise ValueError(f"{who}: q {q.shape} and k {k.shape} must both be [batch, len, heads, dk]")
     b, length, h, dk = q.shape
     if v.shape[:3] != (b, length, h):
         raise ValueError(
-            f"{who}: v must be [batch, len, heads, dv]={(b, length, h)} + (dv,), "
-            f"got {v.shape}"
+            f"{who}: v must be [batch, len, heads, dv]={(b, length, h)} + (dv,), got {v.shape}"
         )
     if log_decay is not None:
         if log_decay.shape not in ((b, length, h), (b, length, h, dk)):
@@ -58,19 +55,14 @@ def validate(
                 f"got {initial_state.shape}"
             )
         if initial_state.dtype != jnp.float32:
-            raise ValueError(
-                f"{who}: initial_state must be float32, got {initial_state.dtype}"
-            )
+            raise ValueError(f"{who}: initial_state must be float32, got {initial_state.dtype}")
     if segment_ids is not None:
         if segment_ids.shape != (b, length):
             raise ValueError(
-                f"{who}: segment_ids must be [batch, len]={(b, length)}, "
-                f"got {segment_ids.shape}"
+                f"{who}: segment_ids must be [batch, len]={(b, length)}, got {segment_ids.shape}"
             )
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(
-                f"{who}: segment_ids must be integer, got {segment_ids.dtype}"
-            )
+            raise ValueError(f"{who}: segment_ids must be integer, got {segment_ids.dtype}")
 
 
 def document_index(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
