@@ -36,13 +36,16 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 class DataConfig:
     """Data settings. ``corpus``: "shakespeare" or a directory holding ``train/`` and ``val/``
     folders of UTF-8 ``.txt`` files (one document per file). ``val_batches``: how many eval
-    batches :func:`make_eval_batches` returns (evenly spread over the split; 0 = all)."""
+    batches :func:`make_eval_batches` returns (evenly spread over the split; 0 = all).
+    ``tokenizer``: a BPE tokenizer file (:mod:`arjax.data.bpe`); ``None``: bytes. With a
+    tokenizer, ``seq_len`` counts tokens and batches add ``target_bytes``."""
 
     corpus: str = SHAKESPEARE
     seq_len: int = 256
     batch_size: int = 16
     seed: int = 0
     val_batches: int = 8
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -69,6 +72,20 @@ def _load_split(corpus: str, split: str) -> list[str]:
     if not Path(corpus).is_dir():
         raise ValueError(f"corpus {corpus!r}: neither {SHAKESPEARE!r} nor a directory")
     return load_texts_from_dir(Path(corpus) / split)
+
+
+def _split_windows(
+    cfg: DataConfig, split: str
+) -> tuple[np.ndarray, Callable[[np.ndarray], dict[str, np.ndarray]]]:
+    """Windows ``[n, seq_len + 1]`` of ``split`` and the function making their features:
+    bytes, or the tokens of ``cfg.tokenizer`` (features with ``target_bytes``)."""
+    docs = _load_split(cfg.corpus, split)
+    if cfg.tokenizer is None:
+        return _windows(_stream(docs), cfg.seq_len), _features
+    from .bpe import load_tokenizer
+
+    tok = load_tokenizer(cfg.tokenizer)
+    return _windows(tok.stream(docs), cfg.seq_len), lambda w: tok.add_target_bytes(_features(w))
 
 
 def _check_positive_int(value: int, name: str) -> None:
@@ -176,24 +193,25 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """Endless shuffled (by ``cfg.seed``) train batches of ``cfg.batch_size // process_count``
     windows of the corpus' train split (sharding and resuming: :func:`shuffled_batches`)."""
-    windows = _windows(_stream(_load_split(cfg.corpus, "train")), cfg.seq_len)
+    windows, features = _split_windows(cfg, "train")
     return shuffled_batches(
-        windows, _features, batch_size=cfg.batch_size, seed=cfg.seed,
+        windows, features, batch_size=cfg.batch_size, seed=cfg.seed,
         process_index=process_index, process_count=process_count,
     )  # fmt: skip
 
 
 def make_eval_batches(cfg: DataConfig, split: str = "val") -> list[dict[str, np.ndarray]]:
-    """Deterministic, in-order eval batches of ``split``: int32 ``[cfg.batch_size, seq_len]``.
+    """Deterministic, in-order eval batches of ``split``: int32 ``[cfg.batch_size, seq_len]``
+    (bytes, or ``cfg.tokenizer``'s tokens plus ``target_bytes``).
 
     Uses ``cfg.val_batches * cfg.batch_size`` windows evenly spread over the split (all of them
     if ``val_batches`` is 0 or they are fewer); the last batch is filled with PAD rows.
     """
-    windows = _windows(_stream(_load_split(cfg.corpus, split)), cfg.seq_len)
+    windows, features = _split_windows(cfg, split)
     n, size = len(windows), cfg.batch_size
     k = min(n, cfg.val_batches * size) if cfg.val_batches else n
     rows = windows[np.arange(k) * n // k]  # [k, seq + 1]
     num_pad = -k % size
     rows = np.concatenate([rows, np.full((num_pad, rows.shape[1]), PAD_ID, np.int32)])
-    packed = _features(rows)
-    return [{f: packed[f][i : i + size] for f in FIELDS} for i in range(0, len(rows), size)]
+    packed = features(rows)
+    return [{f: v[i : i + size] for f, v in packed.items()} for i in range(0, len(rows), size)]

@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
+from arjax.data.bpe import load_tokenizer
+from arjax.data.vocab import BOS_ID
 from arjax.generate.axial import sample_axial, sample_axial_naive, sample_images_text
 from arjax.generate.block import sample_block
 from arjax.generate.decode import generate_text, generate_tokens, sample_text
@@ -19,11 +23,27 @@ from arjax.models.linear_lm import LINEAR_MIXERS
 
 
 def _sample_byte_lm(model, params, cfg, *, prompts, max_bytes, seed, png, **sampling) -> str:
-    del cfg, png
+    del png
+    if cfg.data.tokenizer is not None:
+        return _sample_tokenized(model, params, cfg, prompts, max_bytes, seed, **sampling)
     return sample_text(
         generate_tokens, model, params, prompts=prompts, max_bytes=max_bytes, seed=seed,
         max_len=model.config.max_seq_len, **sampling,
     )  # fmt: skip
+
+
+def _sample_tokenized(model, params, cfg, prompts, max_bytes, seed, **sampling) -> str:
+    """A BPE model (``data.tokenizer``): prompts encoded, continuations decoded by the
+    tokenizer and cut to ``max_bytes`` UTF-8 bytes (a token holds at least one byte)."""
+    tok = load_tokenizer(cfg.data.tokenizer)
+    ids = [[BOS_ID, *tok.encode(p).tolist()] for p in prompts]
+    room = model.config.max_seq_len - max(len(i) for i in ids)
+    rows = generate_tokens(
+        model, params, ids, max_new_tokens=max(1, min(max_bytes, room)),
+        rng=jax.random.key(seed), **sampling,
+    )  # fmt: skip
+    cut = lambda r: tok.decode(r).encode()[:max_bytes].decode(errors="ignore")  # noqa: E731
+    return "\n---\n".join(p + cut(r) for p, r in zip(prompts, rows))
 
 
 # model name -> sampler(model, params, run_cfg, *, prompts, max_bytes, seed, png, **sampling)

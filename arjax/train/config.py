@@ -11,6 +11,7 @@ from typing import Any
 
 from arjax.config import ConfigError, apply_overrides, check, check_field_types, check_positive
 from arjax.data.pipeline import DataConfig
+from arjax.data.vocab import VOCAB_SIZE
 from arjax.models import get_model_spec
 from arjax.train.sharding import MeshConfig
 
@@ -108,5 +109,17 @@ def make_run_config(model_name: str, preset: str, overrides: list[str] | None = 
             f"(known: {', '.join(spec.presets)})"
         )
     data, train = RUN_PRESETS.get(preset, (DataConfig(), TrainConfig()))
-    cfg = RunConfig(model_name, spec.presets[preset], data, train)
-    return apply_overrides(cfg, list(overrides or []))
+    cfg = apply_overrides(RunConfig(model_name, spec.presets[preset], data, train), overrides or [])
+    return with_tokenizer_vocab(cfg)
+
+
+def with_tokenizer_vocab(cfg: RunConfig) -> RunConfig:
+    """With ``data.tokenizer`` set and ``model.vocab_size`` left at the byte vocabulary, the
+    model takes the tokenizer's vocabulary size (any other mismatch is reported by the data
+    builder)."""
+    if cfg.data.tokenizer is None or getattr(cfg.model, "vocab_size", None) != VOCAB_SIZE:
+        return cfg
+    from arjax.data.bpe import load_tokenizer
+
+    size = load_tokenizer(cfg.data.tokenizer).vocab_size
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=size))

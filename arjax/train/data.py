@@ -14,13 +14,32 @@ from arjax.data.words import make_word_eval_batches, make_word_train_iterator
 DataBuilder = Callable[[Any, int, int], tuple[Any, list[dict]]]
 
 
+def check_tokenizer(cfg: Any) -> None:
+    """``data.tokenizer`` needs a token-level family whose ``model.vocab_size`` matches it."""
+    if cfg.data.tokenizer is None:
+        return
+    from arjax.data.bpe import load_tokenizer
+
+    size = load_tokenizer(cfg.data.tokenizer).vocab_size
+    have = getattr(cfg.model, "vocab_size", None)
+    if have is None:
+        raise ConfigError(f"data.tokenizer: model {cfg.model_name!r} reads bytes, not tokens")
+    if have != size:
+        raise ConfigError(
+            f"model.vocab_size: {have}, but the tokenizer {cfg.data.tokenizer} has {size} ids "
+            f"(--set model.vocab_size={size})"
+        )
+
+
 def _text(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[dict]]:
+    check_tokenizer(cfg)
     it = make_train_iterator(cfg.data, process_index=process_index, process_count=process_count)
     return it, make_eval_batches(cfg.data)
 
 
 def _images(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[dict]]:
     """Image models: ``cfg.model`` names ``dataset``, ``shape`` and ``channels``."""
+    check_tokenizer(cfg)
     m = cfg.model
     train, val = load_images(m.dataset, "train"), load_images(m.dataset, "val")
     if train.shape[1:] != (*m.shape, m.channels):
@@ -37,6 +56,7 @@ def _images(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list
 
 def _words(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[dict]]:
     """HAT: packed byte rows with word ids; ``cfg.model`` gives ``max_words``/``max_word_bytes``."""
+    check_tokenizer(cfg)
     m = cfg.model
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(

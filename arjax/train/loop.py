@@ -152,12 +152,15 @@ class Trainer:
         return restored
 
     def evaluate(self, params: Any) -> dict:
-        total, count = 0.0, 0.0
+        total, count, nbytes = 0.0, 0.0, 0.0
         for batch in self.eval_batches:
             t, c = self.eval_step(params, to_global(_process_rows(batch), self.batch_sharding))
             total, count = total + float(t), count + float(c)
+            if "target_bytes" in batch:  # tokens: bits per UTF-8 byte (arjax.data.bpe)
+                nbytes += float(np.sum(batch["target_bytes"] * batch["loss_mask"]))
         loss = total / max(count, 1.0)
-        metrics = {"val_loss": loss, "val_bits_per_byte": loss / LN2}
+        bits = total / max(nbytes or count, 1.0) / LN2
+        metrics = {"val_loss": loss, "val_bits_per_byte": bits}
         if get_model_spec(self.cfg.model_name).data == "images":
             metrics["val_bits_per_dim"] = loss / LN2  # one 8-bit subpixel per target
         return metrics

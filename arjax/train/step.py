@@ -43,6 +43,15 @@ def loss_fn(
     )
 
 
+def target_bytes(batch: dict, count: jax.Array) -> jax.Array:
+    """UTF-8 bytes the batch's targets stand for: ``sum(target_bytes * loss_mask)`` for token
+    batches (:mod:`arjax.data.bpe`), else ``count`` (one byte per target); at least 1."""
+    if "target_bytes" not in batch:
+        return jnp.maximum(count, 1.0)
+    nbytes = jnp.sum(batch["target_bytes"] * batch["loss_mask"]).astype(jnp.float32)
+    return jnp.maximum(nbytes, 1.0)
+
+
 def make_train_step(
     model: nn.Module, tx: optax.GradientTransformation, grad_accum: int = 1
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -90,7 +99,7 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "bits_per_byte": loss / LN2,
+            "bits_per_byte": total / target_bytes(batch, count) / LN2,
             "grad_norm": grad_norm,
             "tokens": count,
             "skipped": new_state.skipped,
