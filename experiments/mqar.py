@@ -5,10 +5,11 @@ key-value pairs, then queries those keys in random order; after each queried key
 must emit its value. Loss and accuracy count only those value predictions. We train tiny
 2-layer models of each family and report accuracy against the decoding state each keeps
 (floats per layer): BASED's Taylor feature dim and window, sliding-window attention's
-window, GLA / RetNet / Aaren states, and full attention (KV cache of the whole row) as the
+window, GLA / RetNet / Aaren / Gated DeltaNet / DeltaNet states (the delta rules' include
+their short convolutions' buffers), and full attention (KV cache of the whole row) as the
 upper bound. BASED's finding: recall grows with state size / window; attention is best.
 
-    python experiments/mqar.py --quick     # CPU: 4 pairs, 7 models, 800 steps each
+    python experiments/mqar.py --quick     # CPU: 4 pairs, 9 models, 800 steps each
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ def models(args: argparse.Namespace) -> list[tuple[str, str, object, int]]:
     for kind, state in (("gla", h * hd * hd), ("retnet", h * hd * hd), ("aaren", h * (hd + 2))):
         mixer = MixerConfig(kind=kind, chunk_size=32)
         out.append((kind, kind, LinearLM(LinearLMConfig(**base, mixer=mixer)), state))
+    for kind in ("gdn", "deltanet"):
+        mixer = MixerConfig(kind=kind, chunk_size=32)
+        state = h * hd * hd + 3 * (mixer.conv_size - 1) * h * hd  # + q, k, v conv buffers
+        out.append((kind, kind, LinearLM(LinearLMConfig(**base, mixer=mixer)), state))
     return out
 
 
@@ -145,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.pairs, args.vocab, args.steps, args.lr = 4, 32, 800, 5e-3
-        args.only = args.only or "attention,sliding window,based,gla"
+        args.only = args.only or "attention,sliding window,based,gla,gdn,deltanet"
     rows = []
     for family, label, model, state in models(args):
         if args.only and family not in args.only.split(","):

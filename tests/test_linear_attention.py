@@ -258,11 +258,14 @@ def test_configs_and_registry():
         spec = MODELS[kind]
         assert spec.data == "text" and set(spec.presets) >= {"tiny", "small"}
         assert spec.presets["tiny"].mixer.kind == kind
-    cfg = _tiny("gla")
-    params = jax.eval_shape(
-        lambda: LinearLM(cfg).init(jax.random.key(0), _packed_batch(np.random.default_rng(0)))
-    )["params"]
-    assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+    for kind in ("based", "gla", "gdn", "deltanet"):
+        cfg = _tiny(kind)
+        params = jax.eval_shape(
+            lambda cfg=cfg: LinearLM(cfg).init(
+                jax.random.key(0), _packed_batch(np.random.default_rng(0))
+            )
+        )["params"]
+        assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params(), kind
     with pytest.raises(ConfigError, match="mixer.kind"):
         dataclasses.replace(cfg, mixer=MixerConfig(kind="attention"))
     with pytest.raises(ConfigError, match="window"):

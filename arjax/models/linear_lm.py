@@ -1,7 +1,8 @@
 """Byte-level linear-attention LMs: the transformer LM with a linear token mixer.
 
 ``mixer.kind`` picks BASED (Arora et al. 2024), GLA (Yang et al. 2024), RetNet-style
-fixed decay (Sun et al. 2023) or Aaren (Feng et al. 2024); everything else (embedding,
+fixed decay (Sun et al. 2023), Aaren (Feng et al. 2024), Gated DeltaNet (Yang, Kautz,
+Hatamizadeh 2025) or DeltaNet (Yang et al. 2024); everything else (embedding,
 pre-norm blocks, SwiGLU, tied head, prefill / decode) is :class:`TransformerLM`'s. The
 recurrent state replaces the KV cache, so decoding memory is constant in the context length
 (see :mod:`arjax.generate.linear`).
@@ -15,7 +16,8 @@ from arjax.config import check
 from arjax.models.transformer import TransformerLM, TransformerLMConfig
 from arjax.nn.linear_attention import MixerConfig
 
-LINEAR_MIXERS = ("based", "gla", "retnet", "aaren")
+LINEAR_MIXERS = ("based", "gla", "retnet", "aaren", "gdn", "deltanet")
+DELTA_MIXERS = ("gdn", "deltanet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,8 @@ class LinearLMConfig(TransformerLMConfig):
             return linear + 4 * d * hd  # + sliding-window attention q, k, v, o
         if m.kind == "aaren":
             return 3 * d * hd
+        if m.kind in DELTA_MIXERS:  # q, k, v, output gate, o; beta (and the decay's) per head
+            return 5 * d * hd + d * self.num_heads * (2 if m.kind == "gdn" else 1)
         gate = m.gate_rank * (d + hd) if m.kind == "gla" else 0
         return 5 * d * hd + gate  # q, k, v, output gate, o
 
@@ -51,13 +55,18 @@ class LinearLMConfig(TransformerLMConfig):
             return 4.0 * h * feat * (hd + 1) + 4.0 * h * hd * min(context, m.window)
         if m.kind == "aaren":
             return 4.0 * h * hd
+        if m.kind in DELTA_MIXERS:  # S^T k, the rank-1 update, S^T q
+            return 6.0 * h * hd * hd
         return 4.0 * h * hd * hd
 
     def num_params(self) -> int:
         m, d = self.mixer, self.d_model
-        extras = {  # conv kernel; learned query; per-head output norm
+        hd = self.num_heads * self.head_dim
+        extras = {  # conv kernels; learned query; per-head output norm (+ A_log, dt_bias)
             "based": m.conv_size * d,
-            "aaren": self.num_heads * self.head_dim,
+            "aaren": hd,
+            "gdn": 3 * m.conv_size * hd + self.head_dim + 2 * self.num_heads,
+            "deltanet": 3 * m.conv_size * hd + self.head_dim,
         }.get(m.kind, self.head_dim)
         layer = self._mixer_matmul_params() + extras + 3 * d * self.mlp_dim + 2 * d
         if m.kind == "gla":

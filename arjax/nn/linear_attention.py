@@ -1,4 +1,5 @@
-"""Linear-attention token mixers: BASED, decay (RetNet / Lightning), GLA and Aaren.
+"""Linear-attention token mixers: BASED, decay (RetNet / Lightning), GLA, Aaren and the
+delta rule (Gated DeltaNet, DeltaNet).
 
 Each mixer maps ``x [batch, len, d_model] -> [batch, len, d_model]`` in three modes, like
 :class:`arjax.nn.layers.Attention`: ``"train"`` (chunked form over the sequence),
@@ -20,12 +21,19 @@ from einops import rearrange
 
 from arjax.config import check, check_field_types, check_positive
 from arjax.nn.layers import Mode, RMSNorm, apply_rope, logical
-from arjax.ops import aaren, aaren_step, attention, linear_attention
+from arjax.ops import (
+    aaren,
+    aaren_step,
+    attention,
+    gated_delta_rule,
+    gated_delta_step,
+    linear_attention,
+    linear_attention_step,
+)
 from arjax.ops.aaren import AarenState
-from arjax.ops.linear_attention import linear_attention_step
 from arjax.ops.linear_attention.common import IMPLS, document_index
 
-MIXERS = ("attention", "based", "gla", "retnet", "aaren")
+MIXERS = ("attention", "based", "gla", "retnet", "aaren", "gdn", "deltanet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +41,13 @@ class MixerConfig:
     """Token mixer of a transformer block; ``kind="attention"`` is softmax attention.
 
     ``feature_dim``: BASED's q/k dim before the Taylor map (state ``1 + d + d^2`` per head);
-    ``window``: BASED's sliding-window attention width; ``conv_size``: BASED's short causal
-    convolution; ``gate_rank``: GLA's low-rank gate projection; ``chunk_size``/``impl``: the
-    chunked linear-attention op (:func:`arjax.ops.linear_attention`).
+    ``window``: BASED's sliding-window attention width; ``conv_size``: the short causal
+    convolution of BASED, Gated DeltaNet and DeltaNet; ``gate_rank``: GLA's low-rank gate
+    projection; ``chunk_size``/``impl``: the chunked op (:func:`arjax.ops.linear_attention`,
+    :func:`arjax.ops.gated_delta_rule`).
     """
 
-    kind: Literal["attention", "based", "gla", "retnet", "aaren"] = "attention"
+    kind: Literal["attention", "based", "gla", "retnet", "aaren", "gdn", "deltanet"] = "attention"
     feature_dim: int = 16
     window: int = 64
     conv_size: int = 4
@@ -87,19 +96,28 @@ def _recurrent_mix(
     mode: Mode,
     chunk_size: int,
     impl: str,
+    beta: jax.Array | None = None,  # [batch, len, heads]: the delta rule instead
 ) -> jax.Array:
-    """Linear attention in ``mode``; the state ``[batch, heads, dk, dv]`` lives in ``cache``."""
+    """Linear attention (or, given ``beta``, the gated delta rule) in ``mode``; the state
+    ``[batch, heads, dk, dv]`` lives in ``cache``."""
     if mode == "decode":
         _check_decode(q, type(module).__name__)
         state = module.get_variable("cache", "state")
         decay = None if log_decay is None else log_decay[:, 0]
-        out, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, log_decay=decay)
+        if beta is None:
+            out, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, log_decay=decay)
+        else:
+            out, state = gated_delta_step(
+                q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, log_decay=decay
+            )
         module.put_variable("cache", "state", state)
         return out[:, None]
-    out, state = linear_attention(
-        q, k, v, log_decay=log_decay, segment_ids=segment_ids, form="chunked",
-        chunk_size=chunk_size, impl=impl,
-    )  # fmt: skip
+    args = dict(log_decay=log_decay, segment_ids=segment_ids, form="chunked",
+                chunk_size=chunk_size, impl=impl)  # fmt: skip
+    if beta is None:
+        out, state = linear_attention(q, k, v, **args)
+    else:
+        out, state = gated_delta_rule(q, k, v, beta, **args)
     if mode == "prefill":
         module.put_variable("cache", "state", state)
     return out
@@ -308,6 +326,88 @@ class DecayLinearAttention(nn.Module):
         return _merge_heads(out, x.shape[-1], self.dtype, "o_proj")
 
 
+def _inverse_softplus(x: jax.Array) -> jax.Array:
+    return x + jnp.log(-jnp.expm1(-x))
+
+
+def _dt_bias_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """Mamba2's time-step bias: ``softplus(bias)`` log-uniform in [1e-3, 0.1] (Dao & Gu 2024)."""
+    lo, hi = math.log(1e-3), math.log(0.1)
+    dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32, lo, hi))
+    return _inverse_softplus(jnp.maximum(dt, 1e-4)).astype(dtype)
+
+
+def _a_log_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """``log A`` with ``A`` uniform in [1, 16] per head (Mamba2's range)."""
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+
+
+class DeltaRuleMixer(nn.Module):
+    """Gated DeltaNet (``gated=True``; Yang, Kautz, Hatamizadeh 2025, sec. 3.4 and fig. 1) or
+    DeltaNet (``gated=False``; Yang et al. 2024, sec. 4) token mixer.
+
+    q, k, v: projections, each through a short causal depthwise convolution and SiLU; q and k
+    L2-normalised per head, q scaled by ``head_dim^-0.5``; ``beta = sigmoid(W_b x)``;
+    Gated DeltaNet's decay ``log a_t = -exp(A_log) * softplus(W_a x + dt_bias)`` per head
+    (Mamba2's parameterisation, Dao & Gu 2024); the op :func:`arjax.ops.gated_delta_rule`;
+    per-head RMSNorm of the output times ``SiLU(W_g x)``, then the output projection.
+    Decoding keeps the ``[heads, dk, dv]`` state and each convolution's last inputs.
+    """
+
+    num_heads: int
+    head_dim: int
+    config: MixerConfig
+    gated: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # [batch, len, embed]
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        mode: Mode = "train",
+    ) -> jax.Array:
+        del positions  # order enters through the convolution, the recurrence and the decay
+        c, h, d = self.config, self.num_heads, self.head_dim
+
+        def conv_heads(name: str) -> jax.Array:  # [batch, len, heads, head_dim]
+            y = rearrange(_heads(x, h, d, self.dtype, name), "b l h d -> b l (h d)")
+            y = ShortConv(c.conv_size, dtype=self.dtype, name=f"conv_{name}")(
+                y, segment_ids=segment_ids, mode=mode
+            )
+            return rearrange(nn.silu(y), "b l (h d) -> b l h d", h=h)
+
+        def l2norm(y: jax.Array) -> jax.Array:
+            y = y.astype(jnp.float32)
+            return y * jax.lax.rsqrt(jnp.sum(y * y, axis=-1, keepdims=True) + 1e-6)
+
+        def per_head(name: str, **kw: Any) -> jax.Array:  # [batch, len, heads] float32
+            return nn.DenseGeneral(
+                h, dtype=self.dtype, name=name,
+                kernel_init=logical(nn.initializers.lecun_normal(), "embed", "heads"), **kw,
+            )(x).astype(jnp.float32)  # fmt: skip
+
+        q = (l2norm(conv_heads("q")) * d**-0.5).astype(self.dtype)
+        k = l2norm(conv_heads("k")).astype(self.dtype)
+        v = conv_heads("v")
+        beta = jax.nn.sigmoid(per_head("beta", use_bias=False))
+        log_decay = None
+        if self.gated:
+            a_log = self.param("a_log", logical(_a_log_init, "heads"), (h,))
+            dt_bias = self.param("dt_bias", logical(_dt_bias_init, "heads"), (h,))
+            dt = jax.nn.softplus(per_head("alpha", use_bias=False) + dt_bias)
+            log_decay = -jnp.exp(a_log) * dt  # [b, len, h] <= 0
+        out = _recurrent_mix(
+            self, q, k, v, beta=beta, log_decay=log_decay, segment_ids=segment_ids, mode=mode,
+            chunk_size=c.chunk_size, impl=c.impl,
+        )  # fmt: skip
+        out = RMSNorm(axis_name="head_dim", name="head_norm")(out.astype(self.dtype))
+        out = out * nn.silu(_heads(x, h, d, self.dtype, "g"))
+        return _merge_heads(out, x.shape[-1], self.dtype, "o_proj")
+
+
 class AarenMixer(nn.Module):
     """Aaren (Feng et al. 2024, sec. 3.3): a learned query per head attends (softmax) over
     every prefix of the keys, via the prefix scan of :func:`arjax.ops.aaren`."""
@@ -364,6 +464,8 @@ def make_mixer(
         return DecayLinearAttention(num_heads, head_dim, config, kind == "gla", dtype, name=name)
     if kind == "aaren":
         return AarenMixer(num_heads, head_dim, dtype, name=name)
+    if kind in ("gdn", "deltanet"):
+        return DeltaRuleMixer(num_heads, head_dim, config, kind == "gdn", dtype, name=name)
     raise ValueError(f"make_mixer: {kind!r} is not a linear mixer (one of {MIXERS[1:]})")
 
 
@@ -371,6 +473,7 @@ __all__ = [
     "AarenMixer",
     "BasedMixer",
     "DecayLinearAttention",
+    "DeltaRuleMixer",
     "MixerConfig",
     "ShortConv",
     "SlidingWindowAttention",

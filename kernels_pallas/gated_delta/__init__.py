@@ -1,0 +1,190 @@
+"""Gated delta rule (Gated DeltaNet; DeltaNet without decay) in Pallas: forward and backward.
+
+``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = S_t^T q_t``
+(Yang, Kautz, Hatamizadeh 2025 "Gated Delta Networks", sec. 3.1) by the chunkwise WY / UT
+transform form of sec. 3.3 (and Yang et al. 2024, "Parallelizing Linear Transformers with
+the Delta Rule over Sequence Length", sec. 3); the chunk math is :mod:`._chunk`.
+
+One kernel per direction, sequential over chunks, parallel over (batch, head, value tile):
+the forward keeps the state tile on chip and, when differentiated, stores the float32
+state entering each chunk; the backward runs the chunks in reverse from those states,
+recomputing the chunk's ``T``, ``W`` and ``U``, and carries ``dL/dS``. The in-chunk
+cumulative log decay and its transpose (a reverse cumsum) are XLA around the kernels.
+
+Drivers (one file per lowering): ``backend="gpu"`` Pallas Triton (:mod:`.triton`),
+``"tpu"`` Pallas Mosaic TPU (:mod:`.mosaic_tpu`); both run in interpret mode on CPU.
+The float32 reference is :func:`arjax.ops.gated_delta_rule_reference` (the recurrence).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from kernels_pallas.gated_delta import mosaic_tpu, triton
+from kernels_pallas.gated_delta._chunk import F32, Cfg
+
+BACKENDS = ("gpu", "tpu")
+_DRIVERS = {"gpu": triton, "tpu": mosaic_tpu}
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def _validate(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size, block_v,
+              backend: str, compiled_gpu: bool) -> None:  # fmt: skip
+    """``ValueError`` naming the bad argument, before tracing the kernels."""
+    who = "gated_delta_rule (Pallas)"
+    if backend not in BACKENDS:
+        raise ValueError(f"{who}: backend must be one of {BACKENDS}, got {backend!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{who}: {name} must be 4-D floating, got {x.dtype} {x.shape}")
+    b, length, h, dk = q.shape
+    if k.shape != q.shape or v.shape[:3] != (b, length, h):
+        raise ValueError(
+            f"{who}: q, k must be [batch, len, heads, dk] and v [batch, len, heads, dv], "
+            f"got {q.shape}, {k.shape}, {v.shape}"
+        )
+    for name, x in (("beta", beta), ("log_decay", log_decay)):
+        if x is not None and (
+            x.shape != (b, length, h) or not jnp.issubdtype(x.dtype, jnp.floating)
+        ):
+            raise ValueError(
+                f"{who}: {name} must be floating [batch, len, heads]={(b, length, h)}, "
+                f"got {x.dtype} {x.shape}"
+            )
+    want = (b, h, dk, v.shape[3])
+    if initial_state is not None and (initial_state.shape != want or initial_state.dtype != F32):
+        raise ValueError(
+            f"{who}: initial_state must be float32 {want}, "
+            f"got {initial_state.dtype} {initial_state.shape}"
+        )
+    if segment_ids is not None and (
+        segment_ids.shape != (b, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"{who}: segment_ids must be integer [batch, len]={(b, length)}, "
+            f"got {segment_ids.dtype} {segment_ids.shape}"
+        )
+    if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 16:
+        raise ValueError(f"{who}: chunk_size must be a positive multiple of 16, got {chunk_size!r}")
+    if not isinstance(block_v, int) or block_v <= 0 or v.shape[3] % block_v:
+        raise ValueError(f"{who}: block_v must divide dv={v.shape[3]}, got {block_v!r}")
+    if compiled_gpu and not all(map(_pow2, (dk, block_v, chunk_size))):
+        raise ValueError(
+            f"{who}: the Triton kernels need dk, block_v and chunk_size powers of two >= 16, "
+            f"got {dk}, {block_v}, {chunk_size}"
+        )
+
+
+def _documents(segment_ids: jax.Array, pad: int, c: int) -> dict:
+    """Document masks of the padded rows: ids (column and row layouts), ``reads`` (in the
+    document entering the chunk) and ``last`` (in the document leaving it)."""
+    starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+    doc = jnp.pad(jnp.cumsum(starts.astype(jnp.int32), axis=1), ((0, 0), (0, pad)), mode="edge")
+    dc = rearrange(doc, "b (n c) -> b n c", c=c)
+    doc_in = jnp.concatenate([jnp.zeros_like(dc[:, :1, -1]), dc[:, :-1, -1]], axis=1)  # [b, n]
+    col = lambda x: rearrange(x, "b n c -> b (n c) 1")  # noqa: E731
+    return {
+        "doc_c": col(dc),
+        "doc_r": rearrange(dc, "b n c -> b n 1 c"),
+        "reads": col((dc == doc_in[..., None]).astype(F32)),
+        "last": col((dc == dc[..., -1:]).astype(F32)),
+    }
+
+
+def _inputs(q, k, v, beta, gam, docs, cfg: Cfg) -> dict:
+    """Kernel operands by name (``beta``/``gam`` ``[batch, heads, len]`` f32)."""
+    row = lambda x: rearrange(x, "b h (n c) -> b h n 1 c", c=cfg.chunk)  # noqa: E731
+    ins = dict(q=q, k=k, v=v, beta_c=beta[..., None], beta_r=row(beta), gam_c=gam[..., None],
+               gam_r=row(gam))  # fmt: skip
+    return {**ins, **(docs or {})}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _core(q, k, v, beta, gam, s0, docs, cfg: Cfg):
+    out, s_final, _ = _DRIVERS[cfg.backend].forward(
+        _inputs(q, k, v, beta, gam, docs, cfg), s0, cfg, save_states=False
+    )
+    return out, s_final
+
+
+def _core_fwd(q, k, v, beta, gam, s0, docs, cfg: Cfg):
+    out, s_final, h = _DRIVERS[cfg.backend].forward(
+        _inputs(q, k, v, beta, gam, docs, cfg), s0, cfg, save_states=True
+    )
+    return (out, s_final), (q, k, v, beta, gam, docs, h)
+
+
+def _core_bwd(cfg: Cfg, res, cts):
+    q, k, v, beta, gam, docs, h = res
+    do, ds_final = cts
+    dq, dk, dv, dbeta, dgam_c, dgam_r, ds0 = _DRIVERS[cfg.backend].backward(
+        _inputs(q, k, v, beta, gam, docs, cfg), h, do.astype(q.dtype), ds_final, cfg
+    )
+    dgam = dgam_c.sum(0)[..., 0] + rearrange(dgam_r.sum(0), "b h n 1 c -> b h (n c)")
+    return (dq.sum(0).astype(q.dtype), dk.sum(0).astype(k.dtype), dv, dbeta.sum(0)[..., 0],
+            dgam, ds0, None)  # fmt: skip
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _resolve(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
+    platform = jax.default_backend()
+    backend = backend or ("tpu" if platform == "tpu" else "gpu")
+    return backend, (platform != backend if interpret is None else interpret)
+
+
+def gated_delta_rule(
+    q: jax.Array,  # [batch, len, heads, dk]
+    k: jax.Array,  # [batch, len, heads, dk]
+    v: jax.Array,  # [batch, len, heads, dv]
+    beta: jax.Array,  # [batch, len, heads]
+    *,
+    log_decay: jax.Array | None = None,  # [batch, len, heads] <= 0; None: DeltaNet
+    initial_state: jax.Array | None = None,  # [batch, heads, dk, dv] float32
+    segment_ids: jax.Array | None = None,  # [batch, len] int; a change starts a new document
+    chunk_size: int = 64,
+    block_v: int | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``,
+    differentiable in every float argument.
+
+    ``block_v``: value columns per program (default 64 on GPU, all of dv on TPU);
+    ``backend`` defaults to the platform's (the GPU kernels on CPU), ``interpret`` to True
+    off that platform. Lengths need not be multiples of ``chunk_size`` (zero padding).
+    """
+    backend, interpret = _resolve(backend, interpret)
+    dv = v.shape[-1]
+    if block_v is None:
+        block_v = min(dv, 64) if backend == "gpu" else dv
+    _validate(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size, block_v,
+              backend, backend == "gpu" and not interpret)  # fmt: skip
+    b, length, h, dk = q.shape
+    c, pad = chunk_size, -length % chunk_size
+    g = jnp.zeros(beta.shape, F32) if log_decay is None else log_decay.astype(F32)
+    beta, g = (jnp.pad(rearrange(x.astype(F32), "b l h -> b h l"), ((0, 0), (0, 0), (0, pad)))
+               for x in (beta, g))  # fmt: skip
+    gam = rearrange(jnp.cumsum(rearrange(g, "b h (n c) -> b h n c", c=c), axis=-1),
+                    "b h n c -> b h (n c)")  # fmt: skip
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    if backend == "tpu":
+        q, k, v = (rearrange(x, "b l h d -> b h l d") for x in (q, k, v))
+    docs = None if segment_ids is None else _documents(segment_ids, pad, c)
+    s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state
+    cfg = Cfg(backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32)
+    out, s_final = _core(q, k, v, beta, gam, s0, docs, cfg)
+    if backend == "tpu":
+        out = rearrange(out, "b h l d -> b l h d")
+    return out[:, :length], s_final
+
+
+__all__ = ["BACKENDS", "gated_delta_rule"]

@@ -1,0 +1,208 @@
+"""One chunk of the gated delta rule, forward and backward, on values loaded by a driver.
+
+Chunkwise form (Yang et al. 2024 "Parallelizing Linear Transformers with the Delta Rule over
+Sequence Length", sec. 3: WY representation, UT transform; decay as in Yang, Kautz,
+Hatamizadeh 2025 "Gated Delta Networks", sec. 3.3). A chunk of ``C`` tokens enters with the
+state tile ``S [dk, bv]``; ``gam`` is the in-chunk cumulative log decay:
+
+* ``A_ts = beta_t exp(gam_t - gam_s) k_t . k_s`` (s < t), ``T = (I + A)^{-1}`` by forward
+  substitution (one row per step, as vectors: :func:`unit_lower_inverse`);
+* ``W = T (beta exp(gam) K)``, ``U = T (beta V) - W S``;
+* ``O = (exp(gam) Q) S + (Q K^T * exp(gam_t - gam_s), s <= t) U``;
+* ``S_next = exp(gam_last) S + (K exp(gam_last - gam))^T U``.
+
+:func:`chunk_backward` recomputes these from ``S`` and returns every gradient by hand
+(the transposes of the lines above, ``dA = -T^T dT T^T``). Value tiles (``bv`` columns of
+``V``, ``S``, ``O``) are independent in the forward; in the backward, ``dq``, ``dk``,
+``dbeta`` and ``dgam`` are sums over tiles (the drivers write one part per tile).
+Document boundaries arrive as masks: ``same`` (pairs in one document), ``reads`` (rows in
+the incoming state's document) and ``last`` (rows in the outgoing state's document).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    """Static description of one call (hashable: it keys the custom_vjp)."""
+
+    backend: str  # "gpu" (Pallas Triton) | "tpu" (Pallas Mosaic TPU)
+    interpret: bool
+    chunk: int  # C, tokens per chunk
+    block_v: int  # bv, value columns per program
+    segments: bool
+    exact: bool  # float32 inputs: full-precision MMAs
+
+
+class Chunk(NamedTuple):
+    """Loaded values of one chunk (float32): ``q, k [C, dk]``, ``v [C, bv]``, ``beta`` and
+    ``gam`` as columns ``[C, 1]`` and rows ``[1, C]``; masks or None without documents."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    beta_c: jax.Array
+    beta_r: jax.Array
+    gam_c: jax.Array
+    gam_r: jax.Array
+    same: jax.Array | None  # [C, C] bool
+    reads: jax.Array | None  # [C, 1] float 0/1
+    last: jax.Array | None  # [C, 1] float 0/1
+
+
+def mm(a: jax.Array, b: jax.Array, exact: bool, *, ta: bool = False, tb: bool = False):
+    """``a @ b`` (``ta``/``tb``: that operand transposed) with float32 accumulation."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    precision = lax.Precision.HIGHEST if exact else None
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
+def _iota(shape: tuple[int, int], dim: int) -> jax.Array:
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _exp_where(mask: jax.Array, x: jax.Array) -> jax.Array:
+    """``exp(x)`` where ``mask`` (there x <= 0), else 0."""
+    return jnp.exp(jnp.where(mask, x, -jnp.inf))
+
+
+def unit_lower_inverse(a_t: jax.Array) -> jax.Array:
+    """``(I + A)^{-1}`` for strictly lower ``A``, given ``a_t = A^T`` ``[C, C]``.
+
+    Forward substitution, row ``i`` at step ``i``: ``T_i = e_i - sum_{j<i} A_ij T_j``
+    (``A_i`` is column ``i`` of ``a_t``; rows of T below ``i`` are still ``e_j``, unused).
+    """
+    c = a_t.shape[0]
+    rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+    unit = _iota((1, c), 1)
+
+    def body(i, t):
+        a_i = jnp.sum(jnp.where(cols == i, a_t, 0.0), axis=1, keepdims=True)  # [C, 1]
+        row = (unit == i).astype(F32) - jnp.sum(a_i * t, axis=0, keepdims=True)  # [1, C]
+        return jnp.where(rows == i, row, t)
+
+    return lax.fori_loop(1, c, body, (rows == cols).astype(F32))
+
+
+class _Prelude(NamedTuple):
+    kk: jax.Array  # K K^T
+    a: jax.Array  # A
+    decay_strict: jax.Array  # exp(gam_t - gam_s), s < t, same document
+    decay_incl: jax.Array  # exp(gam_t - gam_s), s <= t, same document
+    t: jax.Array  # (I + A)^{-1}
+    g_read: jax.Array  # [C, 1] exp(gam) where the row reads the incoming state
+    kg: jax.Array  # beta exp(gam) K (rows reading the state)
+    vb: jax.Array  # beta V
+    w: jax.Array  # T kg
+    uv: jax.Array  # T vb
+    e_end: jax.Array  # [C, 1] exp(gam_last - gam) where the row reaches the outgoing state
+    carry: jax.Array  # [1, 1] exp(gam_last) if no boundary in the chunk, else 0
+
+
+def _prelude(ch: Chunk, exact: bool) -> _Prelude:
+    c = ch.q.shape[0]
+    rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+    lower, upper, incl = rows > cols, cols > rows, rows >= cols
+    if ch.same is not None:
+        lower, upper, incl = lower & ch.same, upper & ch.same, incl & ch.same
+    kk = mm(ch.k, ch.k, exact, tb=True)
+    decay_strict = _exp_where(lower, ch.gam_c - ch.gam_r)
+    a = kk * decay_strict * ch.beta_c
+    a_t = kk * _exp_where(upper, ch.gam_r - ch.gam_c) * ch.beta_r
+    t = unit_lower_inverse(a_t)
+    g_read = jnp.exp(ch.gam_c) if ch.reads is None else jnp.exp(ch.gam_c) * ch.reads
+    kg = ch.k * (ch.beta_c * g_read)
+    vb = ch.v * ch.beta_c
+    last_col = _iota((1, c), 1) == c - 1
+    gam_last = jnp.sum(jnp.where(last_col, ch.gam_r, 0.0), axis=1, keepdims=True)  # [1, 1]
+    e_end = jnp.exp(jnp.minimum(gam_last - ch.gam_c, 0.0))
+    carry = jnp.exp(gam_last)
+    if ch.last is not None:
+        e_end = e_end * ch.last
+        last_row = _iota((c, 1), 0) == c - 1
+        carry = carry * jnp.sum(jnp.where(last_row, ch.reads, 0.0), axis=0, keepdims=True)
+    return _Prelude(
+        kk, a, decay_strict, _exp_where(incl, ch.gam_c - ch.gam_r), t, g_read, kg, vb,
+        mm(t, kg, exact), mm(t, vb, exact), e_end, carry,
+    )  # fmt: skip
+
+
+def chunk_forward(ch: Chunk, s: jax.Array, exact: bool) -> tuple[jax.Array, jax.Array]:
+    """``(O [C, bv], S_next [dk, bv])`` from the state tile ``s`` entering the chunk."""
+    p = _prelude(ch, exact)
+    u = p.uv - mm(p.w, s, exact)
+    scores = mm(ch.q, ch.k, exact, tb=True) * p.decay_incl
+    out = mm(ch.q * p.g_read, s, exact) + mm(scores, u, exact)
+    return out, p.carry * s + mm(ch.k * p.e_end, u, exact, ta=True)
+
+
+class ChunkGrads(NamedTuple):
+    dq: jax.Array  # [C, dk] (this tile's part)
+    dk: jax.Array  # [C, dk] (this tile's part)
+    dv: jax.Array  # [C, bv]
+    dbeta: jax.Array  # [C, 1] (this tile's part)
+    dgam_c: jax.Array  # [C, 1] part of dL/dgam (this tile's)
+    dgam_r: jax.Array  # [1, C] the other part (this tile's)
+    ds: jax.Array  # [dk, bv] dL/d(state entering the chunk)
+
+
+def chunk_backward(
+    ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, exact: bool
+) -> ChunkGrads:
+    """Gradients of one chunk given ``s`` (state entering), ``do [C, bv]`` and
+    ``ds_next = dL/dS_next [dk, bv]``; the forward is recomputed."""
+    q, k, v = ch.q, ch.k, ch.v
+    c = q.shape[0]
+    p = _prelude(ch, exact)
+    u = p.uv - mm(p.w, s, exact)
+    qk = mm(q, k, exact, tb=True)
+    k_end = k * p.e_end
+    # O = (q g_read) S + (qk * decay_incl) U and S_next = carry S + k_end^T U.
+    du = mm(qk * p.decay_incl, do, exact, ta=True) + mm(k_end, ds_next, exact)  # [C, bv]
+    dscores = mm(do, u, exact, tb=True) * p.decay_incl  # d(qk) [C, C]
+    do_s = mm(do, s, exact, tb=True)  # [C, dk]
+    dq = mm(dscores, k, exact) + p.g_read * do_s
+    dk = mm(dscores, q, exact, ta=True)
+    pairs = dscores * qk  # d/dgam_t of the score (t: +, s: -)
+    dgam_c = jnp.sum(pairs, axis=1, keepdims=True)
+    dgam_c += p.g_read * jnp.sum(q * do_s, axis=1, keepdims=True)
+    dgam_r = -jnp.sum(pairs, axis=0, keepdims=True)
+    ds = mm(q * p.g_read, do, exact, ta=True) + p.carry * ds_next
+    dlast = p.carry * jnp.sum(jnp.sum(s * ds_next, axis=1, keepdims=True), axis=0, keepdims=True)
+    dk_end = mm(u, ds_next, exact, tb=True)  # [C, dk]
+    dk += dk_end * p.e_end
+    de = jnp.sum(dk_end * k, axis=1, keepdims=True) * p.e_end  # [C, 1]
+    dgam_c -= de
+    dlast += jnp.sum(de, axis=0, keepdims=True)
+    # U = T vb - W S with W = T kg.
+    dw = -mm(du, s, exact, tb=True)  # [C, dk]
+    ds -= mm(p.w, du, exact, ta=True)
+    dt = mm(du, p.vb, exact, tb=True) + mm(dw, p.kg, exact, tb=True)  # [C, C]
+    dvb = mm(p.t, du, exact, ta=True)
+    dkg = mm(p.t, dw, exact, ta=True)
+    dv = dvb * ch.beta_c
+    dbeta = jnp.sum(dvb * v, axis=1, keepdims=True)
+    dk += dkg * (ch.beta_c * p.g_read)
+    dkg_k = jnp.sum(dkg * k, axis=1, keepdims=True)
+    dbeta += dkg_k * p.g_read
+    dgam_c += dkg_k * ch.beta_c * p.g_read
+    # T = (I + A)^{-1}; A = kk * decay_strict * beta_t.
+    da = -mm(mm(p.t, dt, exact, ta=True), p.t, exact, tb=True)
+    da_kk = da * p.decay_strict
+    dbeta += jnp.sum(da_kk * p.kk, axis=1, keepdims=True)
+    dkk = da_kk * ch.beta_c
+    dk += mm(dkk, k, exact) + mm(dkk, k, exact, ta=True)
+    da_a = da * p.a
+    dgam_c += jnp.sum(da_a, axis=1, keepdims=True)
+    dgam_r -= jnp.sum(da_a, axis=0, keepdims=True)
+    dgam_c += jnp.where(_iota((c, 1), 0) == c - 1, dlast, 0.0)
+    return ChunkGrads(dq, dk, dv, dbeta, dgam_c, dgam_r, ds)

@@ -1,0 +1,87 @@
+"""Pallas gated delta rule (kernels_pallas/gated_delta) in interpret mode, both drivers,
+against the float32 recurrence (:func:`arjax.ops.gated_delta_rule_reference`): outputs,
+final state and the gradients of every input, with a ragged length (40 tokens, chunks of
+16), two value tiles, an initial state and packed documents.
+
+Tolerances: values atol=rtol=1e-4; gradients rtol=1e-4 and atol 1e-5 of the largest
+reference gradient (float32 throughout; seen about 3e-7 of it). Each was seen to fail with
+the backward broken on purpose (the ``dL/dgam_last`` term dropped, ``dA`` without its
+minus sign).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_gated_delta_rule import inputs
+
+from arjax.ops import gated_delta_rule, gated_delta_rule_reference
+from kernels_pallas.gated_delta import gated_delta_rule as kernel
+
+B, L, H, DK, DV = 1, 40, 2, 16, 32
+SEGMENTS = jnp.asarray([[1] * 10 + [2] * 20 + [3] * 10], jnp.int32)
+
+
+def _values_and_grads(fn, q, k, v, beta, g, s0, rng):
+    """``(out, state), grads`` of a fixed random projection of both outputs, in one jit."""
+    w_out = rng.normal(size=(B, L, H, DV)).astype(np.float32)
+    w_state = rng.normal(size=(B, H, DK, DV)).astype(np.float32)
+
+    def loss(*args):
+        out, state = fn(*args)
+        return jnp.sum(out * w_out) + jnp.sum(state * w_state), (out, state)
+
+    grad = jax.grad(loss, argnums=tuple(range(6)), has_aux=True)
+    grads, values = jax.jit(grad)(q, k, v, beta, g, s0)
+    return values, grads
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_kernel_matches_the_recurrence(backend, rng):
+    q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(B, L, H, DK, DV))
+    seed = int(rng.integers(2**31))
+
+    def pallas(q, k, v, beta, g, s0):
+        return kernel(q, k, v, beta, log_decay=g, initial_state=s0, segment_ids=SEGMENTS,
+                      chunk_size=16, block_v=16, backend=backend, interpret=True)  # fmt: skip
+
+    def reference(q, k, v, beta, g, s0):
+        return gated_delta_rule_reference(q, k, v, beta, log_decay=g, initial_state=s0,
+                                          segment_ids=SEGMENTS)  # fmt: skip
+
+    got, got_grads = _values_and_grads(pallas, q, k, v, beta, g, s0, np.random.default_rng(seed))
+    want, want_grads = _values_and_grads(
+        reference, q, k, v, beta, g, s0, np.random.default_rng(seed)
+    )
+    for name, a, b in zip(("out", "state"), got, want):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
+    for name, a, b in zip(("q", "k", "v", "beta", "log_decay", "s0"), got_grads, want_grads):
+        scale = float(jnp.abs(b).max())
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-4, err_msg=f"d{name}")
+
+
+def test_deltanet_through_the_op(rng):
+    """``arjax.ops.gated_delta_rule(impl="pallas")`` without decay (DeltaNet) dispatches to the
+    kernel (interpret mode on CPU) and matches the recurrence."""
+    q, k, v, beta, _, _ = inputs(rng, gated=False, shape=(2, 21, 1, 16, 16))
+    op = jax.jit(gated_delta_rule, static_argnames=("chunk_size", "impl"))
+    out, state = op(q, k, v, beta, chunk_size=16, impl="pallas")
+    want, want_state = gated_delta_rule_reference(q, k, v, beta)
+    np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(state, want_state, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_arguments_raise_before_compiling(rng):
+    q, k, v, beta, g, _ = inputs(rng, gated=True, shape=(B, L, H, DK, DV))
+    with pytest.raises(ValueError, match="chunk_size must be a positive multiple of 16"):
+        kernel(q, k, v, beta, chunk_size=8)
+    with pytest.raises(ValueError, match="block_v must divide dv=32"):
+        kernel(q, k, v, beta, block_v=24)
+    with pytest.raises(ValueError, match="log_decay must be floating"):
+        kernel(q, k, v, beta, log_decay=g[:, :3])
+    with pytest.raises(ValueError, match="powers of two"):
+        kernel(q[..., :12], k[..., :12], v, beta, backend="gpu", interpret=False)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernel(q, k, v, beta, backend="cuda")
