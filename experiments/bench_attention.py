@@ -555,6 +555,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=_csv(int), default=[2048, 8192, 32768])
     parser.add_argument("--modes", type=_csv(str), default=["fwd", "fwd+bwd"])
     parser.add_argument("--no-sparse", action="store_true", help="skip the window/segment rows")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense causal rows")
     parser.add_argument("--no-peak", action="store_true", help="skip the matmul peak")
     parser.add_argument(
         "--variants", action="store_true", help="time Mosaic GPU forward kernel variants too"
@@ -606,7 +607,8 @@ def main() -> None:
     if not args.no_peak:
         meta["matmul_tflops"] = matmul_peak(args)
         log(f"matmul peak {meta['matmul_tflops']:.0f} TFLOP/s")
-    dense_rows(args, log, tiles, result["dense"], save)
+    if not args.no_dense:
+        dense_rows(args, log, tiles, result["dense"], save)
     if args.variants:
         result["mosaic_variants"] = mosaic_variant_rows(args, log)
         save()

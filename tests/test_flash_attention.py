@@ -106,6 +106,52 @@ def test_gpu_variant_bf16_window_segments_gqa(rng):
     _check("gpu", rng, case, tol=BF16_TOL)
 
 
+def test_gpu_variant_unsorted_segments(rng):
+    """Segment ids in any layout (interleaved, repeated, ids absent from the keys): the tile
+    ranges bound every segment's first and last key, so no visible key is skipped."""
+    q, k, v = _inputs(rng, q_len=45, kv_len=61)
+    kw = dict(
+        q_segment_ids=jnp.asarray(rng.integers(0, 4, (2, 45)), jnp.int32),
+        kv_segment_ids=jnp.asarray(rng.integers(1, 3, (2, 61)), jnp.int32),
+    )
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    flash = lambda q, k, v, **kw: flash_attention(
+        q, k, v, backend="gpu", interpret=True, block_sizes=TINY, **kw
+    )
+    out, g = _value_and_grads(flash, q, k, v, w, kw)
+    ref, g_ref = _value_and_grads(attention_reference, q, k, v, w, kw)
+    for a, r in zip((out, *g), (ref, *g_ref)):
+        np.testing.assert_allclose(a, r, **F32_TOL)
+
+
+def _ranges_brute_force(row_seg, col_seg, row_block, col_block):
+    """Per row tile, [lo, hi) of the column tiles holding a column of one of its segments."""
+    out = []
+    for rows, cols in zip(row_seg, col_seg):
+        line = []
+        for t in range(len(rows) // row_block):
+            hits = np.flatnonzero(np.isin(cols, rows[t * row_block : (t + 1) * row_block]))
+            line += [hits[0] // col_block, hits[-1] // col_block + 1] if len(hits) else [0, 0]
+        out.append(line)
+    return np.asarray(out)
+
+
+def test_segment_tile_ranges_match_brute_force(rng):
+    from kernels_pallas.flash_attention._common import segment_tile_ranges
+
+    packed = np.repeat([[1, 2, 3, 4]], [24, 40, 8, 24], axis=1)  # documents of 24, 40, 8, 24
+    got = np.asarray(segment_tile_ranges(jnp.asarray(packed), jnp.asarray(packed), 16, 32))
+    # q tiles of 16: [0,16) doc 1 -> key tile 0; [16,32) docs 1-2 -> keys 0..63 -> tiles [0, 2);
+    # [32,48), [48,64) doc 2 -> [0, 2); [64,80) docs 3-4 -> keys 64..95 -> [2, 3); [80,96) doc 4
+    np.testing.assert_array_equal(got, [[0, 1, 0, 2, 0, 2, 0, 2, 2, 3, 2, 3]])
+    for row_block, col_block in ((16, 16), (8, 32)):
+        row_seg = rng.integers(0, 6, (3, 64))
+        col_seg = rng.integers(1, 5, (3, 96))
+        got = segment_tile_ranges(jnp.asarray(row_seg), jnp.asarray(col_seg), row_block, col_block)
+        want = _ranges_brute_force(row_seg, col_seg, row_block, col_block)
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.parametrize("wave", [1, 6])
 def test_gpu_variant_grouped_launch_order(rng, wave):
     """The Triton kernels' 1-D grids in ``work_item`` order over several groups of heads: waves

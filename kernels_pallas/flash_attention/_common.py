@@ -211,6 +211,36 @@ def segment_block_bounds(seg: jax.Array, block: int) -> tuple[jax.Array, jax.Arr
     return jnp.min(tiles, axis=-1), jnp.max(tiles, axis=-1)
 
 
+def segment_tile_ranges(
+    row_seg: jax.Array, col_seg: jax.Array, row_block: int, col_block: int
+) -> jax.Array:
+    """For each tile of ``row_block`` rows, the column tiles ``[lo, hi)`` that hold every
+    column sharing a segment id with one of its rows: ``int32 [batch, n_row_tiles * 2]``
+    (``lo, hi`` interleaved; ``lo == hi`` when none does).
+
+    ``row_seg [batch, R]``, ``col_seg [batch, C]`` are padded to multiples of the blocks. The
+    columns of segment ``s`` lie within ``[first(s), last(s)]``, found by a stable sort of the
+    column ids (positions ascend within equal ids) and a binary search per row, so any layout of
+    ids is handled exactly; for packed documents the range is the documents of the tile. Tiles
+    outside the range hold no key (query) the tile's rows may see, so kernels skip them.
+    """
+    order = jnp.argsort(col_seg, axis=1, stable=True)
+    sorted_seg = jnp.take_along_axis(col_seg, order, axis=1)
+    search = jax.vmap(jnp.searchsorted, in_axes=(0, 0, None))
+    left = search(sorted_seg, row_seg, "left")
+    right = search(sorted_seg, row_seg, "right")
+    found = right > left
+    cols = col_seg.shape[1]
+    first = jnp.where(found, jnp.take_along_axis(order, jnp.minimum(left, cols - 1), 1), cols)
+    last = jnp.where(found, jnp.take_along_axis(order, jnp.maximum(right - 1, 0), 1), -1)
+    b = row_seg.shape[0]
+    first = jnp.min(first.reshape(b, -1, row_block), axis=-1)  # [batch, n_row_tiles]
+    last = jnp.max(last.reshape(b, -1, row_block), axis=-1)
+    lo = jnp.where(last >= 0, first // col_block, 0)
+    hi = jnp.where(last >= 0, last // col_block + 1, 0)
+    return jnp.stack([lo, hi], axis=-1).reshape(b, -1).astype(jnp.int32)
+
+
 def pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     """``x`` padded with ``value`` at the end of ``axis`` to length ``size``."""
     if x.shape[axis] == size:

@@ -6,7 +6,9 @@ to a power of two >= 16 and lengths to tile multiples by the caller (``api.py``)
 * forward: one program per (q tile, batch, head), each streaming its visible KV tiles
   (FlashAttention-2, Dao 2023, alg. 1) in three loops -- masked edge, unmasked interior,
   masked edge -- so only boundary tiles pay for the mask and fully masked tiles are skipped.
-  With segment ids every tile is tested for segment overlap and skipped when disjoint.
+  With segment ids the loop runs only over the tiles between the first and the last key of the
+  tile's segments (``segment_tile_ranges``: a packed document's own tiles), and each of those
+  is still tested for segment overlap and skipped when disjoint.
 * backward: FA-2 alg. 2 split in two kernels, dK/dV (a program per KV tile, loop over q tiles)
   and dQ (a program per q tile, loop over KV tiles), both with the same tile skipping.
 * decode: flash-decoding (Dao et al. 2023): the group of query heads sharing a KV head and
@@ -38,6 +40,7 @@ from kernels_pallas.flash_attention._common import (
     kv_block_range,
     online_softmax_step,
     q_block_range,
+    segment_tile_ranges,
     tile_mask,
     work_item,
 )
@@ -69,6 +72,16 @@ def _segments_overlap(q_seg, k_seg):
     Conservative min/max range test (exact for sorted, packed documents)."""
     q_seg, k_seg = q_seg[:, 0], k_seg[0, :]
     return (jnp.min(q_seg) <= jnp.max(k_seg)) & (jnp.min(k_seg) <= jnp.max(q_seg))
+
+
+def _narrow(bounds, rng_ref):
+    """Intersect block ``bounds`` (lo, full_lo, full_hi, hi; with segment ids every tile is
+    masked, so full_lo == full_hi == hi) with the tile's segment range ``rng_ref`` = [lo, hi)."""
+    if rng_ref is None:
+        return bounds
+    lo = jnp.maximum(bounds[0], rng_ref[0])
+    hi = jnp.maximum(jnp.minimum(bounds[3], rng_ref[1]), lo)
+    return lo, hi, hi, hi
 
 
 def _stream_kv(q, q_idx, q_seg, k_ref, v_ref, kseg_ref, bounds, geo: Geometry):
@@ -112,13 +125,13 @@ def _stream_kv(q, q_idx, q_seg, k_ref, v_ref, kseg_ref, bounds, geo: Geometry):
 
 def _fwd_kernel(*refs, geo: Geometry, where):
     if geo.has_segments:
-        q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
+        q_ref, k_ref, v_ref, qseg_ref, kseg_ref, rng_ref, o_ref, lse_ref = refs
     else:
-        (q_ref, k_ref, v_ref, o_ref, lse_ref), qseg_ref, kseg_ref = refs, None, None
+        (q_ref, k_ref, v_ref, o_ref, lse_ref), qseg_ref, kseg_ref, rng_ref = refs, None, None, None
     q_first = where(pl.program_id(0))[0] * geo.bq
     q_idx = q_first + jnp.arange(geo.bq, dtype=jnp.int32)[:, None]
     q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
-    bounds = kv_block_range(q_first, q_first + geo.bq - 1, geo)
+    bounds = _narrow(kv_block_range(q_first, q_first + geo.bq - 1, geo), rng_ref)
     m, row_sum, acc = _stream_kv(q_ref[...], q_idx, q_seg, k_ref, v_ref, kseg_ref, bounds, geo)
     out, lse2 = finalize(m, row_sum, acc)
     o_ref[...] = out.astype(o_ref.dtype)
@@ -141,8 +154,9 @@ def forward(q, k, v, q_seg, kv_seg, geo: Geometry, bs: BlockSizes, interpret: bo
         in_specs += [
             spec((None, geo.bq), lambda i, b_, h_: (b_, i)),
             spec((None, lk), lambda i, b_, h_: (b_, 0)),
+            spec((None, 2), lambda i, b_, h_: (b_, i)),
         ]
-        args += [q_seg, kv_seg]
+        args += [q_seg, kv_seg, segment_tile_ranges(q_seg, kv_seg, geo.bq, geo.bk)]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, geo=geo, where=where),
         grid=(nq * b * h,),
@@ -164,14 +178,14 @@ def forward(q, k, v, q_seg, kv_seg, geo: Geometry, bs: BlockSizes, interpret: bo
 def _dq_kernel(*refs, geo: Geometry, where):
     """dQ of one query tile, streaming the KV tiles it sees."""
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), dq_ref = refs[:6], refs[-1]
-    qseg_ref, kseg_ref = refs[6:8] if geo.has_segments else (None, None)
+    qseg_ref, kseg_ref, rng_ref = refs[6:9] if geo.has_segments else (None, None, None)
     bq, bk = geo.bq, geo.bk
     q_first = where(pl.program_id(0))[0] * bq
     q_idx = q_first + jnp.arange(bq, dtype=jnp.int32)[:, None]
     q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
     q, do = q_ref[...], do_ref[...]
     lse2, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-    lo, full_lo, full_hi, hi = kv_block_range(q_first, q_first + bq - 1, geo)
+    lo, full_lo, full_hi, hi = _narrow(kv_block_range(q_first, q_first + bq - 1, geo), rng_ref)
 
     def step(j, dq, masked):
         start = pl.multiple_of(j * bk, bk)
@@ -202,15 +216,15 @@ def _dq_kernel(*refs, geo: Geometry, where):
 
 def _dkv_kernel(*refs, geo: Geometry, where):
     """dK, dV of one KV tile, streaming the q tiles that see it."""
-    n_in = 6 + 2 * geo.has_segments
+    n_in = 6 + 3 * geo.has_segments
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (dk_ref, dv_ref) = refs[:6], refs[n_in:]
-    qseg_ref, kseg_ref = refs[6:8] if geo.has_segments else (None, None)
+    qseg_ref, kseg_ref, rng_ref = refs[6:9] if geo.has_segments else (None, None, None)
     bq, bk = geo.bq, geo.bk
     k_first = where(pl.program_id(0))[0] * bk
     k_idx = k_first + jnp.arange(bk, dtype=jnp.int32)[None, :]
     k_seg = None if kseg_ref is None else kseg_ref[...][None, :]
     k, v = k_ref[...], v_ref[...]
-    lo, full_lo, full_hi, hi = q_block_range(k_first, k_first + bk - 1, geo)
+    lo, full_lo, full_hi, hi = _narrow(q_block_range(k_first, k_first + bk - 1, geo), rng_ref)
 
     def step(i, carry, masked):
         dk, dv = carry
@@ -253,7 +267,10 @@ def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, inter
     g = geo.groups
     geo_q = dataclasses.replace(geo, bq=bs.bwd_bq_dq, bk=bs.bwd_bk_dq)
     geo_k = dataclasses.replace(geo, bq=bs.bwd_bq_dkv, bk=bs.bwd_bk_dkv)
-    seg_args = [q_seg, kv_seg] if geo.has_segments else []
+    seg_args, dq_args = [], []
+    if geo.has_segments:
+        seg_args = [q_seg, kv_seg]
+        dq_args = [q_seg, kv_seg, segment_tile_ranges(q_seg, kv_seg, geo_q.bq, geo_q.bk)]
 
     # dQ: a program per q tile, streaming KV.
     bq = geo_q.bq
@@ -264,6 +281,7 @@ def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, inter
         [
             spec((None, bq), lambda i, b_, h_: (b_, i)),
             spec((None, lk), lambda i, b_, h_: (b_, 0)),
+            spec((None, 2), lambda i, b_, h_: (b_, i)),
         ]
         if geo.has_segments
         else []
@@ -285,7 +303,7 @@ def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, inter
         compiler_params=_params(bs, bwd=True),
         interpret=interpret,
         name="arjax_flash_dq",
-    )(q, k, v, do, lse2, delta, *seg_args)
+    )(q, k, v, do, lse2, delta, *dq_args)
 
     dk, dv = _dkv_call(q, k, v, do, lse2, delta, seg_args, geo_k, bs, interpret)
     return dq, dk, dv
@@ -304,10 +322,14 @@ def _dkv_call(q, k, v, do, lse2, delta, seg_args, geo_k, bs, interpret):
         [
             spec((None, lq), lambda j, b_, h_: (b_, 0)),
             spec((None, bk), lambda j, b_, h_: (b_, j)),
+            spec((None, 2), lambda j, b_, h_: (b_, j)),
         ]
         if geo_k.has_segments
         else []
     )
+    if seg_args:  # per KV tile, the q tiles holding its segments' queries
+        q_seg, kv_seg = seg_args
+        seg_args = [q_seg, kv_seg, segment_tile_ranges(kv_seg, q_seg, bk, geo_k.bq)]
     out_dtype = k.dtype if g == 1 else jnp.float32
     out_spec = spec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0))
     out_shape = jax.ShapeDtypeStruct((b, lk, h, d), out_dtype)
