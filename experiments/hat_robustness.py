@@ -1,151 +1,309 @@
-"""Robustness to input perturbations: bits/byte of HAT vs the byte transformer on noisy text.
+"""Robustness to input perturbations of any trained text model: HAT, byte or BPE transformer.
 
-The paper's claim (Neitemeier et al. 2025, Sec. 4.3, "robustness to intra-word
-perturbations"): HAT, reading bytes, degrades gracefully under spelling noise. This takes the
-two checkpoints trained by ``hat_vs_transformer.py`` (matched training FLOPs) and measures
-validation bits/byte on the held-out plays (the first ``--chars`` characters of each) clean
-and under seeded perturbations:
+The claim (Neitemeier et al. 2025, Sec. 4.3): HAT, reading bytes and pooling them into
+words, degrades less than a subword model when the input is noisy. Perturbations:
+:mod:`arjax.data.perturb` (swaps, drops, insertions, case flips, whitespace noise) at several
+rates and seeds.
 
-- ``swap``: in ``--rate`` of the words (letter runs of >= 2), two adjacent letters swapped;
-- ``delete``: each letter deleted with probability ``--rate / 2``;
-- ``case``: each letter's case flipped with probability ``--rate``;
-- ``upper``: the whole text upper-cased;
-- ``whitespace``: after each space or newline, an extra space with probability ``--rate``.
+**What bits/byte means here.** A noisy text's own bits/byte mixes two things: how well the
+model still reads, and the entropy of the injected noise (a random inserted letter costs
+about log2(26) bits to any model), and the noisy texts have different byte counts. So the
+main metric scores **clean bytes only**: each validation document is cut into (context,
+continuation) pairs at line starts; the context is perturbed, the continuation is not, and
+the model is scored on the continuation only, in bits per UTF-8 byte of the clean
+continuation (summed nats / (ln 2 x its bytes)). Every model, whatever its tokenizer, is
+scored on exactly the same bytes given the same noisy context, and the rate-0 row is the
+clean baseline (``clean_target``). The second metric (``noisy_text``) is the older one: the
+whole perturbed text scored per byte of the perturbed text (context empty).
 
-Bits/byte are per byte of the text each model is given (the perturbed text), over all of
-its rows (every byte transition once), so both models score exactly the same bytes.
+Rows are one pair each (``[BOS] context continuation``, right-padded), built per family:
+bytes (:func:`arjax.data.pipeline.window_features`), BPE tokens (``target_bytes`` from the
+tokenizer; context and continuation encoded separately, which at a line start gives the
+same tokens as encoding them together) or HAT words (:func:`arjax.data.words.words_to_batch`).
 
-    python experiments/hat_robustness.py [--runs runs/hat_vs_transformer]
+    python experiments/hat_robustness.py    # runs/hat_vs_transformer/{hat,transformer}
+    python experiments/hat_robustness.py --run hat=runs/p/hat --run bpe=runs/p/bpe \\
+        --run byte=runs/p/byte --corpus data/corpus/en --name hat_paper_robustness
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-from hat_common import markdown_table, write_results
+import matplotlib
 
-from arjax.cli import load_run_config
-from arjax.data.corpus import load_corpus
-from arjax.data.pipeline import make_eval_batches
-from arjax.data.words import make_word_eval_batches
-from arjax.train.loop import Trainer
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from hat_common import RESULTS, markdown_table, write_results  # noqa: E402
 
-_WORD = re.compile(r"[A-Za-z]{2,}")
-_LETTER = re.compile(r"[A-Za-z]")
+from arjax.cli import load_run_config  # noqa: E402
+from arjax.data.bpe import load_tokenizer  # noqa: E402
+from arjax.data.corpus import load_corpus, load_texts_from_dir  # noqa: E402
+from arjax.data.perturb import PERTURBATIONS, perturb  # noqa: E402
+from arjax.data.pipeline import window_features  # noqa: E402
+from arjax.data.vocab import BOS_ID, PAD_ID  # noqa: E402
+from arjax.data.words import document_words, words_to_batch  # noqa: E402
+from arjax.train.config import RunConfig  # noqa: E402
+from arjax.train.loop import Trainer  # noqa: E402
 
-
-def swap(text: str, rate: float, rng: np.random.Generator) -> str:
-    """Swap two adjacent letters inside ``rate`` of the words."""
-
-    def one(m: re.Match) -> str:
-        w = m.group()
-        if rng.random() >= rate:
-            return w
-        i = int(rng.integers(len(w) - 1))
-        return w[:i] + w[i + 1] + w[i] + w[i + 2 :]
-
-    return _WORD.sub(one, text)
+METRICS = ("clean_target", "noisy_text")
 
 
-def delete(text: str, rate: float, rng: np.random.Generator) -> str:
-    """Drop each letter with probability ``rate / 2``."""
-    return _LETTER.sub(lambda m: "" if rng.random() < rate / 2 else m.group(), text)
+def context_target_pairs(
+    docs: list[str], context_bytes: int, target_bytes: int, max_pairs: int
+) -> list[tuple[str, str]]:
+    """Consecutive (context, continuation) pairs from each document, in order, at most
+    ``max_pairs`` (spread over the documents): the context is about ``context_bytes`` and
+    ends with a newline, the continuation about ``target_bytes`` (whole characters)."""
+    pairs_per_doc = []
+    for doc in docs:
+        pairs, pos = [], 0
+        while True:
+            cut = doc.find("\n", pos + _char_len(doc, pos, context_bytes))
+            if cut < 0:
+                break
+            ctx = doc[pos : cut + 1]
+            tgt = doc[cut + 1 : cut + 1 + _char_len(doc, cut + 1, target_bytes)]
+            if len(tgt.encode("utf-8")) < target_bytes // 2 or not tgt.strip():
+                break
+            pairs.append((ctx, tgt))
+            pos = cut + 1 + len(tgt)
+        pairs_per_doc.append(pairs)
+    out, i = [], 0
+    while len(out) < max_pairs and any(i < len(p) for p in pairs_per_doc):
+        out += [p[i] for p in pairs_per_doc if i < len(p)][: max_pairs - len(out)]
+        i += 1
+    return out
 
 
-def flip_case(text: str, rate: float, rng: np.random.Generator) -> str:
-    """Flip the case of each letter with probability ``rate``."""
-    return _LETTER.sub(lambda m: m.group().swapcase() if rng.random() < rate else m.group(), text)
+def _char_len(text: str, start: int, nbytes: int) -> int:
+    """Characters from ``start`` whose UTF-8 fits in ``nbytes`` bytes."""
+    return len(text[start : start + nbytes].encode("utf-8")[:nbytes].decode(errors="ignore"))
 
 
-def upper(text: str, rate: float, rng: np.random.Generator) -> str:
-    """All caps (``rate``/``rng`` unused: a deterministic perturbation)."""
-    del rate, rng
-    return text.upper()
-
-
-def whitespace(text: str, rate: float, rng: np.random.Generator) -> str:
-    """Insert an extra space after a space or newline with probability ``rate``."""
-    return re.sub(r"[ \n]", lambda m: m.group() + (" " if rng.random() < rate else ""), text)
-
-
-PERTURBATIONS: dict[str, Callable[[str, float, np.random.Generator], str]] = {
-    "clean": lambda text, rate, rng: text,
-    "swap": swap,
-    "delete": delete,
-    "case": flip_case,
-    "upper": upper,
-    "whitespace": whitespace,
-}
-
-
-def eval_bits_per_byte(trainer: Trainer, params, docs: list[str], batch_size: int) -> float:
-    """Bits/byte of the trainer's model over all rows of ``docs`` (its own packing)."""
-    cfg = trainer.cfg
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "val").mkdir()
-        for i, doc in enumerate(docs):
-            (Path(tmp) / "val" / f"{i:03d}.txt").write_text(doc, encoding="utf-8")
-        data = dataclasses.replace(cfg.data, corpus=tmp, val_batches=0, batch_size=batch_size)
-        if cfg.model_name == "hat":
-            m = cfg.model
-            batches = make_word_eval_batches(
-                data, max_words=m.max_words, max_word_bytes=m.max_word_bytes
-            )
+def scored_rows(cfg: RunConfig, pairs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """One row ``[BOS] context continuation`` per pair in ``cfg``'s batch format; the loss
+    mask (and ``target_bytes``) cover the continuation only."""
+    seq = cfg.data.seq_len
+    if cfg.model_name == "hat":
+        m = cfg.model
+        rows = []
+        for ctx, tgt in pairs:
+            words = document_words(ctx + tgt, m.max_word_bytes)[:-1]  # no EOS
+            rows.append(words)
+        batch = words_to_batch(rows, seq, m.max_words)
+    else:
+        tok = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+        enc = (lambda s: tok.encode(s).tolist()) if tok else (lambda s: list(s.encode()))
+        ids = np.full((len(pairs), seq + 1), PAD_ID, np.int32)
+        for i, (ctx, tgt) in enumerate(pairs):
+            row = [BOS_ID, *enc(ctx), *enc(tgt)]
+            if len(row) > seq:
+                raise ValueError(
+                    f"pair {i}: {len(row)} tokens > data.seq_len={seq}; lower the pair sizes"
+                )
+            ids[i, : len(row)] = row
+        batch = window_features(ids)
+        if tok:
+            batch = tok.add_target_bytes(batch)
+    # target i predicts token i + 1: mask the context's targets
+    ctx_len = []
+    for ctx, _ in pairs:
+        if cfg.model_name != "hat" and cfg.data.tokenizer:
+            ctx_len.append(len(load_tokenizer(cfg.data.tokenizer).encode(ctx)))
         else:
-            batches = make_eval_batches(data)
-    trainer.eval_batches = batches
-    return trainer.evaluate(params)["val_bits_per_byte"]
+            ctx_len.append(len(ctx.encode("utf-8")))
+    keep = np.arange(seq)[None, :] >= np.asarray(ctx_len)[:, None]
+    batch["loss_mask"] = (batch["loss_mask"] * keep).astype(np.int32)
+    if "target_bytes" in batch:
+        batch["target_bytes"] = (batch["target_bytes"] * keep).astype(np.int32)
+    return batch
+
+
+def bits_per_target_byte(
+    trainer: Trainer, params, pairs: list[tuple[str, str]], batch_size: int
+) -> float:
+    """Summed nats over the continuations / (ln 2 x their UTF-8 bytes)."""
+    rows = scored_rows(trainer.cfg, pairs)
+    num_pad = -len(pairs) % batch_size
+    if num_pad:
+        pad = {k: np.zeros((num_pad, *v.shape[1:]), np.int32) for k, v in rows.items()}
+        rows = {k: np.concatenate([v, pad[k]]) for k, v in rows.items()}
+    n = len(pairs) + num_pad
+    trainer.eval_batches = [
+        {k: v[i : i + batch_size] for k, v in rows.items()} for i in range(0, n, batch_size)
+    ]
+    bits = trainer.evaluate(params)["val_bits_per_byte"]
+    expected = sum(len(t.encode("utf-8")) for _, t in pairs)
+    scored = sum(
+        int(np.sum(b.get("target_bytes", b["loss_mask"]) * b["loss_mask"]))
+        for b in trainer.eval_batches
+    )
+    if scored != expected:  # every continuation byte is scored exactly once
+        raise AssertionError(f"scored {scored} bytes, continuations have {expected}")
+    return bits
+
+
+def load_trained(out: Path, batch_size: int) -> tuple[Trainer, object, int]:
+    """Trainer, params and step of the run in ``out`` (its newest checkpoint). The trainer
+    reads a two-document stand-in corpus (only its shapes matter: batches are replaced)."""
+    cfg = load_run_config(out, None, [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for split in ("train", "val"):
+            (Path(tmp) / split).mkdir()
+            for i in range(2):
+                (Path(tmp) / split / f"{i}.txt").write_text("stand-in text\n" * 64)
+        data = dataclasses.replace(cfg.data, batch_size=batch_size, corpus=tmp, val_batches=1)
+        trainer = Trainer(dataclasses.replace(cfg, data=data), out)
+    state = trainer.initial_state()
+    if int(state.step) == 0:
+        raise SystemExit(f"{out}: no trained checkpoint")
+    return trainer, state.params, int(state.step)
+
+
+def robustness(
+    models: dict[str, tuple[Trainer, object]],
+    docs: list[str],
+    *,
+    kinds: list[str],
+    rates: list[float],
+    seeds: list[int],
+    context_bytes: int,
+    target_bytes: int,
+    max_pairs: int,
+    batch_size: int,
+) -> list[dict]:
+    """Rows ``{metric, kind, rate, model, mean, std, per_seed}`` over the grid."""
+    pairs = context_target_pairs(docs, context_bytes, target_bytes, max_pairs)
+    if not pairs:
+        raise ValueError("no (context, continuation) pairs: documents too short")
+    results = []
+    for metric in METRICS:
+        for kind in kinds:
+            for rate in [0.0, *[r for r in rates if r > 0]]:
+                per_model = {name: [] for name in models}
+                for seed in seeds if rate > 0 else seeds[:1]:
+                    noisy = [
+                        (perturb(c, kind, rate, seed * 100003 + i), t)
+                        for i, (c, t) in enumerate(pairs)
+                    ]
+                    if metric == "noisy_text":
+                        noisy = [("", perturb(c + t, kind, rate, seed * 100003 + i))
+                                 for i, (c, t) in enumerate(pairs)]  # fmt: skip
+                    for name, (trainer, params) in models.items():
+                        bits = bits_per_target_byte(trainer, params, noisy, batch_size)
+                        per_model[name].append(bits)
+                for name, vals in per_model.items():
+                    results.append({
+                        "metric": metric, "kind": kind, "rate": rate, "model": name,
+                        "mean": float(np.mean(vals)), "std": float(np.std(vals)),
+                        "per_seed": vals,
+                    })  # fmt: skip
+                print(f"{metric} {kind} {rate}: "
+                      + ", ".join(f"{n} {np.mean(v):.4f}" for n, v in per_model.items()),
+                      flush=True)  # fmt: skip
+    return results
+
+
+def plot(results: list[dict], metric: str, path: Path, title: str) -> None:
+    """One panel per perturbation: bits/byte vs rate, a line per model (error bar: std)."""
+    rows = [r for r in results if r["metric"] == metric]
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts = [r for r in rows if r["kind"] == kind and r["model"] == model]
+            x, y = [r["rate"] for r in pts], [r["mean"] for r in pts]
+            err = [r["std"] for r in pts]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=model)
+        ax.set_title(kind)
+        ax.set_xlabel("rate")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("bits / clean byte" if metric == "clean_target" else "bits / byte")
+    axes[0][-1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def degradation_table(results: list[dict], metric: str) -> tuple[str, list[dict]]:
+    """Markdown: per (kind, rate) each model's bits/byte (mean +- std over seeds) and its
+    increase over the clean rate-0 value."""
+    rows = [r for r in results if r["metric"] == metric]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    clean = {(r["kind"], r["model"]): r["mean"] for r in rows if r["rate"] == 0.0}
+    table = []
+    for kind, rate in dict.fromkeys((r["kind"], r["rate"]) for r in rows):
+        row = {"perturbation": kind, "rate": rate}
+        for r in rows:
+            if (r["kind"], r["rate"]) == (kind, rate):
+                row[r["model"]] = f"{r['mean']:.4f} ± {r['std']:.4f}"
+                row[f"{r['model']} Δ"] = f"{r['mean'] - clean[(kind, r['model'])]:+.4f}"
+        table.append(row)
+    cols = ["perturbation", "rate", *models, *[f"{m} Δ" for m in models]]
+    return markdown_table(table, cols), table
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", action="append", default=[], metavar="NAME=DIR",
+                   help="trained run (repeatable); default --runs/{hat,transformer}")  # fmt: skip
     p.add_argument("--runs", default="runs/hat_vs_transformer")
-    p.add_argument("--chars", type=int, default=6000, help="characters per validation play")
-    p.add_argument("--rate", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", default="shakespeare", help="its val split is perturbed")
+    p.add_argument("--kinds", default=",".join(PERTURBATIONS))
+    p.add_argument("--rates", default="0.05,0.1,0.2")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--context-bytes", type=int, default=128)
+    p.add_argument("--target-bytes", type=int, default=64)
+    p.add_argument("--max-pairs", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--name", default="hat_robustness", help="results file stem")
     args = p.parse_args()
 
-    docs = [d[: args.chars] for d in load_corpus("val")]
-    trainers = {}
-    for name in ("hat", "transformer"):
-        out = Path(args.runs) / name
-        trainer = Trainer(load_run_config(out, name, []), out)
-        state = trainer.initial_state()
-        if int(state.step) == 0:
-            raise SystemExit(f"{out}: no trained checkpoint; run hat_vs_transformer.py first")
-        trainers[name] = (trainer, state.params, int(state.step))
-    rows = []
-    for kind, fn in PERTURBATIONS.items():
-        noisy = [fn(d, args.rate, np.random.default_rng(args.seed + i)) for i, d in enumerate(docs)]
-        row = {"perturbation": kind, "bytes": sum(len(d.encode("utf-8")) for d in noisy)}
-        for name, (trainer, params, _) in trainers.items():
-            row[name] = eval_bits_per_byte(trainer, params, noisy, args.batch_size)
-        rows.append(row)
-        print(row, flush=True)
-    clean = rows[0]
-    for row in rows:
-        for name in trainers:
-            row[f"{name}_delta"] = row[name] - clean[name]
-    steps = {name: s for name, (_, _, s) in trainers.items()}
-    notes = (
-        f"Checkpoints: `{args.runs}/{{hat,transformer}}` from `hat_vs_transformer.py` "
-        f"(matched training FLOPs; steps {steps}). Text: the first {args.chars} characters of "
-        f"each held-out play; perturbation rate {args.rate}, seed {args.seed}. Columns `hat`/"
-        "`transformer`: bits/byte of the perturbed text; `*_delta`: increase over clean."
+    runs = dict(r.split("=", 1) for r in args.run) or {
+        n: f"{args.runs}/{n}" for n in ("hat", "transformer")
+    }
+    models, steps = {}, {}
+    for name, out in runs.items():
+        trainer, params, steps[name] = load_trained(Path(out), args.batch_size)
+        models[name] = (trainer, params)
+    docs = (
+        load_corpus("val")
+        if args.corpus == "shakespeare"
+        else load_texts_from_dir(Path(args.corpus) / "val")
     )
-    cols = ["perturbation", "bytes", "hat", "transformer", "hat_delta", "transformer_delta"]
+    results = robustness(
+        models, docs, kinds=args.kinds.split(","),
+        rates=[float(r) for r in args.rates.split(",")],
+        seeds=[int(s) for s in args.seeds.split(",")], context_bytes=args.context_bytes,
+        target_bytes=args.target_bytes, max_pairs=args.max_pairs, batch_size=args.batch_size,
+    )  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tables = {}
+    for metric in METRICS:
+        plot(results, metric, RESULTS / f"{args.name}_{metric}.png",
+             f"{metric}: bits/byte vs perturbation rate")  # fmt: skip
+        tables[metric] = degradation_table(results, metric)[0]
+    notes = (
+        f"Runs: {runs} (steps {steps}). Text: validation split of `{args.corpus}`, "
+        f"{args.max_pairs} (context ~{args.context_bytes} B, continuation ~{args.target_bytes}"
+        f" B) pairs; seeds {args.seeds}. `clean_target` (first table, `{args.name}_clean_target"
+        ".png`): the context is perturbed, the clean continuation is scored, bits per clean "
+        "byte; every model scores the same bytes. `noisy_text` (second table, "
+        f"`{args.name}_noisy_text.png`): the perturbed pair scored as a whole, bits per "
+        "perturbed byte (includes the injected noise's own entropy). Δ: increase over the "
+        f"clean value.\n\n### noisy_text\n\n{tables['noisy_text']}\n"
+    )
     write_results(
-        "hat_robustness",
-        "Bits/byte under input perturbations: HAT vs byte transformer",
-        {"args": vars(args), "train_steps": steps, "rows": rows},
-        markdown_table(rows, cols),
+        args.name,
+        "Bits/byte under input perturbations",
+        {"args": vars(args), "train_steps": steps, "results": results},
+        tables["clean_target"],
         notes,
     )
 

@@ -81,11 +81,13 @@ def _split_windows(
     bytes, or the tokens of ``cfg.tokenizer`` (features with ``target_bytes``)."""
     docs = _load_split(cfg.corpus, split)
     if cfg.tokenizer is None:
-        return _windows(_stream(docs), cfg.seq_len), _features
+        return _windows(_stream(docs), cfg.seq_len), window_features
     from .bpe import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer)
-    return _windows(tok.stream(docs), cfg.seq_len), lambda w: tok.add_target_bytes(_features(w))
+    return _windows(tok.stream(docs), cfg.seq_len), lambda w: tok.add_target_bytes(
+        window_features(w)
+    )
 
 
 def _check_positive_int(value: int, name: str) -> None:
@@ -120,7 +122,7 @@ def _windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(padded, seq_len + 1)[::seq_len]
 
 
-def _features(windows: np.ndarray) -> dict[str, np.ndarray]:
+def window_features(windows: np.ndarray) -> dict[str, np.ndarray]:
     """Windows ``[n, seq + 1]`` -> batch dict of int32 ``[n, seq]`` arrays."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
     is_bos = inputs == BOS_ID  # [n, seq]
@@ -140,7 +142,7 @@ def _features(windows: np.ndarray) -> dict[str, np.ndarray]:
 
 def pack_documents(docs: list[bytes | str], seq_len: int) -> dict[str, np.ndarray]:
     """Pack documents into all windows of their stream: int32 ``[num_windows, seq_len]`` each."""
-    return _features(_windows(_stream(docs), seq_len))
+    return window_features(_windows(_stream(docs), seq_len))
 
 
 def text_to_batch(texts: list[str], seq_len: int) -> dict[str, np.ndarray]:
@@ -156,7 +158,7 @@ def text_to_batch(texts: list[str], seq_len: int) -> dict[str, np.ndarray]:
                 f"text {i} has {len(data)} bytes; at most seq_len - 1 = {seq_len - 1} fit"
             )
         rows[i, : len(data) + 2] = _stream([data])
-    return _features(rows)
+    return window_features(rows)
 
 
 def shuffled_batches(
