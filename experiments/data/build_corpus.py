@@ -139,7 +139,8 @@ SOURCES: tuple[Source, ...] = (
     Source("debian-edu-doc-de", "debian-edu-doc-de", "de", r"\.html$", "html"),
     Source("kicad-doc-de", "kicad-doc-de", "de", r"\.html$", "html"),
     Source("apache-doc-de", "apache2-doc", "de", r"/manual/de/.*\.html$", "html"),
-    Source("fortunes-de", "fortunes-de", "de", r"/games/fortunes-de/[a-z-]+$", "fortune"),
+    Source("fortunes-de", "fortunes-de", "de", r"/games/fortunes/de/[^/.]+(\.fortunes)?$",
+           "fortune"),
 )  # fmt: skip
 
 
