@@ -87,36 +87,44 @@ def _char_len(text: str, start: int, nbytes: int) -> int:
 
 def scored_rows(cfg: RunConfig, pairs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
     """One row ``[BOS] context continuation`` per pair in ``cfg``'s batch format; the loss
-    mask (and ``target_bytes``) cover the continuation only."""
+    mask (and ``target_bytes``) cover the continuation only. A context too long for the row
+    (``data.seq_len`` tokens, HAT's ``max_words``) loses its oldest tokens (words)."""
     seq = cfg.data.seq_len
+    ctx_len = []
     if cfg.model_name == "hat":
         m = cfg.model
         rows = []
-        for ctx, tgt in pairs:
-            words = document_words(ctx + tgt, m.max_word_bytes)[:-1]  # no EOS
-            rows.append(words)
+        for i, (ctx, tgt) in enumerate(pairs):
+            bos, *tail, _ = document_words(tgt, m.max_word_bytes)  # [BOS] words [EOS]
+            head = document_words(ctx, m.max_word_bytes)[1:-1] if ctx else []
+            size = lambda ws: sum(len(w) for w in ws)  # noqa: E731
+            drop = 0
+            while drop <= len(head) and (
+                1 + len(head) - drop + len(tail) > m.max_words
+                or 1 + size(head[drop:]) + size(tail) > seq
+            ):
+                drop += 1
+            if drop > len(head):
+                raise ValueError(f"pair {i}: the continuation alone does not fit a HAT row")
+            ctx_len.append(size(head[drop:]))
+            rows.append([bos, *head[drop:], *tail])
         batch = words_to_batch(rows, seq, m.max_words)
     else:
         tok = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
         enc = (lambda s: tok.encode(s).tolist()) if tok else (lambda s: list(s.encode()))
         ids = np.full((len(pairs), seq + 1), PAD_ID, np.int32)
         for i, (ctx, tgt) in enumerate(pairs):
-            row = [BOS_ID, *enc(ctx), *enc(tgt)]
-            if len(row) > seq:
-                raise ValueError(
-                    f"pair {i}: {len(row)} tokens > data.seq_len={seq}; lower the pair sizes"
-                )
-            ids[i, : len(row)] = row
+            tail = enc(tgt)
+            room = seq - 1 - len(tail)
+            if room < 0:
+                raise ValueError(f"pair {i}: continuation of {len(tail)} tokens > seq_len")
+            head = enc(ctx)[-room:] if room else []
+            ctx_len.append(len(head))
+            ids[i, : 1 + len(head) + len(tail)] = [BOS_ID, *head, *tail]
         batch = window_features(ids)
         if tok:
             batch = tok.add_target_bytes(batch)
     # target i predicts token i + 1: mask the context's targets
-    ctx_len = []
-    for ctx, _ in pairs:
-        if cfg.model_name != "hat" and cfg.data.tokenizer:
-            ctx_len.append(len(load_tokenizer(cfg.data.tokenizer).encode(ctx)))
-        else:
-            ctx_len.append(len(ctx.encode("utf-8")))
     keep = np.arange(seq)[None, :] >= np.asarray(ctx_len)[:, None]
     batch["loss_mask"] = (batch["loss_mask"] * keep).astype(np.int32)
     if "target_bytes" in batch:

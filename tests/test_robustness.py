@@ -58,8 +58,11 @@ def test_pairs_are_consecutive_and_end_at_lines():
 
 @pytest.mark.parametrize("family", ["transformer", "bpe", "hat"])
 def test_rows_score_exactly_the_continuation(family, tmp_path):
-    """The targets the loss mask keeps are the continuation's bytes (tokens), each once."""
-    pairs = [("Ärger im Haus,\nund dann\n", " ging sie. Schön!"), ("", "noisy text only.")]
+    """The targets the loss mask keeps are the continuation's bytes (tokens), each once; a
+    context too long for the row keeps its newest part."""
+    long_ctx = "".join(f"w{i} " for i in range(60)) + "\n"  # > 96 bytes: trimmed
+    pairs = [("Ärger im Haus,\nund dann\n", " ging sie. Schön!"), ("", "noisy text only."),
+             (long_ctx, "tail text")]  # fmt: skip
     overrides = ["data.seq_len=96", "model.max_seq_len=128"]
     tok = None
     if family == "bpe":
@@ -73,13 +76,12 @@ def test_rows_score_exactly_the_continuation(family, tmp_path):
         overrides = ["data.seq_len=96", "model.max_seq_len=96", "model.max_words=48"]
     cfg = make_run_config(name, "tiny", overrides)
     rows = hr.scored_rows(cfg, pairs)
+    decode = tok.decode if tok else (lambda ids: bytes(ids.tolist()).decode())
     for i, (ctx, tgt) in enumerate(pairs):
-        kept = rows["targets"][i][rows["loss_mask"][i] > 0]
+        mask = rows["loss_mask"][i] > 0
+        kept_ctx = int(np.argmax(mask))  # context tokens before the first scored target
+        assert decode(rows["targets"][i][mask]) == tgt
+        assert ctx.endswith(decode(rows["inputs"][i][1 : 1 + kept_ctx]))
+        assert (decode(rows["inputs"][i][1 : 1 + kept_ctx]) == ctx) == (i < 2)
         if tok is not None:
-            assert tok.decode(kept) == tgt
             assert int(rows["target_bytes"][i].sum()) == len(tgt.encode())
-            assert np.array_equal(rows["inputs"][i][1 : 1 + len(tok.encode(ctx))],
-                                  tok.encode(ctx))  # fmt: skip
-        else:
-            assert bytes(kept.tolist()) == tgt.encode()
-            assert bytes(rows["inputs"][i][1 : 1 + len(ctx.encode())].tolist()) == ctx.encode()
