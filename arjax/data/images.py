@@ -2,8 +2,9 @@
 
 Datasets (uint8 ``[num, height, width, channels]``, values 0..255):
 
-- ``"digits"``: scikit-learn's bundled 8x8 digits (1797 images, 17 grey levels 0..16 scaled to
-  0..255; no download). Held-out split: every 6th image (299 images), the rest train.
+- ``"digits"``: the UCI optdigits 8x8 digits (Alpaydin & Kaynak 1998, CC BY 4.0, as bundled by
+  scikit-learn; shipped in ``assets/digits.npz``, see ``LICENSES/optdigits.txt``): 1797 images,
+  17 grey levels 0..16 scaled to 0..255; no download. Held-out split: every 6th image (299 images), the rest train.
 - ``"fashion_mnist"``: Fashion-MNIST 28x28 (Xiao et al. 2017, MIT licence) read from the IDX
   files of the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``,
   or ``$ARJAX_FASHION_MNIST_DIR``). ``train``: the 60k training images; ``val``: the 10k test
@@ -20,6 +21,7 @@ import gzip
 import os
 import struct
 import zlib
+from importlib import resources
 from pathlib import Path
 
 import grain
@@ -34,14 +36,8 @@ _FASHION_FILES = {"train": "train-images-idx3-ubyte.gz", "val": "t10k-images-idx
 
 
 def _load_digits(split: str) -> np.ndarray:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError(
-            "dataset 'digits' needs scikit-learn (bundled data, no download): "
-            "pip install scikit-learn"
-        ) from None
-    images = load_digits().images  # [1797, 8, 8] float, values 0..16
+    with resources.as_file(resources.files("arjax.data") / "assets" / "digits.npz") as path:
+        images = np.load(path)["images"]  # [1797, 8, 8] uint8, values 0..16
     held_out = np.arange(len(images)) % 6 == 5
     images = images[held_out] if split == "val" else images[~held_out]
     return np.round(images * (255.0 / 16.0)).astype(np.uint8)[..., None]
