@@ -1,51 +1,113 @@
-"""``arjax`` command line: ``train``, ``eval``, ``sample``.
+"""``arjax`` command line: ``train``, ``eval``, ``sample``, ``plot``, ``config``.
 
     arjax train --model hat --preset tiny --out runs/hat --set train.steps=200
     arjax eval --out runs/hat
     arjax sample --out runs/hat --prompt "ROMEO." --max-bytes 200
+    arjax plot --out runs/hat
+    arjax config --model hat --preset tiny --set train.steps=200
 
-``eval`` and ``sample`` rebuild the run's config from its checkpoint metadata and load
-the newest valid checkpoint under ``--out``.
+``eval`` and ``sample`` rebuild the run's config from ``--out/config.json`` and load the newest
+valid checkpoint under ``--out``. A mistake in the command (a flag, a config value, a path, a
+corpus folder, a run folder of another model or in use) is one line on stderr and exit status
+2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
-from arjax.config import ConfigError, apply_overrides, from_dict
+from arjax.config import ConfigError, apply_overrides, from_dict, to_dict
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its files: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the problem and where the help is."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _models_epilog() -> str:
+    from arjax.models import MODELS
+
+    lines = ["models and their presets (--model M --preset P):"]
+    lines += [f"  {name:<12} {', '.join(spec.presets)}" for name, spec in sorted(MODELS.items())]
+    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="arjax", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train (or resume) a model")
-    train.add_argument("--model", default="hat", help="model family (default: hat)")
-    train.add_argument("--preset", default="tiny", help="named preset (default: tiny)")
-    train.add_argument("--out", required=True, help="run directory (checkpoints, metrics)")
-    train.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.steps=100 (repeatable)",
-    )  # fmt: skip
+    from arjax.models import MODELS
+
+    models = sorted(MODELS)
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="arjax", description=__doc__.split("\n")[0], epilog=_models_epilog(),
+                formatter_class=fmt)  # fmt: skip
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one line")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=text, description=text, epilog=_models_epilog(),
+                           formatter_class=fmt)  # fmt: skip
+        # SUPPRESS: `arjax --debug train` and `arjax train --debug` both work
+        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks instead of one line")  # fmt: skip
+        return q
+
+    def overrides(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config field, e.g. --set train.steps=100 (repeatable)",
+        )  # fmt: skip
+
+    for name, text in (("train", "train (or resume) a model"),
+                       ("config", "print the resolved run config as JSON")):  # fmt: skip
+        q = command(name, text)
+        q.add_argument("--model", default="hat", choices=models, metavar="MODEL",
+                       help="model family (default: hat; listed below)")  # fmt: skip
+        q.add_argument("--preset", default="tiny", help="named size (default: tiny)")
+        if name == "train":
+            q.add_argument("--out", required=True, help="run folder (checkpoints, metrics)")
+        overrides(q)
     for name in ("eval", "sample"):
-        q = sub.add_parser(name, help=f"{name} from the newest checkpoint under --out")
-        q.add_argument("--out", required=True, help="run directory written by `arjax train`")
+        q = command(name, f"{name} from the newest checkpoint under --out")
+        q.add_argument("--out", required=True, help="run folder written by `arjax train`")
         q.add_argument("--model", default=None, help="must match the run's model, if given")
-        q.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+        overrides(q)
     sample = sub.choices["sample"]
     sample.add_argument("--prompt", action="append", default=None, help="prompt (repeatable)")
-    sample.add_argument("--max-bytes", type=int, default=200)
-    sample.add_argument("--temperature", type=float, default=0.8)
-    sample.add_argument("--top-k", type=int, default=None)
-    sample.add_argument("--top-p", type=float, default=0.95)
+    sample.add_argument("--max-bytes", type=int, default=200, help="bytes to generate")
+    sample.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0 is greedy")
+    sample.add_argument("--top-k", type=int, default=None, help="keep the k likeliest (k >= 1)")
+    sample.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1]")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--png", default=None, help="image models: where to write the grid")
+    plot = command("plot", "write a PNG of the loss and val bits/byte curves of a run")
+    plot.add_argument("--out", required=True, help="run folder written by `arjax train`")
+    plot.add_argument("--png", default=None, help="where to write it (default: OUT/curves.png)")
     return p
 
 
-def load_run_config(out: Path, model: str | None, overrides: list[str]):
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(
+            f"{path} is not valid JSON ({e}); restore it, or delete the run folder to start over"
+        ) from e
+
+
+def load_run_config(out: Path, model: str | None, overrides: list[str]) -> Any:
     """The RunConfig saved by ``arjax train`` in ``out/config.json``, with overrides."""
     from arjax.data.pipeline import DataConfig
     from arjax.models import get_model_spec
@@ -54,59 +116,179 @@ def load_run_config(out: Path, model: str | None, overrides: list[str]):
 
     path = out / "config.json"
     if not path.is_file():
-        raise ConfigError(f"--out: {out} has no config.json; run `arjax train --out {out}` first")
-    raw = json.loads(path.read_text())
-    if model is not None and model != raw["model_name"]:
-        raise ConfigError(f"--model: run in {out} is {raw['model_name']!r}, not {model!r}")
-    spec = get_model_spec(raw["model_name"])
-    cfg = RunConfig(
-        raw["model_name"],
-        from_dict(spec.config_cls, raw["model"]),
-        from_dict(DataConfig, raw["data"]),
-        from_dict(TrainConfig, raw["train"]),
-        from_dict(MeshConfig, raw["mesh"]),
-    )
+        raise UsageError(f"--out: {out} has no config.json; run `arjax train --out {out}` first")
+    raw = _read_json(path)
+    _check_same_model(out, raw, model)
+    try:
+        spec = get_model_spec(raw["model_name"])
+        cfg = RunConfig(
+            raw["model_name"],
+            from_dict(spec.config_cls, raw["model"]),
+            from_dict(DataConfig, raw["data"]),
+            from_dict(TrainConfig, raw["train"]),
+            from_dict(MeshConfig, raw["mesh"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path}: not a run config of this arjax ({e})") from e
     return apply_overrides(cfg, overrides)
+
+
+def _check_same_model(out: Path, raw: dict, model: str | None) -> None:
+    if model is not None and raw.get("model_name") != model:
+        raise UsageError(
+            f"--model: the run in {out} is {raw.get('model_name')!r}, not {model!r}; pass "
+            f"--model {raw.get('model_name')} to use it, or another --out for a new run"
+        )
+
+
+def _check_resumable(out: Path, cfg: Any) -> None:
+    """``train`` into an existing run folder: same family and model shape, or one line."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    raw = _read_json(path)
+    _check_same_model(out, raw, cfg.model_name)
+    saved, asked = raw.get("model", {}), to_dict(cfg)["model"]
+    changed = [k for k in asked if saved.get(k) != asked[k]]
+    if changed:
+        k = changed[0]
+        raise UsageError(
+            f"--out: the run in {out} has model.{k}={saved.get(k)!r}, this command asks for "
+            f"{asked[k]!r} ({len(changed)} model field(s) differ); resume with the run's "
+            "settings or pick another --out"
+        )
+
+
+def _check_sampling(args: argparse.Namespace, cfg: Any) -> None:
+    """Sampling flags and prompts, checked before the model is built."""
+    if args.temperature < 0:
+        raise UsageError(f"--temperature: must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k: must be >= 1, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p: must be in (0, 1] (1 keeps every token), got {args.top_p}")
+    if args.max_bytes < 1:
+        raise UsageError(f"--max-bytes: must be >= 1, got {args.max_bytes}")
+    prompts = args.prompt or [cfg.train.sample_prompt]
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = prompt[e.start].encode("utf-8", "surrogateescape")
+            raise UsageError(
+                f"--prompt: not valid UTF-8 (byte {bad!r} at character {e.start}); "
+                "pass UTF-8 text (check the terminal's locale)"
+            ) from None
+    from arjax.models import get_model_spec
+    from arjax.models.linear_lm import LINEAR_MIXERS
+
+    spec = get_model_spec(cfg.model_name)
+    limit = getattr(cfg.model, "max_seq_len", None)
+    if spec.data == "images" or limit is None:
+        return
+    longest = max(len(p.encode("utf-8")) for p in prompts) + 1  # + BOS
+    if longest > limit:
+        raise UsageError(
+            f"--prompt: {longest - 1} bytes; the model reads at most {limit - 1} "
+            f"(model.max_seq_len={limit}); shorten it"
+        )
+    if cfg.model_name not in LINEAR_MIXERS and longest + args.max_bytes > limit:
+        raise UsageError(
+            f"--max-bytes: {args.max_bytes} + the {longest - 1}-byte prompt exceed the model's "
+            f"context (model.max_seq_len={limit}); pass --max-bytes {limit - longest} or less"
+        )
+
+
+def _one_line_warnings() -> None:
+    """Warnings as ``arjax: warning: <first line>`` (library warnings keep their detail)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        print(f"arjax: warning: {text}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
+def enable_compilation_cache() -> None:
+    """Persistent XLA compilation cache, so a second ``eval``/``sample`` does not recompile:
+    ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``~/.cache/arjax/xla``."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "arjax" / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    if not debug:
+        _one_line_warnings()
+    created = False
+    if args.command == "train":
+        created = not Path(args.out).exists()
     try:
         return _run(args)
-    except ConfigError as e:
-        print(f"arjax: config error: {e}", file=sys.stderr)
+    except Exception as e:
+        from arjax.train.checkpoint import NoValidCheckpointError
+        from arjax.train.runlock import RunLockedError
+
+        user = (UsageError, ConfigError, NoValidCheckpointError, RunLockedError)
+        if created and isinstance(e, user):
+            _remove_if_unused(Path(args.out))
+        if debug or not isinstance(e, user):
+            raise
+        print(f"arjax {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _remove_if_unused(out: Path) -> None:
+    """Delete a run folder this command created, unless a checkpoint made it in."""
+    ckpt = out / "checkpoints"
+    if out.is_dir() and not (ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def entry() -> int:
+    """The ``arjax`` console script: :func:`main` with the persistent compilation cache."""
+    enable_compilation_cache()
+    return main()
 
 
 def _run(args: argparse.Namespace) -> int:
     from arjax.train.config import make_run_config
 
-    out = Path(args.out)
-    if args.command == "train":
-        from arjax.train.loop import train
-
+    if args.command == "config":
         cfg = make_run_config(args.model, args.preset, args.overrides)
-        result = train(cfg, out)
-        summary = {k: v for k, v in result.items() if isinstance(v, int | float | str)}
-        print(json.dumps(summary))
-        if "val_bits_per_byte" in result:
-            unit = "dim" if "val_bits_per_dim" in result else "byte"
-            print(f"validation bits/{unit}: {result['val_bits_per_byte']:.4f}")
-        if cfg.train.sample_bytes and "preempted" not in result:
-            from arjax.generate import sample
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} is a file, not a run folder; pass a folder path")
+    if args.command == "train":
+        return _train(args, out, make_run_config(args.model, args.preset, args.overrides))
+    if args.command == "plot":
+        from arjax.train.curves import plot_run
 
-            trainer = result["trainer"]
-            text = sample(cfg.model_name, trainer.model, result["state"].params, cfg)
-            print(f"sample:\n{text}")
+        try:
+            print(plot_run(out, None if args.png is None else Path(args.png)))
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            raise UsageError(str(e)) from e
         return 0
 
     cfg = load_run_config(out, args.model, args.overrides)
+    if args.command == "sample":
+        _check_sampling(args, cfg)
     from arjax.train.loop import Trainer
 
     trainer = Trainer(cfg, out)
     state = trainer.initial_state()
     if int(state.step) == 0:
-        raise ConfigError(f"--out: no valid checkpoint under {out}/checkpoints")
+        raise UsageError(
+            f"--out: no checkpoint under {out}/checkpoints; run `arjax train --out {out}` first"
+        )
     if args.command == "eval":
         print(json.dumps({"step": int(state.step), **trainer.evaluate(state.params)}))
         return 0
@@ -130,5 +312,42 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, out: Path, cfg: Any) -> int:
+    from arjax.models import get_model_spec
+    from arjax.train.loop import train
+
+    _check_resumable(out, cfg)
+    on_eval = None
+    if get_model_spec(cfg.model_name).data == "images":
+
+        def on_eval(step: int, trainer: Any, params: Any) -> None:
+            from arjax.generate import sample
+
+            (trainer.out / "samples").mkdir(exist_ok=True)
+            png = trainer.out / "samples" / f"step_{step:07d}.png"
+            sample(cfg.model_name, trainer.model, params, cfg, png=str(png))
+
+    result = train(cfg, out, on_eval=on_eval)
+    summary = {k: v for k, v in result.items() if isinstance(v, int | float | str)}
+    print(json.dumps(summary))
+    if "val_bits_per_byte" in result:
+        unit = "dim" if "val_bits_per_dim" in result else "byte"
+        print(f"validation bits/{unit}: {result['val_bits_per_byte']:.4f}")
+    stopped = result.get("preempted")
+    if stopped in ("SIGINT", "SIGTERM"):
+        print(
+            f"stopped at step {result['step']}, checkpoint saved; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + signal.Signals[stopped].value  # 130 / 143, as the signal would
+    if cfg.train.sample_bytes and stopped is None:
+        from arjax.generate import sample
+
+        trainer = result["trainer"]
+        text = sample(cfg.model_name, trainer.model, result["state"].params, cfg)
+        print(f"sample:\n{text}")
+    return 0
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

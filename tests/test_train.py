@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -83,14 +84,48 @@ def test_cross_entropy_values():
     assert float(count) == 1.0
 
 
+def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """``tag -> [(step, value)]`` from the TFRecord event files in ``folder`` (records are
+    ``uint64 length, uint32 crc, Event proto, uint32 crc``)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 16 + length
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
 def test_cli_train_eval_sample(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--model", "transformer", "--preset", "tiny", "--out", str(out)]
-    sets = [x for s in [*TINY, "train.steps=4", "train.sample_bytes=8"] for x in ("--set", s)]
+    extra = ["train.steps=4", "train.sample_bytes=8", "train.progress=true"]
+    sets = [x for s in [*TINY, *extra] for x in ("--set", s)]
     assert main(args + sets) == 0
     printed = capsys.readouterr().out
     assert "validation bits/byte:" in printed and "sample:" in printed
     rows = _rows(out / "metrics.jsonl")
+    # stdout is not a terminal: plain progress lines, every log_every (1) steps and at evals
+    lines = [x for x in printed.splitlines() if x.startswith("step ")]
+    assert len(lines) == 6 and lines[3].startswith("step 3/4: val bits/byte ")
+    assert lines[-2] == (
+        f"step 4/4: loss {rows[-2]['loss']:.4f}, bits/byte {rows[-2]['bits_per_byte']:.4f}, "
+        f"{rows[-2]['tokens_per_s']:,.0f} tokens/s"
+    )
+    # TensorBoard scalars, one per logged row, readable back
+    scalars = _tensorboard_scalars(out / "tb")
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4]
+    assert scalars["loss"][-1][1] == pytest.approx(rows[-2]["loss"], rel=1e-6)
+    assert scalars["val_bits_per_byte"][-1] == (4, pytest.approx(rows[-1]["val_bits_per_byte"]))
+    assert main(["plot", "--out", str(out)]) == 0
+    png = out / "curves.png"
+    assert capsys.readouterr().out.strip() == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert all(
         np.isfinite(r[k])

@@ -4,7 +4,8 @@ Datasets (uint8 ``[num, height, width, channels]``, values 0..255):
 
 - ``"digits"``: the UCI optdigits 8x8 digits (Alpaydin & Kaynak 1998, CC BY 4.0, as bundled by
   scikit-learn; shipped in ``assets/digits.npz``, see ``LICENSES/optdigits.txt``): 1797 images,
-  17 grey levels 0..16 scaled to 0..255; no download. Held-out split: every 6th image (299 images), the rest train.
+  17 grey levels 0..16 scaled to 0..255; no download. Held-out split: every 6th image (299
+  images), the rest train.
 - ``"fashion_mnist"``: Fashion-MNIST 28x28 (Xiao et al. 2017, MIT licence) read from the IDX
   files of the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``,
   or ``$ARJAX_FASHION_MNIST_DIR``). ``train``: the 60k training images; ``val``: the 10k test
@@ -27,9 +28,17 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from arjax.config import ConfigError
+
 from .pipeline import shuffled_batches
 
 IMAGE_DATASETS = ("digits", "fashion_mnist")
+
+
+class DatasetNotFoundError(ConfigError, FileNotFoundError):
+    """An image dataset's files are not installed (a config error: the message says how)."""
+
+
 SPLITS = ("train", "val")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_FILES = {"train": "train-images-idx3-ubyte.gz", "val": "t10k-images-idx3-ubyte.gz"}
@@ -61,8 +70,8 @@ def _load_fashion_mnist(split: str) -> np.ndarray:
     root = Path(os.environ.get("ARJAX_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
     path = root / _FASHION_FILES[split]
     if not path.is_file():
-        raise FileNotFoundError(
-            f"Fashion-MNIST not found at {path}. Install the Debian package "
+        raise DatasetNotFoundError(
+            f"model.dataset: Fashion-MNIST not found at {path}. Install the Debian package "
             "(`apt-get install dataset-fashion-mnist`) or set ARJAX_FASHION_MNIST_DIR to a "
             f"folder holding {_FASHION_FILES['train']} and {_FASHION_FILES['val']}."
         )

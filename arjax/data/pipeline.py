@@ -21,7 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from arjax.config import check, check_field_types, check_positive
+from arjax.config import ConfigError, check, check_field_types, check_positive
 
 from .corpus import SPLITS, load_corpus, load_texts_from_dir
 from .vocab import BOS_ID, EOS_ID, PAD_ID
@@ -69,9 +69,16 @@ def _load_split(corpus: str, split: str) -> list[str]:
         return load_corpus(split)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    layout = "a folder holding train/ and val/ folders of UTF-8 .txt files"
     if not Path(corpus).is_dir():
-        raise ValueError(f"corpus {corpus!r}: neither {SHAKESPEARE!r} nor a directory")
-    return load_texts_from_dir(Path(corpus) / split)
+        raise ConfigError(f"data.corpus: {corpus!r} is neither {SHAKESPEARE!r} nor {layout}")
+    try:
+        texts = load_texts_from_dir(Path(corpus) / split)
+    except ValueError as e:  # missing folder, no .txt files, invalid UTF-8
+        raise ConfigError(f"data.corpus: {e}; it must be {layout}") from None
+    if not any(texts):
+        raise ConfigError(f"data.corpus: every .txt file in {Path(corpus) / split} is empty")
+    return texts
 
 
 def _split_windows(

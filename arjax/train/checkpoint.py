@@ -7,11 +7,15 @@ out of their ``*.orbax-checkpoint-tmp`` directory) are listed or restored. No pi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import re
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,10 @@ import orbax.checkpoint as ocp
 from arjax.train.state import TrainState
 
 _STATE, _DATA, _META = "state", "data_state", "metadata"
+_REASON_CHARS = 160  # a skipped checkpoint's reason is cut to one short line
+_TENSORSTORE_TAIL = re.compile(
+    r"\s*\[(?:source locations|tensorstore_spec)=|\. See full TensorStore"
+)
 
 
 class NoValidCheckpointError(RuntimeError):
@@ -56,15 +64,14 @@ class Checkpointer:
             raise ValueError(f"save_interval_steps: must be >= 1, got {save_interval_steps}")
         self.directory = path
         self._names = ocp.path.step.standard_name_format()
-        self._manager = ocp.CheckpointManager(
-            path,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                save_interval_steps=save_interval_steps,
-                enable_async_checkpointing=async_save,
-                step_name_format=self._names,
-            ),
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save,
+            step_name_format=self._names,
         )
+        with _quiet_absl():  # it reads every step's metadata; restore reports a bad one
+            self._manager = ocp.CheckpointManager(path, options=options)
 
     def save(
         self,
@@ -168,26 +175,30 @@ class Checkpointer:
         again; only the process that writes checkpoints should pass it.
         """
         steps = self.all_steps()
-        errors = []
+        errors: list[tuple[int, str]] = []
         for step in reversed(steps):
             try:
-                result = self.restore(abstract_state, step=step, shardings=shardings)
+                with _quiet_absl():  # Orbax logs its own error lines: we report one instead
+                    result = self.restore(abstract_state, step=step, shardings=shardings)
             except Exception as e:  # any failure means this step is unusable
-                errors.append(f"step {step}: {type(e).__name__}: {e}")
+                errors.append((step, _reason(e)))
+                continue
+            for bad, why in errors:
                 warnings.warn(
-                    f"checkpoint step {step} in {self.directory} could not be restored "
-                    f"({type(e).__name__}: {e}); trying an older step",
+                    f"checkpoint step {bad} in {self.directory} could not be restored ({why}); "
+                    f"using step {step} instead",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                continue
             if quarantine and errors:
                 self._quarantine([s for s in steps if s > step])
             return result
         if not steps:
             return None, None, None
         raise NoValidCheckpointError(
-            f"no restorable checkpoint in {self.directory}:\n" + "\n".join(errors)
+            f"no checkpoint in {self.directory} could be restored ("
+            + "; ".join(f"step {s}: {why}" for s, why in errors)
+            + f"); move {self.directory} aside to start the run over"
         )
 
     def read_metadata(self, step: int | None = None) -> dict | None:
@@ -212,6 +223,30 @@ class Checkpointer:
             path = self.directory / self._names.build_name(step)
             path.rename(path.with_name(f"{path.name}.invalid-{time.time_ns()}"))
         self._manager.reload()
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Silence the ``absl`` logger (Orbax's) below CRITICAL for the duration."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _reason(e: Exception) -> str:
+    """One short line for why a checkpoint did not restore: the exception's first line,
+    without what TensorStore appends (``[source locations=...]``, ``[tensorstore_spec=...]``,
+    ``See full TensorStore details: ...``)."""
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else ""
+    text = re.split(_TENSORSTORE_TAIL, first)[0]
+    if len(text) > _REASON_CHARS:
+        text = text[: _REASON_CHARS - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _fields(state: Any) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The training loop behind ``arjax train``: sharded jit step, eval, checkpoints, logs.
 
 Resumes from the newest valid checkpoint in ``out_dir``; SIGTERM/SIGINT finish the
-current step, save and return. Metrics go to ``out_dir/metrics.jsonl`` (one JSON object
-per line with ``step``), to the console (tqdm) and to TensorBoard when installed.
+current step, save and return. One process trains in a run folder at a time
+(:class:`arjax.train.runlock.RunLock`). Metrics go to ``out_dir/metrics.jsonl`` (one JSON
+object per line with ``step``), to TensorBoard event files under ``out_dir/tb`` and to the
+console: a tqdm bar on a terminal, plain lines every ``train.log_every`` steps otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import functools
 import json
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from arjax.train.checkpoint import Checkpointer
 from arjax.train.config import RunConfig
 from arjax.train.data import make_data
 from arjax.train.optim import learning_rate_schedule, make_optimizer
+from arjax.train.runlock import RunLock
 from arjax.train.sharding import (
     batch_sharding,
     in_mesh_context,
@@ -50,7 +55,7 @@ def peak_flops(device: Any) -> float | None:
 
 
 class MetricsWriter:
-    """Appends JSON lines; on resume drops rows past the restored step."""
+    """Appends JSON lines and TensorBoard scalars; on resume drops rows past the restored step."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
@@ -62,12 +67,10 @@ class MetricsWriter:
             kept = [r for r in rows if r.get("step", 0) <= resume_step]
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.tb = None
-        try:
-            from tensorboardX import SummaryWriter
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter  # numpy + protobuf only, no TensorFlow
 
-            self.tb = SummaryWriter(str(path.parent / "tb"))
-        except ImportError:
-            pass
+            self.tb = SummaryWriter(str(path.parent / "tb"), purge_step=resume_step + 1)
 
     def write(self, row: dict) -> None:
         if jax.process_index() != 0:
@@ -78,6 +81,29 @@ class MetricsWriter:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):
                     self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain_console() -> bool:
+    """Whether progress is printed as plain lines: stdout is not a terminal, or one that
+    reports 0 columns (where a progress bar shows nothing)."""
+    try:
+        return not sys.stdout.isatty() or os.get_terminal_size(sys.stdout.fileno()).columns == 0
+    except (OSError, ValueError):  # no file descriptor (a notebook, a closed stream)
+        return True
+
+
+def _plain_line(row: dict, steps: int) -> str:
+    unit = "dim" if "val_bits_per_dim" in row else "byte"
+    if "val_bits_per_byte" in row:
+        return f"step {row['step']}/{steps}: val bits/{unit} {row['val_bits_per_byte']:.4f}"
+    return (
+        f"step {row['step']}/{steps}: loss {row['loss']:.4f}, bits/byte "
+        f"{row['bits_per_byte']:.4f}, {row['tokens_per_s']:,.0f} tokens/s"
+    )
 
 
 def to_global(batch: dict, sharding: Any) -> dict:
@@ -105,12 +131,12 @@ class Trainer:
         self.out = Path(out_dir).absolute()
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {self.out} exists and is not a directory")
-        self.out.mkdir(parents=True, exist_ok=True)
         self.mesh = make_mesh(cfg.mesh, devices)
         self.model = build_model(cfg.model_name, cfg.model)
         self.train_iter, self.eval_batches = make_data(
             cfg, jax.process_index(), jax.process_count()
         )
+        self.out.mkdir(parents=True, exist_ok=True)  # only once the data is known to load
         self.tx = make_optimizer(cfg.train)
         example = jax.tree.map(lambda x: jnp.asarray(x[:1]), self.eval_batches[0])
         init = functools.partial(init_train_state, self.model, self.tx, example_batch=example)
@@ -181,13 +207,31 @@ def train(
     devices: list | None = None,
     *,
     stop_at: int | None = None,
+    on_eval: Callable[[int, Trainer, Any], None] | None = None,
 ) -> dict:
     """Train (or resume) to ``cfg.train.steps``; returns the last metrics row.
 
     ``stop_at`` ends this invocation early after that step (saving a checkpoint), as a
-    preemption would; a later call resumes the same run.
+    preemption would; a later call resumes the same run. ``on_eval(step, trainer, params)``
+    runs after each evaluation (``arjax train`` draws image samples there). Raises
+    :class:`arjax.train.runlock.RunLockedError` if another process trains in ``out_dir``.
     """
     trainer = Trainer(cfg, out_dir, devices)
+    lock = RunLock(trainer.out)
+    if jax.process_index() == 0:
+        lock.acquire()
+    try:
+        return _train_locked(trainer, stop_at, on_eval)
+    finally:
+        lock.release()
+
+
+def _train_locked(
+    trainer: Trainer,
+    stop_at: int | None,
+    on_eval: Callable[[int, Trainer, Any], None] | None,
+) -> dict:
+    cfg = trainer.cfg
     tc = cfg.train
     state = trainer.initial_state(quarantine=True)
     start = int(state.step)
@@ -210,11 +254,13 @@ def train(
         with contextlib.suppress(ValueError):  # not the main thread: no handler
             handlers[sig] = signal.signal(sig, on_signal)
 
-    bar = None
+    bar, plain = None, False
     if tc.progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
+        plain = _plain_console()
+        if not plain:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
+            bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
     last = {"step": start}
     t_last, step_last = time.perf_counter(), start
     try:
@@ -240,6 +286,8 @@ def train(
                     )
                 if bar is not None:
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                if plain and (step % tc.log_every == 0 or step == tc.steps):
+                    print(_plain_line(row, tc.steps), flush=True)
                 writer.write(row)
                 last = row
             if step % tc.eval_every == 0 or step == tc.steps:
@@ -247,8 +295,11 @@ def train(
                 writer.write(row)
                 last = {**last, **row}
                 if bar is not None:
-                    unit = "dim" if "val_bits_per_dim" in row else "byte"
-                    bar.write(f"step {step}: val bits/{unit} {row['val_bits_per_byte']:.4f}")
+                    bar.write(_plain_line(row, tc.steps))
+                if plain:
+                    print(_plain_line(row, tc.steps), flush=True)
+                if on_eval is not None:
+                    on_eval(step, trainer, state.params)
             if step % tc.save_every == 0 or step == tc.steps or stop["signal"]:
                 trainer.save(state, force=True)
             if bar is not None:
@@ -259,6 +310,7 @@ def train(
                 break
     finally:
         trainer.ckpt.wait()
+        writer.close()
         if bar is not None:
             bar.close()
         for sig, handler in handlers.items():
