@@ -26,6 +26,8 @@ from typing import Any
 
 from arjax.config import ConfigError, apply_overrides, from_dict, to_dict
 
+_DESCRIPTION = "Train, evaluate, sample and plot autoregressive sequence models in JAX."
+
 
 class UsageError(Exception):
     """A mistake in the command line or its files: printed as one line, exit status 2."""
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
     models = sorted(MODELS)
     fmt = argparse.RawDescriptionHelpFormatter
-    p = _Parser(prog="arjax", description=__doc__.split("\n")[0], epilog=_models_epilog(),
+    p = _Parser(prog="arjax", description=_DESCRIPTION, epilog=_models_epilog(),
                 formatter_class=fmt)  # fmt: skip
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one line")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -218,7 +220,7 @@ def enable_compilation_cache() -> None:
         return
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "arjax" / "xla"
     jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +320,12 @@ def _train(args: argparse.Namespace, out: Path, cfg: Any) -> int:
 
     _check_resumable(out, cfg)
     on_eval = None
-    if get_model_spec(cfg.model_name).data == "images":
+    m = cfg.model
+    if (
+        get_model_spec(cfg.model_name).data == "images"
+        and len(m.shape) == 2
+        and m.channels in (1, 3)
+    ):
 
         def on_eval(step: int, trainer: Any, params: Any) -> None:
             from arjax.generate import sample

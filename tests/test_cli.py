@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from arjax.cli import main
@@ -169,3 +170,22 @@ def test_run_folder_lock_names_the_holder_and_a_stale_one_is_taken_over(tmp_path
         assert main(["train", "--model", "transformer", "--out", str(out), *_sets(SMALL)]) == 2
     err = _one_line_error(capsys, "train")
     assert f"is in use by another `arjax train` (pid {os.getpid()})" in err
+
+
+def test_axial_training_writes_a_sample_grid_at_each_eval(tmp_path, capsys):
+    from arjax.data.images import image_grid, write_png
+
+    out = tmp_path / "run"
+    small = ["model.d_model=32", "model.num_heads=2", "model.num_kv_heads=2", "model.head_dim=16",
+             "model.mlp_dim=64", "model.inner_layers=1", "data.batch_size=4",
+             "data.val_batches=1", "train.steps=4", "train.eval_every=2",
+             "train.save_every=4", "train.sample_bytes=0", "train.progress=false",
+             "train.async_checkpoint=false"]  # fmt: skip
+    assert main(["train", "--model", "axial", "--out", str(out), *_sets(small)]) == 0
+    pngs = sorted(p.name for p in (out / "samples").iterdir())
+    assert pngs == ["step_0000002.png", "step_0000004.png"]
+    # 16 samples of 8x8 on a 4-column grid, pixels scaled 4x: the same IHDR as a blank grid
+    blank = write_png(tmp_path / "blank.png", image_grid(np.zeros((16, 8, 8, 1), np.uint8), 4), 4)
+    got = (out / "samples" / pngs[-1]).read_bytes()
+    assert got[:8] == b"\x89PNG\r\n\x1a\n" and got[12:24] == blank.read_bytes()[12:24]
+    assert got != blank.read_bytes()  # not blank: sampled digits

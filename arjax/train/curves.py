@@ -8,12 +8,13 @@ Needs matplotlib (``pip install 'arjax[plot]'``).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
-def read_metrics(out: Path) -> list[dict]:
+def read_metrics(out: str | os.PathLike) -> list[dict]:
     """The rows of ``out/metrics.jsonl``, skipping a line torn by a hard kill."""
-    path = out / "metrics.jsonl"
+    path = Path(out) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"--out: {out} has no metrics.jsonl; train there first")
     rows = []
