@@ -26,6 +26,13 @@ Everything lands in ``experiments/results/hat_paper.{md,json}`` plus PNGs. Examp
 The corpus comes from ``experiments/data/build_corpus.py`` (``CORPUS/en``, ``CORPUS/de``);
 without ``--tokenizer`` (or when the file is missing) the BPE tokenizer is trained first on
 the English train split (``experiments/data/train_bpe.py``).
+
+On a device reached one command at a time (at most 10 minutes each, 64 MiB carried): build
+the corpus and the tokenizer on the CPU machine, pack them (``build_corpus.py --pack
+data/corpus.tar.xz --max-mb 160``), carry ``data/corpus.tar.xz`` and ``data/bpe32k.json``,
+unpack with ``tar xJf data/corpus.tar.xz -C data``, and repeat the same command with
+``--deadline-s 420``: it starts no new run or stage after that many seconds, finished runs
+and stage results are reused, and compiled programs are cached under ``--out``.
 """
 
 from __future__ import annotations
@@ -127,7 +134,7 @@ def sizes(tokenizer: str) -> dict[str, Size]:
                     ],
                 ),
             },  # fmt: skip
-            budget_tflops=5e4 if name == "100m" else 1.5e5,
+            budget_tflops=2e4 if name == "100m" else 6e4,
             context_bytes=1024,
             target_bytes=512,
         )
@@ -152,6 +159,17 @@ def steps_for(size: Size, model: str, budget_tflops: float, corpus: str) -> int:
     """Optimizer steps of ``model`` that spend ``budget_tflops`` of training compute."""
     probe = run_config(size, model, corpus, 0, 1, 1, [])
     return max(1, round(budget_tflops * 1e12 / step_flops(probe)))
+
+
+_START = time.monotonic()
+
+
+def check_deadline(args: argparse.Namespace, what: str) -> None:
+    """Stop before starting ``what`` once ``--deadline-s`` seconds have passed (the runs and
+    stage results so far are kept: the same command continues where this one stopped)."""
+    if args.deadline_s and time.monotonic() - _START > args.deadline_s:
+        raise SystemExit(f"--deadline-s {args.deadline_s} reached before {what}; run the same "
+                         "command again to continue")  # fmt: skip
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -198,6 +216,7 @@ def compare(args, table: dict[str, Size], corpus: Path, out: Path) -> dict:
                 run_dir = out / size_name / "en" / model / f"seed{seed}"
                 t0 = time.perf_counter()
                 if not finished(run_dir, steps):  # else skip loading its data again
+                    check_deadline(args, f"training {run_dir}")
                     train(cfg, run_dir)
                 wall = time.perf_counter() - t0
                 curve = read_curve(run_dir, step_flops(cfg))
@@ -271,6 +290,7 @@ def adapt(args, table: dict[str, Size], corpus: Path, out: Path, compare_runs: d
                     warm.save(state.replace(params=params), force=True)
                     warm.ckpt.wait()
                 if not finished(run_dir, steps):
+                    check_deadline(args, f"training {run_dir}")
                     train(cfg, run_dir)
                 curve = {**read_curve(run_dir, step_flops(cfg)), "start_bits_per_byte": start}
                 en_eval = scratch_trainer(en_cfg, corpus / "en" / "val", scratch)
@@ -293,6 +313,25 @@ def adapt(args, table: dict[str, Size], corpus: Path, out: Path, compare_runs: d
     return results
 
 
+def robustness_of(args, size: Size, size_name: str, runs: dict, corpus: Path,
+                  docs: list[str]) -> list[dict]:  # fmt: skip
+    """Stage 2 at one size: the seed-0 models under every perturbation, rate and seed."""
+    models = {}
+    for model in MODELS:
+        r = runs[f"{size_name}/{model}/{args.seeds[0]}"]
+        cfg = run_config(size, model, str(corpus / "en"), args.seeds[0], r["steps"],
+                         args.evals, ["data.batch_size=16"])  # fmt: skip
+        params = trained_params(cfg, Path(r["run_dir"]), Path(tempfile.mkdtemp()))
+        trainer = scratch_trainer(cfg, corpus / "en" / "val", Path(tempfile.mkdtemp()))
+        models[model] = (trainer, params)
+    return robustness(
+        models, docs, kinds=["swap", "drop", "insert", "case", "whitespace"],
+        rates=[float(r) for r in args.rates.split(",")], seeds=args.seeds,
+        context_bytes=size.context_bytes, target_bytes=size.target_bytes,
+        max_pairs=args.pairs, batch_size=16,
+    )  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU scale: size tiny, small subsets")
@@ -307,6 +346,8 @@ def main() -> None:
     p.add_argument("--stages", default="compare,robustness,adapt")
     p.add_argument("--rates", default="0.05,0.1,0.2", help="robustness perturbation rates")
     p.add_argument("--pairs", type=int, default=256, help="robustness (context, text) pairs")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no new run or stage after this many seconds")  # fmt: skip
     p.add_argument("--out", default="runs/hat_paper")
     p.add_argument("--name", default="hat_paper")
     args = p.parse_args()
@@ -336,21 +377,15 @@ def main() -> None:
         docs = load_texts_from_dir(corpus / "en" / "val")
         for size_name in args.sizes:
             size = table[size_name]
-            models = {}
-            for model in MODELS:
-                r = runs[f"{size_name}/{model}/{args.seeds[0]}"]
-                cfg = run_config(size, model, str(corpus / "en"), args.seeds[0], r["steps"],
-                                 args.evals, ["data.batch_size=16"])  # fmt: skip
-                params = trained_params(cfg, Path(r["run_dir"]), Path(tempfile.mkdtemp()))
-                trainer = scratch_trainer(cfg, corpus / "en" / "val", Path(tempfile.mkdtemp()))
-                models[model] = (trainer, params)
-            res = robustness(
-                models, docs, kinds=["swap", "drop", "insert", "case", "whitespace"],
-                rates=[float(r) for r in args.rates.split(",")], seeds=args.seeds,
-                context_bytes=size.context_bytes, target_bytes=size.target_bytes,
-                max_pairs=args.pairs,
-                batch_size=16,
-            )  # fmt: skip
+            cache = out / f"robustness_{size_name}.json"
+            key = {"seeds": args.seeds, "rates": args.rates, "pairs": args.pairs}
+            cached = json.loads(cache.read_text()) if cache.exists() else {}
+            if cached.get("key") == key:
+                res = cached["results"]
+            else:
+                check_deadline(args, f"robustness at {size_name}")
+                res = robustness_of(args, size, size_name, runs, corpus, docs)
+                cache.write_text(json.dumps({"key": key, "results": res}))
             payload["robustness"][size_name] = res
             for metric in METRICS:
                 plot_robustness(res, metric, RESULTS / f"{args.name}_robustness_{size_name}_"
