@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -48,14 +47,19 @@ from pathlib import Path
 import jax
 import numpy as np
 from hat_common import RESULTS, markdown_table, write_results
-from hat_robustness import METRICS, degradation_table, robustness
+from hat_robustness import (
+    METRICS,
+    degradation_table,
+    restore_params,
+    robustness,
+    stand_in_trainer,
+)
 from hat_robustness import plot as plot_robustness
 from hat_vs_transformer import read_curve, step_flops
 
 from arjax.config import to_dict
 from arjax.data.bpe import load_tokenizer, train_bpe
 from arjax.data.corpus import load_texts_from_dir
-from arjax.train.checkpoint import Checkpointer
 from arjax.train.config import RunConfig, make_run_config
 from arjax.train.loop import Trainer, train
 
@@ -181,26 +185,14 @@ def finished(run_dir: Path, steps: int) -> bool:
     return any(r.get("step") == steps and "val_bits_per_byte" in r for r in rows)
 
 
-def scratch_trainer(cfg: RunConfig, val_dir: Path, scratch: Path) -> Trainer:
-    """A trainer whose eval batches are all of ``val_dir`` (its train split is a stand-in,
-    so a large corpus is not loaded to evaluate)."""
-    root = Path(tempfile.mkdtemp(dir=scratch))
-    (root / "train").mkdir()
-    for i in range(2):
-        (root / "train" / f"{i}.txt").write_text("stand-in text\n" * 64)
-    os.symlink(val_dir.absolute(), root / "val")
-    data = dataclasses.replace(cfg.data, corpus=str(root), val_batches=0)
-    return Trainer(dataclasses.replace(cfg, data=data), root / "run")
-
-
-def trained_params(cfg: RunConfig, out: Path, scratch: Path) -> object:
-    """The final params of the finished run in ``out``."""
-    trainer = scratch_trainer(cfg, Path(cfg.data.corpus) / "val", scratch)
-    trainer.ckpt = Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
-    state = trainer.initial_state()
-    if int(state.step) != cfg.train.steps:
+def trained_params(cfg: RunConfig, out: Path, at: Path | Trainer) -> object:
+    """The final params of the finished run in ``out``, for ``at`` (a trainer of ``cfg``, or
+    a scratch directory to make one in)."""
+    trainer = at if isinstance(at, Trainer) else stand_in_trainer(cfg, at)
+    params, step = restore_params(trainer, out)
+    if step != cfg.train.steps:
         raise SystemExit(f"{out}: expected a finished run of {cfg.train.steps} steps")
-    return state.params
+    return params
 
 
 def compare(args, table: dict[str, Size], corpus: Path, out: Path) -> dict:
@@ -282,7 +274,7 @@ def adapt(args, table: dict[str, Size], corpus: Path, out: Path, compare_runs: d
                 params = trained_params(en_cfg, Path(en["run_dir"]), scratch)
                 cfg = run_config(size, model, str(corpus / "de"), seed, steps, args.evals, [])
                 run_dir = out / size_name / "de" / model / f"seed{seed}"
-                de_eval = scratch_trainer(cfg, corpus / "de" / "val", scratch)
+                de_eval = stand_in_trainer(cfg, scratch, corpus / "de" / "val")
                 start = de_eval.evaluate(params)["val_bits_per_byte"]
                 if not (run_dir / "checkpoints").exists():  # warm start: step-0 checkpoint
                     warm = Trainer(cfg, run_dir)
@@ -293,7 +285,7 @@ def adapt(args, table: dict[str, Size], corpus: Path, out: Path, compare_runs: d
                     check_deadline(args, f"training {run_dir}")
                     train(cfg, run_dir)
                 curve = {**read_curve(run_dir, step_flops(cfg)), "start_bits_per_byte": start}
-                en_eval = scratch_trainer(en_cfg, corpus / "en" / "val", scratch)
+                en_eval = stand_in_trainer(en_cfg, scratch, corpus / "en" / "val")
                 adapted = trained_params(cfg, run_dir, scratch)
                 results[f"{size_name}/{model}/{seed}"] = {
                     "size": size_name, "model": model, "seed": seed, "steps": steps,
@@ -321,9 +313,8 @@ def robustness_of(args, size: Size, size_name: str, runs: dict, corpus: Path,
         r = runs[f"{size_name}/{model}/{args.seeds[0]}"]
         cfg = run_config(size, model, str(corpus / "en"), args.seeds[0], r["steps"],
                          args.evals, ["data.batch_size=16"])  # fmt: skip
-        params = trained_params(cfg, Path(r["run_dir"]), Path(tempfile.mkdtemp()))
-        trainer = scratch_trainer(cfg, corpus / "en" / "val", Path(tempfile.mkdtemp()))
-        models[model] = (trainer, params)
+        trainer = stand_in_trainer(cfg, Path(tempfile.mkdtemp()))  # batches come later
+        models[model] = (trainer, trained_params(cfg, Path(r["run_dir"]), trainer))
     return robustness(
         models, docs, kinds=["swap", "drop", "insert", "case", "whitespace"],
         rates=[float(r) for r in args.rates.split(",")], seeds=args.seeds,

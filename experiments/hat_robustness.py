@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from arjax.data.perturb import PERTURBATIONS, perturb  # noqa: E402
 from arjax.data.pipeline import window_features  # noqa: E402
 from arjax.data.vocab import BOS_ID, PAD_ID  # noqa: E402
 from arjax.data.words import document_words, words_to_batch  # noqa: E402
+from arjax.train.checkpoint import Checkpointer  # noqa: E402
 from arjax.train.config import RunConfig  # noqa: E402
 from arjax.train.loop import Trainer  # noqa: E402
 
@@ -156,21 +159,39 @@ def bits_per_target_byte(
     return bits
 
 
-def load_trained(out: Path, batch_size: int) -> tuple[Trainer, object, int]:
-    """Trainer, params and step of the run in ``out`` (its newest checkpoint). The trainer
-    reads a two-document stand-in corpus (only its shapes matter: batches are replaced)."""
+def restore_params(trainer: Trainer, run_dir: Path) -> tuple[object, int]:
+    """Params and step of the newest valid checkpoint of the run in ``run_dir``, laid out
+    for ``trainer`` (same model config); the trainer's own data state is left alone."""
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    state, _, _ = ckpt.restore_latest_valid(
+        trainer.abstract_state, shardings=trainer.state_shardings
+    )
+    if state is None:
+        raise SystemExit(f"{run_dir}: no trained checkpoint")
+    return state.params, int(state.step)
+
+
+def stand_in_trainer(cfg: RunConfig, scratch: Path, val_dir: Path | None = None) -> Trainer:
+    """A trainer for ``cfg`` reading a stand-in train split (shapes only) and ``val_dir``
+    (all of it) or a stand-in too: evaluation without loading a large corpus."""
+    root = Path(tempfile.mkdtemp(dir=scratch))
+    for split in ("train", "val"):
+        (root / split).mkdir()
+        for i in range(2):
+            (root / split / f"{i}.txt").write_text("stand-in text\n" * 64)
+    if val_dir is not None:
+        shutil.rmtree(root / "val")
+        os.symlink(val_dir.absolute(), root / "val")
+    data = dataclasses.replace(cfg.data, corpus=str(root), val_batches=0 if val_dir else 1)
+    return Trainer(dataclasses.replace(cfg, data=data), root / "run")
+
+
+def load_trained(out: Path, batch_size: int, scratch: Path) -> tuple[Trainer, object, int]:
+    """Trainer (batches of ``batch_size`` rows), params and step of the run in ``out``."""
     cfg = load_run_config(out, None, [])
-    with tempfile.TemporaryDirectory() as tmp:
-        for split in ("train", "val"):
-            (Path(tmp) / split).mkdir()
-            for i in range(2):
-                (Path(tmp) / split / f"{i}.txt").write_text("stand-in text\n" * 64)
-        data = dataclasses.replace(cfg.data, batch_size=batch_size, corpus=tmp, val_batches=1)
-        trainer = Trainer(dataclasses.replace(cfg, data=data), out)
-    state = trainer.initial_state()
-    if int(state.step) == 0:
-        raise SystemExit(f"{out}: no trained checkpoint")
-    return trainer, state.params, int(state.step)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch_size))
+    trainer = stand_in_trainer(cfg, scratch)
+    return trainer, *restore_params(trainer, out)
 
 
 def robustness(
@@ -276,9 +297,9 @@ def main() -> None:
     runs = dict(r.split("=", 1) for r in args.run) or {
         n: f"{args.runs}/{n}" for n in ("hat", "transformer")
     }
-    models, steps = {}, {}
+    models, steps, scratch = {}, {}, Path(tempfile.mkdtemp())
     for name, out in runs.items():
-        trainer, params, steps[name] = load_trained(Path(out), args.batch_size)
+        trainer, params, steps[name] = load_trained(Path(out), args.batch_size, scratch)
         models[name] = (trainer, params)
     docs = (
         load_corpus("val")
