@@ -132,7 +132,16 @@ def load_run_config(out: Path, model: str | None, overrides: list[str]) -> Any:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{path}: not a run config of this arjax ({e})") from e
-    return apply_overrides(cfg, overrides)
+    changed = apply_overrides(cfg, overrides)
+    model = to_dict(changed)["model"]
+    fields = [k for k in model if model[k] != raw["model"].get(k)]
+    if fields:
+        raise UsageError(
+            f"--set model.{fields[0]}: the checkpoint in {out} was trained with "
+            f"model.{fields[0]}={raw['model'].get(fields[0])!r}; eval and sample keep the run's "
+            "model (data.*, train.* and mesh.* may change)"
+        )
+    return changed
 
 
 def _check_same_model(out: Path, raw: dict, model: str | None) -> None:
@@ -169,6 +178,17 @@ def _check_sampling(args: argparse.Namespace, cfg: Any) -> None:
         raise UsageError(f"--top-k: must be >= 1, got {args.top_k}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p: must be in (0, 1] (1 keeps every token), got {args.top_p}")
+    from arjax.models import get_model_spec
+    from arjax.models.linear_lm import LINEAR_MIXERS
+
+    spec = get_model_spec(cfg.model_name)
+    if args.png is not None:
+        if spec.data != "images":
+            raise UsageError(
+                f"--png: only image models draw a PNG; this run is {cfg.model_name!r} (text)"
+            )
+        if not Path(args.png).absolute().parent.is_dir():
+            raise UsageError(f"--png: folder {Path(args.png).parent} does not exist; create it")
     if args.max_bytes < 1:
         raise UsageError(f"--max-bytes: must be >= 1, got {args.max_bytes}")
     prompts = args.prompt or [cfg.train.sample_prompt]
@@ -181,10 +201,6 @@ def _check_sampling(args: argparse.Namespace, cfg: Any) -> None:
                 f"--prompt: not valid UTF-8 (byte {bad!r} at character {e.start}); "
                 "pass UTF-8 text (check the terminal's locale)"
             ) from None
-    from arjax.models import get_model_spec
-    from arjax.models.linear_lm import LINEAR_MIXERS
-
-    spec = get_model_spec(cfg.model_name)
     limit = getattr(cfg.model, "max_seq_len", None)
     if spec.data == "images" or limit is None:
         return

@@ -143,6 +143,8 @@ def test_truncated_config_json_is_named(tmp_path, capsys):
         (["--max-bytes", "1000000000"], "pass --max-bytes 56 or less"),  # 64 - 7-byte prompt - BOS
         (["--prompt", "x" * 70], "--prompt: 70 bytes; the model reads at most 63"),
         (["--prompt", "ok\udcff"], "--prompt: not valid UTF-8 (byte b'\\xff' at character 2)"),
+        (["--png", "grid.png"], "--png: only image models draw a PNG; this run is 'transformer'"),
+        (["--set", "model.d_model=64"], "--set model.d_model: the checkpoint in"),
     ],
 )
 def test_sample_flags_are_checked_before_loading(tmp_path, capsys, flags, message):
@@ -189,3 +191,12 @@ def test_axial_training_writes_a_sample_grid_at_each_eval(tmp_path, capsys):
     got = (out / "samples" / pngs[-1]).read_bytes()
     assert got[:8] == b"\x89PNG\r\n\x1a\n" and got[12:24] == blank.read_bytes()[12:24]
     assert got != blank.read_bytes()  # not blank: sampled digits
+
+
+def test_sample_png_folder_must_exist(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["config", "--model", "axial"]) == 0
+    out.mkdir()
+    (out / "config.json").write_text(capsys.readouterr().out)
+    assert main(["sample", "--out", str(out), "--png", str(tmp_path / "no" / "grid.png")]) == 2
+    assert f"--png: folder {tmp_path / 'no'} does not exist" in _one_line_error(capsys, "sample")
