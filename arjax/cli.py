@@ -249,11 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         created = not Path(args.out).exists()
     try:
         return _run(args)
+    except KeyboardInterrupt:  # before training's own handler is installed, or eval/sample
+        if created:
+            _remove_if_unused(Path(args.out))
+        if debug:
+            raise
+        print(f"arjax {args.command}: interrupted; nothing was saved", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as e:
         from arjax.train.checkpoint import NoValidCheckpointError
         from arjax.train.runlock import RunLockedError
 
-        user = (UsageError, ConfigError, NoValidCheckpointError, RunLockedError)
+        user = (UsageError, ConfigError, NoValidCheckpointError, RunLockedError, PermissionError)
         if created and isinstance(e, user):
             _remove_if_unused(Path(args.out))
         if debug or not isinstance(e, user):

@@ -200,3 +200,17 @@ def test_sample_png_folder_must_exist(tmp_path, capsys):
     (out / "config.json").write_text(capsys.readouterr().out)
     assert main(["sample", "--out", str(out), "--png", str(tmp_path / "no" / "grid.png")]) == 2
     assert f"--png: folder {tmp_path / 'no'} does not exist" in _one_line_error(capsys, "sample")
+
+
+def test_ctrl_c_before_training_starts_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import arjax.train.loop as loop
+
+    def interrupted(cfg, out, **kwargs):  # Ctrl-C while compiling: the folder exists, no step
+        (Path(out) / "checkpoints").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "transformer", "--out", str(out), *_sets(SMALL)]) == 130
+    assert capsys.readouterr().err == "arjax train: interrupted; nothing was saved\n"
+    assert not out.exists()
