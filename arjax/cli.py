@@ -202,8 +202,8 @@ def _check_sampling(args: argparse.Namespace, cfg: Any) -> None:
                 "pass UTF-8 text (check the terminal's locale)"
             ) from None
     limit = getattr(cfg.model, "max_seq_len", None)
-    if spec.data == "images" or limit is None:
-        return
+    if spec.data == "images" or limit is None or cfg.data.tokenizer is not None:
+        return  # a BPE run's context counts tokens, which byte lengths do not bound
     longest = max(len(p.encode("utf-8")) for p in prompts) + 1  # + BOS
     if longest > limit:
         raise UsageError(
