@@ -214,3 +214,14 @@ def test_ctrl_c_before_training_starts_leaves_nothing(tmp_path, capsys, monkeypa
     assert main(["train", "--model", "transformer", "--out", str(out), *_sets(SMALL)]) == 130
     assert capsys.readouterr().err == "arjax train: interrupted; nothing was saved\n"
     assert not out.exists()
+
+
+def test_no_readable_checkpoint_is_one_line_with_the_way_out(tmp_path, capsys):
+    out = tmp_path / "run"
+    _fake_run(capsys, out)
+    (out / "checkpoints" / "5").mkdir(parents=True)
+    (out / "checkpoints" / "5" / "_CHECKPOINT_METADATA").write_text("garbage")
+    assert main(["eval", "--out", str(out)]) == 2
+    err = _one_line_error(capsys, "eval")
+    assert f"no checkpoint in {out / 'checkpoints'} could be restored (step 5: " in err
+    assert err.endswith(f"; move {out / 'checkpoints'} aside to start the run over\n")
