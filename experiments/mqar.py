@@ -10,11 +10,13 @@ their short convolutions' buffers), and full attention (KV cache of the whole ro
 upper bound. BASED's finding: recall grows with state size / window; attention is best.
 
     python experiments/mqar.py --quick     # CPU: 4 pairs, 9 models, 800 steps each
+    python experiments/mqar.py --quick --only gdn,deltanet --keep   # rerun two, keep the rest
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import flax.linen as nn
 import jax
@@ -147,11 +149,20 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="comma-separated families to run")
+    parser.add_argument(
+        "--keep", action="store_true",
+        help="keep the other families' rows of the existing results file (same sizes)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.pairs, args.vocab, args.steps, args.lr = 4, 32, 800, 5e-3
         args.only = args.only or "attention,sliding window,based,gla,gdn,deltanet"
-    rows = []
+    name = "mqar" + ("_quick" if args.quick else "")
+    rows, kept = [], ""
+    if args.keep and (RESULTS / f"{name}.json").exists():
+        old = json.loads((RESULTS / f"{name}.json").read_text())
+        rows = [r for r in old["rows"] if r["family"] not in args.only.split(",")]
+        kept = f" Rows of {sorted({r['family'] for r in rows})} kept from the run of {old['date']}."
     for family, label, model, state in models(args):
         if args.only and family not in args.only.split(","):
             continue
@@ -160,12 +171,12 @@ def main() -> None:
             {"family": family, "model": label, "state floats/layer": state, "accuracy": acc}
         )
         print(rows[-1], flush=True)
-    name = "mqar" + ("_quick" if args.quick else "")
     write_results(
         name, "MQAR accuracy vs decode state size", rows,
         ["family", "model", "state floats/layer", "accuracy"],
         f"{args.pairs} pairs, vocab {args.vocab}, d_model {args.d_model}, 2 layers, "
-        f"{args.steps} steps x batch {args.batch}, accuracy on 512 fresh rows. Plot: {name}.png",
+        f"{args.steps} steps x batch {args.batch}, accuracy on 512 fresh rows. Plot: {name}.png."
+        + kept,
     )  # fmt: skip
     plot(rows, RESULTS / f"{name}.png")
 

@@ -75,8 +75,8 @@ def test_deltanet_through_the_op(rng):
 
 def test_bad_arguments_raise_before_compiling(rng):
     q, k, v, beta, g, _ = inputs(rng, gated=True, shape=(B, L, H, DK, DV))
-    with pytest.raises(ValueError, match="chunk_size must be a positive multiple of 16"):
-        kernel(q, k, v, beta, chunk_size=8)
+    with pytest.raises(ValueError, match="chunk_size must be a power of two >= 16"):
+        kernel(q, k, v, beta, chunk_size=48)
     with pytest.raises(ValueError, match="block_v must divide dv=32"):
         kernel(q, k, v, beta, block_v=24)
     with pytest.raises(ValueError, match="log_decay must be floating"):

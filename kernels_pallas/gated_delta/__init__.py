@@ -8,7 +8,8 @@ the Delta Rule over Sequence Length", sec. 3); the chunk math is :mod:`._chunk`.
 One kernel per direction, sequential over chunks, parallel over (batch, head, value tile):
 the forward keeps the state tile on chip and, when differentiated, stores the float32
 state entering each chunk; the backward runs the chunks in reverse from those states,
-recomputing the chunk's ``T``, ``W`` and ``U``, and carries ``dL/dS``. The in-chunk
+recomputing the chunk's ``T``, ``W`` and ``U``, and carries ``dL/dS``. ``(I + A)^{-1}`` is
+built by block doubling (MMAs only), so ``chunk_size`` is a power of two. The in-chunk
 cumulative log decay and its transpose (a reverse cumsum) are XLA around the kernels.
 
 Drivers (one file per lowering): ``backend="gpu"`` Pallas Triton (:mod:`.triton`),
@@ -71,14 +72,14 @@ def _validate(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size, 
             f"{who}: segment_ids must be integer [batch, len]={(b, length)}, "
             f"got {segment_ids.dtype} {segment_ids.shape}"
         )
-    if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 16:
-        raise ValueError(f"{who}: chunk_size must be a positive multiple of 16, got {chunk_size!r}")
+    if not isinstance(chunk_size, int) or not _pow2(chunk_size):
+        raise ValueError(f"{who}: chunk_size must be a power of two >= 16, got {chunk_size!r}")
     if not isinstance(block_v, int) or block_v <= 0 or v.shape[3] % block_v:
         raise ValueError(f"{who}: block_v must divide dv={v.shape[3]}, got {block_v!r}")
-    if compiled_gpu and not all(map(_pow2, (dk, block_v, chunk_size))):
+    if compiled_gpu and not (_pow2(dk) and _pow2(block_v)):
         raise ValueError(
-            f"{who}: the Triton kernels need dk, block_v and chunk_size powers of two >= 16, "
-            f"got {dk}, {block_v}, {chunk_size}"
+            f"{who}: the Triton kernels need dk and block_v powers of two >= 16, "
+            f"got {dk}, {block_v}"
         )
 
 
@@ -101,8 +102,7 @@ def _documents(segment_ids: jax.Array, pad: int, c: int) -> dict:
 def _inputs(q, k, v, beta, gam, docs, cfg: Cfg) -> dict:
     """Kernel operands by name (``beta``/``gam`` ``[batch, heads, len]`` f32)."""
     row = lambda x: rearrange(x, "b h (n c) -> b h n 1 c", c=cfg.chunk)  # noqa: E731
-    ins = dict(q=q, k=k, v=v, beta_c=beta[..., None], beta_r=row(beta), gam_c=gam[..., None],
-               gam_r=row(gam))  # fmt: skip
+    ins = dict(q=q, k=k, v=v, beta_c=beta[..., None], gam_c=gam[..., None], gam_r=row(gam))
     return {**ins, **(docs or {})}
 
 

@@ -5,8 +5,8 @@ Sequence Length", sec. 3: WY representation, UT transform; decay as in Yang, Kau
 Hatamizadeh 2025 "Gated Delta Networks", sec. 3.3). A chunk of ``C`` tokens enters with the
 state tile ``S [dk, bv]``; ``gam`` is the in-chunk cumulative log decay:
 
-* ``A_ts = beta_t exp(gam_t - gam_s) k_t . k_s`` (s < t), ``T = (I + A)^{-1}`` by forward
-  substitution (one row per step, as vectors: :func:`unit_lower_inverse`);
+* ``A_ts = beta_t exp(gam_t - gam_s) k_t . k_s`` (s < t), ``T = (I + A)^{-1}`` by block
+  doubling (:func:`unit_lower_inverse`, MMAs only);
 * ``W = T (beta exp(gam) K)``, ``U = T (beta V) - W S``;
 * ``O = (exp(gam) Q) S + (Q K^T * exp(gam_t - gam_s), s <= t) U``;
 * ``S_next = exp(gam_last) S + (K exp(gam_last - gam))^T U``.
@@ -44,14 +44,14 @@ class Cfg:
 
 
 class Chunk(NamedTuple):
-    """Loaded values of one chunk (float32): ``q, k [C, dk]``, ``v [C, bv]``, ``beta`` and
-    ``gam`` as columns ``[C, 1]`` and rows ``[1, C]``; masks or None without documents."""
+    """Loaded values of one chunk (float32): ``q, k [C, dk]``, ``v [C, bv]``, ``beta`` as a
+    column ``[C, 1]``, ``gam`` as a column and a row ``[1, C]``; masks or None without
+    documents."""
 
     q: jax.Array
     k: jax.Array
     v: jax.Array
     beta_c: jax.Array
-    beta_r: jax.Array
     gam_c: jax.Array
     gam_r: jax.Array
     same: jax.Array | None  # [C, C] bool
@@ -75,22 +75,20 @@ def _exp_where(mask: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
 
-def unit_lower_inverse(a_t: jax.Array) -> jax.Array:
-    """``(I + A)^{-1}`` for strictly lower ``A``, given ``a_t = A^T`` ``[C, C]``.
-
-    Forward substitution, row ``i`` at step ``i``: ``T_i = e_i - sum_{j<i} A_ij T_j``
-    (``A_i`` is column ``i`` of ``a_t``; rows of T below ``i`` are still ``e_j``, unused).
-    """
-    c = a_t.shape[0]
+def unit_lower_inverse(a: jax.Array, exact: bool) -> jax.Array:
+    """``(I + A)^{-1}`` for strictly lower ``a [C, C]`` (C a power of two), by block doubling:
+    with ``T`` inverting the diagonal blocks of size ``s``, those of size ``2s`` are
+    ``[[T1, 0], [-T2 A21 T1, T2]]``, i.e. ``T - T (A masked to the A21 blocks) T``:
+    ``2 log2(C)`` MMAs."""
+    c = a.shape[0]
     rows, cols = _iota((c, c), 0), _iota((c, c), 1)
-    unit = _iota((1, c), 1)
-
-    def body(i, t):
-        a_i = jnp.sum(jnp.where(cols == i, a_t, 0.0), axis=1, keepdims=True)  # [C, 1]
-        row = (unit == i).astype(F32) - jnp.sum(a_i * t, axis=0, keepdims=True)  # [1, C]
-        return jnp.where(rows == i, row, t)
-
-    return lax.fori_loop(1, c, body, (rows == cols).astype(F32))
+    t = (rows == cols).astype(F32)
+    size = 1
+    while size < c:
+        cross = ((rows ^ cols) < 2 * size) & ((rows & size) != 0) & ((cols & size) == 0)
+        t = t - mm(mm(t, jnp.where(cross, a, 0.0), exact), t, exact)
+        size *= 2
+    return t
 
 
 class _Prelude(NamedTuple):
@@ -111,14 +109,13 @@ class _Prelude(NamedTuple):
 def _prelude(ch: Chunk, exact: bool) -> _Prelude:
     c = ch.q.shape[0]
     rows, cols = _iota((c, c), 0), _iota((c, c), 1)
-    lower, upper, incl = rows > cols, cols > rows, rows >= cols
+    lower, incl = rows > cols, rows >= cols
     if ch.same is not None:
-        lower, upper, incl = lower & ch.same, upper & ch.same, incl & ch.same
+        lower, incl = lower & ch.same, incl & ch.same
     kk = mm(ch.k, ch.k, exact, tb=True)
     decay_strict = _exp_where(lower, ch.gam_c - ch.gam_r)
     a = kk * decay_strict * ch.beta_c
-    a_t = kk * _exp_where(upper, ch.gam_r - ch.gam_c) * ch.beta_r
-    t = unit_lower_inverse(a_t)
+    t = unit_lower_inverse(a, exact)
     g_read = jnp.exp(ch.gam_c) if ch.reads is None else jnp.exp(ch.gam_c) * ch.reads
     kg = ch.k * (ch.beta_c * g_read)
     vb = ch.v * ch.beta_c

@@ -3,8 +3,8 @@ is ``arbitrary`` (in order, reversed for the backward) and carries the ``[dk, bv
 tile in VMEM scratch.
 
 Head-major layouts: ``q, k [batch, heads, len, dk]``, ``v, o [batch, heads, len, dv]``;
-``beta``/``gam`` as columns ``[batch, heads, len, 1]`` and rows ``[batch, heads, chunks, 1,
-C]``; document masks ``[batch, len, 1]`` / ``[batch, chunks, 1, C]``.
+``beta``/``gam`` as columns ``[batch, heads, len, 1]``, ``gam`` also as rows ``[batch, heads,
+chunks, 1, C]``; document masks ``[batch, len, 1]`` / ``[batch, chunks, 1, C]``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _specs(names: list[str], cfg: Cfg, dk: int, n_chunks: int, *, reverse: bool)
             (None, None, None, None, 1, c), lambda b, h, j, n: (j, b, h, at(n), 0, 0)
         ),
     }
-    kinds = dict(q="q", k="q", v="v", beta_c="col", gam_c="col", beta_r="row", gam_r="row",
+    kinds = dict(q="q", k="q", v="v", beta_c="col", gam_c="col", gam_r="row",
                  doc_c="doc_col", reads="doc_col", last="doc_col", doc_r="doc_row")  # fmt: skip
     return {"inputs": [table[kinds[n]] for n in names], **table}
 
@@ -50,7 +50,7 @@ def _load(ins: dict, cfg: Cfg) -> Chunk:
         reads, last = ins["reads"][...], ins["last"][...]
     return Chunk(
         ins["q"][...].astype(F32), ins["k"][...].astype(F32), ins["v"][...].astype(F32),
-        ins["beta_c"][...], ins["beta_r"][...], ins["gam_c"][...], ins["gam_r"][...],
+        ins["beta_c"][...], ins["gam_c"][...], ins["gam_r"][...],
         same, reads, last,
     )  # fmt: skip
 

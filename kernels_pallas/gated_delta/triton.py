@@ -2,8 +2,8 @@
 chunks in order, forward or reverse, keeping its ``[dk, bv]`` state tile in registers.
 
 Native layouts: ``q, k [batch, len, heads, dk]``, ``v, o [batch, len, heads, dv]``;
-``beta``/``gam`` as columns ``[batch, heads, len, 1]`` and rows ``[batch, heads, chunks, 1,
-C]``; document masks ``[batch, len, 1]`` / ``[batch, chunks, 1, C]``.
+``beta``/``gam`` as columns ``[batch, heads, len, 1]``, ``gam`` also as rows ``[batch, heads,
+chunks, 1, C]``; document masks ``[batch, len, 1]`` / ``[batch, chunks, 1, C]``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def _loader(cfg: Cfg, bi, hi, vs, refs: dict):
         return Chunk(
             refs["q"][bi, t, hi, :].astype(F32), refs["k"][bi, t, hi, :].astype(F32),
             refs["v"][bi, t, hi, vs].astype(F32),
-            refs["beta_c"][bi, hi, t, :], refs["beta_r"][bi, hi, n, :, :],
-            refs["gam_c"][bi, hi, t, :], refs["gam_r"][bi, hi, n, :, :], same, reads, last,
+            refs["beta_c"][bi, hi, t, :], refs["gam_c"][bi, hi, t, :],
+            refs["gam_r"][bi, hi, n, :, :], same, reads, last,
         )  # fmt: skip
 
     return load

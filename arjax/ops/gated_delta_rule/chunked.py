@@ -6,7 +6,8 @@ that computes it with one triangular solve per chunk); with the decay as in Yang
 Hatamizadeh 2025 "Gated Delta Networks", sec. 3.3. Per chunk of ``C`` tokens entering with
 state ``S`` and in-chunk cumulative log decay ``gam_t = sum_{s <= t} g_s``:
 
-* ``A = strict_lower(beta_t exp(gam_t - gam_s) k_t . k_s)`` and ``T = (I + A)^{-1}``;
+* ``A = strict_lower(beta_t exp(gam_t - gam_s) k_t . k_s)`` and ``T = (I + A)^{-1}``
+  (:func:`unit_lower_inverse`: matmuls only, no LAPACK call on CPU);
 * ``W = T (beta exp(gam) K)`` and ``U = T (beta V) - W S`` (the pseudo-values
   ``u_t = beta_t (v_t - (exp(g_t) S_{t-1})^T k_t)``, all at once);
 * ``O = (exp(gam) Q) S + (Q K^T * exp(gam_t - gam_s), s <= t) U``;
@@ -27,6 +28,23 @@ from arjax.ops.gated_delta_rule.common import as_float32
 from arjax.ops.linear_attention.common import document_index, masked_exp
 
 
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """``(I + A)^{-1}`` for strictly lower triangular ``a [..., c, c]`` by block doubling:
+    with ``T`` the inverse of the diagonal blocks of size ``s``, the blocks of size ``2s`` are
+    ``[[T1, 0], [-T2 A21 T1, T2]]``, i.e. ``T - T (A masked to the A21 blocks) T``."""
+    c = a.shape[-1]
+    p = 1 << max(c - 1, 0).bit_length()  # next power of two: pad with zeros (identity)
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, p - c), (0, p - c)])
+    rows, cols = jnp.indices((p, p))
+    t = jnp.broadcast_to(jnp.eye(p, dtype=a.dtype), a.shape)
+    size = 1
+    while size < p:
+        cross = ((rows ^ cols) < 2 * size) & ((rows & size) != 0) & ((cols & size) == 0)
+        t = t - t @ jnp.where(cross, a, 0.0) @ t
+        size *= 2
+    return t[..., :c, :c]
+
+
 def chunked_gated_delta_rule(
     q: jax.Array,  # [batch, len, heads, dk]
     k: jax.Array,  # [batch, len, heads, dk]
@@ -39,7 +57,7 @@ def chunked_gated_delta_rule(
     chunk_size: int = 64,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunkwise form (float32 inside); ``(out [b, len, h, dv], state [b, h, dk, dv])``."""
-    b, length, _, dk = q.shape
+    b, length = q.shape[:2]
     qf, kf, vf, bf, g, s0 = as_float32(q, k, v, beta, log_decay, initial_state)
     doc = document_index(segment_ids, b, length)
     pad = -length % chunk_size  # zero k, v, beta and log decay leave the state untouched
@@ -61,10 +79,9 @@ def chunked_gated_delta_rule(
     a = jnp.einsum("bnhtd,bnhsd->bnhts", kc, kc) * decay_strict * bc[..., None]
     reads = (dc == doc_in[..., None])[:, :, None]  # [b, n, 1, c] in the incoming document
     g_read = jnp.exp(gam) * reads  # [b, n, h, c]
-    rhs = jnp.concatenate([kc * (bc * g_read)[..., None], vc * bc[..., None]], axis=-1)
-    unit_lower = a + jnp.eye(chunk_size, dtype=a.dtype)
-    wu = jax.lax.linalg.triangular_solve(unit_lower, rhs, left_side=True, lower=True)
-    w, u_v = wu[..., :dk], wu[..., dk:]  # UT transform: T (beta exp(gam) K), T (beta V)
+    t = unit_lower_inverse(a)  # UT transform: W = T (beta exp(gam) K), U_v = T (beta V)
+    w = jnp.einsum("bnhts,bnhsd->bnhtd", t, kc * (bc * g_read)[..., None])
+    u_v = jnp.einsum("bnhts,bnhse->bnhte", t, vc * bc[..., None])
 
     g_last = gam[..., -1]  # [b, n, h]
     in_last = (dc == dc[..., -1:])[:, :, None]  # [b, n, 1, c] in the outgoing document
