@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS CMD...
   tail -n 25 "$OUT/log.txt"
 }
 STEPS="${*:-}"
-step gpu_tests 80 python3 -m pytest -q -m gpu tests/test_flash_attention.py tests/test_linear_attention_scan.py -p no:cacheprovider
+step gpu_tests 120 python3 -m pytest -q -m gpu tests/test_flash_attention.py tests/test_linear_attention_scan.py tests/test_gated_delta_kernel.py -p no:cacheprovider
 step train 190 python3 experiments/bench_train.py
 step block 330 python3 experiments/bench_block_decode.py --impls auto
 step hat 55 python3 experiments/bench_hat_decode.py --device gpu
@@ -35,5 +35,6 @@ step axial 40 python3 experiments/bench_axial_sampling.py
 step linear_decode 130 python3 experiments/bench_linear_decode.py
 step linear_train 60 python3 experiments/bench_linear_train.py
 step scan 150 python3 experiments/bench_scan.py
+step gated_delta 420 python3 experiments/bench_gated_delta.py
 step scaling 420 python3 experiments/bench_scaling.py  # needs >= 2 GPUs
 tar czf "$OUT/results.tgz" experiments/results
