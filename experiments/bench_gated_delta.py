@@ -25,15 +25,20 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_scan import fmt, ratio, rel_err, time_jax, time_torch  # noqa: E402
+from bench_scan import (  # noqa: E402
+    header,
+    new_results,
+    peer_cells,
+    rel_err,
+    time_jax,
+    time_torch,
+)
 
 from arjax.ops import gated_delta_rule, gated_delta_rule_reference  # noqa: E402
 
@@ -175,22 +180,14 @@ def write(results: dict, out: str) -> None:
     with open(out + ".json", "w") as fh:
         json.dump(results, fh, indent=1)
     lines = [
-        "# Gated delta rule (bf16, head dim 128), ms",
-        "",
-        f"device: {results['device']}; date: {results['date']}; {results['versions']}",
-        f"command: `{results['command']}`",
-        "",
+        *header(results, "Gated delta rule (bf16, head dim 128), ms"),
         "| (B,H,L) | pass | pallas | jla | fla | jnp chunked | jla / pallas | fla / pallas "
         "| jnp / pallas |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         for p in ("fwd", "fwd+bwd"):
-            ours, jla, fla, jnp_ = (r.get(f"{n} {p}") for n in ("pallas", "jla", "fla", "jnp"))
-            lines.append(
-                f"| {tuple(r['shape'])} | {p} | {fmt(ours)} | {fmt(jla)} | {fmt(fla)} "
-                f"| {fmt(jnp_)} | {ratio(jla, ours)} | {ratio(fla, ours)} | {ratio(jnp_, ours)} |"
-            )
+            lines.append(f"| {tuple(r['shape'])} | {p} | {peer_cells(r, p)} |")
     lines += ["", "Peers' forward outputs vs arjax's Pallas output (max rel err):", ""]
     lines += [f"- {tuple(r['shape'])} {k}: {v:.2e}" for r in results["rows"]
               for k, v in r.items() if k.endswith("vs pallas out")]  # fmt: skip
@@ -212,27 +209,7 @@ def main() -> None:
     ap.add_argument("--impls", default="pallas,jla,fla,xla", help="what to time, in this order")
     ap.add_argument("--no-check", action="store_true", help="skip the float32 GPU check")
     args = ap.parse_args()
-    versions = f"jax {jax.__version__}"
-    try:
-        import fla
-        import torch
-
-        versions += f", torch {torch.__version__}, fla {fla.__version__}"
-    except ImportError as e:
-        versions += f" (fla unavailable: {e})"
-    try:
-        from importlib.metadata import version
-
-        versions += f", jax-linear-attention {version('jax-linear-attention')}"
-    except ImportError as e:
-        versions += f" (jla unavailable: {e})"
-    results = {
-        "device": jax.devices()[0].device_kind,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
-        "versions": versions,
-        "command": " ".join(["PYTHONPATH=/tmp/site:. python3", *sys.argv]),
-        "rows": [],
-    }
+    results = new_results()
     if not args.no_check:
         try:
             check(results)

@@ -286,28 +286,37 @@ def ratio(a, b) -> str:
     return "-" if a is None or b is None else f"{a / b:.2f}x"
 
 
+def peer_cells(row: dict, p: str) -> str:
+    """Table cells of pass ``p``: pallas, jla, fla, jnp times (ms), then each / pallas."""
+    ours, jla, fla, jnp_ = (row.get(f"{n} {p}") for n in ("pallas", "jla", "fla", "jnp"))
+    return (f"{fmt(ours)} | {fmt(jla)} | {fmt(fla)} | {fmt(jnp_)} | {ratio(jla, ours)} "
+            f"| {ratio(fla, ours)} | {ratio(jnp_, ours)}")  # fmt: skip
+
+
+def header(results: dict, title: str) -> list[str]:
+    """The markdown's first lines: title, device / date / versions, command."""
+    return [
+        f"# {title}",
+        "",
+        f"device: {results['device']}; date: {results['date']}; {results['versions']}",
+        f"command: `{results['command']}`",
+        "",
+    ]
+
+
 def write(results: dict, out: str, quiet: bool = False) -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".json", "w") as fh:
         json.dump(results, fh, indent=1)
     lines = [
-        "# Chunked linear-attention scan (bf16, head dim 128), ms",
-        "",
-        f"device: {results['device']}; date: {results['date']}; {results['versions']}",
-        f"command: `{results['command']}`",
-        "",
+        *header(results, "Chunked linear-attention scan (bf16, head dim 128), ms"),
         "| (B,H,L) | variant | pass | pallas | jla | fla | jnp chunked | jla / pallas "
         "| fla / pallas | jnp / pallas |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         for p in ("fwd", "fwd+bwd"):
-            ours, jla, fla, jnp_ = (r.get(f"{n} {p}") for n in ("pallas", "jla", "fla", "jnp"))
-            lines.append(
-                f"| {tuple(r['shape'])} | {r['variant']} | {p} | {fmt(ours)} | {fmt(jla)} "
-                f"| {fmt(fla)} | {fmt(jnp_)} | {ratio(jla, ours)} | {ratio(fla, ours)} "
-                f"| {ratio(jnp_, ours)} |"
-            )
+            lines.append(f"| {tuple(r['shape'])} | {r['variant']} | {p} | {peer_cells(r, p)} |")
     diffs = [r for r in results["rows"] if "jla vs pallas out" in r]
     if diffs:
         lines += ["", "jla's forward output vs arjax's Pallas output (max rel err):", ""]
@@ -614,21 +623,8 @@ def tune(results: dict, reps: int, inner: int, budget: float, out: str,
     print(f"wrote {out} ({results['elapsed s']} s)")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--inner", type=int, default=5)
-    ap.add_argument("--out", default="experiments/results/bench_scan")
-    ap.add_argument("--check", default="none,scalar,gla", help="fp32 GPU checks ('' for none)")
-    ap.add_argument("--impls", default="pallas,jla,fla,xla", help="what to time, in this order")
-    ap.add_argument("--tune", action="store_true", help="sweep ScanConfig instead (see above)")
-    ap.add_argument("--tune-budget", type=float, default=100.0, help="seconds for candidates")
-    ap.add_argument("--tune-out", default="experiments/results/tune_scan.json")
-    ap.add_argument("--profile", action="store_true", help="GLA per-kernel times (tune_profiles)")
-    ap.add_argument("--tune-variants", default="gla,scalar", help="variants to sweep (in order)")
-    ap.add_argument("--tune-steps", choices=("all", "quick"), default="all",
-                    help="TUNE_STEPS, or QUICK_STEPS from QUICK_START")  # fmt: skip
-    args = ap.parse_args()
+def new_results() -> dict:
+    """The results record: device, date, versions (jax, torch, triton, fla, jla), command."""
     versions = f"jax {jax.__version__}"
     try:
         import fla
@@ -646,13 +642,31 @@ def main() -> None:
         versions += f", jax-linear-attention {version('jax-linear-attention')}"
     except ImportError as e:
         versions += f" (jla unavailable: {e})"
-    results = {
+    return {
         "device": jax.devices()[0].device_kind,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "versions": versions,
         "command": " ".join(["PYTHONPATH=/tmp/site:. python3", *sys.argv]),
         "rows": [],
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--inner", type=int, default=5)
+    ap.add_argument("--out", default="experiments/results/bench_scan")
+    ap.add_argument("--check", default="none,scalar,gla", help="fp32 GPU checks ('' for none)")
+    ap.add_argument("--impls", default="pallas,jla,fla,xla", help="what to time, in this order")
+    ap.add_argument("--tune", action="store_true", help="sweep ScanConfig instead (see above)")
+    ap.add_argument("--tune-budget", type=float, default=100.0, help="seconds for candidates")
+    ap.add_argument("--tune-out", default="experiments/results/tune_scan.json")
+    ap.add_argument("--profile", action="store_true", help="GLA per-kernel times (tune_profiles)")
+    ap.add_argument("--tune-variants", default="gla,scalar", help="variants to sweep (in order)")
+    ap.add_argument("--tune-steps", choices=("all", "quick"), default="all",
+                    help="TUNE_STEPS, or QUICK_STEPS from QUICK_START")  # fmt: skip
+    args = ap.parse_args()
+    results = new_results()
     if args.profile:
         table = scan_config("gated", DIM)
         staged = dataclasses.replace(table, form="staged", bwd_form="staged")

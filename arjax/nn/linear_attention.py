@@ -80,6 +80,14 @@ def _merge_heads(x: jax.Array, d_model: int, dtype: Any, name: str) -> jax.Array
     )(x)  # fmt: skip
 
 
+def _gated_output(out: jax.Array, x: jax.Array, heads: int, dim: int, dtype: Any) -> jax.Array:
+    """Per-head RMSNorm of ``out [batch, len, heads, dim]`` times ``SiLU(W_g x)``, then the
+    output projection (submodules ``head_norm``, ``g``, ``o_proj`` of the calling mixer)."""
+    out = RMSNorm(axis_name="head_dim", name="head_norm")(out.astype(dtype))
+    out = out * nn.silu(_heads(x, heads, dim, dtype, "g"))
+    return _merge_heads(out, x.shape[-1], dtype, "o_proj")
+
+
 def _check_decode(x: jax.Array, who: str) -> None:
     if x.shape[1] != 1:
         raise ValueError(f"{who}: decode takes one token at a time, got len {x.shape[1]}")
@@ -321,9 +329,7 @@ class DecayLinearAttention(nn.Module):
             self, q, k, v, log_decay=log_decay, segment_ids=segment_ids, mode=mode,
             chunk_size=c.chunk_size, impl=c.impl,
         )  # fmt: skip
-        out = RMSNorm(axis_name="head_dim", name="head_norm")(out.astype(self.dtype))
-        out = out * nn.silu(_heads(x, h, d, self.dtype, "g"))
-        return _merge_heads(out, x.shape[-1], self.dtype, "o_proj")
+        return _gated_output(out, x, h, d, self.dtype)
 
 
 def _inverse_softplus(x: jax.Array) -> jax.Array:
@@ -403,9 +409,7 @@ class DeltaRuleMixer(nn.Module):
             self, q, k, v, beta=beta, log_decay=log_decay, segment_ids=segment_ids, mode=mode,
             chunk_size=c.chunk_size, impl=c.impl,
         )  # fmt: skip
-        out = RMSNorm(axis_name="head_dim", name="head_norm")(out.astype(self.dtype))
-        out = out * nn.silu(_heads(x, h, d, self.dtype, "g"))
-        return _merge_heads(out, x.shape[-1], self.dtype, "o_proj")
+        return _gated_output(out, x, h, d, self.dtype)
 
 
 class AarenMixer(nn.Module):

@@ -18,14 +18,16 @@ state belongs to the row's first document.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 import jax
 
 from arjax.ops.gated_delta_rule.chunked import chunked_gated_delta_rule
-from arjax.ops.gated_delta_rule.common import FORMS, IMPLS, validate
+from arjax.ops.gated_delta_rule.common import FORMS, validate
 from arjax.ops.gated_delta_rule.naive import naive_gated_delta_rule
 from arjax.ops.gated_delta_rule.recurrent import gated_delta_step, recurrent_gated_delta_rule
+from arjax.ops.linear_attention.common import check_options, pow2_tiles
 
 Form = Literal["naive", "chunked", "recurrent"]
 
@@ -49,18 +51,6 @@ def gated_delta_rule_reference(
     )
 
 
-def _pallas_available() -> bool:
-    try:
-        from kernels_pallas.gated_delta import gated_delta_rule  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _pow2(n: int) -> bool:
-    return n >= 16 and n & (n - 1) == 0
-
-
 def resolve_impl(form: str, impl: str, dims: tuple[int, int, int] = (64, 64, 64)) -> str:
     """What ``impl="auto"`` means: the Pallas kernel for the chunked form on GPU/TPU when
     ``dims`` = (dk, dv, chunk_size) are powers of two >= 16 (the kernels' tiles), else the
@@ -68,7 +58,8 @@ def resolve_impl(form: str, impl: str, dims: tuple[int, int, int] = (64, 64, 64)
     if impl != "auto":
         return impl
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
-    if form == "chunked" and on_accelerator and all(map(_pow2, dims)) and _pallas_available():
+    kernel = importlib.util.find_spec("kernels_pallas.gated_delta") is not None
+    if form == "chunked" and on_accelerator and pow2_tiles(*dims) and kernel:
         return "pallas"
     return "xla"
 
@@ -92,14 +83,7 @@ def gated_delta_rule(
     """
     validate(q, k, v, beta, log_decay=log_decay, initial_state=initial_state,
              segment_ids=segment_ids)  # fmt: skip
-    if form not in FORMS:
-        raise ValueError(f"gated_delta_rule: form must be one of {FORMS}, got {form!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"gated_delta_rule: impl must be one of {IMPLS}, got {impl!r}")
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"gated_delta_rule: chunk_size must be a positive int, got {chunk_size!r}")
-    if impl == "pallas" and form != "chunked":
-        raise ValueError(f"gated_delta_rule: impl='pallas' needs form='chunked', got {form!r}")
+    check_options("gated_delta_rule", FORMS, form, impl, chunk_size)
     args = dict(log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids)
     if form == "naive":
         return naive_gated_delta_rule(q, k, v, beta, **args)

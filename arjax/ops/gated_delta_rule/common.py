@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from arjax.ops.linear_attention.common import validate as validate_qkv
 
 FORMS = ("naive", "chunked", "recurrent")
-IMPLS = ("auto", "xla", "pallas")
 WHO = "gated_delta_rule"
 
 

@@ -21,7 +21,7 @@ from typing import Literal
 import jax
 
 from arjax.ops.linear_attention.chunked import chunked_linear_attention
-from arjax.ops.linear_attention.common import FORMS, IMPLS, validate
+from arjax.ops.linear_attention.common import FORMS, check_options, pow2_tiles, validate
 from arjax.ops.linear_attention.naive import parallel_linear_attention
 from arjax.ops.linear_attention.recurrent import (
     linear_attention_step,
@@ -56,10 +56,6 @@ def _pallas_available() -> bool:
     return True
 
 
-def _pow2(n: int) -> bool:
-    return n >= 16 and n & (n - 1) == 0
-
-
 def resolve_impl(
     form: str,
     impl: str,
@@ -75,7 +71,7 @@ def resolve_impl(
     if impl != "auto":
         return impl
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
-    if form == "chunked" and on_accelerator and all(map(_pow2, dims)) and _pallas_available():
+    if form == "chunked" and on_accelerator and pow2_tiles(*dims) and _pallas_available():
         kind = jax.devices()[0].device_kind
         choice = measured_choice(auto_table.SCAN, kind, (gate,), seq_len)
         return "xla" if choice == "xla" and jax.default_backend() == "gpu" else "pallas"
@@ -99,14 +95,7 @@ def linear_attention(
     ``log_decay`` must be <= 0 (a_t in (0, 1]); it is not checked (values are traced).
     """
     validate(q, k, v, log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids)
-    if form not in FORMS:
-        raise ValueError(f"linear_attention: form must be one of {FORMS}, got {form!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"linear_attention: impl must be one of {IMPLS}, got {impl!r}")
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"linear_attention: chunk_size must be a positive int, got {chunk_size!r}")
-    if impl == "pallas" and form != "chunked":
-        raise ValueError(f"linear_attention: impl='pallas' needs form='chunked', got {form!r}")
+    check_options("linear_attention", FORMS, form, impl, chunk_size)
     args = dict(log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids)
     if form == "parallel":
         return parallel_linear_attention(q, k, v, **args)

@@ -65,6 +65,24 @@ def validate(
             raise ValueError(f"{who}: segment_ids must be integer, got {segment_ids.dtype}")
 
 
+def check_options(who: str, forms: tuple[str, ...], form: str, impl: str, chunk_size) -> None:
+    """``ValueError`` for an unknown ``form`` / ``impl``, a bad ``chunk_size`` or
+    ``impl="pallas"`` with a form the kernels do not run (only ``"chunked"``)."""
+    if form not in forms:
+        raise ValueError(f"{who}: form must be one of {forms}, got {form!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"{who}: impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"{who}: chunk_size must be a positive int, got {chunk_size!r}")
+    if impl == "pallas" and form != "chunked":
+        raise ValueError(f"{who}: impl='pallas' needs form='chunked', got {form!r}")
+
+
+def pow2_tiles(*dims: int) -> bool:
+    """Every dim a power of two >= 16 (the tiles of the compiled Pallas scan kernels)."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in dims)
+
+
 def document_index(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
     """``[batch, len]`` int32 count of boundaries so far (0 for the first document).
 
