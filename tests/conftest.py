@@ -1,8 +1,15 @@
-"""Shared test fixtures: small configs and deterministic random inputs."""
+"""Shared test fixtures: deterministic random inputs, reproducible per test.
+
+Each test's ``rng`` is seeded from a fixed hash (CRC-32) of its pytest node id, so a test draws
+the same inputs on every run, in every process and under ``pytest -n``. A failing test's report
+has an "arjax seed" section with the seed and the command that replays it;
+``ARJAX_TEST_SEED=<int>`` overrides the seed of every test (to replay, or to try fresh inputs).
+"""
 
 from __future__ import annotations
 
 import os
+import zlib
 
 # The Mosaic GPU interpreter (tests/test_flash_attention_mosaic.py) runs a kernel's warpgroups as
 # threads that block inside XLA host callbacks; with XLA's CPU thread pool sized to a 2-core
@@ -19,6 +26,7 @@ except (OSError, AttributeError):  # not glibc
     pass
 
 import jax  # noqa: E402
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -26,8 +34,104 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+SEED_ENV = "ARJAX_TEST_SEED"
+_SEED = pytest.StashKey[int]()
+
+
+def seed_for(nodeid: str) -> int:
+    """The seed of the test ``nodeid``: ``$ARJAX_TEST_SEED`` if set, else CRC-32 of the id."""
+    override = os.environ.get(SEED_ENV, "").strip()
+    if override:
+        try:
+            return int(override)
+        except ValueError:
+            raise ValueError(f"{SEED_ENV} must be an integer, got {override!r}") from None
+    return zlib.crc32(nodeid.encode())
+
+
 @pytest.fixture
-def rng() -> np.random.Generator:
-    """Fresh random inputs per test (seeded by the test id for reproducibility)."""
-    seed = abs(hash(os.environ.get("PYTEST_CURRENT_TEST", ""))) % (2**32)
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """Random inputs for one test, seeded by ``seed_for`` of its node id."""
+    seed = seed_for(request.node.nodeid)
+    request.node.stash[_SEED] = seed
     return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """On failure of a test that drew from ``rng``, report its seed and how to replay it."""
+    report = (yield).get_result()
+    if report.failed and _SEED in item.stash:
+        seed = item.stash[_SEED]
+        report.sections.append(
+            ("arjax seed", f"rng seed {seed}; replay: {SEED_ENV}={seed} pytest '{item.nodeid}'")
+        )
+
+
+class MosaicRaces:
+    """Every Mosaic GPU kernel interpreted since the fixture started, each with its own race
+    detector state (the interpreter makes a fresh ``RaceDetectionState`` per kernel and keeps
+    only the last one, so a call running several kernels must be checked kernel by kernel)."""
+
+    def __init__(self) -> None:
+        self.states: list = []
+
+    def check(self, kernels: int) -> None:
+        """Assert that exactly ``kernels`` kernels ran since the last check, each of them under
+        the race detector (it recorded shared-memory accesses) and race-free."""
+        states, self.states = self.states, []
+        assert len(states) == kernels, f"{len(states)} Mosaic GPU kernels ran, expected {kernels}"
+        for i, state in enumerate(states):
+            assert state.reads and state.writes, f"kernel {i} ran without the race detector"
+            assert not state.races_found, f"the interpreter detected a data race in kernel {i}"
+
+
+@pytest.fixture
+def races(monkeypatch: pytest.MonkeyPatch) -> MosaicRaces:
+    """Interpret the Mosaic GPU kernels (forward and backward) with race detection on and
+    record each kernel's detector state. (The GPU interpreter has no public names in jax
+    0.10/0.11: this reads ``jax._src.pallas.mosaic_gpu.interpret``.)"""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    from kernels_pallas.flash_attention import gpu_mosaic, mgpu_bwd
+
+    recorder, new_state = MosaicRaces(), gpu_callbacks.RaceDetectionState
+
+    def record(*args, **kwargs):
+        recorder.states.append(new_state(*args, **kwargs))
+        return recorder.states[-1]
+
+    params = InterpretGPUParams(detect_races=True)
+    monkeypatch.setattr(gpu_callbacks, "RaceDetectionState", record)
+    for module in (gpu_mosaic, mgpu_bwd):
+        monkeypatch.setattr(module, "interpret_params", lambda: params)
+    return recorder
+
+
+def _max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+@pytest.fixture
+def within_xla_error():
+    """``check(got, ref, xla)``: each named low-precision (bf16/fp16) result in ``got`` is at
+    most as far (max |.|) from its float32 reference in ``ref`` as the plain XLA computation in
+    the same dtype (``xla``, e.g. ``attention(..., impl="xla")`` and its autodiff gradients,
+    which round logits, probabilities and every gradient product to that dtype). The bound is
+    at least one ulp of the dtype at the largest reference value: rounding a float32 result
+    to the dtype costs half an ulp, and a float32 sum in another order can cross a rounding
+    boundary (a baseline that happened to round the other way is not an achievable bound)."""
+
+    def check(got: dict, ref: dict, xla: dict, dtype=None) -> None:
+        """``dtype``: the computation's (default: each result's own)."""
+        for name, r in ref.items():
+            low = jnp.dtype(dtype or np.asarray(got[name]).dtype)
+            eps = float(jnp.finfo(low).eps) if low != jnp.float32 else 0.0
+            floor = eps * float(np.max(np.abs(np.asarray(r, np.float32))))
+            bound = max(_max_abs(xla[name], r), floor)
+            err = _max_abs(got[name], r)
+            print(f"{name}: max |err| {err:.3g}, plain XLA in {low} {bound:.3g}")
+            assert err <= bound, f"{name}: max |err| {err:.3g} > the plain XLA error {bound:.3g}"
+
+    return check
