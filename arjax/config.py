@@ -3,6 +3,11 @@
 Every config is a frozen dataclass validated in ``__post_init__``; errors are
 :class:`ConfigError` naming the field. ``apply_overrides`` implements the CLI's
 ``--set section.field=value`` with type checking against the dataclass fields.
+
+A field may be a tagged union of config classes (``A | B``, each with a ``kind: Literal[...]``
+field of its own, e.g. ``arjax.nn.linear_attention.MixerConfig``): each class holds only the
+fields its kind uses, so setting another kind's field is an unknown-key error naming it;
+``--set section.kind=...`` switches the class, keeping the fields both classes have.
 """
 
 from __future__ import annotations
@@ -46,6 +51,28 @@ def _matches(value: Any, annotation: Any) -> bool:
     if isinstance(annotation, type):
         return isinstance(value, annotation)
     return True
+
+
+def tagged_union_members(annotation: Any) -> dict[str, type] | None:
+    """``{kind: class}`` if ``annotation`` is a union of dataclasses that each have a
+    ``kind: Literal[<one value>]`` field, else None."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    members = {}
+    for cls in typing.get_args(annotation):
+        hint = typing.get_type_hints(cls).get("kind") if dataclasses.is_dataclass(cls) else None
+        if typing.get_origin(hint) is not typing.Literal or len(typing.get_args(hint)) != 1:
+            return None
+        members[typing.get_args(hint)[0]] = cls
+    return members
+
+
+def switch_kind(cfg: Any, cls: type, **changes: Any) -> Any:
+    """A ``cls`` config with the fields ``cfg`` shares with it (except ``kind``), then
+    ``changes``."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"kind"}
+    kept = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names}
+    return cls(**{**kept, **changes})
 
 
 def check_field_types(cfg: Any) -> None:
@@ -148,14 +175,28 @@ def _apply_tree(cfg: Any, tree: dict, prefix: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
     changes = {}
+    unknown = [name for name in tree if name not in fields]
+    if unknown:
+        kind = getattr(cfg, "kind", None)
+        owner = f"{type(cfg).__name__} (kind {kind!r})" if isinstance(kind, str) else "section"
+        keys = ", ".join(f"{prefix}{name}" for name in unknown)
+        plural = len(unknown) > 1
+        raise ConfigError(
+            f"{keys}: unknown config key{'s' if plural else ''}, not "
+            f"{'fields' if plural else 'a field'} of this {owner} "
+            f"(known: {', '.join(sorted(fields))})"
+        )
     for name, sub in tree.items():
         full = f"{prefix}{name}"
-        if name not in fields:
-            raise ConfigError(f"{full}: unknown config key (known: {', '.join(sorted(fields))})")
         current = getattr(cfg, name)
         if isinstance(sub, dict):
             if not dataclasses.is_dataclass(current):
                 raise ConfigError(f"{full}: is not a section, cannot set {', '.join(sub)}")
+            members = tagged_union_members(hints[name])
+            if members and isinstance(sub.get("kind"), str):
+                kind = _parse_value(sub["kind"], typing.Literal[tuple(members)], f"{full}.kind")
+                current = switch_kind(current, members[kind])
+                sub = {k: v for k, v in sub.items() if k != "kind"}
             changes[name] = _apply_tree(current, sub, f"{full}.")
         elif dataclasses.is_dataclass(current):
             raise ConfigError(f"{full}: is a section; set one of its fields")
@@ -180,8 +221,15 @@ def from_dict(cls: type, data: dict) -> Any:
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"{cls.__name__}.{key}: unknown config key")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        hint, members = hints[key], tagged_union_members(hints[key])
+        if members and isinstance(value, dict):
+            if value.get("kind") not in members:
+                raise ConfigError(
+                    f"{cls.__name__}.{key}.kind: must be one of {list(members)}, "
+                    f"got {value.get('kind')!r}"
+                )
+            value = from_dict(members[value["kind"]], value)
+        elif dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = from_dict(hint, value)
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             value = tuple(value)

@@ -27,7 +27,7 @@ from linear_common import RESULTS, write_results
 
 from arjax.models.linear_lm import LinearLM, LinearLMConfig
 from arjax.models.transformer import TransformerLM, TransformerLMConfig
-from arjax.nn.linear_attention import MixerConfig
+from arjax.nn.linear_attention import mixer_config
 from arjax.train.step import init_train_state, make_train_step
 
 
@@ -76,7 +76,7 @@ def models(args: argparse.Namespace) -> list[tuple[str, str, object, int]]:
         cfg = TransformerLMConfig(**base, window=window)
         out.append(("sliding window", f"SWA w={window}", TransformerLM(cfg), 2 * window * h * hd))
     for feat, window in ((1, small), (4, small), (8, small)):
-        mixer = MixerConfig(kind="based", feature_dim=feat, window=window, chunk_size=32)
+        mixer = mixer_config("based", feature_dim=feat, window=window, chunk_size=32)
         state = h * ((1 + feat + feat**2) * (hd + 1) + 2 * window * hd)
         out.append(
             (
@@ -87,10 +87,10 @@ def models(args: argparse.Namespace) -> list[tuple[str, str, object, int]]:
             )
         )
     for kind, state in (("gla", h * hd * hd), ("retnet", h * hd * hd), ("aaren", h * (hd + 2))):
-        mixer = MixerConfig(kind=kind, chunk_size=32)
+        mixer = mixer_config(kind, **({} if kind == "aaren" else {"chunk_size": 32}))
         out.append((kind, kind, LinearLM(LinearLMConfig(**base, mixer=mixer)), state))
     for kind in ("gdn", "deltanet"):
-        mixer = MixerConfig(kind=kind, chunk_size=32)
+        mixer = mixer_config(kind, chunk_size=32)
         state = h * hd * hd + 3 * (mixer.conv_size - 1) * h * hd  # + q, k, v conv buffers
         out.append((kind, kind, LinearLM(LinearLMConfig(**base, mixer=mixer)), state))
     return out

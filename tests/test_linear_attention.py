@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arjax.config import ConfigError
+from arjax.config import ConfigError, switch_kind
 from arjax.generate.linear import generate_recurrent
 from arjax.models import MODELS
 from arjax.models.linear_lm import LINEAR_MIXERS, LinearLM, LinearLMConfig, presets_for
-from arjax.nn.linear_attention import MixerConfig, taylor_features
+from arjax.nn.linear_attention import MIXER_CONFIGS, BasedConfig, mixer_config, taylor_features
 from arjax.ops import (
     aaren,
     aaren_init_state,
@@ -190,7 +190,9 @@ def _tiny(kind: str) -> LinearLMConfig:
     return LinearLMConfig(
         d_model=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8, mlp_dim=64,
         max_seq_len=64, dtype="float32",
-        mixer=MixerConfig(kind=kind, feature_dim=4, window=4, conv_size=3, chunk_size=8),
+        mixer=switch_kind(
+            BasedConfig(feature_dim=4, window=4, conv_size=3, chunk_size=8), MIXER_CONFIGS[kind]
+        ),
     )  # fmt: skip
 
 
@@ -267,7 +269,19 @@ def test_configs_and_registry():
         )["params"]
         assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params(), kind
     with pytest.raises(ConfigError, match="mixer.kind"):
-        dataclasses.replace(cfg, mixer=MixerConfig(kind="attention"))
+        dataclasses.replace(cfg, mixer=mixer_config("attention"))
     with pytest.raises(ConfigError, match="window"):
-        MixerConfig(kind="based", window=0)
-    assert presets_for("retnet")["small"].flops_per_token(1024) > 0
+        mixer_config("based", window=0)
+    # RetNet's FLOPs: 2 per weight of every matrix the forward multiplies by (the kernels of
+    # the initialised tree, plus the tied head) and the state read/update 4 h d^2 per layer,
+    # independent of the context
+    cfg = presets_for("retnet")["tiny"]
+    params = jax.eval_shape(
+        lambda: LinearLM(cfg).init(jax.random.key(0), _packed_batch(np.random.default_rng(0)))
+    )["params"]
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    kernels = sum(x.size for p, x in paths if "['kernel']" in jax.tree_util.keystr(p))
+    head = cfg.vocab_size * cfg.d_model
+    state = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim**2
+    for context in (64, 4096):
+        assert cfg.flops_per_token(context) == 2 * (kernels + head) + state

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from arjax.config import check
+from arjax.config import check, switch_kind
 from arjax.models.transformer import TransformerLM, TransformerLMConfig
-from arjax.nn.linear_attention import MixerConfig
+from arjax.nn.linear_attention import MIXER_CONFIGS, BasedConfig, MixerConfig
 
 LINEAR_MIXERS = ("based", "gla", "retnet", "aaren", "gdn", "deltanet")
 DELTA_MIXERS = ("gdn", "deltanet")
@@ -24,7 +24,7 @@ DELTA_MIXERS = ("gdn", "deltanet")
 class LinearLMConfig(TransformerLMConfig):
     """:class:`TransformerLMConfig` whose ``mixer`` is a linear-attention mixer."""
 
-    mixer: MixerConfig = MixerConfig(kind="based")
+    mixer: MixerConfig = BasedConfig()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,12 +62,15 @@ class LinearLMConfig(TransformerLMConfig):
     def num_params(self) -> int:
         m, d = self.mixer, self.d_model
         hd = self.num_heads * self.head_dim
-        extras = {  # conv kernels; learned query; per-head output norm (+ A_log, dt_bias)
-            "based": m.conv_size * d,
-            "aaren": hd,
-            "gdn": 3 * m.conv_size * hd + self.head_dim + 2 * self.num_heads,
-            "deltanet": 3 * m.conv_size * hd + self.head_dim,
-        }.get(m.kind, self.head_dim)
+        if m.kind == "based":  # conv kernel
+            extras = m.conv_size * d
+        elif m.kind == "aaren":  # learned query
+            extras = hd
+        elif m.kind in DELTA_MIXERS:  # q/k/v conv kernels, per-head output norm (+ A_log, dt_bias)
+            extras = 3 * m.conv_size * hd + self.head_dim
+            extras += 2 * self.num_heads if m.kind == "gdn" else 0
+        else:  # per-head output norm
+            extras = self.head_dim
         layer = self._mixer_matmul_params() + extras + 3 * d * self.mlp_dim + 2 * d
         if m.kind == "gla":
             layer += self.num_heads * self.head_dim  # gate bias
@@ -90,17 +93,18 @@ class LinearLM(TransformerLM):
 _TINY = LinearLMConfig(
     d_model=128, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=384,
     max_seq_len=256, dtype="float32",
-    mixer=MixerConfig(kind="based", feature_dim=8, window=32, chunk_size=32),
+    mixer=BasedConfig(feature_dim=8, window=32, chunk_size=32),
 )  # fmt: skip
 _SMALL = LinearLMConfig(
     d_model=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64, mlp_dim=1536,
-    max_seq_len=1024, mixer=MixerConfig(kind="based", feature_dim=16, window=64),
+    max_seq_len=1024, mixer=BasedConfig(feature_dim=16, window=64),
 )  # fmt: skip
 
 
 def presets_for(kind: str) -> dict[str, LinearLMConfig]:
-    """``tiny`` and ``small`` presets with mixer ``kind``."""
-    with_kind = lambda c: dataclasses.replace(c, mixer=dataclasses.replace(c.mixer, kind=kind))  # noqa: E731
+    """``tiny`` and ``small`` presets with mixer ``kind`` (keeping the fields it shares with
+    BASED's, e.g. ``chunk_size``)."""
+    with_kind = lambda c: dataclasses.replace(c, mixer=switch_kind(c.mixer, MIXER_CONFIGS[kind]))  # noqa: E731
     return {"tiny": with_kind(_TINY), "small": with_kind(_SMALL)}
 
 

@@ -5,7 +5,8 @@ Each mixer maps ``x [batch, len, d_model] -> [batch, len, d_model]`` in three mo
 :class:`arjax.nn.layers.Attention`: ``"train"`` (chunked form over the sequence),
 ``"prefill"`` (same, and stores the final recurrent state in the ``cache`` collection) and
 ``"decode"`` (one token, O(1) state update, memory independent of the context length).
-:class:`MixerConfig` selects one as the token mixer of :class:`arjax.nn.Transformer`.
+:data:`MixerConfig` (one config class per kind) selects one as the token mixer of
+:class:`arjax.nn.Transformer`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from arjax.config import check, check_field_types, check_positive
+from arjax.config import check, check_field_types, check_positive, tagged_union_members
 from arjax.nn.layers import Mode, RMSNorm, apply_rope, logical
 from arjax.ops import (
     aaren,
@@ -33,33 +34,131 @@ from arjax.ops import (
 from arjax.ops.aaren import AarenState
 from arjax.ops.linear_attention.common import IMPLS, document_index
 
-MIXERS = ("attention", "based", "gla", "retnet", "aaren", "gdn", "deltanet")
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMixerConfig:
+    """Softmax attention (:class:`arjax.nn.layers.Attention`); its settings are the stack's
+    (``TransformerConfig.num_kv_heads``, ``window``, ``qk_norm``, ``attention_impl``)."""
+
+    kind: Literal["attention"] = "attention"
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
 
 
 @dataclasses.dataclass(frozen=True)
-class MixerConfig:
-    """Token mixer of a transformer block; ``kind="attention"`` is softmax attention.
+class _ChunkedConfig:
+    """``chunk_size``/``impl``: the chunked linear-attention op
+    (:func:`arjax.ops.linear_attention`)."""
 
-    ``feature_dim``: BASED's q/k dim before the Taylor map (state ``1 + d + d^2`` per head);
-    ``window``: BASED's sliding-window attention width; ``conv_size``: the short causal
-    convolution of BASED, Gated DeltaNet and DeltaNet; ``gate_rank``: GLA's low-rank gate
-    projection; ``chunk_size``/``impl``: the chunked op (:func:`arjax.ops.linear_attention`,
-    :func:`arjax.ops.gated_delta_rule`).
-    """
-
-    kind: Literal["attention", "based", "gla", "retnet", "aaren", "gdn", "deltanet"] = "attention"
-    feature_dim: int = 16
-    window: int = 64
-    conv_size: int = 4
-    gate_rank: int = 16
     chunk_size: int = 64
     impl: Literal["auto", "xla", "pallas"] = "auto"
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        check(self.kind in MIXERS, "kind", f"must be one of {list(MIXERS)}, got {self.kind!r}")
-        check_positive(self, "feature_dim", "window", "conv_size", "gate_rank", "chunk_size")
+        check_positive(self, "chunk_size")
         check(self.impl in IMPLS, "impl", f"must be one of {list(IMPLS)}, got {self.impl!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BasedConfig(_ChunkedConfig):
+    """BASED: ``feature_dim`` q/k dim before the Taylor map (state ``1 + d + d^2`` per head),
+    ``window`` sliding-window attention width, ``conv_size`` short causal convolution."""
+
+    kind: Literal["based"] = "based"
+    feature_dim: int = 16
+    window: int = 64
+    conv_size: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "feature_dim", "window", "conv_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class GLAConfig(_ChunkedConfig):
+    """GLA: ``gate_rank`` of the low-rank gate projection."""
+
+    kind: Literal["gla"] = "gla"
+    gate_rank: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "gate_rank")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetNetConfig(_ChunkedConfig):
+    """RetNet-style fixed per-head decay."""
+
+    kind: Literal["retnet"] = "retnet"
+
+
+@dataclasses.dataclass(frozen=True)
+class _DeltaRuleConfig(_ChunkedConfig):
+    """The delta rule: ``conv_size`` of the short causal convolutions of q, k and v;
+    ``chunk_size``/``impl`` of :func:`arjax.ops.gated_delta_rule`."""
+
+    conv_size: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "conv_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedDeltaNetConfig(_DeltaRuleConfig):
+    """Gated DeltaNet (decay and delta rule)."""
+
+    kind: Literal["gdn"] = "gdn"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaNetConfig(_DeltaRuleConfig):
+    """DeltaNet (delta rule, no decay)."""
+
+    kind: Literal["deltanet"] = "deltanet"
+
+
+@dataclasses.dataclass(frozen=True)
+class AarenConfig:
+    """Aaren: no settings beyond the stack's heads."""
+
+    kind: Literal["aaren"] = "aaren"
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
+
+# The token mixer of a transformer block: a tagged union on ``kind``, each kind with only the
+# fields it uses (``--set model.mixer.kind=gla`` switches the class, see arjax.config).
+MixerConfig = (
+    AttentionMixerConfig
+    | BasedConfig
+    | GLAConfig
+    | RetNetConfig
+    | AarenConfig
+    | GatedDeltaNetConfig
+    | DeltaNetConfig
+)
+MIXER_CONFIGS: dict[str, type] = tagged_union_members(MixerConfig)
+MIXERS = tuple(MIXER_CONFIGS)
+
+
+def mixer_config(kind: str = "attention", **fields: Any) -> MixerConfig:
+    """The config of mixer ``kind`` with ``fields``; a field that kind does not use is a
+    :class:`ConfigError` naming it."""
+    check(kind in MIXER_CONFIGS, "kind", f"must be one of {list(MIXERS)}, got {kind!r}")
+    cls = MIXER_CONFIGS[kind]
+    known = [f.name for f in dataclasses.fields(cls) if f.name != "kind"]
+    unused = sorted(set(fields) - set(known))
+    check(
+        not unused,
+        "mixer",
+        f"kind {kind!r} does not use {', '.join(unused)} "
+        f"(its fields: {', '.join(known) or 'none'})",
+    )
+    return cls(**fields)
 
 
 def _heads(x: jax.Array, heads: int, dim: int, dtype: Any, name: str) -> jax.Array:
@@ -247,7 +346,7 @@ class BasedMixer(nn.Module):
 
     num_heads: int
     head_dim: int
-    config: MixerConfig
+    config: BasedConfig
     rope_theta: float = 10_000.0
     dtype: Any = jnp.float32
 
@@ -292,7 +391,7 @@ class DecayLinearAttention(nn.Module):
 
     num_heads: int
     head_dim: int
-    config: MixerConfig
+    config: GLAConfig | RetNetConfig
     gated: bool
     dtype: Any = jnp.float32
 
@@ -362,7 +461,7 @@ class DeltaRuleMixer(nn.Module):
 
     num_heads: int
     head_dim: int
-    config: MixerConfig
+    config: GatedDeltaNetConfig | DeltaNetConfig
     gated: bool
     dtype: Any = jnp.float32
 
@@ -474,7 +573,16 @@ def make_mixer(
 
 
 __all__ = [
+    "MIXERS",
+    "AarenConfig",
     "AarenMixer",
+    "AttentionMixerConfig",
+    "BasedConfig",
+    "DeltaNetConfig",
+    "GatedDeltaNetConfig",
+    "GLAConfig",
+    "RetNetConfig",
+    "mixer_config",
     "BasedMixer",
     "DecayLinearAttention",
     "DeltaRuleMixer",

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from arjax.config import check, check_field_types, check_positive
 from arjax.nn.layers import Attention, Mode, RMSNorm, SwiGLU
-from arjax.nn.linear_attention import MixerConfig, make_mixer
+from arjax.nn.linear_attention import AttentionMixerConfig, MixerConfig, make_mixer
 from arjax.nn.partitioning import constrain
 from arjax.ops.attention import IMPLS
 
@@ -42,7 +42,7 @@ class TransformerConfig:
     attention_impl: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     scan_layers: bool = True
-    mixer: MixerConfig = MixerConfig()  # token mixer; kind "attention" is the Attention above
+    mixer: MixerConfig = AttentionMixerConfig()  # token mixer; "attention": the fields above
     final_norm: bool = True  # False: the stack returns its residual stream un-normalised
 
     def __post_init__(self) -> None:
@@ -72,7 +72,30 @@ class TransformerConfig:
         check(
             isinstance(self.mixer, MixerConfig),
             "mixer",
-            f"must be a MixerConfig, got {type(self.mixer).__name__}",
+            f"must be one of the MixerConfig classes, got {type(self.mixer).__name__}",
+        )
+        if self.mixer.kind != "attention":
+            self._check_attention_fields_unset()
+
+    def _check_attention_fields_unset(self) -> None:
+        """A linear mixer ignores the attention-only fields: each must keep its neutral value
+        (one error naming every field that does not)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+        neutral = {
+            "num_kv_heads": self.num_heads,  # one key/value per head
+            "window": None,
+            "qk_norm": False,
+            "attention_impl": defaults["attention_impl"],
+        }
+        if self.mixer.kind != "based":  # BASED's sliding-window attention uses RoPE
+            neutral["rope_theta"] = defaults["rope_theta"]
+        unused = [n for n, v in neutral.items() if getattr(self, n) != v]
+        check(
+            not unused,
+            ", ".join(unused),
+            f"not used by the {self.mixer.kind!r} mixer (got "
+            f"{', '.join(f'{n}={getattr(self, n)!r}' for n in unused)}); these attention-only "
+            f"fields must stay {', '.join(f'{n}={neutral[n]!r}' for n in unused)}",
         )
 
     @property

@@ -21,7 +21,7 @@ from arjax.data import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, pack_documents, text_
 from arjax.data.corpus import load_texts_from_dir
 from arjax.data.pipeline import DataConfig, make_train_iterator
 from arjax.models import MODELS
-from arjax.nn.linear_attention import MixerConfig
+from arjax.nn.linear_attention import MIXER_CONFIGS
 from arjax.nn.transformer import TransformerConfig
 from arjax.ops.attention import attention, validate_attention_args
 from arjax.train.config import TrainConfig
@@ -94,7 +94,8 @@ def test_text_to_batch_rejects_empty_and_too_long_text():
 
 def _config_bases() -> dict[str, typing.Any]:
     """One valid instance of every config class (the registry's `tiny` presets included)."""
-    bases = {c.__name__: c() for c in (DataConfig, TrainConfig, MeshConfig, MixerConfig)}
+    classes = (DataConfig, TrainConfig, MeshConfig, *MIXER_CONFIGS.values())
+    bases = {c.__name__: c() for c in classes}
     bases["TransformerConfig"] = TransformerConfig(
         d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64
     )
