@@ -81,20 +81,16 @@ class MosaicForward:
 
 # (max head_dim, MosaicForward); query tile 128. D=128: 2 buffers = 160 KiB of the 227 KiB of
 # shared memory, D=64: 4 = 160 KiB. Picked among experiments/bench_attention.py --variants
-# (one H200, jax 0.11.2, causal bf16, results/bench_attention_variants.md): pingpong gave D=128
-# 397/550/576 vs 381/518/557 TFLOP/s at L=2048/8192/32768, no gain at D=64 (280 vs 282 at
-# 2048); persistent CTAs were slower for both.
+# (experiments/results/bench_attention_variants.md): pingpong was faster at D=128 and made no
+# difference at D=64; persistent CTAs were slower for both.
 MOSAIC_TABLE: list[tuple[int, MosaicForward]] = [
     (64, MosaicForward(bk=128, stages=4)),
     (128, MosaicForward(bk=128, stages=2, pingpong=True)),
 ]
 MOSAIC_BQ = 128
 # head_dims where lowering="mosaic" was measured faster than "triton" on Hopper (picked by
-# ``gpu_lowering``): one H200, jax 0.11.2, causal bf16, L=2048/8192/32768, one run
-# (experiments/results/bench_attention.md as of commit 7847303), TFLOP/s Mosaic vs Triton: D=64
-# forward 281/347/420 vs 275/340/354, fwd+bwd 289/389/414 vs 262/323/337; D=128 forward
-# 401/532/618 vs 296/392/448, fwd+bwd 365/500/516 vs 285/362/380. The file's current run (commit
-# 3411484) has Mosaic ahead in every cell too; so does an H100 (bench_attention_mosaic.md).
+# ``gpu_lowering``): Mosaic is ahead in every cell of experiments/results/bench_attention.md
+# (an H200) and of bench_attention_mosaic.md (an H100), forward and fwd+bwd, both head dims.
 MOSAIC_FASTER_HEAD_DIMS: frozenset[int] = frozenset({64, 128})
 
 
@@ -126,11 +122,10 @@ def heads_per_wave(tiles: int, heads: int) -> int:
     """How many of ``heads`` (batch x head pairs, ``tiles`` CTAs each) the flash-attention GPU
     kernels (Hopper and Triton) interleave in their launch order
     (``flash_attention._common.work_item``): the largest divisor of ``heads`` whose tiles fit
-    one wave of CTAs, one per SM (the device's count, an H100's 132 off the GPU). One H200,
-    causal bf16, against one head at a time: the Hopper kernels at D=128, L=2048 / 8192 (groups
-    of 8 / 2 heads) forward 1.08x / 1.07x, backward 1.09x / 1.05x, all heads at once slower than
-    either (L2 misses; results/bench_launch_order.md); the Triton forward 1.06x / 1.12x, its
-    other cells within noise (bench_launch_order_triton.md)."""
+    one wave of CTAs, one per SM (the device's count, an H100's 132 off the GPU). Against one
+    head at a time and all heads at once, it was faster for the Hopper kernels
+    (experiments/results/bench_launch_order.md) and the Triton forward, the other Triton cells
+    within noise (bench_launch_order_triton.md)."""
     sms = _wave_override[-1] if _wave_override else None
     sms = sms or getattr(jax.devices()[0], "core_count", None) or 132
     cap = max(1, sms // tiles)
@@ -269,9 +264,9 @@ class ScanConfig:
 # (gate, max head_dim) -> config; gate "none" | "scalar" | "gated"; the first row whose gate
 # matches and whose head_dim bound fits is used (else the last row of that gate). "gated": the
 # staged GLA kernels with the winners of the H100 sweep (jax 0.11.2, (B,H,L,D) = (8,16,2048,128),
-# bf16; experiments/results/tune_scan_h100.md): 1.94 ms fwd+bwd vs 6.95 for the earlier
-# lean/split row and 3.46 for fla's chunk_gla in the same run. Others: the hand-picked values of
-# the first GPU runs (experiments/results/bench_scan.md); scalar decay is 1.46x fla with them.
+# bf16; experiments/results/tune_scan_h100.md: faster fwd+bwd than the earlier lean/split row
+# and than fla's chunk_gla in the same run). Others: the hand-picked values of the first GPU
+# runs (experiments/results/bench_scan.md).
 _GLA = ScanConfig(
     form="staged",
     bwd_form="staged",

@@ -26,12 +26,9 @@ float32 register accumulators (FlashAttention-3, Shah et al. 2024, sec. 3.1 and 
     in GMEM with a TMA reduce-add -- 5 matmuls; ``dQ`` is scaled and cast by XLA afterwards.
     The kernel's consumers have no registers to spare: their shared-memory operands are indexed
     through ``_opaque`` so that their wgmma descriptors are not hoisted out of the step loop
-    (hoisted, ptxas spilled 632 B per thread at D=128). On an H200 (jax 0.11.2, causal bf16,
-    experiments/results/bench_mgpu_bwd_d128_fused.md, bench_mgpu_bwd_d64_fused.md; dq within
-    7e-4 relative, dk/dv identical; before the grouped launch order of ``work_item``) it is
-    faster than the split kernels from L=8192: at D=128 2.62 / 20.8 ms against 2.87 / 23.8 ms
-    at L=8192 / 32768 (cuDNN: 2.65 / 19.5 ms), at D=64 3.07 / 23.4 against 3.42 / 28.4 ms; at
-    L=2048 slower (1.22 against 0.93 ms at D=128).
+    (hoisted, ptxas spilled registers at D=128). On an H200 it was faster than the split
+    kernels from L=8192 and slower at L=2048, at both head dims
+    (experiments/results/bench_mgpu_bwd_d128_fused.md, bench_mgpu_bwd_d64_fused.md);
     ``default_tiles`` fuses it from 8192 (``FUSED_DQ_MIN_LEN``).
 
 ``lse2`` is the forward's base-2 log-sum-exp (``_common``; +inf for rows that see no key, so
@@ -104,8 +101,8 @@ def default_tiles(head_dim: int, length: int) -> Tiles:
     (D=128: 64 + 64 registers per thread) plus S^T, dP^T (bq/2 each) fit 240 registers with
     bq=64; D=64 leaves room for 128-wide streamed tiles. dQ is fused into the dK/dV kernel
     where that measured faster on an H200 (``FUSED_DQ_MIN_LEN``, module docstring); fused at
-    D=128 with 2 ring slots: 3 fit in shared memory but were no faster (2.60 / 20.6 against
-    2.56 / 20.4 ms at L=8192 / 32768, experiments/results/bench_mgpu_bwd_d128_stages.md)."""
+    D=128 with 2 ring slots: 3 fit in shared memory but were no faster
+    (experiments/results/bench_mgpu_bwd_d128_stages.md)."""
     fused = length >= FUSED_DQ_MIN_LEN.get(head_dim, float("inf"))
     if head_dim > 64:
         return Tiles(bq=64, bk=64, stages=2 if fused else 3, fused_dq=fused)
