@@ -657,7 +657,9 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--out", default="experiments/results/bench_scan")
     ap.add_argument("--check", default="none,scalar,gla", help="fp32 GPU checks ('' for none)")
-    ap.add_argument("--impls", default="pallas,jla,fla,xla", help="what to time, in this order")
+    ap.add_argument(
+        "--impls", default="pallas,jla,fla,xla", help="what to time, in order ('': none)"
+    )
     ap.add_argument("--tune", action="store_true", help="sweep ScanConfig instead (see above)")
     ap.add_argument("--tune-budget", type=float, default=100.0, help="seconds for candidates")
     ap.add_argument("--tune-out", default="experiments/results/tune_scan.json")
@@ -680,7 +682,7 @@ def main() -> None:
     if args.check:
         check(results, args.check.split(","))
         write(results, args.out)
-    bench(results, args.impls.split(","), args.reps, args.inner, args.out)
+    bench(results, [i for i in args.impls.split(",") if i], args.reps, args.inner, args.out)
     write(results, args.out)
 
 

@@ -1,11 +1,29 @@
 #!/usr/bin/env bash
-# One device call that checks and times everything GPU-side, in priority order, each step
-# under its own time limit, then packs experiments/results into $OUT/results.tgz.
+# One device call that checks (and, if asked, times) everything GPU-side, each step under its
+# own time limit. The log goes to experiments/results/gpu_suite.log (and $OUT/log.txt); the
+# results folder is packed into $OUT/results.tgz.
 #   usage (device machine, repo root): bash experiments/gpu_suite.sh [STEP ...]
+#   no STEP: the checks, in order (limits sum to 570 s: one device call of at most 600 s):
+#     gpu_tests     every `gpu`-marked test of tests/ (Triton and Mosaic GPU flash attention
+#                   forward/backward/decode, the linear-attention scan and gated-delta
+#                   kernels), bounds in each test (plain XLA's bf16 error, float32 tolerances);
+#     attention     bench_attention.py's checks (Triton, Mosaic GPU, decode; fails when a kernel
+#                   is farther from the float32 reference than plain XLA in bf16), 1 timing cell;
+#     mgpu_bwd      bench_mgpu_bwd.py at L=2048: every backward candidate vs the first, the first
+#                   vs Triton (relative diffs in the log), 1 timing run;
+#     scan          bench_scan.py's checks (kernels vs the float32 recurrence, fp32 and bf16);
+#     models        the CPU suite's fast-path-vs-reference tests behind the other benchmarks,
+#                   on the GPU: cached / recurrent decoding (block_decode, hat_decode,
+#                   linear_decode), semi-parallel axial sampling (axial_sampling), chunked vs
+#                   parallel linear attention (linear_train), resume / accumulation (train).
+#   timing steps (name them): train block hat axial linear_decode linear_train scan_timing
+#   gated_delta scaling; "all" = the checks then every timing step.
 # Wheels for packages the device image lacks are carried in .whl (see README, device notes).
 set -u
 OUT=${OUT:-/tmp/arjax-gpu}
-mkdir -p "$OUT"
+LOG=experiments/results/gpu_suite.log
+mkdir -p "$OUT/bench"
+: >"$LOG"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -14,27 +32,50 @@ else
   export PYTHONPATH=.
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
-python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())' \
-  | tee -a "$OUT/env.txt"
+{
+  echo "command: bash experiments/gpu_suite.sh $*"
+  echo "date: $(date -u '+%F %T UTC'), commit: $(git rev-parse --short HEAD 2>/dev/null)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
+} 2>&1 | tee -a "$LOG"
+
+CHECKS="gpu_tests attention mgpu_bwd scan models"
+TIMINGS="train block hat axial linear_decode linear_train scan_timing gated_delta scaling"
+STEPS="${*:-$CHECKS}"
+[ "$STEPS" = all ] && STEPS="$CHECKS $TIMINGS"
+FAILED=""
 
 step() {  # step NAME SECONDS CMD...
-  local name=$1 limit=$2; shift 2
-  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
-  echo "=== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$OUT/log.txt"
-  timeout "$limit" "$@" >>"$OUT/log.txt" 2>&1
-  echo "=== $name exit $?" | tee -a "$OUT/log.txt"
-  tail -n 25 "$OUT/log.txt"
+  local name=$1 limit=$2 rc; shift 2
+  if [[ " $STEPS " != *" $name "* ]]; then return; fi
+  echo "=== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  echo "=== $name exit $rc" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || FAILED="$FAILED $name"
+  tail -n 25 "$LOG"
 }
-STEPS="${*:-}"
-step gpu_tests 120 python3 -m pytest -q -m gpu tests/test_flash_attention.py tests/test_linear_attention_scan.py tests/test_gated_delta_kernel.py -p no:cacheprovider
+PYTEST="python3 -m pytest -p no:cacheprovider -q -rA"
+step gpu_tests 200 $PYTEST -s -m gpu tests
+step attention 110 python3 experiments/bench_attention.py --check all --impls arjax_mosaic \
+  --head-dims 128 --lengths 2048 --modes fwd --no-sparse --no-peak --iters 1 --repeats 1 \
+  --name gpu_suite_attention --out "$OUT/bench"
+step mgpu_bwd 60 python3 experiments/bench_mgpu_bwd.py --bwd-only --lengths 2048 --iters 1 \
+  --repeats 1 --name gpu_suite_mgpu_bwd --out "$OUT/bench"
+step scan 60 python3 experiments/bench_scan.py --impls '' --out "$OUT/bench/gpu_suite_scan"
+step models 140 $PYTEST tests/test_block_transformer.py tests/test_hat.py \
+  tests/test_linear_attention.py tests/test_axial.py tests/test_train.py \
+  -k "generation or decode or sampling or forms_agree or gradients_agree or split_sequence or resume or accumulation"
 step train 190 python3 experiments/bench_train.py
 step block 330 python3 experiments/bench_block_decode.py --impls auto
 step hat 55 python3 experiments/bench_hat_decode.py --device gpu
 step axial 40 python3 experiments/bench_axial_sampling.py
 step linear_decode 130 python3 experiments/bench_linear_decode.py
 step linear_train 60 python3 experiments/bench_linear_train.py
-step scan 150 python3 experiments/bench_scan.py
+step scan_timing 150 python3 experiments/bench_scan.py
 step gated_delta 420 python3 experiments/bench_gated_delta.py
 step scaling 420 python3 experiments/bench_scaling.py  # needs >= 2 GPUs
-tar czf "$OUT/results.tgz" experiments/results
+echo "failed steps:${FAILED:- none}" | tee -a "$LOG"
+cp "$LOG" "$OUT/log.txt"
+tar czf "$OUT/results.tgz" experiments/results "$OUT/bench" 2>/dev/null
+[ -z "$FAILED" ]
