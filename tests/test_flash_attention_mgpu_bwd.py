@@ -147,12 +147,14 @@ def _check_api(rng, within, interpret: bool, races=None, fused: bool = False):
                                            _api_grads(xla, q, k, v, w))))  # fmt: skip
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused, wave", [(False, 1), (True, 2)])
 def test_flash_attention_mosaic_lowering_uses_this_backward(
-    rng, races, within_xla_error, monkeypatch, fused
+    rng, races, within_xla_error, monkeypatch, fused, wave
 ):
     """The call's default tiles, split or (from ``FUSED_DQ_MIN_LEN``, lowered here to the
-    call's length 90) with dQ fused into the dK/dV kernel."""
+    call's length 90) with dQ fused into the dK/dV kernel; the three Mosaic kernels with their
+    CTAs in ``work_item`` order over several groups of heads: waves of 1 or 2 CTAs (the tiny
+    calls fit one real wave; every other test runs all heads as one group)."""
     calls, backward = [], mgpu_bwd.backward
 
     def spy(*args):
@@ -162,18 +164,9 @@ def test_flash_attention_mosaic_lowering_uses_this_backward(
     monkeypatch.setattr(mgpu_bwd, "backward", spy)
     if fused:
         monkeypatch.setattr(mgpu_bwd, "FUSED_DQ_MIN_LEN", {64: 90})
-    _check_api(rng, within_xla_error, interpret=True, races=races, fused=fused)
-    assert calls == [mgpu_bwd.Tiles(bq=128, bk=128, stages=2, fused_dq=fused)]
-
-
-@pytest.mark.parametrize("wave, fused", [(1, False), (2, True)])
-def test_grouped_launch_order(rng, races, within_xla_error, monkeypatch, wave, fused):
-    """The three Mosaic kernels with their CTAs in ``work_item`` order over several groups of
-    heads: waves of 1 or 2 CTAs (the tiny calls fit one real wave)."""
-    if fused:
-        monkeypatch.setattr(mgpu_bwd, "FUSED_DQ_MIN_LEN", {64: 90})
     with tuning.wave_override(wave):
         _check_api(rng, within_xla_error, interpret=True, races=races, fused=fused)
+    assert calls == [mgpu_bwd.Tiles(bq=128, bk=128, stages=2, fused_dq=fused)]
 
 
 def test_launch_order_runs_heavy_tiles_of_each_head_group_first():
