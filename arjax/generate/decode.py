@@ -39,8 +39,9 @@ def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def unscanned_for_decoding(model: nn.Module, params: Any) -> tuple[nn.Module, Any]:
-    """The same LM with its ``transformer`` stack unrolled (see :func:`arjax.nn.unrolled`;
-    2.3x faster per decode step on CPU at 8 layers). Other models are returned as is."""
+    """The same LM with its ``transformer`` stack unrolled (see :func:`arjax.nn.unrolled`: a
+    decode step then updates each layer's cache in place instead of the scanned stack's whole
+    cache). Other models are returned as is."""
     if not isinstance(model.config, TransformerConfig) or "transformer" not in params:
         return model, params
     config, stack = unrolled(model.config, params["transformer"])
