@@ -114,3 +114,29 @@ def test_compiled_gpu_kernel_matches_the_recurrence(rng):
         for name, a, b in zip(["q", "k", "v", "beta", "log_decay", "s0"], got_grads, want_grads):
             scale = float(jnp.abs(b).max())
             np.testing.assert_allclose(a, b, atol=1e-4 * scale, rtol=1e-3, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize(
+    "backend, platform, call",
+    [("gpu", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")],
+)
+def test_kernels_lower_without_the_device(backend, platform, call):
+    """Without a GPU/TPU, export for the platform: forward + backward (bf16, head dim 128,
+    packed documents) lower through Pallas Triton / Mosaic TPU to one kernel each way."""
+    sd = jax.ShapeDtypeStruct
+    qk = sd((1, 128, 2, 128), jnp.bfloat16)
+    gate, seg = sd((1, 128, 2), jnp.float32), sd((1, 128), jnp.int32)
+
+    def grads(q, k, v, beta, g, s):
+        def loss(*a):
+            out, state = kernel(*a[:4], log_decay=a[4], segment_ids=s, backend=backend,
+                                interpret=False)  # fmt: skip
+            return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+
+        return jax.grad(loss, argnums=tuple(range(5)))(q, k, v, beta, g)
+
+    checks = [jax.export.DisabledSafetyCheck.custom_call(call)]
+    exported = jax.export.export(jax.jit(grads), platforms=[platform], disabled_checks=checks)(
+        qk, qk, qk, gate, gate, seg
+    )
+    assert exported.mlir_module().count(f"@{call}(") == 2
