@@ -58,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one line")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, text: str) -> argparse.ArgumentParser:
-        q = sub.add_parser(name, help=text, description=text, epilog=_models_epilog(),
+    def command(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=text, description=text, epilog=epilog,
                            formatter_class=fmt)  # fmt: skip
         # SUPPRESS: `arjax --debug train` and `arjax train --debug` both work
         q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, text in (("train", "train (or resume) a model"),
                        ("config", "print the resolved run config as JSON")):  # fmt: skip
-        q = command(name, text)
+        q = command(name, text, _models_epilog())
         q.add_argument("--model", default="hat", choices=models, metavar="MODEL",
                        help="model family (default: hat; listed below)")  # fmt: skip
         q.add_argument("--preset", default="tiny", help="named size (default: tiny)")
