@@ -225,3 +225,20 @@ def test_no_readable_checkpoint_is_one_line_with_the_way_out(tmp_path, capsys):
     err = _one_line_error(capsys, "eval")
     assert f"no checkpoint in {out / 'checkpoints'} could be restored (step 5: " in err
     assert err.endswith(f"; move {out / 'checkpoints'} aside to start the run over\n")
+
+
+@pytest.mark.parametrize("tty, columns, plain", [(False, 80, True), (True, 0, True),
+                                                 (True, 80, False)])  # fmt: skip
+def test_plain_progress_lines_unless_a_terminal_with_columns(monkeypatch, tty, columns, plain):
+    import arjax.train.loop as loop
+
+    class Stdout:
+        def isatty(self) -> bool:
+            return tty
+
+        def fileno(self) -> int:
+            return 1
+
+    monkeypatch.setattr(loop.sys, "stdout", Stdout())
+    monkeypatch.setattr(loop.os, "get_terminal_size", lambda fd: os.terminal_size((columns, 24)))
+    assert loop._plain_console() is plain
