@@ -1,11 +1,12 @@
 """HAT word splitter: exact agreement with the published `hat-splitter` (test-time reference
 only, non-commercial licence), concatenation identity, byte limits."""
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arjax.data import split_word_bytes, split_words
+from arjax.data import PAD_ID, split_word_bytes, split_words, word_starts
 from arjax.data.splitter import _split_general, _split_segments, _split_simple
 
 # A multilingual corpus of our own: every line exercises a different part of the rule.
@@ -85,12 +86,34 @@ def test_characters_outside_unicode_16_split_as_in_16():
 def test_every_code_point_matches_hat_splitter(hat, context):
     """Each Unicode scalar value but the line breaks, between letters/digits (where Word_Break
     and the Ll|Lu cut show) and after a pictograph's ZWJ (Extended_Pictographic), against the
-    reference; 4096 lines per call."""
+    reference, 4096 lines per call; and the same words from `word_starts` on device, all code
+    points of the context in one batched call (one row each)."""
     breaks = {0x0A, 0x0B, 0x0C, 0x0D, 0x85, 0x2028, 0x2029}
     cps = [cp for cp in range(0x110000) if not 0xD800 <= cp < 0xE000 and cp not in breaks]
+    starts = []  # per line: byte offsets of its words
     for i in range(0, len(cps), 4096):
         text = "\n".join(context.format(chr(cp)) for cp in cps[i : i + 4096])
-        assert split_words(text) == hat.split(text), f"code points from {cps[i]:X}"
+        words = split_words(text)
+        assert words == hat.split(text), f"code points from {cps[i]:X}"
+        line, offset = [], 0
+        for word in words:
+            if word == "\n":
+                starts.append(line)
+                line, offset = [], 0
+            else:
+                line.append(offset)
+                offset += len(word.encode())
+        starts.append(line)
+    lines = [context.format(chr(cp)).encode() for cp in cps]
+    lengths = np.array([len(line) for line in lines], np.int32)
+    ids = np.full((len(lines), int(lengths.max())), PAD_ID, np.int32)
+    ids[np.arange(ids.shape[1]) < lengths[:, None]] = np.frombuffer(b"".join(lines), np.uint8)
+    got = np.asarray(word_starts(ids, lengths, max_word_bytes=64))
+    expected = np.zeros_like(got)
+    for row, line in enumerate(starts):
+        expected[row, line] = True
+    bad = np.flatnonzero((got != expected).any(axis=1))
+    assert not len(bad), f"word_starts differs at U+{cps[bad[0]]:04X} ({len(bad)} code points)"
 
 
 def test_documented_examples():

@@ -1,6 +1,7 @@
 """Byte-level text data: vocabulary, corpora and the Grain batch pipeline."""
 
 # ruff: noqa: F401  (this module only re-exports)
+from .boundaries import WordScanOut, WordScanState, word_scan_init, word_scan_step, word_starts
 from .corpus import list_plays, load_corpus
 from .pipeline import (
     DataConfig,

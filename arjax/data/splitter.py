@@ -71,9 +71,9 @@ def _char_class(pairs: list[tuple[int, int]]) -> str:
     return "[" + "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in pairs) + "]"
 
 
-def _not_unicode_16() -> tuple[re.Pattern, re.Pattern]:
-    """Classes of the characters that Unicode 16 leaves unassigned, plus ``_CHANGED_SINCE_16``:
-    (BMP, astral), as stdlib ``re`` patterns (a BMP class compiles to a bitmap). Unassigned
+def outside_unicode_16() -> list[tuple[int, int]]:
+    """Code point ranges ``(lo, hi)`` that Unicode 16 leaves unassigned, plus
+    ``_CHANGED_SINCE_16``: the characters split as a stand-in (`_as_unicode_16`). Unassigned
     code points of the Extended_Pictographic ranges are left out: they are pictographs to the
     reference too (and to our own table), and any later assignment there is a symbol."""
     gaps, start = [], 0
@@ -83,7 +83,13 @@ def _not_unicode_16() -> tuple[re.Pattern, re.Pattern]:
         start = max(start, hi + 1)
     if start <= 0x10FFFF:
         gaps.append((start, 0x10FFFF))
-    gaps += [(ord(c), ord(c)) for c in _CHANGED_SINCE_16]
+    return gaps + [(ord(c), ord(c)) for c in _CHANGED_SINCE_16]
+
+
+def _not_unicode_16() -> tuple[re.Pattern, re.Pattern]:
+    """The classes of `outside_unicode_16`, (BMP, astral), as stdlib ``re`` patterns (a BMP
+    class compiles to a bitmap)."""
+    gaps = outside_unicode_16()
     bmp = [(lo, min(hi, 0xFFFF)) for lo, hi in gaps if lo <= 0xFFFF]
     astral = [(max(lo, 0x10000), hi) for lo, hi in gaps if hi > 0xFFFF]
     return re.compile(_char_class(bmp)), re.compile(_char_class(astral))
