@@ -384,8 +384,8 @@ def main() -> None:
             md.append(f"## Robustness, {size_name} (seed {args.seeds[0]} models; perturbation "
                       f"seeds {args.seeds})\n\nPerturbed context, clean continuation scored, "
                       f"bits per clean byte (`{args.name}_robustness_{size_name}_clean_target"
-                      f".png`):\n\n{degradation_table(res, 'clean_target')[0]}\n\nWhole "
-                      f"perturbed text, bits per perturbed byte (`..._noisy_text.png`):\n\n"
+                      f".png`):\n\n{degradation_table(res, 'clean_target')[0]}\n\nContinuation "
+                      f"perturbed too, bits per perturbed byte (`..._noisy_text.png`):\n\n"
                       f"{degradation_table(res, 'noisy_text')[0]}")  # fmt: skip
     if "adapt" in stages:
         adapted = adapt(args, table, corpus, out, runs)

@@ -13,8 +13,8 @@ continuation) pairs at line starts; the context is perturbed, the continuation i
 the model is scored on the continuation only, in bits per UTF-8 byte of the clean
 continuation (summed nats / (ln 2 x its bytes)). Every model, whatever its tokenizer, is
 scored on exactly the same bytes given the same noisy context, and the rate-0 row is the
-clean baseline (``clean_target``). The second metric (``noisy_text``) is the older one: the
-whole perturbed text scored per byte of the perturbed text (context empty).
+clean baseline (``clean_target``). The second metric (``noisy_text``) is closer to the older
+one: the continuation is perturbed too and scored per byte of the perturbed continuation.
 
 Rows are one pair each (``[BOS] context continuation``, right-padded), built per family:
 bytes (:func:`arjax.data.pipeline.window_features`), BPE tokens (``target_bytes`` from the
@@ -220,9 +220,9 @@ def robustness(
                         (perturb(c, kind, rate, seed * 100003 + i), t)
                         for i, (c, t) in enumerate(pairs)
                     ]
-                    if metric == "noisy_text":
-                        noisy = [("", perturb(c + t, kind, rate, seed * 100003 + i))
-                                 for i, (c, t) in enumerate(pairs)]  # fmt: skip
+                    if metric == "noisy_text":  # the continuation perturbed too, scored
+                        noisy = [(c, perturb(t, kind, rate, seed * 100003 + len(pairs) + i))
+                                 for i, (c, (_, t)) in enumerate(zip(noisy, pairs))]  # fmt: skip
                     for name, (trainer, params) in models.items():
                         bits = bits_per_target_byte(trainer, params, noisy, batch_size)
                         per_model[name].append(bits)
@@ -324,9 +324,9 @@ def main() -> None:
         f" B) pairs; seeds {args.seeds}. `clean_target` (first table, `{args.name}_clean_target"
         ".png`): the context is perturbed, the clean continuation is scored, bits per clean "
         "byte; every model scores the same bytes. `noisy_text` (second table, "
-        f"`{args.name}_noisy_text.png`): the perturbed pair scored as a whole, bits per "
-        "perturbed byte (includes the injected noise's own entropy). Δ: increase over the "
-        f"clean value.\n\n### noisy_text\n\n{tables['noisy_text']}\n"
+        f"`{args.name}_noisy_text.png`): context and continuation perturbed, bits per "
+        "perturbed continuation byte (includes the injected noise's own entropy). Δ: "
+        f"increase over the clean value.\n\n### noisy_text\n\n{tables['noisy_text']}\n"
     )
     write_results(
         args.name,

@@ -28,7 +28,9 @@ puts ``--val-percent`` of the documents in ``val``, so no document is in both. O
     OUT/MANIFEST.json                        # sources, versions, deb SHA-256, licences, sizes, hash
     OUT/licenses/<package>.copyright         # each package's Debian copyright file
 
-The script prints the byte count of each split and one SHA-256 over every written file
+Languages are independent (deduplication is per language, file names per source), so
+``--langs de`` builds the German half exactly as a full build would. The script prints the
+byte count of each split and one SHA-256 over every written file
 (path and contents), so two builds can be compared. The data stays out of git (``data/`` is
 ignored). To carry it to a machine that reaches no registry (one call moves at most 64 MiB),
 ``--pack FILE.tar.xz --max-mb N`` writes an xz archive holding both val splits whole and the
@@ -139,6 +141,16 @@ SOURCES: tuple[Source, ...] = (
     Source("debian-edu-doc-de", "debian-edu-doc-de", "de", r"\.html$", "html"),
     Source("kicad-doc-de", "kicad-doc-de", "de", r"\.html$", "html"),
     Source("apache-doc-de", "apache2-doc", "de", r"/manual/de/.*\.html$", "html"),
+    Source("lilypond-doc-de", "lilypond-doc-html-de", "de", r"/Documentation/.*\.de\.html$",
+           "html"),
+    Source("installation-guide-de", "installation-guide-amd64", "de",
+           r"/installation-guide-amd64/de/.*\.html$", "html"),
+    Source("debian-faq-de", "debian-faq-de", "de", r"/FAQ/de/.*\.html$", "html"),
+    Source("maint-guide-de", "maint-guide-de", "de", r"\.de\.html$", "html"),
+    Source("udo-doc-de", "udo-doc-de", "de", r"/html/.*\.html?$", "html"),
+    Source("gosa-help-de", "gosa-help-de", "de", r"/de/html/.*\.html$", "html"),
+    Source("ubuntu-packaging-guide-de", "ubuntu-packaging-guide-html-de", "de",
+           r"/ubuntu-packaging-guide-html-de/_sources/.*\.txt$", "text"),
     Source("fortunes-de", "fortunes-de", "de", r"/games/fortunes/de/[^/.]+(\.fortunes)?$",
            "fortune"),
 )  # fmt: skip
@@ -552,14 +564,16 @@ def main() -> None:
     p.add_argument("--val-percent", type=float, default=2.0)
     p.add_argument("--pack", default=None, metavar="FILE.tar.xz", help="also write an archive")
     p.add_argument("--max-mb", type=float, default=160.0, help="train text in the archive (MB)")
+    p.add_argument("--langs", default=",".join(LANGS), help="build only these languages")
     args = p.parse_args()
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty; remove it first (the build writes it whole)")
-    paths = download(sorted({s.package for s in SOURCES}), Path(args.cache))
+    sources = tuple(s for s in SOURCES if s.lang in args.langs.split(","))
+    paths = download(sorted({s.package for s in sources}), Path(args.cache))
     debs = {name: path.read_bytes() for name, path in paths.items()}
-    manifest = build(debs, out, val_percent=args.val_percent)
+    manifest = build(debs, out, sources=sources, val_percent=args.val_percent)
     for key, size in manifest["sizes"].items():
         print(f"{key:10s} {size / 1e6:9.2f} MB")
     print(f"sha256 {manifest['sha256']}")
