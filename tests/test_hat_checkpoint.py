@@ -15,7 +15,7 @@ from einops import rearrange
 from arjax.config import ConfigError, apply_overrides
 from arjax.models import hat_checkpoint as hc
 from arjax.models.hat import HAT, PRESETS, HATConfig
-from arjax.nn import TransformerConfig
+from arjax.nn import RopeScaling, TransformerConfig
 
 
 def tiny_config(cross_every: bool = False, scan: bool = True) -> HATConfig:
@@ -105,14 +105,15 @@ def _llama(x, t, pre, c: TransformerConfig, pos, mask):
     return x + (gate / (1 + np.exp(-gate)) * up) @ t[pre + "mlp.down_proj.weight"].T
 
 
-def _cross(xq, xkv, t, pre, cfg: HATConfig, theta, qpos, kpos, mask):
+def _cross(xq, xkv, t, pre, cfg: HATConfig, stack: TransformerConfig, qpos, kpos, mask):
     q = _proj(xq, t[pre + "q_proj.weight"], cfg.cross_heads)
     k = _proj(xkv, t[pre + "k_proj.weight"], cfg.cross_kv_heads)
-    if cfg.cross_qk_norm:  # per head, arjax's fixed epsilon
+    if cfg.cross_qk_norm:  # per head, the stack's epsilon
         q, k = (
-            _rms(q, t[pre + "norm_query.weight"], 1e-6),
-            _rms(k, t[pre + "norm_key.weight"], 1e-6),
+            _rms(q, t[pre + "norm_query.weight"], stack.norm_eps),
+            _rms(k, t[pre + "norm_key.weight"], stack.norm_eps),
         )
+    theta = stack.rope_theta
     v = _proj(xkv, t[pre + "v_proj.weight"], cfg.cross_kv_heads)
     out = _attend(_rope(q, qpos, theta), _rope(k, kpos, theta), v, mask)
     return out @ t[pre + "o_proj.weight"].T
@@ -124,7 +125,8 @@ def _causal(n, window=None):
 
 
 def reference_logits(t: dict, cfg: HATConfig, tokens: np.ndarray, word_of: np.ndarray):
-    """Logits ``[seq, vocab]`` of the published model on one document."""
+    """Logits ``[seq, vocab]`` of the published model on one document (windows in arjax's
+    convention: ``cfg.*.window`` keys per query)."""
     t = {k: np.asarray(v, np.float64) for k, v in t.items()}
     enc, bb, dec = cfg.encoder, cfg.backbone, cfg.decoder
     s, w = len(tokens), int(word_of.max()) + 1
@@ -136,7 +138,7 @@ def reference_logits(t: dict, cfg: HATConfig, tokens: np.ndarray, word_of: np.nd
     own = word_of[None, :] == np.arange(w)[:, None]  # [words, bytes]
     latent = np.broadcast_to(t["encoder_connector.latent_query"][0], (w, bb.d_model))
     pre = "encoder_connector.cross_attention_encoder_connector."
-    h = _cross(latent, acts, t, pre, cfg, enc.rope_theta, wpos, bpos, own)
+    h = _cross(latent, acts, t, pre, cfg, enc, wpos, bpos, own)
     for i in range(bb.num_layers):
         h = _llama(h, t, f"backbone.layers.{i}.", bb, wpos, _causal(w))
     pred = np.concatenate([t["decoder_connector.first_word_embedding"][0], h[:-1]])
@@ -145,9 +147,8 @@ def reference_logits(t: dict, cfg: HATConfig, tokens: np.ndarray, word_of: np.nd
         pre = f"decoder.decoder_layers.{i}."
         if i == 0 or cfg.cross_attn_every_layer:
             xq = _rms(x, t[pre + "query_norm.weight"], dec.norm_eps)
-            xkv = _rms(pred, t[pre + "kv_norm.weight"], bb.norm_eps)
-            x = x + _cross(xq, xkv, t, pre + "cross_attention.", cfg, dec.rope_theta,
-                           bpos, wpos, own.T)  # fmt: skip
+            xkv = _rms(pred, t[pre + "kv_norm.weight"], dec.norm_eps)
+            x = x + _cross(xq, xkv, t, pre + "cross_attention.", cfg, dec, bpos, wpos, own.T)
         x = _llama(x, t, pre + "llama_layer.", dec, bpos, _causal(s, dec.window))
     return _rms(x, t["layer_norm.weight"], dec.norm_eps) @ t["lm_head.weight"].T
 
@@ -185,7 +186,7 @@ def test_published_arjax_published_is_bit_identical(tmp_path, rng, cross_every):
     params, cfg2, template = hc.load_published(
         tmp_path / "src", max_seq_len=32, max_words=16, dtype="float32"
     )
-    assert cfg2 == cfg
+    assert cfg2 == dataclasses.replace(cfg, bos_id=None)  # published models have no BOS
     hc.save_published(tmp_path / "dst", params, cfg2, template=template)
     back = hc.read_tensors(tmp_path / "dst")
     assert sorted(back) == sorted(tensors)
@@ -229,7 +230,7 @@ def test_converted_model_matches_original_and_reference_forward(rng):
 
 def test_sharded_files_and_extra_vocab_rows(tmp_path, rng):
     cfg = tiny_config()
-    small_vocab = dataclasses.replace(cfg, vocab_size=256)
+    small_vocab = dataclasses.replace(cfg, vocab_size=256, bos_id=None, eos_id=192)
     tensors = random_published(small_vocab, rng)
     published_cfg = hc.config_to_published(small_vocab)
     hc.write_tensors(tensors, tmp_path / "src", max_shard_bytes=20_000)
@@ -273,8 +274,11 @@ def test_unsupported_published_configs_name_the_field():
     del published[hc.ARJAX_KEY]
     cases = [
         ("backbone_config", "rope_scaling", {"rope_type": "llama3", "factor": 8.0}),
+        ("backbone_config", "rope_scaling", {"rope_type": "dynamic", "factor": 2.0}),
         ("encoder_config", "mlp_bias", True),
         ("decoder_config", "hidden_act", "gelu"),
+        ("decoder_config", "attn_logit_softcapping", 30.0),  # unknown: might change the math
+        ("backbone_config", "tie_word_embeddings", True),
     ]
     for section, key, value in cases:
         bad = json.loads(json.dumps(published))
@@ -282,8 +286,18 @@ def test_unsupported_published_configs_name_the_field():
         with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
             hc.config_from_published(bad)
     bad = json.loads(json.dumps(published))
-    bad["backbone_config"]["rope_scaling"] = {"rope_type": "llama3"}
-    assert hc.config_from_published(bad, ignore_rope_scaling=True).backbone.d_model == 40
+    bad["encoder_config"]["cross_attention_config"]["word_windows"] = 2
+    with pytest.raises(ConfigError, match="cross_attention_config.word_windows: unknown"):
+        hc.config_from_published(bad)
+    bad = json.loads(json.dumps(published))
+    bad["rope_type"] = "yarn"
+    with pytest.raises(ConfigError, match="config.json.rope_type: unknown"):
+        hc.config_from_published(bad)
+    bad = json.loads(json.dumps(published))
+    for section in ("encoder_config", "decoder_config"):
+        bad[section]["cross_attention_config"]["hidden_size"] = 64  # head_dim 32 != 16
+    with pytest.raises(ConfigError, match="encoder_config.cross_attention_config.hidden_size"):
+        hc.config_from_published(bad)
     bad = json.loads(json.dumps(published))
     bad["encoder_config"]["cross_attention_config"]["key_query_norm_per_head"] = False
     with pytest.raises(ConfigError, match="key_query_norm_per_head"):
@@ -302,8 +316,63 @@ def test_unsupported_published_configs_name_the_field():
         ))  # fmt: skip
 
 
+def test_streaming_load_in_bf16_onto_a_mesh_and_back_is_bit_exact(tmp_path, rng):
+    """Tensors are memory-mapped, placed one by one with their sharding in the target dtype,
+    and written back one by one: the bf16 round trip keeps every bit."""
+    cfg = tiny_config(cross_every=True)
+    tensors = random_published(cfg, rng)
+    published = hc.config_to_published(cfg)
+    del published[hc.ARJAX_KEY]
+    hc.write_tensors(tensors, tmp_path / "src", max_shard_bytes=20_000)
+    (tmp_path / "src" / hc.CONFIG_FILE).write_text(json.dumps(published))
+    reader = hc.SafetensorsReader(tmp_path / "src")
+    assert isinstance(reader[sorted(tensors)[0]], np.memmap)  # nothing read up front
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
+    shardings = jax.tree.map(
+        lambda x: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+        hc.abstract_params(cfg),
+    )
+    params, cfg2, template = hc.load_published(
+        tmp_path / "src", param_dtype="bfloat16", shardings=shardings, max_seq_len=32,
+        max_words=16, dtype="float32",
+    )  # fmt: skip
+    for leaf in jax.tree.leaves(params):
+        assert leaf.dtype == jax.numpy.bfloat16 and leaf.sharding.mesh == mesh
+    hc.save_published(tmp_path / "dst", params, cfg2, template=template, max_shard_bytes=20_000)
+    back = hc.read_tensors(tmp_path / "dst")
+    assert sorted(back) == sorted(tensors)
+    for name, x in tensors.items():
+        assert np.array_equal(back[name].view(np.uint16), x.view(np.uint16)), name
+
+
+def test_window_rope_scaling_and_special_ids_follow_the_reference():
+    """``sliding_window`` w = w + 1 keys per query in arjax; Llama-3 rope scaling and the
+    end-of-text id come from config.json; no BOS unless the file's arjax section has one."""
+    published = hc.config_to_published(tiny_config())
+    del published[hc.ARJAX_KEY]
+    assert published["encoder_config"]["sliding_window"] == 5
+    assert published["decoder_config"]["sliding_window"] == 5
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    published["backbone_config"]["rope_scaling"] = scaling
+    published["eos_token_id"] = 192
+    cfg = hc.config_from_published(published, max_seq_len=32, max_words=16, dtype="float32")
+    assert cfg.encoder.window == cfg.decoder.window == 6
+    assert cfg.backbone.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 8192)
+    assert cfg.encoder.rope_scaling == RopeScaling()
+    assert (cfg.bos_id, cfg.eos_id) == (None, 192)
+    again = hc.config_to_published(cfg, published)
+    assert again["backbone_config"]["rope_scaling"] == scaling
+    assert again["encoder_config"]["sliding_window"] == 5 and again["eos_token_id"] == 192
+    del published["eos_token_id"]  # the reference's default
+    assert hc.config_from_published(published).eos_id == 192
+
+
 def test_run_overrides_rebuild_the_config_from_a_preset():
     cfg = tiny_config(cross_every=True)
+    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(
+        cfg.backbone, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64)))  # fmt: skip
     sets = hc.run_overrides(cfg, PRESETS["tiny"])
     assert "model.cross_attn_every_layer=true" in sets
+    assert "model.backbone.rope_scaling.factor=8.0" in sets
     assert apply_overrides(PRESETS["tiny"], [s.removeprefix("model.") for s in sets]) == cfg

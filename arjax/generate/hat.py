@@ -1,7 +1,8 @@
 """Word-by-word HAT generation with KV caches (Neitemeier et al. 2025, Sec. 2; the public
 reference implementation's cached ``generate``).
 
-The prompt (``[BOS] + split_word_bytes(prompt)``) is prefilled through the whole model; its
+The prompt (``[BOS] + split_word_bytes(prompt)``, no BOS when ``config.bos_id`` is None, as
+for the published models) is prefilled through the whole model; its
 last word is treated as unfinished. Then, per byte and for all rows at once:
 
 1. a byte is sampled (:func:`arjax.generate.sampling.sample_token`) from the decoder's logits;
@@ -19,7 +20,8 @@ Prompts of different lengths are left-padded in the byte caches (one shared slot
 the backbone cache has one slot per word-completion event, marked visible only for the rows
 whose word completed. Bytes that do not decode as UTF-8 yet (a partial or invalid sequence)
 never start a word: they extend the current word until ``max_word_bytes``, where the word is
-cut. Generation of a row stops at EOS (or any special id), at a stop string (the text is cut
+cut. Generation of a row stops at ``config.eos_id`` (or any special id >= 256, not part of
+the text), at a stop string (the text is cut
 before it) or after ``max_new_bytes``.
 """
 
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arjax.data.splitter import split_word_bytes
-from arjax.data.vocab import BOS_ID, PAD_ID
+from arjax.data.vocab import BOS_ID, BYTE_VOCAB
 from arjax.data.words import Word
 from arjax.generate.sampling import sample_token, validate_sampling
 
@@ -54,13 +56,19 @@ def append_byte(word: bytes, byte: int, max_word_bytes: int) -> list[bytes]:
     return split_word_bytes(text, max_word_bytes)
 
 
-def prompt_words(prompt: str, max_word_bytes: int) -> tuple[list[Word], bytes]:
-    """(finished words, unfinished last word) of a prompt: ``[BOS] + words``; the last text
-    word is unfinished (the next byte may extend it). The empty prompt leaves it empty."""
+def prompt_words(
+    prompt: str, max_word_bytes: int, bos_id: int | None = BOS_ID
+) -> tuple[list[Word], bytes]:
+    """(finished words, unfinished last word) of a prompt: ``[BOS] + words`` (no BOS word if
+    ``bos_id`` is None); the last text word is unfinished (the next byte may extend it). The
+    empty prompt leaves it empty (ValueError without a BOS: nothing to condition on)."""
     words = split_word_bytes(prompt, max_word_bytes)
+    bos = [] if bos_id is None else [(bos_id,)]
     if not words:
-        return [(BOS_ID,)], b""
-    return [(BOS_ID,), *words[:-1]], words[-1]
+        if not bos:
+            raise ValueError("generate_hat: empty prompt and the model has no bos_id")
+        return bos, b""
+    return [*bos, *words[:-1]], words[-1]
 
 
 @dataclasses.dataclass
@@ -85,7 +93,7 @@ def _left_padded_prompt(rows: list[list[Word]]) -> dict[str, np.ndarray]:
     lengths = [sum(len(w) for w in r) for r in rows]
     width, num_words = _round_up(max(lengths), 16), _round_up(max(len(r) for r in rows), 8)
     batch = {k: np.zeros((len(rows), width), np.int32) for k in ("segment_ids", "positions")}
-    batch["inputs"] = np.full((len(rows), width), PAD_ID, np.int32)
+    batch["inputs"] = np.zeros((len(rows), width), np.int32)  # padding: masked by segment 0
     batch["word_ids"] = np.zeros((len(rows), width), np.int32)
     batch["word_segment_ids"] = np.zeros((len(rows), num_words), np.int32)
     batch["word_positions"] = np.zeros((len(rows), num_words), np.int32)
@@ -228,7 +236,7 @@ def generate_hat(
         raise ValueError("generate_hat: prompts must be a non-empty list of strings")
     if max_new_bytes <= 0:
         raise ValueError(f"max_new_bytes must be > 0, got {max_new_bytes}")
-    split = [prompt_words(p, c.max_word_bytes) for p in prompts]
+    split = [prompt_words(p, c.max_word_bytes, c.bos_id) for p in prompts]
     rows = [[*done, cur] if cur else done for done, cur in split]
     cur0 = [cur for _, cur in split]
     batch = _left_padded_prompt(rows)
@@ -249,7 +257,11 @@ def generate_hat(
     )  # fmt: skip
     acts = jnp.pad(prompt_acts, ((0, 0), (0, cache_len - width), (0, 0)))
     finished = np.array([len(done) for done, _ in split])  # finished words per row
-    pred = states[jnp.arange(b), jnp.asarray(finished - 1)]  # [batch, backbone_d]
+    # [batch, backbone_d]: a row with no finished word predicts from first_word_embedding
+    first = params["first_word_embedding"].astype(states.dtype)
+    pred = jnp.where(
+        jnp.asarray(finished == 0)[:, None], first, states[jnp.arange(b), finished - 1]
+    )
     cur = list(cur0)
     pad = width - np.array([sum(len(w) for w in r) for r in rows])  # left padding per row
     cur_start = width - np.array([len(w) for w in cur])  # slot of the current word's first byte
@@ -270,7 +282,7 @@ def generate_hat(
         pieces = [[w] for w in cur]
         for r in np.flatnonzero(active):
             tok = int(toks[r])
-            if tok >= 256:  # EOS or another special id ends the row
+            if tok == c.eos_id or tok >= BYTE_VOCAB:  # EOS or another special id ends the row
                 active[r] = False
                 continue
             out[r].append(tok)
@@ -305,8 +317,9 @@ def generate_hat(
             )  # fmt: skip
         cur = [p[-1] if active[r] else cur[r] for r, p in enumerate(pieces)]
         visible[:, t] = True
+        toks = toks.clip(0, c.vocab_size - 1)  # finished rows: any valid id
         logits, acts, cache = _byte_step(
-            model, params, cache, acts, jnp.asarray(toks.clip(0, PAD_ID)), jnp.asarray(t - pad),
+            model, params, cache, acts, jnp.asarray(toks), jnp.asarray(t - pad),
             t, jnp.asarray(visible), pred,
         )  # fmt: skip
     texts = [_cut_stop(bytes(o).decode("utf-8", errors="replace"), stop) for o in out]

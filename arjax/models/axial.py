@@ -39,7 +39,7 @@ from einops import rearrange
 from arjax.config import check, check_field_types, check_positive
 from arjax.data.images import IMAGE_DATASETS
 from arjax.nn import Attention, RMSNorm, SwiGLU, logical
-from arjax.nn.layers import Mode
+from arjax.nn.layers import Mode, RopeScaling
 from arjax.nn.transformer import DTYPES
 from arjax.ops.attention import IMPLS
 from arjax.ops.axial import fold_axis
@@ -67,6 +67,7 @@ class AxialConfig:
     inner_layers: int = 2
     channel_layers: int = 1
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling = RopeScaling()
     norm_eps: float = 1e-6
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attention_impl: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
@@ -187,6 +188,7 @@ class AxialBlock(nn.Module):
             num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim,
             rope_theta=c.rope_theta,
+            rope_scaling=c.rope_scaling,
             causal=self.causal,
             dtype=c.compute_dtype,
             impl=c.attention_impl,

@@ -15,9 +15,9 @@ structure of the public reference implementation (Aleph Alpha, ``HATForCausalLM`
    every document gets a learned ``first_word_embedding``, so the bytes of word ``w`` see only
    words ``< w`` (Sec. 2.3);
 5. **decoder** -- starts from the encoder's byte activations; in its first layer (or every
-   layer, ``cross_attn_every_layer``) each byte cross-attends, with query/kv RMSNorm, to its
-   own word's predictive embedding, then a sliding-window transformer layer; final RMSNorm and
-   an untied byte head.
+   layer, ``cross_attn_every_layer``) each byte cross-attends, with query/kv RMSNorm (the
+   decoder's epsilon, as published), to its own word's predictive embedding, then a
+   sliding-window transformer layer; final RMSNorm and an untied byte head.
 
 Batch format: the DESIGN.md text fields ``[batch, seq]`` plus (see :mod:`arjax.data.words`)
 ``word_ids`` ``[batch, seq]`` (1-based index of the byte's word in its row, 0 = padding),
@@ -53,8 +53,8 @@ import jax
 import jax.numpy as jnp
 
 from arjax.config import check, check_field_types, check_positive
-from arjax.data.vocab import VOCAB_SIZE
-from arjax.nn import Attention, Block, RMSNorm, Transformer, TransformerConfig, logical
+from arjax.data.vocab import BOS_ID, EOS_ID, VOCAB_SIZE
+from arjax.nn import Attention, Block, RMSNorm, RopeScaling, Transformer, TransformerConfig, logical
 from arjax.nn.layers import Mode
 
 WORD_FIELDS = ("word_ids", "word_segment_ids", "word_positions")
@@ -72,6 +72,11 @@ class HATConfig:
     byte activations). ``max_word_bytes``: longer words are cut into pieces by the data
     pipeline (published default 100). ``max_words``: the largest static word dimension a
     batch may have. ``max_seq_len``: bytes per row.
+
+    ``bos_id``: the id generation puts before a prompt (None: none, as the published models);
+    ``eos_id``: the id that ends a generated text (published: the ``<|eot_id|>`` byte 192).
+    The connectors' cross-attentions take RoPE (theta, scaling) and their per-head qk-norm
+    epsilon from the encoder (encoder connector) and decoder (decoder connector) stacks.
     """
 
     encoder: TransformerConfig = TransformerConfig(final_norm=False)
@@ -86,6 +91,8 @@ class HATConfig:
     max_words: int = 96
     max_seq_len: int = 512
     vocab_size: int = VOCAB_SIZE
+    bos_id: int | None = BOS_ID
+    eos_id: int | None = EOS_ID
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -124,6 +131,13 @@ class HATConfig:
             f"must be <= max_seq_len={self.max_seq_len} (a word has >= 1 byte), "
             f"got {self.max_words}",
         )
+        for name in ("bos_id", "eos_id"):
+            value = getattr(self, name)
+            check(
+                value is None or 0 <= value < self.vocab_size,
+                name,
+                f"must be None or an id in [0, vocab_size={self.vocab_size}), got {value}",
+            )
         for name in ("encoder", "decoder"):
             window = getattr(self, name).window
             check(
@@ -204,25 +218,34 @@ PRESETS: dict[str, HATConfig] = {
         cross_heads=8, cross_kv_heads=4, cross_head_dim=64,
         max_word_bytes=32, max_words=320, max_seq_len=1024,
     ),
-    # Llama-3.1-8B-TFree-HAT shape, for FLOP/memory planning (abstract init only).
-    # Backbone = Llama 3.1 8B (hidden 4096, 32 layers, 32 heads, 8 KV heads, head_dim 128,
-    # MLP 14336, rope_theta 5e5: meta-llama/Llama-3.1-8B config.json). Byte stacks and
-    # connectors follow the published HAT config (hidden 1024, encoder 6 / decoder 4 layers,
-    # sliding window 768, cross-attention 4096 wide in every decoder layer, per-head qk norm,
-    # max_word_size 100: Aleph-Alpha HAT config.json); the byte-stack numbers were not
-    # re-verified against the released file here -- the converter reads them from config.json.
+    # Llama-3.1-8B-TFree-HAT shape, for FLOP/memory planning and synthetic checkpoints
+    # (experiments/hat_convert_8b.py). Sources, value by value:
+    # - backbone = Llama 3.1 8B (meta-llama/Llama-3.1-8B config.json): hidden 4096, 32 layers,
+    #   32 heads, 8 KV heads, head_dim 128, MLP 14336, rope_theta 5e5, rms_norm_eps 1e-5,
+    #   rope_scaling llama3 (factor 8, low_freq_factor 1, high_freq_factor 4,
+    #   original_max_position_embeddings 8192);
+    # - the reference's config.py defaults (HATArchitectureConfig): sliding_window 768 (arjax
+    #   window 769: the reference's attention sees w + 1 keys, see hat_checkpoint),
+    #   max_word_size 100, eos_token_id 192 (<|eot_id|>), no BOS; byte vocabulary 256;
+    # - NOT found in the sources searched (the released config.json was not available):
+    #   the byte stacks' and connectors' sizes below (hidden 1024, encoder 6 / decoder 4
+    #   layers, 8 heads of 128, MLP 2816, cross-attention 32 heads / 8 KV heads of 128 in
+    #   every decoder layer, their epsilons and rope thetas). load_published takes every
+    #   value from the checkpoint's config.json instead of this preset.
     "8b": HATConfig(
         encoder=_stack(d_model=1024, num_layers=6, num_heads=8, num_kv_heads=8, head_dim=128,
-                       mlp_dim=2816, window=768, rope_theta=500_000.0, norm_eps=1e-5,
+                       mlp_dim=2816, window=769, rope_theta=500_000.0, norm_eps=1e-5,
                        final_norm=False, remat="dots_no_batch"),
         backbone=_stack(d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                         head_dim=128, mlp_dim=14336, rope_theta=500_000.0, norm_eps=1e-5,
+                        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
                         final_norm=False, remat="dots_no_batch"),
         decoder=_stack(d_model=1024, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=128,
-                       mlp_dim=2816, window=768, rope_theta=500_000.0, norm_eps=1e-5,
+                       mlp_dim=2816, window=769, rope_theta=500_000.0, norm_eps=1e-5,
                        remat="dots_no_batch"),
         cross_heads=32, cross_kv_heads=8, cross_head_dim=128, cross_attn_every_layer=True,
         max_word_bytes=100, max_words=2048, max_seq_len=16384,
+        vocab_size=256, bos_id=None, eos_id=192,
     ),
 }  # fmt: skip
 
@@ -256,14 +279,17 @@ def check_batch(batch: dict, config: HATConfig) -> None:
 
 
 def _cross_attention(config: HATConfig, stack: TransformerConfig, name: str) -> Attention:
-    """Non-causal cross-attention of the connectors (RoPE/impl/dtype of ``stack``)."""
+    """Non-causal cross-attention of the connectors (RoPE, qk-norm epsilon, impl and dtype
+    of ``stack``)."""
     return Attention(
         num_heads=config.cross_heads,
         num_kv_heads=config.cross_kv_heads,
         head_dim=config.cross_head_dim,
         rope_theta=stack.rope_theta,
+        rope_scaling=stack.rope_scaling,
         causal=False,
         qk_norm=config.cross_qk_norm,
+        qk_norm_eps=stack.norm_eps,
         dtype=stack.compute_dtype,
         impl=stack.attention_impl,
         name=name,
@@ -313,7 +339,7 @@ class DecoderLayer(nn.Module):
         c = self.config
         if self.cross:
             q = RMSNorm(c.decoder.norm_eps, name="query_norm")(x)
-            kv = RMSNorm(c.backbone.norm_eps, name="kv_norm")(pred)
+            kv = RMSNorm(c.decoder.norm_eps, name="kv_norm")(pred)
             x = x + _cross_attention(c, c.decoder, "cross_attention")(
                 q,
                 kv,

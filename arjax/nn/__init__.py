@@ -1,6 +1,6 @@
 """Flax Linen layers built on :mod:`arjax.ops`."""
 
-from arjax.nn.layers import Attention, RMSNorm, SwiGLU, apply_rope
+from arjax.nn.layers import Attention, RMSNorm, RopeScaling, SwiGLU, apply_rope, rope_frequencies
 from arjax.nn.partitioning import constrain, logical
 from arjax.nn.transformer import Block, Transformer, TransformerConfig, unrolled
 
@@ -8,11 +8,13 @@ __all__ = [
     "Attention",
     "Block",
     "RMSNorm",
+    "RopeScaling",
     "SwiGLU",
     "Transformer",
     "TransformerConfig",
     "apply_rope",
     "constrain",
     "logical",
+    "rope_frequencies",
     "unrolled",
 ]

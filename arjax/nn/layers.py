@@ -7,12 +7,14 @@ Compute runs in ``dtype`` (bf16 by default in the models).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from arjax.config import check, check_field_types
 from arjax.nn.partitioning import constrain, logical
 from arjax.ops import attention, decode_attention
 
@@ -33,15 +35,67 @@ class RMSNorm(nn.Module):
         return (xf * scale).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 RoPE frequency rescaling (Meta's ``rope_type: "llama3"``).
+
+    A frequency whose wavelength ``2 pi / f`` exceeds ``original_max_position_embeddings /
+    low_freq_factor`` is divided by ``factor``; one whose wavelength is below
+    ``original_max_position_embeddings / high_freq_factor`` is kept; in between the two are
+    blended linearly in ``original_max_position_embeddings / wavelength``. ``factor`` 1 (the
+    default) leaves every frequency unchanged.
+    """
+
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        check(self.factor >= 1.0, "rope_scaling.factor", f"must be >= 1, got {self.factor}")
+        check(
+            0 < self.low_freq_factor < self.high_freq_factor,
+            "rope_scaling.high_freq_factor",
+            f"must exceed low_freq_factor={self.low_freq_factor} > 0, got {self.high_freq_factor}",
+        )
+        check(
+            self.original_max_position_embeddings > 0,
+            "rope_scaling.original_max_position_embeddings",
+            f"must be > 0, got {self.original_max_position_embeddings}",
+        )
+
+
+NO_ROPE_SCALING = RopeScaling()
+
+
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling = NO_ROPE_SCALING
+) -> jax.Array:
+    """Rotation frequencies ``[head_dim / 2]`` (float32): ``theta ** (-2i / head_dim)``,
+    rescaled by ``scaling`` (:class:`RopeScaling`)."""
+    freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling == NO_ROPE_SCALING:
+        return freq
+    ctx = scaling.original_max_position_embeddings
+    ratio = ctx * freq / (2 * jnp.pi)  # original context / wavelength
+    blend = (ratio - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blend = jnp.clip(blend, 0.0, 1.0)  # 0: long wavelengths, 1: short ones
+    return (1.0 - blend) * freq / scaling.factor + blend * freq
+
+
+def apply_rope(
+    x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling = NO_ROPE_SCALING
+) -> jax.Array:
     """Rotary position embedding (Su et al. 2021, eq. 34), half-split pairing.
 
-    x ``[batch, len, heads, head_dim]``, positions ``[batch, len]`` int.
+    x ``[batch, len, heads, head_dim]``, positions ``[batch, len]`` int; frequencies from
+    :func:`rope_frequencies`.
     """
     d = x.shape[-1]
     if d % 2:
         raise ValueError(f"apply_rope: head_dim must be even, got {d}")
-    freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [d/2]
+    freq = rope_frequencies(d, theta, scaling)  # [d/2]
     angle = positions.astype(jnp.float32)[..., None, None] * freq  # [b, l, 1, d/2]
     sin, cos = jnp.sin(angle), jnp.cos(angle)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -63,9 +117,11 @@ class Attention(nn.Module):
     num_kv_heads: int
     head_dim: int
     rope_theta: float | None = 10_000.0
+    rope_scaling: RopeScaling = RopeScaling()
     window: int | None = None
     causal: bool = True
     qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     impl: str = "auto"
 
@@ -98,11 +154,12 @@ class Attention(nn.Module):
         k = act(dense(self.num_kv_heads, ("kv_heads", "head_dim"), "k_proj")(source))
         v = act(dense(self.num_kv_heads, ("kv_heads", "head_dim"), "v_proj")(source))
         if self.qk_norm:
-            q = RMSNorm(axis_name="head_dim", name="q_norm")(q)
-            k = RMSNorm(axis_name="head_dim", name="k_norm")(k)
+            q = RMSNorm(self.qk_norm_eps, axis_name="head_dim", name="q_norm")(q)
+            k = RMSNorm(self.qk_norm_eps, axis_name="head_dim", name="k_norm")(k)
         if self.rope_theta is not None:
-            q = apply_rope(q, q_positions, self.rope_theta)
-            k = apply_rope(k, q_positions if kv is None else kv_positions, self.rope_theta)
+            rope = lambda y, pos: apply_rope(y, pos, self.rope_theta, self.rope_scaling)  # noqa: E731
+            q = rope(q, q_positions)
+            k = rope(k, q_positions if kv is None else kv_positions)
 
         if mode == "decode":
             out = self._decode(q, k, v, cache_index, kv_visible)

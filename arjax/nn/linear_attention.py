@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from arjax.config import check, check_field_types, check_positive, tagged_union_members
-from arjax.nn.layers import Mode, RMSNorm, apply_rope, logical
+from arjax.nn.layers import NO_ROPE_SCALING, Mode, RMSNorm, RopeScaling, apply_rope, logical
 from arjax.ops import (
     aaren,
     aaren_step,
@@ -283,6 +283,7 @@ class SlidingWindowAttention(nn.Module):
     rope_theta: float = 10_000.0
     dtype: Any = jnp.float32
     impl: str = "auto"
+    rope_scaling: RopeScaling = RopeScaling()
 
     @nn.compact
     def __call__(
@@ -295,8 +296,8 @@ class SlidingWindowAttention(nn.Module):
     ) -> jax.Array:
         b, length, _ = x.shape
         q, k, v = (_heads(x, self.num_heads, self.head_dim, self.dtype, n) for n in "qkv")
-        q = apply_rope(q, positions, self.rope_theta)
-        k = apply_rope(k, positions, self.rope_theta)
+        q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+        k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
         if mode == "decode":
             _check_decode(x, "SlidingWindowAttention")
             index = self.get_variable("cache", "index")
@@ -349,6 +350,7 @@ class BasedMixer(nn.Module):
     config: BasedConfig
     rope_theta: float = 10_000.0
     dtype: Any = jnp.float32
+    rope_scaling: RopeScaling = RopeScaling()
 
     @nn.compact
     def __call__(
@@ -376,7 +378,7 @@ class BasedMixer(nn.Module):
         linear = _merge_heads(out.astype(self.dtype), x.shape[-1], self.dtype, "o_proj")
         local = SlidingWindowAttention(
             self.num_heads, self.head_dim, c.window, self.rope_theta, self.dtype, c.impl,
-            name="window_attn",
+            rope_scaling=self.rope_scaling, name="window_attn",
         )(x, positions=positions, segment_ids=segment_ids, mode=mode)  # fmt: skip
         return linear + local
 
@@ -557,12 +559,15 @@ def make_mixer(
     rope_theta: float,
     dtype: Any,
     name: str,
+    rope_scaling: RopeScaling = NO_ROPE_SCALING,
 ) -> nn.Module:
     """The mixer module for a linear ``config.kind`` (called with ``x, positions=,
     segment_ids=, mode=``)."""
     kind = config.kind
     if kind == "based":
-        return BasedMixer(num_heads, head_dim, config, rope_theta, dtype, name=name)
+        return BasedMixer(
+            num_heads, head_dim, config, rope_theta, dtype, rope_scaling=rope_scaling, name=name
+        )
     if kind in ("gla", "retnet"):
         return DecayLinearAttention(num_heads, head_dim, config, kind == "gla", dtype, name=name)
     if kind == "aaren":

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from arjax.config import check, check_field_types, check_positive
-from arjax.nn.layers import Attention, Mode, RMSNorm, SwiGLU
+from arjax.nn.layers import Attention, Mode, RMSNorm, RopeScaling, SwiGLU
 from arjax.nn.linear_attention import AttentionMixerConfig, MixerConfig, make_mixer
 from arjax.nn.partitioning import constrain
 from arjax.ops.attention import IMPLS
@@ -26,7 +26,9 @@ REMAT = ("none", "full", "dots", "dots_no_batch")
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """One decoder stack. ``window`` None means full causal attention."""
+    """One decoder stack. ``window`` None means full causal attention, else each query sees
+    its ``window`` latest keys (itself included). ``rope_scaling``: Llama 3.1 frequency
+    rescaling (:class:`arjax.nn.layers.RopeScaling`; the default changes nothing)."""
 
     d_model: int = 256
     num_layers: int = 4
@@ -36,6 +38,7 @@ class TransformerConfig:
     mlp_dim: int = 768
     window: int | None = None
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling = RopeScaling()
     qk_norm: bool = False
     norm_eps: float = 1e-6
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -147,6 +150,7 @@ class Block(nn.Module):
                 num_kv_heads=c.num_kv_heads,
                 head_dim=c.head_dim,
                 rope_theta=c.rope_theta,
+                rope_scaling=c.rope_scaling,
                 window=c.window,
                 qk_norm=c.qk_norm,
                 dtype=c.compute_dtype,
@@ -168,6 +172,7 @@ class Block(nn.Module):
                 num_heads=c.num_heads,
                 head_dim=c.head_dim,
                 rope_theta=c.rope_theta,
+                rope_scaling=c.rope_scaling,
                 dtype=c.compute_dtype,
                 name="mixer",
             )
