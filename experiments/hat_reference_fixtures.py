@@ -222,14 +222,7 @@ def run_case(ref, name: str, published: dict, out: Path, seed: int) -> dict:
     result = {"texts": []}
     for i, text in enumerate(TEXTS):
         words = model.splitter.encode(text)
-        ids = torch.tensor([sum(words, [])])
-        cu = torch.tensor(np.cumsum([0, *map(len, words)]), dtype=torch.int32)
-        with torch.no_grad():
-            logits = model(
-                ids, byte_position_ids=torch.arange(ids.shape[1])[None],
-                cumulative_seq_lengths_per_word=cu,
-                word_position_ids=torch.arange(len(words))[None],
-            ).logits[0]  # fmt: skip
+        ids, cu, logits = reference_logits(model, words)
         np.save(out / name / f"logits_{i}.npy", logits.numpy().astype(np.float32))
         completion, _ = model._generate_uncached(ids, GREEDY_BYTES, cu)
         greedy, gaps = greedy_bytes(model, words)
@@ -244,6 +237,21 @@ def run_case(ref, name: str, published: dict, out: Path, seed: int) -> dict:
     return result
 
 
+def reference_logits(model, words: list[list[int]]):
+    """(byte ids ``[1, bytes]``, word boundaries ``cu_seqlens``, logits ``[bytes, vocab]``)
+    of the reference's forward over ``words`` (one document)."""
+    import torch
+
+    ids = torch.tensor([sum(words, [])])
+    cu = torch.tensor(np.cumsum([0, *map(len, words)]), dtype=torch.int32)
+    with torch.no_grad():
+        logits = model(
+            ids, byte_position_ids=torch.arange(ids.shape[1])[None],
+            cumulative_seq_lengths_per_word=cu, word_position_ids=torch.arange(len(words))[None],
+        ).logits[0]  # fmt: skip
+    return ids, cu, logits
+
+
 def greedy_bytes(model, words: list[list[int]]) -> tuple[list[int], float]:
     """The reference's uncached greedy loop (argmax of the last logits, stop at EOS, words
     re-split by ``_append_byte``) keeping the bytes, and the smallest top-1 minus top-2
@@ -253,15 +261,7 @@ def greedy_bytes(model, words: list[list[int]]) -> tuple[list[int], float]:
     cur = [list(w) for w in words]
     out, gap = [], float("inf")
     while len(out) < GREEDY_BYTES:
-        ids = torch.tensor([sum(cur, [])])
-        cu = torch.tensor(np.cumsum([0, *map(len, cur)]), dtype=torch.int32)
-        with torch.no_grad():
-            last = model(
-                ids, byte_position_ids=torch.arange(ids.shape[1])[None],
-                cumulative_seq_lengths_per_word=cu,
-                word_position_ids=torch.arange(len(cur))[None],
-            ).logits[0, -1]  # fmt: skip
-        top = torch.topk(last, 2)
+        top = torch.topk(reference_logits(model, cur)[2][-1], 2)
         gap = min(gap, float(top.values[0] - top.values[1]))
         byte = int(top.indices[0])
         if byte == EOS:

@@ -12,9 +12,10 @@ and emoji (with a skin-tone modifier).
 Tolerances: float32 logits within 1e-4 of the float64 reference relative to its largest
 logit; greedy continuations (48 bytes) identical byte for byte.
 
-Margins, measured by breaking arjax on purpose (largest relative logit error over both cases,
-against the tolerance 1e-4): MARGINS_PENDING. ``test_each_break_moves_logits_far_beyond_tolerance``
-re-checks two of them on every run.
+Agreement measured: 8e-7 relative on both cases. Sensitivity, by breaking arjax on purpose:
+``test_each_break_moves_logits_far_beyond_tolerance`` asserts that the encoder window one key
+short (arjax's former mapping ``window = sliding_window``) and the decoder norms with the
+backbone's epsilon each move the logits by more than 100x the tolerance.
 """
 
 from __future__ import annotations
