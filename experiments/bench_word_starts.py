@@ -5,7 +5,10 @@ Rows are consecutive ``len``-byte windows of a text (each cut back to a characte
 a row is split as a text of its own by both paths; the outputs are checked equal before timing.
 ``word_starts`` is jitted once per backend (CPU always, and the default accelerator if any) and
 timed as the median of ``--repeats`` calls (blocking on the result); the host path is the median
-of ``--repeats`` runs over the rows with the splitter's caches cleared before each run.
+of ``--repeats`` runs over the rows with the splitter's caches cleared before each run. The
+incremental form (`word_scan_step`, what a generation loop runs once per byte) is timed as one
+jitted ``lax.scan`` over the ``len`` columns (+ one PAD that decides the rest), reported per step;
+its decided flags are checked equal too.
 
     python experiments/bench_word_starts.py [--batch 64] [--len 4096] [--repeats 5]
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import platform
 import random
@@ -25,7 +29,7 @@ import time
 import jax
 import numpy as np
 
-from arjax.data import load_corpus, split_word_bytes, word_starts
+from arjax.data import load_corpus, split_word_bytes, word_scan_init, word_scan_step, word_starts
 from arjax.data import splitter as _splitter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,6 +73,24 @@ def host_starts(rows: list[bytes], max_bytes: int) -> list[list[int]]:
     return out
 
 
+def scan_flags(ids: jax.Array, max_bytes: int) -> jax.Array:
+    """Flags decided by `word_scan_step` over the columns of ``ids`` ``[batch, len]``."""
+    batch, n = ids.shape
+
+    def body(carry, column):
+        state, flags = carry
+        state, out = word_scan_step(state, column, max_word_bytes=max_bytes)
+        k = jax.numpy.arange(33)
+        bits = ((out.starts[:, None] >> jax.numpy.minimum(k, 31).astype("uint32")) & 1) == 1
+        where = jax.numpy.where(k < out.count[:, None], out.first[:, None] + k, n + 33)
+        flags = flags.at[jax.numpy.arange(batch)[:, None], where].set(bits, mode="drop")
+        return (state, flags), None
+
+    flags = jax.numpy.zeros((batch, n + 1), bool)
+    (_, flags), _ = jax.lax.scan(body, (word_scan_init(batch), flags), ids.T)
+    return flags[:, : n - 1]
+
+
 def _median(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -94,6 +116,7 @@ def main() -> None:
     }
     backends = ["cpu"] + ([jax.default_backend()] if jax.default_backend() != "cpu" else [])
     fn = jax.jit(lambda ids, lengths: word_starts(ids, lengths, max_word_bytes=mb))
+    scan = jax.jit(lambda ids: scan_flags(ids, mb))
     rows_out = []
     for name, text in texts.items():
         rows = rows_of(text, args.batch, args.length)
@@ -120,6 +143,12 @@ def main() -> None:
                 lambda d_ids=d_ids, d_lengths=d_lengths: fn(d_ids, d_lengths).block_until_ready(),
                 args.repeats,
             )
+            # the scanner: rows of exactly len bytes + one PAD (rows shorter are PAD-filled)
+            padded = jax.device_put(np.pad(ids, ((0, 0), (0, 1)), constant_values=256), dev)
+            scanned = np.asarray(scan(padded))
+            assert [np.flatnonzero(g[:n]).tolist() for g, n in zip(scanned, lengths)] == expected
+            t_scan = _median(lambda p=padded: scan(p).block_until_ready(), args.repeats)
+            row[f"{backend}_scan_step_us"] = t_scan / padded.shape[1] * 1e6
         rows_out.append(row)
         print(row, flush=True)
 
@@ -128,6 +157,8 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "accelerator": str(jax.devices()[0]) if backends[-1] != "cpu" else "none",
         "jax": jax.__version__,
+        "cpus": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 1),  # a shared machine slows both paths
         "max_word_bytes": mb,
         "command": "python experiments/bench_word_starts.py " + " ".join(sys.argv[1:]),
     }
@@ -137,17 +168,21 @@ def main() -> None:
         json.dumps({"meta": meta, "rows": rows_out}, indent=2) + "\n"
     )
     cols = [f"{b} word_starts ms" for b in backends]
+    scan_cols = [f"{b} word_scan_step us/step" for b in backends]
     lines = [
         f"# `word_starts` ({args.batch} x {args.length} bytes) vs the host splitter",
         "",
         ", ".join(f"{k}: {v}" for k, v in meta.items()),
         "",
-        "Same rows, outputs checked equal; medians. MB/s = text bytes per second.",
+        "Same rows, outputs checked equal; medians. MB/s = text bytes per second. The host path is"
+        " one Python thread; `word_starts` uses every CPU core XLA gets.",
         "",
         "| text | bytes | host split_word_bytes ms (MB/s) | "
         + " | ".join(f"{c} (MB/s, x host)" for c in cols)
+        + " | "
+        + " | ".join(scan_cols)
         + " |",
-        "|---|---:|---:|" + "---:|" * len(cols),
+        "|---|---:|---:|" + "---:|" * (2 * len(cols)),
     ]
     for r in rows_out:
         mbps = r["bytes"] / 1e6
@@ -157,7 +192,11 @@ def main() -> None:
         ]
         lines.append(
             f"| {r['text']} | {r['bytes']} | {r['host_s'] * 1e3:.1f} ({mbps / r['host_s']:.1f})"
-            f" | " + " | ".join(cells) + " |"
+            f" | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(f"{r[f'{b}_scan_step_us']:.0f}" for b in backends)
+            + " |"
         )
     (out / "word_starts.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
