@@ -41,13 +41,14 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/hat8b"))
     parser.add_argument("--new-bytes", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--preset", default="8b", help="another HAT preset: a quick CPU check")
     args = parser.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
     src, dst = args.dir / "src", args.dir / "dst"
     rows = {}
     try:
         t0 = time.perf_counter()
-        size = make_checkpoint(src, "8b", None)
+        size = make_checkpoint(src, args.preset, None)
         made_s = time.perf_counter() - t0
         rows["checkpoint (bf16)"] = f"{size / GIB:.2f} GiB, written in {made_s:.0f} s"
         base = rss_bytes("VmRSS")
@@ -70,7 +71,7 @@ def main() -> None:
         model = HAT(config)
         prompts = [PROMPT * 8] * args.batch
         gen = lambda n: generate_hat(model, params, prompts, max_new_bytes=n)  # noqa: E731
-        gen(4)  # compile
+        gen(args.new_bytes)  # compile (the same cache lengths as the timed call)
         t0 = time.perf_counter()
         out = gen(args.new_bytes)
         gen_s = time.perf_counter() - t0
@@ -107,8 +108,9 @@ def main() -> None:
         shutil.rmtree(args.dir, ignore_errors=True)
     table = markdown_table([{"quantity": k, "value": v} for k, v in rows.items()],
                            ["quantity", "value"])  # fmt: skip
+    name = "hat_8b_gpu" if args.preset == "8b" else f"hat_{args.preset}_gpu_check"
     write_results(
-        "hat_8b_gpu", "HAT 8B shape on one GPU: streaming conversion, forward, generation",
+        name, f"HAT {args.preset} shape: streaming conversion, forward, generation",
         {"rows": rows}, table,
         notes="Command: `python experiments/hat_8b_gpu.py`; synthetic random bf16 weights.",
     )  # fmt: skip
