@@ -222,7 +222,7 @@ def robustness(
                     ]
                     if metric == "noisy_text":  # the continuation perturbed too, scored
                         noisy = [(c, perturb(t, kind, rate, seed * 100003 + len(pairs) + i))
-                                 for i, (c, (_, t)) in enumerate(zip(noisy, pairs))]  # fmt: skip
+                                 for i, (c, t) in enumerate(noisy)]  # fmt: skip
                     for name, (trainer, params) in models.items():
                         bits = bits_per_target_byte(trainer, params, noisy, batch_size)
                         per_model[name].append(bits)
