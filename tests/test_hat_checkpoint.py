@@ -338,6 +338,9 @@ def test_streaming_load_in_bf16_onto_a_mesh_and_back_is_bit_exact(tmp_path, rng)
     )  # fmt: skip
     for leaf in jax.tree.leaves(params):
         assert leaf.dtype == jax.numpy.bfloat16 and leaf.sharding.mesh == mesh
+    partial = {k: v for k, v in shardings.items() if k != "lm_head"}
+    with pytest.raises(ValueError, match="no entry for param 'lm_head/kernel'"):
+        hc.load_published(tmp_path / "src", shardings=partial, max_seq_len=32, max_words=16)
     hc.save_published(tmp_path / "dst", params, cfg2, template=template, max_shard_bytes=20_000)
     back = hc.read_tensors(tmp_path / "dst")
     assert sorted(back) == sorted(tensors)

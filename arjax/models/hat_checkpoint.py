@@ -805,7 +805,14 @@ def _load_params(
     table, leaves, _ = _expected(config)
     dtype = jnp.dtype(dtype)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    where = _flat(shardings) if shardings is not None else {}
+    where = {}
+    if shardings is not None:  # any pytree (dict, FrozenDict) of Sharding leaves
+        is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+        for keys, sharding in jax.tree_util.tree_leaves_with_path(shardings, is_sharding):
+            where[tuple(str(getattr(k, "key", k)) for k in keys)] = sharding
+        missing = sorted("/".join(p) for p in leaves if p not in where)
+        if missing:
+            raise ValueError(f"shardings: no entry for param {missing[0]!r}")
     by_path: dict[Path_, list[Rule]] = {}
     for r in table:
         if r.path is None:
