@@ -22,7 +22,6 @@ import statistics
 import sys
 import time
 
-import hat_splitter
 import regex
 
 from arjax.data import load_corpus, split_word_bytes, split_words
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_splitter import CORPUS  # noqa: E402
 
 
-def _random_script_words(n: int, seed: int = 0) -> str:
+def random_script_words(n: int, seed: int = 0) -> str:
     """Words of random letters (Cyrillic, Arabic, CJK, Latin-1), almost never repeating."""
     rng = random.Random(seed)
     scripts = [(" ", 0x430, 0x44F), (" ", 0x627, 0x64A), ("", 0x4E00, 0x9FFF), (" ", 0xE0, 0xFF)]
@@ -66,6 +65,8 @@ def main() -> None:
     parser.add_argument("--max-bytes", type=int, default=32)
     args = parser.parse_args()
 
+    import hat_splitter  # test-time reference only (non-commercial licence)
+
     ref = hat_splitter.HATSplitter()
     shakespeare = "\n".join(load_corpus("train") + load_corpus("val"))
     multilingual = "\n".join(CORPUS) * 300
@@ -73,7 +74,7 @@ def main() -> None:
         "shakespeare": shakespeare,
         "multilingual once": "\n".join(CORPUS),
         "multilingual x300": multilingual,
-        "random-script words": _random_script_words(40_000),
+        "random-script words": random_script_words(40_000),
         "both (one run)": shakespeare + "\n" + multilingual,
     }
     mb = args.max_bytes

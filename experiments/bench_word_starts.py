@@ -21,7 +21,6 @@ import json
 import os
 import pathlib
 import platform
-import random
 import statistics
 import sys
 import time
@@ -34,19 +33,8 @@ from arjax.data import splitter as _splitter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from bench_splitter import random_script_words  # noqa: E402
 from test_splitter import CORPUS  # noqa: E402
-
-
-def _random_script_words(n: int, seed: int = 0) -> str:
-    """Words of random letters of four scripts, almost never repeating."""
-    rng = random.Random(seed)
-    scripts = [(" ", 0x430, 0x44F), (" ", 0x627, 0x64A), ("", 0x4E00, 0x9FFF), (" ", 0xE0, 0xFF)]
-    words = []
-    for _ in range(n):
-        lead, lo, hi = rng.choice(scripts)
-        word = "".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(2, 9)))
-        words.append(lead + word + rng.choice(["", ",", "."]))
-    return "".join(words)
 
 
 def rows_of(text: str, batch: int, length: int) -> list[bytes]:
@@ -112,7 +100,7 @@ def main() -> None:
     texts = {
         "shakespeare": "\n".join(load_corpus("val")),
         "multilingual": "\n".join(CORPUS) * 300,
-        "random-script words": _random_script_words(40_000),
+        "random-script words": random_script_words(40_000),
     }
     backends = ["cpu"] + ([jax.default_backend()] if jax.default_backend() != "cpu" else [])
     fn = jax.jit(lambda ids, lengths: word_starts(ids, lengths, max_word_bytes=mb))
