@@ -140,13 +140,19 @@ def test_block_len_1_is_a_transformer_lm():
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
 
 
+def _next_logits(model, params, seq) -> jax.Array:
+    """The full forward's logits for the token after ``seq`` (fixed width: right padding is
+    exact)."""
+    row = np.full((1, model.config.max_seq_len), 256, np.int32)
+    row[0, : len(seq)] = seq
+    return _forward(model, params, jnp.asarray(row))[0, len(seq) - 1]
+
+
 def _greedy_reference(model, params, prompt, steps):
-    """Step-by-step argmax of the full forward (fixed width: right padding is exact)."""
+    """Step-by-step argmax of the full forward."""
     seq = list(prompt)
     for _ in range(steps):
-        row = np.full((1, model.config.max_seq_len), 256, np.int32)
-        row[0, : len(seq)] = seq
-        seq.append(int(jnp.argmax(_forward(model, params, jnp.asarray(row))[0, len(seq) - 1])))
+        seq.append(int(jnp.argmax(_next_logits(model, params, seq))))
     return seq[len(prompt) :]
 
 
@@ -173,6 +179,13 @@ def test_generation_stops_and_samples():
         rng=jax.random.key(3), stop_ids=(),
     )  # fmt: skip
     assert [len(r) for r in hot] == [8, 8] and hot != greedy
+    for prompt, row in zip(prompts, hot):  # every sampled token is among the full forward's top 5
+        padded = np.full((1, model.config.max_seq_len), 256, np.int32)
+        padded[0, : len(prompt) + len(row)] = prompt + row  # causal: one forward for all steps
+        logits = np.asarray(_forward(model, params, jnp.asarray(padded))[0])
+        for i, token in enumerate(row):
+            top5 = np.argsort(logits[len(prompt) + i - 1])[-5:]
+            assert token in top5, (prompt, i, token, top5)
 
 
 def test_layout_prompts():
