@@ -30,6 +30,7 @@ from arjax.models import build_model, get_model_spec
 from arjax.train.checkpoint import Checkpointer
 from arjax.train.config import RunConfig
 from arjax.train.data import make_data
+from arjax.train.flops import mfu, peak_flops, train_step_flops
 from arjax.train.optim import learning_rate_schedule, make_optimizer
 from arjax.train.runlock import RunLock
 from arjax.train.sharding import (
@@ -40,18 +41,6 @@ from arjax.train.sharding import (
     maybe_initialize_distributed,
 )
 from arjax.train.step import LN2, init_train_state, make_eval_step, make_train_step
-
-# Dense bf16 peak FLOP/s per chip by device kind (vendor datasheets), for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
-              "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}  # fmt: skip
-
-
-def peak_flops(device: Any) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
 
 
 class MetricsWriter:
@@ -239,10 +228,8 @@ def _train_locked(
     if jax.process_index() == 0:
         (trainer.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     schedule = learning_rate_schedule(tc)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    flops_fn = getattr(cfg.model, "flops_per_token", None)
-    step_flops = 3 * flops_fn(cfg.data.seq_len) * tokens_per_step if flops_fn else None
-    peak = peak_flops(jax.devices()[0])
+    peak = peak_flops(jax.devices()[0])  # datasheet bf16 peak; None: no MFU reported
+    flops_since_log = 0.0  # model FLOPs of the steps since the last log row (all processes)
 
     stop = {"signal": None}
     handlers = {}
@@ -265,19 +252,26 @@ def _train_locked(
     t_last, step_last = time.perf_counter(), start
     try:
         for step in range(start + 1, tc.steps + 1):
-            batch = to_global(next(trainer.train_iter), trainer.batch_sharding)
+            host_batch = next(trainer.train_iter)
+            step_flops = train_step_flops(cfg.model, host_batch)  # from this batch's content
+            if step_flops is not None:
+                flops_since_log += step_flops * jax.process_count()
+            batch = to_global(host_batch, trainer.batch_sharding)
             state, metrics = trainer.train_step(state, batch)
             if stop_at is not None and step >= stop_at:
                 stop["signal"] = "stop_at"
             if step % tc.log_every == 0 or step == tc.steps or stop["signal"]:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
-                dt = (now - t_last) / max(step - step_last, 1)
-                t_last, step_last = now, step
+                elapsed, t_last = now - t_last, now
+                dt = elapsed / max(step - step_last, 1)
+                step_last = step
                 row = {"step": step, **metrics, "lr": float(schedule(step - 1)), "step_time": dt}
                 row["tokens_per_s"] = metrics["tokens"] / dt  # predicted tokens (subpixels)
-                if step_flops and peak:
-                    row["mfu"] = step_flops / dt / (peak * jax.device_count())
+                step_mfu = mfu(flops_since_log, elapsed, peak, jax.device_count())
+                flops_since_log = 0.0
+                if step_mfu is not None:
+                    row["mfu"] = step_mfu
                 if metrics["bad_streak"] >= tc.max_bad_steps:
                     raise FloatingPointError(
                         f"{int(metrics['bad_streak'])} consecutive steps had non-finite "
