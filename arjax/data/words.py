@@ -212,6 +212,14 @@ def _corpus_stream(cfg: DataConfig, split: str, max_words: int, max_word_bytes: 
     return _Stream(tokens, lengths, cfg.seq_len, max_words)
 
 
+def bytes_per_word(cfg: DataConfig, *, max_word_bytes: int, split: str = "train") -> float:
+    """Mean bytes per word (BOS/EOS words included) of ``split`` of ``cfg.corpus``, as the
+    pipeline splits it; what HAT's FLOPs per byte depend on (``HATConfig.flops_per_token``)."""
+    _check_positive_int(max_word_bytes, "max_word_bytes")
+    tokens, lengths = _split_stream(cfg.corpus, split, max_word_bytes)
+    return len(tokens) / len(lengths)
+
+
 def make_word_train_iterator(
     cfg: DataConfig,
     *,

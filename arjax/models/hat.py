@@ -47,21 +47,21 @@ Parameter names (stable; the published-checkpoint converter maps them)::
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from arjax.config import check, check_field_types, check_positive
 from arjax.data.vocab import BOS_ID, EOS_ID, VOCAB_SIZE
 from arjax.nn import Attention, Block, RMSNorm, RopeScaling, Transformer, TransformerConfig, logical
-from arjax.nn.layers import Mode
+from arjax.nn.layers import Mode, apply_rope, head_projection, output_projection
+from arjax.ops.word_attention import gather_words, word_attention
 
 WORD_FIELDS = ("word_ids", "word_segment_ids", "word_positions")
 BYTE_FIELDS = ("inputs", "segment_ids", "positions")
-# Mean bytes per word (incl. BOS/EOS words) of the embedded Shakespeare corpus at
-# max_word_bytes=32, measured with arjax.data.words (~4.35); used by flops_per_token.
-SHAKESPEARE_BYTES_PER_WORD = 4.35
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,23 +172,56 @@ class HATConfig:
             + dec.d_model * self.vocab_size
         )
 
-    def flops_per_token(
-        self, context: int, bytes_per_word: float = SHAKESPEARE_BYTES_PER_WORD
+    def forward_flops(
+        self, num_bytes: float, num_words: float, byte_context: float, word_context: float
     ) -> float:
-        """Forward FLOPs per byte: byte stacks + backbone amortised over a word's bytes."""
+        """Forward FLOPs of ``num_bytes`` bytes in ``num_words`` words (rows of
+        ``byte_context`` bytes / ``word_context`` words; attention as in
+        :meth:`TransformerConfig.flops_per_token`). Counts the matmuls the model needs:
+
+        - per byte: encoder and decoder stacks, byte head, the encoder connector's K/V
+          projections and its one score + weighted value per byte (a byte is a key of its
+          own word only);
+        - per word: backbone, the encoder connector's output projection (its shared latent
+          query is projected once per call), and in every decoder cross-attention layer the
+          value and output projections (each byte's softmax is over one key, its word's:
+          the output is that word's value, so queries/keys do not enter it; Sec. 2.3).
+        """
         enc, bb, dec = self.encoder, self.backbone, self.decoder
-        hd, h, kvh = self.cross_head_dim, self.cross_heads, self.cross_kv_heads
+        h, kvh, hd = self.cross_heads, self.cross_kv_heads, self.cross_head_dim
         n_cross = dec.num_layers if self.cross_attn_every_layer else 1
-        word_ctx = max(1, int(context / bytes_per_word))
-        connector = 2.0 * (bb.d_model * h * hd * 2 + enc.d_model * kvh * hd * 2) / bytes_per_word
-        decoder_cross = 2.0 * n_cross * (dec.d_model * h * hd * 2 + bb.d_model * kvh * hd * 2)
-        return (
-            enc.flops_per_token(context)
-            + connector
-            + bb.flops_per_token(word_ctx) / bytes_per_word
-            + decoder_cross
-            + dec.flops_per_token(context)
+        per_byte = (
+            enc.flops_per_token(byte_context)
+            + dec.flops_per_token(byte_context)
             + 2.0 * dec.d_model * self.vocab_size
+            + 2.0 * (2 * enc.d_model * kvh * hd + 2 * h * hd)
+        )
+        per_word = (
+            bb.flops_per_token(word_context)
+            + 2.0 * h * hd * bb.d_model
+            + 2.0 * n_cross * (bb.d_model * kvh * hd + h * hd * dec.d_model)
+        )
+        return num_bytes * per_byte + num_words * per_word
+
+    def flops_per_token(self, context: int, bytes_per_word: float) -> float:
+        """Forward FLOPs per byte of a full row of ``context`` bytes at ``bytes_per_word``
+        (measure it on the data: :func:`arjax.data.words.bytes_per_word`)."""
+        if bytes_per_word <= 0:
+            raise ValueError(f"flops_per_token: bytes_per_word must be > 0, got {bytes_per_word}")
+        words = context / bytes_per_word
+        return self.forward_flops(context, words, context, words) / context
+
+    def batch_flops(self, batch: dict) -> float:
+        """Forward FLOPs of a HAT batch from its real bytes (``word_ids > 0``) and real
+        words (``word_segment_ids > 0``) per row: padding bytes and word slots are not
+        model FLOPs (they are the waste that MFU shows)."""
+        num_bytes = np.count_nonzero(np.asarray(batch["word_ids"]) > 0, axis=1)
+        num_words = np.count_nonzero(np.asarray(batch["word_segment_ids"]) > 0, axis=1)
+        return float(
+            sum(
+                self.forward_flops(nb, nw, nb, nw)
+                for nb, nw in zip(num_bytes.tolist(), num_words.tolist(), strict=True)
+            )
         )
 
 
@@ -250,6 +283,37 @@ PRESETS: dict[str, HATConfig] = {
 }  # fmt: skip
 
 
+def _one_b() -> HATConfig:
+    """1B class: the word backbone shaped as the transformer ``1b``; byte stacks and
+    connectors as in ``8b`` (the published model) at the same ratios to the backbone width:
+    byte stacks a quarter as wide (head_dim 128, MLP 2.75x), cross-attention as wide as the
+    backbone with 4 query heads per KV head; layers, window and cross-attention in every
+    decoder layer as published. Rows of 8192 bytes; ``max_words`` 1920 (15 x 128) leaves few
+    empty word slots at Shakespeare's bytes per word (``experiments/bench_train.py`` measures
+    the padding)."""
+    from arjax.models.transformer import PRESETS as TRANSFORMER_PRESETS
+
+    big, tf = PRESETS["8b"], TRANSFORMER_PRESETS["1b"]
+    shape = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+    backbone = dataclasses.replace(big.backbone, **{f: getattr(tf, f) for f in shape})
+    width = backbone.d_model // 4
+    byte_shape = dict(d_model=width, num_heads=width // 128, num_kv_heads=width // 128,
+                      mlp_dim=width * 11 // 4)  # fmt: skip
+    return dataclasses.replace(
+        big,
+        encoder=dataclasses.replace(big.encoder, **byte_shape),
+        backbone=backbone,
+        decoder=dataclasses.replace(big.decoder, **byte_shape),
+        cross_heads=backbone.d_model // big.cross_head_dim,
+        cross_kv_heads=backbone.d_model // big.cross_head_dim // 4,
+        max_words=1920,
+        max_seq_len=8192,
+    )
+
+
+PRESETS["1b"] = _one_b()
+
+
 def check_batch(batch: dict, config: HATConfig) -> None:
     """Shape/dtype checks naming the field; run at trace time, before compilation."""
     for name in (*BYTE_FIELDS, *WORD_FIELDS):
@@ -278,9 +342,13 @@ def check_batch(batch: dict, config: HATConfig) -> None:
         raise ValueError(f"HAT batch: words {w} exceeds max_words={config.max_words}")
 
 
+ConnectorImpl = Literal["words", "dense"]
+CONNECTOR_IMPLS = ("words", "dense")
+
+
 def _cross_attention(config: HATConfig, stack: TransformerConfig, name: str) -> Attention:
-    """Non-causal cross-attention of the connectors (RoPE, qk-norm epsilon, impl and dtype
-    of ``stack``)."""
+    """The connectors' cross-attention as masked attention over the whole row (``dense``;
+    RoPE, qk-norm epsilon, impl and dtype of ``stack``)."""
     return Attention(
         num_heads=config.cross_heads,
         num_kv_heads=config.cross_kv_heads,
@@ -296,10 +364,68 @@ def _cross_attention(config: HATConfig, stack: TransformerConfig, name: str) -> 
     )
 
 
+class WordCrossAttention(nn.Module):
+    """The connectors' cross-attention computed per word (:mod:`arjax.ops.word_attention`).
+
+    Parameters are named and shaped as :class:`arjax.nn.Attention`'s (``q_proj``,
+    ``k_proj``, ``v_proj``, ``o_proj``, ``q_norm``/``k_norm``), so ``connector_impl``
+    ``"words"`` and ``"dense"`` share checkpoints. ``features``: the query (output) width.
+    """
+
+    config: HATConfig
+    stack: TransformerConfig  # RoPE, qk-norm epsilon and compute dtype
+    features: int
+
+    def setup(self) -> None:
+        c, dtype = self.config, self.stack.compute_dtype
+        h, kvh, hd = c.cross_heads, c.cross_kv_heads, c.cross_head_dim
+        self.q_proj = head_projection(h, hd, "heads", dtype, "q_proj")
+        self.k_proj = head_projection(kvh, hd, "kv_heads", dtype, "k_proj")
+        self.v_proj = head_projection(kvh, hd, "kv_heads", dtype, "v_proj")
+        self.o_proj = output_projection(self.features, dtype, "o_proj")
+        if c.cross_qk_norm:
+            self.q_norm = RMSNorm(self.stack.norm_eps, axis_name="head_dim")
+            self.k_norm = RMSNorm(self.stack.norm_eps, axis_name="head_dim")
+
+    def _qk_norm(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.config.cross_qk_norm:
+            return self.q_norm(q), self.k_norm(k)
+        return q, k
+
+    def pool(
+        self,
+        query: jax.Array,  # [q_d] one query vector shared by every word (the latent)
+        byte_acts: jax.Array,  # [batch, seq, kv_d]
+        word_positions: jax.Array,  # [batch, words]
+        byte_positions: jax.Array,  # [batch, seq]
+        word_ids: jax.Array,  # [batch, seq]
+    ) -> jax.Array:
+        """Encoder connector: word ``w``'s query over the bytes of ``w`` -> ``[batch, words,
+        features]``. The shared query is projected once, then rotated per word position."""
+        q, k = self._qk_norm(self.q_proj(query), self.k_proj(byte_acts))
+        q = jnp.broadcast_to(q, (*word_positions.shape, *q.shape))  # [batch, words, h, hd]
+        rope = lambda y, pos: apply_rope(y, pos, self.stack.rope_theta, self.stack.rope_scaling)  # noqa: E731
+        q, k = rope(q, word_positions), rope(k, byte_positions)
+        out = word_attention(q, k, self.v_proj(byte_acts), word_ids)
+        return self.o_proj(out)
+
+    def to_bytes(self, x: jax.Array, words: jax.Array, word_ids: jax.Array) -> jax.Array:
+        """Decoder connector: byte ``j`` over the one key of its word, i.e. that word's
+        value; values and output projection run per word, then each byte takes its word's.
+        x ``[batch, seq, features]`` (only its shape matters), words ``[batch, words, kv_d]``.
+        """
+        if self.is_initializing():  # q/k exist (checkpoints) but a one-key softmax is 1
+            self._qk_norm(self.q_proj(x), self.k_proj(words))
+        c = self.config
+        v = jnp.repeat(self.v_proj(words), c.cross_heads // c.cross_kv_heads, axis=2)
+        return gather_words(self.o_proj(v), word_ids)
+
+
 class EncoderConnector(nn.Module):
     """One latent query per word attends to its word's bytes only (Sec. 2.2)."""
 
     config: HATConfig
+    impl: ConnectorImpl = "words"
 
     @nn.compact
     def __call__(
@@ -313,9 +439,11 @@ class EncoderConnector(nn.Module):
         c = self.config
         d = c.backbone.d_model
         latent = self.param("latent_query", logical(nn.initializers.normal(1.0), "embed"), (d,))
-        queries = jnp.broadcast_to(
-            latent.astype(c.encoder.compute_dtype), (*word_positions.shape, d)
-        )  # [batch, words, backbone_d]
+        latent = latent.astype(c.encoder.compute_dtype)
+        if self.impl == "words":  # word w's slot is w + 1 (HAT.forward, generation)
+            attn = WordCrossAttention(c, c.encoder, d, name="cross_attention")
+            return attn.pool(latent, byte_acts, word_positions, byte_positions, word_ids)
+        queries = jnp.broadcast_to(latent, (*word_positions.shape, d))  # [batch, words, d]
         return _cross_attention(c, c.encoder, "cross_attention")(
             queries,
             byte_acts,
@@ -333,21 +461,28 @@ class DecoderLayer(nn.Module):
     cross: bool
     mode: Mode = "train"
     cache_len: int | None = None
+    impl: ConnectorImpl = "words"
 
     @nn.compact
     def __call__(self, x: jax.Array, pred: jax.Array, ctx: dict) -> jax.Array:
         c = self.config
         if self.cross:
-            q = RMSNorm(c.decoder.norm_eps, name="query_norm")(x)
             kv = RMSNorm(c.decoder.norm_eps, name="kv_norm")(pred)
-            x = x + _cross_attention(c, c.decoder, "cross_attention")(
-                q,
-                kv,
-                q_positions=ctx["positions"],
-                kv_positions=ctx["word_positions"],
-                q_segment_ids=ctx["word_ids"],
-                kv_segment_ids=ctx["word_slots"],
-            )
+            if self.impl == "words":
+                if self.is_initializing():  # the query only enters a one-key softmax
+                    RMSNorm(c.decoder.norm_eps, name="query_norm")(x)
+                attn = WordCrossAttention(c, c.decoder, x.shape[-1], name="cross_attention")
+                x = x + attn.to_bytes(x, kv, ctx["word_ids"])
+            else:
+                q = RMSNorm(c.decoder.norm_eps, name="query_norm")(x)
+                x = x + _cross_attention(c, c.decoder, "cross_attention")(
+                    q,
+                    kv,
+                    q_positions=ctx["positions"],
+                    kv_positions=ctx["word_positions"],
+                    q_segment_ids=ctx["word_ids"],
+                    kv_segment_ids=ctx["word_slots"],
+                )
         x, _ = Block(c.decoder, self.mode, self.cache_len, name="llama_layer")(x, ctx)
         return x
 
@@ -356,6 +491,7 @@ class Decoder(nn.Module):
     """Byte decoder: cross-attention layers interleaved with sliding-window layers (Sec. 2.3)."""
 
     config: HATConfig
+    impl: ConnectorImpl = "words"
 
     @nn.compact
     def __call__(
@@ -370,15 +506,22 @@ class Decoder(nn.Module):
         x = x.astype(c.decoder.compute_dtype)
         for i in range(c.decoder.num_layers):
             cross = i == 0 or c.cross_attn_every_layer
-            layer = DecoderLayer(c, cross, mode, cache_len, name=f"decoder_layers_{i}")
+            layer = DecoderLayer(c, cross, mode, cache_len, self.impl, name=f"decoder_layers_{i}")
             x = layer(x, pred, ctx)
         return RMSNorm(c.decoder.norm_eps, name="final_norm")(x)
 
 
 class HAT(nn.Module):
-    """``__call__(batch)`` -> byte logits ``[batch, seq, vocab]`` aligned with ``targets``."""
+    """``__call__(batch)`` -> byte logits ``[batch, seq, vocab]`` aligned with ``targets``.
+
+    ``connector_impl``: ``"words"`` computes the connectors' cross-attention per word
+    (:mod:`arjax.ops.word_attention`, ``O(seq)``); ``"dense"`` as masked attention over the
+    whole row (``O(words x seq)``), the reference it is tested against. Same parameters,
+    same logits and gradients at every real byte.
+    """
 
     config: HATConfig
+    connector_impl: ConnectorImpl = "words"
 
     def setup(self) -> None:
         c = self.config
@@ -388,9 +531,13 @@ class HAT(nn.Module):
             embedding_init=logical(nn.initializers.normal(1.0), "vocab", "embed"),
         )
         self.encoder = Transformer(c.encoder)
-        self.encoder_connector = EncoderConnector(c)
+        if self.connector_impl not in CONNECTOR_IMPLS:
+            raise ValueError(
+                f"HAT: connector_impl must be one of {CONNECTOR_IMPLS}, got {self.connector_impl!r}"
+            )
+        self.encoder_connector = EncoderConnector(c, self.connector_impl)
         self.backbone = Transformer(c.backbone)
-        self.decoder = Decoder(c)
+        self.decoder = Decoder(c, self.connector_impl)
         self.first_word_embedding = self.param(
             "first_word_embedding",
             logical(nn.initializers.normal(1.0), "embed"),

@@ -103,6 +103,31 @@ def apply_rope(
     return out.astype(x.dtype)
 
 
+def head_projection(
+    num_heads: int, head_dim: int, heads_axis: str, dtype: Any, name: str
+) -> nn.DenseGeneral:
+    """``[..., embed] -> [..., num_heads, head_dim]`` (attention q/k/v projections)."""
+    return nn.DenseGeneral(
+        (num_heads, head_dim),
+        use_bias=False,
+        dtype=dtype,
+        kernel_init=logical(nn.initializers.lecun_normal(), "embed", heads_axis, "head_dim"),
+        name=name,
+    )
+
+
+def output_projection(features: int, dtype: Any, name: str) -> nn.DenseGeneral:
+    """``[..., heads, head_dim] -> [..., features]`` (attention output projection)."""
+    return nn.DenseGeneral(
+        features,
+        axis=(-2, -1),
+        use_bias=False,
+        dtype=dtype,
+        kernel_init=logical(nn.initializers.lecun_normal(), "heads", "head_dim", "embed"),
+        name=name,
+    )
+
+
 class Attention(nn.Module):
     """Multi-head attention with GQA, RoPE, optional qk RMSNorm and a KV cache.
 
@@ -140,19 +165,14 @@ class Attention(nn.Module):
         cache_index: jax.Array | None = None,
         kv_visible: jax.Array | None = None,
     ) -> jax.Array:
-        init = nn.initializers.lecun_normal()
-        dense = lambda h, names, name: nn.DenseGeneral(  # noqa: E731
-            (h, self.head_dim),
-            use_bias=False,
-            dtype=self.dtype,
-            kernel_init=logical(init, "embed", *names),
-            name=name,
-        )
         source = x if kv is None else kv
         act = lambda y: constrain(y, ("batch", "seq", "act_heads", None))  # noqa: E731
-        q = act(dense(self.num_heads, ("heads", "head_dim"), "q_proj")(x))
-        k = act(dense(self.num_kv_heads, ("kv_heads", "head_dim"), "k_proj")(source))
-        v = act(dense(self.num_kv_heads, ("kv_heads", "head_dim"), "v_proj")(source))
+        q = act(head_projection(self.num_heads, self.head_dim, "heads", self.dtype, "q_proj")(x))
+        kv_proj = lambda name: head_projection(  # noqa: E731
+            self.num_kv_heads, self.head_dim, "kv_heads", self.dtype, name
+        )
+        k = act(kv_proj("k_proj")(source))
+        v = act(kv_proj("v_proj")(source))
         if self.qk_norm:
             q = RMSNorm(self.qk_norm_eps, axis_name="head_dim", name="q_norm")(q)
             k = RMSNorm(self.qk_norm_eps, axis_name="head_dim", name="k_norm")(k)
@@ -174,14 +194,7 @@ class Attention(nn.Module):
                 self.put_variable("cache", "v", jnp.pad(v, pad))
         else:
             raise ValueError(f"Attention: unknown mode {mode!r}")
-        return nn.DenseGeneral(
-            x.shape[-1],
-            axis=(-2, -1),
-            use_bias=False,
-            dtype=self.dtype,
-            kernel_init=logical(init, "heads", "head_dim", "embed"),
-            name="o_proj",
-        )(out)
+        return output_projection(x.shape[-1], self.dtype, "o_proj")(out)
 
     def _decode(self, q, k, v, cache_index, kv_visible):
         """One query token against the cache; K/V of the new token written at cache_index."""
