@@ -259,3 +259,30 @@ def test_peak_flops_datasheet_table():
     assert peak_flops(jax.devices()[0]) is None  # CPU here: no MFU rather than a guess
     assert mfu(989e12 * 0.5, 1.0, 989e12) == pytest.approx(0.5)
     assert mfu(1e12, 1.0, None) is None
+
+
+def test_trainer_mfu_counts_each_batch(tmp_path, monkeypatch):
+    """The trainer's logged ``mfu`` is 3x ``HATConfig.batch_flops`` of the very batch that
+    step trained on / step time / peak: with a stand-in peak of 1 TFLOP/s, ``mfu x
+    step_time x 1e12`` reproduces the FLOPs of the data iterator's batches, in order."""
+    import json
+
+    import arjax.train.loop as loop
+    from arjax.train.config import make_run_config
+    from arjax.train.data import make_data
+
+    monkeypatch.setattr(loop, "peak_flops", lambda device: 1e12)
+    sets = [
+        "data.seq_len=64", "data.batch_size=2", "data.val_batches=1", "train.steps=2",
+        "train.log_every=1", "train.eval_every=100", "train.save_every=100",
+        "train.sample_bytes=0", "train.progress=false", "train.async_checkpoint=false",
+    ]  # fmt: skip
+    cfg = make_run_config("hat", "tiny", sets)
+    loop.train(cfg, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "mfu" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    it, _ = make_data(cfg)
+    for r in rows:
+        want = train_step_flops(cfg.model, next(it)) / jax.device_count()
+        assert r["mfu"] * r["step_time"] * 1e12 == pytest.approx(want, rel=1e-9)

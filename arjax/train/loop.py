@@ -268,7 +268,8 @@ def _train_locked(
                 step_last = step
                 row = {"step": step, **metrics, "lr": float(schedule(step - 1)), "step_time": dt}
                 row["tokens_per_s"] = metrics["tokens"] / dt  # predicted tokens (subpixels)
-                step_mfu = mfu(flops_since_log, elapsed, peak, jax.device_count())
+                # no FLOP formula (nothing summed): no MFU
+                step_mfu = mfu(flops_since_log or None, elapsed, peak, jax.device_count())
                 flops_since_log = 0.0
                 if step_mfu is not None:
                     row["mfu"] = step_mfu
