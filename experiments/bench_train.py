@@ -1,15 +1,29 @@
-"""Single-device training speed: tokens/s, step time, peak memory, MFU, compile time.
+"""Single-device training speed: bytes/s, step time, peak memory, MFU, compile time.
 
-For the transformer at ~125M / ~350M / ~1B parameters (sequence 2048) and HAT ``small``
-(when registered), one jitted train step (bf16 compute, fp32 master weights, AdamW,
-donated state, remat per preset, fastest attention path) is compiled, warmed up and timed
-over back-to-back steps (median over repeats; one block at the end of each repeat).
-MFU = analytic model FLOPs (6 N per token + causal attention, no remat recompute)
-/ step time / measured bf16 matmul peak of the same device; the analytic count is checked
-against XLA's cost analysis of the compiled step (which includes remat and the optimizer).
+Jobs (one run, one device): the byte-level transformer at ~125M / ~350M / ~1B parameters
+(sequence 2048), the 1B with packed documents and a sweep of batch / remat settings; HAT
+``1b`` (sequence 8192 bytes, ~1900 words: its backbone, the transformer ``1b`` stack, sees
+about as many words per row as the transformer sees bytes) with the per-word connectors
+and, for comparison, with the dense (masked-attention) connectors; HAT ``small``. One
+jitted train step (bf16 compute, fp32 master weights, AdamW, donated state, remat per
+preset) is compiled, warmed up and timed over back-to-back steps (median over repeats).
 
-    python experiments/bench_train.py                  # GPU, all sizes
+MFU = model FLOPs / step time / the device's datasheet dense bf16 peak
+(:data:`arjax.train.flops.PEAK_FLOPS`: 989 TFLOP/s on H100 SXM / H200); the bf16 matmul peak
+measured in the same run is a second column. Model FLOPs are
+:func:`arjax.train.flops.train_step_flops` of the batch: transformer 6N per token + causal
+attention; HAT from the batch's real bytes and words (``HATConfig.batch_flops``), so padding
+is waste, not work. The count is checked against XLA's cost analysis of the unscanned step
+for one preset per family. HAT rows add a per-component profile (forward + backward of the
+encoder, encoder connector, backbone, decoder with its cross-attention and byte head, the
+loss, and the optimizer update, each jitted alone on the same batch) and the word-slot
+padding's share of the backbone FLOPs. The summary: HAT ``1b`` MFU / transformer ``1b`` MFU
+(target >= 0.85) and HAT bytes/s / transformer bytes/s (target >= 2.5; arjax's transformer
+is byte-level).
+
+    python experiments/bench_train.py                  # GPU, every job (< 9 min on an H200)
     python experiments/bench_train.py --quick          # CPU smoke run, tiny shapes
+    python experiments/bench_train.py --only 1b,hat-1b --out experiments/results/bench_x
     python experiments/bench_train.py --only 125m,1b --vocab 32768 --loss-chunk 1024 \
         --out experiments/results/bench_train_vocab   # + rows at a large vocabulary
 """
@@ -23,18 +37,40 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from importlib.metadata import version
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from arjax.models import MODELS, build_model
+from arjax.models.hat import HAT, HATConfig
+from arjax.ops.cross_entropy import cross_entropy
 from arjax.train.config import TrainConfig
 from arjax.train.data import example_batch_for
+from arjax.train.flops import peak_flops, train_step_flops
 from arjax.train.optim import make_optimizer
 from arjax.train.step import init_train_state, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One benchmark row: ``key`` selects it with ``--only``."""
+
+    key: str
+    model: str  # family
+    preset: str
+    cfg: Any
+    batch: int
+    seq: int
+    connector_impl: str = "words"  # HAT only
+    docs: bool = True  # keep segment ids (packed documents) for the transformer
+    profile: bool = False  # HAT only: per-component timings
+    check: bool = False  # XLA cost-analysis cross-check of the FLOP count
 
 
 def matmul_peak(n: int = 8192, repeats: int = 10) -> float:
@@ -42,15 +78,28 @@ def matmul_peak(n: int = 8192, repeats: int = 10) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     f = jax.jit(lambda a, b: (a @ b).astype(jnp.bfloat16))
-    f(a, b).block_until_ready()
+    return 2 * n**3 / time_call(f, (a, b), steps=5, repeats=repeats)
+
+
+def time_call(f: Callable, args: tuple, *, steps: int, repeats: int, carry: bool = False) -> float:
+    """Median seconds per call of jitted ``f(*args)`` (``carry``: ``f`` returns the next
+    ``args[0]`` and its metrics, as a train step with donated state)."""
+    out = None
+    for _ in range(2):  # compile + warm up
+        out = f(*args)
+        if carry:
+            args = (out[0], *args[1:])
+    jax.block_until_ready(out)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        for _ in range(5):
-            out = f(a, b)
-        out.block_until_ready()
-        times.append((time.perf_counter() - t) / 5)
-    return 2 * n**3 / statistics.median(times)
+        for _ in range(steps):
+            out = f(*args)
+            if carry:
+                args = (out[0], *args[1:])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / steps)
+    return statistics.median(times)
 
 
 def unscanned(cfg: Any) -> Any:
@@ -65,78 +114,214 @@ def unscanned(cfg: Any) -> Any:
     return dataclasses.replace(cfg, **changes)
 
 
-def xla_flops(name: str, cfg: Any, tx: Any, batch: dict) -> float:
-    """FLOPs of one train step by XLA's cost analysis of the unscanned program."""
-    model = build_model(name, unscanned(cfg))
+def make(job: Job, cfg: Any | None = None) -> nn.Module:
+    cfg = job.cfg if cfg is None else cfg
+    if job.model == "hat":
+        return HAT(cfg, connector_impl=job.connector_impl)
+    return build_model(job.model, cfg)
+
+
+def xla_cost(job: Job, tx: Any, batch: dict) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) of one train step by XLA's cost analysis of the unscanned
+    program (the lowered, pre-backend HLO: the same count on every device, no compile)."""
+    model = make(job, unscanned(job.cfg))
     example = jax.tree.map(lambda x: x[:1], batch)
     state = jax.eval_shape(
         lambda r: nn.meta.unbox(init_train_state(model, tx, r, example)), jax.random.key(0)
     )
-    # The lowered (pre-backend) HLO: the same count on every device, no compile needed.
     cost = jax.jit(make_train_step(model, tx)).lower(state, batch).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    return float(cost.get("flops", np.nan)), float(cost.get("bytes accessed", np.nan))
 
 
-def bench(
-    name: str, cfg, batch: dict, *, steps: int, repeats: int, peak: float | None, check: bool
-) -> dict:
-    model = build_model(name, cfg)
+def hat_padding(cfg: HATConfig, batch: dict) -> dict:
+    """Word-slot padding's share of the backbone FLOPs as executed, and of the byte slots."""
+    rows, words = batch["word_segment_ids"].shape
+    real = (batch["word_segment_ids"] > 0).sum(1)
+    bb = cfg.backbone
+    used = sum(n * bb.flops_per_token(n) for n in real.tolist())
+    executed = rows * words * bb.flops_per_token(words)
+    return {
+        "word_slots": int(words),
+        "words_per_row": float(real.mean()),
+        "bytes_per_word": float((batch["word_ids"] > 0).sum() / real.sum()),
+        "backbone_pad_waste": 1.0 - used / executed,
+        "byte_pad_waste": 1.0 - float((batch["word_ids"] > 0).mean()),
+    }
+
+
+def profile_hat(model: HAT, params: Any, tx: Any, batch: dict, *, steps: int, repeats: int):
+    """Forward + backward seconds of each HAT stage alone (jitted, same batch), and the
+    optimizer update. Each stage's input is the previous stage's output."""
+    w = batch["word_segment_ids"].shape[1]
+    slots = jnp.where(batch["word_segment_ids"] > 0, jnp.arange(1, w + 1), 0)
+
+    def apply(method: Callable) -> Callable:
+        return lambda p, *xs: model.apply({"params": p}, *xs, method=method)
+
+    stages = {
+        "encoder": (
+            apply(lambda m, t: m.encode(t, batch["positions"], batch["segment_ids"])),
+            (batch["inputs"],),
+        ),
+    }
+    acts = jax.jit(stages["encoder"][0])(params, batch["inputs"])
+    pool = lambda m, a: m.pool_words(  # noqa: E731
+        a, batch["positions"], batch["word_ids"], batch["word_positions"], slots
+    )
+    stages["encoder connector"] = (apply(pool), (acts,))
+    words = jax.jit(apply(pool))(params, acts)
+    backbone = lambda m, x: m.run_backbone(  # noqa: E731
+        x, batch["word_positions"], batch["word_segment_ids"]
+    )
+    stages["backbone"] = (apply(backbone), (words,))
+    states = jax.jit(apply(backbone))(params, words)
+
+    def decode(m, a, s):
+        pred = m.predictive(s, batch["word_positions"])
+        return m.decode_bytes(
+            a, pred, batch["positions"], batch["segment_ids"], batch["word_ids"],
+            batch["word_positions"], slots,
+        )  # fmt: skip
+
+    stages["decoder + head"] = (apply(decode), (acts, states))
+    logits = jax.jit(apply(decode))(params, acts, states)
+    out = {}
+    for name, (f, xs) in stages.items():
+        ct = jax.tree.map(jnp.ones_like, jax.eval_shape(f, params, *xs))
+        fb = jax.jit(lambda p, *xs, f=f, ct=ct: jax.vjp(f, p, *xs)[1](ct))
+        out[name] = time_call(fb, (params, *xs), steps=steps, repeats=repeats)
+    loss = lambda z: cross_entropy(z, batch["targets"], batch["loss_mask"])[0]  # noqa: E731
+    out["loss"] = time_call(jax.jit(jax.value_and_grad(loss)), (logits,), steps=steps,
+                            repeats=repeats)  # fmt: skip
+    opt_state = tx.init(params)
+
+    def update(p, o, g):
+        updates, o = tx.update(g, o, p)
+        return optax.apply_updates(p, updates), o
+
+    out["optimizer"] = time_call(jax.jit(update), (params, opt_state, params), steps=steps,
+                                 repeats=repeats)  # fmt: skip
+    return out
+
+
+def bench(job: Job, host_batch: dict, *, steps: int, repeats: int, peaks: dict) -> dict:
+    model = make(job)
     tx = make_optimizer(TrainConfig(steps=1000))
-    example = jax.tree.map(lambda x: jnp.asarray(x[:1]), batch)
+    example = jax.tree.map(lambda x: jnp.asarray(x[:1]), host_batch)
     init = jax.jit(lambda r: nn.meta.unbox(init_train_state(model, tx, r, example)))
     state = init(jax.random.key(0))
-    batch = jax.tree.map(jnp.asarray, batch)
+    batch = jax.tree.map(jnp.asarray, host_batch)
     step = jax.jit(make_train_step(model, tx), donate_argnums=0)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops_xla = xla_flops(name, cfg, tx, batch) if check else float("nan")
-    for _ in range(3):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append((time.perf_counter() - t) / steps)
-    dt = statistics.median(times)
-    b, seq = batch["targets"].shape
-    tokens = b * seq
-    model_flops = 3 * cfg.flops_per_token(seq) * tokens
+    flops_xla, bytes_xla = xla_cost(job, tx, batch) if job.check else (np.nan, np.nan)
     mem = compiled.memory_analysis()
     step_bytes = (
         mem.argument_size_in_bytes + mem.output_size_in_bytes
         - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     )  # fmt: skip
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    return {
-        "model": name,
+    profile = None
+    if job.profile:  # before the timed steps, which donate (invalidate) state
+        profile = profile_hat(model, state.params, tx, batch, steps=steps, repeats=repeats)
+    holder = {}
+
+    def run(s, b):
+        s, holder["metrics"] = compiled(s, b)
+        return s, holder["metrics"]
+
+    dt = time_call(run, (state, batch), steps=steps, repeats=repeats, carry=True)
+    rows, seq = host_batch["targets"].shape
+    real_field = "word_ids" if job.model == "hat" else "segment_ids"  # absent: all real
+    real = host_batch.get(real_field, np.ones((rows, seq), np.int32))
+    model_flops = train_step_flops(job.cfg, host_batch)
+    row = {
+        "key": job.key,
+        "model": job.model,
+        "preset": job.preset,
+        "connector_impl": job.connector_impl if job.model == "hat" else None,
         "params_m": n_params / 1e6,
-        "batch": b,
+        "batch": rows,
         "seq_len": seq,
-        "remat": cfg.remat if hasattr(cfg, "remat") else None,
+        "remat": getattr(job.cfg, "remat", None) or getattr(job.cfg.backbone, "remat", None),
         "step_ms": dt * 1e3,
-        "tokens_per_s": tokens / dt,
+        "bytes_per_s": float((real > 0).sum()) / dt,
         "model_tflops_per_step": model_flops / 1e12,
         "xla_tflops_per_step": flops_xla / 1e12,
+        "xla_gb_accessed_per_step": bytes_xla / 1e9,
         "achieved_tflops": model_flops / dt / 1e12,
-        "mfu": model_flops / dt / peak if peak else None,
+        "mfu": model_flops / dt / peaks["datasheet"] if peaks["datasheet"] else None,
+        "mfu_measured_peak": model_flops / dt / peaks["measured"] if peaks["measured"] else None,
         "peak_mem_gib": step_bytes / 2**30,  # the compiled step's live buffers
         "compile_s": compile_s,
-        "loss": float(metrics["loss"]),
+        "loss": float(holder["metrics"]["loss"]),
     }
+    if job.model == "hat":
+        row.update(hat_padding(job.cfg, host_batch))
+    if profile is not None:
+        row["profile_ms"] = {k: v * 1e3 for k, v in profile.items()}
+    return row
+
+
+def jobs_for(quick: bool) -> list[Job]:
+    tf, hat = MODELS["transformer"].presets, MODELS["hat"].presets
+    if quick:
+        return [
+            Job("tiny", "transformer", "tiny", tf["tiny"], 4, 256, check=True),
+            Job("hat-tiny", "hat", "tiny", hat["tiny"], 4, 256, profile=True, check=True),
+            Job("hat-tiny-dense", "hat", "tiny", hat["tiny"], 4, 256, "dense", check=True),
+        ]
+    one_b = tf["1b"]
+    remat_none = dataclasses.replace(one_b, remat="none")
+    # Rows without "docs" are one document per row without segment ids (cuDNN attention);
+    # "+docs" keeps packed documents (segment ids -> Pallas flash attention). The order puts
+    # what the summary needs first (each row is written as it finishes).
+    return [
+        Job("1b", "transformer", "1b", one_b, 8, 2048, docs=False),
+        Job("hat-1b", "hat", "1b", hat["1b"], 8, 8192, profile=True),
+        Job("hat-1b-dense", "hat", "1b", hat["1b"], 8, 8192, "dense"),
+        # The MFU sweep: a larger batch amortises the optimizer and per-step overheads;
+        # without remat nothing is recomputed (memory allows it at 1B on 141 GB).
+        Job("1b-b16", "transformer", "1b", one_b, 16, 2048, docs=False),
+        Job("1b-b32", "transformer", "1b", one_b, 32, 2048, docs=False),
+        Job("1b-b16-noremat", "transformer", "1b", remat_none, 16, 2048, docs=False),
+        Job("1b+docs", "transformer", "1b", one_b, 8, 2048),
+        Job("125m", "transformer", "125m", tf["125m"], 16, 2048, docs=False, check=True),
+        Job("350m", "transformer", "350m", tf["350m"], 8, 2048, docs=False),
+        Job("hat-small", "hat", "small", hat["small"], 16, 1024, check=True),
+    ]
+
+
+def summary(rows: list[dict]) -> dict:
+    """HAT ``1b`` against the transformer ``1b`` (same settings) of this run."""
+    by_key = {r["key"]: r for r in rows if "error" not in r}
+    hat = by_key.get("hat-1b") or by_key.get("hat-tiny")
+    tf = by_key.get("1b") or by_key.get("tiny")
+    if not hat or not tf:
+        return {}
+    out = {"hat": hat["key"], "transformer": tf["key"]}
+    if hat["mfu"] and tf["mfu"]:
+        out["mfu_ratio"] = hat["mfu"] / tf["mfu"]  # target >= 0.85
+    out["bytes_per_s_ratio"] = hat["bytes_per_s"] / tf["bytes_per_s"]  # target >= 2.5
+    dense = by_key.get(hat["key"] + "-dense")
+    if dense:
+        out["speedup_vs_dense_connectors"] = dense["step_ms"] / hat["step_ms"]
+    best = max((r for r in by_key.values() if r["preset"] == "1b" and r["mfu"]),
+               key=lambda r: r["mfu"], default=None)  # fmt: skip
+    if best and best["model"] == "transformer":
+        out["best_transformer_1b"] = {"key": best["key"], "mfu": best["mfu"]}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CPU smoke run at tiny shapes")
     ap.add_argument("--out", default="experiments/results/bench_train")
-    ap.add_argument("--only", default="", help="comma-separated job names to run")
+    ap.add_argument("--only", default="", help="comma-separated job keys to run")
     ap.add_argument(
-        "--vocab", type=int, default=None, help="also run each job at this vocabulary size"
+        "--vocab", type=int, default=None, help="also run each transformer job at this vocab"
     )
     ap.add_argument(
         "--loss-chunk",
@@ -147,91 +332,122 @@ def main() -> None:
     args = ap.parse_args()
     if args.loss_chunk is not None and args.vocab is None:
         ap.error("--loss-chunk needs --vocab")
-    tf = MODELS["transformer"].presets
-    if args.quick:
-        jobs = [("transformer", "tiny", tf["tiny"], 4, 256)]
-        steps, repeats, peak = 2, 2, None
-    else:
-        # "+docs": packed documents (segment ids -> Pallas flash attention); the others are one
-        # document per row without segment ids, which cuDNN's fused attention handles.
-        jobs = [
-            ("transformer", "125m", tf["125m"], 16, 2048),
-            ("transformer", "350m", tf["350m"], 8, 2048),
-            ("transformer", "1b", tf["1b"], 8, 2048),
-            ("transformer", "1b+docs", tf["1b"], 8, 2048),
-            ("transformer", "1b-noremat", dataclasses.replace(tf["1b"], remat="none"), 4, 2048),
-        ]
-        if "hat" in MODELS:
-            hat = MODELS["hat"].presets["small"]
-            jobs.append(("hat", "small", hat, 16, min(2048, hat.max_seq_len)))
-        steps, repeats, peak = 10, 5, matmul_peak()
+    jobs = jobs_for(args.quick)
+    if args.only:
+        keys = args.only.split(",")
+        unknown = set(keys) - {j.key for j in jobs}
+        if unknown:
+            ap.error(f"--only: unknown job keys {sorted(unknown)}; known {[j.key for j in jobs]}")
+        jobs = [j for j in jobs if j.key in keys]
     if args.vocab is not None:  # the same shapes at a large vocab, full logits vs chunked loss
         variants = [(f"+v{args.vocab}", {"vocab_size": args.vocab})]
         if args.loss_chunk is not None:
             chunked = {"vocab_size": args.vocab, "loss_chunk": args.loss_chunk}
             variants.append((f"+v{args.vocab}+chunk{args.loss_chunk}", chunked))
         jobs += [
-            (name, preset + suffix, dataclasses.replace(cfg, **changes), b, seq)
-            for name, preset, cfg, b, seq in jobs
-            if name == "transformer"
+            dataclasses.replace(j, key=j.key + suffix, cfg=dataclasses.replace(j.cfg, **changes))
+            for j in jobs
+            if j.model == "transformer"
             for suffix, changes in variants
         ]
+    steps, repeats = (2, 2) if args.quick else (10, 3)
+    device = jax.devices()[0]
+    peaks = {
+        "datasheet": peak_flops(device),
+        "measured": None if args.quick else matmul_peak(),
+    }
     meta = {
-        "date": datetime.date.today().isoformat(),
-        "device": str(jax.devices()[0].device_kind),
-        "jax": jax.__version__,
-        "matmul_peak_tflops": peak / 1e12 if peak else None,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": str(device.device_kind),
+        "versions": {p: version(p) for p in ("jax", "jaxlib", "flax", "optax")},
+        "datasheet_peak_tflops": peaks["datasheet"] / 1e12 if peaks["datasheet"] else None,
+        "matmul_peak_tflops": peaks["measured"] / 1e12 if peaks["measured"] else None,
         "command": " ".join(["python experiments/bench_train.py", *sys.argv[1:]]),
     }
-    rows = []
-    for name, preset, cfg, b, seq in jobs:
-        # e.g. --only 1b,1b+docs (a --vocab row goes with its base job)
-        if args.only and preset.split("+v")[0] not in args.only.split(","):
-            continue
-        batch = example_batch_for(name, cfg, b, seq)
-        if name == "transformer" and "+docs" not in preset:
-            batch = {k: v for k, v in batch.items() if k != "segment_ids"}
+    rows: list[dict] = []
+    for job in jobs:
+        host = example_batch_for(job.model, job.cfg, job.batch, job.seq)
+        if job.model == "transformer" and not job.docs:
+            host = {k: v for k, v in host.items() if k != "segment_ids"}
         try:
-            check = preset in ("tiny", "125m", "small")  # one FLOP cross-check per family
-            row = bench(name, cfg, batch, steps=steps, repeats=repeats, peak=peak, check=check)
+            row = bench(job, host, steps=steps, repeats=repeats, peaks=peaks)
         except Exception as e:  # noqa: BLE001 - report OOM etc. and continue
-            row = {"model": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        row["preset"] = preset
+            row = {"key": job.key, "model": job.model, "preset": job.preset,
+                   "error": f"{type(e).__name__}: {str(e)[:300]}"}  # fmt: skip
         print(json.dumps(row), flush=True)
         rows.append(row)
         write_results(args.out, meta, rows)  # after every row: a time limit loses nothing
 
 
+def _pct(x: float | None) -> str:
+    return f"{100 * x:.1f}%" if x is not None else "n/a"
+
+
 def write_results(out: str, meta: dict, rows: list[dict]) -> None:
+    summ = summary(rows)
     with open(out + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "summary": summ}, f, indent=2)
+    peak = meta["datasheet_peak_tflops"]
     lines = [
-        f"# Training speed, one {meta['device']} ({meta['date']}, JAX {meta['jax']})",
+        f"# Training speed, one {meta['device']} ({meta['date']}, JAX {meta['versions']['jax']})",
         "",
-        f"Command: `{meta['command']}`. Measured bf16 matmul peak: "
-        f"{meta['matmul_peak_tflops'] or float('nan'):.0f} TFLOP/s. MFU counts model FLOPs "
-        "(6N per token + causal attention; remat recompute not counted). XLA/analytic: XLA's "
-        "cost analysis of the whole unscanned step (optimizer, norms, full non-causal score "
-        "matrices included) over the analytic count.",
+        f"Command: `{meta['command']}`. MFU: model FLOPs / step time / the datasheet dense "
+        f"bf16 peak ({f'{peak:.0f} TFLOP/s' if peak else 'unknown device: no MFU'}); "
+        f"'MFU (matmul)': against the bf16 matmul peak measured in this run "
+        f"({meta['matmul_peak_tflops'] or float('nan'):.0f} TFLOP/s). Model FLOPs: "
+        "transformer 6N per token + causal attention; HAT from each batch's real bytes and "
+        "words (`HATConfig.batch_flops`); remat recompute not counted. bytes/s: real (non-PAD) "
+        "bytes. XLA/analytic and XLA GB accessed: XLA's cost analysis of the whole unscanned "
+        "step (optimizer, norms, full score matrices; one job per family) over the model "
+        "count, and its bytes accessed.",
         "",
-        "| model | preset | params (M) | batch x seq | step ms | tokens/s | TFLOP/s | MFU "
-        "| XLA/analytic FLOPs | peak GiB | compile s |",
-        "|" + "---|" * 11,
+        "| job | model | params (M) | batch x seq | remat | step ms | bytes/s | TFLOP/s | MFU "
+        "| MFU (matmul) | XLA/analytic | XLA GB accessed | peak GiB | compile s |",
+        "|" + "---|" * 14,
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['preset']} | error: {r['error'][:80]} |")
+            lines.append(f"| {r['key']} | {r['model']} | error: {r['error'][:100]} |")
             continue
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         lines.append(
-            f"| {r['model']} | {r['preset']} | {r['params_m']:.0f} | {r['batch']}x{r['seq_len']} "
-            f"| {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['achieved_tflops']:.0f} | {mfu} "
+            f"| {r['key']} | {r['model']} {r['preset']} | {r['params_m']:.0f} "
+            f"| {r['batch']}x{r['seq_len']} | {r['remat']} | {r['step_ms']:.1f} "
+            f"| {r['bytes_per_s']:.0f} | {r['achieved_tflops']:.1f} | {_pct(r['mfu'])} "
+            f"| {_pct(r['mfu_measured_peak'])} "
             f"| {r['xla_tflops_per_step'] / r['model_tflops_per_step']:.2f} "
-            f"| {r['peak_mem_gib']:.1f} | {r['compile_s']:.0f} |"
+            f"| {r['xla_gb_accessed_per_step']:.2f} | {r['peak_mem_gib']:.1f} "
+            f"| {r['compile_s']:.0f} |"
         )
+    hats = [r for r in rows if r.get("model") == "hat" and "error" not in r]
+    if hats:
+        lines += ["", "HAT padding (measured on the batch): share of the backbone FLOPs spent "
+                  "on empty word slots, and of the byte slots that are PAD.", "",
+                  "| job | word slots | words/row | bytes/word | backbone pad waste "
+                  "| byte pad waste |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in hats:
+            lines.append(
+                f"| {r['key']} | {r['word_slots']} | {r['words_per_row']:.0f} "
+                f"| {r['bytes_per_word']:.2f} | {_pct(r['backbone_pad_waste'])} "
+                f"| {_pct(r['byte_pad_waste'])} |"
+            )
+    for r in hats:
+        if "profile_ms" not in r:
+            continue
+        prof = r["profile_ms"]
+        lines += ["", f"Per-component profile of `{r['key']}` (each stage's forward + backward "
+                  f"jitted alone on the same batch; optimizer: AdamW update). Full step "
+                  f"{r['step_ms']:.1f} ms; sum of stages {sum(prof.values()):.1f} ms.", "",
+                  "| stage | ms | share of the step |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {k} | {v:.2f} | {_pct(v / r['step_ms'])} |" for k, v in prof.items()]
+    if summ:
+        lines += ["", "Summary: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in summ.items())]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else json.dumps(v)
 
 
 if __name__ == "__main__":
