@@ -27,7 +27,7 @@ from bench_axial_sampling import RESULTS, environment, write_results
 from arjax.config import to_dict
 from arjax.data.images import image_grid, load_images, write_png
 from arjax.data.vocab import BOS_ID
-from arjax.generate.axial import sample_axial
+from arjax.generate.axial import AxialDecoder
 from arjax.models.axial import AxialConfig, AxialTransformer
 from arjax.models.transformer import TransformerLM, TransformerLMConfig
 from arjax.train.config import TrainConfig
@@ -137,7 +137,9 @@ def main() -> None:
         print(rows[-1])
         sample_params = params if name == "axial" else sample_params
     t = time.perf_counter()
-    values = sample_axial(axial, sample_params, jax.random.key(0), args.samples, temperature=1.0)
+    values = AxialDecoder(axial).sample(
+        sample_params, jax.random.key(0), args.samples, temperature=1.0
+    )
     samples = np.asarray(jax.block_until_ready(values)).astype(np.uint8)
     sample_s = time.perf_counter() - t
     png = write_png(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import statistics
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arjax.config import to_dict
-from arjax.generate.axial import sample_axial, sample_axial_naive
+from arjax.generate.axial import AxialDecoder, sample_axial_naive
 from arjax.models.axial import AxialConfig, AxialTransformer
 
 RESULTS = Path(__file__).parent / "results"
@@ -97,8 +98,10 @@ def main() -> None:
     rng = jax.random.key(1)
     rows = []
     samples = {}
-    for name, fn in (("semi_parallel", sample_axial), ("naive", sample_axial_naive)):
-        call = lambda fn=fn: fn(model, params, rng, args.num, temperature=1.0)  # noqa: E731
+    semi_parallel = AxialDecoder(model).sample
+    naive = functools.partial(sample_axial_naive, model)
+    for name, fn in (("semi_parallel", semi_parallel), ("naive", naive)):
+        call = lambda fn=fn: fn(params, rng, args.num, temperature=1.0)  # noqa: E731
         t = time.perf_counter()
         samples[name] = np.asarray(jax.block_until_ready(call()))
         compile_s = time.perf_counter() - t

@@ -5,7 +5,8 @@ prefill-heavy (prompt 2048, generate 128). Both models have (about) the same par
 run in bf16 with their fastest attention path (every ``--impls`` entry is timed, the best is
 kept), and use the largest power-of-two batch that fits (halving on out-of-memory, starting
 from a cache-size estimate). The whole decode loop of each model is one jitted call
-(prefill + ``lax.scan``); compile and one warm-up run are outside the timing, the reported
+(the generation engine, :mod:`arjax.generate.engine`: prefill + ``lax.while_loop``);
+compile and one warm-up run are outside the timing, the reported
 time is the median of ``--repeats`` runs.
 
     python experiments/bench_block_decode.py            # GPU, full sizes
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import platform
 import statistics
@@ -31,14 +31,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from decode_common import engine_runner, random_prompts
 
-from arjax.data.vocab import BOS_ID
-from arjax.generate.block import _block_prefill, _token_prefill, block_generate, layout_prompts
-from arjax.generate.decode import _generate
 from arjax.models.block_transformer import BlockTransformer, BlockTransformerConfig
 from arjax.models.transformer import TransformerLM, TransformerLMConfig
 from arjax.nn import TransformerConfig
-from arjax.ops.attention import decode_cache_len
 
 RESULTS = Path(__file__).parent / "results"
 WORKLOADS = {"decode_heavy": (128, 2048), "prefill_heavy": (2048, 128)}
@@ -71,54 +68,10 @@ def init_params(model: nn.Module, example: dict, dtype) -> dict:
     return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
-def vanilla_runner(model, params, batch: int, prompt: int, gen: int):
-    tokens = np.random.default_rng(0).integers(0, 256, (batch, prompt)).astype(np.int32)
-    tokens[:, 0] = BOS_ID
-    segments = np.ones_like(tokens)
-    positions = np.broadcast_to(np.arange(prompt, dtype=np.int32), tokens.shape)
-    args = [jnp.asarray(a) for a in (tokens, segments, positions)]
-    stop = jnp.zeros((0,), jnp.int32)
-
-    def run():
-        return _generate(
-            model, params, *args, stop, jax.random.key(0), max_new_tokens=gen,
-            temperature=0.0, top_k=None, top_p=None, window=None,
-        )  # fmt: skip
-
-    def cache_bytes():
-        shapes = jax.eval_shape(
-            lambda p: model.apply({"params": p}, *args, decode_cache_len(prompt + gen),
-                                  method="prefill",
-                                  mutable=["cache"])[1], params,
-        )  # fmt: skip
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)) / batch
-
-    return run, cache_bytes
-
-
-def block_runner(model, params, batch: int, prompt: int, gen: int):
-    row = np.random.default_rng(0).integers(0, 256, prompt).tolist()
-    lay = layout_prompts([[BOS_ID, *row[1:]]], model.config.block_len, gen)
-    z = jnp.asarray(np.repeat(lay.z, batch, axis=0))
-    forced = jnp.asarray(np.repeat(lay.forced, batch, axis=0))
-    stop = jnp.zeros((0,), jnp.int32)
-    static = dict(first_block=lay.first_block, num_blocks=lay.num_blocks)
-
-    def run():
-        return block_generate(model, params, z, forced, stop, jax.random.key(0), **static)
-
-    def cache_bytes():
-        def caches(p):
-            blocks = z.reshape(batch, lay.num_blocks, -1)[:, : lay.first_block]
-            apply = functools.partial(model.apply, mutable=["cache"])
-            cache_len = decode_cache_len(lay.num_blocks)
-            ctx, var = apply({"params": p}, blocks, cache_len, method=_block_prefill)
-            return apply({"params": p, **var}, ctx, method=_token_prefill)[1]
-
-        shapes = jax.eval_shape(caches, params)
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)) / batch
-
-    return run, cache_bytes
+def engine_runner_for(model, params, batch: int, prompt: int, gen: int):
+    """The generation engine on ``batch`` random prompts; cache bytes per sequence."""
+    run, caches = engine_runner(model, params, random_prompts(batch, prompt), gen)
+    return run, lambda: sum(caches().values())
 
 
 def is_oom(err: Exception) -> bool:
@@ -219,9 +172,10 @@ def main() -> None:
         best = {}
         for impl in impls.split(","):
             vcfg, bcfg = configs(quick, args.block_len, impl)
-            for kind, model, runner in (
-                ("transformer", TransformerLM(vcfg), vanilla_runner),
-                ("block", BlockTransformer(bcfg), block_runner),
+            runner = engine_runner_for
+            for kind, model in (
+                ("transformer", TransformerLM(vcfg)),
+                ("block", BlockTransformer(bcfg)),
             ):
                 try:
                     _, probe = runner(model, params[kind], 1, prompt, gen)

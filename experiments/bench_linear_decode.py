@@ -3,7 +3,8 @@
 A linear LM decodes from a fixed-size state (and BASED from a ``window``-token ring buffer),
 so its step time is flat in the context; the transformer's step reads a KV cache that grows
 with it. The cache/state contents do not change the work, so each context is set up as a
-zero-filled cache of the right size (no prefill needed). Each step is jitted with the cache
+zero-filled cache of the right size (no prefill needed). Each step is the family decoder's
+``step`` (:mod:`arjax.generate.engine`), jitted with the cache
 donated (updated in place), compiled outside the timing, and timed as the median of
 ``--repeats`` blocked calls.
 
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from linear_common import median_seconds, write_results
 
-from arjax.generate.decode import unscanned_for_decoding
+from arjax.generate import decoder_for
 from arjax.models import MODELS
 
 CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -37,27 +38,31 @@ def decode_step_seconds(name: str, preset: str, context: int, batch: int, repeat
     params = jax.jit(model.init)(
         jax.random.key(0), {"inputs": tok, "positions": pos, "segment_ids": tok + 1}
     )
-    # Decode with the layer stack unrolled, as arjax's generators do (in-place cache update).
-    model, params = unscanned_for_decoding(model, params["params"])
-    # Shapes of the decode cache for this context: KV [.., context, ..] or the fixed state.
-    prefill = lambda: model.apply(  # noqa: E731
-        {"params": params}, tok, pos, tok + 1, context, method="prefill", mutable=["cache"]
+    # The generation engine's decoder step (layer stacks unrolled, in-place cache update).
+    decoder = decoder_for(model)
+    params = decoder.prepare(params["params"])
+    lengths = jnp.ones((batch,), jnp.int32)
+    # Decode state for this context: KV [.., context, ..] or the fixed recurrent state.
+    shapes = jax.eval_shape(
+        lambda: decoder.prefill(params, tok, lengths, layout=None, max_new=context - 1)[1]
     )
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(prefill)[1]["cache"])
-    visible = jnp.ones((batch, context), bool)
+    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    state["position"] = jnp.full((batch,), context - 1, jnp.int32)
+    if "visible" in state:  # the new token attends to a full cache
+        state["visible"] = jnp.ones(shapes["visible"].shape, bool)
+        state["slot"] = jnp.int32(context - 1)
+    active = jnp.ones((batch,), bool)
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def step(cache):
-        out, new = model.apply(
-            {"params": params, "cache": cache}, tok, pos, jnp.int32(context - 1), visible,
-            method="decode", mutable=["cache"],
-        )  # fmt: skip
-        return new["cache"], out
+    def step(state):
+        logits, new = decoder.step(params, state, tok[:, 0], active)
+        fixed = {k: state[k] for k in ("slot", "position") if k in state}  # stay at the end
+        return {**new, **fixed}, logits
 
-    state = {"cache": cache}
+    holder = {"state": state}
 
     def run():
-        state["cache"], out = step(state["cache"])
+        holder["state"], out = step(holder["state"])
         return out
 
     return median_seconds(run, repeats, warmup=3)
@@ -86,7 +91,8 @@ def main() -> None:
             rows,
             columns,
             "Median of repeated jitted decode steps, cache donated; zero-filled caches sized "
-            "for each context; layer stacks unrolled as in arjax.generate. Flat rows = O(1) "
+            "for each context; the step of the generation engine's decoder (arjax.generate). "
+            "Flat rows = O(1) "
             "decoding.",
         )
 

@@ -72,7 +72,7 @@ step models 110 $PYTEST tests/test_block_transformer.py tests/test_hat.py \
   -k "generation or decode or sampling or forms_agree or gradients_agree or split_sequence or resume or accumulation"
 step train 190 python3 experiments/bench_train.py
 step block 330 python3 experiments/bench_block_decode.py --impls auto
-step hat 55 python3 experiments/bench_hat_decode.py --device gpu
+step hat 540 python3 experiments/bench_hat_decode.py  # trains both ~1B models first
 step axial 40 python3 experiments/bench_axial_sampling.py
 step linear_decode 130 python3 experiments/bench_linear_decode.py
 step linear_train 60 python3 experiments/bench_linear_train.py

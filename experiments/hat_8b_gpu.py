@@ -24,7 +24,7 @@ from hat_common import markdown_table, write_results
 from hat_convert_8b import GIB, identical, make_checkpoint, rss_bytes
 
 from arjax.data.splitter import split_word_bytes
-from arjax.generate.hat import generate_hat
+from arjax.generate import generate
 from arjax.models import hat_checkpoint as hc
 from arjax.models.hat import HAT
 
@@ -70,7 +70,7 @@ def main() -> None:
 
         model = HAT(config)
         prompts = [PROMPT * 8] * args.batch
-        gen = lambda n: generate_hat(model, params, prompts, max_new_bytes=n)  # noqa: E731
+        gen = lambda n: generate(model, params, prompts, max_new_bytes=n)  # noqa: E731
         gen(args.new_bytes)  # compile (the same cache lengths as the timed call)
         t0 = time.perf_counter()
         out = gen(args.new_bytes)

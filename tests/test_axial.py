@@ -22,8 +22,7 @@ from arjax.data.images import (
     read_idx_images,
     write_png,
 )
-from arjax.generate import SAMPLERS
-from arjax.generate.axial import sample_axial, sample_axial_naive
+from arjax.generate.axial import AxialDecoder, sample_axial_naive
 from arjax.models.axial import AxialConfig, AxialTransformer
 from arjax.ops import axial_attention, axial_attention_reference, fold_axis
 
@@ -137,12 +136,12 @@ def test_semi_parallel_sampling_equals_naive_full_forward():
     cfg = AxialConfig(shape=(2, 2, 3), channels=2, **MICRO)
     model, params = _init(cfg)
     rng = jax.random.key(3)
-    fast = np.asarray(sample_axial(model, params, rng, 3, temperature=1.0))
+    fast = np.asarray(AxialDecoder(model).sample(params, rng, 3, temperature=1.0))
     slow = np.asarray(sample_axial_naive(model, params, rng, 3, temperature=1.0))
     assert fast.shape == (3, 2, 2, 3, 2) and fast.dtype == np.int32
     np.testing.assert_array_equal(fast, slow)
     assert fast.min() >= 0 and fast.max() < 256 and len(np.unique(fast)) > 10
-    other = np.asarray(sample_axial(model, params, jax.random.key(4), 3, temperature=1.0))
+    other = np.asarray(AxialDecoder(model).sample(params, jax.random.key(4), 3, temperature=1.0))
     assert (other != fast).mean() > 0.5
 
 
@@ -235,8 +234,8 @@ def test_train_on_digits_beats_context_free_entropy_and_writes_png(tmp_path):
         result["val_bits_per_dim"],
         context_free,
     )
-    text = SAMPLERS["axial"](
-        trainer.model, params, cfg, prompts=[""], max_bytes=0, seed=0,
+    text = AxialDecoder(trainer.model).sample_text(
+        params, prompts=[""], max_bytes=0, seed=0,
         png=str(tmp_path / "grid.png"), temperature=1.0, top_k=None, top_p=None, num=4,
     )  # fmt: skip
     grid = _read_png_grey(tmp_path / "grid.png")

@@ -14,8 +14,7 @@ import optax
 import pytest
 
 from arjax.config import ConfigError
-from arjax.generate import SAMPLERS
-from arjax.generate.block import generate_block_tokens, layout_prompts
+from arjax.generate import generate, sample
 from arjax.models import MODELS, TransformerLM, TransformerLMConfig
 from arjax.models.block_transformer import (
     PRESETS,
@@ -149,50 +148,27 @@ def _next_logits(model, params, seq) -> jax.Array:
 
 
 def _greedy_reference(model, params, prompt, steps):
-    """Step-by-step argmax of the full forward."""
+    """Step-by-step argmax of the full forward, PAD and BOS never drawn, ending at EOS (as
+    the engine)."""
     seq = list(prompt)
     for _ in range(steps):
-        seq.append(int(jnp.argmax(_next_logits(model, params, seq))))
+        logits = _next_logits(model, params, seq)
+        seq.append(int(jnp.argmax(logits.at[jnp.array([256, 257])].set(-jnp.inf))))
+        if seq[-1] == 258:
+            return seq[len(prompt) : -1]
     return seq[len(prompt) :]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cached_generation_matches_full_forward(variant):
-    """Ragged prompts (one shorter than a block) decode exactly like the full forward."""
+    """Ragged prompts (one shorter than a block, one past the shortest's whole blocks: fed
+    by the loop) decode exactly like step-by-step argmax of the full forward."""
     model, params = _model(**VARIANTS[variant])
     rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(0, 256, n)) for n in (1, 6, 11)]
-    out = generate_block_tokens(model, params, prompts, max_new_tokens=9, stop_ids=())
-    for prompt, got in zip(prompts, out):
-        assert got == _greedy_reference(model, params, prompt, 9)
-
-
-def test_generation_stops_and_samples():
-    model, params = _model()
-    prompts = [[257, 1, 2], [257]]
-    greedy = generate_block_tokens(model, params, prompts, max_new_tokens=8, stop_ids=())
-    stop = greedy[0][2]
-    out = generate_block_tokens(model, params, prompts, max_new_tokens=8, stop_ids=(stop,))
-    assert out[0] == greedy[0][: greedy[0].index(stop) + 1]
-    hot = generate_block_tokens(
-        model, params, prompts, max_new_tokens=8, temperature=1.0, top_k=5,
-        rng=jax.random.key(3), stop_ids=(),
-    )  # fmt: skip
-    assert [len(r) for r in hot] == [8, 8] and hot != greedy
-    for prompt, row in zip(prompts, hot):  # every sampled token is among the full forward's top 5
-        padded = np.full((1, model.config.max_seq_len), 256, np.int32)
-        padded[0, : len(prompt) + len(row)] = prompt + row  # causal: one forward for all steps
-        logits = np.asarray(_forward(model, params, jnp.asarray(padded))[0])
-        for i, token in enumerate(row):
-            top5 = np.argsort(logits[len(prompt) + i - 1])[-5:]
-            assert token in top5, (prompt, i, token, top5)
-
-
-def test_layout_prompts():
-    lay = layout_prompts([[7], [1, 2, 3, 4, 5]], block_len=4, max_new_tokens=3)
-    assert (lay.first_block, lay.num_blocks, lay.ends) == (1, 3, (4, 8))
-    np.testing.assert_array_equal(lay.z[0, :5], [256, 256, 256, 7, 256])
-    np.testing.assert_array_equal(lay.forced[1], [1] * 8 + [0] * 4)
+    prompts = [bytes(rng.integers(0, 256, n).tolist()) for n in (0, 5, 10)]
+    gen = generate(model, params, prompts, max_new_bytes=9)
+    for prompt, got in zip(prompts, gen.tokens, strict=True):
+        assert got == _greedy_reference(model, params, [257, *prompt], 9)
 
 
 @pytest.mark.parametrize(
@@ -219,17 +195,10 @@ def test_bad_inputs_raise_clear_errors():
         _forward(model, params, jnp.zeros((1, 8), jnp.float32))
     with pytest.raises(ValueError, match="max_seq_len=32"):
         _forward(model, params, jnp.zeros((1, 33), jnp.int32))
-    with pytest.raises(ValueError, match="at least one token"):
-        generate_block_tokens(model, params, [[1], []], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_seq_len=32"):
-        generate_block_tokens(model, params, [[1] * 30], max_new_tokens=4)
+        generate(model, params, ["x" * 29], max_new_bytes=4)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        generate_block_tokens(model, params, [[1]], max_new_tokens=0)
-    _, other = _model(block_len=8)
-    with pytest.raises(ValueError, match="embedder.*configs mismatch"):
-        generate_block_tokens(model, other, [[1]], max_new_tokens=2)
-    with pytest.raises(TypeError, match="BlockTransformer"):
-        generate_block_tokens(TransformerLM(LM_CFG), params, [[1]], max_new_tokens=2)
+        generate(model, params, ["x"], max_new_bytes=0)
 
 
 def test_registered_and_trains():
@@ -263,8 +232,7 @@ def test_registered_and_trains():
         losses.append(float(loss))
     assert losses[-1] < 0.3 * losses[0]
 
-    text = SAMPLERS["block"](
-        model, params, cfg, prompts=["ab"], max_bytes=5, seed=0, png=None, temperature=0.0,
-        top_k=None, top_p=None,
-    )  # fmt: skip
+    text = sample(
+        "block", model, params, cfg, prompts=["ab"], max_bytes=5, temperature=0.0, top_p=None
+    )
     assert text.startswith("ab") and len(text) <= 2 + 5

@@ -15,7 +15,7 @@ from arjax.data.bpe import byte_alphabet, load_tokenizer, train_bpe  # noqa: E40
 from arjax.data.corpus import load_corpus  # noqa: E402
 from arjax.data.pipeline import DataConfig, make_eval_batches  # noqa: E402
 from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
-from arjax.generate import generate_tokens, sample  # noqa: E402
+from arjax.generate import generate, sample  # noqa: E402
 from arjax.train.config import make_run_config  # noqa: E402
 from arjax.train.loop import train  # noqa: E402
 
@@ -110,9 +110,9 @@ def test_train_reports_bits_per_byte_and_samples_text(tokenizer_path, corpus_dir
     tok = load_tokenizer(tokenizer_path)
     text = sample("transformer", trainer.model, params, cfg, prompts=["To be"], max_bytes=40,
                   seed=3, temperature=1.0, top_p=None)  # fmt: skip
-    ids = generate_tokens(trainer.model, params, [[BOS_ID, *tok.encode("To be").tolist()]],
-                          max_new_tokens=40, temperature=1.0, rng=jax.random.key(3))  # fmt: skip
-    expected = tok.decode(ids[0]).encode()[:40].decode(errors="ignore")
+    gen = generate(trainer.model, params, ["To be"], max_new_bytes=40, temperature=1.0,
+                   rng=jax.random.key(3), tokenizer=tok)  # fmt: skip
+    expected = gen.texts[0].encode()[:40].decode(errors="ignore")
     assert text == "To be" + expected and len(expected.encode()) > 0
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 
 from arjax.data.splitter import split_word_bytes
-from arjax.generate.hat import generate_hat
+from arjax.generate import generate
 from arjax.models import hat_checkpoint as hc
 from arjax.models.hat import HAT, HATConfig
 
@@ -98,7 +98,7 @@ def test_logits_match_the_reference(case):
 def test_greedy_continuations_match_the_reference(case):
     params, config = load(case)
     texts = FIXTURES["cases"][case]["texts"]
-    gen = generate_hat(
+    gen = generate(
         HAT(config), params, [t["text"] for t in texts], max_new_bytes=FIXTURES["greedy_bytes"]
     )
     for got, entry in zip(gen.tokens, texts, strict=True):

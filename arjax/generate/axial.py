@@ -4,15 +4,22 @@ Both samplers draw subpixel ``g`` (generation order: channel-major, then raster)
 ``fold_in(rng, g)``, so with the same ``rng`` they return the same tensors up to float
 rounding of the logits.
 
-- :func:`sample_axial` (semi-parallel): per channel, the channel encoder runs once; the outer
+- :class:`AxialDecoder` (semi-parallel; the family's registered decoder): per channel, the
+  channel encoder runs once; the outer
   decoder of axis ``k`` runs once per slice along ``k`` (e.g. once per row), on that slice
   only, with K/V caches of its masked attention; the inner decoder runs once per pixel with
-  its row cache. Nested ``lax.scan`` loops, one per axis.
+  its row cache. Nested ``lax.scan`` loops, one per axis, all in one ``jit``, like the text
+  engine's loop (:mod:`arjax.generate.engine`). It does not implement the engine's one-token
+  ``step``: what runs after a value is drawn depends on the level (the inner decoder after
+  every pixel, an outer decoder after each finished slice, the channel encoder after each
+  channel), and images have no prompts, stop strings or EOS; a token protocol would have to
+  carry the whole nest as a state machine for no gain.
 - :func:`sample_axial_naive`: one full forward pass of the model per subpixel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -24,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arjax.data.images import image_grid, write_png
+from arjax.generate.engine import Decoder
 from arjax.generate.sampling import sample_token, validate_sampling
 from arjax.models.axial import earlier_channels
 
@@ -114,23 +122,6 @@ def _validate(model: nn.Module, num: int, temperature: float, top_k, top_p) -> N
         raise ValueError(f"model must be an AxialTransformer, got {type(model).__name__}")
 
 
-def sample_axial(
-    model: nn.Module,
-    params: Any,
-    rng: jax.Array,
-    num: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> jax.Array:
-    """Semi-parallel sampling: int32 ``[num, *shape, channels]`` values in ``[0, levels)``."""
-    _validate(model, num, temperature, top_k, top_p)
-    return _semi_parallel(
-        model, params, rng, num=num, temperature=float(temperature), top_k=top_k, top_p=top_p
-    )
-
-
 def sample_axial_naive(
     model: nn.Module,
     params: Any,
@@ -141,7 +132,8 @@ def sample_axial_naive(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> jax.Array:
-    """Reference sampler: a full forward pass per subpixel. Same output as :func:`sample_axial`."""
+    """Reference sampler: a full forward pass per subpixel. Same output as
+    :meth:`AxialDecoder.sample`."""
     _validate(model, num, temperature, top_k, top_p)
     return _naive(
         model, params, rng, num=num, temperature=float(temperature), top_k=top_k, top_p=top_p
@@ -161,40 +153,58 @@ def ascii_art(images: np.ndarray, levels: int = 256) -> str:
     return "\n".join(rows)
 
 
-def sample_images_text(
-    model: nn.Module,
-    params: Any,
-    cfg: Any,
-    *,
-    prompts: list[str],
-    max_bytes: int,
-    seed: int,
-    png: str | None,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    num: int = 16,
-) -> str:
-    """``SAMPLERS["axial"]``: ``num`` semi-parallel samples; with ``png`` a PNG grid is written
-    there (path returned), else the first samples as ASCII art. Prompts/max_bytes: unused
-    (images are sampled unconditionally)."""
-    del cfg, prompts, max_bytes
-    c = model.config
-    values = sample_axial(
-        model, params, jax.random.key(seed), num,
-        temperature=temperature, top_k=top_k, top_p=top_p,
-    )  # fmt: skip
-    images = np.asarray(values)
-    if png is not None:
-        if len(c.shape) != 2 or c.channels not in (1, 3):
-            raise ValueError(
-                f"png: needs 2-D images with 1 or 3 channels, got shape={c.shape}, "
-                f"channels={c.channels}"
-            )
-        pixels = np.round(images * (255.0 / (c.levels - 1))).astype(np.uint8)
-        cols = math.ceil(math.sqrt(num))
-        path = write_png(Path(png), image_grid(pixels, cols=cols), scale=4)
-        return f"wrote {num} samples ({c.shape[0]}x{c.shape[1]}) as a PNG grid: {path}"
-    if len(c.shape) != 2:
-        return f"{num} samples of shape {images.shape[1:]}; pass png= for 2-D images"
-    return ascii_art(images[: min(num, 8)], c.levels)
+@dataclasses.dataclass(frozen=True)
+class AxialDecoder(Decoder):
+    """Semi-parallel sampling of :class:`arjax.models.axial.AxialTransformer` (module doc)."""
+
+    def sample(
+        self,
+        params: Any,
+        rng: jax.Array,
+        num: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> jax.Array:
+        """int32 ``[num, *shape, channels]`` values in ``[0, levels)``."""
+        _validate(self.model, num, temperature, top_k, top_p)
+        return _semi_parallel(
+            self.model, params, rng, num=num, temperature=float(temperature), top_k=top_k,
+            top_p=top_p,
+        )  # fmt: skip
+
+    def sample_text(
+        self,
+        params: Any,
+        *,
+        prompts: list[str],
+        max_bytes: int,
+        seed: int,
+        png: str | None,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        num: int = 16,
+    ) -> str:
+        """``num`` samples; with ``png`` a PNG grid is written there (path returned), else the
+        first samples as ASCII art. Prompts/max_bytes: unused (images are unconditional)."""
+        del prompts, max_bytes
+        c = self.model.config
+        values = self.sample(
+            params, jax.random.key(seed), num, temperature=temperature, top_k=top_k, top_p=top_p
+        )
+        images = np.asarray(values)
+        if png is not None:
+            if len(c.shape) != 2 or c.channels not in (1, 3):
+                raise ValueError(
+                    f"png: needs 2-D images with 1 or 3 channels, got shape={c.shape}, "
+                    f"channels={c.channels}"
+                )
+            pixels = np.round(images * (255.0 / (c.levels - 1))).astype(np.uint8)
+            cols = math.ceil(math.sqrt(num))
+            path = write_png(Path(png), image_grid(pixels, cols=cols), scale=4)
+            return f"wrote {num} samples ({c.shape[0]}x{c.shape[1]}) as a PNG grid: {path}"
+        if len(c.shape) != 2:
+            return f"{num} samples of shape {images.shape[1:]}; pass png= for 2-D images"
+        return ascii_art(images[: min(num, 8)], c.levels)

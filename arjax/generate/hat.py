@@ -1,132 +1,124 @@
-"""Word-by-word HAT generation with KV caches (Neitemeier et al. 2025, Sec. 2; the public
-reference implementation's cached ``generate``).
+"""HAT decoding on device, word by word (Neitemeier et al. 2025, Sec. 2; the public reference
+implementation's cached ``generate`` runs the same computation as a host loop).
 
-The prompt (``[BOS] + split_word_bytes(prompt)``, no BOS when ``config.bos_id`` is None, as
-for the published models) is prefilled through the whole model; its
-last word is treated as unfinished. Then, per byte and for all rows at once:
+Prefill: the prompt (``[BOS] + bytes``, no BOS if the config has none) is split into words by
+:func:`arjax.data.word_starts` and run through the whole model at once; its last text word is
+treated as unfinished (the next byte may extend it). Then, per byte, inside the engine's loop
+(:mod:`arjax.generate.engine`) and for all rows at once:
 
-1. a byte is sampled (:func:`arjax.generate.sampling.sample_token`) from the decoder's logits;
-2. on the host, :func:`append_byte` re-splits the current word plus that byte; if the splitter
-   says a new word began, each finished word is pooled by the encoder connector from its
-   bytes' cached encoder activations and goes through ONE backbone step with the KV cache,
-   giving the new word's predictive embedding;
-3. bytes of the new word that the decoder had already seen as part of the old word (a
-   multi-byte character, or a re-split) are re-decoded with the new embedding, overwriting
-   their decoder cache slots (rows without that change keep their cache) -- so the state
-   always equals an uncached forward over the current text;
-4. the encoder and decoder advance one byte with their KV caches.
+1. the byte goes through the encoder (KV cache) and into the current word's window:
+   ``[batch, max_word_bytes + 1]`` bytes and encoder activations;
+2. :func:`arjax.data.word_starts` re-splits that window (an unfinished UTF-8 character at its
+   end stays in the current word, which is cut once it would exceed ``max_word_bytes``; the
+   host form of this rule is :func:`append_byte`); every word but the last is finished;
+3. for each finished word, masked over the batch (rows finish words at different bytes): the
+   encoder connector pools its bytes and the backbone takes ONE cached step, giving the next
+   word's predictive embedding. A ``lax.while_loop`` runs it as many times as the most
+   finished words in a row -- zero times on the bytes where no row ends a word, so the big
+   backbone runs once per word, not once per byte. Masked, not compacted: a decode-time
+   backbone step reads all its weights whatever the number of rows (bandwidth-bound), so
+   gathering the finishing rows into a smaller batch would save FLOPs, not time, and would
+   need per-row backbone cache slots; at large batch some row ends a word at almost every
+   byte, and the backbone then runs at every step (``experiments/bench_hat_decode.py``
+   reports the word path's per-step time at each batch size);
+4. bytes of the new current word that the decoder had already seen as part of the old word
+   (a multi-byte character, or a re-split) are re-decoded with the new embedding, rewriting
+   their decoder cache slots for those rows only, so the state always equals an uncached
+   forward over the current words;
+5. the decoder takes the byte (KV cache) and gives the next byte's logits.
 
-Prompts of different lengths are left-padded in the byte caches (one shared slot index);
-the backbone cache has one slot per word-completion event, marked visible only for the rows
-whose word completed. Bytes that do not decode as UTF-8 yet (a partial or invalid sequence)
-never start a word: they extend the current word until ``max_word_bytes``, where the word is
-cut. Generation of a row stops at ``config.eos_id`` (or any special id >= 256, not part of
-the text), at a stop string (the text is cut
-before it) or after ``max_new_bytes``.
+Byte caches are ring buffers: a byte stack with a sliding window keeps only ``window +
+max_word_bytes`` slots (the window, plus the current word's bytes that may be re-decoded),
+whatever the generated length; the encoder activations are kept only for the current word.
+Prompts are left-aligned (one slot index for all rows); the backbone cache has one slot per
+word-completion event, visible to the rows whose word completed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any
+from typing import Any, ClassVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arjax.data import word_starts
 from arjax.data.splitter import split_word_bytes
-from arjax.data.vocab import BOS_ID, BYTE_VOCAB
-from arjax.data.words import Word
-from arjax.generate.sampling import sample_token, validate_sampling
-
-
-def append_byte(word: bytes, byte: int, max_word_bytes: int) -> list[bytes]:
-    """``word + byte`` re-split into ``[finished words..., current word]``.
-
-    Valid UTF-8 is split with :func:`arjax.data.splitter.split_word_bytes`; an undecodable
-    tail stays in the current word, which is cut once it would exceed ``max_word_bytes``.
-    """
-    data = word + bytes([byte])
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return [word, data[-1:]] if len(data) > max_word_bytes else [data]
-    return split_word_bytes(text, max_word_bytes)
-
-
-def prompt_words(
-    prompt: str, max_word_bytes: int, bos_id: int | None = BOS_ID
-) -> tuple[list[Word], bytes]:
-    """(finished words, unfinished last word) of a prompt: ``[BOS] + words`` (no BOS word if
-    ``bos_id`` is None); the last text word is unfinished (the next byte may extend it). The
-    empty prompt leaves it empty (ValueError without a BOS: nothing to condition on)."""
-    words = split_word_bytes(prompt, max_word_bytes)
-    bos = [] if bos_id is None else [(bos_id,)]
-    if not words:
-        if not bos:
-            raise ValueError("generate_hat: empty prompt and the model has no bos_id")
-        return bos, b""
-    return [*bos, *words[:-1]], words[-1]
-
-
-@dataclasses.dataclass
-class HATGeneration:
-    """``texts``/``tokens``: the continuation of each prompt; ``step_logits``
-    ``[steps, batch, vocab]`` (float32) the logits each sampled byte was drawn from (when
-    requested); ``refits``: bytes re-decoded because a new word began before them."""
-
-    texts: list[str]
-    tokens: list[list[int]]
-    step_logits: np.ndarray | None
-    refits: int
+from arjax.data.vocab import BOS_ID, PAD_ID
+from arjax.generate.engine import Decoder, left_align, tree_bytes
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _left_padded_prompt(rows: list[list[Word]]) -> dict[str, np.ndarray]:
-    """Prompt batch with bytes left-padded (one slot index for all rows), words right-padded;
-    widths rounded up (16 bytes, 8 words) so that similar prompts share compiled steps."""
-    lengths = [sum(len(w) for w in r) for r in rows]
-    width, num_words = _round_up(max(lengths), 16), _round_up(max(len(r) for r in rows), 8)
-    batch = {k: np.zeros((len(rows), width), np.int32) for k in ("segment_ids", "positions")}
-    batch["inputs"] = np.zeros((len(rows), width), np.int32)  # padding: masked by segment 0
-    batch["word_ids"] = np.zeros((len(rows), width), np.int32)
-    batch["word_segment_ids"] = np.zeros((len(rows), num_words), np.int32)
-    batch["word_positions"] = np.zeros((len(rows), num_words), np.int32)
-    for i, (words, n) in enumerate(zip(rows, lengths, strict=True)):
-        pad = width - n
-        batch["inputs"][i, pad:] = [t for w in words for t in w]
-        batch["segment_ids"][i, pad:] = 1
-        batch["positions"][i, pad:] = np.arange(n)
-        batch["word_ids"][i, pad:] = np.repeat(
-            np.arange(1, len(words) + 1), [len(w) for w in words]
-        )
-        batch["word_segment_ids"][i, : len(words)] = 1
-        batch["word_positions"][i, : len(words)] = np.arange(len(words))
-    return batch
+def incomplete_tail(data: bytes) -> int:
+    """Bytes at the end of ``data`` that begin a UTF-8 character not finished yet."""
+    for back in range(1, min(4, len(data)) + 1):
+        lead = data[-back]
+        if lead & 0xC0 != 0x80:  # not a continuation byte
+            need = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
+            return back if lead >= 0xC0 and back < need and lead >> 3 != 0b11111 else 0
+    return 0
 
 
-def _windowed(visible: jax.Array, slot: jax.Array, window: int | None) -> jax.Array:
-    """Cache slots ``[batch, cache_len]`` a query at ``slot`` may see."""
-    slots = jnp.arange(visible.shape[1])
-    see = visible & (slots <= slot)[None, :]
-    return see if window is None else see & (slots > slot - window)[None, :]
+def append_byte(word: bytes, byte: int, max_word_bytes: int) -> list[bytes]:
+    """Host reference of step 2: ``word + byte`` re-split into ``[finished..., current]``.
+
+    The text up to an unfinished UTF-8 character is split with
+    :func:`arjax.data.splitter.split_word_bytes`; the unfinished character joins the last
+    word, and a word that would then exceed ``max_word_bytes`` leaves the new byte to a word
+    of its own. (Text only: invalid UTF-8 before the end raises ``UnicodeDecodeError``.)
+    """
+    data = word + bytes([byte])
+    head = data[: len(data) - incomplete_tail(data)]
+    pieces = split_word_bytes(head.decode("utf-8"), max_word_bytes) if head else [b""]
+    pieces[-1] += data[len(head) :]
+    if len(pieces[-1]) > max_word_bytes:
+        pieces[-1:] = [pieces[-1][:-1], pieces[-1][-1:]]
+    return pieces
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cache_len", "word_cache_len"))
-def _prefill(model: nn.Module, params: Any, batch: dict, *, cache_len: int, word_cache_len: int):
-    (logits, acts, states), variables = model.apply(
-        {"params": params}, batch, mode="prefill", cache_len=cache_len,
-        word_cache_len=word_cache_len, method="forward", mutable=["cache"],
-    )  # fmt: skip
-    return logits[:, -1], acts, states, variables["cache"]
+def _tail_length(window: jax.Array, n: jax.Array) -> jax.Array:
+    """Device form of :func:`incomplete_tail` for ``window[:, :n]``: ``[batch]``."""
+    width = window.shape[1]
+    tail = jnp.zeros_like(n)
+    found = jnp.zeros(n.shape, bool)
+    for back in range(1, 5):
+        idx = n - back
+        lead = jnp.take_along_axis(window, jnp.clip(idx, 0, width - 1)[:, None], 1)[:, 0]
+        here = ~found & (idx >= 0) & ((lead & 0xC0) != 0x80)
+        need = jnp.where(lead >> 5 == 0b110, 2, jnp.where(lead >> 4 == 0b1110, 3, 4))
+        open_ = (lead >= 0xC0) & (back < need) & (lead >> 3 != 0b11111)
+        tail = jnp.where(here & open_, back, tail)
+        found = found | here | (idx < 0)
+    return tail
 
 
-_sample = jax.jit(sample_token, static_argnames=("temperature", "top_k", "top_p"))
+def split_window(window: jax.Array, n: jax.Array, max_word_bytes: int) -> jax.Array:
+    """Word starts ``[batch, width]`` of each row's current-word window ``window[:, :n]``:
+    the device form of :func:`append_byte` (built on :func:`arjax.data.word_starts`)."""
+    width = window.shape[1]
+    complete = n - _tail_length(window, n)
+    starts = word_starts(window, complete, max_word_bytes=max_word_bytes)
+    pos = jnp.arange(width)[None, :]
+    starts = (starts & (pos < complete[:, None])) | ((pos == 0) & (n[:, None] > 0))
+    last = jnp.max(jnp.where(starts, pos, 0), axis=1)  # [batch] start of the current word
+    too_long = n - last > max_word_bytes
+    return starts | ((pos == (n - 1)[:, None]) & too_long[:, None])
+
+
+def _ring_visible(
+    latest: jax.Array, query: jax.Array, first: jax.Array, size: int, window: int | None
+) -> jax.Array:
+    """Ring-buffer slots ``[batch, size]`` a byte at global index ``query`` may attend to,
+    when the newest byte written is at ``latest`` and row ``r``'s first byte at
+    ``first[r]`` (slot ``s`` holds global index ``latest - (latest - s) mod size``)."""
+    held = (latest - jnp.mod(latest - jnp.arange(size), size))[None, :]  # [1, size]
+    query = jnp.broadcast_to(query, first.shape)[:, None]  # [batch, 1]
+    see = (held <= query) & (held >= first[:, None])
+    return see if window is None else see & (held > query - window)
 
 
 def _merge_rows(write: jax.Array, new: Any, old: Any) -> Any:
@@ -136,213 +128,238 @@ def _merge_rows(write: jax.Array, new: Any, old: Any) -> Any:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _decoder_step(
-    model: nn.Module,
-    params: Any,
-    cache: dict,
-    act: jax.Array,  # [batch, enc_d] encoder activation of the byte at `slot`
-    positions: jax.Array,  # [batch]
-    slot: jax.Array,
-    visible: jax.Array,  # [batch, cache_len]
-    pred: jax.Array,  # [batch, backbone_d] predictive embedding of the byte's word
-    write: jax.Array,  # [batch] bool: rows whose decoder cache/logits this step replaces
-) -> tuple[jax.Array, dict]:
-    ones = jnp.ones((act.shape[0], 1), jnp.int32)
-    logits, new = model.apply(
-        {"params": params, "cache": cache}, act[:, None], pred[:, None], positions[:, None],
-        None, ones, jnp.zeros_like(ones), ones, mode="decode", cache_index=slot,
-        kv_visible=_windowed(visible, slot, model.config.decoder.window),
-        method="decode_bytes", mutable=["cache"],
-    )  # fmt: skip
-    decoder = _merge_rows(write, new["cache"]["decoder"], cache["decoder"])
-    return logits[:, 0], {**cache, "decoder": decoder}
+@dataclasses.dataclass(frozen=True)
+class HATDecoder(Decoder):
+    """:class:`arjax.generate.engine.Decoder` of :class:`arjax.models.hat.HAT` (module doc)."""
 
+    @property
+    def bos(self) -> int | None:
+        return self.model.config.bos_id
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _byte_step(
-    model: nn.Module,
-    params: Any,
-    cache: dict,
-    acts: jax.Array,  # [batch, cache_len, enc_d] encoder activations so far
-    tokens: jax.Array,  # [batch]
-    positions: jax.Array,  # [batch]
-    slot: jax.Array,
-    visible: jax.Array,  # [batch, cache_len] (slot already marked)
-    pred: jax.Array,  # [batch, backbone_d]
-) -> tuple[jax.Array, jax.Array, dict]:
-    act, new = model.apply(
-        {"params": params, "cache": cache}, tokens[:, None], positions[:, None], mode="decode",
-        cache_index=slot, kv_visible=_windowed(visible, slot, model.config.encoder.window),
-        method="encode", mutable=["cache"],
-    )  # fmt: skip
-    cache = {**cache, "encoder": new["cache"]["encoder"]}
-    acts = jax.lax.dynamic_update_slice(acts, act.astype(acts.dtype), (0, slot, 0))
-    write = jnp.ones(tokens.shape, bool)
-    logits, cache = _decoder_step(
-        model, params, cache, act[:, 0], positions, slot, visible, pred, write
-    )
-    return logits, acts, cache
+    @property
+    def eos(self) -> int | None:
+        return self.model.config.eos_id
 
+    @property
+    def never(self) -> tuple[int, ...]:
+        """PAD and BOS when the model has a BOS (arjax's own byte vocabulary)."""
+        if self.bos is None:
+            return ()
+        ids = {PAD_ID, BOS_ID, self.bos} - {self.eos}
+        return tuple(sorted(i for i in ids if i < self.model.config.vocab_size))
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _word_step(
-    model: nn.Module,
-    params: Any,
-    cache: dict,
-    acts: jax.Array,  # [batch, cache_len, enc_d]
-    start: jax.Array,  # [batch] first byte slot of the finished word
-    length: jax.Array,  # [batch] its byte count (<= max_word_bytes)
-    byte_position: jax.Array,  # [batch] position of its first byte
-    word_position: jax.Array,  # [batch] its word index
-    slot: jax.Array,  # backbone cache slot
-    visible: jax.Array,  # [batch, word_cache_len] (slot marked for the finishing rows)
-) -> tuple[jax.Array, dict]:
-    """Encoder connector over the word's bytes + one backbone step: ``[batch, backbone_d]``."""
-    m = model.config.max_word_bytes
-    offs = jnp.arange(m)
-    idx = jnp.minimum(start[:, None] + offs, acts.shape[1] - 1)  # [batch, max_word_bytes]
-    word_acts = jnp.take_along_axis(acts, idx[..., None], axis=1)
-    in_word = (offs[None, :] < length[:, None]).astype(jnp.int32)
-    ones = jnp.ones((start.shape[0], 1), jnp.int32)
-    word = model.apply(
-        {"params": params}, word_acts, byte_position[:, None] + offs, in_word,
-        word_position[:, None], ones, method="pool_words",
-    )  # fmt: skip
-    state, new = model.apply(
-        {"params": params, "cache": cache}, word, word_position[:, None], mode="decode",
-        cache_index=slot, kv_visible=visible, method="run_backbone", mutable=["cache"],
-    )  # fmt: skip
-    return state[:, 0], {**cache, "backbone": new["cache"]["backbone"]}
+    @property
+    def ends(self) -> tuple[int, ...]:
+        """``eos_id`` and every other non-byte id that may be drawn (a converted released
+        model's specials end a row, as in the reference's generation)."""
+        vocab = self.model.config.vocab_size
+        other = (i for i in range(256, vocab) if i not in self.never)
+        return tuple(sorted({*other, *super().ends}))
 
+    stacks: ClassVar[dict[str, str]] = {"encoder": "encoder", "backbone": "backbone"}
 
-def generate_hat(
-    model: nn.Module,
-    params: Any,
-    prompts: list[str],
-    *,
-    max_new_bytes: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop: tuple[str, ...] = (),
-    rng: jax.Array | None = None,
-    return_logits: bool = False,
-) -> HATGeneration:
-    """Continue each prompt by up to ``max_new_bytes`` bytes, word by word (module doc)."""
-    validate_sampling(temperature, top_k, top_p)
-    c = model.config
-    if not prompts:
-        raise ValueError("generate_hat: prompts must be a non-empty list of strings")
-    if max_new_bytes <= 0:
-        raise ValueError(f"max_new_bytes must be > 0, got {max_new_bytes}")
-    split = [prompt_words(p, c.max_word_bytes, c.bos_id) for p in prompts]
-    rows = [[*done, cur] if cur else done for done, cur in split]
-    cur0 = [cur for _, cur in split]
-    batch = _left_padded_prompt(rows)
-    b, width = batch["inputs"].shape
-    longest = max(sum(len(w) for w in r) for r in rows)
-    if longest + max_new_bytes > c.max_seq_len:
-        raise ValueError(
-            f"prompt ({longest} bytes with BOS) + max_new_bytes ({max_new_bytes}) exceeds the "
-            f"model's max_seq_len={c.max_seq_len}"
+    def ring_len(self, width: int, max_new: int) -> int:
+        """Byte cache slots: the windows plus a word's bytes (that may be re-decoded), or the
+        whole text when a byte stack attends to all of it."""
+        c = self.model.config
+        total = _round_up(width + max_new, 8)
+        if c.encoder.window is None or c.decoder.window is None:
+            return total
+        return min(total, _round_up(max(c.encoder.window, c.decoder.window + c.max_word_bytes), 8))
+
+    def layout(self, tokens: np.ndarray, lengths: np.ndarray) -> int:
+        """Static word dimension of the prompts (rounded up to 8): their words counted on
+        device with :func:`arjax.data.word_starts`, once per generation."""
+        starts = _jit_prompt_starts(self, jnp.asarray(tokens), jnp.asarray(lengths))
+        words = int(jnp.max(jnp.sum(starts, axis=1)))
+        return min(_round_up(words, 8), max(words, self.model.config.max_words))
+
+    def _prompt_starts(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+        """Word starts ``[batch, width]`` of right-padded prompts (BOS is a word of its own)."""
+        if self.bos is None:
+            return word_starts(tokens, lengths, max_word_bytes=self.model.config.max_word_bytes)
+        text = word_starts(
+            tokens[:, 1:], lengths - 1, max_word_bytes=self.model.config.max_word_bytes
         )
-    num_words = batch["word_segment_ids"].shape[1]
-    cache_len = _round_up(width + max_new_bytes, 64)
-    # every finished word holds >= 1 byte of the unfinished prompt word or of the new bytes
-    word_cache_len = _round_up(num_words + max_new_bytes + max(len(w) for w in cur0), 64)
-    logits, prompt_acts, states, cache = _prefill(
-        model, params, {k: jnp.asarray(v) for k, v in batch.items()},
-        cache_len=cache_len, word_cache_len=word_cache_len,
-    )  # fmt: skip
-    acts = jnp.pad(prompt_acts, ((0, 0), (0, cache_len - width), (0, 0)))
-    finished = np.array([len(done) for done, _ in split])  # finished words per row
-    # [batch, backbone_d]: a row with no finished word predicts from first_word_embedding
-    first = params["first_word_embedding"].astype(states.dtype)
-    pred = jnp.where(
-        jnp.asarray(finished == 0)[:, None], first, states[jnp.arange(b), finished - 1]
-    )
-    cur = list(cur0)
-    pad = width - np.array([sum(len(w) for w in r) for r in rows])  # left padding per row
-    cur_start = width - np.array([len(w) for w in cur])  # slot of the current word's first byte
-    visible = np.zeros((b, cache_len), bool)
-    visible[:, :width] = batch["segment_ids"] > 0
-    word_visible = np.zeros((b, word_cache_len), bool)
-    word_visible[:, :num_words] = np.arange(num_words)[None, :] < finished[:, None]
-    word_slot, refits = num_words, 0
-    out: list[list[int]] = [[] for _ in range(b)]
-    active = np.ones(b, bool)
-    rng = jax.random.key(0) if rng is None else rng
-    step_logits = []
-    for t in range(width, width + max_new_bytes):
-        rng, key = jax.random.split(rng)
-        if return_logits:
-            step_logits.append(np.asarray(logits))
-        toks = np.asarray(_sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p))
-        pieces = [[w] for w in cur]
-        for r in np.flatnonzero(active):
-            tok = int(toks[r])
-            if tok == c.eos_id or tok >= BYTE_VOCAB:  # EOS or another special id ends the row
-                active[r] = False
-                continue
-            out[r].append(tok)
-            pieces[r] = append_byte(cur[r], tok, c.max_word_bytes)
-            if stop and _hit_stop(out[r], stop):
-                active[r] = False
-        if not active.any():
-            break
-        # Finished words: encoder connector + one backbone step each.
-        done = [p[:-1] if active[r] else [] for r, p in enumerate(pieces)]
-        for i in range(max(len(d) for d in done)):
-            rows_i = np.array([len(d) > i for d in done])
-            length = np.array([len(d[i]) if len(d) > i else 1 for d in done])
-            word_visible[rows_i, word_slot] = True
-            state, cache = _word_step(
-                model, params, cache, acts, jnp.asarray(cur_start), jnp.asarray(length),
-                jnp.asarray(cur_start - pad), jnp.asarray(finished), word_slot,
-                jnp.asarray(word_visible),
-            )  # fmt: skip
-            pred = jnp.where(jnp.asarray(rows_i)[:, None], state, pred)
-            cur_start = np.where(rows_i, cur_start + length, cur_start)
-            finished = finished + rows_i
-            word_slot += 1
-        # Bytes of a new word already decoded as part of the old one: re-decode them.
-        moved = np.array([bool(d) for d in done]) & (cur_start < t)
-        for j in range(int(cur_start[moved].min()) if moved.any() else t, t):
-            write = moved & (cur_start <= j)
-            refits += int(write.sum())
-            _, cache = _decoder_step(
-                model, params, cache, acts[:, j], jnp.asarray(j - pad), j,
-                jnp.asarray(visible), pred, jnp.asarray(write),
-            )  # fmt: skip
-        cur = [p[-1] if active[r] else cur[r] for r, p in enumerate(pieces)]
-        visible[:, t] = True
-        toks = toks.clip(0, c.vocab_size - 1)  # finished rows: any valid id
-        logits, acts, cache = _byte_step(
-            model, params, cache, acts, jnp.asarray(toks), jnp.asarray(t - pad),
-            t, jnp.asarray(visible), pred,
+        return jnp.concatenate([lengths[:, None] > 0, text], axis=1)
+
+    def prefill(self, params, tokens, lengths, *, layout, max_new):
+        c = self.model.config
+        m = c.max_word_bytes
+        batch, width = tokens.shape
+        num_words = layout
+        ring = self.ring_len(width, max_new)
+        word_cache = _round_up(num_words + max_new + m + 1, 8)
+        pad = PAD_ID if c.vocab_size > PAD_ID else 0  # never seen; inside the embedding
+        left, segments, positions = left_align(tokens, lengths, pad)
+        starts, _, _ = left_align(
+            self._prompt_starts(tokens, lengths).astype(jnp.int32), lengths, 0
+        )
+        word_ids = jnp.cumsum(starts, axis=1) * segments  # [batch, width] 1-based, 0 = pad
+        words = word_ids[:, -1]  # [batch] words in the prompt
+        slots = jnp.arange(num_words)[None, :]
+        batch_in = dict(
+            inputs=left, segment_ids=segments, positions=positions, word_ids=word_ids,
+            word_segment_ids=(slots < words[:, None]).astype(jnp.int32),
+            word_positions=jnp.broadcast_to(slots, (batch, num_words)),
         )  # fmt: skip
-    texts = [_cut_stop(bytes(o).decode("utf-8", errors="replace"), stop) for o in out]
-    logits_out = np.stack(step_logits) if return_logits else None
-    return HATGeneration(texts, out, logits_out, refits)
+        (logits, acts, states), variables = self.decoding_model.apply(
+            {"params": params}, batch_in, mode="prefill", cache_len=max(width, ring),
+            word_cache_len=word_cache, method="forward", mutable=["cache"],
+        )  # fmt: skip
+        cache = dict(variables["cache"])
+        if width > ring:  # keep the last `ring` bytes, slot = global index mod ring
+            for name in ("encoder", "decoder"):
+                cache[name] = jax.tree.map(
+                    lambda x: jnp.roll(x[:, width - ring :], width % ring, axis=1), cache[name]
+                )
+        has_text = lengths > (0 if self.bos is None else 1)
+        finished = words - has_text  # the last text word is unfinished
+        current = jnp.where(has_text, jnp.sum(word_ids == words[:, None], axis=1), 0)
+        # current word's window: its bytes and encoder activations, then room for one more
+        idx = width - current[:, None] + jnp.arange(m + 1)[None, :]  # [batch, m + 1]
+        in_word = jnp.arange(m + 1)[None, :] < current[:, None]
+        take = jnp.clip(idx, 0, width - 1)
+        window = jnp.where(in_word, jnp.take_along_axis(left, take, axis=1), 0)
+        window_acts = jnp.where(
+            in_word[..., None], jnp.take_along_axis(acts, take[..., None], axis=1), 0
+        )
+        first = params["first_word_embedding"].astype(states.dtype)  # [backbone_d]
+        last_state = jnp.take_along_axis(
+            states, jnp.maximum(finished - 1, 0)[:, None, None], axis=1
+        )[:, 0]
+        state = dict(
+            cache=cache,
+            t=jnp.int32(width),  # global index of the next byte
+            first=width - lengths,  # [batch] global index of each row's first byte
+            window=window, window_acts=window_acts.astype(acts.dtype), n=current,
+            word_start=width - current - (width - lengths),  # position of the window's byte 0
+            words=finished,  # [batch] finished words = the current word's word position
+            pred=jnp.where((finished > 0)[:, None], last_state, first),
+            event=jnp.int32(num_words),  # next backbone cache slot
+            word_visible=jnp.arange(word_cache)[None, :] < finished[:, None],
+        )  # fmt: skip
+        return logits[:, -1], state, lengths
+
+    def _decode_byte(self, params, state, act, g, write):
+        """Decoder over the byte at global index ``g`` (a scalar; encoder activation ``act``
+        ``[batch, enc_d]``) with the current predictive embeddings; its cache slots are
+        written for the rows in ``write`` (None: all, without a per-row select over the
+        cache). Logits ``[batch, vocab]`` and the new cache."""
+        c = self.model.config
+        cache = state["cache"]
+        ring = jax.tree.leaves(cache["decoder"])[0].shape[1]
+        ones = jnp.ones((act.shape[0], 1), jnp.int32)
+        logits, new = self.decoding_model.apply(
+            {"params": params, "cache": cache}, act[:, None], state["pred"][:, None],
+            (g - state["first"])[:, None], None, ones, jnp.zeros_like(ones), ones,
+            mode="decode", cache_index=jnp.mod(g, ring),
+            kv_visible=_ring_visible(state["t"], g, state["first"], ring, c.decoder.window),
+            method="decode_bytes", mutable=["cache"],
+        )  # fmt: skip
+        decoder = new["cache"]["decoder"]
+        if write is not None:
+            decoder = _merge_rows(write, decoder, cache["decoder"])
+        return logits[:, 0], {**cache, "decoder": decoder}
+
+    def _finish_word(self, params, state, starts, j):
+        """Word ``j`` of each row's window (rows with more than ``j + 1`` words in it):
+        encoder connector over its bytes + one backbone step -> new ``pred`` for those rows."""
+        index = jnp.cumsum(starts, axis=1) - 1  # [batch, m + 1] word of each window byte
+        finishing = jnp.sum(starts, axis=1) > j + 1
+        in_word = (index == j) & (jnp.arange(starts.shape[1])[None, :] < state["n"][:, None])
+        ones = jnp.ones((starts.shape[0], 1), jnp.int32)
+        word = self.decoding_model.apply(
+            {"params": params}, state["window_acts"],
+            state["word_start"][:, None] + jnp.arange(starts.shape[1]),
+            in_word.astype(jnp.int32), state["words"][:, None], ones, method="pool_words",
+        )  # fmt: skip
+        visible = state["word_visible"].at[:, state["event"]].set(finishing)
+        out, new = self.decoding_model.apply(
+            {"params": params, "cache": state["cache"]}, word, state["words"][:, None],
+            mode="decode", cache_index=state["event"], kv_visible=visible,
+            method="run_backbone", mutable=["cache"],
+        )  # fmt: skip
+        return dict(
+            state, cache={**state["cache"], "backbone": new["cache"]["backbone"]},
+            pred=jnp.where(finishing[:, None], out[:, 0], state["pred"]),
+            words=state["words"] + finishing, event=state["event"] + 1, word_visible=visible,
+        )  # fmt: skip
+
+    def step(self, params, state, tokens, active):
+        c = self.model.config
+        m = c.max_word_bytes
+        t = state["t"]
+        ring = jax.tree.leaves(state["cache"]["encoder"])[0].shape[1]
+        act, enc = self.decoding_model.apply(
+            {"params": params, "cache": state["cache"]}, tokens[:, None],
+            (t - state["first"])[:, None], mode="decode", cache_index=jnp.mod(t, ring),
+            kv_visible=_ring_visible(t, t, state["first"], ring, c.encoder.window),
+            method="encode", mutable=["cache"],
+        )  # fmt: skip
+        act = act[:, 0]
+        rows = jnp.arange(tokens.shape[0])
+        n_old = state["n"]
+        at = jnp.where(active, n_old, m + 1)  # out of bounds: dropped
+        state = dict(
+            state,
+            cache={**state["cache"], "encoder": enc["cache"]["encoder"]},
+            window=state["window"].at[rows, at].set(tokens, mode="drop"),
+            window_acts=state["window_acts"]
+            .at[rows, at]
+            .set(act.astype(state["window_acts"].dtype), mode="drop"),
+            n=n_old + active,
+        )
+        starts = split_window(state["window"], state["n"], m) & active[:, None]
+        count = jnp.sum(starts, axis=1)  # words in the window; all but the last finished
+        # (3) finished words: one backbone step per word index, batched over rows
+        state = jax.lax.while_loop(
+            lambda s: jnp.any(count - 1 > s[1]),
+            lambda s: (self._finish_word(params, s[0], starts, s[1]), s[1] + 1),
+            (state, jnp.int32(0)),
+        )[0]
+        # (4) the new current word's earlier bytes, decoded under the old word: re-decode
+        pos = jnp.arange(m + 1)[None, :]
+        begin = jnp.max(jnp.where(starts, pos, 0), axis=1)  # [batch] window index
+        redo = jnp.where(count > 1, state["n"] - 1 - begin, 0)  # bytes before the new one
+
+        back = jnp.max(redo)  # shared byte index t - back + k: one cache slot per step
+
+        def refit(s):
+            st, k = s
+            byte_g = t - back + k
+            write = byte_g >= t - redo
+            src = jnp.clip(st["n"] - 1 - (t - byte_g), 0, m)
+            a = jnp.take_along_axis(st["window_acts"], src[:, None, None], axis=1)[:, 0]
+            _, cache = self._decode_byte(params, st, a, byte_g, write)
+            return dict(st, cache=cache), k + 1
+
+        state = jax.lax.while_loop(lambda s: s[1] < back, refit, (state, jnp.int32(0)))[0]
+        logits, cache = self._decode_byte(params, state, act, t, None)
+        # keep only the current word in the window
+        shift = jnp.where(count > 1, begin, 0)
+        src = jnp.clip(pos + shift[:, None], 0, m)
+        keep = pos < (state["n"] - shift)[:, None]
+        state = dict(
+            state, cache=cache, t=t + 1, n=state["n"] - shift,
+            word_start=state["word_start"] + shift,
+            window=jnp.where(keep, jnp.take_along_axis(state["window"], src, axis=1), 0),
+            window_acts=jnp.where(
+                keep[..., None],
+                jnp.take_along_axis(state["window_acts"], src[..., None], axis=1),
+                0,
+            ),
+        )  # fmt: skip
+        return logits, state
+
+    def cache_bytes(self, state: Any) -> dict[str, int]:
+        cache = state["cache"]
+        return {
+            "byte encoder kv cache": tree_bytes(cache["encoder"]),
+            "byte decoder kv cache": tree_bytes(cache["decoder"]),
+            "word backbone kv cache": tree_bytes(cache["backbone"]),
+            "current word window": tree_bytes([state["window"], state["window_acts"]]),
+        }
 
 
-def _hit_stop(tokens: list[int], stop: tuple[str, ...]) -> bool:
-    text = bytes(tokens).decode("utf-8", errors="replace")
-    return any(s and s in text for s in stop)
-
-
-def _cut_stop(text: str, stop: tuple[str, ...]) -> str:
-    cuts = [text.index(s) for s in stop if s and s in text]
-    return text[: min(cuts)] if cuts else text
-
-
-def sample_hat(model, params, cfg, *, prompts, max_bytes, seed, png, **sampling) -> str:
-    """``arjax.generate.SAMPLERS["hat"]``: prompts + continuations, separated by ``---``."""
-    del cfg, png
-    longest = max(len(p.encode("utf-8")) for p in prompts) + 1
-    budget = max(1, min(max_bytes, model.config.max_seq_len - longest))
-    gen = generate_hat(
-        model, params, prompts, max_new_bytes=budget, rng=jax.random.key(seed), **sampling
-    )
-    return "\n---\n".join(p + t for p, t in zip(prompts, gen.texts, strict=True))
+_jit_prompt_starts = jax.jit(HATDecoder._prompt_starts, static_argnums=0)

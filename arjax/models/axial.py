@@ -38,6 +38,7 @@ from einops import rearrange
 
 from arjax.config import check, check_field_types, check_positive
 from arjax.data.images import IMAGE_DATASETS
+from arjax.models.registry import ModelSpec, register_model
 from arjax.nn import Attention, RMSNorm, SwiGLU, logical
 from arjax.nn.layers import Mode, RopeScaling
 from arjax.nn.transformer import DTYPES
@@ -330,3 +331,15 @@ class AxialTransformer(nn.Module):
             x = jnp.zeros((batch_size, *(1,) * k, *c.shape[k:], c.d_model), c.compute_dtype)
             stack = self.inner if k == n - 1 else self.outer[k]
             stack(x, mode="prefill")
+
+
+register_model(
+    ModelSpec(
+        "axial",
+        AxialConfig,
+        AxialTransformer,
+        PRESETS,
+        data="images",
+        decoder="arjax.generate.axial:AxialDecoder",
+    )
+)

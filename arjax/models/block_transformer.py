@@ -41,6 +41,7 @@ from einops import rearrange
 
 from arjax.config import check, check_field_types, check_positive
 from arjax.data.vocab import PAD_ID, VOCAB_SIZE
+from arjax.models.registry import ModelSpec, register_model
 from arjax.models.transformer import check_tokens
 from arjax.nn import Attention, RMSNorm, Transformer, TransformerConfig, logical
 from arjax.nn.layers import Mode
@@ -357,3 +358,11 @@ class BlockTransformer(nn.Module):
 
     def __call__(self, batch: dict, *, train: bool = False) -> jax.Array:
         return self.forward(batch["inputs"])
+
+
+register_model(
+    ModelSpec(
+        "block", BlockTransformerConfig, BlockTransformer, PRESETS, data="text",
+        decoder="arjax.generate.block:BlockDecoder",
+    )
+)  # fmt: skip

@@ -56,6 +56,7 @@ import numpy as np
 
 from arjax.config import check, check_field_types, check_positive
 from arjax.data.vocab import BOS_ID, EOS_ID, VOCAB_SIZE
+from arjax.models.registry import ModelSpec, register_model
 from arjax.nn import Attention, Block, RMSNorm, RopeScaling, Transformer, TransformerConfig, logical
 from arjax.nn.layers import Mode, apply_rope, head_projection, output_projection
 from arjax.ops.word_attention import gather_words, word_attention
@@ -681,3 +682,8 @@ class HAT(nn.Module):
 
     def __call__(self, batch: dict, *, train: bool = False) -> jax.Array:
         return self.forward(batch)[0]
+
+
+register_model(
+    ModelSpec("hat", HATConfig, HAT, PRESETS, data="words", decoder="arjax.generate.hat:HATDecoder")
+)

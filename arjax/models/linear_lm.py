@@ -5,7 +5,7 @@ fixed decay (Sun et al. 2023), Aaren (Feng et al. 2024), Gated DeltaNet (Yang, K
 Hatamizadeh 2025) or DeltaNet (Yang et al. 2024); everything else (embedding,
 pre-norm blocks, SwiGLU, tied head, prefill / decode) is :class:`TransformerLM`'s. The
 recurrent state replaces the KV cache, so decoding memory is constant in the context length
-(see :mod:`arjax.generate.linear`).
+(see :mod:`arjax.generate.lm`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from arjax.config import check, switch_kind
+from arjax.models.registry import ModelSpec, register_model
 from arjax.models.transformer import TransformerLM, TransformerLMConfig
 from arjax.nn.linear_attention import MIXER_CONFIGS, BasedConfig, MixerConfig
 
@@ -109,3 +110,11 @@ def presets_for(kind: str) -> dict[str, LinearLMConfig]:
 
 
 PRESETS: dict[str, LinearLMConfig] = presets_for("based")
+
+for _kind in LINEAR_MIXERS:  # one family per mixer, sharing the module and decoder
+    register_model(
+        ModelSpec(
+            _kind, LinearLMConfig, LinearLM, presets_for(_kind), data="text",
+            decoder="arjax.generate.lm:LMDecoder",
+        )
+    )  # fmt: skip

@@ -16,6 +16,7 @@ from einops import rearrange
 
 from arjax.config import check, check_positive
 from arjax.data.vocab import VOCAB_SIZE
+from arjax.models.registry import ModelSpec, register_model
 from arjax.nn import Transformer, TransformerConfig, logical
 from arjax.nn.layers import Mode
 
@@ -175,3 +176,11 @@ class TransformerLM(nn.Module):
             tokens, positions, mode="decode", cache_index=cache_index, kv_visible=kv_visible
         )
         return self.logits(h)
+
+
+register_model(
+    ModelSpec(
+        "transformer", TransformerLMConfig, TransformerLM, PRESETS, data="text",
+        decoder="arjax.generate.lm:LMDecoder",
+    )
+)  # fmt: skip

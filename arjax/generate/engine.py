@@ -1,0 +1,336 @@
+"""One decoding protocol, one sampling loop: the whole generation runs inside one ``jit``.
+
+Every byte-level family implements :class:`Decoder` (in ``arjax/generate/<family>.py``, named
+by its :class:`arjax.models.registry.ModelSpec`):
+
+- ``prefill(params, tokens, lengths, *, layout, max_new) -> (logits, state, fed)``: runs the
+  ragged prompts (``tokens`` ``[batch, width]`` right-padded, ``lengths`` ``[batch]``) in
+  parallel; ``logits`` ``[batch, vocab]`` predict token ``fed`` of each row, where ``fed``
+  ``[batch]`` counts the prompt tokens consumed (a family whose prefill needs rows aligned,
+  like the Block Transformer's blocks, consumes fewer and the loop feeds it the rest);
+  ``layout`` is the family's static view of the prompts (``Decoder.layout``, on the host);
+- ``step(params, state, tokens, active) -> (logits, state)``: feeds one token per row
+  (``active`` ``[batch]`` marks rows whose token is real: not finished) and returns the
+  logits of the next.
+
+:func:`generate` draws token after token in a ``lax.while_loop`` (greedy, temperature, top-k,
+top-p; :mod:`arjax.generate.sampling`) until every row has hit EOS, a stop string or
+``max_new_bytes``: no host round trip per token. Special ids (PAD, BOS) are never drawn; EOS
+ends a row and is not part of its text. Draw ``i`` uses the key ``fold_in(rng, i)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from arjax.generate.sampling import sample_token, validate_sampling
+from arjax.models.registry import spec_for_module
+from arjax.nn import unrolled
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """The decoding protocol (module doc). ``model`` is the family's Flax module; subclasses
+    are frozen dataclasses (hashable: they are static arguments of the jitted loop)."""
+
+    model: Any
+
+    @property
+    def bos(self) -> int | None:
+        """Prepended to every prompt (None: nothing)."""
+        return BOS_ID
+
+    @property
+    def eos(self) -> int | None:
+        """Ends a row (not part of its text; None: no such id)."""
+        return EOS_ID
+
+    @property
+    def never(self) -> tuple[int, ...]:
+        """Ids never drawn."""
+        return (PAD_ID, BOS_ID)
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        """Ids that end a row when drawn (not part of its text): EOS."""
+        return () if self.eos is None else (self.eos,)
+
+    # Layer stacks that decode unrolled: params key -> config field ("" = the config itself).
+    stacks: ClassVar[dict[str, str]] = {}
+
+    def check(self, width: int, max_new: int) -> None:
+        """``ValueError`` if prompts of ``width`` tokens plus ``max_new`` do not fit."""
+        limit = self.model.config.max_seq_len
+        if width + max_new > limit:
+            raise ValueError(
+                f"prompt ({width} tokens with BOS) + max_new_bytes ({max_new}) exceeds the "
+                f"model's max_seq_len={limit}"
+            )
+
+    def budget(self, width: int, max_new: int) -> int:
+        """The most new tokens (<= ``max_new``) that fit after prompts of ``width`` tokens."""
+        return min(max_new, self.model.config.max_seq_len - width)
+
+    def _stack_config(self, field: str) -> Any:
+        c = self.model.config
+        return c.stack_fields() if field == "" else getattr(c, field)
+
+    @property
+    def decoding_model(self) -> Any:
+        """The module with its ``stacks`` unrolled (the layout :meth:`prepare` gives params)."""
+        c = self.model.config
+        if "" in self.stacks.values():
+            return self.model.clone(config=dataclasses.replace(c, scan_layers=False))
+        flat = {
+            f: dataclasses.replace(getattr(c, f), scan_layers=False) for f in self.stacks.values()
+        }
+        return self.model.clone(config=dataclasses.replace(c, **flat))
+
+    def prepare(self, params: Any) -> Any:
+        """Params in the layout decoding wants, here the ``stacks`` unrolled (each layer then
+        updates its cache in place: :func:`arjax.nn.unrolled`); runs inside the jit."""
+        if not self.stacks:
+            return params
+        params = dict(params)
+        for key, field in self.stacks.items():
+            _, params[key] = unrolled(self._stack_config(field), params[key])
+        return params
+
+    def layout(self, tokens: np.ndarray, lengths: np.ndarray) -> Any:
+        """Static (hashable) facts of the prompts that fix the prefill's shapes; runs on the
+        host once per generation, before the jitted loop."""
+        return None
+
+    def prefill(
+        self, params: Any, tokens: jax.Array, lengths: jax.Array, *, layout: Any, max_new: int
+    ) -> tuple[jax.Array, Any, jax.Array]:
+        raise NotImplementedError(f"{type(self).__name__}.prefill")
+
+    def step(
+        self, params: Any, state: Any, tokens: jax.Array, active: jax.Array
+    ) -> tuple[jax.Array, Any]:
+        raise NotImplementedError(f"{type(self).__name__}.step")
+
+    def cache_bytes(self, state: Any) -> dict[str, int]:
+        """Bytes of each cache in ``state`` (works on ``jax.eval_shape`` results)."""
+        return {"cache": tree_bytes(state)}
+
+    def sample_text(
+        self, params: Any, *, prompts: list[str], max_bytes: int, seed: int, png: str | None,
+        tokenizer: Any = None, **sampling: Any,
+    ) -> str:  # fmt: skip
+        """``prompt + continuation`` per prompt, separated by ``---`` (``arjax sample``);
+        the continuation is cut to what fits the model (:meth:`budget`) and, with a
+        ``tokenizer`` (a token holds at least one byte), to ``max_bytes`` UTF-8 bytes."""
+        del png
+        width = int(encode_prompts(prompts, self.bos, tokenizer, multiple=1)[1].max())
+        gen = generate(
+            self.model, params, prompts, max_new_bytes=max(1, self.budget(width, max_bytes)),
+            rng=jax.random.key(seed), decoder=self, tokenizer=tokenizer, **sampling,
+        )  # fmt: skip
+        cut = lambda t: t.encode()[:max_bytes].decode(errors="ignore")  # noqa: E731
+        return "\n---\n".join(p + cut(t) for p, t in zip(prompts, gen.texts, strict=True))
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the arrays (or shape structs) in ``tree``."""
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def decoder_for(model: Any) -> Decoder:
+    """The registered decoder of ``model``'s family."""
+    return spec_for_module(model).decoder_cls()(model)
+
+
+def left_align(
+    tokens: jax.Array, lengths: jax.Array, pad: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Right-padded ``[batch, width]`` -> left-padded tokens, segment ids (0 = pad) and
+    positions, so that every row's last prompt token sits at ``width - 1``."""
+    width = tokens.shape[1]
+    src = jnp.arange(width)[None, :] - (width - lengths)[:, None]  # [batch, width]
+    real = src >= 0
+    moved = jnp.take_along_axis(tokens, jnp.maximum(src, 0), axis=1)
+    return jnp.where(real, moved, pad), real.astype(jnp.int32), jnp.maximum(src, 0)
+
+
+def _stop_hit(out: jax.Array, n: jax.Array, stops: jax.Array, stop_lens: jax.Array) -> jax.Array:
+    """Rows ``[batch]`` whose output ``out[:, :n]`` ends with one of ``stops`` ``[k, len]``."""
+    width = stops.shape[1]
+    idx = n[:, None, None] - stop_lens[None, :, None] + jnp.arange(width)  # [batch, k, len]
+    got = jnp.take_along_axis(out[:, None, :], jnp.clip(idx, 0, out.shape[1] - 1), axis=2)
+    used = jnp.arange(width)[None, :] < stop_lens[:, None]  # [k, len]
+    same = jnp.all((got == stops[None]) | ~used[None], axis=-1)  # [batch, k]
+    return jnp.any(same & (n[:, None] >= stop_lens[None]) & (stop_lens[None] > 0), axis=-1)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "decoder", "max_new", "layout", "temperature", "top_k", "top_p", "return_logits",
+    ),
+)  # fmt: skip
+def _run(
+    decoder: Decoder,
+    params: Any,
+    tokens: jax.Array,  # [batch, width] right-padded prompts
+    lengths: jax.Array,  # [batch]
+    stops: jax.Array,  # [k, stop_len] stop strings' bytes
+    stop_lens: jax.Array,  # [k]
+    rng: jax.Array,
+    *,
+    max_new: int,
+    layout: Any,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    return_logits: bool,
+) -> dict[str, jax.Array]:
+    batch, width = tokens.shape
+    params = decoder.prepare(params)
+    logits, state, fed = decoder.prefill(params, tokens, lengths, layout=layout, max_new=max_new)
+    rows = jnp.arange(batch)
+    never = jnp.zeros((logits.shape[-1],), bool).at[jnp.asarray(decoder.never, jnp.int32)].set(True)
+    ends = jnp.asarray(decoder.ends or (-1,), jnp.int32)
+    carry = dict(
+        i=jnp.int32(0),
+        state=state,
+        logits=logits,
+        fed=fed.astype(jnp.int32),
+        n=jnp.zeros((batch,), jnp.int32),  # tokens emitted per row
+        done=jnp.zeros((batch,), bool),
+        out=jnp.full((batch, max_new), PAD_ID, jnp.int32),
+    )
+    if return_logits:
+        carry["seen"] = jnp.zeros((max_new, batch, logits.shape[-1]), jnp.float32)
+
+    def cond(c: dict) -> jax.Array:
+        return (c["i"] < max_new + width) & ~jnp.all(c["done"])
+
+    def body(c: dict) -> dict:
+        logits = jnp.where(never, -jnp.inf, c["logits"].astype(jnp.float32))
+        key = jax.random.fold_in(rng, c["i"])
+        drawn = sample_token(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+        forced = c["fed"] < lengths
+        prompt = jnp.take_along_axis(tokens, jnp.minimum(c["fed"], width - 1)[:, None], axis=1)
+        tok = jnp.where(forced, prompt[:, 0], drawn)
+        live = ~forced & ~c["done"]
+        end = jnp.isin(drawn, ends)
+        emit = live & ~end
+        slot = jnp.minimum(c["n"], max_new - 1)
+        out = c["out"].at[rows, slot].set(jnp.where(emit, tok, c["out"][rows, slot]))
+        n = c["n"] + emit
+        done = c["done"] | (live & end) | (n >= max_new)
+        done = done | (emit & _stop_hit(out, n, stops, stop_lens))
+        new = dict(c, i=c["i"] + 1, fed=c["fed"] + forced, n=n, done=done, out=out)
+        if return_logits:
+            seen = (
+                c["seen"]
+                .at[slot, rows]
+                .set(jnp.where(emit[:, None], logits, c["seen"][slot, rows]))
+            )
+            new["seen"] = seen
+        new["logits"], new["state"] = decoder.step(params, c["state"], tok, forced | emit)
+        return new
+
+    final = jax.lax.while_loop(cond, body, carry)
+    result = dict(out=final["out"], n=final["n"], steps=final["i"])
+    if return_logits:
+        result["logits"] = final["seen"]
+    return result
+
+
+@dataclasses.dataclass
+class Generation:
+    """``texts``/``tokens``: each prompt's continuation (cut before a stop string);
+    ``logits`` ``[max_new, batch, vocab]`` float32: what each emitted token was drawn from
+    (special ids at -inf; when requested); ``steps``: loop iterations run."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    logits: np.ndarray | None
+    steps: int
+
+
+def encode_prompts(
+    prompts: Sequence[str | bytes], bos: int | None, tokenizer: Any = None, multiple: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ``[batch, width]`` ids (``bos`` first; UTF-8 bytes, or the ids of
+    ``tokenizer.encode``) and lengths; the width is rounded up to ``multiple`` so that similar
+    prompts share one compiled loop."""
+    if isinstance(prompts, str | bytes) or not prompts:
+        raise ValueError("generate: prompts must be a non-empty list of strings or bytes")
+
+    def ids_of(p: str | bytes) -> list[int]:
+        if tokenizer is not None:
+            return tokenizer.encode(p if isinstance(p, str) else p.decode("utf-8")).tolist()
+        return list(p.encode("utf-8") if isinstance(p, str) else p)
+
+    ids = [([] if bos is None else [bos]) + ids_of(p) for p in prompts]
+    if any(not row for row in ids):
+        raise ValueError("generate: every prompt needs at least one token (this model has no BOS)")
+    width = -(-max(len(r) for r in ids) // multiple) * multiple
+    tokens = np.full((len(ids), width), PAD_ID, np.int32)
+    for i, row in enumerate(ids):
+        tokens[i, : len(row)] = row
+    return tokens, np.array([len(r) for r in ids], np.int32)
+
+
+def _cut(row: list[int], stops: list[bytes]) -> list[int]:
+    data = bytes(row)
+    cuts = [data.find(s) for s in stops if s and s in data]
+    return row[: min(cuts)] if cuts else row
+
+
+def generate(
+    model: Any,
+    params: Any,
+    prompts: Sequence[str | bytes],
+    *,
+    max_new_bytes: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop: Sequence[str] = (),
+    rng: jax.Array | None = None,
+    return_logits: bool = False,
+    decoder: Decoder | None = None,
+    tokenizer: Any = None,
+) -> Generation:
+    """Continue each prompt by up to ``max_new_bytes`` bytes with ``model``'s registered
+    decoder (module doc); a row ends at EOS, at a stop string (its text cut before it) or
+    after ``max_new_bytes``. A token-level model (``tokenizer``: e.g. an
+    :class:`arjax.data.bpe.BPETokenizer`) counts tokens instead and takes no stop strings."""
+    validate_sampling(temperature, top_k, top_p, max_new_bytes)
+    if tokenizer is not None and any(stop):
+        raise ValueError("generate: stop strings need a byte-level model (tokenizer is set)")
+    decoder = decoder_for(model) if decoder is None else decoder
+    tokens, lengths = encode_prompts(prompts, decoder.bos, tokenizer)
+    decoder.check(int(lengths.max()), max_new_bytes)
+    stop_bytes = [s.encode("utf-8") for s in stop if s]
+    stops = np.zeros((len(stop_bytes), max([len(s) for s in stop_bytes], default=1)), np.int32)
+    for i, s in enumerate(stop_bytes):
+        stops[i, : len(s)] = list(s)
+    res = _run(
+        decoder, params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(stops),
+        jnp.asarray([len(s) for s in stop_bytes], jnp.int32),
+        jax.random.key(0) if rng is None else rng, max_new=max_new_bytes,
+        layout=decoder.layout(tokens, lengths), temperature=float(temperature), top_k=top_k,
+        top_p=top_p, return_logits=return_logits,
+    )  # fmt: skip
+    out, n = np.asarray(res["out"]), np.asarray(res["n"])
+    rows = [_cut(out[i, : n[i]].tolist(), stop_bytes) for i in range(len(n))]
+    if tokenizer is not None:
+        texts = [tokenizer.decode(r) for r in rows]
+    else:
+        texts = [bytes(r).decode("utf-8", errors="replace") for r in rows]
+    logits = np.asarray(res["logits"]) if return_logits else None
+    return Generation(texts, rows, logits, int(res["steps"]))

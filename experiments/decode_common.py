@@ -1,0 +1,63 @@
+"""Shared by the decode benchmarks: the generation engine's jitted loop on fixed prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arjax.data.vocab import BOS_ID
+from arjax.generate import decoder_for
+from arjax.generate.engine import Decoder, _run
+
+
+def without_eos(decoder: Decoder) -> Decoder:
+    """The same decoder with no id that ends a row (EOS is then an ordinary id), so every row
+    generates the full length: timed runs do the same work whatever the weights."""
+    cls = type(decoder)
+    plain = dataclasses.dataclass(frozen=True)(
+        type(f"{cls.__name__}NoEOS", (cls,), {"ends": property(lambda self: ())})
+    )
+    return plain(decoder.model)
+
+
+def engine_runner(
+    model: Any, params: Any, prompts: np.ndarray, gen: int, **sampling: Any
+) -> tuple[Callable[[], dict], Callable[[], dict[str, int]]]:
+    """``run()``: the engine's loop on ``prompts`` (int ``[batch, width]`` ids, all of full
+    width) for ``gen`` new tokens, no EOS, greedy unless ``sampling`` says otherwise;
+    ``cache_bytes()``: bytes per sequence of each decode cache (from shapes only)."""
+    decoder = without_eos(decoder_for(model))
+    tokens = jnp.asarray(prompts, jnp.int32)
+    lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    layout = decoder.layout(np.asarray(prompts), np.asarray(lengths))
+    stops, stop_lens = jnp.zeros((0, 1), jnp.int32), jnp.zeros((0,), jnp.int32)
+    kw = dict(temperature=0.0, top_k=None, top_p=None) | sampling
+
+    def run() -> dict:
+        return _run(
+            decoder, params, tokens, lengths, stops, stop_lens, jax.random.key(0), max_new=gen,
+            layout=layout, return_logits=False, **kw,
+        )  # fmt: skip
+
+    def cache_bytes() -> dict[str, int]:
+        def state(p):
+            return decoder.prefill(decoder.prepare(p), tokens, lengths, layout=layout, max_new=gen)[
+                1
+            ]
+
+        sizes = decoder.cache_bytes(jax.eval_shape(state, params))
+        return {k: v // tokens.shape[0] for k, v in sizes.items()}
+
+    return run, cache_bytes
+
+
+def random_prompts(batch: int, width: int, seed: int = 0) -> np.ndarray:
+    """``[batch, width]`` random bytes after BOS."""
+    tokens = np.random.default_rng(seed).integers(0, 256, (batch, width)).astype(np.int32)
+    tokens[:, 0] = BOS_ID
+    return tokens

@@ -1,0 +1,185 @@
+"""The generation engine (arjax.generate.engine) on every token-level family: greedy output
+== argmax of the full forward, sampled draws come from exactly the full forward's (filtered,
+tempered) softmax, stop strings / EOS / special ids, the registry. HAT, Block Transformer and
+Axial have their family tests (test_hat, test_block_transformer, test_axial)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from arjax.generate import decoder_for, filter_logits, generate
+from arjax.generate.block import BlockDecoder
+from arjax.generate.engine import Decoder, left_align
+from arjax.generate.lm import LMDecoder
+from arjax.models import MODELS, get_model_spec
+from arjax.models.linear_lm import LINEAR_MIXERS
+
+# multilingual + emoji, ragged (the empty prompt is BOS alone)
+PROMPTS = ["Grüße, 世界", "", "🙂👍🏽 ok", "a"]
+FAMILIES = ["transformer", "block", *LINEAR_MIXERS]
+
+
+def _model_params(name: str):
+    spec = MODELS[name]
+    cfg = spec.presets["tiny"]
+    if name == "transformer":
+        cfg = dataclasses.replace(cfg, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                  head_dim=16, mlp_dim=64, window=6)  # fmt: skip
+    model = spec.module_cls(cfg)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    batch = {"inputs": tokens, "positions": jnp.arange(8)[None], "segment_ids": tokens + 1}
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), batch)["params"])
+    # larger weights than the init, so that argmax is far from constant and from ties
+    return model, jax.tree.map(lambda p: p * 2.0, params)
+
+
+def _full_logits(model, params, rows: list[list[int]]) -> np.ndarray:
+    """Uncached forward over right-padded id rows: ``[rows, width, vocab]`` float32."""
+    width = model.config.max_seq_len
+    ids = np.full((len(rows), width), PAD_ID, np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    ids = jnp.asarray(ids)
+    if isinstance(decoder_for(model), BlockDecoder):
+        return np.array(model.apply({"params": params}, ids, method="forward"))
+    batch = {"inputs": ids, "positions": jnp.broadcast_to(jnp.arange(width), ids.shape),
+             "segment_ids": (ids != PAD_ID).astype(jnp.int32)}  # fmt: skip
+    return np.array(model.apply({"params": params}, batch))
+
+
+def _check_against_full_forward(model, params, gen, prompts, sampling, rng):
+    """Each emitted token's logits == the full forward's at that prefix (specials at -inf);
+    greedy: the token is their argmax; sampled: it lies in the full forward's nucleus and,
+    where one loop step drew every row's token, it is the draw of ``fold_in(rng, step)``
+    from the full forward's filtered, tempered logits of all rows. Returns tokens checked."""
+    prefixes = [[BOS_ID, *p.encode()] for p in prompts]
+    full = _full_logits(model, params, [p + g for p, g in zip(prefixes, gen.tokens, strict=True)])
+    full[..., [PAD_ID, BOS_ID]] = -np.inf
+    want = np.full(gen.logits.shape, -np.inf, np.float32)  # [steps, batch, vocab]
+    for r, (prefix, out) in enumerate(zip(prefixes, gen.tokens, strict=True)):
+        want[: len(out), r] = full[r, len(prefix) - 1 : len(prefix) - 1 + len(out)]
+        np.testing.assert_allclose(gen.logits[: len(out), r], want[: len(out), r], atol=1e-3,
+                                   rtol=1e-4)  # fmt: skip
+        if not sampling:
+            np.testing.assert_array_equal(np.argmax(want[: len(out), r], -1), out)
+    checked = sum(len(t) for t in gen.tokens)
+    if not sampling:
+        return checked
+    kept = np.asarray(filter_logits(jnp.asarray(want) / sampling["temperature"],
+                                    top_k=sampling["top_k"], top_p=sampling["top_p"]))  # fmt: skip
+    for r, out in enumerate(gen.tokens):
+        assert all(kept[s, r, t] > -1e30 for s, t in enumerate(out))  # inside the nucleus
+    if not isinstance(decoder_for(model), LMDecoder):  # prompt tokens fed: steps shift
+        return checked
+    steps = min(len(t) for t in gen.tokens)  # every row drew at these loop steps
+    for step in range(steps):
+        drawn = jax.random.categorical(jax.random.fold_in(rng, step), kept[step], axis=-1)
+        np.testing.assert_array_equal(drawn, [t[step] for t in gen.tokens])
+    return checked
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_and_sampled_generation_equal_the_full_forward(name):
+    """Ragged multilingual/emoji prompts; the engine's per-step distribution is the full
+    forward's (a cache bug, a wrong position or a skipped prompt token moves the logits)."""
+    model, params = _model_params(name)
+    greedy = generate(model, params, PROMPTS, max_new_bytes=10, return_logits=True)
+    assert _check_against_full_forward(model, params, greedy, PROMPTS, None, None) > 0
+    assert len({tuple(t) for t in greedy.tokens}) > 1
+    sampling = dict(temperature=0.7, top_k=40, top_p=0.9)
+    rng = jax.random.key(5)
+    hot = generate(model, params, PROMPTS, max_new_bytes=10, return_logits=True, rng=rng,
+                   **sampling)  # fmt: skip
+    assert _check_against_full_forward(model, params, hot, PROMPTS, sampling, rng) > 0
+    assert hot.tokens != greedy.tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class BigramDecoder(Decoder):
+    """A decoder whose logits are ``params[last token]``: the loop's own behaviour, exactly.
+    ``model`` (static) = how many prompt tokens the prefill consumes (None: all; else the
+    loop feeds the rest, as for the Block Transformer)."""
+
+    def check(self, width, max_new):  # no length limit
+        pass
+
+    def prefill(self, params, tokens, lengths, *, layout, max_new):
+        fed = lengths if self.model is None else jnp.minimum(lengths, self.model)
+        last = jnp.take_along_axis(tokens, (fed - 1)[:, None], axis=1)[:, 0]
+        return params[last], None, fed
+
+    def step(self, params, state, tokens, active):
+        return params[tokens], state
+
+
+def _bigram(eos_after_a: bool = False) -> jax.Array:
+    """a -> b -> a ..., BOS and PAD always score highest (must never be drawn)."""
+    table = np.zeros((259, 259), np.float32)
+    table[:, BOS_ID], table[:, PAD_ID] = 10.0, 9.0
+    table[ord("a"), ord("b")] = table[ord("b"), ord("a")] = 5.0
+    table[ord("x"), ord("y")] = 5.0  # x -> y -> (all zero: argmax 0)
+    if eos_after_a:
+        table[ord("a"), EOS_ID] = 6.0
+    return jnp.asarray(table)
+
+
+@pytest.mark.parametrize("consumed", [None, 1])
+def test_loop_stop_strings_eos_special_ids_and_fed_prompts(consumed):
+    """Greedy over a bigram table: BOS/PAD never drawn; a stop string ends a row and cuts
+    its text before it; EOS ends a row (not text) while the others go on; with a prefill
+    that consumes one token the loop feeds the rest of the prompt (same result)."""
+    dec = BigramDecoder(consumed)
+    table = _bigram()
+    free = generate(None, table, ["a", "xb"], max_new_bytes=6, decoder=dec)
+    assert free.texts == ["bababa", "ababab"] and free.steps == 6 + (0 if consumed is None else 2)
+    cut = generate(None, table, ["a", "xb"], max_new_bytes=6, stop=("bab", "zz"), decoder=dec)
+    assert cut.tokens == [[], [ord("a")]]
+    ended = generate(None, _bigram(True), ["b", "xa", "x"], max_new_bytes=6, decoder=dec)
+    assert ended.texts == ["a", "", "y" + "\x00" * 5]
+    sampled = generate(None, table, ["a"] * 64, max_new_bytes=3, temperature=1.0,
+                       rng=jax.random.key(0), decoder=dec)  # fmt: skip
+    drawn = {t for row in sampled.tokens for t in row}
+    assert BOS_ID not in drawn and PAD_ID not in drawn and len(drawn) > 2
+
+
+def test_left_align_values():
+    tokens = jnp.asarray([[7, 8, 9, 0], [5, 0, 0, 0]])
+    left, seg, pos = left_align(tokens, jnp.asarray([3, 1]), pad=-1)
+    np.testing.assert_array_equal(left, [[-1, 7, 8, 9], [-1, -1, -1, 5]])
+    np.testing.assert_array_equal(seg, [[0, 1, 1, 1], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(pos, [[0, 0, 1, 2], [0, 0, 0, 0]])
+
+
+def test_registry_one_entry_per_family():
+    """Each family registers itself once (model, config, presets, data kind, decoder); the
+    decoder named by the spec is importable and built from the module."""
+    for name, spec in MODELS.items():
+        assert set(spec.presets) >= {"tiny", "small"}, name
+        assert spec.decoder_cls().__name__ in ("LMDecoder", "BlockDecoder", "HATDecoder",
+                                               "AxialDecoder"), name  # fmt: skip
+    assert MODELS["gla"].decoder_cls() is LMDecoder and MODELS["hat"].data == "words"
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        get_model_spec("nope")
+    from arjax.models.registry import ModelSpec, register_model
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model(dataclasses.replace(MODELS["block"]))
+    with pytest.raises(ValueError, match="module:Class"):
+        ModelSpec("x", object, object, {}, data="text", decoder="nowhere")
+
+
+def test_bad_arguments_raise_before_compilation():
+    model, params = _model_params("transformer")
+    with pytest.raises(ValueError, match="non-empty list"):
+        generate(model, params, "abc", max_new_bytes=2)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, params, ["a"], max_new_bytes=2, temperature=1.0, top_p=1.5)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, params, ["a"], max_new_bytes=10_000)
