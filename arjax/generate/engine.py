@@ -285,6 +285,8 @@ def encode_prompts(
 
 
 def _cut(row: list[int], stops: list[bytes]) -> list[int]:
+    if not stops:  # token-level rows (ids past 255) never carry stop strings
+        return row
     data = bytes(row)
     cuts = [data.find(s) for s in stops if s and s in data]
     return row[: min(cuts)] if cuts else row
