@@ -30,6 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,7 +91,7 @@ def train_for(name: str, config, seconds: float, quick: bool):
     it, _ = make_data(cfg)
     tx = make_optimizer(cfg.train)
     first = {k: jnp.asarray(v) for k, v in next(it).items()}
-    state = init_train_state(model, tx, jax.random.key(0), first)
+    state = nn.meta.unbox(init_train_state(model, tx, jax.random.key(0), first))
     step = jax.jit(make_train_step(model, tx), donate_argnums=0)
     state, metrics = step(state, first)
     jax.block_until_ready(metrics)
