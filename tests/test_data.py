@@ -159,7 +159,8 @@ def test_corpus_errors():
         load_corpus("test")
     with pytest.raises(ValueError, match="unknown play 'hamlett'"):
         load_play("hamlett")
-    with pytest.raises(ValueError, match="neither 'shakespeare' nor a directory"):
+    wanted = "data.corpus: '/no/such/dir' is neither 'shakespeare' nor a folder holding train/"
+    with pytest.raises(ValueError, match=wanted):
         make_eval_batches(DataConfig(corpus="/no/such/dir"))
 
 
