@@ -12,11 +12,12 @@ resets, gradients), then times everything. Run (fla-core and jla as wheels under
     PYTHONPATH=/tmp/site:. python3 experiments/bench_scan.py
 
 Writes ``experiments/results/bench_scan.{json,md}``. ``--tune`` instead sweeps the scan's
-launch parameters (``kernels_pallas.tuning.ScanConfig``, chunk size) at (8, 16, 2048), checks
+launch parameters (``kernels_pallas.linear_attention_scan.TritonTuning``, chunk size) at
+(8, 16, 2048), checks
 each config against the float32 recurrence, and writes ``experiments/results/tune_scan.json``
 (about 150 s on an H200: ``--tune-budget``, 100 s, caps the candidates), then prints the GLA
-device time per kernel (jax profiler) of the table's row and of ``form="staged"``;
-``--profile`` prints only those.
+device time per kernel (jax profiler) of the table's row and of the winner; ``--profile``
+prints the table row's only.
 
 JAX timings: jit, compiled before timing, ``block_until_ready``; torch: CUDA events; both the
 median over ``--reps`` samples of ``--inner`` back-to-back calls. fwd+bwd returns the output
@@ -47,11 +48,12 @@ import numpy as np  # noqa: E402
 
 from arjax.ops.linear_attention import linear_attention  # noqa: E402
 from kernels_pallas.linear_attention_scan import (  # noqa: E402
+    TritonTuning,
     chunked_linear_attention,
-    linear_attention_reference,
+    linear_attention_recurrence,
     recurrent_step,
 )
-from kernels_pallas.tuning import ScanConfig, scan_config, scan_config_override  # noqa: E402
+from kernels_pallas.linear_attention_scan.tuning import TRITON  # noqa: E402
 
 SHAPES = ((8, 16, 2048), (2, 16, 8192))  # (batch, heads, len)
 DIM = 128
@@ -99,10 +101,13 @@ def time_torch(fn, *, reps, inner) -> float:
     return statistics.median(samples)
 
 
-def jax_fns(impl: str, chunk: int):
-    """(fwd, fwd+bwd) jitted for ``impl`` in {"pallas", "xla"} (arjax.ops.linear_attention)."""
+def jax_fns(impl: str, chunk: int, tuning: TritonTuning | None = None):
+    """(fwd, fwd+bwd) jitted for ``impl`` in {"pallas", "xla"} (arjax.ops.linear_attention);
+    with ``tuning`` the Pallas kernel itself with those launch parameters."""
 
     def fwd(q, k, v, g):
+        if tuning is not None:
+            return chunked_linear_attention(q, k, v, log_decay=g, chunk_size=chunk, tuning=tuning)
         return linear_attention(q, k, v, log_decay=g, form="chunked", chunk_size=chunk, impl=impl)
 
     def fwd_bwd(q, k, v, g, do):
@@ -190,7 +195,7 @@ def fp32_errors(variant: str, gate_scale: float | np.ndarray = 1.0) -> dict:
         "kernel": lambda q, k, v, g, s0: chunked_linear_attention(
             q, k, v, log_decay=g, initial_state=s0, segment_ids=seg
         ),
-        "ref": lambda q, k, v, g, s0: linear_attention_reference(
+        "ref": lambda q, k, v, g, s0: linear_attention_recurrence(
             q, k, v, log_decay=g, initial_state=s0, segment_ids=seg
         ),
     }
@@ -215,13 +220,13 @@ def check(results: dict, variants: list[str]) -> None:
     for variant in VARIANTS:
         q, k, v, g, do = make_inputs((2, 4, 1024), variant, jnp.bfloat16, seed=2)
         o1, s1 = jax.jit(lambda *a: chunked_linear_attention(*a[:3], log_decay=a[3]))(q, k, v, g)
-        o2, s2 = linear_attention_reference(q, k, v, log_decay=g)
+        o2, s2 = linear_attention_recurrence(q, k, v, log_decay=g)
         errs[f"bf16 {variant} out"] = rel_err(o1, o2)
         errs[f"bf16 {variant} state"] = rel_err(s1, s2)
     q, k, v, g, _ = make_inputs((2, 4, 1), "gla", jnp.float32, seed=3)
     s0 = jax.random.normal(jax.random.PRNGKey(4), (2, 4, DIM, DIM))
     o1, s1 = jax.jit(recurrent_step)(q[:, 0], k[:, 0], v[:, 0], s0, log_decay=g[:, 0])
-    o2, s2 = linear_attention_reference(q, k, v, log_decay=g, initial_state=s0)
+    o2, s2 = linear_attention_recurrence(q, k, v, log_decay=g, initial_state=s0)
     errs["fp32 decode step out"] = rel_err(o1, o2[:, 0])
     errs["fp32 decode step state"] = rel_err(s1, s2)
     results["errors"] = errs
@@ -350,62 +355,41 @@ TUNE_TOL = {"out": 2e-2, "grads": 5e-2}
 # (forward fields, backward fields or None, candidates, variants). A candidate sets the
 # forward fields and (if any) the backward fields to the same value in one run: the forward's
 # time decides the forward fields, (fwd+bwd - fwd) the backward fields, so one run tries both
-# (a value the forward fields reject, bwd_form="split", sets the backward fields only).
 # Fields without a backward twin (chunk, sub) are decided on fwd+bwd. "chunk" is the
 # ``chunk_size`` argument. Steps in order of expected gain (the budget may cut the tail).
 TUNE_STEPS = (
-    # GLA as several small kernels (scores A, output over dv tiles; dA, dv, dq/dk/db): no spills
-    (("form",), ("bwd_form",), (("staged",),), ("gla",)),
-    (("staged_tile",), ("bwd_staged_tile",), ((128,), (32,)), ("gla",)),  # if "staged" won
-    (("cumsum",), None, (("pallas",),), ("gla",)),  # log-gate cumsum: Triton, not reduce-window
+    (("staged_tile",), ("bwd_staged_tile",), ((64,), (32,)), ("gla",)),
     (("warps",), ("bwd_warps",), ((8,),), ("scalar", "gla")),  # 2 warps: more spills (ptxas)
     (("state_stages",), ("bwd_state_stages",), ((1,), (3,)), ("scalar", "gla")),
     (("state_bk", "state_bv"), ("bwd_state_bk", "bwd_state_bv"),
      ((32, 64), (32, 32), (64, 128)), ("scalar", "gla")),
     (("state_warps",), ("bwd_state_warps",), ((8,), (2,)), ("scalar", "gla")),
     (("chunk",), None, ((128,),), ("scalar", "gla")),
-    # the fused forms' knobs (with "staged", diag/bwd_diag only reach strong-gate chunks)
-    (("diag",), ("bwd_diag",), (("factored",),), ("gla",)),
-    (("form",), ("bwd_form",), (("lean",), ("split",)), ("gla",)),  # fewer spills (ptxas)
     (("sub",), None, ((32,),), ("gla",)),
     (("bwd_staged_bk",), None, ((32,),), ("gla",)),  # 128: 1.1 KB of spills (ptxas)
     (("stages",), ("bwd_stages",), ((1,), (3,)), ("scalar", "gla")),
 )  # fmt: skip
 
 
-# ``--tune-steps quick`` (a short GPU slot): GLA starts from the staged kernels (first H100 run:
-# fwd+bwd 4.18 ms against the table row's 6.95) and tries only what changed after that run.
-QUICK_START = {"gla": {"form": "staged", "bwd_form": "staged"}}
+# ``--tune-steps quick`` (a short GPU slot): GLA's tiles and warps only.
 QUICK_STEPS = (
-    (("staged_tile",), ("bwd_staged_tile",), ((128,),), ("gla",)),
-    (("cumsum",), None, (("pallas",),), ("gla",)),
+    (("staged_tile",), ("bwd_staged_tile",), ((64,),), ("gla",)),
     (("warps",), ("bwd_warps",), ((8,),), ("gla",)),  # dq/dk: no spills at 8 (ptxas)
 )  # fmt: skip
 
 
-def tune_mode_checks(staged_only: bool = False) -> dict:
-    """Compiled GLA diagonal modes (``ScanConfig.diag``/``bwd_diag``) with the fused and the
-    "staged" kernels, float32, with log-gates about -0.4, -5 and -40 per token in turns of 32
-    tokens, so blocks take both the factored form and the exact loops: max rel err of output,
-    state and gradients vs the recurrence."""
+def tune_strong_gate_check() -> dict:
+    """Compiled GLA kernels, float32, with log-gates about -0.4, -5 and -40 per token in turns
+    of 32 tokens, so blocks take both the factored form and the exact loops: max rel err of
+    output, state and gradients vs the recurrence."""
     t = np.arange(203)
     scale = np.select([t % 96 < 32, t % 96 < 64], [1.0, 12.0], 100.0)
-    checks = {}
-    modes = [("hoist", "cond", "exact"), ("hoist", "exact", "exact"),
-             ("hoist", "factored", "factored"), ("staged", "cond", "exact"),
-             ("staged", "factored", "factored")]  # fmt: skip
-    modes = [m for m in modes if m[0] == "staged" or not staged_only]
-    for form, diag, bwd_diag in modes:
-        name = f"diag={diag}, bwd_diag={bwd_diag}" + (f", form={form}" if form != "hoist" else "")
-        cfg = ScanConfig(diag=diag, bwd_diag=bwd_diag, form=form, bwd_form=form)
-        try:
-            with scan_config_override(cfg):
-                checks[name] = fp32_errors("gla", gate_scale=scale)
-        except Exception as e:  # noqa: BLE001 -- a mode that does not compile: record it
-            checks[name] = repr(e)[:500]
-        jax.clear_caches()
-        print(f"  strong-gate check {name}: {checks[name]}", flush=True)
-    return checks
+    try:
+        check = fp32_errors("gla", gate_scale=scale)
+    except Exception as e:  # noqa: BLE001 -- a compile failure: record it
+        check = repr(e)[:500]
+    print(f"  strong-gate check: {check}", flush=True)
+    return check
 
 
 def tune_reference(variant: str, inputs) -> tuple:
@@ -413,34 +397,33 @@ def tune_reference(variant: str, inputs) -> tuple:
     q, k, v, g, do = (x[:1] for x in inputs)
 
     def fb(q, k, v, g):
-        out, vjp = jax.vjp(lambda *a: linear_attention_reference(*a[:3], log_decay=a[3])[0],
+        out, vjp = jax.vjp(lambda *a: linear_attention_recurrence(*a[:3], log_decay=a[3])[0],
                            q, k, v, g)  # fmt: skip
         return out, vjp(do.astype(jnp.float32))
 
     return jax.jit(fb)(q, k, v, g)
 
 
-def tune_trial(cfg: ScanConfig, chunk: int, inputs, ref, reps: int, inner: int) -> dict:
+def tune_trial(cfg: TritonTuning, chunk: int, inputs, ref, reps: int, inner: int) -> dict:
     """Compile, check (row 0 vs ``ref``) and time one config: fwd, then fwd+bwd."""
     trial = {"chunk": chunk, "config": dataclasses.asdict(cfg), "errors": {}}
     q, k, v, g, do = inputs
-    with scan_config_override(cfg):  # traced (compiled) inside: the override applies
-        f, fb = jax_fns("pallas", chunk)
-        for name, fn, args in (("fwd", f, (q, k, v, g)), ("fwd+bwd", fb, (q, k, v, g, do))):
-            t = time.perf_counter()
-            try:
-                res = jax.block_until_ready(fn(*args))
-                trial[f"{name} compile s"] = round(time.perf_counter() - t, 2)
-                if name == "fwd":
-                    trial["errors"]["out"] = rel_err(res[0][:1], ref[0])
-                else:
-                    for n, a, b in zip(("dq", "dk", "dv", "dg"), res[1], ref[1]):
-                        trial["errors"][n] = rel_err(a[:1], b)
-                del res
-                trial[f"{name} ms"] = time_jax(fn, *args, reps=reps, inner=inner)
-            except Exception as e:  # noqa: BLE001 -- compile/launch failure: record, go on
-                trial[f"{name} error"] = repr(e)[:500]
-                break
+    f, fb = jax_fns("pallas", chunk, cfg)
+    for name, fn, args in (("fwd", f, (q, k, v, g)), ("fwd+bwd", fb, (q, k, v, g, do))):
+        t = time.perf_counter()
+        try:
+            res = jax.block_until_ready(fn(*args))
+            trial[f"{name} compile s"] = round(time.perf_counter() - t, 2)
+            if name == "fwd":
+                trial["errors"]["out"] = rel_err(res[0][:1], ref[0])
+            else:
+                for n, a, b in zip(("dq", "dk", "dv", "dg"), res[1], ref[1]):
+                    trial["errors"][n] = rel_err(a[:1], b)
+            del res
+            trial[f"{name} ms"] = time_jax(fn, *args, reps=reps, inner=inner)
+        except Exception as e:  # noqa: BLE001 -- compile/launch failure: record, go on
+            trial[f"{name} error"] = repr(e)[:500]
+            break
     jax.clear_caches()
     errs = trial["errors"]
     trial["fwd ok"] = "fwd ms" in trial and errs["out"] < TUNE_TOL["out"]
@@ -451,9 +434,8 @@ def tune_trial(cfg: ScanConfig, chunk: int, inputs, ref, reps: int, inner: int) 
 
 
 def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline: float,
-                 steps=TUNE_STEPS, start: dict | None = None) -> None:  # fmt: skip
-    """Coordinate descent from the table's row (with ``start``'s fields; ``steps``), then its
-    result re-timed.
+                 steps=TUNE_STEPS) -> None:  # fmt: skip
+    """Coordinate descent from the table's row (``steps``), then its result re-timed.
 
     Fills ``res`` (``trials``, ``baseline``, ``best``: per pass the fastest trial that passed the
     check, the re-timed combination included, so timing noise in the descent cannot make it
@@ -461,8 +443,7 @@ def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline:
     abort) still leaves the trials before it on disk."""
     inputs = make_inputs(TUNE_SHAPE, variant, jnp.bfloat16)
     ref = tune_reference(variant, inputs)
-    cur = scan_config({"scalar": "scalar", "gla": "gated"}[variant], DIM)
-    cur = dataclasses.replace(cur, **(start or {}))
+    cur = TRITON[{"scalar": "scalar", "gla": "gated"}[variant]]
     chunk, trials = 64, res.setdefault("trials", [])
 
     def run(cfg, ch, label):
@@ -489,14 +470,8 @@ def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline:
             fwd_set = dict(zip(fwd_fields, value))
             bwd_set = dict(zip(bwd_fields, value)) if bwd_fields else {}
             new_chunk = fwd_set.pop("chunk", chunk)
-            fields = fwd_fields
-            try:
-                cfg = dataclasses.replace(cur, **fwd_set, **bwd_set)
-            except ValueError:  # a backward-only value (bwd_form="split"): the backward alone
-                if not bwd_set:
-                    raise
-                fwd_set, fields, cfg = {}, bwd_fields, dataclasses.replace(cur, **bwd_set)
-            trial = run(cfg, new_chunk, f"{fields}={value}")
+            cfg = dataclasses.replace(cur, **fwd_set, **bwd_set)
+            trial = run(cfg, new_chunk, f"{fwd_fields}={value}")
             if "fwd error" in trial and bwd_set:  # the forward half failed: try the backward's
                 trial = run(dataclasses.replace(cur, **bwd_set), chunk, f"{bwd_fields}={value}")
                 fwd_set = {}
@@ -520,14 +495,14 @@ def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline:
         res["best"][p] = {k: t[k] for k in ("step", "chunk", "config", f"{p} ms")}
 
 
-def kernel_profile(variant: str, cfg: ScanConfig, chunk: int = 64, shape=TUNE_SHAPE,
+def kernel_profile(variant: str, cfg: TritonTuning, chunk: int = 64, shape=TUNE_SHAPE,
                    calls: int = 3) -> dict:  # fmt: skip
     """Device time per kernel, ms per pallas fwd+bwd call (``chunk``, ``cfg``; jax profiler
     trace, the 20 largest): which kernel to work on next. Keys: ``{device line: {kernel: ms}}``
     over the trace's stream lines (all device lines if it names none "Stream")."""
     inputs = make_inputs(shape, variant, jnp.bfloat16)
-    with scan_config_override(cfg), tempfile.TemporaryDirectory() as tmp:
-        _, fb = jax_fns("pallas", chunk)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, fb = jax_fns("pallas", chunk, cfg)
         jax.block_until_ready(fb(*inputs))
         with jax.profiler.trace(tmp):
             for _ in range(calls):
@@ -547,7 +522,7 @@ def kernel_profile(variant: str, cfg: ScanConfig, chunk: int = 64, shape=TUNE_SH
 
 
 def tune_profiles(res: dict, configs: dict) -> None:
-    """GLA: per-kernel times (``kernel_profile``) of ``configs`` ``{name: (ScanConfig, chunk)}``,
+    """GLA: per-kernel times (``kernel_profile``) of ``configs`` ``{name: (TritonTuning, chunk)}``,
     printed."""
     for name, (cfg, chunk) in configs.items():
         try:
@@ -570,13 +545,13 @@ def print_best(variant: str, res: dict) -> None:
     if not best:
         print(f"  {variant}: {res.get('note')}", flush=True)
         return
-    default = dataclasses.asdict(ScanConfig())
+    default = dataclasses.asdict(TritonTuning())
     for p in ("fwd", "fwd+bwd"):
         ours, fl = best[p][f"{p} ms"], fla.get(f"fla {p}")
         changed = {k: v for k, v in best[p]["config"].items() if default[k] != v}
         print(f"  {variant:6s} {p:7s} best {fmt(ours)} (baseline {fmt(base.get(f'{p} ms'))}, "
               f"fla {fmt(fl)}, fla/best {ratio(fl, ours)}): chunk_size={best[p]['chunk']} "
-              f"ScanConfig(**{changed})", flush=True)  # fmt: skip
+              f"TritonTuning(**{changed})", flush=True)  # fmt: skip
 
 
 def tune(results: dict, reps: int, inner: int, budget: float, out: str,
@@ -585,8 +560,7 @@ def tune(results: dict, reps: int, inner: int, budget: float, out: str,
     compiles), then scalar decay; the JSON is written after each trial. The budget covers the
     candidates; the GPU strong-gate checks come before it, each winner's re-timing, fla and
     (GLA) the per-kernel profiles after (~10 s each; fla's autotune longer on a fresh machine).
-    ``quick``: ``QUICK_STEPS`` from ``QUICK_START``, only the staged strong-gate checks and
-    only the winner's profile (a short GPU slot)."""
+    ``quick``: ``QUICK_STEPS`` and only the winner's profile (a short GPU slot)."""
     results.update(shape=TUNE_SHAPE, dim=DIM, tolerances=TUNE_TOL, variants={})
     start = time.perf_counter()
 
@@ -596,25 +570,25 @@ def tune(results: dict, reps: int, inner: int, budget: float, out: str,
         with open(out, "w") as fh:
             json.dump(results, fh, indent=1)
 
-    results["strong-gate checks"] = tune_mode_checks(staged_only=quick)
+    results["strong-gate check"] = tune_strong_gate_check()
     save()
     sweep_start = time.perf_counter()
     shares = {"gla": 0.6 if "scalar" in variants else 1.0, "scalar": 1.0}
-    steps, starts = (QUICK_STEPS, QUICK_START) if quick else (TUNE_STEPS, {})
+    steps = QUICK_STEPS if quick else TUNE_STEPS
     for variant in ("gla", "scalar"):
         if variant not in variants:
             continue
         res = results["variants"].setdefault(variant, {})
         tune_variant(variant, res, save, reps, inner, sweep_start + budget * shares[variant],
-                     steps, starts.get(variant))  # fmt: skip
+                     steps)  # fmt: skip
         print_best(variant, res)
         res["fla"] = tune_fla(variant, reps, inner)
         save()
         if variant == "gla" and res.get("best"):
             best = res["best"]["fwd+bwd"]
-            configs = {"best": (ScanConfig(**best["config"]), best["chunk"])}
+            configs = {"best": (TritonTuning(**best["config"]), best["chunk"])}
             if not quick:
-                configs = {"table": (scan_config("gated", DIM), 64), **configs}
+                configs = {"table": (TRITON["gated"], 64), **configs}
             tune_profiles(res.setdefault("kernel profiles", {}), configs)
             save()
     print(f"\nbest per variant/pass at (B,H,L)={TUNE_SHAPE}, D={DIM} (ms; table row: non-defaults)")
@@ -660,19 +634,17 @@ def main() -> None:
     ap.add_argument(
         "--impls", default="pallas,jla,fla,xla", help="what to time, in order ('': none)"
     )
-    ap.add_argument("--tune", action="store_true", help="sweep ScanConfig instead (see above)")
+    ap.add_argument("--tune", action="store_true", help="sweep TritonTuning instead (see above)")
     ap.add_argument("--tune-budget", type=float, default=100.0, help="seconds for candidates")
     ap.add_argument("--tune-out", default="experiments/results/tune_scan.json")
     ap.add_argument("--profile", action="store_true", help="GLA per-kernel times (tune_profiles)")
     ap.add_argument("--tune-variants", default="gla,scalar", help="variants to sweep (in order)")
     ap.add_argument("--tune-steps", choices=("all", "quick"), default="all",
-                    help="TUNE_STEPS, or QUICK_STEPS from QUICK_START")  # fmt: skip
+                    help="TUNE_STEPS, or QUICK_STEPS")  # fmt: skip
     args = ap.parse_args()
     results = new_results()
     if args.profile:
-        table = scan_config("gated", DIM)
-        staged = dataclasses.replace(table, form="staged", bwd_form="staged")
-        tune_profiles(results, {"table": (table, 64), "staged": (staged, 64)})
+        tune_profiles(results, {"table": (TRITON["gated"], 64)})
         return
     if args.tune:
         del results["rows"]

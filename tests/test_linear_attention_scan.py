@@ -9,8 +9,6 @@ operands rounded to 8 mantissa bits, 4e-3 each, summed over a chunk).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import re
 
@@ -21,11 +19,12 @@ import pytest
 
 from kernels_pallas.linear_attention_scan import (
     FACTOR_SPREAD,
+    MosaicTpuTuning,
+    TritonTuning,
     chunked_linear_attention,
-    linear_attention_reference,
+    linear_attention_recurrence,
     recurrent_step,
 )
-from kernels_pallas.tuning import ScanConfig, scan_config_override
 
 GATES = ("none", "scalar", "gated")
 
@@ -59,7 +58,7 @@ def check_against_reference(
 ):  # fmt: skip
     """Outputs, final state and every input gradient (one vjp each) vs the recurrence.
 
-    ``tune``: a ``ScanConfig`` for the kernel (else the tuning table's row); ``dims``: (dk,
+    ``tune``: the lowering's tuning for the kernel (else the table's row); ``dims``: (dk,
     dv); ``kernels``: if given, the set of Pallas kernel names the call must run.
     """
     dk, dv = dims
@@ -73,12 +72,12 @@ def check_against_reference(
         q, k, v, g, s0 = split(a)
         return chunked_linear_attention(
             q, k, v, log_decay=g, initial_state=s0, segment_ids=seg, chunk_size=chunk,
-            backend=backend, interpret=True,
+            backend=backend, interpret=True, tuning=tune,
         )  # fmt: skip
 
     def reference(*a):
         q, k, v, g, s0 = split(a)
-        return linear_attention_reference(q, k, v, log_decay=g, initial_state=s0, segment_ids=seg)
+        return linear_attention_recurrence(q, k, v, log_decay=g, initial_state=s0, segment_ids=seg)
 
     @jax.jit
     def run(args, cts):  # one compile per path: outputs and the vjp of both outputs
@@ -90,11 +89,10 @@ def check_against_reference(
 
     cts = (jax.random.normal(jax.random.PRNGKey(seed + 1), v.shape),
            jax.random.normal(jax.random.PRNGKey(seed + 2), s0.shape))  # fmt: skip
-    with scan_config_override(tune) if tune is not None else contextlib.nullcontext():
-        out = run(args, cts)
-        if kernels is not None:
-            jaxpr = str(jax.make_jaxpr(run)(args, cts))
-            assert set(re.findall(r"\bla_[a-z_]+", jaxpr)) == kernels
+    out = run(args, cts)
+    if kernels is not None:
+        jaxpr = str(jax.make_jaxpr(run)(args, cts))
+        assert set(re.findall(r"\bla_[a-z_]+", jaxpr)) == kernels
     (o1, s1, g1), (o2, s2, g2) = out["kernel"], out["reference"]
     assert rel_err(o1, o2) < tol and rel_err(s1, s2) < tol
     names = ("q", "k", "v", "log_decay", "s0") if g is not None else ("q", "k", "v", "s0")
@@ -108,20 +106,14 @@ SEGMENTS = jnp.asarray(np.stack([np.repeat([3, 4, 5, 6], [5, 11, 16, 5]), np.one
 
 @pytest.mark.parametrize(
     "backend, gate, segments",
-    [("gpu", "none", True), ("gpu", "scalar", False), ("gpu", "gated", True),
-     ("tpu", "scalar", True), ("tpu", "gated", False)],
+    [("gpu", "none", True), ("gpu", "scalar", False), ("tpu", "scalar", True)],
 )  # fmt: skip
 def test_scan_matches_recurrence(backend, gate, segments):
-    """Odd length (37, padded), initial state, segment resets, fwd and all gradients.
-
-    The chunk math is shared by both drivers; the pairs cover each gate on the Triton-style
-    driver and the Mosaic-style driver (its sequential grid with VMEM state) with and without
-    segments, keeping the interpret-mode runtime small.
-    """
-    # Gated uses chunk 32 = two GLA sub-chunks, so the off-diagonal sub-block path runs too.
-    chunk = 32 if gate == "gated" else 16
+    """Odd length (37, padded), initial state, segment resets, fwd and all gradients: no decay
+    and scalar decay on the Triton lowering, scalar decay on the Mosaic TPU lowering (its
+    sequential grid with VMEM state). GLA: ``test_gla_strong_gates``."""
     seg = SEGMENTS if segments else None
-    check_against_reference(backend, gate, length=37, chunk=chunk, seg=seg, seed=3)
+    check_against_reference(backend, gate, length=37, chunk=16, seg=seg, seed=3)
 
 
 # Per-token gate strength: log-gates about -0.4 per token on tokens 0-15 (a 16-row block spans
@@ -129,57 +121,41 @@ def test_scan_matches_recurrence(backend, gate, segments):
 # on 32-36 (a block's range far beyond FACTOR_SPREAD: the clamped factored values are discarded
 # and only the exact loops count), so one call takes both paths of the GLA diagonal blocks.
 MIXED_GATES = np.select([np.arange(37) < 16, np.arange(37) < 32], [1.0, 12.0], 100.0)
-
-
-# The "staged" GLA kernels (GLA paper sec. 4.2) with the branch-free factored diagonal blocks.
-STAGED = ScanConfig(form="staged", bwd_form="staged", diag="factored", bwd_diag="factored")
-SCORES = {"la_chunk_gla_scores", "la_chunk_gla_scores_fix"}
-STAGED_FWD = SCORES | {"la_chunk_gla_out"}
-STAGED_BWD = SCORES | {"la_chunk_gla_da", "la_chunk_gla_dv", "la_chunk_gla_dqk",
-                       "la_chunk_gla_dqk_fix"}  # fmt: skip
+STAGED = {"la_chunk_gla_scores", "la_chunk_gla_scores_fix", "la_chunk_gla_out", "la_chunk_gla_da",
+          "la_chunk_gla_dv", "la_chunk_gla_dqk", "la_chunk_gla_dqk_fix", "la_cumsum",
+          "la_cumsum_rev"}  # fmt: skip
 STATE = {"la_state_fwd", "la_state_bwd"}
 
 
 @pytest.mark.parametrize(
-    "backend, tune, chunk, segments",
-    [("gpu", ScanConfig(), 32, False),  # the table's defaults: "cond" forward, "exact" backward
-     ("gpu", ScanConfig(diag="exact", bwd_diag="exact"), 32, True),
-     ("gpu", ScanConfig(diag="factored", bwd_diag="factored"), 32, True),
-     ("tpu", ScanConfig(diag="factored", bwd_diag="factored"), 32, False),
-     ("gpu", ScanConfig(diag="factored", bwd_diag="factored", sub=32), 64, True),
-     ("gpu", ScanConfig(form="lean", bwd_form="lean"), 64, True),
-     ("tpu", ScanConfig(diag="factored", bwd_diag="factored", form="lean", bwd_form="lean"), 64,
-      False),
-     ("gpu", ScanConfig(bwd_form="split"), 32, True),
-     ("gpu", ScanConfig(bwd_diag="cond", bwd_form="split"), 64, True),
-     ("tpu", ScanConfig(diag="factored", bwd_diag="factored", bwd_form="split"), 64, False),
-     ("gpu", ScanConfig(form="staged", bwd_form="staged"), 32, True),
-     ("gpu", STAGED, 64, True),
-     ("gpu", dataclasses.replace(STAGED, diag="exact", bwd_diag="exact", sub=32), 64, False)],
+    "backend, tune, chunk, dims, kernels",
+    [("gpu", TritonTuning(staged_tile=32, bwd_staged_tile=16, bwd_staged_bk=16), 32, (32, 64),
+      STAGED),
+     ("gpu", TritonTuning(sub=32), 64, (16, 16), STAGED),
+     ("tpu", MosaicTpuTuning(), 64, (16, 16),
+      {"la_chunk_fwd", "la_chunk_bwd_dq", "la_chunk_bwd_dkv"})],
 )  # fmt: skip
-def test_gla_diagonal_modes_strong_gates(backend, tune, chunk, segments):
-    """Every mode of the GLA diagonal sub-blocks (``ScanConfig.diag``/``bwd_diag``), the "lean"
-    chunk kernels (``form``/``bwd_form``; chunk 64: earlier blocks in 16 + 32 row slices), the
-    split backward (``bwd_form="split"``: dq and dk/dv kernels, each diagonal mode) and the
-    "staged" kernels (scores, output, dA, dv, dq/dk/db; each diagonal mode), values and all
-    gradients, odd length 37, weak and strong gates in the same call."""
+def test_gla_strong_gates(backend, tune, chunk, dims, kernels):
+    """GLA, values and all gradients, odd length 37, segments, weak and strong gates in the same
+    call (both paths of the diagonal blocks: ``lax.cond`` forward, branch-free backward).
+    Triton: the "staged" kernels (scores, output, dA, dv, dq/dk/db and their strong-gate
+    fix-ups, the Pallas log-gate cumsum) over several column tiles per chunk, then with 32-row
+    sub-chunks; Mosaic TPU: the one-kernel forward (chunk 64: earlier blocks in 16 + 32 row
+    slices) and the two-kernel backward. Asserts which kernels run."""
     q, _, _, g, _ = make_inputs(5, 2, 37, 1, 16, 16, "gated", gate_scale=MIXED_GATES)
     b = np.cumsum(np.asarray(g), axis=1)  # the first block is factored, the strong ones are not
     assert np.max(b[:, 0] - b[:, 15]) < FACTOR_SPREAD < np.min(b[:, 16] - b[:, 31])
     assert np.min(np.max(b[:, 32] - b[:, 36], axis=-1)) > 2 * 88.7
-    seg = SEGMENTS if segments else None
-    check_against_reference(backend, "gated", length=37, chunk=chunk, seg=seg, seed=5,
-                            scale=MIXED_GATES, tune=tune)  # fmt: skip
+    check_against_reference(backend, "gated", length=37, chunk=chunk, seg=SEGMENTS, seed=5,
+                            scale=MIXED_GATES, tune=tune, dims=dims,
+                            kernels=kernels | STATE)  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "gate, form", [("scalar", "hoist"), ("gated", "hoist"), ("gated", "staged")]
-)
-def test_bf16_inputs(gate, form):
-    """bf16 q/k/v: float32 state and accumulation keep the output and the gradients within bf16
-    accuracy (GLA: the factored diagonal blocks, whose factors are rounded to bf16; "staged":
-    also the float32 scores A and dA rounded to bf16 for their MMAs)."""
-    q, k, v, g, _ = make_inputs(7, 1, 48, 2, 16, 32, gate, dtype=jnp.bfloat16)
+def test_bf16_inputs():
+    """bf16 q/k/v, GLA (staged): float32 state and accumulation keep the output and the
+    gradients within bf16 accuracy (the factored blocks' factors and the float32 scores A and
+    dA are rounded to bf16 for their MMAs)."""
+    q, k, v, g, _ = make_inputs(7, 1, 48, 2, 16, 32, "gated", dtype=jnp.bfloat16)
     w = jax.random.normal(jax.random.PRNGKey(8), v.shape)
 
     def loss(f, q, k, v, g):
@@ -188,10 +164,8 @@ def test_bf16_inputs(gate, form):
 
     kernel = functools.partial(chunked_linear_attention, chunk_size=32)
     grad = lambda f: jax.value_and_grad(functools.partial(loss, f), (0, 1, 2, 3), has_aux=True)  # noqa: E731
-    tune = ScanConfig(diag="factored", bwd_diag="factored", form=form, bwd_form=form)
-    with scan_config_override(tune):
-        (_, (o1, s1)), g1 = jax.jit(grad(kernel))(q, k, v, g)
-    (_, (o2, s2)), g2 = grad(linear_attention_reference)(q, k, v, g)
+    (_, (o1, s1)), g1 = jax.jit(grad(kernel))(q, k, v, g)
+    (_, (o2, s2)), g2 = grad(linear_attention_recurrence)(q, k, v, g)
     assert o1.dtype == jnp.bfloat16 and s1.dtype == jnp.float32
     assert rel_err(o1, o2) < 2e-2 and rel_err(s1, s2) < 2e-2
     for name, a, b in zip("qkvg", g1, g2):
@@ -202,7 +176,7 @@ def test_bf16_inputs(gate, form):
 def test_recurrent_step_matches_recurrence(backend, gate):
     """Feeding tokens one by one through the fused decode step == the recurrence."""
     q, k, v, g, s0 = make_inputs(9, 2, 5, 3, 16, 8, gate)
-    o2, s2 = linear_attention_reference(q, k, v, log_decay=g, initial_state=s0)
+    o2, s2 = linear_attention_recurrence(q, k, v, log_decay=g, initial_state=s0)
     step = jax.jit(recurrent_step, static_argnames=("backend", "interpret"))
     state, outs = s0, []
     for t in range(q.shape[1]):
@@ -221,6 +195,7 @@ def test_bad_inputs_raise_before_compiling():
         "segment_ids": dict(segment_ids=jnp.zeros((1, 8), jnp.float32)),
         "chunk_size": dict(chunk_size=24),
         "backend": dict(backend="cuda"),
+        "tuning": dict(tuning=MosaicTpuTuning()),
     }
     for field, kwargs in cases.items():
         with pytest.raises(ValueError, match=field):
@@ -245,42 +220,13 @@ def test_gpu_kernels_match_recurrence(gate):
     q, k, v, g, s0 = make_inputs(1, 2, 203, 2, 32, 64, gate)
     args = dict(log_decay=g, initial_state=s0, segment_ids=seg)
     (o1, s1), (o2, s2) = (jax.jit(f)(q, k, v, **args) for f in
-                          (chunked_linear_attention, linear_attention_reference))  # fmt: skip
+                          (chunked_linear_attention, linear_attention_recurrence))  # fmt: skip
     assert rel_err(o1, o2) < 2e-4 and rel_err(s1, s2) < 2e-4
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, **args)[0] ** 2)  # noqa: E731
     g1 = jax.jit(jax.grad(loss(chunked_linear_attention), (0, 1, 2)))(q, k, v)
-    g2 = jax.jit(jax.grad(loss(linear_attention_reference), (0, 1, 2)))(q, k, v)
+    g2 = jax.jit(jax.grad(loss(linear_attention_recurrence), (0, 1, 2)))(q, k, v)
     assert all(rel_err(a, b) < 2e-4 for a, b in zip(g1, g2))
     q, k, v, g, _ = make_inputs(2, 2, 512, 4, 128, 128, gate, dtype=jnp.bfloat16)
     o1, _ = jax.jit(chunked_linear_attention)(q, k, v, log_decay=g)
-    o2, _ = linear_attention_reference(q, k, v, log_decay=g)
+    o2, _ = linear_attention_recurrence(q, k, v, log_decay=g)
     assert rel_err(o1, o2) < 2e-2
-
-
-@pytest.mark.parametrize(
-    "backend, gate, tune, kernels",
-    [("gpu", "gated",
-      dataclasses.replace(STAGED, staged_tile=16, bwd_staged_tile=16, bwd_staged_bk=16),
-      STAGED_FWD | STAGED_BWD),
-     ("gpu", "gated", dataclasses.replace(STAGED, cumsum="pallas"),
-      STAGED_FWD | STAGED_BWD | {"la_cumsum", "la_cumsum_rev"}),
-     ("gpu", "gated", ScanConfig(form="lean", bwd_form="split", cumsum="pallas"),
-      {"la_chunk_fwd", "la_chunk_bwd_dq", "la_chunk_bwd_dkv", "la_cumsum", "la_cumsum_rev"}),
-     ("gpu", "gated", dataclasses.replace(STAGED, bwd_form="split", staged_tile=32),
-      STAGED_FWD | {"la_chunk_bwd_dq", "la_chunk_bwd_dkv"}),
-     ("gpu", "gated", dataclasses.replace(STAGED, form="lean", bwd_staged_tile=32),
-      {"la_chunk_fwd"} | STAGED_BWD),
-     ("gpu", "scalar", dataclasses.replace(STAGED, cumsum="pallas"),
-      {"la_chunk_fwd", "la_chunk_bwd"}),
-     ("tpu", "gated", dataclasses.replace(STAGED, cumsum="pallas"),
-      {"la_chunk_fwd", "la_chunk_bwd_dq", "la_chunk_bwd_dkv"})],
-)  # fmt: skip
-def test_gla_staged_tiles_and_fallbacks(backend, gate, tune, kernels):
-    """The "staged" kernels over column tiles (dk 32, dv 64, tiles of 16/32: several programs
-    per chunk), mixed with the other forms (a "lean" forward: the staged backward recomputes A),
-    the Pallas log-gate cumsum (``cumsum="pallas"``) and the fallbacks (scalar decay: "lean"
-    kernels, XLA cumsum; TPU: "lean" forward, "split" backward, XLA cumsum): the kernels that
-    run, values and all gradients (segments, odd length, strong gates)."""
-    check_against_reference(backend, gate, length=37, chunk=32, seg=SEGMENTS, seed=11,
-                            scale=MIXED_GATES, tune=tune, dims=(32, 64),
-                            kernels=kernels | STATE)  # fmt: skip
