@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import pickle
 import statistics
 import time
 from pathlib import Path
@@ -179,6 +181,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hat-run", default=None, help="arjax train --out dir of a HAT run")
     ap.add_argument("--transformer-run", default=None, help="... of a transformer run")
+    ap.add_argument("--name", default=None, help="results file name (default bench_hat_decode)")
+    ap.add_argument(
+        "--params-cache", type=Path, default=None,
+        help="folder: trained params are saved there, and loaded from there when present "
+        "(e.g. to time the same weights again under other XLA_FLAGS)",
+    )  # fmt: skip
     a = ap.parse_args()
     a.train_seconds = a.train_seconds if a.train_seconds is not None else (5 if a.quick else 100)
     a.batch_sizes = a.batch_sizes or ([1, 8] if a.quick else [1, 64, 256])
@@ -187,7 +195,19 @@ def main() -> None:
     models, info = {}, {}
     runs = {"hat": (hat_cfg, a.hat_run), "transformer": (tf_cfg, a.transformer_run)}
     for name, (config, run) in runs.items():
-        got = load_run(name, run) if run else train_for(name, config, a.train_seconds, a.quick)
+        saved = a.params_cache / f"{name}.pkl" if a.params_cache else None
+        if saved is not None and saved.exists():
+            with saved.open("rb") as f:
+                params, trained = pickle.load(f)
+            got = build_model(name, config), params, trained | {"params_cache": str(saved)}
+        elif run:
+            got = load_run(name, run)
+        else:
+            got = train_for(name, config, a.train_seconds, a.quick)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                with saved.open("wb") as f:
+                    pickle.dump((jax.device_get(got[1]), got[2]), f, protocol=5)
         models[name], info[name] = got[:2], got[2]
         info[name]["params"] = int(sum(np.size(x) for x in jax.tree.leaves(got[1])))
     rows = []
@@ -216,13 +236,19 @@ def main() -> None:
         f"HAT {info['hat']['params']:,} params, transformer {info['transformer']['params']:,}; "
         f"trained {a.train_seconds:.0f} s each unless a run was given ({info}); prompts of "
         f"{a.prompt_bytes} validation bytes; {a.new_bytes} new bytes per row, temperature 0.8; "
-        f"median of {a.repeats} calls after a warm-up. Device {jax.devices()[0].device_kind}. "
+        f"median of {a.repeats} calls after a warm-up. Device {jax.devices()[0].device_kind}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}. "
         f"Target HAT >= {TARGET}x at batch 1 and 64: {met}."
     )
     write_results(
-        "bench_hat_decode" + ("_quick" if a.quick else ""),
+        a.name or "bench_hat_decode" + ("_quick" if a.quick else ""),
         "Decode throughput: HAT vs byte-level transformer (generation engine)",
-        {"args": vars(a), "rows": rows, "models": info, "target_met": met},
+        {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+            "rows": rows,
+            "models": info,
+            "target_met": met,
+        },
         markdown_table(rows, columns),
         notes,
     )
