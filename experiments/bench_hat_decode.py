@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hat-run", default=None, help="arjax train --out dir of a HAT run")
     ap.add_argument("--transformer-run", default=None, help="... of a transformer run")
+    ap.add_argument("--no-step-times", action="store_true", help="skip the per-path step timings")
     ap.add_argument("--name", default=None, help="results file name (default bench_hat_decode)")
     ap.add_argument(
         "--params-cache", type=Path, default=None,
@@ -221,7 +222,8 @@ def main() -> None:
             words = sum(len(split_word_bytes(t, hat_cfg.max_word_bytes)) for t in texts)
             row = {"model": name, "batch": batch, "bytes_per_s": made.size / seconds,
                    "bytes_per_word": made.size / max(words, 1), "seconds": seconds}  # fmt: skip
-            row |= step_times(name, model, params, prompts, a.repeats)
+            if not a.no_step_times:
+                row |= step_times(name, model, params, prompts, a.repeats)
             row |= {f"{k} MiB/seq": v / 2**20 for k, v in caches().items()}
             rows.append(row)
             print(row, flush=True)

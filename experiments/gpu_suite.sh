@@ -61,10 +61,10 @@ step() {  # step NAME SECONDS CMD...
   tail -n 25 "$LOG"
 }
 PYTEST="python3 -m pytest -p no:cacheprovider -q -rA"
-# gpu_tests: compiles dominate (a cold Mosaic GPU case ~25 s), so 6 pytest workers share the
+# gpu_tests: compiles dominate (a cold Mosaic GPU case ~25 s), so 8 pytest workers share the
 # GPU (no preallocation) and compile in parallel on the host's cores
-step gpu_tests 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false $PYTEST -v -n 6 --timeout 150 \
-  --durations=0 -m gpu tests  # pytest-timeout: a hung kernel fails its test, not the step
+step gpu_tests 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -p no:cacheprovider \
+  -rA -v -n 8 --timeout 240 --durations=0 -m gpu tests  # pytest-timeout: a hung kernel fails its test, not the step
 step attention 170 python3 experiments/bench_attention.py --check all --impls arjax_mosaic \
   --head-dims 128 --lengths 2048 --modes fwd --no-sparse --no-peak --iters 1 --repeats 1 \
   --name gpu_suite_attention --out "$OUT/bench"
