@@ -53,9 +53,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from arjax.ops import attention, attention_reference
-from kernels_pallas.flash_attention import flash_attention, flash_decode, gpu_mosaic
+from kernels_pallas.flash_attention import flash_attention, flash_decode, mosaic_gpu_fwd
 from kernels_pallas.flash_attention._common import Geometry
-from kernels_pallas.tuning import BlockSizes, MosaicForward, block_sizes, mosaic_forward
+from kernels_pallas.flash_attention.tuning import (
+    BlockSizes,
+    MosaicForward,
+    block_sizes,
+    mosaic_forward,
+)
 
 RESULTS = Path(__file__).parent / "results"
 IMPLS = (
@@ -259,9 +264,7 @@ def check_mosaic(log) -> dict:
 MOSAIC_VARIANTS = [
     MosaicForward(bk=128, stages=2),
     MosaicForward(bk=128, stages=2, pingpong=True),
-    MosaicForward(bk=128, stages=2, persistent=True),
-    MosaicForward(bk=128, stages=2, pingpong=True, persistent=True),
-    MosaicForward(bk=64, stages=4, pingpong=True, persistent=True),
+    MosaicForward(bk=64, stages=4, pingpong=True),
 ]
 
 
@@ -280,10 +283,9 @@ def mosaic_variant_rows(args, log) -> list[dict]:
             first = None
             for c in candidates:
                 geo = Geometry(length, length, 128, c.bk, True, None, False, d**-0.5, 1)
-                programs = jax.devices()[0].core_count if c.persistent else None
                 fn = jax.jit(
-                    lambda q, k, v, geo=geo, c=c, n=programs: gpu_mosaic.forward(
-                        q, k, v, geo, c.stages, False, c.pingpong, n
+                    lambda q, k, v, geo=geo, c=c: mosaic_gpu_fwd.forward(
+                        q, k, v, geo, c.stages, False, c.pingpong
                     )[0]
                 )
                 row = {"D": d, "L": length, "B": b, "H": h, **dataclasses.asdict(c)}
@@ -512,11 +514,10 @@ def markdown(
     if variants:
         lines += ["", "Mosaic GPU forward kernel alone, causal bf16 (first row per length: the"
                   " table's; max diff: vs that row's output):", "",
-                  "| D | L | bk | stages | pingpong | persistent | TFLOP/s (ms) | max diff |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| D | L | bk | stages | pingpong | TFLOP/s (ms) | max diff |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in variants:
-            cfg = (f"| {r['D']} | {r['L']} | {r['bk']} | {r['stages']} | {r['pingpong']} "
-                   f"| {r['persistent']} ")  # fmt: skip
+            cfg = f"| {r['D']} | {r['L']} | {r['bk']} | {r['stages']} | {r['pingpong']} "
             if "error" in r:
                 lines.append(cfg + f"| failed: `{r['error'].splitlines()[0][:200]}` | |")
             else:

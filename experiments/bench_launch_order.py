@@ -5,17 +5,17 @@ with ``--lowering triton``, the Triton ones.
 The kernels take their CTAs in ``_common.work_item`` order: heads in groups of
 ``tuning.heads_per_wave(tiles, heads)``, the heaviest causal tiles of a group's heads first.
 That rule plans for one wave of CTAs per SM; ``--waves`` replays it for other wave sizes
-(``tuning.wave_override``): 1 = one head at a time (each head's tiles heaviest first, the
-order before the groups), 0 = the device's SM count (the default rule), a huge value = all
-heads at once (strict heaviest-first over the whole launch).
+(``flash_attention(wave=...)``, ``Geometry.wave``): 1 = one head at a time (each head's tiles
+heaviest first, the order before the groups), 0 = the device's SM count (the default rule), a
+huge value = all heads at once (strict heaviest-first over the whole launch).
 
 Per head dim and length (causal bf16, H*D = 2048, B*L = 16384 tokens, as
 ``bench_attention.py``): the forward (``flash_attention(lowering=...)``), the backward kernels
-alone (``mgpu_bwd.backward`` with the length's default tiles, or ``gpu.backward``, from the
-same residuals) and fwd+bwd (``jax.grad``), for every wave size, and cuDNN's forward and fwd+bwd.
-Every function is compiled first; then ``--rounds`` rounds time each of them once in turn
-(``--iters`` calls back to back, blocked on the last), and the table shows each one's median
-round. Each wave size's outputs are compared with the first's (the order changes no
+alone (``mosaic_gpu_bwd.backward`` with the length's default tiles, or ``triton_bwd.backward``,
+from the same residuals) and fwd+bwd (``jax.grad``), for every wave size, and cuDNN's forward
+and fwd+bwd. Every function is compiled first; then ``--rounds`` rounds time each of them once
+in turn (``--iters`` calls back to back, blocked on the last), and the table shows each one's
+median round. Each wave size's outputs are compared with the first's (the order changes no
 arithmetic, except the order of the fused backward's float32 dQ additions).
 
 Run on a GPU:  PYTHONPATH=. python experiments/bench_launch_order.py
@@ -25,7 +25,7 @@ Writes experiments/results/<--name, default bench_launch_order>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -38,8 +38,13 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench_attention import causal_flops, fwd_bwd, make_inputs
-from kernels_pallas import tuning
-from kernels_pallas.flash_attention import flash_attention, gpu, mgpu_bwd
+from kernels_pallas.flash_attention import (
+    flash_attention,
+    mosaic_gpu_bwd,
+    triton_bwd,
+    triton_fwd,
+    tuning,
+)
 from kernels_pallas.flash_attention._common import Geometry
 
 RESULTS = Path(__file__).parent / "results"
@@ -68,10 +73,10 @@ def _max_diff(got, want) -> float:
 def _backward(lowering: str, geo: Geometry, d: int, length: int):
     """The backward kernels alone, as a function of the residuals."""
     if lowering == "mosaic":
-        tiles = mgpu_bwd.default_tiles(d, length)
-        return lambda *a: mgpu_bwd.backward(*a, geo, tiles, False)
+        tiles = mosaic_gpu_bwd.default_tiles(d, length)
+        return lambda *a: mosaic_gpu_bwd.backward(*a, geo, tiles, False)
     bs = tuning.block_sizes("gpu", length, length, d)
-    return lambda *a: gpu.backward(*a, None, None, geo, bs, False)
+    return lambda *a: triton_bwd.backward(*a, None, None, geo, bs, False)
 
 
 def case_rows(d: int, length: int, waves: list[int], opts) -> list[dict]:
@@ -83,7 +88,9 @@ def case_rows(d: int, length: int, waves: list[int], opts) -> list[dict]:
     bs = tuning.block_sizes("gpu", length, length, d)
     geo = Geometry(q_len=length, kv_len=length, bq=bs.bq, bk=bs.bk, causal=True, window=None,
                    has_segments=False, scale=1 / math.sqrt(d), groups=1)  # fmt: skip
-    out, lse2 = jax.jit(lambda q, k, v: gpu.forward(q, k, v, None, None, geo, bs, False))(q, k, v)
+    out, lse2 = jax.jit(lambda q, k, v: triton_fwd.forward(q, k, v, None, None, geo, bs, False))(
+        q, k, v
+    )
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
     residuals = (q, k, v, do, lse2, delta)
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(
@@ -95,15 +102,18 @@ def case_rows(d: int, length: int, waves: list[int], opts) -> list[dict]:
     }
     first, diffs = None, {}
     for wave in waves:
-        ours = lambda q, k, v: flash_attention(q, k, v, causal=True, lowering=opts.lowering)
+        wave_arg = wave or None  # 0: the default rule
+        ours = lambda q, k, v, w=wave_arg: flash_attention(
+            q, k, v, causal=True, lowering=opts.lowering, wave=w
+        )
+        geo_w = dataclasses.replace(geo, wave=wave_arg)
         calls = {
             "fwd": (jax.jit(ours), (q, k, v), flops),
-            "bwd": (jax.jit(_backward(opts.lowering, geo, d, length)), residuals, 2.5 * flops),
+            "bwd": (jax.jit(_backward(opts.lowering, geo_w, d, length)), residuals, 2.5 * flops),
             "fwd+bwd": (fwd_bwd(ours), (q, k, v), 3.5 * flops),
         }
-        with tuning.wave_override(wave) if wave else contextlib.nullcontext():
-            results = {mode: jax.block_until_ready(fn(*a)) for mode, (fn, a, _) in calls.items()}
-            group = tuning.heads_per_wave(length // 128, b * h)  # of 128-row tiles
+        results = {mode: jax.block_until_ready(fn(*a)) for mode, (fn, a, _) in calls.items()}
+        group = tuning.heads_per_wave(length // 128, b * h, wave_arg)  # of 128-row tiles
         if first is None:
             first = results
         else:

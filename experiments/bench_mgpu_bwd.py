@@ -1,14 +1,14 @@
 """Time arjax's Mosaic GPU flash-attention backward (``kernels_pallas/flash_attention/
-mgpu_bwd.py``) against cuDNN and arjax's Triton kernels on Hopper.
+mosaic_gpu_bwd.py``) against cuDNN and arjax's Triton kernels on Hopper.
 
 Causal bf16, D=128 (or ``--head-dim 64``), H*D = 2048, B*L = 16384 tokens (as
 ``bench_attention.py``), per length:
 
 * ``bwd``: the backward kernels alone, both fed the same residuals (``lse2`` of arjax's Triton
-  forward, ``delta``): Mosaic GPU (``mgpu_bwd.backward``, each ``--tiles`` candidate, in order;
-  by default the length's ``default_tiles`` first, then the other split/fused choices)
-  and Triton (``gpu.backward``), with the max difference of each candidate's dq/dk/dv from the
-  first's, and of the first's from Triton's, relative to their max; cuDNN's backward is its
+  forward, ``delta``): Mosaic GPU (``mosaic_gpu_bwd.backward``, each ``--tiles`` candidate, in
+  order; by default the length's ``default_tiles`` first, then the other split/fused choices)
+  and Triton (``triton_bwd.backward``), with the max difference of each candidate's dq/dk/dv
+  from the first's, and of the first's from Triton's, relative to their max; cuDNN's backward is its
   fwd+bwd time minus its fwd time. Each timing is printed as soon as it is measured.
 * ``fwd`` and ``fwd+bwd`` (``jax.grad``): cuDNN, ``flash_attention(lowering="triton")`` and
   ``flash_attention(lowering="mosaic")`` (Mosaic GPU forward and backward).
@@ -35,20 +35,25 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench_attention import causal_flops, error_text, fwd_bwd, make_inputs, time_fn
-from kernels_pallas.flash_attention import flash_attention, gpu, mgpu_bwd
+from kernels_pallas.flash_attention import (
+    flash_attention,
+    mosaic_gpu_bwd,
+    triton_bwd,
+    triton_fwd,
+)
 from kernels_pallas.flash_attention._common import Geometry
-from kernels_pallas.tuning import block_sizes
+from kernels_pallas.flash_attention.tuning import block_sizes
 
 RESULTS = Path(__file__).parent / "results"
 OTHER_TILES = {128: ("64,64,3", "64,64,2,fused"), 64: ("128,128,2", "128,128,2,fused")}
 
 
-def _tiles(text: str) -> mgpu_bwd.Tiles:
+def _tiles(text: str) -> mosaic_gpu_bwd.Tiles:
     """``bq,bk,stages`` or ``bq,bk,stages,fused`` (dQ fused into the dK/dV kernel)."""
     bq, bk, stages, *fused = text.split(",")
     if fused not in ([], ["fused"]):
         raise argparse.ArgumentTypeError(f"tiles: expected bq,bk,stages[,fused], got {text!r}")
-    return mgpu_bwd.Tiles(bq=int(bq), bk=int(bk), stages=int(stages), fused_dq=bool(fused))
+    return mosaic_gpu_bwd.Tiles(bq=int(bq), bk=int(bk), stages=int(stages), fused_dq=bool(fused))
 
 
 def _timed(row: dict, name: str, fn, args, opts, flops: float) -> None:
@@ -72,7 +77,7 @@ def _rel_diff(got, want) -> list[float]:
             for g, w in zip(got, want)]  # fmt: skip
 
 
-def backward_row(length: int, d: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict:
+def backward_row(length: int, d: int, tiles: list[mosaic_gpu_bwd.Tiles], opts) -> dict:
     """Backward kernels alone, from the residuals of arjax's Triton forward."""
     b, h = max(1, 16384 // length), 2048 // d
     q, k, v = make_inputs(b, length, h, d)
@@ -80,7 +85,9 @@ def backward_row(length: int, d: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict
     bs = block_sizes("gpu", length, length, d)
     geo = Geometry(q_len=length, kv_len=length, bq=bs.bq, bk=bs.bk, causal=True, window=None,
                    has_segments=False, scale=1 / math.sqrt(d), groups=1)  # fmt: skip
-    out, lse2 = jax.jit(lambda q, k, v: gpu.forward(q, k, v, None, None, geo, bs, False))(q, k, v)
+    out, lse2 = jax.jit(lambda q, k, v: triton_fwd.forward(q, k, v, None, None, geo, bs, False))(
+        q, k, v
+    )
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
     args = (q, k, v, do, lse2, delta)
     flops = 2.5 * causal_flops(b, h, length, d)
@@ -89,7 +96,7 @@ def backward_row(length: int, d: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict
     for n, t in enumerate(tiles):
         name = "mosaic" if n == 0 else f"mosaic_{t.bq}_{t.bk}_{t.stages}" + "_fused" * t.fused_dq
         row[name + "_tiles"] = dataclasses.asdict(t)
-        mosaic = jax.jit(lambda *a, t=t: mgpu_bwd.backward(*a, geo, t, False))
+        mosaic = jax.jit(lambda *a, t=t: mosaic_gpu_bwd.backward(*a, geo, t, False))
         _timed(row, name, mosaic, args, opts, flops)
         if name + "_ms" in row:
             got = mosaic(*args)
@@ -98,7 +105,7 @@ def backward_row(length: int, d: int, tiles: list[mgpu_bwd.Tiles], opts) -> dict
             else:
                 row[name + "_rel_diff_dq_dk_dv"] = _rel_diff(got, first)
                 print(f"{name} vs the first candidate: {row[name + '_rel_diff_dq_dk_dv']}")
-    triton = jax.jit(lambda *a: gpu.backward(*a[:6], None, None, geo, bs, False))
+    triton = jax.jit(lambda *a: triton_bwd.backward(*a[:6], None, None, geo, bs, False))
     _timed(row, "triton", triton, args, opts, flops)
     if first is not None and "triton_ms" in row:
         row["first_rel_diff_vs_triton_dq_dk_dv"] = _rel_diff(first, triton(*args))
@@ -204,7 +211,7 @@ def main() -> None:
     rows = []
     d = opts.head_dim
     for length in opts.lengths:
-        default = mgpu_bwd.default_tiles(d, length)
+        default = mosaic_gpu_bwd.default_tiles(d, length)
         others = [t for t in map(_tiles, OTHER_TILES[d]) if t != default]
         bwd = backward_row(length, d, opts.tiles or [default, *others], opts)
         names = ("cudnn",) if opts.bwd_only else ("cudnn", "triton", "mosaic")

@@ -28,7 +28,7 @@ TABLE = ROOT / "arjax" / "ops" / "auto_table.py"
 
 def _mosaic_ms(row: dict, key: str) -> float | None:
     """The time of ``impl="pallas"`` on Hopper: its default lowering is Mosaic GPU for the
-    benchmarked head dims (``kernels_pallas.tuning.gpu_lowering``)."""
+    benchmarked head dims (``kernels_pallas.flash_attention.tuning.gpu_lowering``)."""
     return row.get("arjax_mosaic_ms" if key == "dense" else "arjax_pallas_ms")
 
 

@@ -94,7 +94,7 @@ def races(monkeypatch: pytest.MonkeyPatch) -> MosaicRaces:
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-    from kernels_pallas.flash_attention import gpu_mosaic, mgpu_bwd
+    from kernels_pallas.flash_attention import mosaic_gpu_bwd, mosaic_gpu_fwd
 
     recorder, new_state = MosaicRaces(), gpu_callbacks.RaceDetectionState
 
@@ -104,7 +104,7 @@ def races(monkeypatch: pytest.MonkeyPatch) -> MosaicRaces:
 
     params = InterpretGPUParams(detect_races=True)
     monkeypatch.setattr(gpu_callbacks, "RaceDetectionState", record)
-    for module in (gpu_mosaic, mgpu_bwd):
+    for module in (mosaic_gpu_fwd, mosaic_gpu_bwd):
         monkeypatch.setattr(module, "interpret_params", lambda: params)
     return recorder
 

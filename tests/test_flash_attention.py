@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 
 from arjax.ops import attention, attention_mask, attention_reference
-from kernels_pallas import tuning
 from kernels_pallas.flash_attention import flash_attention, flash_decode
 from kernels_pallas.flash_attention._common import Geometry, kv_block_range, q_block_range
-from kernels_pallas.tuning import BlockSizes, block_sizes
+from kernels_pallas.flash_attention.tuning import BlockSizes, block_sizes
 
 F32_TOL = dict(rtol=2e-5, atol=2e-5)
 TINY = BlockSizes(16, 16, 16, 16, 16, 16)
@@ -56,7 +55,16 @@ def _value_and_grads(fn, q, k, v, w, kw):
 
 
 def _check(
-    backend, rng, case, *, grads=True, tol=F32_TOL, blocks=TINY, interpret=True, within=None
+    backend,
+    rng,
+    case,
+    *,
+    grads=True,
+    tol=F32_TOL,
+    blocks=TINY,
+    interpret=True,
+    within=None,
+    wave=None,
 ):
     """Kernel vs float32 reference within ``tol``; for bf16 inputs pass ``within`` (the
     ``within_xla_error`` fixture): no farther from the reference than plain XLA attention."""
@@ -69,7 +77,7 @@ def _check(
         kw["kv_segment_ids"] = _segments(rng, q.shape[0], k.shape[1])
     w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     flash = lambda q, k, v, **kw: flash_attention(
-        q, k, v, backend=backend, interpret=interpret, block_sizes=blocks, **kw
+        q, k, v, backend=backend, interpret=interpret, block_sizes=blocks, wave=wave, **kw
     )
     if not grads:
         out = jax.jit(lambda q, k, v: flash(q, k, v, **kw)).lower(q, k, v).compile(FAST_COMPILE)
@@ -171,8 +179,7 @@ def test_segment_tile_ranges_match_brute_force(rng):
 def test_gpu_variant_grouped_launch_order(rng, wave):
     """The Triton kernels' 1-D grids in ``work_item`` order over several groups of heads: waves
     of 1 or 6 programs give groups of 1 or 2 of the 8 (batch, head)s of 3 tiles each."""
-    with tuning.wave_override(wave):
-        _check("gpu", rng, dict(causal=True, segments=True, q_len=37, kv_len=45))
+    _check("gpu", rng, dict(causal=True, segments=True, q_len=37, kv_len=45), wave=wave)
 
 
 @pytest.mark.parametrize("d", [128, 256])

@@ -1,4 +1,4 @@
-"""Mosaic GPU flash-attention backward (``kernels_pallas/flash_attention/mgpu_bwd.py``) vs the
+"""Mosaic GPU flash-attention backward (``kernels_pallas/flash_attention/mosaic_gpu_bwd.py``) vs the
 float32 reference.
 
 Given q, k, v, an output cotangent dO and the forward residuals (base-2 log-sum-exp ``lse2``
@@ -25,8 +25,13 @@ import pytest
 from jax.extend import core as jax_core
 
 from arjax.ops import attention, attention_mask, attention_reference
-from kernels_pallas import tuning
-from kernels_pallas.flash_attention import _hopper, flash_attention, gpu_mosaic, mgpu_bwd
+from kernels_pallas.flash_attention import (
+    _hopper,
+    flash_attention,
+    mosaic_gpu_bwd,
+    mosaic_gpu_fwd,
+    tuning,
+)
 from kernels_pallas.flash_attention._common import LOG2_E, Geometry, work_item
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
@@ -67,8 +72,8 @@ def _check_backward(rng, case, within, tiles=None, interpret=True, races=None):
         q_len=case["q_len"], kv_len=case["kv_len"], bq=64, bk=64, causal=causal, window=window,
         has_segments=False, scale=scale, groups=case["h"] // case["kv_h"],
     )  # fmt: skip
-    tiles = tiles or mgpu_bwd.default_tiles(case["d"], min(case["q_len"], case["kv_len"]))
-    bwd = lambda *args: mgpu_bwd.backward(*args, geo, tiles, interpret)
+    tiles = tiles or mosaic_gpu_bwd.default_tiles(case["d"], min(case["q_len"], case["kv_len"]))
+    bwd = lambda *args: mosaic_gpu_bwd.backward(*args, geo, tiles, interpret)
     compiled = jax.jit(bwd).lower(q, k, v, do, lse2, delta).compile(FAST_COMPILE)
     grads = jax.block_until_ready(compiled(q, k, v, do, lse2, delta))
     if interpret:  # dK/dV then dQ, or the fused kernel
@@ -82,24 +87,20 @@ def _check_backward(rng, case, within, tiles=None, interpret=True, races=None):
     within(*(dict(zip(names, g)) for g in (grads, grads_ref, xla_vjp(do))))
 
 
-FUSED = {64: mgpu_bwd.Tiles(bq=128, stages=2, fused_dq=True),  # dQ blocks split by rows
-         128: mgpu_bwd.Tiles(bq=64, stages=2, fused_dq=True)}  # by columns  # fmt: skip
+FUSED = {64: mosaic_gpu_bwd.Tiles(bq=128, stages=2, fused_dq=True),  # dQ blocks split by rows
+         128: mosaic_gpu_bwd.Tiles(bq=64, stages=2, fused_dq=True)}  # by columns  # fmt: skip
 CASES = {
-    # GQA (2 query heads per KV head), one 128-row CTA per kernel with a padded boundary tile
-    "causal_d64_gqa": dict(b=1, q_len=100, kv_len=100, h=2, kv_h=1, d=64, causal=True),
-    # q_len < kv_len (queries at the end), two dQ CTAs, two dK/dV CTAs
-    "causal_d128_short_q": dict(b=1, q_len=70, kv_len=150, h=1, kv_h=1, d=128, causal=True),
+    # GQA (2 query heads per KV head), q_len < kv_len (queries at the end), padded boundary tiles
+    "causal_d64_gqa_short_q": dict(b=1, q_len=70, kv_len=130, h=2, kv_h=1, d=64, causal=True),
     # sliding window: tiles below the window are skipped, its lower edge is masked
-    "window_d64": dict(b=1, q_len=200, kv_len=250, h=1, kv_h=1, d=64, causal=True, window=70),
-    "noncausal_d128_long_q": dict(b=1, q_len=150, kv_len=90, h=1, kv_h=1, d=128, causal=False),
+    "window_d64": dict(b=1, q_len=130, kv_len=190, h=1, kv_h=1, d=64, causal=True, window=50),
+    "noncausal_d128_long_q": dict(b=1, q_len=130, kv_len=70, h=1, kv_h=1, d=128, causal=False),
 }
-# the same kinds of calls with dQ fused into the dK/dV kernel
+# dQ fused into the dK/dV kernel: its D=128 (dQ blocks by columns) and D=64 (by rows) forms
 FUSED_CASES = {
-    "causal_d64": dict(b=1, q_len=100, kv_len=100, h=1, kv_h=1, d=64, causal=True),
     "causal_d128_gqa_short_q": dict(b=1, q_len=70, kv_len=150, h=2, kv_h=1, d=128, causal=True),
-    "window_d128": dict(b=1, q_len=130, kv_len=200, h=1, kv_h=1, d=128, causal=True, window=50),
-    "noncausal_d64_fp16_gqa": dict(
-        b=2, q_len=40, kv_len=130, h=3, kv_h=1, d=64, causal=False, dtype=jnp.float16
+    "window_d64_fp16_gqa": dict(
+        b=1, q_len=40, kv_len=130, h=2, kv_h=1, d=64, causal=True, window=50, dtype=jnp.float16
     ),
 }
 
@@ -117,8 +118,11 @@ def test_mosaic_backward_fused_dq_matches_reference_grads(rng, races, within_xla
 
 def test_mosaic_backward_streamed_tiles_and_ring_depth(rng, races, within_xla_error):
     """128-wide streamed tiles with a one-slot ring, 64-wide with three slots."""
-    case = dict(b=1, q_len=200, kv_len=200, h=1, kv_h=1, d=64, causal=True)
-    for tiles in (mgpu_bwd.Tiles(bq=128, bk=128, stages=1), mgpu_bwd.Tiles(bq=64, bk=64, stages=3)):
+    case = dict(b=1, q_len=130, kv_len=130, h=1, kv_h=1, d=64, causal=True)
+    for tiles in (
+        mosaic_gpu_bwd.Tiles(bq=128, bk=128, stages=1),
+        mosaic_gpu_bwd.Tiles(bq=64, bk=64, stages=3),
+    ):
         _check_backward(rng, case, within_xla_error, tiles=tiles, races=races)
 
 
@@ -127,13 +131,13 @@ def _api_grads(fn, q, k, v, w):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
 
 
-def _check_api(rng, within, interpret: bool, races=None, fused: bool = False):
+def _check_api(rng, within, interpret: bool, races=None, fused: bool = False, wave=None):
     """``flash_attention(lowering="mosaic")``: Mosaic GPU forward, whose ``lse2`` feeds this
     backward through the custom_vjp (GQA, ragged lengths, q_len < kv_len, causal)."""
-    q, k, v, _ = _inputs(rng, b=1, q_len=90, kv_len=150, h=4, kv_h=2, d=64, dtype=jnp.bfloat16)
+    q, k, v, _ = _inputs(rng, b=1, q_len=70, kv_len=130, h=4, kv_h=2, d=64, dtype=jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     mosaic = lambda q, k, v: flash_attention(
-        q, k, v, causal=True, backend="gpu", lowering="mosaic", interpret=interpret
+        q, k, v, causal=True, backend="gpu", lowering="mosaic", interpret=interpret, wave=wave
     )
     f32 = lambda x: x.astype(jnp.float32)
     ref = lambda q, k, v: attention_reference(f32(q), f32(k), f32(v), causal=True)
@@ -147,26 +151,23 @@ def _check_api(rng, within, interpret: bool, races=None, fused: bool = False):
                                            _api_grads(xla, q, k, v, w))))  # fmt: skip
 
 
-@pytest.mark.parametrize("fused, wave", [(False, 1), (True, 2)])
-def test_flash_attention_mosaic_lowering_uses_this_backward(
-    rng, races, within_xla_error, monkeypatch, fused, wave
-):
-    """The call's default tiles, split or (from ``FUSED_DQ_MIN_LEN``, lowered here to the
-    call's length 90) with dQ fused into the dK/dV kernel; the three Mosaic kernels with their
-    CTAs in ``work_item`` order over several groups of heads: waves of 1 or 2 CTAs (the tiny
-    calls fit one real wave; every other test runs all heads as one group)."""
-    calls, backward = [], mgpu_bwd.backward
+def test_flash_attention_mosaic_lowering_uses_this_backward(rng, races, within_xla_error,
+                                                            monkeypatch):  # fmt: skip
+    """The call's default tiles (``FUSED_DQ_MIN_LEN`` lowered here to the call's length 70:
+    dQ fused into the dK/dV kernel; the split kernels are the default below it, checked by
+    ``test_default_tiles_fuse_dq_where_faster``); the Mosaic forward and backward with their
+    CTAs in ``work_item`` order over several groups of heads: waves of 2 CTAs (the tiny calls
+    fit one real wave; every other test runs all heads as one group)."""
+    calls, backward = [], mosaic_gpu_bwd.backward
 
     def spy(*args):
         calls.append(args[-2])  # the tiles
         return backward(*args)
 
-    monkeypatch.setattr(mgpu_bwd, "backward", spy)
-    if fused:
-        monkeypatch.setattr(mgpu_bwd, "FUSED_DQ_MIN_LEN", {64: 90})
-    with tuning.wave_override(wave):
-        _check_api(rng, within_xla_error, interpret=True, races=races, fused=fused)
-    assert calls == [mgpu_bwd.Tiles(bq=128, bk=128, stages=2, fused_dq=fused)]
+    monkeypatch.setattr(mosaic_gpu_bwd, "backward", spy)
+    monkeypatch.setattr(mosaic_gpu_bwd, "FUSED_DQ_MIN_LEN", {64: 70})
+    _check_api(rng, within_xla_error, interpret=True, races=races, fused=True, wave=2)
+    assert calls == [mosaic_gpu_bwd.Tiles(bq=128, bk=128, stages=2, fused_dq=True)]
 
 
 def test_launch_order_runs_heavy_tiles_of_each_head_group_first():
@@ -183,57 +184,57 @@ def test_launch_order_runs_heavy_tiles_of_each_head_group_first():
                 for g in range(batch * heads // group) for r in range(tiles)
                 for j in range(group)]  # fmt: skip
         assert list(got) == [(t, *bh) for t, bh in want], last_first
-    with tuning.wave_override(132):
-        groups = [
-            tuning.heads_per_wave(t, h) for t, h in ((16, 128), (64, 32), (256, 16), (16, 12))
-        ]
+    groups = [
+        tuning.heads_per_wave(t, h, 132) for t, h in ((16, 128), (64, 32), (256, 16), (16, 12))
+    ]
     assert groups == [8, 2, 1, 6]
-    with pytest.raises(ValueError, match="ctas must be a positive int"), tuning.wave_override(0):
-        pass
 
 
 def test_default_tiles_fuse_dq_where_faster():
     """dQ is fused from min(q_len, kv_len) = 8192 on, for both head dims (H200 runs)."""
     lengths = (2048, 4096, 8192, 32768)
     for d in (64, 128):
-        fused = [mgpu_bwd.default_tiles(d, n).fused_dq for n in lengths]
+        fused = [mosaic_gpu_bwd.default_tiles(d, n).fused_dq for n in lengths]
         assert fused == [False, False, True, True], d
 
 
 @pytest.mark.parametrize(
     "args, match",
     [
-        ((jnp.float32, 64, False, mgpu_bwd.Tiles()), "dtype must be"),
-        ((jnp.bfloat16, 96, False, mgpu_bwd.Tiles()), "head_dim must be"),
-        ((jnp.bfloat16, 64, True, mgpu_bwd.Tiles()), "segment ids"),
-        ((jnp.bfloat16, 64, False, mgpu_bwd.Tiles(bq=32)), "tile bq must be"),
-        ((jnp.bfloat16, 64, False, mgpu_bwd.Tiles(stages=0)), "stages must be"),
-        ((jnp.bfloat16, 128, False, mgpu_bwd.Tiles(128, 128, stages=4)), "shared memory"),
-        ((jnp.bfloat16, 128, False, mgpu_bwd.Tiles(fused_dq=1)), "fused_dq must be a bool"),
-        ((jnp.bfloat16, 64, False, mgpu_bwd.Tiles(bq=64, fused_dq=True)), "one 64x64 dQ block"),
+        ((jnp.float32, 64, False, mosaic_gpu_bwd.Tiles()), "dtype must be"),
+        ((jnp.bfloat16, 96, False, mosaic_gpu_bwd.Tiles()), "head_dim must be"),
+        ((jnp.bfloat16, 64, True, mosaic_gpu_bwd.Tiles()), "segment ids"),
+        ((jnp.bfloat16, 64, False, mosaic_gpu_bwd.Tiles(bq=32)), "tile bq must be"),
+        ((jnp.bfloat16, 64, False, mosaic_gpu_bwd.Tiles(stages=0)), "stages must be"),
+        ((jnp.bfloat16, 128, False, mosaic_gpu_bwd.Tiles(128, 128, stages=4)), "shared memory"),
+        ((jnp.bfloat16, 128, False, mosaic_gpu_bwd.Tiles(fused_dq=1)), "fused_dq must be a bool"),
+        (
+            (jnp.bfloat16, 64, False, mosaic_gpu_bwd.Tiles(bq=64, fused_dq=True)),
+            "one 64x64 dQ block",
+        ),
     ],
 )
 def test_unsupported_calls_raise_naming_the_problem(args, match):
     with pytest.raises(ValueError, match=match):
-        mgpu_bwd.check_supported(*args)
+        mosaic_gpu_bwd.check_supported(*args)
 
 
 def test_default_tiles_are_supported():
     for d in _hopper.HEAD_DIMS:
         for dtype in _hopper.DTYPES:
             for tiles in (
-                mgpu_bwd.default_tiles(d, 2048),
-                mgpu_bwd.default_tiles(d, 8192),
+                mosaic_gpu_bwd.default_tiles(d, 2048),
+                mosaic_gpu_bwd.default_tiles(d, 8192),
                 FUSED[d],
             ):
-                mgpu_bwd.check_supported(dtype, d, False, tiles)
+                mosaic_gpu_bwd.check_supported(dtype, d, False, tiles)
 
 
 def test_register_budgets_fit_the_launch():
     """setmaxnreg budgets: multiples of 8 in [24, 256], summing to at most what the kernel
     launches with (168 per thread), else the consumers' increase never returns."""
     assert _hopper.LAUNCH_REGS == 168
-    for kernels in (gpu_mosaic, mgpu_bwd):
+    for kernels in (mosaic_gpu_fwd, mosaic_gpu_bwd):
         regs = (kernels.CONSUMER_REGS, kernels.PRODUCER_REGS)
         assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
         launch = (_hopper.CONSUMERS + 1) * _hopper.LAUNCH_REGS
@@ -266,9 +267,9 @@ def test_gpu_kernels_give_run_state_no_literal_operands(d, causal, fused):
     vec = jax.ShapeDtypeStruct((1, 2, n), jnp.float32)
     geo = Geometry(q_len=n, kv_len=n, bq=128, bk=128, causal=causal, window=None,
                    has_segments=False, scale=d**-0.5, groups=1)  # fmt: skip
-    tiles = FUSED[d] if fused else mgpu_bwd.default_tiles(d, n)
-    fwd = lambda *a: gpu_mosaic.forward(*a, geo, stages=2, interpret=False, pingpong=pingpong)
-    bwd = lambda *a: mgpu_bwd.backward(*a, geo, tiles, False)
+    tiles = FUSED[d] if fused else mosaic_gpu_bwd.default_tiles(d, n)
+    fwd = lambda *a: mosaic_gpu_fwd.forward(*a, geo, stages=2, interpret=False, pingpong=pingpong)
+    bwd = lambda *a: mosaic_gpu_bwd.backward(*a, geo, tiles, False)
     for fn, args in ((fwd, (q, q, q)), (bwd, (q, q, q, q, vec, vec))):
         assert _run_state_literal_operands(jax.jit(fn).trace(*args).jaxpr.jaxpr) == []
 

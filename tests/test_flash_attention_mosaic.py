@@ -1,8 +1,8 @@
 """Mosaic GPU (Hopper) flash-attention forward vs the float32 reference.
 
 ``flash_attention(..., lowering="mosaic")``: the forward is the warp-specialised Mosaic GPU
-kernel (``kernels_pallas/flash_attention/gpu_mosaic.py``), the gradients its custom_vjp with
-that lowering's backward kernels (``mgpu_bwd.py``) fed the kernel's log-sum-exp. On CPU both
+kernel (``kernels_pallas/flash_attention/mosaic_gpu_fwd.py``), the gradients its custom_vjp with
+that lowering's backward kernels (``mosaic_gpu_bwd.py``) fed the kernel's log-sum-exp. On CPU both
 run in interpret mode: the Mosaic GPU interpreter runs the kernel's TMA copies, mbarrier
 pipeline and three warpgroups, but computes the two matrix products as ``jnp`` dots of the
 same shared-memory / register operands (it cannot read wgmma's transposed or register
@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import pytest
 
 from arjax.ops import attention, attention_reference
-from kernels_pallas.flash_attention import flash_attention, gpu_mosaic, mgpu_bwd
+from kernels_pallas.flash_attention import flash_attention, mosaic_gpu_bwd, mosaic_gpu_fwd
 from kernels_pallas.flash_attention._common import Geometry
-from kernels_pallas.tuning import BlockSizes, block_sizes, gpu_lowering
+from kernels_pallas.flash_attention.tuning import BlockSizes, block_sizes, gpu_lowering
 
 # forward tiles of the Mosaic kernel (128 query rows, 64 KV rows, 2 buffers); tiny backward tiles
 TILES = BlockSizes(128, 64, 16, 16, 16, 16, stages=2)
@@ -66,7 +66,7 @@ def _check(rng, case, races, within, *, blocks=TILES, interpret=True, grads=True
     run = _out_and_grads if grads else _forward
     out, g = run(mosaic, q, k, v, w)
     if interpret:  # the forward kernel, then dK/dV and dQ (or the two fused)
-        fused = mgpu_bwd.default_tiles(q.shape[-1], min(q.shape[1], k.shape[1])).fused_dq
+        fused = mosaic_gpu_bwd.default_tiles(q.shape[-1], min(q.shape[1], k.shape[1])).fused_dq
         races.check(kernels=(2 if fused else 3) if grads else 1)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = run(lambda q, k, v: attention_reference(q, k, v, **kw), *f32, w)
@@ -102,19 +102,16 @@ def test_mosaic_single_kv_buffer_and_kv_tile_128(rng, races, within_xla_error):
     _check(rng, case, races, within_xla_error, blocks=blocks)
 
 
-@pytest.mark.parametrize("stages,pingpong,programs", [(1, True, 1), (3, True, 3), (2, False, 2)])
-def test_mosaic_pingpong_and_persistent_kernel(
-    rng, races, within_xla_error, stages, pingpong, programs
-):
-    """The kernel with the consumers taking turns (``pingpong``), with one to three KV buffers,
-    as ``programs`` persistent CTAs looping over the 4 work items (2 heads x 2 query tiles; the
-    KV ring runs on across items). A window: each consumer also passes skipped KV tiles."""
+def test_mosaic_pingpong_kernel(rng, races, within_xla_error):
+    """The kernel with the consumers taking turns (``pingpong``) and three KV buffers over 4 work
+    items (2 heads x 2 query tiles). A window: each consumer also passes skipped KV tiles."""
+    stages = 3
     q_len, kv_len, window = 150, 230, 70
     q, k, v = _inputs(rng, q_len=q_len, kv_len=kv_len, h=2, kv_h=2)
     geo = Geometry(q_len, kv_len, 128, 64, True, window, False, 0.125, 1)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
-    out, lse2 = gpu_mosaic.forward(
-        pad(q, 256), pad(k, 256), pad(v, 256), geo, stages, True, pingpong, programs
+    out, lse2 = mosaic_gpu_fwd.forward(
+        pad(q, 256), pad(k, 256), pad(v, 256), geo, stages, True, pingpong=True
     )
     races.check(kernels=1)
     kw = dict(causal=True, window=window, scale=0.125)

@@ -6,10 +6,13 @@ Semantics are exactly those of ``arjax.ops.attention`` (which dispatches here fo
 head_dim]`` (GQA when ``kv_heads < heads``); with ``causal`` query ``i`` sits at position
 ``kv_len - q_len + i`` and sees keys ``j <= p``, a ``window`` w limits that to
 ``p - w < j <= p``; segment ids restrict attention to equal ids; a query that sees no key
-returns zeros. The GPU variant (Pallas Triton lowering, ``gpu.py``) and the TPU variant
-(Pallas Mosaic TPU, ``tpu.py``) are picked by ``backend``; on CPU they run in interpret mode.
-On GPU the forward may instead be the Hopper kernel in Pallas Mosaic GPU (``gpu_mosaic.py``,
-``lowering="mosaic"``), and then the backward is the Hopper one too (``mgpu_bwd.py``).
+returns zeros. One file per lowering and pass: Pallas Triton (``triton_fwd.py`` with the
+split-KV decode, ``triton_bwd.py``), Pallas Mosaic TPU (``mosaic_tpu_fwd.py``,
+``mosaic_tpu_bwd.py``), picked by ``backend``; on CPU they run in interpret mode. On Hopper
+GPUs the kernels may instead be Pallas Mosaic GPU (``lowering="mosaic"``: ``mosaic_gpu_fwd.py``,
+``mosaic_gpu_bwd.py``, helpers in ``_hopper.py``). Launch parameters: ``tuning.py``, one
+frozen dataclass per lowering (``BlockSizes`` for Triton and Mosaic TPU, ``MosaicForward`` and
+``mosaic_gpu_bwd.Tiles`` for Mosaic GPU), passed down as static arguments.
 """
 
 from __future__ import annotations
@@ -22,10 +25,18 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from kernels_pallas import tuning
-from kernels_pallas.flash_attention import _hopper, gpu, gpu_mosaic, mgpu_bwd, tpu
+from kernels_pallas.flash_attention import (
+    _hopper,
+    mosaic_gpu_bwd,
+    mosaic_gpu_fwd,
+    mosaic_tpu_bwd,
+    mosaic_tpu_fwd,
+    triton_bwd,
+    triton_fwd,
+    tuning,
+)
 from kernels_pallas.flash_attention._common import Geometry, pad_to
-from kernels_pallas.tuning import BlockSizes
+from kernels_pallas.flash_attention.tuning import BlockSizes
 
 BACKENDS = ("gpu", "tpu")
 LOWERINGS = ("triton", "mosaic")  # GPU forward: Pallas Triton or Pallas Mosaic GPU (Hopper)
@@ -112,7 +123,7 @@ class _Call:
     q_pad: int  # padded lengths / head_dim
     kv_pad: int
     d_pad: int
-    bwd_tiles: mgpu_bwd.Tiles | None = None  # the Hopper backward's (lowering "mosaic")
+    bwd_tiles: mosaic_gpu_bwd.Tiles | None = None  # the Hopper backward's (lowering "mosaic")
 
 
 def _prepare(call: _Call, q, k, v, q_seg, kv_seg):
@@ -131,13 +142,11 @@ def _forward(call: _Call, q, k, v, q_seg, kv_seg):
     args = _prepare(call, q, k, v, q_seg, kv_seg)
     if call.lowering == "mosaic":
         row = tuning.mosaic_forward(d)
-        # persistent: one CTA per SM (core_count: SMs of a GPU device)
-        programs = getattr(jax.devices()[0], "core_count", None) if row.persistent else None
-        out, lse2 = gpu_mosaic.forward(
-            *args[:3], call.geo, call.blocks.stages, call.interpret, row.pingpong, programs
+        out, lse2 = mosaic_gpu_fwd.forward(
+            *args[:3], call.geo, call.blocks.stages, call.interpret, row.pingpong
         )
     else:
-        kernel = gpu.forward if call.backend == "gpu" else tpu.forward
+        kernel = triton_fwd.forward if call.backend == "gpu" else mosaic_tpu_fwd.forward
         out, lse2 = kernel(*args, call.geo, call.blocks, call.interpret)
     return out[:, :q_len, :, :d], lse2[:, :, :q_len]
 
@@ -164,10 +173,10 @@ def _flash_bwd(call: _Call, res, d_out):
     qp, kp, vp, q_seg, kv_seg = _prepare(call, q, k, v, q_seg, kv_seg)
     dop = pad_to(pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
     if call.lowering == "mosaic":  # Hopper backward: dk/dv come back summed per KV head
-        dq, dk, dv = mgpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, call.bwd_tiles,
+        dq, dk, dv = mosaic_gpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, call.bwd_tiles,
                                        call.interpret)  # fmt: skip
         return dq[:, :q_len, :, :d], dk[:, :kv_len, :, :d], dv[:, :kv_len, :, :d], None, None
-    kernel = gpu.backward if call.backend == "gpu" else tpu.backward
+    kernel = triton_bwd.backward if call.backend == "gpu" else mosaic_tpu_bwd.backward
     dq, dk, dv = kernel(qp, kp, vp, dop, lse2, delta, q_seg, kv_seg, call.geo, call.blocks,
                         call.interpret)  # fmt: skip
     dq = dq[:, :q_len, :, :d]
@@ -197,6 +206,7 @@ def flash_attention(
     interpret: bool | None = None,
     block_sizes: BlockSizes | None = None,
     lowering: str | None = None,
+    wave: int | None = None,
 ) -> jax.Array:
     """Flash attention (FlashAttention-2, Dao 2023) with block-sparse tile skipping.
 
@@ -205,10 +215,13 @@ def flash_attention(
     platform's (GPU kernels on CPU); ``interpret`` defaults to True off that platform.
     ``lowering`` (GPU only) picks the kernels: ``"triton"`` or ``"mosaic"`` (Hopper forward and
     backward, FlashAttention-3 style; bf16/fp16, head_dim 64/128, no segment ids), default: the rule
-    :func:`kernels_pallas.tuning.gpu_lowering`.
-    ``block_sizes`` overrides the tiles from :func:`kernels_pallas.tuning.block_sizes`.
+    :func:`.tuning.gpu_lowering`.
+    ``block_sizes`` overrides the tiles from :func:`.tuning.block_sizes`. ``wave``: CTAs per
+    wave the GPU launch order plans for (``tuning.heads_per_wave``; default the SM count).
     """
     _validate(q, k, v, causal, window, q_segment_ids, kv_segment_ids, backend, "flash_attention")
+    if wave is not None and (isinstance(wave, bool) or not isinstance(wave, int) or wave < 1):
+        raise ValueError(f"flash_attention: wave must be a positive int or None, got {wave!r}")
     backend, interpret = _resolve(backend, interpret)
     b, q_len, h, d = q.shape
     kv_len = k.shape[1]
@@ -218,9 +231,9 @@ def flash_attention(
     blocks = block_sizes or tuning.block_sizes(backend, q_len, kv_len, d, lowering)
     bwd_tiles = None
     if lowering == "mosaic":
-        gpu_mosaic.check_supported(q.dtype, d, q_segment_ids is not None, blocks)
-        bwd_tiles = mgpu_bwd.default_tiles(d, min(q_len, kv_len))
-        mgpu_bwd.check_supported(q.dtype, d, q_segment_ids is not None, bwd_tiles)
+        mosaic_gpu_fwd.check_supported(q.dtype, d, q_segment_ids is not None, blocks)
+        bwd_tiles = mosaic_gpu_bwd.default_tiles(d, min(q_len, kv_len))
+        mosaic_gpu_bwd.check_supported(q.dtype, d, q_segment_ids is not None, bwd_tiles)
     q_tile = max(blocks.bq, blocks.bwd_bq_dq, blocks.bwd_bq_dkv)
     kv_tile = max(blocks.bk, blocks.bwd_bk_dq, blocks.bwd_bk_dkv)
     geo = Geometry(
@@ -233,6 +246,7 @@ def flash_attention(
         has_segments=q_segment_ids is not None,
         scale=1.0 / math.sqrt(d) if scale is None else float(scale),
         groups=h // k.shape[2],
+        wave=wave,
     )
     call = _Call(
         geo=geo,
@@ -342,7 +356,7 @@ def flash_decode(
         qseg_rows = pad_to(qseg_rows, 1, rows_pad)
         kv_seg = pad_to(kv_segment_ids.astype(jnp.int32), 1, kv_pad)
     blocks = tuning.block_sizes("gpu", rows_pad, kv_len, d)
-    o, lse2 = gpu.decode(
+    o, lse2 = triton_fwd.decode(
         q_rows, k, v, qseg_rows, kv_seg, geo, q_len, num_splits, blocks, interpret
     )  # o [b, hk, S, rows, d], lse2 [b, hk, S, rows]
     seen = jnp.isfinite(lse2)  # lse2 is +inf for rows of a split that saw no key

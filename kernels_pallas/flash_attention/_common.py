@@ -36,6 +36,7 @@ class Geometry:
     has_segments: bool
     scale: float
     groups: int
+    wave: int | None = None  # CTAs per wave the GPU launch order plans for (None: SM count)
 
     @property
     def nq(self) -> int:

@@ -1,7 +1,7 @@
-"""What the Hopper (Pallas Mosaic GPU) forward ``gpu_mosaic.py`` and backward ``mgpu_bwd.py``
-share: the warpgroup geometry (FlashAttention-3 sec. 3.1: two 64-row wgmma consumer
-warpgroups), the calls they support, and the pieces that differ between the GPU and the CPU
-interpreter."""
+"""What the Hopper (Pallas Mosaic GPU) forward ``mosaic_gpu_fwd.py`` and backward
+``mosaic_gpu_bwd.py`` share: the warpgroup geometry (FlashAttention-3 sec. 3.1: two 64-row
+wgmma consumer warpgroups), the calls they support, and the pieces that differ between the GPU
+and the CPU interpreter."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""GPU flash attention in Pallas (Triton lowering): forward, backward, split-KV decode.
+"""GPU flash attention in Pallas (Triton lowering): forward and split-KV decode (the backward
+is ``triton_bwd.py``; the helpers here are shared with it).
 
 Layout is arjax's native ``[batch, len, heads, head_dim]`` (no transposes); head_dim is padded
-to a power of two >= 16 and lengths to tile multiples by the caller (``api.py``).
+to a power of two >= 16 and lengths to tile multiples by the caller (``__init__.py``).
 
 * forward: one program per (q tile, batch, head), each streaming its visible KV tiles
   (FlashAttention-2, Dao 2023, alg. 1) in three loops -- masked edge, unmasked interior,
@@ -16,12 +17,11 @@ to a power of two >= 16 and lengths to tile multiples by the caller (``api.py``)
   programs, and the partial results are merged by log-sum-exp.
 
 The forward and backward grids are 1-D, in ``_common.work_item`` order: heaviest causal tiles
-first over groups of heads (``tuning.heads_per_wave``), as the Hopper kernels.
+first over groups of heads (``tuning.heads_per_wave``; ``Geometry.wave``), as the Hopper kernels.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -32,33 +32,29 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.flash_attention._common import (
     Geometry,
-    backward_tile,
-    dot_nn,
     dot_nt,
-    dot_tn,
     finalize,
     kv_block_range,
     online_softmax_step,
-    q_block_range,
     segment_tile_ranges,
     tile_mask,
     work_item,
 )
-from kernels_pallas.tuning import BlockSizes, heads_per_wave
+from kernels_pallas.flash_attention.tuning import BlockSizes, heads_per_wave
 
 
-def _params(bs: BlockSizes, bwd: bool = False) -> plgpu.CompilerParams:
+def compiler_params(bs: BlockSizes, bwd: bool = False) -> plgpu.CompilerParams:
     if bwd:
         return plgpu.CompilerParams(num_warps=bs.bwd_warps, num_stages=bs.bwd_stages)
     return plgpu.CompilerParams(num_warps=bs.warps, num_stages=bs.stages)
 
 
-def _launch_order(tiles: int, b: int, h: int, last_first: bool):
+def launch_order(tiles: int, b: int, h: int, last_first: bool, wave: int | None):
     """A 1-D grid of ``tiles * b * h`` programs in ``work_item`` order, whose heaviest causal
     tile is the last one (``last_first``: query tiles) or the first (KV tiles). Returns
     ``where(p) -> (tile, batch, head)`` and ``spec(block_shape, index_map)``: a BlockSpec whose
     ``index_map(tile, batch, head)`` is called with ``where(p)``."""
-    group = heads_per_wave(tiles, b * h)
+    group = heads_per_wave(tiles, b * h, wave)
     where = lambda p: work_item(p, tiles, b, h, group, last_first)  # noqa: E731
 
     def spec(block_shape, index_map) -> pl.BlockSpec:
@@ -67,14 +63,14 @@ def _launch_order(tiles: int, b: int, h: int, last_first: bool):
     return where, spec
 
 
-def _segments_overlap(q_seg, k_seg):
+def segments_overlap(q_seg, k_seg):
     """Can tiles of segment ids ``q_seg [rows, 1]``, ``k_seg [1, cols]`` share a segment?
     Conservative min/max range test (exact for sorted, packed documents)."""
     q_seg, k_seg = q_seg[:, 0], k_seg[0, :]
     return (jnp.min(q_seg) <= jnp.max(k_seg)) & (jnp.min(k_seg) <= jnp.max(q_seg))
 
 
-def _narrow(bounds, rng_ref):
+def narrow(bounds, rng_ref):
     """Intersect block ``bounds`` (lo, full_lo, full_hi, hi; with segment ids every tile is
     masked, so full_lo == full_hi == hi) with the tile's segment range ``rng_ref`` = [lo, hi)."""
     if rng_ref is None:
@@ -110,7 +106,7 @@ def _stream_kv(q, q_idx, q_seg, k_ref, v_ref, kseg_ref, bounds, geo: Geometry):
             return step(j, carry, True)
         k_seg = kseg_ref[pl.ds(pl.multiple_of(j * bk, bk), bk)][None, :]
         return lax.cond(
-            _segments_overlap(q_seg, k_seg), lambda c: step(j, c, True), lambda c: c, carry
+            segments_overlap(q_seg, k_seg), lambda c: step(j, c, True), lambda c: c, carry
         )
 
     carry = (
@@ -131,7 +127,7 @@ def _fwd_kernel(*refs, geo: Geometry, where):
     q_first = where(pl.program_id(0))[0] * geo.bq
     q_idx = q_first + jnp.arange(geo.bq, dtype=jnp.int32)[:, None]
     q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
-    bounds = _narrow(kv_block_range(q_first, q_first + geo.bq - 1, geo), rng_ref)
+    bounds = narrow(kv_block_range(q_first, q_first + geo.bq - 1, geo), rng_ref)
     m, row_sum, acc = _stream_kv(q_ref[...], q_idx, q_seg, k_ref, v_ref, kseg_ref, bounds, geo)
     out, lse2 = finalize(m, row_sum, acc)
     o_ref[...] = out.astype(o_ref.dtype)
@@ -143,7 +139,7 @@ def forward(q, k, v, q_seg, kv_seg, geo: Geometry, bs: BlockSizes, interpret: bo
     b, lq, h, d = q.shape
     lk = k.shape[1]
     g, nq = geo.groups, geo.nq
-    where, spec = _launch_order(nq, b, h, last_first=True)
+    where, spec = launch_order(nq, b, h, last_first=True, wave=geo.wave)
     in_specs = [
         spec((None, geo.bq, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
         spec((None, lk, None, d), lambda i, b_, h_: (b_, 0, h_ // g, 0)),
@@ -169,188 +165,10 @@ def forward(q, k, v, q_seg, kv_seg, geo: Geometry, bs: BlockSizes, interpret: bo
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((b, h, lq), jnp.float32),
         ],
-        compiler_params=_params(bs),
+        compiler_params=compiler_params(bs),
         interpret=interpret,
         name="arjax_flash_fwd",
     )(*args)
-
-
-def _dq_kernel(*refs, geo: Geometry, where):
-    """dQ of one query tile, streaming the KV tiles it sees."""
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), dq_ref = refs[:6], refs[-1]
-    qseg_ref, kseg_ref, rng_ref = refs[6:9] if geo.has_segments else (None, None, None)
-    bq, bk = geo.bq, geo.bk
-    q_first = where(pl.program_id(0))[0] * bq
-    q_idx = q_first + jnp.arange(bq, dtype=jnp.int32)[:, None]
-    q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
-    q, do = q_ref[...], do_ref[...]
-    lse2, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-    lo, full_lo, full_hi, hi = _narrow(kv_block_range(q_first, q_first + bq - 1, geo), rng_ref)
-
-    def step(j, dq, masked):
-        start = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(start, bk), :]
-        v = v_ref[pl.ds(start, bk), :]
-        mask = None
-        if masked:
-            k_seg = None if kseg_ref is None else kseg_ref[pl.ds(start, bk)][None, :]
-            k_idx = start + jnp.arange(bk, dtype=jnp.int32)[None, :]
-            mask = tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
-        _, ds = backward_tile(q, k, v, do, lse2, delta, mask, geo)
-        return dq + dot_nn(ds.astype(k.dtype), k)
-
-    def masked_step(j, dq):
-        if kseg_ref is None:
-            return step(j, dq, True)
-        k_seg = kseg_ref[pl.ds(pl.multiple_of(j * bk, bk), bk)][None, :]
-        return lax.cond(
-            _segments_overlap(q_seg, k_seg), lambda c: step(j, c, True), lambda c: c, dq
-        )
-
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(lo, full_lo, masked_step, dq)
-    dq = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), dq)
-    dq = lax.fori_loop(full_hi, hi, masked_step, dq)
-    dq_ref[...] = (dq * geo.scale).astype(dq_ref.dtype)
-
-
-def _dkv_kernel(*refs, geo: Geometry, where):
-    """dK, dV of one KV tile, streaming the q tiles that see it."""
-    n_in = 6 + 3 * geo.has_segments
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (dk_ref, dv_ref) = refs[:6], refs[n_in:]
-    qseg_ref, kseg_ref, rng_ref = refs[6:9] if geo.has_segments else (None, None, None)
-    bq, bk = geo.bq, geo.bk
-    k_first = where(pl.program_id(0))[0] * bk
-    k_idx = k_first + jnp.arange(bk, dtype=jnp.int32)[None, :]
-    k_seg = None if kseg_ref is None else kseg_ref[...][None, :]
-    k, v = k_ref[...], v_ref[...]
-    lo, full_lo, full_hi, hi = _narrow(q_block_range(k_first, k_first + bk - 1, geo), rng_ref)
-
-    def step(i, carry, masked):
-        dk, dv = carry
-        start = pl.multiple_of(i * bq, bq)
-        q = q_ref[pl.ds(start, bq), :]
-        do = do_ref[pl.ds(start, bq), :]
-        lse2 = lse_ref[pl.ds(start, bq)][:, None]
-        delta = delta_ref[pl.ds(start, bq)][:, None]
-        mask = None
-        if masked:
-            q_seg = None if qseg_ref is None else qseg_ref[pl.ds(start, bq)][:, None]
-            q_idx = start + jnp.arange(bq, dtype=jnp.int32)[:, None]
-            mask = tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
-        p, ds = backward_tile(q, k, v, do, lse2, delta, mask, geo)
-        dv = dv + dot_tn(p.astype(do.dtype), do)
-        dk = dk + dot_tn(ds.astype(q.dtype), q)
-        return dk, dv
-
-    def masked_step(i, carry):
-        if qseg_ref is None:
-            return step(i, carry, True)
-        q_seg = qseg_ref[pl.ds(pl.multiple_of(i * bq, bq), bq)][:, None]
-        return lax.cond(
-            _segments_overlap(q_seg, k_seg), lambda c: step(i, c, True), lambda c: c, carry
-        )
-
-    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    carry = lax.fori_loop(lo, full_lo, masked_step, carry)
-    carry = lax.fori_loop(full_lo, full_hi, lambda i, c: step(i, c, False), carry)
-    dk, dv = lax.fori_loop(full_hi, hi, masked_step, carry)
-    dk_ref[...] = (dk * geo.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, interpret: bool):
-    """Gradients for padded inputs; dk/dv come back per query head ``[b, Lk, h, d]``
-    (float32 when heads share a KV head, to be summed over the group by the caller)."""
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
-    g = geo.groups
-    geo_q = dataclasses.replace(geo, bq=bs.bwd_bq_dq, bk=bs.bwd_bk_dq)
-    geo_k = dataclasses.replace(geo, bq=bs.bwd_bq_dkv, bk=bs.bwd_bk_dkv)
-    seg_args, dq_args = [], []
-    if geo.has_segments:
-        seg_args = [q_seg, kv_seg]
-        dq_args = [q_seg, kv_seg, segment_tile_ranges(q_seg, kv_seg, geo_q.bq, geo_q.bk)]
-
-    # dQ: a program per q tile, streaming KV.
-    bq = geo_q.bq
-    where, spec = _launch_order(geo_q.nq, b, h, last_first=True)
-    row = lambda i, b_, h_: (b_, i, h_, 0)
-    kv_full = lambda i, b_, h_: (b_, 0, h_ // g, 0)
-    seg_specs = (
-        [
-            spec((None, bq), lambda i, b_, h_: (b_, i)),
-            spec((None, lk), lambda i, b_, h_: (b_, 0)),
-            spec((None, 2), lambda i, b_, h_: (b_, i)),
-        ]
-        if geo.has_segments
-        else []
-    )
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, geo=geo_q, where=where),
-        grid=(geo_q.nq * b * h,),
-        in_specs=[
-            spec((None, bq, None, d), row),
-            spec((None, lk, None, d), kv_full),
-            spec((None, lk, None, d), kv_full),
-            spec((None, bq, None, d), row),
-            spec((None, None, bq), lambda i, b_, h_: (b_, h_, i)),
-            spec((None, None, bq), lambda i, b_, h_: (b_, h_, i)),
-            *seg_specs,
-        ],
-        out_specs=spec((None, bq, None, d), row),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(bs, bwd=True),
-        interpret=interpret,
-        name="arjax_flash_dq",
-    )(q, k, v, do, lse2, delta, *dq_args)
-
-    dk, dv = _dkv_call(q, k, v, do, lse2, delta, seg_args, geo_k, bs, interpret)
-    return dq, dk, dv
-
-
-def _dkv_call(q, k, v, do, lse2, delta, seg_args, geo_k, bs, interpret):
-    """dK/dV per query head: a program per KV tile, each streaming q."""
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
-    g = geo_k.groups
-    bk = geo_k.bk
-    where, spec = _launch_order(geo_k.nk, b, h, last_first=False)
-    kv_row = lambda j, b_, h_: (b_, j, h_ // g, 0)
-    q_full = lambda j, b_, h_: (b_, 0, h_, 0)
-    seg_specs = (
-        [
-            spec((None, lq), lambda j, b_, h_: (b_, 0)),
-            spec((None, bk), lambda j, b_, h_: (b_, j)),
-            spec((None, 2), lambda j, b_, h_: (b_, j)),
-        ]
-        if geo_k.has_segments
-        else []
-    )
-    if seg_args:  # per KV tile, the q tiles holding its segments' queries
-        q_seg, kv_seg = seg_args
-        seg_args = [q_seg, kv_seg, segment_tile_ranges(kv_seg, q_seg, bk, geo_k.bq)]
-    out_dtype = k.dtype if g == 1 else jnp.float32
-    out_spec = spec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0))
-    out_shape = jax.ShapeDtypeStruct((b, lk, h, d), out_dtype)
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, geo=geo_k, where=where),
-        grid=(geo_k.nk * b * h,),
-        in_specs=[
-            spec((None, lq, None, d), q_full),
-            spec((None, bk, None, d), kv_row),
-            spec((None, bk, None, d), kv_row),
-            spec((None, lq, None, d), q_full),
-            spec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
-            spec((None, None, lq), lambda j, b_, h_: (b_, h_, 0)),
-            *seg_specs,
-        ],
-        out_specs=[out_spec, out_spec],
-        out_shape=[out_shape, out_shape],
-        compiler_params=_params(bs, bwd=True),
-        interpret=interpret,
-        name="arjax_flash_dkv",
-    )(q, k, v, do, lse2, delta, *seg_args)
 
 
 def _decode_kernel(*refs, geo: Geometry, q_tokens: int, split_tiles: int):
@@ -404,7 +222,7 @@ def decode(q_rows, k, v, qseg_rows, kv_seg, geo, q_tokens, splits, bs: BlockSize
             jax.ShapeDtypeStruct((b, hk, splits, rows, d), jnp.float32),
             jax.ShapeDtypeStruct((b, hk, splits, rows), jnp.float32),
         ],
-        compiler_params=_params(bs),
+        compiler_params=compiler_params(bs),
         interpret=interpret,
         name="arjax_flash_decode",
     )(*args)

@@ -8,15 +8,15 @@ warpgroups each own 64 query rows (one wgmma M), compute ``S = Q K^T`` and ``O +
 wgmma (float32 accumulators in registers, ``P`` cast to the input dtype) and run the online
 softmax in registers (FlashAttention-2, alg. 1, base-2 logits as in ``_common``). Options
 (``tuning.MOSAIC_TABLE``): the consumers' pingpong schedule on the tensor cores (FA-3 sec. 3.2;
-on for D=128) and persistent CTAs (one per SM, looping over the query tiles; off); see
-``_forward_kernel``.
+on for D=128); see ``_forward_kernel``.
 
 KV tiles outside a warpgroup's causal / sliding-window range are skipped (``kv_block_range``
 per warpgroup; the producer loads the union of the two ranges, a warpgroup only waits on and
 releases the buffers of tiles it skips); only boundary tiles are masked. The outputs are ``o``
 and the base-2 log-sum-exp ``lse2 [batch, heads, q_len]``, exactly what the backward kernels
-consume (Triton ``gpu.py``, Mosaic GPU ``mgpu_bwd.py``). Lengths are padded by the caller
-(query to 128 rows, KV to the tile); padded keys are masked, padded query rows sliced off.
+consume (Triton ``triton_bwd.py``, Mosaic GPU ``mosaic_gpu_bwd.py``). Lengths are padded by
+the caller (query to 128 rows, KV to the tile); padded keys are masked, padded query rows
+sliced off.
 
 Interpret mode (CPU tests) runs the same kernel -- TMA copies, barriers, warp specialisation,
 masks, softmax, epilogue -- except the two matrix products: the Mosaic GPU interpreter cannot
@@ -53,7 +53,7 @@ from kernels_pallas.flash_attention._hopper import (
     interpret_params,
     iota,
 )
-from kernels_pallas.tuning import BlockSizes, heads_per_wave
+from kernels_pallas.flash_attention.tuning import BlockSizes, heads_per_wave
 
 TILE_Q = ROWS * CONSUMERS  # query rows per CTA
 KV_TILES = (64, 128)
@@ -122,7 +122,8 @@ def _acc_pv(acc, p, v_smem, interpret: bool):
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn, *, geo,
                     stages, pingpong, programs, group, interpret):  # fmt: skip
-    """Persistent CTAs: program ``p`` computes the work items ``p, p + programs, ...``, each
+    """Program ``p`` computes the work items ``p, p + programs, ...`` (``forward`` launches one
+    program per item), each
     128 query rows of one (batch, head), in ``work_item`` order over groups of ``group``
     (batch, head)s: heaviest causal tiles first.
     Refs are ``[b, len, heads, d]`` in GMEM. The KV ring runs on across items (a global step
@@ -276,12 +277,12 @@ def forward(
     stages: int,
     interpret: bool,
     pingpong: bool = False,
-    programs: int | None = None,
 ):
     """Padded ``q [b, Lq, h, d]``, ``k/v [b, Lk, hk, d]`` (``geo.bq`` = 128 query and ``geo.bk``
     KV rows per tile, ``stages`` KV buffers); returns ``(o [b, Lq, h, d], lse2 [b, h, Lq]``
-    float32); rows past ``geo.nq`` tiles are left unwritten. ``programs``: persistent CTAs
-    (default: one per work item); ``pingpong``: see ``_forward_kernel``."""
+    float32); rows past ``geo.nq`` tiles are left unwritten; one CTA per work item (persistent
+    CTAs were slower: ``experiments/results/bench_attention_variants.md``); ``pingpong``: see
+    ``_forward_kernel``."""
     b, lq, h, d = q.shape
     bk = geo.bk
     # wgmma operands: 128-byte swizzled (8 x 64-element) tiles; d is 64 or 128 (2-byte types)
@@ -301,15 +302,14 @@ def forward(
         (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=CONSUMERS),
     )
-    n_items = geo.nq * b * h
-    programs = n_items if programs is None else min(programs, n_items)
+    programs = geo.nq * b * h
     kernel = functools.partial(
         _forward_kernel,
         geo=geo,
         stages=stages,
         pingpong=pingpong,
         programs=programs,
-        group=heads_per_wave(geo.nq, b * h),
+        group=heads_per_wave(geo.nq, b * h, geo.wave),
         interpret=interpret,
     )
     return plgpu.kernel(

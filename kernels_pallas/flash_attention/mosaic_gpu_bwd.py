@@ -76,7 +76,7 @@ from kernels_pallas.flash_attention._hopper import (
     interpret_params,
     iota,
 )
-from kernels_pallas.tuning import heads_per_wave
+from kernels_pallas.flash_attention.tuning import heads_per_wave
 
 STREAM_TILES = (64, 128)  # allowed bq (dK/dV) and bk (dQ)
 # registers per thread after setmaxnreg: 2 x 240 + 24 = 3 x _hopper.LAUNCH_REGS
@@ -479,7 +479,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     args = (q, k, v, do, lse2, delta)
 
     geo_kv = dataclasses.replace(geo, bq=bq, bk=TILE)
-    dkv_group = heads_per_wave(geo_kv.nk, b * hk)
+    dkv_group = heads_per_wave(geo_kv.nk, b * hk, geo_kv.wave)
     dkv_kernel = functools.partial(
         _dkv_kernel,
         geo=geo_kv,
@@ -526,7 +526,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         dkv_kernel, out_type=dkv_out, scratch_types=dkv_scratch, **dkv_launch, **launch
     )(*args)
     geo_q = dataclasses.replace(geo, bq=TILE, bk=tiles.bk)
-    dq_group = heads_per_wave(geo_q.nq, b * h)
+    dq_group = heads_per_wave(geo_q.nq, b * h, geo_q.wave)
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, geo=geo_q, stages=s, group=dq_group, interpret=interpret),
         out_type=jax.ShapeDtypeStruct(q.shape, dt),

@@ -7,9 +7,7 @@ decode) do not pad to a full tile; ``heads_per_wave`` orders the Hopper kernels'
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 
 import jax
 
@@ -67,20 +65,18 @@ MIN_TILE = {"gpu": 16, "tpu": 8}
 
 @dataclasses.dataclass(frozen=True)
 class MosaicForward:
-    """Mosaic GPU forward (``flash_attention/gpu_mosaic.py``, Hopper): ``bk`` KV rows per tile,
-    ``stages`` KV buffers in flight, ``pingpong``: consumers take turns on the tensor cores,
-    ``persistent``: one CTA per SM looping over the work items (else one CTA per item)."""
+    """Mosaic GPU forward (``mosaic_gpu_fwd.py``, Hopper): ``bk`` KV rows per tile, ``stages`` KV
+    buffers in flight, ``pingpong``: consumers take turns on the tensor cores."""
 
     bk: int
     stages: int
     pingpong: bool = False
-    persistent: bool = False
 
 
 # (max head_dim, MosaicForward); query tile 128. D=128: 2 buffers = 160 KiB of the 227 KiB of
 # shared memory, D=64: 4 = 160 KiB. Picked among experiments/bench_attention.py --variants
 # (experiments/results/bench_attention_variants.md): pingpong was faster at D=128 and made no
-# difference at D=64; persistent CTAs were slower for both.
+# difference at D=64; persistent CTAs (one per SM) were slower for both and are gone.
 MOSAIC_TABLE: list[tuple[int, MosaicForward]] = [
     (64, MosaicForward(bk=128, stages=4)),
     (128, MosaicForward(bk=128, stages=2, pingpong=True)),
@@ -92,40 +88,16 @@ MOSAIC_BQ = 128
 MOSAIC_FASTER_HEAD_DIMS: frozenset[int] = frozenset({64, 128})
 
 
-@contextlib.contextmanager
-def _pushed(stack: list, value) -> Iterator[None]:
-    """``value`` on top of the override ``stack`` for the duration of the context."""
-    stack.append(value)
-    try:
-        yield
-    finally:
-        stack.pop()
-
-
-_wave_override: list[int] = []
-
-
-@contextlib.contextmanager
-def wave_override(ctas: int) -> Iterator[None]:
-    """Flash-attention GPU kernels traced inside this context plan for waves of ``ctas`` CTAs
-    instead of the GPU's SM count (``experiments/bench_launch_order.py``: 1 gives every head a
-    group of its own; jit caches do not see it, so trace a fresh function per value)."""
-    if isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1:
-        raise ValueError(f"wave_override: ctas must be a positive int, got {ctas!r}")
-    with _pushed(_wave_override, ctas):
-        yield
-
-
-def heads_per_wave(tiles: int, heads: int) -> int:
+def heads_per_wave(tiles: int, heads: int, wave: int | None = None) -> int:
     """How many of ``heads`` (batch x head pairs, ``tiles`` CTAs each) the flash-attention GPU
     kernels (Hopper and Triton) interleave in their launch order
     (``flash_attention._common.work_item``): the largest divisor of ``heads`` whose tiles fit
-    one wave of CTAs, one per SM (the device's count, an H100's 132 off the GPU). Against one
+    one wave of ``wave`` CTAs (``Geometry.wave``; default one per SM: the device's count, an
+    H100's 132 off the GPU; ``experiments/bench_launch_order.py`` varies it). Against one
     head at a time and all heads at once, it was faster for the Hopper kernels
     (experiments/results/bench_launch_order.md) and the Triton forward, the other Triton cells
     within noise (bench_launch_order_triton.md)."""
-    sms = _wave_override[-1] if _wave_override else None
-    sms = sms or getattr(jax.devices()[0], "core_count", None) or 132
+    sms = wave or getattr(jax.devices()[0], "core_count", None) or 132
     cap = max(1, sms // tiles)
     return max(g for g in range(1, min(cap, heads) + 1) if heads % g == 0)
 
