@@ -12,8 +12,9 @@ recomputing the chunk's ``T``, ``W`` and ``U``, and carries ``dL/dS``. ``(I + A)
 built by block doubling (MMAs only), so ``chunk_size`` is a power of two. The in-chunk
 cumulative log decay and its transpose (a reverse cumsum) are XLA around the kernels.
 
-Drivers (one file per lowering): ``backend="gpu"`` Pallas Triton (:mod:`.triton`),
-``"tpu"`` Pallas Mosaic TPU (:mod:`.mosaic_tpu`); both run in interpret mode on CPU.
+Drivers (one file per lowering and pass): ``backend="gpu"`` Pallas Triton (:mod:`.triton_fwd`,
+:mod:`.triton_bwd`), ``"tpu"`` Pallas Mosaic TPU (:mod:`.mosaic_tpu_fwd`,
+:mod:`.mosaic_tpu_bwd`); both run in interpret mode on CPU.
 The float32 reference is :func:`arjax.ops.gated_delta_rule_reference` (the recurrence).
 """
 
@@ -25,11 +26,11 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from kernels_pallas.gated_delta import mosaic_tpu, triton
+from kernels_pallas.gated_delta import mosaic_tpu_bwd, mosaic_tpu_fwd, triton_bwd, triton_fwd
 from kernels_pallas.gated_delta._chunk import F32, Cfg
 
 BACKENDS = ("gpu", "tpu")
-_DRIVERS = {"gpu": triton, "tpu": mosaic_tpu}
+_DRIVERS = {"gpu": (triton_fwd, triton_bwd), "tpu": (mosaic_tpu_fwd, mosaic_tpu_bwd)}
 
 
 def _pow2(n: int) -> bool:
@@ -108,14 +109,14 @@ def _inputs(q, k, v, beta, gam, docs, cfg: Cfg) -> dict:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _core(q, k, v, beta, gam, s0, docs, cfg: Cfg):
-    out, s_final, _ = _DRIVERS[cfg.backend].forward(
+    out, s_final, _ = _DRIVERS[cfg.backend][0].forward(
         _inputs(q, k, v, beta, gam, docs, cfg), s0, cfg, save_states=False
     )
     return out, s_final
 
 
 def _core_fwd(q, k, v, beta, gam, s0, docs, cfg: Cfg):
-    out, s_final, h = _DRIVERS[cfg.backend].forward(
+    out, s_final, h = _DRIVERS[cfg.backend][0].forward(
         _inputs(q, k, v, beta, gam, docs, cfg), s0, cfg, save_states=True
     )
     return (out, s_final), (q, k, v, beta, gam, docs, h)
@@ -124,7 +125,7 @@ def _core_fwd(q, k, v, beta, gam, s0, docs, cfg: Cfg):
 def _core_bwd(cfg: Cfg, res, cts):
     q, k, v, beta, gam, docs, h = res
     do, ds_final = cts
-    dq, dk, dv, dbeta, dgam_c, dgam_r, ds0 = _DRIVERS[cfg.backend].backward(
+    dq, dk, dv, dbeta, dgam_c, dgam_r, ds0 = _DRIVERS[cfg.backend][1].backward(
         _inputs(q, k, v, beta, gam, docs, cfg), h, do.astype(q.dtype), ds_final, cfg
     )
     dgam = dgam_c.sum(0)[..., 0] + rearrange(dgam_r.sum(0), "b h n 1 c -> b h (n c)")

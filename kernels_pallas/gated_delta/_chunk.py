@@ -203,3 +203,22 @@ def chunk_backward(
     dgam_r -= jnp.sum(da_a, axis=0, keepdims=True)
     dgam_c += jnp.where(_iota((c, 1), 0) == c - 1, dlast, 0.0)
     return ChunkGrads(dq, dk, dv, dbeta, dgam_c, dgam_r, ds)
+
+
+def grad_shapes(bsz: int, length: int, heads: int, dk: int, dv: int, nv: int, c: int, v_dtype,
+                *, heads_major: bool) -> list:  # fmt: skip
+    """The backward's outputs: ``dq``, ``dk`` parts ``[nv, bsz, len, heads, dk]`` (one per value
+    tile; ``heads_major``: ``[nv, bsz, heads, len, dk]``), ``dv`` likewise without ``nv``,
+    ``dbeta``/``dgam`` column parts ``[nv, bsz, heads, len, 1]``, ``dgam`` row parts ``[nv,
+    bsz, heads, chunks, 1, C]`` and ``ds0 [bsz, heads, dk, dv]``."""
+    tokens = (heads, length) if heads_major else (length, heads)
+    col = (nv, bsz, heads, length, 1)
+    return [
+        jax.ShapeDtypeStruct((nv, bsz, *tokens, dk), F32),
+        jax.ShapeDtypeStruct((nv, bsz, *tokens, dk), F32),
+        jax.ShapeDtypeStruct((bsz, *tokens, dv), v_dtype),
+        jax.ShapeDtypeStruct(col, F32),
+        jax.ShapeDtypeStruct(col, F32),
+        jax.ShapeDtypeStruct((nv, bsz, heads, length // c, 1, c), F32),
+        jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
+    ]

@@ -1,5 +1,6 @@
-"""GPU driver (Pallas Triton): grid (batch, heads, value tiles); each program runs its
-chunks in order, forward or reverse, keeping its ``[dk, bv]`` state tile in registers.
+"""GPU forward (Pallas Triton): grid (batch, heads, value tiles); each program runs its
+chunks in order (the backward, ``triton_bwd.py``, in reverse), keeping its ``[dk, bv]`` state
+tile in registers.
 
 Native layouts: ``q, k [batch, len, heads, dk]``, ``v, o [batch, len, heads, dv]``;
 ``beta``/``gam`` as columns ``[batch, heads, len, 1]``, ``gam`` also as rows ``[batch, heads,
@@ -13,10 +14,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.gated_delta._chunk import F32, Cfg, Chunk, chunk_backward, chunk_forward
+from kernels_pallas.gated_delta._chunk import F32, Cfg, Chunk, chunk_forward
 
 
-def _loader(cfg: Cfg, bi, hi, vs, refs: dict):
+def loader(cfg: Cfg, bi, hi, vs, refs: dict):
     """``load(n) -> Chunk`` for chunk ``n`` of program (bi, hi, value slice vs)."""
     c = cfg.chunk
 
@@ -36,7 +37,7 @@ def _loader(cfg: Cfg, bi, hi, vs, refs: dict):
     return load
 
 
-def _params(cfg: Cfg):
+def compiler_params(cfg: Cfg):
     return None if cfg.interpret else pltriton.CompilerParams(num_warps=4, num_stages=1)
 
 
@@ -53,7 +54,7 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
         s0_ref, o_ref, sf_ref, *h_ref = refs[len(names) :]
         bi, hi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         vs = pl.ds(pl.multiple_of(j * bv, bv), bv)
-        load = _loader(cfg, bi, hi, vs, ins)
+        load = loader(cfg, bi, hi, vs, ins)
 
         def body(n, s):
             if save_states:
@@ -72,57 +73,6 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
         out_shape.append(jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), F32))
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(bsz, heads, dv // bv), interpret=cfg.interpret,
-        compiler_params=_params(cfg), name="gated_delta_fwd",
+        compiler_params=compiler_params(cfg), name="gated_delta_fwd",
     )(*inputs.values(), s0)  # fmt: skip
     return outs[0], outs[1], (outs[2] if save_states else None)
-
-
-def backward(inputs: dict, h: jax.Array, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
-    """Reverse pass over chunks: ``(dq, dk, dbeta, dgam_c, dgam_r)`` with a leading
-    value-tile axis (parts to sum), ``dv`` and ``ds0``."""
-    names = list(inputs)
-    bsz, length, heads, dk = inputs["q"].shape
-    dv = inputs["v"].shape[3]
-    bv, n_chunks, c = cfg.block_v, length // cfg.chunk, cfg.chunk
-    nv = dv // bv
-
-    def kernel(*refs):
-        ins = dict(zip(names, refs))
-        h_ref, do_ref, dsf_ref, dq_ref, dk_ref, dv_ref, db_ref, dgc_ref, dgr_ref, ds0_ref = refs[
-            len(names) :
-        ]
-        bi, hi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        vs = pl.ds(pl.multiple_of(j * bv, bv), bv)
-        load = _loader(cfg, bi, hi, vs, ins)
-
-        def body(i, ds):
-            n = n_chunks - 1 - i
-            t = pl.ds(pl.multiple_of(n * c, c), c)
-            g = chunk_backward(
-                load(n), h_ref[bi, hi, n, :, vs], do_ref[bi, t, hi, vs].astype(F32), ds,
-                cfg.exact,
-            )  # fmt: skip
-            dq_ref[j, bi, t, hi, :] = g.dq
-            dk_ref[j, bi, t, hi, :] = g.dk
-            dv_ref[bi, t, hi, vs] = g.dv.astype(dv_ref.dtype)
-            db_ref[j, bi, hi, t, :] = g.dbeta
-            dgc_ref[j, bi, hi, t, :] = g.dgam_c
-            dgr_ref[j, bi, hi, n, :, :] = g.dgam_r
-            return g.ds
-
-        ds0_ref[bi, hi, :, vs] = lax.fori_loop(0, n_chunks, body, dsf_ref[bi, hi, :, vs])
-
-    col = (nv, bsz, heads, length, 1)
-    out_shape = [
-        jax.ShapeDtypeStruct((nv, bsz, length, heads, dk), F32),
-        jax.ShapeDtypeStruct((nv, bsz, length, heads, dk), F32),
-        jax.ShapeDtypeStruct((bsz, length, heads, dv), inputs["v"].dtype),
-        jax.ShapeDtypeStruct(col, F32),
-        jax.ShapeDtypeStruct(col, F32),
-        jax.ShapeDtypeStruct((nv, bsz, heads, n_chunks, 1, c), F32),
-        jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
-    ]
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(bsz, heads, nv), interpret=cfg.interpret,
-        compiler_params=_params(cfg), name="gated_delta_bwd",
-    )(*inputs.values(), h, do, ds_final)  # fmt: skip

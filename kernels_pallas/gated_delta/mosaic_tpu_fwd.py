@@ -1,6 +1,6 @@
-"""TPU driver (Pallas Mosaic TPU): grid (batch, heads, value tiles, chunks); the chunk axis
-is ``arbitrary`` (in order, reversed for the backward) and carries the ``[dk, bv]`` state
-tile in VMEM scratch.
+"""TPU forward (Pallas Mosaic TPU): grid (batch, heads, value tiles, chunks); the chunk axis
+is ``arbitrary`` (in order; reversed by the backward, ``mosaic_tpu_bwd.py``) and carries the
+``[dk, bv]`` state tile in VMEM scratch.
 
 Head-major layouts: ``q, k [batch, heads, len, dk]``, ``v, o [batch, heads, len, dv]``;
 ``beta``/``gam`` as columns ``[batch, heads, len, 1]``, ``gam`` also as rows ``[batch, heads,
@@ -13,10 +13,10 @@ import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.gated_delta._chunk import F32, Cfg, Chunk, chunk_backward, chunk_forward
+from kernels_pallas.gated_delta._chunk import F32, Cfg, Chunk, chunk_forward
 
 
-def _specs(names: list[str], cfg: Cfg, dk: int, n_chunks: int, *, reverse: bool) -> dict:
+def specs(names: list[str], cfg: Cfg, dk: int, n_chunks: int, *, reverse: bool) -> dict:
     """Block specs by array name over the grid (b, h, j, n)."""
     c, bv = cfg.chunk, cfg.block_v
 
@@ -43,7 +43,7 @@ def _specs(names: list[str], cfg: Cfg, dk: int, n_chunks: int, *, reverse: bool)
     return {"inputs": [table[kinds[n]] for n in names], **table}
 
 
-def _load(ins: dict, cfg: Cfg) -> Chunk:
+def load(ins: dict, cfg: Cfg) -> Chunk:
     same = reads = last = None
     if cfg.segments:
         same = ins["doc_c"][...] == ins["doc_r"][...]
@@ -55,19 +55,19 @@ def _load(ins: dict, cfg: Cfg) -> Chunk:
     )  # fmt: skip
 
 
-def _params(cfg: Cfg):
+def compiler_params(cfg: Cfg):
     return pltpu.CompilerParams(
         dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
     )
 
 
 def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
-    """``(o, s_final, h)`` as :func:`kernels_pallas.gated_delta.triton.forward`."""
+    """``(o, s_final, h)`` as :func:`kernels_pallas.gated_delta.triton_fwd.forward`."""
     names = list(inputs)
     bsz, heads, length, dk = inputs["q"].shape
     dv = inputs["v"].shape[3]
     n_chunks = length // cfg.chunk
-    sp = _specs(names, cfg, dk, n_chunks, reverse=False)
+    sp = specs(names, cfg, dk, n_chunks, reverse=False)
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
@@ -81,7 +81,7 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
         s = scratch[...]
         if save_states:
             rest[0][...] = s
-        out, s = chunk_forward(_load(ins, cfg), s, cfg.exact)
+        out, s = chunk_forward(load(ins, cfg), s, cfg.exact)
         o_ref[...] = out.astype(o_ref.dtype)
         scratch[...] = s
 
@@ -101,56 +101,6 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
         kernel, out_shape=out_shape, grid=(bsz, heads, dv // cfg.block_v, n_chunks),
         in_specs=sp["inputs"] + [sp["state"]], out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((dk, cfg.block_v), F32)], interpret=cfg.interpret,
-        compiler_params=_params(cfg), name="gated_delta_fwd",
+        compiler_params=compiler_params(cfg), name="gated_delta_fwd",
     )(*inputs.values(), s0)  # fmt: skip
     return outs[0], outs[1], (outs[2] if save_states else None)
-
-
-def backward(inputs: dict, h: jax.Array, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
-    """As :func:`kernels_pallas.gated_delta.triton.backward`, in head-major layouts."""
-    names = list(inputs)
-    bsz, heads, length, dk = inputs["q"].shape
-    dv = inputs["v"].shape[3]
-    c, n_chunks, nv = cfg.chunk, length // cfg.chunk, dv // cfg.block_v
-    sp = _specs(names, cfg, dk, n_chunks, reverse=True)
-
-    def kernel(*refs):
-        ins = dict(zip(names, refs))
-        h_ref, do_ref, dsf_ref, dq_ref, dk_ref, dv_ref, db_ref, dgc_ref, dgr_ref, ds0_ref = refs[
-            len(names) : -1
-        ]
-        scratch, n = refs[-1], pl.program_id(3)
-
-        @pl.when(n == 0)
-        def _():
-            scratch[...] = dsf_ref[...]
-
-        g = chunk_backward(
-            _load(ins, cfg), h_ref[...], do_ref[...].astype(F32), scratch[...], cfg.exact
-        )
-        dq_ref[...], dk_ref[...], dv_ref[...] = g.dq, g.dk, g.dv.astype(dv_ref.dtype)
-        db_ref[...], dgc_ref[...], dgr_ref[...] = g.dbeta, g.dgam_c, g.dgam_r
-        scratch[...] = g.ds
-
-        @pl.when(n == n_chunks - 1)
-        def _():
-            ds0_ref[...] = g.ds
-
-    col = (nv, bsz, heads, length, 1)
-    out_shape = [
-        jax.ShapeDtypeStruct((nv, bsz, heads, length, dk), F32),
-        jax.ShapeDtypeStruct((nv, bsz, heads, length, dk), F32),
-        jax.ShapeDtypeStruct((bsz, heads, length, dv), inputs["v"].dtype),
-        jax.ShapeDtypeStruct(col, F32),
-        jax.ShapeDtypeStruct(col, F32),
-        jax.ShapeDtypeStruct((nv, bsz, heads, n_chunks, 1, c), F32),
-        jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
-    ]
-    out_specs = [sp["part_k"], sp["part_k"], sp["v"], sp["part_col"], sp["part_col"],
-                 sp["part_row"], sp["state"]]  # fmt: skip
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(bsz, heads, nv, n_chunks),
-        in_specs=sp["inputs"] + [sp["h"], sp["v"], sp["state"]], out_specs=out_specs,
-        scratch_shapes=[pltpu.VMEM((dk, cfg.block_v), F32)], interpret=cfg.interpret,
-        compiler_params=_params(cfg), name="gated_delta_bwd",
-    )(*inputs.values(), h, do, ds_final)  # fmt: skip
