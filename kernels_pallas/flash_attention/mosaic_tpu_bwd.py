@@ -29,7 +29,7 @@ from kernels_pallas.flash_attention.mosaic_tpu_fwd import (
     seg_specs,
     split_refs,
     tile_mask_at,
-    tiles_overlap,
+    visibility,
 )
 from kernels_pallas.flash_attention.tuning import BlockSizes
 
@@ -39,11 +39,8 @@ def _dq_kernel(*refs, geo: Geometry):
     seg_bounds, ins, (dq_ref, dq_sc) = split_refs(refs, n_in, geo.has_segments)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins[:6]
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    lo, full_lo, full_hi, hi = kv_block_range(i * geo.bq, i * geo.bq + geo.bq - 1, geo)
-    live = (j >= lo) & (j < hi)
-    if seg_bounds is not None:
-        live = live & tiles_overlap(seg_bounds, b, i, j)
-    full = (j >= full_lo) & (j < full_hi)
+    bounds = kv_block_range(i * geo.bq, i * geo.bq + geo.bq - 1, geo)
+    live, full = visibility(j, bounds, seg_bounds, b, i, j)
 
     @pl.when(j == 0)
     def _init():
@@ -72,11 +69,8 @@ def _dkv_kernel(*refs, geo: Geometry):
     seg_bounds, ins, (dk_ref, dv_ref, dk_sc, dv_sc) = split_refs(refs, n_in, geo.has_segments)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins[:6]
     b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    lo, full_lo, full_hi, hi = q_block_range(j * geo.bk, j * geo.bk + geo.bk - 1, geo)
-    live = (i >= lo) & (i < hi)
-    if seg_bounds is not None:
-        live = live & tiles_overlap(seg_bounds, b, i, j)
-    full = (i >= full_lo) & (i < full_hi)
+    bounds = q_block_range(j * geo.bk, j * geo.bk + geo.bk - 1, geo)
+    live, full = visibility(i, bounds, seg_bounds, b, i, j)
 
     @pl.when(i == 0)
     def _init():

@@ -67,16 +67,24 @@ def tile_mask_at(i, j, seg_refs, geo: Geometry) -> jax.Array:
     return tile_mask(q_idx, k_idx, q_seg, k_seg, geo)
 
 
+def visibility(step, bounds, seg_bounds, b, i, j):
+    """``(live, full)`` of the grid's sequential ``step`` against its tile range ``bounds =
+    (lo, full_lo, full_hi, hi)``: whether tile pair (i, j) is seen at all (and, with segments,
+    their id ranges overlap), and whether it is seen whole (no mask)."""
+    lo, full_lo, full_hi, hi = bounds
+    live = (step >= lo) & (step < hi)
+    if seg_bounds is not None:
+        live = live & tiles_overlap(seg_bounds, b, i, j)
+    return live, (step >= full_lo) & (step < full_hi)
+
+
 def _fwd_kernel(*refs, geo: Geometry):
     n_in = 5 if geo.has_segments else 3
     seg_bounds, ins, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = split_refs(refs, n_in, geo.has_segments)
     q_ref, k_ref, v_ref = ins[:3]
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    lo, full_lo, full_hi, hi = kv_block_range(i * geo.bq, i * geo.bq + geo.bq - 1, geo)
-    live = (j >= lo) & (j < hi)
-    if seg_bounds is not None:
-        live = live & tiles_overlap(seg_bounds, b, i, j)
-    full = (j >= full_lo) & (j < full_hi)
+    bounds = kv_block_range(i * geo.bq, i * geo.bq + geo.bq - 1, geo)
+    live, full = visibility(j, bounds, seg_bounds, b, i, j)
 
     @pl.when(j == 0)
     def _init():
