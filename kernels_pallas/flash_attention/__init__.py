@@ -124,6 +124,7 @@ class _Call:
     kv_pad: int
     d_pad: int
     bwd_tiles: mosaic_gpu_bwd.Tiles | None = None  # the Hopper backward's (lowering "mosaic")
+    mosaic_fwd: tuning.MosaicForward | None = None  # the Hopper forward's (lowering "mosaic")
 
 
 def _prepare(call: _Call, q, k, v, q_seg, kv_seg):
@@ -141,9 +142,8 @@ def _forward(call: _Call, q, k, v, q_seg, kv_seg):
     q_len, d = q.shape[1], q.shape[3]
     args = _prepare(call, q, k, v, q_seg, kv_seg)
     if call.lowering == "mosaic":
-        row = tuning.mosaic_forward(d)
         out, lse2 = mosaic_gpu_fwd.forward(
-            *args[:3], call.geo, call.blocks.stages, call.interpret, row.pingpong
+            *args[:3], call.geo, call.blocks.stages, call.interpret, call.mosaic_fwd.pingpong
         )
     else:
         kernel = triton_fwd.forward if call.backend == "gpu" else mosaic_tpu_fwd.forward
@@ -258,6 +258,7 @@ def flash_attention(
         kv_pad=_round_up(kv_len, kv_tile),
         d_pad=_head_dim_pad(backend, d),
         bwd_tiles=bwd_tiles,
+        mosaic_fwd=tuning.mosaic_forward(d) if lowering == "mosaic" else None,
     )
     return _flash(call, q, k, v, q_segment_ids, kv_segment_ids)
 
