@@ -230,6 +230,10 @@ def main() -> None:
         hat, tf = rows[-2], rows[-1]
         hat["speedup"] = hat["bytes_per_s"] / tf["bytes_per_s"]
         print(f"batch {batch}: HAT / transformer bytes/s = {hat['speedup']:.2f}x", flush=True)
+        save(a, rows, info)  # after every batch size: a run cut short keeps what it measured
+
+
+def save(a: argparse.Namespace, rows: list[dict], info: dict) -> None:
     met = {r["batch"]: r["speedup"] >= TARGET for r in rows if "speedup" in r}
     columns = ["model", "batch", "bytes_per_s", "speedup", "bytes_per_word", "step_ms",
                "byte_path_ms", "word_path_ms"]  # fmt: skip
