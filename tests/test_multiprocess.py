@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 def test_two_processes_match_one(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one device each (conftest)
     single = subprocess.run(_cmd(tmp_path / "one"), env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
 

@@ -92,7 +92,8 @@ def _compare(name: str, got: dict, ref: dict) -> None:
 
 
 def test_sharded_step_matches_single_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(SETS), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=600,

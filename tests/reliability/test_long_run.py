@@ -119,8 +119,13 @@ def test_host_memory_flat_over_thousands_of_steps(tmp_path: Path):
     samples = json.loads(done.stdout.strip().splitlines()[-1])
     # 700 training steps with no checkpoint or eval in between. (Each Orbax save keeps ~150 KiB
     # resident for this state, inside TensorStore; see experiments/results/reliability.md.)
-    window = [b for s, b in samples if 1200 <= s <= 1900]
-    growth = window[-1] - window[0]
-    print(f"RSS steps 1200-1900: {window[0] / 2**20:.1f} -> {window[-1] / 2**20:.1f} MiB")
-    assert len(window) == 8
-    assert growth < 2 * 2**20, f"resident memory grew {growth / 2**20:.1f} MiB in 700 steps"
+    # A leak grows in every stretch of steps; the allocator's one-off jumps (a new arena page
+    # under load) land in one. So the check is on the smaller growth of two 300-step halves:
+    # a steady leak of 2.6 KiB a step (under one tiny batch) exceeds 0.75 MiB in both.
+    rss = dict(samples)
+    halves = [rss[1500] - rss[1200], rss[1900] - rss[1600]]
+    print(f"RSS steps 1200-1900: {rss[1200] / 2**20:.1f} -> {rss[1900] / 2**20:.1f} MiB")
+    assert min(halves) < 0.75 * 2**20, (
+        f"resident memory grew {halves[0] / 2**20:.2f} MiB in steps 1200-1500 and "
+        f"{halves[1] / 2**20:.2f} MiB in steps 1600-1900: a leak"
+    )
