@@ -16,7 +16,8 @@ for one byte) and word path (encoder connector + one backbone step, all rows) an
 transformer's step, and each decode cache's size per sequence. Target (issue 21): HAT >=
 2.5x the transformer's bytes/s at batch 1 and 64.
 
-    python experiments/bench_hat_decode.py                 # H200: ~1B models, < 9 minutes
+    python experiments/bench_hat_decode.py --batch-sizes 1 # H200: ~1B models; each 1B engine
+    #   compile takes ~1 minute there, so one batch size per 10-minute device call
     python experiments/bench_hat_decode.py --quick         # CPU smoke run: tiny models
 
 Prints a table and writes ``experiments/results/bench_hat_decode[_quick].{json,md}``.
