@@ -9,6 +9,7 @@ has an "arjax seed" section with the seed and the command that replays it;
 from __future__ import annotations
 
 import os
+import tempfile
 import zlib
 
 # The Mosaic GPU interpreter (tests/test_flash_attention_mosaic.py) runs a kernel's warpgroups as
@@ -20,6 +21,14 @@ os.environ.setdefault("NPROC", "8")
 # LLVM at -O0 halves them (the tiny HAT's init: 10.5 s -> 5.3 s on 2 cores). Appended to
 # XLA_FLAGS here, before the CPU client exists, so the CLI's and notebooks' child processes
 # inherit it.
+# One on-disk compilation cache for the whole run (both xdist workers, the CLI's and
+# notebooks' child processes): many tests compile the same tiny programs (a preset's train
+# step, its decode loop). Entries are keyed by the program, the XLA version and the flags, so a
+# hit is the executable a fresh compile would give.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "arjax-tests-xla-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
 ).strip()
