@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from kernels_pallas._checks import check_state_and_segments
 from kernels_pallas.gated_delta import mosaic_tpu_bwd, mosaic_tpu_fwd, triton_bwd, triton_fwd
 from kernels_pallas.gated_delta._chunk import F32, Cfg
 
@@ -60,19 +61,7 @@ def _validate(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size, 
                 f"{who}: {name} must be floating [batch, len, heads]={(b, length, h)}, "
                 f"got {x.dtype} {x.shape}"
             )
-    want = (b, h, dk, v.shape[3])
-    if initial_state is not None and (initial_state.shape != want or initial_state.dtype != F32):
-        raise ValueError(
-            f"{who}: initial_state must be float32 {want}, "
-            f"got {initial_state.dtype} {initial_state.shape}"
-        )
-    if segment_ids is not None and (
-        segment_ids.shape != (b, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)
-    ):
-        raise ValueError(
-            f"{who}: segment_ids must be integer [batch, len]={(b, length)}, "
-            f"got {segment_ids.dtype} {segment_ids.shape}"
-        )
+    check_state_and_segments(who, initial_state, segment_ids, (b, h, dk, v.shape[3]), (b, length))
     if not isinstance(chunk_size, int) or not _pow2(chunk_size):
         raise ValueError(f"{who}: chunk_size must be a power of two >= 16, got {chunk_size!r}")
     if not isinstance(block_v, int) or block_v <= 0 or v.shape[3] % block_v:

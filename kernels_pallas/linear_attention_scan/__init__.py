@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from kernels_pallas._checks import check_state_and_segments
 from kernels_pallas.linear_attention_scan import mosaic_tpu, triton_bwd, triton_fwd
 from kernels_pallas.linear_attention_scan._chunk import (
     BACKENDS,
@@ -117,21 +118,9 @@ def _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, backen
             f"chunked_linear_attention: log_decay must be [batch, len, heads]={(b, length, h)} "
             f"or [batch, len, heads, dk], got {log_decay.shape}"
         )
-    want = (b, h, dk, v.shape[3])
-    if initial_state is not None and (
-        initial_state.shape != want or initial_state.dtype != jnp.float32
-    ):
-        raise ValueError(
-            f"chunked_linear_attention: initial_state must be float32 {want}, "
-            f"got {initial_state.dtype} {initial_state.shape}"
-        )
-    if segment_ids is not None and (
-        segment_ids.shape != (b, length) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)
-    ):
-        raise ValueError(
-            f"chunked_linear_attention: segment_ids must be integer [batch, len]={(b, length)}, "
-            f"got {segment_ids.dtype} {segment_ids.shape}"
-        )
+    check_state_and_segments(
+        "chunked_linear_attention", initial_state, segment_ids, (b, h, dk, v.shape[3]), (b, length)
+    )
     if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % SUB:
         raise ValueError(
             f"chunked_linear_attention: chunk_size must be a positive multiple of {SUB}, "
