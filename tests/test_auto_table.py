@@ -36,8 +36,10 @@ def test_committed_table_is_what_the_results_give():
     results = ROOT / "experiments" / "results"
     att = json.loads((results / "bench_attention.json").read_text())
     scan = json.loads((results / "bench_scan.json").read_text())
+    gdn = json.loads((results / "bench_gated_delta.json").read_text())
     assert gen.attention_rows(att) == auto_table.ATTENTION
     assert gen.scan_rows(scan) == auto_table.SCAN
+    assert gen.gated_delta_rows(gdn) == auto_table.GATED_DELTA
 
 
 def test_table_rows_are_the_fastest_measured():
@@ -118,3 +120,17 @@ def test_scan_auto_follows_the_table(on_h200, monkeypatch):
     assert scan_resolve_impl("chunked", "auto", (128, 128, 64), gate="gated", seq_len=2048) == (
         "pallas"
     )
+
+
+def test_gated_delta_auto_follows_the_table(on_h200, monkeypatch):
+    """The gated delta rule's ``impl="auto"`` takes the jnp chunked form where it was measured
+    faster for training, the kernel where the kernel was (and on unmeasured devices)."""
+    gd = importlib.import_module("arjax.ops.gated_delta_rule")
+    table = {("hopper", 2048): {"fwd+bwd": "pallas"}, ("hopper", 8192): {"fwd+bwd": "xla"}}
+    monkeypatch.setattr(auto_table, "GATED_DELTA", table)
+    dims = (128, 128, 64)
+    assert gd.resolve_impl("chunked", "auto", dims, seq_len=2048) == "pallas"
+    assert gd.resolve_impl("chunked", "auto", dims, seq_len=16384) == "xla"  # nearest: 8192
+    assert gd.resolve_impl("chunked", "auto", (96, 128, 64), seq_len=2048) == "xla"  # tiles
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(device_kind="NVIDIA A100")])
+    assert gd.resolve_impl("chunked", "auto", dims, seq_len=8192) == "pallas"  # unmeasured

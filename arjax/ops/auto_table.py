@@ -4,11 +4,13 @@ do not edit by hand (``tests/test_auto_table.py`` checks it matches them).
 
 ``ATTENTION``: ``(device family, head_dim, mask, seq_len) -> {mode: impl}`` with mask
 ``"causal"``, ``"window"`` or ``"segments"``; ``SCAN``: ``(device family, gate, seq_len)
--> {mode: impl}``; ``mode`` is ``"fwd+bwd"`` (what auto uses) or ``"fwd"``.
+-> {mode: impl}``; ``GATED_DELTA``: ``(device family, seq_len) -> {mode: impl}``;
+``mode`` is ``"fwd+bwd"`` (what auto uses) or ``"fwd"``.
 """
 
 SOURCES = {
     "attention": "experiments/results/bench_attention.json (2026-12-02 07:41 UTC)",
+    "gated_delta": "experiments/results/bench_gated_delta.json (2026-12-02T15:16+00:00)",
     "scan": "experiments/results/bench_scan.json (2026-11-26T12:31+00:00)",
 }
 
@@ -28,4 +30,9 @@ SCAN = {
     ("hopper", "gated", 8192): {"fwd": "pallas", "fwd+bwd": "pallas"},
     ("hopper", "scalar", 2048): {"fwd": "pallas", "fwd+bwd": "pallas"},
     ("hopper", "scalar", 8192): {"fwd": "pallas", "fwd+bwd": "pallas"},
+}
+
+GATED_DELTA = {
+    ("hopper", 2048): {"fwd": "pallas", "fwd+bwd": "xla"},
+    ("hopper", 8192): {"fwd": "xla", "fwd+bwd": "xla"},
 }

@@ -31,6 +31,9 @@ from kernels_pallas.gated_delta import mosaic_tpu_bwd, mosaic_tpu_fwd, triton_bw
 from kernels_pallas.gated_delta._chunk import F32, Cfg
 
 BACKENDS = ("gpu", "tpu")
+# dk * block_v: 64 x 128 asked for 256 KiB of shared memory in the backward on an H200
+# (232 KiB available); 128 x 64 compiles (experiments/results/bench_gated_delta.md).
+MAX_GPU_TILE = 8192
 _DRIVERS = {"gpu": (triton_fwd, triton_bwd), "tpu": (mosaic_tpu_fwd, mosaic_tpu_bwd)}
 
 
@@ -70,6 +73,11 @@ def _validate(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size, 
         raise ValueError(
             f"{who}: the Triton kernels need dk and block_v powers of two >= 16, "
             f"got {dk}, {block_v}"
+        )
+    if compiled_gpu and dk * block_v > MAX_GPU_TILE:
+        raise ValueError(
+            f"{who}: the Triton kernels' state tile dk x block_v = {dk} x {block_v} exceeds "
+            f"{MAX_GPU_TILE} values (the backward's shared memory); pass a smaller block_v"
         )
 
 
@@ -148,14 +156,15 @@ def gated_delta_rule(
     """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``,
     differentiable in every float argument.
 
-    ``block_v``: value columns per program (default 64 on GPU, all of dv on TPU);
+    ``block_v``: value columns per program (default ``min(dv, 8192 // dk)`` on GPU, all of dv
+    on TPU);
     ``backend`` defaults to the platform's (the GPU kernels on CPU), ``interpret`` to True
     off that platform. Lengths need not be multiples of ``chunk_size`` (zero padding).
     """
     backend, interpret = _resolve(backend, interpret)
     dv = v.shape[-1]
     if block_v is None:
-        block_v = min(dv, 64) if backend == "gpu" else dv
+        block_v = min(dv, max(16, MAX_GPU_TILE // q.shape[-1])) if backend == "gpu" else dv
     _validate(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size, block_v,
               backend, backend == "gpu" and not interpret)  # fmt: skip
     b, length, h, dk = q.shape

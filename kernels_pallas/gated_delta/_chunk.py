@@ -40,7 +40,18 @@ class Cfg:
     chunk: int  # C, tokens per chunk
     block_v: int  # bv, value columns per program
     segments: bool
-    exact: bool  # float32 inputs: full-precision MMAs
+    exact: bool  # float32 inputs: float32-accurate MMAs
+
+    @property
+    def precision(self):
+        """The MMAs' precision. Compiled Triton gets float32 accuracy from three TF32 passes:
+        its exact float32 dot is an unrolled FMA loop, whose compile at chunk 64 did not end in
+        minutes."""
+        if not self.exact:
+            return None
+        if self.backend == "gpu" and not self.interpret:
+            return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        return lax.Precision.HIGHEST
 
 
 class Chunk(NamedTuple):
@@ -59,11 +70,11 @@ class Chunk(NamedTuple):
     last: jax.Array | None  # [C, 1] float 0/1
 
 
-def mm(a: jax.Array, b: jax.Array, exact: bool, *, ta: bool = False, tb: bool = False):
-    """``a @ b`` (``ta``/``tb``: that operand transposed) with float32 accumulation."""
+def mm(a: jax.Array, b: jax.Array, prec, *, ta: bool = False, tb: bool = False):
+    """``a @ b`` (``ta``/``tb``: that operand transposed) with float32 accumulation at
+    ``prec`` (:attr:`Cfg.precision`)."""
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-    precision = lax.Precision.HIGHEST if exact else None
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
 
 
 def _iota(shape: tuple[int, int], dim: int) -> jax.Array:
@@ -75,7 +86,7 @@ def _exp_where(mask: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
 
-def unit_lower_inverse(a: jax.Array, exact: bool) -> jax.Array:
+def unit_lower_inverse(a: jax.Array, prec) -> jax.Array:
     """``(I + A)^{-1}`` for strictly lower ``a [C, C]`` (C a power of two), by block doubling:
     with ``T`` inverting the diagonal blocks of size ``s``, those of size ``2s`` are
     ``[[T1, 0], [-T2 A21 T1, T2]]``, i.e. ``T - T (A masked to the A21 blocks) T``:
@@ -86,7 +97,7 @@ def unit_lower_inverse(a: jax.Array, exact: bool) -> jax.Array:
     size = 1
     while size < c:
         cross = ((rows ^ cols) < 2 * size) & ((rows & size) != 0) & ((cols & size) == 0)
-        t = t - mm(mm(t, jnp.where(cross, a, 0.0), exact), t, exact)
+        t = t - mm(mm(t, jnp.where(cross, a, 0.0), prec), t, prec)
         size *= 2
     return t
 
@@ -106,16 +117,16 @@ class _Prelude(NamedTuple):
     carry: jax.Array  # [1, 1] exp(gam_last) if no boundary in the chunk, else 0
 
 
-def _prelude(ch: Chunk, exact: bool) -> _Prelude:
+def _prelude(ch: Chunk, prec) -> _Prelude:
     c = ch.q.shape[0]
     rows, cols = _iota((c, c), 0), _iota((c, c), 1)
     lower, incl = rows > cols, rows >= cols
     if ch.same is not None:
         lower, incl = lower & ch.same, incl & ch.same
-    kk = mm(ch.k, ch.k, exact, tb=True)
+    kk = mm(ch.k, ch.k, prec, tb=True)
     decay_strict = _exp_where(lower, ch.gam_c - ch.gam_r)
     a = kk * decay_strict * ch.beta_c
-    t = unit_lower_inverse(a, exact)
+    t = unit_lower_inverse(a, prec)
     g_read = jnp.exp(ch.gam_c) if ch.reads is None else jnp.exp(ch.gam_c) * ch.reads
     kg = ch.k * (ch.beta_c * g_read)
     vb = ch.v * ch.beta_c
@@ -129,17 +140,17 @@ def _prelude(ch: Chunk, exact: bool) -> _Prelude:
         carry = carry * jnp.sum(jnp.where(last_row, ch.reads, 0.0), axis=0, keepdims=True)
     return _Prelude(
         kk, a, decay_strict, _exp_where(incl, ch.gam_c - ch.gam_r), t, g_read, kg, vb,
-        mm(t, kg, exact), mm(t, vb, exact), e_end, carry,
+        mm(t, kg, prec), mm(t, vb, prec), e_end, carry,
     )  # fmt: skip
 
 
-def chunk_forward(ch: Chunk, s: jax.Array, exact: bool) -> tuple[jax.Array, jax.Array]:
+def chunk_forward(ch: Chunk, s: jax.Array, prec) -> tuple[jax.Array, jax.Array]:
     """``(O [C, bv], S_next [dk, bv])`` from the state tile ``s`` entering the chunk."""
-    p = _prelude(ch, exact)
-    u = p.uv - mm(p.w, s, exact)
-    scores = mm(ch.q, ch.k, exact, tb=True) * p.decay_incl
-    out = mm(ch.q * p.g_read, s, exact) + mm(scores, u, exact)
-    return out, p.carry * s + mm(ch.k * p.e_end, u, exact, ta=True)
+    p = _prelude(ch, prec)
+    u = p.uv - mm(p.w, s, prec)
+    scores = mm(ch.q, ch.k, prec, tb=True) * p.decay_incl
+    out = mm(ch.q * p.g_read, s, prec) + mm(scores, u, prec)
+    return out, p.carry * s + mm(ch.k * p.e_end, u, prec, ta=True)
 
 
 class ChunkGrads(NamedTuple):
@@ -152,40 +163,38 @@ class ChunkGrads(NamedTuple):
     ds: jax.Array  # [dk, bv] dL/d(state entering the chunk)
 
 
-def chunk_backward(
-    ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, exact: bool
-) -> ChunkGrads:
+def chunk_backward(ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, prec) -> ChunkGrads:
     """Gradients of one chunk given ``s`` (state entering), ``do [C, bv]`` and
     ``ds_next = dL/dS_next [dk, bv]``; the forward is recomputed."""
     q, k, v = ch.q, ch.k, ch.v
     c = q.shape[0]
-    p = _prelude(ch, exact)
-    u = p.uv - mm(p.w, s, exact)
-    qk = mm(q, k, exact, tb=True)
+    p = _prelude(ch, prec)
+    u = p.uv - mm(p.w, s, prec)
+    qk = mm(q, k, prec, tb=True)
     k_end = k * p.e_end
     # O = (q g_read) S + (qk * decay_incl) U and S_next = carry S + k_end^T U.
-    du = mm(qk * p.decay_incl, do, exact, ta=True) + mm(k_end, ds_next, exact)  # [C, bv]
-    dscores = mm(do, u, exact, tb=True) * p.decay_incl  # d(qk) [C, C]
-    do_s = mm(do, s, exact, tb=True)  # [C, dk]
-    dq = mm(dscores, k, exact) + p.g_read * do_s
-    dk = mm(dscores, q, exact, ta=True)
+    du = mm(qk * p.decay_incl, do, prec, ta=True) + mm(k_end, ds_next, prec)  # [C, bv]
+    dscores = mm(do, u, prec, tb=True) * p.decay_incl  # d(qk) [C, C]
+    do_s = mm(do, s, prec, tb=True)  # [C, dk]
+    dq = mm(dscores, k, prec) + p.g_read * do_s
+    dk = mm(dscores, q, prec, ta=True)
     pairs = dscores * qk  # d/dgam_t of the score (t: +, s: -)
     dgam_c = jnp.sum(pairs, axis=1, keepdims=True)
     dgam_c += p.g_read * jnp.sum(q * do_s, axis=1, keepdims=True)
     dgam_r = -jnp.sum(pairs, axis=0, keepdims=True)
-    ds = mm(q * p.g_read, do, exact, ta=True) + p.carry * ds_next
+    ds = mm(q * p.g_read, do, prec, ta=True) + p.carry * ds_next
     dlast = p.carry * jnp.sum(jnp.sum(s * ds_next, axis=1, keepdims=True), axis=0, keepdims=True)
-    dk_end = mm(u, ds_next, exact, tb=True)  # [C, dk]
+    dk_end = mm(u, ds_next, prec, tb=True)  # [C, dk]
     dk += dk_end * p.e_end
     de = jnp.sum(dk_end * k, axis=1, keepdims=True) * p.e_end  # [C, 1]
     dgam_c -= de
     dlast += jnp.sum(de, axis=0, keepdims=True)
     # U = T vb - W S with W = T kg.
-    dw = -mm(du, s, exact, tb=True)  # [C, dk]
-    ds -= mm(p.w, du, exact, ta=True)
-    dt = mm(du, p.vb, exact, tb=True) + mm(dw, p.kg, exact, tb=True)  # [C, C]
-    dvb = mm(p.t, du, exact, ta=True)
-    dkg = mm(p.t, dw, exact, ta=True)
+    dw = -mm(du, s, prec, tb=True)  # [C, dk]
+    ds -= mm(p.w, du, prec, ta=True)
+    dt = mm(du, p.vb, prec, tb=True) + mm(dw, p.kg, prec, tb=True)  # [C, C]
+    dvb = mm(p.t, du, prec, ta=True)
+    dkg = mm(p.t, dw, prec, ta=True)
     dv = dvb * ch.beta_c
     dbeta = jnp.sum(dvb * v, axis=1, keepdims=True)
     dk += dkg * (ch.beta_c * p.g_read)
@@ -193,11 +202,11 @@ def chunk_backward(
     dbeta += dkg_k * p.g_read
     dgam_c += dkg_k * ch.beta_c * p.g_read
     # T = (I + A)^{-1}; A = kk * decay_strict * beta_t.
-    da = -mm(mm(p.t, dt, exact, ta=True), p.t, exact, tb=True)
+    da = -mm(mm(p.t, dt, prec, ta=True), p.t, prec, tb=True)
     da_kk = da * p.decay_strict
     dbeta += jnp.sum(da_kk * p.kk, axis=1, keepdims=True)
     dkk = da_kk * ch.beta_c
-    dk += mm(dkk, k, exact) + mm(dkk, k, exact, ta=True)
+    dk += mm(dkk, k, prec) + mm(dkk, k, prec, ta=True)
     da_a = da * p.a
     dgam_c += jnp.sum(da_a, axis=1, keepdims=True)
     dgam_r -= jnp.sum(da_a, axis=0, keepdims=True)

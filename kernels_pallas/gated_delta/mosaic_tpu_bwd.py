@@ -31,7 +31,7 @@ def backward(inputs: dict, h: jax.Array, do: jax.Array, ds_final: jax.Array, cfg
             scratch[...] = dsf_ref[...]
 
         g = chunk_backward(
-            load(ins, cfg), h_ref[...], do_ref[...].astype(F32), scratch[...], cfg.exact
+            load(ins, cfg), h_ref[...], do_ref[...].astype(F32), scratch[...], cfg.precision
         )
         dq_ref[...], dk_ref[...], dv_ref[...] = g.dq, g.dk, g.dv.astype(dv_ref.dtype)
         db_ref[...], dgc_ref[...], dgr_ref[...] = g.dbeta, g.dgam_c, g.dgam_r

@@ -81,7 +81,7 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
         s = scratch[...]
         if save_states:
             rest[0][...] = s
-        out, s = chunk_forward(load(ins, cfg), s, cfg.exact)
+        out, s = chunk_forward(load(ins, cfg), s, cfg.precision)
         o_ref[...] = out.astype(o_ref.dtype)
         scratch[...] = s
 

@@ -34,7 +34,7 @@ def backward(inputs: dict, h: jax.Array, do: jax.Array, ds_final: jax.Array, cfg
             t = pl.ds(pl.multiple_of(n * c, c), c)
             g = chunk_backward(
                 load(n), h_ref[bi, hi, n, :, vs], do_ref[bi, t, hi, vs].astype(F32), ds,
-                cfg.exact,
+                cfg.precision,
             )  # fmt: skip
             dq_ref[j, bi, t, hi, :] = g.dq
             dk_ref[j, bi, t, hi, :] = g.dk

@@ -59,7 +59,7 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
         def body(n, s):
             if save_states:
                 h_ref[0][bi, hi, n, :, vs] = s
-            out, s = chunk_forward(load(n), s, cfg.exact)
+            out, s = chunk_forward(load(n), s, cfg.precision)
             o_ref[bi, pl.ds(pl.multiple_of(n * c, c), c), hi, vs] = out.astype(o_ref.dtype)
             return s
 

@@ -23,11 +23,13 @@ from typing import Literal
 
 import jax
 
+from arjax.ops import auto_table
 from arjax.ops.gated_delta_rule.chunked import chunked_gated_delta_rule
 from arjax.ops.gated_delta_rule.common import FORMS, validate
 from arjax.ops.gated_delta_rule.naive import naive_gated_delta_rule
 from arjax.ops.gated_delta_rule.recurrent import gated_delta_step, recurrent_gated_delta_rule
 from arjax.ops.linear_attention.common import check_options, pow2_tiles
+from arjax.ops.measured import measured_choice
 
 Form = Literal["naive", "chunked", "recurrent"]
 
@@ -51,16 +53,21 @@ def gated_delta_rule_reference(
     )
 
 
-def resolve_impl(form: str, impl: str, dims: tuple[int, int, int] = (64, 64, 64)) -> str:
+def resolve_impl(
+    form: str, impl: str, dims: tuple[int, int, int] = (64, 64, 64), *, seq_len: int = 0
+) -> str:
     """What ``impl="auto"`` means: the Pallas kernel for the chunked form on GPU/TPU when
-    ``dims`` = (dk, dv, chunk_size) are powers of two >= 16 (the kernels' tiles), else the
-    jnp chunked form."""
+    ``dims`` = (dk, dv, chunk_size) are powers of two >= 16 (the kernels' tiles), unless the
+    jnp chunked form was measured faster near ``seq_len`` on this GPU
+    (``arjax.ops.auto_table.GATED_DELTA``); else the jnp chunked form."""
     if impl != "auto":
         return impl
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
     kernel = importlib.util.find_spec("kernels_pallas.gated_delta") is not None
     if form == "chunked" and on_accelerator and pow2_tiles(*dims) and kernel:
-        return "pallas"
+        kind = jax.devices()[0].device_kind
+        choice = measured_choice(auto_table.GATED_DELTA, kind, (), seq_len)
+        return "xla" if choice == "xla" and jax.default_backend() == "gpu" else "pallas"
     return "xla"
 
 
@@ -89,7 +96,8 @@ def gated_delta_rule(
         return naive_gated_delta_rule(q, k, v, beta, **args)
     if form == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, beta, **args)
-    if resolve_impl(form, impl, (q.shape[-1], v.shape[-1], chunk_size)) == "pallas":
+    dims = (q.shape[-1], v.shape[-1], chunk_size)
+    if resolve_impl(form, impl, dims, seq_len=q.shape[1]) == "pallas":
         from kernels_pallas.gated_delta import gated_delta_rule as kernel
 
         return kernel(q, k, v, beta, chunk_size=chunk_size, **args)
