@@ -26,6 +26,7 @@ from arjax.generate import generate, sample
 from arjax.generate.hat import append_byte
 from arjax.models import MODELS
 from arjax.models.hat import HAT, PRESETS, HATConfig
+from arjax.nn import RopeScaling
 from arjax.train.data import DATA_BUILDERS
 
 CFG = PRESETS["tiny"]
@@ -81,6 +82,10 @@ def test_presets_param_counts_and_registration():
         counts[name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
         assert counts[name] == cfg.num_params(), name
     assert 7.0e9 < counts["8b"] < 7.5e9  # Llama-3.1-8B backbone without embeddings + byte stacks
+    # 7b: the backbone's count is the model card's 6.98B; unlike 8b, no rope scaling
+    assert round(PRESETS["7b"].backbone.num_params() / 1e9, 2) == 6.98
+    assert PRESETS["7b"].backbone.rope_scaling == RopeScaling()
+    assert PRESETS["8b"].backbone.rope_scaling != RopeScaling()
     assert MODELS["hat"].data == "words" and MODELS["hat"].config_cls is HATConfig
     assert "words" in DATA_BUILDERS and MODELS["hat"].decoder == "arjax.generate.hat:HATDecoder"
 

@@ -315,6 +315,32 @@ def _one_b() -> HATConfig:
 PRESETS["1b"] = _one_b()
 
 
+def _seven_b() -> HATConfig:
+    """TFree-HAT-Pretrained-7B shape (``Aleph-Alpha/tfree-hat-pretrained-7b-base``, trained from
+    scratch on English and German). Sources, value by value:
+
+    - the model card: encoder 119M, backbone 6.98B, decoder 94M parameters; context 32,900
+      words for the released (long-context) checkpoint, 3,500 words in pre-training;
+    - backbone shaped as Llama 3.1 8B's transformer blocks (hidden 4096, 32 layers, 32 heads, 8
+      KV heads of 128, MLP 14336): inferred, not published; it is the shape whose parameter
+      count is the card's 6.98B (``tests/test_hat.py`` checks the count);
+    - rope: no frequency scaling (public loader code for this checkpoint reports its
+      ``rope_type`` as "default"); the theta and epsilons are not published and are taken
+      as ``8b``'s;
+    - byte stacks and connectors: NOT found (their published totals, 119M and 94M, do not
+      determine the shapes), so ``8b``'s; ``max_words``/``max_seq_len`` are ``8b``'s planning
+      values, not the 32,900-word context.
+
+    ``load_published`` takes every value from the checkpoint's ``config.json`` instead."""
+    big = PRESETS["8b"]
+    return dataclasses.replace(
+        big, backbone=dataclasses.replace(big.backbone, rope_scaling=RopeScaling())
+    )
+
+
+PRESETS["7b"] = _seven_b()
+
+
 def check_batch(batch: dict, config: HATConfig) -> None:
     """Shape/dtype checks naming the field; run at trace time, before compilation."""
     for name in (*BYTE_FIELDS, *WORD_FIELDS):
