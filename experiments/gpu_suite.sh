@@ -3,7 +3,8 @@
 # own time limit. The log goes to experiments/results/gpu_suite.log (and $OUT/log.txt); the
 # results folder is packed into $OUT/results.tgz.
 #   usage (device machine, repo root): bash experiments/gpu_suite.sh [STEP ...]
-#   no STEP: the checks, in order (limits sum to 600 s: one device call of at most 600 s):
+#   no STEP: the checks, in order (limits sum to 600 s: one device call of at most 600 s;
+#   attention and models run side by side on the GPU, each compiling on its own host cores):
 #     gpu_tests     every `gpu`-marked test of tests/ (Triton and Mosaic GPU flash attention
 #                   forward/backward/decode, the linear-attention scan and gated-delta
 #                   kernels), bounds in each test (plain XLA's bf16 error, float32 tolerances);
@@ -15,7 +16,9 @@
 #     models        the CPU suite's fast-path-vs-reference tests behind the other benchmarks,
 #                   on the GPU: cached / recurrent decoding (block_decode, hat_decode,
 #                   linear_decode), semi-parallel axial sampling (axial_sampling), chunked vs
-#                   parallel linear attention (linear_train), resume / accumulation (train).
+#                   parallel linear attention (linear_train), resume / accumulation (train);
+#                   with XLA's deterministic GPU ops (bit-exact resume needs them: the
+#                   embedding gradient's scatter-add otherwise adds in a varying order).
 #   timing steps (name them): train block hat axial linear_decode linear_train scan_timing
 #   gated_delta scaling; "all" = the checks then every timing step.
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
@@ -60,20 +63,38 @@ step() {  # step NAME SECONDS CMD...
   [ "$rc" -eq 0 ] || FAILED="$FAILED $name"
   tail -n 25 "$LOG"
 }
+BG=()  # steps started by step_bg, waited for by join_steps
+step_bg() {  # step_bg NAME SECONDS CMD...: like step, in the background, logged on its own
+  local name=$1
+  if [[ " $STEPS " != *" $name "* ]]; then return; fi
+  (LOG="$OUT/step_$name.log"; : >"$LOG"; step "$@") >/dev/null 2>&1 &
+  BG+=("$name:$!")
+}
+join_steps() {  # wait for the background steps; their logs follow in start order
+  local entry name
+  for entry in "${BG[@]}"; do
+    name=${entry%%:*}; wait "${entry#*:}"
+    cat "$OUT/step_$name.log" >>"$LOG"
+    grep -q "^=== $name exit 0$" "$OUT/step_$name.log" || FAILED="$FAILED $name"
+  done
+  BG=()
+}
 PYTEST="python3 -m pytest -p no:cacheprovider -q -rA"
 # gpu_tests: compiles dominate (a cold Mosaic GPU case ~25 s), so 8 pytest workers share the
 # GPU (no preallocation) and compile in parallel on the host's cores
-step gpu_tests 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -p no:cacheprovider \
+step gpu_tests 230 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -p no:cacheprovider \
   -rA -v -n 8 --timeout 240 --durations=0 -m gpu tests  # pytest-timeout: a hung kernel fails its test, not the step
-step attention 170 python3 experiments/bench_attention.py --check all --impls arjax_mosaic \
+step_bg attention 250 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 experiments/bench_attention.py --check all --impls arjax_mosaic \
   --head-dims 128 --lengths 2048 --modes fwd --no-sparse --no-peak --iters 1 --repeats 1 \
   --name gpu_suite_attention --out "$OUT/bench"
+step_bg models 250 env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_deterministic_ops=true \
+  $PYTEST -n 6 tests/test_block_transformer.py tests/test_hat.py \
+  tests/test_linear_attention.py tests/test_axial.py tests/test_train.py \
+  -k "generation or decode or sampling or forms_agree or gradients_agree or split_sequence or resume or accumulation"
+join_steps
 step mgpu_bwd 60 python3 experiments/bench_mgpu_bwd.py --bwd-only --lengths 2048 --iters 1 \
   --repeats 1 --name gpu_suite_mgpu_bwd --out "$OUT/bench"
 step scan 60 python3 experiments/bench_scan.py --impls '' --out "$OUT/bench/gpu_suite_scan"
-step models 110 $PYTEST tests/test_block_transformer.py tests/test_hat.py \
-  tests/test_linear_attention.py tests/test_axial.py tests/test_train.py \
-  -k "generation or decode or sampling or forms_agree or gradients_agree or split_sequence or resume or accumulation"
 step train 190 python3 experiments/bench_train.py
 step block 330 python3 experiments/bench_block_decode.py --impls auto
 step hat 540 python3 experiments/bench_hat_decode.py  # trains both ~1B models first
