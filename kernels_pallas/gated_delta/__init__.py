@@ -31,8 +31,8 @@ from kernels_pallas.gated_delta import mosaic_tpu_bwd, mosaic_tpu_fwd, triton_bw
 from kernels_pallas.gated_delta._chunk import F32, Cfg
 
 BACKENDS = ("gpu", "tpu")
-# dk * block_v: 64 x 128 asked for 256 KiB of shared memory in the backward on an H200
-# (232 KiB available); 128 x 64 compiles (experiments/results/bench_gated_delta.md).
+# dk * block_v: 64 x 128 overflows an H200's shared memory in the backward; 128 x 64 fits
+# (experiments/results/gpu_suite.md, run 7a).
 MAX_GPU_TILE = 8192
 _DRIVERS = {"gpu": (triton_fwd, triton_bwd), "tpu": (mosaic_tpu_fwd, mosaic_tpu_bwd)}
 

@@ -45,8 +45,8 @@ class Cfg:
     @property
     def precision(self):
         """The MMAs' precision. Compiled Triton gets float32 accuracy from three TF32 passes:
-        its exact float32 dot is an unrolled FMA loop, whose compile at chunk 64 did not end in
-        minutes."""
+        its exact float32 dot is an unrolled FMA loop, whose compile at chunk 64 never finished
+        (``experiments/results/gpu_suite.md``, runs 3-7)."""
         if not self.exact:
             return None
         if self.backend == "gpu" and not self.interpret:
