@@ -9,8 +9,13 @@ treated as unfinished (the next byte may extend it). Then, per byte, inside the 
 1. the byte goes through the encoder (KV cache) and into the current word's window:
    ``[batch, max_word_bytes + 1]`` bytes and encoder activations;
 2. :func:`arjax.data.word_starts` re-splits that window (an unfinished UTF-8 character at its
-   end stays in the current word, which is cut once it would exceed ``max_word_bytes``; the
-   host form of this rule is :func:`append_byte`); every word but the last is finished;
+   end stays in the current word, or starts a word of its own when the word would exceed
+   ``max_word_bytes``; the host form of this rule is :func:`append_byte`, and
+   ``tests/test_hat_window_split.py`` checks the two agree byte by byte); every word but the
+   last is finished. A finished word is never revised, so where a later character changes an
+   earlier boundary in :func:`arjax.data.splitter.split_word_bytes` of the whole text (a
+   fraction slash between digits, U+202F after a space, a combining mark after ``_``), the
+   generated words follow the text as it was when each word was finished;
 3. for each finished word, masked over the batch (rows finish words at different bytes): the
    encoder connector pools its bytes and the backbone takes ONE cached step, giving the next
    word's predictive embedding. A ``lax.while_loop`` runs it as many times as the most
@@ -68,15 +73,20 @@ def append_byte(word: bytes, byte: int, max_word_bytes: int) -> list[bytes]:
 
     The text up to an unfinished UTF-8 character is split with
     :func:`arjax.data.splitter.split_word_bytes`; the unfinished character joins the last
-    word, and a word that would then exceed ``max_word_bytes`` leaves the new byte to a word
-    of its own. (Text only: invalid UTF-8 before the end raises ``UnicodeDecodeError``.)
+    word. A word that would then exceed ``max_word_bytes`` leaves the unfinished character to a
+    word of its own, kept whole as ``split_word_bytes`` keeps it once complete; only a
+    character longer than ``max_word_bytes`` itself (a limit under 4) is cut inside, before the
+    new byte. (Text only: invalid UTF-8 before the end raises ``UnicodeDecodeError``, as does
+    the byte after such a cut.)
     """
     data = word + bytes([byte])
     head = data[: len(data) - incomplete_tail(data)]
     pieces = split_word_bytes(head.decode("utf-8"), max_word_bytes) if head else [b""]
-    pieces[-1] += data[len(head) :]
+    unfinished = data[len(head) :]
+    pieces[-1] += unfinished
     if len(pieces[-1]) > max_word_bytes:
-        pieces[-1:] = [pieces[-1][:-1], pieces[-1][-1:]]
+        cut = len(unfinished) if len(pieces[-1]) > len(unfinished) else 1
+        pieces[-1:] = [pieces[-1][:-cut], pieces[-1][-cut:]]
     return pieces
 
 
@@ -105,8 +115,9 @@ def split_window(window: jax.Array, n: jax.Array, max_word_bytes: int) -> jax.Ar
     pos = jnp.arange(width)[None, :]
     starts = (starts & (pos < complete[:, None])) | ((pos == 0) & (n[:, None] > 0))
     last = jnp.max(jnp.where(starts, pos, 0), axis=1)  # [batch] start of the current word
-    too_long = n - last > max_word_bytes
-    return starts | ((pos == (n - 1)[:, None]) & too_long[:, None])
+    too_long = n - last > max_word_bytes  # only with an unfinished character at the end
+    cut = jnp.where(complete > last, complete, n - 1)  # before it, else inside it
+    return starts | ((pos == cut[:, None]) & too_long[:, None])
 
 
 def _ring_visible(
