@@ -307,6 +307,16 @@ def test_cached_generation_redecodes_bytes_of_a_new_multibyte_word(model_params,
     while every logit still depends on the caches. Without the re-decoding (step 4 of
     arjax.generate.hat) the logits differ from the full forward's by ~2e-3 (checked)."""
     model, params = model_params
+    params = _bigram_params(params, {0xE6: 0x97, 0x97: 0xA5, 0xA5: 0xE6, 0xAC: 0xE6})
+    prompts = ["日", "x日本"]
+    gen = generate(model, params, prompts, max_new_bytes=12, return_logits=True)
+    assert gen.texts == ["日日日日", "日日日日"]
+    _full_forward_checks(forward, params, prompts, gen)
+
+
+def _bigram_params(params, bigrams: dict[int, int]):
+    """Byte stacks' residual branches shrunk (not removed) and a head that reads off the
+    designed ``bigrams`` (byte -> next byte) from the current byte's embedding."""
 
     def shrink(path, x):
         keys = [getattr(p, "key", "") for p in path]
@@ -317,13 +327,22 @@ def test_cached_generation_redecodes_bytes_of_a_new_multibyte_word(model_params,
     emb = np.asarray(params["embedding"]["embedding"])
     unit = emb / np.sqrt((emb**2).mean(-1, keepdims=True))
     head = np.zeros((CFG.decoder.d_model, CFG.vocab_size), np.float32)
-    for a, b in {0xE6: 0x97, 0x97: 0xA5, 0xA5: 0xE6, 0xAC: 0xE6}.items():
+    for a, b in bigrams.items():
         head[:, b] += unit[a] * 30.0 / CFG.decoder.d_model
-    params = {**params, "lm_head": {"kernel": jnp.asarray(head)}}
-    prompts = ["日", "x日本"]
-    gen = generate(model, params, prompts, max_new_bytes=12, return_logits=True)
-    assert gen.texts == ["日日日日", "日日日日"]
-    _full_forward_checks(forward, params, prompts, gen)
+    return {**params, "lm_head": {"kernel": jnp.asarray(head)}}
+
+
+def test_cached_generation_moves_an_unfinished_character_past_max_word_bytes(model_params, forward):
+    """A 3-byte character whose first byte fills a word to ``max_word_bytes`` (32): its second
+    byte moves it, whole, to a new word (as the whole text's split keeps it), and its first
+    byte is re-decoded there; the engine's logits equal the full forward's at every byte."""
+    model, params = model_params
+    params = _bigram_params(params, {0x61: 0xE6, 0xE6: 0x97, 0x97: 0xA5, 0xA5: 0xE6})
+    prompts = ["b" + "a" * 30]  # one word of 31 bytes
+    gen = generate(model, params, prompts, max_new_bytes=6, return_logits=True)
+    assert gen.texts == ["日日"]
+    assert split_word_bytes(prompts[0] + "日", CFG.max_word_bytes)[-1] == "日".encode()
+    assert _full_forward_checks(forward, params, prompts, gen) == 6
 
 
 def test_stop_strings_and_sampler(model_params):
