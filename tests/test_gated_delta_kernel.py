@@ -62,6 +62,15 @@ def test_kernel_matches_the_recurrence(backend, rng):
         np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-4, err_msg=f"d{name}")
 
 
+def test_default_value_tile_divides_dv(rng):
+    """dv = 96 with dk = 128: the default value tile is 32 (64 would not divide dv)."""
+    q, k, v, beta, g, _ = inputs(rng, gated=True, shape=(1, 16, 1, 128, 96))
+    out, state = kernel(q, k, v, beta, log_decay=g, chunk_size=16, interpret=True)
+    want, want_state = gated_delta_rule_reference(q, k, v, beta, log_decay=g)
+    np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(state, want_state, atol=1e-4, rtol=1e-4)
+
+
 def test_deltanet_through_the_op(rng):
     """``arjax.ops.gated_delta_rule(impl="pallas")`` without decay (DeltaNet) dispatches to the
     kernel (interpret mode on CPU) and matches the recurrence."""

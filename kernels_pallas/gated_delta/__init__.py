@@ -81,6 +81,15 @@ def _validate(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size, 
         )
 
 
+def _default_block_v(dk: int, dv: int) -> int:
+    """The GPU value tile: the largest ``min(dv, MAX_GPU_TILE // dk)`` halved down to 16 that
+    divides ``dv``, else all of ``dv``."""
+    bv = min(dv, max(16, MAX_GPU_TILE // dk))
+    while bv > 16 and dv % bv:
+        bv //= 2
+    return bv if dv % bv == 0 else dv
+
+
 def _documents(segment_ids: jax.Array, pad: int, c: int) -> dict:
     """Document masks of the padded rows: ids (column and row layouts), ``reads`` (in the
     document entering the chunk) and ``last`` (in the document leaving it)."""
@@ -156,15 +165,15 @@ def gated_delta_rule(
     """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``,
     differentiable in every float argument.
 
-    ``block_v``: value columns per program (default ``min(dv, 8192 // dk)`` on GPU, all of dv
-    on TPU);
+    ``block_v``: value columns per program (default on GPU: the largest of ``min(dv, 8192 //
+    dk)`` halved down to 16 that divides dv, else dv; all of dv on TPU);
     ``backend`` defaults to the platform's (the GPU kernels on CPU), ``interpret`` to True
     off that platform. Lengths need not be multiples of ``chunk_size`` (zero padding).
     """
     backend, interpret = _resolve(backend, interpret)
     dv = v.shape[-1]
     if block_v is None:
-        block_v = min(dv, max(16, MAX_GPU_TILE // q.shape[-1])) if backend == "gpu" else dv
+        block_v = _default_block_v(q.shape[-1], dv) if backend == "gpu" else dv
     _validate(q, k, v, beta, log_decay, initial_state, segment_ids, chunk_size, block_v,
               backend, backend == "gpu" and not interpret)  # fmt: skip
     b, length, h, dk = q.shape
