@@ -156,6 +156,10 @@ def test_bad_inputs_raise_clear_errors():
         linear_attention(q, k, v, form="recurrent", impl="pallas")
     with pytest.raises(ValueError, match="chunk_size"):
         linear_attention(q, k, v, chunk_size=0)
+    # the GPU kernels, interpreted on CPU too: their tiles must divide the dims (dk=128, dv=96
+    # gave NaN past the last whole value tile before this check)
+    with pytest.raises(ValueError, match="powers of two >= 16, got dk=5, dv=4, chunk_size=16"):
+        linear_attention(q, k, v, chunk_size=16, impl="pallas")
 
 
 def test_aaren_scan_equals_naive_softmax_with_resets_and_initial_state(rng):

@@ -97,7 +97,7 @@ def _scan_bwd(cfg, res, cts):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, backend, compiled_gpu):
+def _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, backend):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"chunked_linear_attention: {name} must be 4-D, got {x.shape}")
@@ -130,7 +130,9 @@ def _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, backen
         raise ValueError(
             f"chunked_linear_attention: backend must be one of {BACKENDS}, got {backend!r}"
         )
-    if compiled_gpu and not all(is_pow2(n) and n >= 16 for n in (dk, v.shape[3], chunk_size)):
+    # interpreted too: the Triton programs' tiles must divide the dims (a remainder would be
+    # read out of bounds: NaN, not an error)
+    if backend == "gpu" and not all(is_pow2(n) and n >= 16 for n in (dk, v.shape[3], chunk_size)):
         raise ValueError(
             "chunked_linear_attention: the Triton kernels need dk, dv and chunk_size powers of "
             f"two >= 16, got dk={dk}, dv={v.shape[3]}, chunk_size={chunk_size}"
@@ -167,8 +169,7 @@ def chunked_linear_attention(
     "gpu", ``MosaicTpuTuning`` for "tpu"), default the row of :mod:`.tuning` for the gate.
     """
     backend, interpret = resolve(backend, interpret)
-    _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, backend,
-              compiled_gpu=backend == "gpu" and not interpret)  # fmt: skip
+    _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, backend)
     bsz, length, heads, dk = q.shape
     dv = v.shape[3]
     c = chunk_size
