@@ -6,6 +6,7 @@ Axial have their family tests (test_hat, test_block_transformer, test_axial)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -46,12 +47,17 @@ def _full_logits(model, params, rows: list[list[int]]) -> np.ndarray:
     ids = np.full((len(rows), width), PAD_ID, np.int32)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
-    ids = jnp.asarray(ids)
+    return np.array(_forward(model, params, jnp.asarray(ids)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, ids):
+    """The full forward, one compiled program per model (not op by op: compiles dominate)."""
     if isinstance(decoder_for(model), BlockDecoder):
-        return np.array(model.apply({"params": params}, ids, method="forward"))
-    batch = {"inputs": ids, "positions": jnp.broadcast_to(jnp.arange(width), ids.shape),
+        return model.apply({"params": params}, ids, method="forward")
+    batch = {"inputs": ids, "positions": jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape),
              "segment_ids": (ids != PAD_ID).astype(jnp.int32)}  # fmt: skip
-    return np.array(model.apply({"params": params}, batch))
+    return model.apply({"params": params}, batch)
 
 
 def _check_against_full_forward(model, params, gen, prompts, sampling, rng):
