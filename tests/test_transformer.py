@@ -33,7 +33,8 @@ def _batch(tokens):
 
 
 def _params(model, seed=0, scale=1.0):
-    params = nn.meta.unbox(model.init(jax.random.key(seed), _batch(np.zeros((1, 8))))["params"])
+    init = jax.jit(model.init)  # one compiled program, not op by op (compiles dominate)
+    params = nn.meta.unbox(init(jax.random.key(seed), _batch(np.zeros((1, 8))))["params"])
     # Larger weights than the init so that argmax is not constant.
     return jax.tree.map(lambda p: p * scale, params)
 
@@ -46,11 +47,13 @@ def test_teacher_forced_decode_matches_full_forward(rng, window):
     params = _params(model, scale=3.0)
     b, prompt, total = 2, 4, 20
     seq = rng.integers(0, 256, (b, total))
-    full = model.apply({"params": params}, _batch(seq))
-    logits, vars_ = model.apply(
+    # each entry point compiled once (the decode step's position and index traced)
+    full = jax.jit(model.apply)({"params": params}, _batch(seq))
+    prefill = jax.jit(lambda p, *a: model.apply(p, *a, total, method="prefill", mutable=["cache"]))
+    decode = jax.jit(lambda p, *a: model.apply(p, *a, method="decode", mutable=["cache"]))
+    logits, vars_ = prefill(
         {"params": params}, jnp.asarray(seq[:, :prompt], jnp.int32),
         jnp.broadcast_to(jnp.arange(prompt), (b, prompt)), jnp.ones((b, prompt), jnp.int32),
-        total, method="prefill", mutable=["cache"],
     )  # fmt: skip
     # float32; decode and prefill multiply 1 or 4 rows where the full forward multiplies 20, so
     # sums run in another order. Logits reach ~40 with scale-3 weights: atol 5e-4 is ~1e-5 of
@@ -63,10 +66,9 @@ def test_teacher_forced_decode_matches_full_forward(rng, window):
         visible = slots <= t
         if window is not None:
             visible &= slots > t - window
-        step, vars_ = model.apply(
+        step, vars_ = decode(
             {"params": params, "cache": cache}, jnp.asarray(seq[:, t : t + 1], jnp.int32),
-            jnp.full((b, 1), t), t, jnp.broadcast_to(visible, (b, total)),
-            method="decode", mutable=["cache"],
+            jnp.full((b, 1), t), jnp.int32(t), jnp.broadcast_to(visible, (b, total)),
         )  # fmt: skip
         cache = vars_["cache"]
         np.testing.assert_allclose(step[:, 0], full[:, t], **tol)
@@ -79,10 +81,16 @@ def test_greedy_generation_equals_argmax_of_full_forward(rng, window):
     prompts = [bytes(rng.integers(0, 256, n).tolist()) for n in (2, 8, 0)]
     outs = generate(model, params, prompts, max_new_bytes=12).tokens
     assert len(set(map(tuple, outs))) > 1
-    for prompt, out in zip(prompts, outs, strict=True):
-        seq = np.asarray([[BOS_ID, *prompt, *out]])
-        logits = model.apply({"params": params}, _batch(seq))[0].at[:, 256:258].set(-jnp.inf)
-        predicted = np.asarray(jnp.argmax(logits, -1))[len(prompt) :]
+    # all rows in one forward, zero-padded on the right (causal: the tail changes no logit)
+    rows = [[BOS_ID, *prompt, *out] for prompt, out in zip(prompts, outs, strict=True)]
+    seqs = np.zeros((len(rows), max(map(len, rows))), np.int32)
+    for i, row in enumerate(rows):
+        seqs[i, : len(row)] = row
+    all_logits = (
+        jax.jit(model.apply)({"params": params}, _batch(seqs)).at[..., 256:258].set(-jnp.inf)
+    )
+    for prompt, out, row, logits in zip(prompts, outs, rows, all_logits, strict=True):
+        predicted = np.asarray(jnp.argmax(logits[: len(row)], -1))[len(prompt) :]
         np.testing.assert_array_equal(predicted[:-1], out)
         if len(out) < 12:  # the row ended because the full forward's next argmax is EOS
             assert predicted[-1] == EOS_ID
@@ -166,13 +174,14 @@ def test_scan_and_remat_do_not_change_values(rng, scan, remat):
     base = TransformerLM(CFG)
     params = _params(base)
     batch = _batch(rng.integers(0, 256, (2, 10)))
-    ref = base.apply({"params": params}, batch)
+    ref = jax.jit(base.apply)({"params": params}, batch)
     config = dataclasses.replace(CFG, remat=remat)
     if not scan:  # unstacked parameter layout: layers_0, layers_1, ...
         config, stack = unrolled(config, params["transformer"])
         assert sorted(stack) == ["final_norm", "layers_0", "layers_1"]
         params = {**params, "transformer": stack}
     other = TransformerLM(config)
-    np.testing.assert_allclose(other.apply({"params": params}, batch), ref, rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda p: other.apply({"params": p}, batch).sum())(params)
+    out = jax.jit(other.apply)({"params": params}, batch)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    g = jax.jit(jax.grad(lambda p: other.apply({"params": p}, batch).sum()))(params)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
