@@ -80,8 +80,9 @@ def test_token_batches_count_every_byte_once(tokenizer_path, corpus_dir):
 def _hand_bits_per_byte(model, params, batches) -> float:
     """Summed nats of the masked targets (numpy log-softmax) / (ln 2 * their bytes)."""
     nats, nbytes = 0.0, 0
+    forward = jax.jit(model.apply)  # one compiled program, not op by op
     for b in batches:
-        logits = np.asarray(model.apply({"params": params}, b), np.float64)
+        logits = np.asarray(forward({"params": params}, b), np.float64)
         top = logits.max(-1, keepdims=True)
         logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
         picked = np.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]
