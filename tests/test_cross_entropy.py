@@ -187,8 +187,8 @@ def test_head_reproduces_logits(rng, tie, dtype):
     model = build_model("transformer", cfg)
     tokens = jnp.asarray(rng.integers(0, 50, (2, 16)), jnp.int32)
     batch = {"inputs": tokens, "positions": jnp.broadcast_to(jnp.arange(16), (2, 16))}
-    params = model.init(jax.random.key(0), batch)
-    hidden, weight = model.apply(params, batch, method="head")
+    params = jax.jit(model.init)(jax.random.key(0), batch)  # compiled: eager is op by op
+    hidden, weight = jax.jit(lambda p, b: model.apply(p, b, method="head"))(params, batch)
     assert hidden.shape == (2, 16, 32) and weight.shape == (32, 50)
     logits = jnp.einsum("bsd,dv->bsv", hidden, weight).astype(jnp.float32)
     # The two contractions may sum in different orders, so they agree to rounding, not bit for
@@ -201,7 +201,7 @@ def test_head_reproduces_logits(rng, tie, dtype):
     u = float(jnp.finfo(dtype).eps) / 2  # unit roundoff of the compute dtype
     d = h64.shape[-1]
     bound = d * u / (1 - d * u) * np.einsum("bsd,dv->bsv", abs(h64), abs(w64)) + u * abs(want)
-    for got in (logits, model.apply(params, batch)):
+    for got in (logits, jax.jit(model.apply)(params, batch)):
         err = abs(np.asarray(got, np.float64) - want)
         assert (err <= bound).all(), f"max error {err.max():.3g}, worst bound {bound.max():.3g}"
 
