@@ -84,6 +84,43 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         )
 
 
+def _compile_interpreted_threads_once() -> None:
+    """The Mosaic GPU interpreter runs each warpgroup of a kernel as a thread that evaluates the
+    kernel body's jaxpr (``thread_map._run_jaxpr`` in jax 0.10/0.11), and it lowers and compiles
+    that jaxpr again on every call (``jit(...).trace(...).lower().compile()`` skips jit's cache,
+    and programs with host callbacks skip the on-disk cache): one ~1.3 s compile per warpgroup of
+    every CTA, most of an interpreted kernel test's time. Here each jaxpr is compiled once per
+    argument signature and the executable reused: the same program runs on the same inputs
+    (``races`` still sees every kernel's race-detector state), only the recompiles go."""
+    try:
+        from jax._src.pallas.mosaic.interpret import thread_map
+    except ImportError:
+        return
+    if not hasattr(thread_map, "_run_jaxpr"):
+        return
+    import threading
+
+    compiled, lock = {}, threading.Lock()
+
+    def run(jaxpr, consts, *args):
+        jax.core.eval_jaxpr(jaxpr, consts, *args)
+
+    def run_jaxpr(jaxpr, consts, *args):
+        key = (id(jaxpr), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves((consts, args))))
+        with lock:
+            hit = compiled.get(key)
+        if hit is None:  # the jaxpr is kept alive with its executable, so ids are not reused
+            exe = jax.jit(run, static_argnums=(0,)).trace(jaxpr, consts, *args).lower().compile()
+            with lock:
+                hit = compiled.setdefault(key, (jaxpr, exe))
+        hit[1](consts, *args)
+
+    thread_map._run_jaxpr = run_jaxpr
+
+
+_compile_interpreted_threads_once()
+
+
 class MosaicRaces:
     """Every Mosaic GPU kernel interpreted since the fixture started, each with its own race
     detector state (the interpreter makes a fresh ``RaceDetectionState`` per kernel and keeps
