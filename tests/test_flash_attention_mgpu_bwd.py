@@ -16,6 +16,7 @@ marked ``gpu`` compile the real kernels and only run where a GPU is present
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -44,6 +45,7 @@ def _inputs(rng, b, q_len, kv_len, h, kv_h, d, dtype):
     return [jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype) for s in shapes]
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))  # one program, not op by op
 def _residuals(q, k, v, do, causal: bool, window: int | None, scale: float):
     """Float32 reference grads (dq, dk, dv) and the forward residuals the kernels take:
     ``lse2 [b, h, q_len]`` (base 2, +inf for rows that see no key) and ``delta``."""
@@ -81,10 +83,10 @@ def _check_backward(rng, case, within, tiles=None, interpret=True, races=None):
     for name, g, x in zip(("dq", "dk", "dv"), grads, (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype, (name, g.shape, g.dtype)
     kw = dict(causal=causal, window=window, scale=scale)
-    _, xla_vjp = jax.vjp(lambda q, k, v: attention(q, k, v, impl="xla", **kw), q, k, v)
+    xla = lambda q, k, v, do: jax.vjp(lambda *a: attention(*a, impl="xla", **kw), q, k, v)[1](do)
     print(f"{case} causal={causal} window={window}")
     names = ("dq", "dk", "dv")
-    within(*(dict(zip(names, g)) for g in (grads, grads_ref, xla_vjp(do))))
+    within(*(dict(zip(names, g)) for g in (grads, grads_ref, jax.jit(xla)(q, k, v, do))))
 
 
 FUSED = {64: mosaic_gpu_bwd.Tiles(bq=128, stages=2, fused_dq=True),  # dQ blocks split by rows
