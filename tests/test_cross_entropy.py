@@ -36,7 +36,8 @@ def _mean_loss_and_grads(fn, hidden, weight, targets, mask):
         total, count = fn(h, w, targets, m)
         return total / count
 
-    return jax.value_and_grad(mean, argnums=(0, 1, 2))(hidden, weight, mask.astype(jnp.float32))
+    grads = jax.jit(jax.value_and_grad(mean, argnums=(0, 1, 2)))  # compiled, not op by op
+    return grads(hidden, weight, mask.astype(jnp.float32))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 13, 64])  # 4: ragged tail; 64 > seq: one chunk
