@@ -59,7 +59,7 @@ def main() -> None:
         jax.block_until_ready(params)
         load_s = time.perf_counter() - t0
         rows["load onto the GPU"] = f"{load_s:.0f} s ({size / GIB / load_s:.2f} GiB/s)"
-        rows["peak host RSS (before load)"] = (
+        rows["peak host RSS through the load (RSS before it)"] = (
             f"{rss_bytes('VmHWM') / GIB:.2f} GiB ({base / GIB:.2f} GiB)"
         )
         rows["device peak after load"] = f"{(device_bytes() or 0) / GIB:.2f} GiB"
