@@ -14,7 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arjax.generate.hat import append_byte, split_window
+from arjax.generate.hat import (
+    append_byte,
+    current_word_start,
+    keep_from,
+    split_window,
+    window_append,
+)
 
 CONTEXTS = ("a{}b", "0{}1", " {}x", "1\u2044{}2", "{}\u0301a", "\U0001f1e9\U0001f1ea{}", "  {}\t")
 MULTILINGUAL = (
@@ -46,17 +52,12 @@ def host_starts(data: bytes, max_word_bytes: int) -> list[list[int]]:
 
 @functools.partial(jax.jit, static_argnames="max_word_bytes")
 def _device_step(window, n, byte, active, *, max_word_bytes):
-    """The engine's step 2 for a batch: append ``byte`` to each active row's window, split it,
-    keep the current (last) word. Returns the starts and the new window and length."""
-    rows = jnp.arange(window.shape[0])
-    window = window.at[rows, jnp.where(active, n, max_word_bytes + 1)].set(byte, mode="drop")
-    n = n + active
+    """The engine's steps 1-2 for a batch (its own functions): append ``byte`` to each active
+    row's window, split it, keep the current (last) word. The starts and the new window."""
+    window, n = window_append(window, n, byte, active), n + active
     starts = split_window(window, n, max_word_bytes) & active[:, None]
-    pos = jnp.arange(window.shape[1])[None, :]
-    shift = jnp.where(jnp.sum(starts, axis=1) > 1, jnp.max(jnp.where(starts, pos, 0), axis=1), 0)
-    src = jnp.clip(pos + shift[:, None], 0, max_word_bytes)
-    window = jnp.where(pos < (n - shift)[:, None], jnp.take_along_axis(window, src, axis=1), 0)
-    return starts, window, n - shift
+    begin = current_word_start(starts)
+    return starts, keep_from(window, begin, n), n - begin
 
 
 def device_starts(texts: list[bytes], max_word_bytes: int) -> list[list[list[int]]]:

@@ -120,6 +120,33 @@ def split_window(window: jax.Array, n: jax.Array, max_word_bytes: int) -> jax.Ar
     return starts | ((pos == cut[:, None]) & too_long[:, None])
 
 
+def window_append(window: jax.Array, n: jax.Array, values: jax.Array, active: jax.Array):
+    """Step 1's write into the current-word window ``[batch, width, ...]``: ``values``
+    ``[batch, ...]`` (the bytes, or their encoder activations) at index ``n`` of each active row;
+    the other rows are untouched."""
+    at = jnp.where(active, n, window.shape[1])  # out of bounds: dropped
+    rows = jnp.arange(window.shape[0])
+    return window.at[rows, at].set(values.astype(window.dtype), mode="drop")
+
+
+def current_word_start(starts: jax.Array) -> jax.Array:
+    """Window index ``[batch]`` of each row's current (last) word start: 0 with one word."""
+    pos = jnp.arange(starts.shape[1])[None, :]
+    return jnp.max(jnp.where(starts, pos, 0), axis=1)
+
+
+def keep_from(window: jax.Array, begin: jax.Array, n: jax.Array) -> jax.Array:
+    """``window [batch, width, ...]`` holding ``n`` bytes per row, cut to the bytes from
+    ``begin`` on: moved to the front, the rest zeroed."""
+    width = window.shape[1]
+    pos = jnp.arange(width)[None, :]
+    src = jnp.clip(pos + begin[:, None], 0, width - 1)
+    keep = pos < (n - begin)[:, None]
+    extra = (1,) * (window.ndim - 2)
+    moved = jnp.take_along_axis(window, src.reshape(src.shape + extra), axis=1)
+    return jnp.where(keep.reshape(keep.shape + extra), moved, 0)
+
+
 def _ring_visible(
     latest: jax.Array, query: jax.Array, first: jax.Array, size: int, window: int | None
 ) -> jax.Array:
@@ -309,16 +336,12 @@ class HATDecoder(Decoder):
             method="encode", mutable=["cache"],
         )  # fmt: skip
         act = act[:, 0]
-        rows = jnp.arange(tokens.shape[0])
         n_old = state["n"]
-        at = jnp.where(active, n_old, m + 1)  # out of bounds: dropped
         state = dict(
             state,
             cache={**state["cache"], "encoder": enc["cache"]["encoder"]},
-            window=state["window"].at[rows, at].set(tokens, mode="drop"),
-            window_acts=state["window_acts"]
-            .at[rows, at]
-            .set(act.astype(state["window_acts"].dtype), mode="drop"),
+            window=window_append(state["window"], n_old, tokens, active),
+            window_acts=window_append(state["window_acts"], n_old, act, active),
             n=n_old + active,
         )
         starts = split_window(state["window"], state["n"], m) & active[:, None]
@@ -330,8 +353,7 @@ class HATDecoder(Decoder):
             (state, jnp.int32(0)),
         )[0]
         # (4) the new current word's earlier bytes, decoded under the old word: re-decode
-        pos = jnp.arange(m + 1)[None, :]
-        begin = jnp.max(jnp.where(starts, pos, 0), axis=1)  # [batch] window index
+        begin = current_word_start(starts)  # [batch] window index (0: no new word)
         redo = jnp.where(count > 1, state["n"] - 1 - begin, 0)  # bytes before the new one
 
         back = jnp.max(redo)  # shared byte index t - back + k: one cache slot per step
@@ -348,18 +370,11 @@ class HATDecoder(Decoder):
         state = jax.lax.while_loop(lambda s: s[1] < back, refit, (state, jnp.int32(0)))[0]
         logits, cache = self._decode_byte(params, state, act, t, None)
         # keep only the current word in the window
-        shift = jnp.where(count > 1, begin, 0)
-        src = jnp.clip(pos + shift[:, None], 0, m)
-        keep = pos < (state["n"] - shift)[:, None]
+        n = state["n"]
         state = dict(
-            state, cache=cache, t=t + 1, n=state["n"] - shift,
-            word_start=state["word_start"] + shift,
-            window=jnp.where(keep, jnp.take_along_axis(state["window"], src, axis=1), 0),
-            window_acts=jnp.where(
-                keep[..., None],
-                jnp.take_along_axis(state["window_acts"], src[..., None], axis=1),
-                0,
-            ),
+            state, cache=cache, t=t + 1, n=n - begin, word_start=state["word_start"] + begin,
+            window=keep_from(state["window"], begin, n),
+            window_acts=keep_from(state["window_acts"], begin, n),
         )  # fmt: skip
         return logits, state
 
