@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+
 from arjax.ops import auto_table
 
 _HOPPER = ("H100", "H200", "H800", "GH200")
@@ -28,4 +30,12 @@ def measured_choice(
     return rows[nearest].get(mode)
 
 
-__all__ = ["auto_table", "device_family", "measured_choice"]
+def kernel_unless_measured_slower(table: dict, shape_class: tuple, seq_len: int) -> str:
+    """``"pallas"`` (the chunked op's kernel), or ``"xla"`` (its jnp form) where that was
+    measured faster for training near ``seq_len`` on this GPU (``auto_table.SCAN`` or
+    ``GATED_DELTA``)."""
+    choice = measured_choice(table, jax.devices()[0].device_kind, shape_class, seq_len)
+    return "xla" if choice == "xla" and jax.default_backend() == "gpu" else "pallas"
+
+
+__all__ = ["auto_table", "device_family", "kernel_unless_measured_slower", "measured_choice"]

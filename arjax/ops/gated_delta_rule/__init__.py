@@ -29,7 +29,7 @@ from arjax.ops.gated_delta_rule.common import FORMS, validate
 from arjax.ops.gated_delta_rule.naive import naive_gated_delta_rule
 from arjax.ops.gated_delta_rule.recurrent import gated_delta_step, recurrent_gated_delta_rule
 from arjax.ops.linear_attention.common import check_options, pow2_tiles
-from arjax.ops.measured import measured_choice
+from arjax.ops.measured import kernel_unless_measured_slower
 
 Form = Literal["naive", "chunked", "recurrent"]
 
@@ -65,9 +65,7 @@ def resolve_impl(
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
     kernel = importlib.util.find_spec("kernels_pallas.gated_delta") is not None
     if form == "chunked" and on_accelerator and pow2_tiles(*dims) and kernel:
-        kind = jax.devices()[0].device_kind
-        choice = measured_choice(auto_table.GATED_DELTA, kind, (), seq_len)
-        return "xla" if choice == "xla" and jax.default_backend() == "gpu" else "pallas"
+        return kernel_unless_measured_slower(auto_table.GATED_DELTA, (), seq_len)
     return "xla"
 
 

@@ -27,7 +27,7 @@ from arjax.ops.linear_attention.recurrent import (
     linear_attention_step,
     recurrent_linear_attention,
 )
-from arjax.ops.measured import auto_table, measured_choice
+from arjax.ops.measured import auto_table, kernel_unless_measured_slower
 
 Form = Literal["parallel", "chunked", "recurrent"]
 
@@ -72,9 +72,7 @@ def resolve_impl(
         return impl
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
     if form == "chunked" and on_accelerator and pow2_tiles(*dims) and _pallas_available():
-        kind = jax.devices()[0].device_kind
-        choice = measured_choice(auto_table.SCAN, kind, (gate,), seq_len)
-        return "xla" if choice == "xla" and jax.default_backend() == "gpu" else "pallas"
+        return kernel_unless_measured_slower(auto_table.SCAN, (gate,), seq_len)
     return "xla"
 
 
