@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -285,6 +286,8 @@ def jobs_for(quick: bool) -> list[Job]:
         # The MFU sweep: a larger batch amortises the optimizer and per-step overheads;
         # without remat nothing is recomputed (memory allows it at 1B on 141 GB).
         Job("1b-b16", "transformer", "1b", one_b, 16, 2048, docs=False),
+        Job("hat-1b-b16", "hat", "1b", hat["1b"], 16, 8192),
+        Job("1b-b8-noremat", "transformer", "1b", remat_none, 8, 2048, docs=False),
         Job("1b-b32", "transformer", "1b", one_b, 32, 2048, docs=False),
         Job("1b-b16-noremat", "transformer", "1b", remat_none, 16, 2048, docs=False),
         Job("1b+docs", "transformer", "1b", one_b, 8, 2048),
@@ -305,6 +308,10 @@ def summary(rows: list[dict]) -> dict:
     if hat["mfu"] and tf["mfu"]:
         out["mfu_ratio"] = hat["mfu"] / tf["mfu"]  # target >= 0.85
     out["bytes_per_s_ratio"] = hat["bytes_per_s"] / tf["bytes_per_s"]  # target >= 2.5
+    if "hat-1b-b16" in by_key and "1b-b16" in by_key:  # the same pair at batch 16
+        hat16, tf16 = by_key["hat-1b-b16"], by_key["1b-b16"]
+        out["mfu_ratio_b16"] = hat16["mfu"] / tf16["mfu"] if hat16["mfu"] and tf16["mfu"] else None
+        out["bytes_per_s_ratio_b16"] = hat16["bytes_per_s"] / tf16["bytes_per_s"]
     dense = by_key.get(hat["key"] + "-dense")
     if dense:
         out["speedup_vs_dense_connectors"] = dense["step_ms"] / hat["step_ms"]
@@ -363,6 +370,7 @@ def main() -> None:
         "datasheet_peak_tflops": peaks["datasheet"] / 1e12 if peaks["datasheet"] else None,
         "matmul_peak_tflops": peaks["measured"] / 1e12 if peaks["measured"] else None,
         "command": " ".join(["python experiments/bench_train.py", *sys.argv[1:]]),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     rows: list[dict] = []
     for job in jobs:
@@ -388,10 +396,12 @@ def write_results(out: str, meta: dict, rows: list[dict]) -> None:
     with open(out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows, "summary": summ}, f, indent=2)
     peak = meta["datasheet_peak_tflops"]
+    flags = meta.get("xla_flags")
+    command = f"XLA_FLAGS='{flags}' {meta['command']}" if flags else meta["command"]
     lines = [
         f"# Training speed, one {meta['device']} ({meta['date']}, JAX {meta['versions']['jax']})",
         "",
-        f"Command: `{meta['command']}`. MFU: model FLOPs / step time / the datasheet dense "
+        f"Command: `{command}`. MFU: model FLOPs / step time / the datasheet dense "
         f"bf16 peak ({f'{peak:.0f} TFLOP/s' if peak else 'unknown device: no MFU'}); "
         f"'MFU (matmul)': against the bf16 matmul peak measured in this run "
         f"({meta['matmul_peak_tflops'] or float('nan'):.0f} TFLOP/s). Model FLOPs: "

@@ -3,13 +3,15 @@
 # own time limit. The log goes to experiments/results/gpu_suite.log (and $OUT/log.txt); the
 # results folder is packed into $OUT/results.tgz.
 #   usage (device machine, repo root): bash experiments/gpu_suite.sh [STEP ...]
-#   no STEP: the checks, in order (limits sum to 600 s: one device call of at most 600 s;
-#   attention and models run side by side on the GPU, each compiling on its own host cores):
+#   no STEP: the checks (limits: gpu_tests, then the other five side by side on the GPU, each
+#   compiling on its own host cores: 230 + 300 s, within one device call of at most 600 s):
 #     gpu_tests     every `gpu`-marked test of tests/ (Triton and Mosaic GPU flash attention
 #                   forward/backward/decode, the linear-attention scan and gated-delta
 #                   kernels), bounds in each test (plain XLA's bf16 error, float32 tolerances);
-#     attention     bench_attention.py's checks (Triton, Mosaic GPU, decode; fails when a kernel
-#                   is farther from the float32 reference than plain XLA in bf16), 1 timing cell;
+#     attention_mosaic, attention_triton
+#                   bench_attention.py's checks (Mosaic GPU forward + backward; Triton forward,
+#                   backward and decode; each fails when a kernel is farther from the float32
+#                   reference than plain XLA in bf16), the Mosaic one with 1 timing cell;
 #     mgpu_bwd      bench_mgpu_bwd.py at L=2048: every backward candidate vs the first, the first
 #                   vs Triton (relative diffs in the log), 1 timing run;
 #     scan          bench_scan.py's checks (kernels vs the float32 recurrence, fp32 and bf16);
@@ -19,6 +21,7 @@
 #                   parallel linear attention (linear_train), resume / accumulation (train);
 #                   with XLA's deterministic GPU ops (bit-exact resume needs them: the
 #                   embedding gradient's scatter-add otherwise adds in a varying order).
+#   Timings from the side-by-side checks share the GPU: they are not measurements.
 #   timing steps (name them): train block hat axial linear_decode linear_train scan_timing
 #   gated_delta scaling; "all" = the checks then every timing step.
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
@@ -46,7 +49,7 @@ export PYTHONUNBUFFERED=1
   python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
 } 2>&1 | tee -a "$LOG"
 
-CHECKS="gpu_tests attention mgpu_bwd scan models"
+CHECKS="gpu_tests attention_mosaic attention_triton mgpu_bwd scan models"
 TIMINGS="train block hat axial linear_decode linear_train scan_timing gated_delta scaling"
 STEPS="${*:-$CHECKS}"
 [ "$STEPS" = all ] && STEPS="$CHECKS $TIMINGS"
@@ -84,17 +87,20 @@ PYTEST="python3 -m pytest -p no:cacheprovider -q -rA"
 # GPU (no preallocation) and compile in parallel on the host's cores
 step gpu_tests 230 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -p no:cacheprovider \
   -rA -v -n 8 --timeout 240 --durations=0 -m gpu tests  # pytest-timeout: a hung kernel fails its test, not the step
-step_bg attention 250 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 experiments/bench_attention.py --check all --impls arjax_mosaic \
-  --head-dims 128 --lengths 2048 --modes fwd --no-sparse --no-peak --iters 1 --repeats 1 \
-  --name gpu_suite_attention --out "$OUT/bench"
-step_bg models 250 env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_deterministic_ops=true \
+BG_ENV="env XLA_PYTHON_CLIENT_PREALLOCATE=false"  # side-by-side steps share the GPU's memory
+step_bg attention_mosaic 300 $BG_ENV python3 experiments/bench_attention.py --check mosaic \
+  --impls arjax_mosaic --head-dims 128 --lengths 2048 --modes fwd --no-sparse --no-peak --iters 1 \
+  --repeats 1 --name gpu_suite_attention --out "$OUT/bench"
+step_bg attention_triton 300 $BG_ENV python3 experiments/bench_attention.py --check triton \
+  --impls '' --no-dense --no-sparse --no-peak --name gpu_suite_attention_triton --out "$OUT/bench"
+step_bg models 300 $BG_ENV XLA_FLAGS=--xla_gpu_deterministic_ops=true \
   $PYTEST -n 6 tests/test_block_transformer.py tests/test_hat.py \
   tests/test_linear_attention.py tests/test_axial.py tests/test_train.py \
   -k "generation or decode or sampling or forms_agree or gradients_agree or split_sequence or resume or accumulation"
+step_bg mgpu_bwd 300 $BG_ENV python3 experiments/bench_mgpu_bwd.py --bwd-only --lengths 2048 \
+  --iters 1 --repeats 1 --name gpu_suite_mgpu_bwd --out "$OUT/bench"
+step_bg scan 300 $BG_ENV python3 experiments/bench_scan.py --impls '' --out "$OUT/bench/gpu_suite_scan"
 join_steps
-step mgpu_bwd 60 python3 experiments/bench_mgpu_bwd.py --bwd-only --lengths 2048 --iters 1 \
-  --repeats 1 --name gpu_suite_mgpu_bwd --out "$OUT/bench"
-step scan 60 python3 experiments/bench_scan.py --impls '' --out "$OUT/bench/gpu_suite_scan"
 step train 190 python3 experiments/bench_train.py
 step block 330 python3 experiments/bench_block_decode.py --impls auto
 step hat 540 python3 experiments/bench_hat_decode.py  # trains both ~1B models first
