@@ -298,26 +298,24 @@ def jobs_for(quick: bool) -> list[Job]:
 
 
 def summary(rows: list[dict]) -> dict:
-    """HAT ``1b`` against the transformer ``1b`` (same settings) of this run."""
+    """HAT ``1b`` against the transformer ``1b`` at the same batch, in this run: MFU ratio
+    (target >= 0.85) and bytes/s ratio (target >= 2.5; arjax's transformer is byte-level)."""
     by_key = {r["key"]: r for r in rows if "error" not in r}
-    hat = by_key.get("hat-1b") or by_key.get("hat-tiny")
-    tf = by_key.get("1b") or by_key.get("tiny")
-    if not hat or not tf:
-        return {}
-    out = {"hat": hat["key"], "transformer": tf["key"]}
-    if hat["mfu"] and tf["mfu"]:
-        out["mfu_ratio"] = hat["mfu"] / tf["mfu"]  # target >= 0.85
-    out["bytes_per_s_ratio"] = hat["bytes_per_s"] / tf["bytes_per_s"]  # target >= 2.5
-    if "hat-1b-b16" in by_key and "1b-b16" in by_key:  # the same pair at batch 16
-        hat16, tf16 = by_key["hat-1b-b16"], by_key["1b-b16"]
-        out["mfu_ratio_b16"] = hat16["mfu"] / tf16["mfu"] if hat16["mfu"] and tf16["mfu"] else None
-        out["bytes_per_s_ratio_b16"] = hat16["bytes_per_s"] / tf16["bytes_per_s"]
-    dense = by_key.get(hat["key"] + "-dense")
-    if dense:
-        out["speedup_vs_dense_connectors"] = dense["step_ms"] / hat["step_ms"]
-    best = max((r for r in by_key.values() if r["preset"] == "1b" and r["mfu"]),
+    out: dict[str, Any] = {}
+    for hat_key, tf_key in (("hat-tiny", "tiny"), ("hat-1b", "1b"), ("hat-1b-b16", "1b-b16")):
+        hat, tf = by_key.get(hat_key), by_key.get(tf_key)
+        if not hat or not tf:
+            continue
+        pair = {"bytes_per_s_ratio": hat["bytes_per_s"] / tf["bytes_per_s"]}
+        if hat["mfu"] and tf["mfu"]:
+            pair["mfu_ratio"] = hat["mfu"] / tf["mfu"]
+        dense = by_key.get(hat_key + "-dense")
+        if dense:
+            pair["speedup_vs_dense_connectors"] = dense["step_ms"] / hat["step_ms"]
+        out[f"{hat_key} vs {tf_key}"] = pair
+    best = max((r for r in by_key.values() if r["key"].startswith("1b") and r["mfu"]),
                key=lambda r: r["mfu"], default=None)  # fmt: skip
-    if best and best["model"] == "transformer":
+    if best:
         out["best_transformer_1b"] = {"key": best["key"], "mfu": best["mfu"]}
     return out
 
@@ -457,6 +455,8 @@ def write_results(out: str, meta: dict, rows: list[dict]) -> None:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
     return f"{v:.3f}" if isinstance(v, float) else json.dumps(v)
 
 
