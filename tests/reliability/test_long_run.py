@@ -78,11 +78,14 @@ def test_non_finite_steps_are_skipped_counted_and_a_streak_stops_training(monkey
 # load that background moves by megabytes. The child trains and nothing else, sampling its own
 # resident set at each metrics row, and prints ``[[step, bytes], ...]`` as its last line.
 _CHILD = """
-import json, os, sys
+import ctypes, json, os, sys
 import arjax.train.loop as loop
 from arjax.train.config import make_run_config
 
+trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc
 def rss():
+    if trim is not None:  # hand the allocator's free pages back first: only live memory counts
+        trim(0)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -119,11 +122,13 @@ def test_host_memory_flat_over_thousands_of_steps(tmp_path: Path):
     samples = json.loads(done.stdout.strip().splitlines()[-1])
     # 700 training steps with no checkpoint or eval in between. (Each Orbax save keeps ~150 KiB
     # resident for this state, inside TensorStore; see experiments/results/reliability.md.)
-    # A leak grows in every stretch of steps; the allocator's one-off jumps (a new arena page
-    # under load) land in one. So the check is on the smaller growth of two 300-step halves.
-    # Seen to fail: 3 MiB kept per 100 steps grew 11.3 and 9.0 MiB in the halves. Smaller leaks
-    # can hide in memory the allocator already holds: 300 KiB kept per 100 steps grew 0 here
-    # (as it would under a first-to-last check over the whole window).
+    # Each sample follows malloc_trim, so the resident set is live memory, not free pages the
+    # allocator kept (untrimmed, both halves once grew ~1.5 MiB in a full-suite run with no
+    # leak, and a 100-step stretch once shrank by 105 MiB). A leak grows in every stretch of
+    # steps; a one-off allocation (a cache filled on first use) lands in one. So the check is on
+    # the smaller growth of two 300-step halves. Planted leaks, kept per 100 steps: 300 KiB grew
+    # 0.88 MiB in each half (fails); 100 KiB grew 0.29-0.30 MiB (passes: below what this bound
+    # catches); none grew 0.66 and -0.01 MiB (three runs side by side).
     rss = dict(samples)
     halves = [rss[1500] - rss[1200], rss[1900] - rss[1600]]
     print(f"RSS steps 1200-1900: {rss[1200] / 2**20:.1f} -> {rss[1900] / 2**20:.1f} MiB")
