@@ -53,7 +53,7 @@ def test_table_rows_are_the_fastest_measured():
         assert auto_table.ATTENTION["hopper", row["D"], "causal", row["L"]]["fwd+bwd"] == faster
 
 
-def test_measured_choice_takes_the_nearest_length_in_octaves():
+def test_measured_choice_takes_the_nearest_length_within_an_octave():
     table = {
         ("hopper", 64, "causal", 2048): {"fwd+bwd": "cudnn"},
         ("hopper", 64, "causal", 32768): {"fwd+bwd": "pallas"},
@@ -61,7 +61,9 @@ def test_measured_choice_takes_the_nearest_length_in_octaves():
     kind = "NVIDIA H200"
     assert measured_choice(table, kind, (64, "causal"), 4096) == "cudnn"  # 1 vs 3 octaves
     assert measured_choice(table, kind, (64, "causal"), 16384) == "pallas"  # 3 vs 1 octaves
-    assert measured_choice(table, kind, (64, "causal"), 1) == "cudnn"
+    assert measured_choice(table, kind, (64, "causal"), 1024) == "cudnn"  # 1 octave
+    assert measured_choice(table, kind, (64, "causal"), 1023) is None  # > 1 octave from any
+    assert measured_choice(table, kind, (64, "causal"), 5) is None
     assert measured_choice(table, kind, (128, "causal"), 2048) is None
     assert measured_choice(table, "NVIDIA A100", (64, "causal"), 2048) is None
     assert device_family("NVIDIA H100 80GB HBM3") == "hopper"
@@ -92,6 +94,7 @@ def _qk(length, d, dtype=jnp.bfloat16, kv_len=None):
         (2048, 256, jnp.bfloat16, None, True, None, False, "pallas"),  # unmeasured, no cuDNN
         (2048, 64, jnp.bfloat16, None, False, None, False, "cudnn"),  # unmeasured: fallback
         (16, 64, jnp.bfloat16, 2048, False, None, False, "cudnn"),  # not self-attention
+        (5, 64, jnp.bfloat16, None, True, None, False, "cudnn"),  # far from measured: fallback
     ],
 )
 def test_attention_auto_follows_the_table(

@@ -155,6 +155,40 @@ def test_loop_stop_strings_eos_special_ids_and_fed_prompts(consumed):
     assert BOS_ID not in drawn and PAD_ID not in drawn and len(drawn) > 2
 
 
+@dataclasses.dataclass(frozen=True)
+class PeriodicBigramDecoder(BigramDecoder):
+    """The bigram decoder with ``period`` 3: ``boundary`` (given ``state["blocks"]``, which
+    ``step`` must never see) adds 10 to "z"'s logit when exactly two ``step``s ran since the
+    previous boundary, and counts its calls in ``blocks``."""
+
+    boundary_state = ("blocks",)
+
+    @property
+    def period(self):
+        return 3
+
+    def prefill(self, params, tokens, lengths, *, layout, max_new):
+        logits, _, fed = super().prefill(params, tokens, lengths, layout=layout, max_new=max_new)
+        return logits, dict(blocks=jnp.int32(0), since=jnp.int32(0)), fed
+
+    def step(self, params, state, tokens, active):
+        assert "blocks" not in state, "step was given the boundary's state"
+        return params[tokens], dict(state, since=state["since"] + 1)
+
+    def boundary(self, params, state, tokens, active):
+        bonus = jnp.where(state["since"] == 2, 10.0, 0.0)
+        logits = params[tokens].at[:, ord("z")].add(bonus)
+        return logits, dict(blocks=state["blocks"] + 1, since=jnp.int32(0))
+
+
+def test_loop_period_runs_boundary_every_period_tokens():
+    """Every third token goes through ``boundary`` after two ``step``s: the token drawn after
+    each boundary is "z" (z -> a -> b -> boundary); whole periods are run."""
+    table = _bigram().at[ord("z"), ord("a")].set(5.0)
+    got = generate(None, table, ["a", "xb"], max_new_bytes=7, decoder=PeriodicBigramDecoder(None))
+    assert got.texts == ["babzabz", "abazabz"] and got.steps == 9
+
+
 def test_left_align_values():
     tokens = jnp.asarray([[7, 8, 9, 0], [5, 0, 0, 0]])
     left, seg, pos = left_align(tokens, jnp.asarray([3, 1]), pad=-1)

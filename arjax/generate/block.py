@@ -7,8 +7,10 @@ blocks (prefill). All rows share block boundaries (blocks count from each row's 
 as in the full forward); where prompts differ in length, the prefill stops at the shortest
 prompt's whole blocks and the engine's loop feeds the remaining prompt tokens one by one (the
 protocol's ``fed``), so every row's result equals greedy step-by-step decoding of the full
-forward. A step runs the token decoder, or, at a block's last token, the block decoder and the
-next block's token-decoder prefill (a ``lax.cond`` on the shared position in the block).
+forward. The decoder's ``period`` is the block length: a step runs the token decoder, and
+every block's last token goes through ``boundary``: the block decoder and the next block's
+token-decoder prefill. Only ``boundary`` touches the block decoder's cache, so the engine's
+inner loop over a block's tokens does not carry it (as in the paper's two-level decoding).
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ class BlockDecoder(Decoder):
     """:class:`arjax.generate.engine.Decoder` of :class:`BlockTransformer` (module doc)."""
 
     stacks: ClassVar[dict[str, str]] = {n: n for n in ("block_decoder", "token_decoder")}
+    boundary_state: ClassVar[tuple[str, ...]] = ("block_cache",)
+
+    @property
+    def period(self) -> int:
+        return self.model.config.block_len
 
     def prepare(self, params: Any) -> Any:
         """The stacks unrolled; the embedder's encoder (if any) shares the token decoder's
@@ -90,11 +97,10 @@ class BlockDecoder(Decoder):
         num_blocks = -(-(lb - 1 + tokens.shape[1] + max_new) // lb)
         z = jnp.pad(tokens, ((0, 0), (lb - 1, 0)), constant_values=PAD_ID)[:, : first_block * lb]
         blocks = rearrange(z, "b (n l) -> b n l", l=lb)
-        apply = functools.partial(self.decoding_model.apply, mutable=["cache"])
-        ctx, bvars = apply(
+        ctx, bvars = self._apply(
             {"params": params}, blocks, decode_cache_len(num_blocks), method=_block_prefill
         )
-        logits, tvars = apply({"params": params}, ctx, method=_token_prefill)
+        logits, tvars = self._apply({"params": params}, ctx, method=_token_prefill)
         state = dict(
             block_cache=bvars["cache"], token_cache=tvars["cache"], ctx=ctx,
             block=jnp.zeros((tokens.shape[0], lb), jnp.int32),  # [batch, L_B] tokens so far
@@ -104,34 +110,35 @@ class BlockDecoder(Decoder):
         return logits, state, fed
 
     def step(self, params, state, tokens, active):
+        """Token ``k < L_B - 1`` of the block: one token-decoder step."""
         del active  # all rows share block boundaries, so finished rows decode on
-        c = self.model.config
-        apply = functools.partial(self.decoding_model.apply, mutable=["cache"])
-        block = state["block"].at[:, state["k"]].set(tokens)
+        k = state["k"]
+        logits, tvar = self._apply(
+            {"params": params, "cache": state["token_cache"]}, state["ctx"], tokens,
+            self.model.config.prefix_offset + k + 1, method=_token_step,
+        )  # fmt: skip
+        block = state["block"].at[:, k].set(tokens)
+        return logits, dict(state, token_cache=tvar["cache"], block=block, k=k + 1)
+
+    def boundary(self, params, state, tokens, active):
+        """The block's last token: block-decoder step, then the next block's token prefill."""
+        del active
+        block = state["block"].at[:, -1].set(tokens)
         cache_len = jax.tree.leaves(state["block_cache"])[0].shape[1]
-
-        def within(_):
-            logits, tvar = apply(
-                {"params": params, "cache": state["token_cache"]}, state["ctx"], tokens,
-                c.prefix_offset + state["k"] + 1, method=_token_step,
-            )  # fmt: skip
-            return logits, state["block_cache"], tvar["cache"], state["ctx"]
-
-        def last(_):
-            ctx, bvar = apply(
-                {"params": params, "cache": state["block_cache"]}, block, state["j"], cache_len,
-                method=_block_step,
-            )  # fmt: skip
-            logits, tvar = apply({"params": params}, ctx, method=_token_prefill)
-            return logits, bvar["cache"], tvar["cache"], ctx
-
-        end = state["k"] == c.block_len - 1
-        logits, bcache, tcache, ctx = jax.lax.cond(end, last, within, None)
+        ctx, bvar = self._apply(
+            {"params": params, "cache": state["block_cache"]}, block, state["j"], cache_len,
+            method=_block_step,
+        )  # fmt: skip
+        logits, tvar = self._apply({"params": params}, ctx, method=_token_prefill)
         state = dict(
-            block_cache=bcache, token_cache=tcache, ctx=ctx, block=block,
-            k=jnp.where(end, 0, state["k"] + 1), j=state["j"] + end,
+            block_cache=bvar["cache"], token_cache=tvar["cache"], ctx=ctx, block=block,
+            k=jnp.int32(0), j=state["j"] + 1,
         )  # fmt: skip
         return logits, state
+
+    @property
+    def _apply(self):
+        return functools.partial(self.decoding_model.apply, mutable=["cache"])
 
     def cache_bytes(self, state: Any) -> dict[str, int]:
         return {

@@ -11,7 +11,12 @@ by its :class:`arjax.models.registry.ModelSpec`):
   ``layout`` is the family's static view of the prompts (``Decoder.layout``, on the host);
 - ``step(params, state, tokens, active) -> (logits, state)``: feeds one token per row
   (``active`` ``[batch]`` marks rows whose token is real: not finished) and returns the
-  logits of the next.
+  logits of the next;
+- a decoder with a ``period`` (the Block Transformer: its block length) feeds every
+  ``period``-th token through ``boundary`` instead (same signature), counting from the
+  prefill; the state entries named in ``boundary_state`` (its big caches) are read and
+  written only there, so the ``period - 1`` steps between boundaries run in an inner loop
+  that does not carry them (no ``lax.cond`` over, and no copy of, those caches per token).
 
 :func:`generate` draws token after token in a ``lax.while_loop`` (greedy, temperature, top-k,
 top-p; :mod:`arjax.generate.sampling`) until every row has hit EOS, a stop string or
@@ -65,6 +70,13 @@ class Decoder:
 
     # Layer stacks that decode unrolled: params key -> config field ("" = the config itself).
     stacks: ClassVar[dict[str, str]] = {}
+    # State entries only `boundary` reads and writes (module doc).
+    boundary_state: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def period(self) -> int | None:
+        """Every ``period``-th token goes through :meth:`boundary` (None: none does)."""
+        return None
 
     def check(self, width: int, max_new: int) -> None:
         """``ValueError`` if prompts of ``width`` tokens plus ``max_new`` do not fit."""
@@ -118,6 +130,12 @@ class Decoder:
         self, params: Any, state: Any, tokens: jax.Array, active: jax.Array
     ) -> tuple[jax.Array, Any]:
         raise NotImplementedError(f"{type(self).__name__}.step")
+
+    def boundary(
+        self, params: Any, state: Any, tokens: jax.Array, active: jax.Array
+    ) -> tuple[jax.Array, Any]:
+        """:meth:`step` for every ``period``-th token (module doc)."""
+        raise NotImplementedError(f"{type(self).__name__}.boundary")
 
     def cache_bytes(self, state: Any) -> dict[str, int]:
         """Bytes of each cache in ``state`` (works on ``jax.eval_shape`` results)."""
@@ -215,7 +233,8 @@ def _run(
     def cond(c: dict) -> jax.Array:
         return (c["i"] < max_new + width) & ~jnp.all(c["done"])
 
-    def body(c: dict) -> dict:
+    def draw(c: dict, feed) -> dict:
+        """Draw (or force) one token per row and ``feed`` it (``decoder.step``/``boundary``)."""
         logits = jnp.where(never, -jnp.inf, c["logits"].astype(jnp.float32))
         key = jax.random.fold_in(rng, c["i"])
         drawn = sample_token(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -238,8 +257,17 @@ def _run(
                 .set(jnp.where(emit[:, None], logits, c["seen"][slot, rows]))
             )
             new["seen"] = seen
-        new["logits"], new["state"] = decoder.step(params, c["state"], tok, forced | emit)
+        new["logits"], new["state"] = feed(params, c["state"], tok, forced | emit)
         return new
+
+    def body(c: dict) -> dict:
+        if decoder.period is None:
+            return draw(c, decoder.step)
+        heavy = {k: c["state"][k] for k in decoder.boundary_state}
+        light = {k: v for k, v in c["state"].items() if k not in heavy}
+        inner = lambda _, c: draw(c, decoder.step)  # noqa: E731
+        c = jax.lax.fori_loop(0, decoder.period - 1, inner, dict(c, state=light))
+        return draw(dict(c, state={**c["state"], **heavy}), decoder.boundary)
 
     final = jax.lax.while_loop(cond, body, carry)
     result = dict(out=final["out"], n=final["n"], steps=final["i"])

@@ -26,6 +26,7 @@ from arjax.ops import (
     aaren,
     aaren_step,
     attention,
+    decode_attention,
     gated_delta_rule,
     gated_delta_step,
     linear_attention,
@@ -308,10 +309,12 @@ class SlidingWindowAttention(nn.Module):
             for name, value in (("k", ks), ("v", vs), ("valid", valid)):
                 self.put_variable("cache", name, value)
             self.put_variable("cache", "index", (index + 1) % self.window)
-            out = attention(
-                q, ks.astype(q.dtype), vs.astype(q.dtype), impl=self.impl,
-                q_segment_ids=jnp.ones((b, 1), jnp.int32), kv_segment_ids=valid.astype(jnp.int32),
-            )  # fmt: skip
+            # auto: XLA, measured faster on this ring than the flash-decoding kernel
+            # (experiments/results/linear_decode.md)
+            impl = "xla" if self.impl == "auto" else self.impl
+            out = decode_attention(
+                q, ks.astype(q.dtype), vs.astype(q.dtype), kv_visible=valid, impl=impl
+            )
         else:
             out = attention(
                 q, k, v, causal=True, window=self.window, q_segment_ids=segment_ids,

@@ -243,7 +243,8 @@ def resolve_impl(
 
     On GPU, self-attention calls (``q_len == kv_len``) take the implementation measured
     fastest for training (forward+backward) in ``arjax.ops.auto_table`` where it can run the
-    call; otherwise cuDNN where it applies, else the Pallas kernels. TPU: Pallas. CPU: XLA.
+    call and was measured within an octave of its length; otherwise cuDNN where it applies,
+    else the Pallas kernels. TPU: Pallas. CPU: XLA.
     """
     if impl != "auto":
         return impl

@@ -21,13 +21,16 @@ def measured_choice(
 ) -> str | None:
     """The implementation measured fastest in ``table`` (``auto_table.ATTENTION`` or
     ``auto_table.SCAN``, keyed ``(family, *shape_class, seq_len)``) at the measured length
-    nearest ``seq_len`` in octaves; ``None`` where nothing of this class was measured."""
+    nearest ``seq_len`` in octaves; ``None`` where nothing of this class was measured within
+    one octave of ``seq_len`` (a kernel tuned for 2k-token training says nothing about a
+    5-token prefill)."""
     prefix = (device_family(device_kind), *shape_class)
+    octaves = lambda length: abs(math.log2(length / max(seq_len, 1)))  # noqa: E731
     rows = {key[-1]: modes for key, modes in table.items() if key[:-1] == prefix}
-    if not rows:
+    near = [length for length in rows if octaves(length) <= 1]
+    if not near:
         return None
-    nearest = min(rows, key=lambda length: abs(math.log2(length / max(seq_len, 1))))
-    return rows[nearest].get(mode)
+    return rows[min(near, key=octaves)].get(mode)
 
 
 def kernel_unless_measured_slower(table: dict, shape_class: tuple, seq_len: int) -> str:
