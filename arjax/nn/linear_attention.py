@@ -309,8 +309,8 @@ class SlidingWindowAttention(nn.Module):
             for name, value in (("k", ks), ("v", vs), ("valid", valid)):
                 self.put_variable("cache", name, value)
             self.put_variable("cache", "index", (index + 1) % self.window)
-            # auto: XLA, measured faster on this ring than the flash-decoding kernel
-            # (experiments/results/linear_decode.md)
+            # auto: XLA, which a GPU diagnostic found faster on this few-slot ring than the
+            # flash-decoding kernel (experiments/results/linear_decode.md)
             impl = "xla" if self.impl == "auto" else self.impl
             out = decode_attention(
                 q, ks.astype(q.dtype), vs.astype(q.dtype), kv_visible=valid, impl=impl
