@@ -5,12 +5,16 @@
 transform form of sec. 3.3 (and Yang et al. 2024, "Parallelizing Linear Transformers with
 the Delta Rule over Sequence Length", sec. 3); the chunk math is :mod:`._chunk`.
 
-One kernel per direction, sequential over chunks, parallel over (batch, head, value tile):
-the forward keeps the state tile on chip and, when differentiated, stores the float32
-state entering each chunk; the backward runs the chunks in reverse from those states,
-recomputing the chunk's ``T``, ``W`` and ``U``, and carries ``dL/dS``. ``(I + A)^{-1}`` is
-built by block doubling (MMAs only), so ``chunk_size`` is a power of two. The in-chunk
-cumulative log decay and its transpose (a reverse cumsum) are XLA around the kernels.
+Only the state update runs in order over chunks. On the GPU each direction is three
+kernels: the forward computes the state-independent ``W = T kg``, ``T beta V`` in parallel
+over chunks, carries the state tile through the chunks (two MMAs each, storing the float32
+state entering each chunk and ``U``), then the outputs in parallel over chunks; the backward
+recomputes ``W``, carries ``dL/dS`` through the chunks in reverse (storing it per chunk) and
+then computes every chunk's gradients in parallel from the saved states. On the TPU each
+direction is one kernel whose ``arbitrary`` chunk axis does a whole chunk per step, parallel
+over (batch, head, value tile). ``(I + A)^{-1}`` is built by block doubling (MMAs only), so
+``chunk_size`` is a power of two. The in-chunk cumulative log decay and its transpose (a
+reverse cumsum) are XLA around the kernels.
 
 Drivers (one file per lowering and pass): ``backend="gpu"`` Pallas Triton (:mod:`.triton_fwd`,
 :mod:`.triton_bwd`), ``"tpu"`` Pallas Mosaic TPU (:mod:`.mosaic_tpu_fwd`,

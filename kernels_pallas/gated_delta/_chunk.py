@@ -11,10 +11,15 @@ state tile ``S [dk, bv]``; ``gam`` is the in-chunk cumulative log decay:
 * ``O = (exp(gam) Q) S + (Q K^T * exp(gam_t - gam_s), s <= t) U``;
 * ``S_next = exp(gam_last) S + (K exp(gam_last - gam))^T U``.
 
-:func:`chunk_backward` recomputes these from ``S`` and returns every gradient by hand
-(the transposes of the lines above, ``dA = -T^T dT T^T``). Value tiles (``bv`` columns of
-``V``, ``S``, ``O``) are independent in the forward; in the backward, ``dq``, ``dk``,
-``dbeta`` and ``dgam`` are sums over tiles (the drivers write one part per tile).
+The pieces are separate functions so that a driver can run the state-independent ones
+(:func:`transform`, :func:`values`: ``T``, ``W``, ``T beta V``; :func:`output` given the
+state) in parallel over chunks and only :func:`state_step` (two MMAs) in order;
+:func:`state_grad` is its transpose, carrying ``dL/dS`` backwards. :func:`chunk_forward`
+chains them for one chunk. :func:`chunk_backward` recomputes the chunk from ``S`` and
+returns every gradient by hand (the transposes of the lines above, ``dA = -T^T dT T^T``).
+Value tiles (``bv`` columns of ``V``, ``S``, ``O``) are independent in the forward; in the
+backward, ``dq``, ``dk``, ``dbeta`` and ``dgam`` are sums over tiles (the drivers write one
+part per tile).
 Document boundaries arrive as masks: ``same`` (pairs in one document), ``reads`` (rows in
 the incoming state's document) and ``last`` (rows in the outgoing state's document).
 """
@@ -57,11 +62,11 @@ class Cfg:
 class Chunk(NamedTuple):
     """Loaded values of one chunk (float32): ``q, k [C, dk]``, ``v [C, bv]``, ``beta`` as a
     column ``[C, 1]``, ``gam`` as a column and a row ``[1, C]``; masks or None without
-    documents."""
+    documents. ``q``/``v`` are None where a kernel does not read them."""
 
-    q: jax.Array
+    q: jax.Array | None
     k: jax.Array
-    v: jax.Array
+    v: jax.Array | None
     beta_c: jax.Array
     gam_c: jax.Array
     gam_r: jax.Array
@@ -102,34 +107,17 @@ def unit_lower_inverse(a: jax.Array, prec) -> jax.Array:
     return t
 
 
-class _Prelude(NamedTuple):
-    kk: jax.Array  # K K^T
-    a: jax.Array  # A
-    decay_strict: jax.Array  # exp(gam_t - gam_s), s < t, same document
-    decay_incl: jax.Array  # exp(gam_t - gam_s), s <= t, same document
-    t: jax.Array  # (I + A)^{-1}
+class Gates(NamedTuple):
+    """The decay factors of one chunk's rows."""
+
     g_read: jax.Array  # [C, 1] exp(gam) where the row reads the incoming state
-    kg: jax.Array  # beta exp(gam) K (rows reading the state)
-    vb: jax.Array  # beta V
-    w: jax.Array  # T kg
-    uv: jax.Array  # T vb
     e_end: jax.Array  # [C, 1] exp(gam_last - gam) where the row reaches the outgoing state
     carry: jax.Array  # [1, 1] exp(gam_last) if no boundary in the chunk, else 0
 
 
-def _prelude(ch: Chunk, prec) -> _Prelude:
-    c = ch.q.shape[0]
-    rows, cols = _iota((c, c), 0), _iota((c, c), 1)
-    lower, incl = rows > cols, rows >= cols
-    if ch.same is not None:
-        lower, incl = lower & ch.same, incl & ch.same
-    kk = mm(ch.k, ch.k, prec, tb=True)
-    decay_strict = _exp_where(lower, ch.gam_c - ch.gam_r)
-    a = kk * decay_strict * ch.beta_c
-    t = unit_lower_inverse(a, prec)
+def gates(ch: Chunk) -> Gates:
+    c = ch.gam_c.shape[0]
     g_read = jnp.exp(ch.gam_c) if ch.reads is None else jnp.exp(ch.gam_c) * ch.reads
-    kg = ch.k * (ch.beta_c * g_read)
-    vb = ch.v * ch.beta_c
     last_col = _iota((1, c), 1) == c - 1
     gam_last = jnp.sum(jnp.where(last_col, ch.gam_r, 0.0), axis=1, keepdims=True)  # [1, 1]
     e_end = jnp.exp(jnp.minimum(gam_last - ch.gam_c, 0.0))
@@ -138,19 +126,77 @@ def _prelude(ch: Chunk, prec) -> _Prelude:
         e_end = e_end * ch.last
         last_row = _iota((c, 1), 0) == c - 1
         carry = carry * jnp.sum(jnp.where(last_row, ch.reads, 0.0), axis=0, keepdims=True)
-    return _Prelude(
-        kk, a, decay_strict, _exp_where(incl, ch.gam_c - ch.gam_r), t, g_read, kg, vb,
-        mm(t, kg, prec), mm(t, vb, prec), e_end, carry,
-    )  # fmt: skip
+    return Gates(g_read, e_end, carry)
+
+
+def decay(ch: Chunk, *, strict: bool) -> jax.Array:
+    """``exp(gam_t - gam_s)`` for ``s < t`` (``strict``) or ``s <= t`` in one document, else
+    0 ``[C, C]``."""
+    c = ch.gam_c.shape[0]
+    rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+    keep = rows > cols if strict else rows >= cols
+    if ch.same is not None:
+        keep = keep & ch.same
+    return _exp_where(keep, ch.gam_c - ch.gam_r)
+
+
+class WY(NamedTuple):
+    """The state-independent UT transform of one chunk."""
+
+    kk: jax.Array  # K K^T
+    decay_strict: jax.Array
+    a: jax.Array  # A = K K^T * decay_strict * beta_t
+    t: jax.Array  # (I + A)^{-1}
+    kg: jax.Array  # beta exp(gam) K (rows reading the state)
+    w: jax.Array  # T kg [C, dk]
+
+
+def transform(ch: Chunk, g: Gates, prec) -> WY:
+    kk = mm(ch.k, ch.k, prec, tb=True)
+    decay_strict = decay(ch, strict=True)
+    a = kk * decay_strict * ch.beta_c
+    t = unit_lower_inverse(a, prec)
+    kg = ch.k * (ch.beta_c * g.g_read)
+    return WY(kk, decay_strict, a, t, kg, mm(t, kg, prec))
+
+
+def values(ch: Chunk, t: jax.Array, prec) -> tuple[jax.Array, jax.Array]:
+    """``(vb = beta V, UV = T vb)`` ``[C, bv]`` from ``T`` of :func:`transform`."""
+    vb = ch.v * ch.beta_c
+    return vb, mm(t, vb, prec)
+
+
+def scores(ch: Chunk, prec) -> tuple[jax.Array, jax.Array]:
+    """``(Q K^T * decay_incl, decay_incl)`` ``[C, C]``."""
+    d = decay(ch, strict=False)
+    return mm(ch.q, ch.k, prec, tb=True) * d, d
+
+
+def state_step(ch: Chunk, g: Gates, w, uv, s, prec) -> tuple[jax.Array, jax.Array]:
+    """``(U = UV - W S [C, bv], S_next [dk, bv])`` from the state tile ``s`` entering."""
+    u = uv - mm(w, s, prec)
+    return u, g.carry * s + mm(ch.k * g.e_end, u, prec, ta=True)
+
+
+def output(ch: Chunk, g: Gates, sc, s, u, prec) -> jax.Array:
+    """``O = (Q g_read) S + sc U [C, bv]`` with ``sc`` the scores of :func:`scores`."""
+    return mm(ch.q * g.g_read, s, prec) + mm(sc, u, prec)
+
+
+def state_grad(ch: Chunk, g: Gates, sc, w, do, ds_next, prec) -> tuple[jax.Array, jax.Array]:
+    """The transposes of :func:`output` and :func:`state_step` in ``U`` and ``S``: ``(dU
+    [C, bv], dS [dk, bv])`` from ``do [C, bv]`` and ``ds_next = dL/dS_next [dk, bv]``."""
+    du = mm(sc, do, prec, ta=True) + mm(ch.k * g.e_end, ds_next, prec)
+    ds = mm(ch.q * g.g_read, do, prec, ta=True) + g.carry * ds_next - mm(w, du, prec, ta=True)
+    return du, ds
 
 
 def chunk_forward(ch: Chunk, s: jax.Array, prec) -> tuple[jax.Array, jax.Array]:
     """``(O [C, bv], S_next [dk, bv])`` from the state tile ``s`` entering the chunk."""
-    p = _prelude(ch, prec)
-    u = p.uv - mm(p.w, s, prec)
-    scores = mm(ch.q, ch.k, prec, tb=True) * p.decay_incl
-    out = mm(ch.q * p.g_read, s, prec) + mm(scores, u, prec)
-    return out, p.carry * s + mm(ch.k * p.e_end, u, prec, ta=True)
+    g = gates(ch)
+    wy = transform(ch, g, prec)
+    u, s_next = state_step(ch, g, wy.w, values(ch, wy.t, prec)[1], s, prec)
+    return output(ch, g, scores(ch, prec)[0], s, u, prec), s_next
 
 
 class ChunkGrads(NamedTuple):
@@ -168,46 +214,45 @@ def chunk_backward(ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, p
     ``ds_next = dL/dS_next [dk, bv]``; the forward is recomputed."""
     q, k, v = ch.q, ch.k, ch.v
     c = q.shape[0]
-    p = _prelude(ch, prec)
-    u = p.uv - mm(p.w, s, prec)
-    qk = mm(q, k, prec, tb=True)
-    k_end = k * p.e_end
-    # O = (q g_read) S + (qk * decay_incl) U and S_next = carry S + k_end^T U.
-    du = mm(qk * p.decay_incl, do, prec, ta=True) + mm(k_end, ds_next, prec)  # [C, bv]
-    dscores = mm(do, u, prec, tb=True) * p.decay_incl  # d(qk) [C, C]
+    g = gates(ch)
+    wy = transform(ch, g, prec)
+    vb, uv = values(ch, wy.t, prec)
+    sc, decay_incl = scores(ch, prec)
+    u, _ = state_step(ch, g, wy.w, uv, s, prec)
+    du, ds = state_grad(ch, g, sc, wy.w, do, ds_next, prec)
+    du_o = mm(do, u, prec, tb=True)  # dL/dsc [C, C]
+    dscores = du_o * decay_incl  # d(Q K^T)
     do_s = mm(do, s, prec, tb=True)  # [C, dk]
-    dq = mm(dscores, k, prec) + p.g_read * do_s
+    dq = mm(dscores, k, prec) + g.g_read * do_s
     dk = mm(dscores, q, prec, ta=True)
-    pairs = dscores * qk  # d/dgam_t of the score (t: +, s: -)
+    pairs = du_o * sc  # d/dgam_t of the score (t: +, s: -)
     dgam_c = jnp.sum(pairs, axis=1, keepdims=True)
-    dgam_c += p.g_read * jnp.sum(q * do_s, axis=1, keepdims=True)
+    dgam_c += g.g_read * jnp.sum(q * do_s, axis=1, keepdims=True)
     dgam_r = -jnp.sum(pairs, axis=0, keepdims=True)
-    ds = mm(q * p.g_read, do, prec, ta=True) + p.carry * ds_next
-    dlast = p.carry * jnp.sum(jnp.sum(s * ds_next, axis=1, keepdims=True), axis=0, keepdims=True)
+    dlast = g.carry * jnp.sum(jnp.sum(s * ds_next, axis=1, keepdims=True), axis=0, keepdims=True)
     dk_end = mm(u, ds_next, prec, tb=True)  # [C, dk]
-    dk += dk_end * p.e_end
-    de = jnp.sum(dk_end * k, axis=1, keepdims=True) * p.e_end  # [C, 1]
+    dk += dk_end * g.e_end
+    de = jnp.sum(dk_end * k, axis=1, keepdims=True) * g.e_end  # [C, 1]
     dgam_c -= de
     dlast += jnp.sum(de, axis=0, keepdims=True)
     # U = T vb - W S with W = T kg.
     dw = -mm(du, s, prec, tb=True)  # [C, dk]
-    ds -= mm(p.w, du, prec, ta=True)
-    dt = mm(du, p.vb, prec, tb=True) + mm(dw, p.kg, prec, tb=True)  # [C, C]
-    dvb = mm(p.t, du, prec, ta=True)
-    dkg = mm(p.t, dw, prec, ta=True)
+    dt = mm(du, vb, prec, tb=True) + mm(dw, wy.kg, prec, tb=True)  # [C, C]
+    dvb = mm(wy.t, du, prec, ta=True)
+    dkg = mm(wy.t, dw, prec, ta=True)
     dv = dvb * ch.beta_c
     dbeta = jnp.sum(dvb * v, axis=1, keepdims=True)
-    dk += dkg * (ch.beta_c * p.g_read)
+    dk += dkg * (ch.beta_c * g.g_read)
     dkg_k = jnp.sum(dkg * k, axis=1, keepdims=True)
-    dbeta += dkg_k * p.g_read
-    dgam_c += dkg_k * ch.beta_c * p.g_read
+    dbeta += dkg_k * g.g_read
+    dgam_c += dkg_k * ch.beta_c * g.g_read
     # T = (I + A)^{-1}; A = kk * decay_strict * beta_t.
-    da = -mm(mm(p.t, dt, prec, ta=True), p.t, prec, tb=True)
-    da_kk = da * p.decay_strict
-    dbeta += jnp.sum(da_kk * p.kk, axis=1, keepdims=True)
+    da = -mm(mm(wy.t, dt, prec, ta=True), wy.t, prec, tb=True)
+    da_kk = da * wy.decay_strict
+    dbeta += jnp.sum(da_kk * wy.kk, axis=1, keepdims=True)
     dkk = da_kk * ch.beta_c
     dk += mm(dkk, k, prec) + mm(dkk, k, prec, ta=True)
-    da_a = da * p.a
+    da_a = da * wy.a
     dgam_c += jnp.sum(da_a, axis=1, keepdims=True)
     dgam_r -= jnp.sum(da_a, axis=0, keepdims=True)
     dgam_c += jnp.where(_iota((c, 1), 0) == c - 1, dlast, 0.0)

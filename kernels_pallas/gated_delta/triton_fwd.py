@@ -1,10 +1,20 @@
-"""GPU forward (Pallas Triton): grid (batch, heads, value tiles); each program runs its
-chunks in order (the backward, ``triton_bwd.py``, in reverse), keeping its ``[dk, bv]`` state
-tile in registers.
+"""GPU forward (Pallas Triton) in three kernels: only the state update runs in order.
 
-Native layouts: ``q, k [batch, len, heads, dk]``, ``v, o [batch, len, heads, dv]``;
-``beta``/``gam`` as columns ``[batch, heads, len, 1]``, ``gam`` also as rows ``[batch, heads,
-chunks, 1, C]``; document masks ``[batch, len, 1]`` / ``[batch, chunks, 1, C]``.
+1. :func:`prepare`, parallel over (batch, heads, chunks): the state-independent UT transform,
+   ``W = T kg`` and ``UV = T beta V`` (:func:`._chunk.transform`, :func:`._chunk.values`;
+   the value tiles in turn);
+2. :func:`states`, grid (batch, heads, value tiles), chunks in order with the ``[dk, bv]``
+   state tile in registers: stores the state entering each chunk ``h_n`` and
+   ``U = UV - W h_n``, then ``S = carry S + (K e_end)^T U`` (:func:`._chunk.state_step`);
+3. the output, parallel over (batch, heads, chunks, value tiles):
+   ``O = (Q g_read) h_n + (Q K^T * decay_incl) U`` (:func:`._chunk.output`).
+
+The backward (``triton_bwd.py``) runs the transposes the same way. Native layouts:
+``q, k [batch, len, heads, dk]``, ``v, o [batch, len, heads, dv]``; ``beta``/``gam`` as
+columns ``[batch, heads, len, 1]``, ``gam`` also as rows ``[batch, heads, chunks, 1, C]``;
+document masks ``[batch, len, 1]`` / ``[batch, chunks, 1, C]``. Between kernels (float32,
+head-major): ``W [batch, heads, len, dk]``, ``UV``, ``U [batch, heads, len, dv]`` and
+``h [batch, heads, chunks, dk, dv]``.
 """
 
 from __future__ import annotations
@@ -14,22 +24,43 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.gated_delta._chunk import F32, Cfg, Chunk, chunk_forward
+from kernels_pallas.gated_delta._chunk import (
+    F32,
+    Cfg,
+    Chunk,
+    gates,
+    output,
+    scores,
+    state_step,
+    transform,
+    values,
+)
 
 
-def loader(cfg: Cfg, bi, hi, vs, refs: dict):
-    """``load(n) -> Chunk`` for chunk ``n`` of program (bi, hi, value slice vs)."""
+def rows(n, size: int):
+    """The ``n``-th block of ``size`` rows (or columns)."""
+    return pl.ds(pl.multiple_of(n * size, size), size)
+
+
+def program_ids(count: int) -> tuple:
+    return tuple(pl.program_id(i) for i in range(count))
+
+
+def loader(cfg: Cfg, refs: dict, bi, hi):
+    """``load(n, q=True, vs=None) -> Chunk`` for chunk ``n`` of (batch bi, head hi); ``q``
+    and ``v`` (value slice ``vs``) only when asked for."""
     c = cfg.chunk
 
-    def load(n) -> Chunk:
-        t = pl.ds(pl.multiple_of(n * c, c), c)
+    def load(n, *, q: bool = True, vs=None) -> Chunk:
+        t = rows(n, c)
         same = reads = last = None
         if cfg.segments:
             same = refs["doc_c"][bi, t, :] == refs["doc_r"][bi, n, :, :]
             reads, last = refs["reads"][bi, t, :], refs["last"][bi, t, :]
         return Chunk(
-            refs["q"][bi, t, hi, :].astype(F32), refs["k"][bi, t, hi, :].astype(F32),
-            refs["v"][bi, t, hi, vs].astype(F32),
+            refs["q"][bi, t, hi, :].astype(F32) if q else None,
+            refs["k"][bi, t, hi, :].astype(F32),
+            None if vs is None else refs["v"][bi, t, hi, vs].astype(F32),
             refs["beta_c"][bi, hi, t, :], refs["gam_c"][bi, hi, t, :],
             refs["gam_r"][bi, hi, n, :, :], same, reads, last,
         )  # fmt: skip
@@ -41,38 +72,103 @@ def compiler_params(cfg: Cfg):
     return None if cfg.interpret else pltriton.CompilerParams(num_warps=4, num_stages=1)
 
 
-def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
-    """``(o, s_final, h)``: ``h [batch, heads, chunks, dk, dv]`` f32 states entering each
-    chunk (only with ``save_states``, for the backward; else None)."""
+def call(kernel, inputs: dict, extra: tuple, out_shape, grid: tuple, cfg: Cfg, name: str):
+    """``kernel(ins: dict of input refs, *refs of extra then of outputs)`` over ``grid``."""
     names = list(inputs)
-    bsz, length, heads, dk = inputs["q"].shape
-    dv = inputs["v"].shape[3]
-    bv, n_chunks, c = cfg.block_v, length // cfg.chunk, cfg.chunk
 
-    def kernel(*refs):
-        ins = dict(zip(names, refs))
-        s0_ref, o_ref, sf_ref, *h_ref = refs[len(names) :]
-        bi, hi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        vs = pl.ds(pl.multiple_of(j * bv, bv), bv)
-        load = loader(cfg, bi, hi, vs, ins)
+    def body(*refs):
+        kernel(dict(zip(names, refs)), *refs[len(names) :])
+
+    return pl.pallas_call(
+        body, out_shape=out_shape, grid=grid, interpret=cfg.interpret,
+        compiler_params=compiler_params(cfg), name=name,
+    )(*inputs.values(), *extra)  # fmt: skip
+
+
+def dims(inputs: dict, cfg: Cfg) -> tuple[int, int, int, int, int, int]:
+    """``(batch, len, heads, dk, dv, chunks)``."""
+    bsz, length, heads, dk = inputs["q"].shape
+    return bsz, length, heads, dk, inputs["v"].shape[3], length // cfg.chunk
+
+
+def prepare(inputs: dict, cfg: Cfg, *, with_values: bool):
+    """``(W [batch, heads, len, dk], UV [batch, heads, len, dv] or None)`` float32, ``UV``
+    only ``with_values``: grid (batch, heads, chunks)."""
+    bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
+    c, bv, prec = cfg.chunk, cfg.block_v, cfg.precision
+
+    def kernel(ins, w_ref, *uv_ref):
+        bi, hi, n = program_ids(3)
+        t = rows(n, c)
+        ch = loader(cfg, ins, bi, hi)(n, q=False)
+        wy = transform(ch, gates(ch), prec)
+        w_ref[bi, hi, t, :] = wy.w
+        if with_values:
+
+            def tile(j, carry):
+                vs = rows(j, bv)
+                tile_v = ins["v"][bi, t, hi, vs].astype(F32)
+                uv_ref[0][bi, hi, t, vs] = values(ch._replace(v=tile_v), wy.t, prec)[1]
+                return carry
+
+            lax.fori_loop(0, dv // bv, tile, 0)
+
+    out_shape = [jax.ShapeDtypeStruct((bsz, heads, length, dk), F32)]
+    if with_values:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, heads, length, dv), F32))
+    outs = call(kernel, inputs, (), out_shape, (bsz, heads, n_chunks), cfg, "gated_delta_prepare")
+    return outs[0], (outs[1] if with_values else None)
+
+
+def states(inputs: dict, w: jax.Array, uv: jax.Array, s0: jax.Array, cfg: Cfg):
+    """``(h [batch, heads, chunks, dk, dv], U [batch, heads, len, dv], s_final)`` float32:
+    grid (batch, heads, value tiles), chunks in order."""
+    bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
+    c, bv = cfg.chunk, cfg.block_v
+
+    def kernel(ins, w_ref, uv_ref, s0_ref, h_ref, u_ref, sf_ref):
+        bi, hi, j = program_ids(3)
+        vs = rows(j, bv)
+        load = loader(cfg, ins, bi, hi)
 
         def body(n, s):
-            if save_states:
-                h_ref[0][bi, hi, n, :, vs] = s
-            out, s = chunk_forward(load(n), s, cfg.precision)
-            o_ref[bi, pl.ds(pl.multiple_of(n * c, c), c), hi, vs] = out.astype(o_ref.dtype)
+            t = rows(n, c)
+            ch = load(n, q=False)
+            h_ref[bi, hi, n, :, vs] = s
+            u, s = state_step(
+                ch, gates(ch), w_ref[bi, hi, t, :], uv_ref[bi, hi, t, vs], s, cfg.precision
+            )
+            u_ref[bi, hi, t, vs] = u
             return s
 
         sf_ref[bi, hi, :, vs] = lax.fori_loop(0, n_chunks, body, s0_ref[bi, hi, :, vs])
 
     out_shape = [
-        jax.ShapeDtypeStruct((bsz, length, heads, dv), inputs["q"].dtype),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), F32),
+        jax.ShapeDtypeStruct((bsz, heads, length, dv), F32),
         jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
     ]
-    if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), F32))
-    outs = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(bsz, heads, dv // bv), interpret=cfg.interpret,
-        compiler_params=compiler_params(cfg), name="gated_delta_fwd",
-    )(*inputs.values(), s0)  # fmt: skip
-    return outs[0], outs[1], (outs[2] if save_states else None)
+    grid = (bsz, heads, dv // bv)
+    return call(kernel, inputs, (w, uv, s0), out_shape, grid, cfg, "gated_delta_states")
+
+
+def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
+    """``(o, s_final, h)``: ``h [batch, heads, chunks, dk, dv]`` f32 states entering each
+    chunk (only with ``save_states``, for the backward; else None)."""
+    bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
+    c, bv = cfg.chunk, cfg.block_v
+    h, u, s_final = states(inputs, *prepare(inputs, cfg, with_values=True), s0, cfg)
+
+    def kernel(ins, h_ref, u_ref, o_ref):
+        bi, hi, n, j = program_ids(4)
+        t, vs = rows(n, c), rows(j, bv)
+        ch = loader(cfg, ins, bi, hi)(n)
+        sc, _ = scores(ch, cfg.precision)
+        out = output(ch, gates(ch), sc, h_ref[bi, hi, n, :, vs], u_ref[bi, hi, t, vs],
+                     cfg.precision)  # fmt: skip
+        o_ref[bi, t, hi, vs] = out.astype(o_ref.dtype)
+
+    out_shape = jax.ShapeDtypeStruct((bsz, length, heads, dv), inputs["q"].dtype)
+    grid = (bsz, heads, n_chunks, dv // bv)
+    out = call(kernel, inputs, (h, u), out_shape, grid, cfg, "gated_delta_fwd")
+    return out, s_final, (h if save_states else None)
