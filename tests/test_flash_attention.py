@@ -148,13 +148,21 @@ def test_gpu_variant_unsorted_segments(rng):
 
 
 def _ranges_brute_force(row_seg, col_seg, row_block, col_block):
-    """Per row tile, [lo, hi) of the column tiles holding a column of one of its segments."""
+    """Per row tile, [lo, hi) of the column tiles holding a column of one of its segments, and
+    [full_lo, full_hi) of those whose every column has the one id of all its rows (one
+    contiguous run, else empty at lo)."""
     out = []
     for rows, cols in zip(row_seg, col_seg):
         line = []
         for t in range(len(rows) // row_block):
-            hits = np.flatnonzero(np.isin(cols, rows[t * row_block : (t + 1) * row_block]))
-            line += [hits[0] // col_block, hits[-1] // col_block + 1] if len(hits) else [0, 0]
+            tile = rows[t * row_block : (t + 1) * row_block]
+            hits = np.flatnonzero(np.isin(cols, tile))
+            lo, hi = (hits[0] // col_block, hits[-1] // col_block + 1) if len(hits) else (0, 0)
+            col_tiles = [set(cols[c : c + col_block]) for c in range(0, len(cols), col_block)]
+            whole = [c for c, ids in enumerate(col_tiles) if len(set(tile)) == 1 == len(ids)
+                     and ids == set(tile)]  # fmt: skip
+            run = whole and whole == list(range(whole[0], whole[-1] + 1))
+            line += [lo, whole[0], whole[-1] + 1, hi] if run else [lo, lo, lo, hi]
         out.append(line)
     return np.asarray(out)
 
@@ -164,15 +172,49 @@ def test_segment_tile_ranges_match_brute_force(rng):
 
     packed = np.repeat([[1, 2, 3, 4]], [24, 40, 8, 24], axis=1)  # documents of 24, 40, 8, 24
     got = np.asarray(segment_tile_ranges(jnp.asarray(packed), jnp.asarray(packed), 16, 32))
-    # q tiles of 16: [0,16) doc 1 -> key tile 0; [16,32) docs 1-2 -> keys 0..63 -> tiles [0, 2);
-    # [32,48), [48,64) doc 2 -> [0, 2); [64,80) docs 3-4 -> keys 64..95 -> [2, 3); [80,96) doc 4
-    np.testing.assert_array_equal(got, [[0, 1, 0, 2, 0, 2, 0, 2, 2, 3, 2, 3]])
+    # q tiles of 16: [0,16) doc 1 -> key tile 0, not whole; [16,32) docs 1-2 -> keys 0..63 ->
+    # tiles [0, 2); [32,48), [48,64) doc 2 -> [0, 2), key tile 1 (32..63) whole; [64,80) docs
+    # 3-4 -> keys 64..95 -> [2, 3); [80,96) doc 4 -> [2, 3)
+    want = [[0, 0, 0, 1, 0, 0, 0, 2, 0, 1, 2, 2, 0, 1, 2, 2, 2, 2, 2, 3, 2, 2, 2, 3]]
+    np.testing.assert_array_equal(got, want)
+    long_docs = np.repeat([[0, 1, 2]], [40, 72, 16], axis=1)
+    for row_seg, col_seg in ((long_docs, long_docs), (long_docs[:, :96], long_docs)):
+        for row_block, col_block in ((16, 16), (8, 32)):
+            got = segment_tile_ranges(jnp.asarray(row_seg), jnp.asarray(col_seg), row_block,
+                                      col_block)  # fmt: skip
+            want = _ranges_brute_force(row_seg, col_seg, row_block, col_block)
+            np.testing.assert_array_equal(np.asarray(got), want)
+            assert (want[:, 2::4] > want[:, 1::4]).any()  # some whole tiles
     for row_block, col_block in ((16, 16), (8, 32)):
         row_seg = rng.integers(0, 6, (3, 64))
         col_seg = rng.integers(1, 5, (3, 96))
         got = segment_tile_ranges(jnp.asarray(row_seg), jnp.asarray(col_seg), row_block, col_block)
         want = _ranges_brute_force(row_seg, col_seg, row_block, col_block)
         np.testing.assert_array_equal(np.asarray(got), want)
+    split = np.repeat([[1, 2, 1]], [32, 32, 32], axis=1)  # id 1 in two runs: whole tiles apart
+    got = np.asarray(segment_tile_ranges(jnp.asarray(split), jnp.asarray(split), 16, 16))
+    np.testing.assert_array_equal(got, _ranges_brute_force(split, split, 16, 16))
+    np.testing.assert_array_equal(got[0, 1::4], [0, 0, 2, 2, 0, 0])  # id 1: no whole run
+    np.testing.assert_array_equal(got[0, 2::4], [0, 0, 4, 4, 0, 0])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_variant_long_packed_documents(rng, causal):
+    """Documents spanning several tiles: tiles inside one document take the unmasked path
+    (``segment_tile_ranges``' whole tiles); forward and gradients still match the reference,
+    with padded rows (lengths not tile multiples) and a document starting mid-tile."""
+    q, k, v = _inputs(rng, q_len=90, kv_len=90)
+    rows = (np.repeat([1, 2, 3], [37, 40, 13]), np.repeat([0, 1, 2], [16, 64, 10]))
+    seg = jnp.asarray(np.stack(rows), jnp.int32)
+    kw = dict(causal=causal, q_segment_ids=seg, kv_segment_ids=seg)
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    flash = lambda q, k, v, **kw: flash_attention(
+        q, k, v, backend="gpu", interpret=True, block_sizes=TINY, **kw
+    )
+    out, g = _value_and_grads(flash, q, k, v, w, kw)
+    ref, g_ref = _value_and_grads(attention_reference, q, k, v, w, kw)
+    for a, r in zip((out, *g), (ref, *g_ref)):
+        np.testing.assert_allclose(a, r, **F32_TOL)
 
 
 @pytest.mark.parametrize("wave", [1, 6])

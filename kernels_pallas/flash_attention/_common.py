@@ -65,9 +65,28 @@ def _clip(x, lo, hi):
     return jnp.minimum(jnp.maximum(x, lo), hi)
 
 
-def kv_block_range(q_first, q_last, geo: Geometry):
+def _with_segments(bounds: tuple, geo: Geometry, segment_tiles) -> tuple:
+    """Causal / window tile ``bounds`` ``(lo, full_lo, full_hi, hi)`` with segment ids: cut to
+    the tile's ``segment_tiles`` (the same four, from :func:`segment_tile_ranges`), whose
+    unmasked range is intersected; without them every tile is masked."""
+    lo, full_lo, full_hi, hi = bounds
+    lo = jnp.minimum(lo, hi)
+    if segment_tiles is not None:
+        lo = jnp.maximum(lo, segment_tiles[0])
+        hi = jnp.maximum(jnp.minimum(hi, segment_tiles[3]), lo)
+        full_lo = jnp.maximum(full_lo, segment_tiles[1])
+        full_hi = jnp.minimum(full_hi, segment_tiles[2])
+    elif geo.has_segments:
+        full_lo = full_hi = hi
+    full_lo = _clip(full_lo, lo, hi)
+    return lo, full_lo, _clip(full_hi, full_lo, hi), hi
+
+
+def kv_block_range(q_first, q_last, geo: Geometry, segment_tiles=None):
     """KV tiles ``[lo, hi)`` seen by queries ``q_first..q_last``; ``[full_lo, full_hi)`` of
-    them need no mask (every query sees every key). Tiles outside are skipped entirely."""
+    them need no mask (every query sees every key). Tiles outside are skipped entirely.
+    ``segment_tiles``: this query tile's row of :func:`segment_tile_ranges` (else, with segment
+    ids, every tile is masked)."""
     q_first = jnp.asarray(q_first, jnp.int32)
     q_last = jnp.asarray(q_last, jnp.int32)
     unpadded = geo.kv_len // geo.bk  # tiles with no padded keys
@@ -83,17 +102,13 @@ def kv_block_range(q_first, q_last, geo: Geometry):
         else:
             lo = _div(jnp.maximum(0, first_pos - geo.window + 1), geo.bk)
             full_lo = _div(jnp.maximum(0, last_pos - geo.window + 1) + geo.bk - 1, geo.bk)
-    lo = jnp.minimum(lo, hi)
-    if geo.has_segments:
-        full_lo = full_hi = hi
-    full_lo = _clip(full_lo, lo, hi)
-    full_hi = _clip(full_hi, full_lo, hi)
-    return lo, full_lo, full_hi, hi
+    return _with_segments((lo, full_lo, full_hi, hi), geo, segment_tiles)
 
 
-def q_block_range(k_first, k_last, geo: Geometry):
+def q_block_range(k_first, k_last, geo: Geometry, segment_tiles=None):
     """Query tiles ``[lo, hi)`` that see any of keys ``k_first..k_last``; ``[full_lo, full_hi)``
-    of them see all of those keys (no mask needed). Used by the dK/dV pass."""
+    of them see all of those keys (no mask needed). Used by the dK/dV pass; ``segment_tiles``
+    as in :func:`kv_block_range`, for this KV tile."""
     k_first = jnp.asarray(k_first, jnp.int32)
     padded = k_last >= geo.kv_len  # the tile holds padded keys: every q tile needs the mask
     k_last = jnp.minimum(jnp.asarray(k_last, jnp.int32), geo.kv_len - 1)
@@ -110,11 +125,7 @@ def q_block_range(k_first, k_last, geo: Geometry):
             top = k_last + geo.window - 1 - geo.offset  # last query index that sees a key
             hi = jnp.where(top < 0, 0, jnp.minimum(geo.nq, _div(jnp.maximum(top, 0), geo.bq) + 1))
             full_hi = _div(jnp.maximum(0, k_first + geo.window - geo.offset), geo.bq)
-    lo = jnp.minimum(lo, hi)
-    if geo.has_segments:
-        full_lo = full_hi = hi
-    full_lo = _clip(full_lo, lo, hi)
-    full_hi = _clip(full_hi, full_lo, hi)
+    lo, full_lo, full_hi, hi = _with_segments((lo, full_lo, full_hi, hi), geo, segment_tiles)
     full_hi = jnp.where(padded, full_lo, full_hi)
     return lo, full_lo, full_hi, hi
 
@@ -216,14 +227,18 @@ def segment_tile_ranges(
     row_seg: jax.Array, col_seg: jax.Array, row_block: int, col_block: int
 ) -> jax.Array:
     """For each tile of ``row_block`` rows, the column tiles ``[lo, hi)`` that hold every
-    column sharing a segment id with one of its rows: ``int32 [batch, n_row_tiles * 2]``
-    (``lo, hi`` interleaved; ``lo == hi`` when none does).
+    column sharing a segment id with one of its rows, and those ``[full_lo, full_hi)`` whose
+    every column shares the one segment of all its rows (no segment mask needed):
+    ``int32 [batch, n_row_tiles * 4]`` (``lo, full_lo, full_hi, hi`` interleaved; ``lo == hi``
+    when no column is shared, ``full_lo == full_hi`` when no tile is whole).
 
     ``row_seg [batch, R]``, ``col_seg [batch, C]`` are padded to multiples of the blocks. The
     columns of segment ``s`` lie within ``[first(s), last(s)]``, found by a stable sort of the
     column ids (positions ascend within equal ids) and a binary search per row, so any layout of
     ids is handled exactly; for packed documents the range is the documents of the tile. Tiles
-    outside the range hold no key (query) the tile's rows may see, so kernels skip them.
+    outside the range hold no key (query) the tile's rows may see, so kernels skip them. The
+    whole tiles form one run for packed documents; where they do not (ids repeated apart), the
+    run is left empty and every tile is masked.
     """
     order = jnp.argsort(col_seg, axis=1, stable=True)
     sorted_seg = jnp.take_along_axis(col_seg, order, axis=1)
@@ -239,7 +254,18 @@ def segment_tile_ranges(
     last = jnp.max(last.reshape(b, -1, row_block), axis=-1)
     lo = jnp.where(last >= 0, first // col_block, 0)
     hi = jnp.where(last >= 0, last // col_block + 1, 0)
-    return jnp.stack([lo, hi], axis=-1).reshape(b, -1).astype(jnp.int32)
+    # whole tiles: one id over the row tile and over the column tile, the same
+    rows = row_seg.reshape(b, -1, row_block)
+    tiles = col_seg.reshape(b, -1, col_block)
+    row_id = jnp.where(rows.min(-1) == rows.max(-1), rows.min(-1), -1)[:, :, None]
+    col_id = jnp.where(tiles.min(-1) == tiles.max(-1), tiles.min(-1), -2)[:, None, :]
+    whole = row_id == col_id  # [batch, n_row_tiles, n_col_tiles]
+    index = jnp.arange(whole.shape[-1])
+    full_lo = jnp.min(jnp.where(whole, index, whole.shape[-1]), axis=-1)
+    full_hi = jnp.max(jnp.where(whole, index + 1, 0), axis=-1)
+    run = jnp.sum(whole, axis=-1) == full_hi - full_lo  # one contiguous run (or none)
+    full_lo, full_hi = jnp.where(run, full_lo, lo), jnp.where(run, full_hi, lo)
+    return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).reshape(b, -1).astype(jnp.int32)
 
 
 def pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:

@@ -26,8 +26,8 @@ from kernels_pallas.flash_attention._common import (
 from kernels_pallas.flash_attention.triton_fwd import (
     compiler_params,
     launch_order,
-    narrow,
     segments_overlap,
+    tile_segments,
 )
 from kernels_pallas.flash_attention.tuning import BlockSizes
 
@@ -42,7 +42,9 @@ def _dq_kernel(*refs, geo: Geometry, where):
     q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
     q, do = q_ref[...], do_ref[...]
     lse2, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-    lo, full_lo, full_hi, hi = narrow(kv_block_range(q_first, q_first + bq - 1, geo), rng_ref)
+    lo, full_lo, full_hi, hi = kv_block_range(
+        q_first, q_first + bq - 1, geo, tile_segments(rng_ref)
+    )
 
     def step(j, dq, masked):
         start = pl.multiple_of(j * bk, bk)
@@ -79,7 +81,7 @@ def _dkv_kernel(*refs, geo: Geometry, where):
     k_idx = k_first + jnp.arange(bk, dtype=jnp.int32)[None, :]
     k_seg = None if kseg_ref is None else kseg_ref[...][None, :]
     k, v = k_ref[...], v_ref[...]
-    lo, full_lo, full_hi, hi = narrow(q_block_range(k_first, k_first + bk - 1, geo), rng_ref)
+    lo, full_lo, full_hi, hi = q_block_range(k_first, k_first + bk - 1, geo, tile_segments(rng_ref))
 
     def step(i, carry, masked):
         dk, dv = carry
@@ -136,7 +138,7 @@ def backward(q, k, v, do, lse2, delta, q_seg, kv_seg, geo, bs: BlockSizes, inter
         [
             spec((None, bq), lambda i, b_, h_: (b_, i)),
             spec((None, lk), lambda i, b_, h_: (b_, 0)),
-            spec((None, 2), lambda i, b_, h_: (b_, i)),
+            spec((None, 4), lambda i, b_, h_: (b_, i)),
         ]
         if geo.has_segments
         else []
@@ -177,7 +179,7 @@ def _dkv_call(q, k, v, do, lse2, delta, seg_args, geo_k, bs, interpret):
         [
             spec((None, lq), lambda j, b_, h_: (b_, 0)),
             spec((None, bk), lambda j, b_, h_: (b_, j)),
-            spec((None, 2), lambda j, b_, h_: (b_, j)),
+            spec((None, 4), lambda j, b_, h_: (b_, j)),
         ]
         if geo_k.has_segments
         else []

@@ -8,8 +8,9 @@ to a power of two >= 16 and lengths to tile multiples by the caller (``__init__.
   (FlashAttention-2, Dao 2023, alg. 1) in three loops -- masked edge, unmasked interior,
   masked edge -- so only boundary tiles pay for the mask and fully masked tiles are skipped.
   With segment ids the loop runs only over the tiles between the first and the last key of the
-  tile's segments (``segment_tile_ranges``: a packed document's own tiles), and each of those
-  is still tested for segment overlap and skipped when disjoint.
+  tile's segments (``segment_tile_ranges``: a packed document's own tiles); those inside one
+  document with the tile take the unmasked path, the others are tested for segment overlap
+  and skipped when disjoint.
 * backward: FA-2 alg. 2 split in two kernels, dK/dV (a program per KV tile, loop over q tiles)
   and dQ (a program per q tile, loop over KV tiles), both with the same tile skipping.
 * decode: flash-decoding (Dao et al. 2023): the group of query heads sharing a KV head and
@@ -70,14 +71,9 @@ def segments_overlap(q_seg, k_seg):
     return (jnp.min(q_seg) <= jnp.max(k_seg)) & (jnp.min(k_seg) <= jnp.max(q_seg))
 
 
-def narrow(bounds, rng_ref):
-    """Intersect block ``bounds`` (lo, full_lo, full_hi, hi; with segment ids every tile is
-    masked, so full_lo == full_hi == hi) with the tile's segment range ``rng_ref`` = [lo, hi)."""
-    if rng_ref is None:
-        return bounds
-    lo = jnp.maximum(bounds[0], rng_ref[0])
-    hi = jnp.maximum(jnp.minimum(bounds[3], rng_ref[1]), lo)
-    return lo, hi, hi, hi
+def tile_segments(rng_ref):
+    """This tile's row of ``segment_tile_ranges`` (4 ints), or None without segment ids."""
+    return None if rng_ref is None else tuple(rng_ref[i] for i in range(4))
 
 
 def _stream_kv(q, q_idx, q_seg, k_ref, v_ref, kseg_ref, bounds, geo: Geometry):
@@ -127,7 +123,7 @@ def _fwd_kernel(*refs, geo: Geometry, where):
     q_first = where(pl.program_id(0))[0] * geo.bq
     q_idx = q_first + jnp.arange(geo.bq, dtype=jnp.int32)[:, None]
     q_seg = None if qseg_ref is None else qseg_ref[...][:, None]
-    bounds = narrow(kv_block_range(q_first, q_first + geo.bq - 1, geo), rng_ref)
+    bounds = kv_block_range(q_first, q_first + geo.bq - 1, geo, tile_segments(rng_ref))
     m, row_sum, acc = _stream_kv(q_ref[...], q_idx, q_seg, k_ref, v_ref, kseg_ref, bounds, geo)
     out, lse2 = finalize(m, row_sum, acc)
     o_ref[...] = out.astype(o_ref.dtype)
@@ -150,7 +146,7 @@ def forward(q, k, v, q_seg, kv_seg, geo: Geometry, bs: BlockSizes, interpret: bo
         in_specs += [
             spec((None, geo.bq), lambda i, b_, h_: (b_, i)),
             spec((None, lk), lambda i, b_, h_: (b_, 0)),
-            spec((None, 2), lambda i, b_, h_: (b_, i)),
+            spec((None, 4), lambda i, b_, h_: (b_, i)),
         ]
         args += [q_seg, kv_seg, segment_tile_ranges(q_seg, kv_seg, geo.bq, geo.bk)]
     return pl.pallas_call(
