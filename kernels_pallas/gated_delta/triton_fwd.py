@@ -6,8 +6,8 @@
 2. :func:`states`, grid (batch, heads, value tiles), chunks in order with the ``[dk, bv]``
    state tile in registers: stores the state entering each chunk ``h_n`` and
    ``U = UV - W h_n``, then ``S = carry S + (K e_end)^T U`` (:func:`._chunk.state_step`);
-3. the output, parallel over (batch, heads, chunks, value tiles):
-   ``O = (Q g_read) h_n + (Q K^T * decay_incl) U`` (:func:`._chunk.output`).
+3. the output, parallel over (batch, heads, chunks), the scores once for the value tiles
+   in turn: ``O = (Q g_read) h_n + (Q K^T * decay_incl) U`` (:func:`._chunk.output`).
 
 The backward (``triton_bwd.py``) runs the transposes the same way. Native layouts:
 ``q, k [batch, len, heads, dk]``, ``v, o [batch, len, heads, dv]``; ``beta``/``gam`` as
@@ -160,15 +160,21 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
     h, u, s_final = states(inputs, *prepare(inputs, cfg, with_values=True), s0, cfg)
 
     def kernel(ins, h_ref, u_ref, o_ref):
-        bi, hi, n, j = program_ids(4)
-        t, vs = rows(n, c), rows(j, bv)
+        bi, hi, n = program_ids(3)
+        t = rows(n, c)
         ch = loader(cfg, ins, bi, hi)(n)
         sc, _ = scores(ch, cfg.precision)
-        out = output(ch, gates(ch), sc, h_ref[bi, hi, n, :, vs], u_ref[bi, hi, t, vs],
-                     cfg.precision)  # fmt: skip
-        o_ref[bi, t, hi, vs] = out.astype(o_ref.dtype)
+        g = gates(ch)
+
+        def tile(j, carry):
+            vs = rows(j, bv)
+            out = output(ch, g, sc, h_ref[bi, hi, n, :, vs], u_ref[bi, hi, t, vs],
+                         cfg.precision)  # fmt: skip
+            o_ref[bi, t, hi, vs] = out.astype(o_ref.dtype)
+            return carry
+
+        lax.fori_loop(0, dv // bv, tile, 0)
 
     out_shape = jax.ShapeDtypeStruct((bsz, length, heads, dv), inputs["q"].dtype)
-    grid = (bsz, heads, n_chunks, dv // bv)
-    out = call(kernel, inputs, (h, u), out_shape, grid, cfg, "gated_delta_fwd")
+    out = call(kernel, inputs, (h, u), out_shape, (bsz, heads, n_chunks), cfg, "gated_delta_fwd")
     return out, s_final, (h if save_states else None)
