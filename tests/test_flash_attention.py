@@ -129,14 +129,9 @@ def test_gpu_variant_bf16_window_segments_gqa(rng, within_xla_error):
     _check("gpu", rng, case, within=within_xla_error)
 
 
-def test_gpu_variant_unsorted_segments(rng):
-    """Segment ids in any layout (interleaved, repeated, ids absent from the keys): the tile
-    ranges bound every segment's first and last key, so no visible key is skipped."""
-    q, k, v = _inputs(rng, q_len=45, kv_len=61)
-    kw = dict(
-        q_segment_ids=jnp.asarray(rng.integers(0, 4, (2, 45)), jnp.int32),
-        kv_segment_ids=jnp.asarray(rng.integers(1, 3, (2, 61)), jnp.int32),
-    )
+def _check_gpu_kernels(rng, q, k, v, kw):
+    """The Triton kernels (interpret mode, tiny tiles) vs the float32 reference: output and
+    d/d(q, k, v), within ``F32_TOL``."""
     w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     flash = lambda q, k, v, **kw: flash_attention(
         q, k, v, backend="gpu", interpret=True, block_sizes=TINY, **kw
@@ -145,6 +140,17 @@ def test_gpu_variant_unsorted_segments(rng):
     ref, g_ref = _value_and_grads(attention_reference, q, k, v, w, kw)
     for a, r in zip((out, *g), (ref, *g_ref)):
         np.testing.assert_allclose(a, r, **F32_TOL)
+
+
+def test_gpu_variant_unsorted_segments(rng):
+    """Segment ids in any layout (interleaved, repeated, ids absent from the keys): the tile
+    ranges bound every segment's first and last key, so no visible key is skipped."""
+    q, k, v = _inputs(rng, q_len=45, kv_len=61)
+    kw = dict(
+        q_segment_ids=jnp.asarray(rng.integers(0, 4, (2, 45)), jnp.int32),
+        kv_segment_ids=jnp.asarray(rng.integers(1, 3, (2, 61)), jnp.int32),
+    )
+    _check_gpu_kernels(rng, q, k, v, kw)
 
 
 def _ranges_brute_force(row_seg, col_seg, row_block, col_block):
@@ -207,14 +213,7 @@ def test_gpu_variant_long_packed_documents(rng, causal):
     rows = (np.repeat([1, 2, 3], [37, 40, 13]), np.repeat([0, 1, 2], [16, 64, 10]))
     seg = jnp.asarray(np.stack(rows), jnp.int32)
     kw = dict(causal=causal, q_segment_ids=seg, kv_segment_ids=seg)
-    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    flash = lambda q, k, v, **kw: flash_attention(
-        q, k, v, backend="gpu", interpret=True, block_sizes=TINY, **kw
-    )
-    out, g = _value_and_grads(flash, q, k, v, w, kw)
-    ref, g_ref = _value_and_grads(attention_reference, q, k, v, w, kw)
-    for a, r in zip((out, *g), (ref, *g_ref)):
-        np.testing.assert_allclose(a, r, **F32_TOL)
+    _check_gpu_kernels(rng, q, k, v, kw)
 
 
 @pytest.mark.parametrize("wave", [1, 6])
