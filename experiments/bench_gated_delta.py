@@ -206,7 +206,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--out", default="experiments/results/bench_gated_delta")
-    ap.add_argument("--impls", default="pallas,jla,fla,xla", help="what to time, in this order")
+    ap.add_argument(
+        "--impls",
+        default="pallas,xla,jla,fla",
+        help="what to time, in this order (arjax's two first: the auto table needs both)",
+    )
     ap.add_argument("--no-check", action="store_true", help="skip the float32 GPU check")
     args = ap.parse_args()
     results = new_results()
