@@ -67,14 +67,16 @@ def _check(
     wave=None,
 ):
     """Kernel vs float32 reference within ``tol``; for bf16 inputs pass ``within`` (the
-    ``within_xla_error`` fixture): no farther from the reference than plain XLA attention."""
+    ``within_xla_error`` fixture): no farther from the reference than plain XLA attention.
+    ``case["segments"]``: True for random packed documents, or ``(q_ids, kv_ids)``."""
     case = dict(case)
     seg = case.pop("segments", False)
     kw = dict(causal=case.pop("causal", False), window=case.pop("window", None))
     q, k, v = _inputs(rng, **case)
+    if seg is True:
+        seg = (_segments(rng, q.shape[0], q.shape[1]), _segments(rng, q.shape[0], k.shape[1]))
     if seg:
-        kw["q_segment_ids"] = _segments(rng, q.shape[0], q.shape[1])
-        kw["kv_segment_ids"] = _segments(rng, q.shape[0], k.shape[1])
+        kw["q_segment_ids"], kw["kv_segment_ids"] = (jnp.asarray(s, jnp.int32) for s in seg)
     w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     flash = lambda q, k, v, **kw: flash_attention(
         q, k, v, backend=backend, interpret=interpret, block_sizes=blocks, wave=wave, **kw
@@ -129,28 +131,11 @@ def test_gpu_variant_bf16_window_segments_gqa(rng, within_xla_error):
     _check("gpu", rng, case, within=within_xla_error)
 
 
-def _check_gpu_kernels(rng, q, k, v, kw):
-    """The Triton kernels (interpret mode, tiny tiles) vs the float32 reference: output and
-    d/d(q, k, v), within ``F32_TOL``."""
-    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    flash = lambda q, k, v, **kw: flash_attention(
-        q, k, v, backend="gpu", interpret=True, block_sizes=TINY, **kw
-    )
-    out, g = _value_and_grads(flash, q, k, v, w, kw)
-    ref, g_ref = _value_and_grads(attention_reference, q, k, v, w, kw)
-    for a, r in zip((out, *g), (ref, *g_ref)):
-        np.testing.assert_allclose(a, r, **F32_TOL)
-
-
 def test_gpu_variant_unsorted_segments(rng):
     """Segment ids in any layout (interleaved, repeated, ids absent from the keys): the tile
     ranges bound every segment's first and last key, so no visible key is skipped."""
-    q, k, v = _inputs(rng, q_len=45, kv_len=61)
-    kw = dict(
-        q_segment_ids=jnp.asarray(rng.integers(0, 4, (2, 45)), jnp.int32),
-        kv_segment_ids=jnp.asarray(rng.integers(1, 3, (2, 61)), jnp.int32),
-    )
-    _check_gpu_kernels(rng, q, k, v, kw)
+    seg = (rng.integers(0, 4, (2, 45)), rng.integers(1, 3, (2, 61)))
+    _check("gpu", rng, dict(q_len=45, kv_len=61, segments=seg))
 
 
 def _ranges_brute_force(row_seg, col_seg, row_block, col_block):
@@ -209,11 +194,8 @@ def test_gpu_variant_long_packed_documents(rng, causal):
     """Documents spanning several tiles: tiles inside one document take the unmasked path
     (``segment_tile_ranges``' whole tiles); forward and gradients still match the reference,
     with padded rows (lengths not tile multiples) and a document starting mid-tile."""
-    q, k, v = _inputs(rng, q_len=90, kv_len=90)
-    rows = (np.repeat([1, 2, 3], [37, 40, 13]), np.repeat([0, 1, 2], [16, 64, 10]))
-    seg = jnp.asarray(np.stack(rows), jnp.int32)
-    kw = dict(causal=causal, q_segment_ids=seg, kv_segment_ids=seg)
-    _check_gpu_kernels(rng, q, k, v, kw)
+    rows = np.stack([np.repeat([1, 2, 3], [37, 40, 13]), np.repeat([0, 1, 2], [16, 64, 10])])
+    _check("gpu", rng, dict(causal=causal, q_len=90, kv_len=90, segments=(rows, rows)))
 
 
 @pytest.mark.parametrize("wave", [1, 6])
