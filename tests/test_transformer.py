@@ -9,12 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from arjax.config import ConfigError
 from arjax.data.vocab import BOS_ID, EOS_ID
 from arjax.generate import filter_logits, generate, sample_token
 from arjax.models.transformer import PRESETS, TransformerLM, TransformerLMConfig
 from arjax.nn import unrolled
+from arjax.nn.transformer import Transformer, TransformerConfig
 
 CFG = TransformerLMConfig(
     d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
@@ -169,7 +171,9 @@ def test_presets_param_counts():
     assert 110e6 < PRESETS["125m"].num_params() < 140e6
 
 
-@pytest.mark.parametrize("scan, remat", [(False, "none"), (True, "full"), (True, "dots")])
+@pytest.mark.parametrize(
+    "scan, remat", [(False, "none"), (True, "full"), (True, "dots"), (True, "dots_attention")]
+)
 def test_scan_and_remat_do_not_change_values(rng, scan, remat):
     base = TransformerLM(CFG)
     params = _params(base)
@@ -185,3 +189,20 @@ def test_scan_and_remat_do_not_change_values(rng, scan, remat):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     g = jax.jit(jax.grad(lambda p: other.apply({"params": p}, batch).sum()))(params)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
+
+
+@pytest.mark.parametrize("remat, kept", [("dots_no_batch", False), ("dots_attention", True)])
+def test_dots_attention_remat_keeps_the_flash_kernel_outputs(capsys, remat, kept):
+    """``remat="dots_attention"`` saves the Pallas attention's output and log-sum-exp for the
+    backward pass (so the forward kernel is not recomputed); ``dots_no_batch`` does not."""
+    cfg = TransformerConfig(
+        d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64,
+        dtype="float32", attention_impl="pallas", remat=remat, scan_layers=False,
+    )  # fmt: skip
+    model = Transformer(cfg)
+    x, positions = jnp.ones((1, 16, 32)), jnp.arange(16)[None]
+    params = model.init(jax.random.key(0), x, positions=positions)
+    print_saved_residuals(lambda p: model.apply(p, x, positions=positions).sum(), params)
+    saved = capsys.readouterr().out
+    for name in ("attention_out", "attention_lse"):
+        assert (f"named '{name}'" in saved) == kept, saved

@@ -21,7 +21,7 @@ from arjax.nn.partitioning import constrain
 from arjax.ops.attention import IMPLS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMAT = ("none", "full", "dots", "dots_no_batch")
+REMAT = ("none", "full", "dots", "dots_no_batch", "dots_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class TransformerConfig:
     norm_eps: float = 1e-6
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     attention_impl: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    remat: Literal["none", "full", "dots", "dots_no_batch", "dots_attention"] = "none"
     scan_layers: bool = True
     mixer: MixerConfig = AttentionMixerConfig()  # token mixer; "attention": the fields above
     final_norm: bool = True  # False: the stack returns its residual stream un-normalised
@@ -211,10 +211,18 @@ def unrolled(config: TransformerConfig, params: Any) -> tuple[TransformerConfig,
 
 
 def _remat_policy(name: str) -> Any:
+    """What the backward pass keeps from the forward; the rest is recomputed. ``dots_attention``
+    also keeps the flash-attention kernel's output and log-sum-exp (named in
+    ``kernels_pallas.flash_attention``), so its forward kernel is not run twice."""
+    policies = jax.checkpoint_policies
     return {
         "full": None,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        "dots": policies.checkpoint_dots,
+        "dots_no_batch": policies.checkpoint_dots_with_no_batch_dims,
+        "dots_attention": policies.save_from_both_policies(
+            policies.checkpoint_dots_with_no_batch_dims,
+            policies.save_only_these_names("attention_out", "attention_lse"),
+        ),
     }[name]
 
 

@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+from jax.ad_checkpoint import checkpoint_name
 
 from kernels_pallas.flash_attention import (
     _hopper,
@@ -158,6 +159,9 @@ def _flash(call: _Call, q, k, v, q_seg, kv_seg):
 
 def _flash_fwd(call: _Call, q, k, v, q_seg, kv_seg):
     out, lse2 = _forward(call, q, k, v, q_seg, kv_seg)
+    # Named so that a remat policy can keep them (``save_only_these_names``) instead of
+    # running the forward kernel again in the backward pass.
+    out, lse2 = checkpoint_name(out, "attention_out"), checkpoint_name(lse2, "attention_lse")
     return out, (q, k, v, q_seg, kv_seg, out, lse2)
 
 
