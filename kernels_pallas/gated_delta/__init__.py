@@ -138,9 +138,8 @@ def _core_bwd(cfg: Cfg, res, cts):
     dq, dk, dv, dbeta, dgam_c, dgam_r, ds0 = _DRIVERS[cfg.backend][1].backward(
         _inputs(q, k, v, beta, gam, docs, cfg), h, do.astype(q.dtype), ds_final, cfg
     )
-    dgam = dgam_c.sum(0)[..., 0] + rearrange(dgam_r.sum(0), "b h n 1 c -> b h (n c)")
-    return (dq.sum(0).astype(q.dtype), dk.sum(0).astype(k.dtype), dv, dbeta.sum(0)[..., 0],
-            dgam, ds0, None)  # fmt: skip
+    dgam = dgam_c[..., 0] + rearrange(dgam_r, "b h n 1 c -> b h (n c)")
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv, dbeta[..., 0], dgam, ds0, None
 
 
 _core.defvjp(_core_fwd, _core_bwd)

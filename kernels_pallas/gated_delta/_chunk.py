@@ -14,12 +14,14 @@ state tile ``S [dk, bv]``; ``gam`` is the in-chunk cumulative log decay:
 The pieces are separate functions so that a driver can run the state-independent ones
 (:func:`transform`, :func:`values`: ``T``, ``W``, ``T beta V``; :func:`output` given the
 state) in parallel over chunks and only :func:`state_step` (two MMAs) in order;
-:func:`state_grad` is its transpose, carrying ``dL/dS`` backwards. :func:`chunk_forward`
-chains them for one chunk. :func:`chunk_backward` recomputes the chunk from ``S`` and
-returns every gradient by hand (the transposes of the lines above, ``dA = -T^T dT T^T``).
-Value tiles (``bv`` columns of ``V``, ``S``, ``O``) are independent in the forward; in the
-backward, ``dq``, ``dk``, ``dbeta`` and ``dgam`` are sums over tiles (the drivers write one
-part per tile).
+:func:`u_grad` and :func:`state_grad` are its transposes, carrying ``dL/dS`` backwards.
+:func:`chunk_forward` chains them for one chunk. The backward recomputes the chunk from ``S``
+and transposes the lines above by hand (``dA = -T^T dT T^T``) in three steps:
+:func:`recompute` (the value-independent ``T``, ``W``, scores), :func:`tile_backward` per
+value tile (``bv`` columns of ``V``, ``S``, ``O``; it adds the tile's terms to the
+:class:`Partials` that ``dq``, ``dk``, ``dbeta``, ``dgam`` need), then
+:func:`finish_backward` once (back through the scores, ``W`` and the UT transform);
+:func:`chunk_backward` chains them for one tile.
 Document boundaries arrive as masks: ``same`` (pairs in one document), ``reads`` (rows in
 the incoming state's document) and ``last`` (rows in the outgoing state's document).
 """
@@ -183,12 +185,16 @@ def output(ch: Chunk, g: Gates, sc, s, u, prec) -> jax.Array:
     return mm(ch.q * g.g_read, s, prec) + mm(sc, u, prec)
 
 
-def state_grad(ch: Chunk, g: Gates, sc, w, do, ds_next, prec) -> tuple[jax.Array, jax.Array]:
-    """The transposes of :func:`output` and :func:`state_step` in ``U`` and ``S``: ``(dU
-    [C, bv], dS [dk, bv])`` from ``do [C, bv]`` and ``ds_next = dL/dS_next [dk, bv]``."""
-    du = mm(sc, do, prec, ta=True) + mm(ch.k * g.e_end, ds_next, prec)
-    ds = mm(ch.q * g.g_read, do, prec, ta=True) + g.carry * ds_next - mm(w, du, prec, ta=True)
-    return du, ds
+def u_grad(ch: Chunk, g: Gates, sc, do, ds_next, prec) -> jax.Array:
+    """The transpose of :func:`output` and :func:`state_step` in ``U``: ``dU [C, bv]`` from
+    ``do [C, bv]`` and ``ds_next = dL/dS_next [dk, bv]``."""
+    return mm(sc, do, prec, ta=True) + mm(ch.k * g.e_end, ds_next, prec)
+
+
+def state_grad(ch: Chunk, g: Gates, w, do, ds_next, du, prec) -> jax.Array:
+    """Their transpose in ``S``: ``dL/dS [dk, bv]`` of the state tile entering, given ``du``
+    of :func:`u_grad`."""
+    return mm(ch.q * g.g_read, do, prec, ta=True) + g.carry * ds_next - mm(w, du, prec, ta=True)
 
 
 def chunk_forward(ch: Chunk, s: jax.Array, prec) -> tuple[jax.Array, jax.Array]:
@@ -199,52 +205,90 @@ def chunk_forward(ch: Chunk, s: jax.Array, prec) -> tuple[jax.Array, jax.Array]:
     return output(ch, g, scores(ch, prec)[0], s, u, prec), s_next
 
 
-class ChunkGrads(NamedTuple):
-    dq: jax.Array  # [C, dk] (this tile's part)
-    dk: jax.Array  # [C, dk] (this tile's part)
-    dv: jax.Array  # [C, bv]
-    dbeta: jax.Array  # [C, 1] (this tile's part)
-    dgam_c: jax.Array  # [C, 1] part of dL/dgam (this tile's)
-    dgam_r: jax.Array  # [1, C] the other part (this tile's)
-    ds: jax.Array  # [dk, bv] dL/d(state entering the chunk)
+class Recompute(NamedTuple):
+    """The value-independent forward quantities of one chunk, for its backward."""
+
+    g: Gates
+    wy: WY
+    sc: jax.Array  # [C, C] Q K^T * decay_incl
+    decay_incl: jax.Array  # [C, C]
 
 
-def chunk_backward(ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, prec) -> ChunkGrads:
-    """Gradients of one chunk given ``s`` (state entering), ``do [C, bv]`` and
-    ``ds_next = dL/dS_next [dk, bv]``; the forward is recomputed."""
-    q, k, v = ch.q, ch.k, ch.v
-    c = q.shape[0]
+def recompute(ch: Chunk, prec) -> Recompute:
     g = gates(ch)
-    wy = transform(ch, g, prec)
-    vb, uv = values(ch, wy.t, prec)
-    sc, decay_incl = scores(ch, prec)
-    u, _ = state_step(ch, g, wy.w, uv, s, prec)
-    du, ds = state_grad(ch, g, sc, wy.w, do, ds_next, prec)
-    du_o = mm(do, u, prec, tb=True)  # dL/dsc [C, C]
-    dscores = du_o * decay_incl  # d(Q K^T)
-    do_s = mm(do, s, prec, tb=True)  # [C, dk]
-    dq = mm(dscores, k, prec) + g.g_read * do_s
-    dk = mm(dscores, q, prec, ta=True)
-    pairs = du_o * sc  # d/dgam_t of the score (t: +, s: -)
-    dgam_c = jnp.sum(pairs, axis=1, keepdims=True)
-    dgam_c += g.g_read * jnp.sum(q * do_s, axis=1, keepdims=True)
+    return Recompute(g, transform(ch, g, prec), *scores(ch, prec))
+
+
+class Partials(NamedTuple):
+    """Sums over the value tiles (:func:`tile_backward`) of the terms that the value-independent
+    rest of the backward (:func:`finish_backward`) needs; zero before the first tile."""
+
+    dsc: jax.Array  # [C, C] dL/d(scores) = dO U^T
+    dt_v: jax.Array  # [C, C] dU (beta V)^T, the V part of dL/dT
+    dq: jax.Array  # [C, dk] g_read dO S^T
+    dk: jax.Array  # [C, dk] e_end U dS_next^T
+    dw: jax.Array  # [C, dk] dL/dW = -dU S^T
+    dbeta: jax.Array  # [C, 1] the V part of dL/dbeta, V . (T^T dU)
+    de: jax.Array  # [C, 1] K . (e_end U dS_next^T), dL/dgam_last - dL/dgam via e_end
+    dcarry: jax.Array  # [1, 1] S . dS_next, dL/d(carry) / carry
+
+
+def no_partials(c: int, dk: int) -> Partials:
+    def z(*shape):
+        return jnp.zeros(shape, F32)
+
+    return Partials(z(c, c), z(c, c), z(c, dk), z(c, dk), z(c, dk), z(c, 1), z(c, 1), z(1, 1))
+
+
+def tile_backward(ch: Chunk, r: Recompute, s, do, ds_next, p: Partials, prec):
+    """One value tile of the backward (``ch.v``, ``do [C, bv]``; ``s``, ``ds_next = dL/dS_next
+    [dk, bv]``): ``(p`` plus this tile's terms, ``dv [C, bv]``, ``dU [C, bv])``."""
+    vb, uv = values(ch, r.wy.t, prec)
+    u = uv - mm(r.wy.w, s, prec)  # U [C, bv], as in state_step
+    du = u_grad(ch, r.g, r.sc, do, ds_next, prec)
+    dk_end = mm(u, ds_next, prec, tb=True) * r.g.e_end  # [C, dk]
+    dvb = mm(r.wy.t, du, prec, ta=True)  # [C, bv]
+    p = Partials(
+        p.dsc + mm(do, u, prec, tb=True),
+        p.dt_v + mm(du, vb, prec, tb=True),
+        p.dq + r.g.g_read * mm(do, s, prec, tb=True),
+        p.dk + dk_end,
+        p.dw - mm(du, s, prec, tb=True),
+        p.dbeta + jnp.sum(dvb * ch.v, axis=1, keepdims=True),
+        p.de + jnp.sum(dk_end * ch.k, axis=1, keepdims=True),
+        p.dcarry + jnp.sum(jnp.sum(s * ds_next, axis=1, keepdims=True), axis=0, keepdims=True),
+    )
+    return p, dvb * ch.beta_c, du
+
+
+class ChunkGrads(NamedTuple):
+    dq: jax.Array  # [C, dk]
+    dk: jax.Array  # [C, dk]
+    dbeta: jax.Array  # [C, 1]
+    dgam_c: jax.Array  # [C, 1] part of dL/dgam
+    dgam_r: jax.Array  # [1, C] the other part
+
+
+def finish_backward(ch: Chunk, r: Recompute, p: Partials, prec) -> ChunkGrads:
+    """The gradients but ``dv`` from the tiles' sums ``p``: back through the scores,
+    ``W = T kg`` and the UT transform (sec. 3 of Yang et al. 2024), once per chunk. Linear in
+    ``p``, so that parts of the tiles' sums give parts of the gradients."""
+    q, k, g, wy = ch.q, ch.k, r.g, r.wy
+    c = k.shape[0]
+    dscores = p.dsc * r.decay_incl  # d(Q K^T)
+    dq = mm(dscores, k, prec) + p.dq
+    dk = mm(dscores, q, prec, ta=True) + p.dk
+    pairs = p.dsc * r.sc  # d/dgam_t of the score (t: +, s: -)
+    dgam_c = jnp.sum(pairs, axis=1, keepdims=True) + jnp.sum(q * p.dq, axis=1, keepdims=True)
+    dgam_c -= p.de
     dgam_r = -jnp.sum(pairs, axis=0, keepdims=True)
-    dlast = g.carry * jnp.sum(jnp.sum(s * ds_next, axis=1, keepdims=True), axis=0, keepdims=True)
-    dk_end = mm(u, ds_next, prec, tb=True)  # [C, dk]
-    dk += dk_end * g.e_end
-    de = jnp.sum(dk_end * k, axis=1, keepdims=True) * g.e_end  # [C, 1]
-    dgam_c -= de
-    dlast += jnp.sum(de, axis=0, keepdims=True)
-    # U = T vb - W S with W = T kg.
-    dw = -mm(du, s, prec, tb=True)  # [C, dk]
-    dt = mm(du, vb, prec, tb=True) + mm(dw, wy.kg, prec, tb=True)  # [C, C]
-    dvb = mm(wy.t, du, prec, ta=True)
-    dkg = mm(wy.t, dw, prec, ta=True)
-    dv = dvb * ch.beta_c
-    dbeta = jnp.sum(dvb * v, axis=1, keepdims=True)
+    dlast = g.carry * p.dcarry + jnp.sum(p.de, axis=0, keepdims=True)  # [1, 1]
+    # W = T kg.
+    dt = p.dt_v + mm(p.dw, wy.kg, prec, tb=True)  # [C, C]
+    dkg = mm(wy.t, p.dw, prec, ta=True)  # [C, dk]
     dk += dkg * (ch.beta_c * g.g_read)
     dkg_k = jnp.sum(dkg * k, axis=1, keepdims=True)
-    dbeta += dkg_k * g.g_read
+    dbeta = p.dbeta + dkg_k * g.g_read
     dgam_c += dkg_k * ch.beta_c * g.g_read
     # T = (I + A)^{-1}; A = kk * decay_strict * beta_t.
     da = -mm(mm(wy.t, dt, prec, ta=True), wy.t, prec, tb=True)
@@ -256,23 +300,35 @@ def chunk_backward(ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, p
     dgam_c += jnp.sum(da_a, axis=1, keepdims=True)
     dgam_r -= jnp.sum(da_a, axis=0, keepdims=True)
     dgam_c += jnp.where(_iota((c, 1), 0) == c - 1, dlast, 0.0)
-    return ChunkGrads(dq, dk, dv, dbeta, dgam_c, dgam_r, ds)
+    return ChunkGrads(dq, dk, dbeta, dgam_c, dgam_r)
 
 
-def grad_shapes(bsz: int, length: int, heads: int, dk: int, dv: int, nv: int, c: int, v_dtype,
-                *, heads_major: bool) -> list:  # fmt: skip
-    """The backward's outputs: ``dq``, ``dk`` parts ``[nv, bsz, len, heads, dk]`` (one per value
-    tile; ``heads_major``: ``[nv, bsz, heads, len, dk]``), ``dv`` likewise without ``nv``,
-    ``dbeta``/``dgam`` column parts ``[nv, bsz, heads, len, 1]``, ``dgam`` row parts ``[nv,
-    bsz, heads, chunks, 1, C]`` and ``ds0 [bsz, heads, dk, dv]``."""
+def chunk_backward(ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, prec):
+    """``(ChunkGrads, dv [C, bv], dS [dk, bv])`` of one chunk with one value tile, ``dS``
+    that of the state entering, given ``s`` (that state), ``do [C, bv]`` and ``ds_next =
+    dL/dS_next [dk, bv]``; the forward is recomputed."""
+    r = recompute(ch, prec)
+    p, dv, du = tile_backward(ch, r, s, do, ds_next, no_partials(*ch.k.shape), prec)
+    ds = state_grad(ch, r.g, r.wy.w, do, ds_next, du, prec)
+    return finish_backward(ch, r, p, prec), dv, ds
+
+
+def grad_shapes(bsz: int, length: int, heads: int, dk: int, dv: int, c: int, k_dtype, v_dtype,
+                *, parts: int | None, heads_major: bool) -> list:  # fmt: skip
+    """The backward kernel's outputs: ``dq``, ``dk [bsz, len, heads, dk]`` (``heads_major``:
+    ``[bsz, heads, len, dk]``), ``dv`` likewise, ``dbeta``/``dgam`` columns ``[bsz, heads, len,
+    1]``, ``dgam`` rows ``[bsz, heads, chunks, 1, C]`` and ``ds0 [bsz, heads, dk, dv]``; all but
+    ``dv`` and ``ds0`` with a leading axis of ``parts`` (one per value tile, to sum) unless
+    None."""
     tokens = (heads, length) if heads_major else (length, heads)
-    col = (nv, bsz, heads, length, 1)
+    lead = () if parts is None else (parts,)
+    col = (*lead, bsz, heads, length, 1)
     return [
-        jax.ShapeDtypeStruct((nv, bsz, *tokens, dk), F32),
-        jax.ShapeDtypeStruct((nv, bsz, *tokens, dk), F32),
+        jax.ShapeDtypeStruct((*lead, bsz, *tokens, dk), k_dtype),
+        jax.ShapeDtypeStruct((*lead, bsz, *tokens, dk), k_dtype),
         jax.ShapeDtypeStruct((bsz, *tokens, dv), v_dtype),
         jax.ShapeDtypeStruct(col, F32),
         jax.ShapeDtypeStruct(col, F32),
-        jax.ShapeDtypeStruct((nv, bsz, heads, length // c, 1, c), F32),
+        jax.ShapeDtypeStruct((*lead, bsz, heads, length // c, 1, c), F32),
         jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
     ]
