@@ -276,6 +276,7 @@ def jobs_for(quick: bool) -> list[Job]:
         ]
     one_b = tf["1b"]
     remat_none = dataclasses.replace(one_b, remat="none")
+    flat_none = unscanned(remat_none)
     # Rows without "docs" are one document per row without segment ids (cuDNN attention);
     # "+docs" keeps packed documents (segment ids -> Pallas flash attention). The order puts
     # what the summary needs first (each row is written as it finishes).
@@ -290,6 +291,9 @@ def jobs_for(quick: bool) -> list[Job]:
         Job("1b-b8-noremat", "transformer", "1b", remat_none, 8, 2048, docs=False),
         Job("1b-b32", "transformer", "1b", one_b, 32, 2048, docs=False),
         Job("1b-b16-noremat", "transformer", "1b", remat_none, 16, 2048, docs=False),
+        # unrolled (no nn.scan): the backward reads each layer's residuals in place instead of
+        # slicing them out of a stacked [layers, ...] buffer (device copies); ~3 min compile
+        Job("1b-b16-unrolled-noremat", "transformer", "1b", flat_none, 16, 2048, docs=False),
         Job("1b+docs", "transformer", "1b", one_b, 8, 2048),
         Job("125m", "transformer", "125m", tf["125m"], 16, 2048, docs=False, check=True),
         Job("350m", "transformer", "350m", tf["350m"], 8, 2048, docs=False),
