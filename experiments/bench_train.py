@@ -103,15 +103,16 @@ def time_call(f: Callable, args: tuple, *, steps: int, repeats: int, carry: bool
     return statistics.median(times)
 
 
-def unscanned(cfg: Any) -> Any:
-    """``cfg`` with every ``scan_layers`` off (XLA's cost analysis counts a loop body once)."""
+def restacked(cfg: Any, **fields: Any) -> Any:
+    """``cfg`` with ``fields`` set in every layer stack it holds (HAT: encoder, backbone,
+    decoder), e.g. ``scan_layers=False`` (XLA's cost analysis counts a loop body once)."""
     changes = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name == "scan_layers":
-            changes[f.name] = False
+        if f.name in fields:
+            changes[f.name] = fields[f.name]
         elif dataclasses.is_dataclass(value):
-            changes[f.name] = unscanned(value)
+            changes[f.name] = restacked(value, **fields)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -125,7 +126,7 @@ def make(job: Job, cfg: Any | None = None) -> nn.Module:
 def xla_cost(job: Job, tx: Any, batch: dict) -> tuple[float, float]:
     """(FLOPs, bytes accessed) of one train step by XLA's cost analysis of the unscanned
     program (the lowered, pre-backend HLO: the same count on every device, no compile)."""
-    model = make(job, unscanned(job.cfg))
+    model = make(job, restacked(job.cfg, scan_layers=False))
     example = jax.tree.map(lambda x: x[:1], batch)
     state = jax.eval_shape(
         lambda r: nn.meta.unbox(init_train_state(model, tx, r, example)), jax.random.key(0)
@@ -276,7 +277,7 @@ def jobs_for(quick: bool) -> list[Job]:
         ]
     one_b = tf["1b"]
     remat_none = dataclasses.replace(one_b, remat="none")
-    flat_none = unscanned(remat_none)
+    flat_tf, flat_hat = (restacked(c, scan_layers=False, remat="none") for c in (one_b, hat["1b"]))
     # Rows without "docs" are one document per row without segment ids (cuDNN attention);
     # "+docs" keeps packed documents (segment ids -> Pallas flash attention). The order puts
     # what the summary needs first (each row is written as it finishes).
@@ -292,8 +293,9 @@ def jobs_for(quick: bool) -> list[Job]:
         Job("1b-b32", "transformer", "1b", one_b, 32, 2048, docs=False),
         Job("1b-b16-noremat", "transformer", "1b", remat_none, 16, 2048, docs=False),
         # unrolled (no nn.scan): the backward reads each layer's residuals in place instead of
-        # slicing them out of a stacked [layers, ...] buffer (device copies); ~3 min compile
-        Job("1b-b16-unrolled-noremat", "transformer", "1b", flat_none, 16, 2048, docs=False),
+        # slicing them out of a stacked [layers, ...] buffer (device copies); ~3 min compile each
+        Job("1b-b16-unrolled-noremat", "transformer", "1b", flat_tf, 16, 2048, docs=False),
+        Job("hat-1b-b16-unrolled-noremat", "hat", "1b", flat_hat, 16, 8192),
         Job("1b+docs", "transformer", "1b", one_b, 8, 2048),
         Job("125m", "transformer", "125m", tf["125m"], 16, 2048, docs=False, check=True),
         Job("350m", "transformer", "350m", tf["350m"], 8, 2048, docs=False),
@@ -306,7 +308,9 @@ def summary(rows: list[dict]) -> dict:
     (target >= 0.85) and bytes/s ratio (target >= 2.5; arjax's transformer is byte-level)."""
     by_key = {r["key"]: r for r in rows if "error" not in r}
     out: dict[str, Any] = {}
-    for hat_key, tf_key in (("hat-tiny", "tiny"), ("hat-1b", "1b"), ("hat-1b-b16", "1b-b16")):
+    pairs = [("hat-tiny", "tiny"), ("hat-1b", "1b"), ("hat-1b-b16", "1b-b16")]
+    pairs.append(("hat-1b-b16-unrolled-noremat", "1b-b16-unrolled-noremat"))
+    for hat_key, tf_key in pairs:
         hat, tf = by_key.get(hat_key), by_key.get(tf_key)
         if not hat or not tf:
             continue
