@@ -189,6 +189,33 @@ def test_segment_tile_ranges_match_brute_force(rng):
     np.testing.assert_array_equal(got[0, 2::4], [0, 0, 4, 4, 0, 0])
 
 
+def test_segment_tile_ranges_random_runs(rng):
+    """Ids in runs of random lengths, recurring apart, among them -1 and the int32 maximum:
+    whole-tile runs, runs split apart (left empty) and mixed tiles all match the brute force."""
+    from kernels_pallas.flash_attention._common import segment_tile_ranges
+
+    ids = np.array([-1, 0, 1, 2, np.iinfo(np.int32).max])
+
+    def uniform_ids(seg, block):  # [batch, n_tiles], NaN where a tile holds several ids
+        tiles = seg.reshape(len(seg), -1, block)
+        return np.where(tiles.min(-1) == tiles.max(-1), tiles.min(-1), np.nan)
+
+    pairs = reported = 0  # (uniform row tile, column tile of its id) pairs; whole tiles found
+    for row_block, col_block in ((8, 8), (8, 32), (32, 8), (16, 16)):
+        for _ in range(8):
+            seg = np.stack([np.repeat(ids[rng.integers(0, 5, 32)], rng.integers(1, 48, 32))[:256]
+                            for _ in range(3)])  # fmt: skip
+            row_seg = seg[:, : 128 * int(rng.integers(1, 3))]  # [3, 128 or 256]
+            got = segment_tile_ranges(jnp.asarray(row_seg, jnp.int32), jnp.asarray(seg, jnp.int32),
+                                      row_block, col_block)  # fmt: skip
+            want = _ranges_brute_force(row_seg, seg, row_block, col_block)
+            np.testing.assert_array_equal(np.asarray(got), want)
+            r, c = uniform_ids(row_seg, row_block), uniform_ids(seg, col_block)
+            pairs += (r[:, :, None] == c[:, None, :]).sum()
+            reported += (want[:, 2::4] - want[:, 1::4]).sum()
+    assert 0 < reported < pairs  # some whole runs, some split apart
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_gpu_variant_long_packed_documents(rng, causal):
     """Documents spanning several tiles: tiles inside one document take the unmasked path

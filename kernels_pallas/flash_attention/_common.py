@@ -236,9 +236,11 @@ def segment_tile_ranges(
     columns of segment ``s`` lie within ``[first(s), last(s)]``, found by a stable sort of the
     column ids (positions ascend within equal ids) and a binary search per row, so any layout of
     ids is handled exactly; for packed documents the range is the documents of the tile. Tiles
-    outside the range hold no key (query) the tile's rows may see, so kernels skip them. The
-    whole tiles form one run for packed documents; where they do not (ids repeated apart), the
-    run is left empty and every tile is masked.
+    outside the range hold no key (query) the tile's rows may see, so kernels skip them. A row
+    tile of one id ``s`` has as whole tiles the column tiles of the one id ``s``, found likewise
+    by a sort of the column tiles' ids and a binary search per row tile (O(n log n), no
+    row-tile by column-tile matrix). They form one run for packed documents; where they do not
+    (ids repeated apart), the run is left empty and every tile is masked.
     """
     order = jnp.argsort(col_seg, axis=1, stable=True)
     sorted_seg = jnp.take_along_axis(col_seg, order, axis=1)
@@ -254,16 +256,21 @@ def segment_tile_ranges(
     last = jnp.max(last.reshape(b, -1, row_block), axis=-1)
     lo = jnp.where(last >= 0, first // col_block, 0)
     hi = jnp.where(last >= 0, last // col_block + 1, 0)
-    # whole tiles: one id over the row tile and over the column tile, the same
-    rows = row_seg.reshape(b, -1, row_block)
-    tiles = col_seg.reshape(b, -1, col_block)
-    row_id = jnp.where(rows.min(-1) == rows.max(-1), rows.min(-1), -1)[:, :, None]
-    col_id = jnp.where(tiles.min(-1) == tiles.max(-1), tiles.min(-1), -2)[:, None, :]
-    whole = row_id == col_id  # [batch, n_row_tiles, n_col_tiles]
-    index = jnp.arange(whole.shape[-1])
-    full_lo = jnp.min(jnp.where(whole, index, whole.shape[-1]), axis=-1)
-    full_hi = jnp.max(jnp.where(whole, index + 1, 0), axis=-1)
-    run = jnp.sum(whole, axis=-1) == full_hi - full_lo  # one contiguous run (or none)
+    # whole tiles: one id over the row tile and over the column tile, the same. Uniform column
+    # tiles sorted by (id, position) ahead of the others (id set to the largest, so the ids stay
+    # sorted); a uniform row tile's whole tiles are those of its id, [start, stop) in that order.
+    rows = row_seg.reshape(b, -1, row_block)  # [batch, n_row_tiles, row_block]
+    tiles = col_seg.reshape(b, -1, col_block)  # [batch, n_col_tiles, col_block]
+    row_id, col_id = rows.min(-1), tiles.min(-1)  # [batch, n_row_tiles], [batch, n_col_tiles]
+    uniform = col_id == tiles.max(-1)
+    col_id = jnp.where(uniform, col_id, jnp.iinfo(col_id.dtype).max)
+    index = lax.broadcasted_iota(jnp.int32, col_id.shape, 1)
+    _, col_id, by_id = lax.sort((~uniform, col_id, index), dimension=1, num_keys=2, is_stable=True)
+    start = search(col_id, row_id, "left")  # [batch, n_row_tiles]
+    stop = jnp.minimum(search(col_id, row_id, "right"), uniform.sum(-1, keepdims=True))
+    full_lo = jnp.take_along_axis(by_id, jnp.minimum(start, col_id.shape[1] - 1), 1)
+    full_hi = jnp.take_along_axis(by_id, jnp.maximum(stop - 1, 0), 1) + 1
+    run = (rows.max(-1) == row_id) & (stop > start) & (stop - start == full_hi - full_lo)
     full_lo, full_hi = jnp.where(run, full_lo, lo), jnp.where(run, full_hi, lo)
     return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).reshape(b, -1).astype(jnp.int32)
 
