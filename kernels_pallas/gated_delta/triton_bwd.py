@@ -31,7 +31,15 @@ from kernels_pallas.gated_delta._chunk import (
     tile_backward,
     u_grad,
 )
-from kernels_pallas.gated_delta.triton_fwd import call, dims, loader, prepare, program_ids, rows
+from kernels_pallas.gated_delta.triton_fwd import (
+    call,
+    dims,
+    loader,
+    prepare,
+    program_ids,
+    rows,
+    with_value_tile,
+)
 
 
 def state_grads(inputs: dict, w: jax.Array, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
@@ -81,7 +89,7 @@ def backward(inputs: dict, h: jax.Array, do: jax.Array, ds_final: jax.Array, cfg
         def tile(j, p):
             vs = rows(j, bv)
             p, dv_j, _ = tile_backward(
-                ch._replace(v=ins["v"][bi, t, hi, vs].astype(F32)), r, h_ref[bi, hi, n, :, vs],
+                with_value_tile(ch, ins, bi, t, hi, vs), r, h_ref[bi, hi, n, :, vs],
                 do_ref[bi, t, hi, vs].astype(F32), dh_ref[bi, hi, n, :, vs], p, prec,
             )  # fmt: skip
             dv_ref[bi, t, hi, vs] = dv_j.astype(dv_ref.dtype)

@@ -47,11 +47,11 @@ def program_ids(count: int) -> tuple:
 
 
 def loader(cfg: Cfg, refs: dict, bi, hi):
-    """``load(n, q=True, vs=None) -> Chunk`` for chunk ``n`` of (batch bi, head hi); ``q``
-    and ``v`` (value slice ``vs``) only when asked for."""
+    """``load(n, q=True) -> Chunk`` for chunk ``n`` of (batch bi, head hi); ``q`` only when
+    asked for, ``v`` None (the kernels loop over value tiles: :func:`with_value_tile`)."""
     c = cfg.chunk
 
-    def load(n, *, q: bool = True, vs=None) -> Chunk:
+    def load(n, *, q: bool = True) -> Chunk:
         t = rows(n, c)
         same = reads = last = None
         if cfg.segments:
@@ -60,12 +60,17 @@ def loader(cfg: Cfg, refs: dict, bi, hi):
         return Chunk(
             refs["q"][bi, t, hi, :].astype(F32) if q else None,
             refs["k"][bi, t, hi, :].astype(F32),
-            None if vs is None else refs["v"][bi, t, hi, vs].astype(F32),
+            None,
             refs["beta_c"][bi, hi, t, :], refs["gam_c"][bi, hi, t, :],
             refs["gam_r"][bi, hi, n, :, :], same, reads, last,
         )  # fmt: skip
 
     return load
+
+
+def with_value_tile(ch: Chunk, refs: dict, bi, t, hi, vs) -> Chunk:
+    """``ch`` with ``v`` = the value columns ``vs`` of its rows ``t`` (batch bi, head hi)."""
+    return ch._replace(v=refs["v"][bi, t, hi, vs].astype(F32))
 
 
 def compiler_params(cfg: Cfg):
@@ -107,8 +112,8 @@ def prepare(inputs: dict, cfg: Cfg, *, with_values: bool):
 
             def tile(j, carry):
                 vs = rows(j, bv)
-                tile_v = ins["v"][bi, t, hi, vs].astype(F32)
-                uv_ref[0][bi, hi, t, vs] = values(ch._replace(v=tile_v), wy.t, prec)[1]
+                ch_j = with_value_tile(ch, ins, bi, t, hi, vs)
+                uv_ref[0][bi, hi, t, vs] = values(ch_j, wy.t, prec)[1]
                 return carry
 
             lax.fori_loop(0, dv // bv, tile, 0)
