@@ -21,7 +21,8 @@ padding's share of the backbone FLOPs. The summary: HAT ``1b`` MFU / transformer
 (target >= 0.85) and HAT bytes/s / transformer bytes/s (target >= 2.5; arjax's transformer
 is byte-level).
 
-    python experiments/bench_train.py                  # GPU, every job (< 9 min on an H200)
+    python experiments/bench_train.py                  # GPU, every job; the last two
+    #   (unrolled layers) compile for ~3 min each: run them apart with --only
     python experiments/bench_train.py --quick          # CPU smoke run, tiny shapes
     python experiments/bench_train.py --only 1b,hat-1b --out experiments/results/bench_x
     python experiments/bench_train.py --only 125m,1b --vocab 32768 --loss-chunk 1024 \
@@ -292,14 +293,15 @@ def jobs_for(quick: bool) -> list[Job]:
         Job("1b-b8-noremat", "transformer", "1b", remat_none, 8, 2048, docs=False),
         Job("1b-b32", "transformer", "1b", one_b, 32, 2048, docs=False),
         Job("1b-b16-noremat", "transformer", "1b", remat_none, 16, 2048, docs=False),
-        # unrolled (no nn.scan): the backward reads each layer's residuals in place instead of
-        # slicing them out of a stacked [layers, ...] buffer (device copies); ~3 min compile each
-        Job("1b-b16-unrolled-noremat", "transformer", "1b", flat_tf, 16, 2048, docs=False),
-        Job("hat-1b-b16-unrolled-noremat", "hat", "1b", flat_hat, 16, 8192),
         Job("1b+docs", "transformer", "1b", one_b, 8, 2048),
         Job("125m", "transformer", "125m", tf["125m"], 16, 2048, docs=False, check=True),
         Job("350m", "transformer", "350m", tf["350m"], 8, 2048, docs=False),
         Job("hat-small", "hat", "small", hat["small"], 16, 1024, check=True),
+        # last, as each compiles for ~3 min: unrolled (no nn.scan), the backward reads each
+        # layer's residuals in place instead of slicing them out of a stacked [layers, ...]
+        # buffer (device copies)
+        Job("1b-b16-unrolled-noremat", "transformer", "1b", flat_tf, 16, 2048, docs=False),
+        Job("hat-1b-b16-unrolled-noremat", "hat", "1b", flat_hat, 16, 8192),
     ]
 
 
@@ -308,8 +310,12 @@ def summary(rows: list[dict]) -> dict:
     (target >= 0.85) and bytes/s ratio (target >= 2.5; arjax's transformer is byte-level)."""
     by_key = {r["key"]: r for r in rows if "error" not in r}
     out: dict[str, Any] = {}
-    pairs = [("hat-tiny", "tiny"), ("hat-1b", "1b"), ("hat-1b-b16", "1b-b16")]
-    pairs.append(("hat-1b-b16-unrolled-noremat", "1b-b16-unrolled-noremat"))
+    pairs = (
+        ("hat-tiny", "tiny"),
+        ("hat-1b", "1b"),
+        ("hat-1b-b16", "1b-b16"),
+        ("hat-1b-b16-unrolled-noremat", "1b-b16-unrolled-noremat"),
+    )
     for hat_key, tf_key in pairs:
         hat, tf = by_key.get(hat_key), by_key.get(tf_key)
         if not hat or not tf:
