@@ -295,3 +295,19 @@ def test_shakespeare_train_iterator_fast_and_from_train_plays():
         pieces = np.split(row, np.flatnonzero(row >= 256))  # text between special tokens
         chunk = max((bytes(int(c) for c in p if c < 256) for p in pieces), key=len)
         assert len(chunk) > 64 and chunk in train_text and chunk not in val_text
+
+
+@pytest.mark.parametrize("model", ["transformer", "hat"])
+def test_byte_data_needs_the_byte_vocabulary(model):
+    """A 256-id model (a released checkpoint's config) would embed BOS/EOS past its table as
+    NaN: the data path refuses it, naming the field; every trained preset fits."""
+    from arjax.models import MODELS
+    from arjax.train.config import make_run_config
+    from arjax.train.data import check_vocab
+
+    with pytest.raises(ConfigError, match="model.vocab_size: 256"):
+        released = ["model.bos_id=None", "model.eos_id=192"] if model == "hat" else []
+        check_vocab(make_run_config(model, "tiny", ["model.vocab_size=256", *released]))
+    for preset in MODELS[model].presets:
+        if preset not in ("7b", "8b"):  # the released models' own 256-id vocabulary
+            check_vocab(make_run_config(model, preset, []))

@@ -291,7 +291,8 @@ def _one_b() -> HATConfig:
     backbone with 4 query heads per KV head; layers, window and cross-attention in every
     decoder layer as published. Rows of 8192 bytes; ``max_words`` 1920 (15 x 128) leaves few
     empty word slots at Shakespeare's bytes per word (``experiments/bench_train.py`` measures
-    the padding)."""
+    the padding). Trained from scratch, it reads arjax's byte vocabulary (BOS, EOS, PAD), not
+    the released model's 256 ids."""
     from arjax.models.transformer import PRESETS as TRANSFORMER_PRESETS
 
     big, tf = PRESETS["8b"], TRANSFORMER_PRESETS["1b"]
@@ -309,6 +310,9 @@ def _one_b() -> HATConfig:
         cross_kv_heads=backbone.d_model // big.cross_head_dim // 4,
         max_words=1920,
         max_seq_len=8192,
+        vocab_size=VOCAB_SIZE,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
     )
 
 

@@ -8,15 +8,27 @@ from typing import Any
 from arjax.config import ConfigError
 from arjax.data.images import load_images, make_image_eval_batches, make_image_train_iterator
 from arjax.data.pipeline import make_eval_batches, make_train_iterator
+from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 from arjax.data.words import make_word_eval_batches, make_word_train_iterator
 
 # kind -> (run config, process index, process count) -> (train iterator, eval batches).
 DataBuilder = Callable[[Any, int, int], tuple[Any, list[dict]]]
 
 
-def check_tokenizer(cfg: Any) -> None:
-    """``data.tokenizer`` needs a token-level family whose ``model.vocab_size`` matches it."""
+def check_vocab(cfg: Any) -> None:
+    """Text data fits the model's embedding: byte rows use ids up to ``EOS_ID`` (PAD, BOS,
+    EOS beside the 256 bytes), so ``model.vocab_size`` >= ``VOCAB_SIZE`` (an id past the table
+    embeds as NaN, it does not fail); ``data.tokenizer`` needs a token-level family whose
+    ``model.vocab_size`` matches it."""
     if cfg.data.tokenizer is None:
+        have = getattr(cfg.model, "vocab_size", None)
+        if have is not None and have < VOCAB_SIZE:
+            raise ConfigError(
+                f"model.vocab_size: {have}, but arjax's byte data uses {VOCAB_SIZE} ids (256 "
+                f"bytes, PAD {PAD_ID}, BOS {BOS_ID}, EOS {EOS_ID}); a {have}-id model (e.g. a "
+                f"converted released checkpoint's config) cannot train on it "
+                f"(--set model.vocab_size={VOCAB_SIZE})"
+            )
         return
     from arjax.data.bpe import load_tokenizer
 
@@ -32,14 +44,15 @@ def check_tokenizer(cfg: Any) -> None:
 
 
 def _text(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[dict]]:
-    check_tokenizer(cfg)
+    check_vocab(cfg)
     it = make_train_iterator(cfg.data, process_index=process_index, process_count=process_count)
     return it, make_eval_batches(cfg.data)
 
 
 def _images(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[dict]]:
     """Image models: ``cfg.model`` names ``dataset``, ``shape`` and ``channels``."""
-    check_tokenizer(cfg)
+    if cfg.data.tokenizer is not None:
+        raise ConfigError(f"data.tokenizer: model {cfg.model_name!r} reads images, not text")
     m = cfg.model
     train, val = load_images(m.dataset, "train"), load_images(m.dataset, "val")
     if train.shape[1:] != (*m.shape, m.channels):
@@ -56,7 +69,7 @@ def _images(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list
 
 def _words(cfg: Any, process_index: int, process_count: int) -> tuple[Any, list[dict]]:
     """HAT: packed byte rows with word ids; ``cfg.model`` gives ``max_words``/``max_word_bytes``."""
-    check_tokenizer(cfg)
+    check_vocab(cfg)
     m = cfg.model
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(
