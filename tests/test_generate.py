@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
-from arjax.generate import decoder_for, filter_logits, generate
+from arjax.generate import block as block_generate
+from arjax.generate import decoder_for, engine, filter_logits, generate
 from arjax.generate.block import BlockDecoder
 from arjax.generate.engine import Decoder, left_align
 from arjax.generate.lm import LMDecoder
 from arjax.models import MODELS, get_model_spec
 from arjax.models.linear_lm import LINEAR_MIXERS
+from arjax.train.data import example_batch_for
 
 # multilingual + emoji, ragged (the empty prompt is BOS alone)
 PROMPTS = ["Grüße, 世界", "", "🙂👍🏽 ok", "a"]
@@ -195,6 +197,48 @@ def test_left_align_values():
     np.testing.assert_array_equal(left, [[-1, 7, 8, 9], [-1, -1, -1, 5]])
     np.testing.assert_array_equal(seg, [[0, 1, 1, 1], [0, 0, 0, 1]])
     np.testing.assert_array_equal(pos, [[0, 0, 1, 2], [0, 0, 0, 0]])
+
+
+def _bf16(cfg):
+    """``cfg`` with every ``dtype`` field (nested stacks too) set to bfloat16."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "dtype":
+            changes[f.name] = "bfloat16"
+        elif dataclasses.is_dataclass(value) and hasattr(value, "dtype"):
+            changes[f.name] = _bf16(value)
+    return dataclasses.replace(cfg, **changes)
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "hat"])
+def test_weights_cast_once_before_the_loop_give_the_same_bits(name, monkeypatch):
+    """``Decoder.prepare`` casts the stacks' matrices to bfloat16 once: the bfloat16 model's
+    generated logits are bitwise those of casting at every use. Params get noise off the
+    bfloat16 grid (casting a norm scale too fails this)."""
+    if name == "hat":
+        spec = MODELS["hat"]
+        model = spec.module_cls(_bf16(spec.presets["tiny"]))
+        batch = {
+            k: jnp.asarray(v) for k, v in example_batch_for("hat", model.config, 1, 64).items()
+        }
+        params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), batch)["params"])
+    else:
+        model, params = _model_params(name)
+        model = model.clone(config=_bf16(model.config))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    params = tree.unflatten(
+        [x * (1 + 0.01 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys, strict=True)]
+    )
+    prompts = PROMPTS[:2]
+    cast = generate(model, params, prompts, max_new_bytes=4, return_logits=True)
+    for module in (engine, block_generate):
+        monkeypatch.setattr(module, "cast_weights", lambda p, dtype: p)
+    jax.clear_caches()  # the loop is jitted: recompile it without the cast
+    per_use = generate(model, params, prompts, max_new_bytes=4, return_logits=True)
+    jax.clear_caches()
+    np.testing.assert_array_equal(cast.logits, per_use.logits)
 
 
 def test_registry_one_entry_per_family():

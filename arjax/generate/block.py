@@ -27,7 +27,7 @@ from einops import rearrange
 from arjax.data.vocab import PAD_ID
 from arjax.generate.engine import Decoder, tree_bytes
 from arjax.models.block_transformer import BlockTransformer
-from arjax.nn import unrolled
+from arjax.nn import cast_weights, unrolled
 from arjax.ops.attention import decode_cache_len
 
 
@@ -84,7 +84,9 @@ class BlockDecoder(Decoder):
         if "encoder" in params.get("embedder", {}):
             encoder = dataclasses.replace(c.token_decoder, num_layers=c.embedder_layers)
             params["embedder"] = {**params["embedder"]}
-            _, params["embedder"]["encoder"] = unrolled(encoder, params["embedder"]["encoder"])
+            params["embedder"]["encoder"] = cast_weights(
+                unrolled(encoder, params["embedder"]["encoder"])[1], encoder.compute_dtype
+            )
         return params
 
     def layout(self, tokens: np.ndarray, lengths: np.ndarray) -> int:

@@ -38,7 +38,7 @@ import numpy as np
 from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from arjax.generate.sampling import sample_token, validate_sampling
 from arjax.models.registry import spec_for_module
-from arjax.nn import unrolled
+from arjax.nn import cast_weights, unrolled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,8 @@ class Decoder:
 
     # Layer stacks that decode unrolled: params key -> config field ("" = the config itself).
     stacks: ClassVar[dict[str, str]] = {}
+    # Other unrolled stacks whose matrices are cast like the stacks': params key -> field.
+    cast_stacks: ClassVar[dict[str, str]] = {}
     # State entries only `boundary` reads and writes (module doc).
     boundary_state: ClassVar[tuple[str, ...]] = ()
 
@@ -108,12 +110,17 @@ class Decoder:
 
     def prepare(self, params: Any) -> Any:
         """Params in the layout decoding wants, here the ``stacks`` unrolled (each layer then
-        updates its cache in place: :func:`arjax.nn.unrolled`); runs inside the jit."""
-        if not self.stacks:
+        updates its cache in place: :func:`arjax.nn.unrolled`) and their matrices, and those
+        of ``cast_stacks``, in the stack's compute dtype (:func:`arjax.nn.cast_weights`: once,
+        not at every step); runs inside the jit."""
+        if not self.stacks and not self.cast_stacks:
             return params
         params = dict(params)
         for key, field in self.stacks.items():
-            _, params[key] = unrolled(self._stack_config(field), params[key])
+            config = self._stack_config(field)
+            params[key] = cast_weights(unrolled(config, params[key])[1], config.compute_dtype)
+        for key, field in self.cast_stacks.items():
+            params[key] = cast_weights(params[key], self._stack_config(field).compute_dtype)
         return params
 
     def layout(self, tokens: np.ndarray, lengths: np.ndarray) -> Any:

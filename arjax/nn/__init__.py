@@ -2,7 +2,7 @@
 
 from arjax.nn.layers import Attention, RMSNorm, RopeScaling, SwiGLU, apply_rope, rope_frequencies
 from arjax.nn.partitioning import constrain, logical
-from arjax.nn.transformer import Block, Transformer, TransformerConfig, unrolled
+from arjax.nn.transformer import Block, Transformer, TransformerConfig, cast_weights, unrolled
 
 __all__ = [
     "Attention",
@@ -13,6 +13,7 @@ __all__ = [
     "Transformer",
     "TransformerConfig",
     "apply_rope",
+    "cast_weights",
     "constrain",
     "logical",
     "rope_frequencies",

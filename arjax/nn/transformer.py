@@ -183,6 +183,21 @@ class Block(nn.Module):
         return x, None
 
 
+def cast_weights(params: Any, dtype: Any) -> Any:
+    """An unrolled stack's params with every float matrix (``ndim >= 2``) in ``dtype``, the
+    stack's ``compute_dtype``: its layers cast them so at every use, so casting once before a
+    decoding loop gives the same bits without a cast (and a float32 read) per step. Vectors
+    (norm scales, used in float32) are kept; ``ValueError`` on a scanned stack (whose norm
+    scales are ``[layers, d]``)."""
+    if "layers" in params:
+        raise ValueError("cast_weights: the stack is scanned; unroll it first (unrolled)")
+
+    def cast(x: jax.Array) -> jax.Array:
+        return x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, params)
+
+
 def unrolled(config: TransformerConfig, params: Any) -> tuple[TransformerConfig, Any]:
     """A scanned stack's config and params as the equivalent unrolled stack.
 
