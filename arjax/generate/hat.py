@@ -325,6 +325,32 @@ class HATDecoder(Decoder):
             words=state["words"] + finishing, event=state["event"] + 1, word_visible=visible,
         )  # fmt: skip
 
+    def _new_words(self, params, state, starts, count, begin, t):
+        """Steps 3 and 4 for the rows whose window holds a finished word (``count > 1``)."""
+        m = self.model.config.max_word_bytes
+        # (3) finished words: one backbone step per word index, batched over rows
+        state = jax.lax.while_loop(
+            lambda s: jnp.any(count - 1 > s[1]),
+            lambda s: (self._finish_word(params, s[0], starts, s[1]), s[1] + 1),
+            (state, jnp.int32(0)),
+        )[0]
+        # (4) the new current word's earlier bytes, decoded under the old word: re-decode
+        redo = jnp.where(count > 1, state["n"] - 1 - begin, 0)  # bytes before the new one
+
+        back = jnp.max(redo)  # shared byte index t - back + k: one cache slot per step
+
+        def refit(s):
+            st, k = s
+            byte_g = t - back + k
+            write = byte_g >= t - redo
+            src = jnp.clip(st["n"] - 1 - (t - byte_g), 0, m)
+            a = jnp.take_along_axis(st["window_acts"], src[:, None, None], axis=1)[:, 0]
+            _, cache = self._decode_byte(params, st, a, byte_g, write)
+            return dict(st, cache=cache), k + 1
+
+        state = jax.lax.while_loop(lambda s: s[1] < back, refit, (state, jnp.int32(0)))[0]
+        return state
+
     def step(self, params, state, tokens, active):
         c = self.model.config
         m = c.max_word_bytes
@@ -347,28 +373,15 @@ class HATDecoder(Decoder):
         )
         starts = split_window(state["window"], state["n"], m) & active[:, None]
         count = jnp.sum(starts, axis=1)  # words in the window; all but the last finished
-        # (3) finished words: one backbone step per word index, batched over rows
-        state = jax.lax.while_loop(
-            lambda s: jnp.any(count - 1 > s[1]),
-            lambda s: (self._finish_word(params, s[0], starts, s[1]), s[1] + 1),
-            (state, jnp.int32(0)),
-        )[0]
-        # (4) the new current word's earlier bytes, decoded under the old word: re-decode
         begin = current_word_start(starts)  # [batch] window index (0: no new word)
-        redo = jnp.where(count > 1, state["n"] - 1 - begin, 0)  # bytes before the new one
-
-        back = jnp.max(redo)  # shared byte index t - back + k: one cache slot per step
-
-        def refit(s):
-            st, k = s
-            byte_g = t - back + k
-            write = byte_g >= t - redo
-            src = jnp.clip(st["n"] - 1 - (t - byte_g), 0, m)
-            a = jnp.take_along_axis(st["window_acts"], src[:, None, None], axis=1)[:, 0]
-            _, cache = self._decode_byte(params, st, a, byte_g, write)
-            return dict(st, cache=cache), k + 1
-
-        state = jax.lax.while_loop(lambda s: s[1] < back, refit, (state, jnp.int32(0)))[0]
+        # (3) and (4) only on the bytes where some row finished a word: one device predicate
+        # (a host read on GPU) per byte, instead of one per loop below
+        state = jax.lax.cond(
+            jnp.any(count > 1),
+            lambda s: self._new_words(params, s, starts, count, begin, t),
+            lambda s: s,
+            state,
+        )
         logits, cache = self._decode_byte(params, state, act, t, None)
         # keep only the current word in the window
         n = state["n"]
