@@ -21,6 +21,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
@@ -31,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from arjax.data.vocab import BOS_ID, EOS_ID, VOCAB_SIZE  # noqa: E402
 from arjax.models import MODELS, build_model  # noqa: E402
 from arjax.models.transformer import TransformerLMConfig  # noqa: E402
 from arjax.train.config import TrainConfig  # noqa: E402
@@ -118,7 +120,11 @@ def main() -> None:
     args = ap.parse_args()
     jobs = [("transformer", TRANSFORMER_7B, 4096)]
     if "hat" in MODELS and "8b" in MODELS["hat"].presets:
-        jobs.append(("hat", MODELS["hat"].presets["8b"], 4096))
+        # trained on arjax's byte data: its 259-id vocabulary (the released model has 256)
+        hat_8b = dataclasses.replace(
+            MODELS["hat"].presets["8b"], vocab_size=VOCAB_SIZE, bos_id=BOS_ID, eos_id=EOS_ID
+        )
+        jobs.append(("hat", hat_8b, 4096))
     rows = []
     for name, cfg, seq in jobs:
         for mesh_name, mesh_cfg in MESHES.items():
