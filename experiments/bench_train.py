@@ -17,7 +17,10 @@ is waste, not work. The count is checked against XLA's cost analysis of the unsc
 for one preset per family. HAT rows add a per-component profile (forward + backward of the
 encoder, encoder connector, backbone, decoder with its cross-attention and byte head, the
 loss, and the optimizer update, each jitted alone on the same batch) and the word-slot
-padding's share of the backbone FLOPs. The summary: HAT ``1b`` MFU / transformer ``1b`` MFU
+padding's share of the backbone FLOPs. A row whose loss is not finite after the timed steps
+is an error, left out of the summary: such steps skip their update, and NaN steps were
+measured ~10% faster than real ones (``experiments/results/bench_train_b16_vocab.md``). The
+summary: HAT ``1b`` MFU / transformer ``1b`` MFU
 (target >= 0.85) and HAT bytes/s / transformer bytes/s (target >= 2.5; arjax's transformer
 is byte-level).
 
@@ -261,6 +264,8 @@ def bench(job: Job, host_batch: dict, *, steps: int, repeats: int, peaks: dict) 
         "compile_s": compile_s,
         "loss": float(holder["metrics"]["loss"]),
     }
+    if not np.isfinite(row["loss"]):  # the step skipped its update: not a training step
+        row["error"] = f"loss {row['loss']} after the timed steps: the row is not a valid timing"
     if job.model == "hat":
         row.update(hat_padding(job.cfg, host_batch))
     if profile is not None:
