@@ -106,6 +106,8 @@ def train_for(name: str, config, seconds: float, quick: bool):
             print(f"  {name} step {steps}: loss {float(metrics['loss']):.3f}", flush=True)
     loss = float(metrics["loss"])
     print(f"{name}: {steps} steps in {seconds:.0f} s, last loss {loss:.3f}", flush=True)
+    if not np.isfinite(loss):  # skipped updates: the "trained" weights are the init
+        raise RuntimeError(f"{name}: training loss {loss}; decode timings need trained weights")
     return model, state.params, {"train_steps": steps, "train_loss": loss}
 
 
