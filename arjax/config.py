@@ -208,6 +208,19 @@ def _apply_tree(cfg: Any, tree: dict, prefix: str) -> Any:
         raise ConfigError(f"{prefix}{e}") from None
 
 
+def replace_everywhere(cfg: Any, **fields: Any) -> Any:
+    """``cfg`` with ``fields`` set in it and in every config nested in it that has them (HAT:
+    encoder, backbone, decoder), e.g. ``scan_layers=False`` or ``dtype="bfloat16"``."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in fields:
+            changes[f.name] = fields[f.name]
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = replace_everywhere(value, **fields)
+    return dataclasses.replace(cfg, **changes)
+
+
 def to_dict(cfg: Any) -> dict:
     """JSON-ready nested dict of a config (for metadata and checkpoints)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

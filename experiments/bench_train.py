@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from arjax.config import replace_everywhere
 from arjax.models import MODELS, build_model
 from arjax.models.hat import HAT, HATConfig
 from arjax.ops.cross_entropy import cross_entropy
@@ -107,19 +108,6 @@ def time_call(f: Callable, args: tuple, *, steps: int, repeats: int, carry: bool
     return statistics.median(times)
 
 
-def restacked(cfg: Any, **fields: Any) -> Any:
-    """``cfg`` with ``fields`` set in every layer stack it holds (HAT: encoder, backbone,
-    decoder), e.g. ``scan_layers=False`` (XLA's cost analysis counts a loop body once)."""
-    changes = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name in fields:
-            changes[f.name] = fields[f.name]
-        elif dataclasses.is_dataclass(value):
-            changes[f.name] = restacked(value, **fields)
-    return dataclasses.replace(cfg, **changes)
-
-
 def make(job: Job, cfg: Any | None = None) -> nn.Module:
     cfg = job.cfg if cfg is None else cfg
     if job.model == "hat":
@@ -130,7 +118,7 @@ def make(job: Job, cfg: Any | None = None) -> nn.Module:
 def xla_cost(job: Job, tx: Any, batch: dict) -> tuple[float, float]:
     """(FLOPs, bytes accessed) of one train step by XLA's cost analysis of the unscanned
     program (the lowered, pre-backend HLO: the same count on every device, no compile)."""
-    model = make(job, restacked(job.cfg, scan_layers=False))
+    model = make(job, replace_everywhere(job.cfg, scan_layers=False))  # a scan: counted once
     example = jax.tree.map(lambda x: x[:1], batch)
     state = jax.eval_shape(
         lambda r: nn.meta.unbox(init_train_state(model, tx, r, example)), jax.random.key(0)
@@ -283,7 +271,9 @@ def jobs_for(quick: bool) -> list[Job]:
         ]
     one_b = tf["1b"]
     remat_none = dataclasses.replace(one_b, remat="none")
-    flat_tf, flat_hat = (restacked(c, scan_layers=False, remat="none") for c in (one_b, hat["1b"]))
+    flat_tf, flat_hat = (
+        replace_everywhere(c, scan_layers=False, remat="none") for c in (one_b, hat["1b"])
+    )
     # Rows without "docs" are one document per row without segment ids (cuDNN attention);
     # "+docs" keeps packed documents (segment ids -> Pallas flash attention). The order puts
     # what the summary needs first (each row is written as it finishes).

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from arjax.config import replace_everywhere
 from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
-from arjax.generate import block as block_generate
 from arjax.generate import decoder_for, engine, filter_logits, generate
 from arjax.generate.block import BlockDecoder
 from arjax.generate.engine import Decoder, left_align
@@ -199,18 +199,6 @@ def test_left_align_values():
     np.testing.assert_array_equal(pos, [[0, 0, 1, 2], [0, 0, 0, 0]])
 
 
-def _bf16(cfg):
-    """``cfg`` with every ``dtype`` field (nested stacks too) set to bfloat16."""
-    changes = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name == "dtype":
-            changes[f.name] = "bfloat16"
-        elif dataclasses.is_dataclass(value) and hasattr(value, "dtype"):
-            changes[f.name] = _bf16(value)
-    return dataclasses.replace(cfg, **changes)
-
-
 @pytest.mark.parametrize("name", [*FAMILIES, "hat"])
 def test_weights_cast_once_before_the_loop_give_the_same_bits(name, monkeypatch):
     """``Decoder.prepare`` casts the stacks' matrices to bfloat16 once: the bfloat16 model's
@@ -218,14 +206,14 @@ def test_weights_cast_once_before_the_loop_give_the_same_bits(name, monkeypatch)
     bfloat16 grid (casting a norm scale too fails this)."""
     if name == "hat":
         spec = MODELS["hat"]
-        model = spec.module_cls(_bf16(spec.presets["tiny"]))
+        model = spec.module_cls(replace_everywhere(spec.presets["tiny"], dtype="bfloat16"))
         batch = {
             k: jnp.asarray(v) for k, v in example_batch_for("hat", model.config, 1, 64).items()
         }
         params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), batch)["params"])
     else:
         model, params = _model_params(name)
-        model = model.clone(config=_bf16(model.config))
+        model = model.clone(config=replace_everywhere(model.config, dtype="bfloat16"))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(7), len(leaves))
     params = tree.unflatten(
@@ -233,8 +221,7 @@ def test_weights_cast_once_before_the_loop_give_the_same_bits(name, monkeypatch)
     )
     prompts = PROMPTS[:2]
     cast = generate(model, params, prompts, max_new_bytes=4, return_logits=True)
-    for module in (engine, block_generate):
-        monkeypatch.setattr(module, "cast_weights", lambda p, dtype: p)
+    monkeypatch.setattr(engine, "cast_weights", lambda p, dtype: p)
     jax.clear_caches()  # the loop is jitted: recompile it without the cast
     per_use = generate(model, params, prompts, max_new_bytes=4, return_logits=True)
     jax.clear_caches()

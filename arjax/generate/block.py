@@ -25,9 +25,8 @@ import numpy as np
 from einops import rearrange
 
 from arjax.data.vocab import PAD_ID
-from arjax.generate.engine import Decoder, tree_bytes
+from arjax.generate.engine import Decoder, decoding_stack, tree_bytes
 from arjax.models.block_transformer import BlockTransformer
-from arjax.nn import cast_weights, unrolled
 from arjax.ops.attention import decode_cache_len
 
 
@@ -79,14 +78,12 @@ class BlockDecoder(Decoder):
 
     def prepare(self, params: Any) -> Any:
         """The stacks unrolled; the embedder's encoder (if any) shares the token decoder's
-        config, so it is unrolled with it."""
+        config, so it is prepared as that stack (:func:`decoding_stack`)."""
         c, params = self.model.config, super().prepare(params)
         if "encoder" in params.get("embedder", {}):
             encoder = dataclasses.replace(c.token_decoder, num_layers=c.embedder_layers)
             params["embedder"] = {**params["embedder"]}
-            params["embedder"]["encoder"] = cast_weights(
-                unrolled(encoder, params["embedder"]["encoder"])[1], encoder.compute_dtype
-            )
+            params["embedder"]["encoder"] = decoding_stack(encoder, params["embedder"]["encoder"])
         return params
 
     def layout(self, tokens: np.ndarray, lengths: np.ndarray) -> int:

@@ -41,6 +41,12 @@ from arjax.models.registry import spec_for_module
 from arjax.nn import cast_weights, unrolled
 
 
+def decoding_stack(config: Any, params: Any) -> Any:
+    """A layer stack's params as decoding runs them: unrolled (:func:`arjax.nn.unrolled`), its
+    matrices in ``config.compute_dtype`` (:func:`arjax.nn.cast_weights`)."""
+    return cast_weights(unrolled(config, params)[1], config.compute_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Decoder:
     """The decoding protocol (module doc). ``model`` is the family's Flax module; subclasses
@@ -117,8 +123,7 @@ class Decoder:
             return params
         params = dict(params)
         for key, field in self.stacks.items():
-            config = self._stack_config(field)
-            params[key] = cast_weights(unrolled(config, params[key])[1], config.compute_dtype)
+            params[key] = decoding_stack(self._stack_config(field), params[key])
         for key, field in self.cast_stacks.items():
             params[key] = cast_weights(params[key], self._stack_config(field).compute_dtype)
         return params
