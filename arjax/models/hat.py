@@ -59,7 +59,7 @@ from arjax.data.vocab import BOS_ID, EOS_ID, VOCAB_SIZE
 from arjax.models.registry import ModelSpec, register_model
 from arjax.nn import Attention, Block, RMSNorm, RopeScaling, Transformer, TransformerConfig, logical
 from arjax.nn.layers import Mode, apply_rope, head_projection, output_projection
-from arjax.ops.word_attention import gather_words, word_attention
+from arjax.ops.word_attention import gather_words, word_pool_attention
 
 WORD_FIELDS = ("word_ids", "word_segment_ids", "word_positions")
 BYTE_FIELDS = ("inputs", "segment_ids", "positions")
@@ -432,12 +432,15 @@ class WordCrossAttention(nn.Module):
         word_ids: jax.Array,  # [batch, seq]
     ) -> jax.Array:
         """Encoder connector: word ``w``'s query over the bytes of ``w`` -> ``[batch, words,
-        features]``. The shared query is projected once, then rotated per word position."""
+        features]``. The query is shared, so it stays unrotated and each key is rotated by
+        its byte's position relative to its word's (:func:`word_pool_attention`)."""
         q, k = self._qk_norm(self.q_proj(query), self.k_proj(byte_acts))
-        q = jnp.broadcast_to(q, (*word_positions.shape, *q.shape))  # [batch, words, h, hd]
-        rope = lambda y, pos: apply_rope(y, pos, self.stack.rope_theta, self.stack.rope_scaling)  # noqa: E731
-        q, k = rope(q, word_positions), rope(k, byte_positions)
-        out = word_attention(q, k, self.v_proj(byte_acts), word_ids)
+        w = word_positions.shape[1]
+        byte_word_pos = jnp.take_along_axis(word_positions, jnp.clip(word_ids - 1, 0, w - 1), 1)
+        k = apply_rope(
+            k, byte_positions - byte_word_pos, self.stack.rope_theta, self.stack.rope_scaling
+        )
+        out = word_pool_attention(q, k, self.v_proj(byte_acts), word_ids, num_words=w)
         return self.o_proj(out)
 
     def to_bytes(self, x: jax.Array, words: jax.Array, word_ids: jax.Array) -> jax.Array:

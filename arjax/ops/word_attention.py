@@ -3,16 +3,20 @@
 HAT's encoder connector (Sec. 2.2, eq. 1) lets word ``w``'s query attend to the bytes of
 word ``w`` only. Written as masked attention (segment ids ``w + 1`` against each byte's
 word id) it scores every word against every byte of the row, ``O(words x seq)``, although
-each byte is a key of exactly one word. :func:`word_attention` scores each byte against
-its own word's query only and takes the per-word softmax with segment reductions:
-``O(seq)`` work and memory. :func:`word_attention_reference` is the masked form in float32.
+each byte is a key of exactly one word. Its query is one learned latent, the same for
+every word, rotated by the word's position: :func:`word_pool_attention` scores each byte
+against the unrotated latent with the byte's key rotated by its position relative to its
+word's (RoPE rotations compose) and takes the per-word softmax with segment reductions:
+``O(seq)`` work and memory, no per-byte copy of the query. :func:`word_attention_reference`
+is the masked form in float32 (each word's rotated query over the rotated keys).
 
 The decoder connector's cross-attention (Sec. 2.3) is the other direction, each byte to
 its own word's predictive embedding: a softmax over one key, i.e. exactly that word's value
 vector. :func:`gather_words` is that lookup; the model applies the value and output
 projections per word before it (they are linear), ``O(words)`` instead of ``O(seq)``.
 
-Conventions: q ``[batch, words, heads, head_dim]``, k/v ``[batch, seq, kv_heads, head_dim]``
+Conventions: q ``[batch, words, heads, head_dim]`` (the reference; ``[heads, head_dim]``
+for :func:`word_pool_attention`), k/v ``[batch, seq, kv_heads, head_dim]``
 (GQA: consecutive query heads share a KV head), ``word_ids`` ``[batch, seq]`` int, the
 1-based word slot of each byte (0 = padding byte, see :mod:`arjax.data.words`).
 """
@@ -59,26 +63,45 @@ def word_attention_reference(
     return attention_reference(q, k, v, q_segment_ids=slots, kv_segment_ids=word_ids, scale=scale)
 
 
-def word_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, word_ids: jax.Array, *, scale: float | None = None
+def word_pool_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    word_ids: jax.Array,
+    *,
+    num_words: int,
+    scale: float | None = None,
 ) -> jax.Array:
-    """Each word's query over its own bytes: ``[batch, words, heads, head_dim]`` in q's dtype.
+    """One query shared by every word, ``q [heads, head_dim]``, over each word's own bytes:
+    ``[batch, num_words, heads, head_dim]`` in k's dtype; equal to :func:`word_attention`
+    with ``q`` broadcast over the words.
 
-    Same result as :func:`word_attention_reference`; a word with no bytes gets zeros, a byte
-    whose id is 0 or beyond ``words`` is no key of any query. Scores are one dot product
-    per (byte, head), the softmax a segment max / sum per word (float32).
+    HAT's encoder connector (Sec. 2.2): its latent query is the same for every word, and
+    RoPE rotations compose (``R(a) q . R(b) k = q . R(b - a) k``), so the caller rotates
+    each key by its byte's position *relative to its word's* and leaves ``q`` unrotated.
+    Then no per-byte copy of the query is built (``[batch, seq, heads, head_dim]``) and
+    its gradient is a matmul, not a scatter over the bytes.
     """
-    _validate(q, k, v, word_ids)
-    b, w, h, d = q.shape
+    if q.ndim != 2:
+        raise ValueError(f"word_pool_attention: q must be [heads, head_dim], got shape {q.shape}")
+    _validate(jax.ShapeDtypeStruct((k.shape[0], num_words, *q.shape), q.dtype), k, v, word_ids)
     kv_heads = k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    valid = (word_ids > 0) & (word_ids <= w)
-    idx = jnp.where(valid, word_ids - 1, w)  # [b, s]; invalid bytes -> a spill slot w
-    q_spill = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))  # [b, w + 1, h, d]
-    qb = jnp.take_along_axis(q_spill, idx[:, :, None, None], axis=1)  # [b, s, h, d]
-    qb = rearrange(qb, "b s (g r) d -> b s g r d", g=kv_heads)
-    logits = jnp.einsum("bsgrd,bsgd->bsgr", qb, k, preferred_element_type=jnp.float32)
-    logits = logits * scale  # [b, s, kv_heads, groups]
+    valid = (word_ids > 0) & (word_ids <= num_words)
+    idx = jnp.where(valid, word_ids - 1, num_words)  # [b, s]; invalid bytes -> spill slot
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q = rearrange(q, "(g r) d -> g r d", g=kv_heads)
+    logits = jnp.einsum("grd,bsgd->bsgr", q, k, preferred_element_type=jnp.float32)
+    return _word_softmax_values(logits, v, idx, num_words, scale).astype(k.dtype)
+
+
+def _word_softmax_values(
+    logits: jax.Array, v: jax.Array, idx: jax.Array, w: int, scale: float
+) -> jax.Array:
+    """The per-word softmax of byte scores ``logits [b, s, kv_heads, groups]`` (float32,
+    unscaled) over ``v [b, s, kv_heads, d]``, each byte in word slot ``idx [b, s]`` (slot
+    ``w``: no word) -> ``[b, w, kv_heads * groups, d]`` float32; a word with no bytes gets
+    zeros. Segment max / sum per word."""
+    logits = logits * scale
     # Per-row segment reductions (vmapped: batch stays a batch dimension for sharding).
     seg_max = jax.vmap(lambda x, i: jax.ops.segment_max(x, i, num_segments=w + 1))
     seg_sum = jax.vmap(lambda x, i: jax.ops.segment_sum(x, i, num_segments=w + 1))
@@ -88,8 +111,7 @@ def word_attention(
     denom = seg_sum(p, idx)
     num = seg_sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), idx)
     out = num / jnp.where(denom == 0, 1.0, denom)[..., None]  # [b, w + 1, g, r, d]
-    out = rearrange(out[:, :w], "b w g r d -> b w (g r) d")
-    return out.astype(q.dtype)
+    return rearrange(out[:, :w], "b w g r d -> b w (g r) d")
 
 
 def gather_words(x: jax.Array, word_ids: jax.Array) -> jax.Array:
