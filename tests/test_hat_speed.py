@@ -85,7 +85,8 @@ def test_word_pool_attention_matches_masked_reference(rng, heads, kv_heads):
     byte's position relative to their word's) equal the float32 masked attention of each
     word's rotated query over the rotated keys (word w over the bytes with word id w + 1),
     words without bytes included (zeros). Breaking the spill slot (invalid bytes into word
-    0), the max, or the relative rotation (byte position alone) makes it fail."""
+    0) or the per-word max (scores in the hundreds) makes it fail; a model rotating keys by
+    byte position alone fails ``test_words_connectors_equal_dense_reference``."""
     b, s, w, d = 3, 48, 18, 16
     wid, q, k, v, word_pos, byte_pos = _pool_inputs(rng, b, s, w, heads, kv_heads, d)
     fast, reference = _pool_pair(wid, word_pos, byte_pos, w)
@@ -94,6 +95,9 @@ def test_word_pool_attention_matches_masked_reference(rng, heads, kv_heads):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
     empty = ~(np.asarray(wid)[:, :, None] == np.arange(1, w + 1)).any(1)  # [b, w]
     assert empty.any() and np.all(np.asarray(out)[empty] == 0)
+    # scores in the hundreds: exp overflows float32 unless each word's max is subtracted
+    big = jax.jit(fast)(q, 50.0 * k, v), jax.jit(reference)(q, 50.0 * k, v)
+    np.testing.assert_allclose(*big, atol=2e-5, rtol=2e-5)
 
     def grads(fn):
         loss = lambda *a: jnp.sum(jnp.sin(fn(*a)))  # noqa: E731

@@ -73,35 +73,28 @@ def word_pool_attention(
     scale: float | None = None,
 ) -> jax.Array:
     """One query shared by every word, ``q [heads, head_dim]``, over each word's own bytes:
-    ``[batch, num_words, heads, head_dim]`` in k's dtype; equal to :func:`word_attention`
-    with ``q`` broadcast over the words.
+    ``[batch, num_words, heads, head_dim]`` in k's dtype; a word with no bytes gets zeros,
+    a byte whose id is 0 or beyond ``num_words`` is no key of any query.
 
     HAT's encoder connector (Sec. 2.2): its latent query is the same for every word, and
     RoPE rotations compose (``R(a) q . R(b) k = q . R(b - a) k``), so the caller rotates
-    each key by its byte's position *relative to its word's* and leaves ``q`` unrotated.
-    Then no per-byte copy of the query is built (``[batch, seq, heads, head_dim]``) and
-    its gradient is a matmul, not a scatter over the bytes.
+    each key by its byte's position *relative to its word's* and leaves ``q`` unrotated;
+    the result equals :func:`word_attention_reference` of each word's rotated query over
+    the keys rotated by byte position. No per-byte copy of the query is built
+    (``[batch, seq, heads, head_dim]``) and its gradient is a matmul, not a scatter over
+    the bytes. Scores are one dot product per (byte, head), the softmax a segment max /
+    sum per word (float32).
     """
     if q.ndim != 2:
         raise ValueError(f"word_pool_attention: q must be [heads, head_dim], got shape {q.shape}")
-    _validate(jax.ShapeDtypeStruct((k.shape[0], num_words, *q.shape), q.dtype), k, v, word_ids)
-    kv_heads = k.shape[2]
-    valid = (word_ids > 0) & (word_ids <= num_words)
-    idx = jnp.where(valid, word_ids - 1, num_words)  # [b, s]; invalid bytes -> spill slot
+    w = num_words
+    _validate(jax.ShapeDtypeStruct((k.shape[0], w, *q.shape), q.dtype), k, v, word_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    q = rearrange(q, "(g r) d -> g r d", g=kv_heads)
+    valid = (word_ids > 0) & (word_ids <= w)
+    idx = jnp.where(valid, word_ids - 1, w)  # [b, s]; invalid bytes -> a spill slot w
+    q = rearrange(q, "(g r) d -> g r d", g=k.shape[2])
     logits = jnp.einsum("grd,bsgd->bsgr", q, k, preferred_element_type=jnp.float32)
-    return _word_softmax_values(logits, v, idx, num_words, scale).astype(k.dtype)
-
-
-def _word_softmax_values(
-    logits: jax.Array, v: jax.Array, idx: jax.Array, w: int, scale: float
-) -> jax.Array:
-    """The per-word softmax of byte scores ``logits [b, s, kv_heads, groups]`` (float32,
-    unscaled) over ``v [b, s, kv_heads, d]``, each byte in word slot ``idx [b, s]`` (slot
-    ``w``: no word) -> ``[b, w, kv_heads * groups, d]`` float32; a word with no bytes gets
-    zeros. Segment max / sum per word."""
-    logits = logits * scale
+    logits = logits * scale  # [b, s, kv_heads, groups]
     # Per-row segment reductions (vmapped: batch stays a batch dimension for sharding).
     seg_max = jax.vmap(lambda x, i: jax.ops.segment_max(x, i, num_segments=w + 1))
     seg_sum = jax.vmap(lambda x, i: jax.ops.segment_sum(x, i, num_segments=w + 1))
@@ -111,7 +104,7 @@ def _word_softmax_values(
     denom = seg_sum(p, idx)
     num = seg_sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), idx)
     out = num / jnp.where(denom == 0, 1.0, denom)[..., None]  # [b, w + 1, g, r, d]
-    return rearrange(out[:, :w], "b w g r d -> b w (g r) d")
+    return rearrange(out[:, :w], "b w g r d -> b w (g r) d").astype(k.dtype)
 
 
 def gather_words(x: jax.Array, word_ids: jax.Array) -> jax.Array:
