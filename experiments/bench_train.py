@@ -333,7 +333,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CPU smoke run at tiny shapes")
     ap.add_argument("--out", default="experiments/results/bench_train")
-    ap.add_argument("--only", default="", help="comma-separated job keys to run")
+    ap.add_argument("--only", default="", help="comma-separated job keys to run, in that order")
     ap.add_argument(
         "--vocab", type=int, default=None, help="also run each transformer job at this vocab"
     )
@@ -352,7 +352,8 @@ def main() -> None:
         unknown = set(keys) - {j.key for j in jobs}
         if unknown:
             ap.error(f"--only: unknown job keys {sorted(unknown)}; known {[j.key for j in jobs]}")
-        jobs = [j for j in jobs if j.key in keys]
+        by_key = {j.key: j for j in jobs}
+        jobs = [by_key[k] for k in dict.fromkeys(keys)]  # in the order given
     if args.vocab is not None:  # the same shapes at a large vocab, full logits vs chunked loss
         variants = [(f"+v{args.vocab}", {"vocab_size": args.vocab})]
         if args.loss_chunk is not None:
