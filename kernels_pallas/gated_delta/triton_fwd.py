@@ -73,8 +73,17 @@ def with_value_tile(ch: Chunk, refs: dict, bi, t, hi, vs) -> Chunk:
     return ch._replace(v=refs["v"][bi, t, hi, vs].astype(F32))
 
 
-def compiler_params(cfg: Cfg):
-    return None if cfg.interpret else pltriton.CompilerParams(num_warps=4, num_stages=1)
+# Triton warps per kernel (default 4). The gradient kernel keeps a chunk's recomputed UT
+# transform and its value-tile sums live at once, and runs faster with 8; in the same sweep on
+# an H200, 8 warps for every kernel, 2 stages, chunk 32 and block_v 32 were slower (issue 24's
+# closing note of 2026-12-03; bench_gated_delta.py measures the result).
+WARPS = {"gated_delta_bwd": 8}
+
+
+def compiler_params(cfg: Cfg, name: str):
+    if cfg.interpret:
+        return None
+    return pltriton.CompilerParams(num_warps=WARPS.get(name, 4), num_stages=1)
 
 
 def call(kernel, inputs: dict, extra: tuple, out_shape, grid: tuple, cfg: Cfg, name: str):
@@ -86,7 +95,7 @@ def call(kernel, inputs: dict, extra: tuple, out_shape, grid: tuple, cfg: Cfg, n
 
     return pl.pallas_call(
         body, out_shape=out_shape, grid=grid, interpret=cfg.interpret,
-        compiler_params=compiler_params(cfg), name=name,
+        compiler_params=compiler_params(cfg, name), name=name,
     )(*inputs.values(), *extra)  # fmt: skip
 
 
