@@ -296,7 +296,7 @@ def jobs_for(quick: bool) -> list[Job]:
         # layer's residuals in place instead of slicing them out of a stacked [layers, ...]
         # buffer (device copies)
         Job("1b-b16-unrolled-noremat", "transformer", "1b", flat_tf, 16, 2048, docs=False),
-        Job("hat-1b-b16-unrolled-noremat", "hat", "1b", flat_hat, 16, 8192),
+        Job("hat-1b-b16-unrolled-noremat", "hat", "1b", flat_hat, 16, 8192, profile=True),
     ]
 
 
