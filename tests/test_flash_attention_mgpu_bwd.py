@@ -81,9 +81,8 @@ def _check_backward(rng, case, within, tiles=None, interpret=True, races=None):
         has_segments=seg_of is not None, scale=scale, groups=case["h"] // case["kv_h"],
     )  # fmt: skip
     tiles = tiles or mosaic_gpu_bwd.default_tiles(case["d"], min(case["q_len"], case["kv_len"]))
-    ranks = () if seg_of is None else _hopper.segment_ranks(*segs)
     bwd = lambda *args: mosaic_gpu_bwd.backward(*args[:6], geo, tiles, interpret, *args[6:])
-    args = (q, k, v, do, lse2, delta, *ranks)
+    args = (q, k, v, do, lse2, delta, *(() if seg_of is None else segs))
     compiled = jax.jit(bwd).lower(*args).compile(FAST_COMPILE)
     grads = jax.block_until_ready(compiled(*args))
     if interpret:  # dK/dV then dQ, or the fused kernel
@@ -125,6 +124,11 @@ SEGMENT_CASES = {
                           FUSED[128]),
     "window_d64_split": (dict(b=1, q_len=130, kv_len=130, h=2, kv_h=1, d=64, causal=True,
                               window=60), None),
+    # packed documents: CTAs skip the other document's tiles, run whole ones unmasked
+    "packed_d64_split": (dict(b=1, q_len=260, kv_len=260, h=2, kv_h=2, d=64, causal=True,
+                              docs=True), None),
+    "packed_d128_fused": (dict(b=1, q_len=260, kv_len=260, h=2, kv_h=1, d=128, causal=True,
+                               docs=True), FUSED[128]),
 }  # fmt: skip
 
 
@@ -133,10 +137,17 @@ def _segment_ids(length: int) -> jax.Array:
     return jnp.asarray([ids[:length]], jnp.int32)
 
 
+def _documents(length: int) -> jax.Array:
+    """Three packed documents; the second ends at row 128, so a 128-row tile's segment range
+    read from the wrong row of ``segment_tile_ranges`` skips the third's keys."""
+    return jnp.asarray([[1] * 40 + [2] * 88 + [3] * (length - 128)], jnp.int32)
+
+
 @pytest.mark.parametrize("name", sorted(SEGMENT_CASES))
 def test_mosaic_backward_with_segment_ids(rng, races, within_xla_error, name):
     case, tiles = SEGMENT_CASES[name]
-    case = dict(case, segments=_segment_ids)
+    case = dict(case)
+    case["segments"] = _documents if case.pop("docs", False) else _segment_ids
     _check_backward(rng, case, within_xla_error, tiles=tiles, races=races)
 
 

@@ -59,11 +59,12 @@ def _check(rng, case, races, within, *, blocks=TILES, interpret=True, grads=True
     """``grads``: also the gradients through the custom_vjp (the Mosaic GPU backward)."""
     case = dict(case)
     kw = dict(causal=case.pop("causal", False), window=case.pop("window", None))
-    runs = case.pop("segments", None)  # self-attention: (id, length) runs of one row
+    runs = case.pop("segments", None)  # (id, length) runs of one row; a pair: (q's, kv's)
     q, k, v = _inputs(rng, **case)
     if runs is not None:
-        ids = jnp.asarray([[i for i, n in runs for _ in range(n)]], jnp.int32)
-        kw.update(q_segment_ids=ids, kv_segment_ids=ids)
+        q_runs, kv_runs = runs if isinstance(runs[0][0], tuple) else (runs, runs)
+        row = lambda runs: jnp.asarray([[i for i, n in runs for _ in range(n)]], jnp.int32)  # noqa: E731
+        kw.update(q_segment_ids=row(q_runs), kv_segment_ids=row(kv_runs))
     w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     mosaic = lambda q, k, v: flash_attention(
         q, k, v, lowering="mosaic", interpret=interpret, block_sizes=blocks, **kw
@@ -96,6 +97,22 @@ SEGMENTS = ((2**24, 40), (2**24 + 1, 60), (2**24, 50))
 SEGMENT_CASES = {
     "causal,window,gqa": dict(causal=True, window=70, q_len=150, kv_len=150, h=2, kv_h=1),
     "causal,head_dim128": dict(causal=True, q_len=150, kv_len=150, h=1, d=128),
+    # packed documents: the last query tile skips the first document's KV tiles and runs the
+    # tiles inside its own document unmasked (segment_tile_ranges)
+    "causal,packed-documents": dict(
+        causal=True, q_len=300, kv_len=300, h=2, kv_h=2, segments=((1, 140), (2, 160))
+    ),
+    # ids that differ between queries and keys: the second KV CTA's keys (id 5) share a
+    # document only with queries before them, so its range is empty while its second
+    # consumer's own range starts one query tile later (a hang before _hopper.nested)
+    "causal,cross-ids,head_dim128": dict(
+        causal=True,
+        q_len=256,
+        kv_len=256,
+        h=1,
+        d=128,
+        segments=(((5, 128), (6, 128)), ((6, 128), (5, 128))),
+    ),
 }
 
 
@@ -103,7 +120,9 @@ SEGMENT_CASES = {
 def test_mosaic_segment_ids_forward_and_gradients(rng, races, within_xla_error, name):
     """Segment ids through the Mosaic GPU forward and backward: every tile in range masked
     by id equality (``_hopper.same_segment``) on float32 ranks (``_hopper.segment_ranks``)."""
-    _check(rng, dict(SEGMENT_CASES[name], segments=SEGMENTS), races, within_xla_error)
+    case = dict(SEGMENT_CASES[name])
+    case.setdefault("segments", SEGMENTS)
+    _check(rng, case, races, within_xla_error)
 
 
 def test_segment_ranks_keep_each_rows_equalities(rng):

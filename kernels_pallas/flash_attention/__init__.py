@@ -36,7 +36,7 @@ from kernels_pallas.flash_attention import (
     triton_fwd,
     tuning,
 )
-from kernels_pallas.flash_attention._common import Geometry, pad_to
+from kernels_pallas.flash_attention._common import Geometry, pad_to, segment_tile_ranges
 from kernels_pallas.flash_attention.tuning import BlockSizes
 
 BACKENDS = ("gpu", "tpu")
@@ -143,7 +143,10 @@ def _forward(call: _Call, q, k, v, q_seg, kv_seg):
     q_len, d = q.shape[1], q.shape[3]
     args = _prepare(call, q, k, v, q_seg, kv_seg)
     if call.lowering == "mosaic":
-        segs = _hopper.segment_ranks(*args[3:]) if call.geo.has_segments else ()
+        segs = ()
+        if call.geo.has_segments:
+            ranges = segment_tile_ranges(*args[3:], mosaic_gpu_fwd.TILE_Q, call.geo.bk)
+            segs = (*_hopper.segment_ranks(*args[3:]), ranges)
         out, lse2 = mosaic_gpu_fwd.forward(
             *args[:3],
             call.geo,
@@ -183,7 +186,7 @@ def _flash_bwd(call: _Call, res, d_out):
     qp, kp, vp, q_seg, kv_seg = _prepare(call, q, k, v, q_seg, kv_seg)
     dop = pad_to(pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
     if call.lowering == "mosaic":  # Hopper backward: dk/dv come back summed per KV head
-        segs = _hopper.segment_ranks(q_seg, kv_seg) if call.geo.has_segments else ()
+        segs = (q_seg, kv_seg) if call.geo.has_segments else ()
         dq, dk, dv = mosaic_gpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, call.bwd_tiles,
                                              call.interpret, *segs)  # fmt: skip
         return dq[:, :q_len, :, :d], dk[:, :kv_len, :, :d], dv[:, :kv_len, :, :d], None, None

@@ -82,3 +82,15 @@ def iota(shape, dim: int, interpret: bool) -> jax.Array:
     if interpret:
         return lax.broadcasted_iota(jnp.int32, shape, dim)
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def nested(lo, hi, *bounds) -> tuple:
+    """Ascending tile ``bounds`` clipped into ``[lo, hi]`` in order, so that a consumer's loops
+    over them run exactly the producer's steps ``[lo, hi)``. Segment ids can put a warpgroup's
+    own range outside its CTA's (keys whose documents have no later query), and a consumer
+    waiting on a step never produced would hang."""
+    out, prev = [], lo
+    for x in bounds:
+        prev = jnp.minimum(jnp.maximum(x, prev), hi)
+        out.append(prev)
+    return tuple(out)

@@ -13,7 +13,7 @@ on for D=128); see ``_forward_kernel``.
 KV tiles outside a warpgroup's causal / sliding-window range are skipped (``kv_block_range``
 per warpgroup; the producer loads the union of the two ranges, a warpgroup only waits on and
 releases the buffers of tiles it skips); only boundary tiles are masked -- with segment ids
-every tile in range, by id equality (the ids stream beside K; see ``_forward_kernel``). The
+also the tiles that cross a document, by id equality (see ``_forward_kernel``). The
 outputs are ``o`` and the base-2 log-sum-exp ``lse2 [batch, heads, q_len]``, exactly what the
 backward kernels consume (Triton ``triton_bwd.py``, Mosaic GPU ``mosaic_gpu_bwd.py``). Lengths
 are padded by the caller (query to 128 rows, KV to the tile); padded keys are masked, padded
@@ -53,6 +53,7 @@ from kernels_pallas.flash_attention._hopper import (
     check_call,
     interpret_params,
     iota,
+    nested,
     same_segment,
     vector,
 )
@@ -141,12 +142,15 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
     warpgroup's softmax overlaps the other's matrix products.
 
     With segment ids (``geo.has_segments``; float32 ranks, ``_hopper.segment_ranks``) the
-    consumer loads its rows' ids once per item and the producer streams each KV tile's ids
-    beside K (released with K's slot); every tile in range is masked.
+    KV range is cut to the documents of the 128-row tile and runs unmasked over the tiles
+    inside its one document (its row of ``segment_tile_ranges``, read from GMEM); the consumer
+    loads its rows' ids once per item, the producer streams each KV tile's ids beside K
+    (released with K's slot), and masked tiles also compare ids.
     """
     seg = geo.has_segments
-    if seg:
-        q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, smem, ready, free, turn = refs
+    if seg:  # ranks (float32) and the 128-row tiles' rows of segment_tile_ranges (GMEM)
+        q_ref, k_ref, v_ref, qseg_ref, kseg_ref, rng_ref, o_ref, lse_ref, *refs = refs
+        smem, ready, free, turn = refs
         (q_smem, k_smem, v_smem, lse_smem, qseg_smem, kseg_smem) = smem
         (q_ready, k_ready, v_ready, qseg_ready, kseg_ready) = ready
     else:
@@ -161,11 +165,13 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
     count = lax.div(n_items - 1 - pid, jnp.int32(programs)) + 1  # items of this program
 
     def item(k):
-        """(first query row, batch, head, KV tiles [lo, hi) of the 128 rows) of item k."""
+        """(first query row, batch, head, KV tiles [lo, hi) of the 128 rows, their row of
+        ``segment_tile_ranges`` or None) of item k."""
         tile, batch, head = work_item(pid + k * programs, geo.nq, b, h, group, last_first=True)
         tile_first = tile * TILE_Q
-        lo, _, _, hi = kv_block_range(tile_first, tile_first + TILE_Q - 1, geo)
-        return tile_first, batch, head, lo, hi
+        ranges = tuple(rng_ref[batch, tile * 4 + j] for j in range(4)) if seg else None
+        lo, _, _, hi = kv_block_range(tile_first, tile_first + TILE_Q - 1, geo, ranges)
+        return tile_first, batch, head, lo, hi, ranges
 
     def slot_of(g):  # global KV step -> ring slot
         return lax.rem(g, jnp.int32(stages))
@@ -176,7 +182,7 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
         operands = ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free))
 
         def produce(k, base):
-            _, batch, head, lo, hi = item(k)
+            _, batch, head, lo, hi, _ = item(k)
             rows = lambda step: (batch, pl.ds(step * bk, bk), lax.div(head, jnp.int32(geo.groups)))  # noqa: E731
 
             @pl.loop(lo, hi)
@@ -219,7 +225,7 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
                 plgpu.barrier_wait(turn)
 
         def consume(k, base):
-            tile_first, batch, head, lo, hi = item(k)
+            tile_first, batch, head, lo, hi, ranges = item(k)
             q_first = tile_first + wg * ROWS
             plgpu.copy_gmem_to_smem(
                 q_ref.at[batch, pl.ds(q_first, ROWS), head], q_slot, q_ready.at[wg]
@@ -231,7 +237,9 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
                                         qseg_smem.at[wg], qseg_ready.at[wg])  # fmt: skip
                 plgpu.barrier_wait(qseg_ready.at[wg])
                 q_seg = vector(qseg_smem.at[wg], 0, interpret)
-            own_lo, full_lo, full_hi, own_hi = kv_block_range(q_first, q_first + ROWS - 1, geo)
+            own_lo, full_lo, full_hi, own_hi = nested(
+                lo, hi, *kv_block_range(q_first, q_first + ROWS - 1, geo, ranges)
+            )
 
             def skip(step, carry):  # another warpgroup's tile: keep the barrier phases in step
                 slot = slot_of(base + step - lo)
@@ -251,8 +259,9 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
                 same = None
                 if seg:  # read before K's slot (which holds the ids) is released
                     plgpu.barrier_wait(kseg_ready.at[slot])
-                    k_seg = vector(kseg_smem.at[slot], 1, interpret)
-                    same = same_segment(q_seg, k_seg, (ROWS, bk), query_dim=0)
+                    if masked:  # whole tiles (one document) need no ids
+                        k_seg = vector(kseg_smem.at[slot], 1, interpret)
+                        same = same_segment(q_seg, k_seg, (ROWS, bk), query_dim=0)
                 s2 = _qk(q_slot, k_smem.at[slot], interpret, pass_turn) * geo.scale2
                 plgpu.barrier_arrive(k_free.at[slot])
                 mask = None
@@ -260,8 +269,8 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
                     q_idx = q_first + iota((ROWS, bk), 0, interpret)
                     k_idx = step * bk + iota((ROWS, bk), 1, interpret)
                     mask = tile_mask(q_idx, k_idx, None, None, geo)
-                if seg:
-                    mask = same if mask is None else mask & same
+                    if seg:
+                        mask = mask & same
                 m, row_sum, alpha, p = softmax_tile(s2, m, row_sum, mask)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
                 p = p.astype(q_ref.dtype)
@@ -311,13 +320,15 @@ def forward(
     pingpong: bool = False,
     q_seg=None,
     kv_seg=None,
+    ranges=None,
 ):
     """Padded ``q [b, Lq, h, d]``, ``k/v [b, Lk, hk, d]`` (``geo.bq`` = 128 query and ``geo.bk``
     KV rows per tile, ``stages`` KV buffers); returns ``(o [b, Lq, h, d], lse2 [b, h, Lq]``
     float32); rows past ``geo.nq`` tiles are left unwritten; one CTA per work item (persistent
     CTAs were slower: ``experiments/results/bench_attention_variants.md``); ``pingpong``: see
     ``_forward_kernel``; ``q_seg [b, Lq]``, ``kv_seg [b, Lk]``: float32 segment ranks (with
-    ``geo.has_segments``)."""
+    ``geo.has_segments``) and ``ranges``: ``segment_tile_ranges`` of the 128-row query tiles
+    against ``geo.bk``-row KV tiles."""
     b, lq, h, d = q.shape
     bk = geo.bk
     # wgmma operands: 128-byte swizzled (8 x 64-element) tiles; d is 64 or 128 (2-byte types)
@@ -365,4 +376,4 @@ def forward(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params() if interpret else None,
-    )(q, k, v, *((q_seg, kv_seg) if seg else ()))
+    )(q, k, v, *((q_seg, kv_seg, ranges) if seg else ()))
