@@ -25,8 +25,7 @@ SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 def supports(dtype, head_dim: int, has_segments: bool) -> bool:
     """Whether the default lowering rule may pick the Hopper kernels for such a call (else it
     stays with Triton). Segment ids run on them when asked for (``lowering="mosaic"``), but
-    not by default: they mask every tile in range (no per-document tile ranges yet), and no
-    benchmark has compared them with the Triton kernels."""
+    not by default until a benchmark has compared them with the Triton kernels."""
     return jnp.dtype(dtype) in map(jnp.dtype, DTYPES) and head_dim in HEAD_DIMS and not has_segments
 
 
