@@ -81,8 +81,9 @@ def _check_backward(rng, case, within, tiles=None, interpret=True, races=None):
         has_segments=seg_of is not None, scale=scale, groups=case["h"] // case["kv_h"],
     )  # fmt: skip
     tiles = tiles or mosaic_gpu_bwd.default_tiles(case["d"], min(case["q_len"], case["kv_len"]))
+    ranks = () if seg_of is None else _hopper.segment_ranks(*segs)
     bwd = lambda *args: mosaic_gpu_bwd.backward(*args[:6], geo, tiles, interpret, *args[6:])
-    args = (q, k, v, do, lse2, delta, *(() if seg_of is None else segs))
+    args = (q, k, v, do, lse2, delta, *ranks)
     compiled = jax.jit(bwd).lower(*args).compile(FAST_COMPILE)
     grads = jax.block_until_ready(compiled(*args))
     if interpret:  # dK/dV then dQ, or the fused kernel
@@ -124,7 +125,7 @@ SEGMENT_CASES = {
                           FUSED[128]),
     "window_d64_split": (dict(b=1, q_len=130, kv_len=130, h=2, kv_h=1, d=64, causal=True,
                               window=60), None),
-    # packed documents: CTAs skip the other document's tiles, run whole ones unmasked
+    # packed documents (the backward masks every tile in range: no per-document ranges yet)
     "packed_d64_split": (dict(b=1, q_len=260, kv_len=260, h=2, kv_h=2, d=64, causal=True,
                               docs=True), None),
     "packed_d128_fused": (dict(b=1, q_len=260, kv_len=260, h=2, kv_h=1, d=128, causal=True,
@@ -138,8 +139,7 @@ def _segment_ids(length: int) -> jax.Array:
 
 
 def _documents(length: int) -> jax.Array:
-    """Three packed documents; the second ends at row 128, so a 128-row tile's segment range
-    read from the wrong row of ``segment_tile_ranges`` skips the third's keys."""
+    """Three packed documents, the second ending at row 128."""
     return jnp.asarray([[1] * 40 + [2] * 88 + [3] * (length - 128)], jnp.int32)
 
 

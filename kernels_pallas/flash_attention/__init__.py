@@ -186,7 +186,7 @@ def _flash_bwd(call: _Call, res, d_out):
     qp, kp, vp, q_seg, kv_seg = _prepare(call, q, k, v, q_seg, kv_seg)
     dop = pad_to(pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
     if call.lowering == "mosaic":  # Hopper backward: dk/dv come back summed per KV head
-        segs = (q_seg, kv_seg) if call.geo.has_segments else ()
+        segs = _hopper.segment_ranks(q_seg, kv_seg) if call.geo.has_segments else ()
         dq, dk, dv = mosaic_gpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, call.bwd_tiles,
                                              call.interpret, *segs)  # fmt: skip
         return dq[:, :q_len, :, :d], dk[:, :kv_len, :, :d], dv[:, :kv_len, :, :d], None, None
