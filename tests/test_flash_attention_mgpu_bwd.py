@@ -46,15 +46,19 @@ def _inputs(rng, b, q_len, kv_len, h, kv_h, d, dtype):
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))  # one program, not op by op
-def _residuals(q, k, v, do, causal: bool, window: int | None, scale: float):
+def _residuals(q, k, v, do, causal: bool, window: int | None, scale: float, segs=(None, None)):
     """Float32 reference grads (dq, dk, dv) and the forward residuals the kernels take:
-    ``lse2 [b, h, q_len]`` (base 2, +inf for rows that see no key) and ``delta``."""
+    ``lse2 [b, h, q_len]`` (base 2, +inf for rows that see no key) and ``delta``; ``segs``:
+    query and key segment ids, or Nones."""
     f32 = lambda x: x.astype(jnp.float32)
-    ref = lambda q, k, v: attention_reference(q, k, v, causal=causal, window=window, scale=scale)
+    seg_kw = dict(q_segment_ids=segs[0], kv_segment_ids=segs[1])
+    ref = lambda q, k, v: attention_reference(
+        q, k, v, causal=causal, window=window, scale=scale, **seg_kw
+    )
     out, vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
     groups = q.shape[2] // k.shape[2]
     logits = jnp.einsum("bqhd,bkhd->bhqk", f32(q), jnp.repeat(f32(k), groups, axis=2)) * scale
-    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window)
+    mask = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window, **seg_kw)
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -67,22 +71,27 @@ def _residuals(q, k, v, do, causal: bool, window: int | None, scale: float):
 def _check_backward(rng, case, within, tiles=None, interpret=True, races=None):
     case = dict(case)
     causal, window = case.pop("causal"), case.pop("window", None)
+    seg_of = case.pop("segments", None)  # length -> ids [1, length] (queries and keys)
     q, k, v, do = _inputs(rng, dtype=case.pop("dtype", jnp.bfloat16), **case)
     scale = 1.0 / math.sqrt(case["d"])
-    grads_ref, lse2, delta = _residuals(q, k, v, do, causal, window, scale)
+    segs = (None, None) if seg_of is None else (seg_of(case["q_len"]), seg_of(case["kv_len"]))
+    grads_ref, lse2, delta = _residuals(q, k, v, do, causal, window, scale, segs)
     geo = Geometry(
         q_len=case["q_len"], kv_len=case["kv_len"], bq=64, bk=64, causal=causal, window=window,
-        has_segments=False, scale=scale, groups=case["h"] // case["kv_h"],
+        has_segments=seg_of is not None, scale=scale, groups=case["h"] // case["kv_h"],
     )  # fmt: skip
     tiles = tiles or mosaic_gpu_bwd.default_tiles(case["d"], min(case["q_len"], case["kv_len"]))
-    bwd = lambda *args: mosaic_gpu_bwd.backward(*args, geo, tiles, interpret)
-    compiled = jax.jit(bwd).lower(q, k, v, do, lse2, delta).compile(FAST_COMPILE)
-    grads = jax.block_until_ready(compiled(q, k, v, do, lse2, delta))
+    ranks = () if seg_of is None else _hopper.segment_ranks(*segs)
+    bwd = lambda *args: mosaic_gpu_bwd.backward(*args[:6], geo, tiles, interpret, *args[6:])
+    args = (q, k, v, do, lse2, delta, *ranks)
+    compiled = jax.jit(bwd).lower(*args).compile(FAST_COMPILE)
+    grads = jax.block_until_ready(compiled(*args))
     if interpret:  # dK/dV then dQ, or the fused kernel
         races.check(kernels=1 if tiles.fused_dq else 2)
     for name, g, x in zip(("dq", "dk", "dv"), grads, (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype, (name, g.shape, g.dtype)
-    kw = dict(causal=causal, window=window, scale=scale)
+    kw = dict(causal=causal, window=window, scale=scale, q_segment_ids=segs[0],
+              kv_segment_ids=segs[1])  # fmt: skip
     xla = lambda q, k, v, do: jax.vjp(lambda *a: attention(*a, impl="xla", **kw), q, k, v)[1](do)
     print(f"{case} causal={causal} window={window}")
     names = ("dq", "dk", "dv")
@@ -107,6 +116,39 @@ FUSED_CASES = {
         b=1, q_len=40, kv_len=130, h=2, kv_h=1, d=64, causal=True, window=50, dtype=jnp.float16
     ),
 }
+
+
+# segment ids (cross lengths: the keys' ids run on past the queries'; ids 5 and 2^24 + 1 each
+# come back); the fused kernel masks its dS^T by them, the split ones their tiles
+SEGMENT_CASES = {
+    "causal_d128_fused": (dict(b=1, q_len=70, kv_len=150, h=2, kv_h=1, d=128, causal=True),
+                          FUSED[128]),
+    "window_d64_split": (dict(b=1, q_len=130, kv_len=130, h=2, kv_h=1, d=64, causal=True,
+                              window=60), None),
+    # packed documents (the backward masks every tile in range: no per-document ranges yet)
+    "packed_d64_split": (dict(b=1, q_len=260, kv_len=260, h=2, kv_h=2, d=64, causal=True,
+                              docs=True), None),
+    "packed_d128_fused": (dict(b=1, q_len=260, kv_len=260, h=2, kv_h=1, d=128, causal=True,
+                               docs=True), FUSED[128]),
+}  # fmt: skip
+
+
+def _segment_ids(length: int) -> jax.Array:
+    ids = [5] * 30 + [2**24 + 1] * 45 + [5] * 40 + [2**24 + 1] * 100
+    return jnp.asarray([ids[:length]], jnp.int32)
+
+
+def _documents(length: int) -> jax.Array:
+    """Three packed documents, the second ending at row 128."""
+    return jnp.asarray([[1] * 40 + [2] * 88 + [3] * (length - 128)], jnp.int32)
+
+
+@pytest.mark.parametrize("name", sorted(SEGMENT_CASES))
+def test_mosaic_backward_with_segment_ids(rng, races, within_xla_error, name):
+    case, tiles = SEGMENT_CASES[name]
+    case = dict(case)
+    case["segments"] = _documents if case.pop("docs", False) else _segment_ids
+    _check_backward(rng, case, within_xla_error, tiles=tiles, races=races)
 
 
 # the default tiles, except a one-slot ring (128-wide streamed tiles) for the D=64 case
@@ -201,7 +243,6 @@ def test_default_tiles_fuse_dq_where_faster():
     [
         ((jnp.float32, 64, False, mosaic_gpu_bwd.Tiles()), "dtype must be"),
         ((jnp.bfloat16, 96, False, mosaic_gpu_bwd.Tiles()), "head_dim must be"),
-        ((jnp.bfloat16, 64, True, mosaic_gpu_bwd.Tiles()), "segment ids"),
         ((jnp.bfloat16, 64, False, mosaic_gpu_bwd.Tiles(bq=32)), "tile bq must be"),
         ((jnp.bfloat16, 64, False, mosaic_gpu_bwd.Tiles(stages=0)), "stages must be"),
         ((jnp.bfloat16, 128, False, mosaic_gpu_bwd.Tiles(128, 128, stages=4)), "shared memory"),

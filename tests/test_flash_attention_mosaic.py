@@ -25,6 +25,7 @@ import pytest
 from arjax.ops import attention, attention_reference
 from kernels_pallas.flash_attention import flash_attention, mosaic_gpu_bwd, mosaic_gpu_fwd
 from kernels_pallas.flash_attention._common import Geometry
+from kernels_pallas.flash_attention._hopper import segment_ranks
 from kernels_pallas.flash_attention.tuning import BlockSizes, block_sizes, gpu_lowering
 
 # forward tiles of the Mosaic kernel (128 query rows, 64 KV rows, 2 buffers); tiny backward tiles
@@ -58,7 +59,12 @@ def _check(rng, case, races, within, *, blocks=TILES, interpret=True, grads=True
     """``grads``: also the gradients through the custom_vjp (the Mosaic GPU backward)."""
     case = dict(case)
     kw = dict(causal=case.pop("causal", False), window=case.pop("window", None))
+    runs = case.pop("segments", None)  # (id, length) runs of one row; a pair: (q's, kv's)
     q, k, v = _inputs(rng, **case)
+    if runs is not None:
+        q_runs, kv_runs = runs if isinstance(runs[0][0], tuple) else (runs, runs)
+        row = lambda runs: jnp.asarray([[i for i, n in runs for _ in range(n)]], jnp.int32)  # noqa: E731
+        kw.update(q_segment_ids=row(q_runs), kv_segment_ids=row(kv_runs))
     w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     mosaic = lambda q, k, v: flash_attention(
         q, k, v, lowering="mosaic", interpret=interpret, block_sizes=blocks, **kw
@@ -83,6 +89,53 @@ CASES = {  # causal GQA with a decode offset: ``test_ops_attention_pallas_mosaic
     ),
     "full,cross-lengths,mqa,head_dim128": dict(q_len=70, kv_len=130, h=2, kv_h=1, d=128),
 }
+
+
+# ids 2^24 and 2^24 + 1 are one float32 (a plain cast would merge them); the first id comes
+# back after the second, so its runs are one segment apart (the masks compare ids, not runs)
+SEGMENTS = ((2**24, 40), (2**24 + 1, 60), (2**24, 50))
+SEGMENT_CASES = {
+    "causal,window,gqa": dict(causal=True, window=70, q_len=150, kv_len=150, h=2, kv_h=1),
+    "causal,head_dim128": dict(causal=True, q_len=150, kv_len=150, h=1, d=128),
+    # packed documents: the last query tile skips the first document's KV tiles and runs the
+    # tiles inside its own document unmasked (segment_tile_ranges)
+    "causal,packed-documents": dict(
+        causal=True, q_len=300, kv_len=300, h=2, kv_h=2, segments=((1, 140), (2, 160))
+    ),
+    # ids that differ between queries and keys: the second KV CTA's keys (id 5) share a
+    # document only with queries before them, so its range is empty while its second
+    # consumer's own range starts one query tile later (a hang before _hopper.nested)
+    "causal,cross-ids,head_dim128": dict(
+        causal=True,
+        q_len=256,
+        kv_len=256,
+        h=1,
+        d=128,
+        segments=(((5, 128), (6, 128)), ((6, 128), (5, 128))),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SEGMENT_CASES))
+def test_mosaic_segment_ids_forward_and_gradients(rng, races, within_xla_error, name):
+    """Segment ids through the Mosaic GPU forward and backward: every tile in range masked
+    by id equality (``_hopper.same_segment``) on float32 ranks (``_hopper.segment_ranks``)."""
+    case = dict(SEGMENT_CASES[name])
+    case.setdefault("segments", SEGMENTS)
+    _check(rng, case, races, within_xla_error)
+
+
+def test_segment_ranks_keep_each_rows_equalities(rng):
+    q_seg = jnp.asarray(rng.integers(-(2**31), 2**31 - 1, (3, 40)), jnp.int32)
+    kv_seg = jnp.concatenate([q_seg[:, ::2], q_seg[:, :7] + 1], axis=1)  # shared and new ids
+    kv_seg = kv_seg.at[:, 0].set(2**31 - 1)
+    rq, rk = segment_ranks(q_seg, kv_seg)
+    assert rq.dtype == rk.dtype == jnp.float32
+    want = q_seg[:, :, None] == kv_seg[:, None, :]
+    assert bool(jnp.all((rq[:, :, None] == rk[:, None, :]) == want))
+    assert bool(
+        jnp.all((rq[:, :, None] == rq[:, None, :]) == (q_seg[:, :, None] == q_seg[:, None, :]))
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -147,7 +200,6 @@ def test_mosaic_tiles_and_lowering_rule():
     [
         (dict(dtype=jnp.float32), "dtype must be bfloat16 or float16"),
         (dict(d=96), "head_dim must be one of"),
-        (dict(segments=True), "segment ids are not supported"),
         (dict(blocks=BlockSizes(64, 64, 16, 16, 16, 16)), "query tile bq must be 128"),
         (dict(blocks=BlockSizes(128, 32, 16, 16, 16, 16)), "KV tile bk must be one of"),
         (dict(blocks=BlockSizes(128, 128, 16, 16, 16, 16, stages=8)), "shared memory"),
@@ -157,14 +209,9 @@ def test_mosaic_tiles_and_lowering_rule():
 )
 def test_mosaic_bad_arguments_raise_before_compiling(rng, kwargs, match):
     kwargs = dict(kwargs)
-    seg = kwargs.pop("segments", False)
     q, k, v = _inputs(
         rng, q_len=8, kv_len=8, **{n: kwargs.pop(n) for n in ("dtype", "d") if n in kwargs}
     )
-    if seg:
-        kwargs.update(
-            q_segment_ids=jnp.ones((1, 8), jnp.int32), kv_segment_ids=jnp.ones((1, 8), jnp.int32)
-        )
     kwargs.setdefault("lowering", "mosaic")
     kwargs["block_sizes"] = kwargs.pop("blocks", None)
     with pytest.raises(ValueError, match=match):
@@ -183,6 +230,19 @@ gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
         dict(causal=True, window=100, q_len=200, kv_len=333, h=4, kv_h=1, d=128),
         dict(b=2, q_len=100, kv_len=170, h=2, kv_h=2, d=128, dtype=jnp.float16),
         dict(causal=True, b=1, q_len=1024, kv_len=1024, h=2, kv_h=2, d=128),
+        dict(
+            causal=True,
+            window=100,
+            q_len=300,
+            kv_len=300,
+            h=4,
+            kv_h=1,
+            d=128,
+            segments=SEGMENTS + ((7, 150),),
+        ),
+        dict(
+            causal=True, q_len=1024, kv_len=1024, h=2, kv_h=2, d=64, segments=((1, 500), (2, 524))
+        ),
     ],
 )
 def test_mosaic_kernel_on_device(rng, within_xla_error, case):

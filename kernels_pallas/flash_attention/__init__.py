@@ -36,7 +36,7 @@ from kernels_pallas.flash_attention import (
     triton_fwd,
     tuning,
 )
-from kernels_pallas.flash_attention._common import Geometry, pad_to
+from kernels_pallas.flash_attention._common import Geometry, pad_to, segment_tile_ranges
 from kernels_pallas.flash_attention.tuning import BlockSizes
 
 BACKENDS = ("gpu", "tpu")
@@ -143,8 +143,17 @@ def _forward(call: _Call, q, k, v, q_seg, kv_seg):
     q_len, d = q.shape[1], q.shape[3]
     args = _prepare(call, q, k, v, q_seg, kv_seg)
     if call.lowering == "mosaic":
+        segs = ()
+        if call.geo.has_segments:
+            ranges = segment_tile_ranges(*args[3:], mosaic_gpu_fwd.TILE_Q, call.geo.bk)
+            segs = (*_hopper.segment_ranks(*args[3:]), ranges)
         out, lse2 = mosaic_gpu_fwd.forward(
-            *args[:3], call.geo, call.blocks.stages, call.interpret, call.mosaic_fwd.pingpong
+            *args[:3],
+            call.geo,
+            call.blocks.stages,
+            call.interpret,
+            call.mosaic_fwd.pingpong,
+            *segs,
         )
     else:
         kernel = triton_fwd.forward if call.backend == "gpu" else mosaic_tpu_fwd.forward
@@ -177,8 +186,9 @@ def _flash_bwd(call: _Call, res, d_out):
     qp, kp, vp, q_seg, kv_seg = _prepare(call, q, k, v, q_seg, kv_seg)
     dop = pad_to(pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
     if call.lowering == "mosaic":  # Hopper backward: dk/dv come back summed per KV head
+        segs = _hopper.segment_ranks(q_seg, kv_seg) if call.geo.has_segments else ()
         dq, dk, dv = mosaic_gpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, call.bwd_tiles,
-                                       call.interpret)  # fmt: skip
+                                             call.interpret, *segs)  # fmt: skip
         return dq[:, :q_len, :, :d], dk[:, :kv_len, :, :d], dv[:, :kv_len, :, :d], None, None
     kernel = triton_bwd.backward if call.backend == "gpu" else mosaic_tpu_bwd.backward
     dq, dk, dv = kernel(qp, kp, vp, dop, lse2, delta, q_seg, kv_seg, call.geo, call.blocks,
@@ -218,8 +228,9 @@ def flash_attention(
     ``backend`` is ``"gpu"`` (Triton lowering) or ``"tpu"`` (Mosaic), default: the current
     platform's (GPU kernels on CPU); ``interpret`` defaults to True off that platform.
     ``lowering`` (GPU only) picks the kernels: ``"triton"`` or ``"mosaic"`` (Hopper forward and
-    backward, FlashAttention-3 style; bf16/fp16, head_dim 64/128, no segment ids), default: the rule
-    :func:`.tuning.gpu_lowering`.
+    backward, FlashAttention-3 style; bf16/fp16, head_dim 64/128), default: the rule
+    :func:`.tuning.gpu_lowering` (calls with segment ids keep Triton by default:
+    :func:`._hopper.supports`).
     ``block_sizes`` overrides the tiles from :func:`.tuning.block_sizes`. ``wave``: CTAs per
     wave the GPU launch order plans for (``tuning.heads_per_wave``; default the SM count).
     """

@@ -23,18 +23,50 @@ SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 
 
 def supports(dtype, head_dim: int, has_segments: bool) -> bool:
-    """Whether the Hopper kernels handle such a call (else it stays with the Triton lowering)."""
+    """Whether the default lowering rule may pick the Hopper kernels for such a call (else it
+    stays with Triton). Segment ids run on them when asked for (``lowering="mosaic"``), but
+    not by default until a benchmark has compared them with the Triton kernels."""
     return jnp.dtype(dtype) in map(jnp.dtype, DTYPES) and head_dim in HEAD_DIMS and not has_segments
 
 
-def check_call(dtype, head_dim: int, has_segments: bool, who: str) -> None:
+def check_call(dtype, head_dim: int, who: str) -> None:
     """Raise ``ValueError`` (prefixed ``who``) naming what the Hopper kernels do not support."""
     if jnp.dtype(dtype) not in map(jnp.dtype, DTYPES):
         raise ValueError(f"{who}: dtype must be bfloat16 or float16, got {dtype}")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"{who}: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
-    if has_segments:
-        raise ValueError(f"{who}: segment ids are not supported (use 'triton')")
+
+
+def segment_ranks(q_seg: jax.Array, kv_seg: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Segment ids ``[batch, q_len]``, ``[batch, kv_len]`` (any int32) -> float32 ranks with
+    the same equalities within each row: the kernels stream them as the float32 vectors they
+    already stream (the log-sum-exp's path), exact as ranks < q_len + kv_len < 2^24 (a plain
+    cast would merge ids past 2^24)."""
+    both = jnp.concatenate([q_seg, kv_seg], axis=1)  # [batch, n]
+    order = jnp.argsort(both, axis=1)
+    sorted_ids = jnp.take_along_axis(both, order, axis=1)
+    new = jnp.concatenate(
+        [jnp.zeros_like(sorted_ids[:, :1]), (sorted_ids[:, 1:] != sorted_ids[:, :-1])], axis=1
+    )
+    rank_sorted = jnp.cumsum(new.astype(jnp.int32), axis=1)
+    rows = jnp.arange(both.shape[0])[:, None]
+    ranks = jnp.zeros_like(rank_sorted).at[rows, order].set(rank_sorted).astype(jnp.float32)
+    return ranks[:, : q_seg.shape[1]], ranks[:, q_seg.shape[1] :]
+
+
+def vector(ref, dim: int, interpret: bool):
+    """Load float32 values ``[n]`` from shared memory, laid out to broadcast along ``dim``
+    (0: one per row, 1: one per column) of a wgmma accumulator."""
+    if interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+
+
+def same_segment(q_seg, k_seg, shape: tuple[int, int], query_dim: int):
+    """``[m, n]`` equality of per-query ids ``q_seg`` (along ``query_dim``) and per-key ids
+    ``k_seg`` (along the other dim), both loaded by :func:`vector`."""
+    bcast = lambda x, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
+    return bcast(q_seg, query_dim) == bcast(k_seg, 1 - query_dim)
 
 
 def interpret_params():
@@ -49,3 +81,15 @@ def iota(shape, dim: int, interpret: bool) -> jax.Array:
     if interpret:
         return lax.broadcasted_iota(jnp.int32, shape, dim)
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def nested(lo, hi, *bounds) -> tuple:
+    """Ascending tile ``bounds`` clipped into ``[lo, hi]`` in order, so that a consumer's loops
+    over them run exactly the producer's steps ``[lo, hi)``. Segment ids can put a warpgroup's
+    own range outside its CTA's (keys whose documents have no later query), and a consumer
+    waiting on a step never produced would hang."""
+    out, prev = [], lo
+    for x in bounds:
+        prev = jnp.minimum(jnp.maximum(x, prev), hi)
+        out.append(prev)
+    return tuple(out)

@@ -36,7 +36,9 @@ their probabilities are exactly 0) and ``delta = rowsum(dO * O)``. Tile skipping
 boundary masks come from ``_common`` (``q_block_range``, ``kv_block_range``, ``tile_mask``):
 tiles a CTA does not see are never loaded, tiles a warpgroup sees whole run unmasked. The
 caller's padding is topped up here to whole CTA tiles; padded keys are masked, padded query
-rows carry ``lse2 = +inf``. No segment ids (those calls keep the Triton backward).
+rows carry ``lse2 = +inf``. Segment ids (float32 ranks, ``_hopper.segment_ranks``): each
+consumer loads its own rows' ids once, the producer streams the other side's ids beside the
+tiles (like ``lse2``/``delta``), and every tile in range is masked by id equality.
 
 Interpret mode (CPU tests) runs the same kernels -- TMA copies, barriers, warp
 specialisation, masks, epilogues -- but the Mosaic GPU interpreter cannot read a transposed
@@ -75,6 +77,8 @@ from kernels_pallas.flash_attention._hopper import (
     check_call,
     interpret_params,
     iota,
+    same_segment,
+    vector,
 )
 from kernels_pallas.flash_attention.tuning import heads_per_wave
 
@@ -109,19 +113,24 @@ def default_tiles(head_dim: int, length: int) -> Tiles:
     return Tiles(bq=128, bk=128, stages=2, fused_dq=fused)
 
 
-def smem_bytes(itemsize: int, head_dim: int, tiles: Tiles) -> int:
-    """Shared memory of the larger of the kernels' CTAs."""
+def smem_bytes(itemsize: int, head_dim: int, tiles: Tiles, segments: bool = False) -> int:
+    """Shared memory of the larger of the kernels' CTAs (with segment ids: each consumer's
+    own rows' ids and a ring of the streamed tiles' ids, float32)."""
+    vectors = 3 if segments else 2  # float32 per streamed row: lse, delta (, segment id)
     resident = 2 * TILE * head_dim * itemsize  # K, V (dK/dV) or Q, dO (dQ) of both consumers
-    dkv_ring = tiles.stages * (2 * tiles.bq * head_dim * itemsize + 2 * tiles.bq * 4)
+    resident += TILE * 4 if segments else 0
+    dkv_ring = tiles.stages * (2 * tiles.bq * head_dim * itemsize + vectors * tiles.bq * 4)
     if tiles.fused_dq:  # + dS^T double buffer and each consumer's float32 dQ staging block
         return resident + dkv_ring + 2 * TILE * tiles.bq * itemsize + CONSUMERS * ROWS * ROWS * 4
-    dq_ring = tiles.stages * 2 * tiles.bk * head_dim * itemsize
+    dq_ring = tiles.stages * (
+        2 * tiles.bk * head_dim * itemsize + (tiles.bk * 4 if segments else 0)
+    )
     return resident + 2 * TILE * 4 + max(dkv_ring, dq_ring)
 
 
 def check_supported(dtype, head_dim: int, has_segments: bool, tiles: Tiles) -> None:
     """Raise ``ValueError`` naming what this backward does not support (before compiling)."""
-    check_call(dtype, head_dim, has_segments, "mosaic backward")
+    check_call(dtype, head_dim, "mosaic backward")
     for name in ("bq", "bk"):
         if getattr(tiles, name) not in STREAM_TILES:
             raise ValueError(
@@ -137,7 +146,7 @@ def check_supported(dtype, head_dim: int, has_segments: bool, tiles: Tiles) -> N
         )
     if not isinstance(tiles.stages, int) or tiles.stages < 1:
         raise ValueError(f"mosaic backward: stages must be a positive int, got {tiles.stages!r}")
-    if (need := smem_bytes(jnp.dtype(dtype).itemsize, head_dim, tiles)) > SMEM_BYTES:
+    if (need := smem_bytes(jnp.dtype(dtype).itemsize, head_dim, tiles, has_segments)) > SMEM_BYTES:
         raise ValueError(f"mosaic backward: {tiles} needs {need} B of shared memory > {SMEM_BYTES}")
 
 
@@ -145,14 +154,6 @@ def _zeros(shape, interpret: bool):
     """A float32 wgmma accumulator of zeros."""
     zeros = jnp.zeros(shape, jnp.float32)
     return zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-
-
-def _vector(ref, dim: int, interpret: bool):
-    """Load float32 values ``[n]`` from shared memory, laid out to broadcast along ``dim``
-    (0: one per row, 1: one per column) of a wgmma accumulator."""
-    if interpret:
-        return ref[...]
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,12 +262,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
     """dK, dV of 128 KV rows of one (batch, KV head), and with ``fused`` their dQ partials;
     refs are ``[b, len, heads, d]`` / ``[b, heads, len]`` in GMEM. CTAs in ``work_item`` order
     (groups of ``group`` (batch, KV head)s)."""
+    seg = geo.has_segments
+    if seg:  # float32 segment ranks (_hopper.segment_ranks)
+        qseg_ref, kseg_ref, *refs = refs
     if fused:
         dq_ref, dk_ref, dv_ref, smem, ready, free, (ds_smem, dq_stage, ds_ready, k_done) = refs
     else:
         dk_ref, dv_ref, smem, ready, free = refs
-    (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring) = smem
-    (k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready) = ready
+    (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *seg_smem) = smem
+    (k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready, *seg_ready) = ready
     wg = lax.axis_index("wg")
     b, hk = k_ref.shape[0], k_ref.shape[2]
     tile, batch, kv_head = work_item(lax.axis_index("p"), geo.nk, b, hk, group, last_first=False)
@@ -290,6 +294,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
             plgpu.copy_gmem_to_smem(
                 delta_ref.at[batch, head, rows], delta_ring.at[slot], delta_ready.at[slot]
             )
+            if seg:
+                plgpu.copy_gmem_to_smem(
+                    qseg_ref.at[batch, rows], seg_smem[1].at[slot], seg_ready[1].at[slot]
+                )
 
         _produce(load, g * n, stages, free)
 
@@ -303,6 +311,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
         plgpu.copy_gmem_to_smem(v_ref.at[own], v_slot, v_ready.at[wg])
         plgpu.barrier_wait(k_ready.at[wg])
         plgpu.barrier_wait(v_ready.at[wg])
+        k_seg = None
+        if seg:  # own keys' ids (seg_smem[0]); the query tiles' stream in seg_smem[1]
+            plgpu.copy_gmem_to_smem(kseg_ref.at[batch, pl.ds(k_first, ROWS)], seg_smem[0].at[wg],
+                                    seg_ready[0].at[wg])  # fmt: skip
+            plgpu.barrier_wait(seg_ready[0].at[wg])
+            k_seg = vector(seg_smem[0].at[wg], 0, interpret)
         k_idx = k_first + iota((ROWS, bq), 0, interpret)
         q_col = iota((ROWS, bq), 1, interpret)
         _, full_lo, full_hi, _ = q_block_range(k_first, k_first + ROWS - 1, geo)
@@ -345,18 +359,22 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
             t = r * n + i - lo
             slot = lax.rem(t, jnp.int32(stages))
             wg_ = _opaque(wg) if fused else wg
-            for bar in (q_ready, do_ready, lse_ready, delta_ready):
+            for bar in (q_ready, do_ready, lse_ready, delta_ready, *seg_ready[1:]):
                 plgpu.barrier_wait(bar.at[slot])
             q, do = q_ring.at[slot], do_ring.at[slot]
             zeros = _zeros((ROWS, bq), interpret)
             s_t, dp_t = _mma(((zeros, [(k_smem.at[wg_], _T(q))]),
                               (zeros, [(v_smem.at[wg_], _T(do))])), interpret)  # fmt: skip
             mask = tile_mask(i * bq + q_col, k_idx, None, None, geo) if masked else None
+            if seg:
+                q_seg = vector(seg_smem[1].at[slot], 1, interpret)
+                same = same_segment(q_seg, k_seg, (ROWS, bq), query_dim=1)
+                mask = same if mask is None else mask & same
             p_t, ds_t = _probs_and_dlogits(
                 s_t,
                 dp_t,
-                _vector(lse_ring.at[slot], 1, interpret),
-                _vector(delta_ring.at[slot], 1, interpret),
+                vector(lse_ring.at[slot], 1, interpret),
+                vector(delta_ring.at[slot], 1, interpret),
                 mask,
                 geo.scale2,
                 query_dim=1,
@@ -389,11 +407,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
         plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready, free, *,
-               geo: Geometry, stages: int, group: int, interpret: bool):  # fmt: skip
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geometry,
+               stages: int, group: int, interpret: bool):  # fmt: skip
     """dQ of 128 query rows of one (batch, head); CTAs in ``work_item`` order."""
-    (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring) = smem
-    (q_ready, do_ready, lse_ready, delta_ready, k_ready, v_ready) = ready
+    seg = geo.has_segments
+    if seg:  # float32 segment ranks (_hopper.segment_ranks)
+        qseg_ref, kseg_ref, *refs = refs
+    dq_ref, smem, ready, free = refs
+    (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, *seg_smem) = smem
+    (q_ready, do_ready, lse_ready, delta_ready, k_ready, v_ready, *seg_ready) = ready
     wg = lax.axis_index("wg")
     b, h = q_ref.shape[0], q_ref.shape[2]
     tile, batch, head = work_item(lax.axis_index("p"), geo.nq, b, h, group, last_first=True)
@@ -409,6 +431,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
             rows = (batch, pl.ds((lo + t) * bk, bk), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_ring.at[slot], k_ready.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_ring.at[slot], v_ready.at[slot])
+            if seg:
+                plgpu.copy_gmem_to_smem(kseg_ref.at[rows[:2]], seg_smem[1].at[slot],
+                                        seg_ready[1].at[slot])  # fmt: skip
 
         _produce(load, hi - lo, stages, free)
 
@@ -424,24 +449,31 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
             (lse_ref.at[batch, head, own], lse_smem.at[wg], lse_ready),
             (delta_ref.at[batch, head, own], delta_smem.at[wg], delta_ready),
         )
+        if seg:  # own queries' ids (seg_smem[0]); the KV tiles' stream in seg_smem[1]
+            copies += ((qseg_ref.at[batch, own], seg_smem[0].at[wg], seg_ready[0]),)
         for src, dst, bar in copies:
             plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
         for *_, bar in copies:
             plgpu.barrier_wait(bar.at[wg])
-        lse2 = _vector(lse_smem.at[wg], 0, interpret)
-        delta = _vector(delta_smem.at[wg], 0, interpret)
+        lse2 = vector(lse_smem.at[wg], 0, interpret)
+        delta = vector(delta_smem.at[wg], 0, interpret)
+        q_seg = vector(seg_smem[0].at[wg], 0, interpret) if seg else None
         q_idx = q_first + iota((ROWS, bk), 0, interpret)
         k_col = iota((ROWS, bk), 1, interpret)
         _, full_lo, full_hi, _ = kv_block_range(q_first, q_first + ROWS - 1, geo)
 
         def step(j, dq, masked: bool):
             slot = lax.rem(j - lo, jnp.int32(stages))
-            plgpu.barrier_wait(k_ready.at[slot])
-            plgpu.barrier_wait(v_ready.at[slot])
+            for bar in (k_ready, v_ready, *seg_ready[1:]):
+                plgpu.barrier_wait(bar.at[slot])
             k, v = k_ring.at[slot], v_ring.at[slot]
             zeros = _zeros((ROWS, bk), interpret)
             s, dp = _mma(((zeros, [(q_slot, _T(k))]), (zeros, [(do_slot, _T(v))])), interpret)
             mask = tile_mask(q_idx, j * bk + k_col, None, None, geo) if masked else None
+            if seg:
+                k_seg = vector(seg_smem[1].at[slot], 1, interpret)
+                same = same_segment(q_seg, k_seg, (ROWS, bk), query_dim=0)
+                mask = same if mask is None else mask & same
             _, ds = _probs_and_dlogits(s, dp, lse2, delta, mask, geo.scale2, query_dim=0)
             (dq,) = _mma(((dq, [(ds.astype(q_ref.dtype), k)]),), interpret)
             plgpu.barrier_arrive(free.at[slot])
@@ -457,11 +489,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
         plgpu.wait_smem_to_gmem(0)
 
 
-def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: bool):
+def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: bool,
+             q_seg=None, kv_seg=None):  # fmt: skip
     """FlashAttention-2 alg. 2 gradients: ``q, do [b, Lq, h, d]``, ``k, v [b, Lk, hk, d]``,
     ``lse2`` (base 2, +inf past the true rows) and ``delta = rowsum(dO * O)``, both float32
     ``[b, h, Lq]``; lengths may carry any padding past ``geo.q_len``/``geo.kv_len``. Returns
-    ``dq`` shaped like q and ``dk, dv`` like k (summed over each GQA group), in q's dtype."""
+    ``dq`` shaped like q and ``dk, dv`` like k (summed over each GQA group), in q's dtype.
+    ``q_seg [b, Lq]``, ``kv_seg [b, Lk]``: float32 segment ranks (with ``geo.has_segments``)."""
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
     lq_pad, lk_pad = (-(-n // TILE) * TILE for n in (lq, lk))
@@ -476,7 +510,12 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     vec = lambda n, rows: plgpu.SMEM((n, rows), jnp.float32)
     bars = lambda n, count: tuple(plgpu.Barrier(num_barriers=n) for _ in range(count))
     free = lambda n: plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n)
-    args = (q, k, v, do, lse2, delta)
+    seg = geo.has_segments
+    segs = (pad_to(q_seg, 1, lq_pad, -1.0), pad_to(kv_seg, 1, lk_pad, -1.0)) if seg else ()
+    args = (q, k, v, do, lse2, delta, *segs)
+    # with segment ids: each consumer's own rows' ids, and a ring of the streamed tiles' ids
+    seg_vecs = lambda streamed: (vec(CONSUMERS, ROWS), vec(s, streamed)) if seg else ()  # noqa: E731
+    seg_bars = bars(CONSUMERS, 1) + bars(s, 1) if seg else ()
 
     geo_kv = dataclasses.replace(geo, bq=bq, bk=TILE)
     dkv_group = heads_per_wave(geo_kv.nk, b * hk, geo_kv.wave)
@@ -489,8 +528,8 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         fused=tiles.fused_dq,
     )
     dkv_scratch = (
-        (mat(CONSUMERS, ROWS),) * 2 + (mat(s, bq),) * 2 + (vec(s, bq),) * 2,
-        bars(CONSUMERS, 2) + bars(s, 4),
+        (mat(CONSUMERS, ROWS),) * 2 + (mat(s, bq),) * 2 + (vec(s, bq),) * 2 + seg_vecs(bq),
+        bars(CONSUMERS, 2) + bars(s, 4) + seg_bars,
         free(s),
     )
     dkv_launch = dict(grid=(geo_kv.nk * b * hk,), grid_names=("p",))
@@ -531,8 +570,11 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         functools.partial(_dq_kernel, geo=geo_q, stages=s, group=dq_group, interpret=interpret),
         out_type=jax.ShapeDtypeStruct(q.shape, dt),
         scratch_types=(
-            (mat(CONSUMERS, ROWS),) * 2 + (vec(CONSUMERS, ROWS),) * 2 + (mat(s, tiles.bk),) * 2,
-            bars(CONSUMERS, 4) + bars(s, 2),
+            (mat(CONSUMERS, ROWS),) * 2
+            + (vec(CONSUMERS, ROWS),) * 2
+            + (mat(s, tiles.bk),) * 2
+            + seg_vecs(tiles.bk),
+            bars(CONSUMERS, 4) + bars(s, 2) + seg_bars,
             free(s),
         ),
         grid=(geo_q.nq * b * h,),

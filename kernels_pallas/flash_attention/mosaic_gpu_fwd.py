@@ -12,11 +12,12 @@ on for D=128); see ``_forward_kernel``.
 
 KV tiles outside a warpgroup's causal / sliding-window range are skipped (``kv_block_range``
 per warpgroup; the producer loads the union of the two ranges, a warpgroup only waits on and
-releases the buffers of tiles it skips); only boundary tiles are masked. The outputs are ``o``
-and the base-2 log-sum-exp ``lse2 [batch, heads, q_len]``, exactly what the backward kernels
-consume (Triton ``triton_bwd.py``, Mosaic GPU ``mosaic_gpu_bwd.py``). Lengths are padded by
-the caller (query to 128 rows, KV to the tile); padded keys are masked, padded query rows
-sliced off.
+releases the buffers of tiles it skips); only boundary tiles are masked -- with segment ids
+also the tiles that cross a document, by id equality (see ``_forward_kernel``). The
+outputs are ``o`` and the base-2 log-sum-exp ``lse2 [batch, heads, q_len]``, exactly what the
+backward kernels consume (Triton ``triton_bwd.py``, Mosaic GPU ``mosaic_gpu_bwd.py``). Lengths
+are padded by the caller (query to 128 rows, KV to the tile); padded keys are masked, padded
+query rows sliced off.
 
 Interpret mode (CPU tests) runs the same kernel -- TMA copies, barriers, warp specialisation,
 masks, softmax, epilogue -- except the two matrix products: the Mosaic GPU interpreter cannot
@@ -52,6 +53,9 @@ from kernels_pallas.flash_attention._hopper import (
     check_call,
     interpret_params,
     iota,
+    nested,
+    same_segment,
+    vector,
 )
 from kernels_pallas.flash_attention.tuning import BlockSizes, heads_per_wave
 
@@ -63,25 +67,28 @@ CONSUMER_REGS, PRODUCER_REGS = 232, 40
 
 def check_supported(dtype, head_dim: int, has_segments: bool, blocks: BlockSizes) -> None:
     """Raise ``ValueError`` naming what this forward does not support (before compiling)."""
-    check_call(dtype, head_dim, has_segments, "lowering='mosaic'")
+    check_call(dtype, head_dim, "lowering='mosaic'")
     if blocks.bq != TILE_Q:
         raise ValueError(f"lowering='mosaic': query tile bq must be {TILE_Q}, got {blocks.bq}")
     if blocks.bk not in KV_TILES:
         raise ValueError(
             f"lowering='mosaic': KV tile bk must be one of {KV_TILES}, got {blocks.bk}"
         )
-    if (need := smem_bytes(jnp.dtype(dtype).itemsize, head_dim, blocks)) > SMEM_BYTES:
+    need = smem_bytes(jnp.dtype(dtype).itemsize, head_dim, blocks, has_segments)
+    if need > SMEM_BYTES:
         raise ValueError(
             f"lowering='mosaic': bk={blocks.bk}, stages={blocks.stages} need {need} B of shared "
             f"memory > {SMEM_BYTES}"
         )
 
 
-def smem_bytes(itemsize: int, head_dim: int, blocks: BlockSizes) -> int:
-    """Shared memory of one CTA: Q/O tiles, K and V rings, the lse rows."""
+def smem_bytes(itemsize: int, head_dim: int, blocks: BlockSizes, segments: bool = False) -> int:
+    """Shared memory of one CTA: Q/O tiles, K and V rings, the lse rows (and with segment ids
+    the query rows' ids and a ring of the KV tiles' ids, float32)."""
     q = TILE_Q * head_dim * itemsize
     kv = 2 * blocks.stages * blocks.bk * head_dim * itemsize
-    return q + kv + TILE_Q * 4
+    seg = (TILE_Q + blocks.stages * blocks.bk) * 4 if segments else 0
+    return q + kv + TILE_Q * 4 + seg
 
 
 def _rows_layout(x, interpret: bool):
@@ -120,8 +127,7 @@ def _acc_pv(acc, p, v_smem, interpret: bool):
     return pl.run_state(mma)(plgpu.ACC.init(acc))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn, *, geo,
-                    stages, pingpong, programs, group, interpret):  # fmt: skip
+def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
     """Program ``p`` computes the work items ``p, p + programs, ...`` (``forward`` launches one
     program per item), each
     128 query rows of one (batch, head), in ``work_item`` order over groups of ``group``
@@ -134,12 +140,23 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
     ``turn`` barrier (both consumers arrive) is passed twice per KV step -- after issuing
     ``Q K^T`` and before issuing ``P V`` -- and consumer 1 starts one phase late, so one
     warpgroup's softmax overlaps the other's matrix products.
+
+    With segment ids (``geo.has_segments``; float32 ranks, ``_hopper.segment_ranks``) the
+    KV range is cut to the documents of the 128-row tile and runs unmasked over the tiles
+    inside its one document (its row of ``segment_tile_ranges``, read from GMEM); the consumer
+    loads its rows' ids once per item, the producer streams each KV tile's ids beside K
+    (released with K's slot), and masked tiles also compare ids.
     """
-    (q_smem, k_smem, v_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free) = (
-        smem,
-        ready,
-        free,
-    )
+    seg = geo.has_segments
+    if seg:  # ranks (float32) and the 128-row tiles' rows of segment_tile_ranges (GMEM)
+        q_ref, k_ref, v_ref, qseg_ref, kseg_ref, rng_ref, o_ref, lse_ref, *refs = refs
+        smem, ready, free, turn = refs
+        (q_smem, k_smem, v_smem, lse_smem, qseg_smem, kseg_smem) = smem
+        (q_ready, k_ready, v_ready, qseg_ready, kseg_ready) = ready
+    else:
+        q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn = refs
+        (q_smem, k_smem, v_smem, lse_smem), (q_ready, k_ready, v_ready) = smem, ready
+    k_free, v_free = free
     bk = geo.bk
     b, h = q_ref.shape[0], q_ref.shape[2]
     wg = lax.axis_index("wg")
@@ -148,11 +165,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
     count = lax.div(n_items - 1 - pid, jnp.int32(programs)) + 1  # items of this program
 
     def item(k):
-        """(first query row, batch, head, KV tiles [lo, hi) of the 128 rows) of item k."""
+        """(first query row, batch, head, KV tiles [lo, hi) of the 128 rows, their row of
+        ``segment_tile_ranges`` or None) of item k."""
         tile, batch, head = work_item(pid + k * programs, geo.nq, b, h, group, last_first=True)
         tile_first = tile * TILE_Q
-        lo, _, _, hi = kv_block_range(tile_first, tile_first + TILE_Q - 1, geo)
-        return tile_first, batch, head, lo, hi
+        ranges = tuple(rng_ref[batch, tile * 4 + j] for j in range(4)) if seg else None
+        lo, _, _, hi = kv_block_range(tile_first, tile_first + TILE_Q - 1, geo, ranges)
+        return tile_first, batch, head, lo, hi, ranges
 
     def slot_of(g):  # global KV step -> ring slot
         return lax.rem(g, jnp.int32(stages))
@@ -163,7 +182,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
         operands = ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free))
 
         def produce(k, base):
-            _, batch, head, lo, hi = item(k)
+            _, batch, head, lo, hi, _ = item(k)
             rows = lambda step: (batch, pl.ds(step * bk, bk), lax.div(head, jnp.int32(geo.groups)))  # noqa: E731
 
             @pl.loop(lo, hi)
@@ -174,6 +193,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
                     pl.when(g >= stages)(lambda free=free: plgpu.barrier_wait(free.at[slot_of(g)]))
                     plgpu.copy_gmem_to_smem(ref.at[rows(step)], buf.at[slot_of(g)],
                                             ready.at[slot_of(g)])  # fmt: skip
+                    if seg and ref is k_ref:  # the tile's ids, in K's slot
+                        plgpu.copy_gmem_to_smem(kseg_ref.at[batch, pl.ds(step * bk, bk)],
+                                                kseg_smem.at[slot_of(g)],
+                                                kseg_ready.at[slot_of(g)])  # fmt: skip
 
             return base + hi - lo
 
@@ -202,17 +225,27 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
                 plgpu.barrier_wait(turn)
 
         def consume(k, base):
-            tile_first, batch, head, lo, hi = item(k)
+            tile_first, batch, head, lo, hi, ranges = item(k)
             q_first = tile_first + wg * ROWS
             plgpu.copy_gmem_to_smem(
                 q_ref.at[batch, pl.ds(q_first, ROWS), head], q_slot, q_ready.at[wg]
             )
             plgpu.barrier_wait(q_ready.at[wg])
-            own_lo, full_lo, full_hi, own_hi = kv_block_range(q_first, q_first + ROWS - 1, geo)
+            q_seg = None
+            if seg:
+                plgpu.copy_gmem_to_smem(qseg_ref.at[batch, pl.ds(q_first, ROWS)],
+                                        qseg_smem.at[wg], qseg_ready.at[wg])  # fmt: skip
+                plgpu.barrier_wait(qseg_ready.at[wg])
+                q_seg = vector(qseg_smem.at[wg], 0, interpret)
+            own_lo, full_lo, full_hi, own_hi = nested(
+                lo, hi, *kv_block_range(q_first, q_first + ROWS - 1, geo, ranges)
+            )
 
             def skip(step, carry):  # another warpgroup's tile: keep the barrier phases in step
                 slot = slot_of(base + step - lo)
                 plgpu.barrier_wait(k_ready.at[slot])
+                if seg:
+                    plgpu.barrier_wait(kseg_ready.at[slot])
                 pass_turn()
                 plgpu.barrier_arrive(k_free.at[slot])
                 end_softmax(slot)
@@ -223,6 +256,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
                 m, row_sum, acc = carry
                 slot = slot_of(base + step - lo)
                 plgpu.barrier_wait(k_ready.at[slot])
+                same = None
+                if seg:  # read before K's slot (which holds the ids) is released
+                    plgpu.barrier_wait(kseg_ready.at[slot])
+                    if masked:  # whole tiles (one document) need no ids
+                        k_seg = vector(kseg_smem.at[slot], 1, interpret)
+                        same = same_segment(q_seg, k_seg, (ROWS, bk), query_dim=0)
                 s2 = _qk(q_slot, k_smem.at[slot], interpret, pass_turn) * geo.scale2
                 plgpu.barrier_arrive(k_free.at[slot])
                 mask = None
@@ -230,6 +269,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn
                     q_idx = q_first + iota((ROWS, bk), 0, interpret)
                     k_idx = step * bk + iota((ROWS, bk), 1, interpret)
                     mask = tile_mask(q_idx, k_idx, None, None, geo)
+                    if seg:
+                        mask = mask & same
                 m, row_sum, alpha, p = softmax_tile(s2, m, row_sum, mask)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
                 p = p.astype(q_ref.dtype)
@@ -277,27 +318,37 @@ def forward(
     stages: int,
     interpret: bool,
     pingpong: bool = False,
+    q_seg=None,
+    kv_seg=None,
+    ranges=None,
 ):
     """Padded ``q [b, Lq, h, d]``, ``k/v [b, Lk, hk, d]`` (``geo.bq`` = 128 query and ``geo.bk``
     KV rows per tile, ``stages`` KV buffers); returns ``(o [b, Lq, h, d], lse2 [b, h, Lq]``
     float32); rows past ``geo.nq`` tiles are left unwritten; one CTA per work item (persistent
     CTAs were slower: ``experiments/results/bench_attention_variants.md``); ``pingpong``: see
-    ``_forward_kernel``."""
+    ``_forward_kernel``; ``q_seg [b, Lq]``, ``kv_seg [b, Lk]``: float32 segment ranks (with
+    ``geo.has_segments``) and ``ranges``: ``segment_tile_ranges`` of the 128-row query tiles
+    against ``geo.bk``-row KV tiles."""
     b, lq, h, d = q.shape
     bk = geo.bk
     # wgmma operands: 128-byte swizzled (8 x 64-element) tiles; d is 64 or 128 (2-byte types)
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    seg = geo.has_segments
+    seg_smem = (plgpu.SMEM((CONSUMERS, ROWS), jnp.float32), plgpu.SMEM((stages, bk), jnp.float32))
+    seg_ready = (plgpu.Barrier(num_barriers=CONSUMERS), plgpu.Barrier(num_barriers=stages))
     scratch = (
         (
             plgpu.SMEM((CONSUMERS, ROWS, d), q.dtype, transforms=transforms),
             plgpu.SMEM((stages, bk, d), k.dtype, transforms=transforms),
             plgpu.SMEM((stages, bk, d), v.dtype, transforms=transforms),
             plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
+            *(seg_smem if seg else ()),
         ),
         (
             plgpu.Barrier(num_barriers=CONSUMERS),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
+            *(seg_ready if seg else ()),
         ),
         (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=CONSUMERS),
@@ -325,4 +376,4 @@ def forward(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params() if interpret else None,
-    )(q, k, v)
+    )(q, k, v, *((q_seg, kv_seg, ranges) if seg else ()))
