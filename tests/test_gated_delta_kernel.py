@@ -131,12 +131,13 @@ def test_compiled_gpu_kernel_matches_the_recurrence(rng):
 
 @pytest.mark.parametrize(
     "backend, platform, call, kernels",
-    [("gpu", "cuda", "__gpu$xla.gpu.triton", 6), ("tpu", "tpu", "tpu_custom_call", 2)],
+    [("gpu", "cuda", "__gpu$xla.gpu.triton", 7), ("tpu", "tpu", "tpu_custom_call", 2)],
 )
 def test_kernels_lower_without_the_device(backend, platform, call, kernels):
     """Without a GPU/TPU, export for the platform: forward + backward (bf16, head dim 128,
-    packed documents) lower through Pallas Triton / Mosaic TPU: on the GPU three kernels each
-    way (prepare, the state pass, the output or gradients), on the TPU one."""
+    packed documents) lower through Pallas Triton / Mosaic TPU: on the GPU three kernels
+    forward (prepare, the state pass, the output) and four backward (prepare, the state pass,
+    the value tiles' gradients, the rest), on the TPU one each way."""
     sd = jax.ShapeDtypeStruct
     qk = sd((1, 128, 2, 128), jnp.bfloat16)
     gate, seg = sd((1, 128, 2), jnp.float32), sd((1, 128), jnp.int32)
