@@ -51,6 +51,13 @@ class Cfg:
     exact: bool  # float32 inputs: float32-accurate MMAs
 
     @property
+    def store(self):
+        """The dtype of the float32-computed values that one kernel saves for another (``W``,
+        ``T beta V``, ``U``, the chunk states, their gradients): bfloat16 unless ``exact``, as
+        fla's kernels keep them; the state carried in order, ``T`` and sums stay float32."""
+        return F32 if self.exact else jnp.bfloat16
+
+    @property
     def precision(self):
         """The MMAs' precision. Compiled Triton gets float32 accuracy from three TF32 passes:
         its exact float32 dot is an unrolled FMA loop, whose compile at chunk 64 never finished

@@ -62,17 +62,18 @@ def state_grads(inputs: dict, w: jax.Array, do: jax.Array, ds_final: jax.Array, 
             n = n_chunks - 1 - i
             t = rows(n, c)
             ch = load(n)
-            dh_ref[bi, hi, n, :, vs] = ds
-            g, do_n, w_n = gates(ch), do_ref[bi, t, hi, vs].astype(F32), w_ref[bi, hi, t, :]
+            dh_ref[bi, hi, n, :, vs] = ds.astype(dh_ref.dtype)
+            g, do_n = gates(ch), do_ref[bi, t, hi, vs].astype(F32)
+            w_n = w_ref[bi, hi, t, :].astype(F32)
             du = u_grad(ch, g, scores(ch, prec)[0], do_n, ds, prec)
-            du_ref[bi, hi, t, vs] = du
+            du_ref[bi, hi, t, vs] = du.astype(du_ref.dtype)
             return state_grad(ch, g, w_n, do_n, ds, du, prec)
 
         ds0_ref[bi, hi, :, vs] = lax.fori_loop(0, n_chunks, body, dsf_ref[bi, hi, :, vs])
 
     out_shape = [
-        jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), F32),
-        jax.ShapeDtypeStruct((bsz, heads, length, dv), F32),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), cfg.store),
+        jax.ShapeDtypeStruct((bsz, heads, length, dv), cfg.store),
         jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
     ]
     grid = (bsz, heads, dv // bv)
@@ -108,11 +109,11 @@ def tile_grads(inputs, t_mat, w, h, do, dh, du, cfg: Cfg):
         n, j = nj // nv, nj % nv
         t, vs = rows(n, c), rows(j, bv)
         ch = with_value_tile(loader(cfg, ins, bi, hi)(n, q=False), ins, bi, t, hi, vs)
-        p, dv_j = tile_backward(
-            ch, gates(ch), t_ref[bi, hi, n, :, :], w_ref[bi, hi, t, :], h_ref[bi, hi, n, :, vs],
-            do_ref[bi, t, hi, vs].astype(F32), dh_ref[bi, hi, n, :, vs], du_ref[bi, hi, t, vs],
-            prec,
-        )  # fmt: skip
+        w_n, h_n = w_ref[bi, hi, t, :].astype(F32), h_ref[bi, hi, n, :, vs].astype(F32)
+        do_n, dh_n = do_ref[bi, t, hi, vs].astype(F32), dh_ref[bi, hi, n, :, vs].astype(F32)
+        du_n = du_ref[bi, hi, t, vs].astype(F32)
+        p, dv_j = tile_backward(ch, gates(ch), t_ref[bi, hi, n, :, :], w_n, h_n, do_n, dh_n, du_n,
+                                prec)  # fmt: skip
         dv_ref[bi, t, hi, vs] = dv_j.astype(dv_ref.dtype)
         for ref, x in zip(p_refs, p, strict=True):
             ref[_at(ref, j, bi, hi, n, t)] = x

@@ -117,7 +117,7 @@ def prepare(inputs: dict, cfg: Cfg, *, saved: str):
         t = rows(n, c)
         ch = loader(cfg, ins, bi, hi)(n, q=False)
         wy = transform(ch, gates(ch), prec)
-        w_ref[bi, hi, t, :] = wy.w
+        w_ref[bi, hi, t, :] = wy.w.astype(w_ref.dtype)
         if saved == "t":
             x_ref[bi, hi, n, :, :] = wy.t
             return
@@ -125,14 +125,14 @@ def prepare(inputs: dict, cfg: Cfg, *, saved: str):
         def tile(j, carry):
             vs = rows(j, bv)
             ch_j = with_value_tile(ch, ins, bi, t, hi, vs)
-            x_ref[bi, hi, t, vs] = values(ch_j, wy.t, prec)[1]
+            x_ref[bi, hi, t, vs] = values(ch_j, wy.t, prec)[1].astype(x_ref.dtype)
             return carry
 
         lax.fori_loop(0, dv // bv, tile, 0)
 
-    x_shape = (bsz, heads, length, dv) if saved == "uv" else (bsz, heads, n_chunks, c, c)
-    out_shape = [jax.ShapeDtypeStruct((bsz, heads, length, dk), F32),
-                 jax.ShapeDtypeStruct(x_shape, F32)]  # fmt: skip
+    x = (jax.ShapeDtypeStruct((bsz, heads, length, dv), cfg.store) if saved == "uv"
+         else jax.ShapeDtypeStruct((bsz, heads, n_chunks, c, c), F32))  # fmt: skip
+    out_shape = [jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store), x]
     return call(kernel, inputs, (), out_shape, (bsz, heads, n_chunks), cfg, "gated_delta_prepare")
 
 
@@ -150,18 +150,17 @@ def states(inputs: dict, w: jax.Array, uv: jax.Array, s0: jax.Array, cfg: Cfg):
         def body(n, s):
             t = rows(n, c)
             ch = load(n, q=False)
-            h_ref[bi, hi, n, :, vs] = s
-            u, s = state_step(
-                ch, gates(ch), w_ref[bi, hi, t, :], uv_ref[bi, hi, t, vs], s, cfg.precision
-            )
-            u_ref[bi, hi, t, vs] = u
+            h_ref[bi, hi, n, :, vs] = s.astype(h_ref.dtype)
+            w_n, uv_n = w_ref[bi, hi, t, :].astype(F32), uv_ref[bi, hi, t, vs].astype(F32)
+            u, s = state_step(ch, gates(ch), w_n, uv_n, s, cfg.precision)
+            u_ref[bi, hi, t, vs] = u.astype(u_ref.dtype)
             return s
 
         sf_ref[bi, hi, :, vs] = lax.fori_loop(0, n_chunks, body, s0_ref[bi, hi, :, vs])
 
     out_shape = [
-        jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), F32),
-        jax.ShapeDtypeStruct((bsz, heads, length, dv), F32),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), cfg.store),
+        jax.ShapeDtypeStruct((bsz, heads, length, dv), cfg.store),
         jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
     ]
     grid = (bsz, heads, dv // bv)
@@ -184,8 +183,8 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
 
         def tile(j, carry):
             vs = rows(j, bv)
-            out = output(ch, g, sc, h_ref[bi, hi, n, :, vs], u_ref[bi, hi, t, vs],
-                         cfg.precision)  # fmt: skip
+            h_n, u_n = h_ref[bi, hi, n, :, vs].astype(F32), u_ref[bi, hi, t, vs].astype(F32)
+            out = output(ch, g, sc, h_n, u_n, cfg.precision)
             o_ref[bi, t, hi, vs] = out.astype(o_ref.dtype)
             return carry
 
