@@ -5,12 +5,13 @@
 transform form of sec. 3.3 (and Yang et al. 2024, "Parallelizing Linear Transformers with
 the Delta Rule over Sequence Length", sec. 3); the chunk math is :mod:`._chunk`.
 
-Only the state update runs in order over chunks. On the GPU each direction is three
-kernels: the forward computes the state-independent ``W = T kg``, ``T beta V`` in parallel
-over chunks, carries the state tile through the chunks (two MMAs each, storing the float32
-state entering each chunk and ``U``), then the outputs in parallel over chunks; the backward
-recomputes ``W``, carries ``dL/dS`` through the chunks in reverse (storing it per chunk) and
-then computes every chunk's gradients in parallel from the saved states. On the TPU each
+Only the state update runs in order over chunks. On the GPU the forward is three kernels:
+it computes the state-independent ``W = T kg``, ``T beta V`` in parallel over chunks, carries
+the state tile through the chunks (two MMAs each, storing the float32 state entering each
+chunk and ``U``), then the outputs in parallel over chunks. The backward is four: it
+recomputes ``W`` (saving ``T``), carries ``dL/dS`` through the chunks in reverse (storing it
+and ``dU`` per chunk), then computes each (chunk, value tile)'s terms and, from their sums,
+every chunk's gradients, both in parallel from the saved states. On the TPU each
 direction is one kernel whose ``arbitrary`` chunk axis does a whole chunk per step, parallel
 over (batch, head, value tile). ``(I + A)^{-1}`` is built by block doubling (MMAs only), so
 ``chunk_size`` is a power of two. The in-chunk cumulative log decay and its transpose (a

@@ -18,9 +18,10 @@ state) in parallel over chunks and only :func:`state_step` (two MMAs) in order;
 :func:`chunk_forward` chains them for one chunk. The backward recomputes the chunk from ``S``
 and transposes the lines above by hand (``dA = -T^T dT T^T``) in three steps:
 :func:`recompute` (the value-independent ``T``, ``W``, scores), :func:`tile_backward` per
-value tile (``bv`` columns of ``V``, ``S``, ``O``; it adds the tile's terms to the
-:class:`Partials` that ``dq``, ``dk``, ``dbeta``, ``dgam`` need), then
-:func:`finish_backward` once (back through the scores, ``W`` and the UT transform);
+value tile (``bv`` columns of ``V``, ``S``, ``O``, given ``dU`` of :func:`u_grad`; it returns
+the tile's terms, :class:`Partials`, of what ``dq``, ``dk``, ``dbeta``, ``dgam`` need), then
+:func:`finish_backward` once on their sum (back through the scores, ``W`` and the UT
+transform);
 :func:`chunk_backward` chains them for one tile.
 Document boundaries arrive as masks: ``same`` (pairs in one document), ``reads`` (rows in
 the incoming state's document) and ``last`` (rows in the outgoing state's document).
@@ -48,6 +49,13 @@ class Cfg:
     block_v: int  # bv, value columns per program
     segments: bool
     exact: bool  # float32 inputs: float32-accurate MMAs
+
+    @property
+    def store(self):
+        """The dtype of the float32-computed values that one kernel saves for another (``W``,
+        ``T beta V``, ``U``, the chunk states, their gradients): bfloat16 unless ``exact``, as
+        fla's kernels keep them; the state carried in order, ``T`` and sums stay float32."""
+        return F32 if self.exact else jnp.bfloat16
 
     @property
     def precision(self):
@@ -153,11 +161,12 @@ class WY(NamedTuple):
     w: jax.Array  # T kg [C, dk]
 
 
-def transform(ch: Chunk, g: Gates, prec) -> WY:
+def transform(ch: Chunk, g: Gates, prec, t: jax.Array | None = None) -> WY:
+    """The UT transform; ``t``: ``(I + A)^{-1}`` as saved by a previous kernel (else built)."""
     kk = mm(ch.k, ch.k, prec, tb=True)
     decay_strict = decay(ch, strict=True)
     a = kk * decay_strict * ch.beta_c
-    t = unit_lower_inverse(a, prec)
+    t = unit_lower_inverse(a, prec) if t is None else t
     kg = ch.k * (ch.beta_c * g.g_read)
     return WY(kk, decay_strict, a, t, kg, mm(t, kg, prec))
 
@@ -214,14 +223,14 @@ class Recompute(NamedTuple):
     decay_incl: jax.Array  # [C, C]
 
 
-def recompute(ch: Chunk, prec) -> Recompute:
+def recompute(ch: Chunk, prec, t: jax.Array | None = None) -> Recompute:
     g = gates(ch)
-    return Recompute(g, transform(ch, g, prec), *scores(ch, prec))
+    return Recompute(g, transform(ch, g, prec, t), *scores(ch, prec))
 
 
 class Partials(NamedTuple):
-    """Sums over the value tiles (:func:`tile_backward`) of the terms that the value-independent
-    rest of the backward (:func:`finish_backward`) needs; zero before the first tile."""
+    """One value tile's terms (:func:`tile_backward`) of what the value-independent rest of the
+    backward (:func:`finish_backward`) needs; it takes their sum over the tiles."""
 
     dsc: jax.Array  # [C, C] dL/d(scores) = dO U^T
     dt_v: jax.Array  # [C, C] dU (beta V)^T, the V part of dL/dT
@@ -233,32 +242,25 @@ class Partials(NamedTuple):
     dcarry: jax.Array  # [1, 1] S . dS_next, dL/d(carry) / carry
 
 
-def no_partials(c: int, dk: int) -> Partials:
-    def z(*shape):
-        return jnp.zeros(shape, F32)
-
-    return Partials(z(c, c), z(c, c), z(c, dk), z(c, dk), z(c, dk), z(c, 1), z(c, 1), z(1, 1))
-
-
-def tile_backward(ch: Chunk, r: Recompute, s, do, ds_next, p: Partials, prec):
-    """One value tile of the backward (``ch.v``, ``do [C, bv]``; ``s``, ``ds_next = dL/dS_next
-    [dk, bv]``): ``(p`` plus this tile's terms, ``dv [C, bv]``, ``dU [C, bv])``."""
-    vb, uv = values(ch, r.wy.t, prec)
-    u = uv - mm(r.wy.w, s, prec)  # U [C, bv], as in state_step
-    du = u_grad(ch, r.g, r.sc, do, ds_next, prec)
-    dk_end = mm(u, ds_next, prec, tb=True) * r.g.e_end  # [C, dk]
-    dvb = mm(r.wy.t, du, prec, ta=True)  # [C, bv]
+def tile_backward(ch: Chunk, g: Gates, t, w, s, do, ds_next, du, prec):
+    """One value tile of the backward (``ch.v``, ``do``, ``du [C, bv]`` with ``du`` of
+    :func:`u_grad`; ``s``, ``ds_next = dL/dS_next [dk, bv]``; ``t``, ``w`` of
+    :func:`transform`): ``(`` this tile's :class:`Partials`, ``dv [C, bv])``."""
+    vb, uv = values(ch, t, prec)
+    u = uv - mm(w, s, prec)  # U [C, bv], as in state_step
+    dk_end = mm(u, ds_next, prec, tb=True) * g.e_end  # [C, dk]
+    dvb = mm(t, du, prec, ta=True)  # [C, bv]
     p = Partials(
-        p.dsc + mm(do, u, prec, tb=True),
-        p.dt_v + mm(du, vb, prec, tb=True),
-        p.dq + r.g.g_read * mm(do, s, prec, tb=True),
-        p.dk + dk_end,
-        p.dw - mm(du, s, prec, tb=True),
-        p.dbeta + jnp.sum(dvb * ch.v, axis=1, keepdims=True),
-        p.de + jnp.sum(dk_end * ch.k, axis=1, keepdims=True),
-        p.dcarry + jnp.sum(jnp.sum(s * ds_next, axis=1, keepdims=True), axis=0, keepdims=True),
+        mm(do, u, prec, tb=True),
+        mm(du, vb, prec, tb=True),
+        g.g_read * mm(do, s, prec, tb=True),
+        dk_end,
+        -mm(du, s, prec, tb=True),
+        jnp.sum(dvb * ch.v, axis=1, keepdims=True),
+        jnp.sum(dk_end * ch.k, axis=1, keepdims=True),
+        jnp.sum(jnp.sum(s * ds_next, axis=1, keepdims=True), axis=0, keepdims=True),
     )
-    return p, dvb * ch.beta_c, du
+    return p, dvb * ch.beta_c
 
 
 class ChunkGrads(NamedTuple):
@@ -308,7 +310,8 @@ def chunk_backward(ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, p
     that of the state entering, given ``s`` (that state), ``do [C, bv]`` and ``ds_next =
     dL/dS_next [dk, bv]``; the forward is recomputed."""
     r = recompute(ch, prec)
-    p, dv, du = tile_backward(ch, r, s, do, ds_next, no_partials(*ch.k.shape), prec)
+    du = u_grad(ch, r.g, r.sc, do, ds_next, prec)
+    p, dv = tile_backward(ch, r.g, r.wy.t, r.wy.w, s, do, ds_next, du, prec)
     ds = state_grad(ch, r.g, r.wy.w, do, ds_next, du, prec)
     return finish_backward(ch, r, p, prec), dv, ds
 

@@ -1,16 +1,21 @@
-"""GPU backward (Pallas Triton), as the forward (``triton_fwd.py``) in three kernels:
+"""GPU backward (Pallas Triton) in four kernels: only the ``dL/dS`` pass runs in order.
 
-1. :func:`.triton_fwd.prepare` recomputes ``W`` (a parallel kernel; cheaper than keeping a
-   float32 ``[batch, heads, len, dk]`` residual per layer from the forward to the backward);
+1. :func:`.triton_fwd.prepare` recomputes ``W`` and saves ``T`` (a parallel kernel; cheaper
+   than keeping float32 ``[batch, heads, len, dk]`` residuals per layer from the forward);
 2. :func:`state_grads`, grid (batch, heads, value tiles), chunks in reverse carrying
-   ``dS = dL/dS`` (from ``ds_final``): stores ``dh_n = dL/dS_next`` of chunk ``n``, then
-   ``dU = (Q K^T * decay_incl)^T dO + (K e_end) dS`` and
+   ``dS = dL/dS`` (from ``ds_final``): stores ``dh_n = dL/dS_next`` of chunk ``n`` and
+   ``dU = (Q K^T * decay_incl)^T dO + (K e_end) dS``, then
    ``dS = (Q g_read)^T dO + carry dS - W^T dU`` (:func:`._chunk.u_grad`,
    :func:`._chunk.state_grad`);
-3. the gradients from the saved ``h_n`` and ``dh_n``, parallel over (batch, heads, chunks):
-   the value-independent UT transform and scores once (:func:`._chunk.recompute`), the value
-   tiles in turn summing their terms (:func:`._chunk.tile_backward`), then the backward
-   through the UT transform and the gates once (:func:`._chunk.finish_backward`).
+3. :func:`tile_grads`, parallel over (batch, heads, chunks, value tiles): ``dv`` and the
+   tile's float32 :class:`._chunk.Partials` from the saved ``h_n``, ``dh_n``, ``dU``, ``T``,
+   ``W`` (:func:`._chunk.tile_backward`);
+4. the rest, parallel over (batch, heads, chunks): the scores and the UT transform's other
+   terms recomputed (``T`` loaded), the tiles' partials summed, then the backward through the
+   scores, ``W`` and the UT transform (:func:`._chunk.finish_backward`).
+
+Steps 3 and 4 are one kernel each, not one loop over the value tiles, so that no program holds
+the chunk's recomputed transform and the tiles' running sums at once.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from jax import lax
 from kernels_pallas.gated_delta._chunk import (
     F32,
     Cfg,
+    Partials,
     finish_backward,
     gates,
     grad_shapes,
-    no_partials,
     recompute,
     scores,
     state_grad,
@@ -43,12 +48,12 @@ from kernels_pallas.gated_delta.triton_fwd import (
 
 
 def state_grads(inputs: dict, w: jax.Array, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
-    """``(dh [batch, heads, chunks, dk, dv], ds0 [batch, heads, dk, dv])`` float32: grid
-    (batch, heads, value tiles), chunks in reverse."""
+    """``(dh [batch, heads, chunks, dk, dv], dU [batch, heads, len, dv], ds0 [batch, heads,
+    dk, dv])`` float32: grid (batch, heads, value tiles), chunks in reverse."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, bv, prec = cfg.chunk, cfg.block_v, cfg.precision
 
-    def kernel(ins, w_ref, do_ref, dsf_ref, dh_ref, ds0_ref):
+    def kernel(ins, w_ref, do_ref, dsf_ref, dh_ref, du_ref, ds0_ref):
         bi, hi, j = program_ids(3)
         vs = rows(j, bv)
         load = loader(cfg, ins, bi, hi)
@@ -57,45 +62,86 @@ def state_grads(inputs: dict, w: jax.Array, do: jax.Array, ds_final: jax.Array, 
             n = n_chunks - 1 - i
             t = rows(n, c)
             ch = load(n)
-            dh_ref[bi, hi, n, :, vs] = ds
-            g, do_n, w_n = gates(ch), do_ref[bi, t, hi, vs].astype(F32), w_ref[bi, hi, t, :]
+            dh_ref[bi, hi, n, :, vs] = ds.astype(dh_ref.dtype)
+            g, do_n = gates(ch), do_ref[bi, t, hi, vs].astype(F32)
+            w_n = w_ref[bi, hi, t, :].astype(F32)
             du = u_grad(ch, g, scores(ch, prec)[0], do_n, ds, prec)
+            du_ref[bi, hi, t, vs] = du.astype(du_ref.dtype)
             return state_grad(ch, g, w_n, do_n, ds, du, prec)
 
         ds0_ref[bi, hi, :, vs] = lax.fori_loop(0, n_chunks, body, dsf_ref[bi, hi, :, vs])
 
     out_shape = [
-        jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), F32),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), cfg.store),
+        jax.ShapeDtypeStruct((bsz, heads, length, dv), cfg.store),
         jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
     ]
     grid = (bsz, heads, dv // bv)
     return call(kernel, inputs, (w, do, ds_final), out_shape, grid, cfg, "gated_delta_state_bwd")
 
 
+def partial_shapes(bsz: int, length: int, heads: int, dk: int, c: int, parts: int) -> Partials:
+    """Float32 :class:`._chunk.Partials` of every (value tile, batch, head, chunk), head-major:
+    ``[C, C]`` terms ``[parts, batch, heads, chunks, C, C]``, ``[C, dk]`` ones ``[parts, batch,
+    heads, len, dk]``, columns ``[parts, batch, heads, len, 1]``, ``dcarry [parts, batch,
+    heads, chunks, 1, 1]``."""
+    n = length // c
+    square, wide, col = (n, c, c), (length, dk), (length, 1)
+    shapes = Partials(square, square, wide, wide, wide, col, col, (n, 1, 1))
+    return Partials(*(jax.ShapeDtypeStruct((parts, bsz, heads, *s), F32) for s in shapes))
+
+
+def _at(ref, j, bi, hi, n, t) -> tuple:
+    """Index of tile ``j``'s partial in ``ref`` for (batch bi, head hi, chunk n with rows
+    ``t``): the chunk's block (the 6-D ``[C, C]`` and ``dcarry`` terms) or its rows."""
+    full = slice(None)
+    return (j, bi, hi, n, full, full) if len(ref.shape) == 6 else (j, bi, hi, t, full)
+
+
+def tile_grads(inputs, t_mat, w, h, do, dh, du, cfg: Cfg):
+    """``(dv [batch, len, heads, dv] in v's dtype, Partials`` of :func:`partial_shapes`):
+    grid (batch, heads, chunks x value tiles)."""
+    bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
+    c, bv, nv, prec = cfg.chunk, cfg.block_v, dv // cfg.block_v, cfg.precision
+
+    def kernel(ins, t_ref, w_ref, h_ref, do_ref, dh_ref, du_ref, dv_ref, *p_refs):
+        bi, hi, nj = program_ids(3)
+        n, j = nj // nv, nj % nv
+        t, vs = rows(n, c), rows(j, bv)
+        ch = with_value_tile(loader(cfg, ins, bi, hi)(n, q=False), ins, bi, t, hi, vs)
+        w_n, h_n = w_ref[bi, hi, t, :].astype(F32), h_ref[bi, hi, n, :, vs].astype(F32)
+        do_n, dh_n = do_ref[bi, t, hi, vs].astype(F32), dh_ref[bi, hi, n, :, vs].astype(F32)
+        du_n = du_ref[bi, hi, t, vs].astype(F32)
+        p, dv_j = tile_backward(ch, gates(ch), t_ref[bi, hi, n, :, :], w_n, h_n, do_n, dh_n, du_n,
+                                prec)  # fmt: skip
+        dv_ref[bi, t, hi, vs] = dv_j.astype(dv_ref.dtype)
+        for ref, x in zip(p_refs, p, strict=True):
+            ref[_at(ref, j, bi, hi, n, t)] = x
+
+    shapes = partial_shapes(bsz, length, heads, dk, c, nv)
+    out_shape = [jax.ShapeDtypeStruct((bsz, length, heads, dv), inputs["v"].dtype), *shapes]
+    outs = call(kernel, inputs, (t_mat, w, h, do, dh, du), out_shape,
+                (bsz, heads, n_chunks * nv), cfg, "gated_delta_tile_bwd")  # fmt: skip
+    return outs[0], Partials(*outs[1:])
+
+
 def backward(inputs: dict, h: jax.Array, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
     """``(dq, dk, dv, dbeta, dgam_c, dgam_r, ds0)`` (:func:`._chunk.grad_shapes`, no value-tile
     axis) from the forward's states ``h``."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
-    c, bv, prec = cfg.chunk, cfg.block_v, cfg.precision
-    w, _ = prepare(inputs, cfg, with_values=False)
-    dh, ds0 = state_grads(inputs, w, do, ds_final, cfg)
+    c, nv, prec = cfg.chunk, dv // cfg.block_v, cfg.precision
+    w, t_mat = prepare(inputs, cfg, saved="t")
+    dh, du, ds0 = state_grads(inputs, w, do, ds_final, cfg)
+    dv_grad, parts = tile_grads(inputs, t_mat, w, h, do, dh, du, cfg)
 
-    def kernel(ins, h_ref, do_ref, dh_ref, dq_ref, dk_ref, dv_ref, db_ref, dgc_ref, dgr_ref):
+    def kernel(ins, t_ref, *refs):
+        p_refs, (dq_ref, dk_ref, db_ref, dgc_ref, dgr_ref) = refs[:8], refs[8:]
         bi, hi, n = program_ids(3)
         t = rows(n, c)
         ch = loader(cfg, ins, bi, hi)(n)
-        r = recompute(ch, prec)
-
-        def tile(j, p):
-            vs = rows(j, bv)
-            p, dv_j, _ = tile_backward(
-                with_value_tile(ch, ins, bi, t, hi, vs), r, h_ref[bi, hi, n, :, vs],
-                do_ref[bi, t, hi, vs].astype(F32), dh_ref[bi, hi, n, :, vs], p, prec,
-            )  # fmt: skip
-            dv_ref[bi, t, hi, vs] = dv_j.astype(dv_ref.dtype)
-            return p
-
-        g = finish_backward(ch, r, lax.fori_loop(0, dv // bv, tile, no_partials(c, dk)), prec)
+        r = recompute(ch, prec, t=t_ref[bi, hi, n, :, :])
+        p = Partials(*(sum(ref[_at(ref, j, bi, hi, n, t)] for j in range(nv)) for ref in p_refs))
+        g = finish_backward(ch, r, p, prec)
         dq_ref[bi, t, hi, :] = g.dq.astype(dq_ref.dtype)
         dk_ref[bi, t, hi, :] = g.dk.astype(dk_ref.dtype)
         db_ref[bi, hi, t, :] = g.dbeta
@@ -103,8 +149,11 @@ def backward(inputs: dict, h: jax.Array, do: jax.Array, ds_final: jax.Array, cfg
         dgr_ref[bi, hi, n, :, :] = g.dgam_r
 
     q_dtype, v_dtype = inputs["q"].dtype, inputs["v"].dtype
-    out_shape = grad_shapes(bsz, length, heads, dk, dv, c, q_dtype, v_dtype, parts=None,
-                            heads_major=False)[:-1]  # fmt: skip
-    grads = call(kernel, inputs, (h, do, dh), out_shape, (bsz, heads, n_chunks), cfg,
-                 "gated_delta_bwd")  # fmt: skip
-    return (*grads, ds0)
+    shapes = grad_shapes(bsz, length, heads, dk, dv, c, q_dtype, v_dtype, parts=None,
+                         heads_major=False)  # fmt: skip
+    out_shape = shapes[:2] + shapes[3:6]  # all but dv (tile_grads) and ds0 (state_grads)
+    grid = (bsz, heads, n_chunks)
+    dq, dk_grad, dbeta, dgam_c, dgam_r = call(
+        kernel, inputs, (t_mat, *parts), out_shape, grid, cfg, "gated_delta_bwd"
+    )
+    return dq, dk_grad, dv_grad, dbeta, dgam_c, dgam_r, ds0

@@ -73,10 +73,10 @@ def with_value_tile(ch: Chunk, refs: dict, bi, t, hi, vs) -> Chunk:
     return ch._replace(v=refs["v"][bi, t, hi, vs].astype(F32))
 
 
-# Triton warps per kernel (default 4). The gradient kernel keeps a chunk's recomputed UT
-# transform and its value-tile sums live at once, and runs faster with 8; in the same sweep on
-# an H200, 8 warps for every kernel, 2 stages, chunk 32 and block_v 32 were slower (issue 24's
-# closing note of 2026-12-03; bench_gated_delta.py measures the result).
+# Triton warps per kernel (default 4). The backward's last kernel keeps a chunk's recomputed
+# UT transform, scores and the value tiles' summed terms live at once. Measured on an H200
+# when the value tiles still ran in that kernel: 8 warps were faster there; 8 for every kernel,
+# 2 stages, chunk 32 and block_v 32 were slower (issue 24's closing note of 2026-12-03).
 WARPS = {"gated_delta_bwd": 8}
 
 
@@ -105,33 +105,35 @@ def dims(inputs: dict, cfg: Cfg) -> tuple[int, int, int, int, int, int]:
     return bsz, length, heads, dk, inputs["v"].shape[3], length // cfg.chunk
 
 
-def prepare(inputs: dict, cfg: Cfg, *, with_values: bool):
-    """``(W [batch, heads, len, dk], UV [batch, heads, len, dv] or None)`` float32, ``UV``
-    only ``with_values``: grid (batch, heads, chunks)."""
+def prepare(inputs: dict, cfg: Cfg, *, saved: str):
+    """``(W [batch, heads, len, dk], X)`` float32, grid (batch, heads, chunks): ``saved="uv"``
+    (the forward) gives ``X = UV [batch, heads, len, dv]``, ``"t"`` (the backward) ``X = T
+    [batch, heads, chunks, C, C]``."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, bv, prec = cfg.chunk, cfg.block_v, cfg.precision
 
-    def kernel(ins, w_ref, *uv_ref):
+    def kernel(ins, w_ref, x_ref):
         bi, hi, n = program_ids(3)
         t = rows(n, c)
         ch = loader(cfg, ins, bi, hi)(n, q=False)
         wy = transform(ch, gates(ch), prec)
-        w_ref[bi, hi, t, :] = wy.w
-        if with_values:
+        w_ref[bi, hi, t, :] = wy.w.astype(w_ref.dtype)
+        if saved == "t":
+            x_ref[bi, hi, n, :, :] = wy.t
+            return
 
-            def tile(j, carry):
-                vs = rows(j, bv)
-                ch_j = with_value_tile(ch, ins, bi, t, hi, vs)
-                uv_ref[0][bi, hi, t, vs] = values(ch_j, wy.t, prec)[1]
-                return carry
+        def tile(j, carry):
+            vs = rows(j, bv)
+            ch_j = with_value_tile(ch, ins, bi, t, hi, vs)
+            x_ref[bi, hi, t, vs] = values(ch_j, wy.t, prec)[1].astype(x_ref.dtype)
+            return carry
 
-            lax.fori_loop(0, dv // bv, tile, 0)
+        lax.fori_loop(0, dv // bv, tile, 0)
 
-    out_shape = [jax.ShapeDtypeStruct((bsz, heads, length, dk), F32)]
-    if with_values:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, heads, length, dv), F32))
-    outs = call(kernel, inputs, (), out_shape, (bsz, heads, n_chunks), cfg, "gated_delta_prepare")
-    return outs[0], (outs[1] if with_values else None)
+    x = (jax.ShapeDtypeStruct((bsz, heads, length, dv), cfg.store) if saved == "uv"
+         else jax.ShapeDtypeStruct((bsz, heads, n_chunks, c, c), F32))  # fmt: skip
+    out_shape = [jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store), x]
+    return call(kernel, inputs, (), out_shape, (bsz, heads, n_chunks), cfg, "gated_delta_prepare")
 
 
 def states(inputs: dict, w: jax.Array, uv: jax.Array, s0: jax.Array, cfg: Cfg):
@@ -148,18 +150,17 @@ def states(inputs: dict, w: jax.Array, uv: jax.Array, s0: jax.Array, cfg: Cfg):
         def body(n, s):
             t = rows(n, c)
             ch = load(n, q=False)
-            h_ref[bi, hi, n, :, vs] = s
-            u, s = state_step(
-                ch, gates(ch), w_ref[bi, hi, t, :], uv_ref[bi, hi, t, vs], s, cfg.precision
-            )
-            u_ref[bi, hi, t, vs] = u
+            h_ref[bi, hi, n, :, vs] = s.astype(h_ref.dtype)
+            w_n, uv_n = w_ref[bi, hi, t, :].astype(F32), uv_ref[bi, hi, t, vs].astype(F32)
+            u, s = state_step(ch, gates(ch), w_n, uv_n, s, cfg.precision)
+            u_ref[bi, hi, t, vs] = u.astype(u_ref.dtype)
             return s
 
         sf_ref[bi, hi, :, vs] = lax.fori_loop(0, n_chunks, body, s0_ref[bi, hi, :, vs])
 
     out_shape = [
-        jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), F32),
-        jax.ShapeDtypeStruct((bsz, heads, length, dv), F32),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, dk, dv), cfg.store),
+        jax.ShapeDtypeStruct((bsz, heads, length, dv), cfg.store),
         jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
     ]
     grid = (bsz, heads, dv // bv)
@@ -171,7 +172,7 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
     chunk (only with ``save_states``, for the backward; else None)."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, bv = cfg.chunk, cfg.block_v
-    h, u, s_final = states(inputs, *prepare(inputs, cfg, with_values=True), s0, cfg)
+    h, u, s_final = states(inputs, *prepare(inputs, cfg, saved="uv"), s0, cfg)
 
     def kernel(ins, h_ref, u_ref, o_ref):
         bi, hi, n = program_ids(3)
@@ -182,8 +183,8 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
 
         def tile(j, carry):
             vs = rows(j, bv)
-            out = output(ch, g, sc, h_ref[bi, hi, n, :, vs], u_ref[bi, hi, t, vs],
-                         cfg.precision)  # fmt: skip
+            h_n, u_n = h_ref[bi, hi, n, :, vs].astype(F32), u_ref[bi, hi, t, vs].astype(F32)
+            out = output(ch, g, sc, h_n, u_n, cfg.precision)
             o_ref[bi, t, hi, vs] = out.astype(o_ref.dtype)
             return carry
 
