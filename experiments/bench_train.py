@@ -199,7 +199,15 @@ def profile_hat(model: HAT, params: Any, tx: Any, batch: dict, *, steps: int, re
     return out
 
 
-def bench(job: Job, host_batch: dict, *, steps: int, repeats: int, peaks: dict) -> dict:
+def progress(job: Job, what: str, since: float) -> None:
+    """One line on stderr per phase, so that a run cut by a time limit shows where it was."""
+    print(f"[{job.key}] {what} ({time.perf_counter() - since:.0f} s)", file=sys.stderr, flush=True)
+
+
+def bench(
+    job: Job, host_batch: dict, *, steps: int, repeats: int, peaks: dict, profile: bool = True
+) -> dict:
+    start = time.perf_counter()
     model = make(job)
     tx = make_optimizer(TrainConfig(steps=1000))
     example = jax.tree.map(lambda x: jnp.asarray(x[:1]), host_batch)
@@ -210,6 +218,7 @@ def bench(job: Job, host_batch: dict, *, steps: int, repeats: int, peaks: dict) 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    progress(job, "compiled", start)
     flops_xla, bytes_xla = xla_cost(job, tx, batch) if job.check else (np.nan, np.nan)
     mem = compiled.memory_analysis()
     step_bytes = (
@@ -217,9 +226,10 @@ def bench(job: Job, host_batch: dict, *, steps: int, repeats: int, peaks: dict) 
         - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     )  # fmt: skip
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    profile = None
-    if job.profile:  # before the timed steps, which donate (invalidate) state
-        profile = profile_hat(model, state.params, tx, batch, steps=steps, repeats=repeats)
+    profile_ms = None
+    if job.profile and profile:  # before the timed steps, which donate (invalidate) state
+        profile_ms = profile_hat(model, state.params, tx, batch, steps=steps, repeats=repeats)
+        progress(job, "profiled", start)
     holder = {}
 
     def run(s, b):
@@ -227,6 +237,7 @@ def bench(job: Job, host_batch: dict, *, steps: int, repeats: int, peaks: dict) 
         return s, holder["metrics"]
 
     dt = time_call(run, (state, batch), steps=steps, repeats=repeats, carry=True)
+    progress(job, "timed", start)
     rows, seq = host_batch["targets"].shape
     real_field = "word_ids" if job.model == "hat" else "segment_ids"  # absent: all real
     real = host_batch.get(real_field, np.ones((rows, seq), np.int32))
@@ -256,8 +267,8 @@ def bench(job: Job, host_batch: dict, *, steps: int, repeats: int, peaks: dict) 
         row["error"] = f"loss {row['loss']} after the timed steps: the row is not a valid timing"
     if job.model == "hat":
         row.update(hat_padding(job.cfg, host_batch))
-    if profile is not None:
-        row["profile_ms"] = {k: v * 1e3 for k, v in profile.items()}
+    if profile_ms is not None:
+        row["profile_ms"] = {k: v * 1e3 for k, v in profile_ms.items()}
     return row
 
 
@@ -349,6 +360,9 @@ def main() -> None:
         default=None,
         help="with --vocab: also run it with model.loss_chunk (chunked cross-entropy)",
     )
+    ap.add_argument(
+        "--no-profile", action="store_true", help="skip HAT's per-component profile (faster)"
+    )
     args = ap.parse_args()
     if args.loss_chunk is not None and args.vocab is None:
         ap.error("--loss-chunk needs --vocab")
@@ -392,7 +406,9 @@ def main() -> None:
         if job.model == "transformer" and not job.docs:
             host = {k: v for k, v in host.items() if k != "segment_ids"}
         try:
-            row = bench(job, host, steps=steps, repeats=repeats, peaks=peaks)
+            row = bench(
+                job, host, steps=steps, repeats=repeats, peaks=peaks, profile=not args.no_profile
+            )
         except Exception as e:  # noqa: BLE001 - report OOM etc. and continue
             row = {"key": job.key, "model": job.model, "preset": job.preset,
                    "error": f"{type(e).__name__}: {str(e)[:300]}"}  # fmt: skip
