@@ -366,7 +366,8 @@ def sparse_rows(args, log, tiles: dict[int, BlockSizes], rows: list[dict], save)
     tile_kw = {"block_sizes": tiles[d]} if d in tiles else {}
     for case, kw in cases.items():
         ours = functools.partial(flash_attention, causal=True, **kw, **tile_kw)
-        fns = [("cudnn_dense_causal", dense), ("arjax_pallas", ours)]
+        mosaic = functools.partial(flash_attention, causal=True, lowering="mosaic", **kw)
+        fns = [("cudnn_dense_causal", dense), ("arjax_pallas", ours), ("arjax_mosaic", mosaic)]
         if "window" in kw:
             fns.append(("cudnn_window", functools.partial(
                 jax.nn.dot_product_attention, is_causal=True, implementation="cudnn",
@@ -391,6 +392,9 @@ def sparse_rows(args, log, tiles: dict[int, BlockSizes], rows: list[dict], save)
             for peer in ("cudnn_window", "jla"):
                 if row.get(peer + "_ms"):
                     row["speedup_vs_" + peer] = row[peer + "_ms"] / row["arjax_pallas_ms"]
+            for peer in ("cudnn_dense_causal", "cudnn_window", "jla", "arjax_pallas"):
+                if row.get(peer + "_ms") and row.get("arjax_mosaic_ms"):
+                    row["mosaic_speedup_vs_" + peer] = row[peer + "_ms"] / row["arjax_mosaic_ms"]
             rows.append(row)
             log(json.dumps(row))
             save()
@@ -526,26 +530,34 @@ def markdown(
         return "\n".join(lines) + "\n"
     lines += [
         "",
-        "Masked cases (D=128, L=8192, B=2, H=16), ms; speedup = cuDNN ms / arjax ms. arjax is"
-        " `flash_attention` with its default lowering: on Hopper the Mosaic GPU kernels for the"
-        " window, the Triton kernels for segment ids:",
+        "Masked cases (D=128, L=8192, B=2, H=16), ms; speedup = other ms / arjax ms. arjax is"
+        " `flash_attention` with its default lowering (on Hopper the Mosaic GPU kernels for the"
+        ' window, the Triton kernels for segment ids), and with `lowering="mosaic"`; max diff:'
+        " forward outputs vs the default lowering's:",
         "",
         "| case | mode | cuDNN dense causal | cuDNN sliding window | jla "
-        "| arjax (default lowering) | vs dense cuDNN | vs cuDNN window | vs jla | jla max diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arjax (default lowering) | vs dense cuDNN | vs cuDNN window | vs jla "
+        "| arjax Mosaic GPU | Mosaic vs dense cuDNN | Mosaic vs cuDNN window | Mosaic vs jla "
+        "| Mosaic vs default | jla max diff | Mosaic max diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ms(r, name):
         return "n/a" if r.get(name + "_ms") is None else f"{r[name + '_ms']:.2f}"
 
+    def diff(r, name):
+        x = r.get(name + "_maxdiff")
+        return "n/a" if x is None else f"{x:.3g}"
+
     for r in sparse:
-        diff = r.get("jla_maxdiff")
+        mosaic = [ratio(r, peer, "mosaic_") for peer in
+                  ("cudnn_dense_causal", "cudnn_window", "jla", "arjax_pallas")]  # fmt: skip
         lines.append(
             f"| {r['case']} | {r['mode']} | {r['cudnn_dense_causal_ms']:.2f} "
             f"| {ms(r, 'cudnn_window')} | {ms(r, 'jla')} | {r['arjax_pallas_ms']:.2f} "
             f"| {r['speedup_vs_dense_cudnn']:.2f}x | {ratio(r, 'cudnn_window')} "
-            f"| {ratio(r, 'jla')} "
-            f"| {'n/a' if diff is None else f'{diff:.3g}'} |"
+            f"| {ratio(r, 'jla')} | {ms(r, 'arjax_mosaic')} | {' | '.join(mosaic)} "
+            f"| {diff(r, 'jla')} | {diff(r, 'arjax_mosaic')} |"
         )
     return "\n".join(lines) + "\n"
 
