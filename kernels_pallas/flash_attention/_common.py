@@ -239,12 +239,16 @@ def segment_tile_ranges(
     outside the range hold no key (query) the tile's rows may see, so kernels skip them. A row
     tile of one id ``s`` has as whole tiles the column tiles of the one id ``s``, found likewise
     by a sort of the column tiles' ids and a binary search per row tile (O(n log n), no
-    row-tile by column-tile matrix). They form one run for packed documents; where they do not
-    (ids repeated apart), the run is left empty and every tile is masked.
+    row-tile by column-tile matrix; the searches unrolled, without XLA while loops). They form
+    one run for packed documents; where they do not (ids repeated apart), the run is left empty
+    and every tile is masked.
     """
     order = jnp.argsort(col_seg, axis=1, stable=True)
     sorted_seg = jnp.take_along_axis(col_seg, order, axis=1)
-    search = jax.vmap(jnp.searchsorted, in_axes=(0, 0, None))
+    # unrolled: a while loop of ~log2(n) rounds costs a kernel launch per round on a GPU
+    search = jax.vmap(
+        lambda a, v, side: jnp.searchsorted(a, v, side, method="scan_unrolled"), (0, 0, None)
+    )
     left = search(sorted_seg, row_seg, "left")
     right = search(sorted_seg, row_seg, "right")
     found = right > left
