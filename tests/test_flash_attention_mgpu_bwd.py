@@ -71,7 +71,7 @@ def _residuals(q, k, v, do, causal: bool, window: int | None, scale: float, segs
 def _check_backward(rng, case, within, tiles=None, interpret=True, races=None):
     case = dict(case)
     causal, window = case.pop("causal"), case.pop("window", None)
-    seg_of = case.pop("segments", None)  # length -> ids [1, length] (queries and keys)
+    seg_of = case.pop("segments", None)  # length -> ids [b, length] (queries and keys)
     q, k, v, do = _inputs(rng, dtype=case.pop("dtype", jnp.bfloat16), **case)
     scale = 1.0 / math.sqrt(case["d"])
     segs = (None, None) if seg_of is None else (seg_of(case["q_len"]), seg_of(case["kv_len"]))
@@ -81,9 +81,8 @@ def _check_backward(rng, case, within, tiles=None, interpret=True, races=None):
         has_segments=seg_of is not None, scale=scale, groups=case["h"] // case["kv_h"],
     )  # fmt: skip
     tiles = tiles or mosaic_gpu_bwd.default_tiles(case["d"], min(case["q_len"], case["kv_len"]))
-    ranks = () if seg_of is None else _hopper.segment_ranks(*segs)
     bwd = lambda *args: mosaic_gpu_bwd.backward(*args[:6], geo, tiles, interpret, *args[6:])
-    args = (q, k, v, do, lse2, delta, *ranks)
+    args = (q, k, v, do, lse2, delta, *(() if seg_of is None else segs))
     compiled = jax.jit(bwd).lower(*args).compile(FAST_COMPILE)
     grads = jax.block_until_ready(compiled(*args))
     if interpret:  # dK/dV then dQ, or the fused kernel
@@ -125,7 +124,7 @@ SEGMENT_CASES = {
                           FUSED[128]),
     "window_d64_split": (dict(b=1, q_len=130, kv_len=130, h=2, kv_h=1, d=64, causal=True,
                               window=60), None),
-    # packed documents (the backward masks every tile in range: no per-document ranges yet)
+    # packed documents (more in DOCUMENT_CASES)
     "packed_d64_split": (dict(b=1, q_len=260, kv_len=260, h=2, kv_h=2, d=64, causal=True,
                               docs=True), None),
     "packed_d128_fused": (dict(b=1, q_len=260, kv_len=260, h=2, kv_h=1, d=128, causal=True,
@@ -148,6 +147,54 @@ def test_mosaic_backward_with_segment_ids(rng, races, within_xla_error, name):
     case, tiles = SEGMENT_CASES[name]
     case = dict(case)
     case["segments"] = _documents if case.pop("docs", False) else _segment_ids
+    _check_backward(rng, case, within_xla_error, tiles=tiles, races=races)
+
+
+def _packed(*rows):
+    """length -> int32 ids ``[len(rows), length]``: the last ``length`` positions of rows of
+    packed documents of the given lengths (each row's summing to kv_len), so queries at the end
+    of the keys (causal, q_len < kv_len) share their positions' documents."""
+    full = [[7 * doc + 3 for doc, n in enumerate(row) for _ in range(n)] for row in rows]
+    return lambda length: jnp.asarray([r[len(r) - length :] for r in full], jnp.int32)
+
+
+Tiles = mosaic_gpu_bwd.Tiles
+# packed documents: each tile streams only the tiles of its documents (segment_tile_ranges of
+# the 128-row CTA tiles) and runs those inside its one document unmasked (per 64-row consumer)
+DOCUMENT_CASES = {
+    # row 0: documents cut mid-tile; row 1: one document (every tile of the causal range whole
+    # but the diagonal); one 128-row ring slot, so the dK/dV CTAs stream 1 to 3 steps
+    "causal_d64_split_stages1": (dict(b=2, q_len=300, kv_len=300, h=1, kv_h=1, d=64,
+                                      causal=True, docs=((90, 110, 100), (300,))),
+                                 Tiles(bq=128, bk=128, stages=1)),
+    # one document over five 64-row tiles between two short ones; three ring slots
+    "causal_d128_split_stages3": (dict(b=1, q_len=400, kv_len=400, h=1, kv_h=1, d=128,
+                                       causal=True, docs=((30, 330, 40),)),
+                                  Tiles(bq=64, bk=64, stages=3)),
+    # no causal bound: the documents alone; a boundary at row 192 splits a CTA between its
+    # consumers, each inside one document
+    "noncausal_d64_split_stages2": (dict(b=1, q_len=260, kv_len=260, h=1, kv_h=1, d=64,
+                                         causal=False, docs=((70, 122, 68),)),
+                                    Tiles(bq=64, bk=64, stages=2)),
+    # dQ fused (D=128: blocks by columns): a window and GQA
+    "window_d128_fused_gqa": (dict(b=1, q_len=300, kv_len=300, h=2, kv_h=1, d=128,
+                                   causal=True, window=100, docs=((50, 200, 50),)),
+                              FUSED[128]),
+    # dQ fused (D=64: blocks by rows), 150 queries at the end of 330 keys (decode-like offset)
+    "short_q_d64_fused": (dict(b=1, q_len=150, kv_len=330, h=2, kv_h=2, d=64, causal=True,
+                               docs=((100, 80, 150),)), FUSED[64]),
+    # fused with three ring slots, a single document in row 1
+    "causal_d128_fused_stages3": (dict(b=2, q_len=260, kv_len=260, h=1, kv_h=1, d=128,
+                                       causal=True, docs=((150, 40, 70), (260,))),
+                                  Tiles(bq=64, stages=3, fused_dq=True)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENT_CASES))
+def test_mosaic_backward_with_packed_documents(rng, races, within_xla_error, name):
+    case, tiles = DOCUMENT_CASES[name]
+    case = dict(case)
+    case["segments"] = _packed(*case.pop("docs"))
     _check_backward(rng, case, within_xla_error, tiles=tiles, races=races)
 
 

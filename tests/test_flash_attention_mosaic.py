@@ -118,8 +118,9 @@ SEGMENT_CASES = {
 
 @pytest.mark.parametrize("name", list(SEGMENT_CASES))
 def test_mosaic_segment_ids_forward_and_gradients(rng, races, within_xla_error, name):
-    """Segment ids through the Mosaic GPU forward and backward: every tile in range masked
-    by id equality (``_hopper.same_segment``) on float32 ranks (``_hopper.segment_ranks``)."""
+    """Segment ids through the Mosaic GPU forward and backward: tiles cut to each tile's
+    documents (``segment_tile_ranges``), the others masked by id equality
+    (``_hopper.same_segment``) on float32 ranks (``_hopper.segment_ranks``)."""
     case = dict(SEGMENT_CASES[name])
     case.setdefault("segments", SEGMENTS)
     _check(rng, case, races, within_xla_error)

@@ -186,9 +186,8 @@ def _flash_bwd(call: _Call, res, d_out):
     qp, kp, vp, q_seg, kv_seg = _prepare(call, q, k, v, q_seg, kv_seg)
     dop = pad_to(pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
     if call.lowering == "mosaic":  # Hopper backward: dk/dv come back summed per KV head
-        segs = _hopper.segment_ranks(q_seg, kv_seg) if call.geo.has_segments else ()
         dq, dk, dv = mosaic_gpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, call.bwd_tiles,
-                                             call.interpret, *segs)  # fmt: skip
+                                             call.interpret, q_seg, kv_seg)  # fmt: skip
         return dq[:, :q_len, :, :d], dk[:, :kv_len, :, :d], dv[:, :kv_len, :, :d], None, None
     kernel = triton_bwd.backward if call.backend == "gpu" else mosaic_tpu_bwd.backward
     dq, dk, dv = kernel(qp, kp, vp, dop, lse2, delta, q_seg, kv_seg, call.geo, call.blocks,

@@ -5,6 +5,9 @@ and the CPU interpreter."""
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -69,10 +72,33 @@ def same_segment(q_seg, k_seg, shape: tuple[int, int], query_dim: int):
     return bcast(q_seg, query_dim) == bcast(k_seg, 1 - query_dim)
 
 
+INTERPRET_MIN_THREADS = 4  # XLA:CPU threads below which the GPU interpreter can deadlock
+
+
+def _xla_cpu_threads() -> int:
+    """Threads of XLA:CPU's pool as XLA sizes it (``DefaultThreadPoolSize``): ``$NPROC`` if it
+    is an int, else the CPUs this process may run on."""
+    try:
+        return int(os.environ["NPROC"])
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def interpret_params():
-    """Parameters of Pallas' GPU interpreter (no public name in jax 0.10/0.11; checked on both)."""
+    """Parameters of Pallas' GPU interpreter (no public name in jax 0.10/0.11; checked on both).
+    Warns when XLA:CPU has fewer than ``INTERPRET_MIN_THREADS`` threads: the interpreter runs
+    each warpgroup as a thread that blocks in barrier callbacks occupying that pool, so a
+    kernel can hang there (set ``NPROC``, e.g. to 8, before jax creates its CPU client, as
+    tests/conftest.py does)."""
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
+    if (threads := _xla_cpu_threads()) < INTERPRET_MIN_THREADS:
+        warnings.warn(
+            f"the Mosaic GPU interpreter may deadlock with {threads} XLA:CPU threads (< "
+            f"{INTERPRET_MIN_THREADS}): set NPROC=8 before jax starts",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return InterpretGPUParams()
 
 
@@ -81,6 +107,12 @@ def iota(shape, dim: int, interpret: bool) -> jax.Array:
     if interpret:
         return lax.broadcasted_iota(jnp.int32, shape, dim)
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def tile_ranges(ranges_ref, batch, tile) -> tuple:
+    """Row ``tile`` of ``segment_tile_ranges`` (``_common``), int32 ``[batch, n_tiles * 4]`` in
+    GMEM, read with scalar loads: ``(lo, full_lo, full_hi, hi)``."""
+    return tuple(ranges_ref[batch, tile * 4 + j] for j in range(4))
 
 
 def nested(lo, hi, *bounds) -> tuple:

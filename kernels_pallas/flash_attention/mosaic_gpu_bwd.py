@@ -36,9 +36,13 @@ their probabilities are exactly 0) and ``delta = rowsum(dO * O)``. Tile skipping
 boundary masks come from ``_common`` (``q_block_range``, ``kv_block_range``, ``tile_mask``):
 tiles a CTA does not see are never loaded, tiles a warpgroup sees whole run unmasked. The
 caller's padding is topped up here to whole CTA tiles; padded keys are masked, padded query
-rows carry ``lse2 = +inf``. Segment ids (float32 ranks, ``_hopper.segment_ranks``): each
-consumer loads its own rows' ids once, the producer streams the other side's ids beside the
-tiles (like ``lse2``/``delta``), and every tile in range is masked by id equality.
+rows carry ``lse2 = +inf``. Segment ids (int32, turned here into float32 ranks,
+``_hopper.segment_ranks``, padded rows ranked -1): a CTA streams only the tiles of its rows'
+documents (its 128-row tile's row of ``segment_tile_ranges``, read from GMEM as in the
+forward), and each consumer runs the tiles inside its 64 rows' one document unmasked (its
+64-row tile's row, clipped to the CTA's steps by ``_hopper.nested``); for the masked tiles
+each consumer loads its own rows' ids once, the producer streams the other side's ids beside
+the tiles (like ``lse2``/``delta``), and the masks compare them.
 
 Interpret mode (CPU tests) runs the same kernels -- TMA copies, barriers, warp
 specialisation, masks, epilogues -- but the Mosaic GPU interpreter cannot read a transposed
@@ -66,6 +70,7 @@ from kernels_pallas.flash_attention._common import (
     kv_block_range,
     pad_to,
     q_block_range,
+    segment_tile_ranges,
     tile_mask,
     work_item,
 )
@@ -77,7 +82,10 @@ from kernels_pallas.flash_attention._hopper import (
     check_call,
     interpret_params,
     iota,
+    nested,
     same_segment,
+    segment_ranks,
+    tile_ranges,
     vector,
 )
 from kernels_pallas.flash_attention.tuning import heads_per_wave
@@ -263,8 +271,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
     refs are ``[b, len, heads, d]`` / ``[b, heads, len]`` in GMEM. CTAs in ``work_item`` order
     (groups of ``group`` (batch, KV head)s)."""
     seg = geo.has_segments
-    if seg:  # float32 segment ranks (_hopper.segment_ranks)
-        qseg_ref, kseg_ref, *refs = refs
+    if seg:  # float32 ranks, the CTAs' and the consumers' rows of segment_tile_ranges (GMEM)
+        qseg_ref, kseg_ref, rng_ref, wg_rng_ref, *refs = refs
     if fused:
         dq_ref, dk_ref, dv_ref, smem, ready, free, (ds_smem, dq_stage, ds_ready, k_done) = refs
     else:
@@ -276,7 +284,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
     tile, batch, kv_head = work_item(lax.axis_index("p"), geo.nk, b, hk, group, last_first=False)
     bq, g = geo.bq, geo.groups
     cta_first = tile * TILE
-    lo, _, _, hi = q_block_range(cta_first, cta_first + TILE - 1, geo)
+    ranges = tile_ranges(rng_ref, batch, tile) if seg else None
+    lo, _, _, hi = q_block_range(cta_first, cta_first + TILE - 1, geo, ranges)
     n = hi - lo  # query tiles per head of the group; steps run (head r, tile i) = (t // n, t % n)
 
     @pl.when(wg == CONSUMERS)
@@ -319,7 +328,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
             k_seg = vector(seg_smem[0].at[wg], 0, interpret)
         k_idx = k_first + iota((ROWS, bq), 0, interpret)
         q_col = iota((ROWS, bq), 1, interpret)
-        _, full_lo, full_hi, _ = q_block_range(k_first, k_first + ROWS - 1, geo)
+        wg_ranges = tile_ranges(wg_rng_ref, batch, tile * CONSUMERS + wg) if seg else None
+        _, full_lo, full_hi, _ = q_block_range(k_first, k_first + ROWS - 1, geo, wg_ranges)
+        full_lo, full_hi = nested(lo, hi, full_lo, full_hi)  # the producer's steps [lo, hi)
         d, dtype = k_ref.shape[-1], q_ref.dtype
 
         def fused_dq(i, r, t, wg_, p_t, ds_t, dv, dk, q, do):
@@ -365,11 +376,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
             zeros = _zeros((ROWS, bq), interpret)
             s_t, dp_t = _mma(((zeros, [(k_smem.at[wg_], _T(q))]),
                               (zeros, [(v_smem.at[wg_], _T(do))])), interpret)  # fmt: skip
-            mask = tile_mask(i * bq + q_col, k_idx, None, None, geo) if masked else None
-            if seg:
-                q_seg = vector(seg_smem[1].at[slot], 1, interpret)
-                same = same_segment(q_seg, k_seg, (ROWS, bq), query_dim=1)
-                mask = same if mask is None else mask & same
+            mask = None
+            if masked:
+                mask = tile_mask(i * bq + q_col, k_idx, None, None, geo)
+                if seg:  # tiles inside one document need no ids
+                    q_seg = vector(seg_smem[1].at[slot], 1, interpret)
+                    mask = mask & same_segment(q_seg, k_seg, (ROWS, bq), query_dim=1)
             p_t, ds_t = _probs_and_dlogits(
                 s_t,
                 dp_t,
@@ -411,8 +423,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geom
                stages: int, group: int, interpret: bool):  # fmt: skip
     """dQ of 128 query rows of one (batch, head); CTAs in ``work_item`` order."""
     seg = geo.has_segments
-    if seg:  # float32 segment ranks (_hopper.segment_ranks)
-        qseg_ref, kseg_ref, *refs = refs
+    if seg:  # float32 ranks, the CTAs' and the consumers' rows of segment_tile_ranges (GMEM)
+        qseg_ref, kseg_ref, rng_ref, wg_rng_ref, *refs = refs
     dq_ref, smem, ready, free = refs
     (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, *seg_smem) = smem
     (q_ready, do_ready, lse_ready, delta_ready, k_ready, v_ready, *seg_ready) = ready
@@ -421,7 +433,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geom
     tile, batch, head = work_item(lax.axis_index("p"), geo.nq, b, h, group, last_first=True)
     bk = geo.bk
     cta_first = tile * TILE
-    lo, _, _, hi = kv_block_range(cta_first, cta_first + TILE - 1, geo)
+    ranges = tile_ranges(rng_ref, batch, tile) if seg else None
+    lo, _, _, hi = kv_block_range(cta_first, cta_first + TILE - 1, geo, ranges)
 
     @pl.when(wg == CONSUMERS)
     def _producer():
@@ -460,7 +473,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geom
         q_seg = vector(seg_smem[0].at[wg], 0, interpret) if seg else None
         q_idx = q_first + iota((ROWS, bk), 0, interpret)
         k_col = iota((ROWS, bk), 1, interpret)
-        _, full_lo, full_hi, _ = kv_block_range(q_first, q_first + ROWS - 1, geo)
+        wg_ranges = tile_ranges(wg_rng_ref, batch, tile * CONSUMERS + wg) if seg else None
+        _, full_lo, full_hi, _ = kv_block_range(q_first, q_first + ROWS - 1, geo, wg_ranges)
+        full_lo, full_hi = nested(lo, hi, full_lo, full_hi)  # the producer's steps [lo, hi)
 
         def step(j, dq, masked: bool):
             slot = lax.rem(j - lo, jnp.int32(stages))
@@ -469,11 +484,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geom
             k, v = k_ring.at[slot], v_ring.at[slot]
             zeros = _zeros((ROWS, bk), interpret)
             s, dp = _mma(((zeros, [(q_slot, _T(k))]), (zeros, [(do_slot, _T(v))])), interpret)
-            mask = tile_mask(q_idx, j * bk + k_col, None, None, geo) if masked else None
-            if seg:
-                k_seg = vector(seg_smem[1].at[slot], 1, interpret)
-                same = same_segment(q_seg, k_seg, (ROWS, bk), query_dim=0)
-                mask = same if mask is None else mask & same
+            mask = None
+            if masked:
+                mask = tile_mask(q_idx, j * bk + k_col, None, None, geo)
+                if seg:  # tiles inside one document need no ids
+                    k_seg = vector(seg_smem[1].at[slot], 1, interpret)
+                    mask = mask & same_segment(q_seg, k_seg, (ROWS, bk), query_dim=0)
             _, ds = _probs_and_dlogits(s, dp, lse2, delta, mask, geo.scale2, query_dim=0)
             (dq,) = _mma(((dq, [(ds.astype(q_ref.dtype), k)]),), interpret)
             plgpu.barrier_arrive(free.at[slot])
@@ -495,7 +511,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     ``lse2`` (base 2, +inf past the true rows) and ``delta = rowsum(dO * O)``, both float32
     ``[b, h, Lq]``; lengths may carry any padding past ``geo.q_len``/``geo.kv_len``. Returns
     ``dq`` shaped like q and ``dk, dv`` like k (summed over each GQA group), in q's dtype.
-    ``q_seg [b, Lq]``, ``kv_seg [b, Lk]``: float32 segment ranks (with ``geo.has_segments``)."""
+    ``q_seg [b, Lq]``, ``kv_seg [b, Lk]``: int32 segment ids (with ``geo.has_segments``)."""
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
     lq_pad, lk_pad = (-(-n // TILE) * TILE for n in (lq, lk))
@@ -511,8 +527,21 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     bars = lambda n, count: tuple(plgpu.Barrier(num_barriers=n) for _ in range(count))
     free = lambda n: plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n)
     seg = geo.has_segments
-    segs = (pad_to(q_seg, 1, lq_pad, -1.0), pad_to(kv_seg, 1, lk_pad, -1.0)) if seg else ()
-    args = (q, k, v, do, lse2, delta, *segs)
+    if seg:  # float32 ranks, padded rows ranked -1 (no id)
+        ranks = segment_ranks(q_seg, kv_seg)
+        q_seg, kv_seg = (pad_to(x, 1, n, -1.0) for x, n in zip(ranks, (lq_pad, lk_pad)))
+
+    def args(rows, cols, block: int):
+        """A kernel's inputs; with segment ids also the ranks and the ``segment_tile_ranges`` of
+        the ``rows`` ranks' 128-row (CTA) and 64-row (consumer: tile * 2 + wg) tiles against
+        the ``cols`` ranks' ``block``-row tiles."""
+        inputs = (q, k, v, do, lse2, delta)
+        if not seg:
+            return inputs
+        rows, cols = rows.astype(jnp.int32), cols.astype(jnp.int32)
+        ranges = (segment_tile_ranges(rows, cols, n, block) for n in (TILE, ROWS))
+        return (*inputs, q_seg, kv_seg, *ranges)
+
     # with segment ids: each consumer's own rows' ids, and a ring of the streamed tiles' ids
     seg_vecs = lambda streamed: (vec(CONSUMERS, ROWS), vec(s, streamed)) if seg else ()  # noqa: E731
     seg_bars = bars(CONSUMERS, 1) + bars(s, 1) if seg else ()
@@ -534,6 +563,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     )
     dkv_launch = dict(grid=(geo_kv.nk * b * hk,), grid_names=("p",))
     dkv_out = (jax.ShapeDtypeStruct(k.shape, dt),) * 2
+    dkv_args = args(kv_seg, q_seg, bq)
     if tiles.fused_dq:
         ds_exchange = (
             plgpu.SMEM((2, CONSUMERS, ROWS, bq), dt, transforms=transforms),  # dS^T, 2 buffers
@@ -546,7 +576,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         # kernel mutates GMEM refs under pl.core_map, as jax's own TMA-reduction test does (the
         # inputs are copied into refs); the scratch is allocated once for all warpgroups.
         gmem = lambda x: jax.new_ref(x, memory_space=plgpu.GMEM)
-        refs = [gmem(x) for x in args]
+        refs = [gmem(x) for x in dkv_args]
         refs += [gmem(jnp.zeros(q.shape, jnp.float32)), gmem(jnp.zeros(k.shape, dt)),
                  gmem(jnp.zeros(k.shape, dt))]  # dQ accumulator, dK, dV  # fmt: skip
 
@@ -563,7 +593,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
                   interpret=interp)  # fmt: skip
     dk, dv = plgpu.kernel(
         dkv_kernel, out_type=dkv_out, scratch_types=dkv_scratch, **dkv_launch, **launch
-    )(*args)
+    )(*dkv_args)
     geo_q = dataclasses.replace(geo, bq=TILE, bk=tiles.bk)
     dq_group = heads_per_wave(geo_q.nq, b * h, geo_q.wave)
     dq = plgpu.kernel(
@@ -580,5 +610,5 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         grid=(geo_q.nq * b * h,),
         grid_names=("p",),
         **launch,
-    )(*args)
+    )(*args(q_seg, kv_seg, tiles.bk))
     return dq[:, :lq], dk[:, :lk], dv[:, :lk]

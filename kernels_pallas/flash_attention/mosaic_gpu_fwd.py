@@ -55,6 +55,7 @@ from kernels_pallas.flash_attention._hopper import (
     iota,
     nested,
     same_segment,
+    tile_ranges,
     vector,
 )
 from kernels_pallas.flash_attention.tuning import BlockSizes, heads_per_wave
@@ -169,7 +170,7 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
         ``segment_tile_ranges`` or None) of item k."""
         tile, batch, head = work_item(pid + k * programs, geo.nq, b, h, group, last_first=True)
         tile_first = tile * TILE_Q
-        ranges = tuple(rng_ref[batch, tile * 4 + j] for j in range(4)) if seg else None
+        ranges = tile_ranges(rng_ref, batch, tile) if seg else None
         lo, _, _, hi = kv_block_range(tile_first, tile_first + TILE_Q - 1, geo, ranges)
         return tile_first, batch, head, lo, hi, ranges
 
