@@ -171,10 +171,11 @@ DOCUMENT_CASES = {
     "causal_d128_split_stages3": (dict(b=1, q_len=400, kv_len=400, h=1, kv_h=1, d=128,
                                        causal=True, docs=((30, 330, 40),)),
                                   Tiles(bq=64, bk=64, stages=3)),
-    # no causal bound: the documents alone; a boundary at row 192 splits a CTA between its
-    # consumers, each inside one document
-    "noncausal_d64_split_stages2": (dict(b=1, q_len=260, kv_len=260, h=1, kv_h=1, d=64,
-                                         causal=False, docs=((70, 122, 68),)),
+    # no causal bound: the documents alone. Row 0: a boundary at row 192 splits a CTA between
+    # its consumers, each inside one document; row 1: the second CTA inside one document, the
+    # first's second consumer not (each consumer has its own whole tiles)
+    "noncausal_d64_split_stages2": (dict(b=2, q_len=330, kv_len=330, h=1, kv_h=1, d=64,
+                                         causal=False, docs=((70, 122, 138), (100, 160, 70))),
                                     Tiles(bq=64, bk=64, stages=2)),
     # dQ fused (D=128: blocks by columns): a window and GQA
     "window_d128_fused_gqa": (dict(b=1, q_len=300, kv_len=300, h=2, kv_h=1, d=128,
