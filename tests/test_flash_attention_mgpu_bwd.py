@@ -354,19 +354,24 @@ def _run_state_literal_operands(jaxpr) -> list:
     return found
 
 
-@pytest.mark.parametrize("d, causal, fused", [(64, True, False), (64, False, True),
-                                              (128, True, True), (128, False, False)])  # fmt: skip
-def test_gpu_kernels_give_run_state_no_literal_operands(d, causal, fused):
+@pytest.mark.parametrize("d, causal, fused, segments", [(64, True, False, True),
+                                                        (64, False, True, False),
+                                                        (128, True, True, True),
+                                                        (128, False, False, False)])  # fmt: skip
+def test_gpu_kernels_give_run_state_no_literal_operands(d, causal, fused, segments):
     """The GPU (not interpreted) forward and backward kernels, traced on any platform."""
     n, pingpong = 256, d == 128
     q = jax.ShapeDtypeStruct((1, n, 2, d), jnp.bfloat16)
     vec = jax.ShapeDtypeStruct((1, 2, n), jnp.float32)
+    ids = lambda dtype, length=n: jax.ShapeDtypeStruct((1, length), dtype)  # noqa: E731
     geo = Geometry(q_len=n, kv_len=n, bq=128, bk=128, causal=causal, window=None,
-                   has_segments=False, scale=d**-0.5, groups=1)  # fmt: skip
+                   has_segments=segments, scale=d**-0.5, groups=1)  # fmt: skip
     tiles = FUSED[d] if fused else mosaic_gpu_bwd.default_tiles(d, n)
-    fwd = lambda *a: mosaic_gpu_fwd.forward(*a, geo, stages=2, interpret=False, pingpong=pingpong)
-    bwd = lambda *a: mosaic_gpu_bwd.backward(*a, geo, tiles, False)
-    for fn, args in ((fwd, (q, q, q)), (bwd, (q, q, q, q, vec, vec))):
+    fwd = lambda *a: mosaic_gpu_fwd.forward(*a[:3], geo, 2, False, pingpong, *a[3:])
+    fwd_segs = (ids(jnp.float32),) * 2 + (ids(jnp.int32, n // 128 * 4),) if segments else ()
+    bwd = lambda *a: mosaic_gpu_bwd.backward(*a[:6], geo, tiles, False, *a[6:])
+    bwd_segs = (ids(jnp.int32),) * 2 if segments else ()
+    for fn, args in ((fwd, (q, q, q, *fwd_segs)), (bwd, (q, q, q, q, vec, vec, *bwd_segs))):
         assert _run_state_literal_operands(jax.jit(fn).trace(*args).jaxpr.jaxpr) == []
 
 
