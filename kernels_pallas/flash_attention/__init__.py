@@ -239,9 +239,7 @@ def flash_attention(
     backend, interpret = _resolve(backend, interpret)
     b, q_len, h, d = q.shape
     kv_len = k.shape[1]
-    lowering = _resolve_lowering(
-        lowering, backend, interpret, q.dtype, d, q_segment_ids, block_sizes
-    )
+    lowering = _resolve_lowering(lowering, backend, interpret, q.dtype, d, block_sizes)
     blocks = block_sizes or tuning.block_sizes(backend, q_len, kv_len, d, lowering)
     bwd_tiles = None
     if lowering == "mosaic":
@@ -277,7 +275,7 @@ def flash_attention(
     return _flash(call, q, k, v, q_segment_ids, kv_segment_ids)
 
 
-def _resolve_lowering(lowering, backend, interpret, dtype, d, q_segment_ids, block_sizes) -> str:
+def _resolve_lowering(lowering, backend, interpret, dtype, d, block_sizes) -> str:
     """The GPU lowering: ``lowering`` if given, else the tuning rule; explicit ``block_sizes``
     without a lowering keep the Triton kernels they were chosen for."""
     if lowering is not None and lowering not in LOWERINGS:
@@ -295,7 +293,7 @@ def _resolve_lowering(lowering, backend, interpret, dtype, d, q_segment_ids, blo
         not interpret
         and block_sizes is None
         and device.platform == "gpu"
-        and _hopper.supports(dtype, d, q_segment_ids is not None)
+        and _hopper.supports(dtype, d)
     )
     return tuning.gpu_lowering(device.device_kind, d, mosaic_ok)
 

@@ -25,11 +25,10 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 
 
-def supports(dtype, head_dim: int, has_segments: bool) -> bool:
+def supports(dtype, head_dim: int) -> bool:
     """Whether the default lowering rule may pick the Hopper kernels for such a call (else it
-    stays with Triton). Segment ids run on them when asked for (``lowering="mosaic"``), but
-    not by default until a benchmark has compared them with the Triton kernels."""
-    return jnp.dtype(dtype) in map(jnp.dtype, DTYPES) and head_dim in HEAD_DIMS and not has_segments
+    stays with Triton), segment ids included."""
+    return jnp.dtype(dtype) in map(jnp.dtype, DTYPES) and head_dim in HEAD_DIMS
 
 
 def check_call(dtype, head_dim: int, who: str) -> None:
