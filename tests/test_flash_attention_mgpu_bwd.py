@@ -208,6 +208,19 @@ def test_mosaic_backward_with_packed_documents(rng, races, within_xla_error, nam
     _check_backward(rng, case, within_xla_error, tiles=tiles, races=races)
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", sorted(DOCUMENT_CASES))
+def test_gpu_mosaic_backward_with_packed_documents(rng, within_xla_error, name):
+    """The same packed-document cases, compiled: real ring waits on the streamed tile ranges."""
+    case, tiles = DOCUMENT_CASES[name]
+    case = dict(case)
+    if "docs" in case:
+        case["segments"] = _packed(*case.pop("docs"))
+    print(f"\n{name}: compiling and running", flush=True)
+    _check_backward(rng, case, within_xla_error, tiles=tiles, interpret=False)
+
+
 # the default tiles, except a one-slot ring (128-wide streamed tiles) for the D=64 case
 RING = {"window_d64_gqa_short_q": mosaic_gpu_bwd.Tiles(bq=128, bk=128, stages=1)}
 
