@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.extend import core as jax_core
 
 from arjax.ops import attention, attention_mask, attention_reference
@@ -185,10 +186,11 @@ DOCUMENT_CASES = {
     # dQ fused (D=64: blocks by rows), 150 queries at the end of 330 keys (decode-like offset)
     "short_q_d64_fused": (dict(b=1, q_len=150, kv_len=330, h=2, kv_h=2, d=64, causal=True,
                                docs=((100, 80, 150),)), FUSED[64]),
-    # fused with three ring slots, a single document in row 1
-    "causal_d128_fused_stages3": (dict(b=2, q_len=260, kv_len=260, h=1, kv_h=1, d=128,
-                                       causal=True, docs=((150, 40, 70), (260,))),
-                                  Tiles(bq=64, stages=3, fused_dq=True)),
+    # fused, two rows, a single document in row 1 (three ring slots do not fit with segment
+    # ids: test_shared_memory_is_counted_as_allocated)
+    "causal_d128_fused_two_rows": (dict(b=2, q_len=260, kv_len=260, h=1, kv_h=1, d=128,
+                                        causal=True, docs=((150, 40, 70), (260,))),
+                                   FUSED[128]),
     # ids that differ between queries and keys: the second KV CTA's keys share a document only
     # with queries before them, so its range is empty while its second consumer's own range
     # starts a query tile later (clipped to the CTA's by _hopper.nested, else a hang)
@@ -336,7 +338,23 @@ def test_default_tiles_are_supported():
                 mosaic_gpu_bwd.default_tiles(d, 8192),
                 FUSED[d],
             ):
-                mosaic_gpu_bwd.check_supported(dtype, d, False, tiles)
+                for segments in (False, True):
+                    mosaic_gpu_bwd.check_supported(dtype, d, segments, tiles)
+
+
+def test_shared_memory_is_counted_as_allocated():
+    """``smem_bytes`` counts what Mosaic GPU allocates: each buffer rounded up to 1 KiB, then
+    8 B per mbarrier. The fused D=128 backward with three ring slots and segment ids needs
+    233,688 B (the figure Mosaic GPU reported when compiling it on an H200), over the 232,448 B
+    limit, so ``check_supported`` rejects it; without segment ids it fits (231,600 B)."""
+    scratch = (plgpu.SMEM((3, 64), jnp.float32), plgpu.Barrier(num_barriers=3))
+    assert _hopper.smem_footprint(scratch) == 1024 + 3 * 8
+    fused3 = Tiles(bq=64, stages=3, fused_dq=True)
+    assert mosaic_gpu_bwd.smem_bytes(jnp.bfloat16, 128, fused3, segments=True) == 233_688
+    assert mosaic_gpu_bwd.smem_bytes(jnp.bfloat16, 128, fused3, segments=False) == 231_600
+    with pytest.raises(ValueError, match="233688 B of shared memory"):
+        mosaic_gpu_bwd.check_supported(jnp.bfloat16, 128, True, fused3)
+    mosaic_gpu_bwd.check_supported(jnp.bfloat16, 128, False, fused3)
 
 
 def test_register_budgets_fit_the_launch():

@@ -85,6 +85,7 @@ from kernels_pallas.flash_attention._hopper import (
     nested,
     same_segment,
     segment_ranks,
+    smem_footprint,
     tile_ranges,
     vector,
 )
@@ -121,19 +122,45 @@ def default_tiles(head_dim: int, length: int) -> Tiles:
     return Tiles(bq=128, bk=128, stages=2, fused_dq=fused)
 
 
-def smem_bytes(itemsize: int, head_dim: int, tiles: Tiles, segments: bool = False) -> int:
-    """Shared memory of the larger of the kernels' CTAs (with segment ids: each consumer's
-    own rows' ids and a ring of the streamed tiles' ids, float32)."""
-    vectors = 3 if segments else 2  # float32 per streamed row: lse, delta (, segment id)
-    resident = 2 * TILE * head_dim * itemsize  # K, V (dK/dV) or Q, dO (dQ) of both consumers
-    resident += TILE * 4 if segments else 0
-    dkv_ring = tiles.stages * (2 * tiles.bq * head_dim * itemsize + vectors * tiles.bq * 4)
-    if tiles.fused_dq:  # + dS^T double buffer and each consumer's float32 dQ staging block
-        return resident + dkv_ring + 2 * TILE * tiles.bq * itemsize + CONSUMERS * ROWS * ROWS * 4
-    dq_ring = tiles.stages * (
-        2 * tiles.bk * head_dim * itemsize + (tiles.bk * 4 if segments else 0)
+_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # wgmma operands
+
+
+def scratch_types(dtype, head_dim: int, tiles: Tiles, segments: bool) -> tuple:
+    """Scratch of the dK/dV kernel (fused: its ``dS^T`` exchange last) and of the dQ kernel
+    (None when fused): ``(smem buffers, ready barriers, free barriers[, exchange])`` each. With
+    segment ids: each consumer's own rows' ids and a ring of the streamed tiles' ids."""
+    s, bq, bk = tiles.stages, tiles.bq, tiles.bk
+    mat = lambda *shape: plgpu.SMEM((*shape, head_dim), dtype, transforms=_TRANSFORMS)
+    vec = lambda n, rows: plgpu.SMEM((n, rows), jnp.float32)
+    bars = lambda n, count: tuple(plgpu.Barrier(num_barriers=n) for _ in range(count))
+    free = lambda n: plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n)
+    seg_vecs = lambda streamed: (vec(CONSUMERS, ROWS), vec(s, streamed)) if segments else ()
+    seg_bars = bars(CONSUMERS, 1) + bars(s, 1) if segments else ()
+    dkv = (
+        (mat(CONSUMERS, ROWS),) * 2 + (mat(s, bq),) * 2 + (vec(s, bq),) * 2 + seg_vecs(bq),
+        bars(CONSUMERS, 2) + bars(s, 4) + seg_bars,
+        free(s),
     )
-    return resident + 2 * TILE * 4 + max(dkv_ring, dq_ring)
+    if tiles.fused_dq:
+        exchange = (
+            plgpu.SMEM((2, CONSUMERS, ROWS, bq), dtype, transforms=_TRANSFORMS),  # dS^T, 2 buffers
+            plgpu.SMEM((CONSUMERS, ROWS, ROWS), jnp.float32),  # dQ block staging
+            free(2),  # both halves of dS^T written
+            free(1),  # both consumers done with K
+        )
+        return (*dkv, exchange), None
+    dq = (
+        (mat(CONSUMERS, ROWS),) * 2 + (vec(CONSUMERS, ROWS),) * 2 + (mat(s, bk),) * 2
+        + seg_vecs(bk),
+        bars(CONSUMERS, 4) + bars(s, 2) + seg_bars,
+        free(s),
+    )  # fmt: skip
+    return dkv, dq
+
+
+def smem_bytes(dtype, head_dim: int, tiles: Tiles, segments: bool = False) -> int:
+    """Shared memory of the larger of the kernels' CTAs, as Mosaic GPU allocates it."""
+    return max(smem_footprint(x) for x in scratch_types(dtype, head_dim, tiles, segments) if x)
 
 
 def check_supported(dtype, head_dim: int, has_segments: bool, tiles: Tiles) -> None:
@@ -154,7 +181,7 @@ def check_supported(dtype, head_dim: int, has_segments: bool, tiles: Tiles) -> N
         )
     if not isinstance(tiles.stages, int) or tiles.stages < 1:
         raise ValueError(f"mosaic backward: stages must be a positive int, got {tiles.stages!r}")
-    if (need := smem_bytes(jnp.dtype(dtype).itemsize, head_dim, tiles, has_segments)) > SMEM_BYTES:
+    if (need := smem_bytes(dtype, head_dim, tiles, has_segments)) > SMEM_BYTES:
         raise ValueError(f"mosaic backward: {tiles} needs {need} B of shared memory > {SMEM_BYTES}")
 
 
@@ -518,15 +545,11 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     q, do = (pad_to(x, 1, lq_pad) for x in (q, do))
     k, v = (pad_to(x, 1, lk_pad) for x in (k, v))
     lse2, delta = pad_to(lse2, 2, lq_pad, jnp.inf), pad_to(delta, 2, lq_pad)
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     dt, s, bq = q.dtype, tiles.stages, tiles.bq
     params = plgpu.CompilerParams(approx_math=True)
     interp = interpret_params() if interpret else None
-    mat = lambda *shape: plgpu.SMEM((*shape, d), dt, transforms=transforms)
-    vec = lambda n, rows: plgpu.SMEM((n, rows), jnp.float32)
-    bars = lambda n, count: tuple(plgpu.Barrier(num_barriers=n) for _ in range(count))
-    free = lambda n: plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n)
     seg = geo.has_segments
+    dkv_scratch, dq_scratch = scratch_types(dt, d, tiles, seg)
     if seg:  # float32 ranks, padded rows ranked -1 (no id)
         ranks = segment_ranks(q_seg, kv_seg)
         q_seg, kv_seg = (pad_to(x, 1, n, -1.0) for x, n in zip(ranks, (lq_pad, lk_pad)))
@@ -542,10 +565,6 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         ranges = (segment_tile_ranges(rows, cols, n, block) for n in (TILE, ROWS))
         return (*inputs, q_seg, kv_seg, *ranges)
 
-    # with segment ids: each consumer's own rows' ids, and a ring of the streamed tiles' ids
-    seg_vecs = lambda streamed: (vec(CONSUMERS, ROWS), vec(s, streamed)) if seg else ()  # noqa: E731
-    seg_bars = bars(CONSUMERS, 1) + bars(s, 1) if seg else ()
-
     geo_kv = dataclasses.replace(geo, bq=bq, bk=TILE)
     dkv_group = heads_per_wave(geo_kv.nk, b * hk, geo_kv.wave)
     dkv_kernel = functools.partial(
@@ -556,21 +575,10 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         interpret=interpret,
         fused=tiles.fused_dq,
     )
-    dkv_scratch = (
-        (mat(CONSUMERS, ROWS),) * 2 + (mat(s, bq),) * 2 + (vec(s, bq),) * 2 + seg_vecs(bq),
-        bars(CONSUMERS, 2) + bars(s, 4) + seg_bars,
-        free(s),
-    )
     dkv_launch = dict(grid=(geo_kv.nk * b * hk,), grid_names=("p",))
     dkv_out = (jax.ShapeDtypeStruct(k.shape, dt),) * 2
     dkv_args = args(kv_seg, q_seg, bq)
     if tiles.fused_dq:
-        ds_exchange = (
-            plgpu.SMEM((2, CONSUMERS, ROWS, bq), dt, transforms=transforms),  # dS^T, 2 buffers
-            plgpu.SMEM((CONSUMERS, ROWS, ROWS), jnp.float32),  # dQ block staging
-            free(2),  # both halves of dS^T written
-            free(1),  # both consumers done with K
-        )
         mesh = plgpu.Mesh(num_threads=CONSUMERS + 1, thread_name="wg", **dkv_launch)
         # plgpu.kernel cannot take a Ref operand (jax 0.10.2 and 0.11: its vmap wrapper), so the
         # kernel mutates GMEM refs under pl.core_map, as jax's own TMA-reduction test does (the
@@ -583,7 +591,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         @pl.core_map(mesh, compiler_params=params, interpret=interp)
         def _():
             kernel = functools.partial(dkv_kernel, *refs)
-            pl.run_scoped(kernel, *dkv_scratch, ds_exchange, collective_axes="wg")
+            pl.run_scoped(kernel, *dkv_scratch, collective_axes="wg")
 
         dq_acc, dk, dv = (jax.freeze(r) for r in refs[-3:])
         dq = (dq_acc * geo.scale).astype(dt)
@@ -599,14 +607,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, geo=geo_q, stages=s, group=dq_group, interpret=interpret),
         out_type=jax.ShapeDtypeStruct(q.shape, dt),
-        scratch_types=(
-            (mat(CONSUMERS, ROWS),) * 2
-            + (vec(CONSUMERS, ROWS),) * 2
-            + (mat(s, tiles.bk),) * 2
-            + seg_vecs(tiles.bk),
-            bars(CONSUMERS, 4) + bars(s, 2) + seg_bars,
-            free(s),
-        ),
+        scratch_types=dq_scratch,
         grid=(geo_q.nq * b * h,),
         grid_names=("p",),
         **launch,

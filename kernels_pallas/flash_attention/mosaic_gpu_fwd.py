@@ -55,6 +55,7 @@ from kernels_pallas.flash_attention._hopper import (
     iota,
     nested,
     same_segment,
+    smem_footprint,
     tile_ranges,
     vector,
 )
@@ -75,7 +76,7 @@ def check_supported(dtype, head_dim: int, has_segments: bool, blocks: BlockSizes
         raise ValueError(
             f"lowering='mosaic': KV tile bk must be one of {KV_TILES}, got {blocks.bk}"
         )
-    need = smem_bytes(jnp.dtype(dtype).itemsize, head_dim, blocks, has_segments)
+    need = smem_bytes(dtype, head_dim, blocks, has_segments)
     if need > SMEM_BYTES:
         raise ValueError(
             f"lowering='mosaic': bk={blocks.bk}, stages={blocks.stages} need {need} B of shared "
@@ -83,13 +84,35 @@ def check_supported(dtype, head_dim: int, has_segments: bool, blocks: BlockSizes
         )
 
 
-def smem_bytes(itemsize: int, head_dim: int, blocks: BlockSizes, segments: bool = False) -> int:
-    """Shared memory of one CTA: Q/O tiles, K and V rings, the lse rows (and with segment ids
-    the query rows' ids and a ring of the KV tiles' ids, float32)."""
-    q = TILE_Q * head_dim * itemsize
-    kv = 2 * blocks.stages * blocks.bk * head_dim * itemsize
-    seg = (TILE_Q + blocks.stages * blocks.bk) * 4 if segments else 0
-    return q + kv + TILE_Q * 4 + seg
+def scratch_types(dtype, head_dim: int, bk: int, stages: int, segments: bool) -> tuple:
+    """The kernel's scratch: Q/O tiles, K and V rings, the lse rows (and with segment ids the
+    query rows' ids and a ring of the KV tiles' ids, float32), their barriers."""
+    # wgmma operands: 128-byte swizzled (8 x 64-element) tiles; d is 64 or 128 (2-byte types)
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    seg_smem = (plgpu.SMEM((CONSUMERS, ROWS), jnp.float32), plgpu.SMEM((stages, bk), jnp.float32))
+    seg_ready = (plgpu.Barrier(num_barriers=CONSUMERS), plgpu.Barrier(num_barriers=stages))
+    return (
+        (
+            plgpu.SMEM((CONSUMERS, ROWS, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((stages, bk, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((stages, bk, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
+            *(seg_smem if segments else ()),
+        ),
+        (
+            plgpu.Barrier(num_barriers=CONSUMERS),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            *(seg_ready if segments else ()),
+        ),
+        (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
+        plgpu.Barrier(num_arrivals=CONSUMERS),
+    )
+
+
+def smem_bytes(dtype, head_dim: int, blocks: BlockSizes, segments: bool = False) -> int:
+    """Shared memory of one CTA, as Mosaic GPU allocates it."""
+    return smem_footprint(scratch_types(dtype, head_dim, blocks.bk, blocks.stages, segments))
 
 
 def _rows_layout(x, interpret: bool):
@@ -332,28 +355,8 @@ def forward(
     against ``geo.bk``-row KV tiles."""
     b, lq, h, d = q.shape
     bk = geo.bk
-    # wgmma operands: 128-byte swizzled (8 x 64-element) tiles; d is 64 or 128 (2-byte types)
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     seg = geo.has_segments
-    seg_smem = (plgpu.SMEM((CONSUMERS, ROWS), jnp.float32), plgpu.SMEM((stages, bk), jnp.float32))
-    seg_ready = (plgpu.Barrier(num_barriers=CONSUMERS), plgpu.Barrier(num_barriers=stages))
-    scratch = (
-        (
-            plgpu.SMEM((CONSUMERS, ROWS, d), q.dtype, transforms=transforms),
-            plgpu.SMEM((stages, bk, d), k.dtype, transforms=transforms),
-            plgpu.SMEM((stages, bk, d), v.dtype, transforms=transforms),
-            plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
-            *(seg_smem if seg else ()),
-        ),
-        (
-            plgpu.Barrier(num_barriers=CONSUMERS),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
-            *(seg_ready if seg else ()),
-        ),
-        (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
-        plgpu.Barrier(num_arrivals=CONSUMERS),
-    )
+    scratch = scratch_types(q.dtype, d, bk, stages, seg)
     programs = geo.nq * b * h
     kernel = functools.partial(
         _forward_kernel,
