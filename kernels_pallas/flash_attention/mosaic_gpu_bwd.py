@@ -300,8 +300,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
     seg = geo.has_segments
     if seg:  # float32 ranks, the CTAs' and the consumers' rows of segment_tile_ranges (GMEM)
         qseg_ref, kseg_ref, rng_ref, wg_rng_ref, *refs = refs
-    if fused:
-        dq_ref, dk_ref, dv_ref, smem, ready, free, (ds_smem, dq_stage, ds_ready, k_done) = refs
+    if fused:  # dK and dV share one GMEM ref [2, ...]
+        dq_ref, dkv_ref, smem, ready, free, (ds_smem, dq_stage, ds_ready, k_done) = refs
+        dk_ref, dv_ref = dkv_ref.at[0], dkv_ref.at[1]
     else:
         dk_ref, dv_ref, smem, ready, free = refs
     (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *seg_smem) = smem
@@ -584,16 +585,17 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         # kernel mutates GMEM refs under pl.core_map, as jax's own TMA-reduction test does (the
         # inputs are copied into refs); the scratch is allocated once for all warpgroups.
         gmem = lambda x: jax.new_ref(x, memory_space=plgpu.GMEM)
+        # dK and dV in one ref [2, ...]: as two refs of zeros they came back as one buffer on an
+        # H200 (jax 0.11.2, with segment ids: dK exactly equal to dV; the interpreter was right)
         refs = [gmem(x) for x in dkv_args]
-        refs += [gmem(jnp.zeros(q.shape, jnp.float32)), gmem(jnp.zeros(k.shape, dt)),
-                 gmem(jnp.zeros(k.shape, dt))]  # dQ accumulator, dK, dV  # fmt: skip
+        refs += [gmem(jnp.zeros(q.shape, jnp.float32)), gmem(jnp.zeros((2, *k.shape), dt))]
 
         @pl.core_map(mesh, compiler_params=params, interpret=interp)
         def _():
             kernel = functools.partial(dkv_kernel, *refs)
             pl.run_scoped(kernel, *dkv_scratch, collective_axes="wg")
 
-        dq_acc, dk, dv = (jax.freeze(r) for r in refs[-3:])
+        dq_acc, (dk, dv) = (jax.freeze(r) for r in refs[-2:])
         dq = (dq_acc * geo.scale).astype(dt)
         return dq[:, :lq], dk[:, :lk], dv[:, :lk]
 
