@@ -146,47 +146,55 @@ def hat_padding(cfg: HATConfig, batch: dict) -> dict:
 
 def profile_hat(model: HAT, params: Any, tx: Any, batch: dict, *, steps: int, repeats: int):
     """Forward + backward seconds of each HAT stage alone (jitted, same batch), and the
-    optimizer update. Each stage's input is the previous stage's output."""
+    optimizer update. Each stage's input is the previous stage's output. The batch is an
+    argument of every jitted stage, as of the train step: closed over, its constant segment ids
+    would let XLA fold the attention's tile ranges (and spend seconds on it) at compile time."""
     w = batch["word_segment_ids"].shape[1]
-    slots = jnp.where(batch["word_segment_ids"] > 0, jnp.arange(1, w + 1), 0)
+    slots = lambda b: jnp.where(b["word_segment_ids"] > 0, jnp.arange(1, w + 1), 0)  # noqa: E731
 
-    def apply(method: Callable) -> Callable:
-        return lambda p, *xs: model.apply({"params": p}, *xs, method=method)
+    def encoder(m, b, tokens):
+        return m.encode(tokens, b["positions"], b["segment_ids"])
 
-    stages = {
-        "encoder": (
-            apply(lambda m, t: m.encode(t, batch["positions"], batch["segment_ids"])),
-            (batch["inputs"],),
-        ),
-    }
-    acts = jax.jit(stages["encoder"][0])(params, batch["inputs"])
-    pool = lambda m, a: m.pool_words(  # noqa: E731
-        a, batch["positions"], batch["word_ids"], batch["word_positions"], slots
-    )
-    stages["encoder connector"] = (apply(pool), (acts,))
-    words = jax.jit(apply(pool))(params, acts)
-    backbone = lambda m, x: m.run_backbone(  # noqa: E731
-        x, batch["word_positions"], batch["word_segment_ids"]
-    )
-    stages["backbone"] = (apply(backbone), (words,))
-    states = jax.jit(apply(backbone))(params, words)
+    def pool(m, b, acts):
+        return m.pool_words(acts, b["positions"], b["word_ids"], b["word_positions"], slots(b))
 
-    def decode(m, a, s):
-        pred = m.predictive(s, batch["word_positions"])
+    def backbone(m, b, words):
+        return m.run_backbone(words, b["word_positions"], b["word_segment_ids"])
+
+    def decode(m, b, acts, states):
+        pred = m.predictive(states, b["word_positions"])
         return m.decode_bytes(
-            a, pred, batch["positions"], batch["segment_ids"], batch["word_ids"],
-            batch["word_positions"], slots,
+            acts, pred, b["positions"], b["segment_ids"], b["word_ids"], b["word_positions"],
+            slots(b),
         )  # fmt: skip
 
-    stages["decoder + head"] = (apply(decode), (acts, states))
-    logits = jax.jit(apply(decode))(params, acts, states)
+    def stage(method: Callable) -> Callable:
+        """``f(params, batch, *xs)`` of one stage."""
+        return lambda p, b, *xs: model.apply({"params": p}, b, *xs, method=method)
+
+    acts = jax.jit(stage(encoder))(params, batch, batch["inputs"])
+    words = jax.jit(stage(pool))(params, batch, acts)
+    states = jax.jit(stage(backbone))(params, batch, words)
+    stages = {
+        "encoder": (stage(encoder), (batch["inputs"],)),
+        "encoder connector": (stage(pool), (acts,)),
+        "backbone": (stage(backbone), (words,)),
+        "decoder + head": (stage(decode), (acts, states)),
+    }
+    logits = jax.jit(stage(decode))(params, batch, acts, states)
     out = {}
     for name, (f, xs) in stages.items():
-        ct = jax.tree.map(jnp.ones_like, jax.eval_shape(f, params, *xs))
-        fb = jax.jit(lambda p, *xs, f=f, ct=ct: jax.vjp(f, p, *xs)[1](ct))
-        out[name] = time_call(fb, (params, *xs), steps=steps, repeats=repeats)
-    loss = lambda z: cross_entropy(z, batch["targets"], batch["loss_mask"])[0]  # noqa: E731
-    out["loss"] = time_call(jax.jit(jax.value_and_grad(loss)), (logits,), steps=steps,
+        ct = jax.tree.map(jnp.ones_like, jax.eval_shape(f, params, batch, *xs))
+
+        def fb(p, b, *xs, f=f, ct=ct):  # gradients in the params and the stage's inputs
+            return jax.vjp(lambda p, *xs: f(p, b, *xs), p, *xs)[1](ct)
+
+        out[name] = time_call(jax.jit(fb), (params, batch, *xs), steps=steps, repeats=repeats)
+
+    def loss(z, b):
+        return cross_entropy(z, b["targets"], b["loss_mask"])[0]
+
+    out["loss"] = time_call(jax.jit(jax.value_and_grad(loss)), (logits, batch), steps=steps,
                             repeats=repeats)  # fmt: skip
     opt_state = tx.init(params)
 
