@@ -139,8 +139,10 @@ def impls(d: int, causal: bool = True, mosaic_kw: dict | None = None, **kw):
 
 
 def fwd_bwd(fn):
-    def loss(q, k, v):
-        return jnp.sum(fn(q, k, v).astype(jnp.float32))
+    """Jitted gradients in q, k, v of ``sum(fn(q, k, v, *rest))``."""
+
+    def loss(q, k, v, *rest):
+        return jnp.sum(fn(q, k, v, *rest).astype(jnp.float32))
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
@@ -353,39 +355,51 @@ def dense_rows(args, log, tiles: dict[int, BlockSizes], rows: list[dict], save) 
                 save()
 
 
+def _sparse_fns(window: int | None, dense, blocks: BlockSizes | None) -> list:
+    """``(name, fn(q, k, v, ids))`` of the sparse rows: a sliding ``window``, or (None) packed
+    documents with segment ids ``ids`` (unused by the window's); ``blocks``: the Triton tiles
+    picked by the sweep (explicit tiles keep the default lowering on Triton)."""
+    kw = dict(window=window) if window else {}
+    tile_kw = {"block_sizes": blocks} if blocks else {}
+    ids_kw = (lambda ids: {}) if window else (  # noqa: E731
+        lambda ids: dict(q_segment_ids=ids, kv_segment_ids=ids))  # fmt: skip
+    fns = [
+        ("cudnn_dense_causal", lambda q, k, v, ids: dense(q, k, v)),
+        ("arjax_pallas", lambda q, k, v, ids: flash_attention(
+            q, k, v, causal=True, **kw, **ids_kw(ids), **tile_kw)),
+        ("arjax_mosaic", lambda q, k, v, ids: flash_attention(
+            q, k, v, causal=True, lowering="mosaic", **kw, **ids_kw(ids))),
+    ]  # fmt: skip
+    if window:
+        fns.append(("cudnn_window", lambda q, k, v, ids: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn",
+            local_window_size=(window - 1, 0))))  # fmt: skip
+        fns.append(("jla", lambda q, k, v, ids: jla_attention(q, k, v, sliding_window=window)))
+    else:
+        fns.append(("jla", lambda q, k, v, ids: jla_attention(q, k, v, segment_ids=ids)))
+    return fns
+
+
 def sparse_rows(args, log, tiles: dict[int, BlockSizes], rows: list[dict], save) -> None:
     """Sliding window / packed documents (ours skips tiles), with the default lowering and
     with ``lowering="mosaic"``, vs dense causal cuDNN and jla, and the window case also vs
-    cuDNN's own sliding window; appended to ``rows``, saved after each."""
+    cuDNN's own sliding window; appended to ``rows``, saved after each. The segment ids are an
+    argument of every timed call, as in training: closed over, XLA would compute their tile
+    ranges at compile time."""
     d, h, b, length = 128, 16, 2, 8192
     q, k, v = make_inputs(b, length, h, d, seed=1)
     seg = jnp.repeat(jnp.arange(8, dtype=jnp.int32) + 1, length // 8)[None].repeat(b, 0)
-    cases = {
-        "window=1024": dict(window=1024),
-        "8 docs of 1024 (segment ids)": dict(q_segment_ids=seg, kv_segment_ids=seg),
-    }
-    dense = impls(d)["cudnn"]
-    tile_kw = {"block_sizes": tiles[d]} if d in tiles else {}
-    for case, kw in cases.items():
-        ours = functools.partial(flash_attention, causal=True, **kw, **tile_kw)
-        mosaic = functools.partial(flash_attention, causal=True, lowering="mosaic", **kw)
-        fns = [("cudnn_dense_causal", dense), ("arjax_pallas", ours), ("arjax_mosaic", mosaic)]
-        if "window" in kw:
-            fns.append(("cudnn_window", functools.partial(
-                jax.nn.dot_product_attention, is_causal=True, implementation="cudnn",
-                local_window_size=(kw["window"] - 1, 0))))  # fmt: skip
-            fns.append(("jla", functools.partial(jla_attention, sliding_window=kw["window"])))
-        else:
-            fns.append(("jla", functools.partial(jla_attention, segment_ids=seg)))
+    for case, window in (("window=1024", 1024), ("8 docs of 1024 (segment ids)", None)):
+        fns = _sparse_fns(window, impls(d)["cudnn"], tiles.get(d))
         for mode in ("fwd", "fwd+bwd"):
             row = {"case": case, "D": d, "L": length, "B": b, "H": h, "mode": mode}
             outputs = {}
             for name, fn in fns:
                 jf = jax.jit(fn) if mode == "fwd" else fwd_bwd(fn)
                 try:
-                    row[name + "_ms"] = time_fn(jf, (q, k, v), args.iters, args.repeats) * 1e3
+                    row[name + "_ms"] = time_fn(jf, (q, k, v, seg), args.iters, args.repeats) * 1e3
                     if mode == "fwd" and name != "cudnn_dense_causal":
-                        outputs[name] = jf(q, k, v).astype(jnp.float32)
+                        outputs[name] = jf(q, k, v, seg).astype(jnp.float32)
                 except Exception as e:  # noqa: BLE001 - e.g. cuDNN without window support
                     row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             for name, out in outputs.items():  # same masked function: compare with arjax's
