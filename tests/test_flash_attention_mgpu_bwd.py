@@ -406,6 +406,26 @@ def test_gpu_kernels_give_run_state_no_literal_operands(d, causal, fused, segmen
         assert _run_state_literal_operands(jax.jit(fn).trace(*args).jaxpr.jaxpr) == []
 
 
+def test_identical_call_sites_share_the_lowered_kernels():
+    """Two identical ``flash_attention`` calls (a model's layers) with their gradients, lowered
+    for a GPU on any host: the program holds one copy of each Mosaic GPU kernel (forward,
+    dK/dV, dQ), called from both sites, not one per site (each copy costs seconds to lower)."""
+    x = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+
+    def loss(q, k, v, seg):
+        for layer in range(2):
+            with jax.named_scope(f"layer_{layer}"):
+                q = flash_attention(q, k * (layer + 1), v, causal=True, backend="gpu",
+                                    interpret=False, lowering="mosaic", q_segment_ids=seg,
+                                    kv_segment_ids=seg)  # fmt: skip
+        return q.astype(jnp.float32).sum()
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    text = grads.trace(x, x, x, ids).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 3
+
+
 GPU_CASES = {  # (call, dQ fused into the dK/dV kernel); ragged lengths, GQA, both head dims
     "split_causal_d128_gqa": (dict(b=2, q_len=1000, kv_len=1000, h=4, kv_h=2, d=128), False),
     "split_causal_d64_short_q": (dict(b=1, q_len=700, kv_len=1500, h=4, kv_h=1, d=64), False),

@@ -128,6 +128,14 @@ class _Call:
     mosaic_fwd: tuning.MosaicForward | None = None  # the Hopper forward's (lowering "mosaic")
 
 
+# The Hopper kernels' launchers under jit: a model's identical attention calls (its layers) then
+# share one traced and lowered function in the program instead of lowering the Mosaic GPU
+# kernels again per call site (seconds each). Interpreted calls use the plain functions, which
+# tests patch (race detection is read when a kernel is traced).
+_mosaic_forward = jax.jit(mosaic_gpu_fwd.forward, static_argnums=(3, 4, 5, 6))
+_mosaic_backward = jax.jit(mosaic_gpu_bwd.backward, static_argnums=(6, 7, 8))
+
+
 def _prepare(call: _Call, q, k, v, q_seg, kv_seg):
     d_axis = 3
     q = pad_to(pad_to(q, 1, call.q_pad), d_axis, call.d_pad)
@@ -147,7 +155,8 @@ def _forward(call: _Call, q, k, v, q_seg, kv_seg):
         if call.geo.has_segments:
             ranges = segment_tile_ranges(*args[3:], mosaic_gpu_fwd.TILE_Q, call.geo.bk)
             segs = (*_hopper.segment_ranks(*args[3:]), ranges)
-        out, lse2 = mosaic_gpu_fwd.forward(
+        forward = mosaic_gpu_fwd.forward if call.interpret else _mosaic_forward
+        out, lse2 = forward(
             *args[:3],
             call.geo,
             call.blocks.stages,
@@ -186,8 +195,9 @@ def _flash_bwd(call: _Call, res, d_out):
     qp, kp, vp, q_seg, kv_seg = _prepare(call, q, k, v, q_seg, kv_seg)
     dop = pad_to(pad_to(d_out.astype(q.dtype), 1, call.q_pad), 3, call.d_pad)
     if call.lowering == "mosaic":  # Hopper backward: dk/dv come back summed per KV head
-        dq, dk, dv = mosaic_gpu_bwd.backward(qp, kp, vp, dop, lse2, delta, call.geo, call.bwd_tiles,
-                                             call.interpret, q_seg, kv_seg)  # fmt: skip
+        backward = mosaic_gpu_bwd.backward if call.interpret else _mosaic_backward
+        dq, dk, dv = backward(qp, kp, vp, dop, lse2, delta, call.geo, call.bwd_tiles,
+                              call.interpret, q_seg, kv_seg)  # fmt: skip
         return dq[:, :q_len, :, :d], dk[:, :kv_len, :, :d], dv[:, :kv_len, :, :d], None, None
     kernel = triton_bwd.backward if call.backend == "gpu" else mosaic_tpu_bwd.backward
     dq, dk, dv = kernel(qp, kp, vp, dop, lse2, delta, q_seg, kv_seg, call.geo, call.blocks,
