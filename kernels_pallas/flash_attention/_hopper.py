@@ -24,6 +24,8 @@ LAUNCH_REGS = 65536 // ((CONSUMERS + 1) * 128) // 8 * 8
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
+# wgmma operands in shared memory: 128-byte swizzled (8 x 64-element) tiles (2-byte types)
+WGMMA_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 SMEM_ALIGN = 1024  # Pallas Mosaic GPU rounds each scratch buffer up to this (SMEM_ALIGNMENT)
 BARRIER_BYTES = 8  # one mbarrier, allocated after the buffers
 

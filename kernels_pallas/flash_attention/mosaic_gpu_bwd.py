@@ -79,6 +79,7 @@ from kernels_pallas.flash_attention._hopper import (
     ROWS,
     SMEM_BYTES,
     TILE,
+    WGMMA_TRANSFORMS,
     check_call,
     interpret_params,
     iota,
@@ -122,15 +123,12 @@ def default_tiles(head_dim: int, length: int) -> Tiles:
     return Tiles(bq=128, bk=128, stages=2, fused_dq=fused)
 
 
-_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # wgmma operands
-
-
 def scratch_types(dtype, head_dim: int, tiles: Tiles, segments: bool) -> tuple:
     """Scratch of the dK/dV kernel (fused: its ``dS^T`` exchange last) and of the dQ kernel
     (None when fused): ``(smem buffers, ready barriers, free barriers[, exchange])`` each. With
     segment ids: each consumer's own rows' ids and a ring of the streamed tiles' ids."""
     s, bq, bk = tiles.stages, tiles.bq, tiles.bk
-    mat = lambda *shape: plgpu.SMEM((*shape, head_dim), dtype, transforms=_TRANSFORMS)
+    mat = lambda *shape: plgpu.SMEM((*shape, head_dim), dtype, transforms=WGMMA_TRANSFORMS)
     vec = lambda n, rows: plgpu.SMEM((n, rows), jnp.float32)
     bars = lambda n, count: tuple(plgpu.Barrier(num_barriers=n) for _ in range(count))
     free = lambda n: plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n)
@@ -143,7 +141,7 @@ def scratch_types(dtype, head_dim: int, tiles: Tiles, segments: bool) -> tuple:
     )
     if tiles.fused_dq:
         exchange = (
-            plgpu.SMEM((2, CONSUMERS, ROWS, bq), dtype, transforms=_TRANSFORMS),  # dS^T, 2 buffers
+            plgpu.SMEM((2, CONSUMERS, ROWS, bq), dtype, transforms=WGMMA_TRANSFORMS),  # dS^T x 2
             plgpu.SMEM((CONSUMERS, ROWS, ROWS), jnp.float32),  # dQ block staging
             free(2),  # both halves of dS^T written
             free(1),  # both consumers done with K

@@ -50,6 +50,7 @@ from kernels_pallas.flash_attention._hopper import (
     CONSUMERS,
     ROWS,
     SMEM_BYTES,
+    WGMMA_TRANSFORMS,
     check_call,
     interpret_params,
     iota,
@@ -87,15 +88,14 @@ def check_supported(dtype, head_dim: int, has_segments: bool, blocks: BlockSizes
 def scratch_types(dtype, head_dim: int, bk: int, stages: int, segments: bool) -> tuple:
     """The kernel's scratch: Q/O tiles, K and V rings, the lse rows (and with segment ids the
     query rows' ids and a ring of the KV tiles' ids, float32), their barriers."""
-    # wgmma operands: 128-byte swizzled (8 x 64-element) tiles; d is 64 or 128 (2-byte types)
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    mat = lambda rows: plgpu.SMEM((*rows, head_dim), dtype, transforms=WGMMA_TRANSFORMS)
     seg_smem = (plgpu.SMEM((CONSUMERS, ROWS), jnp.float32), plgpu.SMEM((stages, bk), jnp.float32))
     seg_ready = (plgpu.Barrier(num_barriers=CONSUMERS), plgpu.Barrier(num_barriers=stages))
     return (
         (
-            plgpu.SMEM((CONSUMERS, ROWS, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((stages, bk, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((stages, bk, head_dim), dtype, transforms=transforms),
+            mat((CONSUMERS, ROWS)),  # Q, then O
+            mat((stages, bk)),  # K ring
+            mat((stages, bk)),  # V ring
             plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
             *(seg_smem if segments else ()),
         ),
