@@ -201,12 +201,18 @@ DOCUMENT_CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(DOCUMENT_CASES))
-def test_mosaic_backward_with_packed_documents(rng, races, within_xla_error, name):
+def _document_case(name: str) -> tuple[dict, Tiles]:
+    """``DOCUMENT_CASES[name]`` with its documents as segment-id makers."""
     case, tiles = DOCUMENT_CASES[name]
     case = dict(case)
     if "docs" in case:
         case["segments"] = _packed(*case.pop("docs"))
+    return case, tiles
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENT_CASES))
+def test_mosaic_backward_with_packed_documents(rng, races, within_xla_error, name):
+    case, tiles = _document_case(name)
     _check_backward(rng, case, within_xla_error, tiles=tiles, races=races)
 
 
@@ -215,10 +221,7 @@ def test_mosaic_backward_with_packed_documents(rng, races, within_xla_error, nam
 @pytest.mark.parametrize("name", sorted(DOCUMENT_CASES))
 def test_gpu_mosaic_backward_with_packed_documents(rng, within_xla_error, name):
     """The same packed-document cases, compiled: real ring waits on the streamed tile ranges."""
-    case, tiles = DOCUMENT_CASES[name]
-    case = dict(case)
-    if "docs" in case:
-        case["segments"] = _packed(*case.pop("docs"))
+    case, tiles = _document_case(name)
     print(f"\n{name}: compiling and running", flush=True)
     _check_backward(rng, case, within_xla_error, tiles=tiles, interpret=False)
 
