@@ -76,7 +76,8 @@ def test_non_finite_steps_are_skipped_counted_and_a_streak_stops_training(monkey
 # Run in a child process of its own: a pytest-xdist worker's resident set also holds what the
 # tests before this one left behind (compiled executables, caches released lazily), and under
 # load that background moves by megabytes. The child trains and nothing else, sampling its own
-# resident set at each metrics row, and prints ``[[step, bytes], ...]`` as its last line.
+# resident set at each metrics row, and prints ``[[step, anon_bytes, file_bytes], ...]`` as its
+# last line.
 _CHILD = """
 import ctypes, gc, json, os, sys
 import arjax.train.loop as loop
@@ -84,16 +85,18 @@ from arjax.train.config import make_run_config
 
 trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc
 def rss():
+    # resident anonymous and file-backed bytes (the kB lines of /proc/self/status)
     gc.collect()  # arrays held only by reference cycles are garbage, not a leak
     if trim is not None:  # hand the allocator's free pages back first: only live memory counts
         trim(0)
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/status") as f:
+        kb = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssFile")))
+    return [int(kb[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile")]
 
 samples, write = [], loop.MetricsWriter.write
 def write_and_sample(self, row):
     write(self, row)
-    samples.append((row["step"], rss()))
+    samples.append((row["step"], *rss()))
 
 loop.MetricsWriter.write = write_and_sample
 loop.train(make_run_config("transformer", "tiny", json.loads(sys.argv[1])), sys.argv[2])
@@ -115,7 +118,7 @@ def _stretch_growth(rss: dict[int, int], lo: int, hi: int) -> float:
 
 
 def test_host_memory_flat_over_thousands_of_steps(tmp_path: Path):
-    if not Path("/proc/self/statm").exists():
+    if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc (Linux) to read the resident set size")
     extra = ["train.steps=2000", "train.log_every=10", "train.save_every=1000",
              "train.eval_every=1000", "train.keep_checkpoints=1",
@@ -133,18 +136,27 @@ def test_host_memory_flat_over_thousands_of_steps(tmp_path: Path):
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    rss = dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    samples = json.loads(done.stdout.strip().splitlines()[-1])
+    # A leak is anonymous memory (heap, arrays). File-backed pages (jaxlib's ~100 MiB of mapped
+    # code and data) are not: the kernel drops them under memory pressure and they fault back
+    # in as code runs. CI failed this check at 0.66-0.77 MiB of resident-set growth in each
+    # stretch with the whole suite beside it, where alone or beside 3 busy cores it grew 0.000;
+    # the file-backed part is reported, not checked.
+    rss = {step: anon for step, anon, _ in samples}
+    rss_file = {step: file for step, _, file in samples}
     # Each sample follows gc and malloc_trim, so the resident set is live memory, not free pages
     # the allocator kept. A leak grows in every stretch of steps; a one-off allocation (a cache
     # filled on first use) lands in one stretch, and a transient one (a buffer alive at one
     # sample) in one sample, which the medians drop. So the check is on the smallest growth of
-    # three stretches. Planted leaks, kept per 100 steps (2 runs side by side on 2 cores): none
-    # grew 0.004 MiB in each stretch; 100 KiB grew 0.18-0.20 (and 0.91 in one stretch: a one-off
-    # jump), passes; 200 KiB grew 0.47-0.47, fails; 300 KiB 0.71-0.72, fails.
+    # three stretches. Planted leaks (os.urandom bytes kept every 100 steps; 3 runs side by side
+    # on 2 cores), anonymous growth per stretch: none -0.08-0.00 MiB, passes; 100 KiB
+    # 0.19-0.21, passes; 200 KiB 0.39-0.40, fails.
     growth = [_stretch_growth(rss, lo, hi) for lo, hi in _STRETCHES]
-    print("RSS growth per stretch (MiB):", [round(g / 2**20, 3) for g in growth])
-    assert min(growth) < 0.4 * 2**20, (
-        "resident memory grew in every stretch of steps: "
+    file_growth = [_stretch_growth(rss_file, lo, hi) for lo, hi in _STRETCHES]
+    mib = lambda gs: [round(g / 2**20, 3) for g in gs]  # noqa: E731
+    print("growth per stretch (MiB): anonymous", mib(growth), "file-backed", mib(file_growth))
+    assert min(growth) < 0.3 * 2**20, (
+        "resident anonymous memory grew in every stretch of steps: "
         + ", ".join(f"{g / 2**20:.2f} MiB in {lo}-{hi}" for g, (lo, hi) in zip(growth, _STRETCHES))
-        + " (a leak)"
+        + f" (a leak; file-backed pages grew {mib(file_growth)} MiB)"
     )
