@@ -13,8 +13,11 @@ temperature 0.8 from real validation-text prompts, at each ``--batch-sizes``: by
 of ``--repeats`` calls after a compiling warm-up), bytes per word of the generated text
 (:func:`arjax.data.split_word_bytes`), per-step times of HAT's byte path (encoder + decoder
 for one byte) and word path (encoder connector + one backbone step, all rows) and of the
-transformer's step, and each decode cache's size per sequence. Target (issue 21): HAT >=
-2.5x the transformer's bytes/s at batch 1 and 64.
+transformer's step, and each decode cache's size per sequence. HAT runs once per ``--park``
+value (:class:`arjax.generate.hat.HATDecoder`: the share of the generating rows that must be
+waiting with a finished word before the backbone steps; 0 = at every word end), with its
+schedule: loop iterations, backbone steps and row-iterations spent waiting. Target (issue
+21): HAT >= 2.5x the transformer's bytes/s at batch 1 and 64.
 
     python experiments/bench_hat_decode.py --batch-sizes 1 # H200: ~1B models; each 1B engine
     #   compile takes ~1 minute there, so one batch size per 10-minute device call
@@ -45,6 +48,7 @@ from arjax.data.pipeline import DataConfig
 from arjax.data.splitter import split_word_bytes
 from arjax.data.vocab import BOS_ID
 from arjax.generate import decoder_for
+from arjax.generate.hat import HATDecoder
 from arjax.models import build_model
 from arjax.models.hat import HATConfig
 from arjax.models.transformer import TransformerLMConfig
@@ -165,7 +169,7 @@ def step_times(name: str, model, params, prompts: np.ndarray, repeats: int) -> d
                     (byte.shape[0], jax.tree.leaves(s["cache"]["encoder"])[0].shape[1]), bool),
                 method="encode", mutable=["cache"],
             )[0][:, 0]  # fmt: skip
-            return decoder._decode_byte(p, s, act, s["t"], None)[0]
+            return decoder._decode_byte(p, s, act, s["t"] - 1, active)[0]
 
         def word_path(p, s):
             return decoder._finish_word(p, dict(s, n=s["n"] + 2), two_words, 0)["pred"]
@@ -185,6 +189,8 @@ def main() -> None:
     ap.add_argument("--hat-run", default=None, help="arjax train --out dir of a HAT run")
     ap.add_argument("--transformer-run", default=None, help="... of a transformer run")
     ap.add_argument("--no-step-times", action="store_true", help="skip the per-path step timings")
+    ap.add_argument("--park", type=float, nargs="+", default=[0.5],
+                    help="HATDecoder.park values (0: word path at every word end)")  # fmt: skip
     ap.add_argument("--name", default=None, help="results file name (default bench_hat_decode)")
     ap.add_argument(
         "--params-cache", type=Path, default=None,
@@ -217,29 +223,43 @@ def main() -> None:
     rows = []
     for batch in a.batch_sizes:
         prompts = prompt_ids(batch, a.prompt_bytes)
-        for name, (model, params) in models.items():
-            run, caches = engine_runner(model, params, prompts, a.new_bytes, temperature=0.8)
+        runs = [("transformer", None)] + [("hat", park) for park in a.park]
+        done = []
+        for name, park in runs:
+            model, params = models[name]
+            decoder = None if park is None else HATDecoder(model, park=park)
+            run, caches = engine_runner(model, params, prompts, a.new_bytes, decoder,
+                                        temperature=0.8)  # fmt: skip
             seconds, out = median_seconds(run, a.repeats)
             made = np.asarray(out["out"])
             texts = [bytes(r[r < 256].tolist()).decode("utf-8", "replace") for r in made]
             words = sum(len(split_word_bytes(t, hat_cfg.max_word_bytes)) for t in texts)
-            row = {"model": name, "batch": batch, "bytes_per_s": made.size / seconds,
-                   "bytes_per_word": made.size / max(words, 1), "seconds": seconds}  # fmt: skip
-            if not a.no_step_times:
+            row = {"model": name, "park": park, "batch": batch, "bytes_per_s": made.size / seconds,
+                   "bytes_per_word": made.size / max(words, 1), "seconds": seconds,
+                   "loop_steps": int(out["steps"]),
+                   **{k: int(v) for k, v in out["stats"].items()}}  # fmt: skip
+            if not a.no_step_times and park in (None, a.park[0]):
                 row |= step_times(name, model, params, prompts, a.repeats)
             row |= {f"{k} MiB/seq": v / 2**20 for k, v in caches().items()}
-            rows.append(row)
+            done.append(row)
             print(row, flush=True)
-        hat, tf = rows[-2], rows[-1]
-        hat["speedup"] = hat["bytes_per_s"] / tf["bytes_per_s"]
-        print(f"batch {batch}: HAT / transformer bytes/s = {hat['speedup']:.2f}x", flush=True)
+        tf = done[0]
+        for hat in done[1:]:
+            hat["speedup"] = hat["bytes_per_s"] / tf["bytes_per_s"]
+            print(f"batch {batch}, park {hat['park']}: HAT / transformer bytes/s = "
+                  f"{hat['speedup']:.2f}x", flush=True)  # fmt: skip
+        rows += done
         save(a, rows, info)  # after every batch size: a run cut short keeps what it measured
 
 
 def save(a: argparse.Namespace, rows: list[dict], info: dict) -> None:
-    met = {r["batch"]: r["speedup"] >= TARGET for r in rows if "speedup" in r}
-    columns = ["model", "batch", "bytes_per_s", "speedup", "bytes_per_word", "step_ms",
-               "byte_path_ms", "word_path_ms"]  # fmt: skip
+    met = {}
+    for r in rows:
+        if "speedup" in r:
+            met[r["batch"]] = met.get(r["batch"], False) or r["speedup"] >= TARGET
+    columns = ["model", "park", "batch", "bytes_per_s", "speedup", "bytes_per_word",
+               "loop_steps", "word_steps", "waited", "step_ms", "byte_path_ms",
+               "word_path_ms"]  # fmt: skip
     columns += sorted({k for r in rows for k in r if k.endswith("MiB/seq")})
     notes = (
         f"HAT {info['hat']['params']:,} params, transformer {info['transformer']['params']:,}; "

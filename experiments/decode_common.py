@@ -22,16 +22,18 @@ def without_eos(decoder: Decoder) -> Decoder:
     plain = dataclasses.dataclass(frozen=True)(
         type(f"{cls.__name__}NoEOS", (cls,), {"ends": property(lambda self: ())})
     )
-    return plain(decoder.model)
+    return plain(**{f.name: getattr(decoder, f.name) for f in dataclasses.fields(decoder)})
 
 
 def engine_runner(
-    model: Any, params: Any, prompts: np.ndarray, gen: int, **sampling: Any
-) -> tuple[Callable[[], dict], Callable[[], dict[str, int]]]:
+    model: Any, params: Any, prompts: np.ndarray, gen: int, decoder: Decoder | None = None,
+    **sampling: Any,
+) -> tuple[Callable[[], dict], Callable[[], dict[str, int]]]:  # fmt: skip
     """``run()``: the engine's loop on ``prompts`` (int ``[batch, width]`` ids, all of full
-    width) for ``gen`` new tokens, no EOS, greedy unless ``sampling`` says otherwise;
-    ``cache_bytes()``: bytes per sequence of each decode cache (from shapes only)."""
-    decoder = without_eos(decoder_for(model))
+    width) for ``gen`` new tokens with ``decoder`` (default: the model's registered one), no
+    EOS, greedy unless ``sampling`` says otherwise; ``cache_bytes()``: bytes per sequence of
+    each decode cache (from shapes only)."""
+    decoder = without_eos(decoder_for(model) if decoder is None else decoder)
     tokens = jnp.asarray(prompts, jnp.int32)
     lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     layout = decoder.layout(np.asarray(prompts), np.asarray(lengths))

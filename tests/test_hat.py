@@ -23,7 +23,7 @@ from arjax.data.words import (
     words_to_batch,
 )
 from arjax.generate import generate, sample
-from arjax.generate.hat import append_byte
+from arjax.generate.hat import HATDecoder, append_byte
 from arjax.models import MODELS
 from arjax.models.hat import HAT, PRESETS, HATConfig
 from arjax.nn import RopeScaling
@@ -296,6 +296,33 @@ def test_cached_generation_equals_full_forward_greedy(model_params, forward):
     gen = generate(model, params, prompts, max_new_bytes=20, return_logits=True)
     assert _full_forward_checks(forward, params, prompts, gen) == 80
     assert all(len(t) == 20 for t in gen.tokens)
+
+
+@pytest.mark.parametrize("park", [0.0, 0.5, 1.0])
+def test_parked_rows_give_the_same_generation(model_params, forward, park):
+    """Rows that finished a word wait for the word path (``park``: until that share of the
+    rows does) while the others go on: per-row byte and word slots keep every row's caches
+    its own, so each row's bytes and logits are those of an uncached forward, whatever the
+    schedule; waiting for more rows runs fewer backbone steps."""
+    model, params = model_params
+    params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"].at[:, 128:].set(0.0)}}
+    prompts = ["ROMEO. Hel", "", "Speak.\n", "Grüße, 日本語 🙂 x", "a b", "Nay", " ", "O, th"]
+    gen = generate(
+        model, params, prompts, max_new_bytes=16, return_logits=True,
+        decoder=HATDecoder(model, park=park),
+    )  # fmt: skip
+    assert _full_forward_checks(forward, params, prompts, gen) == 8 * 16
+    words = sum(len(prompt_words(p + t, CFG.max_word_bytes)[0]) for p, t in zip(prompts, gen.texts))
+    words -= sum(len(prompt_words(p, CFG.max_word_bytes)[0]) for p in prompts)
+    steps, waited = gen.stats["word_steps"], gen.stats["waited"]
+    assert words >= 8 * 3  # every row crossed several word boundaries
+    if park == 0.0:  # the word path runs whenever a row parks: nobody waits
+        assert waited == 0 and gen.steps == 16
+    else:  # rows wait, and the backbone steps for several rows' words at once
+        assert waited > 0 and gen.steps > 16 and steps < words / 2
+    if park == 1.0:  # every row finishes one word per backbone step
+        assert steps <= max(len(prompt_words(p + t, CFG.max_word_bytes)[0]) for p, t in
+                            zip(prompts, gen.texts)) + 1  # fmt: skip
 
 
 def test_cached_generation_redecodes_bytes_of_a_new_multibyte_word(model_params, forward):

@@ -12,6 +12,10 @@ by its :class:`arjax.models.registry.ModelSpec`):
 - ``step(params, state, tokens, active) -> (logits, state)``: feeds one token per row
   (``active`` ``[batch]`` marks rows whose token is real: not finished) and returns the
   logits of the next;
+- a decoder may hold rows back (HAT, while a row's finished word waits for the backbone):
+  ``ready(state)`` ``[batch]`` marks the rows whose logits are valid; the others draw and feed
+  nothing at that iteration (``active`` is False for them), and ``max_steps`` bounds the
+  iterations that the waits can add;
 - a decoder with a ``period`` (the Block Transformer: its block length) feeds every
   ``period``-th token through ``boundary`` instead (same signature), counting from the
   prefill; the state entries named in ``boundary_state`` (its big caches) are read and
@@ -21,7 +25,8 @@ by its :class:`arjax.models.registry.ModelSpec`):
 :func:`generate` draws token after token in a ``lax.while_loop`` (greedy, temperature, top-k,
 top-p; :mod:`arjax.generate.sampling`) until every row has hit EOS, a stop string or
 ``max_new_bytes``: no host round trip per token. Special ids (PAD, BOS) are never drawn; EOS
-ends a row and is not part of its text. Draw ``i`` uses the key ``fold_in(rng, i)``.
+ends a row and is not part of its text. The draws of loop iteration ``i`` use the key
+``fold_in(rng, i)``.
 """
 
 from __future__ import annotations
@@ -149,6 +154,19 @@ class Decoder:
         """:meth:`step` for every ``period``-th token (module doc)."""
         raise NotImplementedError(f"{type(self).__name__}.boundary")
 
+    def ready(self, state: Any) -> jax.Array | None:
+        """Rows ``[batch]`` whose logits may be drawn from now (None: every row)."""
+        return None
+
+    def max_steps(self, width: int, max_new: int) -> int:
+        """Loop iterations that suffice for prompts of ``width`` tokens and ``max_new`` new
+        ones (a safety bound: the loop ends when every row is done)."""
+        return width + max_new
+
+    def stats(self, state: Any) -> dict[str, jax.Array]:
+        """Counters the decoder keeps in its final ``state`` (:attr:`Generation.stats`)."""
+        return {}
+
     def cache_bytes(self, state: Any) -> dict[str, int]:
         """Bytes of each cache in ``state`` (works on ``jax.eval_shape`` results)."""
         return {"cache": tree_bytes(state)}
@@ -243,17 +261,19 @@ def _run(
         carry["seen"] = jnp.zeros((max_new, batch, logits.shape[-1]), jnp.float32)
 
     def cond(c: dict) -> jax.Array:
-        return (c["i"] < max_new + width) & ~jnp.all(c["done"])
+        return (c["i"] < decoder.max_steps(width, max_new)) & ~jnp.all(c["done"])
 
     def draw(c: dict, feed) -> dict:
         """Draw (or force) one token per row and ``feed`` it (``decoder.step``/``boundary``)."""
         logits = jnp.where(never, -jnp.inf, c["logits"].astype(jnp.float32))
         key = jax.random.fold_in(rng, c["i"])
         drawn = sample_token(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
-        forced = c["fed"] < lengths
+        ready = decoder.ready(c["state"])
+        ready = jnp.ones((batch,), bool) if ready is None else ready
+        forced = (c["fed"] < lengths) & ready
         prompt = jnp.take_along_axis(tokens, jnp.minimum(c["fed"], width - 1)[:, None], axis=1)
         tok = jnp.where(forced, prompt[:, 0], drawn)
-        live = ~forced & ~c["done"]
+        live = ready & ~(c["fed"] < lengths) & ~c["done"]
         end = jnp.isin(drawn, ends)
         emit = live & ~end
         slot = jnp.minimum(c["n"], max_new - 1)
@@ -283,6 +303,7 @@ def _run(
 
     final = jax.lax.while_loop(cond, body, carry)
     result = dict(out=final["out"], n=final["n"], steps=final["i"])
+    result["stats"] = decoder.stats(final["state"])
     if return_logits:
         result["logits"] = final["seen"]
     return result
@@ -292,12 +313,14 @@ def _run(
 class Generation:
     """``texts``/``tokens``: each prompt's continuation (cut before a stop string);
     ``logits`` ``[max_new, batch, vocab]`` float32: what each emitted token was drawn from
-    (special ids at -inf; when requested); ``steps``: loop iterations run."""
+    (special ids at -inf; when requested); ``steps``: loop iterations run; ``stats``: the
+    decoder's counters (:meth:`Decoder.stats`)."""
 
     texts: list[str]
     tokens: list[list[int]]
     logits: np.ndarray | None
     steps: int
+    stats: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def encode_prompts(
@@ -375,4 +398,5 @@ def generate(
     else:
         texts = [bytes(r).decode("utf-8", errors="replace") for r in rows]
     logits = np.asarray(res["logits"]) if return_logits else None
-    return Generation(texts, rows, logits, int(res["steps"]))
+    stats = {k: int(v) for k, v in res["stats"].items()}
+    return Generation(texts, rows, logits, int(res["steps"]), stats)

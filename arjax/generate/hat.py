@@ -3,11 +3,11 @@ implementation's cached ``generate`` runs the same computation as a host loop).
 
 Prefill: the prompt (``[BOS] + bytes``, no BOS if the config has none) is split into words by
 :func:`arjax.data.word_starts` and run through the whole model at once; its last text word is
-treated as unfinished (the next byte may extend it). Then, per byte, inside the engine's loop
-(:mod:`arjax.generate.engine`) and for all rows at once:
+treated as unfinished (the next byte may extend it). Then, at each iteration of the engine's
+loop (:mod:`arjax.generate.engine`), for all rows at once:
 
-1. the byte goes through the encoder (KV cache) and into the current word's window:
-   ``[batch, max_word_bytes + 1]`` bytes and encoder activations;
+1. each row that is fed a byte puts it through the encoder (KV cache) and into its current
+   word's window: ``[batch, max_word_bytes + 1]`` bytes and encoder activations;
 2. :func:`arjax.data.word_starts` re-splits that window (an unfinished UTF-8 character at its
    end stays in the current word, or starts a word of its own when the word would exceed
    ``max_word_bytes``; the host form of this rule is :func:`append_byte`, and
@@ -16,27 +16,32 @@ treated as unfinished (the next byte may extend it). Then, per byte, inside the 
    earlier boundary in :func:`arjax.data.splitter.split_word_bytes` of the whole text (a
    fraction slash between digits, U+202F after a space, a combining mark after ``_``), the
    generated words follow the text as it was when each word was finished;
-3. for each finished word, masked over the batch (rows finish words at different bytes): the
-   encoder connector pools its bytes and the backbone takes ONE cached step, giving the next
-   word's predictive embedding. A ``lax.while_loop`` runs it as many times as the most
-   finished words in a row -- zero times on the bytes where no row ends a word, so the big
-   backbone runs once per word, not once per byte. Masked, not compacted: a decode-time
-   backbone step reads all its weights whatever the number of rows (bandwidth-bound), so
-   gathering the finishing rows into a smaller batch would save FLOPs, not time, and would
-   need per-row backbone cache slots; at large batch some row ends a word at almost every
-   byte, and the backbone then runs at every step (``experiments/bench_hat_decode.py``
-   reports the word path's per-step time at each batch size);
+3. a row whose window now holds a finished word is *parked*: its next byte depends on the
+   backbone's step over that word. The word path runs when the parked rows are at least
+   ``park`` of the rows still generating (``HATDecoder.park``; 0 = as soon as any row
+   parks): for each finished word, masked over the batch, the encoder connector pools its
+   bytes and the backbone takes ONE cached step, giving the next word's predictive
+   embedding (a ``lax.while_loop`` runs it as many times as the most finished words in a
+   parked row). Until then the parked rows wait, drawing nothing, while the others go on.
+   Masked, not compacted: a decode-time backbone step reads all its weights whatever the
+   number of rows (bandwidth-bound), so a smaller batch would save FLOPs, not time. At
+   batch 64 some row ends a word at almost every byte: run at once (``park=0``) the
+   backbone would step at nearly every iteration; waiting for more rows trades idle byte
+   slots of the parked rows for fewer backbone steps (``experiments/bench_hat_decode.py``
+   sweeps ``park``);
 4. bytes of the new current word that the decoder had already seen as part of the old word
    (a multi-byte character, or a re-split) are re-decoded with the new embedding, rewriting
    their decoder cache slots for those rows only, so the state always equals an uncached
    forward over the current words;
-5. the decoder takes the byte (KV cache) and gives the next byte's logits.
+5. the decoder takes each row's newest byte (KV cache), for the rows fed now that did not
+   park and the rows just served by the word path, and gives their next byte's logits.
 
-Byte caches are ring buffers: a byte stack with a sliding window keeps only ``window +
+Rows advance at their own pace, so every cache has per-row slots: a byte's global index
+(``t``, per row; prompts are left-aligned, so all rows start at the same index) picks its
+slot in the byte caches, a word's position in the row its slot in the backbone cache. Byte
+caches are ring buffers: a byte stack with a sliding window keeps only ``window +
 max_word_bytes`` slots (the window, plus the current word's bytes that may be re-decoded),
 whatever the generated length; the encoder activations are kept only for the current word.
-Prompts are left-aligned (one slot index for all rows); the backbone cache has one slot per
-word-completion event, visible to the rows whose word completed.
 """
 
 from __future__ import annotations
@@ -150,25 +155,35 @@ def keep_from(window: jax.Array, begin: jax.Array, n: jax.Array) -> jax.Array:
 def _ring_visible(
     latest: jax.Array, query: jax.Array, first: jax.Array, size: int, window: int | None
 ) -> jax.Array:
-    """Ring-buffer slots ``[batch, size]`` a byte at global index ``query`` may attend to,
-    when the newest byte written is at ``latest`` and row ``r``'s first byte at
+    """Ring-buffer slots ``[batch, size]`` a byte at global index ``query`` ``[batch]`` may
+    attend to, when row ``r``'s newest byte written is at ``latest[r]`` and its first byte at
     ``first[r]`` (slot ``s`` holds global index ``latest - (latest - s) mod size``)."""
-    held = (latest - jnp.mod(latest - jnp.arange(size), size))[None, :]  # [1, size]
-    query = jnp.broadcast_to(query, first.shape)[:, None]  # [batch, 1]
+    latest = latest[:, None]
+    held = latest - jnp.mod(latest - jnp.arange(size)[None, :], size)  # [batch, size]
+    query = query[:, None]
     see = (held <= query) & (held >= first[:, None])
     return see if window is None else see & (held > query - window)
 
 
-def _merge_rows(write: jax.Array, new: Any, old: Any) -> Any:
-    """Per-row select over a pytree whose leaves have batch as their first axis."""
-    return jax.tree.map(
-        lambda n, o: jnp.where(write.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old
-    )
+def _slots(write: jax.Array, index: jax.Array, size: int) -> jax.Array:
+    """Cache slots ``[batch]``: ``index mod size`` where ``write``, else ``size`` (dropped)."""
+    return jnp.where(write, jnp.mod(index, size), size)
 
 
 @dataclasses.dataclass(frozen=True)
 class HATDecoder(Decoder):
-    """:class:`arjax.generate.engine.Decoder` of :class:`arjax.models.hat.HAT` (module doc)."""
+    """:class:`arjax.generate.engine.Decoder` of :class:`arjax.models.hat.HAT` (module doc).
+
+    ``park``: the word path runs once the rows waiting for it are at least this fraction of
+    the rows still generating (0: whenever a row finishes a word). Greedy output and the
+    distribution of every draw do not depend on it, only the loop's schedule does.
+    """
+
+    park: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.park <= 1.0:
+            raise ValueError(f"HATDecoder: park must be in [0, 1], got {self.park}")
 
     @property
     def bos(self) -> int | None:
@@ -269,22 +284,34 @@ class HATDecoder(Decoder):
         )[:, 0]
         state = dict(
             cache=cache,
-            t=jnp.int32(width),  # global index of the next byte
+            t=jnp.full((batch,), width, jnp.int32),  # [batch] global index of each row's next byte
             first=width - lengths,  # [batch] global index of each row's first byte
             window=window, window_acts=window_acts.astype(acts.dtype), n=current,
             word_start=width - current - (width - lengths),  # position of the window's byte 0
             words=finished,  # [batch] finished words = the current word's word position
             pred=jnp.where((finished > 0)[:, None], last_state, first),
-            event=jnp.int32(num_words),  # next backbone cache slot
-            word_visible=jnp.arange(word_cache)[None, :] < finished[:, None],
+            ready=jnp.ones((batch,), bool),  # [batch] not parked: the logits are valid
+            word_steps=jnp.int32(0),  # backbone steps run
+            waited=jnp.int32(0),  # row-iterations spent parked
         )  # fmt: skip
         return logits[:, -1], state, lengths
 
+    def ready(self, state):
+        return state["ready"]
+
+    def max_steps(self, width: int, max_new: int) -> int:
+        """A row parks for at most ``max_word_bytes + 1`` iterations: every other row finishes
+        a word (and parks) or ends within that many bytes, and then the word path runs."""
+        return width + (max_new + 1) * (self.model.config.max_word_bytes + 2)
+
+    def stats(self, state):
+        """``word_steps``: backbone steps run; ``waited``: row-iterations spent parked."""
+        return {"word_steps": state["word_steps"], "waited": state["waited"]}
+
     def _decode_byte(self, params, state, act, g, write):
-        """Decoder over the byte at global index ``g`` (a scalar; encoder activation ``act``
-        ``[batch, enc_d]``) with the current predictive embeddings; its cache slots are
-        written for the rows in ``write`` (None: all, without a per-row select over the
-        cache). Logits ``[batch, vocab]`` and the new cache."""
+        """Decoder over each row's byte at global index ``g`` ``[batch]`` (encoder activation
+        ``act`` ``[batch, enc_d]``) with the current predictive embeddings; its cache slot is
+        written for the rows in ``write``. Logits ``[batch, vocab]`` and the new cache."""
         c = self.model.config
         cache = state["cache"]
         ring = jax.tree.leaves(cache["decoder"])[0].shape[1]
@@ -292,18 +319,16 @@ class HATDecoder(Decoder):
         logits, new = self.decoding_model.apply(
             {"params": params, "cache": cache}, act[:, None], state["pred"][:, None],
             (g - state["first"])[:, None], None, ones, jnp.zeros_like(ones), ones,
-            mode="decode", cache_index=jnp.mod(g, ring),
-            kv_visible=_ring_visible(state["t"], g, state["first"], ring, c.decoder.window),
+            mode="decode", cache_index=_slots(write, g, ring),
+            kv_visible=_ring_visible(state["t"] - 1, g, state["first"], ring, c.decoder.window),
             method="decode_bytes", mutable=["cache"],
         )  # fmt: skip
-        decoder = new["cache"]["decoder"]
-        if write is not None:
-            decoder = _merge_rows(write, decoder, cache["decoder"])
-        return logits[:, 0], {**cache, "decoder": decoder}
+        return logits[:, 0], {**cache, "decoder": new["cache"]["decoder"]}
 
     def _finish_word(self, params, state, starts, j):
         """Word ``j`` of each row's window (rows with more than ``j + 1`` words in it):
-        encoder connector over its bytes + one backbone step -> new ``pred`` for those rows."""
+        encoder connector over its bytes + one backbone step (at the row's word position, in
+        its own cache slot) -> new ``pred`` for those rows."""
         index = jnp.cumsum(starts, axis=1) - 1  # [batch, m + 1] word of each window byte
         finishing = jnp.sum(starts, axis=1) > j + 1
         in_word = (index == j) & (jnp.arange(starts.shape[1])[None, :] < state["n"][:, None])
@@ -313,19 +338,21 @@ class HATDecoder(Decoder):
             state["word_start"][:, None] + jnp.arange(starts.shape[1]),
             in_word.astype(jnp.int32), state["words"][:, None], ones, method="pool_words",
         )  # fmt: skip
-        visible = state["word_visible"].at[:, state["event"]].set(finishing)
+        slots = jax.tree.leaves(state["cache"]["backbone"])[0].shape[1]
+        words = state["words"]
         out, new = self.decoding_model.apply(
-            {"params": params, "cache": state["cache"]}, word, state["words"][:, None],
-            mode="decode", cache_index=state["event"], kv_visible=visible,
+            {"params": params, "cache": state["cache"]}, word, words[:, None],
+            mode="decode", cache_index=jnp.where(finishing, words, slots),
+            kv_visible=jnp.arange(slots)[None, :] <= words[:, None],
             method="run_backbone", mutable=["cache"],
         )  # fmt: skip
         return dict(
             state, cache={**state["cache"], "backbone": new["cache"]["backbone"]},
             pred=jnp.where(finishing[:, None], out[:, 0], state["pred"]),
-            words=state["words"] + finishing, event=state["event"] + 1, word_visible=visible,
+            words=words + finishing, word_steps=state["word_steps"] + 1,
         )  # fmt: skip
 
-    def _new_words(self, params, state, starts, count, begin, t):
+    def _new_words(self, params, state, starts, count):
         """Steps 3 and 4 for the rows whose window holds a finished word (``count > 1``)."""
         m = self.model.config.max_word_bytes
         # (3) finished words: one backbone step per word index, batched over rows
@@ -335,58 +362,63 @@ class HATDecoder(Decoder):
             (state, jnp.int32(0)),
         )[0]
         # (4) the new current word's earlier bytes, decoded under the old word: re-decode
-        redo = jnp.where(count > 1, state["n"] - 1 - begin, 0)  # bytes before the new one
-
-        back = jnp.max(redo)  # shared byte index t - back + k: one cache slot per step
+        begin = current_word_start(starts)
+        redo = jnp.where(count > 1, state["n"] - 1 - begin, 0)  # bytes before the newest
+        back = jnp.max(redo)  # k-th re-decode: each row's byte newest - back + k
+        newest = state["t"] - 1
 
         def refit(s):
             st, k = s
-            byte_g = t - back + k
-            write = byte_g >= t - redo
-            src = jnp.clip(st["n"] - 1 - (t - byte_g), 0, m)
+            byte_g = newest - back + k
+            src = jnp.clip(st["n"] - 1 - (newest - byte_g), 0, m)
             a = jnp.take_along_axis(st["window_acts"], src[:, None, None], axis=1)[:, 0]
-            _, cache = self._decode_byte(params, st, a, byte_g, write)
+            _, cache = self._decode_byte(params, st, a, byte_g, byte_g >= newest - redo)
             return dict(st, cache=cache), k + 1
 
-        state = jax.lax.while_loop(lambda s: s[1] < back, refit, (state, jnp.int32(0)))[0]
-        return state
+        return jax.lax.while_loop(lambda s: s[1] < back, refit, (state, jnp.int32(0)))[0]
 
     def step(self, params, state, tokens, active):
         c = self.model.config
         m = c.max_word_bytes
-        t = state["t"]
+        t, first = state["t"], state["first"]
         ring = jax.tree.leaves(state["cache"]["encoder"])[0].shape[1]
         act, enc = self.decoding_model.apply(
-            {"params": params, "cache": state["cache"]}, tokens[:, None],
-            (t - state["first"])[:, None], mode="decode", cache_index=jnp.mod(t, ring),
-            kv_visible=_ring_visible(t, t, state["first"], ring, c.encoder.window),
+            {"params": params, "cache": state["cache"]}, tokens[:, None], (t - first)[:, None],
+            mode="decode", cache_index=_slots(active, t, ring),
+            kv_visible=_ring_visible(t, t, first, ring, c.encoder.window),
             method="encode", mutable=["cache"],
         )  # fmt: skip
-        act = act[:, 0]
         n_old = state["n"]
+        waiting = ~state["ready"]  # parked at an earlier iteration: fed nothing now
         state = dict(
             state,
             cache={**state["cache"], "encoder": enc["cache"]["encoder"]},
             window=window_append(state["window"], n_old, tokens, active),
-            window_acts=window_append(state["window_acts"], n_old, act, active),
-            n=n_old + active,
-        )
-        starts = split_window(state["window"], state["n"], m) & active[:, None]
+            window_acts=window_append(state["window_acts"], n_old, act[:, 0], active),
+            n=n_old + active, t=t + active,
+            waited=state["waited"] + jnp.sum(waiting),
+        )  # fmt: skip
+        going = active | waiting  # rows still generating
+        starts = split_window(state["window"], state["n"], m) & going[:, None]
         count = jnp.sum(starts, axis=1)  # words in the window; all but the last finished
-        begin = current_word_start(starts)  # [batch] window index (0: no new word)
-        # (3) and (4) only on the bytes where some row finished a word: one device predicate
-        # (a host read on GPU) per byte, instead of one per loop below
+        parked = count > 1
+        # (3) and (4) only when enough rows wait: one device predicate (a host read on GPU)
+        # per iteration, instead of one per loop inside
+        go = jnp.any(parked) & (jnp.sum(parked) >= self.park * jnp.sum(going))
         state = jax.lax.cond(
-            jnp.any(count > 1),
-            lambda s: self._new_words(params, s, starts, count, begin, t),
-            lambda s: s,
-            state,
+            go, lambda s: self._new_words(params, s, starts, count), lambda s: s, state
         )
-        logits, cache = self._decode_byte(params, state, act, t, None)
-        # keep only the current word in the window
+        ready = ~parked | go
+        decode = going & ready  # fed now and not parked, or served by the word path now
         n = state["n"]
+        newest = jnp.take_along_axis(
+            state["window_acts"], jnp.clip(n - 1, 0, m)[:, None, None], axis=1
+        )[:, 0]
+        logits, cache = self._decode_byte(params, state, newest, state["t"] - 1, decode)
+        # keep only the current word in the window of the rows that go on
+        begin = jnp.where(decode, current_word_start(starts), 0)
         state = dict(
-            state, cache=cache, t=t + 1, n=n - begin, word_start=state["word_start"] + begin,
+            state, cache=cache, ready=ready, n=n - begin, word_start=state["word_start"] + begin,
             window=keep_from(state["window"], begin, n),
             window_acts=keep_from(state["window_acts"], begin, n),
         )  # fmt: skip

@@ -134,7 +134,8 @@ class Attention(nn.Module):
     Self-attention when ``kv`` is None, cross-attention otherwise. ``mode``:
     ``"train"`` attends over the given sequence; ``"prefill"`` does the same and stores
     K/V in the ``cache`` collection (length ``cache_len``); ``"decode"`` writes one new
-    token's K/V at ``cache_index`` and attends over the cache slots that
+    token's K/V at ``cache_index`` (a scalar slot for every row, or ``[batch]`` slots, where
+    a slot out of ``[0, cache_len)`` writes nothing) and attends over the cache slots that
     ``kv_visible`` ``[batch, cache_len]`` marks.
     """
 
@@ -203,9 +204,12 @@ class Attention(nn.Module):
         caches = []
         for name, new in (("k", k), ("v", v)):
             cache = self.get_variable("cache", name)
-            cache = jax.lax.dynamic_update_slice(
-                cache, new.astype(cache.dtype), (0, cache_index, 0, 0)
-            )
+            new = new.astype(cache.dtype)
+            if jnp.ndim(cache_index) == 0:
+                cache = jax.lax.dynamic_update_slice(cache, new, (0, cache_index, 0, 0))
+            else:  # one slot per row
+                rows = jnp.arange(cache.shape[0])
+                cache = cache.at[rows, cache_index].set(new[:, 0], mode="drop")
             self.put_variable("cache", name, cache)
             caches.append(cache)
         return decode_attention(q, caches[0], caches[1], kv_visible=kv_visible, impl=self.impl)
