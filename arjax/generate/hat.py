@@ -440,31 +440,31 @@ class HATDecoder(Decoder):
             go = jnp.any(parked) & (jnp.sum(parked) >= self.park * jnp.sum(going))
             s = jax.lax.cond(go, lambda s: self._new_words(params, s, starts, count), lambda s: s,
                              dict(s, splits=s["splits"] + 1))  # fmt: skip
-            ready = ~parked | go
-            # keep only the current word in the window of the rows that go on
-            begin = jnp.where(going & ready, current_word_start(starts), 0)
-            n = s["n"]
-            return dict(
-                s, ready=ready, n=n - begin, word_start=s["word_start"] + begin,
-                window=keep_from(s["window"], begin, n),
-                window_acts=keep_from(s["window_acts"], begin, n),
-            )  # fmt: skip
+            return s, ~parked | go, current_word_start(starts)
+
+        def same_word(s):  # every fed byte continues its row's word: nothing to split
+            return s, jnp.ones_like(active), jnp.zeros_like(n_old)
 
         if tokens.shape[0] <= self.skip_split_max_batch:
-            # every fed byte continues its row's word (and none waits): nothing to split
             prev = jnp.take_along_axis(state["window"], jnp.maximum(n_old - 1, 0)[:, None], 1)
             same = active & continues_word(prev[:, 0], tokens, n_old, m)
-            state = jax.lax.cond(jnp.all(same | ~going), lambda s: s, split, state)
+            state, ready, begin = jax.lax.cond(jnp.all(same | ~going), same_word, split, state)
         else:
-            state = split(state)
-        # (5) the newest byte of the rows fed now that did not park, or served now
+            state, ready, begin = split(state)
+        decode = going & ready  # fed now and not parked, or served by the word path now
+        n = state["n"]
         newest = jnp.take_along_axis(
-            state["window_acts"], jnp.clip(state["n"] - 1, 0, m)[:, None, None], axis=1
+            state["window_acts"], jnp.clip(n - 1, 0, m)[:, None, None], axis=1
         )[:, 0]
-        logits, cache = self._decode_byte(
-            params, state, newest, state["t"] - 1, going & state["ready"]
-        )
-        return logits, dict(state, cache=cache)
+        logits, cache = self._decode_byte(params, state, newest, state["t"] - 1, decode)
+        # keep only the current word in the window of the rows that go on
+        begin = jnp.where(decode, begin, 0)
+        state = dict(
+            state, cache=cache, ready=ready, n=n - begin, word_start=state["word_start"] + begin,
+            window=keep_from(state["window"], begin, n),
+            window_acts=keep_from(state["window_acts"], begin, n),
+        )  # fmt: skip
+        return logits, state
 
     def cache_bytes(self, state: Any) -> dict[str, int]:
         cache = state["cache"]
