@@ -191,8 +191,6 @@ def main() -> None:
     ap.add_argument("--no-step-times", action="store_true", help="skip the per-path step timings")
     ap.add_argument("--park", type=float, nargs="+", default=[0.5],
                     help="HATDecoder.park values (0: word path at every word end)")  # fmt: skip
-    ap.add_argument("--skip-split-max-batch", type=int, nargs="+", default=[2],
-                    help="HATDecoder.skip_split_max_batch values (0: never skip)")  # fmt: skip
     ap.add_argument("--name", default=None, help="results file name (default bench_hat_decode)")
     ap.add_argument(
         "--params-cache", type=Path, default=None,
@@ -225,25 +223,22 @@ def main() -> None:
     rows = []
     for batch in a.batch_sizes:
         prompts = prompt_ids(batch, a.prompt_bytes)
-        runs = [("transformer", None, None)]
-        runs += [("hat", park, skip) for park in a.park for skip in a.skip_split_max_batch]
+        runs = [("transformer", None)] + [("hat", park) for park in a.park]
         done = []
-        for name, park, skip in runs:
+        for name, park in runs:
             model, params = models[name]
-            decoder = None if park is None else HATDecoder(model, park, skip)
+            decoder = None if park is None else HATDecoder(model, park=park)
             run, caches = engine_runner(model, params, prompts, a.new_bytes, decoder,
                                         temperature=0.8)  # fmt: skip
             seconds, out = median_seconds(run, a.repeats)
             made = np.asarray(out["out"])
             texts = [bytes(r[r < 256].tolist()).decode("utf-8", "replace") for r in made]
             words = sum(len(split_word_bytes(t, hat_cfg.max_word_bytes)) for t in texts)
-            row = {"model": name, "park": park, "skip_split_max_batch": skip, "batch": batch,
-                   "bytes_per_s": made.size / seconds,
+            row = {"model": name, "park": park, "batch": batch, "bytes_per_s": made.size / seconds,
                    "bytes_per_word": made.size / max(words, 1), "seconds": seconds,
                    "loop_steps": int(out["steps"]),
                    **{k: int(v) for k, v in out["stats"].items()}}  # fmt: skip
-            first = park is None or (park, skip) == (a.park[0], a.skip_split_max_batch[0])
-            if not a.no_step_times and first:
+            if not a.no_step_times and park in (None, a.park[0]):
                 row |= step_times(name, model, params, prompts, a.repeats)
             row |= {f"{k} MiB/seq": v / 2**20 for k, v in caches().items()}
             done.append(row)
@@ -251,8 +246,7 @@ def main() -> None:
         tf = done[0]
         for hat in done[1:]:
             hat["speedup"] = hat["bytes_per_s"] / tf["bytes_per_s"]
-            print(f"batch {batch}, park {hat['park']}, skip_split_max_batch "
-                  f"{hat['skip_split_max_batch']}: HAT / transformer bytes/s = "
+            print(f"batch {batch}, park {hat['park']}: HAT / transformer bytes/s = "
                   f"{hat['speedup']:.2f}x", flush=True)  # fmt: skip
         rows += done
         save(a, rows, info)  # after every batch size: a run cut short keeps what it measured
@@ -263,9 +257,9 @@ def save(a: argparse.Namespace, rows: list[dict], info: dict) -> None:
     for r in rows:
         if "speedup" in r:
             met[r["batch"]] = met.get(r["batch"], False) or r["speedup"] >= TARGET
-    columns = ["model", "park", "skip_split_max_batch", "batch", "bytes_per_s", "speedup",
-               "bytes_per_word", "loop_steps", "word_steps", "waited", "splits", "step_ms",
-               "byte_path_ms", "word_path_ms"]  # fmt: skip
+    columns = ["model", "park", "batch", "bytes_per_s", "speedup", "bytes_per_word",
+               "loop_steps", "word_steps", "waited", "step_ms", "byte_path_ms",
+               "word_path_ms"]  # fmt: skip
     columns += sorted({k for r in rows for k in r if k.endswith("MiB/seq")})
     notes = (
         f"HAT {info['hat']['params']:,} params, transformer {info['transformer']['params']:,}; "

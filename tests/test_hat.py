@@ -387,26 +387,6 @@ def test_cached_generation_moves_an_unfinished_character_past_max_word_bytes(mod
     assert _full_forward_checks(forward, params, prompts, gen) == 6
 
 
-@pytest.mark.parametrize("skip_split_max_batch", [0, 2])
-def test_skipping_the_split_inside_words_changes_nothing(model_params, forward,
-                                                         skip_split_max_batch):  # fmt: skip
-    """At small batches the decoder skips the window split when every fed byte continues its
-    row's word (ASCII letters and digits). A designed bigram head writes long words, one cut
-    at ``max_word_bytes`` and one by lower -> upper case: the logits equal the full forward's
-    at every byte with and without the skip, and the skip is taken at most bytes."""
-    model, params = model_params
-    cycle = {"x": "a", "a": "b", "b": "c", "c": "a", "Q": "R", "R": "s", "s": "T", "T": "Q"}
-    params = _bigram_params(params, {ord(a): ord(b) for a, b in cycle.items()})
-    prompts = ["x", "Q"]
-    decoder = HATDecoder(model, skip_split_max_batch=skip_split_max_batch)
-    gen = generate(model, params, prompts, max_new_bytes=40, return_logits=True,
-                   decoder=decoder)  # fmt: skip
-    assert gen.texts == ["abc" * 13 + "a", "RsTQ" * 10]
-    assert _full_forward_checks(forward, params, prompts, gen) == 80
-    splits = gen.stats["splits"]
-    assert splits == 40 if skip_split_max_batch == 0 else splits < 20
-
-
 def test_stop_strings_and_sampler(model_params):
     model, params = model_params
     params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"].at[:, 128:].set(0.0)}}

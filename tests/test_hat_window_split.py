@@ -14,11 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arjax.data.corpus import load_corpus
-from arjax.data.splitter import split_word_bytes
 from arjax.generate.hat import (
     append_byte,
-    continues_word,
     current_word_start,
     keep_from,
     split_window,
@@ -92,28 +89,3 @@ def test_split_window_equals_the_host_rule_byte_by_byte(max_word_bytes):
     for text, steps in zip(texts, got):
         want = host_starts(text, max_word_bytes)
         assert steps == want, f"{text!r} (max_word_bytes={max_word_bytes})"
-
-
-@pytest.mark.parametrize("max_word_bytes", [32, 5])
-def test_continues_word_only_where_the_split_finds_one_word(max_word_bytes):
-    """The decoder skips the split when every fed byte provably continues its row's word:
-    wherever :func:`continues_word` says so, the host rule (equal to the split, above) keeps
-    ``word + byte`` one word, for every byte after the first 1,500 distinct words of the
-    validation text and the multilingual fixtures (each a current word: one word alone); and
-    it says so for most bytes inside words (0.73 of those after a word's first byte in the
-    validation text; the skip must pay)."""
-    text = "".join(load_corpus("val"))[:60_000] + " ".join(MULTILINGUAL)
-    words = list(dict.fromkeys(split_word_bytes(text, max_word_bytes)))
-    words = [w for w in words if split_word_bytes(w.decode(), max_word_bytes) == [w]][:1500]
-    last = jnp.asarray([w[-1] for w in words])[:, None]
-    size = jnp.asarray([len(w) for w in words])[:, None]
-    ok = np.asarray(continues_word(last, jnp.arange(256)[None, :], size, max_word_bytes))
-    for r, byte in zip(*np.nonzero(ok)):
-        assert append_byte(words[r], int(byte), max_word_bytes) == [words[r] + bytes([byte])], (
-            words[r], byte)  # fmt: skip
-    # bytes inside the text's words (after the first): most are provably no word start
-    words = split_word_bytes(text, max_word_bytes)
-    inside = [(w[i - 1], w[i], i) for w in words for i in range(1, len(w))]
-    prev, byte, size = (jnp.asarray([x[k] for x in inside]) for k in range(3))
-    said = np.mean(np.asarray(continues_word(prev, byte, size, max_word_bytes)))
-    assert said > (0.6 if max_word_bytes == 32 else 0.4), said

@@ -111,23 +111,6 @@ def _tail_length(window: jax.Array, n: jax.Array) -> jax.Array:
     return tail
 
 
-def continues_word(prev: jax.Array, byte: jax.Array, n: jax.Array, max_word_bytes: int):
-    """Rows ``[batch]`` where appending ``byte`` to a current word of ``n`` bytes ending in byte
-    ``prev`` certainly starts no word (:func:`split_window` would find one word): both are
-    ASCII letters or digits, not a lowercase letter then an uppercase one, and the word stays
-    within ``max_word_bytes``. UAX #29 joins letters and digits (WB5, WB8-WB10); a letter or
-    digit is no "mid" character, so no rule looks past it at the new byte (WB6, WB7b, WB12
-    look one character ahead only from a mid character); the piece keeps its kind ("word");
-    only Ll followed by Lu cuts a piece. ``tests/test_hat_window_split.py`` checks it against
-    the split on real and multilingual words."""
-
-    def alnum(b):
-        return ((b >= 48) & (b <= 57)) | ((b >= 65) & (b <= 90)) | ((b >= 97) & (b <= 122))
-
-    case_cut = (prev >= 97) & (prev <= 122) & (byte >= 65) & (byte <= 90)
-    return (n >= 1) & (n < max_word_bytes) & alnum(prev) & alnum(byte) & ~case_cut
-
-
 def split_window(window: jax.Array, n: jax.Array, max_word_bytes: int) -> jax.Array:
     """Word starts ``[batch, width]`` of each row's current-word window ``window[:, :n]``:
     the device form of :func:`append_byte` (built on :func:`arjax.data.word_starts`)."""
@@ -194,26 +177,13 @@ class HATDecoder(Decoder):
     ``park``: the word path runs once the rows waiting for it are at least this fraction of
     the rows still generating (0: whenever a row finishes a word). Greedy output and the
     distribution of every draw do not depend on it, only the loop's schedule does.
-
-    ``skip_split_max_batch``: at batches up to this size, an iteration where every fed byte
-    provably continues its row's word (:func:`continues_word`) skips step 2's split (tens of
-    small kernels) under a ``lax.cond``; that costs a second predicate read on GPU at the
-    other iterations, and all rows continue their words at once less often the more rows
-    there are (~0.6 of the bytes of English text continue a word). Output does not depend on
-    it.
     """
 
     park: float = 0.5
-    skip_split_max_batch: int = 2
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.park <= 1.0:
             raise ValueError(f"HATDecoder: park must be in [0, 1], got {self.park}")
-        if not isinstance(self.skip_split_max_batch, int) or self.skip_split_max_batch < 0:
-            raise ValueError(
-                "HATDecoder: skip_split_max_batch must be an int >= 0, "
-                f"got {self.skip_split_max_batch!r}"
-            )
 
     @property
     def bos(self) -> int | None:
@@ -322,7 +292,6 @@ class HATDecoder(Decoder):
             pred=jnp.where((finished > 0)[:, None], last_state, first),
             ready=jnp.ones((batch,), bool),  # [batch] not parked: the logits are valid
             word_steps=jnp.int32(0),  # backbone steps run
-            splits=jnp.int32(0),  # iterations that split the windows
             waited=jnp.int32(0),  # row-iterations spent parked
         )  # fmt: skip
         return logits[:, -1], state, lengths
@@ -336,9 +305,8 @@ class HATDecoder(Decoder):
         return width + (max_new + 1) * (self.model.config.max_word_bytes + 2)
 
     def stats(self, state):
-        """``word_steps``: backbone steps run; ``waited``: row-iterations spent parked;
-        ``splits``: iterations that split the windows (the others skipped it)."""
-        return {k: state[k] for k in ("word_steps", "waited", "splits")}
+        """``word_steps``: backbone steps run; ``waited``: row-iterations spent parked."""
+        return {"word_steps": state["word_steps"], "waited": state["waited"]}
 
     def _decode_byte(self, params, state, act, g, write):
         """Decoder over each row's byte at global index ``g`` ``[batch]`` (encoder activation
@@ -431,26 +399,16 @@ class HATDecoder(Decoder):
             waited=state["waited"] + jnp.sum(waiting),
         )  # fmt: skip
         going = active | waiting  # rows still generating
-
-        def split(s):  # (2), then (3) and (4) when enough rows wait
-            starts = split_window(s["window"], s["n"], m) & going[:, None]
-            count = jnp.sum(starts, axis=1)  # words in the window; all but the last finished
-            parked = count > 1
-            # one device predicate (a host read on GPU) per iteration, not one per loop inside
-            go = jnp.any(parked) & (jnp.sum(parked) >= self.park * jnp.sum(going))
-            s = jax.lax.cond(go, lambda s: self._new_words(params, s, starts, count), lambda s: s,
-                             dict(s, splits=s["splits"] + 1))  # fmt: skip
-            return s, ~parked | go, current_word_start(starts)
-
-        def same_word(s):  # every fed byte continues its row's word: nothing to split
-            return s, jnp.ones_like(active), jnp.zeros_like(n_old)
-
-        if tokens.shape[0] <= self.skip_split_max_batch:
-            prev = jnp.take_along_axis(state["window"], jnp.maximum(n_old - 1, 0)[:, None], 1)
-            same = active & continues_word(prev[:, 0], tokens, n_old, m)
-            state, ready, begin = jax.lax.cond(jnp.all(same | ~going), same_word, split, state)
-        else:
-            state, ready, begin = split(state)
+        starts = split_window(state["window"], state["n"], m) & going[:, None]
+        count = jnp.sum(starts, axis=1)  # words in the window; all but the last finished
+        parked = count > 1
+        # (3) and (4) only when enough rows wait: one device predicate (a host read on GPU)
+        # per iteration, instead of one per loop inside
+        go = jnp.any(parked) & (jnp.sum(parked) >= self.park * jnp.sum(going))
+        state = jax.lax.cond(
+            go, lambda s: self._new_words(params, s, starts, count), lambda s: s, state
+        )
+        ready = ~parked | go
         decode = going & ready  # fed now and not parked, or served by the word path now
         n = state["n"]
         newest = jnp.take_along_axis(
@@ -458,7 +416,7 @@ class HATDecoder(Decoder):
         )[:, 0]
         logits, cache = self._decode_byte(params, state, newest, state["t"] - 1, decode)
         # keep only the current word in the window of the rows that go on
-        begin = jnp.where(decode, begin, 0)
+        begin = jnp.where(decode, current_word_start(starts), 0)
         state = dict(
             state, cache=cache, ready=ready, n=n - begin, word_start=state["word_start"] + begin,
             window=keep_from(state["window"], begin, n),
