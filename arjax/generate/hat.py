@@ -352,8 +352,9 @@ class HATDecoder(Decoder):
             words=words + finishing, word_steps=state["word_steps"] + 1,
         )  # fmt: skip
 
-    def _new_words(self, params, state, starts, count):
-        """Steps 3 and 4 for the rows whose window holds a finished word (``count > 1``)."""
+    def _new_words(self, params, state, starts, count, begin):
+        """Steps 3 and 4 for the rows whose window holds a finished word (``count > 1``;
+        ``begin``: the window index of the new current word)."""
         m = self.model.config.max_word_bytes
         # (3) finished words: one backbone step per word index, batched over rows
         state = jax.lax.while_loop(
@@ -362,7 +363,6 @@ class HATDecoder(Decoder):
             (state, jnp.int32(0)),
         )[0]
         # (4) the new current word's earlier bytes, decoded under the old word: re-decode
-        begin = current_word_start(starts)
         redo = jnp.where(count > 1, state["n"] - 1 - begin, 0)  # bytes before the newest
         back = jnp.max(redo)  # k-th re-decode: each row's byte newest - back + k
         newest = state["t"] - 1
@@ -401,12 +401,13 @@ class HATDecoder(Decoder):
         going = active | waiting  # rows still generating
         starts = split_window(state["window"], state["n"], m) & going[:, None]
         count = jnp.sum(starts, axis=1)  # words in the window; all but the last finished
+        begin = current_word_start(starts)  # [batch] window index (0: no new word)
         parked = count > 1
         # (3) and (4) only when enough rows wait: one device predicate (a host read on GPU)
         # per iteration, instead of one per loop inside
         go = jnp.any(parked) & (jnp.sum(parked) >= self.park * jnp.sum(going))
         state = jax.lax.cond(
-            go, lambda s: self._new_words(params, s, starts, count), lambda s: s, state
+            go, lambda s: self._new_words(params, s, starts, count, begin), lambda s: s, state
         )
         ready = ~parked | go
         decode = going & ready  # fed now and not parked, or served by the word path now
@@ -416,7 +417,7 @@ class HATDecoder(Decoder):
         )[:, 0]
         logits, cache = self._decode_byte(params, state, newest, state["t"] - 1, decode)
         # keep only the current word in the window of the rows that go on
-        begin = jnp.where(decode, current_word_start(starts), 0)
+        begin = jnp.where(decode, begin, 0)
         state = dict(
             state, cache=cache, ready=ready, n=n - begin, word_start=state["word_start"] + begin,
             window=keep_from(state["window"], begin, n),
