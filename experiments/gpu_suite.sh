@@ -101,8 +101,8 @@ step_bg attention_triton 300 $BG_ENV python3 experiments/bench_attention.py --ch
   --impls '' --no-dense --no-sparse --no-peak --name gpu_suite_attention_triton --out "$OUT/bench"
 step_bg models 300 $BG_ENV XLA_FLAGS=--xla_gpu_deterministic_ops=true \
   $PYTEST -n 6 tests/test_block_transformer.py tests/test_hat.py tests/test_generate.py \
-  tests/test_linear_attention.py tests/test_axial.py tests/test_train.py \
-  -k "generation or decode or sampling or forms_agree or gradients_agree or split_sequence or resume or accumulation"
+  tests/test_linear_attention.py tests/test_axial.py tests/test_train.py tests/test_transformer.py \
+  -k "generation or decode or sampling or forms_agree or gradients_agree or split_sequence or resume or accumulation or parked or per_row"
 step_bg mgpu_bwd 300 $BG_ENV python3 experiments/bench_mgpu_bwd.py --bwd-only --lengths 2048 \
   --iters 1 --repeats 1 --name gpu_suite_mgpu_bwd --out "$OUT/bench"
 step_bg scan 300 $BG_ENV python3 experiments/bench_scan.py --impls '' --out "$OUT/bench/gpu_suite_scan"

@@ -11,12 +11,14 @@ marked ``gpu`` run the real kernels and only run where a GPU is present.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.interpreters import partial_eval as pe
 
 from arjax.ops import attention, attention_mask, attention_reference
 from kernels_pallas.flash_attention import flash_attention, flash_decode
@@ -297,13 +299,25 @@ def test_flash_decode_matches_reference(rng, name):
         lengths = jnp.asarray([[55], [70]])
         kw["kv_segment_ids"] = (jnp.arange(k.shape[1])[None] < lengths).astype(jnp.int32)
         kw["q_segment_ids"] = jnp.ones(q.shape[:2], jnp.int32)
-    fn = jax.jit(
-        lambda q, k, v: flash_decode(
-            q, k, v, num_splits=splits, block_k=16, backend="gpu", interpret=True, **kw
-        )
-    )
-    out = fn.lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
-    np.testing.assert_allclose(out, attention_reference(q, k, v, **kw), **F32_TOL)
+    kw_decode = dict(num_splits=splits, block_k=16, backend="gpu", interpret=True)
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    got = _value_and_grads(functools.partial(flash_decode, **kw_decode), q, k, v, w, kw)
+    want = _value_and_grads(attention_reference, q, k, v, w, kw)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), (got[0], *got[1]), (want[0], *want[1])):
+        np.testing.assert_allclose(g, r, **F32_TOL, err_msg=name)
+
+
+def test_unused_flash_decode_is_dead_code():
+    """An unused call is dropped from the jaxpr (a bare pallas_call never is): flax >= 0.12.9's
+    ``nn.scan`` traces each layer once more and rejects inputs that trace still uses."""
+    q, k, v = (jnp.ones(s) for s in ((2, 1, 4, 32), (2, 40, 2, 32), (2, 40, 2, 32)))
+
+    def unused(q, k, v):
+        flash_decode(q, k, v, backend="gpu", interpret=True)
+        return jnp.float32(0)
+
+    jaxpr, used_inputs = pe.dce_jaxpr(jax.make_jaxpr(unused)(q, k, v).jaxpr, [True])
+    assert used_inputs == [False] * 3 and not jaxpr.eqns
 
 
 @pytest.mark.parametrize(

@@ -332,7 +332,8 @@ def flash_decode(
 ) -> jax.Array:
     """Flash-decoding (Dao, Haziza, Massa, Sizov 2023): few queries vs a long KV cache.
 
-    Same arguments and result as :func:`flash_attention`, forward only. On GPU the KV length
+    Same arguments and result as :func:`flash_attention`; differentiable through
+    :func:`flash_attention`'s backward (a forward kernel only). On GPU the KV length
     is split over ``num_splits`` programs (default: enough to fill the device) whose partial
     outputs are merged by their log-sum-exp; query heads sharing a KV head are packed into
     one tile. On TPU, where the grid runs sequentially per core, this is
@@ -345,16 +346,35 @@ def flash_decode(
             q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids,
             kv_segment_ids=kv_segment_ids, scale=scale, backend=backend, interpret=interpret,
         )  # fmt: skip
-    b, q_len, h, d = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    groups = h // kv_heads
+    b, kv_len, kv_heads = q.shape[0], k.shape[1], k.shape[2]
     bk = decode_kv_tile(kv_len, block_k)
     n_tiles = -(-kv_len // bk)
     if num_splits is None:  # ~2 programs per SM of an H100 (132 SMs)
         num_splits = max(1, min(n_tiles, -(-264 // (b * kv_heads))))
     if not isinstance(num_splits, int) or num_splits <= 0:
         raise ValueError(f"flash_decode: num_splits must be a positive int, got {num_splits!r}")
-    split_tiles = -(-n_tiles // num_splits)
+    call = _DecodeCall(causal, window, scale, interpret, num_splits, bk)
+    return _decode(call, q, k, v, q_segment_ids, kv_segment_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeCall:
+    """Static part of one (GPU) flash_decode call."""
+
+    causal: bool
+    window: int | None
+    scale: float | None
+    interpret: bool
+    num_splits: int
+    bk: int  # KV tile
+
+
+def _decode_forward(call: _DecodeCall, q, k, v, q_segment_ids, kv_segment_ids):
+    num_splits, bk = call.num_splits, call.bk
+    b, q_len, h, d = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    groups = h // kv_heads
+    split_tiles = _round_up(_round_up(kv_len, bk) // bk, num_splits) // num_splits
     kv_pad = split_tiles * num_splits * bk
     d_pad = _head_dim_pad("gpu", d)
     rows = groups * q_len
@@ -364,10 +384,10 @@ def flash_decode(
         kv_len=kv_len,
         bq=rows_pad,
         bk=bk,
-        causal=causal,
-        window=window if causal else None,
+        causal=call.causal,
+        window=call.window if call.causal else None,
         has_segments=q_segment_ids is not None,
-        scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+        scale=1.0 / math.sqrt(d) if call.scale is None else float(call.scale),
         groups=groups,
     )
     # [b, q, (hk g), d] -> rows ordered (g, q) so row % q_len is the query token
@@ -382,7 +402,7 @@ def flash_decode(
         kv_seg = pad_to(kv_segment_ids.astype(jnp.int32), 1, kv_pad)
     blocks = tuning.block_sizes("gpu", rows_pad, kv_len, d)
     o, lse2 = triton_fwd.decode(
-        q_rows, k, v, qseg_rows, kv_seg, geo, q_len, num_splits, blocks, interpret
+        q_rows, k, v, qseg_rows, kv_seg, geo, q_len, num_splits, blocks, call.interpret
     )  # o [b, hk, S, rows, d], lse2 [b, hk, S, rows]
     seen = jnp.isfinite(lse2)  # lse2 is +inf for rows of a split that saw no key
     m = jnp.max(jnp.where(seen, lse2, -jnp.inf), axis=2, keepdims=True)
@@ -392,3 +412,31 @@ def flash_decode(
     out = jnp.einsum("bhsr,bhsrd->bhrd", w, o) / jnp.where(total == 0, 1.0, total)[..., None]
     out = out[:, :, :rows, :d]
     return rearrange(out, "b hk (g q) d -> b q (hk g) d", q=q_len).astype(q.dtype)
+
+
+# A custom_vjp, not a bare kernel: JAX never dead-code eliminates a pallas_call, while a
+# custom_vjp call whose output is unused is dropped. flax >= 0.12.9's ``nn.scan`` requires it: it
+# traces the body once more and rejects any input the dead-code-eliminated trace still uses.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _decode(call: _DecodeCall, q, k, v, q_seg, kv_seg):
+    return _decode_forward(call, q, k, v, q_seg, kv_seg)
+
+
+def _decode_fwd(call: _DecodeCall, q, k, v, q_seg, kv_seg):
+    return _decode_forward(call, q, k, v, q_seg, kv_seg), (q, k, v, q_seg, kv_seg)
+
+
+def _decode_bwd(call: _DecodeCall, res, d_out):
+    """flash_decode computes flash_attention's function: its gradient is flash_attention's."""
+    q, k, v, q_seg, kv_seg = res
+
+    def attend(q, k, v):
+        return flash_attention(
+            q, k, v, causal=call.causal, window=call.window, q_segment_ids=q_seg,
+            kv_segment_ids=kv_seg, scale=call.scale, backend="gpu", interpret=call.interpret,
+        )  # fmt: skip
+
+    return (*jax.vjp(attend, q, k, v)[1](d_out), None, None)
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
