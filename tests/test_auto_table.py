@@ -37,7 +37,9 @@ def test_committed_table_is_what_the_results_give():
     att = json.loads((results / "bench_attention.json").read_text())
     scan = json.loads((results / "bench_scan.json").read_text())
     gdn = json.loads((results / "bench_gated_delta.json").read_text())
+    dec = json.loads((results / "bench_decode_attention.json").read_text())
     assert gen.attention_rows(att) == auto_table.ATTENTION
+    assert gen.decode_rows(dec) == auto_table.DECODE
     assert gen.scan_rows(scan) == auto_table.SCAN
     assert gen.gated_delta_rows(gdn) == auto_table.GATED_DELTA
 
@@ -137,3 +139,32 @@ def test_gated_delta_auto_follows_the_table(on_h200, monkeypatch):
     assert gd.resolve_impl("chunked", "auto", (96, 128, 64), seq_len=2048) == "xla"  # tiles
     monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(device_kind="NVIDIA A100")])
     assert gd.resolve_impl("chunked", "auto", dims, seq_len=8192) == "pallas"  # unmeasured
+
+
+@pytest.mark.parametrize(
+    "batch, cache_len, d, expected",
+    [
+        (1, 256, 128, "pallas"),  # measured: the kernel (12.5 vs 28 us)
+        (64, 256, 128, "xla"),  # 16k cache rows: XLA
+        (1, 16384, 128, "xla"),
+        (64, 4096, 128, "xla"),
+        (2, 1024, 128, "pallas"),  # 2048 rows: nearest measured 1024 (first of two at 1 octave)
+        (64, 256, 64, "pallas"),  # head dim never measured: the rule (no cuDNN decode)
+        (512, 16384, 128, "pallas"),  # 8M rows, 3 octaves past any measurement: the rule
+    ],
+)
+def test_decode_auto_follows_the_table(on_h200, monkeypatch, batch, cache_len, d, expected):
+    """``decode_attention(impl="auto")`` on an H200 runs what ``auto_table.DECODE`` measured
+    faster for its head dim and cache rows; unmeasured classes keep ``resolve_impl``'s rule."""
+    ran = []
+    monkeypatch.setattr(attention_mod, "_attention_xla", lambda *a, **k: ran.append("xla"))
+    kernels = importlib.import_module("kernels_pallas.flash_attention")
+    monkeypatch.setattr(kernels, "flash_decode", lambda *a, **k: ran.append("pallas"))
+    monkeypatch.setattr(attention_mod, "shard_batch_heads", lambda fn, heads, b, *a: fn(*a))
+    monkeypatch.setattr(attention_mod, "_cudnn_supported", lambda *a, **k: False)
+    q = jax.ShapeDtypeStruct((batch, 1, 4, d), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((batch, cache_len, 2, d), jnp.bfloat16)
+    visible = jax.ShapeDtypeStruct((batch, cache_len), bool)
+    jax.eval_shape(lambda q, k, m: attention_mod.decode_attention(q, k, k, kv_visible=m),
+                   q, k, visible)  # fmt: skip
+    assert ran == [expected]

@@ -331,7 +331,9 @@ def decode_attention(
     """Generation-time attention of new queries over a KV cache (forward only).
 
     Same result as ``attention`` with segment ids (queries 1, visible slots 1, others 0);
-    ``impl="pallas"`` uses the split-KV flash-decoding kernel (Dao et al. 2023).
+    ``impl="pallas"`` uses the split-KV flash-decoding kernel (Dao et al. 2023). ``"auto"``
+    on GPU: what ``auto_table.DECODE`` measured faster for the head dim and the cache rows
+    read (batch x cache length), within an octave; elsewhere :func:`resolve_impl`.
     """
     ones = jnp.ones(q.shape[:2], jnp.int32)
     visible = kv_visible.astype(jnp.int32)
@@ -339,6 +341,11 @@ def decode_attention(
         q, k_cache, v_cache, q_segment_ids=ones, kv_segment_ids=visible, impl=impl
     )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if impl == "auto" and jax.default_backend() == "gpu":
+        kind, rows = jax.devices()[0].device_kind, q.shape[0] * k_cache.shape[1]
+        choice = measured_choice(auto_table.DECODE, kind, (q.shape[-1],), rows, mode="fwd")
+        if choice == "xla" or (choice == "pallas" and _pallas_available()):
+            impl = choice
     impl = resolve_impl(q, k_cache, causal=False, q_segment_ids=ones, impl=impl)
     if impl in ("pallas", "pallas_mosaic"):  # flash-decoding has one (Triton) GPU kernel
         from kernels_pallas.flash_attention import flash_decode

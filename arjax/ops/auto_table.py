@@ -5,11 +5,13 @@ do not edit by hand (``tests/test_auto_table.py`` checks it matches them).
 ``ATTENTION``: ``(device family, head_dim, mask, seq_len) -> {mode: impl}`` with mask
 ``"causal"``, ``"window"`` or ``"segments"``; ``SCAN``: ``(device family, gate, seq_len)
 -> {mode: impl}``; ``GATED_DELTA``: ``(device family, seq_len) -> {mode: impl}``;
-``mode`` is ``"fwd+bwd"`` (what auto uses) or ``"fwd"``.
+``mode`` is ``"fwd+bwd"`` (what auto uses) or ``"fwd"``. ``DECODE``: ``(device family,
+head_dim, batch x cache_len) -> {"fwd": impl}`` for one-token decode attention.
 """
 
 SOURCES = {
     "attention": "experiments/results/bench_attention.json (2026-12-02 07:41 UTC)",
+    "decode": "experiments/results/bench_decode_attention.json (2026-12-04 12:53 UTC)",
     "gated_delta": "experiments/results/bench_gated_delta.json (2026-12-02T15:16+00:00)",
     "scan": "experiments/results/bench_scan.json (2026-11-26T12:31+00:00)",
 }
@@ -35,4 +37,14 @@ SCAN = {
 GATED_DELTA = {
     ("hopper", 2048): {"fwd": "pallas", "fwd+bwd": "xla"},
     ("hopper", 8192): {"fwd": "xla", "fwd+bwd": "xla"},
+}
+
+DECODE = {
+    ("hopper", 128, 256): {"fwd": "pallas"},
+    ("hopper", 128, 1024): {"fwd": "pallas"},
+    ("hopper", 128, 4096): {"fwd": "xla"},
+    ("hopper", 128, 16384): {"fwd": "xla"},
+    ("hopper", 128, 65536): {"fwd": "xla"},
+    ("hopper", 128, 262144): {"fwd": "xla"},
+    ("hopper", 128, 1048576): {"fwd": "xla"},
 }
