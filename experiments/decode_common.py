@@ -31,20 +31,22 @@ def engine_runner(
 ) -> tuple[Callable[[], dict], Callable[[], dict[str, int]]]:  # fmt: skip
     """``run()``: the engine's loop on ``prompts`` (int ``[batch, width]`` ids, all of full
     width) for ``gen`` new tokens with ``decoder`` (default: the model's registered one), no
-    EOS, greedy unless ``sampling`` says otherwise; ``cache_bytes()``: bytes per sequence of
+    EOS, greedy unless ``sampling`` says otherwise (``run.lower()``: that call lowered);
+    ``cache_bytes()``: bytes per sequence of
     each decode cache (from shapes only)."""
     decoder = without_eos(decoder_for(model) if decoder is None else decoder)
     tokens = jnp.asarray(prompts, jnp.int32)
     lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     layout = decoder.layout(np.asarray(prompts), np.asarray(lengths))
     stops, stop_lens = jnp.zeros((0, 1), jnp.int32), jnp.zeros((0,), jnp.int32)
-    kw = dict(temperature=0.0, top_k=None, top_p=None) | sampling
+    args = (decoder, params, tokens, lengths, stops, stop_lens, jax.random.key(0))
+    kw = dict(max_new=gen, layout=layout, return_logits=False, temperature=0.0, top_k=None,
+              top_p=None) | sampling  # fmt: skip
 
     def run() -> dict:
-        return _run(
-            decoder, params, tokens, lengths, stops, stop_lens, jax.random.key(0), max_new=gen,
-            layout=layout, return_logits=False, **kw,
-        )  # fmt: skip
+        return _run(*args, **kw)
+
+    run.lower = lambda: _run.lower(*args, **kw)  # the same call, lowered (profile_decode.py)
 
     def cache_bytes() -> dict[str, int]:
         def state(p):
