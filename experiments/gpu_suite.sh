@@ -23,7 +23,9 @@
 #                   embedding gradient's scatter-add otherwise adds in a varying order).
 #   Timings from the side-by-side checks share the GPU: they are not measurements.
 #   timing steps (name them): train block hat axial linear_decode linear_train scan_timing
-#   gated_delta scaling; "all" = the checks then every timing step. Single-GPU steps that fill
+#   gated_delta scaling decode_attention (XLA vs flash-decoding per call: the rows of
+#   auto_table.DECODE) profile_decode (HAT 1B and the transformer 1B decoding at batch 64: GPU
+#   kernel time by model part); "all" = the checks then every timing step. Single-GPU steps that fill
 #   a device call each (not in "all"): hat_pair (HAT 1b and the transformer 1b, unrolled without
 #   remat, in one run: ~330 s + ~170 s of compile with segment ids on Mosaic GPU), hat_profile
 #   (HAT 1b's per-component profile), attention_sparse (window / packed documents vs cuDNN and
@@ -57,6 +59,7 @@ export PYTHONUNBUFFERED=1
 
 CHECKS="gpu_tests attention_mosaic attention_triton mgpu_bwd scan models"
 TIMINGS="train block hat axial linear_decode linear_train scan_timing gated_delta scaling"
+TIMINGS="$TIMINGS decode_attention profile_decode"
 STEPS="${*:-$CHECKS}"
 [ "$STEPS" = all ] && STEPS="$CHECKS $TIMINGS"
 FAILED=""
@@ -116,6 +119,9 @@ step linear_train 60 python3 experiments/bench_linear_train.py
 step scan_timing 150 python3 experiments/bench_scan.py
 step gated_delta 420 python3 experiments/bench_gated_delta.py
 step scaling 420 python3 experiments/bench_scaling.py  # needs >= 2 GPUs
+step decode_attention 120 python3 experiments/bench_decode_attention.py
+step profile_decode 240 env XLA_FLAGS=--xla_gpu_enable_command_buffer= \
+  python3 experiments/profile_decode.py  # command buffers would hide the ops from the trace
 step hat_pair 580 python3 experiments/bench_train.py --no-profile \
   --only hat-1b-b16-unrolled-noremat,1b-b16-unrolled-noremat --out experiments/results/bench_train_pair
 step hat_profile 580 python3 experiments/bench_train.py --only hat-1b-b16-unrolled-noremat \
