@@ -239,8 +239,8 @@ def flash_attention(
     ``lowering`` (GPU only) picks the kernels: ``"triton"`` or ``"mosaic"`` (Hopper forward and
     backward, FlashAttention-3 style; bf16/fp16, head_dim 64/128, segment ids included),
     default: the rule :func:`.tuning.gpu_lowering`. Each Mosaic GPU call site is lowered and
-    compiled on its own: 8-9 s per call site's forward and backward on an H200, Triton's ~0.5 s
-    (experiments/results/flash_attention_compile_time.md), minutes for an unrolled deep model;
+    compiled on its own, more than ten times slower than a Triton one
+    (experiments/results/flash_attention_compile_time.md): minutes for an unrolled deep model;
     ``lowering="triton"`` compiles fast.
     ``block_sizes`` overrides the tiles from :func:`.tuning.block_sizes`. ``wave``: CTAs per
     wave the GPU launch order plans for (``tuning.heads_per_wave``; default the SM count).
