@@ -32,8 +32,7 @@ def engine_runner(
     """``run()``: the engine's loop on ``prompts`` (int ``[batch, width]`` ids, all of full
     width) for ``gen`` new tokens with ``decoder`` (default: the model's registered one), no
     EOS, greedy unless ``sampling`` says otherwise (``run.lower()``: that call lowered);
-    ``cache_bytes()``: bytes per sequence of
-    each decode cache (from shapes only)."""
+    ``cache_bytes()``: bytes per sequence of each decode cache (from shapes only)."""
     decoder = without_eos(decoder_for(model) if decoder is None else decoder)
     tokens = jnp.asarray(prompts, jnp.int32)
     lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)

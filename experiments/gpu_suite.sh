@@ -25,8 +25,8 @@
 #   timing steps (name them): train block hat axial linear_decode linear_train scan_timing
 #   gated_delta scaling decode_attention (XLA vs flash-decoding per call: the rows of
 #   auto_table.DECODE) profile_decode (HAT 1B and the transformer 1B decoding at batch 64: GPU
-#   kernel time by model part); "all" = the checks then every timing step. Single-GPU steps that fill
-#   a device call each (not in "all"): hat_pair (HAT 1b and the transformer 1b, unrolled without
+#   kernel time by model part); "all" = the checks then every timing step. Single-GPU steps
+#   that fill a device call each (not in "all"): hat_pair (HAT 1b and the transformer 1b, unrolled without
 #   remat, in one run: ~330 s + ~170 s of compile with segment ids on Mosaic GPU), hat_profile
 #   (HAT 1b's per-component profile), attention_sparse (window / packed documents vs cuDNN and
 #   jla), flash_compile (compile seconds per attention call site), hat_decode_park (HAT 1B

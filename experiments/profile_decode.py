@@ -39,8 +39,8 @@ from bench_hat_decode import configs, median_seconds, prompt_ids
 from decode_common import engine_runner
 from hat_common import markdown_table, write_results
 
-from arjax.data.words import text_to_word_batch
 from arjax.models import build_model
+from arjax.train.data import example_batch_for
 
 # substring of an op's op_name -> part of the model (first match wins)
 PARTS = (
@@ -115,15 +115,9 @@ def profile(name: str, model, params, prompts, args) -> dict:
     return row
 
 
-def random_params(model, config, hat: bool):
-    if hat:
-        batch = text_to_word_batch(["hi"], 16, 8, config.max_word_bytes)
-    else:
-        n = 16
-        batch = dict(inputs=jnp.zeros((1, n), jnp.int32), segment_ids=jnp.ones((1, n), jnp.int32),
-                     positions=jnp.arange(n)[None])  # fmt: skip
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    return jax.jit(lambda k: nn.meta.unbox(model.init(k, batch)["params"]))(jax.random.key(0))
+def random_params(name: str, model, config):
+    example = jax.tree.map(jnp.asarray, example_batch_for(name, config, 1, 64))
+    return jax.jit(lambda k: nn.meta.unbox(model.init(k, example)["params"]))(jax.random.key(0))
 
 
 def main() -> None:
@@ -144,7 +138,7 @@ def main() -> None:
     rows = []
     for name, config in (("hat", hat_config), ("transformer", transformer_config)):
         model = build_model(name, config)
-        params = random_params(model, config, name == "hat")
+        params = random_params(name, model, config)
         rows.append(profile(name, model, params, prompts, args) | {"decode_impl": args.decode_impl})
         print(json.dumps(rows[-1]), flush=True)
     columns = ["model", "batch", "decode_impl", "loop_steps", "word_steps", "wall_ms",

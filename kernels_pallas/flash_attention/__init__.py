@@ -353,7 +353,9 @@ def flash_decode(
         num_splits = max(1, min(n_tiles, -(-264 // (b * kv_heads))))
     if not isinstance(num_splits, int) or num_splits <= 0:
         raise ValueError(f"flash_decode: num_splits must be a positive int, got {num_splits!r}")
-    call = _DecodeCall(causal, window, scale, interpret, num_splits, bk)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    split_tiles = -(-n_tiles // num_splits)
+    call = _DecodeCall(causal, window, scale, interpret, num_splits, split_tiles, bk)
     return _decode(call, q, k, v, q_segment_ids, kv_segment_ids)
 
 
@@ -363,19 +365,18 @@ class _DecodeCall:
 
     causal: bool
     window: int | None
-    scale: float | None
+    scale: float
     interpret: bool
     num_splits: int
+    split_tiles: int  # KV tiles per split
     bk: int  # KV tile
 
 
 def _decode_forward(call: _DecodeCall, q, k, v, q_segment_ids, kv_segment_ids):
-    num_splits, bk = call.num_splits, call.bk
     b, q_len, h, d = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = h // kv_heads
-    split_tiles = _round_up(_round_up(kv_len, bk) // bk, num_splits) // num_splits
-    kv_pad = split_tiles * num_splits * bk
+    kv_pad = call.split_tiles * call.num_splits * call.bk
     d_pad = _head_dim_pad("gpu", d)
     rows = groups * q_len
     rows_pad = _triton_dim(rows)
@@ -383,11 +384,11 @@ def _decode_forward(call: _DecodeCall, q, k, v, q_segment_ids, kv_segment_ids):
         q_len=q_len,
         kv_len=kv_len,
         bq=rows_pad,
-        bk=bk,
+        bk=call.bk,
         causal=call.causal,
         window=call.window if call.causal else None,
         has_segments=q_segment_ids is not None,
-        scale=1.0 / math.sqrt(d) if call.scale is None else float(call.scale),
+        scale=call.scale,
         groups=groups,
     )
     # [b, q, (hk g), d] -> rows ordered (g, q) so row % q_len is the query token
@@ -402,7 +403,7 @@ def _decode_forward(call: _DecodeCall, q, k, v, q_segment_ids, kv_segment_ids):
         kv_seg = pad_to(kv_segment_ids.astype(jnp.int32), 1, kv_pad)
     blocks = tuning.block_sizes("gpu", rows_pad, kv_len, d)
     o, lse2 = triton_fwd.decode(
-        q_rows, k, v, qseg_rows, kv_seg, geo, q_len, num_splits, blocks, call.interpret
+        q_rows, k, v, qseg_rows, kv_seg, geo, q_len, call.num_splits, blocks, call.interpret
     )  # o [b, hk, S, rows, d], lse2 [b, hk, S, rows]
     seen = jnp.isfinite(lse2)  # lse2 is +inf for rows of a split that saw no key
     m = jnp.max(jnp.where(seen, lse2, -jnp.inf), axis=2, keepdims=True)
