@@ -307,6 +307,30 @@ def test_flash_decode_matches_reference(rng, name):
         np.testing.assert_allclose(g, r, **F32_TOL, err_msg=name)
 
 
+def _kernel_kv_lengths(jaxpr) -> list[int]:
+    """KV length (axis 1 of the K operand) of every ``pallas_call`` in ``jaxpr``, nested ones too."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn.invars[1].aval.shape[1])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _kernel_kv_lengths(inner)
+    return found
+
+
+@pytest.mark.parametrize("kv_len,want", [(80, 80), (70, 80)])
+def test_flash_decode_pads_the_cache_to_whole_tiles_only(rng, kv_len, want):
+    """5 KV tiles of 16 over 3 splits: a cache of whole tiles reaches the kernel as it is (no
+    padded copy at every decoding step; it was padded to 3 x 2 tiles), a ragged one is padded
+    to its last tile. Values: ``test_flash_decode_matches_reference``'s splits cases."""
+    q, k, v = _inputs(rng, q_len=1, kv_len=kv_len)
+    call = functools.partial(flash_decode, num_splits=3, block_k=16, backend="gpu", interpret=True)
+    assert _kernel_kv_lengths(jax.make_jaxpr(call)(q, k, v).jaxpr) == [want]
+
+
 def test_unused_flash_decode_is_dead_code():
     """An unused call is dropped from the jaxpr (a bare pallas_call never is): flax >= 0.12.9's
     ``nn.scan`` traces each layer once more and rejects inputs that trace still uses."""

@@ -376,7 +376,7 @@ def _decode_forward(call: _DecodeCall, q, k, v, q_segment_ids, kv_segment_ids):
     b, q_len, h, d = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = h // kv_heads
-    kv_pad = call.split_tiles * call.num_splits * call.bk
+    kv_pad = -(-kv_len // call.bk) * call.bk  # whole tiles only: splits past them run empty
     d_pad = _head_dim_pad("gpu", d)
     rows = groups * q_len
     rows_pad = _triton_dim(rows)
@@ -403,8 +403,9 @@ def _decode_forward(call: _DecodeCall, q, k, v, q_segment_ids, kv_segment_ids):
         kv_seg = pad_to(kv_segment_ids.astype(jnp.int32), 1, kv_pad)
     blocks = tuning.block_sizes("gpu", rows_pad, kv_len, d)
     o, lse2 = triton_fwd.decode(
-        q_rows, k, v, qseg_rows, kv_seg, geo, q_len, call.num_splits, blocks, call.interpret
-    )  # o [b, hk, S, rows, d], lse2 [b, hk, S, rows]
+        q_rows, k, v, qseg_rows, kv_seg, geo, q_len, call.num_splits, call.split_tiles, blocks,
+        call.interpret,
+    )  # fmt: skip  # o [b, hk, S, rows, d], lse2 [b, hk, S, rows]
     seen = jnp.isfinite(lse2)  # lse2 is +inf for rows of a split that saw no key
     m = jnp.max(jnp.where(seen, lse2, -jnp.inf), axis=2, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)

@@ -187,13 +187,15 @@ def _decode_kernel(*refs, geo: Geometry, q_tokens: int, split_tiles: int):
     lse_ref[...] = lse2
 
 
-def decode(q_rows, k, v, qseg_rows, kv_seg, geo, q_tokens, splits, bs: BlockSizes, interpret):
-    """``q_rows [b, hk, rows, d]`` packed queries, ``k/v [b, Lk, hk, d]`` with ``Lk`` a multiple
-    of ``splits * bk``. Returns per-split float32 ``o [b, hk, S, rows, d]``, ``lse2 [b, hk, S,
+def decode(
+    q_rows, k, v, qseg_rows, kv_seg, geo, q_tokens, splits, split_tiles, bs: BlockSizes, interpret
+):
+    """``q_rows [b, hk, rows, d]`` packed queries, ``k/v [b, Lk, hk, d]`` with ``Lk`` whole KV
+    tiles; split ``s`` streams tiles ``[s * split_tiles, (s + 1) * split_tiles)`` of them (none
+    when past the end). Returns per-split float32 ``o [b, hk, S, rows, d]``, ``lse2 [b, hk, S,
     rows]``."""
     b, hk, rows, d = q_rows.shape
     lk = k.shape[1]
-    split_tiles = lk // geo.bk // splits
     in_specs = [
         pl.BlockSpec((None, None, rows, d), lambda s, b_, h_: (b_, h_, 0, 0)),
         pl.BlockSpec((None, lk, None, d), lambda s, b_, h_: (b_, 0, h_, 0)),
