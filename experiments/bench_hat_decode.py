@@ -172,7 +172,7 @@ def step_times(name: str, model, params, prompts: np.ndarray, repeats: int) -> d
             return decoder._decode_byte(p, s, act, s["t"] - 1, active)[0]
 
         def word_path(p, s):
-            return decoder._finish_word(p, dict(s, n=s["n"] + 2), two_words, 0)["pred"]
+            return decoder._finish_word(p, dict(s, n=s["n"] + 2), two_words, 0)["word_values"]
 
         fns = {"byte_path_ms": jax.jit(byte_path), "word_path_ms": jax.jit(word_path)}
     return {k: 1e3 * median_seconds(lambda f=f: f(p, state), repeats)[0] for k, f in fns.items()}

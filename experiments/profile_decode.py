@@ -28,6 +28,7 @@ import gzip
 import importlib
 import json
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -47,6 +48,7 @@ PARTS = (
     ("pool_words", "encoder connector"),
     ("run_backbone", "backbone"),
     ("decode_bytes", "decoder"),
+    ("decoder_word_values", "decoder connector"),
     ("HAT.encode", "encoder"),
     ("branch_1_fun", "word path, other"),
     ("_gumbel", "sampling"),
@@ -112,6 +114,12 @@ def profile(name: str, model, params, prompts, args) -> dict:
     row["launches_per_step"] = sum(launches.values()) / steps
     row["parts_ms_per_step"] = {p: t / 1e3 / steps for p, t in parts.most_common()}
     row["parts_launches_per_step"] = {p: part_launches[p] / steps for p in parts}
+    row["top_ops"] = [
+        dict(op=op, part=next((p for key, p in PARTS if key in names.get(op, "")), "other"),
+             us_per_step=t / steps, launches_per_step=launches[op] / steps,
+             op_name="/".join(names.get(op, "?").split("/")[-3:]))
+        for op, t in us.most_common(args.top)
+    ]  # fmt: skip
     return row
 
 
@@ -127,6 +135,16 @@ def main() -> None:
     ap.add_argument("--new-bytes", type=int, default=128)
     ap.add_argument("--decode-impl", choices=["auto", "xla", "pallas"], default="auto")
     ap.add_argument("--no-trace", action="store_true", help="timing only")
+    ap.add_argument("--top", type=int, default=30, help="costliest ops listed per model")
+    ap.add_argument(
+        "--models", nargs="+", choices=["hat", "transformer"], default=["hat", "transformer"]
+    )
+    ap.add_argument(
+        "--params-cache",
+        type=Path,
+        default=None,
+        help="folder of bench_hat_decode.py --params-cache (trained weights)",
+    )
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -136,9 +154,16 @@ def main() -> None:
     hat_config, transformer_config = configs(args.quick)
     prompts = prompt_ids(args.batch, 64)
     rows = []
-    for name, config in (("hat", hat_config), ("transformer", transformer_config)):
+    configs_ = {"hat": hat_config, "transformer": transformer_config}
+    for name in args.models:
+        config = configs_[name]
         model = build_model(name, config)
-        params = random_params(name, model, config)
+        saved = args.params_cache / f"{name}.pkl" if args.params_cache else None
+        if saved is not None and saved.exists():
+            with saved.open("rb") as f:
+                params = pickle.load(f)[0]
+        else:
+            params = random_params(name, model, config)
         rows.append(profile(name, model, params, prompts, args) | {"decode_impl": args.decode_impl})
         print(json.dumps(rows[-1]), flush=True)
     columns = ["model", "batch", "decode_impl", "loop_steps", "word_steps", "wall_ms",
@@ -150,6 +175,8 @@ def main() -> None:
                      for p, t in r["parts_ms_per_step"].items()]  # fmt: skip
             columns = ["part", "ms_per_step", "launches_per_step"]
             lines += [f"\n{r['model']}, kernel time by part:\n", markdown_table(parts, columns)]
+            columns = ["op", "part", "us_per_step", "launches_per_step", "op_name"]
+            lines += [f"\n{r['model']}, costliest ops:\n", markdown_table(r["top_ops"], columns)]
     name = args.name or "profile_decode" + ("_quick" if args.quick else "")
     flags = os.environ.get("XLA_FLAGS", "")
     write_results(name, f"Decode profile (XLA_FLAGS='{flags}')", {"rows": rows}, "\n".join(lines))

@@ -21,8 +21,10 @@ loop (:mod:`arjax.generate.engine`), for all rows at once:
    ``park`` of the rows still generating (``HATDecoder.park``; 0 = as soon as any row
    parks): for each finished word, masked over the batch, the encoder connector pools its
    bytes and the backbone takes ONE cached step, giving the next word's predictive
-   embedding (a ``lax.while_loop`` runs it as many times as the most finished words in a
-   parked row). Until then the parked rows wait, drawing nothing, while the others go on.
+   embedding and from it each decoder cross-attention layer's output for that word (a
+   byte's softmax there is over its word's one key: computed once per word, not per byte);
+   a ``lax.while_loop`` runs this as many times as the most finished words in a parked row.
+   Until then the parked rows wait, drawing nothing, while the others go on.
    Masked, not compacted: a decode-time backbone step reads all its weights whatever the
    number of rows (bandwidth-bound), so a smaller batch would save FLOPs, not time. At
    batch 64 some row ends a word at almost every byte: run at once (``park=0``) the
@@ -40,8 +42,9 @@ Rows advance at their own pace, so every cache has per-row slots: a byte's globa
 (``t``, per row; prompts are left-aligned, so all rows start at the same index) picks its
 slot in the byte caches, a word's position in the row its slot in the backbone cache. Byte
 caches are ring buffers: a byte stack with a sliding window keeps only ``window +
-max_word_bytes`` slots (the window, plus the current word's bytes that may be re-decoded),
-whatever the generated length; the encoder activations are kept only for the current word.
+max_word_bytes`` slots (the window, plus the current word's bytes that may be re-decoded;
+rounded up to whole flash-decoding tiles), whatever the generated length; the encoder
+activations are kept only for the current word.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from arjax.data import word_starts
 from arjax.data.splitter import split_word_bytes
 from arjax.data.vocab import BOS_ID, PAD_ID
 from arjax.generate.engine import Decoder, left_align, tree_bytes
+from arjax.ops.attention import decode_cache_len
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -214,12 +218,13 @@ class HATDecoder(Decoder):
 
     def ring_len(self, width: int, max_new: int) -> int:
         """Byte cache slots: the windows plus a word's bytes (that may be re-decoded), or the
-        whole text when a byte stack attends to all of it."""
+        whole text when a byte stack attends to all of it; in whole flash-decoding tiles
+        (:func:`arjax.ops.attention.decode_cache_len`: no padded copy per step)."""
         c = self.model.config
-        total = _round_up(width + max_new, 8)
-        if c.encoder.window is None or c.decoder.window is None:
-            return total
-        return min(total, _round_up(max(c.encoder.window, c.decoder.window + c.max_word_bytes), 8))
+        total = width + max_new
+        if c.encoder.window is not None and c.decoder.window is not None:
+            total = min(total, max(c.encoder.window, c.decoder.window + c.max_word_bytes))
+        return decode_cache_len(total)
 
     def layout(self, tokens: np.ndarray, lengths: np.ndarray) -> int:
         """Static word dimension of the prompts (rounded up to 8): their words counted on
@@ -243,7 +248,7 @@ class HATDecoder(Decoder):
         batch, width = tokens.shape
         num_words = layout
         ring = self.ring_len(width, max_new)
-        word_cache = _round_up(num_words + max_new + m + 1, 8)
+        word_cache = decode_cache_len(num_words + max_new + m + 1)
         pad = PAD_ID if c.vocab_size > PAD_ID else 0  # never seen; inside the embedding
         left, segments, positions = left_align(tokens, lengths, pad)
         starts, _, _ = left_align(
@@ -289,7 +294,9 @@ class HATDecoder(Decoder):
             window=window, window_acts=window_acts.astype(acts.dtype), n=current,
             word_start=width - current - (width - lengths),  # position of the window's byte 0
             words=finished,  # [batch] finished words = the current word's word position
-            pred=jnp.where((finished > 0)[:, None], last_state, first),
+            word_values=self._word_values(
+                params, jnp.where((finished > 0)[:, None], last_state, first)
+            ),
             ready=jnp.ones((batch,), bool),  # [batch] not parked: the logits are valid
             word_steps=jnp.int32(0),  # backbone steps run
             waited=jnp.int32(0),  # row-iterations spent parked
@@ -308,27 +315,36 @@ class HATDecoder(Decoder):
         """``word_steps``: backbone steps run; ``waited``: row-iterations spent parked."""
         return {"word_steps": state["word_steps"], "waited": state["waited"]}
 
+    def _word_values(self, params, pred: jax.Array) -> dict[str, jax.Array]:
+        """The decoder's cross-attention outputs for each row's current word, from its
+        predictive embedding ``pred`` ``[batch, backbone_d]``: layer -> ``[batch, 1, dec_d]``
+        (:meth:`arjax.models.hat.HAT.decoder_word_values`; once per word, not per byte)."""
+        return self.decoding_model.apply(
+            {"params": params}, pred[:, None], method="decoder_word_values"
+        )
+
     def _decode_byte(self, params, state, act, g, write):
         """Decoder over each row's byte at global index ``g`` ``[batch]`` (encoder activation
-        ``act`` ``[batch, enc_d]``) with the current predictive embeddings; its cache slot is
-        written for the rows in ``write``. Logits ``[batch, vocab]`` and the new cache."""
+        ``act`` ``[batch, enc_d]``) with its current word's cross-attention outputs; its cache
+        slot is written for the rows in ``write``. Logits ``[batch, vocab]`` and the new
+        cache."""
         c = self.model.config
         cache = state["cache"]
         ring = jax.tree.leaves(cache["decoder"])[0].shape[1]
         ones = jnp.ones((act.shape[0], 1), jnp.int32)
         logits, new = self.decoding_model.apply(
-            {"params": params, "cache": cache}, act[:, None], state["pred"][:, None],
+            {"params": params, "cache": cache}, act[:, None], None,
             (g - state["first"])[:, None], None, ones, jnp.zeros_like(ones), ones,
             mode="decode", cache_index=_slots(write, g, ring),
             kv_visible=_ring_visible(state["t"] - 1, g, state["first"], ring, c.decoder.window),
-            method="decode_bytes", mutable=["cache"],
+            word_values=state["word_values"], method="decode_bytes", mutable=["cache"],
         )  # fmt: skip
         return logits[:, 0], {**cache, "decoder": new["cache"]["decoder"]}
 
     def _finish_word(self, params, state, starts, j):
         """Word ``j`` of each row's window (rows with more than ``j + 1`` words in it):
         encoder connector over its bytes + one backbone step (at the row's word position, in
-        its own cache slot) -> new ``pred`` for those rows."""
+        its own cache slot) -> its cross-attention outputs for the next word, for those rows."""
         index = jnp.cumsum(starts, axis=1) - 1  # [batch, m + 1] word of each window byte
         finishing = jnp.sum(starts, axis=1) > j + 1
         in_word = (index == j) & (jnp.arange(starts.shape[1])[None, :] < state["n"][:, None])
@@ -348,7 +364,10 @@ class HATDecoder(Decoder):
         )  # fmt: skip
         return dict(
             state, cache={**state["cache"], "backbone": new["cache"]["backbone"]},
-            pred=jnp.where(finishing[:, None], out[:, 0], state["pred"]),
+            word_values=jax.tree.map(
+                lambda new, old: jnp.where(finishing[:, None, None], new, old),
+                self._word_values(params, out[:, 0]), state["word_values"],
+            ),
             words=words + finishing, word_steps=state["word_steps"] + 1,
         )  # fmt: skip
 

@@ -443,16 +443,20 @@ class WordCrossAttention(nn.Module):
         out = word_pool_attention(q, k, self.v_proj(byte_acts), word_ids, num_words=w)
         return self.o_proj(out)
 
-    def to_bytes(self, x: jax.Array, words: jax.Array, word_ids: jax.Array) -> jax.Array:
-        """Decoder connector: byte ``j`` over the one key of its word, i.e. that word's
-        value; values and output projection run per word, then each byte takes its word's.
-        x ``[batch, seq, features]`` (only its shape matters), words ``[batch, words, kv_d]``.
-        """
-        if self.is_initializing():  # q/k exist (checkpoints) but a one-key softmax is 1
-            self._qk_norm(self.q_proj(x), self.k_proj(words))
+    def values(self, words: jax.Array) -> jax.Array:
+        """Decoder connector per word: a byte's softmax is over the one key of its word, so
+        its output is that word's value, projected: ``[batch, words, features]`` from words
+        ``[batch, words, kv_d]``."""
         c = self.config
         v = jnp.repeat(self.v_proj(words), c.cross_heads // c.cross_kv_heads, axis=2)
-        return gather_words(self.o_proj(v), word_ids)
+        return self.o_proj(v)
+
+    def to_bytes(self, x: jax.Array, words: jax.Array, word_ids: jax.Array) -> jax.Array:
+        """Decoder connector: each byte takes its word's :meth:`values`. x ``[batch, seq,
+        features]`` (only its shape matters), words ``[batch, words, kv_d]``."""
+        if self.is_initializing():  # q/k exist (checkpoints) but a one-key softmax is 1
+            self._qk_norm(self.q_proj(x), self.k_proj(words))
+        return gather_words(self.values(words), word_ids)
 
 
 class EncoderConnector(nn.Module):
@@ -498,9 +502,15 @@ class DecoderLayer(nn.Module):
     impl: ConnectorImpl = "words"
 
     @nn.compact
-    def __call__(self, x: jax.Array, pred: jax.Array, ctx: dict) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, pred: jax.Array | None, ctx: dict, values: jax.Array | None = None
+    ) -> jax.Array:
+        """``values``: this layer's cross-attention output per word, when computed already
+        (:meth:`HAT.decoder_word_values`; decoding does it once per word); ``pred`` unused."""
         c = self.config
-        if self.cross:
+        if self.cross and values is not None:
+            x = x + gather_words(values, ctx["word_ids"])
+        elif self.cross:
             kv = RMSNorm(c.decoder.norm_eps, name="kv_norm")(pred)
             if self.impl == "words":
                 if self.is_initializing():  # the query only enters a one-key softmax
@@ -531,17 +541,18 @@ class Decoder(nn.Module):
     def __call__(
         self,
         x: jax.Array,  # [batch, seq, dec_d]
-        pred: jax.Array,  # [batch, words, backbone_d]
+        pred: jax.Array | None,  # [batch, words, backbone_d]
         ctx: dict,
         mode: Mode = "train",
         cache_len: int | None = None,
+        word_values: dict[str, jax.Array] | None = None,  # HAT.decoder_word_values
     ) -> jax.Array:
         c = self.config
         x = x.astype(c.decoder.compute_dtype)
         for i in range(c.decoder.num_layers):
-            cross = i == 0 or c.cross_attn_every_layer
-            layer = DecoderLayer(c, cross, mode, cache_len, self.impl, name=f"decoder_layers_{i}")
-            x = layer(x, pred, ctx)
+            cross, name = i == 0 or c.cross_attn_every_layer, f"decoder_layers_{i}"
+            layer = DecoderLayer(c, cross, mode, cache_len, self.impl, name=name)
+            x = layer(x, pred, ctx, None if word_values is None else word_values.get(name))
         return RMSNorm(c.decoder.norm_eps, name="final_norm")(x)
 
 
@@ -651,10 +662,30 @@ class HAT(nn.Module):
         first = self.first_word_embedding.astype(backbone_out.dtype)
         return jnp.where((word_positions == 0)[..., None], first, shifted)
 
+    def decoder_word_values(self, pred: jax.Array) -> dict[str, jax.Array]:
+        """Each cross-attention layer's output per word (``connector_impl="words"``): layer
+        name -> ``[batch, words, dec_d]`` for ``pred`` ``[batch, words, backbone_d]``. A byte
+        needs only its word's (:meth:`WordCrossAttention.values`), so decoding computes them
+        once per word and passes them to :meth:`decode_bytes` for every byte of the word."""
+        c = self.config
+        params = self.variables["params"]["decoder"]
+        # unbound modules (parent=None) applied to the layers' params: the same maths as theirs
+        attn = WordCrossAttention(c, c.decoder, c.decoder.d_model, parent=None)
+        norm = RMSNorm(c.decoder.norm_eps, parent=None)
+        return {
+            name: attn.apply(
+                {"params": layer["cross_attention"]},
+                norm.apply({"params": layer["kv_norm"]}, pred),
+                method="values",
+            )
+            for name, layer in params.items()
+            if "cross_attention" in layer
+        }
+
     def decode_bytes(
         self,
         byte_acts: jax.Array,  # [batch, seq, enc_d]
-        pred: jax.Array,  # [batch, words, backbone_d]
+        pred: jax.Array | None,  # [batch, words, backbone_d]
         positions: jax.Array,  # [batch, seq]
         segment_ids: jax.Array | None,
         word_ids: jax.Array,  # [batch, seq]
@@ -665,8 +696,10 @@ class HAT(nn.Module):
         cache_len: int | None = None,
         cache_index: jax.Array | None = None,
         kv_visible: jax.Array | None = None,
+        word_values: dict[str, jax.Array] | None = None,
     ) -> jax.Array:
-        """Decoder + final norm + head: float32 logits ``[batch, seq, vocab]``."""
+        """Decoder + final norm + head: float32 logits ``[batch, seq, vocab]``. With
+        ``word_values`` (:meth:`decoder_word_values` of the words) ``pred`` is not used."""
         ctx = dict(
             positions=positions,
             segment_ids=segment_ids,
@@ -676,7 +709,7 @@ class HAT(nn.Module):
             word_positions=word_positions,
             word_slots=word_slots,
         )
-        h = self.decoder(byte_acts, pred, ctx, mode, cache_len)
+        h = self.decoder(byte_acts, pred, ctx, mode, cache_len, word_values)
         return self.lm_head(h).astype(jnp.float32)
 
     def forward(
