@@ -547,9 +547,9 @@ def markdown(
     lines += [
         "",
         "Masked cases (D=128, L=8192, B=2, H=16), ms; speedup = other ms / arjax ms. arjax is"
-        " `flash_attention` with its default lowering (on Hopper the Mosaic GPU kernels for the"
-        ' window, the Triton kernels for segment ids), and with `lowering="mosaic"`; max diff:'
-        " forward outputs vs the default lowering's:",
+        " `flash_attention` with its default lowering (on Hopper the Mosaic GPU kernels, segment"
+        ' ids included), and with `lowering="mosaic"`; max diff: forward outputs vs the default'
+        " lowering's:",
         "",
         "| case | mode | cuDNN dense causal | cuDNN sliding window | jla "
         "| arjax (default lowering) | vs dense cuDNN | vs cuDNN window | vs jla "

@@ -160,42 +160,55 @@ def _ranges_brute_force(row_seg, col_seg, row_block, col_block):
     return np.asarray(out)
 
 
-def test_segment_tile_ranges_match_brute_force(rng):
+def _check_ranges(row_seg, col_seg, row_block, col_block, exact: bool):
+    """``segment_tile_ranges`` vs the brute force: the same whole-tile runs, ``[lo, hi)``
+    holding every shared column (``exact``: the brute force's, tile for tile)."""
     from kernels_pallas.flash_attention._common import segment_tile_ranges
 
+    got = segment_tile_ranges(jnp.asarray(row_seg, jnp.int32), jnp.asarray(col_seg, jnp.int32),
+                              row_block, col_block)  # fmt: skip
+    got, want = np.asarray(got), _ranges_brute_force(row_seg, col_seg, row_block, col_block)
+    if exact:
+        np.testing.assert_array_equal(got, want)
+    lo, full_lo, full_hi, hi = (got[:, i::4] for i in range(4))
+    want_lo, want_full_lo, want_full_hi, want_hi = (want[:, i::4] for i in range(4))
+    shared = want_hi > want_lo
+    assert np.all(~shared | ((lo <= want_lo) & (hi >= want_hi))), "a shared column is skipped"
+    np.testing.assert_array_equal(full_hi - full_lo, want_full_hi - want_full_lo)
+    whole = want_full_hi > want_full_lo
+    np.testing.assert_array_equal(np.where(whole, full_lo, 0), np.where(whole, want_full_lo, 0))
+    assert np.all((lo <= full_lo) & (full_lo <= full_hi) & (full_hi <= hi))
+    return got, want
+
+
+def test_segment_tile_ranges_match_brute_force(rng):
     packed = np.repeat([[1, 2, 3, 4]], [24, 40, 8, 24], axis=1)  # documents of 24, 40, 8, 24
-    got = np.asarray(segment_tile_ranges(jnp.asarray(packed), jnp.asarray(packed), 16, 32))
+    got, _ = _check_ranges(packed, packed, 16, 32, exact=True)
     # q tiles of 16: [0,16) doc 1 -> key tile 0, not whole; [16,32) docs 1-2 -> keys 0..63 ->
     # tiles [0, 2); [32,48), [48,64) doc 2 -> [0, 2), key tile 1 (32..63) whole; [64,80) docs
     # 3-4 -> keys 64..95 -> [2, 3); [80,96) doc 4 -> [2, 3)
     want = [[0, 0, 0, 1, 0, 0, 0, 2, 0, 1, 2, 2, 0, 1, 2, 2, 2, 2, 2, 3, 2, 2, 2, 3]]
     np.testing.assert_array_equal(got, want)
     long_docs = np.repeat([[0, 1, 2]], [40, 72, 16], axis=1)
-    for row_seg, col_seg in ((long_docs, long_docs), (long_docs[:, :96], long_docs)):
+    padded = np.repeat([[3, 4, 0]], [50, 60, 18], axis=1)  # padding id 0 after the documents
+    for row_seg, col_seg in ((long_docs, long_docs), (long_docs[:, :96], long_docs),
+                             (padded, padded), (padded[:, 32:], padded)):  # fmt: skip
         for row_block, col_block in ((16, 16), (8, 32)):
-            got = segment_tile_ranges(jnp.asarray(row_seg), jnp.asarray(col_seg), row_block,
-                                      col_block)  # fmt: skip
-            want = _ranges_brute_force(row_seg, col_seg, row_block, col_block)
-            np.testing.assert_array_equal(np.asarray(got), want)
+            _, want = _check_ranges(row_seg, col_seg, row_block, col_block, exact=True)
             assert (want[:, 2::4] > want[:, 1::4]).any()  # some whole tiles
-    for row_block, col_block in ((16, 16), (8, 32)):
-        row_seg = rng.integers(0, 6, (3, 64))
-        col_seg = rng.integers(1, 5, (3, 96))
-        got = segment_tile_ranges(jnp.asarray(row_seg), jnp.asarray(col_seg), row_block, col_block)
-        want = _ranges_brute_force(row_seg, col_seg, row_block, col_block)
-        np.testing.assert_array_equal(np.asarray(got), want)
+    for row_block, col_block in ((16, 16), (8, 32)):  # random ids: bounded
+        _check_ranges(rng.integers(0, 6, (3, 64)), rng.integers(1, 5, (3, 96)), row_block,
+                      col_block, exact=False)  # fmt: skip
     split = np.repeat([[1, 2, 1]], [32, 32, 32], axis=1)  # id 1 in two runs: whole tiles apart
-    got = np.asarray(segment_tile_ranges(jnp.asarray(split), jnp.asarray(split), 16, 16))
-    np.testing.assert_array_equal(got, _ranges_brute_force(split, split, 16, 16))
+    got, _ = _check_ranges(split, split, 16, 16, exact=True)
     np.testing.assert_array_equal(got[0, 1::4], [0, 0, 2, 2, 0, 0])  # id 1: no whole run
     np.testing.assert_array_equal(got[0, 2::4], [0, 0, 4, 4, 0, 0])
 
 
 def test_segment_tile_ranges_random_runs(rng):
-    """Ids in runs of random lengths, recurring apart, among them -1 and the int32 maximum:
-    whole-tile runs, runs split apart (left empty) and mixed tiles all match the brute force."""
-    from kernels_pallas.flash_attention._common import segment_tile_ranges
-
+    """Ids in runs of random lengths, among them -1 and the int32 maximum: recurring apart
+    (whole-tile runs split apart are left empty; the ranges hold every shared column), and
+    ascending (the brute force's ranges exactly)."""
     ids = np.array([-1, 0, 1, 2, np.iinfo(np.int32).max])
 
     def uniform_ids(seg, block):  # [batch, n_tiles], NaN where a tile holds several ids
@@ -208,14 +221,32 @@ def test_segment_tile_ranges_random_runs(rng):
             seg = np.stack([np.repeat(ids[rng.integers(0, 5, 32)], rng.integers(1, 48, 32))[:256]
                             for _ in range(3)])  # fmt: skip
             row_seg = seg[:, : 128 * int(rng.integers(1, 3))]  # [3, 128 or 256]
-            got = segment_tile_ranges(jnp.asarray(row_seg, jnp.int32), jnp.asarray(seg, jnp.int32),
-                                      row_block, col_block)  # fmt: skip
-            want = _ranges_brute_force(row_seg, seg, row_block, col_block)
-            np.testing.assert_array_equal(np.asarray(got), want)
+            _, want = _check_ranges(row_seg, seg, row_block, col_block, exact=False)
             r, c = uniform_ids(row_seg, row_block), uniform_ids(seg, col_block)
             pairs += (r[:, :, None] == c[:, None, :]).sum()
             reported += (want[:, 2::4] - want[:, 1::4]).sum()
+            ascending = np.sort(seg, axis=1)
+            _check_ranges(ascending[:, -row_seg.shape[1] :], ascending, row_block, col_block,
+                          exact=True)  # fmt: skip
     assert 0 < reported < pairs  # some whole runs, some split apart
+
+
+@pytest.mark.parametrize("lowering", ["triton", "mosaic"])
+def test_segment_ids_cost_no_sort(lowering):
+    """Packed documents' forward and gradients lower without a sort: the per-call work on the
+    ids is a few reductions (``segment_tile_ranges``; the Mosaic GPU kernels read the int32 ids
+    as they are). Sorts of the ids took a third of the packed-document forward on an H200
+    (experiments/results/bench_attention_masked.md)."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+
+    def loss(q, ids):
+        out = flash_attention(q, q, q, causal=True, q_segment_ids=ids, kv_segment_ids=ids,
+                              backend="gpu", interpret=True, lowering=lowering)  # fmt: skip
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = jax.jit(jax.grad(loss)).lower(q, ids).as_text()
+    assert "sort" not in text
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -308,7 +339,7 @@ def test_flash_decode_matches_reference(rng, name):
 
 
 def _kernel_kv_lengths(jaxpr) -> list[int]:
-    """KV length (axis 1 of the K operand) of every ``pallas_call`` in ``jaxpr``, nested ones too."""
+    """KV length (axis 1 of the K operand) of every ``pallas_call`` in ``jaxpr`` (nested too)."""
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":

@@ -306,11 +306,29 @@ def test_launch_order_runs_heavy_tiles_of_each_head_group_first():
 
 
 def test_default_tiles_fuse_dq_where_faster():
-    """dQ is fused from min(q_len, kv_len) = 8192 on, for both head dims (H200 runs)."""
+    """dQ is fused from 8192 keys per query on, for both head dims, never with segment ids;
+    ``flash_attention`` passes a shorter window as that length (H200 runs)."""
     lengths = (2048, 4096, 8192, 32768)
     for d in (64, 128):
         fused = [mosaic_gpu_bwd.default_tiles(d, n).fused_dq for n in lengths]
         assert fused == [False, False, True, True], d
+        assert not any(mosaic_gpu_bwd.default_tiles(d, n, segments=True).fused_dq for n in lengths)
+    calls, default_tiles = [], mosaic_gpu_bwd.default_tiles
+
+    def record(*args):
+        calls.append(args)
+        return default_tiles(*args)
+
+    q = jax.ShapeDtypeStruct((1, 8192, 2, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 8192), jnp.int32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mosaic_gpu_bwd, "default_tiles", record)
+        for kw in (dict(window=1024), dict(q_segment_ids=ids, kv_segment_ids=ids), {}):
+            attend = functools.partial(flash_attention, causal=True, lowering="mosaic", **kw)
+            jax.eval_shape(lambda q, kw=kw, attend=attend: attend(
+                q, q, q, **{n: jnp.zeros(ids.shape, ids.dtype) for n in kw if "segment" in n}
+            ), q)  # fmt: skip
+    assert calls == [(128, 1024, False), (128, 8192, True), (128, 8192, False)]
 
 
 @pytest.mark.parametrize(
@@ -402,7 +420,7 @@ def test_gpu_kernels_give_run_state_no_literal_operands(d, causal, fused, segmen
                    has_segments=segments, scale=d**-0.5, groups=1)  # fmt: skip
     tiles = FUSED[d] if fused else mosaic_gpu_bwd.default_tiles(d, n)
     fwd = lambda *a: mosaic_gpu_fwd.forward(*a[:3], geo, 2, False, pingpong, *a[3:])
-    fwd_segs = (ids(jnp.float32),) * 2 + (ids(jnp.int32, n // 128 * 4),) if segments else ()
+    fwd_segs = (ids(jnp.int32),) * 2 + (ids(jnp.int32, n // 128 * 4),) if segments else ()
     bwd = lambda *a: mosaic_gpu_bwd.backward(*a[:6], geo, tiles, False, *a[6:])
     bwd_segs = (ids(jnp.int32),) * 2 if segments else ()
     for fn, args in ((fwd, (q, q, q, *fwd_segs)), (bwd, (q, q, q, q, vec, vec, *bwd_segs))):

@@ -25,7 +25,6 @@ import pytest
 from arjax.ops import attention, attention_reference
 from kernels_pallas.flash_attention import flash_attention, mosaic_gpu_bwd, mosaic_gpu_fwd
 from kernels_pallas.flash_attention._common import Geometry
-from kernels_pallas.flash_attention._hopper import segment_ranks
 from kernels_pallas.flash_attention.tuning import BlockSizes, block_sizes, gpu_lowering
 
 # forward tiles of the Mosaic kernel (128 query rows, 64 KV rows, 2 buffers); tiny backward tiles
@@ -72,7 +71,8 @@ def _check(rng, case, races, within, *, blocks=TILES, interpret=True, grads=True
     run = _out_and_grads if grads else _forward
     out, g = run(mosaic, q, k, v, w)
     if interpret:  # the forward kernel, then dK/dV and dQ (or the two fused)
-        fused = mosaic_gpu_bwd.default_tiles(q.shape[-1], min(q.shape[1], k.shape[1])).fused_dq
+        span = min(q.shape[1], k.shape[1], kw["window"] or k.shape[1])
+        fused = mosaic_gpu_bwd.default_tiles(q.shape[-1], span, runs is not None).fused_dq
         races.check(kernels=(2 if fused else 3) if grads else 1)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = run(lambda q, k, v: attention_reference(q, k, v, **kw), *f32, w)
@@ -91,7 +91,7 @@ CASES = {  # causal GQA with a decode offset: ``test_ops_attention_pallas_mosaic
 }
 
 
-# ids 2^24 and 2^24 + 1 are one float32 (a plain cast would merge them); the first id comes
+# ids 2^24 and 2^24 + 1 are one float32 (the kernels compare the int32 ids); the first id comes
 # back after the second, so its runs are one segment apart (the masks compare ids, not runs)
 SEGMENTS = ((2**24, 40), (2**24 + 1, 60), (2**24, 50))
 SEGMENT_CASES = {
@@ -119,24 +119,11 @@ SEGMENT_CASES = {
 @pytest.mark.parametrize("name", list(SEGMENT_CASES))
 def test_mosaic_segment_ids_forward_and_gradients(rng, races, within_xla_error, name):
     """Segment ids through the Mosaic GPU forward and backward: tiles cut to each tile's
-    documents (``segment_tile_ranges``), the others masked by id equality
-    (``_hopper.same_segment``) on float32 ranks (``_hopper.segment_ranks``)."""
+    documents (``segment_tile_ranges``), the others masked by int32 id equality
+    (``_hopper.same_segment``)."""
     case = dict(SEGMENT_CASES[name])
     case.setdefault("segments", SEGMENTS)
     _check(rng, case, races, within_xla_error)
-
-
-def test_segment_ranks_keep_each_rows_equalities(rng):
-    q_seg = jnp.asarray(rng.integers(-(2**31), 2**31 - 1, (3, 40)), jnp.int32)
-    kv_seg = jnp.concatenate([q_seg[:, ::2], q_seg[:, :7] + 1], axis=1)  # shared and new ids
-    kv_seg = kv_seg.at[:, 0].set(2**31 - 1)
-    rq, rk = segment_ranks(q_seg, kv_seg)
-    assert rq.dtype == rk.dtype == jnp.float32
-    want = q_seg[:, :, None] == kv_seg[:, None, :]
-    assert bool(jnp.all((rq[:, :, None] == rk[:, None, :]) == want))
-    assert bool(
-        jnp.all((rq[:, :, None] == rq[:, None, :]) == (q_seg[:, :, None] == q_seg[:, None, :]))
-    )
 
 
 @pytest.mark.parametrize("name", list(CASES))

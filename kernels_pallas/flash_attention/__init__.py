@@ -36,7 +36,12 @@ from kernels_pallas.flash_attention import (
     triton_fwd,
     tuning,
 )
-from kernels_pallas.flash_attention._common import Geometry, pad_to, segment_tile_ranges
+from kernels_pallas.flash_attention._common import (
+    Geometry,
+    pad_ids,
+    pad_to,
+    segment_tile_ranges,
+)
 from kernels_pallas.flash_attention.tuning import BlockSizes
 
 BACKENDS = ("gpu", "tpu")
@@ -142,8 +147,7 @@ def _prepare(call: _Call, q, k, v, q_seg, kv_seg):
     k = pad_to(pad_to(k, 1, call.kv_pad), d_axis, call.d_pad)
     v = pad_to(pad_to(v, 1, call.kv_pad), d_axis, call.d_pad)
     if q_seg is not None:
-        q_seg = pad_to(q_seg.astype(jnp.int32), 1, call.q_pad)
-        kv_seg = pad_to(kv_seg.astype(jnp.int32), 1, call.kv_pad)
+        q_seg, kv_seg = pad_ids(q_seg, call.q_pad), pad_ids(kv_seg, call.kv_pad)
     return q, k, v, q_seg, kv_seg
 
 
@@ -154,7 +158,7 @@ def _forward(call: _Call, q, k, v, q_seg, kv_seg):
         segs = ()
         if call.geo.has_segments:
             ranges = segment_tile_ranges(*args[3:], mosaic_gpu_fwd.TILE_Q, call.geo.bk)
-            segs = (*_hopper.segment_ranks(*args[3:]), ranges)
+            segs = (*args[3:], ranges)
         forward = mosaic_gpu_fwd.forward if call.interpret else _mosaic_forward
         out, lse2 = forward(
             *args[:3],
@@ -256,7 +260,8 @@ def flash_attention(
     bwd_tiles = None
     if lowering == "mosaic":
         mosaic_gpu_fwd.check_supported(q.dtype, d, q_segment_ids is not None, blocks)
-        bwd_tiles = mosaic_gpu_bwd.default_tiles(d, min(q_len, kv_len))
+        span = min(q_len, kv_len, window or kv_len)  # the most keys a query sees
+        bwd_tiles = mosaic_gpu_bwd.default_tiles(d, span, q_segment_ids is not None)
         mosaic_gpu_bwd.check_supported(q.dtype, d, q_segment_ids is not None, bwd_tiles)
     q_tile = max(blocks.bq, blocks.bwd_bq_dq, blocks.bwd_bq_dkv)
     kv_tile = max(blocks.bk, blocks.bwd_bk_dq, blocks.bwd_bk_dkv)

@@ -226,57 +226,53 @@ def segment_block_bounds(seg: jax.Array, block: int) -> tuple[jax.Array, jax.Arr
 def segment_tile_ranges(
     row_seg: jax.Array, col_seg: jax.Array, row_block: int, col_block: int
 ) -> jax.Array:
-    """For each tile of ``row_block`` rows, the column tiles ``[lo, hi)`` that hold every
-    column sharing a segment id with one of its rows, and those ``[full_lo, full_hi)`` whose
-    every column shares the one segment of all its rows (no segment mask needed):
+    """For each tile of ``row_block`` rows, the column tiles ``[lo, hi)`` that may hold a column
+    sharing a segment id with one of its rows, and those ``[full_lo, full_hi)`` whose every
+    column shares the one segment of all its rows (no segment mask needed):
     ``int32 [batch, n_row_tiles * 4]`` (``lo, full_lo, full_hi, hi`` interleaved; ``lo == hi``
-    when no column is shared, ``full_lo == full_hi`` when no tile is whole).
+    when no column can be shared, ``full_lo == full_hi`` when no tile is whole).
 
-    ``row_seg [batch, R]``, ``col_seg [batch, C]`` are padded to multiples of the blocks. The
-    columns of segment ``s`` lie within ``[first(s), last(s)]``, found by a stable sort of the
-    column ids (positions ascend within equal ids) and a binary search per row, so any layout of
-    ids is handled exactly; for packed documents the range is the documents of the tile. Tiles
-    outside the range hold no key (query) the tile's rows may see, so kernels skip them. A row
-    tile of one id ``s`` has as whole tiles the column tiles of the one id ``s``, found likewise
-    by a sort of the column tiles' ids and a binary search per row tile (O(n log n), no
-    row-tile by column-tile matrix; the searches unrolled, without XLA while loops). They form
-    one run for packed documents; where they do not (ids repeated apart), the run is left empty
-    and every tile is masked.
+    ``row_seg [batch, R]``, ``col_seg [batch, C]`` are padded to multiples of the blocks (with
+    each row's last id, :func:`pad_ids`). A row tile and a column tile can share an id only if
+    one of the row tile's ids lies within the column tile's ``[min, max]`` and one of the
+    column tile's ids within the row tile's; ``[lo, hi)`` spans the column tiles passing both
+    tests, so it holds every column sharing an id for any layout of ids (tiles outside hold no
+    key or query the tile's rows may see: kernels skip them). For ids ascending along both
+    sequences (packed documents, padding ids after them allowed) it is exactly the tiles from
+    the first to the last one sharing an id; other layouts may add tiles that straddle
+    documents (masked, not skipped). A row tile of one id ``s`` has as whole
+    tiles the column tiles of the one id ``s``; they form one run for packed documents; where
+    they do not (ids repeated apart), the run is left empty and every tile is masked. Fused
+    reductions over row tiles x column tiles x a tile's ids, no sort.
     """
-    order = jnp.argsort(col_seg, axis=1, stable=True)
-    sorted_seg = jnp.take_along_axis(col_seg, order, axis=1)
-    # unrolled: a while loop of ~log2(n) rounds costs a kernel launch per round on a GPU
-    search = jax.vmap(
-        lambda a, v, side: jnp.searchsorted(a, v, side, method="scan_unrolled"), (0, 0, None)
-    )
-    left = search(sorted_seg, row_seg, "left")
-    right = search(sorted_seg, row_seg, "right")
-    found = right > left
-    cols = col_seg.shape[1]
-    first = jnp.where(found, jnp.take_along_axis(order, jnp.minimum(left, cols - 1), 1), cols)
-    last = jnp.where(found, jnp.take_along_axis(order, jnp.maximum(right - 1, 0), 1), -1)
     b = row_seg.shape[0]
-    first = jnp.min(first.reshape(b, -1, row_block), axis=-1)  # [batch, n_row_tiles]
-    last = jnp.max(last.reshape(b, -1, row_block), axis=-1)
-    lo = jnp.where(last >= 0, first // col_block, 0)
-    hi = jnp.where(last >= 0, last // col_block + 1, 0)
-    # whole tiles: one id over the row tile and over the column tile, the same. Uniform column
-    # tiles sorted by (id, position) ahead of the others (id set to the largest, so the ids stay
-    # sorted); a uniform row tile's whole tiles are those of its id, [start, stop) in that order.
-    rows = row_seg.reshape(b, -1, row_block)  # [batch, n_row_tiles, row_block]
-    tiles = col_seg.reshape(b, -1, col_block)  # [batch, n_col_tiles, col_block]
-    row_id, col_id = rows.min(-1), tiles.min(-1)  # [batch, n_row_tiles], [batch, n_col_tiles]
-    uniform = col_id == tiles.max(-1)
-    col_id = jnp.where(uniform, col_id, jnp.iinfo(col_id.dtype).max)
-    index = lax.broadcasted_iota(jnp.int32, col_id.shape, 1)
-    _, col_id, by_id = lax.sort((~uniform, col_id, index), dimension=1, num_keys=2, is_stable=True)
-    start = search(col_id, row_id, "left")  # [batch, n_row_tiles]
-    stop = jnp.minimum(search(col_id, row_id, "right"), uniform.sum(-1, keepdims=True))
-    full_lo = jnp.take_along_axis(by_id, jnp.minimum(start, col_id.shape[1] - 1), 1)
-    full_hi = jnp.take_along_axis(by_id, jnp.maximum(stop - 1, 0), 1) + 1
-    run = (rows.max(-1) == row_id) & (stop > start) & (stop - start == full_hi - full_lo)
+    rows = row_seg.reshape(b, -1, 1, row_block)  # [batch, row tiles, 1, row_block]
+    cols = col_seg.reshape(b, 1, -1, col_block)  # [batch, 1, col tiles, col_block]
+    row_lo, row_hi = rows.min(-1), rows.max(-1)  # [batch, row tiles, 1]
+    col_lo, col_hi = cols.min(-1), cols.max(-1)  # [batch, 1, col tiles]
+    within = lambda ids, lo, hi: jnp.any((ids >= lo[..., None]) & (ids <= hi[..., None]), -1)  # noqa: E731
+    meets = within(rows, col_lo, col_hi) & within(cols, row_lo, row_hi)
+    whole = (row_lo == row_hi) & (col_lo == col_hi) & (col_lo == row_lo)
+    n = cols.shape[2]
+    index = lax.broadcasted_iota(jnp.int32, meets.shape, 2)
+    first = lambda m: jnp.min(jnp.where(m, index, n), axis=-1)  # noqa: E731
+    stop = lambda m: jnp.max(jnp.where(m, index + 1, 0), axis=-1)  # noqa: E731
+    hi = stop(meets)
+    lo = jnp.minimum(first(meets), hi)
+    full_lo, full_hi = first(whole), stop(whole)
+    run = (full_hi > full_lo) & (jnp.sum(whole, axis=-1, dtype=jnp.int32) == full_hi - full_lo)
     full_lo, full_hi = jnp.where(run, full_lo, lo), jnp.where(run, full_hi, lo)
     return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).reshape(b, -1).astype(jnp.int32)
+
+
+def pad_ids(ids: jax.Array, size: int) -> jax.Array:
+    """Segment ids ``[batch, n]`` -> int32 ``[batch, size]``, padded with each row's last id:
+    padding then widens no tile's id interval (``segment_tile_ranges``); padded keys are
+    masked by position, padded queries' rows dropped."""
+    ids = ids.astype(jnp.int32)
+    if ids.shape[1] == size:
+        return ids
+    return jnp.pad(ids, ((0, 0), (0, size - ids.shape[1])), mode="edge")
 
 
 def pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:

@@ -61,26 +61,9 @@ def check_call(dtype, head_dim: int, who: str) -> None:
         raise ValueError(f"{who}: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
 
 
-def segment_ranks(q_seg: jax.Array, kv_seg: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Segment ids ``[batch, q_len]``, ``[batch, kv_len]`` (any int32) -> float32 ranks with
-    the same equalities within each row: the kernels stream them as the float32 vectors they
-    already stream (the log-sum-exp's path), exact as ranks < q_len + kv_len < 2^24 (a plain
-    cast would merge ids past 2^24)."""
-    both = jnp.concatenate([q_seg, kv_seg], axis=1)  # [batch, n]
-    order = jnp.argsort(both, axis=1)
-    sorted_ids = jnp.take_along_axis(both, order, axis=1)
-    new = jnp.concatenate(
-        [jnp.zeros_like(sorted_ids[:, :1]), (sorted_ids[:, 1:] != sorted_ids[:, :-1])], axis=1
-    )
-    rank_sorted = jnp.cumsum(new.astype(jnp.int32), axis=1)
-    rows = jnp.arange(both.shape[0])[:, None]
-    ranks = jnp.zeros_like(rank_sorted).at[rows, order].set(rank_sorted).astype(jnp.float32)
-    return ranks[:, : q_seg.shape[1]], ranks[:, q_seg.shape[1] :]
-
-
 def vector(ref, dim: int, interpret: bool):
-    """Load float32 values ``[n]`` from shared memory, laid out to broadcast along ``dim``
-    (0: one per row, 1: one per column) of a wgmma accumulator."""
+    """Load 32-bit values ``[n]`` (float32, or int32 segment ids) from shared memory, laid out
+    to broadcast along ``dim`` (0: one per row, 1: one per column) of a wgmma accumulator."""
     if interpret:
         return ref[...]
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))

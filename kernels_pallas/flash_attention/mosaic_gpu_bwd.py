@@ -29,20 +29,21 @@ float32 register accumulators (FlashAttention-3, Shah et al. 2024, sec. 3.1 and 
     (hoisted, ptxas spilled registers at D=128). On an H200 it was faster than the split
     kernels from L=8192 and slower at L=2048, at both head dims
     (experiments/results/bench_mgpu_bwd_d128_fused.md, bench_mgpu_bwd_d64_fused.md);
-    ``default_tiles`` fuses it from 8192 (``FUSED_DQ_MIN_LEN``).
+    ``default_tiles`` fuses it from 8192 keys per query (``FUSED_DQ_MIN_LEN``), not with
+    segment ids.
 
 ``lse2`` is the forward's base-2 log-sum-exp (``_common``; +inf for rows that see no key, so
 their probabilities are exactly 0) and ``delta = rowsum(dO * O)``. Tile skipping and the
 boundary masks come from ``_common`` (``q_block_range``, ``kv_block_range``, ``tile_mask``):
 tiles a CTA does not see are never loaded, tiles a warpgroup sees whole run unmasked. The
 caller's padding is topped up here to whole CTA tiles; padded keys are masked, padded query
-rows carry ``lse2 = +inf``. Segment ids (int32, turned here into float32 ranks,
-``_hopper.segment_ranks``, padded rows ranked -1): a CTA streams only the tiles of its rows'
-documents (its 128-row tile's row of ``segment_tile_ranges``, read from GMEM as in the
-forward), and each consumer runs the tiles inside its 64 rows' one document unmasked (its
-64-row tile's row, clipped to the CTA's steps by ``_hopper.nested``); for the masked tiles
-each consumer loads its own rows' ids once, the producer streams the other side's ids beside
-the tiles (like ``lse2``/``delta``), and the masks compare them.
+rows carry ``lse2 = +inf``. Segment ids (int32, padded with each row's last id): a CTA
+streams only the tiles of its rows' documents (its 128-row tile's row of
+``segment_tile_ranges``, read from GMEM as in the forward), and each consumer runs the tiles
+inside its 64 rows' one document unmasked (its 64-row tile's row, clipped to the CTA's steps
+by ``_hopper.nested``); for the masked tiles each consumer loads its own rows' ids once, the
+producer streams the other side's ids beside the tiles (like ``lse2``/``delta``), and the
+masks compare them.
 
 Interpret mode (CPU tests) runs the same kernels -- TMA copies, barriers, warp
 specialisation, masks, epilogues -- but the Mosaic GPU interpreter cannot read a transposed
@@ -68,6 +69,7 @@ from kernels_pallas.flash_attention._common import (
     Geometry,
     dot_nn,
     kv_block_range,
+    pad_ids,
     pad_to,
     q_block_range,
     segment_tile_ranges,
@@ -85,7 +87,6 @@ from kernels_pallas.flash_attention._hopper import (
     iota,
     nested,
     same_segment,
-    segment_ranks,
     smem_footprint,
     tile_ranges,
     vector,
@@ -107,17 +108,20 @@ class Tiles:
     fused_dq: bool = False  # dQ by the dK/dV kernel (TMA reduce-add)
 
 
-FUSED_DQ_MIN_LEN = {64: 8192, 128: 8192}  # head_dim -> shortest min(q_len, kv_len) fusing dQ
+FUSED_DQ_MIN_LEN = {64: 8192, 128: 8192}  # head_dim -> shortest default_tiles length fusing dQ
 
 
-def default_tiles(head_dim: int, length: int) -> Tiles:
-    """Tiles for ``head_dim`` and ``length = min(q_len, kv_len)``. Register budget: dK, dV
-    (D=128: 64 + 64 registers per thread) plus S^T, dP^T (bq/2 each) fit 240 registers with
-    bq=64; D=64 leaves room for 128-wide streamed tiles. dQ is fused into the dK/dV kernel
-    where that measured faster on an H200 (``FUSED_DQ_MIN_LEN``, module docstring); fused at
-    D=128 with 2 ring slots: 3 fit in shared memory but were no faster
+def default_tiles(head_dim: int, length: int, segments: bool = False) -> Tiles:
+    """Tiles for ``head_dim`` and ``length``: the most queries a key (or keys a query) can see,
+    ``min(q_len, kv_len)`` or a shorter sliding window. Register budget: dK, dV (D=128: 64 + 64
+    registers per thread) plus S^T, dP^T (bq/2 each) fit 240 registers with bq=64; D=64 leaves
+    room for 128-wide streamed tiles. dQ is fused into the dK/dV kernel where that measured
+    faster on an H200 (``FUSED_DQ_MIN_LEN``, dense causal, module docstring): not for a
+    1024-token window at L=8192 nor with ``segments`` (8 packed documents of 1024: both ran
+    faster split at D=128, experiments/results/bench_attention_masked.md); fused at D=128
+    with 2 ring slots: 3 fit in shared memory but were no faster
     (experiments/results/bench_mgpu_bwd_d128_stages.md)."""
-    fused = length >= FUSED_DQ_MIN_LEN.get(head_dim, float("inf"))
+    fused = not segments and length >= FUSED_DQ_MIN_LEN.get(head_dim, float("inf"))
     if head_dim > 64:
         return Tiles(bq=64, bk=64, stages=2 if fused else 3, fused_dq=fused)
     return Tiles(bq=128, bk=128, stages=2, fused_dq=fused)
@@ -129,10 +133,11 @@ def scratch_types(dtype, head_dim: int, tiles: Tiles, segments: bool) -> tuple:
     segment ids: each consumer's own rows' ids and a ring of the streamed tiles' ids."""
     s, bq, bk = tiles.stages, tiles.bq, tiles.bk
     mat = lambda *shape: plgpu.SMEM((*shape, head_dim), dtype, transforms=WGMMA_TRANSFORMS)
-    vec = lambda n, rows: plgpu.SMEM((n, rows), jnp.float32)
+    vec = lambda n, rows, dtype=jnp.float32: plgpu.SMEM((n, rows), dtype)
     bars = lambda n, count: tuple(plgpu.Barrier(num_barriers=n) for _ in range(count))
     free = lambda n: plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=n)
-    seg_vecs = lambda streamed: (vec(CONSUMERS, ROWS), vec(s, streamed)) if segments else ()
+    ids = lambda n, rows: vec(n, rows, jnp.int32)  # noqa: E731
+    seg_vecs = lambda streamed: (ids(CONSUMERS, ROWS), ids(s, streamed)) if segments else ()
     seg_bars = bars(CONSUMERS, 1) + bars(s, 1) if segments else ()
     dkv = (
         (mat(CONSUMERS, ROWS),) * 2 + (mat(s, bq),) * 2 + (vec(s, bq),) * 2 + seg_vecs(bq),
@@ -296,7 +301,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
     refs are ``[b, len, heads, d]`` / ``[b, heads, len]`` in GMEM. CTAs in ``work_item`` order
     (groups of ``group`` (batch, KV head)s)."""
     seg = geo.has_segments
-    if seg:  # float32 ranks, the CTAs' and the consumers' rows of segment_tile_ranges (GMEM)
+    if seg:  # int32 ids, the CTAs' and the consumers' rows of segment_tile_ranges (GMEM)
         qseg_ref, kseg_ref, rng_ref, wg_rng_ref, *refs = refs
     if fused:  # dK and dV share one GMEM ref [2, ...]
         dq_ref, dkv_ref, smem, ready, free, (ds_smem, dq_stage, ds_ready, k_done) = refs
@@ -449,7 +454,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geom
                stages: int, group: int, interpret: bool):  # fmt: skip
     """dQ of 128 query rows of one (batch, head); CTAs in ``work_item`` order."""
     seg = geo.has_segments
-    if seg:  # float32 ranks, the CTAs' and the consumers' rows of segment_tile_ranges (GMEM)
+    if seg:  # int32 ids, the CTAs' and the consumers' rows of segment_tile_ranges (GMEM)
         qseg_ref, kseg_ref, rng_ref, wg_rng_ref, *refs = refs
     dq_ref, smem, ready, free = refs
     (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, *seg_smem) = smem
@@ -549,18 +554,16 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     interp = interpret_params() if interpret else None
     seg = geo.has_segments
     dkv_scratch, dq_scratch = scratch_types(dt, d, tiles, seg)
-    if seg:  # float32 ranks, padded rows ranked -1 (no id)
-        ranks = segment_ranks(q_seg, kv_seg)
-        q_seg, kv_seg = (pad_to(x, 1, n, -1.0) for x, n in zip(ranks, (lq_pad, lk_pad)))
+    if seg:
+        q_seg, kv_seg = pad_ids(q_seg, lq_pad), pad_ids(kv_seg, lk_pad)
 
     def args(rows, cols, block: int):
-        """A kernel's inputs; with segment ids also the ranks and the ``segment_tile_ranges`` of
-        the ``rows`` ranks' 128-row (CTA) and 64-row (consumer: tile * 2 + wg) tiles against
-        the ``cols`` ranks' ``block``-row tiles."""
+        """A kernel's inputs; with segment ids also the ids and the ``segment_tile_ranges`` of
+        the ``rows`` ids' 128-row (CTA) and 64-row (consumer: tile * 2 + wg) tiles against
+        the ``cols`` ids' ``block``-row tiles."""
         inputs = (q, k, v, do, lse2, delta)
         if not seg:
             return inputs
-        rows, cols = rows.astype(jnp.int32), cols.astype(jnp.int32)
         ranges = (segment_tile_ranges(rows, cols, n, block) for n in (TILE, ROWS))
         return (*inputs, q_seg, kv_seg, *ranges)
 

@@ -87,9 +87,9 @@ def check_supported(dtype, head_dim: int, has_segments: bool, blocks: BlockSizes
 
 def scratch_types(dtype, head_dim: int, bk: int, stages: int, segments: bool) -> tuple:
     """The kernel's scratch: Q/O tiles, K and V rings, the lse rows (and with segment ids the
-    query rows' ids and a ring of the KV tiles' ids, float32), their barriers."""
+    query rows' ids and a ring of the KV tiles' ids, int32), their barriers."""
     mat = lambda rows: plgpu.SMEM((*rows, head_dim), dtype, transforms=WGMMA_TRANSFORMS)
-    seg_smem = (plgpu.SMEM((CONSUMERS, ROWS), jnp.float32), plgpu.SMEM((stages, bk), jnp.float32))
+    seg_smem = (plgpu.SMEM((CONSUMERS, ROWS), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32))
     seg_ready = (plgpu.Barrier(num_barriers=CONSUMERS), plgpu.Barrier(num_barriers=stages))
     return (
         (
@@ -165,14 +165,14 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
     ``Q K^T`` and before issuing ``P V`` -- and consumer 1 starts one phase late, so one
     warpgroup's softmax overlaps the other's matrix products.
 
-    With segment ids (``geo.has_segments``; float32 ranks, ``_hopper.segment_ranks``) the
+    With segment ids (``geo.has_segments``; int32, padded with each row's last id) the
     KV range is cut to the documents of the 128-row tile and runs unmasked over the tiles
     inside its one document (its row of ``segment_tile_ranges``, read from GMEM); the consumer
     loads its rows' ids once per item, the producer streams each KV tile's ids beside K
     (released with K's slot), and masked tiles also compare ids.
     """
     seg = geo.has_segments
-    if seg:  # ranks (float32) and the 128-row tiles' rows of segment_tile_ranges (GMEM)
+    if seg:  # int32 ids and the 128-row tiles' rows of segment_tile_ranges (GMEM)
         q_ref, k_ref, v_ref, qseg_ref, kseg_ref, rng_ref, o_ref, lse_ref, *refs = refs
         smem, ready, free, turn = refs
         (q_smem, k_smem, v_smem, lse_smem, qseg_smem, kseg_smem) = smem
@@ -350,7 +350,7 @@ def forward(
     KV rows per tile, ``stages`` KV buffers); returns ``(o [b, Lq, h, d], lse2 [b, h, Lq]``
     float32); rows past ``geo.nq`` tiles are left unwritten; one CTA per work item (persistent
     CTAs were slower: ``experiments/results/bench_attention_variants.md``); ``pingpong``: see
-    ``_forward_kernel``; ``q_seg [b, Lq]``, ``kv_seg [b, Lk]``: float32 segment ranks (with
+    ``_forward_kernel``; ``q_seg [b, Lq]``, ``kv_seg [b, Lk]``: int32 segment ids (with
     ``geo.has_segments``) and ``ranges``: ``segment_tile_ranges`` of the 128-row query tiles
     against ``geo.bk``-row KV tiles."""
     b, lq, h, d = q.shape
