@@ -34,6 +34,8 @@ def engine_runner(
     EOS, greedy unless ``sampling`` says otherwise (``run.lower()``: that call lowered);
     ``cache_bytes()``: bytes per sequence of each decode cache (from shapes only)."""
     decoder = without_eos(decoder_for(model) if decoder is None else decoder)
+    params = jax.device_put(params)  # on the device once: host (e.g. unpickled) params would
+    # be copied to it at every timed call
     tokens = jnp.asarray(prompts, jnp.int32)
     lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     layout = decoder.layout(np.asarray(prompts), np.asarray(lengths))

@@ -149,14 +149,19 @@ def races(monkeypatch: pytest.MonkeyPatch) -> MosaicRaces:
 
     from kernels_pallas.flash_attention import mosaic_gpu_bwd, mosaic_gpu_fwd
 
-    recorder, new_state = MosaicRaces(), gpu_callbacks.RaceDetectionState
+    # the class is ``GPURaceDetectionState`` from jax 0.11 (the device's), ``RaceDetectionState``
+    # before (CI's)
+    name = next(
+        n for n in ("GPURaceDetectionState", "RaceDetectionState") if hasattr(gpu_callbacks, n)
+    )
+    recorder, new_state = MosaicRaces(), getattr(gpu_callbacks, name)
 
     def record(*args, **kwargs):
         recorder.states.append(new_state(*args, **kwargs))
         return recorder.states[-1]
 
     params = InterpretGPUParams(detect_races=True)
-    monkeypatch.setattr(gpu_callbacks, "RaceDetectionState", record)
+    monkeypatch.setattr(gpu_callbacks, name, record)
     for module in (mosaic_gpu_fwd, mosaic_gpu_bwd):
         monkeypatch.setattr(module, "interpret_params", lambda: params)
     return recorder
