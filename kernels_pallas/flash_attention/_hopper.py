@@ -63,10 +63,27 @@ def check_call(dtype, head_dim: int, who: str) -> None:
 
 def vector(ref, dim: int, interpret: bool):
     """Load 32-bit values ``[n]`` (float32, or int32 segment ids) from shared memory, laid out
-    to broadcast along ``dim`` (0: one per row, 1: one per column) of a wgmma accumulator."""
+    to broadcast along ``dim`` (0: one per row, 1: one per column) of a wgmma accumulator.
+    These are generic-proxy loads: a ring slot read so must be fenced (``commit_smem``) before
+    its release lets TMA (the async proxy) overwrite it (PTX ISA, memory model: proxies)."""
     if interpret:
         return ref[...]
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+
+
+def wgmma_operands(refs: tuple, interpret: bool) -> tuple:
+    """Ring slots ``refs`` that a consumer reads only as ``wgmma`` operands, as its products
+    take them: on the GPU the refs (wgmma reads shared memory in the async proxy, as TMA
+    writes it, so releasing the slot needs no proxy fence); in interpret mode their values,
+    loaded here and fenced with ``commit_smem`` at once. The ``jnp`` products standing in for
+    wgmma there read in the generic proxy, which the race detector of jax >= 0.11 orders before
+    TMA's writes only through that fence; loaded right after the slot's ready wait, they leave
+    the slot's other (generic, ``vector``) loads to the fences the GPU code has."""
+    if not interpret:
+        return refs
+    values = tuple(ref[...] for ref in refs)
+    plgpu.commit_smem()
+    return values
 
 
 def same_segment(q_seg, k_seg, shape: tuple[int, int], query_dim: int):

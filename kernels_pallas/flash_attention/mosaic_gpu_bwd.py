@@ -49,8 +49,10 @@ Interpret mode (CPU tests) runs the same kernels -- TMA copies, barriers, warp
 specialisation, masks, epilogues -- but the Mosaic GPU interpreter cannot read a transposed
 shared-memory operand or a register left operand of ``wgmma``, so there the products are
 ``jnp`` dot products of the same operands (same dtypes, float32 accumulation); nor has it TMA
-reductions, so there the fused ``dQ`` add is a read-modify-write of GMEM (the interpreter
-runs one CTA at a time, and the two consumers add disjoint blocks).
+reductions, so there the fused ``dQ`` add is a read-modify-write of GMEM, into a partial per
+KV tile (summed by ``backward``: CTAs of one KV tile and the two consumers add disjoint
+blocks). Operands that the GPU reads only with wgmma are loaded once per step there
+(``_hopper.wgmma_operands``).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ from kernels_pallas.flash_attention._hopper import (
     smem_footprint,
     tile_ranges,
     vector,
+    wgmma_operands,
 )
 from kernels_pallas.flash_attention.tuning import heads_per_wave
 
@@ -387,11 +390,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
                 stage[...] = part
                 plgpu.commit_smem()
                 first = i * bq + (wg_ * ROWS if bq > ROWS else 0)
-                dst = dq_ref.at[batch, pl.ds(first, ROWS), kv_head * g + r, cols]
-                if interpret:
+                block = (batch, pl.ds(first, ROWS), kv_head * g + r, cols)
+                if interpret:  # this KV tile's partial (see backward)
+                    dst = dq_ref.at[(tile, *block)]
                     dst[...] += stage[...]
                 else:
-                    plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
+                    plgpu.copy_smem_to_gmem(stage, dq_ref.at[block], reduction_op="add")
 
             return _mma_with_dq(dv, [(p_t.astype(dtype), do)], dk, [(ds_t, q)], dq_products,
                                 ds_ready.at[buf], emit, interpret)  # fmt: skip
@@ -403,7 +407,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
             wg_ = _opaque(wg) if fused else wg
             for bar in (q_ready, do_ready, lse_ready, delta_ready, *seg_ready[1:]):
                 plgpu.barrier_wait(bar.at[slot])
-            q, do = q_ring.at[slot], do_ring.at[slot]
+            q, do = wgmma_operands((q_ring.at[slot], do_ring.at[slot]), interpret)
             zeros = _zeros((ROWS, bq), interpret)
             s_t, dp_t = _mma(((zeros, [(k_smem.at[wg_], _T(q))]),
                               (zeros, [(v_smem.at[wg_], _T(do))])), interpret)  # fmt: skip
@@ -427,7 +431,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
                 dv, dk = fused_dq(i, r, t, wg_, p_t, ds_t, dv, dk, q, do)
             else:
                 dv, dk = _mma(((dv, [(p_t.astype(dtype), do)]), (dk, [(ds_t, q)])), interpret)
-            plgpu.barrier_arrive(free.at[slot])
+                plgpu.commit_smem()  # lse2, delta (and ids) loads, before TMA refills the slot
+            plgpu.barrier_arrive(free.at[slot])  # fused: fused_dq's commit_smem fenced them
             return dk, dv
 
         def head(r, carry):
@@ -512,7 +517,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geom
             slot = lax.rem(j - lo, jnp.int32(stages))
             for bar in (k_ready, v_ready, *seg_ready[1:]):
                 plgpu.barrier_wait(bar.at[slot])
-            k, v = k_ring.at[slot], v_ring.at[slot]
+            k, v = wgmma_operands((k_ring.at[slot], v_ring.at[slot]), interpret)
             zeros = _zeros((ROWS, bk), interpret)
             s, dp = _mma(((zeros, [(q_slot, _T(k))]), (zeros, [(do_slot, _T(v))])), interpret)
             mask = None
@@ -523,6 +528,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geom
                     mask = mask & same_segment(q_seg, k_seg, (ROWS, bk), query_dim=0)
             _, ds = _probs_and_dlogits(s, dp, lse2, delta, mask, geo.scale2, query_dim=0)
             (dq,) = _mma(((dq, [(ds.astype(q_ref.dtype), k)]),), interpret)
+            if seg and masked:  # the ids' loads, before TMA refills the slot
+                plgpu.commit_smem()
             plgpu.barrier_arrive(free.at[slot])
             return dq
 
@@ -589,7 +596,10 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         # dK and dV in one ref [2, ...]: as two refs of zeros they came back as one buffer on an
         # H200 (jax 0.11.2, with segment ids: dK exactly equal to dV; the interpreter was right)
         refs = [gmem(x) for x in dkv_args]
-        refs += [gmem(jnp.zeros(q.shape, jnp.float32)), gmem(jnp.zeros((2, *k.shape), dt))]
+        # interpret mode has no TMA reduce-add, and its race detector orders no two CTAs:
+        # there each KV tile adds into its own dQ partial [nk, ...], summed here
+        dq_shape = (geo_kv.nk, *q.shape) if interpret else q.shape
+        refs += [gmem(jnp.zeros(dq_shape, jnp.float32)), gmem(jnp.zeros((2, *k.shape), dt))]
 
         @pl.core_map(mesh, compiler_params=params, interpret=interp)
         def _():
@@ -597,7 +607,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
             pl.run_scoped(kernel, *dkv_scratch, collective_axes="wg")
 
         dq_acc, (dk, dv) = (jax.freeze(r) for r in refs[-2:])
-        dq = (dq_acc * geo.scale).astype(dt)
+        dq = ((dq_acc.sum(0) if interpret else dq_acc) * geo.scale).astype(dt)
         return dq[:, :lq], dk[:, :lk], dv[:, :lk]
 
     launch = dict(num_threads=CONSUMERS + 1, thread_name="wg", compiler_params=params,

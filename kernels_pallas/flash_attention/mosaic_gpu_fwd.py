@@ -59,6 +59,7 @@ from kernels_pallas.flash_attention._hopper import (
     smem_footprint,
     tile_ranges,
     vector,
+    wgmma_operands,
 )
 from kernels_pallas.flash_attention.tuning import BlockSizes, heads_per_wave
 
@@ -280,13 +281,16 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
                 m, row_sum, acc = carry
                 slot = slot_of(base + step - lo)
                 plgpu.barrier_wait(k_ready.at[slot])
+                (k_slot,) = wgmma_operands((k_smem.at[slot],), interpret)
                 same = None
                 if seg:  # read before K's slot (which holds the ids) is released
                     plgpu.barrier_wait(kseg_ready.at[slot])
                     if masked:  # whole tiles (one document) need no ids
                         k_seg = vector(kseg_smem.at[slot], 1, interpret)
                         same = same_segment(q_seg, k_seg, (ROWS, bk), query_dim=0)
-                s2 = _qk(q_slot, k_smem.at[slot], interpret, pass_turn) * geo.scale2
+                s2 = _qk(q_slot, k_slot, interpret, pass_turn) * geo.scale2
+                if seg and masked:  # the ids' loads, before TMA refills the slot
+                    plgpu.commit_smem()
                 plgpu.barrier_arrive(k_free.at[slot])
                 mask = None
                 if masked:  # indices built here, not kept live across the loop (registers)
@@ -301,7 +305,8 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
                 if pingpong:  # finish the softmax before handing over the tensor cores
                     m, row_sum, acc, p = lax.optimization_barrier((m, row_sum, acc, p))
                 end_softmax(slot)
-                acc = _acc_pv(acc, p, v_smem.at[slot], interpret)
+                (v_slot,) = wgmma_operands((v_smem.at[slot],), interpret)
+                acc = _acc_pv(acc, p, v_slot, interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return m, row_sum, acc
 
