@@ -140,6 +140,18 @@ class MosaicRaces:
 
 
 @pytest.fixture
+def gpu_target():
+    """``with gpu_target(): jax.export(..., platforms=["cuda"])``: lowers GPU kernels on a
+    machine without a GPU, for an abstract H200 (jax >= 0.11's Triton lowering asks the target
+    device for its compute capability)."""
+    h200 = jax.sharding.AbstractMesh(
+        (1,), ("x",), (jax.sharding.AxisType.Auto,),
+        abstract_device=jax.sharding.AbstractDevice("NVIDIA H200", None, "gpu"),
+    )  # fmt: skip
+    return lambda: jax.sharding.use_abstract_mesh(h200)
+
+
+@pytest.fixture
 def races(monkeypatch: pytest.MonkeyPatch) -> MosaicRaces:
     """Interpret the Mosaic GPU kernels (forward and backward) with race detection on and
     record each kernel's detector state. (The GPU interpreter has no public names in jax

@@ -11,6 +11,8 @@ minus sign).
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,7 +166,7 @@ def test_compiled_gpu_kernel_matches_the_recurrence(rng):
     "backend, platform, call, kernels",
     [("gpu", "cuda", "__gpu$xla.gpu.triton", 7), ("tpu", "tpu", "tpu_custom_call", 2)],
 )
-def test_kernels_lower_without_the_device(backend, platform, call, kernels):
+def test_kernels_lower_without_the_device(backend, platform, call, kernels, gpu_target):
     """Without a GPU/TPU, export for the platform: forward + backward (bf16, head dim 128,
     packed documents) lower through Pallas Triton / Mosaic TPU: on the GPU three kernels
     forward (prepare, the state pass, the output) and four backward (prepare, the state pass,
@@ -182,7 +184,8 @@ def test_kernels_lower_without_the_device(backend, platform, call, kernels):
         return jax.value_and_grad(loss, argnums=tuple(range(5)))(q, k, v, beta, g)
 
     checks = [jax.export.DisabledSafetyCheck.custom_call(call)]
-    exported = jax.export.export(jax.jit(grads), platforms=[platform], disabled_checks=checks)(
-        qk, qk, qk, gate, gate, seg
-    )
+    with gpu_target() if backend == "gpu" else contextlib.nullcontext():
+        exported = jax.export.export(jax.jit(grads), platforms=[platform], disabled_checks=checks)(
+            qk, qk, qk, gate, gate, seg
+        )
     assert exported.mlir_module().count(f"@{call}(") == kernels
