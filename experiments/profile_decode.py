@@ -69,9 +69,26 @@ def force_decode_impl(impl: str) -> None:
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> its ``op_name`` metadata, from a compiled module's text."""
-    pattern = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"")
-    return {m.group(1): m.group(2) for m in map(pattern.match, hlo_text.splitlines()) if m}
+    """HLO instruction name -> its ``op_name`` metadata, from a compiled module's text. A fusion
+    without one (XLA drops it from some GEMM fusions) gets the first ``op_name`` inside the
+    computation it calls."""
+    named = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"")
+    calls = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?\bcalls=%?([\w.\-]+)")
+    names: dict[str, str] = {}
+    inside: dict[str, str] = {}  # computation -> first op_name in it
+    computation = None
+    lines = hlo_text.splitlines()
+    for line in lines:
+        if line[:1] not in ("", " ") and line.rstrip().endswith("{"):
+            computation = line.split()[0].lstrip("%")
+        elif m := named.match(line):
+            names.setdefault(m.group(1), m.group(2))
+            if computation is not None:
+                inside.setdefault(computation, m.group(2))
+    for m in filter(None, map(calls.match, lines)):
+        if m.group(1) not in names and m.group(2) in inside:
+            names[m.group(1)] = inside[m.group(2)]
+    return names
 
 
 def kernel_times(trace_dir: str, module: str) -> tuple[dict[str, float], dict[str, int]]:
