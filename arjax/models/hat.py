@@ -506,7 +506,8 @@ class DecoderLayer(nn.Module):
         self, x: jax.Array, pred: jax.Array | None, ctx: dict, values: jax.Array | None = None
     ) -> jax.Array:
         """``values``: this layer's cross-attention output per word, when computed already
-        (:meth:`HAT.decoder_word_values`; decoding does it once per word); ``pred`` unused."""
+        (:meth:`HAT.decoder_word_values`; decoding does it once per word); ``pred`` is then
+        not used."""
         c = self.config
         if self.cross and values is not None:
             x = x + gather_words(values, ctx["word_ids"])
