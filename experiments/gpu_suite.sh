@@ -130,7 +130,9 @@ step attention_sparse 300 python3 experiments/bench_attention.py --check none --
   --impls cudnn,jla,arjax_pallas --name bench_attention_masked
 step flash_compile 200 python3 experiments/bench_flash_compile.py
 step hat_decode_park 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --batch-sizes 64 \
-  --new-bytes 128 --park 0 0.5 --no-step-times --name bench_hat_decode_park
+  --new-bytes 128 --park 0 0.5 0.75 --no-step-times --name bench_hat_decode_park
+step hat_decode_b256 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --batch-sizes 256 \
+  --new-bytes 128 --park 0.5 0.75 --no-step-times --name bench_hat_decode_b256
 echo "failed steps:${FAILED:- none}" | tee -a "$LOG"
 cp "$LOG" "$OUT/log.txt"
 tar czf "$OUT/results.tgz" experiments/results "$OUT/bench" 2>/dev/null
