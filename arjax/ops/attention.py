@@ -308,7 +308,7 @@ def decode_cache_len(length: int) -> int:
     whole KV tiles of the flash-decoding kernel (128 slots; a power of two >= 16 for shorter
     caches). The extra slots are never visible (``kv_visible`` is False there); they cost the
     XLA path at most one tile. Whole tiles spare the kernel padding (copying) the cache at
-    every step whenever it runs the length as one split, i.e. at large batch x kv heads."""
+    every step, whatever its split count."""
     if length <= 0:
         raise ValueError(f"decode_cache_len: length must be > 0, got {length}")
     try:
