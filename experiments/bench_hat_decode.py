@@ -178,6 +178,12 @@ def step_times(name: str, model, params, prompts: np.ndarray, repeats: int) -> d
     return {k: 1e3 * median_seconds(lambda f=f: f(p, state), repeats)[0] for k, f in fns.items()}
 
 
+def load_cached(path: Path) -> tuple[dict, dict]:
+    """(params, training info) saved by ``--params-cache``."""
+    with path.open("rb") as f:
+        return pickle.load(f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models, CPU smoke run")
@@ -207,8 +213,7 @@ def main() -> None:
     for name, (config, run) in runs.items():
         saved = a.params_cache / f"{name}.pkl" if a.params_cache else None
         if saved is not None and saved.exists():
-            with saved.open("rb") as f:
-                params, trained = pickle.load(f)
+            params, trained = load_cached(saved)
             got = build_model(name, config), params, trained | {"params_cache": str(saved)}
         elif run:
             got = load_run(name, run)

@@ -28,7 +28,6 @@ import gzip
 import importlib
 import json
 import os
-import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from bench_hat_decode import configs, median_seconds, prompt_ids
+from bench_hat_decode import configs, load_cached, median_seconds, prompt_ids
 from decode_common import engine_runner
 from hat_common import markdown_table, write_results
 
@@ -122,18 +121,17 @@ def profile(name: str, model, params, prompts, args) -> dict:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             jax.block_until_ready(run())
         us, launches = kernel_times(trace_dir, "_run")
+    part_of = {op: next((p for key, p in PARTS if key in names.get(op, "")), "other") for op in us}
     parts, part_launches = collections.Counter(), collections.Counter()
     for op, t in us.items():
-        part = next((p for key, p in PARTS if key in names.get(op, "")), "other")
-        parts[part] += t
-        part_launches[part] += launches[op]
+        parts[part_of[op]] += t
+        part_launches[part_of[op]] += launches[op]
     row["kernel_ms_per_step"] = sum(us.values()) / 1e3 / steps
     row["launches_per_step"] = sum(launches.values()) / steps
     row["parts_ms_per_step"] = {p: t / 1e3 / steps for p, t in parts.most_common()}
     row["parts_launches_per_step"] = {p: part_launches[p] / steps for p in parts}
     row["top_ops"] = [
-        dict(op=op, part=next((p for key, p in PARTS if key in names.get(op, "")), "other"),
-             us_per_step=t / steps, launches_per_step=launches[op] / steps,
+        dict(op=op, part=part_of[op], us_per_step=t / steps, launches_per_step=launches[op] / steps,
              op_name="/".join(names.get(op, "?").split("/")[-3:]))
         for op, t in us.most_common(args.top)
     ]  # fmt: skip
@@ -177,8 +175,7 @@ def main() -> None:
         model = build_model(name, config)
         saved = args.params_cache / f"{name}.pkl" if args.params_cache else None
         if saved is not None and saved.exists():
-            with saved.open("rb") as f:
-                params = pickle.load(f)[0]
+            params = load_cached(saved)[0]
         else:
             params = random_params(name, model, config)
         rows.append(profile(name, model, params, prompts, args) | {"decode_impl": args.decode_impl})
