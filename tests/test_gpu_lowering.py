@@ -22,25 +22,25 @@ B, L, H, D = 1, 256, 2, 64
 GPU = dict(backend="gpu", interpret=False)
 
 
-def _grads(fn, *names):
-    """fwd + bwd of ``fn``'s (first) output summed, w.r.t. its leading arguments."""
+def _grads(fn, differentiated: int):
+    """fwd + bwd: the gradient of ``fn``'s (first) output summed, w.r.t. its first
+    ``differentiated`` arguments."""
 
     def loss(*args):
         out = fn(*args)
         out = out[0] if isinstance(out, tuple) else out
         return jnp.sum(out.astype(jnp.float32))
 
-    return jax.grad(loss, argnums=tuple(range(len(names))))
+    return jax.grad(loss, argnums=tuple(range(differentiated)))
 
 
-def _attention_case(lowering, segments=False, window=None, grad=False):
+def _attention_case(lowering, segments=False, window=None):
     def fn(q, k, v, seg):
         ids = dict(q_segment_ids=seg, kv_segment_ids=seg) if segments else {}
         return flash_attention(q, k, v, causal=True, window=window, lowering=lowering, **GPU, **ids)
 
-    call = _grads(lambda q, k, v, seg: fn(q, k, v, seg), "q", "k", "v") if grad else fn
     x = jax.ShapeDtypeStruct((B, L, H, D), jnp.bfloat16)
-    return call, (x, x, x, jax.ShapeDtypeStruct((B, L), jnp.int32))
+    return _grads(fn, 3), (x, x, x, jax.ShapeDtypeStruct((B, L), jnp.int32))
 
 
 def _decode_case():
@@ -53,17 +53,16 @@ def _scan_case(gated: bool):
     x = jax.ShapeDtypeStruct((B, L, H, D), jnp.bfloat16)
     g = jax.ShapeDtypeStruct((B, L, H, D) if gated else (B, L, H), jnp.float32)
     fn = lambda q, k, v, g: chunked_linear_attention(q, k, v, log_decay=g, **GPU)  # noqa: E731
-    return _grads(fn, "q", "k", "v", "g"), (x, x, x, g)
+    return _grads(fn, 4), (x, x, x, g)
 
 
 CASES = {
-    "flash mosaic fwd+bwd": (lambda: _attention_case("mosaic", grad=True), "mosaic_gpu"),
+    "flash mosaic fwd+bwd": (lambda: _attention_case("mosaic"), "mosaic_gpu"),
     "flash mosaic fwd+bwd, segment ids": (
-        lambda: _attention_case("mosaic", segments=True, grad=True), "mosaic_gpu"),
-    "flash mosaic fwd+bwd, window": (
-        lambda: _attention_case("mosaic", window=96, grad=True), "mosaic_gpu"),
+        lambda: _attention_case("mosaic", segments=True), "mosaic_gpu"),
+    "flash mosaic fwd+bwd, window": (lambda: _attention_case("mosaic", window=96), "mosaic_gpu"),
     "flash triton fwd+bwd, segment ids": (
-        lambda: _attention_case("triton", segments=True, grad=True), "triton"),
+        lambda: _attention_case("triton", segments=True), "triton"),
     "flash_decode": (_decode_case, "triton"),
     "linear-attention scan, scalar decay, fwd+bwd": (lambda: _scan_case(False), "triton"),
     "linear-attention scan, gated, fwd+bwd": (lambda: _scan_case(True), "triton"),

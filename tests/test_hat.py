@@ -38,12 +38,20 @@ def _jnp(batch: dict) -> dict:
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+def _init_params(model: HAT, seed: int) -> dict:
+    batch = _jnp(text_to_word_batch(["hi"], 16, 8, model.config.max_word_bytes))
+    return jax.jit(lambda k: nn.meta.unbox(model.init(k, batch)["params"]))(jax.random.key(seed))
+
+
+def _ascii_head(params: dict) -> dict:
+    """The byte head with ids >= 128 zeroed: greedy text stays ASCII (valid UTF-8)."""
+    return {**params, "lm_head": {"kernel": params["lm_head"]["kernel"].at[:, 128:].set(0.0)}}
+
+
 @pytest.fixture(scope="module")
 def model_params():
     model = HAT(CFG)
-    batch = _jnp(text_to_word_batch(["hi"], 16, 8, CFG.max_word_bytes))
-    init = jax.jit(lambda k: nn.meta.unbox(model.init(k, batch)["params"]))
-    return model, init(jax.random.key(0))
+    return model, _init_params(model, 0)
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +299,7 @@ def test_cached_generation_equals_full_forward_greedy(model_params, forward):
     boundary, multilingual with an emoji. ASCII-only head so the test covers many word
     boundaries without invalid UTF-8."""
     model, params = model_params
-    params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"].at[:, 128:].set(0.0)}}
+    params = _ascii_head(params)
     assert prompt_words("ROMEO. Hel", 32) == ([(B,), b"ROMEO."], b" Hel")
     prompts = ["ROMEO. Hel", "", "Speak.\n", "Grüße, 日本語 🙂👍🏽 x"]
     gen = generate(model, params, prompts, max_new_bytes=20, return_logits=True)
@@ -306,7 +314,7 @@ def test_parked_rows_give_the_same_generation(model_params, forward, park):
     its own, so each row's bytes and logits are those of an uncached forward, whatever the
     schedule; waiting for more rows runs fewer backbone steps."""
     model, params = model_params
-    params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"].at[:, 128:].set(0.0)}}
+    params = _ascii_head(params)
     prompts = ["ROMEO. Hel", "", "Speak.\n", "Grüße, 日本語 🙂 x", "a b", "Nay", " ", "O, th"]
     gen = generate(
         model, params, prompts, max_new_bytes=16, return_logits=True,
@@ -353,9 +361,7 @@ def test_cached_generation_wraps_the_byte_ring_buffers():
     )  # fmt: skip
     model = HAT(cfg)
     assert HATDecoder(model).ring_len(10, 40) == 16
-    batch = _jnp(text_to_word_batch(["hi"], 16, 8, cfg.max_word_bytes))
-    params = jax.jit(lambda k: nn.meta.unbox(model.init(k, batch)["params"]))(jax.random.key(1))
-    params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"].at[:, 128:].set(0.0)}}
+    params = _ascii_head(_init_params(model, 1))
     prompts = ["Hello th", "Grüß"]
     gen = generate(model, params, prompts, max_new_bytes=40, return_logits=True)
     forward = jax.jit(lambda p, b: model.apply({"params": p}, b))
@@ -411,7 +417,7 @@ def test_cached_generation_moves_an_unfinished_character_past_max_word_bytes(mod
 
 def test_stop_strings_and_sampler(model_params):
     model, params = model_params
-    params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"].at[:, 128:].set(0.0)}}
+    params = _ascii_head(params)
     free = generate(model, params, ["Ab"], max_new_bytes=10).texts[0]
     stop = free[5:7]
     cut = generate(model, params, ["Ab"], max_new_bytes=10, stop=(stop,)).texts[0]
