@@ -17,12 +17,13 @@ state) in parallel over chunks and only :func:`state_step` (two MMAs) in order;
 :func:`u_grad` and :func:`state_grad` are its transposes, carrying ``dL/dS`` backwards.
 :func:`chunk_forward` chains them for one chunk. The backward recomputes the chunk from ``S``
 and transposes the lines above by hand (``dA = -T^T dT T^T``) in three steps:
-:func:`recompute` (the value-independent ``T``, ``W``, scores), :func:`tile_backward` per
-value tile (``bv`` columns of ``V``, ``S``, ``O``, given ``dU`` of :func:`u_grad`; it returns
-the tile's terms, :class:`Partials`, of what ``dq``, ``dk``, ``dbeta``, ``dgam`` need), then
+:func:`transform` (``T``, ``W``), :func:`tile_backward` per value tile (``bv`` columns of
+``V``, ``S``, ``O``, given ``dU`` of :func:`u_grad`; it returns the tile's terms,
+:class:`Partials`, of what ``dq``, ``dk``, ``dbeta``, ``dgam`` need), then
 :func:`finish_backward` once on their sum (back through the scores, ``W`` and the UT
-transform);
-:func:`chunk_backward` chains them for one tile.
+transform); :func:`chunk_backward` chains them for one tile. On the GPU the MMAs take
+bfloat16 operands unless the inputs are float32 (:attr:`Cfg.precision`), with float32
+accumulation, a float32 state and ``T`` built in float32, as in fla's kernels.
 Document boundaries arrive as masks: ``same`` (pairs in one document), ``reads`` (rows in
 the incoming state's document) and ``last`` (rows in the outgoing state's document).
 """
@@ -59,20 +60,21 @@ class Cfg:
 
     @property
     def precision(self):
-        """The MMAs' precision. Compiled Triton gets float32 accuracy from three TF32 passes:
-        its exact float32 dot is an unrolled FMA loop, whose compile at chunk 64 never finished
-        (``experiments/results/gpu_suite.md``, runs 3-7)."""
+        """The MMAs' precision. Unless ``exact``, the GPU's MMAs take bfloat16 operands
+        (:data:`BF16`), as fla's kernels do. Compiled Triton gets float32 accuracy from three
+        TF32 passes: its exact float32 dot is an unrolled FMA loop, whose compile at chunk 64
+        never finished (``experiments/results/gpu_suite.md``, runs 3-7)."""
         if not self.exact:
-            return None
+            return BF16 if self.backend == "gpu" else None
         if self.backend == "gpu" and not self.interpret:
             return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
         return lax.Precision.HIGHEST
 
 
 class Chunk(NamedTuple):
-    """Loaded values of one chunk (float32): ``q, k [C, dk]``, ``v [C, bv]``, ``beta`` as a
-    column ``[C, 1]``, ``gam`` as a column and a row ``[1, C]``; masks or None without
-    documents. ``q``/``v`` are None where a kernel does not read them."""
+    """Loaded values of one chunk: ``q, k [C, dk]``, ``v [C, bv]`` (the inputs' dtype),
+    ``beta`` as a float32 column ``[C, 1]``, ``gam`` as a column and a row ``[1, C]``; masks or
+    None without documents. ``q``/``v`` are None where a kernel does not read them."""
 
     q: jax.Array | None
     k: jax.Array
@@ -85,9 +87,15 @@ class Chunk(NamedTuple):
     last: jax.Array | None  # [C, 1] float 0/1
 
 
+# The MMAs' precision (:attr:`Cfg.precision`) with bfloat16 operands, float32 accumulation.
+BF16 = lax.DotAlgorithmPreset.BF16_BF16_F32
+
+
 def mm(a: jax.Array, b: jax.Array, prec, *, ta: bool = False, tb: bool = False):
     """``a @ b`` (``ta``/``tb``: that operand transposed) with float32 accumulation at
-    ``prec`` (:attr:`Cfg.precision`)."""
+    ``prec`` (:attr:`Cfg.precision`); at :data:`BF16` the operands are rounded to bfloat16."""
+    if prec is BF16:
+        a, b, prec = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), None
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
 
@@ -153,22 +161,20 @@ def decay(ch: Chunk, *, strict: bool) -> jax.Array:
 class WY(NamedTuple):
     """The state-independent UT transform of one chunk."""
 
-    kk: jax.Array  # K K^T
-    decay_strict: jax.Array
-    a: jax.Array  # A = K K^T * decay_strict * beta_t
-    t: jax.Array  # (I + A)^{-1}
-    kg: jax.Array  # beta exp(gam) K (rows reading the state)
-    w: jax.Array  # T kg [C, dk]
+    t: jax.Array  # (I + A)^{-1} [C, C], A = K K^T * decay_strict * beta_t
+    w: jax.Array  # T kg [C, dk], kg = beta exp(gam) K (rows reading the state)
 
 
-def transform(ch: Chunk, g: Gates, prec, t: jax.Array | None = None) -> WY:
-    """The UT transform; ``t``: ``(I + A)^{-1}`` as saved by a previous kernel (else built)."""
-    kk = mm(ch.k, ch.k, prec, tb=True)
-    decay_strict = decay(ch, strict=True)
-    a = kk * decay_strict * ch.beta_c
-    t = unit_lower_inverse(a, prec) if t is None else t
-    kg = ch.k * (ch.beta_c * g.g_read)
-    return WY(kk, decay_strict, a, t, kg, mm(t, kg, prec))
+def kg_scale(ch: Chunk, g: Gates) -> jax.Array:
+    """``beta g_read [C, 1]``: ``kg = K beta g_read``."""
+    return ch.beta_c * g.g_read
+
+
+def transform(ch: Chunk, g: Gates, prec) -> WY:
+    """The UT transform; ``T`` is built on float32 operands, also at :data:`BF16`."""
+    a = mm(ch.k, ch.k, prec, tb=True) * decay(ch, strict=True) * ch.beta_c
+    t = unit_lower_inverse(a, None if prec is BF16 else prec)
+    return WY(t, mm(t, ch.k * kg_scale(ch, g), prec))
 
 
 def values(ch: Chunk, t: jax.Array, prec) -> tuple[jax.Array, jax.Array]:
@@ -191,7 +197,7 @@ def state_step(ch: Chunk, g: Gates, w, uv, s, prec) -> tuple[jax.Array, jax.Arra
 
 def output(ch: Chunk, g: Gates, sc, s, u, prec) -> jax.Array:
     """``O = (Q g_read) S + sc U [C, bv]`` with ``sc`` the scores of :func:`scores`."""
-    return mm(ch.q * g.g_read, s, prec) + mm(sc, u, prec)
+    return g.g_read * mm(ch.q, s, prec) + mm(sc, u, prec)
 
 
 def u_grad(ch: Chunk, g: Gates, sc, do, ds_next, prec) -> jax.Array:
@@ -212,20 +218,6 @@ def chunk_forward(ch: Chunk, s: jax.Array, prec) -> tuple[jax.Array, jax.Array]:
     wy = transform(ch, g, prec)
     u, s_next = state_step(ch, g, wy.w, values(ch, wy.t, prec)[1], s, prec)
     return output(ch, g, scores(ch, prec)[0], s, u, prec), s_next
-
-
-class Recompute(NamedTuple):
-    """The value-independent forward quantities of one chunk, for its backward."""
-
-    g: Gates
-    wy: WY
-    sc: jax.Array  # [C, C] Q K^T * decay_incl
-    decay_incl: jax.Array  # [C, C]
-
-
-def recompute(ch: Chunk, prec, t: jax.Array | None = None) -> Recompute:
-    g = gates(ch)
-    return Recompute(g, transform(ch, g, prec, t), *scores(ch, prec))
 
 
 class Partials(NamedTuple):
@@ -258,7 +250,7 @@ def tile_backward(ch: Chunk, g: Gates, t, w, s, do, ds_next, du, prec):
         -mm(du, s, prec, tb=True),
         jnp.sum(dvb * ch.v, axis=1, keepdims=True),
         jnp.sum(dk_end * ch.k, axis=1, keepdims=True),
-        jnp.sum(jnp.sum(s * ds_next, axis=1, keepdims=True), axis=0, keepdims=True),
+        jnp.sum(jnp.sum(s.astype(F32) * ds_next, axis=1, keepdims=True), axis=0, keepdims=True),
     )
     return p, dvb * ch.beta_c
 
@@ -271,37 +263,43 @@ class ChunkGrads(NamedTuple):
     dgam_r: jax.Array  # [1, C] the other part
 
 
-def finish_backward(ch: Chunk, r: Recompute, p: Partials, prec) -> ChunkGrads:
-    """The gradients but ``dv`` from the tiles' sums ``p``: back through the scores,
-    ``W = T kg`` and the UT transform (sec. 3 of Yang et al. 2024), once per chunk. Linear in
-    ``p``, so that parts of the tiles' sums give parts of the gradients."""
-    q, k, g, wy = ch.q, ch.k, r.g, r.wy
+def finish_backward(ch: Chunk, g: Gates, t: jax.Array, p: Partials, prec) -> ChunkGrads:
+    """The gradients but ``dv`` from the tiles' sums ``p`` and ``t = (I + A)^{-1}``: back
+    through the scores, ``W = T kg`` and the UT transform (sec. 3 of Yang et al. 2024), once
+    per chunk. Linear in ``p``, so that parts of the tiles' sums give parts of the gradients.
+    The scores and ``K K^T`` are recomputed where they are used, and ``p``'s fields are read
+    one part at a time, so that a driver which loads each at its read holds few at once."""
+    q, k = ch.q, ch.k
     c = k.shape[0]
-    dscores = p.dsc * r.decay_incl  # d(Q K^T)
-    dq = mm(dscores, k, prec) + p.dq
-    dk = mm(dscores, q, prec, ta=True) + p.dk
-    pairs = p.dsc * r.sc  # d/dgam_t of the score (t: +, s: -)
-    dgam_c = jnp.sum(pairs, axis=1, keepdims=True) + jnp.sum(q * p.dq, axis=1, keepdims=True)
-    dgam_c -= p.de
+    sc, decay_incl = scores(ch, prec)
+    pairs = p.dsc * sc  # d/dgam_t of the score (t: +, s: -)
+    dgam_c = jnp.sum(pairs, axis=1, keepdims=True)
     dgam_r = -jnp.sum(pairs, axis=0, keepdims=True)
+    dscores = p.dsc * decay_incl  # d(Q K^T)
+    dk = mm(dscores, q, prec, ta=True) + p.dk
+    dgam_c -= p.de
     dlast = g.carry * p.dcarry + jnp.sum(p.de, axis=0, keepdims=True)  # [1, 1]
     # W = T kg.
-    dt = p.dt_v + mm(p.dw, wy.kg, prec, tb=True)  # [C, C]
-    dkg = mm(wy.t, p.dw, prec, ta=True)  # [C, dk]
-    dk += dkg * (ch.beta_c * g.g_read)
+    scale = kg_scale(ch, g)
+    dt = p.dt_v + mm(p.dw, k * scale, prec, tb=True)  # [C, C]
+    dkg = mm(t, p.dw, prec, ta=True)  # [C, dk]
+    dk += dkg * scale
     dkg_k = jnp.sum(dkg * k, axis=1, keepdims=True)
     dbeta = p.dbeta + dkg_k * g.g_read
-    dgam_c += dkg_k * ch.beta_c * g.g_read
+    dgam_c += dkg_k * scale
     # T = (I + A)^{-1}; A = kk * decay_strict * beta_t.
-    da = -mm(mm(wy.t, dt, prec, ta=True), wy.t, prec, tb=True)
-    da_kk = da * wy.decay_strict
-    dbeta += jnp.sum(da_kk * wy.kk, axis=1, keepdims=True)
-    dkk = da_kk * ch.beta_c
+    dkk = -mm(mm(t, dt, prec, ta=True), t, prec, tb=True) * decay(ch, strict=True)
+    kk = mm(k, k, prec, tb=True)
+    dbeta += jnp.sum(dkk * kk, axis=1, keepdims=True)
+    dkk *= ch.beta_c
     dk += mm(dkk, k, prec) + mm(dkk, k, prec, ta=True)
-    da_a = da * wy.a
+    da_a = dkk * kk  # dL/dA * A
     dgam_c += jnp.sum(da_a, axis=1, keepdims=True)
     dgam_r -= jnp.sum(da_a, axis=0, keepdims=True)
     dgam_c += jnp.where(_iota((c, 1), 0) == c - 1, dlast, 0.0)
+    # Q K^T, last: dq [C, dk] is live only from here.
+    dq = mm(dscores, k, prec) + p.dq
+    dgam_c += jnp.sum(q * p.dq, axis=1, keepdims=True)
     return ChunkGrads(dq, dk, dbeta, dgam_c, dgam_r)
 
 
@@ -309,11 +307,12 @@ def chunk_backward(ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, p
     """``(ChunkGrads, dv [C, bv], dS [dk, bv])`` of one chunk with one value tile, ``dS``
     that of the state entering, given ``s`` (that state), ``do [C, bv]`` and ``ds_next =
     dL/dS_next [dk, bv]``; the forward is recomputed."""
-    r = recompute(ch, prec)
-    du = u_grad(ch, r.g, r.sc, do, ds_next, prec)
-    p, dv = tile_backward(ch, r.g, r.wy.t, r.wy.w, s, do, ds_next, du, prec)
-    ds = state_grad(ch, r.g, r.wy.w, do, ds_next, du, prec)
-    return finish_backward(ch, r, p, prec), dv, ds
+    g = gates(ch)
+    wy = transform(ch, g, prec)
+    du = u_grad(ch, g, scores(ch, prec)[0], do, ds_next, prec)
+    p, dv = tile_backward(ch, g, wy.t, wy.w, s, do, ds_next, du, prec)
+    ds = state_grad(ch, g, wy.w, do, ds_next, du, prec)
+    return finish_backward(ch, g, wy.t, p, prec), dv, ds
 
 
 def grad_shapes(bsz: int, length: int, heads: int, dk: int, dv: int, c: int, k_dtype, v_dtype,

@@ -10,9 +10,9 @@
 3. :func:`tile_grads`, parallel over (batch, heads, chunks, value tiles): ``dv`` and the
    tile's float32 :class:`._chunk.Partials` from the saved ``h_n``, ``dh_n``, ``dU``, ``T``,
    ``W`` (:func:`._chunk.tile_backward`);
-4. the rest, parallel over (batch, heads, chunks): the scores and the UT transform's other
-   terms recomputed (``T`` loaded), the tiles' partials summed, then the backward through the
-   scores, ``W`` and the UT transform (:func:`._chunk.finish_backward`).
+4. the rest, parallel over (batch, heads, chunks): the tiles' partials summed, then the
+   backward through the scores (recomputed), ``W`` and the UT transform (``T`` loaded;
+   :func:`._chunk.finish_backward`).
 
 Steps 3 and 4 are one kernel each, not one loop over the value tiles, so that no program holds
 the chunk's recomputed transform and the tiles' running sums at once.
@@ -30,7 +30,6 @@ from kernels_pallas.gated_delta._chunk import (
     finish_backward,
     gates,
     grad_shapes,
-    recompute,
     scores,
     state_grad,
     tile_backward,
@@ -63,8 +62,7 @@ def state_grads(inputs: dict, w: jax.Array, do: jax.Array, ds_final: jax.Array, 
             t = rows(n, c)
             ch = load(n)
             dh_ref[bi, hi, n, :, vs] = ds.astype(dh_ref.dtype)
-            g, do_n = gates(ch), do_ref[bi, t, hi, vs].astype(F32)
-            w_n = w_ref[bi, hi, t, :].astype(F32)
+            g, do_n, w_n = gates(ch), do_ref[bi, t, hi, vs], w_ref[bi, hi, t, :]
             du = u_grad(ch, g, scores(ch, prec)[0], do_n, ds, prec)
             du_ref[bi, hi, t, vs] = du.astype(du_ref.dtype)
             return state_grad(ch, g, w_n, do_n, ds, du, prec)
@@ -109,9 +107,8 @@ def tile_grads(inputs, t_mat, w, h, do, dh, du, cfg: Cfg):
         n, j = nj // nv, nj % nv
         t, vs = rows(n, c), rows(j, bv)
         ch = with_value_tile(loader(cfg, ins, bi, hi)(n, q=False), ins, bi, t, hi, vs)
-        w_n, h_n = w_ref[bi, hi, t, :].astype(F32), h_ref[bi, hi, n, :, vs].astype(F32)
-        do_n, dh_n = do_ref[bi, t, hi, vs].astype(F32), dh_ref[bi, hi, n, :, vs].astype(F32)
-        du_n = du_ref[bi, hi, t, vs].astype(F32)
+        w_n, h_n = w_ref[bi, hi, t, :], h_ref[bi, hi, n, :, vs]
+        do_n, dh_n, du_n = do_ref[bi, t, hi, vs], dh_ref[bi, hi, n, :, vs], du_ref[bi, hi, t, vs]
         p, dv_j = tile_backward(ch, gates(ch), t_ref[bi, hi, n, :, :], w_n, h_n, do_n, dh_n, du_n,
                                 prec)  # fmt: skip
         dv_ref[bi, t, hi, vs] = dv_j.astype(dv_ref.dtype)
@@ -123,6 +120,18 @@ def tile_grads(inputs, t_mat, w, h, do, dh, du, cfg: Cfg):
     outs = call(kernel, inputs, (t_mat, w, h, do, dh, du), out_shape,
                 (bsz, heads, n_chunks * nv), cfg, "gated_delta_tile_bwd")  # fmt: skip
     return outs[0], Partials(*outs[1:])
+
+
+class Sums:
+    """The value tiles' :class:`._chunk.Partials` of one chunk summed, each field loaded at
+    each read (``sum_tiles(ref)``), so that :func:`._chunk.finish_backward` holds few at
+    once."""
+
+    def __init__(self, refs, sum_tiles):
+        self._refs, self._sum = dict(zip(Partials._fields, refs, strict=True)), sum_tiles
+
+    def __getattr__(self, name: str) -> jax.Array:
+        return self._sum(self._refs[name])
 
 
 def backward(inputs: dict, h: jax.Array, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
@@ -139,9 +148,8 @@ def backward(inputs: dict, h: jax.Array, do: jax.Array, ds_final: jax.Array, cfg
         bi, hi, n = program_ids(3)
         t = rows(n, c)
         ch = loader(cfg, ins, bi, hi)(n)
-        r = recompute(ch, prec, t=t_ref[bi, hi, n, :, :])
-        p = Partials(*(sum(ref[_at(ref, j, bi, hi, n, t)] for j in range(nv)) for ref in p_refs))
-        g = finish_backward(ch, r, p, prec)
+        p = Sums(p_refs, lambda ref: sum(ref[_at(ref, j, bi, hi, n, t)] for j in range(nv)))
+        g = finish_backward(ch, gates(ch), t_ref[bi, hi, n, :, :], p, prec)
         dq_ref[bi, t, hi, :] = g.dq.astype(dq_ref.dtype)
         dk_ref[bi, t, hi, :] = g.dk.astype(dk_ref.dtype)
         db_ref[bi, hi, t, :] = g.dbeta

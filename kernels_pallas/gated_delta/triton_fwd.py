@@ -58,8 +58,8 @@ def loader(cfg: Cfg, refs: dict, bi, hi):
             same = refs["doc_c"][bi, t, :] == refs["doc_r"][bi, n, :, :]
             reads, last = refs["reads"][bi, t, :], refs["last"][bi, t, :]
         return Chunk(
-            refs["q"][bi, t, hi, :].astype(F32) if q else None,
-            refs["k"][bi, t, hi, :].astype(F32),
+            refs["q"][bi, t, hi, :] if q else None,
+            refs["k"][bi, t, hi, :],
             None,
             refs["beta_c"][bi, hi, t, :], refs["gam_c"][bi, hi, t, :],
             refs["gam_r"][bi, hi, n, :, :], same, reads, last,
@@ -70,7 +70,7 @@ def loader(cfg: Cfg, refs: dict, bi, hi):
 
 def with_value_tile(ch: Chunk, refs: dict, bi, t, hi, vs) -> Chunk:
     """``ch`` with ``v`` = the value columns ``vs`` of its rows ``t`` (batch bi, head hi)."""
-    return ch._replace(v=refs["v"][bi, t, hi, vs].astype(F32))
+    return ch._replace(v=refs["v"][bi, t, hi, vs])
 
 
 # Triton warps per kernel (default 4). The backward's last kernel keeps a chunk's recomputed
@@ -151,7 +151,7 @@ def states(inputs: dict, w: jax.Array, uv: jax.Array, s0: jax.Array, cfg: Cfg):
             t = rows(n, c)
             ch = load(n, q=False)
             h_ref[bi, hi, n, :, vs] = s.astype(h_ref.dtype)
-            w_n, uv_n = w_ref[bi, hi, t, :].astype(F32), uv_ref[bi, hi, t, vs].astype(F32)
+            w_n, uv_n = w_ref[bi, hi, t, :], uv_ref[bi, hi, t, vs]
             u, s = state_step(ch, gates(ch), w_n, uv_n, s, cfg.precision)
             u_ref[bi, hi, t, vs] = u.astype(u_ref.dtype)
             return s
@@ -183,7 +183,7 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
 
         def tile(j, carry):
             vs = rows(j, bv)
-            h_n, u_n = h_ref[bi, hi, n, :, vs].astype(F32), u_ref[bi, hi, t, vs].astype(F32)
+            h_n, u_n = h_ref[bi, hi, n, :, vs], u_ref[bi, hi, t, vs]
             out = output(ch, g, sc, h_n, u_n, cfg.precision)
             o_ref[bi, t, hi, vs] = out.astype(o_ref.dtype)
             return carry
