@@ -54,8 +54,9 @@ class Cfg:
     @property
     def store(self):
         """The dtype of the float32-computed values that one kernel saves for another (``W``,
-        ``T beta V``, ``U``, the chunk states, their gradients): bfloat16 unless ``exact``, as
-        fla's kernels keep them; the state carried in order, ``T`` and sums stay float32."""
+        ``T beta V``, ``U``, ``T``, the chunk states, their gradients, some of the backward's
+        partials): bfloat16 unless ``exact``, as fla's kernels keep them; the state carried in
+        order and the gates stay float32."""
         return F32 if self.exact else jnp.bfloat16
 
     @property

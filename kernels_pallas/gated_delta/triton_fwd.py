@@ -12,9 +12,9 @@
 The backward (``triton_bwd.py``) runs the transposes the same way. Native layouts:
 ``q, k [batch, len, heads, dk]``, ``v, o [batch, len, heads, dv]``; ``beta``/``gam`` as
 columns ``[batch, heads, len, 1]``, ``gam`` also as rows ``[batch, heads, chunks, 1, C]``;
-document masks ``[batch, len, 1]`` / ``[batch, chunks, 1, C]``. Between kernels (float32,
-head-major): ``W [batch, heads, len, dk]``, ``UV``, ``U [batch, heads, len, dv]`` and
-``h [batch, heads, chunks, dk, dv]``.
+document masks ``[batch, len, 1]`` / ``[batch, chunks, 1, C]``. Between kernels (in
+:attr:`._chunk.Cfg.store`, head-major): ``W [batch, heads, len, dk]``, ``UV``, ``U [batch,
+heads, len, dv]`` and ``h [batch, heads, chunks, dk, dv]``.
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ def dims(inputs: dict, cfg: Cfg) -> tuple[int, int, int, int, int, int]:
 
 
 def prepare(inputs: dict, cfg: Cfg, *, saved: str):
-    """``(W [batch, heads, len, dk], X)`` float32, grid (batch, heads, chunks): ``saved="uv"``
-    (the forward) gives ``X = UV [batch, heads, len, dv]``, ``"t"`` (the backward) ``X = T
-    [batch, heads, chunks, C, C]``."""
+    """``(W [batch, heads, len, dk], X)`` in :attr:`Cfg.store`, grid (batch, heads, chunks):
+    ``saved="uv"`` (the forward) gives ``X = UV [batch, heads, len, dv]``, ``"t"`` (the
+    backward) ``X = T [batch, heads, chunks, C, C]`` (only an MMA operand after)."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, bv, prec = cfg.chunk, cfg.block_v, cfg.precision
 
@@ -119,7 +119,7 @@ def prepare(inputs: dict, cfg: Cfg, *, saved: str):
         wy = transform(ch, gates(ch), prec)
         w_ref[bi, hi, t, :] = wy.w.astype(w_ref.dtype)
         if saved == "t":
-            x_ref[bi, hi, n, :, :] = wy.t
+            x_ref[bi, hi, n, :, :] = wy.t.astype(x_ref.dtype)
             return
 
         def tile(j, carry):
@@ -131,7 +131,7 @@ def prepare(inputs: dict, cfg: Cfg, *, saved: str):
         lax.fori_loop(0, dv // bv, tile, 0)
 
     x = (jax.ShapeDtypeStruct((bsz, heads, length, dv), cfg.store) if saved == "uv"
-         else jax.ShapeDtypeStruct((bsz, heads, n_chunks, c, c), F32))  # fmt: skip
+         else jax.ShapeDtypeStruct((bsz, heads, n_chunks, c, c), cfg.store))  # fmt: skip
     out_shape = [jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store), x]
     return call(kernel, inputs, (), out_shape, (bsz, heads, n_chunks), cfg, "gated_delta_prepare")
 
