@@ -17,7 +17,7 @@ launch parameters (``kernels_pallas.linear_attention_scan.TritonTuning``, chunk 
 each config against the float32 recurrence, and writes ``experiments/results/tune_scan.json``
 (about 150 s on an H200: ``--tune-budget``, 100 s, caps the candidates), then prints the GLA
 device time per kernel (jax profiler) of the table's row and of the winner; ``--profile``
-prints the table row's only.
+prints the table row's only, for each of ``--tune-variants``.
 
 JAX timings: jit, compiled before timing, ``block_until_ready``; torch: CUDA events; both the
 median over ``--reps`` samples of ``--inner`` back-to-back calls. fwd+bwd returns the output
@@ -371,6 +371,9 @@ TUNE_STEPS = (
 )  # fmt: skip
 
 
+TABLE_ROW = {"scalar": "scalar", "gla": "gated"}  # bench variant -> tuning.TRITON row
+
+
 # ``--tune-steps quick`` (a short GPU slot): GLA's tiles and warps only.
 QUICK_STEPS = (
     (("staged_tile",), ("bwd_staged_tile",), ((64,),), ("gla",)),
@@ -443,7 +446,7 @@ def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline:
     abort) still leaves the trials before it on disk."""
     inputs = make_inputs(TUNE_SHAPE, variant, jnp.bfloat16)
     ref = tune_reference(variant, inputs)
-    cur = TRITON[{"scalar": "scalar", "gla": "gated"}[variant]]
+    cur = TRITON[TABLE_ROW[variant]]
     chunk, trials = 64, res.setdefault("trials", [])
 
     def run(cfg, ch, label):
@@ -521,15 +524,16 @@ def kernel_profile(variant: str, cfg: TritonTuning, chunk: int = 64, shape=TUNE_
     return out
 
 
-def tune_profiles(res: dict, configs: dict) -> None:
-    """GLA: per-kernel times (``kernel_profile``) of ``configs`` ``{name: (TritonTuning, chunk)}``,
-    printed."""
+def tune_profiles(res: dict, configs: dict, variant: str = "gla") -> None:
+    """Per-kernel times (``kernel_profile``) of ``variant`` under ``configs`` ``{name:
+    (TritonTuning, chunk)}``, printed."""
     for name, (cfg, chunk) in configs.items():
         try:
-            res[name] = kernel_profile("gla", cfg, chunk)
+            res[name] = kernel_profile(variant, cfg, chunk)
         except Exception as e:  # noqa: BLE001 -- a profiler failure must not end the sweep
             res[name] = repr(e)[:300]
-        print(f"  gla kernel profile ({name}, ms per fwd+bwd): {json.dumps(res[name])}", flush=True)
+        print(f"  {variant} kernel profile ({name}, ms per fwd+bwd): {json.dumps(res[name])}",
+              flush=True)  # fmt: skip
 
 
 def tune_fla(variant: str, reps: int, inner: int) -> dict:
@@ -637,14 +641,17 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep TritonTuning instead (see above)")
     ap.add_argument("--tune-budget", type=float, default=100.0, help="seconds for candidates")
     ap.add_argument("--tune-out", default="experiments/results/tune_scan.json")
-    ap.add_argument("--profile", action="store_true", help="GLA per-kernel times (tune_profiles)")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-kernel times of --tune-variants' table rows")  # fmt: skip
     ap.add_argument("--tune-variants", default="gla,scalar", help="variants to sweep (in order)")
     ap.add_argument("--tune-steps", choices=("all", "quick"), default="all",
                     help="TUNE_STEPS, or QUICK_STEPS")  # fmt: skip
     args = ap.parse_args()
     results = new_results()
     if args.profile:
-        tune_profiles(results, {"table": (TRITON["gated"], 64)})
+        for variant in args.tune_variants.split(","):
+            row = TRITON[TABLE_ROW[variant]]
+            tune_profiles(results.setdefault(variant, {}), {"table": (row, 64)}, variant)
         return
     if args.tune:
         del results["rows"]
