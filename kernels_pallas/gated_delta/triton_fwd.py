@@ -73,11 +73,12 @@ def with_value_tile(ch: Chunk, refs: dict, bi, t, hi, vs) -> Chunk:
     return ch._replace(v=refs["v"][bi, t, hi, vs])
 
 
-# Triton warps per kernel (default 4). The backward's last kernel keeps a chunk's recomputed
-# UT transform, scores and the value tiles' summed terms live at once. Measured on an H200
-# when the value tiles still ran in that kernel: 8 warps were faster there; 8 for every kernel,
-# 2 stages, chunk 32 and block_v 32 were slower (issue 24's closing note of 2026-12-03).
-WARPS = {"gated_delta_bwd": 8}
+# Triton warps per kernel (default 4). Per-kernel device times on an H200 with bf16 MMA operands
+# (experiments/results/bench_gated_delta.md): 8 warps are faster for the backward's value-tile
+# kernel (its offline sm_90 compile spills no registers, 1.2 KB per thread at 4) and slower for
+# the forward's state pass; the last kernel keeps 8 (more spills at 4). 2 stages for the
+# state passes were not faster.
+WARPS = {"gated_delta_bwd": 8, "gated_delta_tile_bwd": 8}
 
 
 def compiler_params(cfg: Cfg, name: str):
