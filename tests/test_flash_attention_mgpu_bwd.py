@@ -27,8 +27,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.extend import core as jax_core
 
 from arjax.ops import attention, attention_mask, attention_reference
+from kernels_pallas import _hopper
 from kernels_pallas.flash_attention import (
-    _hopper,
     flash_attention,
     mosaic_gpu_bwd,
     mosaic_gpu_fwd,

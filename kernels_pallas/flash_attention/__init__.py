@@ -10,7 +10,8 @@ returns zeros. One file per lowering and pass: Pallas Triton (``triton_fwd.py`` 
 split-KV decode, ``triton_bwd.py``), Pallas Mosaic TPU (``mosaic_tpu_fwd.py``,
 ``mosaic_tpu_bwd.py``), picked by ``backend``; on CPU they run in interpret mode. On Hopper
 GPUs the kernels may instead be Pallas Mosaic GPU (``lowering="mosaic"``: ``mosaic_gpu_fwd.py``,
-``mosaic_gpu_bwd.py``, helpers in ``_hopper.py``). Launch parameters: ``tuning.py``, one
+``mosaic_gpu_bwd.py``, helpers shared with the other Hopper kernels in
+``kernels_pallas/_hopper.py``). Launch parameters: ``tuning.py``, one
 frozen dataclass per lowering (``BlockSizes`` for Triton and Mosaic TPU, ``MosaicForward`` and
 ``mosaic_gpu_bwd.Tiles`` for Mosaic GPU), passed down as static arguments.
 """
@@ -26,8 +27,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.ad_checkpoint import checkpoint_name
 
+from kernels_pallas import _hopper
 from kernels_pallas.flash_attention import (
-    _hopper,
     mosaic_gpu_bwd,
     mosaic_gpu_fwd,
     mosaic_tpu_bwd,

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,9 +66,29 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels_pallas._hopper import (
+    CONSUMERS,
+    ROWS,
+    SMEM_BYTES,
+    TILE,
+    WGMMA_TRANSFORMS,
+    Transposed,
+    check_call,
+    interpret_params,
+    iota,
+    mma,
+    nested,
+    operand,
+    produce,
+    same_segment,
+    smem_footprint,
+    tile_ranges,
+    vector,
+    wgmma_operands,
+    zero_acc,
+)
 from kernels_pallas.flash_attention._common import (
     Geometry,
-    dot_nn,
     kv_block_range,
     pad_ids,
     pad_to,
@@ -77,22 +96,6 @@ from kernels_pallas.flash_attention._common import (
     segment_tile_ranges,
     tile_mask,
     work_item,
-)
-from kernels_pallas.flash_attention._hopper import (
-    CONSUMERS,
-    ROWS,
-    SMEM_BYTES,
-    TILE,
-    WGMMA_TRANSFORMS,
-    check_call,
-    interpret_params,
-    iota,
-    nested,
-    same_segment,
-    smem_footprint,
-    tile_ranges,
-    vector,
-    wgmma_operands,
 )
 from kernels_pallas.flash_attention.tuning import heads_per_wave
 
@@ -191,64 +194,6 @@ def check_supported(dtype, head_dim: int, has_segments: bool, tiles: Tiles) -> N
         raise ValueError(f"mosaic backward: {tiles} needs {need} B of shared memory > {SMEM_BYTES}")
 
 
-def _zeros(shape, interpret: bool):
-    """A float32 wgmma accumulator of zeros."""
-    zeros = jnp.zeros(shape, jnp.float32)
-    return zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-
-
-@dataclasses.dataclass(frozen=True)
-class _T:
-    """A shared-memory ``wgmma`` operand read transposed."""
-
-    ref: Any
-
-
-def _operand(x, interpret: bool):
-    if isinstance(x, _T):
-        return x.ref[...].T if interpret else plgpu.transpose_ref(x.ref, (1, 0))
-    return x[...] if interpret else x
-
-
-def _mma(terms, interpret: bool):
-    """For each ``(acc, [(a, b), ...])`` of ``terms``: ``acc + sum(a @ b)``, all issued
-    together and waited for once; ``a`` is a shared-memory ref or a register array of the
-    input dtype, ``b`` a shared-memory ref, either may be ``_T`` (transposed); ``acc`` float32
-    ``[m, n]``."""
-    if interpret:
-        return tuple(
-            acc + sum(dot_nn(_operand(a, True), _operand(b, True)) for a, b in products)
-            for acc, products in terms
-        )
-
-    def issue(acc_refs):
-        for acc_ref, (_, products) in zip(acc_refs, terms):
-            for a, b in products:
-                plgpu.wgmma(acc_ref, _operand(a, False), _operand(b, False))
-
-    return pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, _ in terms))
-
-
-def _produce(load, steps, stages: int, free) -> None:
-    """Producer warpgroup: ``load(t, slot)`` issues the TMA copies of step ``t`` of
-    ``[0, steps)`` into ring slot ``t % stages`` once both consumers freed that slot's
-    previous step; every release is observed (the interpreter checks that no phase is left
-    unseen)."""
-    plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
-    slot_of = lambda t: lax.rem(t, jnp.int32(stages))
-    for t in range(stages):  # fill the ring
-        pl.when(t < steps)(functools.partial(load, jnp.int32(t), jnp.int32(t)))
-
-    @pl.loop(jnp.int32(stages), steps)
-    def _(t):
-        plgpu.barrier_wait(free.at[slot_of(t)])
-        load(t, slot_of(t))
-
-    @pl.loop(jnp.maximum(steps - stages, 0), steps)
-    def _(t):
-        plgpu.barrier_wait(free.at[slot_of(t)])
-
-
 def _probs_and_dlogits(s, dp, lse2, delta, mask, scale2: float, query_dim: int):
     """``P = exp2(S scale2 - lse2)`` (0 where masked) and ``dS = P (dP - delta)``; ``lse2``
     and ``delta`` are per query, along ``query_dim`` of the ``[m, n]`` tiles."""
@@ -274,18 +219,18 @@ def _mma_with_dq(dv, dv_products, dk, dk_products, dq_products, ready, emit, int
     64x64 ``dQ`` block from ``dq_products``, issued in the order dV, (wait for the ``ready``
     barrier: the other consumer's ``dS^T``), dQ, dK; once the dQ block is done -- dK still on the
     tensor cores -- it is handed to ``emit``. Returns ``dv, dk``."""
-    dq = _zeros((ROWS, ROWS), interpret)
+    dq = zero_acc((ROWS, ROWS), interpret)
     if interpret:
-        (dv,) = _mma(((dv, dv_products),), True)
+        (dv,) = mma(((dv, dv_products),), True)
         plgpu.barrier_wait(ready)
-        emit(_mma(((dq, dq_products),), True)[0])
-        (dk,) = _mma(((dk, dk_products),), True)
+        emit(mma(((dq, dq_products),), True)[0])
+        (dk,) = mma(((dk, dk_products),), True)
         return dv, dk
 
     def issue(acc_refs):
         dv_ref, dk_ref, dq_ref = acc_refs
         add = lambda acc_ref, products: [
-            plgpu.wgmma(acc_ref, _operand(a, False), _operand(b, False)) for a, b in products
+            plgpu.wgmma(acc_ref, operand(a, False), operand(b, False)) for a, b in products
         ]
         add(dv_ref, dv_products)
         plgpu.barrier_wait(ready)
@@ -342,7 +287,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
                     qseg_ref.at[batch, rows], seg_smem[1].at[slot], seg_ready[1].at[slot]
                 )
 
-        _produce(load, g * n, stages, free)
+        produce(load, g * n, stages, free, PRODUCER_REGS)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -382,7 +327,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
             )
             rows, cols = mine(bq), mine(d)
             halves = [_opaque(jnp.int32(h)) for h in range(CONSUMERS)]
-            dq_products = [(_T(ds_smem.at[buf, h, :, rows]), k_smem.at[h, :, cols]) for h in halves]
+            dq_products = [
+                (Transposed(ds_smem.at[buf, h, :, rows]), k_smem.at[h, :, cols]) for h in halves
+            ]
             stage = dq_stage.at[wg_]
 
             def emit(part):
@@ -408,9 +355,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
             for bar in (q_ready, do_ready, lse_ready, delta_ready, *seg_ready[1:]):
                 plgpu.barrier_wait(bar.at[slot])
             q, do = wgmma_operands((q_ring.at[slot], do_ring.at[slot]), interpret)
-            zeros = _zeros((ROWS, bq), interpret)
-            s_t, dp_t = _mma(((zeros, [(k_smem.at[wg_], _T(q))]),
-                              (zeros, [(v_smem.at[wg_], _T(do))])), interpret)  # fmt: skip
+            zeros = zero_acc((ROWS, bq), interpret)
+            s_t, dp_t = mma(((zeros, [(k_smem.at[wg_], Transposed(q))]),
+                              (zeros, [(v_smem.at[wg_], Transposed(do))])), interpret)  # fmt: skip
             mask = None
             if masked:
                 mask = tile_mask(i * bq + q_col, k_idx, None, None, geo)
@@ -430,7 +377,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
             if fused:
                 dv, dk = fused_dq(i, r, t, wg_, p_t, ds_t, dv, dk, q, do)
             else:
-                dv, dk = _mma(((dv, [(p_t.astype(dtype), do)]), (dk, [(ds_t, q)])), interpret)
+                dv, dk = mma(((dv, [(p_t.astype(dtype), do)]), (dk, [(ds_t, q)])), interpret)
                 plgpu.commit_smem()  # lse2, delta (and ids) loads, before TMA refills the slot
             plgpu.barrier_arrive(free.at[slot])  # fused: fused_dq's commit_smem fenced them
             return dk, dv
@@ -442,7 +389,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geo
                 carry = lax.fori_loop(start, stop, body, carry)
             return carry
 
-        zeros = _zeros((ROWS, k_ref.shape[-1]), interpret)
+        zeros = zero_acc((ROWS, k_ref.shape[-1]), interpret)
         dk, dv = lax.fori_loop(0, g, head, (zeros, zeros))
         if fused:  # the other consumer's last dQ blocks read this K: wait for them
             plgpu.barrier_arrive(k_done.at[0])
@@ -484,7 +431,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geom
                 plgpu.copy_gmem_to_smem(kseg_ref.at[rows[:2]], seg_smem[1].at[slot],
                                         seg_ready[1].at[slot])  # fmt: skip
 
-        _produce(load, hi - lo, stages, free)
+        produce(load, hi - lo, stages, free, PRODUCER_REGS)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -518,8 +465,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geom
             for bar in (k_ready, v_ready, *seg_ready[1:]):
                 plgpu.barrier_wait(bar.at[slot])
             k, v = wgmma_operands((k_ring.at[slot], v_ring.at[slot]), interpret)
-            zeros = _zeros((ROWS, bk), interpret)
-            s, dp = _mma(((zeros, [(q_slot, _T(k))]), (zeros, [(do_slot, _T(v))])), interpret)
+            zeros = zero_acc((ROWS, bk), interpret)
+            s, dp = mma(
+                ((zeros, [(q_slot, Transposed(k))]), (zeros, [(do_slot, Transposed(v))])), interpret
+            )
             mask = None
             if masked:
                 mask = tile_mask(q_idx, j * bk + k_col, None, None, geo)
@@ -527,13 +476,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: Geom
                     k_seg = vector(seg_smem[1].at[slot], 1, interpret)
                     mask = mask & same_segment(q_seg, k_seg, (ROWS, bk), query_dim=0)
             _, ds = _probs_and_dlogits(s, dp, lse2, delta, mask, geo.scale2, query_dim=0)
-            (dq,) = _mma(((dq, [(ds.astype(q_ref.dtype), k)]),), interpret)
+            (dq,) = mma(((dq, [(ds.astype(q_ref.dtype), k)]),), interpret)
             if seg and masked:  # the ids' loads, before TMA refills the slot
                 plgpu.commit_smem()
             plgpu.barrier_arrive(free.at[slot])
             return dq
 
-        dq = _zeros((ROWS, q_ref.shape[-1]), interpret)
+        dq = zero_acc((ROWS, q_ref.shape[-1]), interpret)
         for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False),
                                     (full_hi, hi, True)):  # fmt: skip
             dq = lax.fori_loop(start, stop, functools.partial(step, masked=masked), dq)

@@ -35,18 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.flash_attention._common import (
-    LOG2_E,
-    Geometry,
-    dot_nn,
-    dot_nt,
-    finalize,
-    kv_block_range,
-    softmax_tile,
-    tile_mask,
-    work_item,
-)
-from kernels_pallas.flash_attention._hopper import (
+from kernels_pallas._hopper import (
     CONSUMERS,
     ROWS,
     SMEM_BYTES,
@@ -60,6 +49,17 @@ from kernels_pallas.flash_attention._hopper import (
     tile_ranges,
     vector,
     wgmma_operands,
+)
+from kernels_pallas.flash_attention._common import (
+    LOG2_E,
+    Geometry,
+    dot_nn,
+    dot_nt,
+    finalize,
+    kv_block_range,
+    softmax_tile,
+    tile_mask,
+    work_item,
 )
 from kernels_pallas.flash_attention.tuning import BlockSizes, heads_per_wave
 

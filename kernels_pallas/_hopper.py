@@ -1,17 +1,22 @@
-"""What the Hopper (Pallas Mosaic GPU) forward ``mosaic_gpu_fwd.py`` and backward
-``mosaic_gpu_bwd.py`` share: the warpgroup geometry (FlashAttention-3 sec. 3.1: two 64-row
-wgmma consumer warpgroups), the calls they support, and the pieces that differ between the GPU
-and the CPU interpreter."""
+"""What the Hopper (Pallas Mosaic GPU) kernels share: flash attention's forward and backward
+(``flash_attention/mosaic_gpu_*.py``) and the linear-attention scan's fused forward
+(``linear_attention_scan/mosaic_gpu_fwd.py``): the warpgroup geometry (FlashAttention-3 sec.
+3.1: 64-row wgmma consumer warpgroups), the calls they support, the ``wgmma`` issue helper and
+producer loop, and the pieces that differ between the GPU and the CPU interpreter."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 ROWS = 64  # rows per consumer warpgroup: the M of one wgmma
@@ -146,3 +151,66 @@ def nested(lo, hi, *bounds) -> tuple:
         prev = jnp.minimum(jnp.maximum(x, prev), hi)
         out.append(prev)
     return tuple(out)
+
+
+def zero_acc(shape, interpret: bool):
+    """A float32 wgmma accumulator of zeros."""
+    acc = jnp.zeros(shape, jnp.float32)
+    return acc if interpret else plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transposed:
+    """A shared-memory ``wgmma`` operand read transposed."""
+
+    ref: Any
+
+
+def operand(x, interpret: bool):
+    """A ``wgmma`` operand as the GPU takes it (a ref, transposed if so marked), or its value
+    when interpreted."""
+    if isinstance(x, Transposed):
+        return x.ref[...].T if interpret else plgpu.transpose_ref(x.ref, (1, 0))
+    return x[...] if interpret else x
+
+
+def mma(terms, interpret: bool):
+    """For each ``(acc, [(a, b), ...])`` of ``terms``: ``acc + sum(a @ b)``, all issued
+    together and waited for once; ``a`` is a shared-memory ref or a register array of the
+    input dtype, ``b`` a shared-memory ref, either may be :class:`Transposed`; ``acc`` float32
+    ``[m, n]``. Interpreted, the products are ``jnp`` dots of the same operands (the
+    interpreter's ``wgmma`` reads neither a transposed operand nor a register left one)."""
+    if interpret:
+        dot = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)  # noqa: E731
+        return tuple(
+            acc + sum(dot(operand(a, True), operand(b, True)) for a, b in products)
+            for acc, products in terms
+        )
+
+    def issue(acc_refs):
+        for acc_ref, (_, products) in zip(acc_refs, terms):
+            for a, b in products:
+                plgpu.wgmma(acc_ref, operand(a, False), operand(b, False))
+
+    return pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, _ in terms))
+
+
+def produce(load, steps, stages: int, free, regs: int | None = None) -> None:
+    """Producer warpgroup: ``load(t, slot)`` issues the TMA copies of step ``t`` of
+    ``[0, steps)`` into ring slot ``t % stages`` once the consumers freed that slot's
+    previous step; every release is observed (the interpreter checks that no phase is left
+    unseen). ``regs``: lower the producer's registers to this many (``setmaxnreg``)."""
+    if regs is not None:
+        plgpu.set_max_registers(regs, action="decrease")
+    slot_of = lambda t: lax.rem(t, jnp.int32(stages))  # noqa: E731
+    for t in range(stages):  # fill the ring
+        pl.when(t < steps)(functools.partial(load, jnp.int32(t), jnp.int32(t)))
+
+    @pl.loop(jnp.int32(stages), steps)
+    def _(t):
+        plgpu.barrier_wait(free.at[slot_of(t)])
+        load(t, slot_of(t))
+
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _(t):
+        plgpu.barrier_wait(free.at[slot_of(t)])
