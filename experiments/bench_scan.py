@@ -6,7 +6,8 @@ flash-linear-attention package ``fla-core`` and ``simple_gla`` / ``gla`` of
 arjax's), bf16, head dim 128, (batch, heads, len) =
 (8, 16, 2048) and (2, 16, 8192), forward and forward+backward, on one GPU. First checks the
 kernels on the GPU against the float32 recurrence (odd length, initial state, segment
-resets, gradients), then times everything. Run (fla-core and jla as wheels under .whl/):
+resets, gradients), then times everything, arjax's fused Mosaic GPU forward (``lowering=
+"mosaic"``, scalar decay) in a table of its own. Run (fla-core and jla as wheels under .whl/):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:. python3 experiments/bench_scan.py
@@ -102,12 +103,16 @@ def time_torch(fn, *, reps, inner) -> float:
 
 
 def jax_fns(impl: str, chunk: int, tuning: TritonTuning | None = None):
-    """(fwd, fwd+bwd) jitted for ``impl`` in {"pallas", "xla"} (arjax.ops.linear_attention);
-    with ``tuning`` the Pallas kernel itself with those launch parameters."""
+    """(fwd, fwd+bwd) jitted for ``impl`` in {"pallas", "xla"} (arjax.ops.linear_attention)
+    or "mosaic" (the kernel with ``lowering="mosaic"``: the fused Hopper forward, Triton's
+    backward); with ``tuning`` the Pallas kernel itself with those launch parameters."""
 
     def fwd(q, k, v, g):
         if tuning is not None:
             return chunked_linear_attention(q, k, v, log_decay=g, chunk_size=chunk, tuning=tuning)
+        if impl == "mosaic":
+            return chunked_linear_attention(q, k, v, log_decay=g, chunk_size=chunk,
+                                            lowering="mosaic")  # fmt: skip
         return linear_attention(q, k, v, log_decay=g, form="chunked", chunk_size=chunk, impl=impl)
 
     def fwd_bwd(q, k, v, g, do):
@@ -237,7 +242,9 @@ def check(results: dict, variants: list[str]) -> None:
 def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> None:
     """Add ``{name} fwd`` and ``{name} fwd+bwd`` (ms) to ``row``, or ``{name} error``."""
     q, k, v, g, do = inputs
-    name = {"pallas": "pallas", "fla": "fla", "xla": "jnp", "jla": "jla"}[impl]
+    name = {"pallas": "pallas", "mosaic": "mosaic", "fla": "fla", "xla": "jnp", "jla": "jla"}[impl]
+    if impl == "mosaic" and variant == "gla":
+        return  # the fused forward has no per-channel gates
     start = time.perf_counter()
     try:
         if impl == "fla":
@@ -262,6 +269,9 @@ def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> Non
             f, fb = jax_fns(impl, chunk)
             row[f"{name} fwd"] = time_jax(f, q, k, v, g, reps=reps, inner=inner)
             row[f"{name} fwd+bwd"] = time_jax(fb, q, k, v, g, do, reps=reps, inner=inner)
+            if impl == "mosaic":
+                ours = jax_fns("pallas", 64)[0](q, k, v, g)
+                row["mosaic vs pallas out"] = rel_err(f(q, k, v, g)[0], ours[0])
             jax.clear_caches()
     except Exception as e:  # noqa: BLE001 -- record (e.g. out of memory) and carry on
         row[f"{name} error"] = repr(e)[:300]
@@ -322,6 +332,20 @@ def write(results: dict, out: str, quiet: bool = False) -> None:
     for r in results["rows"]:
         for p in ("fwd", "fwd+bwd"):
             lines.append(f"| {tuple(r['shape'])} | {r['variant']} | {p} | {peer_cells(r, p)} |")
+    fused = [r for r in results["rows"] if "mosaic fwd" in r]
+    if fused:
+        lines += ["", "arjax's fused Mosaic GPU forward (`lowering=\"mosaic\"`; fwd+bwd: with "
+                  "the Triton backward), ms:", "",
+                  "| (B,H,L) | variant | pass | mosaic | pallas (Triton) | jla | pallas / mosaic "
+                  "| jla / mosaic |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in fused:
+            for p in ("fwd", "fwd+bwd"):
+                m, t, j = (r.get(f"{n} {p}") for n in ("mosaic", "pallas", "jla"))
+                lines.append(f"| {tuple(r['shape'])} | {r['variant']} | {p} | {fmt(m)} | {fmt(t)} "
+                             f"| {fmt(j)} | {ratio(t, m)} | {ratio(j, m)} |")  # fmt: skip
+        lines += [""] + [f"- {tuple(r['shape'])} {r['variant']}: output vs the Triton forward's, "
+                         f"max rel err {r['mosaic vs pallas out']:.2e}" for r in fused
+                         if "mosaic vs pallas out" in r]  # fmt: skip
     diffs = [r for r in results["rows"] if "jla vs pallas out" in r]
     if diffs:
         lines += ["", "jla's forward output vs arjax's Pallas output (max rel err):", ""]
@@ -636,7 +660,7 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results/bench_scan")
     ap.add_argument("--check", default="none,scalar,gla", help="fp32 GPU checks ('' for none)")
     ap.add_argument(
-        "--impls", default="pallas,jla,fla,xla", help="what to time, in order ('': none)"
+        "--impls", default="pallas,mosaic,jla,fla,xla", help="what to time, in order ('': none)"
     )
     ap.add_argument("--tune", action="store_true", help="sweep TritonTuning instead (see above)")
     ap.add_argument("--tune-budget", type=float, default=100.0, help="seconds for candidates")

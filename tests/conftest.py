@@ -160,6 +160,7 @@ def races(monkeypatch: pytest.MonkeyPatch) -> MosaicRaces:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     from kernels_pallas.flash_attention import mosaic_gpu_bwd, mosaic_gpu_fwd
+    from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd as scan_mosaic_gpu_fwd
 
     # the class is ``GPURaceDetectionState`` from jax 0.11 (the device's), ``RaceDetectionState``
     # before (CI's)
@@ -174,7 +175,7 @@ def races(monkeypatch: pytest.MonkeyPatch) -> MosaicRaces:
 
     params = InterpretGPUParams(detect_races=True)
     monkeypatch.setattr(gpu_callbacks, name, record)
-    for module in (mosaic_gpu_fwd, mosaic_gpu_bwd):
+    for module in (mosaic_gpu_fwd, mosaic_gpu_bwd, scan_mosaic_gpu_fwd):
         monkeypatch.setattr(module, "interpret_params", lambda: params)
     return recorder
 

@@ -49,10 +49,13 @@ def _decode_case():
     return (lambda q, k, v: flash_decode(q, k, v, **GPU)), (q, kv, kv)
 
 
-def _scan_case(gated: bool):
-    x = jax.ShapeDtypeStruct((B, L, H, D), jnp.bfloat16)
+def _scan_case(gated: bool, lowering: str = "triton", dk: int = D):
+    x = jax.ShapeDtypeStruct((B, L, H, dk), jnp.bfloat16)
     g = jax.ShapeDtypeStruct((B, L, H, D) if gated else (B, L, H), jnp.float32)
-    fn = lambda q, k, v, g: chunked_linear_attention(q, k, v, log_decay=g, **GPU)  # noqa: E731
+
+    def fn(q, k, v, g):
+        return chunked_linear_attention(q, k, v, log_decay=g, lowering=lowering, **GPU)
+
     return _grads(fn, 4), (x, x, x, g)
 
 
@@ -66,6 +69,10 @@ CASES = {
     "flash_decode": (_decode_case, "triton"),
     "linear-attention scan, scalar decay, fwd+bwd": (lambda: _scan_case(False), "triton"),
     "linear-attention scan, gated, fwd+bwd": (lambda: _scan_case(True), "triton"),
+    "linear-attention scan, fused mosaic forward, fwd+bwd": (
+        lambda: _scan_case(False, "mosaic"), "mosaic_gpu"),
+    "linear-attention scan, fused mosaic forward, dk 128": (
+        lambda: _scan_case(False, "mosaic", 128), "mosaic_gpu"),
 }  # fmt: skip
 
 

@@ -9,7 +9,9 @@ before its first update; the initial state belongs to the first token's segment.
 Files: the chunk math shared by both lowerings (:mod:`._chunk`); Pallas Triton forward
 (:mod:`.triton_fwd`: state pass, chunk launcher, staged GLA forward, log-gate cumsum) and
 backward (:mod:`.triton_bwd`); Pallas Mosaic TPU forward and backward (:mod:`.mosaic_tpu`);
-launch parameters, one frozen dataclass per lowering (:mod:`.tuning`); the one-token decode
+launch parameters, one frozen dataclass per lowering (:mod:`.tuning`); on Hopper, a fused Pallas
+Mosaic GPU forward for no and scalar decay (:mod:`.mosaic_gpu_fwd`, ``lowering="mosaic"``: the
+state stays on chip; the backward stays Triton's); the one-token decode
 update (:mod:`.decode`); the float32 token-by-token recurrence the kernels are tested against
 (:mod:`.reference`). This file validates, pads and dispatches.
 
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from kernels_pallas._checks import check_state_and_segments
-from kernels_pallas.linear_attention_scan import mosaic_tpu, triton_bwd, triton_fwd
+from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd, mosaic_tpu, triton_bwd, triton_fwd
 from kernels_pallas.linear_attention_scan._chunk import (
     BACKENDS,
     F32,
@@ -62,8 +64,13 @@ __all__ = [
 _LOWERINGS = {"gpu": (triton_fwd, triton_bwd), "tpu": (mosaic_tpu, mosaic_tpu)}
 
 
-def _forward(q, k, v, b, s0, seg, cfg: Cfg):
-    """``((o, s_final), (h, A))``: ``A`` the staged GLA scores (else None)."""
+def _forward(q, k, v, b, s0, seg, cfg: Cfg, *, save: bool):
+    """``((o, s_final), (h, A))``: ``A`` the staged GLA scores (else None); ``h`` is None
+    from the fused forward unless ``save`` (the backward's residual)."""
+    if cfg.lowering == "mosaic":
+        o, s_final, h = mosaic_gpu_fwd.forward(q, k, v, b, save_states=save,
+                                               interpret=cfg.interpret)  # fmt: skip
+        return (o, s_final), (h, None)
     r, rp = seg if cfg.segments else (None, None)
     fwd = _LOWERINGS[cfg.backend][0]
     h, s_final = fwd.state_pass(k, v, b, s0, r, rp, cfg, reverse=False, h_dtype=q.dtype)
@@ -73,11 +80,11 @@ def _forward(q, k, v, b, s0, seg, cfg: Cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _scan(q, k, v, b, s0, seg, cfg):
-    return _forward(q, k, v, b, s0, seg, cfg)[0]
+    return _forward(q, k, v, b, s0, seg, cfg, save=False)[0]
 
 
 def _scan_fwd(q, k, v, b, s0, seg, cfg):
-    out, (h, a) = _forward(q, k, v, b, s0, seg, cfg)
+    out, (h, a) = _forward(q, k, v, b, s0, seg, cfg, save=True)
     return out, (q, k, v, b, seg, h, a)
 
 
@@ -159,6 +166,7 @@ def chunked_linear_attention(
     backend: str | None = None,
     interpret: bool | None = None,
     tuning: TritonTuning | MosaicTpuTuning | None = None,
+    lowering: str = "triton",
 ) -> tuple[jax.Array, jax.Array]:
     """Causal (gated) linear attention, chunked scan (GLA paper sec. 4); differentiable.
 
@@ -167,9 +175,17 @@ def chunked_linear_attention(
     ``backend`` "gpu" (Triton) or "tpu" (Mosaic), default from the platform; ``interpret``
     defaults to True on CPU. ``tuning``: the lowering's launch parameters (``TritonTuning`` for
     "gpu", ``MosaicTpuTuning`` for "tpu"), default the row of :mod:`.tuning` for the gate.
+    ``lowering`` ("gpu" only): "triton", or "mosaic" for the fused Hopper forward
+    (:mod:`.mosaic_gpu_fwd`: no or scalar decay, chunk 64, bf16/fp16, dk 64 or 128, no segment
+    ids or initial state; the backward is Triton's either way).
     """
     backend, interpret = resolve(backend, interpret)
     _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, backend)
+    if lowering not in ("triton", "mosaic") or (lowering == "mosaic" and backend != "gpu"):
+        raise ValueError(
+            "chunked_linear_attention: lowering must be 'triton' or 'mosaic' (backend 'gpu'), "
+            f"got {lowering!r} with backend {backend!r}"
+        )
     bsz, length, heads, dk = q.shape
     dv = v.shape[3]
     c = chunk_size
@@ -182,8 +198,11 @@ def chunked_linear_attention(
             f"chunked_linear_attention: tuning for backend {backend!r} must be a "
             f"{want.__name__}, got {type(tuning).__name__}"
         )
+    if lowering == "mosaic":
+        mosaic_gpu_fwd.check_supported(q, v, chunk=c, gate=gate, segments=segment_ids is not None,
+                                       initial_state=initial_state)  # fmt: skip
     cfg = Cfg(backend, interpret, c, gate, segment_ids is not None, q.dtype == jnp.float32,
-              tuning)  # fmt: skip
+              tuning, lowering)  # fmt: skip
 
     def pad_len(x, mode="constant"):
         return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=mode)

@@ -54,6 +54,7 @@ class Cfg:
     segments: bool
     exact: bool  # float32 inputs: ask for full-precision MMAs
     tune: TritonTuning | MosaicTpuTuning  # the lowering's launch parameters and sub-chunk rows
+    lowering: str = "triton"  # GPU forward: "triton", or "mosaic" (the fused Hopper forward)
 
     @property
     def sub(self) -> int:

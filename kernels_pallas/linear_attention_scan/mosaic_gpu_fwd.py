@@ -1,0 +1,242 @@
+"""Hopper forward of the linear-attention scan (no decay, scalar decay) in Pallas Mosaic GPU:
+one fused kernel, the state kept on chip.
+
+The Triton forward (:mod:`.triton_fwd`) writes every chunk's entering state ``h`` to HBM in a
+sequential state pass and reads it back in a parallel output kernel. Here a CTA owns one
+(batch, head, ``BLOCK_V``-column value tile), walks the chunks in order with its state tile
+``S [dk, BLOCK_V]`` in float32 registers and writes each chunk's output as it goes (GLA paper
+sec. 3.3, the chunkwise form, as one pass: the "fused chunk" schedule). With ``b`` the
+chunk-local inclusive cumsum of the log-gates and ``B`` its last value (no gate: ``b = 0``),
+per chunk of ``C = 64`` tokens:
+
+* ``A = (Q K^T) * exp(b_i - b_j)`` for ``j <= i``, else 0 (``[C, C]``);
+* ``O = exp(b) * (Q S) + A V`` (``[C, BLOCK_V]``);
+* ``S <- exp(B) S + K^T (exp(B - b) * V)``.
+
+Every product is a ``wgmma`` (input-dtype operands, float32 accumulation). ``S`` goes to
+shared memory in the input dtype as ``Q S``'s right operand (the precision of the Triton
+path's ``h``); ``exp(B - b) * V`` is the product of a diagonal matrix (registers) and ``V``,
+stored the same way for ``K^T (.)``. A producer warpgroup streams ``Q, K, V`` and the chunk's
+gate factors through a ring of ``stages`` slots with TMA. ``save_states`` also writes ``h
+[batch, heads, chunks, dk, dv]`` (input dtype), what the Triton backward reads.
+
+Not here (the caller keeps the Triton path for them): GLA's per-channel gates, segment ids, an
+initial state. Interpret mode runs the same kernel with ``jnp`` products
+(:func:`kernels_pallas._hopper.mma`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels_pallas._hopper import (
+    DTYPES,
+    ROWS,
+    SMEM_BYTES,
+    WGMMA_TRANSFORMS,
+    Transposed,
+    interpret_params,
+    iota,
+    mma,
+    produce,
+    smem_footprint,
+    vector,
+    wgmma_operands,
+    zero_acc,
+)
+
+CHUNK = ROWS  # tokens per chunk: one wgmma M
+BLOCK_V = 64  # value columns per CTA (the state tile's registers: dk * 64 / 128 per thread)
+HEAD_DIMS = (64, 128)  # dk
+
+
+def check_supported(q, v, *, chunk: int, gate: str, segments: bool, initial_state) -> None:
+    """Raise ``ValueError`` naming what the fused forward does not support (before tracing)."""
+    who = "chunked_linear_attention(lowering='mosaic')"
+    problems = []
+    if jnp.dtype(q.dtype) not in map(jnp.dtype, DTYPES):
+        problems.append(f"dtype must be bfloat16 or float16, got {q.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        problems.append(f"dk must be one of {HEAD_DIMS}, got {q.shape[-1]}")
+    if v.shape[-1] % BLOCK_V:
+        problems.append(f"dv must be a multiple of {BLOCK_V}, got {v.shape[-1]}")
+    if chunk != CHUNK:
+        problems.append(f"chunk_size must be {CHUNK}, got {chunk}")
+    if gate == "gated":
+        problems.append("per-channel (GLA) log_decay is not supported, only [batch, len, heads]")
+    if segments:
+        problems.append("segment_ids are not supported")
+    if initial_state is not None:
+        problems.append("initial_state is not supported")
+    if problems:
+        raise ValueError(f"{who}: " + "; ".join(problems))
+
+
+def gate_factors(b, shape: tuple[int, int, int], dk: int) -> tuple[jax.Array, jax.Array]:
+    """Per chunk, float32: ``b`` ``[batch, heads, chunks, C]`` (the chunk-local cumsum of the
+    log-gates, given as ``[batch, len, heads, 1]``; None: no gate), read along the columns of
+    the scores, and ``[batch, heads, chunks, 2 C + dk]``, read along rows: ``b``, ``exp(B -
+    b)``, then ``exp(B)`` repeated ``dk`` times (one per state row). (Two buffers: Mosaic GPU's
+    layout inference, jax 0.11, finds no layout when one shared-memory buffer is loaded both
+    along rows and along columns.)"""
+    bsz, length, heads = shape
+    if b is None:
+        b_chunks = jnp.zeros((bsz, heads, length // CHUNK, CHUNK), jnp.float32)
+    else:
+        b_chunks = rearrange(b[..., 0], "b (n c) h -> b h n c", c=CHUNK)
+    last = b_chunks[..., -1:]
+    carry = jnp.broadcast_to(jnp.exp(last), (*last.shape[:-1], dk))
+    return b_chunks, jnp.concatenate([b_chunks, jnp.exp(last - b_chunks), carry], axis=-1)
+
+
+def scratch_types(dtype, dk: int, stages: int) -> tuple:
+    """Rings of Q, K, V tiles and gate factors; the state (input dtype: ``Q S``'s operand, and
+    float32: the final state's staging), ``exp(B - b) * V`` and the output tile; barriers."""
+    mat = lambda *shape: plgpu.SMEM(shape, dtype, transforms=WGMMA_TRANSFORMS)  # noqa: E731
+    return (
+        (
+            mat(stages, CHUNK, dk),  # Q ring
+            mat(stages, CHUNK, dk),  # K ring
+            mat(stages, CHUNK, BLOCK_V),  # V ring
+            plgpu.SMEM((stages, CHUNK), jnp.float32),  # b ring (columns)
+            plgpu.SMEM((stages, 2 * CHUNK + dk), jnp.float32),  # b, exp(B - b), exp(B) (rows)
+            mat(dk, BLOCK_V),  # S
+            mat(CHUNK, BLOCK_V),  # exp(B - b) * V
+            mat(CHUNK, BLOCK_V),  # O
+            plgpu.SMEM((dk, BLOCK_V), jnp.float32),  # final S
+        ),
+        tuple(plgpu.Barrier(num_barriers=stages) for _ in range(5)),  # Q, K, V, gates ready
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # slot consumed
+    )
+
+
+def _columns(x, i: int, interpret: bool):
+    """Columns ``[64 i, 64 (i + 1))`` of a ring slot (a ref on the GPU, a value interpreted)."""
+    if interpret:
+        return x[:, i * ROWS : (i + 1) * ROWS]
+    return x.at[:, pl.ds(i * ROWS, ROWS)]
+
+
+def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, o_ref, sf_ref, *refs, stages, save, interpret):
+    """One CTA per (batch, head, value tile), program id ``p = (batch * heads + head) * tiles
+    + tile``; warpgroup 1 produces, warpgroup 0 computes (module doc)."""
+    h_ref = refs[0] if save else None
+    smem, ready, free = refs[1:] if save else refs
+    q_ring, k_ring, v_ring, b_ring, f_ring, s_smem, vw_smem, o_smem, sf_smem = smem
+    q_ready, k_ready, v_ready, b_ready, f_ready = ready
+    _, length, heads, dk = q_ref.shape
+    tiles = v_ref.shape[-1] // BLOCK_V
+    n_chunks = length // CHUNK
+    halves = dk // ROWS
+    dtype = q_ref.dtype
+    pid = lax.axis_index("p")
+    head_of, tile = lax.div(pid, tiles), lax.rem(pid, tiles)
+    batch, head = lax.div(head_of, heads), lax.rem(head_of, heads)
+    cols = pl.ds(pl.multiple_of(tile * BLOCK_V, BLOCK_V), BLOCK_V)
+    rows = lambda n: pl.ds(pl.multiple_of(n * CHUNK, CHUNK), CHUNK)  # noqa: E731
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 1)
+    def _producer():
+        def load(n, slot):
+            t = rows(n)
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, t, head], q_ring.at[slot], q_ready.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[batch, t, head], k_ring.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[batch, t, head, cols], v_ring.at[slot],
+                                    v_ready.at[slot])  # fmt: skip
+            for ref, ring, bar in ((b_ref, b_ring, b_ready), (f_ref, f_ring, f_ready)):
+                plgpu.copy_gmem_to_smem(ref.at[batch, head, n], ring.at[slot], bar.at[slot])
+
+        produce(load, n_chunks, stages, free)
+
+    @pl.when(wg == 0)
+    def _consumer():
+        shape_cc, shape_cv = (CHUNK, CHUNK), (CHUNK, BLOCK_V)
+        r, c = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)
+        bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
+
+        def chunk(n, s):
+            slot = lax.rem(n, jnp.int32(stages))
+            # S (entering chunk n) -> shared memory, once the last copies out have read it
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            for i, part in enumerate(s):
+                s_smem.at[pl.ds(i * ROWS, ROWS)][...] = part.astype(dtype)
+            plgpu.commit_smem()
+            if save:
+                plgpu.copy_smem_to_gmem(s_smem, h_ref.at[batch, head, n, :, cols])
+            for bar in ready:
+                plgpu.barrier_wait(bar.at[slot])
+            q, k, v = wgmma_operands((q_ring.at[slot], k_ring.at[slot], v_ring.at[slot]),
+                                     interpret)  # fmt: skip
+            b_col = vector(b_ring.at[slot], 1, interpret)
+            b_row, w_row, *carry = (
+                vector(f_ring.at[slot, pl.ds(i * ROWS, ROWS)], 0, interpret)
+                for i in range(2 + halves)
+            )
+            causal = c <= r
+            diag = jnp.where(r == c, bcast(w_row, shape_cc, 0), 0.0).astype(dtype)
+            zeros_cv = zero_acc(shape_cv, interpret)
+            a, o, vw = mma(((zero_acc(shape_cc, interpret), [(q, Transposed(k))]),
+                            (zeros_cv, [(q, s_smem)]), (zeros_cv, [(diag, v)])),
+                           interpret)  # fmt: skip
+            gap = jnp.where(causal, bcast(b_row, shape_cc, 0) - bcast(b_col, shape_cc, 1), 0.0)
+            p = jnp.where(causal, a * jnp.exp(gap), 0.0).astype(dtype)
+            o = o * bcast(jnp.exp(b_row), shape_cv, 0)
+            vw_smem[...] = vw.astype(dtype)
+            plgpu.commit_smem()  # for wgmma; also fences the slot's gate loads before its release
+            s = [part * bcast(carry[i], shape_cv, 0) for i, part in enumerate(s)]
+            o, *s = mma(((o, [(p, v)]),
+                         *((part, [(Transposed(_columns(k, i, interpret)), vw_smem)])
+                           for i, part in enumerate(s))),
+                        interpret)  # fmt: skip
+            plgpu.barrier_arrive(free.at[slot])
+            o_smem[...] = o.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[batch, rows(n), head, cols])
+            return tuple(s)
+
+        s = lax.fori_loop(0, n_chunks, chunk, tuple(zero_acc(shape_cv, interpret)
+                                                     for _ in range(halves)))  # fmt: skip
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        for i, part in enumerate(s):
+            sf_smem.at[pl.ds(i * ROWS, ROWS)][...] = part
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(sf_smem, sf_ref.at[batch, head, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def forward(q, k, v, b, *, stages: int = 2, save_states: bool, interpret: bool):
+    """``(o [batch, len, heads, dv], s_final [batch, heads, dk, dv] float32, h)`` from ``q, k
+    [batch, len, heads, dk]``, ``v [batch, len, heads, dv]`` (len a multiple of ``CHUNK``) and
+    ``b`` (chunk-local log-gate cumsum ``[batch, len, heads, 1]`` float32, None: no decay);
+    ``h [batch, heads, chunks, dk, dv]`` in the input dtype with ``save_states``, else None."""
+    bsz, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    scratch = scratch_types(q.dtype, dk, stages)
+    if (need := smem_footprint(scratch)) > SMEM_BYTES:
+        raise ValueError(f"linear-attention mosaic forward: stages={stages} needs {need} B of "
+                         f"shared memory > {SMEM_BYTES}")  # fmt: skip
+    out_type = [
+        jax.ShapeDtypeStruct(v.shape, q.dtype),
+        jax.ShapeDtypeStruct((bsz, heads, dk, dv), jnp.float32),
+    ]
+    if save_states:
+        out_type.append(jax.ShapeDtypeStruct((bsz, heads, length // CHUNK, dk, dv), q.dtype))
+    outs = plgpu.kernel(
+        functools.partial(_kernel, stages=stages, save=save_states, interpret=interpret),
+        out_type=tuple(out_type),
+        scratch_types=scratch,
+        grid=(bsz * heads * (dv // BLOCK_V),),
+        grid_names=("p",),
+        num_threads=2,
+        thread_name="wg",
+        interpret=interpret_params() if interpret else None,
+    )(q, k, v, *gate_factors(b, (bsz, length, heads), dk))
+    return outs[0], outs[1], (outs[2] if save_states else None)
