@@ -12,7 +12,7 @@ head_dim, batch x cache_len) -> {"fwd": impl}`` for one-token decode attention.
 SOURCES = {
     "attention": "experiments/results/bench_attention.json (2026-12-02 07:41 UTC)",
     "decode": "experiments/results/bench_decode_attention.json (2026-12-04 12:53 UTC)",
-    "gated_delta": "experiments/results/bench_gated_delta.json (2026-12-02T15:16+00:00)",
+    "gated_delta": "experiments/results/bench_gated_delta.json (2026-12-04T16:31+00:00)",
     "scan": "experiments/results/bench_scan.json (2026-11-26T12:31+00:00)",
 }
 
@@ -35,8 +35,8 @@ SCAN = {
 }
 
 GATED_DELTA = {
-    ("hopper", 2048): {"fwd": "pallas", "fwd+bwd": "xla"},
-    ("hopper", 8192): {"fwd": "xla", "fwd+bwd": "xla"},
+    ("hopper", 2048): {"fwd": "pallas", "fwd+bwd": "pallas"},
+    ("hopper", 8192): {"fwd": "pallas", "fwd+bwd": "pallas"},
 }
 
 DECODE = {
