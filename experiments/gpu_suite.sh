@@ -116,7 +116,7 @@ step hat 540 python3 experiments/bench_hat_decode.py  # trains both ~1B models f
 step axial 40 python3 experiments/bench_axial_sampling.py
 step linear_decode 130 python3 experiments/bench_linear_decode.py
 step linear_train 60 python3 experiments/bench_linear_train.py
-step scan_timing 150 python3 experiments/bench_scan.py
+step scan_timing 420 python3 experiments/bench_scan.py  # checks, then pallas, the fused mosaic forward, jla, fla, jnp (~150 s stopped it after jla)
 step gated_delta 420 python3 experiments/bench_gated_delta.py
 step scaling 420 python3 experiments/bench_scaling.py  # needs >= 2 GPUs
 step decode_attention 120 python3 experiments/bench_decode_attention.py

@@ -233,13 +233,17 @@ def _fused_vs_recurrence(q, k, v, g, interpret: bool) -> dict[str, float]:
     return errs
 
 
-@pytest.mark.parametrize("gate, dk", [("scalar", 64), ("none", 128)])
-def test_mosaic_fused_forward(races, gate, dk):
-    """The fused Mosaic GPU forward, interpreted with race detection: bf16 inputs, 4 chunks
-    through a 2-slot ring (one padded), 2 value tiles. Output, final state and gradients within
-    the bf16 bound of the module doc (its states are the MMA operands the Triton path rounds
-    the same way); its output within 1e-2 of the Triton forward's."""
-    q, k, v, g, _ = make_inputs(11, 1, 200, 2, dk, 128, gate, dtype=jnp.bfloat16)
+@pytest.mark.parametrize(
+    "gate, dk, dv, dtype",
+    [("scalar", 64, 128, jnp.bfloat16), ("none", 128, 128, jnp.bfloat16),
+     ("scalar", 128, 64, jnp.float16)],
+)  # fmt: skip
+def test_mosaic_fused_forward(races, gate, dk, dv, dtype):
+    """The fused Mosaic GPU forward, interpreted with race detection: 4 chunks through a 2-slot
+    ring (one padded), 1 or 2 value tiles. Output, final state and gradients within the bf16
+    bound of the module doc (its states are the MMA operands the Triton path rounds the same
+    way); its output within 1e-2 of the Triton forward's."""
+    q, k, v, g, _ = make_inputs(11, 1, 200, 2, dk, dv, gate, dtype=dtype)
     errs = _fused_vs_recurrence(q, k, v, g, interpret=True)
     races.check(kernels=1)
     assert errs.pop("vs triton") < 1e-2
