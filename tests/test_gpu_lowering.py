@@ -49,14 +49,15 @@ def _decode_case():
     return (lambda q, k, v: flash_decode(q, k, v, **GPU)), (q, kv, kv)
 
 
-def _scan_case(gated: bool, lowering: str = "triton", dk: int = D):
+def _scan_case(gated: bool, lowering: str = "triton", dk: int = D, segments: bool = False):
     x = jax.ShapeDtypeStruct((B, L, H, dk), jnp.bfloat16)
     g = jax.ShapeDtypeStruct((B, L, H, D) if gated else (B, L, H), jnp.float32)
 
-    def fn(q, k, v, g):
-        return chunked_linear_attention(q, k, v, log_decay=g, lowering=lowering, **GPU)
+    def fn(q, k, v, g, seg):
+        ids = dict(segment_ids=seg) if segments else {}
+        return chunked_linear_attention(q, k, v, log_decay=g, lowering=lowering, **GPU, **ids)
 
-    return _grads(fn, 4), (x, x, x, g)
+    return _grads(fn, 4), (x, x, x, g, jax.ShapeDtypeStruct((B, L), jnp.int32))
 
 
 CASES = {
@@ -71,8 +72,8 @@ CASES = {
     "linear-attention scan, gated, fwd+bwd": (lambda: _scan_case(True), "triton"),
     "linear-attention scan, fused mosaic forward, fwd+bwd": (
         lambda: _scan_case(False, "mosaic"), "mosaic_gpu"),
-    "linear-attention scan, fused mosaic forward, dk 128": (
-        lambda: _scan_case(False, "mosaic", 128), "mosaic_gpu"),
+    "linear-attention scan, fused mosaic forward, dk 128, segment ids": (
+        lambda: _scan_case(False, "mosaic", 128, segments=True), "mosaic_gpu"),
 }  # fmt: skip
 
 

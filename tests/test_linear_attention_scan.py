@@ -211,20 +211,21 @@ def test_bad_inputs_raise_before_compiling():
                        interpret=False)  # fmt: skip
 
 
-def _fused_vs_recurrence(q, k, v, g, interpret: bool) -> dict[str, float]:
+def _fused_vs_recurrence(q, k, v, g, interpret: bool, seg=None) -> dict[str, float]:
     """``lowering="mosaic"`` (the fused Hopper forward; Triton's backward on its saved states):
     relative errors of the output, final state and every input gradient vs the float32
     recurrence, and of the output vs ``lowering="triton"``; the forward alone (no states
-    saved) must give the same output and state."""
+    saved) must give the same output and state. ``seg``: segment ids (packed documents)."""
     w = jax.random.normal(jax.random.PRNGKey(3), v.shape)
     f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]  # noqa: E731
 
     def loss(f, q, k, v, g):
-        o, s = f(q, k, v, log_decay=g)
+        o, s = f(q, k, v, log_decay=g, segment_ids=seg)
         return jnp.sum(o.astype(jnp.float32) * w) + jnp.sum(s), (o, s)
 
     run = lambda f: jax.value_and_grad(functools.partial(loss, f), (0, 1, 2, 3), has_aux=True)  # noqa: E731
-    kernel = functools.partial(chunked_linear_attention, backend="gpu", interpret=interpret)
+    kernel = functools.partial(chunked_linear_attention, backend="gpu", interpret=interpret,
+                               segment_ids=seg)  # fmt: skip
     (_, (o1, s1)), g1 = jax.jit(run(functools.partial(kernel, lowering="mosaic")))(q, k, v, g)
     (_, (o2, s2)), g2 = run(linear_attention_recurrence)(*f32(q, k, v), g)
     o3, _ = jax.jit(kernel)(q, k, v, log_decay=g)
@@ -236,18 +237,26 @@ def _fused_vs_recurrence(q, k, v, g, interpret: bool) -> dict[str, float]:
     return errs
 
 
+# packed documents of 70, 58, 30 and 42 tokens, 200 in all: starts inside chunk 1 and at chunk
+# 2's first token; the last document starts inside chunk 2 and goes on in chunk 3, which reads
+# the state chunk 2 leaves (its rows of that document only, nothing carried through chunk 2);
+# with weak gates (x 0.05), so that a leak across documents would not decay away
+DOCS = np.repeat([[1, 2, 3, 4]], [70, 58, 30, 42], axis=1)
+
+
 @pytest.mark.parametrize(
-    "gate, dk, dv, dtype",
-    [("scalar", 64, 128, jnp.bfloat16), ("none", 128, 128, jnp.bfloat16),
-     ("scalar", 128, 64, jnp.float16)],
+    "gate, dk, dv, dtype, docs",
+    [("scalar", 64, 128, jnp.bfloat16, False), ("none", 128, 128, jnp.bfloat16, False),
+     ("scalar", 128, 64, jnp.float16, False), ("scalar", 64, 64, jnp.bfloat16, True)],
 )  # fmt: skip
-def test_mosaic_fused_forward(races, gate, dk, dv, dtype):
+def test_mosaic_fused_forward(races, gate, dk, dv, dtype, docs):
     """The fused Mosaic GPU forward, interpreted with race detection: 4 chunks through a 2-slot
-    ring (one padded), 1 or 2 value tiles. Output, final state and gradients within the bf16
-    bound of the module doc (its states are the MMA operands the Triton path rounds the same
-    way); its output within 1e-2 of the Triton forward's."""
-    q, k, v, g, _ = make_inputs(11, 1, 200, 2, dk, dv, gate, dtype=dtype)
-    errs = _fused_vs_recurrence(q, k, v, g, interpret=True)
+    ring (one padded), 1 or 2 value tiles, and packed documents (``DOCS``). Output, final state
+    and gradients within the bf16 bound of the module doc (its states are the MMA operands the
+    Triton path rounds the same way); its output within 1e-2 of the Triton forward's."""
+    q, k, v, g, _ = make_inputs(11, 1, 200, 2, dk, dv, gate, 0.05 if docs else 1.0, dtype)
+    seg = jnp.asarray(DOCS) if docs else None
+    errs = _fused_vs_recurrence(q, k, v, g, interpret=True, seg=seg)
     races.check(kernels=2)  # with and without saving the states
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
@@ -259,7 +268,6 @@ def test_mosaic_fused_forward_rejects_what_it_lacks():
     gated = make_inputs(0, 1, 64, 2, 64, 64, "gated")[3]
     cases = {
         "per-channel": dict(log_decay=gated),
-        "segment_ids": dict(segment_ids=jnp.ones((1, 64), jnp.int32)),
         "initial_state": dict(initial_state=s0),
         "chunk_size": dict(chunk_size=32),
         "dtype": dict(dtype=jnp.float32),
@@ -277,9 +285,11 @@ def test_mosaic_fused_forward_rejects_what_it_lacks():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 @pytest.mark.parametrize("gate", ("none", "scalar"))
 def test_gpu_mosaic_fused_forward(gate):
-    """The fused forward compiled on a Hopper GPU: bf16 at width 128, 8 chunks, fwd + grads."""
+    """The fused forward compiled on a Hopper GPU: bf16 at width 128, 8 chunks, fwd + grads;
+    the second row packs documents."""
     q, k, v, g, _ = make_inputs(12, 2, 512, 4, 128, 128, gate, dtype=jnp.bfloat16)
-    errs = _fused_vs_recurrence(q, k, v, g, interpret=False)
+    seg = jnp.asarray(np.stack([np.ones(512, np.int32), np.repeat([1, 2, 3], [100, 300, 112])]))
+    errs = _fused_vs_recurrence(q, k, v, g, interpret=False, seg=seg)
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
 

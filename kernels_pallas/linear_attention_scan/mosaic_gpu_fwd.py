@@ -15,13 +15,18 @@ per chunk of ``C = 64`` tokens:
 
 Every product is a ``wgmma`` (input-dtype operands, float32 accumulation). ``S`` goes to
 shared memory in the input dtype as ``Q S``'s right operand (the precision of the Triton
-path's ``h``); ``exp(B - b) * V`` is the product of a diagonal matrix (registers) and ``V``,
-stored the same way for ``K^T (.)``. A producer warpgroup streams ``Q, K, V`` and the chunk's
-gate factors through a ring of ``stages`` slots with TMA. ``save_states`` also writes ``h
-[batch, heads, chunks, dk, dv]`` (input dtype), what the Triton backward reads.
+path's ``h``); ``exp(B - b) * V`` is the product of a diagonal matrix (registers, so its
+factors are rounded to the input dtype too) and ``V``, stored the same way for ``K^T (.)``.
+A producer warpgroup streams ``Q, K, V`` and the chunk's gate factors through a ring of
+``stages`` slots with TMA. ``save_states`` also writes ``h [batch, heads, chunks, dk, dv]``
+(input dtype), what the Triton backward reads.
 
-Not here (the caller keeps the Triton path for them): GLA's per-channel gates, segment ids, an
-initial state. Interpret mode runs the same kernel with ``jnp`` products
+Segment ids (packed documents) enter as per-token document indices ``r``: scores only within
+a document, the incoming state read only by the rows of its document, the outgoing state fed
+only by the rows of the last one (and carried only if the chunk has no document start), all
+folded into the gate factors (:func:`gate_factors`) and one extra comparison in the scores'
+mask. Not here (the caller keeps the Triton path for them): GLA's per-channel gates, an initial
+state. Interpret mode runs the same kernel with ``jnp`` products
 (:func:`kernels_pallas._hopper.mma`).
 """
 
@@ -57,7 +62,7 @@ BLOCK_V = 64  # value columns per CTA (the state tile's registers: dk * 64 / 128
 HEAD_DIMS = (64, 128)  # dk
 
 
-def check_supported(q, v, *, chunk: int, gate: str, segments: bool, initial_state) -> None:
+def check_supported(q, v, *, chunk: int, gate: str, initial_state) -> None:
     """Raise ``ValueError`` naming what the fused forward does not support (before tracing)."""
     who = "chunked_linear_attention(lowering='mosaic')"
     problems = []
@@ -71,29 +76,41 @@ def check_supported(q, v, *, chunk: int, gate: str, segments: bool, initial_stat
         problems.append(f"chunk_size must be {CHUNK}, got {chunk}")
     if gate == "gated":
         problems.append("per-channel (GLA) log_decay is not supported, only [batch, len, heads]")
-    if segments:
-        problems.append("segment_ids are not supported")
     if initial_state is not None:
         problems.append("initial_state is not supported")
     if problems:
         raise ValueError(f"{who}: " + "; ".join(problems))
 
 
-def gate_factors(b, shape: tuple[int, int, int], dk: int) -> tuple[jax.Array, jax.Array]:
-    """Per chunk, float32: ``b`` ``[batch, heads, chunks, C]`` (the chunk-local cumsum of the
-    log-gates, given as ``[batch, len, heads, 1]``; None: no gate), read along the columns of
-    the scores, and ``[batch, heads, chunks, 2 C + dk]``, read along rows: ``b``, ``exp(B -
-    b)``, then ``exp(B)`` repeated ``dk`` times (one per state row). (Two buffers: Mosaic GPU's
-    layout inference, jax 0.11, finds no layout when one shared-memory buffer is loaded both
-    along rows and along columns.)"""
+def gate_factors(b, seg, shape: tuple[int, int, int], dk: int) -> tuple[jax.Array, jax.Array]:
+    """Per chunk, float32, from ``b`` (the chunk-local cumsum of the log-gates, ``[batch, len,
+    heads, 1]``; None: no gate) and ``seg`` (``(r, r_prev)`` ``[batch, len, 1]``: each token's
+    document index and its predecessor's; None: one document):
+
+    * read along the scores' columns, ``[batch, heads, chunks, 2, C]``: ``b``, ``r``;
+    * read along rows, ``[batch, heads, chunks, 4 + dk / C, C]``: ``b``, ``r``, ``exp(b)``
+      where the row reads the incoming state (its document's), ``exp(B - b)`` where it reaches
+      the outgoing one (the last row's document), then ``exp(B)`` (0 if a document starts in
+      the chunk) repeated ``dk`` times, one per state row (TMA copies at most 256 elements
+      along a dimension).
+
+    (Two buffers: Mosaic GPU's layout inference, jax 0.11, finds no layout when one
+    shared-memory buffer is loaded both along rows and along columns.)"""
     bsz, length, heads = shape
-    if b is None:
-        b_chunks = jnp.zeros((bsz, heads, length // CHUNK, CHUNK), jnp.float32)
-    else:
-        b_chunks = rearrange(b[..., 0], "b (n c) h -> b h n c", c=CHUNK)
+    per_chunk = lambda x: rearrange(x, "b (n c) h -> b h n c", c=CHUNK)  # noqa: E731
+    zeros = jnp.zeros((bsz, heads, length // CHUNK, CHUNK), jnp.float32)
+    b_chunks = zeros if b is None else per_chunk(b[..., 0])
+    r = r_prev = zeros
+    if seg is not None:
+        r, r_prev = (jnp.broadcast_to(per_chunk(x.astype(jnp.float32)), zeros.shape) for x in seg)
     last = b_chunks[..., -1:]
-    carry = jnp.broadcast_to(jnp.exp(last), (*last.shape[:-1], dk))
-    return b_chunks, jnp.concatenate([b_chunks, jnp.exp(last - b_chunks), carry], axis=-1)
+    reads = r == r_prev[..., :1]  # the document entering the chunk
+    reaches = r == r[..., -1:]  # the document leaving it
+    carry = jnp.exp(last) * (r[..., -1:] == r_prev[..., :1])
+    rows = [b_chunks, r, jnp.where(reads, jnp.exp(b_chunks), 0.0),
+            jnp.where(reaches, jnp.exp(last - b_chunks), 0.0),
+            *(jnp.broadcast_to(carry, b_chunks.shape),) * (dk // CHUNK)]  # fmt: skip
+    return jnp.stack([b_chunks, r], axis=-2), jnp.stack(rows, axis=-2)
 
 
 def scratch_types(dtype, dk: int, stages: int) -> tuple:
@@ -105,8 +122,8 @@ def scratch_types(dtype, dk: int, stages: int) -> tuple:
             mat(stages, CHUNK, dk),  # Q ring
             mat(stages, CHUNK, dk),  # K ring
             mat(stages, CHUNK, BLOCK_V),  # V ring
-            plgpu.SMEM((stages, CHUNK), jnp.float32),  # b ring (columns)
-            plgpu.SMEM((stages, 2 * CHUNK + dk), jnp.float32),  # b, exp(B - b), exp(B) (rows)
+            plgpu.SMEM((stages, 2, CHUNK), jnp.float32),  # b, r ring (columns)
+            plgpu.SMEM((stages, 4 + dk // CHUNK, CHUNK), jnp.float32),  # factors ring (rows)
             mat(dk, BLOCK_V),  # S
             mat(CHUNK, BLOCK_V),  # exp(B - b) * V
             mat(CHUNK, BLOCK_V),  # O
@@ -159,7 +176,6 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, o_ref, sf_ref, *refs, stages, sav
     @pl.when(wg == 0)
     def _consumer():
         shape_cc, shape_cv = (CHUNK, CHUNK), (CHUNK, BLOCK_V)
-        r, c = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)
         bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
 
         def chunk(n, s):
@@ -175,20 +191,20 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, o_ref, sf_ref, *refs, stages, sav
                 plgpu.barrier_wait(bar.at[slot])
             q, k, v = wgmma_operands((q_ring.at[slot], k_ring.at[slot], v_ring.at[slot]),
                                      interpret)  # fmt: skip
-            b_col = vector(b_ring.at[slot], 1, interpret)
-            b_row, w_row, *carry = (
-                vector(f_ring.at[slot, pl.ds(i * ROWS, ROWS)], 0, interpret)
-                for i in range(2 + halves)
+            b_col, r_col = (vector(b_ring.at[slot, i], 1, interpret) for i in range(2))
+            b_row, r_row, e_row, w_row, *carry = (
+                vector(f_ring.at[slot, i], 0, interpret) for i in range(4 + halves)
             )
-            causal = c <= r
-            diag = jnp.where(r == c, bcast(w_row, shape_cc, 0), 0.0).astype(dtype)
+            row, col = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)  # not kept live
+            causal = (col <= row) & (bcast(r_row, shape_cc, 0) == bcast(r_col, shape_cc, 1))
+            diag = jnp.where(row == col, bcast(w_row, shape_cc, 0), 0.0).astype(dtype)
             zeros_cv = zero_acc(shape_cv, interpret)
             a, o, vw = mma(((zero_acc(shape_cc, interpret), [(q, Transposed(k))]),
                             (zeros_cv, [(q, s_smem)]), (zeros_cv, [(diag, v)])),
                            interpret)  # fmt: skip
             gap = jnp.where(causal, bcast(b_row, shape_cc, 0) - bcast(b_col, shape_cc, 1), 0.0)
             p = jnp.where(causal, a * jnp.exp(gap), 0.0).astype(dtype)
-            o = o * bcast(jnp.exp(b_row), shape_cv, 0)
+            o = o * bcast(e_row, shape_cv, 0)
             vw_smem[...] = vw.astype(dtype)
             plgpu.commit_smem()  # for wgmma; also fences the slot's gate loads before its release
             s = [part * bcast(carry[i], shape_cv, 0) for i, part in enumerate(s)]
@@ -212,11 +228,13 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, o_ref, sf_ref, *refs, stages, sav
         plgpu.wait_smem_to_gmem(0)
 
 
-def forward(q, k, v, b, *, stages: int = 2, save_states: bool, interpret: bool):
+def forward(q, k, v, b, seg=None, *, stages: int = 2, save_states: bool, interpret: bool):
     """``(o [batch, len, heads, dv], s_final [batch, heads, dk, dv] float32, h)`` from ``q, k
-    [batch, len, heads, dk]``, ``v [batch, len, heads, dv]`` (len a multiple of ``CHUNK``) and
-    ``b`` (chunk-local log-gate cumsum ``[batch, len, heads, 1]`` float32, None: no decay);
-    ``h [batch, heads, chunks, dk, dv]`` in the input dtype with ``save_states``, else None."""
+    [batch, len, heads, dk]``, ``v [batch, len, heads, dv]`` (len a multiple of ``CHUNK``),
+    ``b`` (chunk-local log-gate cumsum ``[batch, len, heads, 1]`` float32, None: no decay) and
+    ``seg`` (document indices, see :func:`gate_factors`; None: one document); ``h [batch,
+    heads, chunks, dk, dv]`` (states entering each chunk) in the input dtype with
+    ``save_states``, else None."""
     bsz, length, heads, dk = q.shape
     dv = v.shape[-1]
     scratch = scratch_types(q.dtype, dk, stages)
@@ -238,5 +256,5 @@ def forward(q, k, v, b, *, stages: int = 2, save_states: bool, interpret: bool):
         num_threads=2,
         thread_name="wg",
         interpret=interpret_params() if interpret else None,
-    )(q, k, v, *gate_factors(b, (bsz, length, heads), dk))
+    )(q, k, v, *gate_factors(b, seg, (bsz, length, heads), dk))
     return outs[0], outs[1], (outs[2] if save_states else None)
