@@ -53,11 +53,12 @@ def _scan_case(gated: bool, lowering: str = "triton", dk: int = D, segments: boo
     x = jax.ShapeDtypeStruct((B, L, H, dk), jnp.bfloat16)
     g = jax.ShapeDtypeStruct((B, L, H, D) if gated else (B, L, H), jnp.float32)
 
-    def fn(q, k, v, g, seg):
-        ids = dict(segment_ids=seg) if segments else {}
-        return chunked_linear_attention(q, k, v, log_decay=g, lowering=lowering, **GPU, **ids)
+    def fn(q, k, v, g, seg, s0):  # segments: packed documents and an initial state
+        more = dict(segment_ids=seg, initial_state=s0) if segments else {}
+        return chunked_linear_attention(q, k, v, log_decay=g, lowering=lowering, **GPU, **more)
 
-    return _grads(fn, 4), (x, x, x, g, jax.ShapeDtypeStruct((B, L), jnp.int32))
+    s0 = jax.ShapeDtypeStruct((B, H, dk, dk), jnp.float32)
+    return _grads(fn, 4), (x, x, x, g, jax.ShapeDtypeStruct((B, L), jnp.int32), s0)
 
 
 CASES = {
@@ -72,7 +73,7 @@ CASES = {
     "linear-attention scan, gated, fwd+bwd": (lambda: _scan_case(True), "triton"),
     "linear-attention scan, fused mosaic forward, fwd+bwd": (
         lambda: _scan_case(False, "mosaic"), "mosaic_gpu"),
-    "linear-attention scan, fused mosaic forward, dk 128, segment ids": (
+    "linear-attention scan, fused mosaic forward, dk 128, segment ids, initial state": (
         lambda: _scan_case(False, "mosaic", 128, segments=True), "mosaic_gpu"),
 }  # fmt: skip
 

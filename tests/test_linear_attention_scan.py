@@ -211,29 +211,30 @@ def test_bad_inputs_raise_before_compiling():
                        interpret=False)  # fmt: skip
 
 
-def _fused_vs_recurrence(q, k, v, g, interpret: bool, seg=None) -> dict[str, float]:
+def _fused_vs_recurrence(q, k, v, g, interpret: bool, seg=None, s0=None) -> dict[str, float]:
     """``lowering="mosaic"`` (the fused Hopper forward; Triton's backward on its saved states):
     relative errors of the output, final state and every input gradient vs the float32
     recurrence, and of the output vs ``lowering="triton"``; the forward alone (no states
-    saved) must give the same output and state. ``seg``: segment ids (packed documents)."""
+    saved) must give the same output and state. ``seg``: segment ids (packed documents);
+    ``s0``: an initial state (its gradient checked too)."""
     w = jax.random.normal(jax.random.PRNGKey(3), v.shape)
     f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]  # noqa: E731
 
-    def loss(f, q, k, v, g):
-        o, s = f(q, k, v, log_decay=g, segment_ids=seg)
+    def loss(f, q, k, v, g, s0):
+        o, s = f(q, k, v, log_decay=g, segment_ids=seg, initial_state=s0)
         return jnp.sum(o.astype(jnp.float32) * w) + jnp.sum(s), (o, s)
 
-    run = lambda f: jax.value_and_grad(functools.partial(loss, f), (0, 1, 2, 3), has_aux=True)  # noqa: E731
+    run = lambda f: jax.value_and_grad(functools.partial(loss, f), (0, 1, 2, 3, 4), has_aux=True)  # noqa: E731
     kernel = functools.partial(chunked_linear_attention, backend="gpu", interpret=interpret,
-                               segment_ids=seg)  # fmt: skip
-    (_, (o1, s1)), g1 = jax.jit(run(functools.partial(kernel, lowering="mosaic")))(q, k, v, g)
-    (_, (o2, s2)), g2 = run(linear_attention_recurrence)(*f32(q, k, v), g)
+                               segment_ids=seg, initial_state=s0)  # fmt: skip
+    (_, (o1, s1)), g1 = jax.jit(run(functools.partial(kernel, lowering="mosaic")))(q, k, v, g, s0)
+    (_, (o2, s2)), g2 = run(linear_attention_recurrence)(*f32(q, k, v), g, s0)
     o3, _ = jax.jit(kernel)(q, k, v, log_decay=g)
     o4, s4 = jax.jit(functools.partial(kernel, lowering="mosaic"))(q, k, v, log_decay=g)
     assert rel_err(o4, o1) < 1e-6 and rel_err(s4, s1) < 1e-6  # forward alone: no states saved
     errs = {"out": rel_err(o1, o2), "state": rel_err(s1, s2), "vs triton": rel_err(o1, o3)}
-    names = "qkv" if g is None else "qkvg"
-    errs.update({f"d{n}": rel_err(a, b) for n, a, b in zip(names, g1, g2)})
+    names = ["q", "k", "v", "g", "s0"]
+    errs.update({f"d{n}": rel_err(a, b) for n, a, b in zip(names, g1, g2) if a is not None})
     return errs
 
 
@@ -245,18 +246,19 @@ DOCS = np.repeat([[1, 2, 3, 4]], [70, 58, 30, 42], axis=1)
 
 
 @pytest.mark.parametrize(
-    "gate, dk, dv, dtype, docs",
-    [("scalar", 64, 128, jnp.bfloat16, False), ("none", 128, 128, jnp.bfloat16, False),
-     ("scalar", 128, 64, jnp.float16, False), ("scalar", 64, 64, jnp.bfloat16, True)],
+    "gate, dk, dv, dtype, docs, init",
+    [("scalar", 64, 128, jnp.bfloat16, False, True), ("none", 128, 128, jnp.bfloat16, False, False),
+     ("scalar", 128, 64, jnp.float16, False, False), ("scalar", 64, 64, jnp.bfloat16, True, True)],
 )  # fmt: skip
-def test_mosaic_fused_forward(races, gate, dk, dv, dtype, docs):
+def test_mosaic_fused_forward(races, gate, dk, dv, dtype, docs, init):
     """The fused Mosaic GPU forward, interpreted with race detection: 4 chunks through a 2-slot
-    ring (one padded), 1 or 2 value tiles, and packed documents (``DOCS``). Output, final state
-    and gradients within the bf16 bound of the module doc (its states are the MMA operands the
-    Triton path rounds the same way); its output within 1e-2 of the Triton forward's."""
-    q, k, v, g, _ = make_inputs(11, 1, 200, 2, dk, dv, gate, 0.05 if docs else 1.0, dtype)
+    ring (one padded), 1 or 2 value tiles, packed documents (``DOCS``), an initial state. Output,
+    final state and gradients within the bf16 bound of the module doc (its states are the MMA
+    operands the Triton path rounds the same way); its output within 1e-2 of the Triton
+    forward's."""
+    q, k, v, g, s0 = make_inputs(11, 1, 200, 2, dk, dv, gate, 0.05 if docs else 1.0, dtype)
     seg = jnp.asarray(DOCS) if docs else None
-    errs = _fused_vs_recurrence(q, k, v, g, interpret=True, seg=seg)
+    errs = _fused_vs_recurrence(q, k, v, g, interpret=True, seg=seg, s0=s0 if init else None)
     races.check(kernels=2)  # with and without saving the states
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
@@ -264,11 +266,10 @@ def test_mosaic_fused_forward(races, gate, dk, dv, dtype, docs):
 
 def test_mosaic_fused_forward_rejects_what_it_lacks():
     """Each unsupported feature of ``lowering="mosaic"`` raises naming it, before tracing."""
-    q, k, v, g, s0 = make_inputs(0, 1, 64, 2, 64, 64, "scalar", dtype=jnp.bfloat16)
+    q, k, v, g, _ = make_inputs(0, 1, 64, 2, 64, 64, "scalar", dtype=jnp.bfloat16)
     gated = make_inputs(0, 1, 64, 2, 64, 64, "gated")[3]
     cases = {
         "per-channel": dict(log_decay=gated),
-        "initial_state": dict(initial_state=s0),
         "chunk_size": dict(chunk_size=32),
         "dtype": dict(dtype=jnp.float32),
         "dk": dict(dk=32),

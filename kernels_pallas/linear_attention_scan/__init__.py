@@ -68,7 +68,7 @@ def _forward(q, k, v, b, s0, seg, cfg: Cfg, *, save: bool):
     """``((o, s_final), (h, A))``: ``A`` the staged GLA scores (else None); ``h`` is None
     from the fused forward unless ``save`` (the backward's residual)."""
     if cfg.lowering == "mosaic":
-        o, s_final, h = mosaic_gpu_fwd.forward(q, k, v, b, seg, save_states=save,
+        o, s_final, h = mosaic_gpu_fwd.forward(q, k, v, b, s0, seg, save_states=save,
                                                interpret=cfg.interpret)  # fmt: skip
         return (o, s_final), (h, None)
     r, rp = seg if cfg.segments else (None, None)
@@ -176,8 +176,8 @@ def chunked_linear_attention(
     defaults to True on CPU. ``tuning``: the lowering's launch parameters (``TritonTuning`` for
     "gpu", ``MosaicTpuTuning`` for "tpu"), default the row of :mod:`.tuning` for the gate.
     ``lowering`` ("gpu" only): "triton", or "mosaic" for the fused Hopper forward
-    (:mod:`.mosaic_gpu_fwd`: no or scalar decay, chunk 64, bf16/fp16, dk 64 or 128, no initial
-    state; the backward is Triton's either way).
+    (:mod:`.mosaic_gpu_fwd`: no or scalar decay, chunk 64, bf16/fp16, dk 64 or 128; the
+    backward is Triton's either way).
     """
     backend, interpret = resolve(backend, interpret)
     _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, backend)
@@ -199,7 +199,7 @@ def chunked_linear_attention(
             f"{want.__name__}, got {type(tuning).__name__}"
         )
     if lowering == "mosaic":
-        mosaic_gpu_fwd.check_supported(q, v, chunk=c, gate=gate, initial_state=initial_state)
+        mosaic_gpu_fwd.check_supported(q, v, chunk=c, gate=gate)
     cfg = Cfg(backend, interpret, c, gate, segment_ids is not None, q.dtype == jnp.float32,
               tuning, lowering)  # fmt: skip
 

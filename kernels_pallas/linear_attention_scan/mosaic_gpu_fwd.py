@@ -25,9 +25,9 @@ Segment ids (packed documents) enter as per-token document indices ``r``: scores
 a document, the incoming state read only by the rows of its document, the outgoing state fed
 only by the rows of the last one (and carried only if the chunk has no document start), all
 folded into the gate factors (:func:`gate_factors`) and one extra comparison in the scores'
-mask. Not here (the caller keeps the Triton path for them): GLA's per-channel gates, an initial
-state. Interpret mode runs the same kernel with ``jnp`` products
-(:func:`kernels_pallas._hopper.mma`).
+mask. The initial state enters through the final state's staging buffer. Not here (the caller
+keeps the Triton path for it): GLA's per-channel gates. Interpret mode runs the same kernel
+with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
 """
 
 from __future__ import annotations
@@ -60,9 +60,12 @@ from kernels_pallas._hopper import (
 CHUNK = ROWS  # tokens per chunk: one wgmma M
 BLOCK_V = 64  # value columns per CTA (the state tile's registers: dk * 64 / 128 per thread)
 HEAD_DIMS = (64, 128)  # dk
+# the float32 state staging buffer: 128-byte swizzled (8 x 32-element) tiles, so that both the
+# final state's store and the initial state's load avoid bank conflicts
+F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
-def check_supported(q, v, *, chunk: int, gate: str, initial_state) -> None:
+def check_supported(q, v, *, chunk: int, gate: str) -> None:
     """Raise ``ValueError`` naming what the fused forward does not support (before tracing)."""
     who = "chunked_linear_attention(lowering='mosaic')"
     problems = []
@@ -76,8 +79,6 @@ def check_supported(q, v, *, chunk: int, gate: str, initial_state) -> None:
         problems.append(f"chunk_size must be {CHUNK}, got {chunk}")
     if gate == "gated":
         problems.append("per-channel (GLA) log_decay is not supported, only [batch, len, heads]")
-    if initial_state is not None:
-        problems.append("initial_state is not supported")
     if problems:
         raise ValueError(f"{who}: " + "; ".join(problems))
 
@@ -127,9 +128,10 @@ def scratch_types(dtype, dk: int, stages: int) -> tuple:
             mat(dk, BLOCK_V),  # S
             mat(CHUNK, BLOCK_V),  # exp(B - b) * V
             mat(CHUNK, BLOCK_V),  # O
-            plgpu.SMEM((dk, BLOCK_V), jnp.float32),  # final S
+            plgpu.SMEM((dk, BLOCK_V), jnp.float32, transforms=F32_TRANSFORMS),  # initial, final S
         ),
         tuple(plgpu.Barrier(num_barriers=stages) for _ in range(5)),  # Q, K, V, gates ready
+        plgpu.Barrier(),  # initial S ready
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # slot consumed
     )
 
@@ -141,11 +143,17 @@ def _columns(x, i: int, interpret: bool):
     return x.at[:, pl.ds(i * ROWS, ROWS)]
 
 
-def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, o_ref, sf_ref, *refs, stages, save, interpret):
+def _load_acc(ref, interpret: bool):
+    """A float32 ``[64, n]`` block of shared memory as a wgmma accumulator."""
+    return ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+
+
+def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, stages, save,
+            interpret):  # fmt: skip
     """One CTA per (batch, head, value tile), program id ``p = (batch * heads + head) * tiles
     + tile``; warpgroup 1 produces, warpgroup 0 computes (module doc)."""
     h_ref = refs[0] if save else None
-    smem, ready, free = refs[1:] if save else refs
+    smem, ready, s0_ready, free = refs[1:] if save else refs
     q_ring, k_ring, v_ring, b_ring, f_ring, s_smem, vw_smem, o_smem, sf_smem = smem
     q_ready, k_ready, v_ready, b_ready, f_ready = ready
     _, length, heads, dk = q_ref.shape
@@ -218,8 +226,10 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, o_ref, sf_ref, *refs, stages, sav
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[batch, rows(n), head, cols])
             return tuple(s)
 
-        s = lax.fori_loop(0, n_chunks, chunk, tuple(zero_acc(shape_cv, interpret)
-                                                     for _ in range(halves)))  # fmt: skip
+        plgpu.copy_gmem_to_smem(s0_ref.at[batch, head, :, cols], sf_smem, s0_ready)
+        plgpu.barrier_wait(s0_ready)
+        s0 = tuple(_load_acc(sf_smem.at[pl.ds(i * ROWS, ROWS)], interpret) for i in range(halves))
+        s = lax.fori_loop(0, n_chunks, chunk, s0)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         for i, part in enumerate(s):
             sf_smem.at[pl.ds(i * ROWS, ROWS)][...] = part
@@ -228,11 +238,12 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, o_ref, sf_ref, *refs, stages, sav
         plgpu.wait_smem_to_gmem(0)
 
 
-def forward(q, k, v, b, seg=None, *, stages: int = 2, save_states: bool, interpret: bool):
+def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, interpret: bool):
     """``(o [batch, len, heads, dv], s_final [batch, heads, dk, dv] float32, h)`` from ``q, k
     [batch, len, heads, dk]``, ``v [batch, len, heads, dv]`` (len a multiple of ``CHUNK``),
     ``b`` (chunk-local log-gate cumsum ``[batch, len, heads, 1]`` float32, None: no decay) and
-    ``seg`` (document indices, see :func:`gate_factors`; None: one document); ``h [batch,
+    ``s0`` (the initial state ``[batch, heads, dk, dv]`` float32), ``seg`` (document indices,
+    see :func:`gate_factors`; None: one document); ``h [batch,
     heads, chunks, dk, dv]`` (states entering each chunk) in the input dtype with
     ``save_states``, else None."""
     bsz, length, heads, dk = q.shape
@@ -256,5 +267,5 @@ def forward(q, k, v, b, seg=None, *, stages: int = 2, save_states: bool, interpr
         num_threads=2,
         thread_name="wg",
         interpret=interpret_params() if interpret else None,
-    )(q, k, v, *gate_factors(b, seg, (bsz, length, heads), dk))
+    )(q, k, v, *gate_factors(b, seg, (bsz, length, heads), dk), s0)
     return outs[0], outs[1], (outs[2] if save_states else None)
