@@ -239,6 +239,11 @@ def check(results: dict, variants: list[str]) -> None:
         print(f"  {name:28s} max rel err {e:.2e}")
 
 
+def vs_pallas(fwd, q, k, v, g) -> float:
+    """Max rel err of ``fwd``'s output against arjax's default Pallas forward's."""
+    return rel_err(fwd(q, k, v, g)[0], jax_fns("pallas", 64)[0](q, k, v, g)[0])
+
+
 def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> None:
     """Add ``{name} fwd`` and ``{name} fwd+bwd`` (ms) to ``row``, or ``{name} error``."""
     q, k, v, g, do = inputs
@@ -259,8 +264,7 @@ def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> Non
             f, fb = jla_fns(variant)
             row["jla fwd"] = time_jax(f, q, k, v, g, reps=reps, inner=inner)
             row["jla fwd+bwd"] = time_jax(fb, q, k, v, g, do, reps=reps, inner=inner)
-            ours = jax_fns("pallas", 64)[0](q, k, v, g)
-            row["jla vs pallas out"] = rel_err(f(q, k, v, g)[0], ours[0])
+            row["jla vs pallas out"] = vs_pallas(f, q, k, v, g)
             jax.clear_caches()
         else:
             # The jnp GLA form materialises [b, n, c, c, h, dk] weights: chunk 16 keeps that
@@ -270,8 +274,7 @@ def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> Non
             row[f"{name} fwd"] = time_jax(f, q, k, v, g, reps=reps, inner=inner)
             row[f"{name} fwd+bwd"] = time_jax(fb, q, k, v, g, do, reps=reps, inner=inner)
             if impl == "mosaic":
-                ours = jax_fns("pallas", 64)[0](q, k, v, g)
-                row["mosaic vs pallas out"] = rel_err(f(q, k, v, g)[0], ours[0])
+                row["mosaic vs pallas out"] = vs_pallas(f, q, k, v, g)
             jax.clear_caches()
     except Exception as e:  # noqa: BLE001 -- record (e.g. out of memory) and carry on
         row[f"{name} error"] = repr(e)[:300]

@@ -43,6 +43,7 @@ from kernels_pallas._hopper import (
     check_call,
     interpret_params,
     iota,
+    mma,
     nested,
     same_segment,
     smem_footprint,
@@ -53,7 +54,6 @@ from kernels_pallas._hopper import (
 from kernels_pallas.flash_attention._common import (
     LOG2_E,
     Geometry,
-    dot_nn,
     dot_nt,
     finalize,
     kv_block_range,
@@ -133,23 +133,12 @@ def _qk(q_smem, k_smem, interpret: bool, issued):
         issued()
         return s
 
-    def mma(acc_ref):
+    def issue(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
         issued()
         return acc_ref[...]
 
-    return pl.run_scoped(mma, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
-
-
-def _acc_pv(acc, p, v_smem, interpret: bool):
-    """``acc + P V``: ``p [rows, bk]`` in registers (input dtype), shared ``v [bk, d]``."""
-    if interpret:
-        return acc + dot_nn(p, v_smem[...])
-
-    def mma(acc_ref):
-        plgpu.wgmma(acc_ref, p, v_smem)
-
-    return pl.run_state(mma)(plgpu.ACC.init(acc))
+    return pl.run_scoped(issue, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
 
 
 def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
@@ -306,7 +295,7 @@ def _forward_kernel(*refs, geo, stages, pingpong, programs, group, interpret):
                     m, row_sum, acc, p = lax.optimization_barrier((m, row_sum, acc, p))
                 end_softmax(slot)
                 (v_slot,) = wgmma_operands((v_smem.at[slot],), interpret)
-                acc = _acc_pv(acc, p, v_slot, interpret)
+                (acc,) = mma(((acc, [(p, v_slot)]),), interpret)  # acc + P V
                 plgpu.barrier_arrive(v_free.at[slot])
                 return m, row_sum, acc
 

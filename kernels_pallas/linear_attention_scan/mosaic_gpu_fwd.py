@@ -43,6 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas._hopper import (
     DTYPES,
+    HEAD_DIMS,
     ROWS,
     SMEM_BYTES,
     WGMMA_TRANSFORMS,
@@ -59,7 +60,6 @@ from kernels_pallas._hopper import (
 
 CHUNK = ROWS  # tokens per chunk: one wgmma M
 BLOCK_V = 64  # value columns per CTA (the state tile's registers: dk * 64 / 128 per thread)
-HEAD_DIMS = (64, 128)  # dk
 # the float32 state staging buffer: 128-byte swizzled (8 x 32-element) tiles, so that both the
 # final state's store and the initial state's load avoid bank conflicts
 F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
