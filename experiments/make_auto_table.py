@@ -2,13 +2,17 @@
 
 Reads the newest ``experiments/bench_attention.py``, ``experiments/bench_scan.py``,
 ``experiments/bench_gated_delta.py`` and ``experiments/bench_decode_attention.py`` results
-(``experiments/results/bench_attention.json``, ``bench_scan.json``, ``bench_gated_delta.json``,
-``bench_decode_attention.json``) and keeps, for every measured call class, the implementation
-with the smallest forward+backward time (training dominates; a forward-only winner is recorded
-beside it for the record; decoding has only a forward). Run after a new
-benchmark run and commit both:
+(``experiments/results/bench_attention.json``, ``bench_gated_delta.json``,
+``bench_decode_attention.json`` and :data:`SCAN_RESULTS`) and keeps, for every measured call
+class, the implementation with the smallest forward+backward time (training dominates; a
+forward-only winner is recorded beside it for the record; decoding has only a forward). The
+scan's candidates come from one run, :data:`SCAN_RESULTS`: the newest holding the fused
+Mosaic GPU forward's (``mosaic``) columns beside the Triton kernel's (``pallas``); it has no
+jnp column, but in ``bench_scan.json`` (2026-11-26) the jnp chunked form was 3.8-8.9x slower
+than the Triton kernel fwd+bwd (6.8-8.9x forward), so leaving it out loses nothing. Run after
+a new benchmark run and commit both:
 
-    python experiments/make_auto_table.py
+    python experiments/make_auto_table.py && ruff format arjax/ops/auto_table.py
 
 ``tests/test_auto_table.py`` regenerates the table from the committed JSON and fails when the
 committed module differs, so the table cannot drift from its measurements.
@@ -26,6 +30,10 @@ from arjax.ops.measured import device_family
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 TABLE = ROOT / "arjax" / "ops" / "auto_table.py"
+SCAN_RESULTS = "bench_scan_mosaic.json"  # one run: the newest with the fused forward's columns
+# arjax impl -> its column prefix in bench_scan / bench_gated_delta rows
+OWN_IMPLS = {"pallas": "pallas", "xla": "jnp"}
+SCAN_IMPLS = {**OWN_IMPLS, "pallas_mosaic": "mosaic"}  # "pallas": the Triton lowering
 
 
 def _mosaic_ms(row: dict, key: str) -> float | None:
@@ -56,22 +64,23 @@ def attention_rows(bench: dict) -> dict:
     return table
 
 
-def _own_impls(row: dict, mode: str) -> dict[str, float]:
-    """arjax's candidates in a ``bench_scan``/``bench_gated_delta`` row: the ``"pallas"``
-    kernel and ``"xla"`` (the jnp chunked form)."""
-    times = {"pallas": row.get(f"pallas {mode}"), "xla": row.get(f"jnp {mode}")}
+def _own_impls(row: dict, mode: str, impls: dict[str, str] = OWN_IMPLS) -> dict[str, float]:
+    """arjax's candidates in a ``bench_scan``/``bench_gated_delta`` row, of ``impls`` (impl ->
+    column prefix) those the row has: by default the ``"pallas"`` kernel and ``"xla"`` (the jnp
+    chunked form)."""
+    times = {impl: row.get(f"{column} {mode}") for impl, column in impls.items()}
     return {impl: ms for impl, ms in times.items() if ms is not None}
 
 
 def scan_rows(bench: dict) -> dict:
-    """``{(family, gate, seq_len): {"fwd+bwd": impl, "fwd": impl}}`` over arjax's own impls;
-    ``"scalar"`` decay and GLA's ``"gated"`` rows of ``bench_scan``."""
+    """``{(family, gate, seq_len): {"fwd+bwd": impl, "fwd": impl}}`` over arjax's own impls
+    (:data:`SCAN_IMPLS`); ``"scalar"`` decay and GLA's ``"gated"`` rows of ``bench_scan``."""
     family = device_family(bench["device"])
     gates = {"scalar": "scalar", "gla": "gated"}
     table: dict = {}
     for row in bench["rows"]:
         for mode in ("fwd", "fwd+bwd"):
-            if times := _own_impls(row, mode):
+            if times := _own_impls(row, mode, SCAN_IMPLS):
                 key = (family, gates[row["variant"]], int(row["shape"][2]))
                 table.setdefault(key, {})[mode] = min(times, key=times.get)
     return table
@@ -136,12 +145,12 @@ def render(
 
 def build() -> str:
     att = json.loads((RESULTS / "bench_attention.json").read_text())
-    scan = json.loads((RESULTS / "bench_scan.json").read_text())
+    scan = json.loads((RESULTS / SCAN_RESULTS).read_text())
     gdn = json.loads((RESULTS / "bench_gated_delta.json").read_text())
     dec = json.loads((RESULTS / "bench_decode_attention.json").read_text())
     sources = {
         "attention": f"experiments/results/bench_attention.json ({att['meta']['date']})",
-        "scan": f"experiments/results/bench_scan.json ({scan['date']})",
+        "scan": f"experiments/results/{SCAN_RESULTS} ({scan['date']})",
         "gated_delta": f"experiments/results/bench_gated_delta.json ({gdn['date']})",
         "decode": f"experiments/results/bench_decode_attention.json "
         f"({dec['metadata']['date_utc']})",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -35,12 +36,13 @@ def test_committed_table_is_what_the_results_give():
     gen = _generator()
     results = ROOT / "experiments" / "results"
     att = json.loads((results / "bench_attention.json").read_text())
-    scan = json.loads((results / "bench_scan.json").read_text())
+    scan = json.loads((results / gen.SCAN_RESULTS).read_text())
     gdn = json.loads((results / "bench_gated_delta.json").read_text())
     dec = json.loads((results / "bench_decode_attention.json").read_text())
     assert gen.attention_rows(att) == auto_table.ATTENTION
     assert gen.decode_rows(dec) == auto_table.DECODE
     assert gen.scan_rows(scan) == auto_table.SCAN
+    assert auto_table.SOURCES["scan"].startswith(f"experiments/results/{gen.SCAN_RESULTS} (")
     assert gen.gated_delta_rows(gdn) == auto_table.GATED_DELTA
 
 
@@ -53,6 +55,24 @@ def test_table_rows_are_the_fastest_measured():
             continue
         faster = "pallas" if row["arjax_mosaic_ms"] < row["cudnn_ms"] else "cudnn"
         assert auto_table.ATTENTION["hopper", row["D"], "causal", row["L"]]["fwd+bwd"] == faster
+
+
+def test_scan_table_takes_the_fused_forward_where_it_was_faster():
+    """Independently of the generator: each scan row's fwd+bwd entry names the faster of the
+    Triton kernel and the fused Mosaic GPU forward (with Triton's backward) in the raw numbers.
+    In the committed run that is the fused forward for scalar decay at both lengths (1.126 vs
+    1.182 ms at (8,16,2048), 1.365 vs 1.421 at (2,16,8192)); GLA has no fused forward."""
+    bench = json.loads((ROOT / "experiments" / "results" / _generator().SCAN_RESULTS).read_text())
+    gates = {"scalar": "scalar", "gla": "gated"}
+    for row in bench["rows"]:
+        mosaic = row.get("mosaic fwd+bwd", float("inf"))
+        faster = "pallas_mosaic" if mosaic < row["pallas fwd+bwd"] else "pallas"
+        key = ("hopper", gates[row["variant"]], row["shape"][2])
+        assert auto_table.SCAN[key]["fwd+bwd"] == faster
+    fused = {
+        key[1:] for key, modes in auto_table.SCAN.items() if modes["fwd+bwd"] == "pallas_mosaic"
+    }
+    assert fused == {("scalar", 2048), ("scalar", 8192)}
 
 
 def test_measured_choice_takes_the_nearest_length_within_an_octave():
@@ -110,21 +130,66 @@ def test_attention_auto_follows_the_table(
     assert got == expected
 
 
-def test_scan_auto_follows_the_table(on_h200, monkeypatch):
+@pytest.fixture
+def scan_kernels(on_h200, monkeypatch):
+    """``on_h200``, with the scan's Pallas kernels importable."""
     la = importlib.import_module("arjax.ops.linear_attention")
-
     monkeypatch.setattr(la, "_pallas_available", lambda: True)
-    assert scan_resolve_impl("chunked", "auto", (128, 128, 64), gate="gated", seq_len=2048) == (
-        "pallas"
+
+
+def test_scan_auto_follows_the_table(scan_kernels, monkeypatch):
+    """On an H200 a bf16 scan with dk = dv = 128 and chunk 64 (what the fused forward runs) takes
+    what ``auto_table.SCAN`` measured faster near its length: the fused forward for scalar
+    decay, the Triton kernel for GLA gates and, unmeasured, no decay or a far length."""
+    resolve = functools.partial(
+        scan_resolve_impl, "chunked", "auto", (128, 128, 64), dtype=jnp.bfloat16
     )
-    slow = {("hopper", "scalar", 2048): {"fwd+bwd": "xla"}}
-    monkeypatch.setattr(auto_table, "SCAN", slow)
-    assert scan_resolve_impl("chunked", "auto", (128, 128, 64), gate="scalar", seq_len=2048) == (
-        "xla"
+    assert resolve(gate="scalar", seq_len=2048) == "pallas_mosaic"
+    assert resolve(gate="scalar", seq_len=6000) == "pallas_mosaic"  # nearest: 8192
+    assert resolve(gate="scalar", seq_len=64) == "pallas"  # 5 octaves from any measurement
+    assert resolve(gate="gated", seq_len=2048) == "pallas"
+    assert resolve(gate="none", seq_len=2048) == "pallas"
+    monkeypatch.setattr(auto_table, "SCAN", {("hopper", "scalar", 2048): {"fwd+bwd": "xla"}})
+    assert resolve(gate="scalar", seq_len=2048) == "xla"
+    assert resolve(gate="gated", seq_len=2048) == "pallas"
+
+
+@pytest.mark.parametrize(
+    "dims, gate, dtype, expected",
+    [
+        ((128, 128, 64), "scalar", jnp.bfloat16, "pallas_mosaic"),
+        ((64, 256, 64), "none", jnp.float16, "pallas_mosaic"),
+        ((128, 128, 64), "scalar", jnp.float32, "pallas"),  # bf16/fp16 only
+        ((128, 128, 64), "gated", jnp.bfloat16, "pallas"),  # no per-channel (GLA) gates
+        ((32, 128, 64), "scalar", jnp.bfloat16, "pallas"),  # dk 64 or 128
+        ((128, 32, 64), "scalar", jnp.bfloat16, "pallas"),  # dv a multiple of 64
+        ((128, 128, 32), "scalar", jnp.bfloat16, "pallas"),  # chunk 64
+    ],
+)
+def test_scan_auto_takes_the_fused_forward_only_where_it_runs(
+    scan_kernels, monkeypatch, dims, gate, dtype, expected
+):
+    """Where the table names the fused forward for every gate, ``impl="auto"`` takes it only
+    for calls it supports; the others get the Triton kernel, as before it existed."""
+    fused = {("hopper", g, 2048): {"fwd+bwd": "pallas_mosaic"} for g in ("none", "scalar", "gated")}
+    monkeypatch.setattr(auto_table, "SCAN", fused)
+    got = scan_resolve_impl("chunked", "auto", dims, gate=gate, seq_len=2048, dtype=dtype)
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "backend, kind, expected",
+    [("gpu", "NVIDIA A100", "pallas"), ("tpu", "TPU v5 lite", "pallas"), ("cpu", "cpu", "xla")],
+)
+def test_scan_auto_takes_the_fused_forward_only_on_hopper(
+    scan_kernels, monkeypatch, backend, kind, expected
+):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(device_kind=kind)])
+    got = scan_resolve_impl(
+        "chunked", "auto", (128, 128, 64), gate="scalar", seq_len=2048, dtype=jnp.bfloat16
     )
-    assert scan_resolve_impl("chunked", "auto", (128, 128, 64), gate="gated", seq_len=2048) == (
-        "pallas"
-    )
+    assert got == expected
 
 
 def test_gated_delta_auto_follows_the_table(on_h200, monkeypatch):

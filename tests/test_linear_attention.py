@@ -9,6 +9,7 @@ Tolerances: float32 forms agree to atol=rtol=1e-4 (sums of <= 64 O(1) terms); gr
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,38 @@ def test_bad_inputs_raise_clear_errors():
     # gave NaN past the last whole value tile before this check)
     with pytest.raises(ValueError, match="powers of two >= 16, got dk=5, dv=4, chunk_size=16"):
         linear_attention(q, k, v, chunk_size=16, impl="pallas")
+
+
+def test_pallas_mosaic_runs_the_fused_forward_or_raises(rng, monkeypatch, within_xla_error):
+    """``impl="pallas_mosaic"`` calls the scan kernel with ``lowering="mosaic"`` (interpreted
+    on CPU, as ``impl="pallas"`` is); where the fused forward cannot run (another backend, an
+    unsupported call) the kernel's ``ValueError`` comes through, never another lowering."""
+    kernels = importlib.import_module("kernels_pallas.linear_attention_scan")
+    kernel, lowerings = kernels.chunked_linear_attention, []
+
+    def spy(*args, lowering, **kwargs):
+        lowerings.append(lowering)
+        return kernel(*args, lowering=lowering, **kwargs)
+
+    monkeypatch.setattr(kernels, "chunked_linear_attention", spy)
+    q, k, v = (jnp.asarray(_normal(rng, 1, 64, 1, 64), jnp.bfloat16) for _ in range(3))
+    g = jnp.asarray(_log_sigmoid(_normal(rng, 1, 64, 1) + 4))
+    out, state = lin_attn(q, k, v, log_decay=g, impl="pallas_mosaic")
+    assert lowerings == ["mosaic"]
+    ref = lin_ref(*(x.astype(jnp.float32) for x in (q, k, v)), log_decay=g)
+    xla = lin_attn(q, k, v, log_decay=g, impl="xla")
+    named = (dict(zip(("out", "state"), r)) for r in ((out, state), ref, xla))
+    within_xla_error(*named, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="dtype must be bfloat16 or float16, got float32"):
+        linear_attention(*(x.astype(jnp.float32) for x in (q, k, v)), impl="pallas_mosaic")
+    with pytest.raises(ValueError, match="per-channel .GLA. log_decay is not supported"):
+        gates = jnp.broadcast_to(g[..., None], q.shape)
+        linear_attention(q, k, v, log_decay=gates, impl="pallas_mosaic")
+    with pytest.raises(ValueError, match="impl='pallas_mosaic' needs form='chunked'"):
+        linear_attention(q, k, v, form="recurrent", impl="pallas_mosaic")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ValueError, match="got 'mosaic' with backend 'tpu'"):
+        linear_attention(q, k, v, log_decay=g, impl="pallas_mosaic")
 
 
 def test_aaren_scan_equals_naive_softmax_with_resets_and_initial_state(rng):

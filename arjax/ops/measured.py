@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import jax
 
@@ -33,12 +34,14 @@ def measured_choice(
     return rows[min(near, key=octaves)].get(mode)
 
 
-def kernel_unless_measured_slower(table: dict, shape_class: tuple, seq_len: int) -> str:
-    """``"pallas"`` (the chunked op's kernel), or ``"xla"`` (its jnp form) where that was
-    measured faster for training near ``seq_len`` on this GPU (``auto_table.SCAN`` or
-    ``GATED_DELTA``)."""
+def kernel_unless_measured_slower(
+    table: dict, shape_class: tuple, seq_len: int, allowed: Collection[str] = ("xla",)
+) -> str:
+    """``"pallas"`` (the chunked op's kernel), or the impl measured faster for training near
+    ``seq_len`` on this GPU (``auto_table.SCAN`` or ``GATED_DELTA``) where it is one of
+    ``allowed`` (those that can run the call; by default ``"xla"``, the op's jnp form)."""
     choice = measured_choice(table, jax.devices()[0].device_kind, shape_class, seq_len)
-    return "xla" if choice == "xla" and jax.default_backend() == "gpu" else "pallas"
+    return choice if choice in allowed and jax.default_backend() == "gpu" else "pallas"
 
 
 __all__ = ["auto_table", "device_family", "kernel_unless_measured_slower", "measured_choice"]

@@ -7,7 +7,10 @@ per-key-dim data-dependent gate is GLA (Yang et al. 2024). Forms:
 
 * ``"parallel"`` -- quadratic masked float32 math, the reference (:mod:`.naive`);
 * ``"chunked"`` -- chunkwise parallel, for training (:mod:`.chunked`); with
-  ``impl="pallas"`` the kernel in :mod:`kernels_pallas.linear_attention_scan`;
+  ``impl="pallas"`` the kernel in :mod:`kernels_pallas.linear_attention_scan` (Triton on GPU),
+  with ``impl="pallas_mosaic"`` its fused Hopper forward in Pallas Mosaic GPU (no or scalar
+  decay, bf16/fp16, dk 64 or 128, dv a multiple of 64, chunk 64; else a ``ValueError``) and
+  the Triton backward; ``impl="auto"`` takes the one measured fastest (:func:`resolve_impl`);
 * ``"recurrent"`` -- a per-token scan with O(1) state, as used for decoding (:mod:`.recurrent`).
 
 q is not scaled here (the layer scales it). ``segment_ids`` resets the state at every
@@ -19,9 +22,11 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from arjax.ops.linear_attention.chunked import chunked_linear_attention
-from arjax.ops.linear_attention.common import FORMS, check_options, pow2_tiles, validate
+from arjax.ops.linear_attention.common import FORMS, SCAN_IMPLS, check_options, pow2_tiles, validate
 from arjax.ops.linear_attention.naive import parallel_linear_attention
 from arjax.ops.linear_attention.recurrent import (
     linear_attention_step,
@@ -30,6 +35,8 @@ from arjax.ops.linear_attention.recurrent import (
 from arjax.ops.measured import auto_table, kernel_unless_measured_slower
 
 Form = Literal["parallel", "chunked", "recurrent"]
+Impl = Literal["auto", "xla", "pallas", "pallas_mosaic"]
+_LOWERINGS = {"pallas": "triton", "pallas_mosaic": "mosaic"}  # the kernel's, per impl
 
 
 def linear_attention_reference(
@@ -56,6 +63,20 @@ def _pallas_available() -> bool:
     return True
 
 
+def _mosaic_supported(dims: tuple[int, int, int], dtype: DTypeLike, gate: str) -> bool:
+    """Whether the fused Mosaic GPU forward runs (dk, dv, chunk_size) = ``dims``, ``dtype``
+    and ``gate``."""
+    from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd
+
+    dk, dv, chunk = dims
+    q, v = (jax.ShapeDtypeStruct((d,), dtype) for d in (dk, dv))
+    try:
+        mosaic_gpu_fwd.check_supported(q, v, chunk=chunk, gate=gate)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve_impl(
     form: str,
     impl: str,
@@ -63,16 +84,20 @@ def resolve_impl(
     *,
     gate: str = "none",
     seq_len: int = 0,
+    dtype: DTypeLike = jnp.float32,
 ) -> str:
     """What ``impl="auto"`` means: the Pallas kernel for the chunked form on GPU/TPU when
     ``dims`` = (dk, dv, chunk_size) are powers of two >= 16 (the compiled kernels' tiles),
-    unless the jnp chunked form was measured faster for this ``gate`` (``"none"``,
-    ``"scalar"``, ``"gated"``) near ``seq_len`` on this GPU (``arjax.ops.auto_table.SCAN``)."""
+    unless another impl was measured faster for this ``gate`` (``"none"``, ``"scalar"``,
+    ``"gated"``) near ``seq_len`` on this GPU (``arjax.ops.auto_table.SCAN``): the jnp chunked
+    form (``"xla"``), or the fused forward (``"pallas_mosaic"``) where it runs the call (its
+    ``dtype``, dims and gate)."""
     if impl != "auto":
         return impl
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
     if form == "chunked" and on_accelerator and pow2_tiles(*dims) and _pallas_available():
-        return kernel_unless_measured_slower(auto_table.SCAN, (gate,), seq_len)
+        allowed = ("xla", "pallas_mosaic") if _mosaic_supported(dims, dtype, gate) else ("xla",)
+        return kernel_unless_measured_slower(auto_table.SCAN, (gate,), seq_len, allowed)
     return "xla"
 
 
@@ -86,14 +111,14 @@ def linear_attention(
     segment_ids: jax.Array | None = None,  # [batch, len] int; a change starts a new document
     form: Form = "chunked",
     chunk_size: int = 64,
-    impl: Literal["auto", "xla", "pallas"] = "auto",
+    impl: Impl = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``.
 
     ``log_decay`` must be <= 0 (a_t in (0, 1]); it is not checked (values are traced).
     """
     validate(q, k, v, log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids)
-    check_options("linear_attention", FORMS, form, impl, chunk_size)
+    check_options("linear_attention", FORMS, form, impl, chunk_size, SCAN_IMPLS)
     args = dict(log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids)
     if form == "parallel":
         return parallel_linear_attention(q, k, v, **args)
@@ -101,10 +126,11 @@ def linear_attention(
         return recurrent_linear_attention(q, k, v, **args)
     gate = "none" if log_decay is None else ("scalar" if log_decay.ndim == 3 else "gated")
     dims = (q.shape[-1], v.shape[-1], chunk_size)
-    if resolve_impl(form, impl, dims, gate=gate, seq_len=q.shape[1]) == "pallas":
+    impl = resolve_impl(form, impl, dims, gate=gate, seq_len=q.shape[1], dtype=q.dtype)
+    if impl in _LOWERINGS:
         from kernels_pallas.linear_attention_scan import chunked_linear_attention as kernel
 
-        return kernel(q, k, v, chunk_size=chunk_size, **args)
+        return kernel(q, k, v, chunk_size=chunk_size, lowering=_LOWERINGS[impl], **args)
     return chunked_linear_attention(q, k, v, chunk_size=chunk_size, **args)
 
 

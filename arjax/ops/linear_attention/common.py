@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 FORMS = ("parallel", "chunked", "recurrent")
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "pallas")  # the chunked ops' (gated delta rule, the mixers' configs)
+SCAN_IMPLS = (*IMPLS, "pallas_mosaic")  # linear_attention's: also the fused Hopper forward
 
 
 def validate(
@@ -65,17 +66,25 @@ def validate(
             raise ValueError(f"{who}: segment_ids must be integer, got {segment_ids.dtype}")
 
 
-def check_options(who: str, forms: tuple[str, ...], form: str, impl: str, chunk_size) -> None:
-    """``ValueError`` for an unknown ``form`` / ``impl``, a bad ``chunk_size`` or
-    ``impl="pallas"`` with a form the kernels do not run (only ``"chunked"``)."""
+def check_options(
+    who: str,
+    forms: tuple[str, ...],
+    form: str,
+    impl: str,
+    chunk_size,
+    impls: tuple[str, ...] = IMPLS,
+) -> None:
+    """``ValueError`` for an unknown ``form`` / ``impl`` (one of ``impls``), a bad
+    ``chunk_size`` or a kernel ``impl`` with a form the kernels do not run (only
+    ``"chunked"``)."""
     if form not in forms:
         raise ValueError(f"{who}: form must be one of {forms}, got {form!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"{who}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in impls:
+        raise ValueError(f"{who}: impl must be one of {impls}, got {impl!r}")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"{who}: chunk_size must be a positive int, got {chunk_size!r}")
-    if impl == "pallas" and form != "chunked":
-        raise ValueError(f"{who}: impl='pallas' needs form='chunked', got {form!r}")
+    if impl not in ("auto", "xla") and form != "chunked":
+        raise ValueError(f"{who}: impl={impl!r} needs form='chunked', got {form!r}")
 
 
 def pow2_tiles(*dims: int) -> bool:
