@@ -251,7 +251,7 @@ DOCS = np.repeat([[1, 2, 3, 4]], [70, 58, 30, 42], axis=1)
      ("scalar", 128, 64, jnp.float16, False, False), ("scalar", 64, 64, jnp.bfloat16, True, True)],
 )  # fmt: skip
 def test_mosaic_fused_forward(races, gate, dk, dv, dtype, docs, init):
-    """The fused Mosaic GPU forward, interpreted with race detection: 4 chunks through a 2-slot
+    """The fused Mosaic GPU forward, interpreted with race detection: 4 chunks through a 3-slot
     ring (one padded), 1 or 2 value tiles, packed documents (``DOCS``), an initial state. Output,
     final state and gradients within the bf16 bound of the module doc (its states are the MMA
     operands the Triton path rounds the same way); its output within 1e-2 of the Triton

@@ -13,13 +13,21 @@ per chunk of ``C = 64`` tokens:
 * ``O = exp(b) * (Q S) + A V`` (``[C, BLOCK_V]``);
 * ``S <- exp(B) S + K^T (exp(B - b) * V)``.
 
-Every product is a ``wgmma`` (input-dtype operands, float32 accumulation). ``S`` goes to
-shared memory in the input dtype as ``Q S``'s right operand (the precision of the Triton
-path's ``h``); ``exp(B - b) * V`` is the product of a diagonal matrix (registers, so its
-factors are rounded to the input dtype too) and ``V``, stored the same way for ``K^T (.)``.
-A producer warpgroup streams ``Q, K, V`` and the chunk's gate factors through a ring of
-``stages`` slots with TMA. ``save_states`` also writes ``h [batch, heads, chunks, dk, dv]``
-(input dtype), what the Triton backward reads.
+Every product is a ``wgmma`` (input-dtype operands, float32 accumulation). Three warpgroups
+split the work (the schedule of FlashQLA's Hopper forward, as jla describes it):
+
+* the state warpgroup runs only the serial chain: it publishes ``S`` entering chunk ``n`` to
+  shared memory in the input dtype (``Q S``'s right operand, the precision of the Triton
+  path's ``h``; two slots, so it may run a chunk ahead), then forms ``exp(B - b) * V`` as the
+  product of a diagonal matrix (registers, so its factors are rounded to the input dtype too)
+  and ``V``, stores it, and adds ``K^T (.)`` to the decayed state;
+* the output warpgroup forms ``A`` while the state is built, then waits for the published
+  ``S`` and issues ``Q S`` and ``A V`` together; its output tiles are double-buffered too;
+* a producer warpgroup streams ``Q, K, V`` and the chunk's gate factors through a ring of
+  ``stages`` slots (3: 215 KiB of shared memory at dk 128) with TMA; both consumers free a slot.
+
+``save_states`` also writes ``h [batch, heads, chunks, dk, dv]`` (input dtype) from the
+published states, what the Triton backward reads.
 
 Segment ids (packed documents) enter as per-token document indices ``r``: scores only within
 a document, the incoming state read only by the rows of its document, the outgoing state fed
@@ -115,8 +123,9 @@ def gate_factors(b, seg, shape: tuple[int, int, int], dk: int) -> tuple[jax.Arra
 
 
 def scratch_types(dtype, dk: int, stages: int) -> tuple:
-    """Rings of Q, K, V tiles and gate factors; the state (input dtype: ``Q S``'s operand, and
-    float32: the final state's staging), ``exp(B - b) * V`` and the output tile; barriers."""
+    """Rings of Q, K, V tiles and gate factors; the published states (input dtype, two slots:
+    ``Q S``'s operand), ``exp(B - b) * V``, two output tiles and the float32 initial / final
+    state's staging; barriers (module doc)."""
     mat = lambda *shape: plgpu.SMEM(shape, dtype, transforms=WGMMA_TRANSFORMS)  # noqa: E731
     return (
         (
@@ -125,14 +134,16 @@ def scratch_types(dtype, dk: int, stages: int) -> tuple:
             mat(stages, CHUNK, BLOCK_V),  # V ring
             plgpu.SMEM((stages, 2, CHUNK), jnp.float32),  # b, r ring (columns)
             plgpu.SMEM((stages, 4 + dk // CHUNK, CHUNK), jnp.float32),  # factors ring (rows)
-            mat(dk, BLOCK_V),  # S
+            mat(2, dk, BLOCK_V),  # S entering chunk n, in slot n % 2
             mat(CHUNK, BLOCK_V),  # exp(B - b) * V
-            mat(CHUNK, BLOCK_V),  # O
+            mat(2, CHUNK, BLOCK_V),  # O of chunk n, in slot n % 2
             plgpu.SMEM((dk, BLOCK_V), jnp.float32, transforms=F32_TRANSFORMS),  # initial, final S
         ),
         tuple(plgpu.Barrier(num_barriers=stages) for _ in range(5)),  # Q, K, V, gates ready
         plgpu.Barrier(),  # initial S ready
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # slot consumed
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # slot consumed by both consumers
+        plgpu.Barrier(num_barriers=2),  # S published
+        plgpu.Barrier(num_barriers=2),  # S read
     )
 
 
@@ -151,10 +162,10 @@ def _load_acc(ref, interpret: bool):
 def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, stages, save,
             interpret):  # fmt: skip
     """One CTA per (batch, head, value tile), program id ``p = (batch * heads + head) * tiles
-    + tile``; warpgroup 1 produces, warpgroup 0 computes (module doc)."""
+    + tile``; warpgroup 2 produces, 1 carries the state, 0 writes the outputs (module doc)."""
     h_ref = refs[0] if save else None
-    smem, ready, s0_ready, free = refs[1:] if save else refs
-    q_ring, k_ring, v_ring, b_ring, f_ring, s_smem, vw_smem, o_smem, sf_smem = smem
+    smem, ready, s0_ready, free, s_ready, s_free = refs[1:] if save else refs
+    q_ring, k_ring, v_ring, b_ring, f_ring, s_pub, vw_smem, o_smem, sf_smem = smem
     q_ready, k_ready, v_ready, b_ready, f_ready = ready
     _, length, heads, dk = q_ref.shape
     tiles = v_ref.shape[-1] // BLOCK_V
@@ -166,9 +177,13 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
     batch, head = lax.div(head_of, heads), lax.rem(head_of, heads)
     cols = pl.ds(pl.multiple_of(tile * BLOCK_V, BLOCK_V), BLOCK_V)
     rows = lambda n: pl.ds(pl.multiple_of(n * CHUNK, CHUNK), CHUNK)  # noqa: E731
+    ring_slot = lambda n: lax.rem(n, jnp.int32(stages))  # noqa: E731
+    two = lambda n: lax.rem(n, jnp.int32(2))  # noqa: E731
+    shape_cc, shape_cv = (CHUNK, CHUNK), (CHUNK, BLOCK_V)
+    bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
     wg = lax.axis_index("wg")
 
-    @pl.when(wg == 1)
+    @pl.when(wg == 2)
     def _producer():
         def load(n, slot):
             t = rows(n)
@@ -181,55 +196,46 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
 
         produce(load, n_chunks, stages, free)
 
-    @pl.when(wg == 0)
-    def _consumer():
-        shape_cc, shape_cv = (CHUNK, CHUNK), (CHUNK, BLOCK_V)
-        bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
+    @pl.when(wg == 1)
+    def _state():
+        """The serial chain: publish S entering chunk n, then S <- exp(B) S + K^T (w * V)."""
 
         def chunk(n, s):
-            slot = lax.rem(n, jnp.int32(stages))
-            # S (entering chunk n) -> shared memory, once the last copies out have read it
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            slot, pub = ring_slot(n), two(n)
+            pl.when(n >= 2)(lambda: plgpu.barrier_wait(s_free.at[pub]))  # read 2 chunks ago
+            if save:  # and copied out
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
             for i, part in enumerate(s):
-                s_smem.at[pl.ds(i * ROWS, ROWS)][...] = part.astype(dtype)
+                s_pub.at[pub, pl.ds(i * ROWS, ROWS)][...] = part.astype(dtype)
             plgpu.commit_smem()
+            plgpu.barrier_arrive(s_ready.at[pub])
             if save:
-                plgpu.copy_smem_to_gmem(s_smem, h_ref.at[batch, head, n, :, cols])
-            for bar in ready:
+                plgpu.copy_smem_to_gmem(s_pub.at[pub], h_ref.at[batch, head, n, :, cols])
+            for bar in (k_ready, v_ready, f_ready):
                 plgpu.barrier_wait(bar.at[slot])
-            q, k, v = wgmma_operands((q_ring.at[slot], k_ring.at[slot], v_ring.at[slot]),
-                                     interpret)  # fmt: skip
-            b_col, r_col = (vector(b_ring.at[slot, i], 1, interpret) for i in range(2))
-            b_row, r_row, e_row, w_row, *carry = (
-                vector(f_ring.at[slot, i], 0, interpret) for i in range(4 + halves)
-            )
-            row, col = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)  # not kept live
-            causal = (col <= row) & (bcast(r_row, shape_cc, 0) == bcast(r_col, shape_cc, 1))
+            k, v = wgmma_operands((k_ring.at[slot], v_ring.at[slot]), interpret)
+            w_row, *carry = (vector(f_ring.at[slot, i], 0, interpret) for i in range(3, 4 + halves))
+            row, col = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)
             diag = jnp.where(row == col, bcast(w_row, shape_cc, 0), 0.0).astype(dtype)
-            zeros_cv = zero_acc(shape_cv, interpret)
-            a, o, vw = mma(((zero_acc(shape_cc, interpret), [(q, Transposed(k))]),
-                            (zeros_cv, [(q, s_smem)]), (zeros_cv, [(diag, v)])),
-                           interpret)  # fmt: skip
-            gap = jnp.where(causal, bcast(b_row, shape_cc, 0) - bcast(b_col, shape_cc, 1), 0.0)
-            p = jnp.where(causal, a * jnp.exp(gap), 0.0).astype(dtype)
-            o = o * bcast(e_row, shape_cv, 0)
+            (vw,) = mma(((zero_acc(shape_cv, interpret), [(diag, v)]),), interpret)
             vw_smem[...] = vw.astype(dtype)
             plgpu.commit_smem()  # for wgmma; also fences the slot's gate loads before its release
             s = [part * bcast(carry[i], shape_cv, 0) for i, part in enumerate(s)]
-            o, *s = mma(((o, [(p, v)]),
-                         *((part, [(Transposed(_columns(k, i, interpret)), vw_smem)])
-                           for i, part in enumerate(s))),
-                        interpret)  # fmt: skip
+            s = mma(tuple((part, [(Transposed(_columns(k, i, interpret)), vw_smem)])
+                          for i, part in enumerate(s)),
+                    interpret)  # fmt: skip
             plgpu.barrier_arrive(free.at[slot])
-            o_smem[...] = o.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[batch, rows(n), head, cols])
             return tuple(s)
 
         plgpu.copy_gmem_to_smem(s0_ref.at[batch, head, :, cols], sf_smem, s0_ready)
         plgpu.barrier_wait(s0_ready)
         s0 = tuple(_load_acc(sf_smem.at[pl.ds(i * ROWS, ROWS)], interpret) for i in range(halves))
         s = lax.fori_loop(0, n_chunks, chunk, s0)
+
+        @pl.loop(jnp.maximum(n_chunks - 2, 0), n_chunks)
+        def _(n):  # the last two publications' reads
+            plgpu.barrier_wait(s_free.at[two(n)])
+
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         for i, part in enumerate(s):
             sf_smem.at[pl.ds(i * ROWS, ROWS)][...] = part
@@ -237,8 +243,41 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
         plgpu.copy_smem_to_gmem(sf_smem, sf_ref.at[batch, head, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
+    @pl.when(wg == 0)
+    def _output():
+        """Per chunk: A = Q K^T masked and decayed while the state is built, then
+        O = exp(b) * (Q S) + A V."""
 
-def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, interpret: bool):
+        @pl.loop(jnp.int32(0), n_chunks)
+        def _(n):
+            slot, pub = ring_slot(n), two(n)
+            for bar in ready:
+                plgpu.barrier_wait(bar.at[slot])
+            q, k, v = wgmma_operands((q_ring.at[slot], k_ring.at[slot], v_ring.at[slot]),
+                                     interpret)  # fmt: skip
+            b_col, r_col = (vector(b_ring.at[slot, i], 1, interpret) for i in range(2))
+            b_row, r_row, e_row = (vector(f_ring.at[slot, i], 0, interpret) for i in range(3))
+            plgpu.commit_smem()  # fences the slot's gate loads before its release
+            (a,) = mma(((zero_acc(shape_cc, interpret), [(q, Transposed(k))]),), interpret)
+            row, col = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)
+            causal = (col <= row) & (bcast(r_row, shape_cc, 0) == bcast(r_col, shape_cc, 1))
+            gap = jnp.where(causal, bcast(b_row, shape_cc, 0) - bcast(b_col, shape_cc, 1), 0.0)
+            p = jnp.where(causal, a * jnp.exp(gap), 0.0).astype(dtype)
+            plgpu.barrier_wait(s_ready.at[pub])
+            zeros_cv = zero_acc(shape_cv, interpret)
+            qs, pv = mma(((zeros_cv, [(q, s_pub.at[pub])]), (zeros_cv, [(p, v)])), interpret)
+            plgpu.barrier_arrive(s_free.at[pub])
+            plgpu.barrier_arrive(free.at[slot])
+            o = qs * bcast(e_row, shape_cv, 0) + pv
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # slot pub's copy, 2 chunks ago
+            o_smem.at[pub][...] = o.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[pub], o_ref.at[batch, rows(n), head, cols])
+
+        plgpu.wait_smem_to_gmem(0)
+
+
+def forward(q, k, v, b, s0, seg=None, *, stages: int = 3, save_states: bool, interpret: bool):
     """``(o [batch, len, heads, dv], s_final [batch, heads, dk, dv] float32, h)`` from ``q, k
     [batch, len, heads, dk]``, ``v [batch, len, heads, dv]`` (len a multiple of ``CHUNK``),
     ``b`` (chunk-local log-gate cumsum ``[batch, len, heads, 1]`` float32, None: no decay) and
@@ -264,7 +303,7 @@ def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, int
         scratch_types=scratch,
         grid=(bsz * heads * (dv // BLOCK_V),),
         grid_names=("p",),
-        num_threads=2,
+        num_threads=3,
         thread_name="wg",
         interpret=interpret_params() if interpret else None,
     )(q, k, v, *gate_factors(b, seg, (bsz, length, heads), dk), s0)
