@@ -104,16 +104,25 @@ def check_against_reference(
 SEGMENTS = jnp.asarray(np.stack([np.repeat([3, 4, 5, 6], [5, 11, 16, 5]), np.ones(37, int)]))
 
 
+SPLIT_BWD = {"la_state_fwd", "la_chunk_fwd", "la_state_bwd", "la_chunk_bwd_dq",
+             "la_chunk_bwd_dkv"}  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "backend, gate, segments",
-    [("gpu", "none", True), ("gpu", "scalar", False), ("tpu", "scalar", True)],
+    "backend, gate, segments, tune, kernels",
+    [("gpu", "none", True, None, None), ("gpu", "scalar", False, None, None),
+     ("gpu", "none", True, TritonTuning(bwd_parts=2), SPLIT_BWD),
+     ("gpu", "scalar", True, TritonTuning(bwd_parts=2), SPLIT_BWD),
+     ("tpu", "scalar", True, None, None)],
 )  # fmt: skip
-def test_scan_matches_recurrence(backend, gate, segments):
+def test_scan_matches_recurrence(backend, gate, segments, tune, kernels):
     """Odd length (37, padded), initial state, segment resets, fwd and all gradients: no decay
-    and scalar decay on the Triton lowering, scalar decay on the Mosaic TPU lowering (its
-    sequential grid with VMEM state). GLA: ``test_gla_strong_gates``."""
+    and scalar decay on the Triton lowering, with one backward chunk kernel and with two
+    (``bwd_parts=2``: dq; dk, dv), scalar decay on the Mosaic TPU lowering (its sequential grid
+    with VMEM state). GLA: ``test_gla_strong_gates``."""
     seg = SEGMENTS if segments else None
-    check_against_reference(backend, gate, length=37, chunk=16, seg=seg, seed=3)
+    check_against_reference(backend, gate, length=37, chunk=16, seg=seg, seed=3, tune=tune,
+                            kernels=kernels)  # fmt: skip
 
 
 # Per-token gate strength: log-gates about -0.4 per token on tokens 0-15 (a 16-row block spans
@@ -251,7 +260,7 @@ DOCS = np.repeat([[1, 2, 3, 4]], [70, 58, 30, 42], axis=1)
      ("scalar", 128, 64, jnp.float16, False, False), ("scalar", 64, 64, jnp.bfloat16, True, True)],
 )  # fmt: skip
 def test_mosaic_fused_forward(races, gate, dk, dv, dtype, docs, init):
-    """The fused Mosaic GPU forward, interpreted with race detection: 4 chunks through a 3-slot
+    """The fused Mosaic GPU forward, interpreted with race detection: 4 chunks through a 2-slot
     ring (one padded), 1 or 2 value tiles, packed documents (``DOCS``), an initial state. Output,
     final state and gradients within the bf16 bound of the module doc (its states are the MMA
     operands the Triton path rounds the same way); its output within 1e-2 of the Triton

@@ -426,10 +426,12 @@ def grad_kernel(cfg: Cfg, *refs, part: str = "all"):
         m = ch.diag_mask(i0)
         if cfg.gate != "gated":
             d = m.astype(F32) if b is None else exp_masked(m, b - b.T)
-            a = mm(q, k, cfg, tb=True) * d
-            da = mm(do, v, cfg, tb=True) * d
-            dq += mm(da.astype(dt), k, cfg)
-            dk += mm(da.astype(dt), q, cfg, ta=True)
+            da = (mm(do, v, cfg, tb=True) * d).astype(dt)
+            if want_q:
+                dq += mm(da, k, cfg)
+            if want_kv:
+                a = mm(q, k, cfg, tb=True) * d
+                dk += mm(da, q, cfg, ta=True)
         else:
             da = dat = None
             if want_q:
@@ -493,21 +495,24 @@ def chunk_output(chunk_call, q, k, v, b, h, seg, cfg: Cfg):
 
 
 def chunk_grads(chunk_call, q, k, v, b, seg, h, dh, do, cfg: Cfg) -> tuple:
-    """``(dq, dk, dv, db)`` (``db`` None without a gate) by ``grad_kernel``; GLA as two kernels
-    (dq; dk, dv), whose ``db`` parts are summed here."""
+    """``(dq, dk, dv, db)`` (``db`` None without a gate) by ``grad_kernel``; GLA, and the other
+    gates with ``TritonTuning.bwd_parts=2``, as two kernels (dq; dk, dv), whose ``db`` parts are
+    summed here."""
     ins = [(q, "seq"), (k, "seq"), (v, "seq")] + ([(b, "seq")] if b is not None else [])
     ins += [(h, "state"), (dh, "state"), (do, "seq")] + doc_args(seg, cfg)
     like = lambda x, dtype=None: (jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), "seq")  # noqa: E731
-    if cfg.gate == "gated":
+    db = [like(b, F32)] if b is not None else []
+    split = isinstance(cfg.tune, TritonTuning) and cfg.tune.bwd_parts == 2
+    if cfg.gate == "gated" or split:
         part = lambda p: functools.partial(grad_kernel, part=p)  # noqa: E731
-        dq, db_q = chunk_call(part("dq"), cfg, ins, [like(q), like(b, F32)], "la_chunk_bwd_dq",
-                              bwd=True)  # fmt: skip
-        dk, dv, db_k = chunk_call(part("dkv"), cfg, ins, [like(k), like(v), like(b, F32)],
-                                  "la_chunk_bwd_dkv", bwd=True)  # fmt: skip
-        return dq, dk, dv, db_q + db_k
-    outs = [like(x) for x in (q, k, v)] + ([like(b, F32)] if b is not None else [])
-    grads = chunk_call(grad_kernel, cfg, ins, outs, "la_chunk_bwd", bwd=True)
-    return grads[0], grads[1], grads[2], grads[3] if b is not None else None
+        dq, *db_q = chunk_call(part("dq"), cfg, ins, [like(q), *db], "la_chunk_bwd_dq",
+                               bwd=True)  # fmt: skip
+        dk, dv, *db_k = chunk_call(part("dkv"), cfg, ins, [like(k), like(v), *db],
+                                   "la_chunk_bwd_dkv", bwd=True)  # fmt: skip
+        return dq, dk, dv, db_q[0] + db_k[0] if db else None
+    grads = chunk_call(grad_kernel, cfg, ins, [like(q), like(k), like(v), *db], "la_chunk_bwd",
+                       bwd=True)  # fmt: skip
+    return grads[0], grads[1], grads[2], grads[3] if db else None
 
 
 def is_pow2(n: int) -> bool:

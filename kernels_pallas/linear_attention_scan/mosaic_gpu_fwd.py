@@ -24,7 +24,8 @@ split the work (the schedule of FlashQLA's Hopper forward, as jla describes it):
 * the output warpgroup forms ``A`` while the state is built, then waits for the published
   ``S`` and issues ``Q S`` and ``A V`` together; its output tiles are double-buffered too;
 * a producer warpgroup streams ``Q, K, V`` and the chunk's gate factors through a ring of
-  ``stages`` slots (3: 215 KiB of shared memory at dk 128) with TMA; both consumers free a slot.
+  ``stages`` slots with TMA (2: a third made the forward 4-12% slower on an H200,
+  ``experiments/results/bench_scan_fused_ab.md``); both consumers free a slot.
 
 ``save_states`` also writes ``h [batch, heads, chunks, dk, dv]`` (input dtype) from the
 published states, what the Triton backward reads.
@@ -277,7 +278,7 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
         plgpu.wait_smem_to_gmem(0)
 
 
-def forward(q, k, v, b, s0, seg=None, *, stages: int = 3, save_states: bool, interpret: bool):
+def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, interpret: bool):
     """``(o [batch, len, heads, dv], s_final [batch, heads, dk, dv] float32, h)`` from ``q, k
     [batch, len, heads, dk]``, ``v [batch, len, heads, dv]`` (len a multiple of ``CHUNK``),
     ``b`` (chunk-local log-gate cumsum ``[batch, len, heads, 1]`` float32, None: no decay) and

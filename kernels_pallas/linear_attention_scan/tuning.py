@@ -34,7 +34,8 @@ class TritonTuning:
     parallel chunk kernels; ``sub``: GLA sub-chunk rows (secondary chunking, clipped to the
     chunk); ``staged_tile``: dv columns of one GLA output program (``bwd_staged_tile``: of one
     dv program of the backward; ``bwd_staged_bk``: dk columns of one dq/dk program; clipped to
-    the dims).
+    the dims); ``bwd_parts``: 1, one backward chunk kernel for dq, dk and dv (no and scalar
+    decay), or 2, one for dq and one for dk and dv (fewer live tiles each; GLA always splits).
     """
 
     state_bk: int = 64
@@ -53,9 +54,12 @@ class TritonTuning:
     staged_tile: int = 64
     bwd_staged_tile: int = 64
     bwd_staged_bk: int = 64
+    bwd_parts: int = 1
 
     def __post_init__(self) -> None:
         _check(self)
+        if self.bwd_parts not in (1, 2):
+            raise ValueError(f"TritonTuning.bwd_parts: must be 1 or 2, got {self.bwd_parts}")
 
 
 @dataclasses.dataclass(frozen=True)
