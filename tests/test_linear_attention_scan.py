@@ -110,16 +110,16 @@ SPLIT_BWD = {"la_state_fwd", "la_chunk_fwd", "la_state_bwd", "la_chunk_bwd_dq",
 
 @pytest.mark.parametrize(
     "backend, gate, segments, tune, kernels",
-    [("gpu", "none", True, None, None), ("gpu", "scalar", False, None, None),
-     ("gpu", "none", True, TritonTuning(bwd_parts=2), SPLIT_BWD),
-     ("gpu", "scalar", True, TritonTuning(bwd_parts=2), SPLIT_BWD),
+    [("gpu", "none", True, TritonTuning(bwd_parts=1), None),
+     ("gpu", "scalar", False, TritonTuning(bwd_parts=1), None),
+     ("gpu", "none", True, None, SPLIT_BWD), ("gpu", "scalar", True, None, SPLIT_BWD),
      ("tpu", "scalar", True, None, None)],
 )  # fmt: skip
 def test_scan_matches_recurrence(backend, gate, segments, tune, kernels):
     """Odd length (37, padded), initial state, segment resets, fwd and all gradients: no decay
     and scalar decay on the Triton lowering, with one backward chunk kernel and with two
-    (``bwd_parts=2``: dq; dk, dv), scalar decay on the Mosaic TPU lowering (its sequential grid
-    with VMEM state). GLA: ``test_gla_strong_gates``."""
+    (``bwd_parts=2``, their default: dq; dk, dv), scalar decay on the Mosaic TPU lowering (its
+    sequential grid with VMEM state). GLA: ``test_gla_strong_gates``."""
     seg = SEGMENTS if segments else None
     check_against_reference(backend, gate, length=37, chunk=16, seg=seg, seed=3, tune=tune,
                             kernels=kernels)  # fmt: skip
