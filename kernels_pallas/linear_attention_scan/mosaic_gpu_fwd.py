@@ -24,7 +24,7 @@ split the work (the schedule of FlashQLA's Hopper forward, as jla describes it):
 * the output warpgroup forms ``A`` while the state is built, then waits for the published
   ``S`` and issues ``Q S`` and ``A V`` together; its output tiles are double-buffered too;
 * a producer warpgroup streams ``Q, K, V`` and the chunk's gate factors through a ring of
-  ``stages`` slots with TMA (2: a third made the forward 4-12% slower on an H200,
+  ``stages`` slots with TMA (2 by default, measured faster than 3:
   ``experiments/results/bench_scan_fused_ab.md``); both consumers free a slot.
 
 ``save_states`` also writes ``h [batch, heads, chunks, dk, dv]`` (input dtype) from the

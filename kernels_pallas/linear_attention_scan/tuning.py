@@ -4,9 +4,8 @@ as a static argument (``chunked_linear_attention(..., tuning=...)``) down to the
 Default rows: the Triton GLA row is the winner of the H100 sweeps
 (``experiments/results/tune_scan_h100.md``, ``bench_scan_gla_h100.md``); scalar and no decay
 keep the values of the first GPU runs (``experiments/results/bench_scan.md``) but for the
-two-kernel backward (``bwd_parts=2``: 25-27% less fwd+bwd time with scalar decay, 8-16% with
-none, on an H200, ``experiments/results/bench_scan_bwd_ab.md``). The TPU row is untuned (no
-TPU was available).
+two-kernel backward (``bwd_parts=2``, measured faster with both gates:
+``experiments/results/bench_scan_bwd_ab.md``). The TPU row is untuned (no TPU was available).
 """
 
 from __future__ import annotations
