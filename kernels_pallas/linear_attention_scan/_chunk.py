@@ -383,20 +383,18 @@ def out_kernel(cfg: Cfg, *refs):
 
 def grad_kernel(cfg: Cfg, *refs, part: str = "all"):
     """Backward chunk kernel of one chunk given ``h[n]`` and ``dh[n]``. ``part`` "all": dq, dk,
-    dv and db; split into kernels with fewer live tiles each (as fla's split backward): "dq" =
-    dq and its db term ``q * dq``, "dkv" = dk, dv and the rest of db (the db parts are summed
-    outside); no and scalar decay only: "dk" = dk and that rest of db, "dv" = dv."""
+    dv and db; GLA on TPU, two kernels (fewer live tiles each, as fla's split backward): "dq" =
+    dq and its db term ``q * dq``, "dkv" = dk, dv and the rest of db (the two db parts are
+    summed outside)."""
     q_ref, k_ref, v_ref, *refs = refs
     b_ref = refs.pop(0) if cfg.gate != "none" else None
     h_ref, dh_ref, do_ref = refs.pop(0), refs.pop(0), refs.pop(0)
     r_ref, rp_ref = (refs.pop(0), refs.pop(0)) if cfg.segments else (None, None)
-    want_q = part in ("all", "dq")
-    want_k, want_v = part in ("all", "dkv", "dk"), part in ("all", "dkv", "dv")
+    want_q, want_kv = part != "dkv", part != "dq"
     outs = iter(refs)
     dq_ref = next(outs) if want_q else None
-    dk_ref = next(outs) if want_k else None
-    dv_ref = next(outs) if want_v else None
-    db_ref = next(outs) if b_ref is not None and (want_q or want_k) else None
+    dk_ref, dv_ref = (next(outs), next(outs)) if want_kv else (None, None)
+    db_ref = next(outs) if b_ref is not None else None
     ch = Chunk(cfg, q_ref, k_ref, v_ref, b_ref, r_ref, rp_ref)
     c, sub, dt = cfg.chunk, ch.sub, ch.dt
     lean = part != "all"  # h, dh loaded where used, not live across the loop
@@ -416,40 +414,37 @@ def grad_kernel(cfg: Cfg, *refs, part: str = "all"):
             eq = jnp.where(ch.inter_mask(i0), eq, 0.0)
             ek = jnp.where(rd == last_doc, ek, 0.0)
         if lean:
-            h, dh = h_ref[...] if want_q else None, dh_ref[...] if want_k or want_v else None
+            h, dh = h_ref[...] if want_q else None, dh_ref[...] if want_kv else None
         if want_q:
             dq = eq * mm(do, h, cfg, tb=True)
-        if want_k:
+        if want_kv:
             dk = ek * mm(v, dh, cfg, tb=True)
             kdk_state += jnp.sum(k.astype(F32) * dk, axis=0, keepdims=True)
-        if want_v:
             kd = (k.astype(F32) * ek).astype(dt)
             dv = mm(kd, dh, cfg)
         # diagonal block
         m = ch.diag_mask(i0)
         if cfg.gate != "gated":
             d = m.astype(F32) if b is None else exp_masked(m, b - b.T)
-            if want_q or want_k:
-                da = (mm(do, v, cfg, tb=True) * d).astype(dt)
+            da = (mm(do, v, cfg, tb=True) * d).astype(dt)
             if want_q:
                 dq += mm(da, k, cfg)
-            if want_k:
-                dk += mm(da, q, cfg, ta=True)
-            if want_v:
+            if want_kv:
                 a = mm(q, k, cfg, tb=True) * d
+                dk += mm(da, q, cfg, ta=True)
         else:
             da = dat = None
             if want_q:
                 da = jnp.where(m, mm(do, v, cfg, tb=True), 0.0)
-            if want_k:
+            if want_kv:
                 mt = ch.diag_mask(i0, transpose=True)
                 dat = jnp.where(mt, mm(v, do, cfg, tb=True), 0.0)
-            a, dq_diag, dk_diag = ch.gated_diag(i0, m, da, dat, scores=want_v)
+            a, dq_diag, dk_diag = ch.gated_diag(i0, m, da, dat, scores=want_kv)
             if want_q:
                 dq += dq_diag
-            if want_k:
+            if want_kv:
                 dk += dk_diag
-        if want_v:
+        if want_kv:
             dv += mm(a.astype(dt), do, cfg, ta=True)
         # earlier columns -> dq of this block
         if i0 > 0 and want_q:
@@ -457,7 +452,7 @@ def grad_kernel(cfg: Cfg, *refs, part: str = "all"):
             da = ch.same_doc(rd, r_all_t, mm(do, v_ref[...], cfg, tb=True))
             dq += jnp.exp(b - rho) * mm(da.astype(dt), kr.astype(dt), cfg)
         # later rows -> dk, dv of this block
-        if i0 + sub < c and want_k:  # GLA: "dkv" (no other split has sub-chunks)
+        if i0 + sub < c and want_kv:
             qr, kr, rho = ch.ref_cols(i0)
             r_all = None if r_ref is None else r_ref[...]
             rd_t = None if rd is None else rd.T
@@ -467,15 +462,14 @@ def grad_kernel(cfg: Cfg, *refs, part: str = "all"):
             dk += jnp.exp(rho - b) * mm(da.astype(dt), qr.astype(dt), cfg, ta=True)
         if want_q:
             dq_ref[i0 : i0 + sub, :] = dq.astype(dq_ref.dtype)
-        if want_k:
+        if want_kv:
             dk_ref[i0 : i0 + sub, :] = dk.astype(dk_ref.dtype)
-        if want_v:
             dv_ref[i0 : i0 + sub, :] = dv.astype(dv_ref.dtype)
         if db_ref is not None:  # [sub, dk]
-            db = (q.astype(F32) * dq if want_q else 0.0) - (k.astype(F32) * dk if want_k else 0.0)
+            db = (q.astype(F32) * dq if want_q else 0.0) - (k.astype(F32) * dk if want_kv else 0.0)
             if cfg.gate == "scalar":
                 db = jnp.sum(db, axis=1, keepdims=True)
-            if want_k and i0 + sub == c:  # d/dB of e^{B} S_prev and e^{B - b_j} (state update)
+            if want_kv and i0 + sub == c:  # d/dB of e^{B} S_prev and e^{B - b_j} (state update)
                 if lean:
                     h, dh = h_ref[...], dh_ref[...]
                 hdh = jnp.sum(h.astype(F32) * dh.astype(F32), axis=1, keepdims=True)
@@ -502,20 +496,15 @@ def chunk_output(chunk_call, q, k, v, b, h, seg, cfg: Cfg):
 
 def chunk_grads(chunk_call, q, k, v, b, seg, h, dh, do, cfg: Cfg) -> tuple:
     """``(dq, dk, dv, db)`` (``db`` None without a gate) by ``grad_kernel``; GLA, and the other
-    gates with ``TritonTuning.bwd_parts=2``, as two kernels (dq; dk, dv), the other gates with
-    ``bwd_parts=3`` as three (dq; dk; dv); the ``db`` parts are summed here."""
+    gates with ``TritonTuning.bwd_parts=2``, as two kernels (dq; dk, dv), whose ``db`` parts are
+    summed here."""
     ins = [(q, "seq"), (k, "seq"), (v, "seq")] + ([(b, "seq")] if b is not None else [])
     ins += [(h, "state"), (dh, "state"), (do, "seq")] + doc_args(seg, cfg)
     like = lambda x, dtype=None: (jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), "seq")  # noqa: E731
     db = [like(b, F32)] if b is not None else []
-    parts = cfg.tune.bwd_parts if isinstance(cfg.tune, TritonTuning) else 1
-    part = lambda p: functools.partial(grad_kernel, part=p)  # noqa: E731
-    if cfg.gate != "gated" and parts == 3:
-        dq, *db_q = chunk_call(part("dq"), cfg, ins, [like(q), *db], "la_chunk_bwd_dq", bwd=True)
-        dk, *db_k = chunk_call(part("dk"), cfg, ins, [like(k), *db], "la_chunk_bwd_dk", bwd=True)
-        (dv,) = chunk_call(part("dv"), cfg, ins, [like(v)], "la_chunk_bwd_dv", bwd=True)
-        return dq, dk, dv, db_q[0] + db_k[0] if db else None
-    if cfg.gate == "gated" or parts == 2:
+    split = isinstance(cfg.tune, TritonTuning) and cfg.tune.bwd_parts == 2
+    if cfg.gate == "gated" or split:
+        part = lambda p: functools.partial(grad_kernel, part=p)  # noqa: E731
         dq, *db_q = chunk_call(part("dq"), cfg, ins, [like(q), *db], "la_chunk_bwd_dq",
                                bwd=True)  # fmt: skip
         dk, dv, *db_k = chunk_call(part("dkv"), cfg, ins, [like(k), like(v), *db],

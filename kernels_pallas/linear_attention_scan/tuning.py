@@ -14,14 +14,13 @@ import dataclasses
 
 
 def _check(obj) -> None:
-    """Every field a positive int; all but ``*stages`` and ``*parts`` powers of two; ``sub`` >=
-    16."""
+    """Every field a positive int; all but ``*stages`` powers of two; ``sub`` >= 16."""
     name = type(obj).__name__
     for field in dataclasses.fields(obj):
         value = getattr(obj, field.name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}.{field.name}: must be a positive int, got {value!r}")
-        if value & (value - 1) and not field.name.endswith(("stages", "parts")):
+        if value & (value - 1) and not field.name.endswith("stages"):
             raise ValueError(f"{name}.{field.name}: must be a power of two, got {value!r}")
     if obj.sub < 16:
         raise ValueError(f"{name}.sub: must be >= 16 (MMA tiles), got {obj.sub}")
@@ -37,8 +36,7 @@ class TritonTuning:
     chunk); ``staged_tile``: dv columns of one GLA output program (``bwd_staged_tile``: of one
     dv program of the backward; ``bwd_staged_bk``: dk columns of one dq/dk program; clipped to
     the dims); ``bwd_parts``: 1, one backward chunk kernel for dq, dk and dv (no and scalar
-    decay), 2, one for dq and one for dk and dv (fewer live tiles each; GLA always splits so),
-    or 3, one each.
+    decay), or 2, one for dq and one for dk and dv (fewer live tiles each; GLA always splits).
     """
 
     state_bk: int = 64
@@ -61,8 +59,8 @@ class TritonTuning:
 
     def __post_init__(self) -> None:
         _check(self)
-        if self.bwd_parts not in (1, 2, 3):
-            raise ValueError(f"TritonTuning.bwd_parts: must be 1, 2 or 3, got {self.bwd_parts}")
+        if self.bwd_parts not in (1, 2):
+            raise ValueError(f"TritonTuning.bwd_parts: must be 1 or 2, got {self.bwd_parts}")
 
 
 @dataclasses.dataclass(frozen=True)
