@@ -211,6 +211,9 @@ def test_bad_inputs_raise_before_compiling():
             chunked_linear_attention(q, k, v, **kwargs)
     with pytest.raises(ValueError, match="v must be"):
         chunked_linear_attention(q, k, v[:, :4])
+    for parts in (0, 3):
+        with pytest.raises(ValueError, match="TritonTuning.bwd_parts"):
+            TritonTuning(bwd_parts=parts)
     with pytest.raises(ValueError, match="powers of two"):  # compiled Triton: dk = 12
         chunked_linear_attention(q[..., :12], k[..., :12], v, backend="gpu", interpret=False)
     with pytest.raises(ValueError, match="state"):
