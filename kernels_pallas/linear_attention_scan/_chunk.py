@@ -383,9 +383,9 @@ def out_kernel(cfg: Cfg, *refs):
 
 def grad_kernel(cfg: Cfg, *refs, part: str = "all"):
     """Backward chunk kernel of one chunk given ``h[n]`` and ``dh[n]``. ``part`` "all": dq, dk,
-    dv and db; GLA on TPU, two kernels (fewer live tiles each, as fla's split backward): "dq" =
-    dq and its db term ``q * dq``, "dkv" = dk, dv and the rest of db (the two db parts are
-    summed outside)."""
+    dv and db; or two kernels with fewer live tiles each (as fla's split backward; GLA on TPU,
+    and every gate with ``TritonTuning.bwd_parts=2``): "dq" = dq and its db term ``q * dq``,
+    "dkv" = dk, dv and the rest of db (the two db parts are summed outside)."""
     q_ref, k_ref, v_ref, *refs = refs
     b_ref = refs.pop(0) if cfg.gate != "none" else None
     h_ref, dh_ref, do_ref = refs.pop(0), refs.pop(0), refs.pop(0)

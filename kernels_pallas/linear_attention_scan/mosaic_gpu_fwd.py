@@ -129,9 +129,9 @@ def gate_factors(b, seg, shape: tuple[int, int, int], dk: int) -> tuple[jax.Arra
 
 
 def scratch_types(dtype, dk: int, stages: int) -> tuple:
-    """Rings of Q, K, V tiles and gate factors; the published states (input dtype, two slots:
-    ``Q S``'s operand), ``exp(B - b) * V``, two output tiles and the float32 initial / final
-    state's staging; barriers (module doc)."""
+    """Rings of Q, K, V tiles and gate factors; two slots each of the published states (input
+    dtype: ``Q S``'s operand), ``exp(B - b) * V`` and the output tiles; the float32 initial /
+    final state's staging; barriers (module doc)."""
     mat = lambda *shape: plgpu.SMEM(shape, dtype, transforms=WGMMA_TRANSFORMS)  # noqa: E731
     return (
         (
