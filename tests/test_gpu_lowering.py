@@ -16,7 +16,7 @@ import pytest
 from jax import export
 
 from kernels_pallas.flash_attention import flash_attention, flash_decode
-from kernels_pallas.linear_attention_scan import chunked_linear_attention, mosaic_gpu_fwd
+from kernels_pallas.linear_attention_scan import chunked_linear_attention
 
 B, L, H, D = 1, 256, 2, 64
 GPU = dict(backend="gpu", interpret=False)
@@ -61,20 +61,6 @@ def _scan_case(gated: bool, lowering: str = "triton", dk: int = D, segments: boo
     return _grads(fn, 4), (x, x, x, g, jax.ShapeDtypeStruct((B, L), jnp.int32), s0)
 
 
-def _fused_offload_case():
-    """The fused scan forward with ``offload`` (the output warpgroup forms ``exp(B - b) * V``),
-    saving the states, dk 128."""
-    x = jax.ShapeDtypeStruct((B, L, H, 128), jnp.bfloat16)
-    b = jax.ShapeDtypeStruct((B, L, H, 1), jnp.float32)
-    s0 = jax.ShapeDtypeStruct((B, H, 128, 128), jnp.float32)
-
-    def fn(q, k, v, b, s0):
-        return mosaic_gpu_fwd.forward(q, k, v, b, s0, offload=True, save_states=True,
-                                      interpret=False)  # fmt: skip
-
-    return fn, (x, x, x, b, s0)
-
-
 CASES = {
     "flash mosaic fwd+bwd": (lambda: _attention_case("mosaic"), "mosaic_gpu"),
     "flash mosaic fwd+bwd, segment ids": (
@@ -89,7 +75,6 @@ CASES = {
         lambda: _scan_case(False, "mosaic"), "mosaic_gpu"),
     "linear-attention scan, fused mosaic forward, dk 128, segment ids, initial state": (
         lambda: _scan_case(False, "mosaic", 128, segments=True), "mosaic_gpu"),
-    "linear-attention scan, fused mosaic forward, offload": (_fused_offload_case, "mosaic_gpu"),
 }  # fmt: skip
 
 

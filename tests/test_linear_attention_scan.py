@@ -23,7 +23,6 @@ from kernels_pallas.linear_attention_scan import (
     TritonTuning,
     chunked_linear_attention,
     linear_attention_recurrence,
-    mosaic_gpu_fwd,
     recurrent_step,
 )
 
@@ -259,22 +258,16 @@ DOCS = np.repeat([[1, 2, 3, 4]], [70, 58, 30, 42], axis=1)
 
 
 @pytest.mark.parametrize(
-    "gate, dk, dv, dtype, docs, init, offload",
-    [("scalar", 64, 128, jnp.bfloat16, False, True, False),
-     ("none", 128, 128, jnp.bfloat16, False, False, False),
-     ("scalar", 128, 64, jnp.float16, False, False, True),
-     ("scalar", 64, 64, jnp.bfloat16, True, True, False),
-     ("scalar", 64, 128, jnp.bfloat16, True, True, True)],
+    "gate, dk, dv, dtype, docs, init",
+    [("scalar", 64, 128, jnp.bfloat16, False, True), ("none", 128, 128, jnp.bfloat16, False, False),
+     ("scalar", 128, 64, jnp.float16, False, False), ("scalar", 64, 64, jnp.bfloat16, True, True)],
 )  # fmt: skip
-def test_mosaic_fused_forward(races, monkeypatch, gate, dk, dv, dtype, docs, init, offload):
+def test_mosaic_fused_forward(races, gate, dk, dv, dtype, docs, init):
     """The fused Mosaic GPU forward, interpreted with race detection: 4 chunks through a 2-slot
-    ring (one padded), 1 or 2 value tiles, packed documents (``DOCS``), an initial state, and
-    ``offload`` (the output warpgroup forms ``exp(B - b) * V``). Output, final state and
-    gradients within the bf16 bound of the module doc (its states are the MMA operands the
-    Triton path rounds the same way); its output within 1e-2 of the Triton forward's."""
-    if offload:
-        forward = functools.partial(mosaic_gpu_fwd.forward, offload=True)
-        monkeypatch.setattr(mosaic_gpu_fwd, "forward", forward)
+    ring (one padded), 1 or 2 value tiles, packed documents (``DOCS``), an initial state. Output,
+    final state and gradients within the bf16 bound of the module doc (its states are the MMA
+    operands the Triton path rounds the same way); its output within 1e-2 of the Triton
+    forward's."""
     q, k, v, g, s0 = make_inputs(11, 1, 200, 2, dk, dv, gate, 0.05 if docs else 1.0, dtype)
     seg = jnp.asarray(DOCS) if docs else None
     errs = _fused_vs_recurrence(q, k, v, g, interpret=True, seg=seg, s0=s0 if init else None)

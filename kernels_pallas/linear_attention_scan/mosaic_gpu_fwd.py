@@ -27,10 +27,9 @@ split the work (the schedule of FlashQLA's Hopper forward, as jla describes it):
   ``stages`` slots with TMA (2 by default, measured faster than 3:
   ``experiments/results/bench_scan_fused_ab.md``); both consumers free a slot.
 
-``offload`` moves ``exp(B - b) * V`` off the serial chain: the output warpgroup forms it with
-its ``Q K^T`` and publishes it (two slots) before it waits for ``S``, so that the state
-warpgroup's chain per chunk is one wait, one product and the state's publication. Not yet
-timed against the default (``experiments/results/bench_scan_fused_ab.md`` times the rest).
+Moving ``exp(B - b) * V`` off the serial chain (the output warpgroup forming it with its
+``Q K^T`` and publishing it in two slots) made the forward 4-42% slower in an A/B on an H200
+(same file), so the state warpgroup keeps it.
 
 ``save_states`` also writes ``h [batch, heads, chunks, dk, dv]`` (input dtype) from the
 published states, what the Triton backward reads.
@@ -129,9 +128,9 @@ def gate_factors(b, seg, shape: tuple[int, int, int], dk: int) -> tuple[jax.Arra
 
 
 def scratch_types(dtype, dk: int, stages: int) -> tuple:
-    """Rings of Q, K, V tiles and gate factors; two slots each of the published states (input
-    dtype: ``Q S``'s operand), ``exp(B - b) * V`` and the output tiles; the float32 initial /
-    final state's staging; barriers (module doc)."""
+    """Rings of Q, K, V tiles and gate factors; the published states (input dtype, two slots:
+    ``Q S``'s operand), ``exp(B - b) * V``, two output tiles and the float32 initial / final
+    state's staging; barriers (module doc)."""
     mat = lambda *shape: plgpu.SMEM(shape, dtype, transforms=WGMMA_TRANSFORMS)  # noqa: E731
     return (
         (
@@ -141,7 +140,7 @@ def scratch_types(dtype, dk: int, stages: int) -> tuple:
             plgpu.SMEM((stages, 2, CHUNK), jnp.float32),  # b, r ring (columns)
             plgpu.SMEM((stages, 4 + dk // CHUNK, CHUNK), jnp.float32),  # factors ring (rows)
             mat(2, dk, BLOCK_V),  # S entering chunk n, in slot n % 2
-            mat(2, CHUNK, BLOCK_V),  # exp(B - b) * V of chunk n, in slot n % 2
+            mat(CHUNK, BLOCK_V),  # exp(B - b) * V
             mat(2, CHUNK, BLOCK_V),  # O of chunk n, in slot n % 2
             plgpu.SMEM((dk, BLOCK_V), jnp.float32, transforms=F32_TRANSFORMS),  # initial, final S
         ),
@@ -150,8 +149,6 @@ def scratch_types(dtype, dk: int, stages: int) -> tuple:
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # slot consumed by both consumers
         plgpu.Barrier(num_barriers=2),  # S published
         plgpu.Barrier(num_barriers=2),  # S read
-        plgpu.Barrier(num_barriers=2),  # exp(B - b) * V published (``offload``)
-        plgpu.Barrier(num_barriers=2),  # exp(B - b) * V read (``offload``)
     )
 
 
@@ -162,24 +159,17 @@ def _columns(x, i: int, interpret: bool):
     return x.at[:, pl.ds(i * ROWS, ROWS)]
 
 
-def _diagonal(w_row, dtype, interpret: bool):
-    """``diag(w)`` ``[C, C]`` in registers: the left wgmma operand that scales V's rows."""
-    row, col = iota((CHUNK, CHUNK), 0, interpret), iota((CHUNK, CHUNK), 1, interpret)
-    w = lax.broadcast_in_dim(w_row, (CHUNK, CHUNK), (0,))
-    return jnp.where(row == col, w, 0.0).astype(dtype)
-
-
 def _load_acc(ref, interpret: bool):
     """A float32 ``[64, n]`` block of shared memory as a wgmma accumulator."""
     return ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
 
 
 def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, stages, save,
-            offload, interpret):  # fmt: skip
+            interpret):  # fmt: skip
     """One CTA per (batch, head, value tile), program id ``p = (batch * heads + head) * tiles
     + tile``; warpgroup 2 produces, 1 carries the state, 0 writes the outputs (module doc)."""
     h_ref = refs[0] if save else None
-    smem, ready, s0_ready, free, s_ready, s_free, vw_ready, vw_free = refs[1:] if save else refs
+    smem, ready, s0_ready, free, s_ready, s_free = refs[1:] if save else refs
     q_ring, k_ring, v_ring, b_ring, f_ring, s_pub, vw_smem, o_smem, sf_smem = smem
     q_ready, k_ready, v_ready, b_ready, f_ready = ready
     _, length, heads, dk = q_ref.shape
@@ -226,25 +216,19 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
             plgpu.barrier_arrive(s_ready.at[pub])
             if save:
                 plgpu.copy_smem_to_gmem(s_pub.at[pub], h_ref.at[batch, head, n, :, cols])
-            for bar in (k_ready, f_ready) + (() if offload else (v_ready,)):
+            for bar in (k_ready, v_ready, f_ready):
                 plgpu.barrier_wait(bar.at[slot])
-            carry = [vector(f_ring.at[slot, 4 + i], 0, interpret) for i in range(halves)]
-            if offload:  # the output warpgroup forms exp(B - b) * V
-                plgpu.commit_smem()  # fences the slot's gate loads before its release
-                (k,) = wgmma_operands((k_ring.at[slot],), interpret)
-                plgpu.barrier_wait(vw_ready.at[pub])
-            else:
-                k, v = wgmma_operands((k_ring.at[slot], v_ring.at[slot]), interpret)
-                diag = _diagonal(vector(f_ring.at[slot, 3], 0, interpret), dtype, interpret)
-                (vw,) = mma(((zero_acc(shape_cv, interpret), [(diag, v)]),), interpret)
-                vw_smem.at[pub][...] = vw.astype(dtype)
-                plgpu.commit_smem()  # for wgmma; also fences the slot's gate loads
+            k, v = wgmma_operands((k_ring.at[slot], v_ring.at[slot]), interpret)
+            w_row, *carry = (vector(f_ring.at[slot, i], 0, interpret) for i in range(3, 4 + halves))
+            row, col = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)
+            diag = jnp.where(row == col, bcast(w_row, shape_cc, 0), 0.0).astype(dtype)
+            (vw,) = mma(((zero_acc(shape_cv, interpret), [(diag, v)]),), interpret)
+            vw_smem[...] = vw.astype(dtype)
+            plgpu.commit_smem()  # for wgmma; also fences the slot's gate loads before its release
             s = [part * bcast(carry[i], shape_cv, 0) for i, part in enumerate(s)]
-            s = mma(tuple((part, [(Transposed(_columns(k, i, interpret)), vw_smem.at[pub])])
+            s = mma(tuple((part, [(Transposed(_columns(k, i, interpret)), vw_smem)])
                           for i, part in enumerate(s)),
                     interpret)  # fmt: skip
-            if offload:
-                plgpu.barrier_arrive(vw_free.at[pub])
             plgpu.barrier_arrive(free.at[slot])
             return tuple(s)
 
@@ -277,19 +261,9 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
             q, k, v = wgmma_operands((q_ring.at[slot], k_ring.at[slot], v_ring.at[slot]),
                                      interpret)  # fmt: skip
             b_col, r_col = (vector(b_ring.at[slot, i], 1, interpret) for i in range(2))
-            b_row, r_row, e_row, *w_row = (vector(f_ring.at[slot, i], 0, interpret)
-                                           for i in range(3 + offload))  # fmt: skip
+            b_row, r_row, e_row = (vector(f_ring.at[slot, i], 0, interpret) for i in range(3))
             plgpu.commit_smem()  # fences the slot's gate loads before its release
-            terms = [(zero_acc(shape_cc, interpret), [(q, Transposed(k))])]
-            if offload:
-                diag = _diagonal(w_row[0], dtype, interpret)
-                terms.append((zero_acc(shape_cv, interpret), [(diag, v)]))
-            a, *vw = mma(tuple(terms), interpret)
-            if offload:  # for the state warpgroup, before this warpgroup waits for its S
-                pl.when(n >= 2)(lambda: plgpu.barrier_wait(vw_free.at[pub]))
-                vw_smem.at[pub][...] = vw[0].astype(dtype)
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(vw_ready.at[pub])
+            (a,) = mma(((zero_acc(shape_cc, interpret), [(q, Transposed(k))]),), interpret)
             row, col = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)
             causal = (col <= row) & (bcast(r_row, shape_cc, 0) == bcast(r_col, shape_cc, 1))
             gap = jnp.where(causal, bcast(b_row, shape_cc, 0) - bcast(b_col, shape_cc, 1), 0.0)
@@ -305,23 +279,15 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[pub], o_ref.at[batch, rows(n), head, cols])
 
-        if offload:
-
-            @pl.loop(jnp.maximum(n_chunks - 2, 0), n_chunks)
-            def _(n):  # the last two values' reads
-                plgpu.barrier_wait(vw_free.at[two(n)])
-
         plgpu.wait_smem_to_gmem(0)
 
 
-def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, offload: bool = False,
-            save_states: bool, interpret: bool):  # fmt: skip
+def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, interpret: bool):
     """``(o [batch, len, heads, dv], s_final [batch, heads, dk, dv] float32, h)`` from ``q, k
     [batch, len, heads, dk]``, ``v [batch, len, heads, dv]`` (len a multiple of ``CHUNK``),
     ``b`` (chunk-local log-gate cumsum ``[batch, len, heads, 1]`` float32, None: no decay) and
     ``s0`` (the initial state ``[batch, heads, dk, dv]`` float32), ``seg`` (document indices,
-    see :func:`gate_factors`; None: one document); ``stages``, ``offload``: the schedule
-    (module doc); ``h [batch,
+    see :func:`gate_factors`; None: one document); ``h [batch,
     heads, chunks, dk, dv]`` (states entering each chunk) in the input dtype with
     ``save_states``, else None."""
     bsz, length, heads, dk = q.shape
@@ -337,9 +303,7 @@ def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, offload: bool = False,
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((bsz, heads, length // CHUNK, dk, dv), q.dtype))
     outs = plgpu.kernel(
-        functools.partial(
-            _kernel, stages=stages, save=save_states, offload=offload, interpret=interpret
-        ),
+        functools.partial(_kernel, stages=stages, save=save_states, interpret=interpret),
         out_type=tuple(out_type),
         scratch_types=scratch,
         grid=(bsz * heads * (dv // BLOCK_V),),
