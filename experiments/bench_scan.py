@@ -7,7 +7,8 @@ arjax's), bf16, head dim 128, (batch, heads, len) =
 (8, 16, 2048) and (2, 16, 8192), forward and forward+backward, on one GPU. First checks the
 kernels on the GPU against the float32 recurrence (odd length, initial state, segment
 resets, gradients), then times everything, arjax's fused Mosaic GPU forward (``lowering=
-"mosaic"``, scalar decay) in a table of its own. Run (fla-core and jla as wheels under .whl/):
+"mosaic"``; GLA: with Triton's scores kernel) in a table of its own. Run (fla-core and jla
+as wheels under .whl/):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:. python3 experiments/bench_scan.py
@@ -248,8 +249,6 @@ def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> Non
     """Add ``{name} fwd`` and ``{name} fwd+bwd`` (ms) to ``row``, or ``{name} error``."""
     q, k, v, g, do = inputs
     name = {"pallas": "pallas", "mosaic": "mosaic", "fla": "fla", "xla": "jnp", "jla": "jla"}[impl]
-    if impl == "mosaic" and variant == "gla":
-        return  # the fused forward has no per-channel gates
     start = time.perf_counter()
     try:
         if impl == "fla":

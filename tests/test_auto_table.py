@@ -160,7 +160,8 @@ def test_scan_auto_follows_the_table(scan_kernels, monkeypatch):
         ((128, 128, 64), "scalar", jnp.bfloat16, "pallas_mosaic"),
         ((64, 256, 64), "none", jnp.float16, "pallas_mosaic"),
         ((128, 128, 64), "scalar", jnp.float32, "pallas"),  # bf16/fp16 only
-        ((128, 128, 64), "gated", jnp.bfloat16, "pallas"),  # no per-channel (GLA) gates
+        ((128, 128, 64), "gated", jnp.bfloat16, "pallas_mosaic"),
+        ((128, 128, 64), "gated", jnp.float32, "pallas"),
         ((32, 128, 64), "scalar", jnp.bfloat16, "pallas"),  # dk 64 or 128
         ((128, 32, 64), "scalar", jnp.bfloat16, "pallas"),  # dv a multiple of 64
         ((128, 128, 32), "scalar", jnp.bfloat16, "pallas"),  # chunk 64

@@ -51,7 +51,7 @@ def _decode_case():
 
 def _scan_case(gated: bool, lowering: str = "triton", dk: int = D, segments: bool = False):
     x = jax.ShapeDtypeStruct((B, L, H, dk), jnp.bfloat16)
-    g = jax.ShapeDtypeStruct((B, L, H, D) if gated else (B, L, H), jnp.float32)
+    g = jax.ShapeDtypeStruct((B, L, H, dk) if gated else (B, L, H), jnp.float32)
 
     def fn(q, k, v, g, seg, s0):  # segments: packed documents and an initial state
         more = dict(segment_ids=seg, initial_state=s0) if segments else {}
@@ -75,6 +75,10 @@ CASES = {
         lambda: _scan_case(False, "mosaic"), "mosaic_gpu"),
     "linear-attention scan, fused mosaic forward, dk 128, segment ids, initial state": (
         lambda: _scan_case(False, "mosaic", 128, segments=True), "mosaic_gpu"),
+    "linear-attention scan, fused mosaic forward, gated, fwd+bwd": (
+        lambda: _scan_case(True, "mosaic"), "mosaic_gpu"),
+    "linear-attention scan, fused mosaic forward, gated, dk 128, segment ids, initial state": (
+        lambda: _scan_case(True, "mosaic", 128, segments=True), "mosaic_gpu"),
 }  # fmt: skip
 
 

@@ -185,9 +185,8 @@ def test_pallas_mosaic_runs_the_fused_forward_or_raises(rng, monkeypatch, within
     within_xla_error(*named, dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="dtype must be bfloat16 or float16, got float32"):
         linear_attention(*(x.astype(jnp.float32) for x in (q, k, v)), impl="pallas_mosaic")
-    with pytest.raises(ValueError, match="per-channel .GLA. log_decay is not supported"):
-        gates = jnp.broadcast_to(g[..., None], q.shape)
-        linear_attention(q, k, v, log_decay=gates, impl="pallas_mosaic")
+    with pytest.raises(ValueError, match="dk must be one of"):
+        linear_attention(q[..., :32], k[..., :32], v, log_decay=g, impl="pallas_mosaic")
     with pytest.raises(ValueError, match="impl='pallas_mosaic' needs form='chunked'"):
         linear_attention(q, k, v, form="recurrent", impl="pallas_mosaic")
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")

@@ -260,14 +260,15 @@ DOCS = np.repeat([[1, 2, 3, 4]], [70, 58, 30, 42], axis=1)
 @pytest.mark.parametrize(
     "gate, dk, dv, dtype, docs, init",
     [("scalar", 64, 128, jnp.bfloat16, False, True), ("none", 128, 128, jnp.bfloat16, False, False),
-     ("scalar", 128, 64, jnp.float16, False, False), ("scalar", 64, 64, jnp.bfloat16, True, True)],
+     ("scalar", 128, 64, jnp.float16, False, False), ("scalar", 64, 64, jnp.bfloat16, True, True),
+     ("gated", 128, 128, jnp.bfloat16, False, True), ("gated", 64, 64, jnp.float16, True, True)],
 )  # fmt: skip
 def test_mosaic_fused_forward(races, gate, dk, dv, dtype, docs, init):
     """The fused Mosaic GPU forward, interpreted with race detection: 4 chunks through a 2-slot
-    ring (one padded), 1 or 2 value tiles, packed documents (``DOCS``), an initial state. Output,
-    final state and gradients within the bf16 bound of the module doc (its states are the MMA
-    operands the Triton path rounds the same way); its output within 1e-2 of the Triton
-    forward's."""
+    ring (one padded), 1 or 2 value tiles, packed documents (``DOCS``), an initial state; GLA
+    (``gated``) with the Triton scores. Output, final state and gradients within the bf16
+    bound of the module doc (its states are the MMA operands the Triton path rounds the same
+    way); its output within 1e-2 of the Triton forward's."""
     q, k, v, g, s0 = make_inputs(11, 1, 200, 2, dk, dv, gate, 0.05 if docs else 1.0, dtype)
     seg = jnp.asarray(DOCS) if docs else None
     errs = _fused_vs_recurrence(q, k, v, g, interpret=True, seg=seg, s0=s0 if init else None)
@@ -279,9 +280,7 @@ def test_mosaic_fused_forward(races, gate, dk, dv, dtype, docs, init):
 def test_mosaic_fused_forward_rejects_what_it_lacks():
     """Each unsupported feature of ``lowering="mosaic"`` raises naming it, before tracing."""
     q, k, v, g, _ = make_inputs(0, 1, 64, 2, 64, 64, "scalar", dtype=jnp.bfloat16)
-    gated = make_inputs(0, 1, 64, 2, 64, 64, "gated")[3]
     cases = {
-        "per-channel": dict(log_decay=gated),
         "chunk_size": dict(chunk_size=32),
         "dtype": dict(dtype=jnp.float32),
         "dk": dict(dk=32),
@@ -296,7 +295,7 @@ def test_mosaic_fused_forward_rejects_what_it_lacks():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("gate", ("none", "scalar"))
+@pytest.mark.parametrize("gate", GATES)
 def test_gpu_mosaic_fused_forward(gate):
     """The fused forward compiled on a Hopper GPU: bf16 at width 128, 8 chunks, fwd + grads;
     the second row packs documents."""

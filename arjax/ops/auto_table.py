@@ -13,7 +13,7 @@ SOURCES = {
     "attention": "experiments/results/bench_attention.json (2026-12-02 07:41 UTC)",
     "decode": "experiments/results/bench_decode_attention.json (2026-12-04 12:53 UTC)",
     "gated_delta": "experiments/results/bench_gated_delta.json (2026-12-04T16:31+00:00)",
-    "scan": "experiments/results/bench_scan_mosaic.json (2026-12-04T19:57+00:00)",
+    "scan": "experiments/results/bench_scan_mosaic.json (2026-12-04T21:11+00:00)",
 }
 
 ATTENTION = {
@@ -28,8 +28,8 @@ ATTENTION = {
 }
 
 SCAN = {
-    ("hopper", "gated", 2048): {"fwd": "pallas", "fwd+bwd": "pallas"},
-    ("hopper", "gated", 8192): {"fwd": "pallas", "fwd+bwd": "pallas"},
+    ("hopper", "gated", 2048): {"fwd": "pallas_mosaic", "fwd+bwd": "pallas_mosaic"},
+    ("hopper", "gated", 8192): {"fwd": "pallas_mosaic", "fwd+bwd": "pallas_mosaic"},
     ("hopper", "scalar", 2048): {"fwd": "pallas_mosaic", "fwd+bwd": "pallas_mosaic"},
     ("hopper", "scalar", 8192): {"fwd": "pallas_mosaic", "fwd+bwd": "pallas_mosaic"},
 }

@@ -10,8 +10,8 @@ Files: the chunk math shared by both lowerings (:mod:`._chunk`); Pallas Triton f
 (:mod:`.triton_fwd`: state pass, chunk launcher, staged GLA forward, log-gate cumsum) and
 backward (:mod:`.triton_bwd`); Pallas Mosaic TPU forward and backward (:mod:`.mosaic_tpu`);
 launch parameters, one frozen dataclass per lowering (:mod:`.tuning`); on Hopper, a fused Pallas
-Mosaic GPU forward for no and scalar decay (:mod:`.mosaic_gpu_fwd`, ``lowering="mosaic"``: the
-state stays on chip; the backward stays Triton's); the one-token decode
+Mosaic GPU forward (:mod:`.mosaic_gpu_fwd`, ``lowering="mosaic"``: the state stays on chip;
+GLA's scores come from the Triton staged kernel; the backward stays Triton's); the one-token decode
 update (:mod:`.decode`); the float32 token-by-token recurrence the kernels are tested against
 (:mod:`.reference`). This file validates, pads and dispatches.
 
@@ -67,6 +67,11 @@ _LOWERINGS = {"gpu": (triton_fwd, triton_bwd), "tpu": (mosaic_tpu, mosaic_tpu)}
 def _forward(q, k, v, b, s0, seg, cfg: Cfg, *, save: bool):
     """``((o, s_final), (h, A))``: ``A`` the staged GLA scores (else None); ``h`` is None
     from the fused forward unless ``save`` (the backward's residual)."""
+    if cfg.lowering == "mosaic" and cfg.staged:  # GLA: Triton's scores, then the fused pass
+        a = triton_fwd.gla_scores(q, k, b, seg, cfg)
+        o, s_final, h = mosaic_gpu_fwd.forward_gated(q, k, v, b, a, s0, seg, save_states=save,
+                                                     interpret=cfg.interpret)  # fmt: skip
+        return (o, s_final), (h, a)
     if cfg.lowering == "mosaic":
         o, s_final, h = mosaic_gpu_fwd.forward(q, k, v, b, s0, seg, save_states=save,
                                                interpret=cfg.interpret)  # fmt: skip
@@ -176,8 +181,8 @@ def chunked_linear_attention(
     defaults to True on CPU. ``tuning``: the lowering's launch parameters (``TritonTuning`` for
     "gpu", ``MosaicTpuTuning`` for "tpu"), default the row of :mod:`.tuning` for the gate.
     ``lowering`` ("gpu" only): "triton", or "mosaic" for the fused Hopper forward
-    (:mod:`.mosaic_gpu_fwd`: no or scalar decay, chunk 64, bf16/fp16, dk 64 or 128; the
-    backward is Triton's either way).
+    (:mod:`.mosaic_gpu_fwd`: chunk 64, bf16/fp16, dk 64 or 128; the backward is Triton's
+    either way).
     """
     backend, interpret = resolve(backend, interpret)
     _validate(q, k, v, log_decay, initial_state, segment_ids, chunk_size, backend)
@@ -199,7 +204,7 @@ def chunked_linear_attention(
             f"{want.__name__}, got {type(tuning).__name__}"
         )
     if lowering == "mosaic":
-        mosaic_gpu_fwd.check_supported(q, v, chunk=c, gate=gate)
+        mosaic_gpu_fwd.check_supported(q, v, chunk=c)
     cfg = Cfg(backend, interpret, c, gate, segment_ids is not None, q.dtype == jnp.float32,
               tuning, lowering)  # fmt: skip
 

@@ -38,9 +38,17 @@ Segment ids (packed documents) enter as per-token document indices ``r``: scores
 a document, the incoming state read only by the rows of its document, the outgoing state fed
 only by the rows of the last one (and carried only if the chunk has no document start), all
 folded into the gate factors (:func:`gate_factors`) and one extra comparison in the scores'
-mask. The initial state enters through the final state's staging buffer. Not here (the caller
-keeps the Triton path for it): GLA's per-channel gates. Interpret mode runs the same kernel
-with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
+mask. The initial state enters through the final state's staging buffer.
+
+GLA's per-channel gates (``gated``, :func:`forward_gated`) take jla's split of the GLA forward
+(its ``intra`` then ``state_output`` kernels): the scores ``A`` come from Triton's staged
+kernels (:func:`.triton_fwd.gla_scores`, exact for any gate by secondary chunking), and the
+caller scales Q's and K's rows (:func:`gla_factors`). The same three warpgroups then run
+``O = (Q e^b) S + A V`` and ``S <- diag(e^B) S + (K e^{B - b})^T V``: the output warpgroup
+loads ``A`` instead of forming it, and the state warpgroup's chain loses its diagonal product
+(the state rows' decays are the factors the scalar gate repeats ``dk`` times).
+
+Interpret mode runs the same kernel with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
 """
 
 from __future__ import annotations
@@ -78,7 +86,7 @@ BLOCK_V = 64  # value columns per CTA (the state tile's registers: dk * 64 / 128
 F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
-def check_supported(q, v, *, chunk: int, gate: str) -> None:
+def check_supported(q, v, *, chunk: int) -> None:
     """Raise ``ValueError`` naming what the fused forward does not support (before tracing)."""
     who = "chunked_linear_attention(lowering='mosaic')"
     problems = []
@@ -90,8 +98,6 @@ def check_supported(q, v, *, chunk: int, gate: str) -> None:
         problems.append(f"dv must be a multiple of {BLOCK_V}, got {v.shape[-1]}")
     if chunk != CHUNK:
         problems.append(f"chunk_size must be {CHUNK}, got {chunk}")
-    if gate == "gated":
-        problems.append("per-channel (GLA) log_decay is not supported, only [batch, len, heads]")
     if problems:
         raise ValueError(f"{who}: " + "; ".join(problems))
 
@@ -127,20 +133,27 @@ def gate_factors(b, seg, shape: tuple[int, int, int], dk: int) -> tuple[jax.Arra
     return jnp.stack([b_chunks, r], axis=-2), jnp.stack(rows, axis=-2)
 
 
-def scratch_types(dtype, dk: int, stages: int) -> tuple:
-    """Rings of Q, K, V tiles and gate factors; the published states (input dtype, two slots:
-    ``Q S``'s operand), ``exp(B - b) * V``, two output tiles and the float32 initial / final
+def scratch_types(dtype, dk: int, stages: int, gated: bool = False) -> tuple:
+    """Rings of Q, K, V tiles and gate factors (``gated``: of the scores ``A`` and the state
+    rows' decays); the published states (input dtype, two slots: ``Q S``'s operand),
+    ``exp(B - b) * V`` (not ``gated``), two output tiles and the float32 initial / final
     state's staging; barriers (module doc)."""
     mat = lambda *shape: plgpu.SMEM(shape, dtype, transforms=WGMMA_TRANSFORMS)  # noqa: E731
+    if gated:
+        x_ring = plgpu.SMEM((stages, CHUNK, CHUNK), jnp.float32, transforms=F32_TRANSFORMS)
+        f_ring = plgpu.SMEM((stages, dk // CHUNK, CHUNK), jnp.float32)  # state rows' decays
+    else:
+        x_ring = plgpu.SMEM((stages, 2, CHUNK), jnp.float32)  # b, r (columns)
+        f_ring = plgpu.SMEM((stages, 4 + dk // CHUNK, CHUNK), jnp.float32)  # factors (rows)
     return (
         (
             mat(stages, CHUNK, dk),  # Q ring
             mat(stages, CHUNK, dk),  # K ring
             mat(stages, CHUNK, BLOCK_V),  # V ring
-            plgpu.SMEM((stages, 2, CHUNK), jnp.float32),  # b, r ring (columns)
-            plgpu.SMEM((stages, 4 + dk // CHUNK, CHUNK), jnp.float32),  # factors ring (rows)
+            x_ring,
+            f_ring,
             mat(2, dk, BLOCK_V),  # S entering chunk n, in slot n % 2
-            mat(CHUNK, BLOCK_V),  # exp(B - b) * V
+            *(() if gated else (mat(CHUNK, BLOCK_V),)),  # exp(B - b) * V
             mat(2, CHUNK, BLOCK_V),  # O of chunk n, in slot n % 2
             plgpu.SMEM((dk, BLOCK_V), jnp.float32, transforms=F32_TRANSFORMS),  # initial, final S
         ),
@@ -164,14 +177,15 @@ def _load_acc(ref, interpret: bool):
     return ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
 
 
-def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, stages, save,
-            interpret):  # fmt: skip
+def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, stages, save,
+            gated, interpret):  # fmt: skip
     """One CTA per (batch, head, value tile), program id ``p = (batch * heads + head) * tiles
-    + tile``; warpgroup 2 produces, 1 carries the state, 0 writes the outputs (module doc)."""
+    + tile``; warpgroup 2 produces, 1 carries the state, 0 writes the outputs (module doc).
+    ``x_ref``: the gate's column factors, or ``gated`` the scores ``A``."""
     h_ref = refs[0] if save else None
     smem, ready, s0_ready, free, s_ready, s_free = refs[1:] if save else refs
-    q_ring, k_ring, v_ring, b_ring, f_ring, s_pub, vw_smem, o_smem, sf_smem = smem
-    q_ready, k_ready, v_ready, b_ready, f_ready = ready
+    q_ring, k_ring, v_ring, x_ring, f_ring, s_pub, *vw_smem, o_smem, sf_smem = smem
+    q_ready, k_ready, v_ready, x_ready, f_ready = ready
     _, length, heads, dk = q_ref.shape
     tiles = v_ref.shape[-1] // BLOCK_V
     n_chunks = length // CHUNK
@@ -196,14 +210,15 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
             plgpu.copy_gmem_to_smem(k_ref.at[batch, t, head], k_ring.at[slot], k_ready.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[batch, t, head, cols], v_ring.at[slot],
                                     v_ready.at[slot])  # fmt: skip
-            for ref, ring, bar in ((b_ref, b_ring, b_ready), (f_ref, f_ring, f_ready)):
+            for ref, ring, bar in ((x_ref, x_ring, x_ready), (f_ref, f_ring, f_ready)):
                 plgpu.copy_gmem_to_smem(ref.at[batch, head, n], ring.at[slot], bar.at[slot])
 
         produce(load, n_chunks, stages, free)
 
     @pl.when(wg == 1)
     def _state():
-        """The serial chain: publish S entering chunk n, then S <- exp(B) S + K^T (w * V)."""
+        """The serial chain: publish S entering chunk n, then S <- exp(B) S + K^T (w * V)
+        (``gated``: ``S <- diag(exp(B)) S + K^T V``, K's rows already scaled by the caller)."""
 
         def chunk(n, s):
             slot, pub = ring_slot(n), two(n)
@@ -219,14 +234,21 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
             for bar in (k_ready, v_ready, f_ready):
                 plgpu.barrier_wait(bar.at[slot])
             k, v = wgmma_operands((k_ring.at[slot], v_ring.at[slot]), interpret)
-            w_row, *carry = (vector(f_ring.at[slot, i], 0, interpret) for i in range(3, 4 + halves))
-            row, col = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)
-            diag = jnp.where(row == col, bcast(w_row, shape_cc, 0), 0.0).astype(dtype)
-            (vw,) = mma(((zero_acc(shape_cv, interpret), [(diag, v)]),), interpret)
-            vw_smem[...] = vw.astype(dtype)
-            plgpu.commit_smem()  # for wgmma; also fences the slot's gate loads before its release
+            if gated:
+                carry = [vector(f_ring.at[slot, i], 0, interpret) for i in range(halves)]
+                plgpu.commit_smem()  # fences the slot's gate loads before its release
+                vw = v
+            else:
+                w_row, *carry = (vector(f_ring.at[slot, i], 0, interpret)
+                                 for i in range(3, 4 + halves))  # fmt: skip
+                row, col = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)
+                diag = jnp.where(row == col, bcast(w_row, shape_cc, 0), 0.0).astype(dtype)
+                (vw,) = mma(((zero_acc(shape_cv, interpret), [(diag, v)]),), interpret)
+                vw_smem[0][...] = vw.astype(dtype)
+                plgpu.commit_smem()  # for wgmma; also fences the slot's gate loads
+                vw = vw_smem[0]
             s = [part * bcast(carry[i], shape_cv, 0) for i, part in enumerate(s)]
-            s = mma(tuple((part, [(Transposed(_columns(k, i, interpret)), vw_smem)])
+            s = mma(tuple((part, [(Transposed(_columns(k, i, interpret)), vw)])
                           for i, part in enumerate(s)),
                     interpret)  # fmt: skip
             plgpu.barrier_arrive(free.at[slot])
@@ -251,7 +273,7 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
     @pl.when(wg == 0)
     def _output():
         """Per chunk: A = Q K^T masked and decayed while the state is built, then
-        O = exp(b) * (Q S) + A V."""
+        O = exp(b) * (Q S) + A V (``gated``: A given, Q's rows already scaled: O = Q S + A V)."""
 
         @pl.loop(jnp.int32(0), n_chunks)
         def _(n):
@@ -260,26 +282,81 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
                 plgpu.barrier_wait(bar.at[slot])
             q, k, v = wgmma_operands((q_ring.at[slot], k_ring.at[slot], v_ring.at[slot]),
                                      interpret)  # fmt: skip
-            b_col, r_col = (vector(b_ring.at[slot, i], 1, interpret) for i in range(2))
-            b_row, r_row, e_row = (vector(f_ring.at[slot, i], 0, interpret) for i in range(3))
-            plgpu.commit_smem()  # fences the slot's gate loads before its release
-            (a,) = mma(((zero_acc(shape_cc, interpret), [(q, Transposed(k))]),), interpret)
-            row, col = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)
-            causal = (col <= row) & (bcast(r_row, shape_cc, 0) == bcast(r_col, shape_cc, 1))
-            gap = jnp.where(causal, bcast(b_row, shape_cc, 0) - bcast(b_col, shape_cc, 1), 0.0)
-            p = jnp.where(causal, a * jnp.exp(gap), 0.0).astype(dtype)
+            if gated:
+                p = _load_acc(x_ring.at[slot], interpret).astype(dtype)
+                plgpu.commit_smem()  # fences the slot's score loads before its release
+            else:
+                b_col, r_col = (vector(x_ring.at[slot, i], 1, interpret) for i in range(2))
+                b_row, r_row, e_row = (vector(f_ring.at[slot, i], 0, interpret) for i in range(3))
+                plgpu.commit_smem()  # fences the slot's gate loads before its release
+                (a,) = mma(((zero_acc(shape_cc, interpret), [(q, Transposed(k))]),), interpret)
+                row, col = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)
+                causal = (col <= row) & (bcast(r_row, shape_cc, 0) == bcast(r_col, shape_cc, 1))
+                gap = jnp.where(causal, bcast(b_row, shape_cc, 0) - bcast(b_col, shape_cc, 1), 0)
+                p = jnp.where(causal, a * jnp.exp(gap), 0.0).astype(dtype)
             plgpu.barrier_wait(s_ready.at[pub])
             zeros_cv = zero_acc(shape_cv, interpret)
             qs, pv = mma(((zeros_cv, [(q, s_pub.at[pub])]), (zeros_cv, [(p, v)])), interpret)
             plgpu.barrier_arrive(s_free.at[pub])
             plgpu.barrier_arrive(free.at[slot])
-            o = qs * bcast(e_row, shape_cv, 0) + pv
+            o = (qs if gated else qs * bcast(e_row, shape_cv, 0)) + pv
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # slot pub's copy, 2 chunks ago
             o_smem.at[pub][...] = o.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[pub], o_ref.at[batch, rows(n), head, cols])
 
         plgpu.wait_smem_to_gmem(0)
+
+
+def gla_factors(q, k, b, seg) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """GLA (per-channel log-gates): the operands of the gated kernel, ``(q e^b, k e^{B - b})``
+    in the input dtype (the rows that read the incoming state, resp. reach the outgoing one,
+    else 0: the Triton path's ``state_in`` / ``state_out``, rounded as it rounds them) and the
+    state rows' decays ``e^B`` (0 where a document starts in the chunk) ``[batch, heads,
+    chunks, dk / C, C]``; ``b`` ``[batch, len, heads, dk]`` float32, ``seg`` as
+    :func:`gate_factors`."""
+    chunks = lambda x: rearrange(x, "b (n c) h d -> b n c h d", c=CHUNK)  # noqa: E731
+    bc = chunks(b)
+    last = bc[:, :, -1:]  # [batch, chunks, 1, heads, dk]
+    e_in, e_out, carry = jnp.exp(bc), jnp.exp(last - bc), jnp.exp(last[:, :, 0])
+    if seg is not None:
+        r, r_prev = (chunks(x[..., None]) for x in seg)  # [batch, chunks, C, 1, 1]
+        e_in = jnp.where(r == r_prev[:, :, :1], e_in, 0.0)
+        e_out = jnp.where(r == r[:, :, -1:], e_out, 0.0)
+        carry = jnp.where(r[:, :, -1] == r_prev[:, :, 0], carry, 0.0)
+    flat = lambda x: rearrange(x, "b n c h d -> b (n c) h d")  # noqa: E731
+    qg, kg = (flat(x.astype(jnp.float32) * e) for x, e in ((chunks(q), e_in), (chunks(k), e_out)))
+    f = rearrange(carry, "b n h (i c) -> b h n i c", c=CHUNK)
+    return qg.astype(q.dtype), kg.astype(k.dtype), f
+
+
+def _launch(q, k, v, x, f, s0, *, gated: bool, stages: int, save_states: bool,
+            interpret: bool):  # fmt: skip
+    bsz, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    scratch = scratch_types(q.dtype, dk, stages, gated)
+    if (need := smem_footprint(scratch)) > SMEM_BYTES:
+        raise ValueError(f"linear-attention mosaic forward: stages={stages} needs {need} B of "
+                         f"shared memory > {SMEM_BYTES}")  # fmt: skip
+    out_type = [
+        jax.ShapeDtypeStruct(v.shape, q.dtype),
+        jax.ShapeDtypeStruct((bsz, heads, dk, dv), jnp.float32),
+    ]
+    if save_states:
+        out_type.append(jax.ShapeDtypeStruct((bsz, heads, length // CHUNK, dk, dv), q.dtype))
+    outs = plgpu.kernel(
+        functools.partial(
+            _kernel, stages=stages, save=save_states, gated=gated, interpret=interpret
+        ),
+        out_type=tuple(out_type),
+        scratch_types=scratch,
+        grid=(bsz * heads * (dv // BLOCK_V),),
+        grid_names=("p",),
+        num_threads=3,
+        thread_name="wg",
+        interpret=interpret_params() if interpret else None,
+    )(q, k, v, x, f, s0)
+    return outs[0], outs[1], (outs[2] if save_states else None)
 
 
 def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, interpret: bool):
@@ -291,25 +368,16 @@ def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, int
     heads, chunks, dk, dv]`` (states entering each chunk) in the input dtype with
     ``save_states``, else None."""
     bsz, length, heads, dk = q.shape
-    dv = v.shape[-1]
-    scratch = scratch_types(q.dtype, dk, stages)
-    if (need := smem_footprint(scratch)) > SMEM_BYTES:
-        raise ValueError(f"linear-attention mosaic forward: stages={stages} needs {need} B of "
-                         f"shared memory > {SMEM_BYTES}")  # fmt: skip
-    out_type = [
-        jax.ShapeDtypeStruct(v.shape, q.dtype),
-        jax.ShapeDtypeStruct((bsz, heads, dk, dv), jnp.float32),
-    ]
-    if save_states:
-        out_type.append(jax.ShapeDtypeStruct((bsz, heads, length // CHUNK, dk, dv), q.dtype))
-    outs = plgpu.kernel(
-        functools.partial(_kernel, stages=stages, save=save_states, interpret=interpret),
-        out_type=tuple(out_type),
-        scratch_types=scratch,
-        grid=(bsz * heads * (dv // BLOCK_V),),
-        grid_names=("p",),
-        num_threads=3,
-        thread_name="wg",
-        interpret=interpret_params() if interpret else None,
-    )(q, k, v, *gate_factors(b, seg, (bsz, length, heads), dk), s0)
-    return outs[0], outs[1], (outs[2] if save_states else None)
+    x, f = gate_factors(b, seg, (bsz, length, heads), dk)
+    return _launch(q, k, v, x, f, s0, gated=False, stages=stages, save_states=save_states,
+                   interpret=interpret)  # fmt: skip
+
+
+def forward_gated(q, k, v, b, a, s0, seg=None, *, stages: int = 2, save_states: bool,
+                  interpret: bool):  # fmt: skip
+    """GLA: :func:`forward` with per-channel ``b`` ``[batch, len, heads, dk]`` and the chunks'
+    scores ``a`` ``[batch, heads, chunks, C, C]`` float32 (causal, documents and gates
+    applied: :func:`.triton_fwd.gla_scores`); the operands from :func:`gla_factors`."""
+    qg, kg, f = gla_factors(q, k, b, seg)
+    return _launch(qg, kg, v, a, f, s0, gated=True, stages=stages, save_states=save_states,
+                   interpret=interpret)  # fmt: skip

@@ -8,9 +8,9 @@ per-key-dim data-dependent gate is GLA (Yang et al. 2024). Forms:
 * ``"parallel"`` -- quadratic masked float32 math, the reference (:mod:`.naive`);
 * ``"chunked"`` -- chunkwise parallel, for training (:mod:`.chunked`); with
   ``impl="pallas"`` the kernel in :mod:`kernels_pallas.linear_attention_scan` (Triton on GPU),
-  with ``impl="pallas_mosaic"`` its fused Hopper forward in Pallas Mosaic GPU (no or scalar
-  decay, bf16/fp16, dk 64 or 128, dv a multiple of 64, chunk 64; else a ``ValueError``) and
-  the Triton backward; ``impl="auto"`` takes the one measured fastest (:func:`resolve_impl`);
+  with ``impl="pallas_mosaic"`` its fused Hopper forward in Pallas Mosaic GPU (bf16/fp16, dk
+  64 or 128, dv a multiple of 64, chunk 64; else a ``ValueError``) and the Triton backward;
+  ``impl="auto"`` takes the one measured fastest (:func:`resolve_impl`);
 * ``"recurrent"`` -- a per-token scan with O(1) state, as used for decoding (:mod:`.recurrent`).
 
 q is not scaled here (the layer scales it). ``segment_ids`` resets the state at every
@@ -63,15 +63,15 @@ def _pallas_available() -> bool:
     return True
 
 
-def _mosaic_supported(dims: tuple[int, int, int], dtype: DTypeLike, gate: str) -> bool:
-    """Whether the fused Mosaic GPU forward runs (dk, dv, chunk_size) = ``dims``, ``dtype``
-    and ``gate``."""
+def _mosaic_supported(dims: tuple[int, int, int], dtype: DTypeLike) -> bool:
+    """Whether the fused Mosaic GPU forward runs (dk, dv, chunk_size) = ``dims`` and
+    ``dtype``."""
     from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd
 
     dk, dv, chunk = dims
     q, v = (jax.ShapeDtypeStruct((d,), dtype) for d in (dk, dv))
     try:
-        mosaic_gpu_fwd.check_supported(q, v, chunk=chunk, gate=gate)
+        mosaic_gpu_fwd.check_supported(q, v, chunk=chunk)
     except ValueError:
         return False
     return True
@@ -91,12 +91,12 @@ def resolve_impl(
     unless another impl was measured faster for this ``gate`` (``"none"``, ``"scalar"``,
     ``"gated"``) near ``seq_len`` on this GPU (``arjax.ops.auto_table.SCAN``): the jnp chunked
     form (``"xla"``), or the fused forward (``"pallas_mosaic"``) where it runs the call (its
-    ``dtype``, dims and gate)."""
+    ``dtype`` and dims)."""
     if impl != "auto":
         return impl
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
     if form == "chunked" and on_accelerator and pow2_tiles(*dims) and _pallas_available():
-        allowed = ("xla", "pallas_mosaic") if _mosaic_supported(dims, dtype, gate) else ("xla",)
+        allowed = ("xla", "pallas_mosaic") if _mosaic_supported(dims, dtype) else ("xla",)
         return kernel_unless_measured_slower(auto_table.SCAN, (gate,), seq_len, allowed)
     return "xla"
 
