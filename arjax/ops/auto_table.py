@@ -13,7 +13,7 @@ SOURCES = {
     "attention": "experiments/results/bench_attention.json (2026-12-02 07:41 UTC)",
     "decode": "experiments/results/bench_decode_attention.json (2026-12-04 12:53 UTC)",
     "gated_delta": "experiments/results/bench_gated_delta.json (2026-12-04T16:31+00:00)",
-    "scan": "experiments/results/bench_scan_mosaic.json (2026-12-04T21:11+00:00)",
+    "scan": "experiments/results/bench_scan_mosaic.json (2026-12-04T21:22+00:00)",
 }
 
 ATTENTION = {

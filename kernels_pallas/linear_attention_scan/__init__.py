@@ -68,8 +68,9 @@ def _forward(q, k, v, b, s0, seg, cfg: Cfg, *, save: bool):
     """``((o, s_final), (h, A))``: ``A`` the staged GLA scores (else None); ``h`` is None
     from the fused forward unless ``save`` (the backward's residual)."""
     if cfg.lowering == "mosaic" and cfg.staged:  # GLA: Triton's scores, then the fused pass
-        a = triton_fwd.gla_scores(q, k, b, seg, cfg)
-        o, s_final, h = mosaic_gpu_fwd.forward_gated(q, k, v, b, a, s0, seg, save_states=save,
+        a, qg, kg = triton_fwd.gla_scores(q, k, b, seg, cfg, scaled=True)
+        decays = mosaic_gpu_fwd.state_decays(b, seg)
+        o, s_final, h = mosaic_gpu_fwd.forward_gated(qg, kg, v, a, decays, s0, save_states=save,
                                                      interpret=cfg.interpret)  # fmt: skip
         return (o, s_final), (h, a)
     if cfg.lowering == "mosaic":

@@ -165,16 +165,16 @@ class Chunk:
         up = jnp.exp(jnp.minimum(b - rho, FACTOR_SPREAD))
         return up, jnp.exp(jnp.minimum(rho - b, FACTOR_SPREAD))
 
-    def state_in(self, i0, n):
-        """GLA: ``e^{b}`` of rows ``[i0, i0 + n)`` ``[n, dk]``, zero on rows that do not see the
-        incoming state (a document starts before them in the chunk)."""
-        e = jnp.exp(self.gate(i0, n))
+    def state_in(self, i0, n, cols=slice(None)):
+        """GLA: ``e^{b}`` of rows ``[i0, i0 + n)`` ``[n, dk]`` (columns ``cols``), zero on rows
+        that do not see the incoming state (a document starts before them in the chunk)."""
+        e = jnp.exp(self.gate(i0, n, cols))
         return e if self.r is None else jnp.where(self.inter_mask(i0, n), e, 0.0)
 
-    def state_out(self, i0, n):
-        """GLA: ``e^{B - b}`` of rows ``[i0, i0 + n)`` ``[n, dk]`` (their weight in the outgoing
-        state), zero on rows before the chunk's last document start."""
-        e = jnp.exp(self.gate(self.c - 1, 1) - self.gate(i0, n))
+    def state_out(self, i0, n, cols=slice(None)):
+        """GLA: ``e^{B - b}`` of rows ``[i0, i0 + n)`` ``[n, dk]`` (columns ``cols``; their
+        weight in the outgoing state), zero on rows before the chunk's last document start."""
+        e = jnp.exp(self.gate(self.c - 1, 1, cols) - self.gate(i0, n, cols))
         return (
             e if self.r is None else jnp.where(self.doc(i0, n) == self.doc(self.c - 1, 1), e, 0.0)
         )

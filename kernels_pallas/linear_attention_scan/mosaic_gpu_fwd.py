@@ -41,12 +41,12 @@ folded into the gate factors (:func:`gate_factors`) and one extra comparison in 
 mask. The initial state enters through the final state's staging buffer.
 
 GLA's per-channel gates (``gated``, :func:`forward_gated`) take jla's split of the GLA forward
-(its ``intra`` then ``state_output`` kernels): the scores ``A`` come from Triton's staged
-kernels (:func:`.triton_fwd.gla_scores`, exact for any gate by secondary chunking), and the
-caller scales Q's and K's rows (:func:`gla_factors`). The same three warpgroups then run
-``O = (Q e^b) S + A V`` and ``S <- diag(e^B) S + (K e^{B - b})^T V``: the output warpgroup
-loads ``A`` instead of forming it, and the state warpgroup's chain loses its diagonal product
-(the state rows' decays are the factors the scalar gate repeats ``dk`` times).
+(its ``intra`` then ``state_output`` kernels): Triton's staged scores kernel
+(:func:`.triton_fwd.gla_scores`, exact for any gate by secondary chunking) gives ``A`` and
+the scaled rows ``q e^b``, ``k e^{B - b}``; the same three warpgroups then run ``O = (Q e^b) S
++ A V`` and ``S <- diag(e^B) S + (K e^{B - b})^T V``: the output warpgroup loads ``A``
+instead of forming it, and the state warpgroup's chain loses its diagonal product (the state
+rows' decays are the factors the scalar gate repeats ``dk`` times).
 
 Interpret mode runs the same kernel with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
 """
@@ -308,26 +308,17 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
         plgpu.wait_smem_to_gmem(0)
 
 
-def gla_factors(q, k, b, seg) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """GLA (per-channel log-gates): the operands of the gated kernel, ``(q e^b, k e^{B - b})``
-    in the input dtype (the rows that read the incoming state, resp. reach the outgoing one,
-    else 0: the Triton path's ``state_in`` / ``state_out``, rounded as it rounds them) and the
-    state rows' decays ``e^B`` (0 where a document starts in the chunk) ``[batch, heads,
-    chunks, dk / C, C]``; ``b`` ``[batch, len, heads, dk]`` float32, ``seg`` as
-    :func:`gate_factors`."""
-    chunks = lambda x: rearrange(x, "b (n c) h d -> b n c h d", c=CHUNK)  # noqa: E731
-    bc = chunks(b)
-    last = bc[:, :, -1:]  # [batch, chunks, 1, heads, dk]
-    e_in, e_out, carry = jnp.exp(bc), jnp.exp(last - bc), jnp.exp(last[:, :, 0])
+def state_decays(b, seg) -> jax.Array:
+    """GLA (per-channel log-gates ``b`` ``[batch, len, heads, dk]`` float32, chunk-local
+    cumsums): the state rows' decays ``e^B`` per chunk, 0 where a document starts in the chunk,
+    ``[batch, heads, chunks, dk / C, C]``; ``seg`` as :func:`gate_factors`."""
+    last = b[:, CHUNK - 1 :: CHUNK]  # [batch, chunks, heads, dk]
+    carry = jnp.exp(last)
     if seg is not None:
-        r, r_prev = (chunks(x[..., None]) for x in seg)  # [batch, chunks, C, 1, 1]
-        e_in = jnp.where(r == r_prev[:, :, :1], e_in, 0.0)
-        e_out = jnp.where(r == r[:, :, -1:], e_out, 0.0)
-        carry = jnp.where(r[:, :, -1] == r_prev[:, :, 0], carry, 0.0)
-    flat = lambda x: rearrange(x, "b n c h d -> b (n c) h d")  # noqa: E731
-    qg, kg = (flat(x.astype(jnp.float32) * e) for x, e in ((chunks(q), e_in), (chunks(k), e_out)))
-    f = rearrange(carry, "b n h (i c) -> b h n i c", c=CHUNK)
-    return qg.astype(q.dtype), kg.astype(k.dtype), f
+        r, r_prev = seg
+        same = r[:, CHUNK - 1 :: CHUNK] == r_prev[:, ::CHUNK]  # [batch, chunks, 1]
+        carry = jnp.where(same[..., None], carry, 0.0)
+    return rearrange(carry, "b n h (i c) -> b h n i c", c=CHUNK)
 
 
 def _launch(q, k, v, x, f, s0, *, gated: bool, stages: int, save_states: bool,
@@ -373,11 +364,11 @@ def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, int
                    interpret=interpret)  # fmt: skip
 
 
-def forward_gated(q, k, v, b, a, s0, seg=None, *, stages: int = 2, save_states: bool,
+def forward_gated(qg, kg, v, a, decays, s0, *, stages: int = 2, save_states: bool,
                   interpret: bool):  # fmt: skip
-    """GLA: :func:`forward` with per-channel ``b`` ``[batch, len, heads, dk]`` and the chunks'
+    """GLA: :func:`forward` from the rows ``qg = q e^b``, ``kg = k e^{B - b}``, the chunks'
     scores ``a`` ``[batch, heads, chunks, C, C]`` float32 (causal, documents and gates
-    applied: :func:`.triton_fwd.gla_scores`); the operands from :func:`gla_factors`."""
-    qg, kg, f = gla_factors(q, k, b, seg)
-    return _launch(qg, kg, v, a, f, s0, gated=True, stages=stages, save_states=save_states,
-                   interpret=interpret)  # fmt: skip
+    applied; all three from :func:`.triton_fwd.gla_scores` with ``scaled``) and the state
+    rows' ``decays`` (:func:`state_decays`)."""
+    return _launch(qg, kg, v, a, decays, s0, gated=True, stages=stages,
+                   save_states=save_states, interpret=interpret)  # fmt: skip

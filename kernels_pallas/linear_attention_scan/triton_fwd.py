@@ -169,15 +169,18 @@ def doc_refs(refs: list) -> tuple:
     return tuple(refs) if refs else (None, None)
 
 
-def _gla_scores_kernel(cfg: Cfg, q_ref, k_ref, b_ref, *refs):
+def _gla_scores_kernel(cfg: Cfg, q_ref, k_ref, b_ref, *refs, scaled: bool = False):
     """Staged forward (1): ``A [C, C]`` float32, ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}``
-    for ``j <= i`` in the same document (GLA paper eq. 4 within a chunk), else 0.
+    for ``j <= i`` in the same document (GLA paper eq. 4 within a chunk), else 0; with
+    ``scaled`` also the rows the fused Hopper forward multiplies, ``q e^{b}`` and ``k e^{B -
+    b}`` (``Chunk.state_in`` / ``state_out``, in the input dtype).
 
     The chunk is factored as a whole around its middle row: one ``[C, dk] x [dk, C]`` MMA (64
     columns at a time), exact where its log-gate range is below ``FACTOR_SPREAD`` (the usual
     case; the bound of ``gated_diag`` over the chunk); ``_gla_scores_fix_kernel`` recomputes
     the other chunks."""
-    *docs, a_ref = refs
+    outs = 3 if scaled else 1
+    docs, (a_ref, *scaled_refs) = refs[:-outs], refs[-outs:]
     ch = Chunk(cfg, q_ref, k_ref, None, b_ref, *doc_refs(docs))
     c, dt = cfg.chunk, ch.dt
     dk = q_ref.shape[1]
@@ -185,9 +188,12 @@ def _gla_scores_kernel(cfg: Cfg, q_ref, k_ref, b_ref, *refs):
     for c0 in range(0, dk, min(dk, 64)):  # 64 columns at a time: fewer live [C, dk] tiles
         cols = slice(c0, c0 + min(dk, 64))
         up, down = ch.factors(0, c, cols)
-        qf = (ch.rows(q_ref, 0, c, cols).astype(F32) * up).astype(dt)
-        kf = (ch.rows(k_ref, 0, c, cols).astype(F32) * down).astype(dt)
-        a += mm(qf, kf, cfg, tb=True)
+        q, k = ch.rows(q_ref, 0, c, cols).astype(F32), ch.rows(k_ref, 0, c, cols).astype(F32)
+        a += mm((q * up).astype(dt), (k * down).astype(dt), cfg, tb=True)
+        if scaled:
+            qg_ref, kg_ref = scaled_refs
+            qg_ref[:, cols] = (q * ch.state_in(0, c, cols)).astype(dt)
+            kg_ref[:, cols] = (k * ch.state_out(0, c, cols)).astype(dt)
     a_ref[...] = jnp.where(ch.diag_mask(0, c), a, 0.0)
 
 
@@ -226,15 +232,17 @@ def scores_like(q, cfg: Cfg) -> tuple:
     return jax.ShapeDtypeStruct((bsz, heads, length // c, c, c), F32), "scores"
 
 
-def gla_scores(q, k, b, seg, cfg: Cfg) -> jax.Array:
-    """Staged GLA: the intra-chunk scores ``A [batch, heads, chunks, C, C]`` float32."""
+def gla_scores(q, k, b, seg, cfg: Cfg, *, scaled: bool = False):
+    """Staged GLA: the intra-chunk scores ``A [batch, heads, chunks, C, C]`` float32; with
+    ``scaled`` ``(A, q e^b, k e^{B - b})`` (the fused Hopper forward's operands, q's layout)."""
     ins = [(q, "seq"), (k, "seq"), (b, "seq")] + doc_args(seg, cfg)
-    (a,) = chunk_call(_gla_scores_kernel, cfg, ins, [scores_like(q, cfg)],
-                       "la_chunk_gla_scores", bwd=False)  # fmt: skip
+    like = [scores_like(q, cfg)] + [(jax.ShapeDtypeStruct(q.shape, q.dtype), "seq")] * (2 * scaled)
+    a, *rows = chunk_call(functools.partial(_gla_scores_kernel, scaled=scaled), cfg, ins, like,
+                          "la_chunk_gla_scores", bwd=False)  # fmt: skip
     (a,) = chunk_call(_gla_scores_fix_kernel, cfg, ins + [(a, "scores")],
                        [scores_like(q, cfg)], "la_chunk_gla_scores_fix", bwd=False,
                        aliases={len(ins): 0})  # fmt: skip
-    return a
+    return (a, *rows) if scaled else a
 
 
 def forward(q, k, v, b, h, seg, cfg: Cfg):
