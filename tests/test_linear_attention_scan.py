@@ -277,6 +277,16 @@ def test_mosaic_fused_forward(races, gate, dk, dv, dtype, docs, init):
     assert all(e < 2e-2 for e in errs.values()), errs
 
 
+def test_mosaic_fused_forward_strong_gla_gates(races):
+    """GLA gates whose range inside a chunk exceeds ``FACTOR_SPREAD`` (the scores from Triton's
+    fix-up kernel): the fused forward's output, state and gradients within the bf16 bound."""
+    q, k, v, g, s0 = make_inputs(14, 1, 128, 2, 64, 64, "gated", 8.0, jnp.bfloat16)
+    errs = _fused_vs_recurrence(q, k, v, g, interpret=True, s0=s0)
+    races.check(kernels=2)
+    assert errs.pop("vs triton") < 1e-2
+    assert all(e < 2e-2 for e in errs.values()), errs
+
+
 def test_mosaic_fused_forward_rejects_what_it_lacks():
     """Each unsupported feature of ``lowering="mosaic"`` raises naming it, before tracing."""
     q, k, v, g, _ = make_inputs(0, 1, 64, 2, 64, 64, "scalar", dtype=jnp.bfloat16)
