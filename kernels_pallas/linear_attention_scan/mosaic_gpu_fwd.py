@@ -28,8 +28,8 @@ split the work (the schedule of FlashQLA's Hopper forward, as jla describes it):
   ``experiments/results/bench_scan_fused_ab.md``); both consumers free a slot.
 
 Moving ``exp(B - b) * V`` off the serial chain (the output warpgroup forming it with its
-``Q K^T`` and publishing it in two slots) made the forward 4-42% slower in an A/B on an H200
-(same file), so the state warpgroup keeps it.
+``Q K^T`` and publishing it in two slots) made the forward slower (same file), so the state
+warpgroup keeps it.
 
 ``save_states`` also writes ``h [batch, heads, chunks, dk, dv]`` (input dtype) from the
 published states, what the Triton backward reads.
