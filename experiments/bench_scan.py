@@ -3,7 +3,8 @@
 Scalar decay (``chunk_simple_gla``) and gated linear attention (``chunk_gla``) from the
 flash-linear-attention package ``fla-core`` and ``simple_gla`` / ``gla`` of
 ``jax-linear-attention`` (jla: JAX, Mosaic GPU kernels; its forward output is compared with
-arjax's), bf16, head dim 128, (batch, heads, len) =
+arjax's; no decay is timed for arjax's kernels alone, the row ``impl="auto"`` reads), bf16,
+head dim 128, (batch, heads, len) =
 (8, 16, 2048) and (2, 16, 8192), forward and forward+backward, on one GPU. First checks the
 kernels on the GPU against the float32 recurrence (odd length, initial state, segment
 resets, gradients), then times everything, arjax's fused Mosaic GPU forward (``lowering=
@@ -59,18 +60,19 @@ from kernels_pallas.linear_attention_scan.tuning import TRITON  # noqa: E402
 
 SHAPES = ((8, 16, 2048), (2, 16, 8192))  # (batch, heads, len)
 DIM = 128
-VARIANTS = ("scalar", "gla")
+VARIANTS = ("none", "scalar", "gla")  # "none": arjax's kernels only (what impl="auto" needs)
 
 
 def make_inputs(shape, variant, dtype, seed=0):
-    """q (pre-scaled by dim^-1/2), k, v ``[b, len, h, d]``, log-gate (fla's logsigmoid/16), do."""
+    """q (pre-scaled by dim^-1/2), k, v ``[b, len, h, d]``, log-gate (fla's logsigmoid/16; None
+    for ``"none"``), do."""
     b, h, length = shape
     ks = jax.random.split(jax.random.PRNGKey(seed), 5)
     x = lambda key, shp: jax.random.normal(key, shp, jnp.float32)  # noqa: E731
     q = x(ks[0], (b, length, h, DIM)) * DIM**-0.5
     k, v, do = x(ks[1], q.shape), x(ks[2], q.shape), x(ks[3], q.shape)
     gshape = (b, length, h) if variant == "scalar" else (b, length, h, DIM)
-    g = jax.nn.log_sigmoid(x(ks[4], gshape) + 3.0) / 16.0
+    g = None if variant == "none" else jax.nn.log_sigmoid(x(ks[4], gshape) + 3.0) / 16.0
     return tuple(a.astype(dtype) for a in (q, k, v)) + (g, do.astype(dtype))
 
 
@@ -249,6 +251,8 @@ def measure(row: dict, impl: str, variant, inputs, reps: int, inner: int) -> Non
     """Add ``{name} fwd`` and ``{name} fwd+bwd`` (ms) to ``row``, or ``{name} error``."""
     q, k, v, g, do = inputs
     name = {"pallas": "pallas", "mosaic": "mosaic", "fla": "fla", "xla": "jnp", "jla": "jla"}[impl]
+    if variant == "none" and impl in ("fla", "jla"):
+        return  # the peers' kernels take a gate: their rows are the decayed variants
     start = time.perf_counter()
     try:
         if impl == "fla":

@@ -74,9 +74,10 @@ def _own_impls(row: dict, mode: str, impls: dict[str, str] = OWN_IMPLS) -> dict[
 
 def scan_rows(bench: dict) -> dict:
     """``{(family, gate, seq_len): {"fwd+bwd": impl, "fwd": impl}}`` over arjax's own impls
-    (:data:`SCAN_IMPLS`); ``"scalar"`` decay and GLA's ``"gated"`` rows of ``bench_scan``."""
+    (:data:`SCAN_IMPLS`); the no-decay (``"none"``), ``"scalar"`` decay and GLA's ``"gated"``
+    rows of ``bench_scan``."""
     family = device_family(bench["device"])
-    gates = {"scalar": "scalar", "gla": "gated"}
+    gates = {"none": "none", "scalar": "scalar", "gla": "gated"}
     table: dict = {}
     for row in bench["rows"]:
         for mode in ("fwd", "fwd+bwd"):
