@@ -184,7 +184,7 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
     ``x_ref``: the gate's column factors, or ``gated`` the scores ``A``."""
     h_ref = refs[0] if save else None
     smem, ready, s0_ready, free, s_ready, s_free = refs[1:] if save else refs
-    q_ring, k_ring, v_ring, x_ring, f_ring, s_pub, *vw_smem, o_smem, sf_smem = smem
+    q_ring, k_ring, v_ring, x_ring, f_ring, s_pub, *vw_smem, o_smem, sf_smem = smem  # no vw: gated
     q_ready, k_ready, v_ready, x_ready, f_ready = ready
     _, length, heads, dk = q_ref.shape
     tiles = v_ref.shape[-1] // BLOCK_V
@@ -218,7 +218,7 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
     @pl.when(wg == 1)
     def _state():
         """The serial chain: publish S entering chunk n, then S <- exp(B) S + K^T (w * V)
-        (``gated``: ``S <- diag(exp(B)) S + K^T V``, K's rows already scaled by the caller)."""
+        (``gated``: ``S <- diag(exp(B)) S + K^T V``, K's rows scaled by the scores kernel)."""
 
         def chunk(n, s):
             slot, pub = ring_slot(n), two(n)
