@@ -1,7 +1,8 @@
 """Gated delta rule (Gated DeltaNet): arjax's Pallas kernel vs jla (Mosaic GPU) vs fla
 (Triton) vs the jnp chunked form, forward and forward+backward, on one GPU.
 
-``arjax.ops.gated_delta_rule(impl="pallas")`` beside ``gated_deltanet`` of
+``arjax.ops.gated_delta_rule(impl="pallas")`` (and, ``--impls mosaic``, its kernels with the
+fused Hopper forward, ``lowering="mosaic"``) beside ``gated_deltanet`` of
 ``jax-linear-attention`` (jla) and ``chunk_gated_delta_rule`` of ``fla-core``, all with
 ``scale=1`` on the same inputs (bf16, head dim 128, unit-norm keys, ``beta`` in (0, 1),
 log decay ``log_sigmoid(x + 3)``), (batch, heads, len) = (8, 16, 2048) and (2, 16, 8192);
@@ -32,9 +33,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_scan import (  # noqa: E402
+    fmt,
     header,
     new_results,
     peer_cells,
+    ratio,
     rel_err,
     time_jax,
     time_torch,
@@ -44,7 +47,8 @@ from arjax.ops import gated_delta_rule, gated_delta_rule_reference  # noqa: E402
 
 SHAPES = ((8, 16, 2048), (2, 16, 8192))  # (batch, heads, len)
 DIM = 128
-IMPLS = {"pallas": "pallas", "jla": "jla", "fla": "fla", "xla": "jnp"}
+# --impls name -> column prefix; "mosaic": the Pallas kernels with the fused Hopper forward
+IMPLS = {"pallas": "pallas", "mosaic": "mosaic", "jla": "jla", "fla": "fla", "xla": "jnp"}
 
 
 def make_inputs(shape, dtype, seed=0, dim=DIM):
@@ -70,7 +74,13 @@ def _vjp_of(fwd):
 
 
 def arjax_fns(impl: str):
-    """(fwd, fwd+bwd) jitted for ``arjax.ops.gated_delta_rule`` (``impl`` pallas / xla)."""
+    """(fwd, fwd+bwd) jitted for ``arjax.ops.gated_delta_rule`` (``impl`` pallas / xla), or
+    ``"mosaic"``: its Pallas kernels with ``lowering="mosaic"`` (the fused Hopper forward)."""
+    if impl == "mosaic":
+        from kernels_pallas.gated_delta import gated_delta_rule as kernel
+
+        return _vjp_of(lambda q, k, v, g, beta: kernel(
+            q, k, v, beta, log_decay=g, chunk_size=64, lowering="mosaic"))  # fmt: skip
     return _vjp_of(lambda q, k, v, g, beta: gated_delta_rule(
         q, k, v, beta, log_decay=g, chunk_size=64, impl=impl))  # fmt: skip
 
@@ -165,9 +175,9 @@ def measure(row: dict, impl: str, inputs, reps: int, inner: int) -> None:
             f, fb = jla_fns() if impl == "jla" else arjax_fns(impl)
             row[f"{name} fwd"] = time_jax(f, q, k, v, g, beta, reps=reps, inner=inner)
             row[f"{name} fwd+bwd"] = time_jax(fb, q, k, v, g, beta, do, reps=reps, inner=inner)
-            if impl == "jla":
+            if impl in ("jla", "mosaic"):
                 ours = arjax_fns("pallas")[0](q, k, v, g, beta)[0]
-                row["jla vs pallas out"] = rel_err(f(q, k, v, g, beta)[0], ours)
+                row[f"{name} vs pallas out"] = rel_err(f(q, k, v, g, beta)[0], ours)
         jax.clear_caches()
     except Exception as e:  # noqa: BLE001 -- record (e.g. out of memory) and carry on
         row[f"{name} error"] = repr(e)[:300]
@@ -182,13 +192,15 @@ def write(results: dict, out: str) -> None:
     lines = [
         *header(results, "Gated delta rule (bf16, head dim 128), ms"),
         "| (B,H,L) | pass | pallas | jla | fla | jnp chunked | jla / pallas | fla / pallas "
-        "| jnp / pallas |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| jnp / pallas | mosaic | jla / mosaic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         for p in ("fwd", "fwd+bwd"):
-            lines.append(f"| {tuple(r['shape'])} | {p} | {peer_cells(r, p)} |")
-    lines += ["", "Peers' forward outputs vs arjax's Pallas output (max rel err):", ""]
+            mosaic, jla = r.get(f"mosaic {p}"), r.get(f"jla {p}")
+            lines.append(f"| {tuple(r['shape'])} | {p} | {peer_cells(r, p)} | {fmt(mosaic)} "
+                         f"| {ratio(jla, mosaic)} |")  # fmt: skip
+    lines += ["", "Forward outputs vs arjax's Pallas (Triton) output (max rel err):", ""]
     lines += [f"- {tuple(r['shape'])} {k}: {v:.2e}" for r in results["rows"]
               for k, v in r.items() if k.endswith("vs pallas out")]  # fmt: skip
     lines += ["", "GPU check vs the float32 recurrence (max rel err):", ""]
@@ -208,7 +220,7 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results/bench_gated_delta")
     ap.add_argument(
         "--impls",
-        default="pallas,xla,jla,fla",
+        default="pallas,mosaic,xla,jla,fla",
         help="what to time, in this order (arjax's two first: the auto table needs both)",
     )
     ap.add_argument("--no-check", action="store_true", help="skip the float32 GPU check")

@@ -33,7 +33,8 @@ TABLE = ROOT / "arjax" / "ops" / "auto_table.py"
 SCAN_RESULTS = "bench_scan_mosaic.json"  # one run: the newest with the fused forward's columns
 # arjax impl -> its column prefix in bench_scan / bench_gated_delta rows
 OWN_IMPLS = {"pallas": "pallas", "xla": "jnp"}
-SCAN_IMPLS = {**OWN_IMPLS, "pallas_mosaic": "mosaic"}  # "pallas": the Triton lowering
+# with the fused Hopper forward: "pallas" is the Triton lowering (scan and gated delta rule)
+SCAN_IMPLS = {**OWN_IMPLS, "pallas_mosaic": "mosaic"}
 
 
 def _mosaic_ms(row: dict, key: str) -> float | None:
@@ -88,13 +89,14 @@ def scan_rows(bench: dict) -> dict:
 
 
 def gated_delta_rows(bench: dict) -> dict:
-    """``{(family, seq_len): {"fwd+bwd": impl, "fwd": impl}}`` over arjax's own impls, from
-    ``bench_gated_delta`` (gated rows; DeltaNet, without decay, does the same work)."""
+    """``{(family, seq_len): {"fwd+bwd": impl, "fwd": impl}}`` over arjax's own impls
+    (:data:`SCAN_IMPLS`), from ``bench_gated_delta`` (gated rows; DeltaNet, without decay, does
+    the same work)."""
     family = device_family(bench["device"])
     table: dict = {}
     for row in bench["rows"]:
         for mode in ("fwd", "fwd+bwd"):
-            if times := _own_impls(row, mode):
+            if times := _own_impls(row, mode, SCAN_IMPLS):
                 table.setdefault((family, int(row["shape"][2])), {})[mode] = min(
                     times, key=times.get
                 )

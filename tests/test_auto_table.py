@@ -196,14 +196,20 @@ def test_scan_auto_takes_the_fused_forward_only_on_hopper(
 
 def test_gated_delta_auto_follows_the_table(on_h200, monkeypatch):
     """The gated delta rule's ``impl="auto"`` takes the jnp chunked form where it was measured
-    faster for training, the kernel where the kernel was (and on unmeasured devices)."""
+    faster for training, the kernel where the kernel was (and on unmeasured devices), its fused
+    forward where that was fastest and runs the call (bf16, not float32)."""
     gd = importlib.import_module("arjax.ops.gated_delta_rule")
-    table = {("hopper", 2048): {"fwd+bwd": "pallas"}, ("hopper", 8192): {"fwd+bwd": "xla"}}
+    table = {("hopper", 2048): {"fwd+bwd": "pallas"}, ("hopper", 8192): {"fwd+bwd": "xla"},
+             ("hopper", 32768): {"fwd+bwd": "pallas_mosaic"}}  # fmt: skip
     monkeypatch.setattr(auto_table, "GATED_DELTA", table)
     dims = (128, 128, 64)
     assert gd.resolve_impl("chunked", "auto", dims, seq_len=2048) == "pallas"
     assert gd.resolve_impl("chunked", "auto", dims, seq_len=16384) == "xla"  # nearest: 8192
     assert gd.resolve_impl("chunked", "auto", (96, 128, 64), seq_len=2048) == "xla"  # tiles
+    bf16 = dict(seq_len=32768, dtype=jnp.bfloat16)
+    assert gd.resolve_impl("chunked", "auto", dims, **bf16) == "pallas_mosaic"
+    assert gd.resolve_impl("chunked", "auto", dims, seq_len=32768) == "pallas"  # float32
+    assert gd.resolve_impl("chunked", "auto", (128, 128, 32), **bf16) == "pallas"  # chunk 32
     monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(device_kind="NVIDIA A100")])
     assert gd.resolve_impl("chunked", "auto", dims, seq_len=8192) == "pallas"  # unmeasured
 

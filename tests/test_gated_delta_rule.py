@@ -148,8 +148,10 @@ def test_bad_inputs_raise_clear_errors(rng):
         gated_delta_rule(q, k, v, beta, form="parallel")
     with pytest.raises(ValueError, match="impl='pallas' needs form='chunked'"):
         gated_delta_rule(q, k, v, beta, form="naive", impl="pallas")
-    with pytest.raises(ValueError, match="impl must be one of"):  # linear_attention's alone
-        gated_delta_rule(q, k, v, beta, impl="pallas_mosaic")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        gated_delta_rule(q, k, v, beta, impl="mosaic")
+    with pytest.raises(ValueError, match=r"\(lowering='mosaic'\): dtype must be bfloat16"):
+        gated_delta_rule(q, k, v, beta, impl="pallas_mosaic")  # float32
     with pytest.raises(ValueError, match="chunk_size"):
         gated_delta_rule(q, k, v, beta, chunk_size=0)
     with pytest.raises(ValueError, match="gated_delta_step: beta must be"):

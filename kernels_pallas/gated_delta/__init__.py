@@ -19,7 +19,9 @@ reverse cumsum) are XLA around the kernels.
 
 Drivers (one file per lowering and pass): ``backend="gpu"`` Pallas Triton (:mod:`.triton_fwd`,
 :mod:`.triton_bwd`), ``"tpu"`` Pallas Mosaic TPU (:mod:`.mosaic_tpu_fwd`,
-:mod:`.mosaic_tpu_bwd`); both run in interpret mode on CPU.
+:mod:`.mosaic_tpu_bwd`); all run in interpret mode on CPU. On Hopper, ``lowering="mosaic"``
+replaces the GPU forward's state pass and output kernel by one fused Pallas Mosaic GPU pass
+that keeps the state on chip (:mod:`.mosaic_gpu_fwd`).
 The float32 reference is :func:`arjax.ops.gated_delta_rule_reference` (the recurrence).
 """
 
@@ -32,7 +34,13 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from kernels_pallas._checks import check_state_and_segments
-from kernels_pallas.gated_delta import mosaic_tpu_bwd, mosaic_tpu_fwd, triton_bwd, triton_fwd
+from kernels_pallas.gated_delta import (
+    mosaic_gpu_fwd,
+    mosaic_tpu_bwd,
+    mosaic_tpu_fwd,
+    triton_bwd,
+    triton_fwd,
+)
 from kernels_pallas.gated_delta._chunk import F32, Cfg
 
 BACKENDS = ("gpu", "tpu")
@@ -118,18 +126,20 @@ def _inputs(q, k, v, beta, gam, docs, cfg: Cfg) -> dict:
     return {**ins, **(docs or {})}
 
 
+def _forward(q, k, v, beta, gam, s0, docs, cfg: Cfg, *, save_states: bool):
+    driver = mosaic_gpu_fwd if cfg.lowering == "mosaic" else _DRIVERS[cfg.backend][0]
+    inputs = _inputs(q, k, v, beta, gam, docs, cfg)
+    return driver.forward(inputs, s0, cfg, save_states=save_states)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _core(q, k, v, beta, gam, s0, docs, cfg: Cfg):
-    out, s_final, _ = _DRIVERS[cfg.backend][0].forward(
-        _inputs(q, k, v, beta, gam, docs, cfg), s0, cfg, save_states=False
-    )
+    out, s_final, _ = _forward(q, k, v, beta, gam, s0, docs, cfg, save_states=False)
     return out, s_final
 
 
 def _core_fwd(q, k, v, beta, gam, s0, docs, cfg: Cfg):
-    out, s_final, h = _DRIVERS[cfg.backend][0].forward(
-        _inputs(q, k, v, beta, gam, docs, cfg), s0, cfg, save_states=True
-    )
+    out, s_final, h = _forward(q, k, v, beta, gam, s0, docs, cfg, save_states=True)
     return (out, s_final), (q, k, v, beta, gam, docs, h)
 
 
@@ -165,6 +175,7 @@ def gated_delta_rule(
     block_v: int | None = None,
     backend: str | None = None,
     interpret: bool | None = None,
+    lowering: str = "triton",
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``,
     differentiable in every float argument.
@@ -173,8 +184,18 @@ def gated_delta_rule(
     dk)`` halved down to 16 that divides dv, else dv; all of dv on TPU);
     ``backend`` defaults to the platform's (the GPU kernels on CPU), ``interpret`` to True
     off that platform. Lengths need not be multiples of ``chunk_size`` (zero padding).
+    ``lowering`` (``backend="gpu"`` only): "triton", or "mosaic" for the fused Hopper forward
+    (:mod:`.mosaic_gpu_fwd`: chunk 64, bf16/fp16, dk 64 or 128, dv a multiple of 64; the
+    backward is Triton's).
     """
     backend, interpret = _resolve(backend, interpret)
+    if lowering not in ("triton", "mosaic") or (lowering == "mosaic" and backend != "gpu"):
+        raise ValueError(
+            "gated_delta_rule (Pallas): lowering must be 'triton' or 'mosaic' (backend 'gpu'), "
+            f"got {lowering!r} with backend {backend!r}"
+        )
+    if lowering == "mosaic":
+        mosaic_gpu_fwd.check_supported(q, v, chunk=chunk_size)
     dv = v.shape[-1]
     if block_v is None:
         block_v = _default_block_v(q.shape[-1], dv) if backend == "gpu" else dv
@@ -192,7 +213,7 @@ def gated_delta_rule(
         q, k, v = (rearrange(x, "b l h d -> b h l d") for x in (q, k, v))
     docs = None if segment_ids is None else _documents(segment_ids, pad, c)
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state
-    cfg = Cfg(backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32)
+    cfg = Cfg(backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering)
     out, s_final = _core(q, k, v, beta, gam, s0, docs, cfg)
     if backend == "tpu":
         out = rearrange(out, "b h l d -> b l h d")

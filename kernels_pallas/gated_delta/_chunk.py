@@ -50,6 +50,7 @@ class Cfg:
     block_v: int  # bv, value columns per program
     segments: bool
     exact: bool  # float32 inputs: float32-accurate MMAs
+    lowering: str = "triton"  # GPU forward: "triton", or "mosaic" (the fused Hopper pass)
 
     @property
     def store(self):

@@ -1,5 +1,5 @@
-"""Hopper forward of the linear-attention scan (no decay, scalar decay) in Pallas Mosaic GPU:
-one fused kernel, the state kept on chip.
+"""Hopper forward of the linear-attention scan (no decay, scalar decay, GLA) and of the gated
+delta rule in Pallas Mosaic GPU: one fused kernel, the state kept on chip.
 
 The Triton forward (:mod:`.triton_fwd`) writes every chunk's entering state ``h`` to HBM in a
 sequential state pass and reads it back in a parallel output kernel. Here a CTA owns one
@@ -48,6 +48,14 @@ the scaled rows ``q e^b``, ``k e^{B - b}``; the same three warpgroups then run `
 instead of forming it, and the state warpgroup's chain loses its diagonal product (the state
 rows' decays are the factors the scalar gate repeats ``dk`` times).
 
+The gated delta rule (``delta``, :func:`forward_delta`, used by
+:mod:`kernels_pallas.gated_delta`) has the scalar gate's factors and scores, with ``V``
+replaced by ``U = T beta V - W S``, from the UT transform's ``W`` and ``T beta V`` that a
+parallel kernel computed before: the state warpgroup forms ``-U`` as one accumulator of ``W
+S`` (the published ``S``) and ``-I (T beta V)``, and publishes ``U`` with ``S``; then ``S <-
+exp(B) S + K^T (exp(B - b) * U)``, the factors applied in registers. The output warpgroup
+reads ``U`` in place of ``V``.
+
 Interpret mode runs the same kernel with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
 """
 
@@ -86,9 +94,9 @@ BLOCK_V = 64  # value columns per CTA (the state tile's registers: dk * 64 / 128
 F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
-def check_supported(q, v, *, chunk: int) -> None:
+def check_supported(q, v, *, chunk: int, who: str = "chunked_linear_attention") -> None:
     """Raise ``ValueError`` naming what the fused forward does not support (before tracing)."""
-    who = "chunked_linear_attention(lowering='mosaic')"
+    who = f"{who}(lowering='mosaic')"
     problems = []
     if jnp.dtype(q.dtype) not in map(jnp.dtype, DTYPES):
         problems.append(f"dtype must be bfloat16 or float16, got {q.dtype}")
@@ -133,34 +141,41 @@ def gate_factors(b, seg, shape: tuple[int, int, int], dk: int) -> tuple[jax.Arra
     return jnp.stack([b_chunks, r], axis=-2), jnp.stack(rows, axis=-2)
 
 
-def scratch_types(dtype, dk: int, stages: int, gated: bool = False) -> tuple:
-    """Rings of Q, K, V tiles and gate factors (``gated``: of the scores ``A`` and the state
-    rows' decays); the published states (input dtype, two slots: ``Q S``'s operand),
-    ``exp(B - b) * V`` (not ``gated``), two output tiles and the float32 initial / final
-    state's staging; barriers (module doc)."""
+MODES = ("decay", "gla", "delta")  # no or scalar decay; GLA; the gated delta rule
+
+
+def scratch_types(dtype, dk: int, stages: int, mode: str = "decay") -> tuple:
+    """Rings of Q, K, V tiles (``delta``: of ``T beta V``, plus a ring of ``W``) and gate
+    factors (``gla``: of the scores ``A`` and the state rows' decays); the published states
+    (input dtype, two slots: ``Q S``'s operand), ``exp(B - b) * V`` (``delta``: ``* U``; none
+    for ``gla``), ``delta``'s published ``U`` (two slots), two output tiles and the float32
+    initial / final state's staging; barriers (module doc)."""
     mat = lambda *shape: plgpu.SMEM(shape, dtype, transforms=WGMMA_TRANSFORMS)  # noqa: E731
-    if gated:
+    if mode == "gla":
         x_ring = plgpu.SMEM((stages, CHUNK, CHUNK), jnp.float32, transforms=F32_TRANSFORMS)
         f_ring = plgpu.SMEM((stages, dk // CHUNK, CHUNK), jnp.float32)  # state rows' decays
     else:
         x_ring = plgpu.SMEM((stages, 2, CHUNK), jnp.float32)  # b, r (columns)
         f_ring = plgpu.SMEM((stages, 4 + dk // CHUNK, CHUNK), jnp.float32)  # factors (rows)
+    delta = mode == "delta"
     return (
         (
             mat(stages, CHUNK, dk),  # Q ring
             mat(stages, CHUNK, dk),  # K ring
-            mat(stages, CHUNK, BLOCK_V),  # V ring
+            mat(stages, CHUNK, BLOCK_V),  # V ring (delta: T beta V)
             x_ring,
             f_ring,
+            *((mat(stages, CHUNK, dk),) if delta else ()),  # W ring
             mat(2, dk, BLOCK_V),  # S entering chunk n, in slot n % 2
-            *(() if gated else (mat(CHUNK, BLOCK_V),)),  # exp(B - b) * V
+            *(() if mode == "gla" else (mat(CHUNK, BLOCK_V),)),  # exp(B - b) * V (or * U)
+            *((mat(2, CHUNK, BLOCK_V),) if delta else ()),  # U of chunk n, in slot n % 2
             mat(2, CHUNK, BLOCK_V),  # O of chunk n, in slot n % 2
             plgpu.SMEM((dk, BLOCK_V), jnp.float32, transforms=F32_TRANSFORMS),  # initial, final S
         ),
-        tuple(plgpu.Barrier(num_barriers=stages) for _ in range(5)),  # Q, K, V, gates ready
+        tuple(plgpu.Barrier(num_barriers=stages) for _ in range(6 if delta else 5)),  # ready
         plgpu.Barrier(),  # initial S ready
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # slot consumed by both consumers
-        plgpu.Barrier(num_barriers=2),  # S published
+        plgpu.Barrier(num_barriers=2),  # S (delta: and U) published
         plgpu.Barrier(num_barriers=2),  # S read
     )
 
@@ -177,15 +192,21 @@ def _load_acc(ref, interpret: bool):
     return ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
 
 
-def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, stages, save,
-            gated, interpret):  # fmt: skip
+def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interpret):
     """One CTA per (batch, head, value tile), program id ``p = (batch * heads + head) * tiles
     + tile``; warpgroup 2 produces, 1 carries the state, 0 writes the outputs (module doc).
-    ``x_ref``: the gate's column factors, or ``gated`` the scores ``A``."""
+    ``x_ref``: the gate's column factors, or (``gla``) the scores ``A``; ``delta``: ``v_ref``
+    holds ``T beta V`` and ``W`` follows ``f_ref``."""
+    gla, delta = mode == "gla", mode == "delta"
+    w_ref, s0_ref, o_ref, sf_ref, *refs = refs if delta else (None, *refs)
     h_ref = refs[0] if save else None
     smem, ready, s0_ready, free, s_ready, s_free = refs[1:] if save else refs
-    q_ring, k_ring, v_ring, x_ring, f_ring, s_pub, *vw_smem, o_smem, sf_smem = smem  # no vw: gated
-    q_ready, k_ready, v_ready, x_ready, f_ready = ready
+    q_ring, k_ring, v_ring, x_ring, f_ring, *rest = smem
+    w_ring = rest.pop(0) if delta else None
+    s_pub, *rest = rest
+    vw_smem = None if gla else rest.pop(0)
+    u_pub, o_smem, sf_smem = rest if delta else (None, *rest)
+    q_ready, k_ready, v_ready, x_ready, f_ready, *w_ready = ready
     _, length, heads, dk = q_ref.shape
     tiles = v_ref.shape[-1] // BLOCK_V
     n_chunks = length // CHUNK
@@ -200,6 +221,12 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
     two = lambda n: lax.rem(n, jnp.int32(2))  # noqa: E731
     shape_cc, shape_cv = (CHUNK, CHUNK), (CHUNK, BLOCK_V)
     bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
+    v_at = (
+        (lambda t: v_ref.at[batch, head, t, cols])
+        if delta
+        # noqa: E731
+        else (lambda t: v_ref.at[batch, t, head, cols])
+    )
     wg = lax.axis_index("wg")
 
     @pl.when(wg == 2)
@@ -208,17 +235,20 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
             t = rows(n)
             plgpu.copy_gmem_to_smem(q_ref.at[batch, t, head], q_ring.at[slot], q_ready.at[slot])
             plgpu.copy_gmem_to_smem(k_ref.at[batch, t, head], k_ring.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[batch, t, head, cols], v_ring.at[slot],
-                                    v_ready.at[slot])  # fmt: skip
+            plgpu.copy_gmem_to_smem(v_at(t), v_ring.at[slot], v_ready.at[slot])
             for ref, ring, bar in ((x_ref, x_ring, x_ready), (f_ref, f_ring, f_ready)):
                 plgpu.copy_gmem_to_smem(ref.at[batch, head, n], ring.at[slot], bar.at[slot])
+            if delta:
+                plgpu.copy_gmem_to_smem(w_ref.at[batch, head, t], w_ring.at[slot],
+                                        w_ready[0].at[slot])  # fmt: skip
 
         produce(load, n_chunks, stages, free)
 
     @pl.when(wg == 1)
     def _state():
         """The serial chain: publish S entering chunk n, then S <- exp(B) S + K^T (w * V)
-        (``gated``: ``S <- diag(exp(B)) S + K^T V``, K's rows scaled by the scores kernel)."""
+        (``gla``: ``S <- diag(exp(B)) S + K^T V``, K's rows scaled by the scores kernel;
+        ``delta``: first ``U = T beta V - W S``, published with S, then ``V`` is ``U``)."""
 
         def chunk(n, s):
             slot, pub = ring_slot(n), two(n)
@@ -228,13 +258,14 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
             for i, part in enumerate(s):
                 s_pub.at[pub, pl.ds(i * ROWS, ROWS)][...] = part.astype(dtype)
             plgpu.commit_smem()
-            plgpu.barrier_arrive(s_ready.at[pub])
+            if not delta:
+                plgpu.barrier_arrive(s_ready.at[pub])
             if save:
                 plgpu.copy_smem_to_gmem(s_pub.at[pub], h_ref.at[batch, head, n, :, cols])
-            for bar in (k_ready, v_ready, f_ready):
+            for bar in (k_ready, v_ready, f_ready, *w_ready):
                 plgpu.barrier_wait(bar.at[slot])
             k, v = wgmma_operands((k_ring.at[slot], v_ring.at[slot]), interpret)
-            if gated:
+            if gla:
                 carry = [vector(f_ring.at[slot, i], 0, interpret) for i in range(halves)]
                 plgpu.commit_smem()  # fences the slot's gate loads before its release
                 vw = v
@@ -242,11 +273,22 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
                 w_row, *carry = (vector(f_ring.at[slot, i], 0, interpret)
                                  for i in range(3, 4 + halves))  # fmt: skip
                 row, col = iota(shape_cc, 0, interpret), iota(shape_cc, 1, interpret)
-                diag = jnp.where(row == col, bcast(w_row, shape_cc, 0), 0.0).astype(dtype)
-                (vw,) = mma(((zero_acc(shape_cv, interpret), [(diag, v)]),), interpret)
-                vw_smem[0][...] = vw.astype(dtype)
+                eye = lambda x: jnp.where(row == col, x, 0.0).astype(dtype)  # noqa: E731
+                if delta:  # -U = W S - I (T beta V), then U and w * U in the input dtype
+                    (w,) = wgmma_operands((w_ring.at[slot],), interpret)
+                    minus_eye = eye(jnp.full(shape_cc, -1.0, jnp.float32))
+                    products = [(w, s_pub.at[pub]), (minus_eye, v)]
+                    (neg_u,) = mma(((zero_acc(shape_cv, interpret), products),), interpret)
+                    u_pub.at[pub][...] = (-neg_u).astype(dtype)
+                    vw_smem[...] = (neg_u * bcast(-w_row, shape_cv, 0)).astype(dtype)
+                else:
+                    diag = eye(bcast(w_row, shape_cc, 0))
+                    (vw,) = mma(((zero_acc(shape_cv, interpret), [(diag, v)]),), interpret)
+                    vw_smem[...] = vw.astype(dtype)
                 plgpu.commit_smem()  # for wgmma; also fences the slot's gate loads
-                vw = vw_smem[0]
+                if delta:
+                    plgpu.barrier_arrive(s_ready.at[pub])
+                vw = vw_smem
             s = [part * bcast(carry[i], shape_cv, 0) for i, part in enumerate(s)]
             s = mma(tuple((part, [(Transposed(_columns(k, i, interpret)), vw)])
                           for i, part in enumerate(s)),
@@ -273,16 +315,18 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
     @pl.when(wg == 0)
     def _output():
         """Per chunk: A = Q K^T masked and decayed while the state is built, then
-        O = exp(b) * (Q S) + A V (``gated``: A given, Q's rows already scaled: O = Q S + A V)."""
+        O = exp(b) * (Q S) + A V (``gla``: A given, Q's rows already scaled: O = Q S + A V;
+        ``delta``: ``U`` published by the state warpgroup in place of V)."""
+        # the slots' loads this warpgroup reads (delta: V and W are the state warpgroup's)
+        mine = (q_ready, k_ready, x_ready, f_ready) if delta else ready
 
         @pl.loop(jnp.int32(0), n_chunks)
         def _(n):
             slot, pub = ring_slot(n), two(n)
-            for bar in ready:
+            for bar in mine:
                 plgpu.barrier_wait(bar.at[slot])
-            q, k, v = wgmma_operands((q_ring.at[slot], k_ring.at[slot], v_ring.at[slot]),
-                                     interpret)  # fmt: skip
-            if gated:
+            q, k = wgmma_operands((q_ring.at[slot], k_ring.at[slot]), interpret)
+            if gla:
                 p = _load_acc(x_ring.at[slot], interpret).astype(dtype)
                 plgpu.commit_smem()  # fences the slot's score loads before its release
             else:
@@ -295,11 +339,12 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, s0_ref, o_ref, sf_ref, *refs, sta
                 gap = jnp.where(causal, bcast(b_row, shape_cc, 0) - bcast(b_col, shape_cc, 1), 0)
                 p = jnp.where(causal, a * jnp.exp(gap), 0.0).astype(dtype)
             plgpu.barrier_wait(s_ready.at[pub])
+            (v,) = wgmma_operands((u_pub.at[pub] if delta else v_ring.at[slot],), interpret)
             zeros_cv = zero_acc(shape_cv, interpret)
             qs, pv = mma(((zeros_cv, [(q, s_pub.at[pub])]), (zeros_cv, [(p, v)])), interpret)
             plgpu.barrier_arrive(s_free.at[pub])
             plgpu.barrier_arrive(free.at[slot])
-            o = (qs if gated else qs * bcast(e_row, shape_cv, 0)) + pv
+            o = (qs if gla else qs * bcast(e_row, shape_cv, 0)) + pv
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # slot pub's copy, 2 chunks ago
             o_smem.at[pub][...] = o.astype(dtype)
             plgpu.commit_smem()
@@ -321,24 +366,22 @@ def state_decays(b, seg) -> jax.Array:
     return rearrange(carry, "b n h (i c) -> b h n i c", c=CHUNK)
 
 
-def _launch(q, k, v, x, f, s0, *, gated: bool, stages: int, save_states: bool,
+def _launch(q, k, v, x, f, s0, w=None, *, mode: str, stages: int, save_states: bool,
             interpret: bool):  # fmt: skip
     bsz, length, heads, dk = q.shape
     dv = v.shape[-1]
-    scratch = scratch_types(q.dtype, dk, stages, gated)
+    scratch = scratch_types(q.dtype, dk, stages, mode)
     if (need := smem_footprint(scratch)) > SMEM_BYTES:
         raise ValueError(f"linear-attention mosaic forward: stages={stages} needs {need} B of "
                          f"shared memory > {SMEM_BYTES}")  # fmt: skip
     out_type = [
-        jax.ShapeDtypeStruct(v.shape, q.dtype),
+        jax.ShapeDtypeStruct((bsz, length, heads, dv), q.dtype),
         jax.ShapeDtypeStruct((bsz, heads, dk, dv), jnp.float32),
     ]
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((bsz, heads, length // CHUNK, dk, dv), q.dtype))
     outs = plgpu.kernel(
-        functools.partial(
-            _kernel, stages=stages, save=save_states, gated=gated, interpret=interpret
-        ),
+        functools.partial(_kernel, stages=stages, save=save_states, mode=mode, interpret=interpret),
         out_type=tuple(out_type),
         scratch_types=scratch,
         grid=(bsz * heads * (dv // BLOCK_V),),
@@ -346,7 +389,7 @@ def _launch(q, k, v, x, f, s0, *, gated: bool, stages: int, save_states: bool,
         num_threads=3,
         thread_name="wg",
         interpret=interpret_params() if interpret else None,
-    )(q, k, v, x, f, s0)
+    )(q, k, v, x, f, *(() if w is None else (w,)), s0)
     return outs[0], outs[1], (outs[2] if save_states else None)
 
 
@@ -360,7 +403,7 @@ def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, int
     ``save_states``, else None."""
     bsz, length, heads, dk = q.shape
     x, f = gate_factors(b, seg, (bsz, length, heads), dk)
-    return _launch(q, k, v, x, f, s0, gated=False, stages=stages, save_states=save_states,
+    return _launch(q, k, v, x, f, s0, mode="decay", stages=stages, save_states=save_states,
                    interpret=interpret)  # fmt: skip
 
 
@@ -370,5 +413,18 @@ def forward_gated(qg, kg, v, a, decays, s0, *, stages: int = 2, save_states: boo
     scores ``a`` ``[batch, heads, chunks, C, C]`` float32 (causal, documents and gates
     applied; all three from :func:`.triton_fwd.gla_scores` with ``scaled``) and the state
     rows' ``decays`` (:func:`state_decays`)."""
-    return _launch(qg, kg, v, a, decays, s0, gated=True, stages=stages,
+    return _launch(qg, kg, v, a, decays, s0, mode="gla", stages=stages,
+                   save_states=save_states, interpret=interpret)  # fmt: skip
+
+
+def forward_delta(q, k, w, uv, b, s0, seg=None, *, stages: int = 2, save_states: bool,
+                  interpret: bool):  # fmt: skip
+    """The gated delta rule (:mod:`kernels_pallas.gated_delta`): :func:`forward` with ``V``
+    replaced per chunk by ``U = UV - W S``, from the UT transform's ``w = T (beta e^b K)``
+    ``[batch, heads, len, dk]`` and ``uv = T (beta V)`` ``[batch, heads, len, dv]`` (input
+    dtype, rows outside the incoming state's document zero in ``w``); ``b`` the chunk-local
+    cumsum of the log-decays (``[batch, len, heads, 1]``), ``seg`` as :func:`forward`."""
+    bsz, length, heads, dk = q.shape
+    x, f = gate_factors(b, seg, (bsz, length, heads), dk)
+    return _launch(q, k, uv, x, f, s0, w, mode="delta", stages=stages,
                    save_states=save_states, interpret=interpret)  # fmt: skip

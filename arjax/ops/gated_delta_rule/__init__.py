@@ -7,7 +7,9 @@ Sequence Length"). Forms:
 
 * ``"naive"`` -- the recurrence as written, the float32 reference (:mod:`.naive`);
 * ``"chunked"`` -- WY representation / UT transform per chunk, for training
-  (:mod:`.chunked`); with ``impl="pallas"`` the kernel in :mod:`kernels_pallas.gated_delta`;
+  (:mod:`.chunked`); with ``impl="pallas"`` the kernel in :mod:`kernels_pallas.gated_delta`,
+  with ``impl="pallas_mosaic"`` the same with its fused Hopper forward in Pallas Mosaic GPU
+  (bf16/fp16, dk 64 or 128, dv a multiple of 64, chunk 64; else a ``ValueError``);
 * ``"recurrent"`` -- the per-token delta update with O(1) state, as used for decoding
   (:mod:`.recurrent`).
 
@@ -22,16 +24,24 @@ import importlib.util
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from arjax.ops import auto_table
 from arjax.ops.gated_delta_rule.chunked import chunked_gated_delta_rule
 from arjax.ops.gated_delta_rule.common import FORMS, validate
 from arjax.ops.gated_delta_rule.naive import naive_gated_delta_rule
 from arjax.ops.gated_delta_rule.recurrent import gated_delta_step, recurrent_gated_delta_rule
-from arjax.ops.linear_attention.common import check_options, pow2_tiles
+from arjax.ops.linear_attention.common import (
+    SCAN_IMPLS,
+    check_options,
+    mosaic_supported,
+    pow2_tiles,
+)
 from arjax.ops.measured import kernel_unless_measured_slower
 
 Form = Literal["naive", "chunked", "recurrent"]
+_LOWERINGS = {"pallas": "triton", "pallas_mosaic": "mosaic"}  # the kernel's, per impl
 
 
 def gated_delta_rule_reference(
@@ -54,18 +64,26 @@ def gated_delta_rule_reference(
 
 
 def resolve_impl(
-    form: str, impl: str, dims: tuple[int, int, int] = (64, 64, 64), *, seq_len: int = 0
+    form: str,
+    impl: str,
+    dims: tuple[int, int, int] = (64, 64, 64),
+    *,
+    seq_len: int = 0,
+    dtype: DTypeLike = jnp.float32,
 ) -> str:
     """What ``impl="auto"`` means: the Pallas kernel for the chunked form on GPU/TPU when
-    ``dims`` = (dk, dv, chunk_size) are powers of two >= 16 (the kernels' tiles), unless the
-    jnp chunked form was measured faster near ``seq_len`` on this GPU
-    (``arjax.ops.auto_table.GATED_DELTA``); else the jnp chunked form."""
+    ``dims`` = (dk, dv, chunk_size) are powers of two >= 16 (the kernels' tiles), unless
+    another impl was measured faster near ``seq_len`` on this GPU
+    (``arjax.ops.auto_table.GATED_DELTA``): the jnp chunked form (``"xla"``), or the fused
+    forward (``"pallas_mosaic"``) where it runs the call (its ``dtype`` and dims); else the jnp
+    chunked form."""
     if impl != "auto":
         return impl
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
     kernel = importlib.util.find_spec("kernels_pallas.gated_delta") is not None
     if form == "chunked" and on_accelerator and pow2_tiles(*dims) and kernel:
-        return kernel_unless_measured_slower(auto_table.GATED_DELTA, (), seq_len)
+        allowed = ("xla", "pallas_mosaic") if mosaic_supported(dims, dtype) else ("xla",)
+        return kernel_unless_measured_slower(auto_table.GATED_DELTA, (), seq_len, allowed)
     return "xla"
 
 
@@ -80,7 +98,7 @@ def gated_delta_rule(
     segment_ids: jax.Array | None = None,  # [batch, len] int; a change starts a new document
     form: Form = "chunked",
     chunk_size: int = 64,
-    impl: Literal["auto", "xla", "pallas"] = "auto",
+    impl: Literal["auto", "xla", "pallas", "pallas_mosaic"] = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``.
 
@@ -88,17 +106,18 @@ def gated_delta_rule(
     """
     validate(q, k, v, beta, log_decay=log_decay, initial_state=initial_state,
              segment_ids=segment_ids)  # fmt: skip
-    check_options("gated_delta_rule", FORMS, form, impl, chunk_size)
+    check_options("gated_delta_rule", FORMS, form, impl, chunk_size, SCAN_IMPLS)
     args = dict(log_decay=log_decay, initial_state=initial_state, segment_ids=segment_ids)
     if form == "naive":
         return naive_gated_delta_rule(q, k, v, beta, **args)
     if form == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, beta, **args)
     dims = (q.shape[-1], v.shape[-1], chunk_size)
-    if resolve_impl(form, impl, dims, seq_len=q.shape[1]) == "pallas":
+    impl = resolve_impl(form, impl, dims, seq_len=q.shape[1], dtype=q.dtype)
+    if impl in _LOWERINGS:
         from kernels_pallas.gated_delta import gated_delta_rule as kernel
 
-        return kernel(q, k, v, beta, chunk_size=chunk_size, **args)
+        return kernel(q, k, v, beta, chunk_size=chunk_size, lowering=_LOWERINGS[impl], **args)
     return chunked_gated_delta_rule(q, k, v, beta, chunk_size=chunk_size, **args)
 
 

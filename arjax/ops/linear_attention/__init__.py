@@ -26,7 +26,14 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from arjax.ops.linear_attention.chunked import chunked_linear_attention
-from arjax.ops.linear_attention.common import FORMS, SCAN_IMPLS, check_options, pow2_tiles, validate
+from arjax.ops.linear_attention.common import (
+    FORMS,
+    SCAN_IMPLS,
+    check_options,
+    mosaic_supported,
+    pow2_tiles,
+    validate,
+)
 from arjax.ops.linear_attention.naive import parallel_linear_attention
 from arjax.ops.linear_attention.recurrent import (
     linear_attention_step,
@@ -63,20 +70,6 @@ def _pallas_available() -> bool:
     return True
 
 
-def _mosaic_supported(dims: tuple[int, int, int], dtype: DTypeLike) -> bool:
-    """Whether the fused Mosaic GPU forward runs (dk, dv, chunk_size) = ``dims`` and
-    ``dtype``."""
-    from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd
-
-    dk, dv, chunk = dims
-    q, v = (jax.ShapeDtypeStruct((d,), dtype) for d in (dk, dv))
-    try:
-        mosaic_gpu_fwd.check_supported(q, v, chunk=chunk)
-    except ValueError:
-        return False
-    return True
-
-
 def resolve_impl(
     form: str,
     impl: str,
@@ -96,7 +89,7 @@ def resolve_impl(
         return impl
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
     if form == "chunked" and on_accelerator and pow2_tiles(*dims) and _pallas_available():
-        allowed = ("xla", "pallas_mosaic") if _mosaic_supported(dims, dtype) else ("xla",)
+        allowed = ("xla", "pallas_mosaic") if mosaic_supported(dims, dtype) else ("xla",)
         return kernel_unless_measured_slower(auto_table.SCAN, (gate,), seq_len, allowed)
     return "xla"
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 FORMS = ("parallel", "chunked", "recurrent")
 IMPLS = ("auto", "xla", "pallas")  # the chunked ops' (gated delta rule, the mixers' configs)
-SCAN_IMPLS = (*IMPLS, "pallas_mosaic")  # linear_attention's: also the fused Hopper forward
+# linear_attention's and gated_delta_rule's: also the kernels with their fused Hopper forward
+SCAN_IMPLS = (*IMPLS, "pallas_mosaic")
 
 
 def validate(
@@ -85,6 +87,20 @@ def check_options(
         raise ValueError(f"{who}: chunk_size must be a positive int, got {chunk_size!r}")
     if impl not in ("auto", "xla") and form != "chunked":
         raise ValueError(f"{who}: impl={impl!r} needs form='chunked', got {form!r}")
+
+
+def mosaic_supported(dims: tuple[int, int, int], dtype: DTypeLike) -> bool:
+    """Whether the fused Mosaic GPU forward (``impl="pallas_mosaic"``, shared by the scan and
+    the gated delta rule) runs (dk, dv, chunk_size) = ``dims`` and ``dtype``."""
+    from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd
+
+    dk, dv, chunk = dims
+    q, v = (jax.ShapeDtypeStruct((d,), dtype) for d in (dk, dv))
+    try:
+        mosaic_gpu_fwd.check_supported(q, v, chunk=chunk)
+    except ValueError:
+        return False
+    return True
 
 
 def pow2_tiles(*dims: int) -> bool:
