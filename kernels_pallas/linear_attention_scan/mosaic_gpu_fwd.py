@@ -44,9 +44,10 @@ GLA's per-channel gates (``gated``, :func:`forward_gated`) take jla's split of t
 (its ``intra`` then ``state_output`` kernels): Triton's staged scores kernel
 (:func:`.triton_fwd.gla_scores`, exact for any gate by secondary chunking) gives ``A`` and
 the scaled rows ``q e^b``, ``k e^{B - b}``; the same three warpgroups then run ``O = (Q e^b) S
-+ A V`` and ``S <- diag(e^B) S + (K e^{B - b})^T V``: the output warpgroup loads ``A``
-instead of forming it, and the state warpgroup's chain loses its diagonal product (the state
-rows' decays are the factors the scalar gate repeats ``dk`` times).
++ A V`` and ``S <- diag(e^B) S + (K e^{B - b})^T V``: the output warpgroup takes ``A``
+(stored in the input dtype) as a wgmma operand instead of forming it, and the state
+warpgroup's chain loses its diagonal product (the state rows' decays are the factors the
+scalar gate repeats ``dk`` times).
 
 The gated delta rule (``delta``, :func:`forward_delta`, used by
 :mod:`kernels_pallas.gated_delta`) has the scalar gate's factors and scores, with ``V``
@@ -152,7 +153,7 @@ def scratch_types(dtype, dk: int, stages: int, mode: str = "decay") -> tuple:
     initial / final state's staging; barriers (module doc)."""
     mat = lambda *shape: plgpu.SMEM(shape, dtype, transforms=WGMMA_TRANSFORMS)  # noqa: E731
     if mode == "gla":
-        x_ring = plgpu.SMEM((stages, CHUNK, CHUNK), jnp.float32, transforms=F32_TRANSFORMS)
+        x_ring = mat(stages, CHUNK, CHUNK)  # the scores A, a wgmma operand
         f_ring = plgpu.SMEM((stages, dk // CHUNK, CHUNK), jnp.float32)  # state rows' decays
     else:
         x_ring = plgpu.SMEM((stages, 2, CHUNK), jnp.float32)  # b, r (columns)
@@ -327,8 +328,7 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
                 plgpu.barrier_wait(bar.at[slot])
             q, k = wgmma_operands((q_ring.at[slot], k_ring.at[slot]), interpret)
             if gla:
-                p = _load_acc(x_ring.at[slot], interpret).astype(dtype)
-                plgpu.commit_smem()  # fences the slot's score loads before its release
+                (p,) = wgmma_operands((x_ring.at[slot],), interpret)
             else:
                 b_col, r_col = (vector(x_ring.at[slot, i], 1, interpret) for i in range(2))
                 b_row, r_row, e_row = (vector(f_ring.at[slot, i], 0, interpret) for i in range(3))
@@ -410,7 +410,7 @@ def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, int
 def forward_gated(qg, kg, v, a, decays, s0, *, stages: int = 2, save_states: bool,
                   interpret: bool):  # fmt: skip
     """GLA: :func:`forward` from the rows ``qg = q e^b``, ``kg = k e^{B - b}``, the chunks'
-    scores ``a`` ``[batch, heads, chunks, C, C]`` float32 (causal, documents and gates
+    scores ``a`` ``[batch, heads, chunks, C, C]`` in the input dtype (causal, documents and gates
     applied; all three from :func:`.triton_fwd.gla_scores` with ``scaled``) and the state
     rows' ``decays`` (:func:`state_decays`)."""
     return _launch(qg, kg, v, a, decays, s0, mode="gla", stages=stages,

@@ -170,8 +170,9 @@ def doc_refs(refs: list) -> tuple:
 
 
 def _gla_scores_kernel(cfg: Cfg, q_ref, k_ref, b_ref, *refs, scaled: bool = False):
-    """Staged forward (1): ``A [C, C]`` float32, ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}``
-    for ``j <= i`` in the same document (GLA paper eq. 4 within a chunk), else 0; with
+    """Staged forward (1): ``A [C, C]`` (float32 math, stored in the input dtype),
+    ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}`` for ``j <= i`` in the same document (GLA paper
+    eq. 4 within a chunk), else 0; with
     ``scaled`` also the rows the fused Hopper forward multiplies, ``q e^{b}`` and ``k e^{B -
     b}`` (``Chunk.state_in`` / ``state_out``, in the input dtype).
 
@@ -194,7 +195,7 @@ def _gla_scores_kernel(cfg: Cfg, q_ref, k_ref, b_ref, *refs, scaled: bool = Fals
             qg_ref, kg_ref = scaled_refs
             qg_ref[:, cols] = (q * ch.state_in(0, c, cols)).astype(dt)
             kg_ref[:, cols] = (k * ch.state_out(0, c, cols)).astype(dt)
-    a_ref[...] = jnp.where(ch.diag_mask(0, c), a, 0.0)
+    a_ref[...] = jnp.where(ch.diag_mask(0, c), a, 0.0).astype(a_ref.dtype)
 
 
 def _gla_scores_fix_kernel(cfg: Cfg, q_ref, k_ref, b_ref, *refs):
@@ -210,8 +211,10 @@ def _gla_scores_fix_kernel(cfg: Cfg, q_ref, k_ref, b_ref, *refs):
     def _():
         for i0 in range(0, c, sub):
             for j0, n in ch.blocks(0, i0):
-                a_ref[i0 : i0 + sub, j0 : j0 + n] = ch.earlier_scores(i0, j0, n)
-            a_ref[i0 : i0 + sub, i0 : i0 + sub] = ch.gated_diag(i0, ch.diag_mask(i0))[0]
+                scores = ch.earlier_scores(i0, j0, n)
+                a_ref[i0 : i0 + sub, j0 : j0 + n] = scores.astype(a_ref.dtype)
+            diag = ch.gated_diag(i0, ch.diag_mask(i0))[0]
+            a_ref[i0 : i0 + sub, i0 : i0 + sub] = diag.astype(a_ref.dtype)
 
 
 def _gla_out_kernel(cfg: Cfg, q_ref, b_ref, v_ref, a_ref, h_ref, *refs):
@@ -225,22 +228,24 @@ def _gla_out_kernel(cfg: Cfg, q_ref, b_ref, v_ref, a_ref, h_ref, *refs):
     o_ref[...] = o.astype(o_ref.dtype)
 
 
-def scores_like(q, cfg: Cfg) -> tuple:
-    """``[batch, heads, chunks, C, C]`` float32 output (GPU layout ``q [b, len, h, dk]``)."""
+def scores_like(q, cfg: Cfg, dtype=F32) -> tuple:
+    """``[batch, heads, chunks, C, C]`` output (GPU layout ``q [b, len, h, dk]``)."""
     bsz, length, heads, _ = q.shape
     c = cfg.chunk
-    return jax.ShapeDtypeStruct((bsz, heads, length // c, c, c), F32), "scores"
+    return jax.ShapeDtypeStruct((bsz, heads, length // c, c, c), dtype), "scores"
 
 
 def gla_scores(q, k, b, seg, cfg: Cfg, *, scaled: bool = False):
-    """Staged GLA: the intra-chunk scores ``A [batch, heads, chunks, C, C]`` float32; with
+    """Staged GLA: the intra-chunk scores ``A [batch, heads, chunks, C, C]`` in the input dtype
+    (computed in float32; every consumer takes them as an MMA operand of that dtype); with
     ``scaled`` ``(A, q e^b, k e^{B - b})`` (the fused Hopper forward's operands, q's layout)."""
     ins = [(q, "seq"), (k, "seq"), (b, "seq")] + doc_args(seg, cfg)
-    like = [scores_like(q, cfg)] + [(jax.ShapeDtypeStruct(q.shape, q.dtype), "seq")] * (2 * scaled)
+    a_like = scores_like(q, cfg, q.dtype)
+    like = [a_like] + [(jax.ShapeDtypeStruct(q.shape, q.dtype), "seq")] * (2 * scaled)
     a, *rows = chunk_call(functools.partial(_gla_scores_kernel, scaled=scaled), cfg, ins, like,
                           "la_chunk_gla_scores", bwd=False)  # fmt: skip
     (a,) = chunk_call(_gla_scores_fix_kernel, cfg, ins + [(a, "scores")],
-                       [scores_like(q, cfg)], "la_chunk_gla_scores_fix", bwd=False,
+                       [a_like], "la_chunk_gla_scores_fix", bwd=False,
                        aliases={len(ins): 0})  # fmt: skip
     return (a, *rows) if scaled else a
 
