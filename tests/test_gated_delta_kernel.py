@@ -195,23 +195,6 @@ def test_mosaic_fused_forward(races, dk, dv, dtype, docs, gated, rng):
     assert all(e < 2e-2 for e in errs.values()), errs
 
 
-def test_mosaic_fused_forward_rejects_what_it_lacks(rng):
-    """Each unsupported feature of ``lowering="mosaic"`` raises naming it, before tracing."""
-    q, k, v, beta, g, _ = inputs(rng, gated=True, shape=(1, 64, 2, 64, 64))
-    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
-    cases = {
-        "chunk_size must be 64": dict(chunk_size=32),
-        "dtype must be bfloat16 or float16": dict(dtype=jnp.float32),
-        "dk must be one of": dict(dk=32),
-        "lowering must be": dict(backend="tpu"),
-    }
-    for problem, kwargs in cases.items():
-        dtype, dk = kwargs.pop("dtype", q.dtype), kwargs.pop("dk", 64)
-        args = (q[..., :dk].astype(dtype), k[..., :dk].astype(dtype), v.astype(dtype), beta)
-        with pytest.raises(ValueError, match=problem):
-            kernel(*args, log_decay=g, lowering="mosaic", **kwargs)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 def test_gpu_mosaic_fused_forward(rng):

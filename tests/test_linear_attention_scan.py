@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels_pallas.gated_delta import gated_delta_rule as gated_delta_kernel
 from kernels_pallas.linear_attention_scan import (
     FACTOR_SPREAD,
     MosaicTpuTuning,
@@ -287,20 +288,28 @@ def test_mosaic_fused_forward_strong_gla_gates(races):
     assert all(e < 2e-2 for e in errs.values()), errs
 
 
-def test_mosaic_fused_forward_rejects_what_it_lacks():
-    """Each unsupported feature of ``lowering="mosaic"`` raises naming it, before tracing."""
+@pytest.mark.parametrize("op", ["linear attention", "gated delta rule"])
+def test_mosaic_fused_forward_rejects_what_it_lacks(op):
+    """Each unsupported feature of ``lowering="mosaic"`` raises naming it, before tracing: the
+    scan's and the gated delta rule's (the same fused kernel)."""
     q, k, v, g, _ = make_inputs(0, 1, 64, 2, 64, 64, "scalar", dtype=jnp.bfloat16)
+    if op == "linear attention":
+        call, name = chunked_linear_attention, "chunked_linear_attention"
+    else:
+        beta = jnp.full(g.shape, 0.5)
+        call = lambda q, k, v, **kw: gated_delta_kernel(q, k, v, beta, **kw)  # noqa: E731
+        name = "gated_delta_rule"
     cases = {
-        "chunk_size": dict(chunk_size=32),
-        "dtype": dict(dtype=jnp.float32),
-        "dk": dict(dk=32),
+        "chunk_size must be 64": dict(chunk_size=32),
+        "dtype must be bfloat16 or float16": dict(dtype=jnp.float32),
+        "dk must be one of": dict(dk=32),
         "lowering must be": dict(backend="tpu"),
     }
     for problem, kwargs in cases.items():
         dtype, dk = kwargs.pop("dtype", q.dtype), kwargs.pop("dk", 64)
         args = (q[..., :dk].astype(dtype), k[..., :dk].astype(dtype), v.astype(dtype))
-        with pytest.raises(ValueError, match=problem):
-            chunked_linear_attention(*args, lowering="mosaic", **{"log_decay": g, **kwargs})
+        with pytest.raises(ValueError, match=rf"{name}.*{problem}"):
+            call(*args, lowering="mosaic", **{"log_decay": g, **kwargs})
 
 
 @pytest.mark.gpu
