@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_scan import (  # noqa: E402
+    device_profile,
     fmt,
     header,
     new_results,
@@ -185,6 +186,22 @@ def measure(row: dict, impl: str, inputs, reps: int, inner: int) -> None:
     print(json.dumps(row), flush=True)
 
 
+def profiles(results: dict, impls: list[str], shape=SHAPES[0]) -> None:
+    """Device time per kernel (:func:`bench_scan.device_profile`), ms per call, of each arjax
+    ``impl`` (pallas, mosaic) at ``shape``, forward and fwd+bwd: where the time goes."""
+    inputs = make_inputs(shape, jnp.bfloat16)
+    for impl in impls:
+        f, fb = arjax_fns(impl)
+        for p, fn, args in (("fwd", f, inputs[:5]), ("fwd+bwd", fb, inputs)):
+            try:
+                prof = device_profile(fn, *args)
+            except Exception as e:  # noqa: BLE001 -- a profiler failure must not end the run
+                prof = {"error": repr(e)[:300]}
+            results.setdefault("profiles", {})[f"{impl} {p} {shape}"] = prof
+            print(f"  {impl} {p} {shape} kernels (ms per call): {json.dumps(prof)}", flush=True)
+        jax.clear_caches()
+
+
 def write(results: dict, out: str) -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".json", "w") as fh:
@@ -208,6 +225,13 @@ def write(results: dict, out: str) -> None:
     lines += [f"- check error: {results['check error']}"] if "check error" in results else []
     lines += [f"- error: {tuple(r['shape'])} {k} {v}" for r in results["rows"]
               for k, v in r.items() if k.endswith("error")]  # fmt: skip
+    for name, prof in results.get("profiles", {}).items():
+        lines += ["", f"Device time per kernel, {name}, ms per call:", ""]
+        for line, kernels in prof.items():
+            if isinstance(kernels, dict):
+                lines += [f"- {line}: " + ", ".join(f"{k} {v}" for k, v in kernels.items())]
+            else:
+                lines += [f"- {line}: {kernels}"]
     with open(out + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
@@ -224,6 +248,11 @@ def main() -> None:
         help="what to time, in this order (arjax's two first: the auto table needs both)",
     )
     ap.add_argument("--no-check", action="store_true", help="skip the float32 GPU check")
+    ap.add_argument(
+        "--profile",
+        default="",
+        help="arjax impls (pallas, mosaic) to profile per kernel at the first shape, after timing",
+    )
     args = ap.parse_args()
     results = new_results()
     if not args.no_check:
@@ -240,6 +269,9 @@ def main() -> None:
                 results["rows"].append(row)
             measure(row, impl, make_inputs(shape, jnp.bfloat16), args.reps, args.inner)
             write(results, args.out)
+    if args.profile:
+        profiles(results, args.profile.split(","))
+        write(results, args.out)
 
 
 if __name__ == "__main__":

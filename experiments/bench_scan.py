@@ -528,21 +528,18 @@ def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline:
         res["best"][p] = {k: t[k] for k in ("step", "chunk", "config", f"{p} ms")}
 
 
-def kernel_profile(variant: str, cfg: TritonTuning, chunk: int = 64, shape=TUNE_SHAPE,
-                   calls: int = 3) -> dict:  # fmt: skip
-    """Device time per kernel, ms per pallas fwd+bwd call (``chunk``, ``cfg``; jax profiler
-    trace, the 20 largest): which kernel to work on next. Keys: ``{device line: {kernel: ms}}``
-    over the trace's stream lines (all device lines if it names none "Stream")."""
-    inputs = make_inputs(shape, variant, jnp.bfloat16)
+def device_profile(fn, *args, calls: int = 3) -> dict:
+    """Device time per kernel, ms per call of the jitted ``fn(*args)`` (compiled and run once
+    first; jax profiler trace of ``calls`` calls, the 20 largest per line). Keys: ``{device
+    line: {kernel: ms}}`` over the trace's stream lines (all device lines if it names none
+    "Stream")."""
     with tempfile.TemporaryDirectory() as tmp:
-        _, fb = jax_fns("pallas", chunk, cfg)
-        jax.block_until_ready(fb(*inputs))
+        jax.block_until_ready(fn(*args))
         with jax.profiler.trace(tmp):
             for _ in range(calls):
-                jax.block_until_ready(fb(*inputs))
+                jax.block_until_ready(fn(*args))
         (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
         planes = jax.profiler.ProfileData.from_file(path).planes
-    jax.clear_caches()
     lines = [(p.name, line) for p in planes if p.name.startswith("/device") for line in p.lines]
     streams = [x for x in lines if "Stream" in x[1].name] or lines
     out: dict = {}
@@ -551,6 +548,17 @@ def kernel_profile(variant: str, cfg: TritonTuning, chunk: int = 64, shape=TUNE_
         for ev in line.events:
             times[ev.name] += ev.duration_ns / 1e6 / calls
         out[f"{plane} {line.name}"] = {k: round(v, 4) for k, v in times.most_common(20)}
+    return out
+
+
+def kernel_profile(variant: str, cfg: TritonTuning, chunk: int = 64, shape=TUNE_SHAPE,
+                   calls: int = 3) -> dict:  # fmt: skip
+    """:func:`device_profile` of a pallas fwd+bwd call (``chunk``, ``cfg``): which kernel to
+    work on next."""
+    inputs = make_inputs(shape, variant, jnp.bfloat16)
+    _, fb = jax_fns("pallas", chunk, cfg)
+    out = device_profile(fb, *inputs, calls=calls)
+    jax.clear_caches()
     return out
 
 
