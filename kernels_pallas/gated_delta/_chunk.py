@@ -114,15 +114,19 @@ def _exp_where(mask: jax.Array, x: jax.Array) -> jax.Array:
 def unit_lower_inverse(a: jax.Array, prec) -> jax.Array:
     """``(I + A)^{-1}`` for strictly lower ``a [C, C]`` (C a power of two), by block doubling:
     with ``T`` inverting the diagonal blocks of size ``s``, those of size ``2s`` are
-    ``[[T1, 0], [-T2 A21 T1, T2]]``, i.e. ``T - T (A masked to the A21 blocks) T``:
-    ``2 log2(C)`` MMAs."""
+    ``[[T1, 0], [-T2 A21 T1, T2]]``, i.e. ``T - T (A masked to the A21 blocks) T``. The
+    first step needs no product (``T1 = T2 = 1``: the 2 x 2 blocks are ``I - A``), so ``2
+    log2(C) - 2`` MMAs."""
     c = a.shape[0]
     rows, cols = _iota((c, c), 0), _iota((c, c), 1)
-    t = (rows == cols).astype(F32)
-    size = 1
+
+    def cross(size: int) -> jax.Array:  # the A21 blocks of the diagonal blocks of size 2s
+        return ((rows ^ cols) < 2 * size) & ((rows & size) != 0) & ((cols & size) == 0)
+
+    t = (rows == cols).astype(F32) - jnp.where(cross(1), a, 0.0)
+    size = 2
     while size < c:
-        cross = ((rows ^ cols) < 2 * size) & ((rows & size) != 0) & ((cols & size) == 0)
-        t = t - mm(mm(t, jnp.where(cross, a, 0.0), prec), t, prec)
+        t = t - mm(mm(t, jnp.where(cross(size), a, 0.0), prec), t, prec)
         size *= 2
     return t
 

@@ -31,16 +31,20 @@ from arjax.ops.linear_attention.common import document_index, masked_exp
 def unit_lower_inverse(a: jax.Array) -> jax.Array:
     """``(I + A)^{-1}`` for strictly lower triangular ``a [..., c, c]`` by block doubling:
     with ``T`` the inverse of the diagonal blocks of size ``s``, the blocks of size ``2s`` are
-    ``[[T1, 0], [-T2 A21 T1, T2]]``, i.e. ``T - T (A masked to the A21 blocks) T``."""
+    ``[[T1, 0], [-T2 A21 T1, T2]]``, i.e. ``T - T (A masked to the A21 blocks) T``; the 2 x 2
+    blocks need no product (``I - A`` there)."""
     c = a.shape[-1]
     p = 1 << max(c - 1, 0).bit_length()  # next power of two: pad with zeros (identity)
     a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, p - c), (0, p - c)])
     rows, cols = jnp.indices((p, p))
-    t = jnp.broadcast_to(jnp.eye(p, dtype=a.dtype), a.shape)
-    size = 1
+
+    def cross(size: int) -> jax.Array:  # the A21 blocks of the diagonal blocks of size 2s
+        return ((rows ^ cols) < 2 * size) & ((rows & size) != 0) & ((cols & size) == 0)
+
+    t = jnp.eye(p, dtype=a.dtype) - jnp.where(cross(1), a, 0.0)
+    size = 2
     while size < p:
-        cross = ((rows ^ cols) < 2 * size) & ((rows & size) != 0) & ((cols & size) == 0)
-        t = t - t @ jnp.where(cross, a, 0.0) @ t
+        t = t - t @ jnp.where(cross(size), a, 0.0) @ t
         size *= 2
     return t[..., :c, :c]
 
