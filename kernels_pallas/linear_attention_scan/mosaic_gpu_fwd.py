@@ -142,14 +142,12 @@ def gate_factors(b, seg, shape: tuple[int, int, int], dk: int) -> tuple[jax.Arra
     return jnp.stack([b_chunks, r], axis=-2), jnp.stack(rows, axis=-2)
 
 
-MODES = ("decay", "gla", "delta")  # no or scalar decay; GLA; the gated delta rule
-
-
 def scratch_types(dtype, dk: int, stages: int, mode: str = "decay") -> tuple:
-    """Rings of Q, K, V tiles (``delta``: of ``T beta V``, plus a ring of ``W``) and gate
-    factors (``gla``: of the scores ``A`` and the state rows' decays); the published states
-    (input dtype, two slots: ``Q S``'s operand), ``exp(B - b) * V`` (``delta``: ``* U``; none
-    for ``gla``), ``delta``'s published ``U`` (two slots), two output tiles and the float32
+    """For ``mode`` "decay" (no or scalar decay), "gla" or "delta" (the gated delta rule):
+    rings of Q, K, V tiles (``delta``: of ``T beta V``, plus a ring of ``W``) and gate factors
+    (``gla``: of the scores ``A`` and the state rows' decays); the published states (input
+    dtype, two slots: ``Q S``'s operand), ``exp(B - b) * V`` (``delta``: ``* U``; none for
+    ``gla``), ``delta``'s published ``U`` (two slots), two output tiles and the float32
     initial / final state's staging; barriers (module doc)."""
     mat = lambda *shape: plgpu.SMEM(shape, dtype, transforms=WGMMA_TRANSFORMS)  # noqa: E731
     if mode == "gla":
@@ -222,12 +220,10 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
     two = lambda n: lax.rem(n, jnp.int32(2))  # noqa: E731
     shape_cc, shape_cv = (CHUNK, CHUNK), (CHUNK, BLOCK_V)
     bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
-    v_at = (
-        (lambda t: v_ref.at[batch, head, t, cols])
-        if delta
-        # noqa: E731
-        else (lambda t: v_ref.at[batch, t, head, cols])
-    )
+
+    def v_at(t):  # the value tile's rows t (delta: of T beta V, head-major)
+        return v_ref.at[batch, head, t, cols] if delta else v_ref.at[batch, t, head, cols]
+
     wg = lax.axis_index("wg")
 
     @pl.when(wg == 2)
