@@ -247,8 +247,8 @@ def test_kernels_lower_without_the_device(backend, lowering, platform, calls, gp
     """Without a GPU/TPU, export for the platform: forward + backward (bf16, head dim 128,
     packed documents, an initial state) lower through Pallas Triton / Mosaic GPU / Mosaic
     TPU: on the GPU three kernels forward (prepare, the state pass, the output; with
-    ``lowering="mosaic"`` prepare and the fused pass) and four backward (prepare, the state
-    pass, the value tiles' gradients, the rest), on the TPU one each way."""
+    ``lowering="mosaic"`` prepare and the fused pass) and four backward (``W`` from the saved
+    ``T``, the state pass, the value tiles' gradients, the rest), on the TPU one each way."""
     sd = jax.ShapeDtypeStruct
     qk = sd((1, 128, 2, 128), jnp.bfloat16)
     gate, seg = sd((1, 128, 2), jnp.float32), sd((1, 128), jnp.int32)

@@ -6,16 +6,16 @@ transform form of sec. 3.3 (and Yang et al. 2024, "Parallelizing Linear Transfor
 the Delta Rule over Sequence Length", sec. 3); the chunk math is :mod:`._chunk`.
 
 Only the state update runs in order over chunks. On the GPU the forward is three kernels:
-it computes the state-independent ``W = T kg``, ``T beta V`` in parallel over chunks, carries
-the state tile through the chunks (two MMAs each, storing the float32 state entering each
-chunk and ``U``), then the outputs in parallel over chunks. The backward is four: it
-recomputes ``W`` (saving ``T``), carries ``dL/dS`` through the chunks in reverse (storing it
-and ``dU`` per chunk), then computes each (chunk, value tile)'s terms and, from their sums,
-every chunk's gradients, both in parallel from the saved states. On the TPU each
-direction is one kernel whose ``arbitrary`` chunk axis does a whole chunk per step, parallel
-over (batch, head, value tile). ``(I + A)^{-1}`` is built by block doubling (MMAs only), so
-``chunk_size`` is a power of two. The in-chunk cumulative log decay and its transpose (a
-reverse cumsum) are XLA around the kernels.
+it computes the state-independent ``W = T kg``, ``T beta V`` in parallel over chunks (and,
+for the backward, saves ``T``), carries the state tile through the chunks (two MMAs each,
+storing the state entering each chunk and ``U``), then the outputs in parallel over chunks.
+The backward is four: it recomputes ``W`` from ``T``, carries ``dL/dS`` through the chunks in
+reverse (storing it and ``dU`` per chunk), then computes each (chunk, value tile)'s terms
+and, from their sums, every chunk's gradients, both in parallel from the saved states. On
+the TPU each direction is one kernel whose ``arbitrary`` chunk axis does a whole chunk per
+step, parallel over (batch, head, value tile). ``(I + A)^{-1}`` is built by block doubling
+(MMAs only), so ``chunk_size`` is a power of two. The in-chunk cumulative log decay and its
+transpose (a reverse cumsum) are XLA around the kernels.
 
 Drivers (one file per lowering and pass): ``backend="gpu"`` Pallas Triton (:mod:`.triton_fwd`,
 :mod:`.triton_bwd`), ``"tpu"`` Pallas Mosaic TPU (:mod:`.mosaic_tpu_fwd`,
@@ -139,15 +139,15 @@ def _core(q, k, v, beta, gam, s0, docs, cfg: Cfg):
 
 
 def _core_fwd(q, k, v, beta, gam, s0, docs, cfg: Cfg):
-    out, s_final, h = _forward(q, k, v, beta, gam, s0, docs, cfg, save_states=True)
-    return (out, s_final), (q, k, v, beta, gam, docs, h)
+    out, s_final, saved = _forward(q, k, v, beta, gam, s0, docs, cfg, save_states=True)
+    return (out, s_final), (q, k, v, beta, gam, docs, saved)
 
 
 def _core_bwd(cfg: Cfg, res, cts):
-    q, k, v, beta, gam, docs, h = res
+    q, k, v, beta, gam, docs, saved = res  # saved: the forward driver's residuals
     do, ds_final = cts
     dq, dk, dv, dbeta, dgam_c, dgam_r, ds0 = _DRIVERS[cfg.backend][1].backward(
-        _inputs(q, k, v, beta, gam, docs, cfg), h, do.astype(q.dtype), ds_final, cfg
+        _inputs(q, k, v, beta, gam, docs, cfg), saved, do.astype(q.dtype), ds_final, cfg
     )
     dgam = dgam_c[..., 0] + rearrange(dgam_r, "b h n 1 c -> b h (n c)")
     return dq.astype(q.dtype), dk.astype(k.dtype), dv, dbeta[..., 0], dgam, ds0, None

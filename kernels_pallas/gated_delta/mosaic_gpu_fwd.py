@@ -28,9 +28,10 @@ def check_supported(q: jax.Array, v: jax.Array, *, chunk: int) -> None:
 
 
 def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
-    """``(o, s_final, h)`` as :func:`.triton_fwd.forward` (same operands by name)."""
+    """``(o, s_final, res)`` as :func:`.triton_fwd.forward` (same operands by name)."""
     dtype = inputs["q"].dtype
-    w, uv = (x.astype(dtype) for x in triton_fwd.prepare(inputs, cfg, saved="uv"))
+    w, uv, t_mat = triton_fwd.prepare(inputs, cfg, save_t=save_states)
+    w, uv = w.astype(dtype), uv.astype(dtype)
     b = rearrange(inputs["gam_c"], "b h l 1 -> b l h 1")
     seg = None
     if cfg.segments:  # document index of each token and of its predecessor
@@ -40,4 +41,4 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
         inputs["q"], inputs["k"], w, uv, b, s0, seg, save_states=save_states,
         interpret=cfg.interpret,
     )  # fmt: skip
-    return o, s_final, (h.astype(cfg.store) if save_states else None)
+    return o, s_final, ((h.astype(cfg.store), t_mat) if save_states else None)

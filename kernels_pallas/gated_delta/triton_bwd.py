@@ -1,7 +1,8 @@
 """GPU backward (Pallas Triton) in four kernels: only the ``dL/dS`` pass runs in order.
 
-1. :func:`.triton_fwd.prepare` recomputes ``W`` and saves ``T`` (a parallel kernel; cheaper
-   than keeping float32 ``[batch, heads, len, dk]`` residuals per layer from the forward);
+1. :func:`recompute_w`, parallel over (batch, heads, chunks): ``W = T kg`` from the forward's
+   ``T`` (a residual of ``C`` values per token, where ``W`` would take ``dk``), the inverse
+   not recomputed;
 2. :func:`state_grads`, grid (batch, heads, value tiles), chunks in reverse carrying
    ``dS = dL/dS`` (from ``ds_final``): stores ``dh_n = dL/dS_next`` of chunk ``n`` and
    ``dU = (Q K^T * decay_incl)^T dO + (K e_end) dS``, then
@@ -30,6 +31,8 @@ from kernels_pallas.gated_delta._chunk import (
     finish_backward,
     gates,
     grad_shapes,
+    kg_scale,
+    mm,
     scores,
     state_grad,
     tile_backward,
@@ -39,11 +42,29 @@ from kernels_pallas.gated_delta.triton_fwd import (
     call,
     dims,
     loader,
-    prepare,
     program_ids,
     rows,
     with_value_tile,
 )
+
+
+def recompute_w(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> jax.Array:
+    """``W = T kg [batch, heads, len, dk]`` in :attr:`Cfg.store` from the forward's ``T``
+    (:func:`.triton_fwd.prepare`, stored in :attr:`Cfg.store`: at bf16 precision ``W``'s MMA
+    rounds ``T`` to bf16 anyway, so this is the forward's ``W`` bit for bit)."""
+    bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
+    c = cfg.chunk
+
+    def kernel(ins, t_ref, w_ref):
+        bi, hi, n = program_ids(3)
+        t = rows(n, c)
+        ch = loader(cfg, ins, bi, hi)(n, q=False)
+        w = mm(t_ref[bi, hi, n, :, :], ch.k * kg_scale(ch, gates(ch)), cfg.precision)
+        w_ref[bi, hi, t, :] = w.astype(w_ref.dtype)
+
+    out_shape = jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store)
+    return call(kernel, inputs, (t_mat,), out_shape, (bsz, heads, n_chunks), cfg,
+                "gated_delta_w_bwd")  # fmt: skip
 
 
 def state_grads(inputs: dict, w: jax.Array, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
@@ -139,12 +160,14 @@ class Sums:
         return self._sum(self._refs[name])
 
 
-def backward(inputs: dict, h: jax.Array, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
+def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
     """``(dq, dk, dv, dbeta, dgam_c, dgam_r, ds0)`` (:func:`._chunk.grad_shapes`, no value-tile
-    axis) from the forward's states ``h``."""
+    axis) from the forward's residuals ``res = (h, T)``: the states entering each chunk and
+    the UT transform's inverses."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, nv, prec = cfg.chunk, dv // cfg.block_v, cfg.precision
-    w, t_mat = prepare(inputs, cfg, saved="t")
+    h, t_mat = res
+    w = recompute_w(inputs, t_mat, cfg)
     dh, du, ds0 = state_grads(inputs, w, do, ds_final, cfg)
     dv_grad, parts = tile_grads(inputs, t_mat, w, h, do, dh, du, cfg)
 

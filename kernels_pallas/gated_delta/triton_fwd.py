@@ -2,7 +2,7 @@
 
 1. :func:`prepare`, parallel over (batch, heads, chunks): the state-independent UT transform,
    ``W = T kg`` and ``UV = T beta V`` (:func:`._chunk.transform`, :func:`._chunk.values`;
-   the value tiles in turn);
+   the value tiles in turn), and for the backward ``T``;
 2. :func:`states`, grid (batch, heads, value tiles), chunks in order with the ``[dk, bv]``
    state tile in registers: stores the state entering each chunk ``h_n`` and
    ``U = UV - W h_n``, then ``S = carry S + (K e_end)^T U`` (:func:`._chunk.state_step`);
@@ -106,35 +106,38 @@ def dims(inputs: dict, cfg: Cfg) -> tuple[int, int, int, int, int, int]:
     return bsz, length, heads, dk, inputs["v"].shape[3], length // cfg.chunk
 
 
-def prepare(inputs: dict, cfg: Cfg, *, saved: str):
-    """``(W [batch, heads, len, dk], X)`` in :attr:`Cfg.store`, grid (batch, heads, chunks):
-    ``saved="uv"`` (the forward) gives ``X = UV [batch, heads, len, dv]``, ``"t"`` (the
-    backward) ``X = T [batch, heads, chunks, C, C]`` (only an MMA operand after)."""
+def prepare(inputs: dict, cfg: Cfg, *, save_t: bool):
+    """``(W [batch, heads, len, dk], UV [batch, heads, len, dv], T)`` in :attr:`Cfg.store`,
+    grid (batch, heads, chunks); ``T [batch, heads, chunks, C, C]`` only with ``save_t`` (the
+    backward's residual: it recomputes ``W`` from it, :func:`.triton_bwd.recompute_w`), else
+    None."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, bv, prec = cfg.chunk, cfg.block_v, cfg.precision
 
-    def kernel(ins, w_ref, x_ref):
+    def kernel(ins, w_ref, uv_ref, *t_ref):
         bi, hi, n = program_ids(3)
         t = rows(n, c)
         ch = loader(cfg, ins, bi, hi)(n, q=False)
         wy = transform(ch, gates(ch), prec)
         w_ref[bi, hi, t, :] = wy.w.astype(w_ref.dtype)
-        if saved == "t":
-            x_ref[bi, hi, n, :, :] = wy.t.astype(x_ref.dtype)
-            return
+        if save_t:
+            t_ref[0][bi, hi, n, :, :] = wy.t.astype(t_ref[0].dtype)
 
         def tile(j, carry):
             vs = rows(j, bv)
             ch_j = with_value_tile(ch, ins, bi, t, hi, vs)
-            x_ref[bi, hi, t, vs] = values(ch_j, wy.t, prec)[1].astype(x_ref.dtype)
+            uv_ref[bi, hi, t, vs] = values(ch_j, wy.t, prec)[1].astype(uv_ref.dtype)
             return carry
 
         lax.fori_loop(0, dv // bv, tile, 0)
 
-    x = (jax.ShapeDtypeStruct((bsz, heads, length, dv), cfg.store) if saved == "uv"
-         else jax.ShapeDtypeStruct((bsz, heads, n_chunks, c, c), cfg.store))  # fmt: skip
-    out_shape = [jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store), x]
-    return call(kernel, inputs, (), out_shape, (bsz, heads, n_chunks), cfg, "gated_delta_prepare")
+    out_shape = [
+        jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store),
+        jax.ShapeDtypeStruct((bsz, heads, length, dv), cfg.store),
+        *([jax.ShapeDtypeStruct((bsz, heads, n_chunks, c, c), cfg.store)] if save_t else []),
+    ]
+    outs = call(kernel, inputs, (), out_shape, (bsz, heads, n_chunks), cfg, "gated_delta_prepare")
+    return outs[0], outs[1], (outs[2] if save_t else None)
 
 
 def states(inputs: dict, w: jax.Array, uv: jax.Array, s0: jax.Array, cfg: Cfg):
@@ -169,11 +172,13 @@ def states(inputs: dict, w: jax.Array, uv: jax.Array, s0: jax.Array, cfg: Cfg):
 
 
 def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
-    """``(o, s_final, h)``: ``h [batch, heads, chunks, dk, dv]`` f32 states entering each
-    chunk (only with ``save_states``, for the backward; else None)."""
+    """``(o, s_final, res)``: with ``save_states`` the backward's residuals ``(h, T)``, ``h
+    [batch, heads, chunks, dk, dv]`` the states entering each chunk and ``T`` the UT
+    transform's inverses (:func:`prepare`); else None."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, bv = cfg.chunk, cfg.block_v
-    h, u, s_final = states(inputs, *prepare(inputs, cfg, saved="uv"), s0, cfg)
+    w, uv, t_mat = prepare(inputs, cfg, save_t=save_states)
+    h, u, s_final = states(inputs, w, uv, s0, cfg)
 
     def kernel(ins, h_ref, u_ref, o_ref):
         bi, hi, n = program_ids(3)
@@ -193,4 +198,4 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
 
     out_shape = jax.ShapeDtypeStruct((bsz, length, heads, dv), inputs["q"].dtype)
     out = call(kernel, inputs, (h, u), out_shape, (bsz, heads, n_chunks), cfg, "gated_delta_fwd")
-    return out, s_final, (h if save_states else None)
+    return out, s_final, ((h, t_mat) if save_states else None)
