@@ -2,10 +2,11 @@
 
 1. :func:`recompute_w`, parallel over (batch, heads, chunks): ``W = T kg`` from the forward's
    ``T`` (a residual of ``C`` values per token, where ``W`` would take ``dk``), the inverse
-   not recomputed;
+   not recomputed, and the scores ``Q K^T * decay_incl`` for the next kernel;
 2. :func:`state_grads`, grid (batch, heads, value tiles), chunks in reverse carrying
    ``dS = dL/dS`` (from ``ds_final``): stores ``dh_n = dL/dS_next`` of chunk ``n`` and
-   ``dU = (Q K^T * decay_incl)^T dO + (K e_end) dS``, then
+   ``dU = (Q K^T * decay_incl)^T dO + (K e_end) dS`` (the scores loaded: off the serial
+   chain), then
    ``dS = (Q g_read)^T dO + carry dS - W^T dU`` (:func:`._chunk.u_grad`,
    :func:`._chunk.state_grad`);
 3. :func:`tile_grads`, parallel over (batch, heads, chunks, value tiles): ``dv`` and the
@@ -48,32 +49,40 @@ from kernels_pallas.gated_delta.triton_fwd import (
 )
 
 
-def recompute_w(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> jax.Array:
-    """``W = T kg [batch, heads, len, dk]`` in :attr:`Cfg.store` from the forward's ``T``
-    (:func:`.triton_fwd.prepare`, stored in :attr:`Cfg.store`: at bf16 precision ``W``'s MMA
-    rounds ``T`` to bf16 anyway, so this is the forward's ``W`` bit for bit)."""
+def recompute_w(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> tuple[jax.Array, jax.Array]:
+    """``(W = T kg [batch, heads, len, dk], scores [batch, heads, chunks, C, C])`` in
+    :attr:`Cfg.store` from the forward's ``T`` (:func:`.triton_fwd.prepare`, stored in
+    :attr:`Cfg.store`). Both are only MMA operands after, which round them to that dtype
+    anyway (``W``'s MMA rounded ``T`` too), so they are what the kernels computed before bit
+    for bit."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c = cfg.chunk
 
-    def kernel(ins, t_ref, w_ref):
+    def kernel(ins, t_ref, w_ref, sc_ref):
         bi, hi, n = program_ids(3)
         t = rows(n, c)
-        ch = loader(cfg, ins, bi, hi)(n, q=False)
+        ch = loader(cfg, ins, bi, hi)(n)
         w = mm(t_ref[bi, hi, n, :, :], ch.k * kg_scale(ch, gates(ch)), cfg.precision)
         w_ref[bi, hi, t, :] = w.astype(w_ref.dtype)
+        sc_ref[bi, hi, n, :, :] = scores(ch, cfg.precision)[0].astype(sc_ref.dtype)
 
-    out_shape = jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store)
+    out_shape = [
+        jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, c, c), cfg.store),
+    ]
     return call(kernel, inputs, (t_mat,), out_shape, (bsz, heads, n_chunks), cfg,
                 "gated_delta_w_bwd")  # fmt: skip
 
 
-def state_grads(inputs: dict, w: jax.Array, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
+def state_grads(inputs: dict, w: jax.Array, sc: jax.Array, do: jax.Array, ds_final: jax.Array,
+                cfg: Cfg):  # fmt: skip
     """``(dh [batch, heads, chunks, dk, dv], dU [batch, heads, len, dv], ds0 [batch, heads,
-    dk, dv])`` float32: grid (batch, heads, value tiles), chunks in reverse."""
+    dk, dv])`` float32, from ``W`` and the scores ``sc`` of :func:`recompute_w`: grid (batch,
+    heads, value tiles), chunks in reverse."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, bv, prec = cfg.chunk, cfg.block_v, cfg.precision
 
-    def kernel(ins, w_ref, do_ref, dsf_ref, dh_ref, du_ref, ds0_ref):
+    def kernel(ins, w_ref, sc_ref, do_ref, dsf_ref, dh_ref, du_ref, ds0_ref):
         bi, hi, j = program_ids(3)
         vs = rows(j, bv)
         load = loader(cfg, ins, bi, hi)
@@ -84,7 +93,7 @@ def state_grads(inputs: dict, w: jax.Array, do: jax.Array, ds_final: jax.Array, 
             ch = load(n)
             dh_ref[bi, hi, n, :, vs] = ds.astype(dh_ref.dtype)
             g, do_n, w_n = gates(ch), do_ref[bi, t, hi, vs], w_ref[bi, hi, t, :]
-            du = u_grad(ch, g, scores(ch, prec)[0], do_n, ds, prec)
+            du = u_grad(ch, g, sc_ref[bi, hi, n, :, :], do_n, ds, prec)
             du_ref[bi, hi, t, vs] = du.astype(du_ref.dtype)
             return state_grad(ch, g, w_n, do_n, ds, du, prec)
 
@@ -96,7 +105,8 @@ def state_grads(inputs: dict, w: jax.Array, do: jax.Array, ds_final: jax.Array, 
         jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
     ]
     grid = (bsz, heads, dv // bv)
-    return call(kernel, inputs, (w, do, ds_final), out_shape, grid, cfg, "gated_delta_state_bwd")
+    return call(kernel, inputs, (w, sc, do, ds_final), out_shape, grid, cfg,
+                "gated_delta_state_bwd")  # fmt: skip
 
 
 def partial_shapes(bsz: int, length: int, heads: int, dk: int, c: int, parts: int,
@@ -167,8 +177,8 @@ def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: 
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, nv, prec = cfg.chunk, dv // cfg.block_v, cfg.precision
     h, t_mat = res
-    w = recompute_w(inputs, t_mat, cfg)
-    dh, du, ds0 = state_grads(inputs, w, do, ds_final, cfg)
+    w, sc = recompute_w(inputs, t_mat, cfg)
+    dh, du, ds0 = state_grads(inputs, w, sc, do, ds_final, cfg)
     dv_grad, parts = tile_grads(inputs, t_mat, w, h, do, dh, du, cfg)
 
     def kernel(ins, t_ref, *refs):
