@@ -240,12 +240,11 @@ class Partials(NamedTuple):
     dcarry: jax.Array  # [1, 1] S . dS_next, dL/d(carry) / carry
 
 
-def tile_backward(ch: Chunk, g: Gates, t, w, s, do, ds_next, du, prec):
+def tile_backward(ch: Chunk, g: Gates, t, u, s, do, ds_next, du, prec):
     """One value tile of the backward (``ch.v``, ``do``, ``du [C, bv]`` with ``du`` of
-    :func:`u_grad`; ``s``, ``ds_next = dL/dS_next [dk, bv]``; ``t``, ``w`` of
-    :func:`transform`): ``(`` this tile's :class:`Partials`, ``dv [C, bv])``."""
-    vb, uv = values(ch, t, prec)
-    u = uv - mm(w, s, prec)  # U [C, bv], as in state_step
+    :func:`u_grad`; ``s``, ``ds_next = dL/dS_next [dk, bv]``; ``t`` of :func:`transform`,
+    ``u`` of :func:`state_step`): ``(`` this tile's :class:`Partials`, ``dv [C, bv])``."""
+    vb = ch.v * ch.beta_c
     dk_end = mm(u, ds_next, prec, tb=True) * g.e_end  # [C, dk]
     dvb = mm(t, du, prec, ta=True)  # [C, bv]
     p = Partials(
@@ -315,8 +314,9 @@ def chunk_backward(ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, p
     dL/dS_next [dk, bv]``; the forward is recomputed."""
     g = gates(ch)
     wy = transform(ch, g, prec)
+    u = state_step(ch, g, wy.w, values(ch, wy.t, prec)[1], s, prec)[0]
     du = u_grad(ch, g, scores(ch, prec)[0], do, ds_next, prec)
-    p, dv = tile_backward(ch, g, wy.t, wy.w, s, do, ds_next, du, prec)
+    p, dv = tile_backward(ch, g, wy.t, u, s, do, ds_next, du, prec)
     ds = state_grad(ch, g, wy.w, do, ds_next, du, prec)
     return finish_backward(ch, g, wy.t, p, prec), dv, ds
 

@@ -37,8 +37,11 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
     if cfg.segments:  # document index of each token and of its predecessor
         r = inputs["doc_c"]
         seg = (r, jnp.concatenate([r[:, :1], r[:, :-1]], axis=1))
-    o, s_final, h = fused.forward_delta(
+    o, s_final, saved = fused.forward_delta(
         inputs["q"], inputs["k"], w, uv, b, s0, seg, save_states=save_states,
         interpret=cfg.interpret,
     )  # fmt: skip
-    return o, s_final, ((h.astype(cfg.store), t_mat) if save_states else None)
+    if not save_states:
+        return o, s_final, None
+    h, u = (x.astype(cfg.store) for x in saved)
+    return o, s_final, (h, t_mat, u)

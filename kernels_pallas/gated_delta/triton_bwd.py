@@ -10,8 +10,8 @@
    ``dS = (Q g_read)^T dO + carry dS - W^T dU`` (:func:`._chunk.u_grad`,
    :func:`._chunk.state_grad`);
 3. :func:`tile_grads`, parallel over (batch, heads, chunks, value tiles): ``dv`` and the
-   tile's :class:`._chunk.Partials` from the saved ``h_n``, ``dh_n``, ``dU``, ``T``,
-   ``W`` (:func:`._chunk.tile_backward`);
+   tile's :class:`._chunk.Partials` from the saved ``h_n``, ``dh_n``, ``dU``, ``T`` and the
+   forward's ``U`` (:func:`._chunk.tile_backward`);
 4. the rest, parallel over (batch, heads, chunks): the tiles' partials summed, then the
    backward through the scores (recomputed), ``W`` and the UT transform (``T`` loaded;
    :func:`._chunk.finish_backward`).
@@ -132,20 +132,20 @@ def _at(ref, j, bi, hi, n, t) -> tuple:
     return (j, bi, hi, n, full, full) if len(ref.shape) == 6 else (j, bi, hi, t, full)
 
 
-def tile_grads(inputs, t_mat, w, h, do, dh, du, cfg: Cfg):
+def tile_grads(inputs, t_mat, u, h, do, dh, du, cfg: Cfg):
     """``(dv [batch, len, heads, dv] in v's dtype, Partials`` of :func:`partial_shapes`):
     grid (batch, heads, chunks x value tiles)."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, bv, nv, prec = cfg.chunk, cfg.block_v, dv // cfg.block_v, cfg.precision
 
-    def kernel(ins, t_ref, w_ref, h_ref, do_ref, dh_ref, du_ref, dv_ref, *p_refs):
+    def kernel(ins, t_ref, u_ref, h_ref, do_ref, dh_ref, du_ref, dv_ref, *p_refs):
         bi, hi, nj = program_ids(3)
         n, j = nj // nv, nj % nv
         t, vs = rows(n, c), rows(j, bv)
         ch = with_value_tile(loader(cfg, ins, bi, hi)(n, q=False), ins, bi, t, hi, vs)
-        w_n, h_n = w_ref[bi, hi, t, :], h_ref[bi, hi, n, :, vs]
+        u_n, h_n = u_ref[bi, hi, t, vs], h_ref[bi, hi, n, :, vs]
         do_n, dh_n, du_n = do_ref[bi, t, hi, vs], dh_ref[bi, hi, n, :, vs], du_ref[bi, hi, t, vs]
-        p, dv_j = tile_backward(ch, gates(ch), t_ref[bi, hi, n, :, :], w_n, h_n, do_n, dh_n, du_n,
+        p, dv_j = tile_backward(ch, gates(ch), t_ref[bi, hi, n, :, :], u_n, h_n, do_n, dh_n, du_n,
                                 prec)  # fmt: skip
         dv_ref[bi, t, hi, vs] = dv_j.astype(dv_ref.dtype)
         for ref, x in zip(p_refs, p, strict=True):
@@ -153,7 +153,7 @@ def tile_grads(inputs, t_mat, w, h, do, dh, du, cfg: Cfg):
 
     shapes = partial_shapes(bsz, length, heads, dk, c, nv, cfg.store)
     out_shape = [jax.ShapeDtypeStruct((bsz, length, heads, dv), inputs["v"].dtype), *shapes]
-    outs = call(kernel, inputs, (t_mat, w, h, do, dh, du), out_shape,
+    outs = call(kernel, inputs, (t_mat, u, h, do, dh, du), out_shape,
                 (bsz, heads, n_chunks * nv), cfg, "gated_delta_tile_bwd")  # fmt: skip
     return outs[0], Partials(*outs[1:])
 
@@ -172,14 +172,14 @@ class Sums:
 
 def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
     """``(dq, dk, dv, dbeta, dgam_c, dgam_r, ds0)`` (:func:`._chunk.grad_shapes`, no value-tile
-    axis) from the forward's residuals ``res = (h, T)``: the states entering each chunk and
-    the UT transform's inverses."""
+    axis) from the forward's residuals ``res = (h, T, U)``: the states entering each chunk,
+    the UT transform's inverses and ``U``."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, nv, prec = cfg.chunk, dv // cfg.block_v, cfg.precision
-    h, t_mat = res
+    h, t_mat, u = res
     w, sc = recompute_w(inputs, t_mat, cfg)
     dh, du, ds0 = state_grads(inputs, w, sc, do, ds_final, cfg)
-    dv_grad, parts = tile_grads(inputs, t_mat, w, h, do, dh, du, cfg)
+    dv_grad, parts = tile_grads(inputs, t_mat, u, h, do, dh, du, cfg)
 
     def kernel(ins, t_ref, *refs):
         p_refs, (dq_ref, dk_ref, db_ref, dgc_ref, dgr_ref) = refs[:8], refs[8:]

@@ -172,9 +172,9 @@ def states(inputs: dict, w: jax.Array, uv: jax.Array, s0: jax.Array, cfg: Cfg):
 
 
 def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
-    """``(o, s_final, res)``: with ``save_states`` the backward's residuals ``(h, T)``, ``h
-    [batch, heads, chunks, dk, dv]`` the states entering each chunk and ``T`` the UT
-    transform's inverses (:func:`prepare`); else None."""
+    """``(o, s_final, res)``: with ``save_states`` the backward's residuals ``(h, T, U)``,
+    ``h [batch, heads, chunks, dk, dv]`` the states entering each chunk, ``T`` the UT
+    transform's inverses (:func:`prepare`) and ``U`` (:func:`states`); else None."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, bv = cfg.chunk, cfg.block_v
     w, uv, t_mat = prepare(inputs, cfg, save_t=save_states)
@@ -198,4 +198,4 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
 
     out_shape = jax.ShapeDtypeStruct((bsz, length, heads, dv), inputs["q"].dtype)
     out = call(kernel, inputs, (h, u), out_shape, (bsz, heads, n_chunks), cfg, "gated_delta_fwd")
-    return out, s_final, ((h, t_mat) if save_states else None)
+    return out, s_final, ((h, t_mat, u) if save_states else None)

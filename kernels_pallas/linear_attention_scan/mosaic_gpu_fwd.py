@@ -198,8 +198,9 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
     holds ``T beta V`` and ``W`` follows ``f_ref``."""
     gla, delta = mode == "gla", mode == "delta"
     w_ref, s0_ref, o_ref, sf_ref, *refs = refs if delta else (None, *refs)
-    h_ref = refs[0] if save else None
-    smem, ready, s0_ready, free, s_ready, s_free = refs[1:] if save else refs
+    saved = (1 + delta) if save else 0  # outputs h (and, delta, U) for the backward
+    h_ref, u_out = (*refs[:saved], None, None)[:2]
+    smem, ready, s0_ready, free, s_ready, s_free = refs[saved:]
     q_ring, k_ring, v_ring, x_ring, f_ring, *rest = smem
     w_ring = rest.pop(0) if delta else None
     s_pub, *rest = rest
@@ -250,8 +251,10 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
         def chunk(n, s):
             slot, pub = ring_slot(n), two(n)
             pl.when(n >= 2)(lambda: plgpu.barrier_wait(s_free.at[pub]))  # read 2 chunks ago
-            if save:  # and copied out
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            # and copied out: per chunk one copy (h), or two (h, U); the oldest two chunks ago
+            pending = 2 * saved - 1
+            if save:
+                plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
             for i, part in enumerate(s):
                 s_pub.at[pub, pl.ds(i * ROWS, ROWS)][...] = part.astype(dtype)
             plgpu.commit_smem()
@@ -276,6 +279,8 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
                     minus_eye = eye(jnp.full(shape_cc, -1.0, jnp.float32))
                     products = [(w, s_pub.at[pub]), (minus_eye, v)]
                     (neg_u,) = mma(((zero_acc(shape_cv, interpret), products),), interpret)
+                    if save:  # this slot's U copy, two chunks ago
+                        plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
                     u_pub.at[pub][...] = (-neg_u).astype(dtype)
                     vw_smem[...] = (neg_u * bcast(-w_row, shape_cv, 0)).astype(dtype)
                 else:
@@ -285,6 +290,8 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
                 plgpu.commit_smem()  # for wgmma; also fences the slot's gate loads
                 if delta:
                     plgpu.barrier_arrive(s_ready.at[pub])
+                    if save:
+                        plgpu.copy_smem_to_gmem(u_pub.at[pub], u_out.at[batch, head, rows(n), cols])
                 vw = vw_smem
             s = [part * bcast(carry[i], shape_cv, 0) for i, part in enumerate(s)]
             s = mma(tuple((part, [(Transposed(_columns(k, i, interpret)), vw)])
@@ -376,6 +383,8 @@ def _launch(q, k, v, x, f, s0, w=None, *, mode: str, stages: int, save_states: b
     ]
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((bsz, heads, length // CHUNK, dk, dv), q.dtype))
+        if mode == "delta":
+            out_type.append(jax.ShapeDtypeStruct((bsz, heads, length, dv), q.dtype))
     outs = plgpu.kernel(
         functools.partial(_kernel, stages=stages, save=save_states, mode=mode, interpret=interpret),
         out_type=tuple(out_type),
@@ -386,7 +395,7 @@ def _launch(q, k, v, x, f, s0, w=None, *, mode: str, stages: int, save_states: b
         thread_name="wg",
         interpret=interpret_params() if interpret else None,
     )(q, k, v, x, f, *(() if w is None else (w,)), s0)
-    return outs[0], outs[1], (outs[2] if save_states else None)
+    return outs[0], outs[1], (outs[2:] if save_states else None)
 
 
 def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, interpret: bool):
@@ -399,8 +408,9 @@ def forward(q, k, v, b, s0, seg=None, *, stages: int = 2, save_states: bool, int
     ``save_states``, else None."""
     bsz, length, heads, dk = q.shape
     x, f = gate_factors(b, seg, (bsz, length, heads), dk)
-    return _launch(q, k, v, x, f, s0, mode="decay", stages=stages, save_states=save_states,
-                   interpret=interpret)  # fmt: skip
+    o, s_final, saved = _launch(q, k, v, x, f, s0, mode="decay", stages=stages,
+                                save_states=save_states, interpret=interpret)  # fmt: skip
+    return o, s_final, (saved[0] if save_states else None)
 
 
 def forward_gated(qg, kg, v, a, decays, s0, *, stages: int = 2, save_states: bool,
@@ -409,8 +419,9 @@ def forward_gated(qg, kg, v, a, decays, s0, *, stages: int = 2, save_states: boo
     scores ``a`` ``[batch, heads, chunks, C, C]`` in the input dtype (causal, documents and gates
     applied; all three from :func:`.triton_fwd.gla_scores` with ``scaled``) and the state
     rows' ``decays`` (:func:`state_decays`)."""
-    return _launch(qg, kg, v, a, decays, s0, mode="gla", stages=stages,
-                   save_states=save_states, interpret=interpret)  # fmt: skip
+    o, s_final, saved = _launch(qg, kg, v, a, decays, s0, mode="gla", stages=stages,
+                                save_states=save_states, interpret=interpret)  # fmt: skip
+    return o, s_final, (saved[0] if save_states else None)
 
 
 def forward_delta(q, k, w, uv, b, s0, seg=None, *, stages: int = 2, save_states: bool,
@@ -419,7 +430,9 @@ def forward_delta(q, k, w, uv, b, s0, seg=None, *, stages: int = 2, save_states:
     replaced per chunk by ``U = UV - W S``, from the UT transform's ``w = T (beta e^b K)``
     ``[batch, heads, len, dk]`` and ``uv = T (beta V)`` ``[batch, heads, len, dv]`` (input
     dtype, rows outside the incoming state's document zero in ``w``); ``b`` the chunk-local
-    cumsum of the log-decays (``[batch, len, heads, 1]``), ``seg`` as :func:`forward`."""
+    cumsum of the log-decays (``[batch, len, heads, 1]``), ``seg`` as :func:`forward`. With
+    ``save_states`` the third output is ``(h, U)``: also every chunk's ``U`` (``[batch, heads,
+    len, dv]``, input dtype), what the backward's value-tile kernel reads."""
     bsz, length, heads, dk = q.shape
     x, f = gate_factors(b, seg, (bsz, length, heads), dk)
     return _launch(q, k, uv, x, f, s0, w, mode="delta", stages=stages,
