@@ -8,7 +8,7 @@ publishes it with ``S``, its output warpgroup computes ``O = (Q g_read) S + (Q K
 decay_incl) U``, as :func:`._chunk.state_step` and :func:`._chunk.output`. Against the three
 Triton kernels this drops the state pass's store of ``U`` and every chunk's state and the
 output kernel's reads of them. The backward is Triton's (``triton_bwd.py``), from the states
-this pass saves.
+and the ``U`` this pass saves and the prepare kernel's ``T``.
 """
 
 from __future__ import annotations
