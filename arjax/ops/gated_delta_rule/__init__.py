@@ -33,6 +33,7 @@ from arjax.ops.gated_delta_rule.common import FORMS, validate
 from arjax.ops.gated_delta_rule.naive import naive_gated_delta_rule
 from arjax.ops.gated_delta_rule.recurrent import gated_delta_step, recurrent_gated_delta_rule
 from arjax.ops.linear_attention.common import (
+    KERNEL_LOWERINGS,
     SCAN_IMPLS,
     check_options,
     mosaic_supported,
@@ -41,7 +42,6 @@ from arjax.ops.linear_attention.common import (
 from arjax.ops.measured import kernel_unless_measured_slower
 
 Form = Literal["naive", "chunked", "recurrent"]
-_LOWERINGS = {"pallas": "triton", "pallas_mosaic": "mosaic"}  # the kernel's, per impl
 
 
 def gated_delta_rule_reference(
@@ -114,10 +114,10 @@ def gated_delta_rule(
         return recurrent_gated_delta_rule(q, k, v, beta, **args)
     dims = (q.shape[-1], v.shape[-1], chunk_size)
     impl = resolve_impl(form, impl, dims, seq_len=q.shape[1], dtype=q.dtype)
-    if impl in _LOWERINGS:
+    if impl in KERNEL_LOWERINGS:
         from kernels_pallas.gated_delta import gated_delta_rule as kernel
 
-        return kernel(q, k, v, beta, chunk_size=chunk_size, lowering=_LOWERINGS[impl], **args)
+        return kernel(q, k, v, beta, chunk_size=chunk_size, lowering=KERNEL_LOWERINGS[impl], **args)
     return chunked_gated_delta_rule(q, k, v, beta, chunk_size=chunk_size, **args)
 
 

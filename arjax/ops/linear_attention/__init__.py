@@ -28,6 +28,7 @@ from jax.typing import DTypeLike
 from arjax.ops.linear_attention.chunked import chunked_linear_attention
 from arjax.ops.linear_attention.common import (
     FORMS,
+    KERNEL_LOWERINGS,
     SCAN_IMPLS,
     check_options,
     mosaic_supported,
@@ -43,7 +44,6 @@ from arjax.ops.measured import auto_table, kernel_unless_measured_slower
 
 Form = Literal["parallel", "chunked", "recurrent"]
 Impl = Literal["auto", "xla", "pallas", "pallas_mosaic"]
-_LOWERINGS = {"pallas": "triton", "pallas_mosaic": "mosaic"}  # the kernel's, per impl
 
 
 def linear_attention_reference(
@@ -120,10 +120,10 @@ def linear_attention(
     gate = "none" if log_decay is None else ("scalar" if log_decay.ndim == 3 else "gated")
     dims = (q.shape[-1], v.shape[-1], chunk_size)
     impl = resolve_impl(form, impl, dims, gate=gate, seq_len=q.shape[1], dtype=q.dtype)
-    if impl in _LOWERINGS:
+    if impl in KERNEL_LOWERINGS:
         from kernels_pallas.linear_attention_scan import chunked_linear_attention as kernel
 
-        return kernel(q, k, v, chunk_size=chunk_size, lowering=_LOWERINGS[impl], **args)
+        return kernel(q, k, v, chunk_size=chunk_size, lowering=KERNEL_LOWERINGS[impl], **args)
     return chunked_linear_attention(q, k, v, chunk_size=chunk_size, **args)
 
 

@@ -16,6 +16,7 @@ FORMS = ("parallel", "chunked", "recurrent")
 IMPLS = ("auto", "xla", "pallas")  # the chunked ops' (gated delta rule, the mixers' configs)
 # linear_attention's and gated_delta_rule's: also the kernels with their fused Hopper forward
 SCAN_IMPLS = (*IMPLS, "pallas_mosaic")
+KERNEL_LOWERINGS = {"pallas": "triton", "pallas_mosaic": "mosaic"}  # the kernels' per impl
 
 
 def validate(
