@@ -1,8 +1,8 @@
 """Gated delta rule (Gated DeltaNet): arjax's Pallas kernel vs jla (Mosaic GPU) vs fla
 (Triton) vs the jnp chunked form, forward and forward+backward, on one GPU.
 
-``arjax.ops.gated_delta_rule(impl="pallas")`` (and, ``--impls mosaic``, its kernels with the
-fused Hopper forward, ``lowering="mosaic"``) beside ``gated_deltanet`` of
+``arjax.ops.gated_delta_rule(impl="pallas")`` (and, ``--impls mosaic``, ``impl="pallas_mosaic"``:
+the kernels with the fused Hopper forward) beside ``gated_deltanet`` of
 ``jax-linear-attention`` (jla) and ``chunk_gated_delta_rule`` of ``fla-core``, all with
 ``scale=1`` on the same inputs (bf16, head dim 128, unit-norm keys, ``beta`` in (0, 1),
 log decay ``log_sigmoid(x + 3)``), (batch, heads, len) = (8, 16, 2048) and (2, 16, 8192);
@@ -75,13 +75,9 @@ def _vjp_of(fwd):
 
 
 def arjax_fns(impl: str):
-    """(fwd, fwd+bwd) jitted for ``arjax.ops.gated_delta_rule`` (``impl`` pallas / xla), or
-    ``"mosaic"``: its Pallas kernels with ``lowering="mosaic"`` (the fused Hopper forward)."""
-    if impl == "mosaic":
-        from kernels_pallas.gated_delta import gated_delta_rule as kernel
-
-        return _vjp_of(lambda q, k, v, g, beta: kernel(
-            q, k, v, beta, log_decay=g, chunk_size=64, lowering="mosaic"))  # fmt: skip
+    """(fwd, fwd+bwd) jitted for ``arjax.ops.gated_delta_rule`` (``impl`` pallas / xla, or
+    ``"mosaic"``: ``impl="pallas_mosaic"``, the kernels with the fused Hopper forward)."""
+    impl = "pallas_mosaic" if impl == "mosaic" else impl
     return _vjp_of(lambda q, k, v, g, beta: gated_delta_rule(
         q, k, v, beta, log_decay=g, chunk_size=64, impl=impl))  # fmt: skip
 
