@@ -1,6 +1,6 @@
 """GPU backward (Pallas Triton) in four kernels: only the ``dL/dS`` pass runs in order.
 
-1. :func:`recompute_w`, parallel over (batch, heads, chunks): ``W = T kg`` from the forward's
+1. :func:`w_and_scores`, parallel over (batch, heads, chunks): ``W = T kg`` from the forward's
    ``T`` (a residual of ``C`` values per token, where ``W`` would take ``dk``), the inverse
    not recomputed, and the scores ``Q K^T * decay_incl`` for the next kernel;
 2. :func:`state_grads`, grid (batch, heads, value tiles), chunks in reverse carrying
@@ -49,7 +49,7 @@ from kernels_pallas.gated_delta.triton_fwd import (
 )
 
 
-def recompute_w(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> tuple[jax.Array, jax.Array]:
+def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> tuple[jax.Array, jax.Array]:
     """``(W = T kg [batch, heads, len, dk], scores [batch, heads, chunks, C, C])`` in
     :attr:`Cfg.store` from the forward's ``T`` (:func:`.triton_fwd.prepare`, stored in
     :attr:`Cfg.store`). Both are only MMA operands after, which round them to that dtype
@@ -77,7 +77,7 @@ def recompute_w(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> tuple[jax.Array, ja
 def state_grads(inputs: dict, w: jax.Array, sc: jax.Array, do: jax.Array, ds_final: jax.Array,
                 cfg: Cfg):  # fmt: skip
     """``(dh [batch, heads, chunks, dk, dv], dU [batch, heads, len, dv], ds0 [batch, heads,
-    dk, dv])`` float32, from ``W`` and the scores ``sc`` of :func:`recompute_w`: grid (batch,
+    dk, dv])`` float32, from ``W`` and the scores ``sc`` of :func:`w_and_scores`: grid (batch,
     heads, value tiles), chunks in reverse."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, bv, prec = cfg.chunk, cfg.block_v, cfg.precision
@@ -177,7 +177,7 @@ def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: 
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, nv, prec = cfg.chunk, dv // cfg.block_v, cfg.precision
     h, t_mat, u = res
-    w, sc = recompute_w(inputs, t_mat, cfg)
+    w, sc = w_and_scores(inputs, t_mat, cfg)
     dh, du, ds0 = state_grads(inputs, w, sc, do, ds_final, cfg)
     dv_grad, parts = tile_grads(inputs, t_mat, u, h, do, dh, du, cfg)
 

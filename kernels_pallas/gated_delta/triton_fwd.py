@@ -109,7 +109,7 @@ def dims(inputs: dict, cfg: Cfg) -> tuple[int, int, int, int, int, int]:
 def prepare(inputs: dict, cfg: Cfg, *, save_t: bool):
     """``(W [batch, heads, len, dk], UV [batch, heads, len, dv], T)`` in :attr:`Cfg.store`,
     grid (batch, heads, chunks); ``T [batch, heads, chunks, C, C]`` only with ``save_t`` (the
-    backward's residual: it recomputes ``W`` from it, :func:`.triton_bwd.recompute_w`), else
+    backward's residual: it recomputes ``W`` from it, :func:`.triton_bwd.w_and_scores`), else
     None."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, bv, prec = cfg.chunk, cfg.block_v, cfg.precision

@@ -172,9 +172,9 @@ def doc_refs(refs: list) -> tuple:
 def _gla_scores_kernel(cfg: Cfg, q_ref, k_ref, b_ref, *refs, scaled: bool = False):
     """Staged forward (1): ``A [C, C]`` (float32 math, stored in the input dtype),
     ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}`` for ``j <= i`` in the same document (GLA paper
-    eq. 4 within a chunk), else 0; with
-    ``scaled`` also the rows the fused Hopper forward multiplies, ``q e^{b}`` and ``k e^{B -
-    b}`` (``Chunk.state_in`` / ``state_out``, in the input dtype).
+    eq. 4 within a chunk), else 0; with ``scaled`` also the rows the fused Hopper forward
+    multiplies, ``q e^{b}`` and ``k e^{B - b}`` (``Chunk.state_in`` / ``state_out``, in the
+    input dtype).
 
     The chunk is factored as a whole around its middle row: one ``[C, dk] x [dk, C]`` MMA (64
     columns at a time), exact where its log-gate range is below ``FACTOR_SPREAD`` (the usual
