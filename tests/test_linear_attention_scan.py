@@ -197,6 +197,30 @@ def test_recurrent_step_matches_recurrence(backend, gate):
     assert rel_err(jnp.stack(outs, axis=1), o2) < 1e-5 and rel_err(state, s2) < 1e-5
 
 
+@pytest.mark.parametrize("gate, kernels", [("none", 4), ("scalar", 4), ("gated", 5)])
+def test_tpu_kernels_lower_without_the_device(gate, kernels):
+    """Without a TPU, export for platform "tpu": forward + backward (bf16, head dim 128, packed
+    documents, an initial state) lower to Mosaic TPU kernels: the state pass and the outputs
+    forward, the state pass and the chunk gradients backward (GLA: dq and dk/dv apart)."""
+    sd = jax.ShapeDtypeStruct
+    x = sd((1, 256, 2, 128), jnp.bfloat16)
+    g = sd((1, 256, 2, 128) if gate == "gated" else (1, 256, 2), jnp.float32)
+    s0, seg = sd((1, 2, 128, 128), jnp.float32), sd((1, 256), jnp.int32)
+
+    def grads(q, k, v, g, s0, seg):
+        def loss(q, k, v, g, s0):
+            out, state = chunked_linear_attention(
+                q, k, v, log_decay=None if gate == "none" else g, initial_state=s0,
+                segment_ids=seg, backend="tpu", interpret=False,
+            )  # fmt: skip
+            return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+
+        return jax.value_and_grad(loss, argnums=tuple(range(5)))(q, k, v, g, s0)
+
+    exported = jax.export.export(jax.jit(grads), platforms=["tpu"])(x, x, x, g, s0, seg)
+    assert exported.mlir_module().count("tpu_custom_call") == kernels
+
+
 def test_bad_inputs_raise_before_compiling():
     q, k, v, g, s0 = make_inputs(0, 1, 8, 2, 16, 16, "gated")
     cases = {
