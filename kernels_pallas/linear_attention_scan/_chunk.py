@@ -381,6 +381,18 @@ def out_kernel(cfg: Cfg, *refs):
         o_ref[i0 : i0 + ch.sub, :] = acc.astype(o_ref.dtype)
 
 
+def row_dot(x_ref, y_ref) -> jax.Array:
+    """``sum_v x * y`` of two ``[n, dv]`` refs as float32 ``[n, 1]``, 64 columns at a time (not
+    two whole ``[dk, dv]`` tiles in registers)."""
+    n, dv = x_ref.shape
+    w = min(dv, 64)
+    out = jnp.zeros((n, 1), F32)
+    for c0 in range(0, dv, w):
+        x, y = (ref[:, c0 : c0 + w].astype(F32) for ref in (x_ref, y_ref))
+        out += jnp.sum(x * y, axis=1, keepdims=True)
+    return out
+
+
 def grad_kernel(cfg: Cfg, *refs, part: str = "all"):
     """Backward chunk kernel of one chunk given ``h[n]`` and ``dh[n]``. ``part`` "all": dq, dk,
     dv and db; or two kernels with fewer live tiles each (as fla's split backward; GLA on TPU,
@@ -402,7 +414,8 @@ def grad_kernel(cfg: Cfg, *refs, part: str = "all"):
     b_last = None if b_ref is None else b_ref[c - 1 : c, :]
     r_all_t = None if r_ref is None else r_ref[...].T
     last_doc = None if r_ref is None else r_ref[c - 1 : c, :]
-    kdk_state = jnp.zeros((1, q_ref.shape[1]), F32)  # sum_j k_j * dk_j (state part): d/dB
+    # sum_j k_j * dk_j over the state part (d/dB); scalar gate: summed over dk too
+    kdk_state = jnp.zeros((1, 1 if cfg.gate == "scalar" else q_ref.shape[1]), F32)
 
     for i0 in range(0, c, sub):
         q, k, v, do = (ch.rows(ref, i0) for ref in (q_ref, k_ref, v_ref, do_ref))
@@ -415,24 +428,36 @@ def grad_kernel(cfg: Cfg, *refs, part: str = "all"):
             ek = jnp.where(rd == last_doc, ek, 0.0)
         if lean:
             h, dh = h_ref[...] if want_q else None, dh_ref[...] if want_kv else None
-        if want_q:
-            dq = eq * mm(do, h, cfg, tb=True)
-        if want_kv:
-            dk = ek * mm(v, dh, cfg, tb=True)
-            kdk_state += jnp.sum(k.astype(F32) * dk, axis=0, keepdims=True)
-            kd = (k.astype(F32) * ek).astype(dt)
-            dv = mm(kd, dh, cfg)
-        # diagonal block
         m = ch.diag_mask(i0)
-        if cfg.gate != "gated":
+        if cfg.gate != "gated":  # one block (sub = C)
+            # the scores first, so that their [C, C] factors are dead before the accumulators
             d = m.astype(F32) if b is None else exp_masked(m, b - b.T)
-            da = (mm(do, v, cfg, tb=True) * d).astype(dt)
-            if want_q:
-                dq += mm(da, k, cfg)
+            da = (mm(do, v, cfg, tb=True) * d).astype(dt)  # dL/d(Q K^T)
             if want_kv:
-                a = mm(q, k, cfg, tb=True) * d
+                qk = mm(q, k, cfg, tb=True)
+                a = qk * d
+            if want_q:
+                dq = eq * mm(do, h, cfg, tb=True) + mm(da, k, cfg)
+            if want_kv:
+                dk = ek * mm(v, dh, cfg, tb=True)
+                if b is not None:
+                    # k . dk per row (db): the state part, then the block's as the column sums
+                    # of da * Q K^T (k_j . sum_i da_ij q_i), so dk need not outlive its store
+                    k_dk = jnp.sum(k.astype(F32) * dk, axis=1, keepdims=True)
+                    kdk_state += jnp.sum(k_dk, axis=0, keepdims=True)
+                    k_dk += jnp.sum(da.astype(F32) * qk, axis=0, keepdims=True).T
                 dk += mm(da, q, cfg, ta=True)
+                dk_ref[i0 : i0 + sub, :] = dk.astype(dk_ref.dtype)
+                kd = (k.astype(F32) * ek).astype(dt)
+                dv = mm(kd, dh, cfg) + mm(a.astype(dt), do, cfg, ta=True)
         else:
+            if want_q:
+                dq = eq * mm(do, h, cfg, tb=True)
+            if want_kv:
+                dk = ek * mm(v, dh, cfg, tb=True)
+                kdk_state += jnp.sum(k.astype(F32) * dk, axis=0, keepdims=True)
+                kd = (k.astype(F32) * ek).astype(dt)
+                dv = mm(kd, dh, cfg)
             da = dat = None
             if want_q:
                 da = jnp.where(m, mm(do, v, cfg, tb=True), 0.0)
@@ -444,8 +469,7 @@ def grad_kernel(cfg: Cfg, *refs, part: str = "all"):
                 dq += dq_diag
             if want_kv:
                 dk += dk_diag
-        if want_kv:
-            dv += mm(a.astype(dt), do, cfg, ta=True)
+                dv += mm(a.astype(dt), do, cfg, ta=True)
         # earlier columns -> dq of this block
         if i0 > 0 and want_q:
             qr, kr, rho = ch.ref_rows(i0)
@@ -463,17 +487,19 @@ def grad_kernel(cfg: Cfg, *refs, part: str = "all"):
         if want_q:
             dq_ref[i0 : i0 + sub, :] = dq.astype(dq_ref.dtype)
         if want_kv:
-            dk_ref[i0 : i0 + sub, :] = dk.astype(dk_ref.dtype)
+            if cfg.gate == "gated":  # (the one block of the other gates stored dk already)
+                dk_ref[i0 : i0 + sub, :] = dk.astype(dk_ref.dtype)
             dv_ref[i0 : i0 + sub, :] = dv.astype(dv_ref.dtype)
-        if db_ref is not None:  # [sub, dk]
-            db = (q.astype(F32) * dq if want_q else 0.0) - (k.astype(F32) * dk if want_kv else 0.0)
+        if db_ref is not None:  # [sub, dk] ([sub, 1] scalar)
             if cfg.gate == "scalar":
-                db = jnp.sum(db, axis=1, keepdims=True)
+                db = jnp.sum(q.astype(F32) * dq, axis=1, keepdims=True) if want_q else 0.0
+                db = db - k_dk if want_kv else db
+            else:
+                db = (q.astype(F32) * dq if want_q else 0.0) - (
+                    k.astype(F32) * dk if want_kv else 0.0
+                )
             if want_kv and i0 + sub == c:  # d/dB of e^{B} S_prev and e^{B - b_j} (state update)
-                if lean:
-                    h, dh = h_ref[...], dh_ref[...]
-                hdh = jnp.sum(h.astype(F32) * dh.astype(F32), axis=1, keepdims=True)
-                extra = ch.state_gate_grad(hdh, kdk_state)
+                extra = ch.state_gate_grad(row_dot(h_ref, dh_ref), kdk_state)
                 db += jnp.where(iota((sub, 1), 0) == sub - 1, extra, 0.0)
             db_ref[i0 : i0 + sub, :] = db
 

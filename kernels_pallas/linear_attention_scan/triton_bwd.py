@@ -19,6 +19,7 @@ from kernels_pallas.linear_attention_scan._chunk import (
     doc_args,
     iota,
     mm,
+    row_dot,
 )
 from kernels_pallas.linear_attention_scan.triton_fwd import chunk_call, doc_refs, scores_like
 
@@ -42,17 +43,6 @@ def _gla_dv_kernel(cfg: Cfg, k_ref, b_ref, a_ref, do_ref, dh_ref, *refs):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _row_dot(x_ref, y_ref) -> jax.Array:
-    """``sum_v x * y`` of two ``[n, dv]`` refs as float32 ``[n, 1]``, 64 columns at a time."""
-    n, dv = x_ref.shape
-    w = min(dv, 64)
-    out = jnp.zeros((n, 1), F32)
-    for c0 in range(0, dv, w):
-        x, y = (ref[:, c0 : c0 + w].astype(F32) for ref in (x_ref, y_ref))
-        out += jnp.sum(x * y, axis=1, keepdims=True)
-    return out
-
-
 def _gla_dqk_kernel(cfg: Cfg, q_ref, k_ref, b_ref, v_ref, do_ref, da_ref, h_ref, dh_ref, *refs):
     """Staged backward (3), one dk tile (every term is per channel d):
 
@@ -72,7 +62,7 @@ def _gla_dqk_kernel(cfg: Cfg, q_ref, k_ref, b_ref, v_ref, do_ref, da_ref, h_ref,
     kdk_state = jnp.sum(f32(k_ref) * dk, axis=0, keepdims=True)
     dk += down * mm(da_ref[...].astype(dt), (f32(q_ref) * up).astype(dt), cfg, ta=True)
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    extra = ch.state_gate_grad(_row_dot(h_ref, dh_ref), kdk_state)
+    extra = ch.state_gate_grad(row_dot(h_ref, dh_ref), kdk_state)
     db_ref[...] = jnp.where(iota((c, 1), 0) == c - 1, extra, 0.0) - f32(k_ref) * dk
     up, down = ch.factors(0, c)  # again: not live across the dk half
     dq = ch.state_in(0, c) * mm(do_ref[...], h_ref[...], cfg, tb=True)
@@ -124,7 +114,7 @@ def _gla_dqk_blocks(ch: Chunk, da_ref, h_ref, dh_ref, do_ref, dq_ref, dk_ref, db
         dk_ref[i0 : i0 + sub, :] = dk.astype(dk_ref.dtype)
         db = q * dq - k * dk
         if i0 + sub == c:
-            extra = ch.state_gate_grad(_row_dot(h_ref, dh_ref), kdk_state)
+            extra = ch.state_gate_grad(row_dot(h_ref, dh_ref), kdk_state)
             db += jnp.where(iota((sub, 1), 0) == sub - 1, extra, 0.0)
         db_ref[i0 : i0 + sub, :] = db
 
