@@ -65,23 +65,24 @@ _LOWERINGS = {"gpu": (triton_fwd, triton_bwd), "tpu": (mosaic_tpu, mosaic_tpu)}
 
 
 def _forward(q, k, v, b, s0, seg, cfg: Cfg, *, save: bool):
-    """``((o, s_final), (h, A))``: ``A`` the staged GLA scores (else None); ``h`` is None
-    from the fused forward unless ``save`` (the backward's residual)."""
-    if cfg.lowering == "mosaic" and cfg.staged:  # GLA: Triton's scores, then the fused pass
-        a, qg, kg = triton_fwd.gla_scores(q, k, b, seg, cfg, scaled=True)
+    """``((o, s_final), (h, A, b))``: ``A`` the staged GLA scores (else None); ``h`` is None
+    from the fused forward unless ``save`` (the backward's residual); ``b`` the chunk-local
+    log-gate cumsum (formed here from the gates ``b`` holds with ``cfg.gates_in``)."""
+    if cfg.gates_in:  # GLA: Triton's scores (and the cumsum b of the gates), the fused pass
+        a, qg, kg, b = triton_fwd.gla_scores(q, k, b, seg, cfg, scaled=True)
         decays = mosaic_gpu_fwd.state_decays(b, seg)
         o, s_final, h = mosaic_gpu_fwd.forward_gated(qg, kg, v, a, decays, s0, save_states=save,
                                                      interpret=cfg.interpret)  # fmt: skip
-        return (o, s_final), (h, a)
+        return (o, s_final), (h, a, b)
     if cfg.lowering == "mosaic":
         o, s_final, h = mosaic_gpu_fwd.forward(q, k, v, b, s0, seg, save_states=save,
                                                interpret=cfg.interpret)  # fmt: skip
-        return (o, s_final), (h, None)
+        return (o, s_final), (h, None, b)
     r, rp = seg if cfg.segments else (None, None)
     fwd = _LOWERINGS[cfg.backend][0]
     h, s_final = fwd.state_pass(k, v, b, s0, r, rp, cfg, reverse=False, h_dtype=q.dtype)
     o, a = fwd.forward(q, k, v, b, h, seg, cfg)
-    return (o, s_final), (h, a)
+    return (o, s_final), (h, a, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -90,7 +91,7 @@ def _scan(q, k, v, b, s0, seg, cfg):
 
 
 def _scan_fwd(q, k, v, b, s0, seg, cfg):
-    out, (h, a) = _forward(q, k, v, b, s0, seg, cfg, save=True)
+    out, (h, a, b) = _forward(q, k, v, b, s0, seg, cfg, save=True)
     return out, (q, k, v, b, seg, h, a)
 
 
@@ -103,6 +104,8 @@ def _scan_bwd(cfg, res, cts):
     dh, ds0 = fwd.state_pass(q, do, b, ds_final.astype(F32), r, rp, cfg, reverse=True,
                              h_dtype=q.dtype)  # fmt: skip
     dq, dk, dv, db = bwd.backward(q, k, v, b, seg, h, a, dh, do, cfg)
+    if cfg.gates_in:  # the scan took g: the cumsum's transpose, the reverse cumsum
+        db = triton_fwd.reverse_cumsum(db, cfg.chunk, cfg.interpret)
     seg_ct = None if seg is None else tuple(jnp.zeros(x.shape, jax.dtypes.float0) for x in seg)
     return dq, dk, dv, db, ds0, seg_ct
 
@@ -217,7 +220,9 @@ def chunked_linear_attention(
     if log_decay is not None:  # chunk-local inclusive cumsum of the log-gates, float32
         g = pad_len(log_decay.astype(F32))
         g = g if g.ndim == 4 else g[..., None]
-        if cfg.staged:
+        if cfg.gates_in:
+            b = g  # the scores kernel forms the cumsum
+        elif cfg.staged:
             b = triton_fwd.local_cumsum(g, c, interpret)
         else:
             b = rearrange(jnp.cumsum(rearrange(g, "b (n c) h d -> b n c h d", c=c), axis=2),

@@ -70,6 +70,12 @@ class Cfg:
         return self.gate == "gated" and self.backend == "gpu"
 
     @property
+    def gates_in(self) -> bool:
+        """The scan takes the raw log-gates ``g`` where it takes ``b`` otherwise: GLA on the
+        fused Hopper forward, whose scores kernel forms the chunk-local cumsum itself."""
+        return self.staged and self.lowering == "mosaic"
+
+    @property
     def precision(self):
         return lax.Precision.HIGHEST if self.exact else None
 
@@ -125,8 +131,16 @@ class Chunk:
         self.dt = (q if q is not None else k).dtype
 
     def rows(self, ref, i0, n=None, cols=slice(None)):
+        """Rows ``[i0, i0 + n)`` (columns ``cols``) of a ref; of a value (Triton lowers no
+        slices of values): all of its rows, or one row (``n = 1``) by a masked sum."""
         n = self.sub if n is None else n
-        return ref[i0 : i0 + n, cols]
+        if not isinstance(ref, jax.Array):
+            return ref[i0 : i0 + n, cols]
+        if cols != slice(None) or (n != 1 and (i0, n) != (0, ref.shape[0])):
+            raise ValueError(f"Chunk.rows: a value gives all rows or one, not {i0}:{i0 + n}")
+        if n == ref.shape[0]:
+            return ref
+        return jnp.sum(jnp.where(iota(ref.shape, 0) == i0, ref, 0.0), axis=0, keepdims=True)
 
     def gate(self, i0, n=None, cols=slice(None)):
         """``b`` rows as float32 ``[n, dk | 1]``, or None without a gate."""

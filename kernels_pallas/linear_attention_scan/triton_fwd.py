@@ -174,13 +174,14 @@ def _gla_scores_kernel(cfg: Cfg, q_ref, k_ref, b_ref, *refs, scaled: bool = Fals
     ``A_ij = sum_d q_id k_jd e^{b_id - b_jd}`` for ``j <= i`` in the same document (GLA paper
     eq. 4 within a chunk), else 0; with ``scaled`` also the rows the fused Hopper forward
     multiplies, ``q e^{b}`` and ``k e^{B - b}`` (``Chunk.state_in`` / ``state_out``, in the
-    input dtype).
+    input dtype), and ``b_ref`` holds the raw log-gates ``g``: ``b`` is their cumsum here,
+    written out too (``Cfg.gates_in``).
 
     The chunk is factored as a whole around its middle row: one ``[C, dk] x [dk, C]`` MMA (64
     columns at a time), exact where its log-gate range is below ``FACTOR_SPREAD`` (the usual
     case; the bound of ``gated_diag`` over the chunk); ``_gla_scores_fix_kernel`` recomputes
     the other chunks."""
-    outs = 3 if scaled else 1
+    outs = 4 if scaled else 1
     docs, (a_ref, *scaled_refs) = refs[:-outs], refs[-outs:]
     ch = Chunk(cfg, q_ref, k_ref, None, b_ref, *doc_refs(docs))
     c, dt = cfg.chunk, ch.dt
@@ -188,13 +189,17 @@ def _gla_scores_kernel(cfg: Cfg, q_ref, k_ref, b_ref, *refs, scaled: bool = Fals
     a = jnp.zeros((c, c), F32)
     for c0 in range(0, dk, min(dk, 64)):  # 64 columns at a time: fewer live [C, dk] tiles
         cols = slice(c0, c0 + min(dk, 64))
-        up, down = ch.factors(0, c, cols)
         q, k = ch.rows(q_ref, 0, c, cols).astype(F32), ch.rows(k_ref, 0, c, cols).astype(F32)
-        a += mm((q * up).astype(dt), (k * down).astype(dt), cfg, tb=True)
         if scaled:
-            qg_ref, kg_ref = scaled_refs
-            qg_ref[:, cols] = (q * ch.state_in(0, c, cols)).astype(dt)
-            kg_ref[:, cols] = (k * ch.state_out(0, c, cols)).astype(dt)
+            qg_ref, kg_ref, b_out_ref = scaled_refs
+            b_out_ref[:, cols] = b = jnp.cumsum(b_ref[:, cols], axis=0)
+            slab = Chunk(cfg, q_ref, None, None, b, *doc_refs(docs))  # b: these columns only
+            up, down = slab.factors(0, c)
+            qg_ref[:, cols] = (q * slab.state_in(0, c)).astype(dt)
+            kg_ref[:, cols] = (k * slab.state_out(0, c)).astype(dt)
+        else:
+            up, down = ch.factors(0, c, cols)
+        a += mm((q * up).astype(dt), (k * down).astype(dt), cfg, tb=True)
     a_ref[...] = jnp.where(ch.diag_mask(0, c), a, 0.0).astype(a_ref.dtype)
 
 
@@ -238,16 +243,21 @@ def scores_like(q, cfg: Cfg, dtype=F32) -> tuple:
 def gla_scores(q, k, b, seg, cfg: Cfg, *, scaled: bool = False):
     """Staged GLA: the intra-chunk scores ``A [batch, heads, chunks, C, C]`` in the input dtype
     (computed in float32; every consumer takes them as an MMA operand of that dtype); with
-    ``scaled`` ``(A, q e^b, k e^{B - b})`` (the fused Hopper forward's operands, q's layout)."""
+    ``scaled`` (``b`` then holds the raw log-gates) ``(A, q e^b, k e^{B - b}, b)``: the fused
+    Hopper forward's operands (q's layout) and the chunk-local cumsum."""
     ins = [(q, "seq"), (k, "seq"), (b, "seq")] + doc_args(seg, cfg)
     a_like = scores_like(q, cfg, q.dtype)
-    like = [a_like] + [(jax.ShapeDtypeStruct(q.shape, q.dtype), "seq")] * (2 * scaled)
-    a, *rows = chunk_call(functools.partial(_gla_scores_kernel, scaled=scaled), cfg, ins, like,
+    like = [a_like]
+    if scaled:
+        like += [(jax.ShapeDtypeStruct(q.shape, q.dtype), "seq")] * 2 + [(b, "seq")]
+    a, *rest = chunk_call(functools.partial(_gla_scores_kernel, scaled=scaled), cfg, ins, like,
                           "la_chunk_gla_scores", bwd=False)  # fmt: skip
+    if scaled:
+        ins[2] = (rest[2], "seq")
     (a,) = chunk_call(_gla_scores_fix_kernel, cfg, ins + [(a, "scores")],
                        [a_like], "la_chunk_gla_scores_fix", bwd=False,
                        aliases={len(ins): 0})  # fmt: skip
-    return (a, *rows) if scaled else a
+    return (a, *rest) if scaled else a
 
 
 def forward(q, k, v, b, h, seg, cfg: Cfg):
@@ -300,7 +310,12 @@ def local_cumsum(g, c: int, interpret: bool) -> jax.Array:
     return _cumsum_call(g, c, interpret, reverse=False)
 
 
+def reverse_cumsum(db, c: int, interpret: bool) -> jax.Array:
+    """The transpose of :func:`local_cumsum`: ``dg`` from ``db``, chunk-local, from the end."""
+    return _cumsum_call(db, c, interpret, reverse=True)
+
+
 local_cumsum.defvjp(
     lambda g, c, interpret: (_cumsum_call(g, c, interpret, reverse=False), None),
-    lambda c, interpret, _, db: (_cumsum_call(db, c, interpret, reverse=True),),
+    lambda c, interpret, _, db: (reverse_cumsum(db, c, interpret),),
 )
