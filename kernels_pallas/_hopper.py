@@ -153,6 +153,18 @@ def nested(lo, hi, *bounds) -> tuple:
     return tuple(out)
 
 
+def columns(x, i: int, interpret: bool):
+    """Columns ``[64 i, 64 (i + 1))`` of a ring slot (a ref on the GPU, a value interpreted)."""
+    if interpret:
+        return x[:, i * ROWS : (i + 1) * ROWS]
+    return x.at[:, pl.ds(i * ROWS, ROWS)]
+
+
+def load_acc(ref, interpret: bool):
+    """A float32 ``[64, n]`` block of shared memory as a wgmma accumulator."""
+    return ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+
+
 def zero_acc(shape, interpret: bool):
     """A float32 wgmma accumulator of zeros."""
     acc = jnp.zeros(shape, jnp.float32)

@@ -153,13 +153,14 @@ def gpu_target():
 
 @pytest.fixture
 def races(monkeypatch: pytest.MonkeyPatch) -> MosaicRaces:
-    """Interpret the Mosaic GPU kernels (forward and backward) with race detection on and
+    """Interpret the Mosaic GPU kernels (forwards and backwards) with race detection on and
     record each kernel's detector state. (The GPU interpreter has no public names in jax
     0.10/0.11: this reads ``jax._src.pallas.mosaic_gpu.interpret``.)"""
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     from kernels_pallas.flash_attention import mosaic_gpu_bwd, mosaic_gpu_fwd
+    from kernels_pallas.gated_delta import mosaic_gpu_bwd as gated_delta_mosaic_gpu_bwd
     from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd as scan_mosaic_gpu_fwd
 
     # the class is ``GPURaceDetectionState`` from jax 0.11 (the device's), ``RaceDetectionState``
@@ -175,7 +176,7 @@ def races(monkeypatch: pytest.MonkeyPatch) -> MosaicRaces:
 
     params = InterpretGPUParams(detect_races=True)
     monkeypatch.setattr(gpu_callbacks, name, record)
-    for module in (mosaic_gpu_fwd, mosaic_gpu_bwd, scan_mosaic_gpu_fwd):
+    for module in (mosaic_gpu_fwd, mosaic_gpu_bwd, scan_mosaic_gpu_fwd, gated_delta_mosaic_gpu_bwd):
         monkeypatch.setattr(module, "interpret_params", lambda: params)
     return recorder
 

@@ -21,7 +21,8 @@ Drivers (one file per lowering and pass): ``backend="gpu"`` Pallas Triton (:mod:
 :mod:`.triton_bwd`), ``"tpu"`` Pallas Mosaic TPU (:mod:`.mosaic_tpu_fwd`,
 :mod:`.mosaic_tpu_bwd`); all run in interpret mode on CPU. On Hopper, ``lowering="mosaic"``
 replaces the GPU forward's state pass and output kernel by one fused Pallas Mosaic GPU pass
-that keeps the state on chip (:mod:`.mosaic_gpu_fwd`).
+that keeps the state on chip (:mod:`.mosaic_gpu_fwd`), and the backward's reverse state pass
+by a warp-specialized Mosaic GPU one (:mod:`.mosaic_gpu_bwd`).
 The float32 reference is :func:`arjax.ops.gated_delta_rule_reference` (the recurrence).
 """
 
@@ -35,6 +36,7 @@ from einops import rearrange
 
 from kernels_pallas._checks import check_state_and_segments
 from kernels_pallas.gated_delta import (
+    mosaic_gpu_bwd,
     mosaic_gpu_fwd,
     mosaic_tpu_bwd,
     mosaic_tpu_fwd,
@@ -146,7 +148,8 @@ def _core_fwd(q, k, v, beta, gam, s0, docs, cfg: Cfg):
 def _core_bwd(cfg: Cfg, res, cts):
     q, k, v, beta, gam, docs, saved = res  # saved: the forward driver's residuals
     do, ds_final = cts
-    dq, dk, dv, dbeta, dgam_c, dgam_r, ds0 = _DRIVERS[cfg.backend][1].backward(
+    driver = mosaic_gpu_bwd if cfg.lowering == "mosaic" else _DRIVERS[cfg.backend][1]
+    dq, dk, dv, dbeta, dgam_c, dgam_r, ds0 = driver.backward(
         _inputs(q, k, v, beta, gam, docs, cfg), saved, do.astype(q.dtype), ds_final, cfg
     )
     dgam = dgam_c[..., 0] + rearrange(dgam_r, "b h n 1 c -> b h (n c)")
@@ -184,9 +187,10 @@ def gated_delta_rule(
     dk)`` halved down to 16 that divides dv, else dv; all of dv on TPU);
     ``backend`` defaults to the platform's (the GPU kernels on CPU), ``interpret`` to True
     off that platform. Lengths need not be multiples of ``chunk_size`` (zero padding).
-    ``lowering`` (``backend="gpu"`` only): "triton", or "mosaic" for the fused Hopper forward
-    (:mod:`.mosaic_gpu_fwd`: chunk 64, bf16/fp16, dk 64 or 128, dv a multiple of 64; the
-    backward is Triton's).
+    ``lowering`` (``backend="gpu"`` only): "triton", or "mosaic" for the Hopper kernels: the
+    fused forward (:mod:`.mosaic_gpu_fwd`) and the backward's reverse state pass
+    (:mod:`.mosaic_gpu_bwd`), Triton's kernels around them (chunk 64, bf16/fp16, dk 64 or 128,
+    dv a multiple of 64).
     """
     backend, interpret = _resolve(backend, interpret)
     if lowering not in ("triton", "mosaic") or (lowering == "mosaic" and backend != "gpu"):

@@ -7,8 +7,9 @@ chunks in order with the state tile on chip: its state warpgroup forms ``U = UV 
 publishes it with ``S``, its output warpgroup computes ``O = (Q g_read) S + (Q K^T *
 decay_incl) U``, as :func:`._chunk.state_step` and :func:`._chunk.output`. Against the three
 Triton kernels this drops the state pass's store of ``U`` and every chunk's state and the
-output kernel's reads of them. The backward is Triton's (``triton_bwd.py``), from the states
-and the ``U`` this pass saves and the prepare kernel's ``T``.
+output kernel's reads of them. The backward (:mod:`.mosaic_gpu_bwd`: Triton's kernels around a
+Mosaic GPU reverse state pass) starts from the states and the ``U`` this pass saves and the
+prepare kernel's ``T``.
 """
 
 from __future__ import annotations

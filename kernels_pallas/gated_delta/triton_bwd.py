@@ -49,29 +49,36 @@ from kernels_pallas.gated_delta.triton_fwd import (
 )
 
 
-def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> tuple[jax.Array, jax.Array]:
+def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg, *,
+                 state_operands: bool = False) -> tuple[jax.Array, ...]:  # fmt: skip
     """``(W = T kg [batch, heads, len, dk], scores [batch, heads, chunks, C, C])`` in
     :attr:`Cfg.store` from the forward's ``T`` (:func:`.triton_fwd.prepare`, stored in
     :attr:`Cfg.store`). Both are only MMA operands after, which round them to that dtype
     anyway (``W``'s MMA rounded ``T`` too), so they are what the kernels computed before bit
-    for bit."""
+    for bit. With ``state_operands`` also the scaled rows ``K e_end`` and ``-(Q g_read)``
+    (``[batch, heads, len, dk]``, the Mosaic GPU state pass's operands, rounded as its
+    products would round them)."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c = cfg.chunk
 
-    def kernel(ins, t_ref, w_ref, sc_ref):
+    def kernel(ins, t_ref, w_ref, sc_ref, *scaled_refs):
         bi, hi, n = program_ids(3)
         t = rows(n, c)
         ch = loader(cfg, ins, bi, hi)(n)
-        w = mm(t_ref[bi, hi, n, :, :], ch.k * kg_scale(ch, gates(ch)), cfg.precision)
+        g = gates(ch)
+        w = mm(t_ref[bi, hi, n, :, :], ch.k * kg_scale(ch, g), cfg.precision)
         w_ref[bi, hi, t, :] = w.astype(w_ref.dtype)
         sc_ref[bi, hi, n, :, :] = scores(ch, cfg.precision)[0].astype(sc_ref.dtype)
+        if state_operands:
+            ke_ref, qs_ref = scaled_refs
+            ke_ref[bi, hi, t, :] = (ch.k * g.e_end).astype(ke_ref.dtype)
+            qs_ref[bi, hi, t, :] = (-(ch.q * g.g_read)).astype(qs_ref.dtype)
 
-    out_shape = [
-        jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store),
-        jax.ShapeDtypeStruct((bsz, heads, n_chunks, c, c), cfg.store),
-    ]
-    return call(kernel, inputs, (t_mat,), out_shape, (bsz, heads, n_chunks), cfg,
-                "gated_delta_w_bwd")  # fmt: skip
+    rows_dk = jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store)
+    out_shape = [rows_dk, jax.ShapeDtypeStruct((bsz, heads, n_chunks, c, c), cfg.store)]
+    out_shape += [rows_dk, rows_dk] if state_operands else []
+    return tuple(call(kernel, inputs, (t_mat,), out_shape, (bsz, heads, n_chunks), cfg,
+                      "gated_delta_w_bwd"))  # fmt: skip
 
 
 def state_grads(inputs: dict, w: jax.Array, sc: jax.Array, do: jax.Array, ds_final: jax.Array,
@@ -174,11 +181,18 @@ def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: 
     """``(dq, dk, dv, dbeta, dgam_c, dgam_r, ds0)`` (:func:`._chunk.grad_shapes`, no value-tile
     axis) from the forward's residuals ``res = (h, T, U)``: the states entering each chunk,
     the UT transform's inverses and ``U``."""
+    w, sc = w_and_scores(inputs, res[1], cfg)
+    dh, du, ds0 = state_grads(inputs, w, sc, do, ds_final, cfg)
+    return gradients(inputs, res, do, dh, du, ds0, cfg)
+
+
+def gradients(inputs: dict, res: tuple, do: jax.Array, dh: jax.Array, du: jax.Array,
+              ds0: jax.Array, cfg: Cfg):  # fmt: skip
+    """Steps 3 and 4 (module doc) from the state pass's ``dh``, ``dU`` and ``ds0``: the
+    outputs of :func:`backward`."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, nv, prec = cfg.chunk, dv // cfg.block_v, cfg.precision
     h, t_mat, u = res
-    w, sc = w_and_scores(inputs, t_mat, cfg)
-    dh, du, ds0 = state_grads(inputs, w, sc, do, ds_final, cfg)
     dv_grad, parts = tile_grads(inputs, t_mat, u, h, do, dh, du, cfg)
 
     def kernel(ins, t_ref, *refs):

@@ -78,8 +78,10 @@ from kernels_pallas._hopper import (
     SMEM_BYTES,
     WGMMA_TRANSFORMS,
     Transposed,
+    columns,
     interpret_params,
     iota,
+    load_acc,
     mma,
     produce,
     smem_footprint,
@@ -179,16 +181,33 @@ def scratch_types(dtype, dk: int, stages: int, mode: str = "decay") -> tuple:
     )
 
 
-def _columns(x, i: int, interpret: bool):
-    """Columns ``[64 i, 64 (i + 1))`` of a ring slot (a ref on the GPU, a value interpreted)."""
-    if interpret:
-        return x[:, i * ROWS : (i + 1) * ROWS]
-    return x.at[:, pl.ds(i * ROWS, ROWS)]
+def value_tile_program(heads: int, tiles: int) -> tuple:
+    """``(batch, head, cols)`` of this CTA, program id ``p = (batch * heads + head) * tiles +
+    tile``: its ``BLOCK_V`` value columns ``cols``."""
+    pid = lax.axis_index("p")
+    head_of, tile = lax.div(pid, tiles), lax.rem(pid, tiles)
+    batch, head = lax.div(head_of, heads), lax.rem(head_of, heads)
+    return batch, head, pl.ds(pl.multiple_of(tile * BLOCK_V, BLOCK_V), BLOCK_V)
 
 
-def _load_acc(ref, interpret: bool):
-    """A float32 ``[64, n]`` block of shared memory as a wgmma accumulator."""
-    return ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+def load_state(src, staging, ready, interpret: bool) -> tuple:
+    """A float32 ``[dk, BLOCK_V]`` state tile from HBM ``src`` through ``staging`` (TMA, then
+    a wait on ``ready``), as one wgmma accumulator per 64 rows."""
+    plgpu.copy_gmem_to_smem(src, staging, ready)
+    plgpu.barrier_wait(ready)
+    halves = staging.shape[0] // ROWS
+    return tuple(load_acc(staging.at[pl.ds(i * ROWS, ROWS)], interpret) for i in range(halves))
+
+
+def store_state(parts: tuple, staging, dst) -> None:
+    """The state tile ``parts`` (:func:`load_state`'s layout) to HBM ``dst`` through
+    ``staging``, after every copy out this warpgroup issued before, and waited for."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for i, part in enumerate(parts):
+        staging.at[pl.ds(i * ROWS, ROWS)][...] = part
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(staging, dst)
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interpret):
@@ -212,10 +231,7 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
     n_chunks = length // CHUNK
     halves = dk // ROWS
     dtype = q_ref.dtype
-    pid = lax.axis_index("p")
-    head_of, tile = lax.div(pid, tiles), lax.rem(pid, tiles)
-    batch, head = lax.div(head_of, heads), lax.rem(head_of, heads)
-    cols = pl.ds(pl.multiple_of(tile * BLOCK_V, BLOCK_V), BLOCK_V)
+    batch, head, cols = value_tile_program(heads, tiles)
     rows = lambda n: pl.ds(pl.multiple_of(n * CHUNK, CHUNK), CHUNK)  # noqa: E731
     ring_slot = lambda n: lax.rem(n, jnp.int32(stages))  # noqa: E731
     two = lambda n: lax.rem(n, jnp.int32(2))  # noqa: E731
@@ -294,27 +310,20 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
                         plgpu.copy_smem_to_gmem(u_pub.at[pub], u_out.at[batch, head, rows(n), cols])
                 vw = vw_smem
             s = [part * bcast(carry[i], shape_cv, 0) for i, part in enumerate(s)]
-            s = mma(tuple((part, [(Transposed(_columns(k, i, interpret)), vw)])
+            s = mma(tuple((part, [(Transposed(columns(k, i, interpret)), vw)])
                           for i, part in enumerate(s)),
                     interpret)  # fmt: skip
             plgpu.barrier_arrive(free.at[slot])
             return tuple(s)
 
-        plgpu.copy_gmem_to_smem(s0_ref.at[batch, head, :, cols], sf_smem, s0_ready)
-        plgpu.barrier_wait(s0_ready)
-        s0 = tuple(_load_acc(sf_smem.at[pl.ds(i * ROWS, ROWS)], interpret) for i in range(halves))
+        s0 = load_state(s0_ref.at[batch, head, :, cols], sf_smem, s0_ready, interpret)
         s = lax.fori_loop(0, n_chunks, chunk, s0)
 
         @pl.loop(jnp.maximum(n_chunks - 2, 0), n_chunks)
         def _(n):  # the last two publications' reads
             plgpu.barrier_wait(s_free.at[two(n)])
 
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        for i, part in enumerate(s):
-            sf_smem.at[pl.ds(i * ROWS, ROWS)][...] = part
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(sf_smem, sf_ref.at[batch, head, :, cols])
-        plgpu.wait_smem_to_gmem(0)
+        store_state(s, sf_smem, sf_ref.at[batch, head, :, cols])
 
     @pl.when(wg == 0)
     def _output():
