@@ -34,6 +34,7 @@ from jax._src.pallas.triton import pallas_call_registration as registration
 
 from kernels_pallas.flash_attention import flash_attention
 from kernels_pallas.gated_delta import gated_delta_rule
+from kernels_pallas.gated_delta import triton_bwd as gated_delta_bwd
 from kernels_pallas.gated_delta import triton_fwd as gated_delta_triton
 from kernels_pallas.linear_attention_scan import chunked_linear_attention
 
@@ -154,8 +155,12 @@ def main() -> None:
                     metavar=("B", "L", "H", "D"))  # fmt: skip
     ap.add_argument("--warps", nargs="*", default=[], metavar="KERNEL=N",
                     help="override the gated delta kernels' warps (triton_fwd.WARPS)")  # fmt: skip
+    ap.add_argument("--grad-tile", type=int, default=None,
+                    help="override the gated delta gradient kernel's GRAD_TILE")  # fmt: skip
     ap.add_argument("--name", default="triton_sm90")
     args = ap.parse_args()
+    if args.grad_tile is not None:
+        gated_delta_bwd.GRAD_TILE = args.grad_tile
     for item in args.warps:
         kernel, n = item.split("=")
         gated_delta_triton.WARPS[kernel] = int(n)

@@ -22,6 +22,7 @@ from test_gated_delta_rule import inputs
 
 from arjax.ops import gated_delta_rule, gated_delta_rule_reference
 from kernels_pallas.gated_delta import gated_delta_rule as kernel
+from kernels_pallas.gated_delta import triton_bwd
 
 B, L, H, DK, DV = 1, 40, 2, 16, 32
 SEGMENTS = jnp.asarray([[1] * 10 + [2] * 20 + [3] * 10], jnp.int32)
@@ -41,8 +42,16 @@ def _values_and_grads(fn, q, k, v, beta, g, s0, rng):
     return values, grads
 
 
-@pytest.mark.parametrize("backend, segments", [("gpu", SEGMENTS), ("gpu", None), ("tpu", SEGMENTS)])
-def test_kernel_matches_the_recurrence(backend, segments, rng):
+@pytest.mark.parametrize(
+    "backend, segments, grad_tiles",
+    [("gpu", SEGMENTS, 1), ("gpu", SEGMENTS, 2), ("gpu", None, 2), ("tpu", SEGMENTS, None)],
+)
+def test_kernel_matches_the_recurrence(backend, segments, grad_tiles, rng, monkeypatch):
+    """``grad_tiles``: value tiles of the GPU gradient kernel (its default tile takes all of
+    DV here; 2 sums each term over two tiles, :class:`._chunk.TileSums`)."""
+    if grad_tiles is not None:
+        monkeypatch.setattr(triton_bwd, "GRAD_TILE", DK * DV // grad_tiles)
+        assert triton_bwd.grad_block_v(DK, DV, 16) == DV // grad_tiles
     q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(B, L, H, DK, DV))
     seed = int(rng.integers(2**31))
 
@@ -240,17 +249,17 @@ def test_compiled_gpu_kernel_matches_the_recurrence(rng):
 
 @pytest.mark.parametrize(
     "backend, lowering, platform, calls",
-    [("gpu", "triton", "cuda", {"__gpu$xla.gpu.triton": 7}),
-     ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 4, "mosaic_gpu_v2": 2}),
+    [("gpu", "triton", "cuda", {"__gpu$xla.gpu.triton": 6}),
+     ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 3, "mosaic_gpu_v2": 2}),
      ("tpu", "triton", "tpu", {"tpu_custom_call": 2})],
 )  # fmt: skip
 def test_kernels_lower_without_the_device(backend, lowering, platform, calls, gpu_target):
     """Without a GPU/TPU, export for the platform: forward + backward (bf16, head dim 128,
     packed documents, an initial state) lower through Pallas Triton / Mosaic GPU / Mosaic
     TPU: on the GPU three kernels forward (prepare, the state pass, the output; with
-    ``lowering="mosaic"`` prepare and the fused pass) and four backward (``W`` from the saved
-    ``T``, the state pass, the value tiles' gradients, the rest; with ``lowering="mosaic"``
-    the state pass in Mosaic GPU), on the TPU one each way."""
+    ``lowering="mosaic"`` prepare and the fused pass) and three backward (``W`` from the saved
+    ``T``, the state pass, the gradients; with ``lowering="mosaic"`` the state pass in Mosaic
+    GPU), on the TPU one each way."""
     sd = jax.ShapeDtypeStruct
     qk = sd((1, 128, 2, 128), jnp.bfloat16)
     gate, seg = sd((1, 128, 2), jnp.float32), sd((1, 128), jnp.int32)

@@ -9,9 +9,9 @@ Only the state update runs in order over chunks. On the GPU the forward is three
 it computes the state-independent ``W = T kg``, ``T beta V`` in parallel over chunks (and,
 for the backward, saves ``T``), carries the state tile through the chunks (two MMAs each,
 storing the state entering each chunk and ``U``), then the outputs in parallel over chunks.
-The backward is four: it recomputes ``W`` from ``T``, carries ``dL/dS`` through the chunks in
-reverse (storing it and ``dU`` per chunk), then computes each (chunk, value tile)'s terms
-and, from their sums, every chunk's gradients, both in parallel from the saved states. On
+The backward is three: it recomputes ``W`` from ``T``, carries ``dL/dS`` through the chunks
+in reverse (storing it and ``dU`` per chunk), then every chunk's gradients in parallel from
+the saved states, each term summed over the value columns where it is used. On
 the TPU each direction is one kernel whose ``arbitrary`` chunk axis does a whole chunk per
 step, parallel over (batch, head, value tile). ``(I + A)^{-1}`` is built by block doubling
 (MMAs only), so ``chunk_size`` is a power of two. The in-chunk cumulative log decay and its

@@ -19,9 +19,11 @@ state) in parallel over chunks and only :func:`state_step` (two MMAs) in order;
 and transposes the lines above by hand (``dA = -T^T dT T^T``) in three steps:
 :func:`transform` (``T``, ``W``), :func:`tile_backward` per value tile (``bv`` columns of
 ``V``, ``S``, ``O``, given ``dU`` of :func:`u_grad`; it returns the tile's terms,
-:class:`Partials`, of what ``dq``, ``dk``, ``dbeta``, ``dgam`` need), then
-:func:`finish_backward` once on their sum (back through the scores, ``W`` and the UT
-transform); :func:`chunk_backward` chains them for one tile. On the GPU the MMAs take
+:class:`Partials`, of what ``dq``, ``dk``, ``dbeta``, ``dgam`` need; :class:`TileTerms`
+forms them one at a time, :class:`TileSums` their sums over the tiles), then, once on
+their sum, :func:`scores_backward` (back through the scores: ``dq`` whole) and
+:func:`finish_backward` (through ``W`` and the UT transform); :func:`chunk_backward` chains
+them for one tile. On the GPU the MMAs take
 bfloat16 operands unless the inputs are float32 (:attr:`Cfg.precision`), with float32
 accumulation, a float32 state and ``T`` built in float32, as in fla's kernels.
 Document boundaries arrive as masks: ``same`` (pairs in one document), ``reads`` (rows in
@@ -31,6 +33,8 @@ the incoming state's document) and ``last`` (rows in the outgoing state's docume
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -228,7 +232,8 @@ def chunk_forward(ch: Chunk, s: jax.Array, prec) -> tuple[jax.Array, jax.Array]:
 
 class Partials(NamedTuple):
     """One value tile's terms (:func:`tile_backward`) of what the value-independent rest of the
-    backward (:func:`finish_backward`) needs; it takes their sum over the tiles."""
+    backward (:func:`scores_backward`, :func:`finish_backward`) needs; it takes their sum over
+    the tiles."""
 
     dsc: jax.Array  # [C, C] dL/d(scores) = dO U^T
     dt_v: jax.Array  # [C, C] dU (beta V)^T, the V part of dL/dT
@@ -240,24 +245,75 @@ class Partials(NamedTuple):
     dcarry: jax.Array  # [1, 1] S . dS_next, dL/d(carry) / carry
 
 
+class TileTerms:
+    """One value tile's products behind :class:`Partials` (each a contraction over the tile's
+    value columns), computed at each call from operands that ``get(name)`` fetches at that
+    call: ``v``, ``u``, ``do``, ``du`` ``[C, bv]`` (the chunk's values, ``U`` of
+    :func:`state_step`, ``dO``, ``dU`` of :func:`u_grad`) and ``s``, ``ds_next`` ``[dk, bv]``
+    (the state entering, ``dL/dS_next``); a kernel loads them there, so that few are live at
+    once. ``t`` is :func:`transform`'s ``T``."""
+
+    def __init__(self, ch: Chunk, g: Gates, t: jax.Array, get, prec):
+        self.ch, self.g, self.t, self.get, self.prec = ch, g, t, get, prec
+
+    def dsc(self) -> jax.Array:
+        return mm(self.get("do"), self.get("u"), self.prec, tb=True)
+
+    def dt_v(self) -> jax.Array:
+        return mm(self.get("du"), self.get("v") * self.ch.beta_c, self.prec, tb=True)
+
+    def dq(self) -> jax.Array:
+        return self.g.g_read * mm(self.get("do"), self.get("s"), self.prec, tb=True)
+
+    def dk(self) -> jax.Array:
+        return mm(self.get("u"), self.get("ds_next"), self.prec, tb=True) * self.g.e_end
+
+    def dw(self) -> jax.Array:
+        return -mm(self.get("du"), self.get("s"), self.prec, tb=True)
+
+    def dvb(self) -> jax.Array:
+        """``dL/d(beta V) = T^T dU [C, bv]``: ``dv`` is it times ``beta``."""
+        return mm(self.t, self.get("du"), self.prec, ta=True)
+
+    def dcarry(self) -> jax.Array:
+        s, ds_next = self.get("s").astype(F32), self.get("ds_next")
+        return jnp.sum(jnp.sum(s * ds_next, axis=1, keepdims=True), axis=0, keepdims=True)
+
+
+def _row_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.sum(a * b, axis=1, keepdims=True)
+
+
 def tile_backward(ch: Chunk, g: Gates, t, u, s, do, ds_next, du, prec):
     """One value tile of the backward (``ch.v``, ``do``, ``du [C, bv]`` with ``du`` of
     :func:`u_grad`; ``s``, ``ds_next = dL/dS_next [dk, bv]``; ``t`` of :func:`transform`,
     ``u`` of :func:`state_step`): ``(`` this tile's :class:`Partials`, ``dv [C, bv])``."""
-    vb = ch.v * ch.beta_c
-    dk_end = mm(u, ds_next, prec, tb=True) * g.e_end  # [C, dk]
-    dvb = mm(t, du, prec, ta=True)  # [C, bv]
-    p = Partials(
-        mm(do, u, prec, tb=True),
-        mm(du, vb, prec, tb=True),
-        g.g_read * mm(do, s, prec, tb=True),
-        dk_end,
-        -mm(du, s, prec, tb=True),
-        jnp.sum(dvb * ch.v, axis=1, keepdims=True),
-        jnp.sum(dk_end * ch.k, axis=1, keepdims=True),
-        jnp.sum(jnp.sum(s.astype(F32) * ds_next, axis=1, keepdims=True), axis=0, keepdims=True),
-    )
+    ops = dict(v=ch.v, u=u, s=s, do=do, ds_next=ds_next, du=du)
+    terms = TileTerms(ch, g, t, ops.__getitem__, prec)
+    dk_end, dvb = terms.dk(), terms.dvb()
+    p = Partials(terms.dsc(), terms.dt_v(), terms.dq(), dk_end, terms.dw(),
+                 _row_dot(dvb, ch.v), _row_dot(dk_end, ch.k), terms.dcarry())  # fmt: skip
     return p, dvb * ch.beta_c
+
+
+class TileSums:
+    """:class:`Partials` of a whole chunk from its value tiles' :class:`TileTerms`, each field
+    summed over the tiles at its first read (so the rest of the backward holds one such sum at
+    a time, not all of them), ``dbeta`` given (a kernel forms it with ``dv``)."""
+
+    def __init__(self, ch: Chunk, tiles: list[TileTerms], dbeta: jax.Array):
+        self._ch, self._tiles, self.dbeta = ch, tiles, dbeta
+
+    def _sum(self, field: str) -> jax.Array:
+        return functools.reduce(operator.add, (getattr(t, field)() for t in self._tiles))
+
+    dsc = functools.cached_property(lambda self: self._sum("dsc"))
+    dt_v = functools.cached_property(lambda self: self._sum("dt_v"))
+    dq = functools.cached_property(lambda self: self._sum("dq"))
+    dk = functools.cached_property(lambda self: self._sum("dk"))
+    dw = functools.cached_property(lambda self: self._sum("dw"))
+    dcarry = functools.cached_property(lambda self: self._sum("dcarry"))
+    de = functools.cached_property(lambda self: _row_dot(self.dk, self._ch.k))
 
 
 class ChunkGrads(NamedTuple):
@@ -268,21 +324,38 @@ class ChunkGrads(NamedTuple):
     dgam_r: jax.Array  # [1, C] the other part
 
 
-def finish_backward(ch: Chunk, g: Gates, t: jax.Array, p: Partials, prec) -> ChunkGrads:
-    """The gradients but ``dv`` from the tiles' sums ``p`` and ``t = (I + A)^{-1}``: back
-    through the scores, ``W = T kg`` and the UT transform (sec. 3 of Yang et al. 2024), once
-    per chunk. Linear in ``p``, so that parts of the tiles' sums give parts of the gradients.
-    The scores and ``K K^T`` are recomputed where they are used, and ``p``'s fields are read
-    one part at a time, so that a driver which loads each at its read holds few at once."""
-    q, k = ch.q, ch.k
-    c = k.shape[0]
+class ScoreGrads(NamedTuple):
+    dq: jax.Array  # [C, dk] whole
+    dscores: jax.Array  # [C, C] dL/d(Q K^T)
+    dgam_c: jax.Array  # [C, 1] the scores' and state reads' parts of dL/dgam
+    dgam_r: jax.Array  # [1, C]
+
+
+def scores_backward(ch: Chunk, p: Partials, prec) -> ScoreGrads:
+    """Back through the terms of ``O`` that read ``Q`` (the scores ``Q K^T * decay_incl`` and
+    ``(Q g_read) S``), from the tiles' sums ``p``: ``dq`` whole, so that a kernel may store it
+    before :func:`finish_backward` and not hold it there."""
     sc, decay_incl = scores(ch, prec)
     pairs = p.dsc * sc  # d/dgam_t of the score (t: +, s: -)
-    dgam_c = jnp.sum(pairs, axis=1, keepdims=True)
-    dgam_r = -jnp.sum(pairs, axis=0, keepdims=True)
+    dgam_c, dgam_r = jnp.sum(pairs, axis=1, keepdims=True), -jnp.sum(pairs, axis=0, keepdims=True)
     dscores = p.dsc * decay_incl  # d(Q K^T)
-    dk = mm(dscores, q, prec, ta=True) + p.dk
-    dgam_c -= p.de
+    dq = mm(dscores, ch.k, prec) + p.dq
+    dgam_c += jnp.sum(ch.q * p.dq, axis=1, keepdims=True)
+    return ScoreGrads(dq, dscores, dgam_c, dgam_r)
+
+
+def finish_backward(ch: Chunk, g: Gates, t: jax.Array, p: Partials, sg: ScoreGrads,
+                    prec) -> ChunkGrads:  # fmt: skip
+    """The gradients but ``dv``: :func:`scores_backward`'s ``sg`` (its ``dq`` passes through)
+    carried on through ``K`` in the scores and in ``U``'s end state, ``W = T kg`` and the UT
+    transform (sec. 3 of Yang et al. 2024), once per chunk, from the tiles' sums ``p`` and
+    ``t = (I + A)^{-1}``. Linear in ``p``, so that parts of the tiles' sums give parts of the
+    gradients. ``K K^T`` is recomputed where it is used, and ``p``'s fields are read one part
+    at a time, so that a driver which forms each at its read holds few at once."""
+    k = ch.k
+    c = k.shape[0]
+    dk = mm(sg.dscores, ch.q, prec, ta=True) + p.dk  # through K in the scores and in U's end
+    dgam_c = sg.dgam_c - p.de
     dlast = g.carry * p.dcarry + jnp.sum(p.de, axis=0, keepdims=True)  # [1, 1]
     # W = T kg.
     scale = kg_scale(ch, g)
@@ -300,12 +373,9 @@ def finish_backward(ch: Chunk, g: Gates, t: jax.Array, p: Partials, prec) -> Chu
     dk += mm(dkk, k, prec) + mm(dkk, k, prec, ta=True)
     da_a = dkk * kk  # dL/dA * A
     dgam_c += jnp.sum(da_a, axis=1, keepdims=True)
-    dgam_r -= jnp.sum(da_a, axis=0, keepdims=True)
+    dgam_r = sg.dgam_r - jnp.sum(da_a, axis=0, keepdims=True)
     dgam_c += jnp.where(_iota((c, 1), 0) == c - 1, dlast, 0.0)
-    # Q K^T, last: dq [C, dk] is live only from here.
-    dq = mm(dscores, k, prec) + p.dq
-    dgam_c += jnp.sum(q * p.dq, axis=1, keepdims=True)
-    return ChunkGrads(dq, dk, dbeta, dgam_c, dgam_r)
+    return ChunkGrads(sg.dq, dk, dbeta, dgam_c, dgam_r)
 
 
 def chunk_backward(ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, prec):
@@ -318,7 +388,7 @@ def chunk_backward(ch: Chunk, s: jax.Array, do: jax.Array, ds_next: jax.Array, p
     du = u_grad(ch, g, scores(ch, prec)[0], do, ds_next, prec)
     p, dv = tile_backward(ch, g, wy.t, u, s, do, ds_next, du, prec)
     ds = state_grad(ch, g, wy.w, do, ds_next, du, prec)
-    return finish_backward(ch, g, wy.t, p, prec), dv, ds
+    return finish_backward(ch, g, wy.t, p, scores_backward(ch, p, prec), prec), dv, ds
 
 
 def grad_shapes(bsz: int, length: int, heads: int, dk: int, dv: int, c: int, k_dtype, v_dtype,

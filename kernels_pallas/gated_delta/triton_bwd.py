@@ -1,4 +1,4 @@
-"""GPU backward (Pallas Triton) in four kernels: only the ``dL/dS`` pass runs in order.
+"""GPU backward (Pallas Triton) in three kernels: only the ``dL/dS`` pass runs in order.
 
 1. :func:`w_and_scores`, parallel over (batch, heads, chunks): ``W = T kg`` from the forward's
    ``T`` (a residual of ``C`` values per token, where ``W`` would take ``dk``), the inverse
@@ -9,44 +9,44 @@
    chain), then
    ``dS = (Q g_read)^T dO + carry dS - W^T dU`` (:func:`._chunk.u_grad`,
    :func:`._chunk.state_grad`);
-3. :func:`tile_grads`, parallel over (batch, heads, chunks, value tiles): ``dv`` and the
-   tile's :class:`._chunk.Partials` from the saved ``h_n``, ``dh_n``, ``dU``, ``T`` and the
-   forward's ``U`` (:func:`._chunk.tile_backward`);
-4. the rest, parallel over (batch, heads, chunks): the tiles' partials summed, then the
-   backward through the scores (recomputed), ``W`` and the UT transform (``T`` loaded;
-   :func:`._chunk.finish_backward`).
+3. :func:`backward`'s gradient kernel, parallel over (batch, heads, chunks): ``dv`` one value
+   tile at a time, then the backward through the scores (recomputed), ``W`` and the UT
+   transform (``T`` loaded; :func:`._chunk.finish_backward`), which reads each value-summed
+   term (:class:`._chunk.TileSums`: ``dO U^T``, ``dU S^T``, ...) once, formed there as one
+   accumulator over the value tiles from the saved ``h_n``, ``dh_n``, ``dU`` and the
+   forward's ``U``.
 
-Steps 3 and 4 are one kernel each, not one loop over the value tiles, so that no program holds
-the chunk's recomputed transform and the tiles' running sums at once.
+Each term is a contraction over all of ``dv`` formed right where it is used, so no program
+holds more than one such sum, and no per-tile partial sums go through memory (before, a
+kernel of its own per (chunk, value tile) wrote them in float32 and this one read them back:
+at (8, 16, 2048) with ``dk = dv = 128`` about 0.8 GB each way, counted from their shapes).
 """
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas.gated_delta._chunk import (
     F32,
     Cfg,
-    Partials,
+    TileSums,
+    TileTerms,
     finish_backward,
     gates,
     grad_shapes,
     kg_scale,
     mm,
     scores,
+    scores_backward,
     state_grad,
-    tile_backward,
     u_grad,
 )
-from kernels_pallas.gated_delta.triton_fwd import (
-    call,
-    dims,
-    loader,
-    program_ids,
-    rows,
-    with_value_tile,
-)
+from kernels_pallas.gated_delta.triton_fwd import call, dims, loader, program_ids, rows
 
 
 def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg, *,
@@ -116,65 +116,19 @@ def state_grads(inputs: dict, w: jax.Array, sc: jax.Array, do: jax.Array, ds_fin
                 "gated_delta_state_bwd")  # fmt: skip
 
 
-def partial_shapes(bsz: int, length: int, heads: int, dk: int, c: int, parts: int,
-                   store) -> Partials:  # fmt: skip
-    """:class:`._chunk.Partials` of every (value tile, batch, head, chunk), head-major:
-    ``[C, C]`` terms ``[parts, batch, heads, chunks, C, C]``, ``[C, dk]`` ones ``[parts, batch,
-    heads, len, dk]``, columns ``[parts, batch, heads, len, 1]``, ``dcarry [parts, batch,
-    heads, chunks, 1, 1]``. Float32 but ``dk`` and ``dw`` in ``store`` (:attr:`Cfg.store`):
-    those only reach bf16 gradients and MMA operands (bf16 ``dq`` also reaches ``dgam``: it
-    took the bf16 test's error from 0.93% to 1.27%)."""
-    n = length // c
-    square, wide, col = (n, c, c), (length, dk), (length, 1)
-    shapes = Partials(square, square, wide, wide, wide, col, col, (n, 1, 1))
-    return Partials(*(jax.ShapeDtypeStruct((parts, bsz, heads, *s), store if f in ("dk", "dw")
-                                           else F32)
-                      for f, s in zip(Partials._fields, shapes, strict=True)))  # fmt: skip
+# dk x value columns of the gradient kernel's tile (the operands of its products): 128 x 128
+# compiles for sm_90 within shared memory, with fewer spilled registers than 128 x 64
+# (experiments/results/triton_sm90_gated_delta.md)
+GRAD_TILE = 16384
 
 
-def _at(ref, j, bi, hi, n, t) -> tuple:
-    """Index of tile ``j``'s partial in ``ref`` for (batch bi, head hi, chunk n with rows
-    ``t``): the chunk's block (the 6-D ``[C, C]`` and ``dcarry`` terms) or its rows."""
-    full = slice(None)
-    return (j, bi, hi, n, full, full) if len(ref.shape) == 6 else (j, bi, hi, t, full)
-
-
-def tile_grads(inputs, t_mat, u, h, do, dh, du, cfg: Cfg):
-    """``(dv [batch, len, heads, dv] in v's dtype, Partials`` of :func:`partial_shapes`):
-    grid (batch, heads, chunks x value tiles)."""
-    bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
-    c, bv, nv, prec = cfg.chunk, cfg.block_v, dv // cfg.block_v, cfg.precision
-
-    def kernel(ins, t_ref, u_ref, h_ref, do_ref, dh_ref, du_ref, dv_ref, *p_refs):
-        bi, hi, nj = program_ids(3)
-        n, j = nj // nv, nj % nv
-        t, vs = rows(n, c), rows(j, bv)
-        ch = with_value_tile(loader(cfg, ins, bi, hi)(n, q=False), ins, bi, t, hi, vs)
-        u_n, h_n = u_ref[bi, hi, t, vs], h_ref[bi, hi, n, :, vs]
-        do_n, dh_n, du_n = do_ref[bi, t, hi, vs], dh_ref[bi, hi, n, :, vs], du_ref[bi, hi, t, vs]
-        p, dv_j = tile_backward(ch, gates(ch), t_ref[bi, hi, n, :, :], u_n, h_n, do_n, dh_n, du_n,
-                                prec)  # fmt: skip
-        dv_ref[bi, t, hi, vs] = dv_j.astype(dv_ref.dtype)
-        for ref, x in zip(p_refs, p, strict=True):
-            ref[_at(ref, j, bi, hi, n, t)] = x.astype(ref.dtype)
-
-    shapes = partial_shapes(bsz, length, heads, dk, c, nv, cfg.store)
-    out_shape = [jax.ShapeDtypeStruct((bsz, length, heads, dv), inputs["v"].dtype), *shapes]
-    outs = call(kernel, inputs, (t_mat, u, h, do, dh, du), out_shape,
-                (bsz, heads, n_chunks * nv), cfg, "gated_delta_tile_bwd")  # fmt: skip
-    return outs[0], Partials(*outs[1:])
-
-
-class Sums:
-    """The value tiles' :class:`._chunk.Partials` of one chunk summed, each field loaded at
-    each read (``sum_tiles(ref)``), so that :func:`._chunk.finish_backward` holds few at
-    once."""
-
-    def __init__(self, refs, sum_tiles):
-        self._refs, self._sum = dict(zip(Partials._fields, refs, strict=True)), sum_tiles
-
-    def __getattr__(self, name: str) -> jax.Array:
-        return self._sum(self._refs[name])
+def grad_block_v(dk: int, dv: int, block_v: int) -> int:
+    """The gradient kernel's value tile: ``block_v`` (which divides ``dv``) doubled while the
+    double divides ``dv`` and ``dk`` times it stays within :data:`GRAD_TILE`."""
+    bv = block_v
+    while dv % (2 * bv) == 0 and dk * 2 * bv <= GRAD_TILE:
+        bv *= 2
+    return bv
 
 
 def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
@@ -188,33 +142,53 @@ def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: 
 
 def gradients(inputs: dict, res: tuple, do: jax.Array, dh: jax.Array, du: jax.Array,
               ds0: jax.Array, cfg: Cfg):  # fmt: skip
-    """Steps 3 and 4 (module doc) from the state pass's ``dh``, ``dU`` and ``ds0``: the
+    """Step 3 (module doc) from the state pass's ``dh``, ``dU`` and ``ds0``: the
     outputs of :func:`backward`."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
-    c, nv, prec = cfg.chunk, dv // cfg.block_v, cfg.precision
+    c, prec = cfg.chunk, cfg.precision
+    bv = grad_block_v(dk, dv, cfg.block_v)
+    nv = dv // bv
     h, t_mat, u = res
-    dv_grad, parts = tile_grads(inputs, t_mat, u, h, do, dh, du, cfg)
 
-    def kernel(ins, t_ref, *refs):
-        p_refs, (dq_ref, dk_ref, db_ref, dgc_ref, dgr_ref) = refs[:8], refs[8:]
+    def kernel(ins, t_ref, u_ref, h_ref, do_ref, dh_ref, du_ref, *out_refs):
+        dq_ref, dk_ref, dv_ref, db_ref, dgc_ref, dgr_ref = out_refs
         bi, hi, n = program_ids(3)
         t = rows(n, c)
         ch = loader(cfg, ins, bi, hi)(n)
-        p = Sums(p_refs, lambda ref: sum(ref[_at(ref, j, bi, hi, n, t)].astype(F32)
-                                         for j in range(nv)))  # fmt: skip
-        g = finish_backward(ch, gates(ch), t_ref[bi, hi, n, :, :], p, prec)
-        dq_ref[bi, t, hi, :] = g.dq.astype(dq_ref.dtype)
-        dk_ref[bi, t, hi, :] = g.dk.astype(dk_ref.dtype)
-        db_ref[bi, hi, t, :] = g.dbeta
-        dgc_ref[bi, hi, t, :] = g.dgam_c
-        dgr_ref[bi, hi, n, :, :] = g.dgam_r
+        g, t_n = gates(ch), t_ref[bi, hi, n, :, :]
 
-    q_dtype, v_dtype = inputs["q"].dtype, inputs["v"].dtype
-    shapes = grad_shapes(bsz, length, heads, dk, dv, c, q_dtype, v_dtype, parts=None,
-                         heads_major=False)  # fmt: skip
-    out_shape = shapes[:2] + shapes[3:6]  # all but dv (tile_grads) and ds0 (state_grads)
+        def tile(j: int) -> TileTerms:  # value tile j's operands, loaded where a term reads them
+            vs, full = rows(j, bv), slice(None)
+            at = {"v": (ins["v"], (bi, t, hi, vs)), "u": (u_ref, (bi, hi, t, vs)),
+                  "do": (do_ref, (bi, t, hi, vs)), "du": (du_ref, (bi, hi, t, vs)),
+                  "s": (h_ref, (bi, hi, n, full, vs)),
+                  "ds_next": (dh_ref, (bi, hi, n, full, vs))}  # fmt: skip
+
+            def get(name: str) -> jax.Array:
+                ref, index = at[name]
+                return ref[index]
+
+            return TileTerms(ch, g, t_n, get, prec)
+
+        tiles = [tile(j) for j in range(nv)]
+        dbeta = []
+        for j, terms in enumerate(tiles):
+            dvb = terms.dvb()
+            dv_ref[bi, t, hi, rows(j, bv)] = (dvb * ch.beta_c).astype(dv_ref.dtype)
+            dbeta.append(jnp.sum(dvb * terms.get("v"), axis=1, keepdims=True))
+        p = TileSums(ch, tiles, functools.reduce(operator.add, dbeta))
+        sg = scores_backward(ch, p, prec)
+        dq_ref[bi, t, hi, :] = sg.dq.astype(dq_ref.dtype)  # now: not held through the rest
+        grads = finish_backward(ch, g, t_n, p, sg, prec)
+        dk_ref[bi, t, hi, :] = grads.dk.astype(dk_ref.dtype)
+        db_ref[bi, hi, t, :] = grads.dbeta
+        dgc_ref[bi, hi, t, :] = grads.dgam_c
+        dgr_ref[bi, hi, n, :, :] = grads.dgam_r
+
+    shapes = grad_shapes(bsz, length, heads, dk, dv, c, inputs["q"].dtype, inputs["v"].dtype,
+                         parts=None, heads_major=False)  # fmt: skip
     grid = (bsz, heads, n_chunks)
-    dq, dk_grad, dbeta, dgam_c, dgam_r = call(
-        kernel, inputs, (t_mat, *parts), out_shape, grid, cfg, "gated_delta_bwd"
-    )
+    dq, dk_grad, dv_grad, dbeta, dgam_c, dgam_r = call(
+        kernel, inputs, (t_mat, u, h, do, dh, du), shapes[:6], grid, cfg, "gated_delta_bwd"
+    )  # all but ds0 (state_grads)
     return dq, dk_grad, dv_grad, dbeta, dgam_c, dgam_r, ds0

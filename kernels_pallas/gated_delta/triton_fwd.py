@@ -38,8 +38,8 @@ from kernels_pallas.gated_delta._chunk import (
 
 
 def rows(n, size: int):
-    """The ``n``-th block of ``size`` rows (or columns)."""
-    return pl.ds(pl.multiple_of(n * size, size), size)
+    """The ``n``-th block of ``size`` rows (or columns); ``n`` traced or a Python int."""
+    return pl.ds(n * size if isinstance(n, int) else pl.multiple_of(n * size, size), size)
 
 
 def program_ids(count: int) -> tuple:
@@ -74,11 +74,11 @@ def with_value_tile(ch: Chunk, refs: dict, bi, t, hi, vs) -> Chunk:
 
 
 # Triton warps per kernel (default 4). Per-kernel device times on an H200 with bf16 MMA operands
-# (experiments/results/bench_gated_delta.md): 8 warps are faster for the backward's value-tile
-# kernel (its offline sm_90 compile spills no registers, 1.2 KB per thread at 4) and slower for
-# the forward's state pass; the last kernel keeps 8 (more spills at 4). 2 stages for the
-# state passes were not faster.
-WARPS = {"gated_delta_bwd": 8, "gated_delta_tile_bwd": 8}
+# (experiments/results/bench_gated_delta.md): 8 warps were slower for the forward's state pass;
+# the backward's gradient kernel takes 8 (its sm_90 compile spills fewer registers than at 4 or
+# 16: experiments/results/triton_sm90_gated_delta.md). 2 stages for the state passes were not
+# faster.
+WARPS = {"gated_delta_bwd": 8}
 
 
 def compiler_params(cfg: Cfg, name: str):
