@@ -271,9 +271,10 @@ class TileTerms:
     def dw(self) -> jax.Array:
         return -mm(self.get("du"), self.get("s"), self.prec, tb=True)
 
-    def dvb(self) -> jax.Array:
-        """``dL/d(beta V) = T^T dU [C, bv]``: ``dv`` is it times ``beta``."""
-        return mm(self.t, self.get("du"), self.prec, ta=True)
+    def dv_dbeta(self) -> tuple[jax.Array, jax.Array]:
+        """``(dv [C, bv], V's part of dbeta [C, 1])`` from ``dL/d(beta V) = T^T dU``."""
+        dvb = mm(self.t, self.get("du"), self.prec, ta=True)
+        return dvb * self.ch.beta_c, _row_dot(dvb, self.get("v"))
 
     def dcarry(self) -> jax.Array:
         s, ds_next = self.get("s").astype(F32), self.get("ds_next")
@@ -290,10 +291,10 @@ def tile_backward(ch: Chunk, g: Gates, t, u, s, do, ds_next, du, prec):
     ``u`` of :func:`state_step`): ``(`` this tile's :class:`Partials`, ``dv [C, bv])``."""
     ops = dict(v=ch.v, u=u, s=s, do=do, ds_next=ds_next, du=du)
     terms = TileTerms(ch, g, t, ops.__getitem__, prec)
-    dk_end, dvb = terms.dk(), terms.dvb()
-    p = Partials(terms.dsc(), terms.dt_v(), terms.dq(), dk_end, terms.dw(),
-                 _row_dot(dvb, ch.v), _row_dot(dk_end, ch.k), terms.dcarry())  # fmt: skip
-    return p, dvb * ch.beta_c
+    dk_end, (dv, dbeta) = terms.dk(), terms.dv_dbeta()
+    p = Partials(terms.dsc(), terms.dt_v(), terms.dq(), dk_end, terms.dw(), dbeta,
+                 _row_dot(dk_end, ch.k), terms.dcarry())  # fmt: skip
+    return p, dv
 
 
 class TileSums:

@@ -28,7 +28,6 @@ import functools
 import operator
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas.gated_delta._chunk import (
@@ -173,9 +172,9 @@ def gradients(inputs: dict, res: tuple, do: jax.Array, dh: jax.Array, du: jax.Ar
         tiles = [tile(j) for j in range(nv)]
         dbeta = []
         for j, terms in enumerate(tiles):
-            dvb = terms.dvb()
-            dv_ref[bi, t, hi, rows(j, bv)] = (dvb * ch.beta_c).astype(dv_ref.dtype)
-            dbeta.append(jnp.sum(dvb * terms.get("v"), axis=1, keepdims=True))
+            dv_j, dbeta_j = terms.dv_dbeta()
+            dv_ref[bi, t, hi, rows(j, bv)] = dv_j.astype(dv_ref.dtype)
+            dbeta.append(dbeta_j)
         p = TileSums(ch, tiles, functools.reduce(operator.add, dbeta))
         sg = scores_backward(ch, p, prec)
         dq_ref[bi, t, hi, :] = sg.dq.astype(dq_ref.dtype)  # now: not held through the rest
