@@ -24,6 +24,7 @@ from kernels_pallas.linear_attention_scan import (
     TritonTuning,
     chunked_linear_attention,
     linear_attention_recurrence,
+    mosaic_gpu_fwd,
     recurrent_step,
 )
 
@@ -298,6 +299,24 @@ def test_mosaic_fused_forward(races, gate, dk, dv, dtype, docs, init):
     seg = jnp.asarray(DOCS) if docs else None
     errs = _fused_vs_recurrence(q, k, v, g, interpret=True, seg=seg, s0=s0 if init else None)
     races.check(kernels=2)  # with and without saving the states
+    assert errs.pop("vs triton") < 1e-2
+    assert all(e < 2e-2 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize(
+    "gate, dk, dv, dtype, docs, init",
+    [("scalar", 128, 64, jnp.bfloat16, True, True), ("none", 64, 128, jnp.float16, False, False)],
+)  # fmt: skip
+def test_mosaic_fused_forward_other_state_update(races, monkeypatch, gate, dk, dv, dtype, docs,
+                                                 init):  # fmt: skip
+    """The decay modes' other state update than this jax's default (``REGISTER_UPDATE``: ``K^T
+    exp(B - b)`` as a register operand from jax 0.11, else the diagonal product), so that both
+    run on either jax: as :func:`test_mosaic_fused_forward`."""
+    monkeypatch.setattr(mosaic_gpu_fwd, "REGISTER_UPDATE", not mosaic_gpu_fwd.REGISTER_UPDATE)
+    q, k, v, g, s0 = make_inputs(12, 1, 200, 2, dk, dv, gate, 0.05 if docs else 1.0, dtype)
+    seg = jnp.asarray(DOCS) if docs else None
+    errs = _fused_vs_recurrence(q, k, v, g, interpret=True, seg=seg, s0=s0 if init else None)
+    races.check(kernels=2)
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
 

@@ -18,18 +18,24 @@ split the work (the schedule of FlashQLA's Hopper forward, as jla describes it):
 
 * the state warpgroup runs only the serial chain: it publishes ``S`` entering chunk ``n`` to
   shared memory in the input dtype (``Q S``'s right operand, the precision of the Triton
-  path's ``h``; two slots, so it may run a chunk ahead), then forms ``exp(B - b) * V`` as the
-  product of a diagonal matrix (registers, so its factors are rounded to the input dtype too)
-  and ``V``, stores it, and adds ``K^T (.)`` to the decayed state;
+  path's ``h``; two slots, so it may run a chunk ahead), then loads ``K^T`` from its ring
+  slot into registers (a transposed load), scales its columns by ``exp(B - b)``, rounds it to
+  the input dtype and adds ``(.) V`` to the decayed state: one ``wgmma`` per chunk on the
+  chain (:data:`REGISTER_UPDATE`);
 * the output warpgroup forms ``A`` while the state is built, then waits for the published
   ``S`` and issues ``Q S`` and ``A V`` together; its output tiles are double-buffered too;
 * a producer warpgroup streams ``Q, K, V`` and the chunk's gate factors through a ring of
   ``stages`` slots with TMA (2 by default, measured faster than 3:
   ``experiments/results/bench_scan_fused_ab.md``); both consumers free a slot.
 
-Moving ``exp(B - b) * V`` off the serial chain (the output warpgroup forming it with its
-``Q K^T`` and publishing it in two slots) made the forward slower (same file), so the state
-warpgroup keeps it.
+Where that transposed load does not lower (jax < 0.11), and for the gated delta rule (below),
+the state warpgroup instead forms ``exp(B - b) * V`` as the product of a diagonal matrix
+(registers, its factors rounded to the input dtype) and ``V``, stores it and adds ``K^T (.)``:
+a second ``wgmma``, a shared-memory store and a fence on the chain. In delta mode the register
+operand made the forward 26% slower (``experiments/results/ab_gated_delta.md``); for the
+scalar gate it made it 1.04-1.12x faster (``ab_scan.md``). Moving ``exp(B - b) * V`` to the
+output warpgroup, published in two slots, made the forward slower
+(``experiments/results/bench_scan_fused_ab.md``).
 
 ``save_states`` also writes ``h [batch, heads, chunks, dk, dv]`` (input dtype) from the
 published states, what the Triton backward reads.
@@ -95,6 +101,10 @@ BLOCK_V = 64  # value columns per CTA (the state tile's registers: dk * 64 / 128
 # the float32 state staging buffer: 128-byte swizzled (8 x 32-element) tiles, so that both the
 # final state's store and the initial state's load avoid bank conflicts
 F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+# The no / scalar decay state update's register operand ``K^T exp(B - b)`` (module doc): its
+# transposed load of a swizzled K tile lowers from jax 0.11 (0.10: "Can't transpose the
+# swizzled dimension"); else the diagonal product. Interpret mode runs either.
+REGISTER_UPDATE = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
 def check_supported(q, v, *, chunk: int, who: str = "chunked_linear_attention") -> None:
@@ -118,12 +128,13 @@ def gate_factors(b, seg, shape: tuple[int, int, int], dk: int) -> tuple[jax.Arra
     heads, 1]``; None: no gate) and ``seg`` (``(r, r_prev)`` ``[batch, len, 1]``: each token's
     document index and its predecessor's; None: one document):
 
-    * read along the scores' columns, ``[batch, heads, chunks, 2, C]``: ``b``, ``r``;
+    * read along columns (tokens: of the scores, and of ``K^T`` in the register update),
+      ``[batch, heads, chunks, 3, C]``: ``b``, ``r``, ``w = exp(B - b)`` where the token
+      reaches the outgoing state (the last row's document);
     * read along rows, ``[batch, heads, chunks, 4 + dk / C, C]``: ``b``, ``r``, ``exp(b)``
-      where the row reads the incoming state (its document's), ``exp(B - b)`` where it reaches
-      the outgoing one (the last row's document), then ``exp(B)`` (0 if a document starts in
-      the chunk) repeated ``dk`` times, one per state row (TMA copies at most 256 elements
-      along a dimension).
+      where the row reads the incoming state (its document's), ``w`` (the diagonal update's),
+      then ``exp(B)`` (0 if a document starts in the chunk) repeated ``dk`` times, one per
+      state row (TMA copies at most 256 elements along a dimension).
 
     (Two buffers: Mosaic GPU's layout inference, jax 0.11, finds no layout when one
     shared-memory buffer is loaded both along rows and along columns.)"""
@@ -138,25 +149,31 @@ def gate_factors(b, seg, shape: tuple[int, int, int], dk: int) -> tuple[jax.Arra
     reads = r == r_prev[..., :1]  # the document entering the chunk
     reaches = r == r[..., -1:]  # the document leaving it
     carry = jnp.exp(last) * (r[..., -1:] == r_prev[..., :1])
-    rows = [b_chunks, r, jnp.where(reads, jnp.exp(b_chunks), 0.0),
-            jnp.where(reaches, jnp.exp(last - b_chunks), 0.0),
+    w = jnp.where(reaches, jnp.exp(last - b_chunks), 0.0)
+    rows = [b_chunks, r, jnp.where(reads, jnp.exp(b_chunks), 0.0), w,
             *(jnp.broadcast_to(carry, b_chunks.shape),) * (dk // CHUNK)]  # fmt: skip
-    return jnp.stack([b_chunks, r], axis=-2), jnp.stack(rows, axis=-2)
+    return jnp.stack([b_chunks, r, w], axis=-2), jnp.stack(rows, axis=-2)
+
+
+def diagonal_update(mode: str) -> bool:
+    """Whether ``mode``'s state update scales ``V`` (``U``) by a diagonal product (module doc):
+    the gated delta rule's, and the decay modes' without :data:`REGISTER_UPDATE`."""
+    return mode == "delta" or (mode == "decay" and not REGISTER_UPDATE)
 
 
 def scratch_types(dtype, dk: int, stages: int, mode: str = "decay") -> tuple:
     """For ``mode`` "decay" (no or scalar decay), "gla" or "delta" (the gated delta rule):
     rings of Q, K, V tiles (``delta``: of ``T beta V``, plus a ring of ``W``) and gate factors
     (``gla``: of the scores ``A`` and the state rows' decays); the published states (input
-    dtype, two slots: ``Q S``'s operand), ``exp(B - b) * V`` (``delta``: ``* U``; none for
-    ``gla``), ``delta``'s published ``U`` (two slots), two output tiles and the float32
-    initial / final state's staging; barriers (module doc)."""
+    dtype, two slots: ``Q S``'s operand), ``exp(B - b) * V`` (``delta``: ``* U``) if
+    :func:`diagonal_update`, ``delta``'s published ``U`` (two slots), two output tiles and the
+    float32 initial / final state's staging; barriers (module doc)."""
     mat = lambda *shape: plgpu.SMEM(shape, dtype, transforms=WGMMA_TRANSFORMS)  # noqa: E731
     if mode == "gla":
         x_ring = mat(stages, CHUNK, CHUNK)  # the scores A, a wgmma operand
         f_ring = plgpu.SMEM((stages, dk // CHUNK, CHUNK), jnp.float32)  # state rows' decays
     else:
-        x_ring = plgpu.SMEM((stages, 2, CHUNK), jnp.float32)  # b, r (columns)
+        x_ring = plgpu.SMEM((stages, 3, CHUNK), jnp.float32)  # factors (columns)
         f_ring = plgpu.SMEM((stages, 4 + dk // CHUNK, CHUNK), jnp.float32)  # factors (rows)
     delta = mode == "delta"
     return (
@@ -168,7 +185,7 @@ def scratch_types(dtype, dk: int, stages: int, mode: str = "decay") -> tuple:
             f_ring,
             *((mat(stages, CHUNK, dk),) if delta else ()),  # W ring
             mat(2, dk, BLOCK_V),  # S entering chunk n, in slot n % 2
-            *(() if mode == "gla" else (mat(CHUNK, BLOCK_V),)),  # exp(B - b) * V (or * U)
+            *((mat(CHUNK, BLOCK_V),) if diagonal_update(mode) else ()),  # exp(B - b) * V (U)
             *((mat(2, CHUNK, BLOCK_V),) if delta else ()),  # U of chunk n, in slot n % 2
             mat(2, CHUNK, BLOCK_V),  # O of chunk n, in slot n % 2
             plgpu.SMEM((dk, BLOCK_V), jnp.float32, transforms=F32_TRANSFORMS),  # initial, final S
@@ -179,6 +196,16 @@ def scratch_types(dtype, dk: int, stages: int, mode: str = "decay") -> tuple:
         plgpu.Barrier(num_barriers=2),  # S (delta: and U) published
         plgpu.Barrier(num_barriers=2),  # S read
     )
+
+
+def _columns_transposed(x, i: int, interpret: bool):
+    """Columns ``[64 i, 64 (i + 1))`` of a ``[C, dk]`` ring slot, transposed: float32 ``[64,
+    C]`` in registers, in the wgmma layout (on the GPU a generic-proxy load: fence before the
+    slot's release; ``x`` a ref there, a value interpreted)."""
+    if interpret:
+        return x[:, i * ROWS : (i + 1) * ROWS].T.astype(jnp.float32)
+    ref = plgpu.transpose_ref(x.at[:, pl.ds(i * ROWS, ROWS)], (1, 0))
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
 
 
 def value_tile_program(heads: int, tiles: int) -> tuple:
@@ -215,7 +242,7 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
     + tile``; warpgroup 2 produces, 1 carries the state, 0 writes the outputs (module doc).
     ``x_ref``: the gate's column factors, or (``gla``) the scores ``A``; ``delta``: ``v_ref``
     holds ``T beta V`` and ``W`` follows ``f_ref``."""
-    gla, delta = mode == "gla", mode == "delta"
+    gla, delta, diagonal = mode == "gla", mode == "delta", diagonal_update(mode)
     w_ref, s0_ref, o_ref, sf_ref, *refs = refs if delta else (None, *refs)
     saved = (1 + delta) if save else 0  # outputs h (and, delta, U) for the backward
     h_ref, u_out = (*refs[:saved], None, None)[:2]
@@ -223,7 +250,7 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
     q_ring, k_ring, v_ring, x_ring, f_ring, *rest = smem
     w_ring = rest.pop(0) if delta else None
     s_pub, *rest = rest
-    vw_smem = None if gla else rest.pop(0)
+    vw_smem = rest.pop(0) if diagonal else None
     u_pub, o_smem, sf_smem = rest if delta else (None, *rest)
     q_ready, k_ready, v_ready, x_ready, f_ready, *w_ready = ready
     _, length, heads, dk = q_ref.shape
@@ -260,9 +287,10 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
 
     @pl.when(wg == 1)
     def _state():
-        """The serial chain: publish S entering chunk n, then S <- exp(B) S + K^T (w * V)
-        (``gla``: ``S <- diag(exp(B)) S + K^T V``, K's rows scaled by the scores kernel;
-        ``delta``: first ``U = T beta V - W S``, published with S, then ``V`` is ``U``)."""
+        """The serial chain: publish S entering chunk n, then S <- exp(B) S + (K^T w) V, ``K^T
+        w`` in registers, or (:func:`diagonal_update`) ``K^T (w * V)`` (``gla``: ``S <-
+        diag(exp(B)) S + K^T V``, K's rows scaled by the scores kernel; ``delta``: first ``U =
+        T beta V - W S``, published with S, then ``V`` is ``U``)."""
 
         def chunk(n, s):
             slot, pub = ring_slot(n), two(n)
@@ -278,12 +306,22 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
                 plgpu.barrier_arrive(s_ready.at[pub])
             if save:
                 plgpu.copy_smem_to_gmem(s_pub.at[pub], h_ref.at[batch, head, n, :, cols])
-            for bar in (k_ready, v_ready, f_ready, *w_ready):
+            registers = not (gla or diagonal)  # the update's left operand K^T w in registers
+            for bar in (k_ready, v_ready, f_ready, *w_ready, *((x_ready,) if registers else ())):
                 plgpu.barrier_wait(bar.at[slot])
             k, v = wgmma_operands((k_ring.at[slot], v_ring.at[slot]), interpret)
+            kt = [Transposed(columns(k, i, interpret)) for i in range(halves)]  # K^T, 64 rows each
             if gla:
                 carry = [vector(f_ring.at[slot, i], 0, interpret) for i in range(halves)]
                 plgpu.commit_smem()  # fences the slot's gate loads before its release
+                vw = v
+            elif registers:  # K^T exp(B - b), rounded to the input dtype
+                w_col = vector(x_ring.at[slot, 2], 1, interpret)
+                carry = [vector(f_ring.at[slot, i], 0, interpret) for i in range(4, 4 + halves)]
+                w_cols = bcast(w_col, shape_cc, 1)
+                kt = [(_columns_transposed(k, i, interpret) * w_cols).astype(dtype)
+                      for i in range(halves)]  # fmt: skip
+                plgpu.commit_smem()  # fences the slot's loads before its release
                 vw = v
             else:
                 w_row, *carry = (vector(f_ring.at[slot, i], 0, interpret)
@@ -310,9 +348,7 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
                         plgpu.copy_smem_to_gmem(u_pub.at[pub], u_out.at[batch, head, rows(n), cols])
                 vw = vw_smem
             s = [part * bcast(carry[i], shape_cv, 0) for i, part in enumerate(s)]
-            s = mma(tuple((part, [(Transposed(columns(k, i, interpret)), vw)])
-                          for i, part in enumerate(s)),
-                    interpret)  # fmt: skip
+            s = mma(tuple((part, [(kt[i], vw)]) for i, part in enumerate(s)), interpret)
             plgpu.barrier_arrive(free.at[slot])
             return tuple(s)
 
