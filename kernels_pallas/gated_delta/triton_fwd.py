@@ -74,11 +74,11 @@ def with_value_tile(ch: Chunk, refs: dict, bi, t, hi, vs) -> Chunk:
 
 
 # Triton warps per kernel (default 4). Per-kernel device times on an H200 with bf16 MMA operands
-# (experiments/results/bench_gated_delta.md): 8 warps were slower for the forward's state pass;
-# the backward's gradient kernel takes 8 (its sm_90 compile spills fewer registers than at 4 or
-# 16: experiments/results/triton_sm90_gated_delta.md). 2 stages for the state passes were not
-# faster.
-WARPS = {"gated_delta_bwd": 8}
+# (experiments/results/bench_gated_delta_20261204.md): 8 warps were slower for the forward's
+# state pass; 2 stages for the state passes were not faster. The backward's gradient kernel too
+# is fastest at 4 (0.97 ms per call at (8, 16, 2048) against 1.22 at 8 and 3.15 at 16, although
+# its sm_90 compile spills the most there: experiments/results/bench_gated_delta_grad_warps.md).
+WARPS: dict[str, int] = {}
 
 
 def compiler_params(cfg: Cfg, name: str):
