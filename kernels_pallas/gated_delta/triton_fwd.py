@@ -73,11 +73,9 @@ def with_value_tile(ch: Chunk, refs: dict, bi, t, hi, vs) -> Chunk:
     return ch._replace(v=refs["v"][bi, t, hi, vs])
 
 
-# Triton warps per kernel (default 4). Per-kernel device times on an H200 with bf16 MMA operands
-# (experiments/results/bench_gated_delta_20261204.md): 8 warps were slower for the forward's
-# state pass; 2 stages for the state passes were not faster. The backward's gradient kernel too
-# is fastest at 4 (0.97 ms per call at (8, 16, 2048) against 1.22 at 8 and 3.15 at 16, although
-# its sm_90 compile spills the most there: experiments/results/bench_gated_delta_grad_warps.md).
+# Triton warps per kernel (default 4): measured fastest for every kernel of the op on an H200,
+# the gradient kernel included although its sm_90 compile spills the most at 4
+# (experiments/results/bench_gated_delta_grad_warps.md, bench_gated_delta_20261204.md).
 WARPS: dict[str, int] = {}
 
 

@@ -32,9 +32,9 @@ Where that transposed load does not lower (jax < 0.11), and for the gated delta 
 the state warpgroup instead forms ``exp(B - b) * V`` as the product of a diagonal matrix
 (registers, its factors rounded to the input dtype) and ``V``, stores it and adds ``K^T (.)``:
 a second ``wgmma``, a shared-memory store and a fence on the chain. In delta mode the register
-operand made the forward 26% slower (``experiments/results/ab_gated_delta.md``); for the
-scalar gate it made it 1.04-1.12x faster (``ab_scan.md``). Moving ``exp(B - b) * V`` to the
-output warpgroup, published in two slots, made the forward slower
+operand made the forward slower (``experiments/results/ab_gated_delta.md``); for the no /
+scalar decay modes it made it faster (``ab_scan_register_update.md``). Moving ``exp(B - b) *
+V`` to the output warpgroup, published in two slots, made the forward slower
 (``experiments/results/bench_scan_fused_ab.md``).
 
 ``save_states`` also writes ``h [batch, heads, chunks, dk, dv]`` (input dtype) from the
