@@ -83,6 +83,34 @@ def test_property_random_text_matches_host(texts, max_bytes):
     assert_matches_host(texts, max_bytes)
 
 
+def _windows(text: str, width: int) -> list[str]:
+    """From each character of ``text``: the longest run of whole characters that fits in
+    ``width`` UTF-8 bytes."""
+    out = []
+    for i in range(len(text)):
+        j = i
+        while j < len(text) and len(text[i : j + 1].encode("utf-8", "surrogatepass")) <= width:
+            j += 1
+        out.append(text[i:j])
+    return out
+
+
+@pytest.mark.parametrize("max_bytes", [1, 4, 7, 32])
+def test_short_rows_match_host(max_bytes):
+    """Rows at most ``max_word_bytes + 1`` wide (the HAT decoder's word window) take the cut
+    shortcut (`_short_row_cuts`, no binary lifting): every window of the fixtures at that width
+    and one less, with a first word that exceeds the limit wherever one fits."""
+    for width in (max_bytes + 1, max_bytes):
+        texts = [w for text in CORPUS for w in _windows(text, width)]
+        assert_matches_host(texts, max_bytes, width=width)
+
+
+@settings(max_examples=30, deadline=None)
+@given(texts=st.lists(st.one_of(_TEXT, _TRICKY), min_size=8, max_size=8))
+def test_property_short_rows_match_host(texts):
+    assert_matches_host([w for t in texts for w in _windows(t, 8)[:4]] or [""], 7, width=8)
+
+
 # Lone surrogates are ordinary characters to the host path (encoded with surrogatepass).
 _WITH_SURROGATES = st.text(alphabet=st.characters(), max_size=60)
 

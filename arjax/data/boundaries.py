@@ -282,6 +282,8 @@ def _word_starts(byte_ids: jax.Array, lengths: jax.Array, max_word_bytes: int) -
         WORD_PIECE,
     )
     word = piece & ~attaches(kind, _fill(piece, kind, 3, NO_PIECE))
+    if n <= max_word_bytes + 1:
+        return _short_row_cuts(word | barrier, first, lengths, max_word_bytes)
 
     # max_word_bytes: greedy cuts. A piece starting at j ends at next_end[j]; the piece starts
     # are the orbit of position 0, found for all positions at once by binary lifting.
@@ -299,6 +301,24 @@ def _word_starts(byte_ids: jax.Array, lengths: jax.Array, max_word_bytes: int) -
         step = flat[cur]
         cur = jnp.where(step - offset <= idx, step, cur)
     return (cur - offset == idx) & (idx < lengths[:, None])
+
+
+def _short_row_cuts(
+    starts: jax.Array, first: jax.Array, lengths: jax.Array, max_word_bytes: int
+) -> jax.Array:
+    """The greedy ``max_word_bytes`` cuts of rows at most ``max_word_bytes + 1`` bytes wide
+    (the HAT decoder's current-word window), ``starts``: the word and barrier starts before the
+    cuts. A word that starts after position 0 fits, so only a first word spanning a full row
+    is cut, once, at its last character start within the limit (inside the character if there
+    is none): elementwise and two row reductions, no binary lifting."""
+    n = starts.shape[1]
+    idx = jnp.arange(n, dtype=jnp.int32)[None]
+    starts = starts | (idx == 0)
+    if n == max_word_bytes + 1:
+        whole = ~jnp.any(starts & (idx > 0), axis=1, keepdims=True)  # [batch, 1]
+        last = jnp.max(jnp.where(first, idx, 0), axis=1, keepdims=True)
+        starts = starts | (whole & (idx == jnp.where(last > 0, last, max_word_bytes)))
+    return starts & (idx < lengths[:, None])
 
 
 _word_starts_jit = jax.jit(_word_starts, static_argnums=2)
