@@ -348,6 +348,25 @@ def test_parked_rows_give_the_same_generation(model_params, forward, park):
         assert _full_forward_checks(forward, params, prompts, got, greedy=False) > 8 * 4
 
 
+@pytest.mark.parametrize("prompts", [["ROMEO. Hel"], ["Speak", "O, th"]])
+def test_skipped_word_splits_give_the_same_generation(model_params, forward, prompts):
+    """At one or two rows (``HATDecoder.check_rows``) a step skips the word split while every
+    row's new byte is a letter or digit after another (:func:`word_goes_on`). Sampled: each
+    byte's logits still equal the uncached forward's and fewer iterations split; greedy: the
+    same bytes as with the check off (every iteration splits)."""
+    model, params = model_params
+    params = _ascii_head(params)
+    gen = generate(
+        model, params, prompts, max_new_bytes=32, return_logits=True, temperature=1.0,
+        top_k=8, rng=jax.random.key(5),
+    )  # fmt: skip
+    assert _full_forward_checks(forward, params, prompts, gen, greedy=False) == 32 * len(prompts)
+    assert 0 < gen.stats["splits"] < gen.steps
+    greedy = functools.partial(generate, model, params, prompts, max_new_bytes=32)
+    on, off = greedy(), greedy(decoder=HATDecoder(model, check_rows=0))
+    assert on.tokens == off.tokens and off.stats["splits"] == off.steps
+
+
 def test_cached_generation_wraps_the_byte_ring_buffers():
     """Windows of 8 bytes and words of at most 8: the byte caches hold 16 slots (8 + 8, whole
     flash-decoding tiles), so a 9-byte prompt and 40 new bytes overwrite every slot twice; each
