@@ -16,7 +16,8 @@ for one byte) and word path (encoder connector + one backbone step, all rows) an
 transformer's step, and each decode cache's size per sequence. HAT runs once per ``--park``
 value (:class:`arjax.generate.hat.HATDecoder`: the share of the generating rows that must be
 waiting with a finished word before the backbone steps; 0 = at every word end), with its
-schedule: loop iterations, backbone steps and row-iterations spent waiting. Target (issue
+schedule: loop iterations, backbone steps, row-iterations spent waiting and iterations that
+split the word windows (``HATDecoder.check_rows``). Target (issue
 21): HAT >= 2.5x the transformer's bytes/s at batch 1 and 64.
 
     python experiments/bench_hat_decode.py --batch-sizes 1 # H200: ~1B models; each 1B engine
@@ -263,7 +264,7 @@ def save(a: argparse.Namespace, rows: list[dict], info: dict) -> None:
         if "speedup" in r:
             met[r["batch"]] = met.get(r["batch"], False) or r["speedup"] >= TARGET
     columns = ["model", "park", "batch", "bytes_per_s", "speedup", "bytes_per_word",
-               "loop_steps", "word_steps", "waited", "step_ms", "byte_path_ms",
+               "loop_steps", "word_steps", "waited", "splits", "step_ms", "byte_path_ms",
                "word_path_ms"]  # fmt: skip
     columns += sorted({k for r in rows for k in r if k.endswith("MiB/seq")})
     notes = (
