@@ -209,12 +209,13 @@ class HATDecoder(Decoder):
     word may have ended (:func:`word_goes_on`: not after a letter or digit that follows
     another), and skip the word split, the word path's predicate and the window cut when none
     may (0: never check). The check costs a device predicate (a host read on GPU) when some row
-    needs the split, so it pays where a whole batch often continues its words at once: at one
-    or two rows. Outputs do not depend on it.
+    needs the split, so it can pay only where a whole batch often continues its words at once,
+    at one or two rows; off until ``experiments/bench_hat_decode.py --check-rows 0 2`` has
+    measured it. Outputs do not depend on it.
     """
 
     park: float = 0.5
-    check_rows: int = 2
+    check_rows: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.park <= 1.0:
