@@ -113,6 +113,30 @@ def _first_after(mask: jax.Array) -> jax.Array:
     return _shift(lax.cummin(jnp.where(mask, idx, n), axis=1, reverse=True), -1, n)
 
 
+_CHAR_BYTES = 4  # the most bytes a character (or an ill-formed subpart) of UTF-8 spans
+
+
+def _char_before(first: jax.Array, value: jax.Array, fill) -> jax.Array:
+    """``value`` at the previous character start (``first``) strictly before each position,
+    ``fill`` if none: a character spans at most 4 bytes, so it is at most 4 back (a look-back,
+    elementwise, where ``_fill`` would scan the row)."""
+    out = jnp.full_like(value, fill)
+    for k in range(_CHAR_BYTES, 0, -1):  # the nearest start last
+        out = jnp.where(_shift(first, k, False), _shift(value, k, fill), out)
+    return out
+
+
+def _next_char(first: jax.Array) -> jax.Array:
+    """Index of the next character start strictly after each position, ``len`` if none (at most
+    4 ahead: a look-ahead, elementwise, where ``_first_after`` would scan the row)."""
+    n = first.shape[1]
+    idx = jnp.arange(n, dtype=jnp.int32)[None]
+    out = jnp.full(first.shape, n, jnp.int32)
+    for k in range(_CHAR_BYTES, 0, -1):  # the nearest start last
+        out = jnp.where(_shift(first, -k, False), idx + k, out)
+    return out
+
+
 def _fill(mask: jax.Array, value: jax.Array, bits: int, fill, *, reverse: bool = False):
     """``value`` (``bits`` wide) at the last True of ``mask`` strictly before each position (the
     first strictly after with ``reverse``), ``fill`` if none: one cummax/cummin of position and
@@ -156,8 +180,11 @@ def decode_utf8(byte_ids: jax.Array, lengths: jax.Array) -> tuple[jax.Array, ...
     valid = (size == 1) | ((size == 2) & ok1) | ((size == 3) & ok2) | ((size == 4) & ok3)
     span = jnp.where(valid, size, 1 + ok1.astype(jnp.int32) + ok2 + ok3)  # bytes of the char
     lead = ~cont(b)  # every non-continuation byte (and barrier) starts a character
-    lead_end = _shift(lax.cummax(jnp.where(lead, idx + span, -1), axis=1), 1, -1)
-    first = lead | (lead_end <= idx)  # a continuation byte no lead's character covers
+    # a continuation byte no lead's character covers (a lead 1-3 bytes back spanning past it)
+    covered = functools.reduce(
+        jnp.logical_or, [_shift(lead & (span > k), k, False) for k in range(1, _CHAR_BYTES)]
+    )
+    first = lead | ~covered
     c1, c2, c3 = b1 & 0x3F, b2 & 0x3F, b3 & 0x3F
     code = jnp.select(
         [size == 1, size == 2, size == 3],
@@ -257,7 +284,7 @@ def _word_starts(byte_ids: jax.Array, lengths: jax.Array, max_word_bytes: int) -
 
     # UAX #29 segments
     ignorable = first & _in(cls, EXTEND, ZWJ)
-    props_p = _fill(first, props, _PROP_BITS, BARRIER)  # the previous character's
+    props_p = _char_before(first, props, BARRIER)  # the previous character's
     cls_p = props_p & _CLASS_BITS
     eff = jnp.where(ep & (cls_p == ZWJ), OTHER, cls)  # a WB3c pictograph ends its segment
     solid = first & ~ignorable
@@ -275,7 +302,7 @@ def _word_starts(byte_ids: jax.Array, lengths: jax.Array, max_word_bytes: int) -
     piece = first & (barrier | ~join | cut)
     piece_end = _first_after(piece)
     next_nonwhite = lax.cummin(jnp.where(first & ~white, idx, n), axis=1, reverse=True)
-    single = piece_end == _first_after(first)
+    single = piece_end == _next_char(first)
     kind = jnp.select(
         [barrier, single & (code == 0x20), next_nonwhite >= piece_end, single & punct],
         [WHITE_PIECE, SPACE_PIECE, WHITE_PIECE, PUNCT_PIECE],
