@@ -92,9 +92,10 @@ def configs(quick: bool) -> tuple[HATConfig, TransformerLMConfig]:
     return hat, dataclasses.replace(one, num_layers=layers)
 
 
-def train_for(name: str, config, seconds: float, quick: bool):
-    """(model, params) after ``seconds`` of AdamW steps (compilation not counted)."""
-    data = DataConfig(seq_len=config.max_seq_len, batch_size=8 if quick else 32, val_batches=1)
+def train_for(name: str, config, seconds: float, quick: bool, batch: int = 32):
+    """(model, params) after ``seconds`` of AdamW steps of ``batch`` sequences (compilation not
+    counted)."""
+    data = DataConfig(seq_len=config.max_seq_len, batch_size=8 if quick else batch, val_batches=1)
     cfg = RunConfig(name, config, data, TrainConfig(learning_rate=1e-3, warmup_steps=20))
     model = build_model(name, config)
     it, _ = make_data(cfg)
@@ -114,7 +115,8 @@ def train_for(name: str, config, seconds: float, quick: bool):
     print(f"{name}: {steps} steps in {seconds:.0f} s, last loss {loss:.3f}", flush=True)
     if not np.isfinite(loss):  # skipped updates: the "trained" weights are the init
         raise RuntimeError(f"{name}: training loss {loss}; decode timings need trained weights")
-    return model, state.params, {"train_steps": steps, "train_loss": loss}
+    info = {"train_steps": steps, "train_loss": loss, "train_batch": data.batch_size}
+    return model, state.params, info
 
 
 def load_run(name: str, run: str):
@@ -190,6 +192,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models, CPU smoke run")
     ap.add_argument("--train-seconds", type=float, default=None, help="per model (default 100)")
+    ap.add_argument("--train-batch", type=int, default=32,
+                    help="sequences per training step (HAT 1B at 32 ran out of memory on an "
+                    "80 GB H100)")  # fmt: skip
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--new-bytes", type=int, default=None, help="bytes generated per row")
     ap.add_argument("--prompt-bytes", type=int, default=64)
@@ -222,7 +227,7 @@ def main() -> None:
         elif run:
             got = load_run(name, run)
         else:
-            got = train_for(name, config, a.train_seconds, a.quick)
+            got = train_for(name, config, a.train_seconds, a.quick, a.train_batch)
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 with saved.open("wb") as f:
