@@ -368,6 +368,19 @@ def test_skipped_word_splits_give_the_same_generation(model_params, forward, pro
     assert on.tokens == off.tokens and off.stats["splits"] == off.steps
 
 
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(park=1.5), ValueError, r"park must be in \[0, 1\], got 1.5"),
+        (dict(check_rows=-1), ValueError, "check_rows must be >= 0, got -1"),
+        (dict(check_rows=2.0), TypeError, "check_rows must be an int, got 2.0"),
+    ],
+)
+def test_decoder_settings_are_checked(model_params, kw, error, match):
+    with pytest.raises(error, match=match):
+        HATDecoder(model_params[0], **kw)
+
+
 def test_cached_generation_wraps_the_byte_ring_buffers():
     """Windows of 8 bytes and words of at most 8: the byte caches hold 16 slots (8 + 8, whole
     flash-decoding tiles), so a 9-byte prompt and 40 new bytes overwrite every slot twice; each
