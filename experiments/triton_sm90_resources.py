@@ -33,9 +33,7 @@ from hat_common import markdown_table, write_results
 from jax._src.pallas.triton import pallas_call_registration as registration
 
 from kernels_pallas.flash_attention import flash_attention
-from kernels_pallas.gated_delta import gated_delta_rule
-from kernels_pallas.gated_delta import triton_bwd as gated_delta_bwd
-from kernels_pallas.gated_delta import triton_fwd as gated_delta_triton
+from kernels_pallas.gated_delta import TritonTuning, gated_delta_rule
 from kernels_pallas.linear_attention_scan import chunked_linear_attention
 
 SM = 90
@@ -116,9 +114,12 @@ def _grads(call: Callable, specs: tuple) -> tuple[Callable, tuple]:
     return fn, specs
 
 
-def op_grads(op: str, shape: tuple[int, int, int, int]) -> tuple[Callable, tuple]:
+def op_grads(
+    op: str, shape: tuple[int, int, int, int], tuning: TritonTuning | None = None
+) -> tuple[Callable, tuple]:
     """Forward + backward of ``op``'s GPU kernels on bf16 ``q, k, v [batch, len, heads, d]``
-    (float32 gates, beta and initial state)."""
+    (``tuning``: the gated delta rule's launch parameters; float32 gates, beta and initial
+    state)."""
     b, length, h, d = shape
     qkv = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     gate = jax.ShapeDtypeStruct((b, length, h), jnp.float32)
@@ -127,7 +128,8 @@ def op_grads(op: str, shape: tuple[int, int, int, int]) -> tuple[Callable, tuple
     if op == "gated_delta":
 
         def call(q, k, v, beta, g, s0):
-            return gated_delta_rule(q, k, v, beta, log_decay=g, initial_state=s0, **gpu)
+            return gated_delta_rule(q, k, v, beta, log_decay=g, initial_state=s0, tuning=tuning,
+                                    **gpu)  # fmt: skip
 
         return _grads(call, (qkv, qkv, qkv, gate, gate, s0))
     if op.startswith("scan_"):
@@ -154,19 +156,17 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=4, default=(1, 256, 2, 128),
                     metavar=("B", "L", "H", "D"))  # fmt: skip
     ap.add_argument("--warps", nargs="*", default=[], metavar="KERNEL=N",
-                    help="override the gated delta kernels' warps (triton_fwd.WARPS)")  # fmt: skip
+                    help="the gated delta kernels' warps (TritonTuning.kernel_warps)")  # fmt: skip
     ap.add_argument("--grad-tile", type=int, default=None,
-                    help="override the gated delta gradient kernel's GRAD_TILE")  # fmt: skip
+                    help="the gated delta gradient kernel's TritonTuning.grad_tile")  # fmt: skip
     ap.add_argument("--name", default="triton_sm90")
     args = ap.parse_args()
-    if args.grad_tile is not None:
-        gated_delta_bwd.GRAD_TILE = args.grad_tile
-    for item in args.warps:
-        kernel, n = item.split("=")
-        gated_delta_triton.WARPS[kernel] = int(n)
+    warps = tuple((kernel, int(n)) for kernel, n in (item.split("=") for item in args.warps))
+    tuning = TritonTuning(kernel_warps=warps, **({} if args.grad_tile is None else
+                                                 {"grad_tile": args.grad_tile}))  # fmt: skip
     rows = []
     for op in args.op:
-        fn, specs = op_grads(op, tuple(args.shape))
+        fn, specs = op_grads(op, tuple(args.shape), tuning)
         rows += [dict(op=op, **sm90_resources(*m)) for m in triton_modules(fn, *specs)]
     columns = ["op", "kernel", "warps", "shared_kib", "registers", "spill_store_bytes"]
     import triton

@@ -21,8 +21,8 @@ import pytest
 from test_gated_delta_rule import inputs
 
 from arjax.ops import gated_delta_rule, gated_delta_rule_reference
+from kernels_pallas.gated_delta import TritonTuning, triton_bwd
 from kernels_pallas.gated_delta import gated_delta_rule as kernel
-from kernels_pallas.gated_delta import triton_bwd
 
 B, L, H, DK, DV = 1, 40, 2, 16, 32
 SEGMENTS = jnp.asarray([[1] * 10 + [2] * 20 + [3] * 10], jnp.int32)
@@ -46,18 +46,21 @@ def _values_and_grads(fn, q, k, v, beta, g, s0, rng):
     "backend, segments, grad_tiles",
     [("gpu", SEGMENTS, 1), ("gpu", SEGMENTS, 2), ("gpu", None, 2), ("tpu", SEGMENTS, None)],
 )
-def test_kernel_matches_the_recurrence(backend, segments, grad_tiles, rng, monkeypatch):
+def test_kernel_matches_the_recurrence(backend, segments, grad_tiles, rng):
     """``grad_tiles``: value tiles of the GPU gradient kernel (its default tile takes all of
-    DV here; 2 sums each term over two tiles, :class:`._chunk.TileSums`)."""
+    DV here; 2 sums each term over two tiles, :class:`._chunk.TileSums`), set by
+    ``TritonTuning.grad_tile``."""
+    tuning = None
     if grad_tiles is not None:
-        monkeypatch.setattr(triton_bwd, "GRAD_TILE", DK * DV // grad_tiles)
-        assert triton_bwd.grad_block_v(DK, DV, 16) == DV // grad_tiles
+        tuning = TritonTuning(grad_tile=DK * DV // grad_tiles)
+        assert triton_bwd.grad_block_v(DK, DV, 16, tuning.grad_tile) == DV // grad_tiles
     q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(B, L, H, DK, DV))
     seed = int(rng.integers(2**31))
 
     def pallas(q, k, v, beta, g, s0):
         return kernel(q, k, v, beta, log_decay=g, initial_state=s0, segment_ids=segments,
-                      chunk_size=16, block_v=16, backend=backend, interpret=True)  # fmt: skip
+                      chunk_size=16, block_v=16, backend=backend, interpret=True,
+                      tuning=tuning)  # fmt: skip
 
     def reference(q, k, v, beta, g, s0):
         return gated_delta_rule_reference(q, k, v, beta, log_decay=g, initial_state=s0,
@@ -142,6 +145,13 @@ def test_bad_arguments_raise_before_compiling(rng):
     with pytest.raises(ValueError, match="dk x block_v = 64 x 256 exceeds 8192"):
         kernel(wide[0], wide[0], wide[1], beta[:1, :16, :1], block_v=256, backend="gpu",
                interpret=False)  # fmt: skip
+    with pytest.raises(TypeError, match="tuning must be a TritonTuning, got dict"):
+        kernel(q, k, v, beta, tuning={"warps": 4})
+    with pytest.raises(ValueError, match=r"kernel_warps\['gated_delta_bwd'\]: must be a power"):
+        TritonTuning(kernel_warps=(("gated_delta_bwd", 6),))
+    with pytest.raises(ValueError, match="TritonTuning.grad_tile: must be a positive int, got 0"):
+        TritonTuning(grad_tile=0)
+    assert TritonTuning(kernel_warps=(("gated_delta_bwd", 8),)).warps_of("gated_delta_bwd") == 8
 
 
 def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng) -> dict:

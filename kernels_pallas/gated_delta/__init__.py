@@ -19,10 +19,11 @@ transpose (a reverse cumsum) are XLA around the kernels.
 
 Drivers (one file per lowering and pass): ``backend="gpu"`` Pallas Triton (:mod:`.triton_fwd`,
 :mod:`.triton_bwd`), ``"tpu"`` Pallas Mosaic TPU (:mod:`.mosaic_tpu_fwd`,
-:mod:`.mosaic_tpu_bwd`); all run in interpret mode on CPU. On Hopper, ``lowering="mosaic"``
-replaces the GPU forward's state pass and output kernel by one fused Pallas Mosaic GPU pass
-that keeps the state on chip (:mod:`.mosaic_gpu_fwd`), and the backward's reverse state pass
-by a warp-specialized Mosaic GPU one (:mod:`.mosaic_gpu_bwd`).
+:mod:`.mosaic_tpu_bwd`; the Triton launch parameters: :mod:`.tuning`); all run in interpret
+mode on CPU. On Hopper, ``lowering="mosaic"`` replaces the GPU forward's state pass and output
+kernel by one fused Pallas Mosaic GPU pass that keeps the state on chip (:mod:`.mosaic_gpu_fwd`),
+and the backward's reverse state pass by a warp-specialized Mosaic GPU one
+(:mod:`.mosaic_gpu_bwd`).
 The float32 reference is :func:`arjax.ops.gated_delta_rule_reference` (the recurrence).
 """
 
@@ -44,6 +45,7 @@ from kernels_pallas.gated_delta import (
     triton_fwd,
 )
 from kernels_pallas.gated_delta._chunk import F32, Cfg
+from kernels_pallas.gated_delta.tuning import TritonTuning
 
 BACKENDS = ("gpu", "tpu")
 # dk * block_v: 64 x 128 overflows an H200's shared memory in the backward; 128 x 64 fits
@@ -179,6 +181,7 @@ def gated_delta_rule(
     backend: str | None = None,
     interpret: bool | None = None,
     lowering: str = "triton",
+    tuning: TritonTuning | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``,
     differentiable in every float argument.
@@ -190,7 +193,8 @@ def gated_delta_rule(
     ``lowering`` (``backend="gpu"`` only): "triton", or "mosaic" for the Hopper kernels: the
     fused forward (:mod:`.mosaic_gpu_fwd`) and the backward's reverse state pass
     (:mod:`.mosaic_gpu_bwd`), Triton's kernels around them (chunk 64, bf16/fp16, dk 64 or 128,
-    dv a multiple of 64).
+    dv a multiple of 64). ``tuning``: the Triton kernels' launch parameters
+    (:class:`.tuning.TritonTuning`; default: its measured defaults).
     """
     backend, interpret = _resolve(backend, interpret)
     if lowering not in ("triton", "mosaic") or (lowering == "mosaic" and backend != "gpu"):
@@ -200,6 +204,11 @@ def gated_delta_rule(
         )
     if lowering == "mosaic":
         mosaic_gpu_fwd.check_supported(q, v, chunk=chunk_size)
+    tuning = TritonTuning() if tuning is None else tuning
+    if not isinstance(tuning, TritonTuning):
+        raise TypeError(
+            f"gated_delta_rule (Pallas): tuning must be a TritonTuning, got {type(tuning).__name__}"
+        )
     dv = v.shape[-1]
     if block_v is None:
         block_v = _default_block_v(q.shape[-1], dv) if backend == "gpu" else dv
@@ -217,11 +226,13 @@ def gated_delta_rule(
         q, k, v = (rearrange(x, "b l h d -> b h l d") for x in (q, k, v))
     docs = None if segment_ids is None else _documents(segment_ids, pad, c)
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state
-    cfg = Cfg(backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering)
+    cfg = Cfg(
+        backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering, tuning
+    )
     out, s_final = _core(q, k, v, beta, gam, s0, docs, cfg)
     if backend == "tpu":
         out = rearrange(out, "b h l d -> b l h d")
     return out[:, :length], s_final
 
 
-__all__ = ["BACKENDS", "gated_delta_rule"]
+__all__ = ["BACKENDS", "TritonTuning", "gated_delta_rule"]

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels_pallas.gated_delta.tuning import TritonTuning
+
 F32 = jnp.float32
 
 
@@ -55,6 +57,7 @@ class Cfg:
     segments: bool
     exact: bool  # float32 inputs: float32-accurate MMAs
     lowering: str = "triton"  # GPU forward: "triton", or "mosaic" (the fused Hopper pass)
+    tuning: TritonTuning = TritonTuning()  # the Triton kernels' launch parameters
 
     @property
     def store(self):

@@ -115,17 +115,12 @@ def state_grads(inputs: dict, w: jax.Array, sc: jax.Array, do: jax.Array, ds_fin
                 "gated_delta_state_bwd")  # fmt: skip
 
 
-# dk x value columns of the gradient kernel's tile (the operands of its products): 128 x 128
-# compiles for sm_90 within shared memory, with fewer spilled registers than 128 x 64
-# (experiments/results/triton_sm90_gated_delta.md)
-GRAD_TILE = 16384
-
-
-def grad_block_v(dk: int, dv: int, block_v: int) -> int:
+def grad_block_v(dk: int, dv: int, block_v: int, grad_tile: int) -> int:
     """The gradient kernel's value tile: ``block_v`` (which divides ``dv``) doubled while the
-    double divides ``dv`` and ``dk`` times it stays within :data:`GRAD_TILE`."""
+    double divides ``dv`` and ``dk`` times it stays within ``grad_tile``
+    (:attr:`.tuning.TritonTuning.grad_tile`)."""
     bv = block_v
-    while dv % (2 * bv) == 0 and dk * 2 * bv <= GRAD_TILE:
+    while dv % (2 * bv) == 0 and dk * 2 * bv <= grad_tile:
         bv *= 2
     return bv
 
@@ -145,7 +140,7 @@ def gradients(inputs: dict, res: tuple, do: jax.Array, dh: jax.Array, du: jax.Ar
     outputs of :func:`backward`."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c, prec = cfg.chunk, cfg.precision
-    bv = grad_block_v(dk, dv, cfg.block_v)
+    bv = grad_block_v(dk, dv, cfg.block_v, cfg.tuning.grad_tile)
     nv = dv // bv
     h, t_mat, u = res
 

@@ -73,16 +73,10 @@ def with_value_tile(ch: Chunk, refs: dict, bi, t, hi, vs) -> Chunk:
     return ch._replace(v=refs["v"][bi, t, hi, vs])
 
 
-# Triton warps per kernel (default 4): measured fastest for every kernel of the op on an H200,
-# the gradient kernel included although its sm_90 compile spills the most at 4
-# (experiments/results/bench_gated_delta_grad_warps.md, bench_gated_delta_20261204.md).
-WARPS: dict[str, int] = {}
-
-
 def compiler_params(cfg: Cfg, name: str):
     if cfg.interpret:
         return None
-    return pltriton.CompilerParams(num_warps=WARPS.get(name, 4), num_stages=1)
+    return pltriton.CompilerParams(num_warps=cfg.tuning.warps_of(name), num_stages=1)
 
 
 def call(kernel, inputs: dict, extra: tuple, out_shape, grid: tuple, cfg: Cfg, name: str):
