@@ -417,6 +417,21 @@ def test_cached_generation_redecodes_bytes_of_a_new_multibyte_word(model_params,
     _full_forward_checks(forward, params, prompts, gen)
 
 
+def test_cached_generation_finishes_several_words_at_one_byte(model_params, forward):
+    """The prompt's last word, split in the whole prompt, is one word ("\U0001f3fd\u202f;", kept
+    together by the "_" before it); re-split on its own with the first new byte it is four, so
+    one byte finishes three words and the word path steps the backbone three times for that row
+    (past the first: the rare branch of step 3). Each byte's logits equal the full forward's."""
+    model, params = model_params
+    params = _ascii_head(params)
+    prompt = "_\U0001f3fd\u202f;"
+    last = prompt_words(prompt, CFG.max_word_bytes)[1]
+    assert len(append_byte(last, ord("a"), CFG.max_word_bytes)) == 4
+    prompts = [prompt, "ROMEO. Hel"]
+    gen = generate(model, params, prompts, max_new_bytes=8, return_logits=True)
+    assert _full_forward_checks(forward, params, prompts, gen) == 16
+
+
 def _bigram_params(params, bigrams: dict[int, int]):
     """Byte stacks' residual branches shrunk (not removed) and a head that reads off the
     designed ``bigrams`` (byte -> next byte) from the current byte's embedding."""

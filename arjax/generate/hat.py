@@ -34,10 +34,11 @@ loop (:mod:`arjax.generate.engine`), for all rows at once:
    backbone would step at nearly every iteration; waiting for more rows trades idle byte
    slots of the parked rows for fewer backbone steps (``experiments/bench_hat_decode.py``
    sweeps ``park``);
-4. bytes of the new current word that the decoder had already seen as part of the old word
-   (a multi-byte character, or a re-split) are re-decoded with the new embedding, rewriting
-   their decoder cache slots for those rows only, so the state always equals an uncached
-   forward over the current words;
+4. bytes that the decoder had already seen as part of the old word but that now belong to a
+   later word (the new current word's first bytes when a multi-byte character completes it;
+   every word after the first when the window re-splits into three or more) are re-decoded,
+   word by word, with their own word's embedding, rewriting their decoder cache slots for
+   those rows only, so the state always equals an uncached forward over the current words;
 5. the decoder takes each row's newest byte (KV cache), for the rows fed now that did not
    park and the rows just served by the word path, and gives their next byte's logits.
 
@@ -410,37 +411,50 @@ class HATDecoder(Decoder):
             words=words + finishing, word_steps=state["word_steps"] + 1,
         )  # fmt: skip
 
-    def _new_words(self, params, state, starts, count, begin):
-        """Steps 3 and 4 for the rows whose window holds a finished word (``count > 1``;
-        ``begin``: the window index of the new current word). The common case, one finished
-        word per row and nothing to re-decode, reads one device predicate (a host read on GPU)
-        instead of one per loop trip."""
+    def _redecode(self, params, state, lo: jax.Array, size: jax.Array):
+        """Step 4: each row's window bytes ``lo .. lo + size - 1`` (``[batch]`` each; 0: none),
+        in order, through the decoder again with the row's current word values: bytes decoded
+        under a word they no longer belong to. Rewrites their decoder cache slots."""
         m = self.model.config.max_word_bytes
-        redo = jnp.where(count > 1, state["n"] - 1 - begin, 0)  # bytes before the newest
-        back = jnp.max(redo)  # k-th re-decode: each row's byte newest - back + k
-        newest = state["t"] - 1
+        newest, last = state["t"] - 1, state["n"] - 1  # the newest byte: global / window index
 
-        def refit(s):
-            st, k = s
-            byte_g = newest - back + k
-            src = jnp.clip(st["n"] - 1 - (newest - byte_g), 0, m)
-            a = jnp.take_along_axis(st["window_acts"], src[:, None, None], axis=1)[:, 0]
-            _, cache = self._decode_byte(params, st, a, byte_g, byte_g >= newest - redo)
+        def body(c):
+            st, k = c
+            i = jnp.clip(lo + k, 0, m)
+            a = jnp.take_along_axis(st["window_acts"], i[:, None, None], axis=1)[:, 0]
+            _, cache = self._decode_byte(params, st, a, newest - (last - i), k < size)
             return dict(st, cache=cache), k + 1
 
+        return jax.lax.while_loop(lambda c: c[1] < jnp.max(size), body, (state, jnp.int32(0)))[0]
+
+    def _new_words(self, params, state, starts, count, begin):
+        """Steps 3 and 4 for the rows whose window holds a finished word (``count > 1``;
+        ``begin``: the window index of the new current word). Word 0 starts where the old
+        current word did, so its bytes were decoded under the right word; every later word's
+        were not (a re-split of the window into three or more words, or a character that
+        starts the new current word only once complete), and are decoded again, word by word,
+        each after the backbone step that gives its word values. The common case, one
+        finished word per row and nothing to re-decode, reads one device predicate (a host
+        read on GPU) instead of one per loop trip."""
+        index = jnp.cumsum(starts, axis=1) - 1  # [batch, m + 1] word of each window byte
+        n = state["n"]
+        redo = jnp.where(count > 1, n - 1 - begin, 0)  # current word's bytes before the newest
+
+        def middle(c):  # finished word j >= 1: its bytes under its own values, then its step
+            st, j = c
+            in_j = (index == j) & (count - 1 > j)[:, None]
+            st = self._redecode(params, st, jnp.argmax(in_j, axis=1), jnp.sum(in_j, axis=1))
+            return self._finish_word(params, st, starts, j), j + 1
+
         def rest(s):
-            # (3) the rows' further finished words, one backbone step per word index
-            s = jax.lax.while_loop(
-                lambda s: jnp.any(count - 1 > s[1]),
-                lambda s: (self._finish_word(params, s[0], starts, s[1]), s[1] + 1),
-                (s, jnp.int32(1)),
-            )[0]
-            # (4) the new current word's earlier bytes, decoded under the old word: re-decode
-            return jax.lax.while_loop(lambda s: s[1] < back, refit, (s, jnp.int32(0)))[0]
+            s = jax.lax.while_loop(lambda c: jnp.any(count - 1 > c[1]), middle, (s, jnp.int32(1)))[
+                0
+            ]
+            return self._redecode(params, s, begin, redo)
 
         # (3) each row's first finished word (some row has one: the word path runs), batched
         state = self._finish_word(params, state, starts, 0)
-        return jax.lax.cond(jnp.any(count > 2) | (back > 0), rest, lambda s: s, state)
+        return jax.lax.cond(jnp.any(count > 2) | jnp.any(redo > 0), rest, lambda s: s, state)
 
     def step(self, params, state, tokens, active):
         c = self.model.config
