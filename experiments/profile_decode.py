@@ -6,8 +6,9 @@ weights unless ``--params-cache`` holds trained ones: with random weights HAT en
 almost every byte, so its word path runs far more often than on text), times it (median of 3
 after a compiling warm-up) and, unless ``--no-trace``, profiles one more run with
 ``jax.profiler``: every GPU kernel's time is summed by the part of the model its HLO op
-belongs to (the op's ``op_name`` metadata: HAT's encoder, decoder, encoder connector,
-backbone, the rest of its word path; the transformer's layers and head; sampling). XLA's
+belongs to (the op's ``op_name`` metadata: HAT's word split, encoder, decoder, encoder
+connector, backbone, the rest of its word path; the transformer's layers and head; sampling).
+XLA's
 command buffers (CUDA graphs) hide the ops from the trace, so a traced run wants
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` (and is then slower than the timed default).
 ``--decode-impl`` forces the implementation of every one-token attention call
@@ -46,6 +47,7 @@ from arjax.train.data import example_batch_for
 
 # substring of an op's op_name -> part of the model (first match wins)
 PARTS = (
+    ("_word_starts", "word split"),
     ("pool_words", "encoder connector"),
     ("run_backbone", "backbone"),
     ("decode_bytes", "decoder"),
