@@ -447,9 +447,8 @@ class HATDecoder(Decoder):
             return self._finish_word(params, st, starts, j), j + 1
 
         def rest(s):
-            s = jax.lax.while_loop(lambda c: jnp.any(count - 1 > c[1]), middle, (s, jnp.int32(1)))[
-                0
-            ]
+            more = lambda c: jnp.any(count - 1 > c[1])  # noqa: E731
+            s, _ = jax.lax.while_loop(more, middle, (s, jnp.int32(1)))
             return self._redecode(params, s, begin, redo)
 
         # (3) each row's first finished word (some row has one: the word path runs), batched
