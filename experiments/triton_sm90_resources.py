@@ -157,13 +157,12 @@ def main() -> None:
                     metavar=("B", "L", "H", "D"))  # fmt: skip
     ap.add_argument("--warps", nargs="*", default=[], metavar="KERNEL=N",
                     help="the gated delta kernels' warps (TritonTuning.kernel_warps)")  # fmt: skip
-    ap.add_argument("--grad-tile", type=int, default=None,
+    ap.add_argument("--grad-tile", type=int, default=TritonTuning().grad_tile,
                     help="the gated delta gradient kernel's TritonTuning.grad_tile")  # fmt: skip
     ap.add_argument("--name", default="triton_sm90")
     args = ap.parse_args()
     warps = tuple((kernel, int(n)) for kernel, n in (item.split("=") for item in args.warps))
-    tuning = TritonTuning(kernel_warps=warps, **({} if args.grad_tile is None else
-                                                 {"grad_tile": args.grad_tile}))  # fmt: skip
+    tuning = TritonTuning(kernel_warps=warps, grad_tile=args.grad_tile)
     rows = []
     for op in args.op:
         fn, specs = op_grads(op, tuple(args.shape), tuning)
