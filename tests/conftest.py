@@ -161,6 +161,7 @@ def races(monkeypatch: pytest.MonkeyPatch) -> MosaicRaces:
 
     from kernels_pallas.flash_attention import mosaic_gpu_bwd, mosaic_gpu_fwd
     from kernels_pallas.gated_delta import mosaic_gpu_bwd as gated_delta_mosaic_gpu_bwd
+    from kernels_pallas.gated_delta import mosaic_gpu_fwd as gated_delta_mosaic_gpu_fwd
     from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd as scan_mosaic_gpu_fwd
 
     # the class is ``GPURaceDetectionState`` from jax 0.11 (the device's), ``RaceDetectionState``
@@ -176,7 +177,9 @@ def races(monkeypatch: pytest.MonkeyPatch) -> MosaicRaces:
 
     params = InterpretGPUParams(detect_races=True)
     monkeypatch.setattr(gpu_callbacks, name, record)
-    for module in (mosaic_gpu_fwd, mosaic_gpu_bwd, scan_mosaic_gpu_fwd, gated_delta_mosaic_gpu_bwd):
+    modules = (mosaic_gpu_fwd, mosaic_gpu_bwd, scan_mosaic_gpu_fwd, gated_delta_mosaic_gpu_bwd,
+               gated_delta_mosaic_gpu_fwd)  # fmt: skip
+    for module in modules:
         monkeypatch.setattr(module, "interpret_params", lambda: params)
     return recorder
 

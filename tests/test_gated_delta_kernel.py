@@ -18,11 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from einops import rearrange
 from test_gated_delta_rule import inputs
 
 from arjax.ops import gated_delta_rule, gated_delta_rule_reference
-from kernels_pallas.gated_delta import TritonTuning, triton_bwd
+from kernels_pallas.gated_delta import TritonTuning, _documents, mosaic_gpu_fwd, triton_bwd
+from kernels_pallas.gated_delta import _inputs as gated_delta_inputs
 from kernels_pallas.gated_delta import gated_delta_rule as kernel
+from kernels_pallas.gated_delta._chunk import Cfg
 
 B, L, H, DK, DV = 1, 40, 2, 16, 32
 SEGMENTS = jnp.asarray([[1] * 10 + [2] * 20 + [3] * 10], jnp.int32)
@@ -147,6 +150,11 @@ def test_bad_arguments_raise_before_compiling(rng):
                interpret=False)  # fmt: skip
     with pytest.raises(TypeError, match="tuning must be a TritonTuning, got dict"):
         kernel(q, k, v, beta, tuning={"warps": 4})
+    with pytest.raises(ValueError, match="ut_lowering must be one of .* got 'mosaic' with "
+                       "lowering 'triton'"):  # fmt: skip
+        kernel(q, k, v, beta, ut_lowering="mosaic")
+    with pytest.raises(ValueError, match="ut_lowering must be one of .* got 'cuda'"):
+        kernel(q, k, v, beta, lowering="mosaic", ut_lowering="cuda")
     with pytest.raises(ValueError, match=r"kernel_warps\['gated_delta_bwd'\]: must be a power"):
         TritonTuning(kernel_warps=(("gated_delta_bwd", 6),))
     with pytest.raises(ValueError, match="TritonTuning.grad_tile: must be a positive int, got 0"):
@@ -154,11 +162,12 @@ def test_bad_arguments_raise_before_compiling(rng):
     assert TritonTuning(kernel_warps=(("gated_delta_bwd", 8),)).warps_of("gated_delta_bwd") == 8
 
 
-def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng) -> dict:
+def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng, ut: str = "triton") -> dict:
     """Max errors (of the largest reference value) of ``lowering="mosaic"`` against the
     float32 recurrence on float32 copies of the same inputs: output, state and every gradient;
     ``vs triton``: its output against the Triton forward's. Asserts that the fused pass run
-    alone (saving no states) gives the output and state it gave under ``jax.grad``."""
+    alone (saving no states) gives the output and state it gave under ``jax.grad``. ``ut``:
+    the UT transform's lowering."""
     w_out = rng.normal(size=v.shape).astype(np.float32)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
 
@@ -170,8 +179,9 @@ def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng) -> dict:
         return jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))(q, k, v, beta, g, s0)
 
     def pallas(*a, lowering):
+        more = dict(ut_lowering=ut) if lowering == "mosaic" else {}
         return kernel(*a[:4], log_decay=a[4], initial_state=a[5], segment_ids=seg,
-                      backend="gpu", interpret=interpret, lowering=lowering)  # fmt: skip
+                      backend="gpu", interpret=interpret, lowering=lowering, **more)  # fmt: skip
 
     got_grads, got = grads(functools.partial(pallas, lowering="mosaic"))
     want_grads, want = grads(lambda q, k, v, beta, g, s0: gated_delta_rule_reference(
@@ -193,39 +203,98 @@ DOCS = np.repeat([[1, 2, 3, 4]], [70, 58, 30, 42], axis=1)
 
 
 @pytest.mark.parametrize(
-    "dk, dv, dtype, docs, gated",
-    [(64, 64, jnp.bfloat16, True, True), (128, 128, jnp.bfloat16, False, True),
-     (64, 128, jnp.float16, True, False)],
+    "dk, dv, dtype, docs, gated, ut",
+    [(64, 64, jnp.bfloat16, True, True, "triton"), (128, 128, jnp.bfloat16, False, True, "triton"),
+     (64, 128, jnp.float16, True, False, "triton"), (64, 128, jnp.bfloat16, True, True, "mosaic")],
 )  # fmt: skip
-def test_mosaic_fused_forward(races, dk, dv, dtype, docs, gated, rng):
-    """``lowering="mosaic"`` (Triton's UT transform, then the fused Mosaic GPU pass; in the
-    backward the Mosaic GPU reverse state pass between Triton's kernels), interpreted with
-    race detection: 4 chunks through a 2-slot ring (one padded), 1 or 2 value tiles, packed
-    documents (``DOCS``), an initial state, DeltaNet (no decay) too. Output, final state and
-    every gradient within 2% of the largest float32 reference value, the bound of
-    ``test_bf16_inputs_within_bf16_rounding`` (seen: <= 0.86%); the output within 1% of the
-    Triton forward's (seen: <= 0.29%)."""
+def test_mosaic_fused_forward(races, dk, dv, dtype, docs, gated, ut, rng):
+    """``lowering="mosaic"`` (Triton's UT transform, or with ``ut_lowering="mosaic"`` the Mosaic
+    GPU one, then the fused Mosaic GPU pass; in the backward the Mosaic GPU reverse state pass
+    between Triton's kernels), interpreted with race detection: 4 chunks through a 2-slot ring
+    (one padded), 1 or 2 value tiles, packed documents (``DOCS``), an initial state, DeltaNet
+    (no decay) too. Output, final state and every gradient within 2% of the largest float32
+    reference value, the bound of ``test_bf16_inputs_within_bf16_rounding`` (seen: <= 0.86%);
+    the output within 1% of the Triton forward's (seen: <= 0.29%)."""
     q, k, v, beta, g, s0 = inputs(rng, gated=gated, shape=(1, 200, 2, dk, dv))
     q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
     seg = jnp.asarray(DOCS) if docs else None
-    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=True, rng=rng)
-    races.check(kernels=3)  # forward with and without saving the states, backward state pass
+    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=True, rng=rng, ut=ut)
+    # forward with and without saving the states (each after its UT transform if Mosaic GPU's),
+    # backward state pass
+    races.check(kernels=5 if ut == "mosaic" else 3)
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
+
+
+def _ut_reference(k, v, beta, g, docs) -> tuple[np.ndarray, ...]:
+    """``(W, UV, T)`` of every chunk of 64 in float64 numpy, ``T = (I + A)^{-1}`` by
+    ``np.linalg.solve`` (none of the kernels' code): ``[batch, heads, len, dk]``, ``[batch,
+    heads, len, dv]``, ``[batch, heads, chunks, 64, 64]``."""
+    k, v, beta, g = (np.asarray(x, np.float64) for x in (k, v, beta, g))
+    bsz, length, heads, _ = k.shape
+    c, n_chunks = 64, length // 64
+    ts = np.zeros((bsz, heads, n_chunks, c, c))
+    w, uv = np.zeros((bsz, heads, length, k.shape[3])), np.zeros((bsz, heads, length, v.shape[3]))
+    for b, h, n in np.ndindex(bsz, heads, n_chunks):
+        t = slice(n * c, (n + 1) * c)
+        kk, vv, bb = k[b, t, h], v[b, t, h], beta[b, t, h]
+        gam = np.cumsum(g[b, t, h])
+        doc = docs[b, t]
+        same = doc[:, None] == doc[None, :]
+        a = np.tril(kk @ kk.T * np.exp(gam[:, None] - gam[None, :]), -1) * same * bb[:, None]
+        inv = np.linalg.solve(np.eye(c) + a, np.eye(c))
+        reads = doc == docs[b, max(n * c - 1, 0)]  # rows in the document entering the chunk
+        ts[b, h, n] = inv
+        w[b, h, t] = inv @ (kk * (bb * np.exp(gam) * reads)[:, None])
+        uv[b, h, t] = inv @ (vv * bb[:, None])
+    return w, uv, ts
+
+
+@pytest.mark.parametrize(
+    "dk, dv, dtype, docs",
+    [(64, 64, jnp.bfloat16, True), (128, 128, jnp.bfloat16, False), (64, 192, jnp.float16, True)],
+)  # fmt: skip
+def test_mosaic_ut_transform(races, dk, dv, dtype, docs, rng):
+    """``ut_lowering="mosaic"``'s UT transform (:func:`mosaic_gpu_fwd.ut_transform`)
+    interpreted with race detection, against float64 numpy on the same rounded inputs: 3
+    chunks, 2 heads, packed documents (one starts at a chunk's first token), dv in 64-column
+    blocks (192). ``T`` (stored in bf16): within one bf16 ulp of the largest reference entry,
+    and at least 99% of its entries the correctly rounded reference (seen: 99.9%; with the
+    doubling's products in one bf16 part instead of the split, 83% and 2019 ulps off);
+    ``W``, ``UV`` within 1% of their largest reference value (seen: <= 0.36%, as Triton's)."""
+    shape = (1, 192, 2, dk, dv)
+    _, k, v, beta, g, _ = inputs(rng, gated=True, shape=shape)
+    k, v = jnp.asarray(k, dtype), jnp.asarray(v, dtype)
+    ids = np.repeat([[1, 2, 3]], [70, 58, 64], axis=1) if docs else np.ones((1, 192), np.int32)
+    cfg = Cfg("gpu", True, 64, 64, docs, False, "mosaic", ut_lowering="mosaic")
+    beta_t, g_t = (rearrange(jnp.asarray(x), "b l h -> b h l") for x in (beta, g))
+    gam = rearrange(jnp.cumsum(rearrange(g_t, "b h (n c) -> b h n c", c=64), axis=-1),
+                    "b h n c -> b h (n c)")  # fmt: skip
+    ops = gated_delta_inputs(k, k, v, beta_t, gam, _documents(jnp.asarray(ids), 0, 64) if docs
+                             else None, cfg)  # fmt: skip
+    got = jax.jit(lambda ops: mosaic_gpu_fwd.ut_transform(ops, cfg, save_t=True))(ops)
+    races.check(kernels=1)
+    want = _ut_reference(k.astype(jnp.float32), v.astype(jnp.float32), beta, g, ids)
+    for name, a, b in zip(("W", "UV", "T"), got, want, strict=True):
+        a, scale = np.asarray(a, np.float64), np.abs(b).max()
+        assert np.abs(a - b).max() < (2**-8 if name == "T" else 1e-2) * scale, name
+    rounded = np.asarray(jnp.asarray(want[2], jnp.float32).astype(jnp.bfloat16), np.float64)
+    assert np.mean(np.asarray(got[2], np.float64) == rounded) >= 0.99
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 def test_gpu_mosaic_fused_forward(rng):
     """``lowering="mosaic"`` compiled on a Hopper GPU (the fused forward, the Mosaic GPU
-    reverse state pass in the backward): bf16 at width 128, 8 chunks, fwd + grads; the second
-    row packs documents. Bounds as in interpret mode."""
+    reverse state pass in the backward), with either UT transform: bf16 at width 128, 8
+    chunks, fwd + grads; the second row packs documents. Bounds as in interpret mode."""
     q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(2, 512, 4, 128, 128))
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
     seg = jnp.asarray(np.stack([np.ones(512, np.int32), np.repeat([1, 2, 3], [100, 300, 112])]))
-    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng)
-    assert errs.pop("vs triton") < 1e-2
-    assert all(e < 2e-2 for e in errs.values()), errs
+    for ut in mosaic_gpu_fwd.UT_LOWERINGS:
+        errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng, ut=ut)
+        assert errs.pop("vs triton") < 1e-2, ut
+        assert all(e < 2e-2 for e in errs.values()), (ut, errs)
 
 
 @pytest.mark.gpu
@@ -261,6 +330,7 @@ def test_compiled_gpu_kernel_matches_the_recurrence(rng):
     "backend, lowering, platform, calls",
     [("gpu", "triton", "cuda", {"__gpu$xla.gpu.triton": 6}),
      ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 3, "mosaic_gpu_v2": 2}),
+     ("gpu", "mosaic+ut", "cuda", {"__gpu$xla.gpu.triton": 2, "mosaic_gpu_v2": 3}),
      ("tpu", "triton", "tpu", {"tpu_custom_call": 2})],
 )  # fmt: skip
 def test_kernels_lower_without_the_device(backend, lowering, platform, calls, gpu_target):
@@ -269,7 +339,13 @@ def test_kernels_lower_without_the_device(backend, lowering, platform, calls, gp
     TPU: on the GPU three kernels forward (prepare, the state pass, the output; with
     ``lowering="mosaic"`` prepare and the fused pass) and three backward (``W`` from the saved
     ``T``, the state pass, the gradients; with ``lowering="mosaic"`` the state pass in Mosaic
-    GPU), on the TPU one each way."""
+    GPU; ``mosaic+ut``: also the UT transform, ``ut_lowering="mosaic"``), on the TPU one each
+    way."""
+    options = (
+        dict(lowering="mosaic", ut_lowering="mosaic")
+        if lowering == "mosaic+ut"
+        else dict(lowering=lowering)
+    )
     sd = jax.ShapeDtypeStruct
     qk = sd((1, 128, 2, 128), jnp.bfloat16)
     gate, seg = sd((1, 128, 2), jnp.float32), sd((1, 128), jnp.int32)
@@ -278,7 +354,7 @@ def test_kernels_lower_without_the_device(backend, lowering, platform, calls, gp
     def grads(q, k, v, beta, g, s0, s):
         def loss(*a):
             out, state = kernel(*a[:4], log_decay=a[4], initial_state=a[5], segment_ids=s,
-                                backend=backend, interpret=False, lowering=lowering)  # fmt: skip
+                                backend=backend, interpret=False, **options)  # fmt: skip
             return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
 
         return jax.value_and_grad(loss, argnums=tuple(range(6)))(q, k, v, beta, g, s0)

@@ -23,7 +23,8 @@ Drivers (one file per lowering and pass): ``backend="gpu"`` Pallas Triton (:mod:
 mode on CPU. On Hopper, ``lowering="mosaic"`` replaces the GPU forward's state pass and output
 kernel by one fused Pallas Mosaic GPU pass that keeps the state on chip (:mod:`.mosaic_gpu_fwd`),
 and the backward's reverse state pass by a warp-specialized Mosaic GPU one
-(:mod:`.mosaic_gpu_bwd`).
+(:mod:`.mosaic_gpu_bwd`); with ``ut_lowering="mosaic"`` also the forward's UT transform
+(:func:`.mosaic_gpu_fwd.ut_transform`).
 The float32 reference is :func:`arjax.ops.gated_delta_rule_reference` (the recurrence).
 """
 
@@ -182,6 +183,7 @@ def gated_delta_rule(
     interpret: bool | None = None,
     lowering: str = "triton",
     tuning: TritonTuning | None = None,
+    ut_lowering: str = "triton",
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``,
     differentiable in every float argument.
@@ -194,13 +196,22 @@ def gated_delta_rule(
     fused forward (:mod:`.mosaic_gpu_fwd`) and the backward's reverse state pass
     (:mod:`.mosaic_gpu_bwd`), Triton's kernels around them (chunk 64, bf16/fp16, dk 64 or 128,
     dv a multiple of 64). ``tuning``: the Triton kernels' launch parameters
-    (:class:`.tuning.TritonTuning`; default: its measured defaults).
+    (:class:`.tuning.TritonTuning`; default: its measured defaults). ``ut_lowering`` (with
+    ``lowering="mosaic"``): the forward's UT transform by Triton's kernel ("triton") or by the
+    Mosaic GPU one (:func:`.mosaic_gpu_fwd.ut_transform`, "mosaic"; not yet run on a GPU).
     """
     backend, interpret = _resolve(backend, interpret)
     if lowering not in ("triton", "mosaic") or (lowering == "mosaic" and backend != "gpu"):
         raise ValueError(
             "gated_delta_rule (Pallas): lowering must be 'triton' or 'mosaic' (backend 'gpu'), "
             f"got {lowering!r} with backend {backend!r}"
+        )
+    if ut_lowering not in mosaic_gpu_fwd.UT_LOWERINGS or (
+        ut_lowering == "mosaic" and lowering != "mosaic"
+    ):
+        raise ValueError(
+            f"gated_delta_rule (Pallas): ut_lowering must be one of {mosaic_gpu_fwd.UT_LOWERINGS}"
+            f" ('mosaic' with lowering 'mosaic'), got {ut_lowering!r} with lowering {lowering!r}"
         )
     if lowering == "mosaic":
         mosaic_gpu_fwd.check_supported(q, v, chunk=chunk_size)
@@ -226,9 +237,8 @@ def gated_delta_rule(
         q, k, v = (rearrange(x, "b l h d -> b h l d") for x in (q, k, v))
     docs = None if segment_ids is None else _documents(segment_ids, pad, c)
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state
-    cfg = Cfg(
-        backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering, tuning
-    )
+    cfg = Cfg(backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering,
+              tuning, ut_lowering)  # fmt: skip
     out, s_final = _core(q, k, v, beta, gam, s0, docs, cfg)
     if backend == "tpu":
         out = rearrange(out, "b h l d -> b l h d")

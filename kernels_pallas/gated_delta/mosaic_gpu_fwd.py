@@ -1,26 +1,61 @@
 """Hopper forward of the gated delta rule: the UT transform in parallel, then one fused pass.
 
-Triton's :func:`.triton_fwd.prepare` gives every chunk's ``W = T kg`` and ``UV = T beta V``
-(parallel over chunks); the fused Pallas Mosaic GPU kernel of the linear-attention scan
+Every chunk's ``W = T kg``, ``UV = T beta V`` and ``T`` come first, parallel over chunks: by
+Triton's :func:`.triton_fwd.prepare`, or (``ut_lowering="mosaic"``) by :func:`ut_transform`
+here, a Pallas Mosaic GPU kernel with every product a ``wgmma``. The fused Pallas Mosaic GPU
+kernel of the linear-attention scan
 (:func:`kernels_pallas.linear_attention_scan.mosaic_gpu_fwd.forward_delta`) then walks the
 chunks in order with the state tile on chip: its state warpgroup forms ``U = UV - W S`` and
 publishes it with ``S``, its output warpgroup computes ``O = (Q g_read) S + (Q K^T *
 decay_incl) U``, as :func:`._chunk.state_step` and :func:`._chunk.output`. Against the three
 Triton kernels this drops the state pass's store of ``U`` and every chunk's state and the
 output kernel's reads of them. The backward (:mod:`.mosaic_gpu_bwd`: Triton's kernels around a
-Mosaic GPU reverse state pass) starts from the states and the ``U`` this pass saves and the
-prepare kernel's ``T``.
+Mosaic GPU reverse state pass) starts from the states and the ``U`` this pass saves and
+``T``.
+
+:func:`ut_transform`: one warpgroup per chunk (one CTA; 74 KiB of shared memory at ``dk = dv =
+128``, so three share an SM). It forms ``A = (K K^T) * exp(gam_t - gam_s) * beta_t`` (``s <
+t``, one document) and ``T = (I + A)^{-1}`` by the block doubling of
+:func:`._chunk.unit_lower_inverse`, each doubling's two products on float32 values split into
+a high and a low bfloat16 part (``x y ~ x_hi y_hi + x_hi y_lo + x_lo y_hi``: three ``wgmma``
+s, about 16 bits of mantissa where Triton's path has TF32's 11; float16 low parts would
+underflow; the left operand in registers, the right one published to shared memory), then
+``W = (T * kg_scale_s) K`` and ``UV = (T * beta_s) V``: ``T``'s columns scaled in registers
+and rounded to the input dtype, ``K`` and ``V`` as loaded (Triton rounds ``T`` and ``K
+kg_scale``, ``V beta`` instead: one rounding of each factor either way). Interpret mode runs
+the same kernel with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels_pallas._hopper import (
+    ROWS,
+    SMEM_BYTES,
+    WGMMA_TRANSFORMS,
+    Transposed,
+    interpret_params,
+    iota,
+    mma,
+    smem_footprint,
+    vector,
+    wgmma_operands,
+    zero_acc,
+)
 from kernels_pallas.gated_delta import triton_fwd
-from kernels_pallas.gated_delta._chunk import Cfg
+from kernels_pallas.gated_delta._chunk import F32, Cfg
 from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd as fused
+
+CHUNK = fused.CHUNK
+UT_LOWERINGS = ("triton", "mosaic")
 
 
 def check_supported(q: jax.Array, v: jax.Array, *, chunk: int) -> None:
@@ -28,10 +63,158 @@ def check_supported(q: jax.Array, v: jax.Array, *, chunk: int) -> None:
     fused.check_supported(q, v, chunk=chunk, who="gated_delta_rule")
 
 
+def ut_factors(inputs: dict, cfg: Cfg) -> tuple[jax.Array, jax.Array]:
+    """Per chunk, float32 ``[batch, heads, chunks, n, C]``: read along rows (``t``) ``gam``,
+    the document index, ``beta`` (``n = 3``); along columns (``s``) ``gam``, the document
+    index, ``kg_scale = beta exp(gam)`` where the row reads the incoming state, ``beta``
+    (``n = 4``). (Two buffers: :func:`.fused.gate_factors` says why.)"""
+    per_chunk = lambda x: rearrange(x, "b h (n c) 1 -> b h n c", c=CHUNK)  # noqa: E731
+    gam, beta = per_chunk(inputs["gam_c"]), per_chunk(inputs["beta_c"])
+    doc, g_read = jnp.zeros_like(gam), jnp.exp(gam)
+    if cfg.segments:
+        tokens = lambda x: rearrange(x.astype(F32), "b (n c) 1 -> b 1 n c", c=CHUNK)  # noqa: E731
+        doc = jnp.broadcast_to(tokens(inputs["doc_c"]), gam.shape)
+        g_read = g_read * tokens(inputs["reads"])
+    rows = jnp.stack([gam, doc, beta], axis=-2)
+    return rows, jnp.stack([gam, doc, beta * g_read, beta], axis=-2)
+
+
+def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 ``x`` as ``hi + lo``, both bfloat16."""
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(F32)).astype(jnp.bfloat16)
+
+
+def _value_blocks(dv: int) -> int:
+    """Columns per ``UV`` product: 128 where they divide ``dv``, else 64."""
+    return 128 if dv % 128 == 0 else ROWS
+
+
+def _ut_kernel(k_ref, v_ref, fr_ref, fc_ref, w_ref, uv_ref, *refs, save_t: bool,
+               interpret: bool):  # fmt: skip
+    """One CTA (one warpgroup) per chunk, program id ``p = (batch * heads + head) * chunks +
+    chunk`` (module doc)."""
+    t_ref = refs[0] if save_t else None
+    (k_smem, v_smem, *pubs, t_out, fr_smem, fc_smem), ready = refs[save_t:]
+    x_pub, t_pub = pubs[:2], pubs[2:]  # (high, low) parts
+    _, length, heads, dk = k_ref.shape
+    dv, dtype = v_ref.shape[-1], k_ref.dtype
+    n_chunks = length // CHUNK
+    pid = lax.axis_index("p")
+    head_of, n = lax.div(pid, n_chunks), lax.rem(pid, n_chunks)
+    batch, head = lax.div(head_of, heads), lax.rem(head_of, heads)
+    rows = pl.ds(pl.multiple_of(n * CHUNK, CHUNK), CHUNK)
+    loads = (
+        (k_ref.at[batch, rows, head], k_smem),
+        (fr_ref.at[batch, head, n], fr_smem),
+        (fc_ref.at[batch, head, n], fc_smem),
+        (v_ref.at[batch, rows, head], v_smem),
+    )
+    for i, (src, dst) in enumerate(loads):
+        plgpu.copy_gmem_to_smem(src, dst, ready.at[i])
+    for i in range(3):  # V's load goes on under the inverse
+        plgpu.barrier_wait(ready.at[i])
+    shape = (CHUNK, CHUNK)
+    bcast = lambda x, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
+    gam_r, doc_r, beta_r = (bcast(vector(fr_smem.at[i], 0, interpret), 0) for i in range(3))
+    gam_c, doc_c, kscale_c, beta_c = (bcast(vector(fc_smem.at[i], 1, interpret), 1)
+                                      for i in range(4))  # fmt: skip
+    (k,) = wgmma_operands((k_smem,), interpret)
+    (kk,) = mma(((zero_acc(shape, interpret), [(k, Transposed(k))]),), interpret)
+    row, col = iota(shape, 0, interpret), iota(shape, 1, interpret)
+    keep = (col < row) & (doc_r == doc_c)
+    a = jnp.where(keep, kk * jnp.exp(jnp.where(keep, gam_r - gam_c, 0.0)) * beta_r, 0.0)
+
+    def cross(size: int) -> jax.Array:  # as in _chunk.unit_lower_inverse
+        return ((row ^ col) < 2 * size) & ((row & size) != 0) & ((col & size) == 0)
+
+    def product(x, pub):  # x @ (the value published in pub), in three parts
+        hi, lo = _split(x)
+        terms = [(hi, pub[0]), (hi, pub[1]), (lo, pub[0])]
+        return mma(((zero_acc(shape, interpret), terms),), interpret)[0]
+
+    t = jnp.where(row == col, 1.0, 0.0) - jnp.where(cross(1), a, 0.0)
+    size = 2
+    while size < CHUNK:  # T <- T - T (A on the cross blocks) T
+        for pub, x in ((x_pub, jnp.where(cross(size), a, 0.0)), (t_pub, t)):
+            for ref, part in zip(pub, _split(x)):
+                ref[...] = part
+        plgpu.commit_smem()
+        t = t - product(product(t, x_pub), t_pub)
+        size *= 2
+    plgpu.barrier_wait(ready.at[3])
+    (v,) = wgmma_operands((v_smem,), interpret)
+    (w,) = mma(((zero_acc((CHUNK, dk), interpret), [((t * kscale_c).astype(dtype), k)]),),
+               interpret)  # fmt: skip
+    k_smem[...] = w.astype(dtype)  # K's last read is done: its buffer stages W
+    tv, vb = (t * beta_c).astype(dtype), _value_blocks(dv)
+    for j in range(dv // vb):
+        cols = pl.ds(j * vb, vb)
+        v_j = v[:, j * vb : (j + 1) * vb] if interpret else v.at[:, cols]
+        (uv,) = mma(((zero_acc((CHUNK, vb), interpret), [(tv, v_j)]),), interpret)
+        v_smem.at[:, cols][...] = uv.astype(dtype)
+    if save_t:
+        t_out[...] = t.astype(t_out.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, w_ref.at[batch, head, rows])
+    plgpu.copy_smem_to_gmem(v_smem, uv_ref.at[batch, head, rows])
+    if save_t:
+        plgpu.copy_smem_to_gmem(t_out, t_ref.at[batch, head, n])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def ut_scratch(dtype, store, dk: int, dv: int) -> tuple:
+    """``K`` (then ``W``), ``V`` (then ``UV``), the published high and low parts of the
+    doubling's masked ``A`` and of ``T``, ``T``'s staging in ``store``, the factors; one
+    barrier per load."""
+    mat = lambda *shape, dt=dtype: plgpu.SMEM(shape, dt, transforms=WGMMA_TRANSFORMS)  # noqa: E731
+    return (
+        (
+            mat(CHUNK, dk),
+            mat(CHUNK, dv),
+            *(mat(CHUNK, CHUNK, dt=jnp.bfloat16) for _ in range(4)),
+            mat(CHUNK, CHUNK, dt=store),
+            plgpu.SMEM((3, CHUNK), F32),
+            plgpu.SMEM((4, CHUNK), F32),
+        ),
+        plgpu.Barrier(num_barriers=4),
+    )
+
+
+def ut_transform(inputs: dict, cfg: Cfg, *, save_t: bool):
+    """:func:`.triton_fwd.prepare` in Pallas Mosaic GPU (module doc): ``(W [batch, heads,
+    len, dk], UV [batch, heads, len, dv])`` in the input dtype and, with ``save_t``, ``T
+    [batch, heads, chunks, C, C]`` in :attr:`Cfg.store` (else None)."""
+    k, v = inputs["k"], inputs["v"]
+    bsz, length, heads, dk = k.shape
+    dv = v.shape[-1]
+    scratch = ut_scratch(k.dtype, cfg.store, dk, dv)
+    if (need := smem_footprint(scratch)) > SMEM_BYTES:
+        raise ValueError(f"gated delta mosaic UT transform: dk={dk}, dv={dv} need {need} B of "
+                         f"shared memory > {SMEM_BYTES}")  # fmt: skip
+    n_chunks = length // CHUNK
+    out_type = [
+        jax.ShapeDtypeStruct((bsz, heads, length, dk), k.dtype),
+        jax.ShapeDtypeStruct((bsz, heads, length, dv), k.dtype),
+    ]
+    if save_t:
+        out_type.append(jax.ShapeDtypeStruct((bsz, heads, n_chunks, CHUNK, CHUNK), cfg.store))
+    outs = plgpu.kernel(
+        functools.partial(_ut_kernel, save_t=save_t, interpret=cfg.interpret),
+        out_type=tuple(out_type),
+        scratch_types=scratch,
+        grid=(bsz * heads * n_chunks,),
+        grid_names=("p",),
+        interpret=interpret_params() if cfg.interpret else None,
+    )(k, v, *ut_factors(inputs, cfg))
+    return outs[0], outs[1], (outs[2] if save_t else None)
+
+
 def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
     """``(o, s_final, res)`` as :func:`.triton_fwd.forward` (same operands by name)."""
     dtype = inputs["q"].dtype
-    w, uv, t_mat = triton_fwd.prepare(inputs, cfg, save_t=save_states)
+    prepare = ut_transform if cfg.ut_lowering == "mosaic" else triton_fwd.prepare
+    w, uv, t_mat = prepare(inputs, cfg, save_t=save_states)
     w, uv = w.astype(dtype), uv.astype(dtype)
     b = rearrange(inputs["gam_c"], "b h l 1 -> b l h 1")
     seg = None
