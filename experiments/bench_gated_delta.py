@@ -2,9 +2,9 @@
 (Triton) vs the jnp chunked form, forward and forward+backward, on one GPU.
 
 ``arjax.ops.gated_delta_rule(impl="pallas")`` (and, ``--impls mosaic``, ``impl="pallas_mosaic"``:
-the kernels with the fused Hopper forward; ``mosaic_ut``: those with the Mosaic GPU UT transform
-too, ``kernels_pallas.gated_delta.gated_delta_rule(lowering="mosaic", ut_lowering="mosaic")``)
-beside ``gated_deltanet`` of
+the kernels with the fused Hopper forward; ``mosaic_full``: those with the Mosaic GPU UT transform
+and gradient kernel too, ``kernels_pallas.gated_delta.gated_delta_rule(lowering="mosaic",
+ut_lowering="mosaic", grad_lowering="mosaic")``) beside ``gated_deltanet`` of
 ``jax-linear-attention`` (jla) and ``chunk_gated_delta_rule`` of ``fla-core``, all with
 ``scale=1`` on the same inputs (bf16, head dim 128, unit-norm keys, ``beta`` in (0, 1),
 log decay ``log_sigmoid(x + 3)``), (batch, heads, len) = (8, 16, 2048) and (2, 16, 8192);
@@ -52,8 +52,8 @@ from kernels_pallas.gated_delta import gated_delta_rule as pallas_gated_delta_ru
 SHAPES = ((8, 16, 2048), (2, 16, 8192))  # (batch, heads, len)
 DIM = 128
 # --impls name -> column prefix; "mosaic": the Pallas kernels with the fused Hopper forward,
-# "mosaic_ut": and the Mosaic GPU UT transform
-IMPLS = {"pallas": "pallas", "mosaic": "mosaic", "mosaic_ut": "mosaic_ut", "jla": "jla",
+# "mosaic_full": and the Mosaic GPU UT transform and gradient kernel
+IMPLS = {"pallas": "pallas", "mosaic": "mosaic", "mosaic_full": "mosaic_full", "jla": "jla",
          "fla": "fla", "xla": "jnp"}  # fmt: skip
 
 
@@ -82,11 +82,11 @@ def _vjp_of(fwd):
 def arjax_fns(impl: str):
     """(fwd, fwd+bwd) jitted for ``arjax.ops.gated_delta_rule`` (``impl`` pallas / xla, or
     ``"mosaic"``: ``impl="pallas_mosaic"``, the kernels with the fused Hopper forward), or
-    (``"mosaic_ut"``) for the kernels with the Mosaic GPU UT transform too."""
-    if impl == "mosaic_ut":
+    (``"mosaic_full"``) for the kernels with the Mosaic GPU UT transform and gradient kernel."""
+    if impl == "mosaic_full":
         return _vjp_of(lambda q, k, v, g, beta: pallas_gated_delta_rule(
             q, k, v, beta, log_decay=g, chunk_size=64, lowering="mosaic",
-            ut_lowering="mosaic"))  # fmt: skip
+            ut_lowering="mosaic", grad_lowering="mosaic"))  # fmt: skip
     impl = "pallas_mosaic" if impl == "mosaic" else impl
     return _vjp_of(lambda q, k, v, g, beta: gated_delta_rule(
         q, k, v, beta, log_decay=g, chunk_size=64, impl=impl))  # fmt: skip
@@ -182,7 +182,7 @@ def measure(row: dict, impl: str, inputs, reps: int, inner: int) -> None:
             f, fb = jla_fns() if impl == "jla" else arjax_fns(impl)
             row[f"{name} fwd"] = time_jax(f, q, k, v, g, beta, reps=reps, inner=inner)
             row[f"{name} fwd+bwd"] = time_jax(fb, q, k, v, g, beta, do, reps=reps, inner=inner)
-            if impl in ("jla", "mosaic", "mosaic_ut"):
+            if impl in ("jla", "mosaic", "mosaic_full"):
                 ours = arjax_fns("pallas")[0](q, k, v, g, beta)[0]
                 row[f"{name} vs pallas out"] = rel_err(f(q, k, v, g, beta)[0], ours)
         jax.clear_caches()
@@ -194,7 +194,8 @@ def measure(row: dict, impl: str, inputs, reps: int, inner: int) -> None:
 
 def profiles(results: dict, impls: list[str], shape=SHAPES[0]) -> None:
     """Device time per kernel (:func:`bench_scan.device_profile`), ms per call, of each arjax
-    ``impl`` (pallas, mosaic, mosaic_ut) at ``shape``, forward and fwd+bwd: where the time goes."""
+    ``impl`` (pallas, mosaic, mosaic_full) at ``shape``, forward and fwd+bwd: where the time
+    goes."""
     inputs = make_inputs(shape, jnp.bfloat16)
     for impl in impls:
         f, fb = arjax_fns(impl)
@@ -215,12 +216,12 @@ def write(results: dict, out: str) -> None:
     lines = [
         *header(results, "Gated delta rule (bf16, head dim 128), ms"),
         "| (B,H,L) | pass | pallas | jla | fla | jnp chunked | jla / pallas | fla / pallas "
-        "| jnp / pallas | mosaic | jla / mosaic | mosaic_ut | jla / mosaic_ut |",
+        "| jnp / pallas | mosaic | jla / mosaic | mosaic_full | jla / mosaic_full |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         for p in ("fwd", "fwd+bwd"):
-            mosaic, ut, jla = (r.get(f"{name} {p}") for name in ("mosaic", "mosaic_ut", "jla"))
+            mosaic, ut, jla = (r.get(f"{name} {p}") for name in ("mosaic", "mosaic_full", "jla"))
             lines.append(f"| {tuple(r['shape'])} | {p} | {peer_cells(r, p)} | {fmt(mosaic)} "
                          f"| {ratio(jla, mosaic)} | {fmt(ut)} | {ratio(jla, ut)} |")  # fmt: skip
     lines += ["", "Forward outputs vs arjax's Pallas (Triton) output (max rel err):", ""]
@@ -250,14 +251,14 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results/bench_gated_delta")
     ap.add_argument(
         "--impls",
-        default="pallas,mosaic,mosaic_ut,xla,jla,fla",
+        default="pallas,mosaic,mosaic_full,xla,jla,fla",
         help="what to time, in this order (arjax's two first: the auto table needs both)",
     )
     ap.add_argument("--no-check", action="store_true", help="skip the float32 GPU check")
     ap.add_argument(
         "--profile",
         default="",
-        help="arjax impls (pallas, mosaic, mosaic_ut) to profile per kernel at the first shape, "
+        help="arjax impls (pallas, mosaic, mosaic_full) to profile per kernel at the first shape, "
         "after timing",
     )
     args = ap.parse_args()

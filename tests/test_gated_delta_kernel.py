@@ -22,7 +22,13 @@ from einops import rearrange
 from test_gated_delta_rule import inputs
 
 from arjax.ops import gated_delta_rule, gated_delta_rule_reference
-from kernels_pallas.gated_delta import TritonTuning, _documents, mosaic_gpu_fwd, triton_bwd
+from kernels_pallas.gated_delta import (
+    KERNEL_LOWERINGS,
+    TritonTuning,
+    _documents,
+    mosaic_gpu_fwd,
+    triton_bwd,
+)
 from kernels_pallas.gated_delta import _inputs as gated_delta_inputs
 from kernels_pallas.gated_delta import gated_delta_rule as kernel
 from kernels_pallas.gated_delta._chunk import Cfg
@@ -155,6 +161,18 @@ def test_bad_arguments_raise_before_compiling(rng):
         kernel(q, k, v, beta, ut_lowering="mosaic")
     with pytest.raises(ValueError, match="ut_lowering must be one of .* got 'cuda'"):
         kernel(q, k, v, beta, lowering="mosaic", ut_lowering="cuda")
+    with pytest.raises(ValueError, match="grad_lowering must be one of .* got 'mosaic' with "
+                       "lowering 'triton'"):  # fmt: skip
+        kernel(q, k, v, beta, grad_lowering="mosaic")
+    x64, x192 = (jnp.zeros((1, 64, 1, d), jnp.bfloat16) for d in (64, 192))
+    b64 = jnp.full((1, 64, 1), 0.5, jnp.float32)
+    with pytest.raises(
+        ValueError, match=r"grad_lowering='mosaic'\): dv must be one of \(64, 128\)"
+    ):
+        kernel(x64, x64, x192, b64, lowering="mosaic", grad_lowering="mosaic")
+    with pytest.raises(ValueError, match="dtype must be bfloat16, got float16"):
+        half = x64.astype(jnp.float16)
+        kernel(half, half, half, b64, lowering="mosaic", grad_lowering="mosaic")
     with pytest.raises(ValueError, match=r"kernel_warps\['gated_delta_bwd'\]: must be a power"):
         TritonTuning(kernel_warps=(("gated_delta_bwd", 6),))
     with pytest.raises(ValueError, match="TritonTuning.grad_tile: must be a positive int, got 0"):
@@ -162,12 +180,13 @@ def test_bad_arguments_raise_before_compiling(rng):
     assert TritonTuning(kernel_warps=(("gated_delta_bwd", 8),)).warps_of("gated_delta_bwd") == 8
 
 
-def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng, ut: str = "triton") -> dict:
+def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng, ut: str = "triton",
+                  grad: str = "triton") -> dict:  # fmt: skip
     """Max errors (of the largest reference value) of ``lowering="mosaic"`` against the
     float32 recurrence on float32 copies of the same inputs: output, state and every gradient;
     ``vs triton``: its output against the Triton forward's. Asserts that the fused pass run
-    alone (saving no states) gives the output and state it gave under ``jax.grad``. ``ut``:
-    the UT transform's lowering."""
+    alone (saving no states) gives the output and state it gave under ``jax.grad``. ``ut``,
+    ``grad``: the UT transform's and the gradient kernel's lowering."""
     w_out = rng.normal(size=v.shape).astype(np.float32)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
 
@@ -179,7 +198,7 @@ def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng, ut: str = 
         return jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))(q, k, v, beta, g, s0)
 
     def pallas(*a, lowering):
-        more = dict(ut_lowering=ut) if lowering == "mosaic" else {}
+        more = dict(ut_lowering=ut, grad_lowering=grad) if lowering == "mosaic" else {}
         return kernel(*a[:4], log_decay=a[4], initial_state=a[5], segment_ids=seg,
                       backend="gpu", interpret=interpret, lowering=lowering, **more)  # fmt: skip
 
@@ -203,25 +222,28 @@ DOCS = np.repeat([[1, 2, 3, 4]], [70, 58, 30, 42], axis=1)
 
 
 @pytest.mark.parametrize(
-    "dk, dv, dtype, docs, gated, ut",
-    [(64, 64, jnp.bfloat16, True, True, "triton"), (128, 128, jnp.bfloat16, False, True, "triton"),
-     (64, 128, jnp.float16, True, False, "triton"), (64, 128, jnp.bfloat16, True, True, "mosaic")],
+    "dk, dv, dtype, docs, gated, ut, grad",
+    [(64, 64, jnp.bfloat16, True, True, "triton", "triton"),
+     (128, 128, jnp.bfloat16, False, True, "triton", "mosaic"),
+     (64, 128, jnp.float16, True, False, "triton", "triton"),
+     (64, 128, jnp.bfloat16, True, True, "mosaic", "mosaic")],
 )  # fmt: skip
-def test_mosaic_fused_forward(races, dk, dv, dtype, docs, gated, ut, rng):
+def test_mosaic_fused_forward(races, dk, dv, dtype, docs, gated, ut, grad, rng):
     """``lowering="mosaic"`` (Triton's UT transform, or with ``ut_lowering="mosaic"`` the Mosaic
-    GPU one, then the fused Mosaic GPU pass; in the backward the Mosaic GPU reverse state pass
-    between Triton's kernels), interpreted with race detection: 4 chunks through a 2-slot ring
-    (one padded), 1 or 2 value tiles, packed documents (``DOCS``), an initial state, DeltaNet
-    (no decay) too. Output, final state and every gradient within 2% of the largest float32
-    reference value, the bound of ``test_bf16_inputs_within_bf16_rounding`` (seen: <= 0.86%);
-    the output within 1% of the Triton forward's (seen: <= 0.29%)."""
+    GPU one, then the fused Mosaic GPU pass; in the backward the Mosaic GPU reverse state pass,
+    then Triton's gradient kernel or with ``grad_lowering="mosaic"`` the Mosaic GPU one),
+    interpreted with race detection: 4 chunks through a 2-slot ring (one padded), 1 or 2 value
+    tiles, packed documents (``DOCS``), an initial state, DeltaNet (no decay) too. Output, final
+    state and every gradient within 2% of the largest float32 reference value, the bound of
+    ``test_bf16_inputs_within_bf16_rounding`` (seen: <= 0.86%); the output within 1% of the
+    Triton forward's (seen: <= 0.29%)."""
     q, k, v, beta, g, s0 = inputs(rng, gated=gated, shape=(1, 200, 2, dk, dv))
     q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
     seg = jnp.asarray(DOCS) if docs else None
-    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=True, rng=rng, ut=ut)
+    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=True, rng=rng, ut=ut, grad=grad)
     # forward with and without saving the states (each after its UT transform if Mosaic GPU's),
-    # backward state pass
-    races.check(kernels=5 if ut == "mosaic" else 3)
+    # backward state pass (and gradient kernel if Mosaic GPU's)
+    races.check(kernels=3 + 2 * (ut == "mosaic") + (grad == "mosaic"))
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
 
@@ -286,15 +308,17 @@ def test_mosaic_ut_transform(races, dk, dv, dtype, docs, rng):
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 def test_gpu_mosaic_fused_forward(rng):
     """``lowering="mosaic"`` compiled on a Hopper GPU (the fused forward, the Mosaic GPU
-    reverse state pass in the backward), with either UT transform: bf16 at width 128, 8
+    reverse state pass in the backward), with Triton's UT transform and gradient kernel and with
+    the Mosaic GPU ones: bf16 at width 128, 8
     chunks, fwd + grads; the second row packs documents. Bounds as in interpret mode."""
     q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(2, 512, 4, 128, 128))
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
     seg = jnp.asarray(np.stack([np.ones(512, np.int32), np.repeat([1, 2, 3], [100, 300, 112])]))
-    for ut in mosaic_gpu_fwd.UT_LOWERINGS:
-        errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng, ut=ut)
-        assert errs.pop("vs triton") < 1e-2, ut
-        assert all(e < 2e-2 for e in errs.values()), (ut, errs)
+    for kernels in KERNEL_LOWERINGS:
+        errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng, ut=kernels,
+                             grad=kernels)  # fmt: skip
+        assert errs.pop("vs triton") < 1e-2, kernels
+        assert all(e < 2e-2 for e in errs.values()), (kernels, errs)
 
 
 @pytest.mark.gpu
@@ -330,7 +354,7 @@ def test_compiled_gpu_kernel_matches_the_recurrence(rng):
     "backend, lowering, platform, calls",
     [("gpu", "triton", "cuda", {"__gpu$xla.gpu.triton": 6}),
      ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 3, "mosaic_gpu_v2": 2}),
-     ("gpu", "mosaic+ut", "cuda", {"__gpu$xla.gpu.triton": 2, "mosaic_gpu_v2": 3}),
+     ("gpu", "mosaic, all", "cuda", {"__gpu$xla.gpu.triton": 1, "mosaic_gpu_v2": 4}),
      ("tpu", "triton", "tpu", {"tpu_custom_call": 2})],
 )  # fmt: skip
 def test_kernels_lower_without_the_device(backend, lowering, platform, calls, gpu_target):
@@ -339,13 +363,11 @@ def test_kernels_lower_without_the_device(backend, lowering, platform, calls, gp
     TPU: on the GPU three kernels forward (prepare, the state pass, the output; with
     ``lowering="mosaic"`` prepare and the fused pass) and three backward (``W`` from the saved
     ``T``, the state pass, the gradients; with ``lowering="mosaic"`` the state pass in Mosaic
-    GPU; ``mosaic+ut``: also the UT transform, ``ut_lowering="mosaic"``), on the TPU one each
-    way."""
-    options = (
-        dict(lowering="mosaic", ut_lowering="mosaic")
-        if lowering == "mosaic+ut"
-        else dict(lowering=lowering)
-    )
+    GPU; ``mosaic, all``: also the UT transform and the gradient kernel, ``ut_lowering`` and
+    ``grad_lowering="mosaic"``), on the TPU one each way."""
+    options = dict(lowering=lowering)
+    if lowering == "mosaic, all":
+        options = dict(lowering="mosaic", ut_lowering="mosaic", grad_lowering="mosaic")
     sd = jax.ShapeDtypeStruct
     qk = sd((1, 128, 2, 128), jnp.bfloat16)
     gate, seg = sd((1, 128, 2), jnp.float32), sd((1, 128), jnp.int32)

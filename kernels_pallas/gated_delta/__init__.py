@@ -24,7 +24,8 @@ mode on CPU. On Hopper, ``lowering="mosaic"`` replaces the GPU forward's state p
 kernel by one fused Pallas Mosaic GPU pass that keeps the state on chip (:mod:`.mosaic_gpu_fwd`),
 and the backward's reverse state pass by a warp-specialized Mosaic GPU one
 (:mod:`.mosaic_gpu_bwd`); with ``ut_lowering="mosaic"`` also the forward's UT transform
-(:func:`.mosaic_gpu_fwd.ut_transform`).
+(:func:`.mosaic_gpu_fwd.ut_transform`), with ``grad_lowering="mosaic"`` the backward's gradient
+kernel (:func:`.mosaic_gpu_bwd.gradients`).
 The float32 reference is :func:`arjax.ops.gated_delta_rule_reference` (the recurrence).
 """
 
@@ -49,6 +50,7 @@ from kernels_pallas.gated_delta._chunk import F32, Cfg
 from kernels_pallas.gated_delta.tuning import TritonTuning
 
 BACKENDS = ("gpu", "tpu")
+KERNEL_LOWERINGS = ("triton", "mosaic")  # of the UT transform and the gradient kernel
 # dk * block_v: 64 x 128 overflows an H200's shared memory in the backward; 128 x 64 fits
 # (experiments/results/gpu_suite.md, run 7a).
 MAX_GPU_TILE = 8192
@@ -184,6 +186,7 @@ def gated_delta_rule(
     lowering: str = "triton",
     tuning: TritonTuning | None = None,
     ut_lowering: str = "triton",
+    grad_lowering: str = "triton",
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``,
     differentiable in every float argument.
@@ -198,7 +201,9 @@ def gated_delta_rule(
     dv a multiple of 64). ``tuning``: the Triton kernels' launch parameters
     (:class:`.tuning.TritonTuning`; default: its measured defaults). ``ut_lowering`` (with
     ``lowering="mosaic"``): the forward's UT transform by Triton's kernel ("triton") or by the
-    Mosaic GPU one (:func:`.mosaic_gpu_fwd.ut_transform`, "mosaic"; not yet run on a GPU).
+    Mosaic GPU one (:func:`.mosaic_gpu_fwd.ut_transform`, "mosaic"; not yet run on a GPU);
+    ``grad_lowering`` likewise for the backward's gradient kernel
+    (:func:`.mosaic_gpu_bwd.gradients`: bf16, dk and dv 64 or 128; not yet run on a GPU).
     """
     backend, interpret = _resolve(backend, interpret)
     if lowering not in ("triton", "mosaic") or (lowering == "mosaic" and backend != "gpu"):
@@ -206,13 +211,14 @@ def gated_delta_rule(
             "gated_delta_rule (Pallas): lowering must be 'triton' or 'mosaic' (backend 'gpu'), "
             f"got {lowering!r} with backend {backend!r}"
         )
-    if ut_lowering not in mosaic_gpu_fwd.UT_LOWERINGS or (
-        ut_lowering == "mosaic" and lowering != "mosaic"
-    ):
-        raise ValueError(
-            f"gated_delta_rule (Pallas): ut_lowering must be one of {mosaic_gpu_fwd.UT_LOWERINGS}"
-            f" ('mosaic' with lowering 'mosaic'), got {ut_lowering!r} with lowering {lowering!r}"
-        )
+    for name, value in (("ut_lowering", ut_lowering), ("grad_lowering", grad_lowering)):
+        if value not in KERNEL_LOWERINGS or (value == "mosaic" and lowering != "mosaic"):
+            raise ValueError(
+                f"gated_delta_rule (Pallas): {name} must be one of {KERNEL_LOWERINGS} ('mosaic' "
+                f"with lowering 'mosaic'), got {value!r} with lowering {lowering!r}"
+            )
+    if grad_lowering == "mosaic":
+        mosaic_gpu_bwd.check_gradients(q, v)
     if lowering == "mosaic":
         mosaic_gpu_fwd.check_supported(q, v, chunk=chunk_size)
     tuning = TritonTuning() if tuning is None else tuning
@@ -238,11 +244,11 @@ def gated_delta_rule(
     docs = None if segment_ids is None else _documents(segment_ids, pad, c)
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state
     cfg = Cfg(backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering,
-              tuning, ut_lowering)  # fmt: skip
+              tuning, ut_lowering, grad_lowering)  # fmt: skip
     out, s_final = _core(q, k, v, beta, gam, s0, docs, cfg)
     if backend == "tpu":
         out = rearrange(out, "b h l d -> b l h d")
     return out[:, :length], s_final
 
 
-__all__ = ["BACKENDS", "TritonTuning", "gated_delta_rule"]
+__all__ = ["BACKENDS", "KERNEL_LOWERINGS", "TritonTuning", "gated_delta_rule"]

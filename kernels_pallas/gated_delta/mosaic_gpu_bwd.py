@@ -1,4 +1,5 @@
-"""Hopper backward of the gated delta rule: the reverse state pass in Pallas Mosaic GPU.
+"""Hopper backward of the gated delta rule in Pallas Mosaic GPU: the reverse state pass, and a
+gradient kernel.
 
 Triton's :func:`.triton_bwd.w_and_scores` gives every chunk's ``W = T kg``, the scores ``Q K^T
 * decay_incl`` and, for this pass, the scaled rows ``K e_end`` and ``-(Q g_read)`` (parallel over
@@ -19,7 +20,17 @@ and copies ``dh`` and ``dU`` out of their two-slot buffers. The operands are tho
 Triton pass rounded the same way (bf16 ``wgmma`` operands, float32 accumulation); only the
 summation order inside the products differs. The rest of the backward is Triton's.
 
-Interpret mode runs the same kernel with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
+With ``grad_lowering="mosaic"`` the gradient kernel is this module's too (:func:`gradients`):
+one warpgroup per chunk loads every operand of the chunk (``Q, K, V, U, dO, dU, T``, the state
+entering it and ``dL/dS`` leaving it) with TMA and runs :func:`._chunk.tile_backward` on the
+whole ``dv``, :func:`._chunk.scores_backward` and :func:`._chunk.finish_backward` as 16
+``wgmma`` groups, the ``[C, C]`` intermediates that a product reads transposed or as its right
+operand (``dscores``, ``dL/dT``, ``dL/d(K K^T)``) published in one bf16 buffer in turn and
+``dQ``, ``dK``, ``dV`` staged in their operands' buffers. The state carry's part of
+``dL/dgam_last`` leaves the kernel as per-row parts (``S . dS``, and ``K . dK_end``) that XLA
+sums. Not yet run on a GPU.
+
+Interpret mode runs the same kernels with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from einops import repeat
+from einops import rearrange, repeat
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -40,6 +51,8 @@ from kernels_pallas._hopper import (
     Transposed,
     columns,
     interpret_params,
+    iota,
+    load_acc,
     mma,
     produce,
     smem_footprint,
@@ -47,7 +60,7 @@ from kernels_pallas._hopper import (
     wgmma_operands,
     zero_acc,
 )
-from kernels_pallas.gated_delta import triton_bwd
+from kernels_pallas.gated_delta import mosaic_gpu_fwd, triton_bwd
 from kernels_pallas.gated_delta._chunk import F32, Cfg
 from kernels_pallas.linear_attention_scan.mosaic_gpu_fwd import (
     BLOCK_V,
@@ -155,14 +168,19 @@ def _kernel(ke_ref, qs_ref, w_ref, do_ref, sc_ref, f_ref, dsf_ref, dh_ref, du_re
         store_state(ds, sf_smem, ds0_ref.at[batch, head, :, cols])
 
 
-def carries(inputs: dict, cfg: Cfg) -> jax.Array:
-    """Each chunk's state decay ``exp(gam_last)`` (0 where a document starts in the chunk),
-    once per state row: ``[batch, heads, chunks, dk / 64, 64]`` float32."""
-    carry = jnp.exp(inputs["gam_r"][..., 0, -1])  # [batch, heads, chunks]
+def chunk_carry(inputs: dict, cfg: Cfg) -> jax.Array:
+    """Each chunk's state decay ``exp(gam_last)`` (0 where a document starts in the chunk):
+    ``[batch, heads, chunks]`` float32."""
+    carry = jnp.exp(inputs["gam_r"][..., 0, -1])
     if cfg.segments:  # the chunk's last row reads the incoming state only in one document
         carry = carry * inputs["reads"][:, cfg.chunk - 1 :: cfg.chunk, 0][:, None, :]
+    return carry
+
+
+def carries(inputs: dict, cfg: Cfg) -> jax.Array:
+    """:func:`chunk_carry` once per state row: ``[batch, heads, chunks, dk / 64, 64]``."""
     dk = inputs["k"].shape[-1]
-    return repeat(carry, "b h n -> b h n i c", i=dk // ROWS, c=ROWS)
+    return repeat(chunk_carry(inputs, cfg), "b h n -> b h n i c", i=dk // ROWS, c=ROWS)
 
 
 def state_grads(inputs: dict, w, sc, ke, qs, do, ds_final, cfg: Cfg, *, stages: int = 2):
@@ -193,10 +211,212 @@ def state_grads(inputs: dict, w, sc, ke, qs, do, ds_final, cfg: Cfg, *, stages: 
 
 
 def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
-    """:func:`.triton_bwd.backward` with this reverse state pass."""
+    """:func:`.triton_bwd.backward` with this reverse state pass, and with
+    ``cfg.grad_lowering == "mosaic"`` this module's :func:`gradients`."""
     w, sc, ke, qs = triton_bwd.w_and_scores(inputs, res[1], cfg, state_operands=True)
     dh, du, ds0 = state_grads(inputs, w, sc, ke, qs, do, ds_final, cfg)
-    return triton_bwd.gradients(inputs, res, do, dh, du, ds0, cfg)
+    grads = gradients if cfg.grad_lowering == "mosaic" else triton_bwd.gradients
+    return grads(inputs, res, do, dh, du, ds0, cfg)
 
 
-__all__ = ["backward", "carries", "state_grads"]
+GRAD_DIMS = (64, 128)  # the dk and dv of the gradient kernel (a chunk's whole dv in one CTA)
+
+
+def check_gradients(q: jax.Array, v: jax.Array) -> None:
+    """Raise ``ValueError`` naming what :func:`gradients` does not support (before tracing)."""
+    problems = []
+    if q.dtype != DTYPE:
+        problems.append(f"dtype must be bfloat16, got {q.dtype}")
+    for name, dim in (("dk", q.shape[-1]), ("dv", v.shape[-1])):
+        if dim not in GRAD_DIMS:
+            problems.append(f"{name} must be one of {GRAD_DIMS}, got {dim}")
+    if problems:
+        raise ValueError("gated_delta_rule(grad_lowering='mosaic'): " + "; ".join(problems))
+
+
+def grad_scratch(dk: int, dv: int) -> tuple:
+    """The gradient kernel's buffers: each operand of one chunk (``Q`` then ``dQ``, ``K`` then
+    ``dK``, ``V`` then ``dV`` staged in place), the published ``dL/dW`` and one ``[C, C]``
+    buffer that publishes ``dscores``, then ``dL/dT``, then ``dL/d(K K^T)``; the factors and
+    the per-row and per-column results; one barrier per load."""
+    mat = lambda *shape: plgpu.SMEM(shape, DTYPE, transforms=WGMMA_TRANSFORMS)  # noqa: E731
+    return (
+        (
+            *(mat(CHUNK, dk) for _ in range(2)),  # Q, K
+            *(mat(CHUNK, dv) for _ in range(4)),  # V, U, dO, dU
+            mat(CHUNK, CHUNK),  # T
+            *(mat(dk, dv) for _ in range(2)),  # S entering the chunk, dL/dS leaving it
+            mat(CHUNK, dk),  # dL/dW
+            mat(CHUNK, CHUNK),  # dscores, dL/dT, dL/d(K K^T)
+            plgpu.SMEM((6, CHUNK), F32),  # factors along rows (mosaic_gpu_fwd.factors)
+            plgpu.SMEM((4, CHUNK), F32),  # along columns
+            plgpu.SMEM((3 + dk // ROWS, CHUNK), F32),  # dbeta, dgam (rows), de, dcarry parts
+            plgpu.SMEM((1, CHUNK), F32),  # dgam (columns)
+        ),
+        plgpu.Barrier(num_barriers=11),
+    )
+
+
+def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref,
+                 fc_ref, dq_ref, dk_ref, dv_ref, ro_ref, co_ref, smem, ready, *,
+                 interpret: bool):  # fmt: skip
+    """One CTA (one warpgroup) per chunk, program id ``p = (batch * heads + head) * chunks +
+    chunk``: :func:`._chunk.tile_backward` on the whole ``dv``, :func:`._chunk.scores_backward`
+    and :func:`._chunk.finish_backward` in one pass (:func:`gradients`)."""
+    q_s, k_s, v_s, u_s, do_s, du_s, t_s, h_s, dh_s, dw_s, cc_s, fr_s, fc_s, ro_s, co_s = smem
+    _, length, heads, dk = q_ref.shape
+    dv = v_ref.shape[-1]
+    batch, head, n, rows = mosaic_gpu_fwd.chunk_program(heads, length)
+    wait = mosaic_gpu_fwd.load_chunk(
+        {
+            "rows": (fr_ref.at[batch, head, n], fr_s),
+            "cols": (fc_ref.at[batch, head, n], fc_s),
+            "q": (q_ref.at[batch, rows, head], q_s),
+            "k": (k_ref.at[batch, rows, head], k_s),
+            "u": (u_ref.at[batch, head, rows], u_s),
+            "do": (do_ref.at[batch, rows, head], do_s),
+            "h": (h_ref.at[batch, head, n], h_s),
+            "dh": (dh_ref.at[batch, head, n], dh_s),
+            "du": (du_ref.at[batch, head, rows], du_s),
+            "t": (t_ref.at[batch, head, n], t_s),
+            "v": (v_ref.at[batch, rows, head], v_s),
+        },
+        ready,
+    )
+    cc, ck, cv = (CHUNK, CHUNK), (CHUNK, dk), (CHUNK, dv)
+    zero = lambda shape: zero_acc(shape, interpret)  # noqa: E731
+    tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731 (registers, float32)
+    bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
+
+    def publish(ref, x) -> None:  # x as a wgmma operand in shared memory
+        ref[...] = x.astype(ref.dtype)
+        plgpu.commit_smem()
+
+    def copy_out(ref, x, dst) -> None:
+        publish(ref, x)
+        plgpu.copy_smem_to_gmem(ref, dst)
+
+    wait("rows", "cols", "q", "k", "u", "do")
+    gam_r, doc_r, beta_r, gread_r, eend_r, kscale_r = (
+        vector(fr_s.at[i], 0, interpret) for i in range(6)
+    )
+    gam_c, doc_c, kscale_c, beta_c = (vector(fc_s.at[i], 1, interpret) for i in range(4))
+    q, k, u, do = wgmma_operands((q_s, k_s, u_s, do_s), interpret)
+    row, col = iota(cc, 0, interpret), iota(cc, 1, interpret)
+    same = bcast(doc_r, cc, 0) == bcast(doc_c, cc, 1)
+    gap = bcast(gam_r, cc, 0) - bcast(gam_c, cc, 1)
+
+    def decay(keep):  # exp(gam_t - gam_s) where keep, else 0
+        return jnp.where(keep, jnp.exp(jnp.where(keep, gap, 0.0)), 0.0)
+
+    # the scores' backward: dsc = dO U^T against sc = Q K^T * decay_incl
+    sc, dsc = mma(((zero(cc), [(q, Transposed(k))]), (zero(cc), [(do, Transposed(u))])),
+                  interpret)  # fmt: skip
+    decay_incl = decay((col <= row) & same)
+    pairs = dsc * sc * decay_incl
+    dgam_c, dgam_r = jnp.sum(pairs, axis=1), -jnp.sum(pairs, axis=0)
+    dscores = dsc * decay_incl
+    publish(cc_s, dscores)
+    # dq = dscores K + g_read dO S^T
+    wait("h")
+    (h,) = wgmma_operands((h_s,), interpret)
+    (dq_s,) = mma(((zero(ck), [(do, Transposed(h))]),), interpret)
+    dq_s = dq_s * bcast(gread_r, ck, 0)
+    dgam_c += jnp.sum(tile(q_s) * dq_s, axis=1)
+    (dq,) = mma(((dq_s, [(dscores.astype(DTYPE), k)]),), interpret)
+    (dk_acc,) = mma(((zero(ck), [(Transposed(cc_s), q)]),), interpret)  # dscores^T Q
+    copy_out(q_s, dq, dq_ref.at[batch, rows, head])  # Q's last read is done
+    # through U's end state: (U dS_next^T) e_end, and dcarry = S . dS_next in row parts
+    wait("dh")
+    (dh,) = wgmma_operands((dh_s,), interpret)
+    (dk_end,) = mma(((zero(ck), [(u, Transposed(dh))]),), interpret)
+    dk_end = dk_end * bcast(eend_r, ck, 0)
+    de = jnp.sum(dk_end * tile(k_s), axis=1)
+    dgam_c -= de
+    dk_acc += dk_end
+    halves = [pl.ds(i * ROWS, ROWS) for i in range(dk // ROWS)]
+    dcarry = [jnp.sum(tile(h_s.at[i]) * tile(dh_s.at[i]), axis=1) for i in halves]
+    # W = T kg: dW = -dU S^T; dT = dU (beta V)^T + dW (K kg_scale)^T; dkg = T^T dW
+    wait("du", "v", "t")
+    du, v, t = wgmma_operands((du_s, v_s, t_s), interpret)
+    dw, dt_v = mma(((zero(ck), [(du, Transposed(h))]), (zero(cc), [(du, Transposed(v))])),
+                   interpret)  # fmt: skip
+    dw = -dw
+    publish(dw_s, dw)
+    (dt_w,) = mma(((zero(cc), [(dw.astype(DTYPE), Transposed(k))]),), interpret)
+    dt = dt_v * bcast(beta_c, cc, 1) + dt_w * bcast(kscale_c, cc, 1)
+    publish(cc_s, dt)  # dscores' last read (dscores^T Q) is done
+    (dkg,) = mma(((zero(ck), [(Transposed(t), dw_s)]),), interpret)
+    dk_acc += dkg * bcast(kscale_r, ck, 0)
+    dkg_k = jnp.sum(dkg * tile(k_s), axis=1)
+    dbeta, dgam_c = dkg_k * gread_r, dgam_c + dkg_k * kscale_r
+    # dV = beta T^T dU, and V's part of dbeta
+    (dvb,) = mma(((zero(cv), [(Transposed(t), du)]),), interpret)
+    dbeta += jnp.sum(dvb * tile(v_s), axis=1)
+    copy_out(v_s, dvb * bcast(beta_r, cv, 0), dv_ref.at[batch, rows, head])
+    # T = (I + A)^{-1}: dA = -T^T dT T^T; A = K K^T * decay_strict * beta_t
+    (x,) = mma(((zero(cc), [(Transposed(t), cc_s)]),), interpret)
+    (dkk,) = mma(((zero(cc), [(x.astype(DTYPE), Transposed(t))]),), interpret)
+    (kk,) = mma(((zero(cc), [(k, Transposed(k))]),), interpret)
+    dkk = -dkk * decay((col < row) & same)
+    dbeta += jnp.sum(dkk * kk, axis=1)
+    dkk = dkk * bcast(beta_r, cc, 0)
+    da_a = dkk * kk
+    dgam_c, dgam_r = dgam_c + jnp.sum(da_a, axis=1), dgam_r - jnp.sum(da_a, axis=0)
+    publish(cc_s, dkk)  # dT's last read is done
+    (dk_acc,) = mma(((dk_acc, [(dkk.astype(DTYPE), k), (Transposed(cc_s), k)]),), interpret)
+    copy_out(k_s, dk_acc, dk_ref.at[batch, rows, head])
+    for i, x in enumerate((dbeta, dgam_c, de, *dcarry)):
+        ro_s.at[i][...] = x
+    co_s.at[0][...] = dgam_r
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(ro_s, ro_ref.at[batch, head, n])
+    plgpu.copy_smem_to_gmem(co_s, co_ref.at[batch, head, n])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def gradients(inputs: dict, res: tuple, do: jax.Array, dh: jax.Array, du: jax.Array,
+              ds0: jax.Array, cfg: Cfg):  # fmt: skip
+    """:func:`.triton_bwd.gradients` in one Pallas Mosaic GPU kernel (bf16, ``dk`` and ``dv``
+    in :data:`GRAD_DIMS`; :func:`check_gradients`): one warpgroup per chunk with all of the
+    chunk's operands in shared memory (``4 C dv + 3 C dk + 2 dk dv + 2 C^2`` bf16 values: 198
+    KiB with the factors at ``dk = dv = 128``, one CTA per SM), every product a ``wgmma``; the
+    last row's ``dL/dgam_last`` (the state carry's and the end-state rows') summed in XLA from
+    the kernel's per-row parts."""
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    bsz, length, heads, dk = q.shape
+    dv, n_chunks = v.shape[-1], length // CHUNK
+    h, t_mat, u = res
+    rows, cols = mosaic_gpu_fwd.factors(inputs, cfg)
+    scratch = grad_scratch(dk, dv)
+    out_type = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(k.shape, k.dtype),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, 3 + dk // ROWS, CHUNK), F32),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, 1, CHUNK), F32),
+    )
+    dq, dk_grad, dv_grad, per_row, per_col = plgpu.kernel(
+        functools.partial(_grad_kernel, interpret=cfg.interpret),
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(bsz * heads * n_chunks,),
+        grid_names=("p",),
+        interpret=interpret_params() if cfg.interpret else None,
+    )(q, k, v, u, do.astype(DTYPE), du, t_mat, h, dh, rows, cols)
+    dbeta, dgam_c, de = (per_row[..., i, :] for i in range(3))
+    dlast = chunk_carry(inputs, cfg) * jnp.sum(per_row[..., 3:, :], axis=(-2, -1))
+    dgam_c = dgam_c.at[..., -1].add(dlast + jnp.sum(de, axis=-1))
+    col = lambda x: rearrange(x, "b h n c -> b h (n c) 1")  # noqa: E731
+    return dq, dk_grad, dv_grad, col(dbeta), col(dgam_c), per_col, ds0
+
+
+__all__ = [
+    "GRAD_DIMS",
+    "backward",
+    "carries",
+    "check_gradients",
+    "chunk_carry",
+    "gradients",
+    "state_grads",
+]

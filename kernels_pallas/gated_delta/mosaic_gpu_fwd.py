@@ -55,7 +55,6 @@ from kernels_pallas.gated_delta._chunk import F32, Cfg
 from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd as fused
 
 CHUNK = fused.CHUNK
-UT_LOWERINGS = ("triton", "mosaic")
 
 
 def check_supported(q: jax.Array, v: jax.Array, *, chunk: int) -> None:
@@ -63,20 +62,48 @@ def check_supported(q: jax.Array, v: jax.Array, *, chunk: int) -> None:
     fused.check_supported(q, v, chunk=chunk, who="gated_delta_rule")
 
 
-def ut_factors(inputs: dict, cfg: Cfg) -> tuple[jax.Array, jax.Array]:
-    """Per chunk, float32 ``[batch, heads, chunks, n, C]``: read along rows (``t``) ``gam``,
-    the document index, ``beta`` (``n = 3``); along columns (``s``) ``gam``, the document
-    index, ``kg_scale = beta exp(gam)`` where the row reads the incoming state, ``beta``
-    (``n = 4``). (Two buffers: :func:`.fused.gate_factors` says why.)"""
+def factors(inputs: dict, cfg: Cfg) -> tuple[jax.Array, jax.Array]:
+    """Per chunk, float32 ``[batch, heads, chunks, n, C]``, the gates of :func:`._chunk.gates`
+    and ``beta``: read along rows (``t``, ``n = 6``) ``gam``, the document index, ``beta``,
+    ``g_read = exp(gam)`` where the row reads the incoming state, ``e_end = exp(gam_last -
+    gam)`` where it reaches the outgoing one, ``kg_scale = beta g_read``; along columns (``s``,
+    ``n = 4``) ``gam``, the document index, ``kg_scale``, ``beta``. (Two buffers:
+    :func:`.fused.gate_factors` says why.)"""
     per_chunk = lambda x: rearrange(x, "b h (n c) 1 -> b h n c", c=CHUNK)  # noqa: E731
     gam, beta = per_chunk(inputs["gam_c"]), per_chunk(inputs["beta_c"])
     doc, g_read = jnp.zeros_like(gam), jnp.exp(gam)
+    e_end = jnp.exp(jnp.minimum(gam[..., -1:] - gam, 0.0))
     if cfg.segments:
         tokens = lambda x: rearrange(x.astype(F32), "b (n c) 1 -> b 1 n c", c=CHUNK)  # noqa: E731
         doc = jnp.broadcast_to(tokens(inputs["doc_c"]), gam.shape)
-        g_read = g_read * tokens(inputs["reads"])
-    rows = jnp.stack([gam, doc, beta], axis=-2)
+        g_read, e_end = g_read * tokens(inputs["reads"]), e_end * tokens(inputs["last"])
+    rows = jnp.stack([gam, doc, beta, g_read, e_end, beta * g_read], axis=-2)
     return rows, jnp.stack([gam, doc, beta * g_read, beta], axis=-2)
+
+
+def chunk_program(heads: int, length: int) -> tuple:
+    """``(batch, head, chunk, rows)`` of this CTA, program id ``p = (batch * heads + head) *
+    chunks + chunk``: its ``CHUNK`` token rows ``rows``."""
+    n_chunks = length // CHUNK
+    pid = lax.axis_index("p")
+    head_of, n = lax.div(pid, n_chunks), lax.rem(pid, n_chunks)
+    batch, head = lax.div(head_of, heads), lax.rem(head_of, heads)
+    return batch, head, n, pl.ds(pl.multiple_of(n * CHUNK, CHUNK), CHUNK)
+
+
+def load_chunk(copies: dict, ready):
+    """Issue the TMA copies ``name -> (src, dst)``, one barrier of ``ready`` each (in order);
+    returns ``wait(*names)``, which waits for those."""
+    index = {}
+    for i, (name, (src, dst)) in enumerate(copies.items()):
+        plgpu.copy_gmem_to_smem(src, dst, ready.at[i])
+        index[name] = i
+
+    def wait(*names: str) -> None:
+        for name in names:
+            plgpu.barrier_wait(ready.at[index[name]])
+
+    return wait
 
 
 def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -99,21 +126,17 @@ def _ut_kernel(k_ref, v_ref, fr_ref, fc_ref, w_ref, uv_ref, *refs, save_t: bool,
     x_pub, t_pub = pubs[:2], pubs[2:]  # (high, low) parts
     _, length, heads, dk = k_ref.shape
     dv, dtype = v_ref.shape[-1], k_ref.dtype
-    n_chunks = length // CHUNK
-    pid = lax.axis_index("p")
-    head_of, n = lax.div(pid, n_chunks), lax.rem(pid, n_chunks)
-    batch, head = lax.div(head_of, heads), lax.rem(head_of, heads)
-    rows = pl.ds(pl.multiple_of(n * CHUNK, CHUNK), CHUNK)
-    loads = (
-        (k_ref.at[batch, rows, head], k_smem),
-        (fr_ref.at[batch, head, n], fr_smem),
-        (fc_ref.at[batch, head, n], fc_smem),
-        (v_ref.at[batch, rows, head], v_smem),
+    batch, head, n, rows = chunk_program(heads, length)
+    wait = load_chunk(
+        {
+            "k": (k_ref.at[batch, rows, head], k_smem),
+            "rows": (fr_ref.at[batch, head, n], fr_smem),
+            "cols": (fc_ref.at[batch, head, n], fc_smem),
+            "v": (v_ref.at[batch, rows, head], v_smem),
+        },
+        ready,
     )
-    for i, (src, dst) in enumerate(loads):
-        plgpu.copy_gmem_to_smem(src, dst, ready.at[i])
-    for i in range(3):  # V's load goes on under the inverse
-        plgpu.barrier_wait(ready.at[i])
+    wait("k", "rows", "cols")  # V's load goes on under the inverse
     shape = (CHUNK, CHUNK)
     bcast = lambda x, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
     gam_r, doc_r, beta_r = (bcast(vector(fr_smem.at[i], 0, interpret), 0) for i in range(3))
@@ -142,7 +165,7 @@ def _ut_kernel(k_ref, v_ref, fr_ref, fc_ref, w_ref, uv_ref, *refs, save_t: bool,
         plgpu.commit_smem()
         t = t - product(product(t, x_pub), t_pub)
         size *= 2
-    plgpu.barrier_wait(ready.at[3])
+    wait("v")
     (v,) = wgmma_operands((v_smem,), interpret)
     (w,) = mma(((zero_acc((CHUNK, dk), interpret), [((t * kscale_c).astype(dtype), k)]),),
                interpret)  # fmt: skip
@@ -174,7 +197,7 @@ def ut_scratch(dtype, store, dk: int, dv: int) -> tuple:
             mat(CHUNK, dv),
             *(mat(CHUNK, CHUNK, dt=jnp.bfloat16) for _ in range(4)),
             mat(CHUNK, CHUNK, dt=store),
-            plgpu.SMEM((3, CHUNK), F32),
+            plgpu.SMEM((6, CHUNK), F32),
             plgpu.SMEM((4, CHUNK), F32),
         ),
         plgpu.Barrier(num_barriers=4),
@@ -206,7 +229,7 @@ def ut_transform(inputs: dict, cfg: Cfg, *, save_t: bool):
         grid=(bsz * heads * n_chunks,),
         grid_names=("p",),
         interpret=interpret_params() if cfg.interpret else None,
-    )(k, v, *ut_factors(inputs, cfg))
+    )(k, v, *factors(inputs, cfg))
     return outs[0], outs[1], (outs[2] if save_t else None)
 
 
