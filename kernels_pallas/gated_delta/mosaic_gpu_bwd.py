@@ -23,12 +23,12 @@ summation order inside the products differs. The rest of the backward is Triton'
 With ``grad_lowering="mosaic"`` the gradient kernel is this module's too (:func:`gradients`):
 one warpgroup per chunk loads every operand of the chunk (``Q, K, V, U, dO, dU, T``, the state
 entering it and ``dL/dS`` leaving it) with TMA and runs :func:`._chunk.tile_backward` on the
-whole ``dv``, :func:`._chunk.scores_backward` and :func:`._chunk.finish_backward` as 16
-``wgmma`` groups, the ``[C, C]`` intermediates that a product reads transposed or as its right
-operand (``dscores``, ``dL/dT``, ``dL/d(K K^T)``) published in one bf16 buffer in turn and
-``dQ``, ``dK``, ``dV`` staged in their operands' buffers. The state carry's part of
-``dL/dgam_last`` leaves the kernel as per-row parts (``S . dS``, and ``K . dK_end``) that XLA
-sums. Not yet run on a GPU.
+whole ``dv``, :func:`._chunk.scores_backward` and :func:`._chunk.finish_backward`: 16
+``wgmma`` products issued in 12 groups (each waited for before the next), the ``[C, C]``
+intermediates that a product reads transposed or as its right operand (``dscores``,
+``dL/dT``, ``dL/d(K K^T)``) published in one bf16 buffer in turn, ``dQ``, ``dK``, ``dV`` staged
+in their operands' buffers. The state carry's part of ``dL/dgam_last`` leaves the kernel as
+per-row parts (``S . dS``, and ``K . dK_end``) that XLA sums. Not yet run on a GPU.
 
 Interpret mode runs the same kernels with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
 """
@@ -355,9 +355,9 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
     dbeta += jnp.sum(dvb * tile(v_s), axis=1)
     copy_out(v_s, dvb * bcast(beta_r, cv, 0), dv_ref.at[batch, rows, head])
     # T = (I + A)^{-1}: dA = -T^T dT T^T; A = K K^T * decay_strict * beta_t
-    (x,) = mma(((zero(cc), [(Transposed(t), cc_s)]),), interpret)
+    x, kk = mma(((zero(cc), [(Transposed(t), cc_s)]), (zero(cc), [(k, Transposed(k))])),
+                interpret)  # fmt: skip
     (dkk,) = mma(((zero(cc), [(x.astype(DTYPE), Transposed(t))]),), interpret)
-    (kk,) = mma(((zero(cc), [(k, Transposed(k))]),), interpret)
     dkk = -dkk * decay((col < row) & same)
     dbeta += jnp.sum(dkk * kk, axis=1)
     dkk = dkk * bcast(beta_r, cc, 0)
