@@ -55,14 +55,21 @@ def _values_and_grads(fn, q, k, v, beta, g, s0, rng):
     "backend, segments, grad_tiles",
     [("gpu", SEGMENTS, 1), ("gpu", SEGMENTS, 2), ("gpu", None, 2), ("tpu", SEGMENTS, None)],
 )
-def test_kernel_matches_the_recurrence(backend, segments, grad_tiles, rng):
+def test_kernel_matches_the_recurrence(backend, segments, grad_tiles, rng, monkeypatch):
     """``grad_tiles``: value tiles of the GPU gradient kernel (its default tile takes all of
     DV here; 2 sums each term over two tiles, :class:`._chunk.TileSums`), set by
-    ``TritonTuning.grad_tile``."""
-    tuning = None
+    ``TritonTuning.grad_tile``; the kernel is seen to sum over that many."""
+    tuning, summed = None, []
     if grad_tiles is not None:
         tuning = TritonTuning(grad_tile=DK * DV // grad_tiles)
         assert triton_bwd.grad_block_v(DK, DV, 16, tuning.grad_tile) == DV // grad_tiles
+
+        class Sums(triton_bwd.TileSums):  # records how many tiles each kernel trace sums
+            def __init__(self, ch, tiles, dbeta):
+                summed.append(len(tiles))
+                super().__init__(ch, tiles, dbeta)
+
+        monkeypatch.setattr(triton_bwd, "TileSums", Sums)
     q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(B, L, H, DK, DV))
     seed = int(rng.integers(2**31))
 
@@ -84,6 +91,8 @@ def test_kernel_matches_the_recurrence(backend, segments, grad_tiles, rng):
     for name, a, b in zip(("q", "k", "v", "beta", "log_decay", "s0"), got_grads, want_grads):
         scale = float(jnp.abs(b).max())
         np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-4, err_msg=f"d{name}")
+    if grad_tiles is not None:
+        assert summed and set(summed) == {grad_tiles}, summed
 
 
 def test_bf16_inputs_within_bf16_rounding(rng):
