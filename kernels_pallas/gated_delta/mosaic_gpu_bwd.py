@@ -1,5 +1,5 @@
-"""Hopper backward of the gated delta rule in Pallas Mosaic GPU: the reverse state pass, and a
-gradient kernel.
+"""Hopper backward of the gated delta rule in Pallas Mosaic GPU: the reverse state pass, and
+the chunk-parallel kernels around it.
 
 Triton's :func:`.triton_bwd.w_and_scores` gives every chunk's ``W = T kg``, the scores ``Q K^T
 * decay_incl`` and, for this pass, the scaled rows ``K e_end`` and ``-(Q g_read)`` (parallel over
@@ -18,17 +18,20 @@ Two warpgroups: a producer streams ``K e_end``, ``-(Q g_read)``, ``W``, ``dO``, 
 and the carries through a ring of ``stages`` slots with TMA, the state warpgroup runs the chain
 and copies ``dh`` and ``dU`` out of their two-slot buffers. The operands are those of the
 Triton pass rounded the same way (bf16 ``wgmma`` operands, float32 accumulation); only the
-summation order inside the products differs. The rest of the backward is Triton's.
+summation order inside the products differs. The rest of the backward is Triton's, unless:
 
-With ``grad_lowering="mosaic"`` the gradient kernel is this module's too (:func:`gradients`):
-one warpgroup per chunk loads every operand of the chunk (``Q, K, V, U, dO, dU, T``, the state
-entering it and ``dL/dS`` leaving it) with TMA and runs :func:`._chunk.tile_backward` on the
-whole ``dv``, :func:`._chunk.scores_backward` and :func:`._chunk.finish_backward`: 16
-``wgmma`` products issued in 12 groups (each waited for before the next), the ``[C, C]``
-intermediates that a product reads transposed or as its right operand (``dscores``,
-``dL/dT``, ``dL/d(K K^T)``) published in one bf16 buffer in turn, ``dQ``, ``dK``, ``dV`` staged
-in their operands' buffers. The state carry's part of ``dL/dgam_last`` leaves the kernel as
-per-row parts (``S . dS``, and ``K . dK_end``) that XLA sums. Not yet run on a GPU.
+With ``grad_lowering="mosaic"`` the kernels around it are this module's too. The ``W`` /
+scores kernel (:func:`w_and_scores`) gives this pass's operands, one warpgroup per chunk, ``W``
+formed as :func:`.mosaic_gpu_fwd.ut_transform` forms it. The gradient kernel
+(:func:`gradients`): one warpgroup per chunk loads every operand of the chunk (``Q, K, V, U,
+dO, dU, T``, the state entering it and ``dL/dS`` leaving it) with TMA and runs
+:func:`._chunk.tile_backward` on the whole ``dv``, :func:`._chunk.scores_backward` and
+:func:`._chunk.finish_backward`: 16 ``wgmma`` products issued in 12 groups (each waited for
+before the next), the ``[C, C]`` intermediates that a product reads transposed or as its right
+operand (``dscores``, ``dL/dT``, ``dL/d(K K^T)``) published in one bf16 buffer in turn, ``dQ``,
+``dK``, ``dV`` staged in their operands' buffers. The state carry's part of ``dL/dgam_last``
+leaves the kernel as per-row parts (``S . dS``, and ``K . dK_end``) that XLA sums. Not yet run
+on a GPU.
 
 Interpret mode runs the same kernels with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
 """
@@ -212,11 +215,87 @@ def state_grads(inputs: dict, w, sc, ke, qs, do, ds_final, cfg: Cfg, *, stages: 
 
 def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
     """:func:`.triton_bwd.backward` with this reverse state pass, and with
-    ``cfg.grad_lowering == "mosaic"`` this module's :func:`gradients`."""
-    w, sc, ke, qs = triton_bwd.w_and_scores(inputs, res[1], cfg, state_operands=True)
+    ``cfg.grad_lowering == "mosaic"`` this module's :func:`w_and_scores` and :func:`gradients`
+    for Triton's chunk-parallel kernels."""
+    mosaic = cfg.grad_lowering == "mosaic"
+    prep = w_and_scores if mosaic else functools.partial(triton_bwd.w_and_scores,
+                                                         state_operands=True)  # fmt: skip
+    w, sc, ke, qs = prep(inputs, res[1], cfg)
     dh, du, ds0 = state_grads(inputs, w, sc, ke, qs, do, ds_final, cfg)
-    grads = gradients if cfg.grad_lowering == "mosaic" else triton_bwd.gradients
-    return grads(inputs, res, do, dh, du, ds0, cfg)
+    return (gradients if mosaic else triton_bwd.gradients)(inputs, res, do, dh, du, ds0, cfg)
+
+
+def _prep_kernel(q_ref, k_ref, t_ref, fr_ref, fc_ref, w_ref, sc_ref, ke_ref, qs_ref, smem, ready,
+                 *, interpret: bool):  # fmt: skip
+    """One CTA (one warpgroup) per chunk, program id ``p = (batch * heads + head) * chunks +
+    chunk`` (:func:`w_and_scores`)."""
+    q_s, k_s, t_s, w_s, fr_s, fc_s = smem
+    _, length, heads, dk = q_ref.shape
+    batch, head, n, rows = mosaic_gpu_fwd.chunk_program(heads, length)
+    wait = mosaic_gpu_fwd.load_chunk(
+        {
+            "rows": (fr_ref.at[batch, head, n], fr_s),
+            "cols": (fc_ref.at[batch, head, n], fc_s),
+            "q": (q_ref.at[batch, rows, head], q_s),
+            "k": (k_ref.at[batch, rows, head], k_s),
+            "t": (t_ref.at[batch, head, n], t_s),
+        },
+        ready,
+    )
+    cc, ck = (CHUNK, CHUNK), (CHUNK, dk)
+    bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
+    tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731
+    wait("rows", "cols", "q", "k", "t")
+    gam_r, doc_r, _, gread_r, eend_r, _ = (vector(fr_s.at[i], 0, interpret) for i in range(6))
+    gam_c, doc_c, kscale_c, _ = (vector(fc_s.at[i], 1, interpret) for i in range(4))
+    q, k = wgmma_operands((q_s, k_s), interpret)
+    tk = (tile(t_s) * bcast(kscale_c, cc, 1)).astype(DTYPE)  # T kg = (T kg_scale_s) K
+    w, sc = mma(((zero_acc(ck, interpret), [(tk, k)]),
+                 (zero_acc(cc, interpret), [(q, Transposed(k))])), interpret)  # fmt: skip
+    row, col = iota(cc, 0, interpret), iota(cc, 1, interpret)
+    keep = (col <= row) & (bcast(doc_r, cc, 0) == bcast(doc_c, cc, 1))
+    gap = jnp.where(keep, bcast(gam_r, cc, 0) - bcast(gam_c, cc, 1), 0.0)
+    ke = tile(k_s) * bcast(eend_r, ck, 0)
+    qs = -(tile(q_s) * bcast(gread_r, ck, 0))
+    # the products' reads are done: stage each result in a buffer of its shape
+    outs = (
+        (w_s, w, w_ref.at[batch, head, rows]),
+        (t_s, jnp.where(keep, sc * jnp.exp(gap), 0.0), sc_ref.at[batch, head, n]),
+        (k_s, ke, ke_ref.at[batch, head, rows]),
+        (q_s, qs, qs_ref.at[batch, head, rows]),
+    )
+    for ref, x, _ in outs:
+        ref[...] = x.astype(ref.dtype)
+    plgpu.commit_smem()
+    for ref, _, dst in outs:
+        plgpu.copy_smem_to_gmem(ref, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> tuple[jax.Array, ...]:
+    """:func:`.triton_bwd.w_and_scores` (``state_operands``) in Pallas Mosaic GPU, one
+    warpgroup per chunk (bf16): ``(W, scores, K e_end, -(Q g_read))`` from the forward's
+    ``T``; ``W = (T kg_scale_s) K`` as :func:`.mosaic_gpu_fwd.ut_transform` forms it."""
+    q, k = inputs["q"], inputs["k"]
+    bsz, length, heads, dk = q.shape
+    n_chunks = length // CHUNK
+    mat = lambda *shape: plgpu.SMEM(shape, DTYPE, transforms=WGMMA_TRANSFORMS)  # noqa: E731
+    scratch = (
+        (mat(CHUNK, dk), mat(CHUNK, dk), mat(CHUNK, CHUNK), mat(CHUNK, dk),
+         plgpu.SMEM((6, CHUNK), F32), plgpu.SMEM((4, CHUNK), F32)),
+        plgpu.Barrier(num_barriers=5),
+    )  # fmt: skip
+    rows_dk = jax.ShapeDtypeStruct((bsz, heads, length, dk), DTYPE)
+    out_type = (rows_dk, jax.ShapeDtypeStruct((bsz, heads, n_chunks, CHUNK, CHUNK), DTYPE),
+                rows_dk, rows_dk)  # fmt: skip
+    return plgpu.kernel(
+        functools.partial(_prep_kernel, interpret=cfg.interpret),
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(bsz * heads * n_chunks,),
+        grid_names=("p",),
+        interpret=interpret_params() if cfg.interpret else None,
+    )(q, k, t_mat, *mosaic_gpu_fwd.factors(inputs, cfg))
 
 
 GRAD_DIMS = (64, 128)  # the dk and dv of the gradient kernel (a chunk's whole dv in one CTA)
@@ -419,4 +498,5 @@ __all__ = [
     "chunk_carry",
     "gradients",
     "state_grads",
+    "w_and_scores",
 ]
