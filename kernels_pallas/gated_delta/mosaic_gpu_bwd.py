@@ -54,7 +54,6 @@ from kernels_pallas._hopper import (
     Transposed,
     columns,
     interpret_params,
-    iota,
     load_acc,
     mma,
     produce,
@@ -233,34 +232,25 @@ def _prep_kernel(q_ref, k_ref, t_ref, fr_ref, fc_ref, w_ref, sc_ref, ke_ref, qs_
     _, length, heads, dk = q_ref.shape
     batch, head, n, rows = mosaic_gpu_fwd.chunk_program(heads, length)
     wait = mosaic_gpu_fwd.load_chunk(
-        {
-            "rows": (fr_ref.at[batch, head, n], fr_s),
-            "cols": (fc_ref.at[batch, head, n], fc_s),
-            "q": (q_ref.at[batch, rows, head], q_s),
-            "k": (k_ref.at[batch, rows, head], k_s),
-            "t": (t_ref.at[batch, head, n], t_s),
-        },
+        {"q": (q_ref.at[batch, rows, head], q_s), "k": (k_ref.at[batch, rows, head], k_s),
+         "t": (t_ref.at[batch, head, n], t_s)},
+        (fr_ref, fc_ref, fr_s, fc_s),
         ready,
-    )
+    )  # fmt: skip
     cc, ck = (CHUNK, CHUNK), (CHUNK, dk)
-    bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
     tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731
     wait("rows", "cols", "q", "k", "t")
-    gam_r, doc_r, _, gread_r, eend_r, _ = (vector(fr_s.at[i], 0, interpret) for i in range(6))
-    gam_c, doc_c, kscale_c, _ = (vector(fc_s.at[i], 1, interpret) for i in range(4))
+    g = mosaic_gpu_fwd.Gates(fr_s, fc_s, interpret)
     q, k = wgmma_operands((q_s, k_s), interpret)
-    tk = (tile(t_s) * bcast(kscale_c, cc, 1)).astype(DTYPE)  # T kg = (T kg_scale_s) K
+    tk = (tile(t_s) * g.s("kg_scale")).astype(DTYPE)  # T kg = (T kg_scale_s) K
     w, sc = mma(((zero_acc(ck, interpret), [(tk, k)]),
                  (zero_acc(cc, interpret), [(q, Transposed(k))])), interpret)  # fmt: skip
-    row, col = iota(cc, 0, interpret), iota(cc, 1, interpret)
-    keep = (col <= row) & (bcast(doc_r, cc, 0) == bcast(doc_c, cc, 1))
-    gap = jnp.where(keep, bcast(gam_r, cc, 0) - bcast(gam_c, cc, 1), 0.0)
-    ke = tile(k_s) * bcast(eend_r, ck, 0)
-    qs = -(tile(q_s) * bcast(gread_r, ck, 0))
+    ke = tile(k_s) * g.t("e_end", dk)
+    qs = -(tile(q_s) * g.t("g_read", dk))
     # the products' reads are done: stage each result in a buffer of its shape
     outs = (
         (w_s, w, w_ref.at[batch, head, rows]),
-        (t_s, jnp.where(keep, sc * jnp.exp(gap), 0.0), sc_ref.at[batch, head, n]),
+        (t_s, sc * g.decay(strict=False), sc_ref.at[batch, head, n]),
         (k_s, ke, ke_ref.at[batch, head, rows]),
         (q_s, qs, qs_ref.at[batch, head, rows]),
     )
@@ -288,14 +278,10 @@ def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> tuple[jax.Array, .
     rows_dk = jax.ShapeDtypeStruct((bsz, heads, length, dk), DTYPE)
     out_type = (rows_dk, jax.ShapeDtypeStruct((bsz, heads, n_chunks, CHUNK, CHUNK), DTYPE),
                 rows_dk, rows_dk)  # fmt: skip
-    return plgpu.kernel(
-        functools.partial(_prep_kernel, interpret=cfg.interpret),
-        out_type=out_type,
-        scratch_types=scratch,
-        grid=(bsz * heads * n_chunks,),
-        grid_names=("p",),
-        interpret=interpret_params() if cfg.interpret else None,
-    )(q, k, t_mat, *mosaic_gpu_fwd.factors(inputs, cfg))
+    return mosaic_gpu_fwd.per_chunk(
+        _prep_kernel, out_type, scratch, bsz * heads * n_chunks, cfg.interpret,
+        "gated delta mosaic W / scores kernel",
+    )(q, k, t_mat, *mosaic_gpu_fwd.factors(inputs, cfg))  # fmt: skip
 
 
 GRAD_DIMS = (64, 128)  # the dk and dv of the gradient kernel (a chunk's whole dv in one CTA)
@@ -348,8 +334,6 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
     batch, head, n, rows = mosaic_gpu_fwd.chunk_program(heads, length)
     wait = mosaic_gpu_fwd.load_chunk(
         {
-            "rows": (fr_ref.at[batch, head, n], fr_s),
-            "cols": (fc_ref.at[batch, head, n], fc_s),
             "q": (q_ref.at[batch, rows, head], q_s),
             "k": (k_ref.at[batch, rows, head], k_s),
             "u": (u_ref.at[batch, head, rows], u_s),
@@ -360,12 +344,12 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
             "t": (t_ref.at[batch, head, n], t_s),
             "v": (v_ref.at[batch, rows, head], v_s),
         },
+        (fr_ref, fc_ref, fr_s, fc_s),
         ready,
     )
     cc, ck, cv = (CHUNK, CHUNK), (CHUNK, dk), (CHUNK, dv)
     zero = lambda shape: zero_acc(shape, interpret)  # noqa: E731
     tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731 (registers, float32)
-    bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
 
     def publish(ref, x) -> None:  # x as a wgmma operand in shared memory
         ref[...] = x.astype(ref.dtype)
@@ -376,22 +360,12 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
         plgpu.copy_smem_to_gmem(ref, dst)
 
     wait("rows", "cols", "q", "k", "u", "do")
-    gam_r, doc_r, beta_r, gread_r, eend_r, kscale_r = (
-        vector(fr_s.at[i], 0, interpret) for i in range(6)
-    )
-    gam_c, doc_c, kscale_c, beta_c = (vector(fc_s.at[i], 1, interpret) for i in range(4))
+    g = mosaic_gpu_fwd.Gates(fr_s, fc_s, interpret)
     q, k, u, do = wgmma_operands((q_s, k_s, u_s, do_s), interpret)
-    row, col = iota(cc, 0, interpret), iota(cc, 1, interpret)
-    same = bcast(doc_r, cc, 0) == bcast(doc_c, cc, 1)
-    gap = bcast(gam_r, cc, 0) - bcast(gam_c, cc, 1)
-
-    def decay(keep):  # exp(gam_t - gam_s) where keep, else 0
-        return jnp.where(keep, jnp.exp(jnp.where(keep, gap, 0.0)), 0.0)
-
     # the scores' backward: dsc = dO U^T against sc = Q K^T * decay_incl
     sc, dsc = mma(((zero(cc), [(q, Transposed(k))]), (zero(cc), [(do, Transposed(u))])),
                   interpret)  # fmt: skip
-    decay_incl = decay((col <= row) & same)
+    decay_incl = g.decay(strict=False)
     pairs = dsc * sc * decay_incl
     dgam_c, dgam_r = jnp.sum(pairs, axis=1), -jnp.sum(pairs, axis=0)
     dscores = dsc * decay_incl
@@ -400,7 +374,7 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
     wait("h")
     (h,) = wgmma_operands((h_s,), interpret)
     (dq_s,) = mma(((zero(ck), [(do, Transposed(h))]),), interpret)
-    dq_s = dq_s * bcast(gread_r, ck, 0)
+    dq_s = dq_s * g.t("g_read", dk)
     dgam_c += jnp.sum(tile(q_s) * dq_s, axis=1)
     (dq,) = mma(((dq_s, [(dscores.astype(DTYPE), k)]),), interpret)
     (dk_acc,) = mma(((zero(ck), [(Transposed(cc_s), q)]),), interpret)  # dscores^T Q
@@ -409,7 +383,7 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
     wait("dh")
     (dh,) = wgmma_operands((dh_s,), interpret)
     (dk_end,) = mma(((zero(ck), [(u, Transposed(dh))]),), interpret)
-    dk_end = dk_end * bcast(eend_r, ck, 0)
+    dk_end = dk_end * g.t("e_end", dk)
     de = jnp.sum(dk_end * tile(k_s), axis=1)
     dgam_c -= de
     dk_acc += dk_end
@@ -423,23 +397,23 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
     dw = -dw
     publish(dw_s, dw)
     (dt_w,) = mma(((zero(cc), [(dw.astype(DTYPE), Transposed(k))]),), interpret)
-    dt = dt_v * bcast(beta_c, cc, 1) + dt_w * bcast(kscale_c, cc, 1)
+    dt = dt_v * g.s("beta") + dt_w * g.s("kg_scale")
     publish(cc_s, dt)  # dscores' last read (dscores^T Q) is done
     (dkg,) = mma(((zero(ck), [(Transposed(t), dw_s)]),), interpret)
-    dk_acc += dkg * bcast(kscale_r, ck, 0)
+    dk_acc += dkg * g.t("kg_scale", dk)
     dkg_k = jnp.sum(dkg * tile(k_s), axis=1)
-    dbeta, dgam_c = dkg_k * gread_r, dgam_c + dkg_k * kscale_r
+    dbeta, dgam_c = dkg_k * g.vector("g_read"), dgam_c + dkg_k * g.vector("kg_scale")
     # dV = beta T^T dU, and V's part of dbeta
     (dvb,) = mma(((zero(cv), [(Transposed(t), du)]),), interpret)
     dbeta += jnp.sum(dvb * tile(v_s), axis=1)
-    copy_out(v_s, dvb * bcast(beta_r, cv, 0), dv_ref.at[batch, rows, head])
+    copy_out(v_s, dvb * g.t("beta", dv), dv_ref.at[batch, rows, head])
     # T = (I + A)^{-1}: dA = -T^T dT T^T; A = K K^T * decay_strict * beta_t
     x, kk = mma(((zero(cc), [(Transposed(t), cc_s)]), (zero(cc), [(k, Transposed(k))])),
                 interpret)  # fmt: skip
     (dkk,) = mma(((zero(cc), [(x.astype(DTYPE), Transposed(t))]),), interpret)
-    dkk = -dkk * decay((col < row) & same)
+    dkk = -dkk * g.decay(strict=True)
     dbeta += jnp.sum(dkk * kk, axis=1)
-    dkk = dkk * bcast(beta_r, cc, 0)
+    dkk = dkk * g.t("beta")
     da_a = dkk * kk
     dgam_c, dgam_r = dgam_c + jnp.sum(da_a, axis=1), dgam_r - jnp.sum(da_a, axis=0)
     publish(cc_s, dkk)  # dT's last read is done
@@ -475,14 +449,10 @@ def gradients(inputs: dict, res: tuple, do: jax.Array, dh: jax.Array, du: jax.Ar
         jax.ShapeDtypeStruct((bsz, heads, n_chunks, 3 + dk // ROWS, CHUNK), F32),
         jax.ShapeDtypeStruct((bsz, heads, n_chunks, 1, CHUNK), F32),
     )
-    dq, dk_grad, dv_grad, per_row, per_col = plgpu.kernel(
-        functools.partial(_grad_kernel, interpret=cfg.interpret),
-        out_type=out_type,
-        scratch_types=scratch,
-        grid=(bsz * heads * n_chunks,),
-        grid_names=("p",),
-        interpret=interpret_params() if cfg.interpret else None,
-    )(q, k, v, u, do.astype(DTYPE), du, t_mat, h, dh, rows, cols)
+    dq, dk_grad, dv_grad, per_row, per_col = mosaic_gpu_fwd.per_chunk(
+        _grad_kernel, out_type, scratch, bsz * heads * n_chunks, cfg.interpret,
+        "gated delta mosaic gradient kernel",
+    )(q, k, v, u, do.astype(DTYPE), du, t_mat, h, dh, rows, cols)  # fmt: skip
     dbeta, dgam_c, de = (per_row[..., i, :] for i in range(3))
     dlast = chunk_carry(inputs, cfg) * jnp.sum(per_row[..., 3:, :], axis=(-2, -1))
     dgam_c = dgam_c.at[..., -1].add(dlast + jnp.sum(de, axis=-1))

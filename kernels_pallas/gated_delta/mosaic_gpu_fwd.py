@@ -91,9 +91,30 @@ def chunk_program(heads: int, length: int) -> tuple:
     return batch, head, n, pl.ds(pl.multiple_of(n * CHUNK, CHUNK), CHUNK)
 
 
-def load_chunk(copies: dict, ready):
-    """Issue the TMA copies ``name -> (src, dst)``, one barrier of ``ready`` each (in order);
-    returns ``wait(*names)``, which waits for those."""
+def per_chunk(kernel, out_type, scratch, chunks: int, interpret: bool, who: str):
+    """``plgpu.kernel`` of ``kernel(*refs, interpret=...)`` with one CTA (one warpgroup) per
+    chunk: grid ``(chunks,)`` named "p" (:func:`chunk_program`); ``ValueError`` naming ``who``
+    when ``scratch`` needs more shared memory than an SM has."""
+    if (need := smem_footprint(scratch)) > SMEM_BYTES:
+        raise ValueError(f"{who}: needs {need} B of shared memory > {SMEM_BYTES}")
+    return plgpu.kernel(
+        functools.partial(kernel, interpret=interpret),
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(chunks,),
+        grid_names=("p",),
+        interpret=interpret_params() if interpret else None,
+    )
+
+
+def load_chunk(copies: dict, factors: tuple, ready):
+    """Issue the TMA copies ``name -> (src, dst)`` and those of this CTA's chunk of
+    :func:`factors` (``(rows_ref, cols_ref, rows_smem, cols_smem)``, named "rows" and "cols"),
+    one barrier of ``ready`` each (in order); returns ``wait(*names)``, which waits for those."""
+    batch, head, n, _ = chunk_program(factors[0].shape[1], factors[0].shape[2] * CHUNK)
+    rows_ref, cols_ref, rows_smem, cols_smem = factors
+    copies = {"rows": (rows_ref.at[batch, head, n], rows_smem),
+              "cols": (cols_ref.at[batch, head, n], cols_smem), **copies}  # fmt: skip
     index = {}
     for i, (name, (src, dst)) in enumerate(copies.items()):
         plgpu.copy_gmem_to_smem(src, dst, ready.at[i])
@@ -104,6 +125,39 @@ def load_chunk(copies: dict, ready):
             plgpu.barrier_wait(ready.at[index[name]])
 
     return wait
+
+
+class Gates:
+    """One chunk's :func:`factors` in registers (loaded by :func:`load_chunk`'s "rows" and
+    "cols" copies), broadcast on demand: :meth:`t` along rows (per token ``t``), :meth:`s`
+    along columns (per token ``s``)."""
+
+    ROWS = ("gam", "doc", "beta", "g_read", "e_end", "kg_scale")
+    COLS = ("gam", "doc", "kg_scale", "beta")
+
+    def __init__(self, rows_smem, cols_smem, interpret: bool):
+        self.interpret = interpret
+        self._t = {n: vector(rows_smem.at[i], 0, interpret) for i, n in enumerate(self.ROWS)}
+        self._s = {n: vector(cols_smem.at[i], 1, interpret) for i, n in enumerate(self.COLS)}
+
+    def t(self, name: str, columns: int = CHUNK) -> jax.Array:
+        """Row factor ``name`` ``[C, columns]``."""
+        return lax.broadcast_in_dim(self._t[name], (CHUNK, columns), (0,))
+
+    def s(self, name: str) -> jax.Array:
+        """Column factor ``name`` ``[C, C]``."""
+        return lax.broadcast_in_dim(self._s[name], (CHUNK, CHUNK), (1,))
+
+    def vector(self, name: str) -> jax.Array:
+        """Row factor ``name`` ``[C]``."""
+        return self._t[name]
+
+    def decay(self, *, strict: bool) -> jax.Array:
+        """``exp(gam_t - gam_s)`` for ``s < t`` (``strict``) or ``s <= t`` in one document,
+        else 0 (:func:`._chunk.decay`)."""
+        row, col = (iota((CHUNK, CHUNK), d, self.interpret) for d in (0, 1))
+        keep = ((col < row) if strict else (col <= row)) & (self.t("doc") == self.s("doc"))
+        return jnp.where(keep, jnp.exp(jnp.where(keep, self.t("gam") - self.s("gam"), 0.0)), 0.0)
 
 
 def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -128,25 +182,17 @@ def _ut_kernel(k_ref, v_ref, fr_ref, fc_ref, w_ref, uv_ref, *refs, save_t: bool,
     dv, dtype = v_ref.shape[-1], k_ref.dtype
     batch, head, n, rows = chunk_program(heads, length)
     wait = load_chunk(
-        {
-            "k": (k_ref.at[batch, rows, head], k_smem),
-            "rows": (fr_ref.at[batch, head, n], fr_smem),
-            "cols": (fc_ref.at[batch, head, n], fc_smem),
-            "v": (v_ref.at[batch, rows, head], v_smem),
-        },
+        {"k": (k_ref.at[batch, rows, head], k_smem), "v": (v_ref.at[batch, rows, head], v_smem)},
+        (fr_ref, fc_ref, fr_smem, fc_smem),
         ready,
     )
-    wait("k", "rows", "cols")  # V's load goes on under the inverse
+    wait("rows", "cols", "k")  # V's load goes on under the inverse
     shape = (CHUNK, CHUNK)
-    bcast = lambda x, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
-    gam_r, doc_r, beta_r = (bcast(vector(fr_smem.at[i], 0, interpret), 0) for i in range(3))
-    gam_c, doc_c, kscale_c, beta_c = (bcast(vector(fc_smem.at[i], 1, interpret), 1)
-                                      for i in range(4))  # fmt: skip
+    g = Gates(fr_smem, fc_smem, interpret)
     (k,) = wgmma_operands((k_smem,), interpret)
     (kk,) = mma(((zero_acc(shape, interpret), [(k, Transposed(k))]),), interpret)
     row, col = iota(shape, 0, interpret), iota(shape, 1, interpret)
-    keep = (col < row) & (doc_r == doc_c)
-    a = jnp.where(keep, kk * jnp.exp(jnp.where(keep, gam_r - gam_c, 0.0)) * beta_r, 0.0)
+    a = kk * g.decay(strict=True) * g.t("beta")
 
     def cross(size: int) -> jax.Array:  # as in _chunk.unit_lower_inverse
         return ((row ^ col) < 2 * size) & ((row & size) != 0) & ((col & size) == 0)
@@ -167,10 +213,10 @@ def _ut_kernel(k_ref, v_ref, fr_ref, fc_ref, w_ref, uv_ref, *refs, save_t: bool,
         size *= 2
     wait("v")
     (v,) = wgmma_operands((v_smem,), interpret)
-    (w,) = mma(((zero_acc((CHUNK, dk), interpret), [((t * kscale_c).astype(dtype), k)]),),
+    (w,) = mma(((zero_acc((CHUNK, dk), interpret), [((t * g.s("kg_scale")).astype(dtype), k)]),),
                interpret)  # fmt: skip
     k_smem[...] = w.astype(dtype)  # K's last read is done: its buffer stages W
-    tv, vb = (t * beta_c).astype(dtype), _value_blocks(dv)
+    tv, vb = (t * g.s("beta")).astype(dtype), _value_blocks(dv)
     for j in range(dv // vb):
         cols = pl.ds(j * vb, vb)
         v_j = v[:, j * vb : (j + 1) * vb] if interpret else v.at[:, cols]
@@ -211,10 +257,6 @@ def ut_transform(inputs: dict, cfg: Cfg, *, save_t: bool):
     k, v = inputs["k"], inputs["v"]
     bsz, length, heads, dk = k.shape
     dv = v.shape[-1]
-    scratch = ut_scratch(k.dtype, cfg.store, dk, dv)
-    if (need := smem_footprint(scratch)) > SMEM_BYTES:
-        raise ValueError(f"gated delta mosaic UT transform: dk={dk}, dv={dv} need {need} B of "
-                         f"shared memory > {SMEM_BYTES}")  # fmt: skip
     n_chunks = length // CHUNK
     out_type = [
         jax.ShapeDtypeStruct((bsz, heads, length, dk), k.dtype),
@@ -222,14 +264,11 @@ def ut_transform(inputs: dict, cfg: Cfg, *, save_t: bool):
     ]
     if save_t:
         out_type.append(jax.ShapeDtypeStruct((bsz, heads, n_chunks, CHUNK, CHUNK), cfg.store))
-    outs = plgpu.kernel(
-        functools.partial(_ut_kernel, save_t=save_t, interpret=cfg.interpret),
-        out_type=tuple(out_type),
-        scratch_types=scratch,
-        grid=(bsz * heads * n_chunks,),
-        grid_names=("p",),
-        interpret=interpret_params() if cfg.interpret else None,
-    )(k, v, *factors(inputs, cfg))
+    outs = per_chunk(
+        functools.partial(_ut_kernel, save_t=save_t), tuple(out_type),
+        ut_scratch(k.dtype, cfg.store, dk, dv), bsz * heads * n_chunks, cfg.interpret,
+        f"gated delta mosaic UT transform (dk={dk}, dv={dv})",
+    )(k, v, *factors(inputs, cfg))  # fmt: skip
     return outs[0], outs[1], (outs[2] if save_t else None)
 
 
