@@ -235,7 +235,8 @@ DOCS = np.repeat([[1, 2, 3, 4]], [70, 58, 30, 42], axis=1)
     [(64, 64, jnp.bfloat16, True, True, "triton", "triton"),
      (128, 128, jnp.bfloat16, False, True, "triton", "mosaic"),
      (64, 128, jnp.float16, True, False, "triton", "triton"),
-     (64, 128, jnp.bfloat16, True, True, "mosaic", "mosaic")],
+     (64, 128, jnp.bfloat16, True, True, "mosaic", "mosaic"),
+     (128, 64, jnp.bfloat16, True, False, "mosaic", "mosaic")],
 )  # fmt: skip
 def test_mosaic_fused_forward(races, dk, dv, dtype, docs, gated, ut, grad, rng):
     """``lowering="mosaic"`` (Triton's UT transform, or with ``ut_lowering="mosaic"`` the Mosaic
