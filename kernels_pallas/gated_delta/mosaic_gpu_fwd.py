@@ -107,12 +107,13 @@ def per_chunk(kernel, out_type, scratch, chunks: int, interpret: bool, who: str)
     )
 
 
-def load_chunk(copies: dict, factors: tuple, ready):
+def load_chunk(copies: dict, gate_refs: tuple, ready):
     """Issue the TMA copies ``name -> (src, dst)`` and those of this CTA's chunk of
-    :func:`factors` (``(rows_ref, cols_ref, rows_smem, cols_smem)``, named "rows" and "cols"),
-    one barrier of ``ready`` each (in order); returns ``wait(*names)``, which waits for those."""
-    batch, head, n, _ = chunk_program(factors[0].shape[1], factors[0].shape[2] * CHUNK)
-    rows_ref, cols_ref, rows_smem, cols_smem = factors
+    :func:`factors` (``gate_refs = (rows_ref, cols_ref, rows_smem, cols_smem)``, named "rows"
+    and "cols"), one barrier of ``ready`` each (in order); returns ``wait(*names)``, which
+    waits for those."""
+    rows_ref, cols_ref, rows_smem, cols_smem = gate_refs
+    batch, head, n, _ = chunk_program(rows_ref.shape[1], rows_ref.shape[2] * CHUNK)
     copies = {"rows": (rows_ref.at[batch, head, n], rows_smem),
               "cols": (cols_ref.at[batch, head, n], cols_smem), **copies}  # fmt: skip
     index = {}
