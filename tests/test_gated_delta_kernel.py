@@ -316,19 +316,19 @@ def test_mosaic_ut_transform(races, dk, dv, dtype, docs, rng):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-def test_gpu_mosaic_fused_forward(rng):
+@pytest.mark.parametrize("kernels", KERNEL_LOWERINGS)
+def test_gpu_mosaic_fused_forward(kernels, rng):
     """``lowering="mosaic"`` compiled on a Hopper GPU (the fused forward, the Mosaic GPU
-    reverse state pass in the backward), with Triton's UT transform and gradient kernel and with
-    the Mosaic GPU ones: bf16 at width 128, 8
-    chunks, fwd + grads; the second row packs documents. Bounds as in interpret mode."""
+    reverse state pass in the backward), with the UT transform and the backward's parallel
+    kernels by ``kernels`` (``ut_lowering``, ``grad_lowering``): bf16 at width 128, 8 chunks,
+    fwd + grads; the second row packs documents. Bounds as in interpret mode."""
     q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(2, 512, 4, 128, 128))
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
     seg = jnp.asarray(np.stack([np.ones(512, np.int32), np.repeat([1, 2, 3], [100, 300, 112])]))
-    for kernels in KERNEL_LOWERINGS:
-        errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng, ut=kernels,
-                             grad=kernels)  # fmt: skip
-        assert errs.pop("vs triton") < 1e-2, kernels
-        assert all(e < 2e-2 for e in errs.values()), (kernels, errs)
+    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng, ut=kernels,
+                         grad=kernels)  # fmt: skip
+    assert errs.pop("vs triton") < 1e-2
+    assert all(e < 2e-2 for e in errs.values()), errs
 
 
 @pytest.mark.gpu
