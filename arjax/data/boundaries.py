@@ -116,24 +116,14 @@ def _first_after(mask: jax.Array) -> jax.Array:
 _CHAR_BYTES = 4  # the most bytes a character (or an ill-formed subpart) of UTF-8 spans
 
 
-def _char_before(first: jax.Array, value: jax.Array, fill) -> jax.Array:
-    """``value`` at the previous character start (``first``) strictly before each position,
-    ``fill`` if none: a character spans at most 4 bytes, so it is at most 4 back (a look-back,
-    elementwise, where ``_fill`` would scan the row)."""
+def _char_near(first: jax.Array, value: jax.Array, fill, *, reverse: bool = False):
+    """``value`` at the nearest character start (``first``) strictly before each position (the
+    nearest strictly after with ``reverse``), ``fill`` if none: a character spans at most 4
+    bytes, so that start is at most 4 away (elementwise, where :func:`_fill` scans the row)."""
     out = jnp.full_like(value, fill)
     for k in range(_CHAR_BYTES, 0, -1):  # the nearest start last
-        out = jnp.where(_shift(first, k, False), _shift(value, k, fill), out)
-    return out
-
-
-def _next_char(first: jax.Array) -> jax.Array:
-    """Index of the next character start strictly after each position, ``len`` if none (at most
-    4 ahead: a look-ahead, elementwise, where ``_first_after`` would scan the row)."""
-    n = first.shape[1]
-    idx = jnp.arange(n, dtype=jnp.int32)[None]
-    out = jnp.full(first.shape, n, jnp.int32)
-    for k in range(_CHAR_BYTES, 0, -1):  # the nearest start last
-        out = jnp.where(_shift(first, -k, False), idx + k, out)
+        d = -k if reverse else k
+        out = jnp.where(_shift(first, d, False), _shift(value, d, fill), out)
     return out
 
 
@@ -284,7 +274,7 @@ def _word_starts(byte_ids: jax.Array, lengths: jax.Array, max_word_bytes: int) -
 
     # UAX #29 segments
     ignorable = first & _in(cls, EXTEND, ZWJ)
-    props_p = _char_before(first, props, BARRIER)  # the previous character's
+    props_p = _char_near(first, props, BARRIER)  # the previous character's
     cls_p = props_p & _CLASS_BITS
     eff = jnp.where(ep & (cls_p == ZWJ), OTHER, cls)  # a WB3c pictograph ends its segment
     solid = first & ~ignorable
@@ -302,7 +292,7 @@ def _word_starts(byte_ids: jax.Array, lengths: jax.Array, max_word_bytes: int) -
     piece = first & (barrier | ~join | cut)
     piece_end = _first_after(piece)
     next_nonwhite = lax.cummin(jnp.where(first & ~white, idx, n), axis=1, reverse=True)
-    single = piece_end == _next_char(first)
+    single = piece_end == _char_near(first, jnp.broadcast_to(idx, first.shape), n, reverse=True)
     kind = jnp.select(
         [barrier, single & (code == 0x20), next_nonwhite >= piece_end, single & punct],
         [WHITE_PIECE, SPACE_PIECE, WHITE_PIECE, PUNCT_PIECE],
