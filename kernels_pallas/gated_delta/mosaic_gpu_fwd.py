@@ -69,8 +69,8 @@ def factors(inputs: dict, cfg: Cfg) -> tuple[jax.Array, jax.Array]:
     gam)`` where it reaches the outgoing one, ``kg_scale = beta g_read``; along columns (``s``,
     ``n = 4``) ``gam``, the document index, ``kg_scale``, ``beta``. (Two buffers:
     :func:`.fused.gate_factors` says why.)"""
-    per_chunk = lambda x: rearrange(x, "b h (n c) 1 -> b h n c", c=CHUNK)  # noqa: E731
-    gam, beta = per_chunk(inputs["gam_c"]), per_chunk(inputs["beta_c"])
+    chunked = lambda x: rearrange(x, "b h (n c) 1 -> b h n c", c=CHUNK)  # noqa: E731
+    gam, beta = chunked(inputs["gam_c"]), chunked(inputs["beta_c"])
     doc, g_read = jnp.zeros_like(gam), jnp.exp(gam)
     e_end = jnp.exp(jnp.minimum(gam[..., -1:] - gam, 0.0))
     if cfg.segments:
