@@ -139,7 +139,8 @@ step hat_decode_b256 580 python3 experiments/bench_hat_decode.py --train-seconds
   --new-bytes 128 --park 0.5 0.75 --no-step-times --name bench_hat_decode_b256
 step hat_decode_check 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --train-batch 16 \
   --batch-sizes 1 --new-bytes 128 --check-rows 0 2 --no-step-times --name bench_hat_decode_check
-step gated_delta_mosaic 560 bash -c "$PYTEST -m gpu tests/test_gated_delta_kernel.py; rc=\$?; \
+step gated_delta_mosaic 560 bash -c "XLA_PYTHON_CLIENT_PREALLOCATE=false $PYTEST -n 8 --timeout 240 \
+  -m gpu tests/test_gated_delta_kernel.py; rc=\$?; \
   python3 experiments/bench_gated_delta.py --no-check --impls mosaic,jla,mosaic_full \
   --profile mosaic,mosaic_full --out experiments/results/bench_gated_delta_mosaic_full; exit \$rc"
 echo "failed steps:${FAILED:- none}" | tee -a "$LOG"
