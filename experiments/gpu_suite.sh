@@ -126,6 +126,10 @@ step scaling 420 python3 experiments/bench_scaling.py  # needs >= 2 GPUs
 step decode_attention 120 python3 experiments/bench_decode_attention.py
 step profile_decode 240 env XLA_FLAGS=--xla_gpu_enable_command_buffer= \
   python3 experiments/profile_decode.py  # command buffers would hide the ops from the trace
+step gated_delta_mosaic 560 bash -c "XLA_PYTHON_CLIENT_PREALLOCATE=false $PYTEST -n 8 --timeout 240 \
+  -m gpu tests/test_gated_delta_kernel.py; rc=\$?; \
+  python3 experiments/bench_gated_delta.py --no-check --impls mosaic,jla,mosaic_full \
+  --profile mosaic,mosaic_full --out experiments/results/bench_gated_delta_mosaic_full; exit \$rc"
 step hat_pair 580 python3 experiments/bench_train.py --no-profile \
   --only hat-1b-b16-unrolled-noremat,1b-b16-unrolled-noremat --out experiments/results/bench_train_pair
 step hat_profile 580 python3 experiments/bench_train.py --only hat-1b-b16-unrolled-noremat \
@@ -139,10 +143,6 @@ step hat_decode_b256 580 python3 experiments/bench_hat_decode.py --train-seconds
   --new-bytes 128 --park 0.5 0.75 --no-step-times --name bench_hat_decode_b256
 step hat_decode_check 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --train-batch 16 \
   --batch-sizes 1 --new-bytes 128 --check-rows 0 2 --no-step-times --name bench_hat_decode_check
-step gated_delta_mosaic 560 bash -c "XLA_PYTHON_CLIENT_PREALLOCATE=false $PYTEST -n 8 --timeout 240 \
-  -m gpu tests/test_gated_delta_kernel.py; rc=\$?; \
-  python3 experiments/bench_gated_delta.py --no-check --impls mosaic,jla,mosaic_full \
-  --profile mosaic,mosaic_full --out experiments/results/bench_gated_delta_mosaic_full; exit \$rc"
 echo "failed steps:${FAILED:- none}" | tee -a "$LOG"
 cp "$LOG" "$OUT/log.txt"
 tar czf "$OUT/results.tgz" experiments/results "$OUT/bench" 2>/dev/null
