@@ -20,13 +20,11 @@ transpose (a reverse cumsum) are XLA around the kernels.
 Drivers (one file per lowering and pass): ``backend="gpu"`` Pallas Triton (:mod:`.triton_fwd`,
 :mod:`.triton_bwd`), ``"tpu"`` Pallas Mosaic TPU (:mod:`.mosaic_tpu_fwd`,
 :mod:`.mosaic_tpu_bwd`; the Triton launch parameters: :mod:`.tuning`); all run in interpret
-mode on CPU. On Hopper, ``lowering="mosaic"`` replaces the GPU forward's state pass and output
-kernel by one fused Pallas Mosaic GPU pass that keeps the state on chip (:mod:`.mosaic_gpu_fwd`),
-and the backward's reverse state pass by a warp-specialized Mosaic GPU one
-(:mod:`.mosaic_gpu_bwd`); with ``ut_lowering="mosaic"`` also the forward's UT transform
-(:func:`.mosaic_gpu_fwd.ut_transform`), with ``grad_lowering="mosaic"`` the backward's
-chunk-parallel kernels (:func:`.mosaic_gpu_bwd.w_and_scores`, :func:`.mosaic_gpu_bwd.gradients`):
-with both, no Triton kernel is left.
+mode on CPU. On Hopper, ``lowering="mosaic"`` runs Pallas Mosaic GPU kernels only: the UT
+transform and one fused pass that keeps the state on chip (:mod:`.mosaic_gpu_fwd`); the
+backward's W / scores kernel, a warp-specialized reverse state pass and the gradient kernel
+(:mod:`.mosaic_gpu_bwd`; Triton's W / scores and gradient kernels where the Mosaic GPU ones do
+not apply: float16, or ``dk``/``dv`` outside 64 and 128).
 The float32 reference is :func:`arjax.ops.gated_delta_rule_reference` (the recurrence).
 """
 
@@ -51,7 +49,6 @@ from kernels_pallas.gated_delta._chunk import F32, Cfg
 from kernels_pallas.gated_delta.tuning import TritonTuning
 
 BACKENDS = ("gpu", "tpu")
-KERNEL_LOWERINGS = ("triton", "mosaic")  # of the UT transform, the backward's parallel kernels
 # dk * block_v: 64 x 128 overflows an H200's shared memory in the backward; 128 x 64 fits
 # (experiments/results/gpu_suite.md, run 7a).
 MAX_GPU_TILE = 8192
@@ -186,8 +183,6 @@ def gated_delta_rule(
     interpret: bool | None = None,
     lowering: str = "triton",
     tuning: TritonTuning | None = None,
-    ut_lowering: str = "triton",
-    grad_lowering: str = "triton",
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``,
     differentiable in every float argument.
@@ -196,16 +191,10 @@ def gated_delta_rule(
     dk)`` halved down to 16 that divides dv, else dv; all of dv on TPU);
     ``backend`` defaults to the platform's (the GPU kernels on CPU), ``interpret`` to True
     off that platform. Lengths need not be multiples of ``chunk_size`` (zero padding).
-    ``lowering`` (``backend="gpu"`` only): "triton", or "mosaic" for the Hopper kernels: the
-    fused forward (:mod:`.mosaic_gpu_fwd`) and the backward's reverse state pass
-    (:mod:`.mosaic_gpu_bwd`), Triton's kernels around them (chunk 64, bf16/fp16, dk 64 or 128,
-    dv a multiple of 64). ``tuning``: the Triton kernels' launch parameters
-    (:class:`.tuning.TritonTuning`; default: its measured defaults). ``ut_lowering`` (with
-    ``lowering="mosaic"``): the forward's UT transform by Triton's kernel ("triton") or by the
-    Mosaic GPU one (:func:`.mosaic_gpu_fwd.ut_transform`, "mosaic"; not yet run on a GPU);
-    ``grad_lowering`` likewise for the backward's chunk-parallel kernels, the ``W`` / scores
-    one and the gradient kernel (:mod:`.mosaic_gpu_bwd`: bf16, dk and dv 64 or 128; not yet
-    run on a GPU).
+    ``lowering`` (``backend="gpu"`` only): "triton", or "mosaic" for the Hopper kernels
+    (:mod:`.mosaic_gpu_fwd`, :mod:`.mosaic_gpu_bwd`; chunk 64, bf16/fp16, dk 64 or 128, dv a
+    multiple of 64). ``tuning``: the Triton kernels' launch parameters
+    (:class:`.tuning.TritonTuning`; default: its measured defaults).
     """
     backend, interpret = _resolve(backend, interpret)
     if lowering not in ("triton", "mosaic") or (lowering == "mosaic" and backend != "gpu"):
@@ -213,14 +202,6 @@ def gated_delta_rule(
             "gated_delta_rule (Pallas): lowering must be 'triton' or 'mosaic' (backend 'gpu'), "
             f"got {lowering!r} with backend {backend!r}"
         )
-    for name, value in (("ut_lowering", ut_lowering), ("grad_lowering", grad_lowering)):
-        if value not in KERNEL_LOWERINGS or (value == "mosaic" and lowering != "mosaic"):
-            raise ValueError(
-                f"gated_delta_rule (Pallas): {name} must be one of {KERNEL_LOWERINGS} ('mosaic' "
-                f"with lowering 'mosaic'), got {value!r} with lowering {lowering!r}"
-            )
-    if grad_lowering == "mosaic":
-        mosaic_gpu_bwd.check_gradients(q, v)
     if lowering == "mosaic":
         mosaic_gpu_fwd.check_supported(q, v, chunk=chunk_size)
     tuning = TritonTuning() if tuning is None else tuning
@@ -245,12 +226,12 @@ def gated_delta_rule(
         q, k, v = (rearrange(x, "b l h d -> b h l d") for x in (q, k, v))
     docs = None if segment_ids is None else _documents(segment_ids, pad, c)
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state
-    cfg = Cfg(backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering,
-              tuning, ut_lowering, grad_lowering)  # fmt: skip
+    segments, exact = segment_ids is not None, q.dtype == F32
+    cfg = Cfg(backend, interpret, c, block_v, segments, exact, lowering, tuning)
     out, s_final = _core(q, k, v, beta, gam, s0, docs, cfg)
     if backend == "tpu":
         out = rearrange(out, "b h l d -> b l h d")
     return out[:, :length], s_final
 
 
-__all__ = ["BACKENDS", "KERNEL_LOWERINGS", "TritonTuning", "gated_delta_rule"]
+__all__ = ["BACKENDS", "TritonTuning", "gated_delta_rule"]

@@ -58,8 +58,6 @@ class Cfg:
     exact: bool  # float32 inputs: float32-accurate MMAs
     lowering: str = "triton"  # GPU forward: "triton", or "mosaic" (the fused Hopper pass)
     tuning: TritonTuning = TritonTuning()  # the Triton kernels' launch parameters
-    ut_lowering: str = "triton"  # lowering "mosaic": the UT transform's, "triton" or "mosaic"
-    grad_lowering: str = "triton"  # likewise, the backward's chunk-parallel kernels
 
     @property
     def store(self):

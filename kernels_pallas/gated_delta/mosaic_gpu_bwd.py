@@ -1,11 +1,11 @@
 """Hopper backward of the gated delta rule in Pallas Mosaic GPU: the reverse state pass, and
 the chunk-parallel kernels around it.
 
-Triton's :func:`.triton_bwd.w_and_scores` gives every chunk's ``W = T kg``, the scores ``Q K^T
-* decay_incl`` and, for this pass, the scaled rows ``K e_end`` and ``-(Q g_read)`` (parallel over
-chunks). One CTA per (batch, head, ``BLOCK_V``-column value tile) then walks the chunks in
-reverse with ``dS = dL/dS`` ``[dk, BLOCK_V]`` in float32 registers, as
-:func:`._chunk.u_grad` and :func:`._chunk.state_grad`: per chunk
+:func:`w_and_scores` gives every chunk's ``W = T kg``, the scores ``Q K^T * decay_incl`` and,
+for this pass, the scaled rows ``K e_end`` and ``-(Q g_read)`` (parallel over chunks). One CTA
+per (batch, head, ``BLOCK_V``-column value tile) then walks the chunks in reverse with ``dS =
+dL/dS`` ``[dk, BLOCK_V]`` in float32 registers, as :func:`._chunk.u_grad` and
+:func:`._chunk.state_grad`: per chunk
 
 * ``dS`` is published in bf16 (the chunk's ``dh``, which the gradient kernel reads, and the
   next product's operand);
@@ -18,20 +18,21 @@ Two warpgroups: a producer streams ``K e_end``, ``-(Q g_read)``, ``W``, ``dO``, 
 and the carries through a ring of ``stages`` slots with TMA, the state warpgroup runs the chain
 and copies ``dh`` and ``dU`` out of their two-slot buffers. The operands are those of the
 Triton pass rounded the same way (bf16 ``wgmma`` operands, float32 accumulation); only the
-summation order inside the products differs. The rest of the backward is Triton's, unless:
+summation order inside the products differs.
 
-With ``grad_lowering="mosaic"`` the kernels around it are this module's too. The ``W`` /
-scores kernel (:func:`w_and_scores`) gives this pass's operands, one warpgroup per chunk, ``W``
-formed as :func:`.mosaic_gpu_fwd.ut_transform` forms it. The gradient kernel
-(:func:`gradients`): one warpgroup per chunk loads every operand of the chunk (``Q, K, V, U,
-dO, dU, T``, the state entering it and ``dL/dS`` leaving it) with TMA and runs
-:func:`._chunk.tile_backward` on the whole ``dv``, :func:`._chunk.scores_backward` and
-:func:`._chunk.finish_backward`: 16 ``wgmma`` products issued in 12 groups (each waited for
-before the next), the ``[C, C]`` intermediates that a product reads transposed or as its right
-operand (``dscores``, ``dL/dT``, ``dL/d(K K^T)``) published in one bf16 buffer in turn, ``dQ``,
-``dK``, ``dV`` staged in their operands' buffers. The state carry's part of ``dL/dgam_last``
-leaves the kernel as per-row parts (``S . dS``, and ``K . dK_end``) that XLA sums. Not yet run
-on a GPU.
+The kernels around it are this module's where :func:`mosaic_gradients` holds (bf16, ``dk`` and
+``dv`` in :data:`GRAD_DIMS`), else Triton's (:func:`.triton_bwd.w_and_scores`,
+:func:`.triton_bwd.gradients`), which they replaced when measured faster on an H100
+(``experiments/results/bench_gated_delta_mosaic_full.md``). The ``W`` / scores kernel
+(:func:`w_and_scores`): one warpgroup per chunk, ``W`` formed as
+:func:`.mosaic_gpu_fwd.ut_transform` forms it. The gradient kernel (:func:`gradients`): one
+warpgroup per chunk loads every operand of the chunk (``Q, K, V, U, dO, dU, T``, the state entering
+it and ``dL/dS`` leaving it) with TMA and runs :func:`._chunk.tile_backward` on the whole ``dv``,
+:func:`._chunk.scores_backward` and :func:`._chunk.finish_backward`: 16 ``wgmma`` products issued in
+12 groups (each waited for before the next), the ``[C, C]`` intermediates that a product reads
+transposed or as its right operand (``dscores``, ``dL/dT``, ``dL/d(K K^T)``) published in one bf16
+buffer in turn, ``dQ``, ``dK``, ``dV`` staged in their operands' buffers. The state carry's part of
+``dL/dgam_last`` leaves the kernel as per-row parts (``S . dS``, and ``K . dK_end``) that XLA sums.
 
 Interpret mode runs the same kernels with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
 """
@@ -213,10 +214,10 @@ def state_grads(inputs: dict, w, sc, ke, qs, do, ds_final, cfg: Cfg, *, stages: 
 
 
 def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
-    """:func:`.triton_bwd.backward` with this reverse state pass, and with
-    ``cfg.grad_lowering == "mosaic"`` this module's :func:`w_and_scores` and :func:`gradients`
+    """:func:`.triton_bwd.backward` with this reverse state pass, and where
+    :func:`mosaic_gradients` holds this module's :func:`w_and_scores` and :func:`gradients`
     for Triton's chunk-parallel kernels."""
-    mosaic = cfg.grad_lowering == "mosaic"
+    mosaic = mosaic_gradients(inputs["q"], inputs["v"])
     prep = w_and_scores if mosaic else functools.partial(triton_bwd.w_and_scores,
                                                          state_operands=True)  # fmt: skip
     w, sc, ke, qs = prep(inputs, res[1], cfg)
@@ -287,16 +288,10 @@ def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> tuple[jax.Array, .
 GRAD_DIMS = (64, 128)  # the dk and dv of the gradient kernel (a chunk's whole dv in one CTA)
 
 
-def check_gradients(q: jax.Array, v: jax.Array) -> None:
-    """Raise ``ValueError`` naming what :func:`gradients` does not support (before tracing)."""
-    problems = []
-    if q.dtype != DTYPE:
-        problems.append(f"dtype must be bfloat16, got {q.dtype}")
-    for name, dim in (("dk", q.shape[-1]), ("dv", v.shape[-1])):
-        if dim not in GRAD_DIMS:
-            problems.append(f"{name} must be one of {GRAD_DIMS}, got {dim}")
-    if problems:
-        raise ValueError("gated_delta_rule(grad_lowering='mosaic'): " + "; ".join(problems))
+def mosaic_gradients(q: jax.Array, v: jax.Array) -> bool:
+    """Whether :func:`w_and_scores` and :func:`gradients` serve this call: bf16, ``dk`` and
+    ``dv`` in :data:`GRAD_DIMS`."""
+    return q.dtype == DTYPE and q.shape[-1] in GRAD_DIMS and v.shape[-1] in GRAD_DIMS
 
 
 def grad_scratch(dk: int, dv: int) -> tuple:
@@ -431,7 +426,7 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
 def gradients(inputs: dict, res: tuple, do: jax.Array, dh: jax.Array, du: jax.Array,
               ds0: jax.Array, cfg: Cfg):  # fmt: skip
     """:func:`.triton_bwd.gradients` in one Pallas Mosaic GPU kernel (bf16, ``dk`` and ``dv``
-    in :data:`GRAD_DIMS`; :func:`check_gradients`): one warpgroup per chunk with all of the
+    in :data:`GRAD_DIMS`; :func:`mosaic_gradients`): one warpgroup per chunk with all of the
     chunk's operands in shared memory (``4 C dv + 3 C dk + 2 dk dv + 2 C^2`` bf16 values: 198
     KiB with the factors at ``dk = dv = 128``, one CTA per SM), every product a ``wgmma``; the
     last row's ``dL/dgam_last`` (the state carry's and the end-state rows') summed in XLA from
@@ -464,9 +459,9 @@ __all__ = [
     "GRAD_DIMS",
     "backward",
     "carries",
-    "check_gradients",
     "chunk_carry",
     "gradients",
+    "mosaic_gradients",
     "state_grads",
     "w_and_scores",
 ]

@@ -1,17 +1,17 @@
 """Hopper forward of the gated delta rule: the UT transform in parallel, then one fused pass.
 
-Every chunk's ``W = T kg``, ``UV = T beta V`` and ``T`` come first, parallel over chunks: by
-Triton's :func:`.triton_fwd.prepare`, or (``ut_lowering="mosaic"``) by :func:`ut_transform`
-here, a Pallas Mosaic GPU kernel with every product a ``wgmma``. The fused Pallas Mosaic GPU
+Every chunk's ``W = T kg``, ``UV = T beta V`` and ``T`` come first, parallel over chunks, by
+:func:`ut_transform`, a Pallas Mosaic GPU kernel with every product a ``wgmma`` (it replaced
+Triton's :func:`.triton_fwd.prepare` here when measured faster on an H100:
+``experiments/results/bench_gated_delta_mosaic_full.md``). The fused Pallas Mosaic GPU
 kernel of the linear-attention scan
 (:func:`kernels_pallas.linear_attention_scan.mosaic_gpu_fwd.forward_delta`) then walks the
 chunks in order with the state tile on chip: its state warpgroup forms ``U = UV - W S`` and
 publishes it with ``S``, its output warpgroup computes ``O = (Q g_read) S + (Q K^T *
 decay_incl) U``, as :func:`._chunk.state_step` and :func:`._chunk.output`. Against the three
 Triton kernels this drops the state pass's store of ``U`` and every chunk's state and the
-output kernel's reads of them. The backward (:mod:`.mosaic_gpu_bwd`: Triton's kernels around a
-Mosaic GPU reverse state pass) starts from the states and the ``U`` this pass saves and
-``T``.
+output kernel's reads of them. The backward (:mod:`.mosaic_gpu_bwd`) starts from the states
+and the ``U`` this pass saves and ``T``.
 
 :func:`ut_transform`: one warpgroup per chunk (one CTA; 74 KiB of shared memory at ``dk = dv =
 128``, so three share an SM). It forms ``A = (K K^T) * exp(gam_t - gam_s) * beta_t`` (``s <
@@ -50,7 +50,6 @@ from kernels_pallas._hopper import (
     wgmma_operands,
     zero_acc,
 )
-from kernels_pallas.gated_delta import triton_fwd
 from kernels_pallas.gated_delta._chunk import F32, Cfg
 from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd as fused
 
@@ -276,8 +275,7 @@ def ut_transform(inputs: dict, cfg: Cfg, *, save_t: bool):
 def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
     """``(o, s_final, res)`` as :func:`.triton_fwd.forward` (same operands by name)."""
     dtype = inputs["q"].dtype
-    prepare = ut_transform if cfg.ut_lowering == "mosaic" else triton_fwd.prepare
-    w, uv, t_mat = prepare(inputs, cfg, save_t=save_states)
+    w, uv, t_mat = ut_transform(inputs, cfg, save_t=save_states)
     w, uv = w.astype(dtype), uv.astype(dtype)
     b = rearrange(inputs["gam_c"], "b h l 1 -> b l h 1")
     seg = None
