@@ -14,11 +14,9 @@ of ``--repeats`` calls after a compiling warm-up), bytes per word of the generat
 (:func:`arjax.data.split_word_bytes`), per-step times of HAT's byte path (encoder + decoder
 for one byte) and word path (encoder connector + one backbone step, all rows) and of the
 transformer's step, and each decode cache's size per sequence. HAT runs once per ``--park``
-and ``--check-rows`` pair (:class:`arjax.generate.hat.HATDecoder`: the share of the generating
-rows that must be waiting with a finished word before the backbone steps, 0 = at every word
-end; the batch size up to which a step skips the word split when no row's word can end, 0 =
-never), with its schedule: loop iterations, backbone steps, row-iterations spent waiting and
-iterations that split the word windows. Target (issue
+value (:class:`arjax.generate.hat.HATDecoder`: the share of the generating rows that must be
+waiting with a finished word before the backbone steps, 0 = at every word end), with its
+schedule: loop iterations, backbone steps and row-iterations spent waiting. Target (issue
 21): HAT >= 2.5x the transformer's bytes/s at batch 1 and 64.
 
     python experiments/bench_hat_decode.py --batch-sizes 1 # H200: ~1B models; each 1B engine
@@ -204,8 +202,6 @@ def main() -> None:
     ap.add_argument("--no-step-times", action="store_true", help="skip the per-path step timings")
     ap.add_argument("--park", type=float, nargs="+", default=[0.5],
                     help="HATDecoder.park values (0: word path at every word end)")  # fmt: skip
-    ap.add_argument("--check-rows", type=int, nargs="+", default=[0],
-                    help="HATDecoder.check_rows values (one HAT row per park x value)")  # fmt: skip
     ap.add_argument("--name", default=None, help="results file name (default bench_hat_decode)")
     ap.add_argument(
         "--params-cache", type=Path, default=None,
@@ -237,23 +233,23 @@ def main() -> None:
     rows = []
     for batch in a.batch_sizes:
         prompts = prompt_ids(batch, a.prompt_bytes)
-        hats = [("hat", (park, check)) for park in a.park for check in a.check_rows]
+        hats = [("hat", park) for park in a.park]
         done = []
-        for name, (park, check) in [("transformer", (None, None)), *hats]:
+        for name, park in [("transformer", None), *hats]:
             model, params = models[name]
-            decoder = None if park is None else HATDecoder(model, park=park, check_rows=check)
+            decoder = None if park is None else HATDecoder(model, park=park)
             run, caches = engine_runner(model, params, prompts, a.new_bytes, decoder,
                                         temperature=0.8)  # fmt: skip
             seconds, out = median_seconds(run, a.repeats)
             made = np.asarray(out["out"])
             texts = [bytes(r[r < 256].tolist()).decode("utf-8", "replace") for r in made]
             words = sum(len(split_word_bytes(t, hat_cfg.max_word_bytes)) for t in texts)
-            row = {"model": name, "park": park, "check_rows": check, "batch": batch,
+            row = {"model": name, "park": park, "batch": batch,
                    "bytes_per_s": made.size / seconds,
                    "bytes_per_word": made.size / max(words, 1), "seconds": seconds,
                    "loop_steps": int(out["steps"]),
                    **{k: int(v) for k, v in out["stats"].items()}}  # fmt: skip
-            if not a.no_step_times and (park, check) in ((None, None), hats[0][1]):
+            if not a.no_step_times and park in (None, hats[0][1]):
                 row |= step_times(name, model, params, prompts, a.repeats)
             row |= {f"{k} MiB/seq": v / 2**20 for k, v in caches().items()}
             done.append(row)
@@ -261,7 +257,7 @@ def main() -> None:
         tf = done[0]
         for hat in done[1:]:
             hat["speedup"] = hat["bytes_per_s"] / tf["bytes_per_s"]
-            print(f"batch {batch}, park {hat['park']}, check_rows {hat['check_rows']}: "
+            print(f"batch {batch}, park {hat['park']}: "
                   f"HAT / transformer bytes/s = "
                   f"{hat['speedup']:.2f}x", flush=True)  # fmt: skip
         rows += done
@@ -273,8 +269,8 @@ def save(a: argparse.Namespace, rows: list[dict], info: dict) -> None:
     for r in rows:
         if "speedup" in r:
             met[r["batch"]] = met.get(r["batch"], False) or r["speedup"] >= TARGET
-    columns = ["model", "park", "check_rows", "batch", "bytes_per_s", "speedup", "bytes_per_word",
-               "loop_steps", "word_steps", "waited", "splits", "step_ms", "byte_path_ms",
+    columns = ["model", "park", "batch", "bytes_per_s", "speedup", "bytes_per_word",
+               "loop_steps", "word_steps", "waited", "step_ms", "byte_path_ms",
                "word_path_ms"]  # fmt: skip
     columns += sorted({k for r in rows for k in r if k.endswith("MiB/seq")})
     notes = (

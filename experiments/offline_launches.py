@@ -35,7 +35,6 @@ from jax.experimental import topologies
 
 from arjax.generate import decoder_for
 from arjax.generate.engine import _run
-from arjax.generate.hat import HATDecoder
 from arjax.models import build_model
 from arjax.train.data import example_batch_for
 
@@ -64,7 +63,7 @@ def compile_only_h100() -> jax.Device:
     return topology.devices[0]
 
 
-def compiled_loop(name: str, check_rows: int, batch: int, new_bytes: int, device) -> str:
+def compiled_loop(name: str, batch: int, new_bytes: int, device) -> str:
     """Optimized HLO text of the engine's loop for ``name`` ("hat" or "transformer")."""
     hat_config, transformer_config = configs(False)
     config = hat_config if name == "hat" else transformer_config
@@ -73,8 +72,7 @@ def compiled_loop(name: str, check_rows: int, batch: int, new_bytes: int, device
     shapes = jax.eval_shape(
         lambda k: nn.meta.unbox(model.init(k, example)["params"]), jax.random.key(0)
     )
-    decoder = HATDecoder(model, park=0.5, check_rows=check_rows) if name == "hat" else None
-    decoder = without_eos(decoder or decoder_for(model))
+    decoder = without_eos(decoder_for(model))
     prompts = random_prompts(batch, 64)
     lengths = np.full((batch,), prompts.shape[1], np.int32)
     sharding = jax.sharding.SingleDeviceSharding(device)
@@ -135,23 +133,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new-bytes", type=int, default=128)
-    ap.add_argument("--check-rows", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--name", default="offline_launches")
     a = ap.parse_args()
     device = compile_only_h100()
     jax.default_backend = lambda: "gpu"  # trace-time impl choices: as on the H100
     jax.devices = lambda *_, **__: [device]
     rows = []
-    for name, check in [("transformer", None)] + [("hat", c) for c in a.check_rows]:
+    for name in ("transformer", "hat"):
         t0 = time.perf_counter()
-        entry, comps = computations(compiled_loop(name, check or 0, a.batch, a.new_bytes, device))
+        entry, comps = computations(compiled_loop(name, a.batch, a.new_bytes, device))
         found: list[dict] = []
         launches(comps, entry, "entry", found)
         for r in found:
             if r["path"] != "entry":  # the prefill and set-up outside the loop: once per call
-                rows.append(dict(model=name, check_rows=check, batch=a.batch, **r))
+                rows.append(dict(model=name, batch=a.batch, **r))
                 print(rows[-1], flush=True)
-        print(f"{name} check_rows={check}: compiled in {time.perf_counter() - t0:.0f} s")
+        print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s")
     notes = (
         f"Deviceless XLA compilation for {device.device_kind} (jax {jax.__version__}, CUDA "
         "plugin, no GPU); kernel-launching instructions (fusions, custom calls, copies) per "
@@ -161,7 +158,7 @@ def main() -> None:
     )
     write_results(a.name, "Kernel launches per decoding-loop iteration (compiled without a GPU)",
                   {"args": vars(a), "rows": rows},
-                  markdown_table(rows, ["model", "check_rows", "batch", "path", "launches"]),
+                  markdown_table(rows, ["model", "batch", "path", "launches"]),
                   notes)  # fmt: skip
 
 

@@ -12,8 +12,7 @@ XLA's
 command buffers (CUDA graphs) hide the ops from the trace, so a traced run wants
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` (and is then slower than the timed default).
 ``--decode-impl`` forces the implementation of every one-token attention call
-(``arjax.ops.decode_attention``; default: what ``impl="auto"`` picks); ``--check-rows`` sets
-HAT's ``HATDecoder.check_rows`` (:mod:`arjax.generate.hat`).
+(``arjax.ops.decode_attention``; default: what ``impl="auto"`` picks).
 
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/profile_decode.py
     python experiments/profile_decode.py --no-trace --decode-impl pallas   # A/B, timing only
@@ -41,7 +40,6 @@ from bench_hat_decode import configs, load_cached, median_seconds, prompt_ids
 from decode_common import engine_runner
 from hat_common import markdown_table, write_results
 
-from arjax.generate.hat import HATDecoder
 from arjax.models import build_model
 from arjax.train.data import example_batch_for
 
@@ -112,8 +110,7 @@ def kernel_times(trace_dir: str, module: str) -> tuple[dict[str, float], dict[st
 
 
 def profile(name: str, model, params, prompts, args) -> dict:
-    decoder = HATDecoder(model, check_rows=args.check_rows) if name == "hat" else None
-    run, _ = engine_runner(model, params, prompts, args.new_bytes, decoder, temperature=0.8)
+    run, _ = engine_runner(model, params, prompts, args.new_bytes, temperature=0.8)
     seconds, out = median_seconds(run, 3)
     steps = int(out["steps"])
     row = dict(model=name, batch=prompts.shape[0], wall_ms=1e3 * seconds, loop_steps=steps,
@@ -154,7 +151,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-bytes", type=int, default=128)
     ap.add_argument("--decode-impl", choices=["auto", "xla", "pallas"], default="auto")
-    ap.add_argument("--check-rows", type=int, default=0, help="HATDecoder.check_rows")
     ap.add_argument("--no-trace", action="store_true", help="timing only")
     ap.add_argument("--top", type=int, default=30, help="costliest ops listed per model")
     ap.add_argument(

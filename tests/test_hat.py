@@ -348,32 +348,11 @@ def test_parked_rows_give_the_same_generation(model_params, forward, park):
         assert _full_forward_checks(forward, params, prompts, got, greedy=False) > 8 * 4
 
 
-@pytest.mark.parametrize("prompts", [["ROMEO. Hel"], ["Speak", "O, th"]])
-def test_skipped_word_splits_give_the_same_generation(model_params, forward, prompts):
-    """At one or two rows (``HATDecoder.check_rows=2``) a step skips the word split while every
-    row's new byte is a letter or digit after another (:func:`word_goes_on`). Sampled: each
-    byte's logits still equal the uncached forward's and fewer iterations split; greedy: the
-    same bytes as with the check off (every iteration splits)."""
-    model, params = model_params
-    params = _ascii_head(params)
-    check = HATDecoder(model, check_rows=2)
-    gen = generate(
-        model, params, prompts, max_new_bytes=32, return_logits=True, temperature=1.0,
-        top_k=8, rng=jax.random.key(5), decoder=check,
-    )  # fmt: skip
-    assert _full_forward_checks(forward, params, prompts, gen, greedy=False) == 32 * len(prompts)
-    assert 0 < gen.stats["splits"] < gen.steps
-    greedy = functools.partial(generate, model, params, prompts, max_new_bytes=32)
-    on, off = greedy(decoder=check), greedy(decoder=HATDecoder(model, check_rows=0))
-    assert on.tokens == off.tokens and off.stats["splits"] == off.steps
-
-
 @pytest.mark.parametrize(
     "kw, error, match",
     [
         (dict(park=1.5), ValueError, r"park must be in \[0, 1\], got 1.5"),
-        (dict(check_rows=-1), ValueError, "check_rows must be >= 0, got -1"),
-        (dict(check_rows=2.0), TypeError, "check_rows must be an int, got 2.0"),
+        (dict(park=-0.1), ValueError, r"park must be in \[0, 1\], got -0.1"),
     ],
 )
 def test_decoder_settings_are_checked(model_params, kw, error, match):

@@ -15,10 +15,7 @@ loop (:mod:`arjax.generate.engine`), for all rows at once:
    last is finished. A finished word is never revised, so where a later character changes an
    earlier boundary in :func:`arjax.data.splitter.split_word_bytes` of the whole text (a
    fraction slash between digits, U+202F after a space, a combining mark after ``_``), the
-   generated words follow the text as it was when each word was finished. A batch of at most
-   ``HATDecoder.check_rows`` rows skips steps 2-4 at an iteration where every row's window is
-   one word and its new byte provably extends it (:func:`word_goes_on`: a letter or digit
-   after another);
+   generated words follow the text as it was when each word was finished;
 3. a row whose window now holds a finished word is *parked*: its next byte depends on the
    backbone's step over that word. The word path runs when the parked rows are at least
    ``park`` of the rows still generating (``HATDecoder.park``; 0 = as soon as any row
@@ -133,26 +130,6 @@ def split_window(window: jax.Array, n: jax.Array, max_word_bytes: int) -> jax.Ar
     return starts | ((pos == cut[:, None]) & too_long[:, None])
 
 
-def _ascii_case(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(digit, uppercase, lowercase) ASCII flags of byte ids."""
-    return (x >= 0x30) & (x <= 0x39), (x >= 0x41) & (x <= 0x5A), (x >= 0x61) & (x <= 0x7A)
-
-
-def word_goes_on(window: jax.Array, n: jax.Array, byte: jax.Array, max_word_bytes: int):
-    """Rows ``[batch]`` where appending ``byte`` to ``window[:, :n]``, when that window splits
-    as one word, provably leaves one word: ``byte`` an ASCII letter or digit after another
-    (not lowercase then uppercase), the word within ``max_word_bytes``, or an empty window.
-    No rule of the splitter breaks such a pair (UAX #29 WB5/WB8-10, no punctuation or case
-    cut), and none of its look-ahead rules (WB6/7b/12, white-space pieces) reads past a letter
-    or digit, so no earlier boundary moves either (``tests/test_hat_window_split.py`` checks
-    it against :func:`append_byte`). The decoder skips the word split when no row needs it."""
-    prev = jnp.take_along_axis(window, jnp.clip(n - 1, 0, window.shape[1] - 1)[:, None], 1)
-    digit_p, upper_p, lower_p = _ascii_case(prev[:, 0])
-    digit, upper, lower = _ascii_case(byte)
-    pair = (digit_p | upper_p | lower_p) & (digit | upper | lower) & ~(lower_p & upper)
-    return ((n == 0) | pair) & (n < max_word_bytes)
-
-
 def window_append(window: jax.Array, n: jax.Array, values: jax.Array, active: jax.Array):
     """Step 1's write into the current-word window ``[batch, width, ...]``: ``values``
     ``[batch, ...]`` (the bytes, or their encoder activations) at index ``n`` of each active row;
@@ -205,26 +182,13 @@ class HATDecoder(Decoder):
     ``park``: the word path runs once the rows waiting for it are at least this fraction of
     the rows still generating (0: whenever a row finishes a word). Greedy output and the
     distribution of every draw do not depend on it, only the loop's schedule does.
-
-    ``check_rows``: batches of at most this many rows first check, per byte, whether any row's
-    word may have ended (:func:`word_goes_on`: not after a letter or digit that follows
-    another), and skip the word split, the word path's predicate and the window cut when none
-    may (0: never check). The check costs a device predicate (a host read on GPU) when some row
-    needs the split, so it can pay only where a whole batch often continues its words at once,
-    at one or two rows; off until ``experiments/bench_hat_decode.py --check-rows 0 2`` has
-    measured it. Outputs do not depend on it.
     """
 
     park: float = 0.5
-    check_rows: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.park <= 1.0:
             raise ValueError(f"HATDecoder: park must be in [0, 1], got {self.park}")
-        if isinstance(self.check_rows, bool) or not isinstance(self.check_rows, int):
-            raise TypeError(f"HATDecoder: check_rows must be an int, got {self.check_rows!r}")
-        if self.check_rows < 0:
-            raise ValueError(f"HATDecoder: check_rows must be >= 0, got {self.check_rows}")
 
     @property
     def bos(self) -> int | None:
@@ -335,10 +299,8 @@ class HATDecoder(Decoder):
                 params, jnp.where((finished > 0)[:, None], last_state, first)
             ),
             ready=jnp.ones((batch,), bool),  # [batch] not parked: the logits are valid
-            one_word=current <= 1,  # [batch] the window splits as one word (step 2)
             word_steps=jnp.int32(0),  # backbone steps run
             waited=jnp.int32(0),  # row-iterations spent parked
-            splits=jnp.int32(0),  # iterations that split the windows
         )  # fmt: skip
         return logits[:, -1], state, lengths
 
@@ -351,9 +313,8 @@ class HATDecoder(Decoder):
         return width + (max_new + 1) * (self.model.config.max_word_bytes + 2)
 
     def stats(self, state):
-        """``word_steps``: backbone steps run; ``waited``: row-iterations spent parked;
-        ``splits``: iterations that split the windows (the others skipped it: ``check_rows``)."""
-        return {k: state[k] for k in ("word_steps", "waited", "splits")}
+        """``word_steps``: backbone steps run; ``waited``: row-iterations spent parked."""
+        return {k: state[k] for k in ("word_steps", "waited")}
 
     def _word_values(self, params, pred: jax.Array) -> dict[str, jax.Array]:
         """The decoder's cross-attention outputs for each row's current word, from its
@@ -477,16 +438,7 @@ class HATDecoder(Decoder):
             waited=state["waited"] + jnp.sum(waiting),
         )  # fmt: skip
         going = active | waiting  # rows still generating
-        if tokens.shape[0] <= self.check_rows:  # skip (2)-(4) when no row's word can end
-            goes_on = active & state["one_word"] & word_goes_on(state["window"], n_old, tokens, m)
-            state = jax.lax.cond(
-                jnp.any(going & ~goes_on),
-                lambda s: self._split_words(params, s, going),
-                lambda s: dict(s, ready=jnp.ones_like(s["ready"])),
-                state,
-            )
-        else:
-            state = self._split_words(params, state, going)
+        state = self._split_words(params, state, going)
         decode = going & state["ready"]  # fed now and not parked, or served by the word path
         newest = jnp.take_along_axis(
             state["window_acts"], jnp.clip(state["n"] - 1, 0, m)[:, None, None], axis=1
@@ -497,7 +449,7 @@ class HATDecoder(Decoder):
     def _split_words(self, params, state, going):
         """Steps 2-4 for the rows ``going`` (fed now, or parked before): the window split, the
         word path when enough rows wait, and the cut of each window to its current word for
-        the rows that decode now (``ready``); ``one_word``: the window is one word as split."""
+        the rows that decode now (``ready``)."""
         starts = split_window(state["window"], state["n"], self.model.config.max_word_bytes)
         starts = starts & going[:, None]
         count = jnp.sum(starts, axis=1)  # words in the window; all but the last finished
@@ -516,7 +468,6 @@ class HATDecoder(Decoder):
             state, ready=ready, n=n - begin, word_start=state["word_start"] + begin,
             window=keep_from(state["window"], begin, n),
             window_acts=keep_from(state["window_acts"], begin, n),
-            one_word=(count == 1) | (n - begin == 1), splits=state["splits"] + 1,
         )  # fmt: skip
 
     def cache_bytes(self, state: Any) -> dict[str, int]:
