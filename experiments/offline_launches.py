@@ -106,26 +106,24 @@ def computations(hlo: str) -> tuple[str, dict[str, list[str]]]:
 
 
 def launches(comps: dict[str, list[str]], comp: str, path: str, out: list[dict]) -> None:
-    """Rows ``{path, launches, kinds, top}`` for ``comp`` and every loop / branch below it."""
-    kinds, names = collections.Counter(), collections.Counter()
+    """Rows ``{path, launches, kinds}`` for ``comp`` and every loop body / branch below it
+    (each counted once per execution; a ``while`` or ``conditional`` launches nothing itself)."""
+    kinds = collections.Counter()
     for line in comps[comp]:
         m = re.match(r"(?:ROOT )?%\S+ = .*? ([a-z\-]+)\(", line)
-        if not m or m.group(1) in FREE:
-            continue
-        op = m.group(1)
-        kinds[op] += op not in ("while", "conditional")
-        meta = re.search(r'op_name="([^"]*)"', line)
-        names["/".join(meta.group(1).split("/")[-3:]) if meta else "?"] += 1
+        op = m.group(1) if m else None
         if op == "while":
             body = re.search(r"body=%?([\w.\-]+)", line).group(1)
             launches(comps, body, f"{path} > while", out)
         elif op == "conditional":
-            branches = re.search(r"branch_computations=\{([^}]*)\}", line)
-            names_ = [b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches \
+            listed = re.search(r"branch_computations=\{([^}]*)\}", line)
+            branches = [b.strip().lstrip("%") for b in listed.group(1).split(",")] if listed \
                 else [re.search(f"{k}_computation=%?([\\w.\\-]+)", line).group(1)
                       for k in ("false", "true")]  # fmt: skip
-            for i, branch in enumerate(names_):
+            for i, branch in enumerate(branches):
                 launches(comps, branch, f"{path} > branch {i}", out)
+        elif op is not None and op not in FREE:
+            kinds[op] += 1
     out.append(dict(path=path, launches=sum(kinds.values()), kinds=dict(kinds)))
 
 
@@ -136,6 +134,7 @@ def main() -> None:
     ap.add_argument("--name", default="offline_launches")
     a = ap.parse_args()
     device = compile_only_h100()
+    host = jax.default_backend, jax.devices
     jax.default_backend = lambda: "gpu"  # trace-time impl choices: as on the H100
     jax.devices = lambda *_, **__: [device]
     rows = []
@@ -149,6 +148,7 @@ def main() -> None:
                 rows.append(dict(model=name, batch=a.batch, **r))
                 print(rows[-1], flush=True)
         print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s")
+    jax.default_backend, jax.devices = host  # the results' metadata: this (CPU) machine
     notes = (
         f"Deviceless XLA compilation for {device.device_kind} (jax {jax.__version__}, CUDA "
         "plugin, no GPU); kernel-launching instructions (fusions, custom calls, copies) per "
