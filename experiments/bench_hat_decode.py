@@ -233,9 +233,8 @@ def main() -> None:
     rows = []
     for batch in a.batch_sizes:
         prompts = prompt_ids(batch, a.prompt_bytes)
-        hats = [("hat", park) for park in a.park]
         done = []
-        for name, park in [("transformer", None), *hats]:
+        for name, park in [("transformer", None)] + [("hat", park) for park in a.park]:
             model, params = models[name]
             decoder = None if park is None else HATDecoder(model, park=park)
             run, caches = engine_runner(model, params, prompts, a.new_bytes, decoder,
@@ -249,7 +248,7 @@ def main() -> None:
                    "bytes_per_word": made.size / max(words, 1), "seconds": seconds,
                    "loop_steps": int(out["steps"]),
                    **{k: int(v) for k, v in out["stats"].items()}}  # fmt: skip
-            if not a.no_step_times and park in (None, hats[0][1]):
+            if not a.no_step_times and park in (None, a.park[0]):
                 row |= step_times(name, model, params, prompts, a.repeats)
             row |= {f"{k} MiB/seq": v / 2**20 for k, v in caches().items()}
             done.append(row)

@@ -25,6 +25,22 @@ def without_eos(decoder: Decoder) -> Decoder:
     return plain(**{f.name: getattr(decoder, f.name) for f in dataclasses.fields(decoder)})
 
 
+def engine_call(
+    decoder: Decoder, params: Any, prompts: np.ndarray, gen: int, **sampling: Any
+) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the engine's loop (:func:`arjax.generate.engine._run`) on
+    ``prompts`` (int ``[batch, width]`` ids, all of full width) for ``gen`` new tokens, no stop
+    strings, key 0, greedy unless ``sampling`` says otherwise."""
+    tokens = jnp.asarray(prompts, jnp.int32)
+    lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    layout = decoder.layout(np.asarray(prompts), np.asarray(lengths))
+    stops, stop_lens = jnp.zeros((0, 1), jnp.int32), jnp.zeros((0,), jnp.int32)
+    args = (decoder, params, tokens, lengths, stops, stop_lens, jax.random.key(0))
+    kw = dict(max_new=gen, layout=layout, return_logits=False, temperature=0.0, top_k=None,
+              top_p=None) | sampling  # fmt: skip
+    return args, kw
+
+
 def engine_runner(
     model: Any, params: Any, prompts: np.ndarray, gen: int, decoder: Decoder | None = None,
     **sampling: Any,
@@ -36,13 +52,9 @@ def engine_runner(
     decoder = without_eos(decoder_for(model) if decoder is None else decoder)
     params = jax.device_put(params)  # on the device once: host (e.g. unpickled) params would
     # be copied to it at every timed call
-    tokens = jnp.asarray(prompts, jnp.int32)
-    lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-    layout = decoder.layout(np.asarray(prompts), np.asarray(lengths))
-    stops, stop_lens = jnp.zeros((0, 1), jnp.int32), jnp.zeros((0,), jnp.int32)
-    args = (decoder, params, tokens, lengths, stops, stop_lens, jax.random.key(0))
-    kw = dict(max_new=gen, layout=layout, return_logits=False, temperature=0.0, top_k=None,
-              top_p=None) | sampling  # fmt: skip
+    args, kw = engine_call(decoder, params, prompts, gen, **sampling)
+    _, _, tokens, lengths, *_ = args  # cache_bytes() prefills them
+    layout = kw["layout"]
 
     def run() -> dict:
         return _run(*args, **kw)

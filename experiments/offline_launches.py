@@ -24,19 +24,16 @@ import collections
 import re
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 from bench_hat_decode import configs
-from decode_common import random_prompts, without_eos
+from decode_common import engine_call, random_prompts, without_eos
 from hat_common import markdown_table, write_results
 from jax.experimental import topologies
+from profile_decode import random_params
 
 from arjax.generate import decoder_for
 from arjax.generate.engine import _run
 from arjax.models import build_model
-from arjax.train.data import example_batch_for
 
 # XLA's GpuTargetConfig for an H100 SXM (device properties as CUDA reports them)
 H100 = """
@@ -68,20 +65,14 @@ def compiled_loop(name: str, batch: int, new_bytes: int, device) -> str:
     hat_config, transformer_config = configs(False)
     config = hat_config if name == "hat" else transformer_config
     model = build_model(name, config)
-    example = jax.tree.map(jnp.asarray, example_batch_for(name, config, 1, 64))
-    shapes = jax.eval_shape(
-        lambda k: nn.meta.unbox(model.init(k, example)["params"]), jax.random.key(0)
-    )
-    decoder = without_eos(decoder_for(model))
-    prompts = random_prompts(batch, 64)
-    lengths = np.full((batch,), prompts.shape[1], np.int32)
+    shapes = jax.eval_shape(lambda: random_params(name, model, config))  # no values
+    (decoder, *arrays), kw = engine_call(
+        without_eos(decoder_for(model)), shapes, random_prompts(batch, 64), new_bytes,
+        temperature=0.8,
+    )  # fmt: skip
     sharding = jax.sharding.SingleDeviceSharding(device)
     spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
-    args = (decoder, jax.tree.map(spec, shapes), spec(prompts), spec(lengths),
-            spec(np.zeros((0, 1), np.int32)), spec(np.zeros((0,), np.int32)),
-            jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding))  # fmt: skip
-    kw = dict(max_new=new_bytes, layout=decoder.layout(prompts, lengths), return_logits=False,
-              temperature=0.8, top_k=None, top_p=None)  # fmt: skip
+    args = (decoder, *jax.tree.map(spec, arrays))  # every array as a spec on the H100
     mesh = jax.sharding.AbstractMesh(  # the Pallas Triton lowering asks it for the GPU
         (1,), ("x",), (jax.sharding.AxisType.Auto,),
         abstract_device=jax.sharding.AbstractDevice(device.device_kind, None, "gpu"),
