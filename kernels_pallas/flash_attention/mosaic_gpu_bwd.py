@@ -562,7 +562,12 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
     launch = dict(num_threads=CONSUMERS + 1, thread_name="wg", compiler_params=params,
                   interpret=interp)  # fmt: skip
     dk, dv = plgpu.kernel(
-        dkv_kernel, out_type=dkv_out, scratch_types=dkv_scratch, **dkv_launch, **launch
+        dkv_kernel,
+        out_type=dkv_out,
+        scratch_types=dkv_scratch,
+        kernel_name="flash_bwd_dkv",
+        **dkv_launch,
+        **launch,
     )(*dkv_args)
     geo_q = dataclasses.replace(geo, bq=TILE, bk=tiles.bk)
     dq_group = heads_per_wave(geo_q.nq, b * h, geo_q.wave)
@@ -572,6 +577,7 @@ def backward(q, k, v, do, lse2, delta, geo: Geometry, tiles: Tiles, interpret: b
         scratch_types=dq_scratch,
         grid=(geo_q.nq * b * h,),
         grid_names=("p",),
+        kernel_name="flash_bwd_dq",
         **launch,
     )(*args(q_seg, kv_seg, tiles.bk))
     return dq[:, :lq], dk[:, :lk], dv[:, :lk]

@@ -372,6 +372,7 @@ def forward(
         grid_names=("p",),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
+        kernel_name="flash_fwd",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params() if interpret else None,
     )(q, k, v, *((q_seg, kv_seg, ranges) if seg else ()))

@@ -209,6 +209,7 @@ def state_grads(inputs: dict, w, sc, ke, qs, do, ds_final, cfg: Cfg, *, stages: 
         grid_names=("p",),
         num_threads=2,
         thread_name="wg",
+        kernel_name="gated_delta_state_bwd",
         interpret=interpret_params() if cfg.interpret else None,
     )(ke, qs, w, do.astype(DTYPE), sc, carries(inputs, cfg), ds_final)
 
@@ -281,7 +282,7 @@ def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> tuple[jax.Array, .
                 rows_dk, rows_dk)  # fmt: skip
     return mosaic_gpu_fwd.per_chunk(
         _prep_kernel, out_type, scratch, bsz * heads * n_chunks, cfg.interpret,
-        "gated delta mosaic W / scores kernel",
+        "gated delta mosaic W / scores kernel", "gated_delta_w_scores",
     )(q, k, t_mat, *mosaic_gpu_fwd.factors(inputs, cfg))  # fmt: skip
 
 
@@ -294,12 +295,28 @@ def mosaic_gradients(q: jax.Array, v: jax.Array) -> bool:
     return q.dtype == DTYPE and q.shape[-1] in GRAD_DIMS and v.shape[-1] in GRAD_DIMS
 
 
-def grad_scratch(dk: int, dv: int) -> tuple:
-    """The gradient kernel's buffers: each operand of one chunk (``Q`` then ``dQ``, ``K`` then
-    ``dK``, ``V`` then ``dV`` staged in place), the published ``dL/dW`` and one ``[C, C]``
-    buffer that publishes ``dscores``, then ``dL/dT``, then ``dL/d(K K^T)``; the factors and
-    the per-row and per-column results; one barrier per load."""
+GRAD_WARPGROUPS = (1, 2)  # the gradient kernel's forms (:func:`gradients`)
+
+
+def grad_rows(dk: int, warpgroups: int) -> tuple[int, int]:
+    """The gradient kernel's float32 results per chunk: rows of per-row values (``dbeta``,
+    ``dgam`` along rows and ``de``, then with two warpgroups the scores warpgroup's ``dbeta``
+    and ``dgam`` parts, then the ``dk / 64`` parts of ``S . dS``) and of per-column ones
+    (``dgam`` along columns, one part per warpgroup)."""
+    return 3 + 2 * (warpgroups - 1) + dk // ROWS, warpgroups
+
+
+def grad_scratch(dk: int, dv: int, warpgroups: int = 1) -> tuple:
+    """The gradient kernel's buffers: each operand of one chunk (``Q``, ``K``, ``V``, ``U``,
+    ``dO``, ``dU``, ``T``, ``S``, ``dL/dS``), the published ``dL/dW`` and one ``[C, C]``
+    buffer that publishes ``dL/dT``, then ``dL/d(K K^T)`` (and first ``dscores`` with one
+    warpgroup); with two, ``dscores``' own buffer and ``dQ``'s staging; the factors and the
+    per-row and per-column results (:func:`grad_rows`); one barrier per load. With one
+    warpgroup ``dQ``, ``dK``, ``dV`` are staged in ``Q``, ``K``, ``V``'s buffers; with two in
+    their own, ``K``'s and ``dO``'s."""
     mat = lambda *shape: plgpu.SMEM(shape, DTYPE, transforms=WGMMA_TRANSFORMS)  # noqa: E731
+    per_row, per_col = grad_rows(dk, warpgroups)
+    split = (mat(CHUNK, CHUNK), mat(CHUNK, dk)) if warpgroups == 2 else ()
     return (
         (
             *(mat(CHUNK, dk) for _ in range(2)),  # Q, K
@@ -307,14 +324,51 @@ def grad_scratch(dk: int, dv: int) -> tuple:
             mat(CHUNK, CHUNK),  # T
             *(mat(dk, dv) for _ in range(2)),  # S entering the chunk, dL/dS leaving it
             mat(CHUNK, dk),  # dL/dW
-            mat(CHUNK, CHUNK),  # dscores, dL/dT, dL/d(K K^T)
+            mat(CHUNK, CHUNK),  # (dscores,) dL/dT, dL/d(K K^T)
+            *split,  # dscores, dQ
             plgpu.SMEM((6, CHUNK), F32),  # factors along rows (mosaic_gpu_fwd.factors)
             plgpu.SMEM((4, CHUNK), F32),  # along columns
-            plgpu.SMEM((3 + dk // ROWS, CHUNK), F32),  # dbeta, dgam (rows), de, dcarry parts
-            plgpu.SMEM((1, CHUNK), F32),  # dgam (columns)
+            plgpu.SMEM((per_row, CHUNK), F32),
+            plgpu.SMEM((per_col, CHUNK), F32),
         ),
         plgpu.Barrier(num_barriers=11),
+        *((plgpu.Barrier(num_barriers=2),) if warpgroups == 2 else ()),  # scores wg -> other
     )
+
+
+def _load_grad_operands(ins: tuple, smem: tuple, ready, issuer=None):
+    """Issue the gradient kernel's TMA loads of its chunk's operands (``ins``: the refs ``Q, K,
+    V, U, dO, dU, T, S, dL/dS`` and the factors, in that order; ``smem`` as
+    :func:`grad_scratch` orders it); returns the ``wait(*names)`` of
+    :func:`.mosaic_gpu_fwd.load_chunk`."""
+    q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref, fc_ref = ins
+    q_s, k_s, v_s, u_s, do_s, du_s, t_s, h_s, dh_s, *_ = smem
+    fr_s, fc_s = smem[-4:-2]
+    batch, head, n, rows = mosaic_gpu_fwd.chunk_program(q_ref.shape[2], q_ref.shape[1])
+    copies = {
+        "q": (q_ref.at[batch, rows, head], q_s),
+        "k": (k_ref.at[batch, rows, head], k_s),
+        "u": (u_ref.at[batch, head, rows], u_s),
+        "do": (do_ref.at[batch, rows, head], do_s),
+        "h": (h_ref.at[batch, head, n], h_s),
+        "dh": (dh_ref.at[batch, head, n], dh_s),
+        "du": (du_ref.at[batch, head, rows], du_s),
+        "t": (t_ref.at[batch, head, n], t_s),
+        "v": (v_ref.at[batch, rows, head], v_s),
+    }
+    return mosaic_gpu_fwd.load_chunk(copies, (fr_ref, fc_ref, fr_s, fc_s), ready, issuer)
+
+
+def publish(ref, x) -> None:
+    """Store ``x`` in ``ref`` as a ``wgmma`` operand (or a TMA source): cast and fenced."""
+    ref[...] = x.astype(ref.dtype)
+    plgpu.commit_smem()
+
+
+def copy_out(ref, x, dst) -> None:
+    """:func:`publish` ``x`` in ``ref`` and copy it to ``dst`` with TMA."""
+    publish(ref, x)
+    plgpu.copy_smem_to_gmem(ref, dst)
 
 
 def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref,
@@ -327,33 +381,11 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
     _, length, heads, dk = q_ref.shape
     dv = v_ref.shape[-1]
     batch, head, n, rows = mosaic_gpu_fwd.chunk_program(heads, length)
-    wait = mosaic_gpu_fwd.load_chunk(
-        {
-            "q": (q_ref.at[batch, rows, head], q_s),
-            "k": (k_ref.at[batch, rows, head], k_s),
-            "u": (u_ref.at[batch, head, rows], u_s),
-            "do": (do_ref.at[batch, rows, head], do_s),
-            "h": (h_ref.at[batch, head, n], h_s),
-            "dh": (dh_ref.at[batch, head, n], dh_s),
-            "du": (du_ref.at[batch, head, rows], du_s),
-            "t": (t_ref.at[batch, head, n], t_s),
-            "v": (v_ref.at[batch, rows, head], v_s),
-        },
-        (fr_ref, fc_ref, fr_s, fc_s),
-        ready,
-    )
+    ins = (q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref, fc_ref)
+    wait = _load_grad_operands(ins, smem, ready)
     cc, ck, cv = (CHUNK, CHUNK), (CHUNK, dk), (CHUNK, dv)
     zero = lambda shape: zero_acc(shape, interpret)  # noqa: E731
     tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731 (registers, float32)
-
-    def publish(ref, x) -> None:  # x as a wgmma operand in shared memory
-        ref[...] = x.astype(ref.dtype)
-        plgpu.commit_smem()
-
-    def copy_out(ref, x, dst) -> None:
-        publish(ref, x)
-        plgpu.copy_smem_to_gmem(ref, dst)
-
     wait("rows", "cols", "q", "k", "u", "do")
     g = mosaic_gpu_fwd.Gates(fr_s, fc_s, interpret)
     q, k, u, do = wgmma_operands((q_s, k_s, u_s, do_s), interpret)
@@ -423,36 +455,144 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
     plgpu.wait_smem_to_gmem(0)
 
 
+def _grad_kernel_split(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref,
+                       fc_ref, dq_ref, dk_ref, dv_ref, ro_ref, co_ref, smem, ready, handoff, *,
+                       interpret: bool):  # fmt: skip
+    """:func:`_grad_kernel` on two warpgroups of one CTA, each product chain on its own so
+    that one's ``wgmma`` latency overlaps the other's work. Warpgroup 0 (the scores): issues
+    the loads; ``Q K^T``, ``dO U^T``, ``dO S^T``, then ``dQ`` and ``dscores`` (published),
+    ``S . dS``, ``dV = beta T^T dU``. Warpgroup 1 (through ``U``'s end state, ``W`` and the
+    UT transform): ``dW``, ``dL/dT``, ``dL/d(K K^T)`` and the whole ``dK``, whose last product
+    also reads warpgroup 0's ``dscores``. ``handoff[0]``: ``dscores`` published and warpgroup
+    0 done with ``K`` (which stages ``dK``); ``handoff[1]``: its per-row results written."""
+    q_s, k_s, v_s, u_s, do_s, du_s, t_s, h_s, dh_s, dw_s, cc_s, ds_s, dq_s = smem[:13]
+    fr_s, fc_s, ro_s, co_s = smem[13:]
+    _, length, heads, dk = q_ref.shape
+    dv = v_ref.shape[-1]
+    batch, head, n, rows = mosaic_gpu_fwd.chunk_program(heads, length)
+    wg = lax.axis_index("wg")
+    ins = (q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref, fc_ref)
+    wait = _load_grad_operands(ins, smem, ready, issuer=wg == 0)
+    cc, ck, cv = (CHUNK, CHUNK), (CHUNK, dk), (CHUNK, dv)
+    zero = lambda shape: zero_acc(shape, interpret)  # noqa: E731
+    tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731 (registers, float32)
+    row_sum, col_sum = (lambda x: jnp.sum(x, axis=1)), (lambda x: jnp.sum(x, axis=0))  # noqa: E731
+    first = 3  # the row of warpgroup 0's first part (grad_rows)
+
+    @pl.when(wg == 0)
+    def _scores():
+        wait("rows", "cols", "q", "k", "u", "do", "h")
+        g = mosaic_gpu_fwd.Gates(fr_s, fc_s, interpret)
+        q, k, u, do, h = wgmma_operands((q_s, k_s, u_s, do_s, h_s), interpret)
+        # sc = Q K^T * decay_incl: dsc = dO U^T; dq = dscores K + g_read dO S^T
+        sc, dsc, dq = mma(((zero(cc), [(q, Transposed(k))]), (zero(cc), [(do, Transposed(u))]),
+                           (zero(ck), [(do, Transposed(h))])), interpret)  # fmt: skip
+        decay_incl = g.decay(strict=False)
+        pairs = dsc * sc * decay_incl
+        dscores = dsc * decay_incl
+        publish(ds_s, dscores)
+        dq = dq * g.t("g_read", dk)
+        dgam_c = row_sum(pairs) + row_sum(tile(q_s) * dq)
+        (dq,) = mma(((dq, [(dscores.astype(DTYPE), k)]),), interpret)
+        plgpu.barrier_arrive(handoff.at[0])  # K's and dscores' reads here are done
+        copy_out(dq_s, dq, dq_ref.at[batch, rows, head])
+        wait("dh")  # the state carry's part of dL/dgam_last, S . dS_next in row parts
+        halves = [pl.ds(i * ROWS, ROWS) for i in range(dk // ROWS)]
+        dcarry = [row_sum(tile(h_s.at[i]) * tile(dh_s.at[i])) for i in halves]
+        wait("du", "v", "t")
+        t, du = wgmma_operands((t_s, du_s), interpret)
+        (dvb,) = mma(((zero(cv), [(Transposed(t), du)]),), interpret)  # dV = beta T^T dU
+        copy_out(do_s, dvb * g.t("beta", dv), dv_ref.at[batch, rows, head])  # dO is read
+        for i, x in enumerate((row_sum(dvb * tile(v_s)), dgam_c, *dcarry)):
+            ro_s.at[first + i][...] = x
+        co_s.at[1][...] = -col_sum(pairs)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(handoff.at[1])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _transform():
+        wait("rows", "cols", "q", "k", "u", "h", "dh", "du", "v")
+        g = mosaic_gpu_fwd.Gates(fr_s, fc_s, interpret)
+        q, k, u, h, dh, du, v = wgmma_operands((q_s, k_s, u_s, h_s, dh_s, du_s, v_s), interpret)
+        # W = T kg: dW = -dU S^T; dT = dU (beta V)^T + dW (K kg_scale)^T; through U's end
+        # state: (U dS_next^T) e_end
+        dw, dt_v, dk_end = mma(((zero(ck), [(du, Transposed(h))]),
+                                (zero(cc), [(du, Transposed(v))]),
+                                (zero(ck), [(u, Transposed(dh))])), interpret)  # fmt: skip
+        publish(dw_s, -dw)
+        dk_acc = dk_end * g.t("e_end", dk)
+        de = row_sum(dk_acc * tile(k_s))
+        wait("t")
+        (t, dw) = wgmma_operands((t_s, dw_s), interpret)
+        dt_w, dkg = mma(((zero(cc), [(dw, Transposed(k))]), (zero(ck), [(Transposed(t), dw)])),
+                        interpret)  # fmt: skip
+        publish(cc_s, dt_v * g.s("beta") + dt_w * g.s("kg_scale"))
+        dk_acc += dkg * g.t("kg_scale", dk)
+        dkg_k = row_sum(dkg * tile(k_s))
+        dbeta, dgam_c = dkg_k * g.vector("g_read"), dkg_k * g.vector("kg_scale") - de
+        # T = (I + A)^{-1}: dA = -T^T dT T^T; A = K K^T * decay_strict * beta_t
+        x, kk = mma(((zero(cc), [(Transposed(t), cc_s)]), (zero(cc), [(k, Transposed(k))])),
+                    interpret)  # fmt: skip
+        (dkk,) = mma(((zero(cc), [(x.astype(DTYPE), Transposed(t))]),), interpret)
+        dkk = -dkk * g.decay(strict=True)
+        dbeta += row_sum(dkk * kk)
+        dkk = dkk * g.t("beta")
+        da_a = dkk * kk
+        publish(cc_s, dkk)  # dT's last read is done
+        plgpu.barrier_wait(handoff.at[0])
+        (ds,) = wgmma_operands((ds_s,), interpret)
+        products = [(dkk.astype(DTYPE), k), (Transposed(cc_s), k), (Transposed(ds), q)]
+        (dk_acc,) = mma(((dk_acc, products),), interpret)
+        copy_out(k_s, dk_acc, dk_ref.at[batch, rows, head])
+        for i, x in enumerate((dbeta, dgam_c + row_sum(da_a), de)):
+            ro_s.at[i][...] = x
+        co_s.at[0][...] = -col_sum(da_a)
+        plgpu.commit_smem()
+        plgpu.barrier_wait(handoff.at[1])
+        plgpu.copy_smem_to_gmem(ro_s, ro_ref.at[batch, head, n])
+        plgpu.copy_smem_to_gmem(co_s, co_ref.at[batch, head, n])
+        plgpu.wait_smem_to_gmem(0)
+
+
 def gradients(inputs: dict, res: tuple, do: jax.Array, dh: jax.Array, du: jax.Array,
               ds0: jax.Array, cfg: Cfg):  # fmt: skip
     """:func:`.triton_bwd.gradients` in one Pallas Mosaic GPU kernel (bf16, ``dk`` and ``dv``
-    in :data:`GRAD_DIMS`; :func:`mosaic_gradients`): one warpgroup per chunk with all of the
-    chunk's operands in shared memory (``4 C dv + 3 C dk + 2 dk dv + 2 C^2`` bf16 values: 198
-    KiB with the factors at ``dk = dv = 128``, one CTA per SM), every product a ``wgmma``; the
-    last row's ``dL/dgam_last`` (the state carry's and the end-state rows') summed in XLA from
-    the kernel's per-row parts."""
+    in :data:`GRAD_DIMS`; :func:`mosaic_gradients`): one CTA per chunk with all of the chunk's
+    operands in shared memory (``4 C dv + 3 C dk + 2 dk dv + 2 C^2`` bf16 values: 198 KiB with
+    the factors at ``dk = dv = 128``, one CTA per SM; 222 KiB with two warpgroups), every
+    product a ``wgmma``, on one warpgroup (:func:`_grad_kernel`) or two
+    (:func:`_grad_kernel_split`, ``cfg.grad_warpgroups``); the last row's ``dL/dgam_last``
+    (the state carry's and the end-state rows') and the warpgroups' parts summed in XLA from
+    the kernel's per-row and per-column parts."""
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     bsz, length, heads, dk = q.shape
     dv, n_chunks = v.shape[-1], length // CHUNK
     h, t_mat, u = res
     rows, cols = mosaic_gpu_fwd.factors(inputs, cfg)
-    scratch = grad_scratch(dk, dv)
+    wgs = cfg.grad_warpgroups
+    n_row, n_col = grad_rows(dk, wgs)
     out_type = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct(k.shape, k.dtype),
         jax.ShapeDtypeStruct(v.shape, v.dtype),
-        jax.ShapeDtypeStruct((bsz, heads, n_chunks, 3 + dk // ROWS, CHUNK), F32),
-        jax.ShapeDtypeStruct((bsz, heads, n_chunks, 1, CHUNK), F32),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, n_row, CHUNK), F32),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, n_col, CHUNK), F32),
     )
     dq, dk_grad, dv_grad, per_row, per_col = mosaic_gpu_fwd.per_chunk(
-        _grad_kernel, out_type, scratch, bsz * heads * n_chunks, cfg.interpret,
-        "gated delta mosaic gradient kernel",
+        _grad_kernel if wgs == 1 else _grad_kernel_split, out_type, grad_scratch(dk, dv, wgs),
+        bsz * heads * n_chunks, cfg.interpret, "gated delta mosaic gradient kernel",
+        "gated_delta_grads", warpgroups=wgs,
     )(q, k, v, u, do.astype(DTYPE), du, t_mat, h, dh, rows, cols)  # fmt: skip
     dbeta, dgam_c, de = (per_row[..., i, :] for i in range(3))
-    dlast = chunk_carry(inputs, cfg) * jnp.sum(per_row[..., 3:, :], axis=(-2, -1))
+    if wgs == 2:  # warpgroup 0's parts
+        dbeta, dgam_c = dbeta + per_row[..., 3, :], dgam_c + per_row[..., 4, :]
+    carry_parts = per_row[..., n_row - dk // ROWS :, :]
+    dlast = chunk_carry(inputs, cfg) * jnp.sum(carry_parts, axis=(-2, -1))
     dgam_c = dgam_c.at[..., -1].add(dlast + jnp.sum(de, axis=-1))
     col = lambda x: rearrange(x, "b h n c -> b h (n c) 1")  # noqa: E731
-    return dq, dk_grad, dv_grad, col(dbeta), col(dgam_c), per_col, ds0
+    dgam_r = jnp.sum(per_col, axis=-2, keepdims=True)
+    return dq, dk_grad, dv_grad, col(dbeta), col(dgam_c), dgam_r, ds0
 
 
 __all__ = [

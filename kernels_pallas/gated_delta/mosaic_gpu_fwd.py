@@ -90,10 +90,12 @@ def chunk_program(heads: int, length: int) -> tuple:
     return batch, head, n, pl.ds(pl.multiple_of(n * CHUNK, CHUNK), CHUNK)
 
 
-def per_chunk(kernel, out_type, scratch, chunks: int, interpret: bool, who: str):
-    """``plgpu.kernel`` of ``kernel(*refs, interpret=...)`` with one CTA (one warpgroup) per
-    chunk: grid ``(chunks,)`` named "p" (:func:`chunk_program`); ``ValueError`` naming ``who``
-    when ``scratch`` needs more shared memory than an SM has."""
+def per_chunk(kernel, out_type, scratch, chunks: int, interpret: bool, who: str, name: str,
+              warpgroups: int = 1):  # fmt: skip
+    """``plgpu.kernel`` of ``kernel(*refs, interpret=...)`` with one CTA (of ``warpgroups``
+    warpgroups, axis "wg") per chunk: grid ``(chunks,)`` named "p" (:func:`chunk_program`), the
+    kernel named ``name`` (as profiles list it); ``ValueError`` naming ``who`` when ``scratch``
+    needs more shared memory than an SM has."""
     if (need := smem_footprint(scratch)) > SMEM_BYTES:
         raise ValueError(f"{who}: needs {need} B of shared memory > {SMEM_BYTES}")
     return plgpu.kernel(
@@ -102,23 +104,32 @@ def per_chunk(kernel, out_type, scratch, chunks: int, interpret: bool, who: str)
         scratch_types=scratch,
         grid=(chunks,),
         grid_names=("p",),
+        kernel_name=name,
         interpret=interpret_params() if interpret else None,
+        **(dict(num_threads=warpgroups, thread_name="wg") if warpgroups > 1 else {}),
     )
 
 
-def load_chunk(copies: dict, gate_refs: tuple, ready):
+def load_chunk(copies: dict, gate_refs: tuple, ready, issuer=None):
     """Issue the TMA copies ``name -> (src, dst)`` and those of this CTA's chunk of
     :func:`factors` (``gate_refs = (rows_ref, cols_ref, rows_smem, cols_smem)``, named "rows"
     and "cols"), one barrier of ``ready`` each (in order); returns ``wait(*names)``, which
-    waits for those."""
+    waits for those. ``issuer``: with several warpgroups, the (traced) condition of the one
+    that issues them."""
     rows_ref, cols_ref, rows_smem, cols_smem = gate_refs
     batch, head, n, _ = chunk_program(rows_ref.shape[1], rows_ref.shape[2] * CHUNK)
     copies = {"rows": (rows_ref.at[batch, head, n], rows_smem),
               "cols": (cols_ref.at[batch, head, n], cols_smem), **copies}  # fmt: skip
-    index = {}
-    for i, (name, (src, dst)) in enumerate(copies.items()):
-        plgpu.copy_gmem_to_smem(src, dst, ready.at[i])
-        index[name] = i
+    index = {name: i for i, name in enumerate(copies)}
+
+    def issue() -> None:
+        for i, (src, dst) in enumerate(copies.values()):
+            plgpu.copy_gmem_to_smem(src, dst, ready.at[i])
+
+    if issuer is None:
+        issue()
+    else:
+        pl.when(issuer)(issue)
 
     def wait(*names: str) -> None:
         for name in names:
@@ -267,7 +278,7 @@ def ut_transform(inputs: dict, cfg: Cfg, *, save_t: bool):
     outs = per_chunk(
         functools.partial(_ut_kernel, save_t=save_t), tuple(out_type),
         ut_scratch(k.dtype, cfg.store, dk, dv), bsz * heads * n_chunks, cfg.interpret,
-        f"gated delta mosaic UT transform (dk={dk}, dv={dv})",
+        f"gated delta mosaic UT transform (dk={dk}, dv={dv})", "gated_delta_ut",
     )(k, v, *factors(inputs, cfg))  # fmt: skip
     return outs[0], outs[1], (outs[2] if save_t else None)
 

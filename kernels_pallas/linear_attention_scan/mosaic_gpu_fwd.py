@@ -438,6 +438,7 @@ def _launch(q, k, v, x, f, s0, w=None, *, mode: str, stages: int, save_states: b
         grid_names=("p",),
         num_threads=3,
         thread_name="wg",
+        kernel_name=f"scan_fwd_{mode}",
         interpret=interpret_params() if interpret else None,
     )(q, k, v, x, f, *(() if w is None else (w,)), s0)
     return outs[0], outs[1], (outs[2:] if save_states else None)
