@@ -170,9 +170,6 @@ def test_bad_arguments_raise_before_compiling(rng):
         kernel(x64, x64, x64[..., :32], b64, lowering="mosaic")
     with pytest.raises(ValueError, match="lowering must be 'triton' or 'mosaic'"):
         kernel(x64, x64, x64, b64, lowering="cuda")
-    for warpgroups, lowering in ((3, "mosaic"), (2, "triton")):
-        with pytest.raises(ValueError, match=f"grad_warpgroups must be one of .* got {warpgroups}"):
-            kernel(x64, x64, x64, b64, lowering=lowering, grad_warpgroups=warpgroups)
     with pytest.raises(ValueError, match=r"kernel_warps\['gated_delta_bwd'\]: must be a power"):
         TritonTuning(kernel_warps=(("gated_delta_bwd", 6),))
     with pytest.raises(ValueError, match="TritonTuning.grad_tile: must be a positive int, got 0"):
@@ -180,9 +177,8 @@ def test_bad_arguments_raise_before_compiling(rng):
     assert TritonTuning(kernel_warps=(("gated_delta_bwd", 8),)).warps_of("gated_delta_bwd") == 8
 
 
-def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng, warpgroups: int = 1) -> dict:
-    """Max errors (of the largest reference value) of ``lowering="mosaic"`` (the gradient
-    kernel on ``warpgroups``) against the
+def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng) -> dict:
+    """Max errors (of the largest reference value) of ``lowering="mosaic"`` against the
     float32 recurrence on float32 copies of the same inputs: output, state and every gradient;
     ``vs triton``: its output against the Triton forward's. Asserts that the fused pass run
     alone (saving no states) gives the output and state it gave under ``jax.grad``."""
@@ -196,13 +192,11 @@ def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng, warpgroups
 
         return jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))(q, k, v, beta, g, s0)
 
-    def pallas(*a, lowering, grad_warpgroups=1):
+    def pallas(*a, lowering):
         return kernel(*a[:4], log_decay=a[4], initial_state=a[5], segment_ids=seg,
-                      backend="gpu", interpret=interpret, lowering=lowering,
-                      grad_warpgroups=grad_warpgroups)  # fmt: skip
+                      backend="gpu", interpret=interpret, lowering=lowering)  # fmt: skip
 
-    got_grads, got = grads(functools.partial(pallas, lowering="mosaic",
-                                             grad_warpgroups=warpgroups))  # fmt: skip
+    got_grads, got = grads(functools.partial(pallas, lowering="mosaic"))
     want_grads, want = grads(lambda q, k, v, beta, g, s0: gated_delta_rule_reference(
         f32(q), f32(k), f32(v), beta, log_decay=g, initial_state=s0, segment_ids=seg))  # fmt: skip
     triton_out, _ = jax.jit(functools.partial(pallas, lowering="triton"))(q, k, v, beta, g, s0)
@@ -246,37 +240,6 @@ def test_mosaic_fused_forward(races, dk, dv, dtype, docs, gated, rng):
     races.check(kernels=5 + 2 * (dtype == jnp.bfloat16 and dv in (64, 128)))
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
-
-
-@pytest.mark.parametrize("dk, dv, docs", [(64, 64, True), (128, 128, False), (128, 64, True)])
-def test_mosaic_gradient_kernel_on_two_warpgroups(races, dk, dv, docs, rng):
-    """``grad_warpgroups=2`` (the Mosaic GPU gradient kernel's product chains split over two
-    warpgroups, :func:`mosaic_gpu_bwd._grad_kernel_split`) against one warpgroup, interpreted
-    with race detection: the same bf16 operands and products, only the float32 summation order
-    of ``dK``'s accumulator and of the per-row parts differs. ``dQ``, ``dV``, ``dS_0`` equal;
-    ``dK`` within ``2^-8`` of its largest value (one bf16 rounding step; seen 4e-4), ``dbeta``
-    and ``dlog_decay`` within 1e-6 (seen 2e-7)."""
-    q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(1, 200, 2, dk, dv))
-    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
-    seg = jnp.asarray(DOCS) if docs else None
-    w_out = rng.normal(size=v.shape).astype(np.float32)
-
-    def grads(warpgroups: int):
-        def loss(*a):
-            out, state = kernel(*a[:4], log_decay=a[4], initial_state=a[5], segment_ids=seg,
-                                backend="gpu", interpret=True, lowering="mosaic",
-                                grad_warpgroups=warpgroups)  # fmt: skip
-            return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(state)
-
-        return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(q, k, v, beta, g, s0)
-
-    one, two = grads(1), grads(2)
-    races.check(kernels=2 * 5)  # UT transform, fused pass, W / scores, state pass, gradients
-    names = ("dq", "dk", "dv", "dbeta", "dlog_decay", "ds0")
-    bounds = {"dq": 0.0, "dk": 2**-8, "dv": 0.0, "dbeta": 1e-6, "dlog_decay": 1e-6, "ds0": 0.0}
-    for name, a, b in zip(names, one, two, strict=True):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        assert np.abs(a - b).max() <= bounds[name] * np.abs(a).max(), name
 
 
 def _ut_reference(k, v, beta, g, docs) -> tuple[np.ndarray, ...]:
@@ -338,16 +301,13 @@ def test_mosaic_ut_transform(races, dk, dv, dtype, docs, rng):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("warpgroups", [1, 2])
-def test_gpu_mosaic_fused_forward(warpgroups, rng):
-    """``lowering="mosaic"`` compiled on a Hopper GPU (every kernel Mosaic GPU's; the gradient
-    kernel on ``warpgroups``): bf16 at width 128, 8 chunks, fwd + grads; the second row packs
-    documents. Bounds as in interpret mode."""
+def test_gpu_mosaic_fused_forward(rng):
+    """``lowering="mosaic"`` compiled on a Hopper GPU (every kernel Mosaic GPU's): bf16 at width
+    128, 8 chunks, fwd + grads; the second row packs documents. Bounds as in interpret mode."""
     q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(2, 512, 4, 128, 128))
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
     seg = jnp.asarray(np.stack([np.ones(512, np.int32), np.repeat([1, 2, 3], [100, 300, 112])]))
-    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng,
-                         warpgroups=warpgroups)  # fmt: skip
+    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng)
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
 
@@ -382,21 +342,19 @@ def test_compiled_gpu_kernel_matches_the_recurrence(rng):
 
 
 @pytest.mark.parametrize(
-    "backend, lowering, platform, calls, warpgroups",
-    [("gpu", "triton", "cuda", {"__gpu$xla.gpu.triton": 6}, 1),
-     ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 0, "mosaic_gpu_v2": 5}, 1),
-     ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 0, "mosaic_gpu_v2": 5}, 2),
-     ("tpu", "triton", "tpu", {"tpu_custom_call": 2}, 1)],
+    "backend, lowering, platform, calls",
+    [("gpu", "triton", "cuda", {"__gpu$xla.gpu.triton": 6}),
+     ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 0, "mosaic_gpu_v2": 5}),
+     ("tpu", "triton", "tpu", {"tpu_custom_call": 2})],
 )  # fmt: skip
-def test_kernels_lower_without_the_device(backend, lowering, platform, calls, warpgroups,
-                                          gpu_target):  # fmt: skip
+def test_kernels_lower_without_the_device(backend, lowering, platform, calls, gpu_target):
     """Without a GPU/TPU, export for the platform: forward + backward (bf16, head dim 128,
     packed documents, an initial state) lower through Pallas Triton / Mosaic GPU / Mosaic
     TPU: on the GPU three kernels forward (prepare, the state pass, the output; with
     ``lowering="mosaic"`` the UT transform and the fused pass) and three backward (``W`` from
     the saved ``T``, the state pass, the gradients; with ``lowering="mosaic"`` all in Mosaic
-    GPU; ``warpgroups``: the gradient kernel's), on the TPU one each way."""
-    options = dict(lowering=lowering, grad_warpgroups=warpgroups)
+    GPU), on the TPU one each way."""
+    options = dict(lowering=lowering)
     sd = jax.ShapeDtypeStruct
     qk = sd((1, 128, 2, 128), jnp.bfloat16)
     gate, seg = sd((1, 128, 2), jnp.float32), sd((1, 128), jnp.int32)

@@ -183,7 +183,6 @@ def gated_delta_rule(
     interpret: bool | None = None,
     lowering: str = "triton",
     tuning: TritonTuning | None = None,
-    grad_warpgroups: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``,
     differentiable in every float argument.
@@ -195,9 +194,7 @@ def gated_delta_rule(
     ``lowering`` (``backend="gpu"`` only): "triton", or "mosaic" for the Hopper kernels
     (:mod:`.mosaic_gpu_fwd`, :mod:`.mosaic_gpu_bwd`; chunk 64, bf16/fp16, dk 64 or 128, dv a
     multiple of 64). ``tuning``: the Triton kernels' launch parameters
-    (:class:`.tuning.TritonTuning`; default: its measured defaults). ``grad_warpgroups``
-    (``lowering="mosaic"``): the Mosaic GPU gradient kernel on one warpgroup per chunk, or on
-    two that split its product chains (opt-in until timed against one on a GPU).
+    (:class:`.tuning.TritonTuning`; default: its measured defaults).
     """
     backend, interpret = _resolve(backend, interpret)
     if lowering not in ("triton", "mosaic") or (lowering == "mosaic" and backend != "gpu"):
@@ -207,14 +204,6 @@ def gated_delta_rule(
         )
     if lowering == "mosaic":
         mosaic_gpu_fwd.check_supported(q, v, chunk=chunk_size)
-    if grad_warpgroups not in mosaic_gpu_bwd.GRAD_WARPGROUPS or (
-        grad_warpgroups != 1 and lowering != "mosaic"
-    ):
-        raise ValueError(
-            "gated_delta_rule (Pallas): grad_warpgroups must be one of "
-            f"{mosaic_gpu_bwd.GRAD_WARPGROUPS} (2 with lowering='mosaic'), got "
-            f"{grad_warpgroups!r} with lowering {lowering!r}"
-        )
     tuning = TritonTuning() if tuning is None else tuning
     if not isinstance(tuning, TritonTuning):
         raise TypeError(
@@ -237,8 +226,9 @@ def gated_delta_rule(
         q, k, v = (rearrange(x, "b l h d -> b h l d") for x in (q, k, v))
     docs = None if segment_ids is None else _documents(segment_ids, pad, c)
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state
-    cfg = Cfg(backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering,
-              tuning, grad_warpgroups)  # fmt: skip
+    cfg = Cfg(
+        backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering, tuning
+    )
     out, s_final = _core(q, k, v, beta, gam, s0, docs, cfg)
     if backend == "tpu":
         out = rearrange(out, "b h l d -> b l h d")

@@ -58,7 +58,6 @@ class Cfg:
     exact: bool  # float32 inputs: float32-accurate MMAs
     lowering: str = "triton"  # GPU forward: "triton", or "mosaic" (the fused Hopper pass)
     tuning: TritonTuning = TritonTuning()  # the Triton kernels' launch parameters
-    grad_warpgroups: int = 1  # lowering "mosaic": the gradient kernel's warpgroups (1 or 2)
 
     @property
     def store(self):

@@ -26,13 +26,17 @@ The kernels around it are this module's where :func:`mosaic_gradients` holds (bf
 (``experiments/results/bench_gated_delta_mosaic_full.md``). The ``W`` / scores kernel
 (:func:`w_and_scores`): one warpgroup per chunk, ``W`` formed as
 :func:`.mosaic_gpu_fwd.ut_transform` forms it. The gradient kernel (:func:`gradients`): one
-warpgroup per chunk loads every operand of the chunk (``Q, K, V, U, dO, dU, T``, the state entering
-it and ``dL/dS`` leaving it) with TMA and runs :func:`._chunk.tile_backward` on the whole ``dv``,
-:func:`._chunk.scores_backward` and :func:`._chunk.finish_backward`: 16 ``wgmma`` products issued in
-12 groups (each waited for before the next), the ``[C, C]`` intermediates that a product reads
-transposed or as its right operand (``dscores``, ``dL/dT``, ``dL/d(K K^T)``) published in one bf16
-buffer in turn, ``dQ``, ``dK``, ``dV`` staged in their operands' buffers. The state carry's part of
-``dL/dgam_last`` leaves the kernel as per-row parts (``S . dS``, and ``K . dK_end``) that XLA sums.
+CTA per chunk loads every operand of the chunk (``Q, K, V, U, dO, dU, T``, the state entering it
+and ``dL/dS`` leaving it) with TMA and runs :func:`._chunk.tile_backward` on the whole ``dv``,
+:func:`._chunk.scores_backward` and :func:`._chunk.finish_backward` as 16 ``wgmma`` products on
+two warpgroups, each with a chain of its own: the scores' (``dQ``, ``dscores``, ``dV``) and the one
+through ``W`` and the UT transform (``dK``), 5 groups on the longer chain (each waited for before
+the next) against 12 on one warpgroup, which took 2.1x as long on an H200
+(``experiments/results/bench_gated_delta_wg2.md``). The ``[C, C]`` intermediates that a product
+reads transposed or as its right operand (``dscores``, ``dL/dT``, ``dL/d(K K^T)``) are published
+in bf16; ``dQ`` and ``dV`` are staged in a buffer of their own and in ``dO``'s, ``dK`` in ``K``'s.
+The state carry's part of ``dL/dgam_last`` leaves the kernel as per-row parts (``S . dS``, and
+``K . dK_end``) that XLA sums, with the two warpgroups' parts of ``dbeta`` and ``dgam``.
 
 Interpret mode runs the same kernels with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
 """
@@ -295,28 +299,19 @@ def mosaic_gradients(q: jax.Array, v: jax.Array) -> bool:
     return q.dtype == DTYPE and q.shape[-1] in GRAD_DIMS and v.shape[-1] in GRAD_DIMS
 
 
-GRAD_WARPGROUPS = (1, 2)  # the gradient kernel's forms (:func:`gradients`)
+# per chunk, float32: rows of per-row results (dbeta and dgam along rows of warpgroup 1, de, the
+# same two of warpgroup 0, then S . dS in dk / 64 parts) and of per-column ones (dgam along
+# columns, one per warpgroup)
+ROW_PARTS, COL_PARTS = 5, 2
 
 
-def grad_rows(dk: int, warpgroups: int) -> tuple[int, int]:
-    """The gradient kernel's float32 results per chunk: rows of per-row values (``dbeta``,
-    ``dgam`` along rows and ``de``, then with two warpgroups the scores warpgroup's ``dbeta``
-    and ``dgam`` parts, then the ``dk / 64`` parts of ``S . dS``) and of per-column ones
-    (``dgam`` along columns, one part per warpgroup)."""
-    return 3 + 2 * (warpgroups - 1) + dk // ROWS, warpgroups
-
-
-def grad_scratch(dk: int, dv: int, warpgroups: int = 1) -> tuple:
-    """The gradient kernel's buffers: each operand of one chunk (``Q``, ``K``, ``V``, ``U``,
-    ``dO``, ``dU``, ``T``, ``S``, ``dL/dS``), the published ``dL/dW`` and one ``[C, C]``
-    buffer that publishes ``dL/dT``, then ``dL/d(K K^T)`` (and first ``dscores`` with one
-    warpgroup); with two, ``dscores``' own buffer and ``dQ``'s staging; the factors and the
-    per-row and per-column results (:func:`grad_rows`); one barrier per load. With one
-    warpgroup ``dQ``, ``dK``, ``dV`` are staged in ``Q``, ``K``, ``V``'s buffers; with two in
-    their own, ``K``'s and ``dO``'s."""
+def grad_scratch(dk: int, dv: int) -> tuple:
+    """The gradient kernel's buffers: each operand of one chunk (``Q``, ``K`` then ``dK``,
+    ``V``, ``U``, ``dO`` then ``dV``, ``dU``, ``T``, ``S``, ``dL/dS``), the published ``dL/dW``,
+    one ``[C, C]`` buffer that publishes ``dL/dT``, then ``dL/d(K K^T)``, one that publishes
+    ``dscores``, ``dQ``'s staging; the factors and the per-row and per-column results; one
+    barrier per load, and two that warpgroup 0 arrives at for warpgroup 1."""
     mat = lambda *shape: plgpu.SMEM(shape, DTYPE, transforms=WGMMA_TRANSFORMS)  # noqa: E731
-    per_row, per_col = grad_rows(dk, warpgroups)
-    split = (mat(CHUNK, CHUNK), mat(CHUNK, dk)) if warpgroups == 2 else ()
     return (
         (
             *(mat(CHUNK, dk) for _ in range(2)),  # Q, K
@@ -324,39 +319,17 @@ def grad_scratch(dk: int, dv: int, warpgroups: int = 1) -> tuple:
             mat(CHUNK, CHUNK),  # T
             *(mat(dk, dv) for _ in range(2)),  # S entering the chunk, dL/dS leaving it
             mat(CHUNK, dk),  # dL/dW
-            mat(CHUNK, CHUNK),  # (dscores,) dL/dT, dL/d(K K^T)
-            *split,  # dscores, dQ
+            mat(CHUNK, CHUNK),  # dL/dT, dL/d(K K^T)
+            mat(CHUNK, CHUNK),  # dscores
+            mat(CHUNK, dk),  # dQ
             plgpu.SMEM((6, CHUNK), F32),  # factors along rows (mosaic_gpu_fwd.factors)
             plgpu.SMEM((4, CHUNK), F32),  # along columns
-            plgpu.SMEM((per_row, CHUNK), F32),
-            plgpu.SMEM((per_col, CHUNK), F32),
+            plgpu.SMEM((ROW_PARTS + dk // ROWS, CHUNK), F32),
+            plgpu.SMEM((COL_PARTS, CHUNK), F32),
         ),
         plgpu.Barrier(num_barriers=11),
-        *((plgpu.Barrier(num_barriers=2),) if warpgroups == 2 else ()),  # scores wg -> other
+        plgpu.Barrier(num_barriers=2),  # handoff, warpgroup 0 -> 1
     )
-
-
-def _load_grad_operands(ins: tuple, smem: tuple, ready, issuer=None):
-    """Issue the gradient kernel's TMA loads of its chunk's operands (``ins``: the refs ``Q, K,
-    V, U, dO, dU, T, S, dL/dS`` and the factors, in that order; ``smem`` as
-    :func:`grad_scratch` orders it); returns the ``wait(*names)`` of
-    :func:`.mosaic_gpu_fwd.load_chunk`."""
-    q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref, fc_ref = ins
-    q_s, k_s, v_s, u_s, do_s, du_s, t_s, h_s, dh_s, *_ = smem
-    fr_s, fc_s = smem[-4:-2]
-    batch, head, n, rows = mosaic_gpu_fwd.chunk_program(q_ref.shape[2], q_ref.shape[1])
-    copies = {
-        "q": (q_ref.at[batch, rows, head], q_s),
-        "k": (k_ref.at[batch, rows, head], k_s),
-        "u": (u_ref.at[batch, head, rows], u_s),
-        "do": (do_ref.at[batch, rows, head], do_s),
-        "h": (h_ref.at[batch, head, n], h_s),
-        "dh": (dh_ref.at[batch, head, n], dh_s),
-        "du": (du_ref.at[batch, head, rows], du_s),
-        "t": (t_ref.at[batch, head, n], t_s),
-        "v": (v_ref.at[batch, rows, head], v_s),
-    }
-    return mosaic_gpu_fwd.load_chunk(copies, (fr_ref, fc_ref, fr_s, fc_s), ready, issuer)
 
 
 def publish(ref, x) -> None:
@@ -371,113 +344,45 @@ def copy_out(ref, x, dst) -> None:
     plgpu.copy_smem_to_gmem(ref, dst)
 
 
-def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref,
-                 fc_ref, dq_ref, dk_ref, dv_ref, ro_ref, co_ref, smem, ready, *,
+def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref, fc_ref,
+                 dq_ref, dk_ref, dv_ref, ro_ref, co_ref, smem, ready, handoff, *,
                  interpret: bool):  # fmt: skip
-    """One CTA (one warpgroup) per chunk, program id ``p = (batch * heads + head) * chunks +
+    """One CTA of two warpgroups per chunk, program id ``p = (batch * heads + head) * chunks +
     chunk``: :func:`._chunk.tile_backward` on the whole ``dv``, :func:`._chunk.scores_backward`
-    and :func:`._chunk.finish_backward` in one pass (:func:`gradients`)."""
-    q_s, k_s, v_s, u_s, do_s, du_s, t_s, h_s, dh_s, dw_s, cc_s, fr_s, fc_s, ro_s, co_s = smem
-    _, length, heads, dk = q_ref.shape
-    dv = v_ref.shape[-1]
-    batch, head, n, rows = mosaic_gpu_fwd.chunk_program(heads, length)
-    ins = (q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref, fc_ref)
-    wait = _load_grad_operands(ins, smem, ready)
-    cc, ck, cv = (CHUNK, CHUNK), (CHUNK, dk), (CHUNK, dv)
-    zero = lambda shape: zero_acc(shape, interpret)  # noqa: E731
-    tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731 (registers, float32)
-    wait("rows", "cols", "q", "k", "u", "do")
-    g = mosaic_gpu_fwd.Gates(fr_s, fc_s, interpret)
-    q, k, u, do = wgmma_operands((q_s, k_s, u_s, do_s), interpret)
-    # the scores' backward: dsc = dO U^T against sc = Q K^T * decay_incl
-    sc, dsc = mma(((zero(cc), [(q, Transposed(k))]), (zero(cc), [(do, Transposed(u))])),
-                  interpret)  # fmt: skip
-    decay_incl = g.decay(strict=False)
-    pairs = dsc * sc * decay_incl
-    dgam_c, dgam_r = jnp.sum(pairs, axis=1), -jnp.sum(pairs, axis=0)
-    dscores = dsc * decay_incl
-    publish(cc_s, dscores)
-    # dq = dscores K + g_read dO S^T
-    wait("h")
-    (h,) = wgmma_operands((h_s,), interpret)
-    (dq_s,) = mma(((zero(ck), [(do, Transposed(h))]),), interpret)
-    dq_s = dq_s * g.t("g_read", dk)
-    dgam_c += jnp.sum(tile(q_s) * dq_s, axis=1)
-    (dq,) = mma(((dq_s, [(dscores.astype(DTYPE), k)]),), interpret)
-    (dk_acc,) = mma(((zero(ck), [(Transposed(cc_s), q)]),), interpret)  # dscores^T Q
-    copy_out(q_s, dq, dq_ref.at[batch, rows, head])  # Q's last read is done
-    # through U's end state: (U dS_next^T) e_end, and dcarry = S . dS_next in row parts
-    wait("dh")
-    (dh,) = wgmma_operands((dh_s,), interpret)
-    (dk_end,) = mma(((zero(ck), [(u, Transposed(dh))]),), interpret)
-    dk_end = dk_end * g.t("e_end", dk)
-    de = jnp.sum(dk_end * tile(k_s), axis=1)
-    dgam_c -= de
-    dk_acc += dk_end
-    halves = [pl.ds(i * ROWS, ROWS) for i in range(dk // ROWS)]
-    dcarry = [jnp.sum(tile(h_s.at[i]) * tile(dh_s.at[i]), axis=1) for i in halves]
-    # W = T kg: dW = -dU S^T; dT = dU (beta V)^T + dW (K kg_scale)^T; dkg = T^T dW
-    wait("du", "v", "t")
-    du, v, t = wgmma_operands((du_s, v_s, t_s), interpret)
-    dw, dt_v = mma(((zero(ck), [(du, Transposed(h))]), (zero(cc), [(du, Transposed(v))])),
-                   interpret)  # fmt: skip
-    dw = -dw
-    publish(dw_s, dw)
-    (dt_w,) = mma(((zero(cc), [(dw.astype(DTYPE), Transposed(k))]),), interpret)
-    dt = dt_v * g.s("beta") + dt_w * g.s("kg_scale")
-    publish(cc_s, dt)  # dscores' last read (dscores^T Q) is done
-    (dkg,) = mma(((zero(ck), [(Transposed(t), dw_s)]),), interpret)
-    dk_acc += dkg * g.t("kg_scale", dk)
-    dkg_k = jnp.sum(dkg * tile(k_s), axis=1)
-    dbeta, dgam_c = dkg_k * g.vector("g_read"), dgam_c + dkg_k * g.vector("kg_scale")
-    # dV = beta T^T dU, and V's part of dbeta
-    (dvb,) = mma(((zero(cv), [(Transposed(t), du)]),), interpret)
-    dbeta += jnp.sum(dvb * tile(v_s), axis=1)
-    copy_out(v_s, dvb * g.t("beta", dv), dv_ref.at[batch, rows, head])
-    # T = (I + A)^{-1}: dA = -T^T dT T^T; A = K K^T * decay_strict * beta_t
-    x, kk = mma(((zero(cc), [(Transposed(t), cc_s)]), (zero(cc), [(k, Transposed(k))])),
-                interpret)  # fmt: skip
-    (dkk,) = mma(((zero(cc), [(x.astype(DTYPE), Transposed(t))]),), interpret)
-    dkk = -dkk * g.decay(strict=True)
-    dbeta += jnp.sum(dkk * kk, axis=1)
-    dkk = dkk * g.t("beta")
-    da_a = dkk * kk
-    dgam_c, dgam_r = dgam_c + jnp.sum(da_a, axis=1), dgam_r - jnp.sum(da_a, axis=0)
-    publish(cc_s, dkk)  # dT's last read is done
-    (dk_acc,) = mma(((dk_acc, [(dkk.astype(DTYPE), k), (Transposed(cc_s), k)]),), interpret)
-    copy_out(k_s, dk_acc, dk_ref.at[batch, rows, head])
-    for i, x in enumerate((dbeta, dgam_c, de, *dcarry)):
-        ro_s.at[i][...] = x
-    co_s.at[0][...] = dgam_r
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(ro_s, ro_ref.at[batch, head, n])
-    plgpu.copy_smem_to_gmem(co_s, co_ref.at[batch, head, n])
-    plgpu.wait_smem_to_gmem(0)
-
-
-def _grad_kernel_split(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref,
-                       fc_ref, dq_ref, dk_ref, dv_ref, ro_ref, co_ref, smem, ready, handoff, *,
-                       interpret: bool):  # fmt: skip
-    """:func:`_grad_kernel` on two warpgroups of one CTA, each product chain on its own so
-    that one's ``wgmma`` latency overlaps the other's work. Warpgroup 0 (the scores): issues
-    the loads; ``Q K^T``, ``dO U^T``, ``dO S^T``, then ``dQ`` and ``dscores`` (published),
-    ``S . dS``, ``dV = beta T^T dU``. Warpgroup 1 (through ``U``'s end state, ``W`` and the
-    UT transform): ``dW``, ``dL/dT``, ``dL/d(K K^T)`` and the whole ``dK``, whose last product
-    also reads warpgroup 0's ``dscores``. ``handoff[0]``: ``dscores`` published and warpgroup
-    0 done with ``K`` (which stages ``dK``); ``handoff[1]``: its per-row results written."""
+    and :func:`._chunk.finish_backward` in one pass, each product chain on its own warpgroup so
+    that one's ``wgmma`` latency overlaps the other's work (:func:`gradients`). Warpgroup 0 (the
+    scores): issues the loads; ``Q K^T``, ``dO U^T``, ``dO S^T``, then ``dQ`` and ``dscores``
+    (published), ``S . dS``, ``dV = beta T^T dU``. Warpgroup 1 (through ``U``'s end state, ``W``
+    and the UT transform): ``dW``, ``dL/dT``, ``dL/d(K K^T)`` and the whole ``dK``, whose last
+    product also reads warpgroup 0's ``dscores``. ``handoff[0]``: ``dscores`` published and
+    warpgroup 0 done with ``K`` (which stages ``dK``); ``handoff[1]``: its per-row results
+    written."""
     q_s, k_s, v_s, u_s, do_s, du_s, t_s, h_s, dh_s, dw_s, cc_s, ds_s, dq_s = smem[:13]
     fr_s, fc_s, ro_s, co_s = smem[13:]
     _, length, heads, dk = q_ref.shape
     dv = v_ref.shape[-1]
     batch, head, n, rows = mosaic_gpu_fwd.chunk_program(heads, length)
     wg = lax.axis_index("wg")
-    ins = (q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_ref, fr_ref, fc_ref)
-    wait = _load_grad_operands(ins, smem, ready, issuer=wg == 0)
+    wait = mosaic_gpu_fwd.load_chunk(
+        {
+            "q": (q_ref.at[batch, rows, head], q_s),
+            "k": (k_ref.at[batch, rows, head], k_s),
+            "u": (u_ref.at[batch, head, rows], u_s),
+            "do": (do_ref.at[batch, rows, head], do_s),
+            "h": (h_ref.at[batch, head, n], h_s),
+            "dh": (dh_ref.at[batch, head, n], dh_s),
+            "du": (du_ref.at[batch, head, rows], du_s),
+            "t": (t_ref.at[batch, head, n], t_s),
+            "v": (v_ref.at[batch, rows, head], v_s),
+        },
+        (fr_ref, fc_ref, fr_s, fc_s),
+        ready,
+        issuer=wg == 0,
+    )
     cc, ck, cv = (CHUNK, CHUNK), (CHUNK, dk), (CHUNK, dv)
     zero = lambda shape: zero_acc(shape, interpret)  # noqa: E731
     tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731 (registers, float32)
     row_sum, col_sum = (lambda x: jnp.sum(x, axis=1)), (lambda x: jnp.sum(x, axis=0))  # noqa: E731
-    first = 3  # the row of warpgroup 0's first part (grad_rows)
 
     @pl.when(wg == 0)
     def _scores():
@@ -504,7 +409,7 @@ def _grad_kernel_split(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref,
         (dvb,) = mma(((zero(cv), [(Transposed(t), du)]),), interpret)  # dV = beta T^T dU
         copy_out(do_s, dvb * g.t("beta", dv), dv_ref.at[batch, rows, head])  # dO is read
         for i, x in enumerate((row_sum(dvb * tile(v_s)), dgam_c, *dcarry)):
-            ro_s.at[first + i][...] = x
+            ro_s.at[3 + i][...] = x
         co_s.at[1][...] = -col_sum(pairs)
         plgpu.commit_smem()
         plgpu.barrier_arrive(handoff.at[1])
@@ -515,8 +420,8 @@ def _grad_kernel_split(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref,
         wait("rows", "cols", "q", "k", "u", "h", "dh", "du", "v")
         g = mosaic_gpu_fwd.Gates(fr_s, fc_s, interpret)
         q, k, u, h, dh, du, v = wgmma_operands((q_s, k_s, u_s, h_s, dh_s, du_s, v_s), interpret)
-        # W = T kg: dW = -dU S^T; dT = dU (beta V)^T + dW (K kg_scale)^T; through U's end
-        # state: (U dS_next^T) e_end
+        # W = T kg: dW = -dU S^T; dT = dU (beta V)^T + dW (K kg_scale)^T; dkg = T^T dW; through
+        # U's end state: (U dS_next^T) e_end
         dw, dt_v, dk_end = mma(((zero(ck), [(du, Transposed(h))]),
                                 (zero(cc), [(du, Transposed(v))]),
                                 (zero(ck), [(u, Transposed(dh))])), interpret)  # fmt: skip
@@ -558,37 +463,31 @@ def _grad_kernel_split(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref,
 def gradients(inputs: dict, res: tuple, do: jax.Array, dh: jax.Array, du: jax.Array,
               ds0: jax.Array, cfg: Cfg):  # fmt: skip
     """:func:`.triton_bwd.gradients` in one Pallas Mosaic GPU kernel (bf16, ``dk`` and ``dv``
-    in :data:`GRAD_DIMS`; :func:`mosaic_gradients`): one CTA per chunk with all of the chunk's
-    operands in shared memory (``4 C dv + 3 C dk + 2 dk dv + 2 C^2`` bf16 values: 198 KiB with
-    the factors at ``dk = dv = 128``, one CTA per SM; 222 KiB with two warpgroups), every
-    product a ``wgmma``, on one warpgroup (:func:`_grad_kernel`) or two
-    (:func:`_grad_kernel_split`, ``cfg.grad_warpgroups``); the last row's ``dL/dgam_last``
-    (the state carry's and the end-state rows') and the warpgroups' parts summed in XLA from
-    the kernel's per-row and per-column parts."""
+    in :data:`GRAD_DIMS`; :func:`mosaic_gradients`): one CTA of two warpgroups per chunk with
+    all of the chunk's operands in shared memory (``4 C dv + 4 C dk + 2 dk dv + 3 C^2`` bf16
+    values: 222 KiB with the factors at ``dk = dv = 128``, one CTA per SM), every product a
+    ``wgmma`` (:func:`_grad_kernel`); the last row's ``dL/dgam_last`` (the state carry's and
+    the end-state rows') and the two warpgroups' parts summed in XLA from the kernel's per-row
+    and per-column parts."""
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     bsz, length, heads, dk = q.shape
     dv, n_chunks = v.shape[-1], length // CHUNK
     h, t_mat, u = res
     rows, cols = mosaic_gpu_fwd.factors(inputs, cfg)
-    wgs = cfg.grad_warpgroups
-    n_row, n_col = grad_rows(dk, wgs)
     out_type = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct(k.shape, k.dtype),
         jax.ShapeDtypeStruct(v.shape, v.dtype),
-        jax.ShapeDtypeStruct((bsz, heads, n_chunks, n_row, CHUNK), F32),
-        jax.ShapeDtypeStruct((bsz, heads, n_chunks, n_col, CHUNK), F32),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, ROW_PARTS + dk // ROWS, CHUNK), F32),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, COL_PARTS, CHUNK), F32),
     )
     dq, dk_grad, dv_grad, per_row, per_col = mosaic_gpu_fwd.per_chunk(
-        _grad_kernel if wgs == 1 else _grad_kernel_split, out_type, grad_scratch(dk, dv, wgs),
-        bsz * heads * n_chunks, cfg.interpret, "gated delta mosaic gradient kernel",
-        "gated_delta_grads", warpgroups=wgs,
+        _grad_kernel, out_type, grad_scratch(dk, dv), bsz * heads * n_chunks, cfg.interpret,
+        "gated delta mosaic gradient kernel", "gated_delta_grads", warpgroups=2,
     )(q, k, v, u, do.astype(DTYPE), du, t_mat, h, dh, rows, cols)  # fmt: skip
-    dbeta, dgam_c, de = (per_row[..., i, :] for i in range(3))
-    if wgs == 2:  # warpgroup 0's parts
-        dbeta, dgam_c = dbeta + per_row[..., 3, :], dgam_c + per_row[..., 4, :]
-    carry_parts = per_row[..., n_row - dk // ROWS :, :]
-    dlast = chunk_carry(inputs, cfg) * jnp.sum(carry_parts, axis=(-2, -1))
+    part = lambda i: per_row[..., i, :]  # noqa: E731
+    dbeta, dgam_c, de = part(0) + part(3), part(1) + part(4), part(2)
+    dlast = chunk_carry(inputs, cfg) * jnp.sum(per_row[..., ROW_PARTS:, :], axis=(-2, -1))
     dgam_c = dgam_c.at[..., -1].add(dlast + jnp.sum(de, axis=-1))
     col = lambda x: rearrange(x, "b h n c -> b h (n c) 1")  # noqa: E731
     dgam_r = jnp.sum(per_col, axis=-2, keepdims=True)
