@@ -16,8 +16,12 @@ dL/dS`` ``[dk, BLOCK_V]`` in float32 registers, as :func:`._chunk.u_grad` and
 
 Two warpgroups: a producer streams ``K e_end``, ``-(Q g_read)``, ``W``, ``dO``, the scores
 and the carries through a ring of ``stages`` slots with TMA, the state warpgroup runs the chain
-and copies ``dh`` and ``dU`` out of their two-slot buffers. The operands are those of the
-Triton pass rounded the same way (bf16 ``wgmma`` operands, float32 accumulation); only the
+and copies ``dh`` and ``dU`` out of their two-slot buffers. With ``Cfg.state_operands ==
+"formed"`` (opt-in, not yet timed) the producer loads raw ``K``, ``Q`` and the chunk's factors
+instead and forms ``K e_end``, ``-(Q g_read)`` and the scores in their slots itself (one
+``wgmma``, ahead of the state warpgroup), ``W`` being the one the forward saved: the W / scores
+kernel, its writes and this pass's reads of them go. The operands are those of the Triton pass
+rounded the same way (bf16 ``wgmma`` operands, float32 accumulation); only the
 summation order inside the products differs.
 
 The kernels around it are this module's where :func:`mosaic_gradients` holds (bf16, ``dk`` and
@@ -81,11 +85,16 @@ from kernels_pallas.linear_attention_scan.mosaic_gpu_fwd import (
 DTYPE = jnp.bfloat16  # the operands' dtype: Cfg.store of the inputs this pass takes
 
 
-def scratch_types(dk: int, stages: int) -> tuple:
+def scratch_types(dk: int, stages: int, formed: bool = False) -> tuple:
     """Rings of ``K e_end``, ``-(Q g_read)``, ``W`` (``[C, dk]``), ``dO`` (``[C, BLOCK_V]``),
     the scores (``[C, C]``) and the carries (one per state row); two slots of the published
-    ``dS`` and ``dU``; the float32 staging of ``dL/dS_final`` in and ``dS_0`` out; barriers."""
+    ``dS`` and ``dU``; the float32 staging of ``dL/dS_final`` in and ``dS_0`` out; barriers.
+    ``formed`` (the producer forms the scaled rows and the scores, :func:`state_grads`): also
+    rings of the chunk's factors (:func:`.mosaic_gpu_fwd.factors`), a load barrier per ring
+    (``K``, ``Q``, ``W``, ``dO``, the carries, the two factors) and one per slot formed."""
     mat = lambda *shape: plgpu.SMEM(shape, DTYPE, transforms=WGMMA_TRANSFORMS)  # noqa: E731
+    factor_rings = (plgpu.SMEM((stages, 6, CHUNK), F32), plgpu.SMEM((stages, 4, CHUNK), F32))
+    loads = 7 if formed else 6
     return (
         (
             mat(stages, CHUNK, dk),  # K e_end
@@ -97,20 +106,31 @@ def scratch_types(dk: int, stages: int) -> tuple:
             mat(2, dk, BLOCK_V),  # dS leaving chunk n (its dh), in slot (step) % 2
             mat(2, CHUNK, BLOCK_V),  # dU of chunk n, in slot (step) % 2
             plgpu.SMEM((dk, BLOCK_V), F32, transforms=F32_TRANSFORMS),  # dS_final in, dS_0 out
+            *(factor_rings if formed else ()),
         ),
-        tuple(plgpu.Barrier(num_barriers=stages) for _ in range(6)),  # slot loaded, per ring
+        tuple(plgpu.Barrier(num_barriers=stages) for _ in range(loads)),  # slot loaded, per ring
         plgpu.Barrier(),  # dS_final staged
         plgpu.Barrier(num_barriers=stages),  # slot consumed
+        *((plgpu.Barrier(num_barriers=stages),) if formed else ()),  # slot formed
     )
 
 
-def _kernel(ke_ref, qs_ref, w_ref, do_ref, sc_ref, f_ref, dsf_ref, dh_ref, du_ref, ds0_ref,
-            smem, ready, dsf_ready, free, *, stages: int, interpret: bool):  # fmt: skip
+def _kernel(*refs, stages: int, formed: bool, interpret: bool):
     """One CTA per (batch, head, value tile), program id ``p = (batch * heads + head) * tiles
     + tile``; warpgroup 1 produces, 0 carries ``dS`` (module doc). Step ``t`` is chunk
-    ``n_chunks - 1 - t``."""
-    ke_ring, qs_ring, w_ring, do_ring, sc_ring, f_ring, s_pub, u_pub, sf_smem = smem
-    _, heads, length, dk = ke_ref.shape
+    ``n_chunks - 1 - t``. Inputs ``(K e_end, -(Q g_read), W, dO, scores, carries, dS_final)``,
+    or with ``formed`` ``(K, Q, W, dO, carries, factors along rows, along columns,
+    dS_final)``: the producer then forms the scaled rows and the scores in the slots of ``K``,
+    ``Q`` and the scores (module doc of :func:`state_grads`)."""
+    if formed:
+        k_ref, q_ref, w_ref, do_ref, f_ref, fr_ref, fc_ref, dsf_ref, *refs = refs
+        dh_ref, du_ref, ds0_ref, smem, ready, dsf_ready, free, formed_bar = refs
+        _, length, heads, dk = k_ref.shape
+    else:
+        ke_ref, qs_ref, w_ref, do_ref, sc_ref, f_ref, dsf_ref, *refs = refs
+        dh_ref, du_ref, ds0_ref, smem, ready, dsf_ready, free = refs
+        _, heads, length, dk = ke_ref.shape
+    ke_ring, qs_ring, w_ring, do_ring, sc_ring, f_ring, s_pub, u_pub, sf_smem = smem[:9]
     tiles = do_ref.shape[-1] // BLOCK_V
     n_chunks = length // CHUNK
     halves = dk // ROWS
@@ -122,21 +142,51 @@ def _kernel(ke_ref, qs_ref, w_ref, do_ref, sc_ref, f_ref, dsf_ref, dh_ref, du_re
     shape_sv = (ROWS, BLOCK_V)
     wg = lax.axis_index("wg")
 
+    def form(slot) -> None:
+        """The slot's ``K e_end``, ``-(Q g_read)`` and scores ``Q K^T * decay_incl`` from its
+        raw ``K``, ``Q`` and factors, in place (bf16, rounded as the W / scores kernel rounds
+        them), then the slot is marked formed."""
+        k_ready, q_ready, fr_ready, fc_ready = (ready[i] for i in (0, 1, 5, 6))
+        for bar in (k_ready, q_ready, fr_ready, fc_ready):
+            plgpu.barrier_wait(bar.at[slot])
+        fr_ring, fc_ring = smem[9:]
+        g = mosaic_gpu_fwd.Gates(fr_ring.at[slot], fc_ring.at[slot], interpret)
+        k, q = wgmma_operands((ke_ring.at[slot], qs_ring.at[slot]), interpret)
+        (sc,) = mma(((zero_acc((CHUNK, CHUNK), interpret), [(q, Transposed(k))]),), interpret)
+        tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731
+        ke = tile(ke_ring.at[slot]) * g.t("e_end", dk)
+        qs = -(tile(qs_ring.at[slot]) * g.t("g_read", dk))
+        for ring, x in ((sc_ring, sc * g.decay(strict=False)), (ke_ring, ke), (qs_ring, qs)):
+            ring.at[slot][...] = x.astype(DTYPE)
+        plgpu.commit_smem()  # for the state warpgroup's wgmma, and TMA's next use of the slot
+        plgpu.barrier_arrive(formed_bar.at[slot])
+
     @pl.when(wg == 1)
     def _producer():
         def load(t, slot):
             n = chunk_of(t)
             t_rows = rows(n)
-            ke_ready, qs_ready, w_ready, do_ready, sc_ready, f_ready = ready
-            for ref, ring, bar in ((ke_ref, ke_ring, ke_ready), (qs_ref, qs_ring, qs_ready),
-                                   (w_ref, w_ring, w_ready)):  # fmt: skip
-                plgpu.copy_gmem_to_smem(ref.at[batch, head, t_rows], ring.at[slot], bar.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[batch, t_rows, head, cols], do_ring.at[slot],
-                                    do_ready.at[slot])  # fmt: skip
-            for ref, ring, bar in ((sc_ref, sc_ring, sc_ready), (f_ref, f_ring, f_ready)):
-                plgpu.copy_gmem_to_smem(ref.at[batch, head, n], ring.at[slot], bar.at[slot])
+            if formed:
+                copies = ((k_ref.at[batch, t_rows, head], ke_ring),
+                          (q_ref.at[batch, t_rows, head], qs_ring),
+                          (w_ref.at[batch, head, t_rows], w_ring),
+                          (do_ref.at[batch, t_rows, head, cols], do_ring),
+                          (f_ref.at[batch, head, n], f_ring),
+                          (fr_ref.at[batch, head, n], smem[9]),
+                          (fc_ref.at[batch, head, n], smem[10]))  # fmt: skip
+            else:
+                copies = ((ke_ref.at[batch, head, t_rows], ke_ring),
+                          (qs_ref.at[batch, head, t_rows], qs_ring),
+                          (w_ref.at[batch, head, t_rows], w_ring),
+                          (do_ref.at[batch, t_rows, head, cols], do_ring),
+                          (sc_ref.at[batch, head, n], sc_ring),
+                          (f_ref.at[batch, head, n], f_ring))  # fmt: skip
+            for (src, ring), bar in zip(copies, ready, strict=True):
+                plgpu.copy_gmem_to_smem(src, ring.at[slot], bar.at[slot])
+            if formed:
+                form(slot)
 
-        produce(load, n_chunks, stages, free)
+        produce(load, n_chunks, stages, free, rolled=formed)
 
     @pl.when(wg == 0)
     def _state():
@@ -148,7 +198,7 @@ def _kernel(ke_ref, qs_ref, w_ref, do_ref, sc_ref, f_ref, dsf_ref, dh_ref, du_re
                 s_pub.at[pub, pl.ds(i * ROWS, ROWS)][...] = part.astype(DTYPE)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(s_pub.at[pub], dh_ref.at[batch, head, n, :, cols])
-            for bar in ready:
+            for bar in (ready[2], ready[3], ready[4], formed_bar) if formed else ready:
                 plgpu.barrier_wait(bar.at[slot])
             ke, qs, w, do, sc = wgmma_operands(
                 (ke_ring.at[slot], qs_ring.at[slot], w_ring.at[slot], do_ring.at[slot],
@@ -190,13 +240,19 @@ def carries(inputs: dict, cfg: Cfg) -> jax.Array:
     return repeat(chunk_carry(inputs, cfg), "b h n -> b h n i c", i=dk // ROWS, c=ROWS)
 
 
-def state_grads(inputs: dict, w, sc, ke, qs, do, ds_final, cfg: Cfg, *, stages: int = 2):
+def state_grads(inputs: dict, w, do, ds_final, cfg: Cfg, *, prepared: tuple | None = None,
+                stages: int = 2):  # fmt: skip
     """``(dh [batch, heads, chunks, dk, dv], dU [batch, heads, len, dv], ds0)`` as
-    :func:`.triton_bwd.state_grads` (bf16, bf16, float32) from ``W``, the scores and the scaled
-    rows ``ke = K e_end``, ``qs = -(Q g_read)`` of :func:`.triton_bwd.w_and_scores`."""
+    :func:`.triton_bwd.state_grads` (bf16, bf16, float32) from ``W`` and ``prepared = (scores,
+    K e_end, -(Q g_read))`` of :func:`w_and_scores` (or :func:`.triton_bwd.w_and_scores`); with
+    ``prepared=None`` (bf16 ``q``, ``k``) the producer warpgroup forms those three itself from
+    ``Q``, ``K`` and the factors, in each ring slot once loaded (one ``wgmma`` and two row
+    scalings a chunk, ahead of the state warpgroup), so that no kernel before this one writes
+    them to memory and this one reads them back."""
     bsz, length, heads, dk = inputs["q"].shape
     dv = inputs["v"].shape[-1]
-    scratch = scratch_types(dk, stages)
+    formed = prepared is None
+    scratch = scratch_types(dk, stages, formed)
     if (need := smem_footprint(scratch)) > SMEM_BYTES:
         raise ValueError(f"gated delta mosaic backward: stages={stages} needs {need} B of "
                          f"shared memory > {SMEM_BYTES}")  # fmt: skip
@@ -205,8 +261,14 @@ def state_grads(inputs: dict, w, sc, ke, qs, do, ds_final, cfg: Cfg, *, stages: 
         jax.ShapeDtypeStruct((bsz, heads, length, dv), DTYPE),
         jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
     )
+    if formed:
+        operands = (inputs["k"], inputs["q"], w, do.astype(DTYPE), carries(inputs, cfg),
+                    *mosaic_gpu_fwd.factors(inputs, cfg), ds_final)  # fmt: skip
+    else:
+        sc, ke, qs = prepared
+        operands = (ke, qs, w, do.astype(DTYPE), sc, carries(inputs, cfg), ds_final)
     return plgpu.kernel(
-        functools.partial(_kernel, stages=stages, interpret=cfg.interpret),
+        functools.partial(_kernel, stages=stages, formed=formed, interpret=cfg.interpret),
         out_type=out_type,
         scratch_types=scratch,
         grid=(bsz * heads * (dv // BLOCK_V),),
@@ -215,7 +277,7 @@ def state_grads(inputs: dict, w, sc, ke, qs, do, ds_final, cfg: Cfg, *, stages: 
         thread_name="wg",
         kernel_name="gated_delta_state_bwd",
         interpret=interpret_params() if cfg.interpret else None,
-    )(ke, qs, w, do.astype(DTYPE), sc, carries(inputs, cfg), ds_final)
+    )(*operands)
 
 
 def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
@@ -223,11 +285,15 @@ def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: 
     :func:`mosaic_gradients` holds this module's :func:`w_and_scores` and :func:`gradients`
     for Triton's chunk-parallel kernels."""
     mosaic = mosaic_gradients(inputs["q"], inputs["v"])
-    prep = w_and_scores if mosaic else functools.partial(triton_bwd.w_and_scores,
-                                                         state_operands=True)  # fmt: skip
-    w, sc, ke, qs = prep(inputs, res[1], cfg)
-    dh, du, ds0 = state_grads(inputs, w, sc, ke, qs, do, ds_final, cfg)
-    return (gradients if mosaic else triton_bwd.gradients)(inputs, res, do, dh, du, ds0, cfg)
+    if mosaic and cfg.state_operands == "formed":  # W saved by the forward
+        dh, du, ds0 = state_grads(inputs, res[3], do, ds_final, cfg)
+    else:
+        prep = w_and_scores if mosaic else functools.partial(triton_bwd.w_and_scores,
+                                                             state_operands=True)  # fmt: skip
+        w, sc, ke, qs = prep(inputs, res[1], cfg)
+        dh, du, ds0 = state_grads(inputs, w, do, ds_final, cfg, prepared=(sc, ke, qs))
+    grads = gradients if mosaic else triton_bwd.gradients
+    return grads(inputs, res[:3], do, dh, du, ds0, cfg)
 
 
 def _prep_kernel(q_ref, k_ref, t_ref, fr_ref, fc_ref, w_ref, sc_ref, ke_ref, qs_ref, smem, ready,

@@ -300,4 +300,5 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
     if not save_states:
         return o, s_final, None
     h, u = (x.astype(cfg.store) for x in saved)
-    return o, s_final, (h, t_mat, u)
+    # W too where the backward's state pass forms its other operands itself
+    return o, s_final, (h, t_mat, u, *((w,) if cfg.state_operands == "formed" else ()))
