@@ -121,7 +121,7 @@ def _kernel(*refs, stages: int, formed: bool, interpret: bool):
     ``n_chunks - 1 - t``. Inputs ``(K e_end, -(Q g_read), W, dO, scores, carries, dS_final)``,
     or with ``formed`` ``(K, Q, W, dO, carries, factors along rows, along columns,
     dS_final)``: the producer then forms the scaled rows and the scores in the slots of ``K``,
-    ``Q`` and the scores (module doc of :func:`state_grads`)."""
+    ``Q`` and the scores (:func:`state_grads`)."""
     if formed:
         k_ref, q_ref, w_ref, do_ref, f_ref, fr_ref, fc_ref, dsf_ref, *refs = refs
         dh_ref, du_ref, ds0_ref, smem, ready, dsf_ready, free, formed_bar = refs
