@@ -115,6 +115,14 @@ def scratch_types(dk: int, stages: int, formed: bool = False) -> tuple:
     )
 
 
+def scaled_rows(k_ref, q_ref, g, dk: int, interpret: bool) -> tuple:
+    """``(K e_end, -(Q g_read))`` in float32 registers from one chunk's ``K``, ``Q`` in shared
+    memory and its :class:`.mosaic_gpu_fwd.Gates` ``g``: the state pass's scaled operands, formed
+    by :func:`w_and_scores` or by the pass's own producer."""
+    tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731
+    return tile(k_ref) * g.t("e_end", dk), -(tile(q_ref) * g.t("g_read", dk))
+
+
 def _kernel(*refs, stages: int, formed: bool, interpret: bool):
     """One CTA per (batch, head, value tile), program id ``p = (batch * heads + head) * tiles
     + tile``; warpgroup 1 produces, 0 carries ``dS`` (module doc). Step ``t`` is chunk
@@ -153,9 +161,7 @@ def _kernel(*refs, stages: int, formed: bool, interpret: bool):
         g = mosaic_gpu_fwd.Gates(fr_ring.at[slot], fc_ring.at[slot], interpret)
         k, q = wgmma_operands((ke_ring.at[slot], qs_ring.at[slot]), interpret)
         (sc,) = mma(((zero_acc((CHUNK, CHUNK), interpret), [(q, Transposed(k))]),), interpret)
-        tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731
-        ke = tile(ke_ring.at[slot]) * g.t("e_end", dk)
-        qs = -(tile(qs_ring.at[slot]) * g.t("g_read", dk))
+        ke, qs = scaled_rows(ke_ring.at[slot], qs_ring.at[slot], g, dk, interpret)
         for ring, x in ((sc_ring, sc * g.decay(strict=False)), (ke_ring, ke), (qs_ring, qs)):
             ring.at[slot][...] = x.astype(DTYPE)
         plgpu.commit_smem()  # for the state warpgroup's wgmma, and TMA's next use of the slot
@@ -317,8 +323,7 @@ def _prep_kernel(q_ref, k_ref, t_ref, fr_ref, fc_ref, w_ref, sc_ref, ke_ref, qs_
     tk = (tile(t_s) * g.s("kg_scale")).astype(DTYPE)  # T kg = (T kg_scale_s) K
     w, sc = mma(((zero_acc(ck, interpret), [(tk, k)]),
                  (zero_acc(cc, interpret), [(q, Transposed(k))])), interpret)  # fmt: skip
-    ke = tile(k_s) * g.t("e_end", dk)
-    qs = -(tile(q_s) * g.t("g_read", dk))
+    ke, qs = scaled_rows(k_s, q_s, g, dk, interpret)
     # the products' reads are done: stage each result in a buffer of its shape
     outs = (
         (w_s, w, w_ref.at[batch, head, rows]),
