@@ -2,9 +2,7 @@
 (Triton) vs the jnp chunked form, forward and forward+backward, on one GPU.
 
 ``arjax.ops.gated_delta_rule(impl="pallas")`` (and, ``--impls mosaic``, ``impl="pallas_mosaic"``:
-the Hopper kernels, all Pallas Mosaic GPU; ``mosaic_formed``: those with the backward state
-pass forming its operands itself, ``kernels_pallas.gated_delta.gated_delta_rule(lowering="mosaic",
-state_operands="formed")``) beside ``gated_deltanet`` of
+the Hopper kernels, all Pallas Mosaic GPU) beside ``gated_deltanet`` of
 ``jax-linear-attention`` (jla) and ``chunk_gated_delta_rule`` of ``fla-core``, all with
 ``scale=1`` on the same inputs (bf16, head dim 128, unit-norm keys, ``beta`` in (0, 1),
 log decay ``log_sigmoid(x + 3)``), (batch, heads, len) = (8, 16, 2048) and (2, 16, 8192);
@@ -47,14 +45,11 @@ from bench_scan import (  # noqa: E402
 )
 
 from arjax.ops import gated_delta_rule, gated_delta_rule_reference  # noqa: E402
-from kernels_pallas.gated_delta import gated_delta_rule as pallas_gated_delta_rule  # noqa: E402
 
 SHAPES = ((8, 16, 2048), (2, 16, 8192))  # (batch, heads, len)
 DIM = 128
-# --impls name -> column prefix; "mosaic": the Hopper kernels (Pallas Mosaic GPU),
-# "mosaic_formed": with the backward state pass forming its operands
-IMPLS = {"pallas": "pallas", "mosaic": "mosaic", "mosaic_formed": "mosaic_formed", "jla": "jla",
-         "fla": "fla", "xla": "jnp"}  # fmt: skip
+# --impls name -> column prefix; "mosaic": the Hopper kernels (Pallas Mosaic GPU)
+IMPLS = {"pallas": "pallas", "mosaic": "mosaic", "jla": "jla", "fla": "fla", "xla": "jnp"}
 
 
 def make_inputs(shape, dtype, seed=0, dim=DIM):
@@ -81,12 +76,7 @@ def _vjp_of(fwd):
 
 def arjax_fns(impl: str):
     """(fwd, fwd+bwd) jitted for ``arjax.ops.gated_delta_rule`` (``impl`` pallas / xla, or
-    ``"mosaic"``: ``impl="pallas_mosaic"``, the Hopper kernels), or (``"mosaic_formed"``) for
-    those with the backward state pass forming its operands."""
-    if impl == "mosaic_formed":
-        return _vjp_of(lambda q, k, v, g, beta: pallas_gated_delta_rule(
-            q, k, v, beta, log_decay=g, chunk_size=64, lowering="mosaic",
-            state_operands="formed"))  # fmt: skip
+    ``"mosaic"``: ``impl="pallas_mosaic"``, the Hopper kernels)."""
     impl = "pallas_mosaic" if impl == "mosaic" else impl
     return _vjp_of(lambda q, k, v, g, beta: gated_delta_rule(
         q, k, v, beta, log_decay=g, chunk_size=64, impl=impl))  # fmt: skip
@@ -182,7 +172,7 @@ def measure(row: dict, impl: str, inputs, reps: int, inner: int) -> None:
             f, fb = jla_fns() if impl == "jla" else arjax_fns(impl)
             row[f"{name} fwd"] = time_jax(f, q, k, v, g, beta, reps=reps, inner=inner)
             row[f"{name} fwd+bwd"] = time_jax(fb, q, k, v, g, beta, do, reps=reps, inner=inner)
-            if impl in ("jla", "mosaic", "mosaic_formed"):
+            if impl in ("jla", "mosaic"):
                 ours = arjax_fns("pallas")[0](q, k, v, g, beta)[0]
                 row[f"{name} vs pallas out"] = rel_err(f(q, k, v, g, beta)[0], ours)
         jax.clear_caches()
@@ -194,7 +184,7 @@ def measure(row: dict, impl: str, inputs, reps: int, inner: int) -> None:
 
 def profiles(results: dict, impls: list[str], shape=SHAPES[0]) -> None:
     """Device time per kernel (:func:`bench_scan.device_profile`), ms per call, of each arjax
-    ``impl`` (pallas, mosaic, mosaic_formed) at ``shape``, forward and fwd+bwd: where the time
+    ``impl`` (pallas, mosaic) at ``shape``, forward and fwd+bwd: where the time
     goes."""
     inputs = make_inputs(shape, jnp.bfloat16)
     for impl in impls:
@@ -216,16 +206,14 @@ def write(results: dict, out: str) -> None:
     lines = [
         *header(results, "Gated delta rule (bf16, head dim 128), ms"),
         "| (B,H,L) | pass | pallas | jla | fla | jnp chunked | jla / pallas | fla / pallas "
-        "| jnp / pallas | mosaic | jla / mosaic | mosaic_formed | jla / mosaic_formed "
-        "| mosaic / mosaic_formed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| jnp / pallas | mosaic | jla / mosaic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         for p in ("fwd", "fwd+bwd"):
-            mosaic, formed, jla = (r.get(f"{n} {p}") for n in ("mosaic", "mosaic_formed", "jla"))
+            mosaic, jla = (r.get(f"{name} {p}") for name in ("mosaic", "jla"))
             lines.append(f"| {tuple(r['shape'])} | {p} | {peer_cells(r, p)} | {fmt(mosaic)} "
-                         f"| {ratio(jla, mosaic)} | {fmt(formed)} | {ratio(jla, formed)} "
-                         f"| {ratio(mosaic, formed)} |")  # fmt: skip
+                         f"| {ratio(jla, mosaic)} |")  # fmt: skip
     lines += ["", "Forward outputs vs arjax's Pallas (Triton) output (max rel err):", ""]
     lines += [f"- {tuple(r['shape'])} {k}: {v:.2e}" for r in results["rows"]
               for k, v in r.items() if k.endswith("vs pallas out")]  # fmt: skip
@@ -253,15 +241,14 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results/bench_gated_delta")
     ap.add_argument(
         "--impls",
-        default="pallas,mosaic,xla,jla,fla,mosaic_formed",
+        default="pallas,mosaic,xla,jla,fla",
         help="what to time, in this order (arjax's two first: the auto table needs both)",
     )
     ap.add_argument("--no-check", action="store_true", help="skip the float32 GPU check")
     ap.add_argument(
         "--profile",
         default="",
-        help="arjax impls (pallas, mosaic, mosaic_formed) to profile per kernel at the first "
-        "shape, after timing",
+        help="arjax impls (pallas, mosaic) to profile per kernel at the first shape, after timing",
     )
     args = ap.parse_args()
     results = new_results()

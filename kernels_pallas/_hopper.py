@@ -207,28 +207,21 @@ def mma(terms, interpret: bool):
     return pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, _ in terms))
 
 
-def produce(load, steps, stages: int, free, regs: int | None = None, rolled: bool = False) -> None:
+def produce(load, steps, stages: int, free, regs: int | None = None) -> None:
     """Producer warpgroup: ``load(t, slot)`` issues the TMA copies of step ``t`` of
     ``[0, steps)`` into ring slot ``t % stages`` once the consumers freed that slot's
-    previous step; every release is observed (the interpreter checks that no phase is left
-    unseen). ``regs``: lower the producer's registers to this many (``setmaxnreg``).
-    ``rolled``: the first ``stages`` steps (which wait for nothing) in the loop too, so that
-    ``t`` and ``slot`` are always traced (a ``load`` that issues ``wgmma`` needs that: jax 0.11
-    does not lower the constant slot of an unrolled step inside its ``run_state``)."""
+    previous step (the first ``stages`` steps wait for nothing); every release is observed
+    (the interpreter checks that no phase is left unseen). ``regs``: lower the producer's
+    registers to this many (``setmaxnreg``). One rolled loop, so ``t`` and ``slot`` are always
+    traced (a ``load`` that issues ``wgmma`` needs that: jax 0.11 does not lower a constant
+    slot inside its ``run_state``)."""
     if regs is not None:
         plgpu.set_max_registers(regs, action="decrease")
     slot_of = lambda t: lax.rem(t, jnp.int32(stages))  # noqa: E731
-    if not rolled:
-        for t in range(stages):  # fill the ring
-            pl.when(t < steps)(functools.partial(load, jnp.int32(t), jnp.int32(t)))
 
-    @pl.loop(jnp.int32(0 if rolled else stages), steps)
+    @pl.loop(jnp.int32(0), steps)
     def _(t):
-        wait = functools.partial(plgpu.barrier_wait, free.at[slot_of(t)])
-        if rolled:
-            pl.when(t >= stages)(wait)
-        else:
-            wait()
+        pl.when(t >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot_of(t)]))
         load(t, slot_of(t))
 
     @pl.loop(jnp.maximum(steps - stages, 0), steps)

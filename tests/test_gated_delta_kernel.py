@@ -170,9 +170,6 @@ def test_bad_arguments_raise_before_compiling(rng):
         kernel(x64, x64, x64[..., :32], b64, lowering="mosaic")
     with pytest.raises(ValueError, match="lowering must be 'triton' or 'mosaic'"):
         kernel(x64, x64, x64, b64, lowering="cuda")
-    for operands, lowering in (("scores", "mosaic"), ("formed", "triton")):
-        with pytest.raises(ValueError, match=f"state_operands must be one of .* got '{operands}'"):
-            kernel(x64, x64, x64, b64, lowering=lowering, state_operands=operands)
     with pytest.raises(ValueError, match=r"kernel_warps\['gated_delta_bwd'\]: must be a power"):
         TritonTuning(kernel_warps=(("gated_delta_bwd", 6),))
     with pytest.raises(ValueError, match="TritonTuning.grad_tile: must be a positive int, got 0"):
@@ -180,9 +177,8 @@ def test_bad_arguments_raise_before_compiling(rng):
     assert TritonTuning(kernel_warps=(("gated_delta_bwd", 8),)).warps_of("gated_delta_bwd") == 8
 
 
-def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng, **options) -> dict:
-    """Max errors (of the largest reference value) of ``lowering="mosaic"`` (with ``options``
-    of the op) against the
+def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng) -> dict:
+    """Max errors (of the largest reference value) of ``lowering="mosaic"`` against the
     float32 recurrence on float32 copies of the same inputs: output, state and every gradient;
     ``vs triton``: its output against the Triton forward's. Asserts that the fused pass run
     alone (saving no states) gives the output and state it gave under ``jax.grad``."""
@@ -196,11 +192,11 @@ def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng, **options)
 
         return jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))(q, k, v, beta, g, s0)
 
-    def pallas(*a, lowering, **options):
+    def pallas(*a, lowering):
         return kernel(*a[:4], log_decay=a[4], initial_state=a[5], segment_ids=seg,
-                      backend="gpu", interpret=interpret, lowering=lowering, **options)  # fmt: skip
+                      backend="gpu", interpret=interpret, lowering=lowering)  # fmt: skip
 
-    got_grads, got = grads(functools.partial(pallas, lowering="mosaic", **options))
+    got_grads, got = grads(functools.partial(pallas, lowering="mosaic"))
     want_grads, want = grads(lambda q, k, v, beta, g, s0: gated_delta_rule_reference(
         f32(q), f32(k), f32(v), beta, log_decay=g, initial_state=s0, segment_ids=seg))  # fmt: skip
     triton_out, _ = jax.jit(functools.partial(pallas, lowering="triton"))(q, k, v, beta, g, s0)
@@ -229,8 +225,8 @@ DOCS = np.repeat([[1, 2, 3, 4]], [70, 58, 30, 42], axis=1)
 )  # fmt: skip
 def test_mosaic_fused_forward(races, dk, dv, dtype, docs, gated, rng):
     """``lowering="mosaic"`` (the Mosaic GPU UT transform and fused pass; in the backward the
-    Mosaic GPU W / scores kernel, reverse state pass and gradient kernel, or Triton's W / scores
-    and gradient kernels for float16 and dv = 192), interpreted with race detection: 4 chunks
+    Mosaic GPU reverse state pass, its producer forming its operands, and gradient kernel, or
+    Triton's backward for float16 and dv = 192), interpreted with race detection: 4 chunks
     through a 2-slot ring (one padded), 1 to 3 value tiles, packed documents (``DOCS``), an
     initial state, DeltaNet (no decay) too. Output, final state and every gradient within 2% of
     the largest float32 reference value, the bound of ``test_bf16_inputs_within_bf16_rounding``
@@ -239,50 +235,11 @@ def test_mosaic_fused_forward(races, dk, dv, dtype, docs, gated, rng):
     q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
     seg = jnp.asarray(DOCS) if docs else None
     errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=True, rng=rng)
-    # UT transform + fused pass with and without saving the states, backward state pass, and
-    # for bf16 with dv 64 or 128 the Mosaic GPU W / scores kernel and gradient kernel
-    races.check(kernels=5 + 2 * (dtype == jnp.bfloat16 and dv in (64, 128)))
+    # UT transform + fused pass with and without saving the states, and for bf16 with dv 64 or
+    # 128 the Mosaic GPU backward's state pass and gradient kernel
+    races.check(kernels=4 + 2 * (dtype == jnp.bfloat16 and dv in (64, 128)))
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
-
-
-@pytest.mark.parametrize("dk, dv, docs", [(64, 64, True), (128, 128, False), (128, 64, True)])
-def test_mosaic_state_pass_forms_its_operands(races, dk, dv, docs, rng):
-    """``state_operands="formed"``: the backward state pass's producer warpgroup forms ``K
-    e_end``, ``-(Q g_read)`` and the scores itself from ``Q``, ``K`` and the factors, with the
-    forward's saved ``W`` (no W / scores kernel), interpreted with race detection: every
-    gradient within 2% of the largest float32 reference value, as ``test_mosaic_fused_forward``
-    (seen: <= 0.9%), and within 2^-7 of the W / scores kernel's result (seen: <= 8.4e-4, from
-    ``W``: the forward's product of the float32 ``T`` against the backward's of ``T`` rounded
-    to bf16); ``dQ`` (no ``W`` in it) equal."""
-    q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(1, 200, 2, dk, dv))
-    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
-    seg = jnp.asarray(DOCS) if docs else None
-    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=True, rng=np.random.default_rng(0),
-                         state_operands="formed")  # fmt: skip
-    # UT transform + fused pass with and without saving the states, the state pass forming its
-    # operands, the gradient kernel
-    races.check(kernels=6)
-    assert errs.pop("vs triton") < 1e-2
-    assert all(e < 2e-2 for e in errs.values()), errs
-    w_out = rng.normal(size=v.shape).astype(np.float32)
-
-    def grads(state_operands: str):
-        def loss(*a):
-            out, state = kernel(*a[:4], log_decay=a[4], initial_state=a[5], segment_ids=seg,
-                                backend="gpu", interpret=True, lowering="mosaic",
-                                state_operands=state_operands)  # fmt: skip
-            return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(state)
-
-        return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(q, k, v, beta, g, s0)
-
-    formed, prepared = grads("formed"), grads("kernel")
-    races.check(kernels=2 * 4 + 1)  # the W / scores kernel once
-    names = ("dq", "dk", "dv", "dbeta", "dlog_decay", "ds0")
-    for name, a, b in zip(names, formed, prepared, strict=True):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        bound = 0.0 if name == "dq" else 2**-7
-        assert np.abs(a - b).max() <= bound * np.abs(b).max(), name
 
 
 def _ut_reference(k, v, beta, g, docs) -> tuple[np.ndarray, ...]:
@@ -344,16 +301,14 @@ def test_mosaic_ut_transform(races, dk, dv, dtype, docs, rng):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("operands", ["kernel", "formed"])
-def test_gpu_mosaic_fused_forward(operands, rng):
-    """``lowering="mosaic"`` compiled on a Hopper GPU (every kernel Mosaic GPU's; the state
-    pass's operands as ``state_operands=operands``): bf16 at width 128, 8 chunks, fwd + grads;
-    the second row packs documents. Bounds as in interpret mode."""
+def test_gpu_mosaic_fused_forward(rng):
+    """``lowering="mosaic"`` compiled on a Hopper GPU (every kernel Mosaic GPU's): bf16 at
+    width 128, 8 chunks, fwd + grads; the second row packs documents. Bounds as in interpret
+    mode."""
     q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(2, 512, 4, 128, 128))
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
     seg = jnp.asarray(np.stack([np.ones(512, np.int32), np.repeat([1, 2, 3], [100, 300, 112])]))
-    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng,
-                         state_operands=operands)  # fmt: skip
+    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng)
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
 
@@ -388,21 +343,18 @@ def test_compiled_gpu_kernel_matches_the_recurrence(rng):
 
 
 @pytest.mark.parametrize(
-    "backend, lowering, platform, calls, operands",
-    [("gpu", "triton", "cuda", {"__gpu$xla.gpu.triton": 6}, "kernel"),
-     ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 0, "mosaic_gpu_v2": 5}, "kernel"),
-     ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 0, "mosaic_gpu_v2": 4}, "formed"),
-     ("tpu", "triton", "tpu", {"tpu_custom_call": 2}, "kernel")],
+    "backend, lowering, platform, calls",
+    [("gpu", "triton", "cuda", {"__gpu$xla.gpu.triton": 6}),
+     ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 0, "mosaic_gpu_v2": 4}),
+     ("tpu", "triton", "tpu", {"tpu_custom_call": 2})],
 )  # fmt: skip
-def test_kernels_lower_without_the_device(backend, lowering, platform, calls, operands,
-                                          gpu_target):  # fmt: skip
+def test_kernels_lower_without_the_device(backend, lowering, platform, calls, gpu_target):
     """Without a GPU/TPU, export for the platform: forward + backward (bf16, head dim 128,
     packed documents, an initial state) lower through Pallas Triton / Mosaic GPU / Mosaic
     TPU: on the GPU three kernels forward (prepare, the state pass, the output; with
     ``lowering="mosaic"`` the UT transform and the fused pass) and three backward (``W`` from
-    the saved ``T``, the state pass, the gradients; with ``lowering="mosaic"`` all in Mosaic
-    GPU; ``operands="formed"``: no W / scores kernel), on the TPU one each way."""
-    options = dict(lowering=lowering, state_operands=operands)
+    the saved ``T``, the state pass, the gradients; with ``lowering="mosaic"`` two in Mosaic
+    GPU, the state pass forming its operands), on the TPU one each way."""
     sd = jax.ShapeDtypeStruct
     qk = sd((1, 128, 2, 128), jnp.bfloat16)
     gate, seg = sd((1, 128, 2), jnp.float32), sd((1, 128), jnp.int32)
@@ -411,7 +363,7 @@ def test_kernels_lower_without_the_device(backend, lowering, platform, calls, op
     def grads(q, k, v, beta, g, s0, s):
         def loss(*a):
             out, state = kernel(*a[:4], log_decay=a[4], initial_state=a[5], segment_ids=s,
-                                backend=backend, interpret=False, **options)  # fmt: skip
+                                backend=backend, interpret=False, lowering=lowering)  # fmt: skip
             return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
 
         return jax.value_and_grad(loss, argnums=tuple(range(6)))(q, k, v, beta, g, s0)

@@ -58,9 +58,6 @@ class Cfg:
     exact: bool  # float32 inputs: float32-accurate MMAs
     lowering: str = "triton"  # GPU forward: "triton", or "mosaic" (the fused Hopper pass)
     tuning: TritonTuning = TritonTuning()  # the Triton kernels' launch parameters
-    # lowering "mosaic": the backward state pass's operands from the W / scores kernel
-    # ("kernel") or formed by its producer warpgroup ("formed")
-    state_operands: str = "kernel"
 
     @property
     def store(self):

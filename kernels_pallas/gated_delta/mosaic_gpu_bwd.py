@@ -1,11 +1,9 @@
-"""Hopper backward of the gated delta rule in Pallas Mosaic GPU: the reverse state pass, and
-the chunk-parallel kernels around it.
+"""Hopper backward of the gated delta rule in Pallas Mosaic GPU: the reverse state pass, then
+the gradient kernel, parallel over chunks.
 
-:func:`w_and_scores` gives every chunk's ``W = T kg``, the scores ``Q K^T * decay_incl`` and,
-for this pass, the scaled rows ``K e_end`` and ``-(Q g_read)`` (parallel over chunks). One CTA
-per (batch, head, ``BLOCK_V``-column value tile) then walks the chunks in reverse with ``dS =
-dL/dS`` ``[dk, BLOCK_V]`` in float32 registers, as :func:`._chunk.u_grad` and
-:func:`._chunk.state_grad`: per chunk
+The state pass: one CTA per (batch, head, ``BLOCK_V``-column value tile) walks the chunks in
+reverse with ``dS = dL/dS`` ``[dk, BLOCK_V]`` in float32 registers, as :func:`._chunk.u_grad`
+and :func:`._chunk.state_grad`: per chunk
 
 * ``dS`` is published in bf16 (the chunk's ``dh``, which the gradient kernel reads, and the
   next product's operand);
@@ -14,35 +12,34 @@ dL/dS`` ``[dk, BLOCK_V]`` in float32 registers, as :func:`._chunk.u_grad` and
 * ``dS <- carry dS + (Q g_read)^T dO - W^T dU``, accumulated as its negative ``-carry dS +
   W^T dU + (-(Q g_read))^T dO`` (every operand as stored, no extra sign pass).
 
-Two warpgroups: a producer streams ``K e_end``, ``-(Q g_read)``, ``W``, ``dO``, the scores
-and the carries through a ring of ``stages`` slots with TMA, the state warpgroup runs the chain
-and copies ``dh`` and ``dU`` out of their two-slot buffers. With ``Cfg.state_operands ==
-"formed"`` (opt-in, not yet timed) the producer loads raw ``K``, ``Q`` and the chunk's factors
-instead and forms ``K e_end``, ``-(Q g_read)`` and the scores in their slots itself (one
-``wgmma``, ahead of the state warpgroup), ``W`` being the one the forward saved: the W / scores
-kernel, its writes and this pass's reads of them go. The operands are those of the Triton pass
-rounded the same way (bf16 ``wgmma`` operands, float32 accumulation); only the
-summation order inside the products differs.
+Two warpgroups: a producer streams ``K``, ``Q``, the forward's saved ``W``, ``dO``, the
+carries and the chunk's factors through a ring of ``stages`` slots with TMA and forms ``K
+e_end``, ``-(Q g_read)`` and the scores ``Q K^T * decay_incl`` in the slots of ``K``, ``Q`` and
+the scores (one ``wgmma``, ahead of the state warpgroup); the state warpgroup runs the chain and
+copies ``dh`` and ``dU`` out of their two-slot buffers. Forming them there instead of in a
+kernel of their own (a W / scores kernel, parallel over chunks) saved that kernel, its writes
+and this pass's reads: fwd+bwd 1.10x / 1.05x faster on an H100
+(``experiments/results/bench_gated_delta_formed.md``). The operands are those of the Triton
+pass rounded the same way (bf16 ``wgmma`` operands, float32 accumulation); only the summation
+order inside the products differs.
 
-The kernels around it are this module's where :func:`mosaic_gradients` holds (bf16, ``dk`` and
-``dv`` in :data:`GRAD_DIMS`), else Triton's (:func:`.triton_bwd.w_and_scores`,
-:func:`.triton_bwd.gradients`), which they replaced when measured faster on an H100
-(``experiments/results/bench_gated_delta_mosaic_full.md``). The ``W`` / scores kernel
-(:func:`w_and_scores`): one warpgroup per chunk, ``W`` formed as
-:func:`.mosaic_gpu_fwd.ut_transform` forms it. The gradient kernel (:func:`gradients`): one
-CTA per chunk loads every operand of the chunk (``Q, K, V, U, dO, dU, T``, the state entering it
-and ``dL/dS`` leaving it) with TMA and runs :func:`._chunk.tile_backward` on the whole ``dv``,
-:func:`._chunk.scores_backward` and :func:`._chunk.finish_backward` as 16 ``wgmma`` products on
-two warpgroups, each with a chain of its own: the scores' (``dQ``, ``dscores``, ``dV``) and the one
-through ``W`` and the UT transform (``dK``), 5 groups on the longer chain (each waited for before
-the next) against 12 on one warpgroup, which took 2.1x as long on an H200
-(``experiments/results/bench_gated_delta_wg2.md``). The ``[C, C]`` intermediates that a product
-reads transposed or as its right operand (``dscores``, ``dL/dT``, ``dL/d(K K^T)``) are published
-in bf16; ``dQ`` and ``dV`` are staged in a buffer of their own and in ``dO``'s, ``dK`` in ``K``'s.
-The state carry's part of ``dL/dgam_last`` leaves the kernel as per-row parts (``S . dS``, and
-``K . dK_end``) that XLA sums, with the two warpgroups' parts of ``dbeta`` and ``dgam``.
+The gradient kernel (:func:`gradients`): one CTA per chunk loads every operand of the chunk
+(``Q, K, V, U, dO, dU, T``, the state entering it and ``dL/dS`` leaving it) with TMA and runs
+:func:`._chunk.tile_backward` on the whole ``dv``, :func:`._chunk.scores_backward` and
+:func:`._chunk.finish_backward` as 16 ``wgmma`` products on two warpgroups, each with a chain of
+its own: the scores' (``dQ``, ``dscores``, ``dV``) and the one through ``W`` and the UT transform
+(``dK``), 5 groups on the longer chain (each waited for before the next) against 12 on one
+warpgroup, which took 2.1x as long on an H200 (``experiments/results/bench_gated_delta_wg2.md``).
+The ``[C, C]`` intermediates that a product reads transposed or as its right operand
+(``dscores``, ``dL/dT``, ``dL/d(K K^T)``) are published in bf16; ``dQ`` and ``dV`` are staged in a
+buffer of their own and in ``dO``'s, ``dK`` in ``K``'s. The state carry's part of ``dL/dgam_last``
+leaves the kernel as per-row parts (``S . dS``, and ``K . dK_end``) that XLA sums, with the two
+warpgroups' parts of ``dbeta`` and ``dgam``.
 
-Interpret mode runs the same kernels with ``jnp`` products (:func:`kernels_pallas._hopper.mma`).
+Both serve where :func:`.mosaic_gpu_fwd.mosaic_backward` holds (bf16, ``dk`` and ``dv`` in
+:data:`.mosaic_gpu_fwd.GRAD_DIMS`); elsewhere the backward is Triton's
+(:func:`.triton_bwd.backward`). Interpret mode runs the same kernels with ``jnp`` products
+(:func:`kernels_pallas._hopper.mma`).
 """
 
 from __future__ import annotations
@@ -85,20 +82,17 @@ from kernels_pallas.linear_attention_scan.mosaic_gpu_fwd import (
 DTYPE = jnp.bfloat16  # the operands' dtype: Cfg.store of the inputs this pass takes
 
 
-def scratch_types(dk: int, stages: int, formed: bool = False) -> tuple:
-    """Rings of ``K e_end``, ``-(Q g_read)``, ``W`` (``[C, dk]``), ``dO`` (``[C, BLOCK_V]``),
-    the scores (``[C, C]``) and the carries (one per state row); two slots of the published
-    ``dS`` and ``dU``; the float32 staging of ``dL/dS_final`` in and ``dS_0`` out; barriers.
-    ``formed`` (the producer forms the scaled rows and the scores, :func:`state_grads`): also
-    rings of the chunk's factors (:func:`.mosaic_gpu_fwd.factors`), a load barrier per ring
-    (``K``, ``Q``, ``W``, ``dO``, the carries, the two factors) and one per slot formed."""
+def scratch_types(dk: int, stages: int) -> tuple:
+    """Rings of ``K`` (then ``K e_end``), ``Q`` (then ``-(Q g_read)``), ``W`` (``[C, dk]``),
+    ``dO`` (``[C, BLOCK_V]``), the scores (``[C, C]``), the carries (one per state row) and the
+    chunk's factors (:func:`.mosaic_gpu_fwd.factors`); two slots of the published ``dS`` and
+    ``dU``; the float32 staging of ``dL/dS_final`` in and ``dS_0`` out; a load barrier per ring
+    fed by TMA, one per slot formed, one per slot consumed."""
     mat = lambda *shape: plgpu.SMEM(shape, DTYPE, transforms=WGMMA_TRANSFORMS)  # noqa: E731
-    factor_rings = (plgpu.SMEM((stages, 6, CHUNK), F32), plgpu.SMEM((stages, 4, CHUNK), F32))
-    loads = 7 if formed else 6
     return (
         (
-            mat(stages, CHUNK, dk),  # K e_end
-            mat(stages, CHUNK, dk),  # -(Q g_read)
+            mat(stages, CHUNK, dk),  # K, then K e_end
+            mat(stages, CHUNK, dk),  # Q, then -(Q g_read)
             mat(stages, CHUNK, dk),  # W
             mat(stages, CHUNK, BLOCK_V),  # dO
             mat(stages, CHUNK, CHUNK),  # scores
@@ -106,39 +100,24 @@ def scratch_types(dk: int, stages: int, formed: bool = False) -> tuple:
             mat(2, dk, BLOCK_V),  # dS leaving chunk n (its dh), in slot (step) % 2
             mat(2, CHUNK, BLOCK_V),  # dU of chunk n, in slot (step) % 2
             plgpu.SMEM((dk, BLOCK_V), F32, transforms=F32_TRANSFORMS),  # dS_final in, dS_0 out
-            *(factor_rings if formed else ()),
+            plgpu.SMEM((stages, 6, CHUNK), F32),  # factors along rows
+            plgpu.SMEM((stages, 4, CHUNK), F32),  # along columns
         ),
-        tuple(plgpu.Barrier(num_barriers=stages) for _ in range(loads)),  # slot loaded, per ring
+        tuple(plgpu.Barrier(num_barriers=stages) for _ in range(7)),  # slot loaded, per ring
         plgpu.Barrier(),  # dS_final staged
         plgpu.Barrier(num_barriers=stages),  # slot consumed
-        *((plgpu.Barrier(num_barriers=stages),) if formed else ()),  # slot formed
+        plgpu.Barrier(num_barriers=stages),  # slot formed
     )
 
 
-def scaled_rows(k_ref, q_ref, g, dk: int, interpret: bool) -> tuple:
-    """``(K e_end, -(Q g_read))`` in float32 registers from one chunk's ``K``, ``Q`` in shared
-    memory and its :class:`.mosaic_gpu_fwd.Gates` ``g``: the state pass's scaled operands, formed
-    by :func:`w_and_scores` or by the pass's own producer."""
-    tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731
-    return tile(k_ref) * g.t("e_end", dk), -(tile(q_ref) * g.t("g_read", dk))
-
-
-def _kernel(*refs, stages: int, formed: bool, interpret: bool):
+def _kernel(k_ref, q_ref, w_ref, do_ref, f_ref, fr_ref, fc_ref, dsf_ref, dh_ref, du_ref, ds0_ref,
+            smem, ready, dsf_ready, free, formed, *, stages: int, interpret: bool):  # fmt: skip
     """One CTA per (batch, head, value tile), program id ``p = (batch * heads + head) * tiles
-    + tile``; warpgroup 1 produces, 0 carries ``dS`` (module doc). Step ``t`` is chunk
-    ``n_chunks - 1 - t``. Inputs ``(K e_end, -(Q g_read), W, dO, scores, carries, dS_final)``,
-    or with ``formed`` ``(K, Q, W, dO, carries, factors along rows, along columns,
-    dS_final)``: the producer then forms the scaled rows and the scores in the slots of ``K``,
-    ``Q`` and the scores (:func:`state_grads`)."""
-    if formed:
-        k_ref, q_ref, w_ref, do_ref, f_ref, fr_ref, fc_ref, dsf_ref, *refs = refs
-        dh_ref, du_ref, ds0_ref, smem, ready, dsf_ready, free, formed_bar = refs
-        _, length, heads, dk = k_ref.shape
-    else:
-        ke_ref, qs_ref, w_ref, do_ref, sc_ref, f_ref, dsf_ref, *refs = refs
-        dh_ref, du_ref, ds0_ref, smem, ready, dsf_ready, free = refs
-        _, heads, length, dk = ke_ref.shape
+    + tile``; warpgroup 1 loads and forms, 0 carries ``dS`` (module doc). Step ``t`` is chunk
+    ``n_chunks - 1 - t``."""
     ke_ring, qs_ring, w_ring, do_ring, sc_ring, f_ring, s_pub, u_pub, sf_smem = smem[:9]
+    fr_ring, fc_ring = smem[9:]
+    _, length, heads, dk = k_ref.shape
     tiles = do_ref.shape[-1] // BLOCK_V
     n_chunks = length // CHUNK
     halves = dk // ROWS
@@ -152,47 +131,37 @@ def _kernel(*refs, stages: int, formed: bool, interpret: bool):
 
     def form(slot) -> None:
         """The slot's ``K e_end``, ``-(Q g_read)`` and scores ``Q K^T * decay_incl`` from its
-        raw ``K``, ``Q`` and factors, in place (bf16, rounded as the W / scores kernel rounds
-        them), then the slot is marked formed."""
-        k_ready, q_ready, fr_ready, fc_ready = (ready[i] for i in (0, 1, 5, 6))
-        for bar in (k_ready, q_ready, fr_ready, fc_ready):
-            plgpu.barrier_wait(bar.at[slot])
-        fr_ring, fc_ring = smem[9:]
+        raw ``K``, ``Q`` and factors, in place (bf16), then the slot is marked formed."""
+        for i in (0, 1, 5, 6):  # K, Q, the factors
+            plgpu.barrier_wait(ready[i].at[slot])
         g = mosaic_gpu_fwd.Gates(fr_ring.at[slot], fc_ring.at[slot], interpret)
         k, q = wgmma_operands((ke_ring.at[slot], qs_ring.at[slot]), interpret)
         (sc,) = mma(((zero_acc((CHUNK, CHUNK), interpret), [(q, Transposed(k))]),), interpret)
-        ke, qs = scaled_rows(ke_ring.at[slot], qs_ring.at[slot], g, dk, interpret)
+        tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731
+        ke = tile(ke_ring.at[slot]) * g.t("e_end", dk)
+        qs = -(tile(qs_ring.at[slot]) * g.t("g_read", dk))
         for ring, x in ((sc_ring, sc * g.decay(strict=False)), (ke_ring, ke), (qs_ring, qs)):
             ring.at[slot][...] = x.astype(DTYPE)
         plgpu.commit_smem()  # for the state warpgroup's wgmma, and TMA's next use of the slot
-        plgpu.barrier_arrive(formed_bar.at[slot])
+        plgpu.barrier_arrive(formed.at[slot])
 
     @pl.when(wg == 1)
     def _producer():
         def load(t, slot):
             n = chunk_of(t)
             t_rows = rows(n)
-            if formed:
-                copies = ((k_ref.at[batch, t_rows, head], ke_ring),
-                          (q_ref.at[batch, t_rows, head], qs_ring),
-                          (w_ref.at[batch, head, t_rows], w_ring),
-                          (do_ref.at[batch, t_rows, head, cols], do_ring),
-                          (f_ref.at[batch, head, n], f_ring),
-                          (fr_ref.at[batch, head, n], smem[9]),
-                          (fc_ref.at[batch, head, n], smem[10]))  # fmt: skip
-            else:
-                copies = ((ke_ref.at[batch, head, t_rows], ke_ring),
-                          (qs_ref.at[batch, head, t_rows], qs_ring),
-                          (w_ref.at[batch, head, t_rows], w_ring),
-                          (do_ref.at[batch, t_rows, head, cols], do_ring),
-                          (sc_ref.at[batch, head, n], sc_ring),
-                          (f_ref.at[batch, head, n], f_ring))  # fmt: skip
+            copies = ((k_ref.at[batch, t_rows, head], ke_ring),
+                      (q_ref.at[batch, t_rows, head], qs_ring),
+                      (w_ref.at[batch, head, t_rows], w_ring),
+                      (do_ref.at[batch, t_rows, head, cols], do_ring),
+                      (f_ref.at[batch, head, n], f_ring),
+                      (fr_ref.at[batch, head, n], fr_ring),
+                      (fc_ref.at[batch, head, n], fc_ring))  # fmt: skip
             for (src, ring), bar in zip(copies, ready, strict=True):
                 plgpu.copy_gmem_to_smem(src, ring.at[slot], bar.at[slot])
-            if formed:
-                form(slot)
+            form(slot)
 
-        produce(load, n_chunks, stages, free, rolled=formed)
+        produce(load, n_chunks, stages, free)
 
     @pl.when(wg == 0)
     def _state():
@@ -204,7 +173,7 @@ def _kernel(*refs, stages: int, formed: bool, interpret: bool):
                 s_pub.at[pub, pl.ds(i * ROWS, ROWS)][...] = part.astype(DTYPE)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(s_pub.at[pub], dh_ref.at[batch, head, n, :, cols])
-            for bar in (ready[2], ready[3], ready[4], formed_bar) if formed else ready:
+            for bar in (ready[2], ready[3], ready[4], formed):  # W, dO, the carries; formed
                 plgpu.barrier_wait(bar.at[slot])
             ke, qs, w, do, sc = wgmma_operands(
                 (ke_ring.at[slot], qs_ring.at[slot], w_ring.at[slot], do_ring.at[slot],
@@ -246,19 +215,13 @@ def carries(inputs: dict, cfg: Cfg) -> jax.Array:
     return repeat(chunk_carry(inputs, cfg), "b h n -> b h n i c", i=dk // ROWS, c=ROWS)
 
 
-def state_grads(inputs: dict, w, do, ds_final, cfg: Cfg, *, prepared: tuple | None = None,
-                stages: int = 2):  # fmt: skip
+def state_grads(inputs: dict, w, do, ds_final, cfg: Cfg, *, stages: int = 2):
     """``(dh [batch, heads, chunks, dk, dv], dU [batch, heads, len, dv], ds0)`` as
-    :func:`.triton_bwd.state_grads` (bf16, bf16, float32) from ``W`` and ``prepared = (scores,
-    K e_end, -(Q g_read))`` of :func:`w_and_scores` (or :func:`.triton_bwd.w_and_scores`); with
-    ``prepared=None`` (bf16 ``q``, ``k``) the producer warpgroup forms those three itself from
-    ``Q``, ``K`` and the factors, in each ring slot once loaded (one ``wgmma`` and two row
-    scalings a chunk, ahead of the state warpgroup), so that no kernel before this one writes
-    them to memory and this one reads them back."""
+    :func:`.triton_bwd.state_grads` (bf16, bf16, float32) from bf16 ``Q``, ``K`` and the
+    forward's ``W`` (module doc)."""
     bsz, length, heads, dk = inputs["q"].shape
     dv = inputs["v"].shape[-1]
-    formed = prepared is None
-    scratch = scratch_types(dk, stages, formed)
+    scratch = scratch_types(dk, stages)
     if (need := smem_footprint(scratch)) > SMEM_BYTES:
         raise ValueError(f"gated delta mosaic backward: stages={stages} needs {need} B of "
                          f"shared memory > {SMEM_BYTES}")  # fmt: skip
@@ -267,14 +230,8 @@ def state_grads(inputs: dict, w, do, ds_final, cfg: Cfg, *, prepared: tuple | No
         jax.ShapeDtypeStruct((bsz, heads, length, dv), DTYPE),
         jax.ShapeDtypeStruct((bsz, heads, dk, dv), F32),
     )
-    if formed:
-        operands = (inputs["k"], inputs["q"], w, do.astype(DTYPE), carries(inputs, cfg),
-                    *mosaic_gpu_fwd.factors(inputs, cfg), ds_final)  # fmt: skip
-    else:
-        sc, ke, qs = prepared
-        operands = (ke, qs, w, do.astype(DTYPE), sc, carries(inputs, cfg), ds_final)
     return plgpu.kernel(
-        functools.partial(_kernel, stages=stages, formed=formed, interpret=cfg.interpret),
+        functools.partial(_kernel, stages=stages, interpret=cfg.interpret),
         out_type=out_type,
         scratch_types=scratch,
         grid=(bsz * heads * (dv // BLOCK_V),),
@@ -283,91 +240,18 @@ def state_grads(inputs: dict, w, do, ds_final, cfg: Cfg, *, prepared: tuple | No
         thread_name="wg",
         kernel_name="gated_delta_state_bwd",
         interpret=interpret_params() if cfg.interpret else None,
-    )(*operands)
+    )(inputs["k"], inputs["q"], w, do.astype(DTYPE), carries(inputs, cfg),
+      *mosaic_gpu_fwd.factors(inputs, cfg), ds_final)  # fmt: skip
 
 
 def backward(inputs: dict, res: tuple, do: jax.Array, ds_final: jax.Array, cfg: Cfg):
-    """:func:`.triton_bwd.backward` with this reverse state pass, and where
-    :func:`mosaic_gradients` holds this module's :func:`w_and_scores` and :func:`gradients`
-    for Triton's chunk-parallel kernels."""
-    mosaic = mosaic_gradients(inputs["q"], inputs["v"])
-    if mosaic and cfg.state_operands == "formed":  # W saved by the forward
-        dh, du, ds0 = state_grads(inputs, res[3], do, ds_final, cfg)
-    else:
-        prep = w_and_scores if mosaic else functools.partial(triton_bwd.w_and_scores,
-                                                             state_operands=True)  # fmt: skip
-        w, sc, ke, qs = prep(inputs, res[1], cfg)
-        dh, du, ds0 = state_grads(inputs, w, do, ds_final, cfg, prepared=(sc, ke, qs))
-    grads = gradients if mosaic else triton_bwd.gradients
-    return grads(inputs, res[:3], do, dh, du, ds0, cfg)
-
-
-def _prep_kernel(q_ref, k_ref, t_ref, fr_ref, fc_ref, w_ref, sc_ref, ke_ref, qs_ref, smem, ready,
-                 *, interpret: bool):  # fmt: skip
-    """One CTA (one warpgroup) per chunk, program id ``p = (batch * heads + head) * chunks +
-    chunk`` (:func:`w_and_scores`)."""
-    q_s, k_s, t_s, w_s, fr_s, fc_s = smem
-    _, length, heads, dk = q_ref.shape
-    batch, head, n, rows = mosaic_gpu_fwd.chunk_program(heads, length)
-    wait = mosaic_gpu_fwd.load_chunk(
-        {"q": (q_ref.at[batch, rows, head], q_s), "k": (k_ref.at[batch, rows, head], k_s),
-         "t": (t_ref.at[batch, head, n], t_s)},
-        (fr_ref, fc_ref, fr_s, fc_s),
-        ready,
-    )  # fmt: skip
-    cc, ck = (CHUNK, CHUNK), (CHUNK, dk)
-    tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731
-    wait("rows", "cols", "q", "k", "t")
-    g = mosaic_gpu_fwd.Gates(fr_s, fc_s, interpret)
-    q, k = wgmma_operands((q_s, k_s), interpret)
-    tk = (tile(t_s) * g.s("kg_scale")).astype(DTYPE)  # T kg = (T kg_scale_s) K
-    w, sc = mma(((zero_acc(ck, interpret), [(tk, k)]),
-                 (zero_acc(cc, interpret), [(q, Transposed(k))])), interpret)  # fmt: skip
-    ke, qs = scaled_rows(k_s, q_s, g, dk, interpret)
-    # the products' reads are done: stage each result in a buffer of its shape
-    outs = (
-        (w_s, w, w_ref.at[batch, head, rows]),
-        (t_s, sc * g.decay(strict=False), sc_ref.at[batch, head, n]),
-        (k_s, ke, ke_ref.at[batch, head, rows]),
-        (q_s, qs, qs_ref.at[batch, head, rows]),
-    )
-    for ref, x, _ in outs:
-        ref[...] = x.astype(ref.dtype)
-    plgpu.commit_smem()
-    for ref, _, dst in outs:
-        plgpu.copy_smem_to_gmem(ref, dst)
-    plgpu.wait_smem_to_gmem(0)
-
-
-def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> tuple[jax.Array, ...]:
-    """:func:`.triton_bwd.w_and_scores` (``state_operands``) in Pallas Mosaic GPU, one
-    warpgroup per chunk (bf16): ``(W, scores, K e_end, -(Q g_read))`` from the forward's
-    ``T``; ``W = (T kg_scale_s) K`` as :func:`.mosaic_gpu_fwd.ut_transform` forms it."""
-    q, k = inputs["q"], inputs["k"]
-    bsz, length, heads, dk = q.shape
-    n_chunks = length // CHUNK
-    mat = lambda *shape: plgpu.SMEM(shape, DTYPE, transforms=WGMMA_TRANSFORMS)  # noqa: E731
-    scratch = (
-        (mat(CHUNK, dk), mat(CHUNK, dk), mat(CHUNK, CHUNK), mat(CHUNK, dk),
-         plgpu.SMEM((6, CHUNK), F32), plgpu.SMEM((4, CHUNK), F32)),
-        plgpu.Barrier(num_barriers=5),
-    )  # fmt: skip
-    rows_dk = jax.ShapeDtypeStruct((bsz, heads, length, dk), DTYPE)
-    out_type = (rows_dk, jax.ShapeDtypeStruct((bsz, heads, n_chunks, CHUNK, CHUNK), DTYPE),
-                rows_dk, rows_dk)  # fmt: skip
-    return mosaic_gpu_fwd.per_chunk(
-        _prep_kernel, out_type, scratch, bsz * heads * n_chunks, cfg.interpret,
-        "gated delta mosaic W / scores kernel", "gated_delta_w_scores",
-    )(q, k, t_mat, *mosaic_gpu_fwd.factors(inputs, cfg))  # fmt: skip
-
-
-GRAD_DIMS = (64, 128)  # the dk and dv of the gradient kernel (a chunk's whole dv in one CTA)
-
-
-def mosaic_gradients(q: jax.Array, v: jax.Array) -> bool:
-    """Whether :func:`w_and_scores` and :func:`gradients` serve this call: bf16, ``dk`` and
-    ``dv`` in :data:`GRAD_DIMS`."""
-    return q.dtype == DTYPE and q.shape[-1] in GRAD_DIMS and v.shape[-1] in GRAD_DIMS
+    """:func:`.triton_bwd.backward` for the residuals of :func:`.mosaic_gpu_fwd.forward`:
+    where :func:`.mosaic_gpu_fwd.mosaic_backward` holds, this module's state pass (with the
+    saved ``W``, ``res[3]``) and :func:`gradients`, else Triton's kernels."""
+    if not mosaic_gpu_fwd.mosaic_backward(inputs["q"], inputs["v"]):
+        return triton_bwd.backward(inputs, res, do, ds_final, cfg)
+    dh, du, ds0 = state_grads(inputs, res[3], do, ds_final, cfg)
+    return gradients(inputs, res[:3], do, dh, du, ds0, cfg)
 
 
 # per chunk, float32: rows of per-row results (dbeta and dgam along rows of warpgroup 1, de, the
@@ -534,7 +418,7 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
 def gradients(inputs: dict, res: tuple, do: jax.Array, dh: jax.Array, du: jax.Array,
               ds0: jax.Array, cfg: Cfg):  # fmt: skip
     """:func:`.triton_bwd.gradients` in one Pallas Mosaic GPU kernel (bf16, ``dk`` and ``dv``
-    in :data:`GRAD_DIMS`; :func:`mosaic_gradients`): one CTA of two warpgroups per chunk with
+    in :data:`.mosaic_gpu_fwd.GRAD_DIMS`): one CTA of two warpgroups per chunk with
     all of the chunk's operands in shared memory (``4 C dv + 4 C dk + 2 dk dv + 3 C^2`` bf16
     values: 222 KiB with the factors at ``dk = dv = 128``, one CTA per SM), every product a
     ``wgmma`` (:func:`_grad_kernel`); the last row's ``dL/dgam_last`` (the state carry's and
@@ -565,13 +449,4 @@ def gradients(inputs: dict, res: tuple, do: jax.Array, dh: jax.Array, du: jax.Ar
     return dq, dk_grad, dv_grad, col(dbeta), col(dgam_c), dgam_r, ds0
 
 
-__all__ = [
-    "GRAD_DIMS",
-    "backward",
-    "carries",
-    "chunk_carry",
-    "gradients",
-    "mosaic_gradients",
-    "state_grads",
-    "w_and_scores",
-]
+__all__ = ["backward", "carries", "chunk_carry", "gradients", "state_grads"]

@@ -56,6 +56,15 @@ from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd as fused
 CHUNK = fused.CHUNK
 
 
+GRAD_DIMS = (64, 128)  # the dk and dv of the backward's gradient kernel (a chunk's dv in one CTA)
+
+
+def mosaic_backward(q: jax.Array, v: jax.Array) -> bool:
+    """Whether :mod:`.mosaic_gpu_bwd`'s kernels serve this call's backward: bf16, ``dk`` and
+    ``dv`` in :data:`GRAD_DIMS` (else Triton's; the forward saves ``W`` only for the former)."""
+    return q.dtype == jnp.bfloat16 and q.shape[-1] in GRAD_DIMS and v.shape[-1] in GRAD_DIMS
+
+
 def check_supported(q: jax.Array, v: jax.Array, *, chunk: int) -> None:
     """Raise ``ValueError`` naming what the fused forward does not support (before tracing)."""
     fused.check_supported(q, v, chunk=chunk, who="gated_delta_rule")
@@ -300,5 +309,6 @@ def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
     if not save_states:
         return o, s_final, None
     h, u = (x.astype(cfg.store) for x in saved)
-    # W too where the backward's state pass forms its other operands itself
-    return o, s_final, (h, t_mat, u, *((w,) if cfg.state_operands == "formed" else ()))
+    # W too where the Mosaic GPU backward's state pass reads it
+    keep_w = mosaic_backward(inputs["q"], inputs["v"])
+    return o, s_final, (h, t_mat, u, *((w,) if keep_w else ()))

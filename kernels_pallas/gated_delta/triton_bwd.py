@@ -48,19 +48,16 @@ from kernels_pallas.gated_delta._chunk import (
 from kernels_pallas.gated_delta.triton_fwd import call, dims, loader, program_ids, rows
 
 
-def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg, *,
-                 state_operands: bool = False) -> tuple[jax.Array, ...]:  # fmt: skip
+def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg) -> tuple[jax.Array, jax.Array]:
     """``(W = T kg [batch, heads, len, dk], scores [batch, heads, chunks, C, C])`` in
     :attr:`Cfg.store` from the forward's ``T`` (:func:`.triton_fwd.prepare`, stored in
     :attr:`Cfg.store`). Both are only MMA operands after, which round them to that dtype
     anyway (``W``'s MMA rounded ``T`` too), so they are what the kernels computed before bit
-    for bit. With ``state_operands`` also the scaled rows ``K e_end`` and ``-(Q g_read)``
-    (``[batch, heads, len, dk]``, the Mosaic GPU state pass's operands, rounded as its
-    products would round them)."""
+    for bit."""
     bsz, length, heads, dk, dv, n_chunks = dims(inputs, cfg)
     c = cfg.chunk
 
-    def kernel(ins, t_ref, w_ref, sc_ref, *scaled_refs):
+    def kernel(ins, t_ref, w_ref, sc_ref):
         bi, hi, n = program_ids(3)
         t = rows(n, c)
         ch = loader(cfg, ins, bi, hi)(n)
@@ -68,14 +65,11 @@ def w_and_scores(inputs: dict, t_mat: jax.Array, cfg: Cfg, *,
         w = mm(t_ref[bi, hi, n, :, :], ch.k * kg_scale(ch, g), cfg.precision)
         w_ref[bi, hi, t, :] = w.astype(w_ref.dtype)
         sc_ref[bi, hi, n, :, :] = scores(ch, cfg.precision)[0].astype(sc_ref.dtype)
-        if state_operands:
-            ke_ref, qs_ref = scaled_refs
-            ke_ref[bi, hi, t, :] = (ch.k * g.e_end).astype(ke_ref.dtype)
-            qs_ref[bi, hi, t, :] = (-(ch.q * g.g_read)).astype(qs_ref.dtype)
 
-    rows_dk = jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store)
-    out_shape = [rows_dk, jax.ShapeDtypeStruct((bsz, heads, n_chunks, c, c), cfg.store)]
-    out_shape += [rows_dk, rows_dk] if state_operands else []
+    out_shape = [
+        jax.ShapeDtypeStruct((bsz, heads, length, dk), cfg.store),
+        jax.ShapeDtypeStruct((bsz, heads, n_chunks, c, c), cfg.store),
+    ]
     return tuple(call(kernel, inputs, (t_mat,), out_shape, (bsz, heads, n_chunks), cfg,
                       "gated_delta_w_bwd"))  # fmt: skip
 
