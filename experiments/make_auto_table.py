@@ -2,8 +2,8 @@
 
 Reads the newest ``experiments/bench_attention.py``, ``experiments/bench_scan.py``,
 ``experiments/bench_gated_delta.py`` and ``experiments/bench_decode_attention.py`` results
-(``experiments/results/bench_attention.json``, ``bench_gated_delta.json``,
-``bench_decode_attention.json`` and :data:`SCAN_RESULTS`) and keeps, for every measured call
+(``experiments/results/bench_attention.json``, ``bench_decode_attention.json``,
+:data:`SCAN_RESULTS` and :data:`GATED_DELTA_RESULTS`) and keeps, for every measured call
 class, the implementation with the smallest forward+backward time (training dominates; a
 forward-only winner is recorded beside it for the record; decoding has only a forward). The
 scan's candidates come from one run, :data:`SCAN_RESULTS`: the newest holding the fused
@@ -31,6 +31,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 TABLE = ROOT / "arjax" / "ops" / "auto_table.py"
 SCAN_RESULTS = "bench_scan_mosaic.json"  # one run: the newest with the fused forward's columns
+# one run: the newest with the pallas, mosaic and jnp columns
+GATED_DELTA_RESULTS = "bench_gated_delta_ut16.json"
 # arjax impl -> its column prefix in bench_scan / bench_gated_delta rows
 OWN_IMPLS = {"pallas": "pallas", "xla": "jnp"}
 # with the fused Hopper forward: "pallas" is the Triton lowering (scan and gated delta rule)
@@ -149,12 +151,12 @@ def render(
 def build() -> str:
     att = json.loads((RESULTS / "bench_attention.json").read_text())
     scan = json.loads((RESULTS / SCAN_RESULTS).read_text())
-    gdn = json.loads((RESULTS / "bench_gated_delta.json").read_text())
+    gdn = json.loads((RESULTS / GATED_DELTA_RESULTS).read_text())
     dec = json.loads((RESULTS / "bench_decode_attention.json").read_text())
     sources = {
         "attention": f"experiments/results/bench_attention.json ({att['meta']['date']})",
         "scan": f"experiments/results/{SCAN_RESULTS} ({scan['date']})",
-        "gated_delta": f"experiments/results/bench_gated_delta.json ({gdn['date']})",
+        "gated_delta": f"experiments/results/{GATED_DELTA_RESULTS} ({gdn['date']})",
         "decode": f"experiments/results/bench_decode_attention.json "
         f"({dec['metadata']['date_utc']})",
     }
