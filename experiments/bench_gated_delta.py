@@ -183,12 +183,12 @@ def measure(row: dict, impl: str, inputs, reps: int, inner: int) -> None:
 
 
 def profiles(results: dict, impls: list[str], shape=SHAPES[0]) -> None:
-    """Device time per kernel (:func:`bench_scan.device_profile`), ms per call, of each arjax
-    ``impl`` (pallas, mosaic) at ``shape``, forward and fwd+bwd: where the time
-    goes."""
+    """Device time per kernel (:func:`bench_scan.device_profile`), ms per call, of each
+    ``impl`` (arjax's pallas, mosaic, or jla) at ``shape``, forward and fwd+bwd: where the
+    time goes."""
     inputs = make_inputs(shape, jnp.bfloat16)
     for impl in impls:
-        f, fb = arjax_fns(impl)
+        f, fb = jla_fns() if impl == "jla" else arjax_fns(impl)
         for p, fn, args in (("fwd", f, inputs[:5]), ("fwd+bwd", fb, inputs)):
             try:
                 prof = device_profile(fn, *args)
@@ -248,7 +248,7 @@ def main() -> None:
     ap.add_argument(
         "--profile",
         default="",
-        help="arjax impls (pallas, mosaic) to profile per kernel at the first shape, after timing",
+        help="impls (pallas, mosaic, jla) to profile per kernel at the first shape, after timing",
     )
     args = ap.parse_args()
     results = new_results()

@@ -528,26 +528,41 @@ def tune_variant(variant: str, res: dict, save, reps: int, inner: int, deadline:
         res["best"][p] = {k: t[k] for k in ("step", "chunk", "config", f"{p} ms")}
 
 
+IDLE = "(idle between kernels)"  # device_profile's entry for the stream's gaps
+ENQUEUE = "host enqueue ms per call"  # device_profile's key for the host's dispatch time
+
+
 def device_profile(fn, *args, calls: int = 3) -> dict:
     """Device time per kernel, ms per call of the jitted ``fn(*args)`` (compiled and run once
-    first; jax profiler trace of ``calls`` calls, the 20 largest per line). Keys: ``{device
-    line: {kernel: ms}}`` over the trace's stream lines (all device lines if it names none
-    "Stream")."""
+    first; jax profiler trace of ``calls`` calls enqueued back to back, as the timings run
+    them; the 20 largest per line), and :data:`IDLE`: ms per call that the line sat idle
+    between its first kernel and its last (launch gaps, or a host that enqueues slower than
+    the GPU runs). Keys: ``{device line: {kernel: ms}}`` over the trace's stream lines (all
+    device lines if it names none "Stream"), and :data:`ENQUEUE`: host ms per call to enqueue
+    them (near the per-call time when the host is the bottleneck)."""
     with tempfile.TemporaryDirectory() as tmp:
         jax.block_until_ready(fn(*args))
         with jax.profiler.trace(tmp):
-            for _ in range(calls):
-                jax.block_until_ready(fn(*args))
+            start = time.perf_counter()
+            outs = [fn(*args) for _ in range(calls)]
+            enqueue = (time.perf_counter() - start) * 1e3 / calls
+            jax.block_until_ready(outs)
         (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
         planes = jax.profiler.ProfileData.from_file(path).planes
     lines = [(p.name, line) for p in planes if p.name.startswith("/device") for line in p.lines]
     streams = [x for x in lines if "Stream" in x[1].name] or lines
-    out: dict = {}
+    out: dict = {ENQUEUE: round(enqueue, 4)}
     for plane, line in streams:
-        times = collections.Counter()
+        times, spans = collections.Counter(), []
         for ev in line.events:
             times[ev.name] += ev.duration_ns / 1e6 / calls
-        out[f"{plane} {line.name}"] = {k: round(v, 4) for k, v in times.most_common(20)}
+            spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+        profile = {k: round(v, 4) for k, v in times.most_common(20)}
+        if spans:
+            busy = sum(times.values())
+            span = (max(e for _, e in spans) - min(s for s, _ in spans)) / 1e6 / calls
+            profile[IDLE] = round(max(span - busy, 0.0), 4)
+        out[f"{plane} {line.name}"] = profile
     return out
 
 
