@@ -32,7 +32,7 @@ RESULTS = ROOT / "experiments" / "results"
 TABLE = ROOT / "arjax" / "ops" / "auto_table.py"
 SCAN_RESULTS = "bench_scan_mosaic.json"  # one run: the newest with the fused forward's columns
 # one run: the newest with the pallas, mosaic and jnp columns
-GATED_DELTA_RESULTS = "bench_gated_delta_ut16.json"
+GATED_DELTA_RESULTS = "bench_gated_delta_idle.json"
 # arjax impl -> its column prefix in bench_scan / bench_gated_delta rows
 OWN_IMPLS = {"pallas": "pallas", "xla": "jnp"}
 # with the fused Hopper forward: "pallas" is the Triton lowering (scan and gated delta rule)

@@ -12,7 +12,7 @@ head_dim, batch x cache_len) -> {"fwd": impl}`` for one-token decode attention.
 SOURCES = {
     "attention": "experiments/results/bench_attention.json (2026-12-02 07:41 UTC)",
     "decode": "experiments/results/bench_decode_attention.json (2026-12-04 12:53 UTC)",
-    "gated_delta": "experiments/results/bench_gated_delta_ut16.json (2026-12-05T14:25+00:00)",
+    "gated_delta": "experiments/results/bench_gated_delta_idle.json (2026-12-05T14:37+00:00)",
     "scan": "experiments/results/bench_scan_mosaic.json (2026-12-04T21:22+00:00)",
 }
 
