@@ -2,9 +2,7 @@
 (Triton) vs the jnp chunked form, forward and forward+backward, on one GPU.
 
 ``arjax.ops.gated_delta_rule(impl="pallas")`` (and, ``--impls mosaic``, ``impl="pallas_mosaic"``:
-the Hopper kernels, all Pallas Mosaic GPU; ``mosaic_uv``: those with the fused forward forming
-``T beta V`` itself, ``kernels_pallas.gated_delta.gated_delta_rule(lowering="mosaic",
-ut_values="formed")``) beside ``gated_deltanet`` of
+the Hopper kernels, all Pallas Mosaic GPU) beside ``gated_deltanet`` of
 ``jax-linear-attention`` (jla) and ``chunk_gated_delta_rule`` of ``fla-core``, all with
 ``scale=1`` on the same inputs (bf16, head dim 128, unit-norm keys, ``beta`` in (0, 1),
 log decay ``log_sigmoid(x + 3)``), (batch, heads, len) = (8, 16, 2048) and (2, 16, 8192);
@@ -47,14 +45,11 @@ from bench_scan import (  # noqa: E402
 )
 
 from arjax.ops import gated_delta_rule, gated_delta_rule_reference  # noqa: E402
-from kernels_pallas.gated_delta import gated_delta_rule as pallas_gated_delta_rule  # noqa: E402
 
 SHAPES = ((8, 16, 2048), (2, 16, 8192))  # (batch, heads, len)
 DIM = 128
-# --impls name -> column prefix; "mosaic": the Hopper kernels (Pallas Mosaic GPU), "mosaic_uv":
-# with the fused forward forming T beta V
-IMPLS = {"pallas": "pallas", "mosaic": "mosaic", "mosaic_uv": "mosaic_uv", "jla": "jla",
-         "fla": "fla", "xla": "jnp"}  # fmt: skip
+# --impls name -> column prefix; "mosaic": the Hopper kernels (Pallas Mosaic GPU)
+IMPLS = {"pallas": "pallas", "mosaic": "mosaic", "jla": "jla", "fla": "fla", "xla": "jnp"}
 
 
 def make_inputs(shape, dtype, seed=0, dim=DIM):
@@ -81,12 +76,7 @@ def _vjp_of(fwd):
 
 def arjax_fns(impl: str):
     """(fwd, fwd+bwd) jitted for ``arjax.ops.gated_delta_rule`` (``impl`` pallas / xla, or
-    ``"mosaic"``: ``impl="pallas_mosaic"``, the Hopper kernels), or (``"mosaic_uv"``) for those
-    with the fused forward forming ``T beta V``."""
-    if impl == "mosaic_uv":
-        return _vjp_of(lambda q, k, v, g, beta: pallas_gated_delta_rule(
-            q, k, v, beta, log_decay=g, chunk_size=64, lowering="mosaic",
-            ut_values="formed"))  # fmt: skip
+    ``"mosaic"``: ``impl="pallas_mosaic"``, the Hopper kernels)."""
     impl = "pallas_mosaic" if impl == "mosaic" else impl
     return _vjp_of(lambda q, k, v, g, beta: gated_delta_rule(
         q, k, v, beta, log_decay=g, chunk_size=64, impl=impl))  # fmt: skip
@@ -182,7 +172,7 @@ def measure(row: dict, impl: str, inputs, reps: int, inner: int) -> None:
             f, fb = jla_fns() if impl == "jla" else arjax_fns(impl)
             row[f"{name} fwd"] = time_jax(f, q, k, v, g, beta, reps=reps, inner=inner)
             row[f"{name} fwd+bwd"] = time_jax(fb, q, k, v, g, beta, do, reps=reps, inner=inner)
-            if impl in ("jla", "mosaic", "mosaic_uv"):
+            if impl in ("jla", "mosaic"):
                 ours = arjax_fns("pallas")[0](q, k, v, g, beta)[0]
                 row[f"{name} vs pallas out"] = rel_err(f(q, k, v, g, beta)[0], ours)
         jax.clear_caches()
@@ -216,16 +206,14 @@ def write(results: dict, out: str) -> None:
     lines = [
         *header(results, "Gated delta rule (bf16, head dim 128), ms"),
         "| (B,H,L) | pass | pallas | jla | fla | jnp chunked | jla / pallas | fla / pallas "
-        "| jnp / pallas | mosaic | jla / mosaic | mosaic_uv | jla / mosaic_uv "
-        "| mosaic / mosaic_uv |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| jnp / pallas | mosaic | jla / mosaic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         for p in ("fwd", "fwd+bwd"):
-            mosaic, uv, jla = (r.get(f"{n} {p}") for n in ("mosaic", "mosaic_uv", "jla"))
+            mosaic, jla = (r.get(f"{name} {p}") for name in ("mosaic", "jla"))
             lines.append(f"| {tuple(r['shape'])} | {p} | {peer_cells(r, p)} | {fmt(mosaic)} "
-                         f"| {ratio(jla, mosaic)} | {fmt(uv)} | {ratio(jla, uv)} "
-                         f"| {ratio(mosaic, uv)} |")  # fmt: skip
+                         f"| {ratio(jla, mosaic)} |")  # fmt: skip
     lines += ["", "Forward outputs vs arjax's Pallas (Triton) output (max rel err):", ""]
     lines += [f"- {tuple(r['shape'])} {k}: {v:.2e}" for r in results["rows"]
               for k, v in r.items() if k.endswith("vs pallas out")]  # fmt: skip
@@ -253,15 +241,14 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results/bench_gated_delta")
     ap.add_argument(
         "--impls",
-        default="pallas,mosaic,xla,jla,fla,mosaic_uv",
+        default="pallas,mosaic,xla,jla,fla",
         help="what to time, in this order (arjax's two first: the auto table needs both)",
     )
     ap.add_argument("--no-check", action="store_true", help="skip the float32 GPU check")
     ap.add_argument(
         "--profile",
         default="",
-        help="impls (pallas, mosaic, mosaic_uv, jla) to profile per kernel at the first shape, "
-        "after timing",
+        help="impls (pallas, mosaic, jla) to profile per kernel at the first shape, after timing",
     )
     args = ap.parse_args()
     results = new_results()

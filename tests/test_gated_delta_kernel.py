@@ -170,9 +170,6 @@ def test_bad_arguments_raise_before_compiling(rng):
         kernel(x64, x64, x64[..., :32], b64, lowering="mosaic")
     with pytest.raises(ValueError, match="lowering must be 'triton' or 'mosaic'"):
         kernel(x64, x64, x64, b64, lowering="cuda")
-    for values, lowering in (("uv", "mosaic"), ("formed", "triton")):
-        with pytest.raises(ValueError, match=f"ut_values must be one of .* got '{values}'"):
-            kernel(x64, x64, x64, b64, lowering=lowering, ut_values=values)
     with pytest.raises(ValueError, match=r"kernel_warps\['gated_delta_bwd'\]: must be a power"):
         TritonTuning(kernel_warps=(("gated_delta_bwd", 6),))
     with pytest.raises(ValueError, match="TritonTuning.grad_tile: must be a positive int, got 0"):
@@ -180,12 +177,11 @@ def test_bad_arguments_raise_before_compiling(rng):
     assert TritonTuning(kernel_warps=(("gated_delta_bwd", 8),)).warps_of("gated_delta_bwd") == 8
 
 
-def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng, **options) -> dict:
-    """Max errors (of the largest reference value) of ``lowering="mosaic"`` (with ``options``
-    of the op) against the float32 recurrence on float32 copies of the same inputs: output,
-    state and every gradient; ``vs triton``: its output against the Triton forward's. Asserts
-    that the fused pass run alone (saving no states) gives the output and state it gave under
-    ``jax.grad``."""
+def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng) -> dict:
+    """Max errors (of the largest reference value) of ``lowering="mosaic"`` against the
+    float32 recurrence on float32 copies of the same inputs: output, state and every gradient;
+    ``vs triton``: its output against the Triton forward's. Asserts that the fused pass run
+    alone (saving no states) gives the output and state it gave under ``jax.grad``."""
     w_out = rng.normal(size=v.shape).astype(np.float32)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
 
@@ -196,16 +192,15 @@ def _fused_errors(q, k, v, beta, g, s0, seg, *, interpret: bool, rng, **options)
 
         return jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))(q, k, v, beta, g, s0)
 
-    def pallas(*a, lowering, **options):
+    def pallas(*a, lowering):
         return kernel(*a[:4], log_decay=a[4], initial_state=a[5], segment_ids=seg,
-                      backend="gpu", interpret=interpret, lowering=lowering, **options)  # fmt: skip
+                      backend="gpu", interpret=interpret, lowering=lowering)  # fmt: skip
 
-    mosaic = functools.partial(pallas, lowering="mosaic", **options)
-    got_grads, got = grads(mosaic)
+    got_grads, got = grads(functools.partial(pallas, lowering="mosaic"))
     want_grads, want = grads(lambda q, k, v, beta, g, s0: gated_delta_rule_reference(
         f32(q), f32(k), f32(v), beta, log_decay=g, initial_state=s0, segment_ids=seg))  # fmt: skip
     triton_out, _ = jax.jit(functools.partial(pallas, lowering="triton"))(q, k, v, beta, g, s0)
-    alone = jax.jit(mosaic)(q, k, v, beta, g, s0)
+    alone = jax.jit(functools.partial(pallas, lowering="mosaic"))(q, k, v, beta, g, s0)
     err = lambda a, b: float(jnp.abs(f32(a) - f32(b)).max() / jnp.abs(f32(b)).max())  # noqa: E731
     # the forward alone (no states saved) gives what the differentiated one gave
     assert err(alone[0], got[0]) < 1e-6 and err(alone[1], got[1]) < 1e-6
@@ -243,24 +238,6 @@ def test_mosaic_fused_forward(races, dk, dv, dtype, docs, gated, rng):
     # UT transform + fused pass with and without saving the states, and for bf16 with dv 64 or
     # 128 the Mosaic GPU backward's state pass and gradient kernel
     races.check(kernels=4 + 2 * (dtype == jnp.bfloat16 and dv in (64, 128)))
-    assert errs.pop("vs triton") < 1e-2
-    assert all(e < 2e-2 for e in errs.values()), errs
-
-
-@pytest.mark.parametrize("dk, dv, docs", [(64, 64, True), (128, 128, False)])
-def test_mosaic_fused_forward_forms_the_values(races, dk, dv, docs, rng):
-    """``ut_values="formed"``: the UT transform writes ``W`` and ``T`` only, and the fused
-    forward's state warpgroup forms ``U = (T beta) V - W S`` from ``T`` and ``V`` (a ring of
-    ``T``, the state staged 64 rows at a time), interpreted with race detection: output, state
-    and every gradient within 2% of the largest float32 reference value, as
-    ``test_mosaic_fused_forward`` (seen: <= 0.8%); the output within 1% of the Triton
-    forward's."""
-    q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(1, 200, 2, dk, dv))
-    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
-    seg = jnp.asarray(DOCS) if docs else None
-    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=True, rng=rng, ut_values="formed")
-    # UT transform + fused pass with and without saving the states, state pass, gradients
-    races.check(kernels=6)
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
 
@@ -325,15 +302,14 @@ def test_mosaic_ut_transform(races, dk, dv, dtype, docs, rng):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("values", ["kernel", "formed"])
-def test_gpu_mosaic_fused_forward(values, rng):
-    """``lowering="mosaic"`` compiled on a Hopper GPU (every kernel Mosaic GPU's; ``T beta V``
-    as ``ut_values=values``): bf16 at width 128, 8 chunks, fwd + grads; the second row packs
-    documents. Bounds as in interpret mode."""
+def test_gpu_mosaic_fused_forward(rng):
+    """``lowering="mosaic"`` compiled on a Hopper GPU (every kernel Mosaic GPU's): bf16 at
+    width 128, 8 chunks, fwd + grads; the second row packs documents. Bounds as in interpret
+    mode."""
     q, k, v, beta, g, s0 = inputs(rng, gated=True, shape=(2, 512, 4, 128, 128))
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
     seg = jnp.asarray(np.stack([np.ones(512, np.int32), np.repeat([1, 2, 3], [100, 300, 112])]))
-    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng, ut_values=values)
+    errs = _fused_errors(q, k, v, beta, g, s0, seg, interpret=False, rng=rng)
     assert errs.pop("vs triton") < 1e-2
     assert all(e < 2e-2 for e in errs.values()), errs
 
@@ -368,22 +344,18 @@ def test_compiled_gpu_kernel_matches_the_recurrence(rng):
 
 
 @pytest.mark.parametrize(
-    "backend, lowering, platform, calls, values",
-    [("gpu", "triton", "cuda", {"__gpu$xla.gpu.triton": 6}, "kernel"),
-     ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 0, "mosaic_gpu_v2": 4}, "kernel"),
-     ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 0, "mosaic_gpu_v2": 4}, "formed"),
-     ("tpu", "triton", "tpu", {"tpu_custom_call": 2}, "kernel")],
+    "backend, lowering, platform, calls",
+    [("gpu", "triton", "cuda", {"__gpu$xla.gpu.triton": 6}),
+     ("gpu", "mosaic", "cuda", {"__gpu$xla.gpu.triton": 0, "mosaic_gpu_v2": 4}),
+     ("tpu", "triton", "tpu", {"tpu_custom_call": 2})],
 )  # fmt: skip
-def test_kernels_lower_without_the_device(backend, lowering, platform, calls, values,
-                                          gpu_target):  # fmt: skip
+def test_kernels_lower_without_the_device(backend, lowering, platform, calls, gpu_target):
     """Without a GPU/TPU, export for the platform: forward + backward (bf16, head dim 128,
     packed documents, an initial state) lower through Pallas Triton / Mosaic GPU / Mosaic
     TPU: on the GPU three kernels forward (prepare, the state pass, the output; with
     ``lowering="mosaic"`` the UT transform and the fused pass) and three backward (``W`` from
     the saved ``T``, the state pass, the gradients; with ``lowering="mosaic"`` two in Mosaic
-    GPU, the state pass forming its operands; ``values="formed"``: the fused pass forming ``T
-    beta V``), on the TPU one each way."""
-    options = dict(lowering=lowering, ut_values=values)
+    GPU, the state pass forming its operands), on the TPU one each way."""
     sd = jax.ShapeDtypeStruct
     qk = sd((1, 128, 2, 128), jnp.bfloat16)
     gate, seg = sd((1, 128, 2), jnp.float32), sd((1, 128), jnp.int32)
@@ -392,7 +364,7 @@ def test_kernels_lower_without_the_device(backend, lowering, platform, calls, va
     def grads(q, k, v, beta, g, s0, s):
         def loss(*a):
             out, state = kernel(*a[:4], log_decay=a[4], initial_state=a[5], segment_ids=s,
-                                backend=backend, interpret=False, **options)  # fmt: skip
+                                backend=backend, interpret=False, lowering=lowering)  # fmt: skip
             return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
 
         return jax.value_and_grad(loss, argnums=tuple(range(6)))(q, k, v, beta, g, s0)

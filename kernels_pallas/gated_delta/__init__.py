@@ -52,7 +52,6 @@ BACKENDS = ("gpu", "tpu")
 # dk * block_v: 64 x 128 overflows an H200's shared memory in the backward; 128 x 64 fits
 # (experiments/results/gpu_suite.md, run 7a).
 MAX_GPU_TILE = 8192
-UT_VALUES = ("kernel", "formed")  # lowering "mosaic": Cfg.ut_values
 _DRIVERS = {"gpu": (triton_fwd, triton_bwd), "tpu": (mosaic_tpu_fwd, mosaic_tpu_bwd)}
 
 
@@ -184,7 +183,6 @@ def gated_delta_rule(
     interpret: bool | None = None,
     lowering: str = "triton",
     tuning: TritonTuning | None = None,
-    ut_values: str = "kernel",
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [batch, len, heads, dv] in q's dtype, final_state [batch, heads, dk, dv] f32)``,
     differentiable in every float argument.
@@ -196,10 +194,7 @@ def gated_delta_rule(
     ``lowering`` (``backend="gpu"`` only): "triton", or "mosaic" for the Hopper kernels
     (:mod:`.mosaic_gpu_fwd`, :mod:`.mosaic_gpu_bwd`; chunk 64, bf16/fp16, dk 64 or 128, dv a
     multiple of 64). ``tuning``: the Triton kernels' launch parameters
-    (:class:`.tuning.TritonTuning`; default: its measured defaults). ``ut_values``
-    (``lowering="mosaic"``): ``T beta V`` from the UT transform's kernel ("kernel"), or formed
-    by the fused forward's state warpgroup from ``T`` and ``V`` ("formed": no ``T beta V``
-    through memory; opt-in until timed against "kernel" on a GPU).
+    (:class:`.tuning.TritonTuning`; default: its measured defaults).
     """
     backend, interpret = _resolve(backend, interpret)
     if lowering not in ("triton", "mosaic") or (lowering == "mosaic" and backend != "gpu"):
@@ -209,11 +204,6 @@ def gated_delta_rule(
         )
     if lowering == "mosaic":
         mosaic_gpu_fwd.check_supported(q, v, chunk=chunk_size)
-    if ut_values not in UT_VALUES or (ut_values != "kernel" and lowering != "mosaic"):
-        raise ValueError(
-            f"gated_delta_rule (Pallas): ut_values must be one of {UT_VALUES} ('formed' with "
-            f"lowering='mosaic'), got {ut_values!r} with lowering {lowering!r}"
-        )
     tuning = TritonTuning() if tuning is None else tuning
     if not isinstance(tuning, TritonTuning):
         raise TypeError(
@@ -236,8 +226,9 @@ def gated_delta_rule(
         q, k, v = (rearrange(x, "b l h d -> b h l d") for x in (q, k, v))
     docs = None if segment_ids is None else _documents(segment_ids, pad, c)
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state
-    cfg = Cfg(backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering,
-              tuning, ut_values)  # fmt: skip
+    cfg = Cfg(
+        backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering, tuning
+    )
     out, s_final = _core(q, k, v, beta, gam, s0, docs, cfg)
     if backend == "tpu":
         out = rearrange(out, "b h l d -> b l h d")

@@ -58,9 +58,6 @@ class Cfg:
     exact: bool  # float32 inputs: float32-accurate MMAs
     lowering: str = "triton"  # GPU forward: "triton", or "mosaic" (the fused Hopper pass)
     tuning: TritonTuning = TritonTuning()  # the Triton kernels' launch parameters
-    # lowering "mosaic": T beta V from the UT transform's kernel ("kernel") or formed by the
-    # fused forward from T and V ("formed")
-    ut_values: str = "kernel"
 
     @property
     def store(self):

@@ -190,23 +190,20 @@ def _value_blocks(dv: int) -> int:
     return 128 if dv % 128 == 0 else ROWS
 
 
-def _ut_kernel(*refs, save_t: bool, values: bool, interpret: bool):
+def _ut_kernel(k_ref, v_ref, fr_ref, fc_ref, w_ref, uv_ref, *refs, save_t: bool,
+               interpret: bool):  # fmt: skip
     """One CTA (one warpgroup) per chunk, program id ``p = (batch * heads + head) * chunks +
-    chunk`` (module doc). Refs: ``K``, (``values``) ``V``, the factors; ``W``, (``values``)
-    ``UV``, (``save_t``) ``T``; scratch."""
-    k_ref, *refs = refs
-    v_ref, fr_ref, fc_ref, w_ref, *refs = refs if values else (None, *refs)
-    uv_ref, *refs = refs if values else (None, *refs)
-    t_ref, *refs = refs if save_t else (None, *refs)
-    (k_smem, *smem), ready = refs
-    v_smem, x_pub, t_pub, t_out, fr_smem, fc_smem = smem if values else (None, *smem)
+    chunk`` (module doc)."""
+    t_ref = refs[0] if save_t else None
+    (k_smem, v_smem, x_pub, t_pub, t_out, fr_smem, fc_smem), ready = refs[save_t:]
     _, length, heads, dk = k_ref.shape
-    dtype = k_ref.dtype
+    dv, dtype = v_ref.shape[-1], k_ref.dtype
     batch, head, n, rows = chunk_program(heads, length)
-    copies = {"k": (k_ref.at[batch, rows, head], k_smem)}
-    if values:
-        copies["v"] = (v_ref.at[batch, rows, head], v_smem)
-    wait = load_chunk(copies, (fr_ref, fc_ref, fr_smem, fc_smem), ready)
+    wait = load_chunk(
+        {"k": (k_ref.at[batch, rows, head], k_smem), "v": (v_ref.at[batch, rows, head], v_smem)},
+        (fr_ref, fc_ref, fr_smem, fc_smem),
+        ready,
+    )
     wait("rows", "cols", "k")  # V's load goes on under the inverse
     shape = (CHUNK, CHUNK)
     g = Gates(fr_smem, fc_smem, interpret)
@@ -229,85 +226,79 @@ def _ut_kernel(*refs, save_t: bool, values: bool, interpret: bool):
         plgpu.commit_smem()
         t = t - product(product(t, x_pub), t_pub)
         size *= 2
+    wait("v")
+    (v,) = wgmma_operands((v_smem,), interpret)
     (w,) = mma(((zero_acc((CHUNK, dk), interpret), [((t * g.s("kg_scale")).astype(dtype), k)]),),
                interpret)  # fmt: skip
     k_smem[...] = w.astype(dtype)  # K's last read is done: its buffer stages W
-    if values:
-        wait("v")
-        (v,) = wgmma_operands((v_smem,), interpret)
-        dv = v_ref.shape[-1]
-        tv, vb = (t * g.s("beta")).astype(dtype), _value_blocks(dv)
-        for j in range(dv // vb):
-            cols = pl.ds(j * vb, vb)
-            v_j = v[:, j * vb : (j + 1) * vb] if interpret else v.at[:, cols]
-            (uv,) = mma(((zero_acc((CHUNK, vb), interpret), [(tv, v_j)]),), interpret)
-            v_smem.at[:, cols][...] = uv.astype(dtype)
+    tv, vb = (t * g.s("beta")).astype(dtype), _value_blocks(dv)
+    for j in range(dv // vb):
+        cols = pl.ds(j * vb, vb)
+        v_j = v[:, j * vb : (j + 1) * vb] if interpret else v.at[:, cols]
+        (uv,) = mma(((zero_acc((CHUNK, vb), interpret), [(tv, v_j)]),), interpret)
+        v_smem.at[:, cols][...] = uv.astype(dtype)
     if save_t:
         t_out[...] = t.astype(t_out.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(k_smem, w_ref.at[batch, head, rows])
-    if values:
-        plgpu.copy_smem_to_gmem(v_smem, uv_ref.at[batch, head, rows])
+    plgpu.copy_smem_to_gmem(v_smem, uv_ref.at[batch, head, rows])
     if save_t:
         plgpu.copy_smem_to_gmem(t_out, t_ref.at[batch, head, n])
     plgpu.wait_smem_to_gmem(0)
 
 
-def ut_scratch(dtype, store, dk: int, dv: int | None) -> tuple:
-    """``K`` (then ``W``), ``V`` (then ``UV``; none where ``dv`` is None), the doubling's
-    masked ``A`` and ``T`` published in :data:`PRODUCT`, ``T``'s staging in ``store``, the
-    factors; one barrier per load."""
+def ut_scratch(dtype, store, dk: int, dv: int) -> tuple:
+    """``K`` (then ``W``), ``V`` (then ``UV``), the doubling's masked ``A`` and ``T`` published
+    in :data:`PRODUCT`, ``T``'s staging in ``store``, the factors; one barrier per load."""
     mat = lambda *shape, dt=dtype: plgpu.SMEM(shape, dt, transforms=WGMMA_TRANSFORMS)  # noqa: E731
     return (
         (
             mat(CHUNK, dk),
-            *(() if dv is None else (mat(CHUNK, dv),)),
+            mat(CHUNK, dv),
             *(mat(CHUNK, CHUNK, dt=PRODUCT) for _ in range(2)),
             mat(CHUNK, CHUNK, dt=store),
             plgpu.SMEM((6, CHUNK), F32),
             plgpu.SMEM((4, CHUNK), F32),
         ),
-        plgpu.Barrier(num_barriers=3 if dv is None else 4),
+        plgpu.Barrier(num_barriers=4),
     )
 
 
-def ut_transform(inputs: dict, cfg: Cfg, *, save_t: bool, values: bool = True):
+def ut_transform(inputs: dict, cfg: Cfg, *, save_t: bool):
     """:func:`.triton_fwd.prepare` in Pallas Mosaic GPU (module doc): ``(W [batch, heads,
-    len, dk], UV [batch, heads, len, dv])`` in the input dtype (``UV`` None without
-    ``values``) and, with ``save_t``, ``T [batch, heads, chunks, C, C]`` in :attr:`Cfg.store`
-    (else None)."""
+    len, dk], UV [batch, heads, len, dv])`` in the input dtype and, with ``save_t``, ``T
+    [batch, heads, chunks, C, C]`` in :attr:`Cfg.store` (else None)."""
     k, v = inputs["k"], inputs["v"]
     bsz, length, heads, dk = k.shape
     dv = v.shape[-1]
     n_chunks = length // CHUNK
-    out_type = [jax.ShapeDtypeStruct((bsz, heads, length, dk), k.dtype)]
-    if values:
-        out_type.append(jax.ShapeDtypeStruct((bsz, heads, length, dv), k.dtype))
+    out_type = [
+        jax.ShapeDtypeStruct((bsz, heads, length, dk), k.dtype),
+        jax.ShapeDtypeStruct((bsz, heads, length, dv), k.dtype),
+    ]
     if save_t:
         out_type.append(jax.ShapeDtypeStruct((bsz, heads, n_chunks, CHUNK, CHUNK), cfg.store))
     outs = per_chunk(
-        functools.partial(_ut_kernel, save_t=save_t, values=values), tuple(out_type),
-        ut_scratch(k.dtype, cfg.store, dk, dv if values else None), bsz * heads * n_chunks,
-        cfg.interpret, f"gated delta mosaic UT transform (dk={dk}, dv={dv})", "gated_delta_ut",
-    )(k, *((v,) if values else ()), *factors(inputs, cfg))  # fmt: skip
-    w, *outs = outs
-    uv, *outs = outs if values else (None, *outs)
-    return w, uv, (outs[0] if save_t else None)
+        functools.partial(_ut_kernel, save_t=save_t), tuple(out_type),
+        ut_scratch(k.dtype, cfg.store, dk, dv), bsz * heads * n_chunks, cfg.interpret,
+        f"gated delta mosaic UT transform (dk={dk}, dv={dv})", "gated_delta_ut",
+    )(k, v, *factors(inputs, cfg))  # fmt: skip
+    return outs[0], outs[1], (outs[2] if save_t else None)
 
 
 def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
     """``(o, s_final, res)`` as :func:`.triton_fwd.forward` (same operands by name)."""
-    formed = cfg.ut_values == "formed"  # T beta V formed by the fused pass, from T and V
-    w, uv, t_mat = ut_transform(inputs, cfg, save_t=save_states or formed, values=not formed)
+    dtype = inputs["q"].dtype
+    w, uv, t_mat = ut_transform(inputs, cfg, save_t=save_states)
+    w, uv = w.astype(dtype), uv.astype(dtype)
     b = rearrange(inputs["gam_c"], "b h l 1 -> b l h 1")
     seg = None
     if cfg.segments:  # document index of each token and of its predecessor
         r = inputs["doc_c"]
         seg = (r, jnp.concatenate([r[:, :1], r[:, :-1]], axis=1))
-    beta = factors(inputs, cfg)[1][..., Gates.COLS.index("beta"), :] if formed else None
     o, s_final, saved = fused.forward_delta(
-        inputs["q"], inputs["k"], w, inputs["v"] if formed else uv, b, s0, seg,
-        t=t_mat if formed else None, beta=beta, save_states=save_states, interpret=cfg.interpret,
+        inputs["q"], inputs["k"], w, uv, b, s0, seg, save_states=save_states,
+        interpret=cfg.interpret,
     )  # fmt: skip
     if not save_states:
         return o, s_final, None

@@ -161,22 +161,19 @@ def diagonal_update(mode: str) -> bool:
     return mode == "delta" or (mode == "decay" and not REGISTER_UPDATE)
 
 
-def scratch_types(dtype, dk: int, stages: int, mode: str = "decay", t_dtype=None) -> tuple:
+def scratch_types(dtype, dk: int, stages: int, mode: str = "decay") -> tuple:
     """For ``mode`` "decay" (no or scalar decay), "gla" or "delta" (the gated delta rule):
-    rings of Q, K, V tiles (``delta``: of ``T beta V``, or with ``t_dtype`` of ``V``; plus a
-    ring of ``W``) and gate factors (``gla``: of the scores ``A`` and the state rows' decays;
-    with ``t_dtype`` also ``beta``); the published states (input dtype, two slots: ``Q S``'s
-    operand), ``exp(B - b) * V`` (``delta``: ``* U``) if :func:`diagonal_update`, ``delta``'s
-    published ``U`` (two slots), two output tiles and the float32 initial / final state's
-    staging (with ``t_dtype``, 64 rows at a time); with ``t_dtype`` a ring of ``T`` in that
-    dtype; barriers (module doc)."""
-    mat = lambda *shape, dt=dtype: plgpu.SMEM(shape, dt, transforms=WGMMA_TRANSFORMS)  # noqa: E731
-    formed = t_dtype is not None
+    rings of Q, K, V tiles (``delta``: of ``T beta V``, plus a ring of ``W``) and gate factors
+    (``gla``: of the scores ``A`` and the state rows' decays); the published states (input
+    dtype, two slots: ``Q S``'s operand), ``exp(B - b) * V`` (``delta``: ``* U``) if
+    :func:`diagonal_update`, ``delta``'s published ``U`` (two slots), two output tiles and the
+    float32 initial / final state's staging; barriers (module doc)."""
+    mat = lambda *shape: plgpu.SMEM(shape, dtype, transforms=WGMMA_TRANSFORMS)  # noqa: E731
     if mode == "gla":
         x_ring = mat(stages, CHUNK, CHUNK)  # the scores A, a wgmma operand
         f_ring = plgpu.SMEM((stages, dk // CHUNK, CHUNK), jnp.float32)  # state rows' decays
     else:
-        x_ring = plgpu.SMEM((stages, 3 + formed, CHUNK), jnp.float32)  # factors (columns)
+        x_ring = plgpu.SMEM((stages, 3, CHUNK), jnp.float32)  # factors (columns)
         f_ring = plgpu.SMEM((stages, 4 + dk // CHUNK, CHUNK), jnp.float32)  # factors (rows)
     delta = mode == "delta"
     return (
@@ -191,11 +188,9 @@ def scratch_types(dtype, dk: int, stages: int, mode: str = "decay", t_dtype=None
             *((mat(CHUNK, BLOCK_V),) if diagonal_update(mode) else ()),  # exp(B - b) * V (U)
             *((mat(2, CHUNK, BLOCK_V),) if delta else ()),  # U of chunk n, in slot n % 2
             mat(2, CHUNK, BLOCK_V),  # O of chunk n, in slot n % 2
-            # initial, final S
-            plgpu.SMEM((ROWS if formed else dk, BLOCK_V), jnp.float32, transforms=F32_TRANSFORMS),
-            *((mat(stages, CHUNK, CHUNK, dt=t_dtype),) if formed else ()),  # T ring
+            plgpu.SMEM((dk, BLOCK_V), jnp.float32, transforms=F32_TRANSFORMS),  # initial, final S
         ),
-        tuple(plgpu.Barrier(num_barriers=stages) for _ in range(5 + delta + formed)),  # ready
+        tuple(plgpu.Barrier(num_barriers=stages) for _ in range(6 if delta else 5)),  # ready
         plgpu.Barrier(),  # initial S ready
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # slot consumed by both consumers
         plgpu.Barrier(num_barriers=2),  # S (delta: and U) published
@@ -222,57 +217,38 @@ def value_tile_program(heads: int, tiles: int) -> tuple:
     return batch, head, pl.ds(pl.multiple_of(tile * BLOCK_V, BLOCK_V), BLOCK_V)
 
 
-def _pieces(src, staging) -> list:
-    """``src``'s rows in pieces of ``staging``'s (all of them, or 64 at a time)."""
-    rows = staging.shape[0]
-    return [pl.ds(i * rows, rows) for i in range(src.shape[0] // rows)]
-
-
 def load_state(src, staging, ready, interpret: bool) -> tuple:
     """A float32 ``[dk, BLOCK_V]`` state tile from HBM ``src`` through ``staging`` (TMA, then
-    a wait on ``ready``; piece by piece where ``staging`` holds fewer rows), as one wgmma
-    accumulator per 64 rows."""
-    parts = []
-    for piece in _pieces(src, staging):
-        if parts:  # the last piece's loads, before TMA writes over them
-            plgpu.commit_smem()
-        plgpu.copy_gmem_to_smem(src.at[piece], staging, ready)
-        plgpu.barrier_wait(ready)
-        parts += [load_acc(staging.at[pl.ds(i * ROWS, ROWS)], interpret)
-                  for i in range(staging.shape[0] // ROWS)]  # fmt: skip
-    return tuple(parts)
+    a wait on ``ready``), as one wgmma accumulator per 64 rows."""
+    plgpu.copy_gmem_to_smem(src, staging, ready)
+    plgpu.barrier_wait(ready)
+    halves = staging.shape[0] // ROWS
+    return tuple(load_acc(staging.at[pl.ds(i * ROWS, ROWS)], interpret) for i in range(halves))
 
 
 def store_state(parts: tuple, staging, dst) -> None:
     """The state tile ``parts`` (:func:`load_state`'s layout) to HBM ``dst`` through
-    ``staging`` (piece by piece where it holds fewer rows), after every copy out this
-    warpgroup issued before, and waited for."""
-    per_piece = staging.shape[0] // ROWS
-    for j, piece in enumerate(_pieces(dst, staging)):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        for i, part in enumerate(parts[j * per_piece : (j + 1) * per_piece]):
-            staging.at[pl.ds(i * ROWS, ROWS)][...] = part
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(staging, dst.at[piece])
+    ``staging``, after every copy out this warpgroup issued before, and waited for."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for i, part in enumerate(parts):
+        staging.at[pl.ds(i * ROWS, ROWS)][...] = part
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(staging, dst)
     plgpu.wait_smem_to_gmem(0)
 
 
-def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, formed, interpret):
+def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interpret):
     """One CTA per (batch, head, value tile), program id ``p = (batch * heads + head) * tiles
     + tile``; warpgroup 2 produces, 1 carries the state, 0 writes the outputs (module doc).
     ``x_ref``: the gate's column factors, or (``gla``) the scores ``A``; ``delta``: ``v_ref``
-    holds ``T beta V`` and ``W`` follows ``f_ref``, or with ``formed`` ``v_ref`` holds ``V``,
-    ``T`` follows ``W`` and ``x_ref`` has ``beta`` as a fourth column factor."""
+    holds ``T beta V`` and ``W`` follows ``f_ref``."""
     gla, delta, diagonal = mode == "gla", mode == "delta", diagonal_update(mode)
     w_ref, s0_ref, o_ref, sf_ref, *refs = refs if delta else (None, *refs)
-    t_ref, s0_ref, o_ref, sf_ref, *refs = (s0_ref, o_ref, sf_ref, *refs) if formed else (
-        None, s0_ref, o_ref, sf_ref, *refs)  # fmt: skip
     saved = (1 + delta) if save else 0  # outputs h (and, delta, U) for the backward
     h_ref, u_out = (*refs[:saved], None, None)[:2]
     smem, ready, s0_ready, free, s_ready, s_free = refs[saved:]
     q_ring, k_ring, v_ring, x_ring, f_ring, *rest = smem
     w_ring = rest.pop(0) if delta else None
-    t_ring = rest.pop() if formed else None
     s_pub, *rest = rest
     vw_smem = rest.pop(0) if diagonal else None
     u_pub, o_smem, sf_smem = rest if delta else (None, *rest)
@@ -290,8 +266,7 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, formed
     bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
 
     def v_at(t):  # the value tile's rows t (delta: of T beta V, head-major)
-        return v_ref.at[batch, head, t, cols] if delta and not formed else v_ref.at[
-            batch, t, head, cols]  # fmt: skip
+        return v_ref.at[batch, head, t, cols] if delta else v_ref.at[batch, t, head, cols]
 
     wg = lax.axis_index("wg")
 
@@ -307,9 +282,6 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, formed
             if delta:
                 plgpu.copy_gmem_to_smem(w_ref.at[batch, head, t], w_ring.at[slot],
                                         w_ready[0].at[slot])  # fmt: skip
-            if formed:
-                plgpu.copy_gmem_to_smem(t_ref.at[batch, head, n], t_ring.at[slot],
-                                        w_ready[1].at[slot])  # fmt: skip
 
         produce(load, n_chunks, stages, free)
 
@@ -335,8 +307,7 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, formed
             if save:
                 plgpu.copy_smem_to_gmem(s_pub.at[pub], h_ref.at[batch, head, n, :, cols])
             registers = not (gla or diagonal)  # the update's left operand K^T w in registers
-            x_waits = (x_ready,) if registers or formed else ()
-            for bar in (k_ready, v_ready, f_ready, *w_ready, *x_waits):
+            for bar in (k_ready, v_ready, f_ready, *w_ready, *((x_ready,) if registers else ())):
                 plgpu.barrier_wait(bar.at[slot])
             k, v = wgmma_operands((k_ring.at[slot], v_ring.at[slot]), interpret)
             kt = [Transposed(columns(k, i, interpret)) for i in range(halves)]  # K^T, 64 rows each
@@ -359,13 +330,8 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, formed
                 eye = lambda x: jnp.where(row == col, x, 0.0).astype(dtype)  # noqa: E731
                 if delta:  # -U = W S - I (T beta V), then U and w * U in the input dtype
                     (w,) = wgmma_operands((w_ring.at[slot],), interpret)
-                    if formed:  # -U = W S - (T beta) V: T's columns scaled in registers
-                        beta = bcast(vector(x_ring.at[slot, 3], 1, interpret), shape_cc, 1)
-                        t = load_acc(t_ring.at[slot], interpret).astype(jnp.float32)
-                        minus_tb = (-(t * beta)).astype(dtype)
-                    else:
-                        minus_tb = eye(jnp.full(shape_cc, -1.0, jnp.float32))
-                    products = [(w, s_pub.at[pub]), (minus_tb, v)]
+                    minus_eye = eye(jnp.full(shape_cc, -1.0, jnp.float32))
+                    products = [(w, s_pub.at[pub]), (minus_eye, v)]
                     (neg_u,) = mma(((zero_acc(shape_cv, interpret), products),), interpret)
                     if save:  # this slot's U copy, two chunks ago
                         plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
@@ -448,11 +414,11 @@ def state_decays(b, seg) -> jax.Array:
     return rearrange(carry, "b n h (i c) -> b h n i c", c=CHUNK)
 
 
-def _launch(q, k, v, x, f, s0, w=None, t=None, *, mode: str, stages: int, save_states: bool,
+def _launch(q, k, v, x, f, s0, w=None, *, mode: str, stages: int, save_states: bool,
             interpret: bool):  # fmt: skip
     bsz, length, heads, dk = q.shape
     dv = v.shape[-1]
-    scratch = scratch_types(q.dtype, dk, stages, mode, None if t is None else t.dtype)
+    scratch = scratch_types(q.dtype, dk, stages, mode)
     if (need := smem_footprint(scratch)) > SMEM_BYTES:
         raise ValueError(f"linear-attention mosaic forward: stages={stages} needs {need} B of "
                          f"shared memory > {SMEM_BYTES}")  # fmt: skip
@@ -464,10 +430,8 @@ def _launch(q, k, v, x, f, s0, w=None, t=None, *, mode: str, stages: int, save_s
         out_type.append(jax.ShapeDtypeStruct((bsz, heads, length // CHUNK, dk, dv), q.dtype))
         if mode == "delta":
             out_type.append(jax.ShapeDtypeStruct((bsz, heads, length, dv), q.dtype))
-    body = functools.partial(_kernel, stages=stages, save=save_states, mode=mode,
-                             formed=t is not None, interpret=interpret)  # fmt: skip
     outs = plgpu.kernel(
-        body,
+        functools.partial(_kernel, stages=stages, save=save_states, mode=mode, interpret=interpret),
         out_type=tuple(out_type),
         scratch_types=scratch,
         grid=(bsz * heads * (dv // BLOCK_V),),
@@ -476,7 +440,7 @@ def _launch(q, k, v, x, f, s0, w=None, t=None, *, mode: str, stages: int, save_s
         thread_name="wg",
         kernel_name=f"scan_fwd_{mode}",
         interpret=interpret_params() if interpret else None,
-    )(q, k, v, x, f, *(x for x in (w, t) if x is not None), s0)
+    )(q, k, v, x, f, *(() if w is None else (w,)), s0)
     return outs[0], outs[1], (outs[2:] if save_states else None)
 
 
@@ -506,22 +470,16 @@ def forward_gated(qg, kg, v, a, decays, s0, *, stages: int = 2, save_states: boo
     return o, s_final, (saved[0] if save_states else None)
 
 
-def forward_delta(q, k, w, uv, b, s0, seg=None, *, t=None, beta=None, stages: int = 2,
-                  save_states: bool, interpret: bool):  # fmt: skip
+def forward_delta(q, k, w, uv, b, s0, seg=None, *, stages: int = 2, save_states: bool,
+                  interpret: bool):  # fmt: skip
     """The gated delta rule (:mod:`kernels_pallas.gated_delta`): :func:`forward` with ``V``
     replaced per chunk by ``U = UV - W S``, from the UT transform's ``w = T (beta e^b K)``
     ``[batch, heads, len, dk]`` and ``uv = T (beta V)`` ``[batch, heads, len, dv]`` (input
     dtype, rows outside the incoming state's document zero in ``w``); ``b`` the chunk-local
     cumsum of the log-decays (``[batch, len, heads, 1]``), ``seg`` as :func:`forward`. With
-    ``t`` (the UT transform's ``T`` ``[batch, heads, chunks, C, C]``) and ``beta`` (``[batch,
-    heads, chunks, C]`` float32), ``uv`` is ``V`` itself (``[batch, len, heads, dv]``) and the state
-    warpgroup forms ``U = (T beta) V - W S`` in one accumulator, ``T``'s columns scaled in
-    registers: no ``T beta V`` through memory. With ``save_states`` the third output is ``(h,
-    U)``: also every chunk's ``U`` (``[batch, heads, len, dv]``, input dtype), what the
-    backward's value-tile kernel reads."""
+    ``save_states`` the third output is ``(h, U)``: also every chunk's ``U`` (``[batch, heads,
+    len, dv]``, input dtype), what the backward's value-tile kernel reads."""
     bsz, length, heads, dk = q.shape
     x, f = gate_factors(b, seg, (bsz, length, heads), dk)
-    if t is not None:
-        x = jnp.concatenate([x, beta[..., None, :]], axis=-2)
-    return _launch(q, k, uv, x, f, s0, w, t, mode="delta", stages=stages,
+    return _launch(q, k, uv, x, f, s0, w, mode="delta", stages=stages,
                    save_states=save_states, interpret=interpret)  # fmt: skip
