@@ -22,9 +22,9 @@ Drivers (one file per lowering and pass): ``backend="gpu"`` Pallas Triton (:mod:
 :mod:`.mosaic_tpu_bwd`; the Triton launch parameters: :mod:`.tuning`); all run in interpret
 mode on CPU. On Hopper, ``lowering="mosaic"`` runs Pallas Mosaic GPU kernels only: the UT
 transform and one fused pass that keeps the state on chip (:mod:`.mosaic_gpu_fwd`); the
-backward's W / scores kernel, a warp-specialized reverse state pass and the gradient kernel
-(:mod:`.mosaic_gpu_bwd`; Triton's W / scores and gradient kernels where the Mosaic GPU ones do
-not apply: float16, or ``dk``/``dv`` outside 64 and 128).
+backward's warp-specialized reverse state pass, which forms its operands itself, and the
+gradient kernel (:mod:`.mosaic_gpu_bwd`; Triton's whole backward where those do not apply:
+float16, or ``dk``/``dv`` outside 64 and 128).
 The float32 reference is :func:`arjax.ops.gated_delta_rule_reference` (the recurrence).
 """
 

@@ -11,7 +11,7 @@ publishes it with ``S``, its output warpgroup computes ``O = (Q g_read) S + (Q K
 decay_incl) U``, as :func:`._chunk.state_step` and :func:`._chunk.output`. Against the three
 Triton kernels this drops the state pass's store of ``U`` and every chunk's state and the
 output kernel's reads of them. The backward (:mod:`.mosaic_gpu_bwd`) starts from the states
-and the ``U`` this pass saves and ``T``.
+and the ``U`` this pass saves, ``T`` and (:func:`mosaic_backward`) ``W``.
 
 :func:`ut_transform`: one warpgroup per chunk (one CTA; 58 KiB of shared memory at ``dk = dv =
 128``, so three share an SM). It forms ``A = (K K^T) * exp(gam_t - gam_s) * beta_t`` (``s <
@@ -57,7 +57,8 @@ from kernels_pallas.linear_attention_scan import mosaic_gpu_fwd as fused
 CHUNK = fused.CHUNK
 # the operand dtype of the UT transform's doubling products: float16's 11-bit mantissa (as
 # TF32's, Triton's path) where bfloat16 has 8; T's entries stay far inside its range (|T| <= 1
-# for unit-norm keys and beta in (0, 1), seen in the tests)
+# seen for unit-norm keys and beta in (0, 1), random and near-collinear; one past 65504 would
+# give inf, not a quiet error)
 PRODUCT = jnp.float16
 
 
