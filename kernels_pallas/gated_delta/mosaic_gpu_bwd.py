@@ -18,7 +18,7 @@ e_end``, ``-(Q g_read)`` and the scores ``Q K^T * decay_incl`` in the slots of `
 the scores (one ``wgmma``, ahead of the state warpgroup); the state warpgroup runs the chain and
 copies ``dh`` and ``dU`` out of their two-slot buffers. Forming them there instead of in a
 kernel of their own (a W / scores kernel, parallel over chunks) saved that kernel, its writes
-and this pass's reads: fwd+bwd 1.10x / 1.05x faster on an H100
+and this pass's reads, measured faster on an H100
 (``experiments/results/bench_gated_delta_formed.md``). The operands are those of the Triton
 pass rounded the same way (bf16 ``wgmma`` operands, float32 accumulation); only the summation
 order inside the products differs.
@@ -29,7 +29,7 @@ The gradient kernel (:func:`gradients`): one CTA per chunk loads every operand o
 :func:`._chunk.finish_backward` as 16 ``wgmma`` products on two warpgroups, each with a chain of
 its own: the scores' (``dQ``, ``dscores``, ``dV``) and the one through ``W`` and the UT transform
 (``dK``), 5 groups on the longer chain (each waited for before the next) against 12 on one
-warpgroup, which took 2.1x as long on an H200 (``experiments/results/bench_gated_delta_wg2.md``).
+warpgroup, which was measured slower on an H200 (``experiments/results/bench_gated_delta_wg2.md``).
 The ``[C, C]`` intermediates that a product reads transposed or as its right operand
 (``dscores``, ``dL/dT``, ``dL/d(K K^T)``) are published in bf16; ``dQ`` and ``dV`` are staged in a
 buffer of their own and in ``dO``'s, ``dK`` in ``K``'s. The state carry's part of ``dL/dgam_last``
