@@ -161,8 +161,10 @@ def columns(x, i: int, interpret: bool):
 
 
 def load_acc(ref, interpret: bool):
-    """A float32 ``[64, n]`` block of shared memory as a wgmma accumulator."""
-    return ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+    """A ``[64, n]`` block of shared memory in registers in the wgmma accumulator layout, as
+    float32 (cast from the block's dtype)."""
+    x = ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+    return x.astype(jnp.float32)
 
 
 def zero_acc(shape, interpret: bool):

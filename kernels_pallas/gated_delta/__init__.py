@@ -226,9 +226,8 @@ def gated_delta_rule(
         q, k, v = (rearrange(x, "b l h d -> b h l d") for x in (q, k, v))
     docs = None if segment_ids is None else _documents(segment_ids, pad, c)
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state
-    cfg = Cfg(
-        backend, interpret, c, block_v, segment_ids is not None, q.dtype == F32, lowering, tuning
-    )
+    segments, exact = segment_ids is not None, q.dtype == F32
+    cfg = Cfg(backend, interpret, c, block_v, segments, exact, lowering, tuning)
     out, s_final = _core(q, k, v, beta, gam, s0, docs, cfg)
     if backend == "tpu":
         out = rearrange(out, "b h l d -> b l h d")

@@ -117,6 +117,8 @@ def _kernel(k_ref, q_ref, w_ref, do_ref, f_ref, fr_ref, fc_ref, dsf_ref, dh_ref,
     ``n_chunks - 1 - t``."""
     ke_ring, qs_ring, w_ring, do_ring, sc_ring, f_ring, s_pub, u_pub, sf_smem = smem[:9]
     fr_ring, fc_ring = smem[9:]
+    # one per ring fed by TMA, in the order of the producer's copies
+    k_ready, q_ready, w_ready, do_ready, f_ready, fr_ready, fc_ready = ready
     _, length, heads, dk = k_ref.shape
     tiles = do_ref.shape[-1] // BLOCK_V
     n_chunks = length // CHUNK
@@ -132,14 +134,13 @@ def _kernel(k_ref, q_ref, w_ref, do_ref, f_ref, fr_ref, fc_ref, dsf_ref, dh_ref,
     def form(slot) -> None:
         """The slot's ``K e_end``, ``-(Q g_read)`` and scores ``Q K^T * decay_incl`` from its
         raw ``K``, ``Q`` and factors, in place (bf16), then the slot is marked formed."""
-        for i in (0, 1, 5, 6):  # K, Q, the factors
-            plgpu.barrier_wait(ready[i].at[slot])
+        for bar in (k_ready, q_ready, fr_ready, fc_ready):
+            plgpu.barrier_wait(bar.at[slot])
         g = mosaic_gpu_fwd.Gates(fr_ring.at[slot], fc_ring.at[slot], interpret)
         k, q = wgmma_operands((ke_ring.at[slot], qs_ring.at[slot]), interpret)
         (sc,) = mma(((zero_acc((CHUNK, CHUNK), interpret), [(q, Transposed(k))]),), interpret)
-        tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731
-        ke = tile(ke_ring.at[slot]) * g.t("e_end", dk)
-        qs = -(tile(qs_ring.at[slot]) * g.t("g_read", dk))
+        ke = load_acc(ke_ring.at[slot], interpret) * g.t("e_end", dk)
+        qs = -(load_acc(qs_ring.at[slot], interpret) * g.t("g_read", dk))
         for ring, x in ((sc_ring, sc * g.decay(strict=False)), (ke_ring, ke), (qs_ring, qs)):
             ring.at[slot][...] = x.astype(DTYPE)
         plgpu.commit_smem()  # for the state warpgroup's wgmma, and TMA's next use of the slot
@@ -173,7 +174,7 @@ def _kernel(k_ref, q_ref, w_ref, do_ref, f_ref, fr_ref, fc_ref, dsf_ref, dh_ref,
                 s_pub.at[pub, pl.ds(i * ROWS, ROWS)][...] = part.astype(DTYPE)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(s_pub.at[pub], dh_ref.at[batch, head, n, :, cols])
-            for bar in (ready[2], ready[3], ready[4], formed):  # W, dO, the carries; formed
+            for bar in (w_ready, do_ready, f_ready, formed):
                 plgpu.barrier_wait(bar.at[slot])
             ke, qs, w, do, sc = wgmma_operands(
                 (ke_ring.at[slot], qs_ring.at[slot], w_ring.at[slot], do_ring.at[slot],
@@ -336,7 +337,7 @@ def _grad_kernel(q_ref, k_ref, v_ref, u_ref, do_ref, du_ref, t_ref, h_ref, dh_re
     )
     cc, ck, cv = (CHUNK, CHUNK), (CHUNK, dk), (CHUNK, dv)
     zero = lambda shape: zero_acc(shape, interpret)  # noqa: E731
-    tile = lambda ref: load_acc(ref, interpret).astype(F32)  # noqa: E731 (registers, float32)
+    tile = functools.partial(load_acc, interpret=interpret)  # registers, float32
     row_sum, col_sum = (lambda x: jnp.sum(x, axis=1)), (lambda x: jnp.sum(x, axis=0))  # noqa: E731
 
     @pl.when(wg == 0)
