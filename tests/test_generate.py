@@ -22,6 +22,7 @@ from arjax.generate.engine import Decoder, left_align
 from arjax.generate.lm import LMDecoder
 from arjax.models import MODELS, get_model_spec
 from arjax.models.linear_lm import LINEAR_MIXERS
+from arjax.nn import inputs_last
 from arjax.train.data import example_batch_for
 
 # multilingual + emoji, ragged (the empty prompt is BOS alone)
@@ -199,11 +200,8 @@ def test_left_align_values():
     np.testing.assert_array_equal(pos, [[0, 0, 1, 2], [0, 0, 0, 0]])
 
 
-@pytest.mark.parametrize("name", [*FAMILIES, "hat"])
-def test_weights_cast_once_before_the_loop_give_the_same_bits(name, monkeypatch):
-    """``Decoder.prepare`` casts the stacks' matrices to bfloat16 once: the bfloat16 model's
-    generated logits are bitwise those of casting at every use. Params get noise off the
-    bfloat16 grid (casting a norm scale too fails this)."""
+def _bf16_model_params(name: str):
+    """A tiny bfloat16 model of family ``name`` with params off the bfloat16 grid (noise)."""
     if name == "hat":
         spec = MODELS["hat"]
         model = spec.module_cls(replace_everywhere(spec.presets["tiny"], dtype="bfloat16"))
@@ -219,6 +217,15 @@ def test_weights_cast_once_before_the_loop_give_the_same_bits(name, monkeypatch)
     params = tree.unflatten(
         [x * (1 + 0.01 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys, strict=True)]
     )
+    return model, params
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "hat"])
+def test_weights_cast_once_before_the_loop_give_the_same_bits(name, monkeypatch):
+    """``Decoder.prepare`` casts the stacks' matrices to bfloat16 once: the bfloat16 model's
+    generated logits are bitwise those of casting at every use. Params get noise off the
+    bfloat16 grid (casting a norm scale too fails this)."""
+    model, params = _bf16_model_params(name)
     prompts = PROMPTS[:2]
     cast = generate(model, params, prompts, max_new_bytes=4, return_logits=True)
     monkeypatch.setattr(engine, "cast_weights", lambda p, dtype: p)
@@ -226,6 +233,49 @@ def test_weights_cast_once_before_the_loop_give_the_same_bits(name, monkeypatch)
     per_use = generate(model, params, prompts, max_new_bytes=4, return_logits=True)
     jax.clear_caches()
     np.testing.assert_array_equal(cast.logits, per_use.logits)
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "hat"])
+def test_kernels_stored_inputs_last_give_the_same_logits(name):
+    """``Decoder.inputs_last`` (the GPU default) only changes where the loop keeps the
+    kernels' bytes: the generated logits equal those of the modules' own layout (the CPU
+    default). A wrong inverse permutation hands the layers misshapen kernels and fails."""
+    model, params = _bf16_model_params(name)
+    decoder = decoder_for(model)
+    runs = [
+        generate(model, params, PROMPTS[:2], max_new_bytes=4, return_logits=True,
+                 decoder=dataclasses.replace(decoder, inputs_last=flag))
+        for flag in (True, False)
+    ]  # fmt: skip
+    assert runs[0].tokens == runs[1].tokens
+    np.testing.assert_allclose(runs[0].logits, runs[1].logits, rtol=0, atol=1e-6)
+
+
+def test_inputs_last_moves_projection_kernels_only():
+    """Attention and MLP kernels get their input axes last (two for an output projection),
+    and back with ``inverse``; norm scales, embeddings and other kernels are untouched."""
+    x = lambda *shape: jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)  # noqa: E731
+    params = {
+        "embedding": {"embedding": x(11, 4)},
+        "layers_0": {
+            "attn": {"q_proj": {"kernel": x(4, 2, 3)}, "o_proj": {"kernel": x(2, 3, 4)}},
+            "mlp": {"down_proj": {"kernel": x(5, 4)}},
+            "attn_norm": {"scale": x(4)},
+        },
+        "conv": {"kernel": x(3, 4)},
+    }
+    moved = inputs_last(params)
+    layer = moved["layers_0"]
+    np.testing.assert_array_equal(layer["attn"]["q_proj"]["kernel"],
+                                  jnp.transpose(x(4, 2, 3), (1, 2, 0)))  # fmt: skip
+    np.testing.assert_array_equal(layer["attn"]["o_proj"]["kernel"],
+                                  jnp.transpose(x(2, 3, 4), (2, 0, 1)))  # fmt: skip
+    np.testing.assert_array_equal(layer["mlp"]["down_proj"]["kernel"], x(5, 4).T)
+    for path in (("embedding", "embedding"), ("conv", "kernel")):
+        np.testing.assert_array_equal(moved[path[0]][path[1]], params[path[0]][path[1]])
+    np.testing.assert_array_equal(layer["attn_norm"]["scale"], x(4))
+    back = inputs_last(moved, inverse=True)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
 def test_registry_one_entry_per_family():

@@ -43,7 +43,7 @@ import numpy as np
 from arjax.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from arjax.generate.sampling import sample_token, validate_sampling
 from arjax.models.registry import spec_for_module
-from arjax.nn import cast_weights, unrolled
+from arjax.nn import cast_weights, inputs_last, unrolled
 
 
 def decoding_stack(config: Any, params: Any) -> Any:
@@ -58,6 +58,10 @@ class Decoder:
     are frozen dataclasses (hashable: they are static arguments of the jitted loop)."""
 
     model: Any
+    # The loop keeps attention and MLP kernels with their input axes last in memory
+    # (:func:`arjax.nn.inputs_last`). None: on GPU, where it was measured faster
+    # (experiments/results/bench_hat_decode_inputs_last.md); not measured on TPU.
+    inputs_last: bool | None = None
 
     @property
     def bos(self) -> int | None:
@@ -132,6 +136,23 @@ class Decoder:
         for key, field in self.cast_stacks.items():
             params[key] = cast_weights(params[key], self._stack_config(field).compute_dtype)
         return params
+
+    def store(self, params: Any) -> Any:
+        """:meth:`prepare`'s params as the loop carries them: with ``inputs_last``, kernels with
+        their input axes last (:func:`arjax.nn.inputs_last`), moved once before the loop."""
+        return inputs_last(params) if self._inputs_last else params
+
+    def load(self, params: Any) -> Any:
+        """:meth:`store`'s params as the modules read them, inside the loop body. The barrier
+        keeps XLA from undoing the move (it would hoist these transposes out of the loop and
+        cancel them with :meth:`store`'s); in the body they change the layout, not the bytes."""
+        if not self._inputs_last:
+            return params
+        return inputs_last(jax.lax.optimization_barrier(params), inverse=True)
+
+    @property
+    def _inputs_last(self) -> bool:
+        return jax.default_backend() == "gpu" if self.inputs_last is None else self.inputs_last
 
     def layout(self, tokens: np.ndarray, lengths: np.ndarray) -> Any:
         """Static (hashable) facts of the prompts that fix the prefill's shapes; runs on the
@@ -245,6 +266,7 @@ def _run(
     batch, width = tokens.shape
     params = decoder.prepare(params)
     logits, state, fed = decoder.prefill(params, tokens, lengths, layout=layout, max_new=max_new)
+    stored = decoder.store(params)
     rows = jnp.arange(batch)
     never = jnp.zeros((logits.shape[-1],), bool).at[jnp.asarray(decoder.never, jnp.int32)].set(True)
     ends = jnp.asarray(decoder.ends or (-1,), jnp.int32)
@@ -263,7 +285,7 @@ def _run(
     def cond(c: dict) -> jax.Array:
         return (c["i"] < decoder.max_steps(width, max_new)) & ~jnp.all(c["done"])
 
-    def draw(c: dict, feed) -> dict:
+    def draw(c: dict, feed, params: Any) -> dict:
         """Draw (or force) one token per row and ``feed`` it (``decoder.step``/``boundary``)."""
         logits = jnp.where(never, -jnp.inf, c["logits"].astype(jnp.float32))
         key = jax.random.fold_in(rng, c["i"])
@@ -294,13 +316,14 @@ def _run(
         return new
 
     def body(c: dict) -> dict:
+        params = decoder.load(stored)
         if decoder.period is None:
-            return draw(c, decoder.step)
+            return draw(c, decoder.step, params)
         heavy = {k: c["state"][k] for k in decoder.boundary_state}
         light = {k: v for k, v in c["state"].items() if k not in heavy}
-        inner = lambda _, c: draw(c, decoder.step)  # noqa: E731
+        inner = lambda _, c: draw(c, decoder.step, params)  # noqa: E731
         c = jax.lax.fori_loop(0, decoder.period - 1, inner, dict(c, state=light))
-        return draw(dict(c, state={**c["state"], **heavy}), decoder.boundary)
+        return draw(dict(c, state={**c["state"], **heavy}), decoder.boundary, params)
 
     final = jax.lax.while_loop(cond, body, carry)
     result = dict(out=final["out"], n=final["n"], steps=final["i"])

@@ -2,7 +2,14 @@
 
 from arjax.nn.layers import Attention, RMSNorm, RopeScaling, SwiGLU, apply_rope, rope_frequencies
 from arjax.nn.partitioning import constrain, logical
-from arjax.nn.transformer import Block, Transformer, TransformerConfig, cast_weights, unrolled
+from arjax.nn.transformer import (
+    Block,
+    Transformer,
+    TransformerConfig,
+    cast_weights,
+    inputs_last,
+    unrolled,
+)
 
 __all__ = [
     "Attention",
@@ -15,6 +22,7 @@ __all__ = [
     "apply_rope",
     "cast_weights",
     "constrain",
+    "inputs_last",
     "logical",
     "rope_frequencies",
     "unrolled",

@@ -198,6 +198,33 @@ def cast_weights(params: Any, dtype: Any) -> Any:
     return jax.tree.map(cast, params)
 
 
+# Input (contracted) axes of the kernels of Attention and SwiGLU, by module name: an output
+# projection's kernel is [heads, head_dim, embed], every other one [in, ...].
+PROJECTION_INPUT_AXES = {
+    "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
+    "down_proj": 1,
+}  # fmt: skip
+
+
+def inputs_last(params: Any, *, inverse: bool = False) -> Any:
+    """``params`` with every attention and MLP kernel (found by module name,
+    ``PROJECTION_INPUT_AXES``) holding its input (contracted) axes last; ``inverse``: back
+    first, the layout the layers read. Decoding keeps them so: at a few rows XLA turns
+    ``x @ W`` into a multiply and a sum over ``W``'s input axes, which it fuses into one kernel
+    when those axes are minor in memory, and otherwise writes the weight-sized product out and
+    sums it in a second kernel. Other leaves are returned as is."""
+
+    def move(path: tuple, x: jax.Array) -> jax.Array:
+        *_, module, leaf = (None, None, *(getattr(k, "key", None) for k in path))
+        n = PROJECTION_INPUT_AXES.get(module) if leaf == "kernel" else None
+        if n is None:
+            return x
+        n = x.ndim - n if inverse else n
+        return jnp.transpose(x, (*range(n, x.ndim), *range(n)))
+
+    return jax.tree_util.tree_map_with_path(move, params)
+
+
 def unrolled(config: TransformerConfig, params: Any) -> tuple[TransformerConfig, Any]:
     """A scanned stack's config and params as the equivalent unrolled stack.
 
