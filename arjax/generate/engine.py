@@ -85,7 +85,8 @@ class Decoder:
 
     # Layer stacks that decode unrolled: params key -> config field ("" = the config itself).
     stacks: ClassVar[dict[str, str]] = {}
-    # Other unrolled stacks whose matrices are cast like the stacks': params key -> field.
+    # Other params whose matrices are cast like the stacks' (to the compute dtype of the stack
+    # they run with): params key -> that stack's config field.
     cast_stacks: ClassVar[dict[str, str]] = {}
     # State entries only `boundary` reads and writes (module doc).
     boundary_state: ClassVar[tuple[str, ...]] = ()

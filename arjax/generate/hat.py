@@ -215,7 +215,9 @@ class HATDecoder(Decoder):
         return tuple(sorted({*other, *super().ends}))
 
     stacks: ClassVar[dict[str, str]] = {"encoder": "encoder", "backbone": "backbone"}
-    cast_stacks: ClassVar[dict[str, str]] = {"decoder": "decoder"}
+    cast_stacks: ClassVar[dict[str, str]] = {
+        "decoder": "decoder", "encoder_connector": "encoder", "lm_head": "decoder"
+    }  # fmt: skip
 
     def ring_len(self, width: int, max_new: int) -> int:
         """Byte cache slots: the windows plus a word's bytes (that may be re-decoded), or the
