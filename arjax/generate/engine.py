@@ -26,7 +26,9 @@ by its :class:`arjax.models.registry.ModelSpec`):
 top-p; :mod:`arjax.generate.sampling`) until every row has hit EOS, a stop string or
 ``max_new_bytes``: no host round trip per token. Special ids (PAD, BOS) are never drawn; EOS
 ends a row and is not part of its text. The draws of loop iteration ``i`` use the key
-``fold_in(rng, i)``.
+``fold_in(rng, i)``. The loop carries the params as :meth:`Decoder.store` lays them out (on GPU
+the attention and MLP kernels with their input axes last) and its body reads them through
+:meth:`Decoder.load`; ``prefill`` and ``step`` always see the layout the modules read.
 """
 
 from __future__ import annotations
