@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas._hopper import (
+    ROWS,
     SMEM_BYTES,
     WGMMA_TRANSFORMS,
     Transposed,
@@ -185,20 +186,26 @@ class Gates:
         return jnp.where(keep, jnp.exp(jnp.where(keep, self.t("gam") - self.s("gam"), 0.0)), 0.0)
 
 
-def _ut_kernel(k_ref, fr_ref, fc_ref, tk_ref, tb_ref, *refs, save_t: bool, save_w: bool,
+def _value_blocks(dv: int) -> int:
+    """Columns per ``UV`` product: 128 where they divide ``dv``, else 64."""
+    return 128 if dv % 128 == 0 else ROWS
+
+
+def _ut_kernel(k_ref, v_ref, fr_ref, fc_ref, w_ref, uv_ref, *refs, save_t: bool,
                interpret: bool):  # fmt: skip
     """One CTA (one warpgroup) per chunk, program id ``p = (batch * heads + head) * chunks +
     chunk`` (module doc)."""
-    n_out = save_t + save_w  # save_w implies save_t
-    t_ref, w_ref = refs[0] if save_t else None, refs[1] if save_w else None
-    (k_smem, x_pub, t_pub, tk_smem, tb_smem, t_out, fr_smem, fc_smem), ready = refs[n_out:]
+    t_ref = refs[0] if save_t else None
+    (k_smem, v_smem, x_pub, t_pub, t_out, fr_smem, fc_smem), ready = refs[save_t:]
     _, length, heads, dk = k_ref.shape
-    dtype = k_ref.dtype
+    dv, dtype = v_ref.shape[-1], k_ref.dtype
     batch, head, n, rows = chunk_program(heads, length)
     wait = load_chunk(
-        {"k": (k_ref.at[batch, rows, head], k_smem)}, (fr_ref, fc_ref, fr_smem, fc_smem), ready
+        {"k": (k_ref.at[batch, rows, head], k_smem), "v": (v_ref.at[batch, rows, head], v_smem)},
+        (fr_ref, fc_ref, fr_smem, fc_smem),
+        ready,
     )
-    wait("rows", "cols", "k")
+    wait("rows", "cols", "k")  # V's load goes on under the inverse
     shape = (CHUNK, CHUNK)
     g = Gates(fr_smem, fc_smem, interpret)
     (k,) = wgmma_operands((k_smem,), interpret)
@@ -220,81 +227,83 @@ def _ut_kernel(k_ref, fr_ref, fc_ref, tk_ref, tb_ref, *refs, save_t: bool, save_
         plgpu.commit_smem()
         t = t - product(product(t, x_pub), t_pub)
         size *= 2
-    tk = (t * g.s("kg_scale")).astype(dtype)
-    tk_smem[...] = tk
-    tb_smem[...] = (t * g.s("beta")).astype(dtype)
-    if save_w:  # W = (T kg_scale) K; K's last read is done: its buffer stages W
-        (w,) = mma(((zero_acc((CHUNK, dk), interpret), [(tk, k)]),), interpret)
-        k_smem[...] = w.astype(dtype)
+    wait("v")
+    (v,) = wgmma_operands((v_smem,), interpret)
+    (w,) = mma(((zero_acc((CHUNK, dk), interpret), [((t * g.s("kg_scale")).astype(dtype), k)]),),
+               interpret)  # fmt: skip
+    k_smem[...] = w.astype(dtype)  # K's last read is done: its buffer stages W
+    tv, vb = (t * g.s("beta")).astype(dtype), _value_blocks(dv)
+    for j in range(dv // vb):
+        cols = pl.ds(j * vb, vb)
+        v_j = v[:, j * vb : (j + 1) * vb] if interpret else v.at[:, cols]
+        (uv,) = mma(((zero_acc((CHUNK, vb), interpret), [(tv, v_j)]),), interpret)
+        v_smem.at[:, cols][...] = uv.astype(dtype)
     if save_t:
         t_out[...] = t.astype(t_out.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(tk_smem, tk_ref.at[batch, head, n])
-    plgpu.copy_smem_to_gmem(tb_smem, tb_ref.at[batch, head, n])
+    plgpu.copy_smem_to_gmem(k_smem, w_ref.at[batch, head, rows])
+    plgpu.copy_smem_to_gmem(v_smem, uv_ref.at[batch, head, rows])
     if save_t:
         plgpu.copy_smem_to_gmem(t_out, t_ref.at[batch, head, n])
-    if save_w:
-        plgpu.copy_smem_to_gmem(k_smem, w_ref.at[batch, head, rows])
     plgpu.wait_smem_to_gmem(0)
 
 
-def ut_scratch(dtype, store, dk: int) -> tuple:
-    """``K`` (then ``W``), the doubling's masked ``A`` and ``T`` published in
-    :data:`PRODUCT`, the staging of ``T kg_scale`` and ``T beta`` (input dtype) and of ``T``
-    (``store``), the factors; one barrier per load."""
+def ut_scratch(dtype, store, dk: int, dv: int) -> tuple:
+    """``K`` (then ``W``), ``V`` (then ``UV``), the doubling's masked ``A`` and ``T`` published
+    in :data:`PRODUCT`, ``T``'s staging in ``store``, the factors; one barrier per load."""
     mat = lambda *shape, dt=dtype: plgpu.SMEM(shape, dt, transforms=WGMMA_TRANSFORMS)  # noqa: E731
     return (
         (
             mat(CHUNK, dk),
+            mat(CHUNK, dv),
             *(mat(CHUNK, CHUNK, dt=PRODUCT) for _ in range(2)),
-            mat(CHUNK, CHUNK),
-            mat(CHUNK, CHUNK),
             mat(CHUNK, CHUNK, dt=store),
             plgpu.SMEM((6, CHUNK), F32),
             plgpu.SMEM((4, CHUNK), F32),
         ),
-        plgpu.Barrier(num_barriers=3),
+        plgpu.Barrier(num_barriers=4),
     )
 
 
-def ut_transform(inputs: dict, cfg: Cfg, *, save_t: bool, save_w: bool = False) -> tuple:
-    """The UT transform in Pallas Mosaic GPU (module doc): ``(T kg_scale, T beta)`` ``[batch,
-    heads, chunks, C, C]`` in the input dtype, what :func:`.fused.forward_delta` forms ``W``
-    and ``T beta V`` from; with ``save_t`` also ``T`` (same shape, :attr:`Cfg.store`) and, with
-    ``save_w``, ``W = (T kg_scale) K`` ``[batch, heads, len, dk]`` (input dtype) for the
-    backward (else None each)."""
-    k = inputs["k"]
+def ut_transform(inputs: dict, cfg: Cfg, *, save_t: bool):
+    """:func:`.triton_fwd.prepare` in Pallas Mosaic GPU (module doc): ``(W [batch, heads,
+    len, dk], UV [batch, heads, len, dv])`` in the input dtype and, with ``save_t``, ``T
+    [batch, heads, chunks, C, C]`` in :attr:`Cfg.store` (else None)."""
+    k, v = inputs["k"], inputs["v"]
     bsz, length, heads, dk = k.shape
+    dv = v.shape[-1]
     n_chunks = length // CHUNK
-    per_chunk_t = lambda dt: jax.ShapeDtypeStruct((bsz, heads, n_chunks, CHUNK, CHUNK), dt)  # noqa: E731
-    out_type = [per_chunk_t(k.dtype), per_chunk_t(k.dtype)]
+    out_type = [
+        jax.ShapeDtypeStruct((bsz, heads, length, dk), k.dtype),
+        jax.ShapeDtypeStruct((bsz, heads, length, dv), k.dtype),
+    ]
     if save_t:
-        out_type.append(per_chunk_t(cfg.store))
-        if save_w:
-            out_type.append(jax.ShapeDtypeStruct((bsz, heads, length, dk), k.dtype))
+        out_type.append(jax.ShapeDtypeStruct((bsz, heads, n_chunks, CHUNK, CHUNK), cfg.store))
     outs = per_chunk(
-        functools.partial(_ut_kernel, save_t=save_t, save_w=save_t and save_w),
-        tuple(out_type), ut_scratch(k.dtype, cfg.store, dk), bsz * heads * n_chunks,
-        cfg.interpret, f"gated delta mosaic UT transform (dk={dk})", "gated_delta_ut",
-    )(k, *factors(inputs, cfg))  # fmt: skip
-    return (*outs, None, None)[:4]
+        functools.partial(_ut_kernel, save_t=save_t), tuple(out_type),
+        ut_scratch(k.dtype, cfg.store, dk, dv), bsz * heads * n_chunks, cfg.interpret,
+        f"gated delta mosaic UT transform (dk={dk}, dv={dv})", "gated_delta_ut",
+    )(k, v, *factors(inputs, cfg))  # fmt: skip
+    return outs[0], outs[1], (outs[2] if save_t else None)
 
 
 def forward(inputs: dict, s0: jax.Array, cfg: Cfg, *, save_states: bool):
     """``(o, s_final, res)`` as :func:`.triton_fwd.forward` (same operands by name)."""
-    # W too where the Mosaic GPU backward's state pass reads it
-    keep_w = save_states and mosaic_backward(inputs["q"], inputs["v"])
-    tk, tb, t_mat, w = ut_transform(inputs, cfg, save_t=save_states, save_w=keep_w)
+    dtype = inputs["q"].dtype
+    w, uv, t_mat = ut_transform(inputs, cfg, save_t=save_states)
+    w, uv = w.astype(dtype), uv.astype(dtype)
     b = rearrange(inputs["gam_c"], "b h l 1 -> b l h 1")
     seg = None
     if cfg.segments:  # document index of each token and of its predecessor
         r = inputs["doc_c"]
         seg = (r, jnp.concatenate([r[:, :1], r[:, :-1]], axis=1))
     o, s_final, saved = fused.forward_delta(
-        inputs["q"], inputs["k"], inputs["v"], tk, tb, b, s0, seg, save_states=save_states,
+        inputs["q"], inputs["k"], w, uv, b, s0, seg, save_states=save_states,
         interpret=cfg.interpret,
     )  # fmt: skip
     if not save_states:
         return o, s_final, None
     h, u = (x.astype(cfg.store) for x in saved)
+    # W too where the Mosaic GPU backward's state pass reads it
+    keep_w = mosaic_backward(inputs["q"], inputs["v"])
     return o, s_final, (h, t_mat, u, *((w,) if keep_w else ()))

@@ -161,15 +161,13 @@ def diagonal_update(mode: str) -> bool:
     return mode == "delta" or (mode == "decay" and not REGISTER_UPDATE)
 
 
-def scratch_types(dtype, dk: int, stages: int, mode: str = "decay", *, interpret: bool) -> tuple:
+def scratch_types(dtype, dk: int, stages: int, mode: str = "decay") -> tuple:
     """For ``mode`` "decay" (no or scalar decay), "gla" or "delta" (the gated delta rule):
-    rings of Q, K, V tiles (``delta``: ``V`` then ``T beta V``) and gate factors (``gla``: of
-    the scores ``A`` and the state rows' decays), ``delta``'s rings of ``T kg_scale``, ``T
-    beta`` and the formed ``W``; the published states (input dtype, two slots: ``Q S``'s
-    operand) sharing their memory with the float32 initial / final state's staging (a
-    ``RefUnion``, except interpreted: jax 0.10's interpreter does not take one),
-    ``exp(B - b) * V`` (``delta``: ``* U``) if :func:`diagonal_update`, ``delta``'s published
-    ``U`` (two slots), two output tiles; barriers (module doc)."""
+    rings of Q, K, V tiles (``delta``: of ``T beta V``, plus a ring of ``W``) and gate factors
+    (``gla``: of the scores ``A`` and the state rows' decays); the published states (input
+    dtype, two slots: ``Q S``'s operand), ``exp(B - b) * V`` (``delta``: ``* U``) if
+    :func:`diagonal_update`, ``delta``'s published ``U`` (two slots), two output tiles and the
+    float32 initial / final state's staging; barriers (module doc)."""
     mat = lambda *shape: plgpu.SMEM(shape, dtype, transforms=WGMMA_TRANSFORMS)  # noqa: E731
     if mode == "gla":
         x_ring = mat(stages, CHUNK, CHUNK)  # the scores A, a wgmma operand
@@ -178,27 +176,21 @@ def scratch_types(dtype, dk: int, stages: int, mode: str = "decay", *, interpret
         x_ring = plgpu.SMEM((stages, 3, CHUNK), jnp.float32)  # factors (columns)
         f_ring = plgpu.SMEM((stages, 4 + dk // CHUNK, CHUNK), jnp.float32)  # factors (rows)
     delta = mode == "delta"
-    states = (
-        mat(2, dk, BLOCK_V),  # S entering chunk n, in slot n % 2
-        plgpu.SMEM((dk, BLOCK_V), jnp.float32, transforms=F32_TRANSFORMS),  # initial, final S
-    )
     return (
         (
             mat(stages, CHUNK, dk),  # Q ring
             mat(stages, CHUNK, dk),  # K ring
-            mat(stages, CHUNK, BLOCK_V),  # V ring (delta: V, then T beta V)
+            mat(stages, CHUNK, BLOCK_V),  # V ring (delta: T beta V)
             x_ring,
             f_ring,
-            # delta: rings of T kg_scale, T beta and W = (T kg_scale) K
-            *((mat(stages, CHUNK, CHUNK),) * 2 + (mat(stages, CHUNK, dk),) if delta else ()),
-            states if interpret else plgpu.RefUnion(*states),
+            *((mat(stages, CHUNK, dk),) if delta else ()),  # W ring
+            mat(2, dk, BLOCK_V),  # S entering chunk n, in slot n % 2
             *((mat(CHUNK, BLOCK_V),) if diagonal_update(mode) else ()),  # exp(B - b) * V (U)
             *((mat(2, CHUNK, BLOCK_V),) if delta else ()),  # U of chunk n, in slot n % 2
             mat(2, CHUNK, BLOCK_V),  # O of chunk n, in slot n % 2
+            plgpu.SMEM((dk, BLOCK_V), jnp.float32, transforms=F32_TRANSFORMS),  # initial, final S
         ),
-        # ready: per ring fed by TMA (Q, K, V, the factors; delta: T kg_scale, T beta), and
-        # delta's slot formed (W, T beta V)
-        tuple(plgpu.Barrier(num_barriers=stages) for _ in range(8 if delta else 5)),
+        tuple(plgpu.Barrier(num_barriers=stages) for _ in range(6 if delta else 5)),  # ready
         plgpu.Barrier(),  # initial S ready
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # slot consumed by both consumers
         plgpu.Barrier(num_barriers=2),  # S (delta: and U) published
@@ -247,21 +239,20 @@ def store_state(parts: tuple, staging, dst) -> None:
 
 def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interpret):
     """One CTA per (batch, head, value tile), program id ``p = (batch * heads + head) * tiles
-    + tile``; warpgroup 2 produces (``delta``: and forms ``W`` and ``T beta V``), 1 carries the
-    state, 0 writes the outputs (module doc). ``x_ref``: the gate's column factors, or
-    (``gla``) the scores ``A``; ``delta``: ``T kg_scale`` and ``T beta`` follow ``f_ref``."""
+    + tile``; warpgroup 2 produces, 1 carries the state, 0 writes the outputs (module doc).
+    ``x_ref``: the gate's column factors, or (``gla``) the scores ``A``; ``delta``: ``v_ref``
+    holds ``T beta V`` and ``W`` follows ``f_ref``."""
     gla, delta, diagonal = mode == "gla", mode == "delta", diagonal_update(mode)
-    tk_ref, tb_ref, s0_ref, o_ref, sf_ref, *refs = refs if delta else (None, None, *refs)
+    w_ref, s0_ref, o_ref, sf_ref, *refs = refs if delta else (None, *refs)
     saved = (1 + delta) if save else 0  # outputs h (and, delta, U) for the backward
     h_ref, u_out = (*refs[:saved], None, None)[:2]
     smem, ready, s0_ready, free, s_ready, s_free = refs[saved:]
     q_ring, k_ring, v_ring, x_ring, f_ring, *rest = smem
-    tk_ring, tb_ring, w_ring = (rest.pop(0) for _ in range(3)) if delta else (None,) * 3
-    (s_pub, sf_smem), *rest = rest
+    w_ring = rest.pop(0) if delta else None
+    s_pub, *rest = rest
     vw_smem = rest.pop(0) if diagonal else None
-    u_pub, o_smem = rest if delta else (None, *rest)
-    q_ready, k_ready, v_ready, x_ready, f_ready, *delta_ready = ready
-    tk_ready, tb_ready, formed = delta_ready if delta else (None,) * 3
+    u_pub, o_smem, sf_smem = rest if delta else (None, *rest)
+    q_ready, k_ready, v_ready, x_ready, f_ready, *w_ready = ready
     _, length, heads, dk = q_ref.shape
     tiles = v_ref.shape[-1] // BLOCK_V
     n_chunks = length // CHUNK
@@ -274,39 +265,23 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
     shape_cc, shape_cv = (CHUNK, CHUNK), (CHUNK, BLOCK_V)
     bcast = lambda x, shape, dim: lax.broadcast_in_dim(x, shape, (dim,))  # noqa: E731
 
-    wg = lax.axis_index("wg")
+    def v_at(t):  # the value tile's rows t (delta: of T beta V, head-major)
+        return v_ref.at[batch, head, t, cols] if delta else v_ref.at[batch, t, head, cols]
 
-    def form(slot) -> None:
-        """``delta``: the slot's ``W = (T kg_scale) K`` (into the ``W`` ring) and ``T beta V``
-        (over ``V``, in place), then the slot is marked formed."""
-        for bar in (k_ready, v_ready, tk_ready, tb_ready):
-            plgpu.barrier_wait(bar.at[slot])
-        k, v, tk, tb = wgmma_operands(
-            (k_ring.at[slot], v_ring.at[slot], tk_ring.at[slot], tb_ring.at[slot]), interpret
-        )
-        w, uv = mma(((zero_acc((CHUNK, dk), interpret), [(tk, k)]),
-                     (zero_acc(shape_cv, interpret), [(tb, v)])), interpret)  # fmt: skip
-        w_ring.at[slot][...] = w.astype(dtype)
-        v_ring.at[slot][...] = uv.astype(dtype)
-        plgpu.commit_smem()  # for the state warpgroup's wgmma, and TMA's next use of the slot
-        plgpu.barrier_arrive(formed.at[slot])
+    wg = lax.axis_index("wg")
 
     @pl.when(wg == 2)
     def _producer():
         def load(n, slot):
             t = rows(n)
-            copies = [(q_ref.at[batch, t, head], q_ring, q_ready),
-                      (k_ref.at[batch, t, head], k_ring, k_ready),
-                      (v_ref.at[batch, t, head, cols], v_ring, v_ready),
-                      (x_ref.at[batch, head, n], x_ring, x_ready),
-                      (f_ref.at[batch, head, n], f_ring, f_ready)]  # fmt: skip
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, t, head], q_ring.at[slot], q_ready.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[batch, t, head], k_ring.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_at(t), v_ring.at[slot], v_ready.at[slot])
+            for ref, ring, bar in ((x_ref, x_ring, x_ready), (f_ref, f_ring, f_ready)):
+                plgpu.copy_gmem_to_smem(ref.at[batch, head, n], ring.at[slot], bar.at[slot])
             if delta:
-                copies += [(tk_ref.at[batch, head, n], tk_ring, tk_ready),
-                           (tb_ref.at[batch, head, n], tb_ring, tb_ready)]  # fmt: skip
-            for src, ring, bar in copies:
-                plgpu.copy_gmem_to_smem(src, ring.at[slot], bar.at[slot])
-            if delta:
-                form(slot)
+                plgpu.copy_gmem_to_smem(w_ref.at[batch, head, t], w_ring.at[slot],
+                                        w_ready[0].at[slot])  # fmt: skip
 
         produce(load, n_chunks, stages, free)
 
@@ -332,8 +307,7 @@ def _kernel(q_ref, k_ref, v_ref, x_ref, f_ref, *refs, stages, save, mode, interp
             if save:
                 plgpu.copy_smem_to_gmem(s_pub.at[pub], h_ref.at[batch, head, n, :, cols])
             registers = not (gla or diagonal)  # the update's left operand K^T w in registers
-            loads = (formed,) if delta else (v_ready, *((x_ready,) if registers else ()))
-            for bar in (k_ready, f_ready, *loads):
+            for bar in (k_ready, v_ready, f_ready, *w_ready, *((x_ready,) if registers else ())):
                 plgpu.barrier_wait(bar.at[slot])
             k, v = wgmma_operands((k_ring.at[slot], v_ring.at[slot]), interpret)
             kt = [Transposed(columns(k, i, interpret)) for i in range(halves)]  # K^T, 64 rows each
@@ -440,14 +414,12 @@ def state_decays(b, seg) -> jax.Array:
     return rearrange(carry, "b n h (i c) -> b h n i c", c=CHUNK)
 
 
-def _launch(q, k, v, x, f, s0, ut=(), *, mode: str, stages: int, save_states: bool,
+def _launch(q, k, v, x, f, s0, w=None, *, mode: str, stages: int, save_states: bool,
             interpret: bool):  # fmt: skip
     bsz, length, heads, dk = q.shape
     dv = v.shape[-1]
-    scratch = scratch_types(q.dtype, dk, stages, mode, interpret=interpret)
-    # the GPU's footprint (with its RefUnion), also when interpreted
-    need = smem_footprint(scratch_types(q.dtype, dk, stages, mode, interpret=False))
-    if need > SMEM_BYTES:
+    scratch = scratch_types(q.dtype, dk, stages, mode)
+    if (need := smem_footprint(scratch)) > SMEM_BYTES:
         raise ValueError(f"linear-attention mosaic forward: stages={stages} needs {need} B of "
                          f"shared memory > {SMEM_BYTES}")  # fmt: skip
     out_type = [
@@ -468,7 +440,7 @@ def _launch(q, k, v, x, f, s0, ut=(), *, mode: str, stages: int, save_states: bo
         thread_name="wg",
         kernel_name=f"scan_fwd_{mode}",
         interpret=interpret_params() if interpret else None,
-    )(q, k, v, x, f, *ut, s0)
+    )(q, k, v, x, f, *(() if w is None else (w,)), s0)
     return outs[0], outs[1], (outs[2:] if save_states else None)
 
 
@@ -498,17 +470,16 @@ def forward_gated(qg, kg, v, a, decays, s0, *, stages: int = 2, save_states: boo
     return o, s_final, (saved[0] if save_states else None)
 
 
-def forward_delta(q, k, v, tk, tb, b, s0, seg=None, *, stages: int = 2, save_states: bool,
+def forward_delta(q, k, w, uv, b, s0, seg=None, *, stages: int = 2, save_states: bool,
                   interpret: bool):  # fmt: skip
     """The gated delta rule (:mod:`kernels_pallas.gated_delta`): :func:`forward` with ``V``
-    replaced per chunk by ``U = T beta V - W S``, ``W = T kg_scale K``, from the UT transform's
-    ``tk = T kg_scale`` and ``tb = T beta`` (``T``'s columns scaled by ``kg_scale = beta e^b``,
-    0 outside the incoming state's document, and by ``beta``; ``[batch, heads, chunks, C, C]``
-    in the input dtype); ``b`` the chunk-local cumsum of the log-decays (``[batch, len, heads,
-    1]``), ``seg`` as :func:`forward`. With ``save_states`` the third output is ``(h, U)``:
-    also every chunk's ``U`` (``[batch, heads, len, dv]``, input dtype), what the backward's
-    value-tile kernel reads."""
+    replaced per chunk by ``U = UV - W S``, from the UT transform's ``w = T (beta e^b K)``
+    ``[batch, heads, len, dk]`` and ``uv = T (beta V)`` ``[batch, heads, len, dv]`` (input
+    dtype, rows outside the incoming state's document zero in ``w``); ``b`` the chunk-local
+    cumsum of the log-decays (``[batch, len, heads, 1]``), ``seg`` as :func:`forward`. With
+    ``save_states`` the third output is ``(h, U)``: also every chunk's ``U`` (``[batch, heads,
+    len, dv]``, input dtype), what the backward's value-tile kernel reads."""
     bsz, length, heads, dk = q.shape
     x, f = gate_factors(b, seg, (bsz, length, heads), dk)
-    return _launch(q, k, v, x, f, s0, (tk, tb), mode="delta", stages=stages,
+    return _launch(q, k, uv, x, f, s0, w, mode="delta", stages=stages,
                    save_states=save_states, interpret=interpret)  # fmt: skip
