@@ -156,6 +156,7 @@ def step_times(name: str, model, params, prompts: np.ndarray, repeats: int) -> d
     _, state, _ = jax.jit(lambda p: decoder.prefill(p, tokens, lengths, layout=layout, max_new=64))(
         p
     )
+    p = jax.jit(decoder.store)(p)  # the step's params: in the loop's layout, as the engine's
     byte = tokens[:, 1]
     active = jnp.ones_like(lengths, bool)
     if name == "transformer":
@@ -166,7 +167,8 @@ def step_times(name: str, model, params, prompts: np.ndarray, repeats: int) -> d
 
         def byte_path(p, s):
             act = decoder.decoding_model.apply(
-                {"params": p, "cache": s["cache"]}, byte[:, None], jnp.zeros_like(byte)[:, None],
+                {"params": decoder.load(p), "cache": s["cache"]}, byte[:, None],
+                jnp.zeros_like(byte)[:, None],
                 mode="decode", cache_index=jnp.int32(0), kv_visible=jnp.ones(
                     (byte.shape[0], jax.tree.leaves(s["cache"]["encoder"])[0].shape[1]), bool),
                 method="encode", mutable=["cache"],

@@ -53,9 +53,11 @@ def decode_step_seconds(name: str, preset: str, context: int, batch: int, repeat
         state["slot"] = jnp.int32(context - 1)
     active = jnp.ones((batch,), bool)
 
+    stored = decoder.store(params)  # the step's params: in the loop's layout
+
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state):
-        logits, new = decoder.step(params, state, tok[:, 0], active)
+        logits, new = decoder.step(stored, state, tok[:, 0], active)
         fixed = {k: state[k] for k in ("slot", "position") if k in state}  # stay at the end
         return {**new, **fixed}, logits
 

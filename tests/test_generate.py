@@ -252,8 +252,9 @@ def test_kernels_stored_inputs_last_give_the_same_logits(name):
 
 
 def test_inputs_last_moves_projection_kernels_only():
-    """Attention and MLP kernels get their input axes last (two for an output projection),
-    and back with ``inverse``; norm scales, embeddings and other kernels are untouched."""
+    """Attention and MLP kernels and LM heads get their input axes last (two for an output
+    projection), and back with ``inverse``; norm scales, embeddings and other kernels are
+    untouched."""
     x = lambda *shape: jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)  # noqa: E731
     params = {
         "embedding": {"embedding": x(11, 4)},
@@ -263,6 +264,7 @@ def test_inputs_last_moves_projection_kernels_only():
             "attn_norm": {"scale": x(4)},
         },
         "conv": {"kernel": x(3, 4)},
+        "lm_head": {"kernel": x(4, 7)},
     }
     moved = inputs_last(params)
     layer = moved["layers_0"]
@@ -271,6 +273,7 @@ def test_inputs_last_moves_projection_kernels_only():
     np.testing.assert_array_equal(layer["attn"]["o_proj"]["kernel"],
                                   jnp.transpose(x(2, 3, 4), (2, 0, 1)))  # fmt: skip
     np.testing.assert_array_equal(layer["mlp"]["down_proj"]["kernel"], x(5, 4).T)
+    np.testing.assert_array_equal(moved["lm_head"]["kernel"], x(4, 7).T)
     for path in (("embedding", "embedding"), ("conv", "kernel")):
         np.testing.assert_array_equal(moved[path[0]][path[1]], params[path[0]][path[1]])
     np.testing.assert_array_equal(layer["attn_norm"]["scale"], x(4))

@@ -111,6 +111,7 @@ class BlockDecoder(Decoder):
     def step(self, params, state, tokens, active):
         """Token ``k < L_B - 1`` of the block: one token-decoder step."""
         del active  # all rows share block boundaries, so finished rows decode on
+        params = self.load(params)
         k = state["k"]
         logits, tvar = self._apply(
             {"params": params, "cache": state["token_cache"]}, state["ctx"], tokens,
@@ -122,6 +123,7 @@ class BlockDecoder(Decoder):
     def boundary(self, params, state, tokens, active):
         """The block's last token: block-decoder step, then the next block's token prefill."""
         del active
+        params = self.load(params)
         block = state["block"].at[:, -1].set(tokens)
         cache_len = jax.tree.leaves(state["block_cache"])[0].shape[1]
         ctx, bvar = self._apply(

@@ -11,7 +11,9 @@ by its :class:`arjax.models.registry.ModelSpec`):
   ``layout`` is the family's static view of the prompts (``Decoder.layout``, on the host);
 - ``step(params, state, tokens, active) -> (logits, state)``: feeds one token per row
   (``active`` ``[batch]`` marks rows whose token is real: not finished) and returns the
-  logits of the next;
+  logits of the next; ``params`` come in the loop's layout (:meth:`Decoder.store`), which
+  ``step`` reads through :meth:`Decoder.load` in each region (loop body, conditional branch)
+  that uses them;
 - a decoder may hold rows back (HAT, while a row's finished word waits for the backbone):
   ``ready(state)`` ``[batch]`` marks the rows whose logits are valid; the others draw and feed
   nothing at that iteration (``active`` is False for them), and ``max_steps`` bounds the
@@ -27,8 +29,8 @@ top-p; :mod:`arjax.generate.sampling`) until every row has hit EOS, a stop strin
 ``max_new_bytes``: no host round trip per token. Special ids (PAD, BOS) are never drawn; EOS
 ends a row and is not part of its text. The draws of loop iteration ``i`` use the key
 ``fold_in(rng, i)``. The loop carries the params as :meth:`Decoder.store` lays them out (on GPU
-the attention and MLP kernels with their input axes last) and its body reads them through
-:meth:`Decoder.load`; ``prefill`` and ``step`` always see the layout the modules read.
+the attention and MLP kernels with their input axes last) and hands them so to ``step`` and
+``boundary``; ``prefill`` sees the layout the modules read.
 """
 
 from __future__ import annotations
@@ -146,9 +148,12 @@ class Decoder:
         return inputs_last(params) if self._inputs_last else params
 
     def load(self, params: Any) -> Any:
-        """:meth:`store`'s params as the modules read them, inside the loop body. The barrier
-        keeps XLA from undoing the move (it would hoist these transposes out of the loop and
-        cancel them with :meth:`store`'s); in the body they change the layout, not the bytes."""
+        """:meth:`store`'s params as the modules read them, called inside the region (loop
+        body, conditional branch) that reads them: a region is handed the stored params, since
+        XLA lays out whatever enters a conditional or a loop in the layout the modules read,
+        and so lays the loop's copy out that way too. The barrier keeps XLA from undoing the
+        move (it would hoist these transposes out of the loop and cancel them with
+        :meth:`store`'s); in a region they change the layout, not the bytes."""
         if not self._inputs_last:
             return params
         return inputs_last(jax.lax.optimization_barrier(params), inverse=True)
@@ -319,14 +324,13 @@ def _run(
         return new
 
     def body(c: dict) -> dict:
-        params = decoder.load(stored)
         if decoder.period is None:
-            return draw(c, decoder.step, params)
+            return draw(c, decoder.step, stored)
         heavy = {k: c["state"][k] for k in decoder.boundary_state}
         light = {k: v for k, v in c["state"].items() if k not in heavy}
-        inner = lambda _, c: draw(c, decoder.step, params)  # noqa: E731
+        inner = lambda _, c: draw(c, decoder.step, stored)  # noqa: E731
         c = jax.lax.fori_loop(0, decoder.period - 1, inner, dict(c, state=light))
-        return draw(dict(c, state={**c["state"], **heavy}), decoder.boundary, params)
+        return draw(dict(c, state={**c["state"], **heavy}), decoder.boundary, stored)
 
     final = jax.lax.while_loop(cond, body, carry)
     result = dict(out=final["out"], n=final["n"], steps=final["i"])

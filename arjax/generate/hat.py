@@ -326,11 +326,13 @@ class HATDecoder(Decoder):
             {"params": params}, pred[:, None], method="decoder_word_values"
         )
 
-    def _decode_byte(self, params, state, act, g, write):
+    def _decode_byte(self, stored, state, act, g, write):
         """Decoder over each row's byte at global index ``g`` ``[batch]`` (encoder activation
         ``act`` ``[batch, enc_d]``) with its current word's cross-attention outputs; its cache
         slot is written for the rows in ``write``. Logits ``[batch, vocab]`` and the new
-        cache."""
+        cache. ``stored``: the params in the loop's layout (:meth:`Decoder.load`), as every
+        method of the step takes them."""
+        params = self.load(stored)
         c = self.model.config
         cache = state["cache"]
         ring = jax.tree.leaves(cache["decoder"])[0].shape[1]
@@ -344,10 +346,11 @@ class HATDecoder(Decoder):
         )  # fmt: skip
         return logits[:, 0], {**cache, "decoder": new["cache"]["decoder"]}
 
-    def _finish_word(self, params, state, starts, j):
+    def _finish_word(self, stored, state, starts, j):
         """Word ``j`` of each row's window (rows with more than ``j + 1`` words in it):
         encoder connector over its bytes + one backbone step (at the row's word position, in
         its own cache slot) -> its cross-attention outputs for the next word, for those rows."""
+        params = self.load(stored)
         index = jnp.cumsum(starts, axis=1) - 1  # [batch, m + 1] word of each window byte
         finishing = jnp.sum(starts, axis=1) > j + 1
         in_word = (index == j) & (jnp.arange(starts.shape[1])[None, :] < state["n"][:, None])
@@ -374,7 +377,7 @@ class HATDecoder(Decoder):
             words=words + finishing, word_steps=state["word_steps"] + 1,
         )  # fmt: skip
 
-    def _redecode(self, params, state, lo: jax.Array, size: jax.Array):
+    def _redecode(self, stored, state, lo: jax.Array, size: jax.Array):
         """Step 4: each row's window bytes ``lo .. lo + size - 1`` (``[batch]`` each; 0: none),
         in order, through the decoder again with the row's current word values: bytes decoded
         under a word they no longer belong to. Rewrites their decoder cache slots."""
@@ -385,12 +388,12 @@ class HATDecoder(Decoder):
             st, k = c
             i = jnp.clip(lo + k, 0, m)
             a = jnp.take_along_axis(st["window_acts"], i[:, None, None], axis=1)[:, 0]
-            _, cache = self._decode_byte(params, st, a, newest - (last - i), k < size)
+            _, cache = self._decode_byte(stored, st, a, newest - (last - i), k < size)
             return dict(st, cache=cache), k + 1
 
         return jax.lax.while_loop(lambda c: c[1] < jnp.max(size), body, (state, jnp.int32(0)))[0]
 
-    def _new_words(self, params, state, starts, count, begin):
+    def _new_words(self, stored, state, starts, count, begin):
         """Steps 3 and 4 for the rows whose window holds a finished word (``count > 1``;
         ``begin``: the window index of the new current word). Word 0 starts where the old
         current word did, so its bytes were decoded under the right word; every later word's
@@ -406,25 +409,28 @@ class HATDecoder(Decoder):
         def middle(c):  # finished word j >= 1: its bytes under its own values, then its step
             st, j = c
             in_j = (index == j) & (count - 1 > j)[:, None]
-            st = self._redecode(params, st, jnp.argmax(in_j, axis=1), jnp.sum(in_j, axis=1))
-            return self._finish_word(params, st, starts, j), j + 1
+            st = self._redecode(stored, st, jnp.argmax(in_j, axis=1), jnp.sum(in_j, axis=1))
+            return self._finish_word(stored, st, starts, j), j + 1
 
         def rest(s):
             more = lambda c: jnp.any(count - 1 > c[1])  # noqa: E731
             s, _ = jax.lax.while_loop(more, middle, (s, jnp.int32(1)))
-            return self._redecode(params, s, begin, redo)
+            return self._redecode(stored, s, begin, redo)
 
         # (3) each row's first finished word (some row has one: the word path runs), batched
-        state = self._finish_word(params, state, starts, 0)
+        state = self._finish_word(stored, state, starts, 0)
         return jax.lax.cond(jnp.any(count > 2) | jnp.any(redo > 0), rest, lambda s: s, state)
 
-    def step(self, params, state, tokens, active):
+    def step(self, stored, state, tokens, active):
+        """Each region of the step (this body, the word path's conditionals and loops) loads
+        the ``stored`` params it reads itself (:meth:`Decoder.load`)."""
         c = self.model.config
         m = c.max_word_bytes
         t, first = state["t"], state["first"]
         ring = jax.tree.leaves(state["cache"]["encoder"])[0].shape[1]
         act, enc = self.decoding_model.apply(
-            {"params": params, "cache": state["cache"]}, tokens[:, None], (t - first)[:, None],
+            {"params": self.load(stored), "cache": state["cache"]}, tokens[:, None],
+            (t - first)[:, None],
             mode="decode", cache_index=_slots(active, t, ring),
             kv_visible=_ring_visible(t, t, first, ring, c.encoder.window),
             method="encode", mutable=["cache"],
@@ -440,15 +446,15 @@ class HATDecoder(Decoder):
             waited=state["waited"] + jnp.sum(waiting),
         )  # fmt: skip
         going = active | waiting  # rows still generating
-        state = self._split_words(params, state, going)
+        state = self._split_words(stored, state, going)
         decode = going & state["ready"]  # fed now and not parked, or served by the word path
         newest = jnp.take_along_axis(
             state["window_acts"], jnp.clip(state["n"] - 1, 0, m)[:, None, None], axis=1
         )[:, 0]
-        logits, cache = self._decode_byte(params, state, newest, state["t"] - 1, decode)
+        logits, cache = self._decode_byte(stored, state, newest, state["t"] - 1, decode)
         return logits, dict(state, cache=cache)
 
-    def _split_words(self, params, state, going):
+    def _split_words(self, stored, state, going):
         """Steps 2-4 for the rows ``going`` (fed now, or parked before): the window split, the
         word path when enough rows wait, and the cut of each window to its current word for
         the rows that decode now (``ready``)."""
@@ -461,7 +467,7 @@ class HATDecoder(Decoder):
         # per iteration, instead of one per loop inside
         go = jnp.any(parked) & (jnp.sum(parked) >= self.park * jnp.sum(going))
         state = jax.lax.cond(
-            go, lambda s: self._new_words(params, s, starts, count, begin), lambda s: s, state
+            go, lambda s: self._new_words(stored, s, starts, count, begin), lambda s: s, state
         )
         ready = ~parked | go
         begin = jnp.where(going & ready, begin, 0)  # rows that decode keep their current word

@@ -63,6 +63,7 @@ class LMDecoder(Decoder):
 
     def step(self, params, state, tokens, active):
         del active  # finished rows decode on; their slots are never read by the others
+        params = self.load(params)
         slot, see = None, None
         if not self.recurrent:
             slot = state["slot"]

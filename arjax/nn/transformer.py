@@ -198,16 +198,17 @@ def cast_weights(params: Any, dtype: Any) -> Any:
     return jax.tree.map(cast, params)
 
 
-# Input (contracted) axes of the kernels of Attention and SwiGLU, by module name: an output
-# projection's kernel is [heads, head_dim, embed], every other one [in, ...].
+# Input (contracted) axes of the kernels of Attention and SwiGLU and of the models' LM heads,
+# by module name: an output projection's kernel is [heads, head_dim, embed], every other one
+# [in, ...].
 PROJECTION_INPUT_AXES = {
     "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
-    "down_proj": 1,
+    "down_proj": 1, "lm_head": 1,
 }  # fmt: skip
 
 
 def inputs_last(params: Any, *, inverse: bool = False) -> Any:
-    """``params`` with every attention and MLP kernel (found by module name,
+    """``params`` with every attention and MLP kernel and LM head (found by module name,
     ``PROJECTION_INPUT_AXES``) holding its input (contracted) axes last; ``inverse``: back
     first, the layout the layers read. Decoding keeps them so: at a few rows XLA turns
     ``x @ W`` into a multiply and a sum over ``W``'s input axes, which it fuses into one kernel
