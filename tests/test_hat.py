@@ -361,11 +361,11 @@ def test_decoder_settings_are_checked(model_params, kw, error, match):
 
 
 def test_cached_generation_wraps_the_byte_ring_buffers():
-    """Windows of 8 bytes and words of at most 8: the byte caches hold 16 slots (8 + 8, whole
-    flash-decoding tiles), so a 9-byte prompt and 40 new bytes overwrite every slot twice; each
-    byte's logits still equal the full forward's (a slot read after it was overwritten, or a
-    byte outside the window still visible, moves them)."""
-    small = dict(window=8, dtype="float32")
+    """Windows of 7 bytes and words of at most 8: the byte caches hold 16 slots (a ring of 7 +
+    8 and the sink; whole flash-decoding tiles), so a 9-byte prompt and 40 new bytes wrap the
+    ring three times; each byte's logits still equal the full forward's (a slot read after it
+    was overwritten, or a byte outside the window still visible, moves them)."""
+    small = dict(window=7, dtype="float32")
     cfg = dataclasses.replace(
         CFG, encoder=dataclasses.replace(CFG.encoder, **small),
         decoder=dataclasses.replace(CFG.decoder, **small), max_word_bytes=8, max_seq_len=64,

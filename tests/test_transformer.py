@@ -76,15 +76,17 @@ def test_teacher_forced_decode_matches_full_forward(rng, window):
         np.testing.assert_allclose(step[:, 0], full[:, t], **tol)
 
 
-def test_decode_with_per_row_slots_matches_full_forward(rng):
-    """``cache_index`` ``[batch]``: each row writes its own slot, and a slot past the cache
-    writes nothing, so rows advance at their own pace (row 1 waits at every third step)."""
+@pytest.mark.parametrize("b", [1, 2])
+def test_decode_with_per_row_slots_matches_full_forward(rng, b):
+    """``cache_index`` ``[batch]``: each row writes its own slot, so rows advance at their own
+    pace (the last row waits at every third step, writing into a sink slot past the text that
+    no query sees); one row is written as an update slice, several by a scatter."""
     model = TransformerLM(CFG)
     params = _params(model, scale=3.0)
-    b, prompt, total = 2, 3, 16
+    prompt, total = 3, 16
     seq = rng.integers(0, 256, (b, total))
     full = jax.jit(model.apply)({"params": params}, _batch(seq))
-    _, vars_ = jax.jit(lambda p, *a: model.apply(p, *a, total, method="prefill",
+    _, vars_ = jax.jit(lambda p, *a: model.apply(p, *a, total + 1, method="prefill",
                                                  mutable=["cache"]))(
         {"params": params}, jnp.asarray(seq[:, :prompt], jnp.int32),
         jnp.broadcast_to(jnp.arange(prompt), (b, prompt)), jnp.ones((b, prompt), jnp.int32),
@@ -92,13 +94,13 @@ def test_decode_with_per_row_slots_matches_full_forward(rng):
     decode = jax.jit(lambda p, *a: model.apply(p, *a, method="decode", mutable=["cache"]))
     cache, t = vars_["cache"], np.full(b, prompt)
     for step in range(2 * (total - prompt)):
-        moves = (t < total) & np.array([True, step % 3 != 2])
-        index = np.where(moves, t, total)  # out of range: row writes nothing
+        moves = (t < total) & ((np.arange(b) < b - 1) | (step % 3 != 2))
+        index = np.where(moves, t, total)  # the sink: no query sees it
         pos = np.minimum(t, total - 1)
         logits, vars_ = decode(
             {"params": params, "cache": cache}, jnp.asarray(seq[np.arange(b), pos][:, None]),
             jnp.asarray(pos[:, None]), jnp.asarray(index, jnp.int32),
-            jnp.asarray(np.arange(total)[None, :] <= pos[:, None]),
+            jnp.asarray(np.arange(total + 1)[None, :] <= pos[:, None]),
         )  # fmt: skip
         cache = vars_["cache"]
         for r in np.flatnonzero(moves):

@@ -45,7 +45,9 @@ slot in the byte caches, a word's position in the row its slot in the backbone c
 caches are ring buffers: a byte stack with a sliding window keeps only ``window +
 max_word_bytes`` slots (the window, plus the current word's bytes that may be re-decoded;
 rounded up to whole flash-decoding tiles), whatever the generated length; the encoder
-activations are kept only for the current word.
+activations are kept only for the current word. Every cache's last slot is a sink that no
+query sees: rows that write nothing at a step write there, so that a cache write is one
+in-place update, with no select of the old slot for those rows.
 """
 
 from __future__ import annotations
@@ -160,18 +162,26 @@ def keep_from(window: jax.Array, begin: jax.Array, n: jax.Array) -> jax.Array:
 def _ring_visible(
     latest: jax.Array, query: jax.Array, first: jax.Array, size: int, window: int | None
 ) -> jax.Array:
-    """Ring-buffer slots ``[batch, size]`` a byte at global index ``query`` ``[batch]`` may
+    """Cache slots ``[batch, size + 1]`` a byte at global index ``query`` ``[batch]`` may
     attend to, when row ``r``'s newest byte written is at ``latest[r]`` and its first byte at
-    ``first[r]`` (slot ``s`` holds global index ``latest - (latest - s) mod size``)."""
+    ``first[r]``: ring slot ``s < size`` holds global index ``latest - (latest - s) mod
+    size``; the sink (slot ``size``, :func:`_slots`) is never seen."""
     latest = latest[:, None]
     held = latest - jnp.mod(latest - jnp.arange(size)[None, :], size)  # [batch, size]
     query = query[:, None]
     see = (held <= query) & (held >= first[:, None])
-    return see if window is None else see & (held > query - window)
+    see = see if window is None else see & (held > query - window)
+    return jnp.pad(see, ((0, 0), (0, 1)))
+
+
+def _ring(cache: Any) -> int:
+    """Ring slots of a byte cache: all but its last, the sink (:func:`_slots`)."""
+    return jax.tree.leaves(cache)[0].shape[1] - 1
 
 
 def _slots(write: jax.Array, index: jax.Array, size: int) -> jax.Array:
-    """Cache slots ``[batch]``: ``index mod size`` where ``write``, else ``size`` (dropped)."""
+    """Cache slots ``[batch]``: ``index mod size`` where ``write``, else ``size``: the sink, a
+    ring's extra last slot that no query sees (:func:`_ring_visible`)."""
     return jnp.where(write, jnp.mod(index, size), size)
 
 
@@ -221,13 +231,14 @@ class HATDecoder(Decoder):
 
     def ring_len(self, width: int, max_new: int) -> int:
         """Byte cache slots: the windows plus a word's bytes (that may be re-decoded), or the
-        whole text when a byte stack attends to all of it; in whole flash-decoding tiles
-        (:func:`arjax.ops.attention.decode_cache_len`: no padded copy per step)."""
+        whole text when a byte stack attends to all of it, and the sink (:func:`_slots`); in
+        whole flash-decoding tiles (:func:`arjax.ops.attention.decode_cache_len`: no padded
+        copy per step)."""
         c = self.model.config
         total = width + max_new
         if c.encoder.window is not None and c.decoder.window is not None:
             total = min(total, max(c.encoder.window, c.decoder.window + c.max_word_bytes))
-        return decode_cache_len(total)
+        return decode_cache_len(total + 1)
 
     def layout(self, tokens: np.ndarray, lengths: np.ndarray) -> int:
         """Static word dimension of the prompts (rounded up to 8): their words counted on
@@ -250,8 +261,9 @@ class HATDecoder(Decoder):
         m = c.max_word_bytes
         batch, width = tokens.shape
         num_words = layout
-        ring = self.ring_len(width, max_new)
-        word_cache = decode_cache_len(num_words + max_new + m + 1)
+        cache_len = self.ring_len(width, max_new)
+        ring = cache_len - 1  # the last slot is the sink
+        word_cache = decode_cache_len(num_words + max_new + m + 2)  # words, then the sink
         pad = PAD_ID if c.vocab_size > PAD_ID else 0  # never seen; inside the embedding
         left, segments, positions = left_align(tokens, lengths, pad)
         starts, _, _ = left_align(
@@ -266,14 +278,16 @@ class HATDecoder(Decoder):
             word_positions=jnp.broadcast_to(slots, (batch, num_words)),
         )  # fmt: skip
         (logits, acts, states), variables = self.decoding_model.apply(
-            {"params": params}, batch_in, mode="prefill", cache_len=max(width, ring),
+            {"params": params}, batch_in, mode="prefill", cache_len=max(width, cache_len),
             word_cache_len=word_cache, method="forward", mutable=["cache"],
         )  # fmt: skip
         cache = dict(variables["cache"])
-        if width > ring:  # keep the last `ring` bytes, slot = global index mod ring
+        if width > ring:  # keep the last `ring` bytes, slot = global index mod ring; the sink
+            sink = lambda x: jnp.pad(x, ((0, 0), (0, 1), *((0, 0),) * (x.ndim - 2)))  # noqa: E731
             for name in ("encoder", "decoder"):
                 cache[name] = jax.tree.map(
-                    lambda x: jnp.roll(x[:, width - ring :], width % ring, axis=1), cache[name]
+                    lambda x: sink(jnp.roll(x[:, width - ring :], width % ring, axis=1)),
+                    cache[name],
                 )
         has_text = lengths > (0 if self.bos is None else 1)
         finished = words - has_text  # the last text word is unfinished
@@ -335,7 +349,7 @@ class HATDecoder(Decoder):
         params = self.load(stored)
         c = self.model.config
         cache = state["cache"]
-        ring = jax.tree.leaves(cache["decoder"])[0].shape[1]
+        ring = _ring(cache["decoder"])
         ones = jnp.ones((act.shape[0], 1), jnp.int32)
         logits, new = self.decoding_model.apply(
             {"params": params, "cache": cache}, act[:, None], None,
@@ -360,11 +374,11 @@ class HATDecoder(Decoder):
             state["word_start"][:, None] + jnp.arange(starts.shape[1]),
             in_word.astype(jnp.int32), state["words"][:, None], ones, method="pool_words",
         )  # fmt: skip
-        slots = jax.tree.leaves(state["cache"]["backbone"])[0].shape[1]
+        slots = jax.tree.leaves(state["cache"]["backbone"])[0].shape[1]  # the last: the sink
         words = state["words"]
         out, new = self.decoding_model.apply(
             {"params": params, "cache": state["cache"]}, word, words[:, None],
-            mode="decode", cache_index=jnp.where(finishing, words, slots),
+            mode="decode", cache_index=jnp.where(finishing, words, slots - 1),
             kv_visible=jnp.arange(slots)[None, :] <= words[:, None],
             method="run_backbone", mutable=["cache"],
         )  # fmt: skip
@@ -427,7 +441,7 @@ class HATDecoder(Decoder):
         c = self.model.config
         m = c.max_word_bytes
         t, first = state["t"], state["first"]
-        ring = jax.tree.leaves(state["cache"]["encoder"])[0].shape[1]
+        ring = _ring(state["cache"]["encoder"])
         act, enc = self.decoding_model.apply(
             {"params": self.load(stored), "cache": state["cache"]}, tokens[:, None],
             (t - first)[:, None],

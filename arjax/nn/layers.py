@@ -134,9 +134,10 @@ class Attention(nn.Module):
     Self-attention when ``kv`` is None, cross-attention otherwise. ``mode``:
     ``"train"`` attends over the given sequence; ``"prefill"`` does the same and stores
     K/V in the ``cache`` collection (length ``cache_len``); ``"decode"`` writes one new
-    token's K/V at ``cache_index`` (a scalar slot for every row, or ``[batch]`` slots, where
-    a slot out of ``[0, cache_len)`` writes nothing) and attends over the cache slots that
-    ``kv_visible`` ``[batch, cache_len]`` marks.
+    token's K/V at ``cache_index`` (a scalar slot for every row, or ``[batch]`` slots, each
+    clipped into ``[0, cache_len)``: a row that must not write is pointed at a slot no query
+    sees, as HAT's decoder points them at each cache's last) and attends over the cache slots
+    that ``kv_visible`` ``[batch, cache_len]`` marks.
     """
 
     num_heads: int
@@ -207,9 +208,12 @@ class Attention(nn.Module):
             new = new.astype(cache.dtype)
             if jnp.ndim(cache_index) == 0:
                 cache = jax.lax.dynamic_update_slice(cache, new, (0, cache_index, 0, 0))
+            elif cache.shape[0] == 1:  # one row: an update slice (clamped: a clipped slot),
+                # where XLA's one-row scatter kept a bounds check and a select of the old slot
+                cache = jax.lax.dynamic_update_slice(cache, new, (0, cache_index[0], 0, 0))
             else:  # one slot per row
                 rows = jnp.arange(cache.shape[0])
-                cache = cache.at[rows, cache_index].set(new[:, 0], mode="drop")
+                cache = cache.at[rows, cache_index].set(new[:, 0], mode="clip")
             self.put_variable("cache", name, cache)
             caches.append(cache)
         return decode_attention(q, caches[0], caches[1], kv_visible=kv_visible, impl=self.impl)
