@@ -363,8 +363,9 @@ def test_decoder_settings_are_checked(model_params, kw, error, match):
 def test_cached_generation_wraps_the_byte_ring_buffers():
     """Windows of 7 bytes and words of at most 8: the byte caches hold 16 slots (a ring of 7 +
     8 and the sink; whole flash-decoding tiles), so a 9-byte prompt and 40 new bytes wrap the
-    ring three times; each byte's logits still equal the full forward's (a slot read after it
-    was overwritten, or a byte outside the window still visible, moves them)."""
+    ring three times, and a 21-byte prompt already fills it in the prefill (its last 15 bytes
+    kept, rolled to their slots); each byte's logits still equal the full forward's (a slot
+    read after it was overwritten, or a byte outside the window still visible, moves them)."""
     small = dict(window=7, dtype="float32")
     cfg = dataclasses.replace(
         CFG, encoder=dataclasses.replace(CFG.encoder, **small),
@@ -374,10 +375,10 @@ def test_cached_generation_wraps_the_byte_ring_buffers():
     model = HAT(cfg)
     assert HATDecoder(model).ring_len(10, 40) == 16
     params = _ascii_head(_init_params(model, 1))
-    prompts = ["Hello th", "Grüß"]
+    prompts = ["Hello th", "Grüß", "The quick brown fox."]
     gen = generate(model, params, prompts, max_new_bytes=40, return_logits=True)
     forward = jax.jit(lambda p, b: model.apply({"params": p}, b))
-    assert _full_forward_checks(forward, params, prompts, gen, config=cfg) == 80
+    assert _full_forward_checks(forward, params, prompts, gen, config=cfg) == 120
 
 
 def test_cached_generation_redecodes_bytes_of_a_new_multibyte_word(model_params, forward):
