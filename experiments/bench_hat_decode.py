@@ -166,9 +166,9 @@ def step_times(name: str, model, params, prompts: np.ndarray, repeats: int) -> d
         two_words = jnp.zeros((tokens.shape[0], m + 1), bool).at[:, 0].set(True).at[:, 1].set(True)
 
         def byte_path(p, s):
+            p = decoder.load(p)
             act = decoder.decoding_model.apply(
-                {"params": decoder.load(p), "cache": s["cache"]}, byte[:, None],
-                jnp.zeros_like(byte)[:, None],
+                {"params": p, "cache": s["cache"]}, byte[:, None], jnp.zeros_like(byte)[:, None],
                 mode="decode", cache_index=jnp.int32(0), kv_visible=jnp.ones(
                     (byte.shape[0], jax.tree.leaves(s["cache"]["encoder"])[0].shape[1]), bool),
                 method="encode", mutable=["cache"],

@@ -293,8 +293,9 @@ def _run(
     def cond(c: dict) -> jax.Array:
         return (c["i"] < decoder.max_steps(width, max_new)) & ~jnp.all(c["done"])
 
-    def draw(c: dict, feed, params: Any) -> dict:
-        """Draw (or force) one token per row and ``feed`` it (``decoder.step``/``boundary``)."""
+    def draw(c: dict, feed) -> dict:
+        """Draw (or force) one token per row and ``feed`` it (``decoder.step``/``boundary``,
+        handed the stored params)."""
         logits = jnp.where(never, -jnp.inf, c["logits"].astype(jnp.float32))
         key = jax.random.fold_in(rng, c["i"])
         drawn = sample_token(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -320,17 +321,17 @@ def _run(
                 .set(jnp.where(emit[:, None], logits, c["seen"][slot, rows]))
             )
             new["seen"] = seen
-        new["logits"], new["state"] = feed(params, c["state"], tok, forced | emit)
+        new["logits"], new["state"] = feed(stored, c["state"], tok, forced | emit)
         return new
 
     def body(c: dict) -> dict:
         if decoder.period is None:
-            return draw(c, decoder.step, stored)
+            return draw(c, decoder.step)
         heavy = {k: c["state"][k] for k in decoder.boundary_state}
         light = {k: v for k, v in c["state"].items() if k not in heavy}
-        inner = lambda _, c: draw(c, decoder.step, stored)  # noqa: E731
+        inner = lambda _, c: draw(c, decoder.step)  # noqa: E731
         c = jax.lax.fori_loop(0, decoder.period - 1, inner, dict(c, state=light))
-        return draw(dict(c, state={**c["state"], **heavy}), decoder.boundary, stored)
+        return draw(dict(c, state={**c["state"], **heavy}), decoder.boundary)
 
     final = jax.lax.while_loop(cond, body, carry)
     result = dict(out=final["out"], n=final["n"], steps=final["i"])

@@ -340,13 +340,11 @@ class HATDecoder(Decoder):
             {"params": params}, pred[:, None], method="decoder_word_values"
         )
 
-    def _decode_byte(self, stored, state, act, g, write):
+    def _decode_byte(self, params, state, act, g, write):
         """Decoder over each row's byte at global index ``g`` ``[batch]`` (encoder activation
         ``act`` ``[batch, enc_d]``) with its current word's cross-attention outputs; its cache
         slot is written for the rows in ``write``. Logits ``[batch, vocab]`` and the new
-        cache. ``stored``: the params in the loop's layout (:meth:`Decoder.load`), as every
-        method of the step takes them."""
-        params = self.load(stored)
+        cache. ``params`` as the modules read them (loaded by the caller's region)."""
         c = self.model.config
         cache = state["cache"]
         ring = _ring(cache["decoder"])
@@ -363,7 +361,9 @@ class HATDecoder(Decoder):
     def _finish_word(self, stored, state, starts, j):
         """Word ``j`` of each row's window (rows with more than ``j + 1`` words in it):
         encoder connector over its bytes + one backbone step (at the row's word position, in
-        its own cache slot) -> its cross-attention outputs for the next word, for those rows."""
+        its own cache slot) -> its cross-attention outputs for the next word, for those rows.
+        ``stored``: the params in the loop's layout, loaded here (:meth:`Decoder.load`), as
+        every method of the word path takes them."""
         params = self.load(stored)
         index = jnp.cumsum(starts, axis=1) - 1  # [batch, m + 1] word of each window byte
         finishing = jnp.sum(starts, axis=1) > j + 1
@@ -402,7 +402,8 @@ class HATDecoder(Decoder):
             st, k = c
             i = jnp.clip(lo + k, 0, m)
             a = jnp.take_along_axis(st["window_acts"], i[:, None, None], axis=1)[:, 0]
-            _, cache = self._decode_byte(stored, st, a, newest - (last - i), k < size)
+            params = self.load(stored)  # in this loop's body: its own region
+            _, cache = self._decode_byte(params, st, a, newest - (last - i), k < size)
             return dict(st, cache=cache), k + 1
 
         return jax.lax.while_loop(lambda c: c[1] < jnp.max(size), body, (state, jnp.int32(0)))[0]
@@ -438,13 +439,13 @@ class HATDecoder(Decoder):
     def step(self, stored, state, tokens, active):
         """Each region of the step (this body, the word path's conditionals and loops) loads
         the ``stored`` params it reads itself (:meth:`Decoder.load`)."""
+        params = self.load(stored)
         c = self.model.config
         m = c.max_word_bytes
         t, first = state["t"], state["first"]
         ring = _ring(state["cache"]["encoder"])
         act, enc = self.decoding_model.apply(
-            {"params": self.load(stored), "cache": state["cache"]}, tokens[:, None],
-            (t - first)[:, None],
+            {"params": params, "cache": state["cache"]}, tokens[:, None], (t - first)[:, None],
             mode="decode", cache_index=_slots(active, t, ring),
             kv_visible=_ring_visible(t, t, first, ring, c.encoder.window),
             method="encode", mutable=["cache"],
@@ -465,7 +466,7 @@ class HATDecoder(Decoder):
         newest = jnp.take_along_axis(
             state["window_acts"], jnp.clip(state["n"] - 1, 0, m)[:, None, None], axis=1
         )[:, 0]
-        logits, cache = self._decode_byte(stored, state, newest, state["t"] - 1, decode)
+        logits, cache = self._decode_byte(params, state, newest, state["t"] - 1, decode)
         return logits, dict(state, cache=cache)
 
     def _split_words(self, stored, state, going):
