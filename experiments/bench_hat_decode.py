@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--hat-run", default=None, help="arjax train --out dir of a HAT run")
     ap.add_argument("--transformer-run", default=None, help="... of a transformer run")
     ap.add_argument("--no-step-times", action="store_true", help="skip the per-path step timings")
-    ap.add_argument("--park", type=float, nargs="+", default=[0.5],
+    ap.add_argument("--park", type=float, nargs="+", default=[HATDecoder.park],
                     help="HATDecoder.park values (0: word path at every word end)")  # fmt: skip
     ap.add_argument("--name", default=None, help="results file name (default bench_hat_decode)")
     ap.add_argument(

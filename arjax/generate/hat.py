@@ -30,7 +30,7 @@ loop (:mod:`arjax.generate.engine`), for all rows at once:
    batch 64 some row ends a word at almost every byte: run at once (``park=0``) the
    backbone would step at nearly every iteration; waiting for more rows trades idle byte
    slots of the parked rows for fewer backbone steps (``experiments/bench_hat_decode.py``
-   sweeps ``park``);
+   sweeps ``park``; ``experiments/hat_park_schedule.py`` models the trade);
 4. bytes that the decoder had already seen as part of the old word but that now belong to a
    later word (the new current word's first bytes when a multi-byte character completes it;
    every word after the first when the window re-splits into three or more) are re-decoded,
@@ -191,10 +191,14 @@ class HATDecoder(Decoder):
 
     ``park``: the word path runs once the rows waiting for it are at least this fraction of
     the rows still generating (0: whenever a row finishes a word). Greedy output and the
-    distribution of every draw do not depend on it, only the loop's schedule does.
+    distribution of every draw do not depend on it, only the loop's schedule does. The
+    default: 0.75 ran 7% faster than 0.5 at batch 64 on an H200
+    (``experiments/results/bench_hat_decode_b64.md``), and 0.7 is the simulated schedule's
+    best at batch 8 to 256 when a word-path iteration costs ~5 byte-path iterations, as
+    fitted to that run (``hat_park_schedule.md``, ``hat_park_batches.md``).
     """
 
-    park: float = 0.5
+    park: float = 0.7
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.park <= 1.0:
