@@ -13,7 +13,10 @@ temperature 0.8 from real validation-text prompts, at each ``--batch-sizes``: by
 of ``--repeats`` calls after a compiling warm-up), bytes per word of the generated text
 (:func:`arjax.data.split_word_bytes`), per-step times of HAT's byte path (encoder + decoder
 for one byte) and word path (encoder connector + one backbone step, all rows) and of the
-transformer's step, and each decode cache's size per sequence. HAT runs once per ``--park``
+transformer's step, each jitted alone (dispatch included), and each decode cache's size per
+sequence. With two or more ``--park`` values, the two paths' costs per loop iteration inside
+the loop are also fitted to the runs' times and step counts
+(:func:`hat_park_schedule.path_costs`). HAT runs once per ``--park``
 value (:class:`arjax.generate.hat.HATDecoder`: the share of the generating rows that must be
 waiting with a finished word before the backbone steps, 0 = at every word end), with its
 schedule: loop iterations, backbone steps and row-iterations spent waiting. Target (issue
@@ -42,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from decode_common import engine_runner, without_eos
 from hat_common import markdown_table, write_results
+from hat_park_schedule import path_costs
 
 from arjax.data.corpus import load_corpus
 from arjax.data.pipeline import DataConfig
@@ -256,6 +260,11 @@ def main() -> None:
             done.append(row)
             print(row, flush=True)
         tf = done[0]
+        if len({(r["loop_steps"], r["word_steps"]) for r in done[1:]}) > 1:
+            # in-loop cost of each path per iteration, fitted over the park values
+            b, w = path_costs(done[1:])
+            for hat in done[1:]:
+                hat |= {"byte_path_loop_ms": 1e3 * b, "word_path_loop_ms": 1e3 * w}
         for hat in done[1:]:
             hat["speedup"] = hat["bytes_per_s"] / tf["bytes_per_s"]
             print(f"batch {batch}, park {hat['park']}: "
@@ -272,7 +281,7 @@ def save(a: argparse.Namespace, rows: list[dict], info: dict) -> None:
             met[r["batch"]] = met.get(r["batch"], False) or r["speedup"] >= TARGET
     columns = ["model", "park", "batch", "bytes_per_s", "speedup", "bytes_per_word",
                "loop_steps", "word_steps", "waited", "step_ms", "byte_path_ms",
-               "word_path_ms"]  # fmt: skip
+               "word_path_ms", "byte_path_loop_ms", "word_path_loop_ms"]  # fmt: skip
     columns += sorted({k for r in rows for k in r if k.endswith("MiB/seq")})
     notes = (
         f"HAT {info['hat']['params']:,} params, transformer {info['transformer']['params']:,}; "

@@ -73,16 +73,24 @@ def schedule(
     return steps, word_steps
 
 
+def path_costs(hat_rows: list[dict]) -> tuple[float, float]:
+    """Seconds per loop iteration of the byte path ``b`` and of the word path ``W``, least
+    squares over HAT rows of one batch size (``bench_hat_decode.py``: ``seconds``,
+    ``loop_steps``, ``word_steps``) whose schedules differ (``park`` values; at one row every
+    value gives the same schedule)."""
+    a = np.array([[r["loop_steps"], r["word_steps"]] for r in hat_rows], float)
+    if np.linalg.matrix_rank(a) < 2:
+        raise ValueError("path_costs: need HAT rows of two or more different schedules")
+    (b, w), *_ = np.linalg.lstsq(a, np.array([r["seconds"] for r in hat_rows]), rcond=None)
+    return float(b), float(w)
+
+
 def fit_costs(path: Path, batch: int) -> tuple[float, float, float, list[dict]]:
     """(b, W, transformer seconds, measured HAT rows) from a bench_hat_decode.py JSON."""
     rows = [r for r in json.loads(path.read_text())["rows"] if r["batch"] == batch]
     hat = [r for r in rows if r["model"] == "hat"]
-    if len({r["park"] for r in hat}) < 2:
-        raise ValueError(f"{path}: need HAT rows at two or more park values at batch {batch}")
-    a = np.array([[r["loop_steps"], r["word_steps"]] for r in hat], float)
-    (b, w), *_ = np.linalg.lstsq(a, np.array([r["seconds"] for r in hat]), rcond=None)
     (tf,) = [r["seconds"] for r in rows if r["model"] == "transformer"]
-    return float(b), float(w), tf, hat
+    return *path_costs(hat), tf, hat
 
 
 def main() -> None:
