@@ -192,13 +192,13 @@ class HATDecoder(Decoder):
     ``park``: the word path runs once the rows waiting for it are at least this fraction of
     the rows still generating (0: whenever a row finishes a word). Greedy output and the
     distribution of every draw do not depend on it, only the loop's schedule does. The
-    default: 0.75 ran 7% faster than 0.5 at batch 64 on an H200
-    (``experiments/results/bench_hat_decode_b64.md``), and 0.7 is the simulated schedule's
-    best at batch 8 to 256 when a word-path iteration costs ~5 byte-path iterations, as
-    fitted to that run (``hat_park_schedule.md``, ``hat_park_batches.md``).
+    default, 0.75, ran 7% faster than 0.5 at batch 64 on an H200
+    (``experiments/results/bench_hat_decode_b64.md``); the simulated schedule, with a
+    word-path iteration costing ~5 byte-path iterations as fitted to that run, puts it within
+    2% of the best share (0.7) from batch 8 to 256 (``hat_park_batches.md``).
     """
 
-    park: float = 0.7
+    park: float = 0.75
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.park <= 1.0:
