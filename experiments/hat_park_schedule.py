@@ -9,9 +9,10 @@ finished a word wait until enough rows have, so that one backbone step serves ma
 
 This script simulates the schedule: each row draws word lengths from the corpus
 (:func:`arjax.data.splitter.split_word_bytes` of the validation split), feeds one byte per
-iteration unless parked, and parks at the end of a word. The word path runs when the parked
-rows are at least ``park`` of the rows still generating. The output is the loop and word
-steps for each ``park``.
+iteration unless parked, and parks at the first byte of each next word. The word path runs
+when the parked rows are at least ``park`` of the rows still generating
+(:func:`arjax.generate.hat.park_schedule`, the decoder's rule; ``tests/test_hat.py`` checks
+it against the loop's counts). The output is the loop and word steps for each ``park``.
 
 With ``--fit`` (a ``bench_hat_decode.py`` JSON holding HAT rows at two or more ``park``
 values of one batch size) it also:
@@ -43,6 +44,7 @@ from hat_common import markdown_table, write_results
 
 from arjax.data.corpus import load_corpus
 from arjax.data.splitter import split_word_bytes
+from arjax.generate.hat import park_schedule
 
 
 def word_lengths(max_word_bytes: int = 32) -> np.ndarray:
@@ -54,23 +56,14 @@ def word_lengths(max_word_bytes: int = 32) -> np.ndarray:
 def schedule(
     lengths: np.ndarray, batch: int, new_bytes: int, park: float, rng: np.random.Generator
 ) -> tuple[int, int]:
-    """(loop steps, word steps) of one simulated generation of ``new_bytes`` per row."""
-    left = rng.choice(lengths, batch)  # [batch] bytes left in each row's current word
-    made = np.zeros(batch, int)
-    parked = np.zeros(batch, bool)
-    steps = word_steps = 0
-    while (made < new_bytes).any():
-        going = made < new_bytes
-        fed = going & ~parked
-        made += fed
-        left -= fed
-        parked |= fed & (left <= 0) & (made < new_bytes)
-        steps += 1
-        if parked.any() and parked.sum() >= park * going.sum():
-            word_steps += 1
-            left[parked] = rng.choice(lengths, parked.sum())
-            parked[:] = False
-    return steps, word_steps
+    """(loop steps, word steps) of one simulated generation of ``new_bytes`` per row: each
+    row's words drawn from ``lengths``, a row parking at each next word's first byte
+    (:func:`arjax.generate.hat.park_schedule`, the decoder's rule)."""
+    ends = np.cumsum(rng.choice(lengths, (batch, new_bytes)), axis=1)  # [batch, words]
+    words = np.ones((batch, new_bytes), int)  # words in the window after each byte
+    rows, cols = np.nonzero(ends < new_bytes)
+    words[rows, ends[rows, cols]] = 2
+    return park_schedule(words, np.full(batch, new_bytes), park)[:2]
 
 
 def path_costs(hat_rows: list[dict]) -> tuple[float, float]:

@@ -30,7 +30,9 @@ loop (:mod:`arjax.generate.engine`), for all rows at once:
    batch 64 some row ends a word at almost every byte: run at once (``park=0``) the
    backbone would step at nearly every iteration; waiting for more rows trades idle byte
    slots of the parked rows for fewer backbone steps (``experiments/bench_hat_decode.py``
-   sweeps ``park``; ``experiments/hat_park_schedule.py`` models the trade);
+   sweeps ``park``; ``experiments/hat_park_schedule.py`` models the trade with the host form
+   of this schedule, :func:`park_schedule`, which ``tests/test_hat.py`` checks against the
+   loop's counts);
 4. bytes that the decoder had already seen as part of the old word but that now belong to a
    later word (the new current word's first bytes when a multi-byte character completes it;
    every word after the first when the window re-splits into three or more) are re-decoded,
@@ -100,6 +102,39 @@ def append_byte(word: bytes, byte: int, max_word_bytes: int) -> list[bytes]:
         cut = len(unfinished) if len(pieces[-1]) > len(unfinished) else 1
         pieces[-1:] = [pieces[-1][:-cut], pieces[-1][-cut:]]
     return pieces
+
+
+def park_schedule(words: np.ndarray, new_bytes: np.ndarray, park: float) -> tuple[int, int, int]:
+    """Host reference of the loop's schedule (step 3, :class:`HATDecoder`). Row ``r`` feeds
+    ``new_bytes[r]`` bytes, one per iteration unless parked; ``words[r, j]`` ``[batch,
+    max_new]`` is the number of words in its window after it feeds its byte ``j``, and it parks
+    where that is above 1. The word path runs when the parked rows are at least ``park`` of the
+    rows still generating (fed now, or parked), for as many backbone steps as the most
+    finished words in a parked row. Returns ``(loop iterations, backbone steps, row-iterations
+    spent parked)``: the engine's ``steps`` and the decoder's ``stats`` for prompts the prefill
+    fed whole and no EOS."""
+    if not 0.0 <= park <= 1.0:  # above 1 the rows could wait for ever
+        raise ValueError(f"park_schedule: park must be in [0, 1], got {park}")
+    n = np.asarray(new_bytes)
+    rows = np.arange(len(n))
+    fed = np.zeros(len(n), int)
+    count = np.ones(len(n), int)  # words in each row's window
+    ready = np.ones(len(n), bool)
+    steps = word_steps = waited = 0
+    while (fed < n).any():  # the loop ends when every row is done, parked or not
+        waiting = ~ready
+        active = ready & (fed < n)
+        count = np.where(active, words[rows, np.minimum(fed, words.shape[1] - 1)], count)
+        fed += active
+        parked = (active | waiting) & (count > 1)
+        go = parked.any() and parked.sum() >= park * (active | waiting).sum()
+        if go:
+            word_steps += int(count[parked].max()) - 1
+            count = np.where(parked, 1, count)
+        ready = ~parked | go
+        waited += int(waiting.sum())
+        steps += 1
+    return steps, word_steps, waited
 
 
 def _tail_length(window: jax.Array, n: jax.Array) -> jax.Array:
